@@ -3,9 +3,12 @@ belongs to that concept. CCS is the number of texts judged consistent (METHOD.md
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
+
+import torch
 
 from surgeon.registry import Registry
 
@@ -28,4 +31,22 @@ class Judge(Protocol):
         ...
 
 
+# name -> factory(JudgeContext) -> Judge
 JUDGES: Registry = Registry("judge")
+
+
+@dataclass
+class JudgeContext:
+    """Everything a judge factory may need; each judge takes what it uses.
+
+    taxonomy: {"concepts": {name: {"description": str, "terms": [str, ...], "priority": int}}}
+    encode_text: maps texts to L2-normalised embeddings with the ranked model's text tower.
+    """
+
+    taxonomy: dict
+    encode_text: Callable[[list[str]], torch.Tensor] | None = None
+    llm_url: str | None = None
+    llm_models: tuple[str, ...] = ()
+    llm_key_env: str = "OPENAI_API_KEY"
+    llm_timeout_s: float = 60.0
+    cache_dir: Path | None = None
