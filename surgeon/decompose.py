@@ -1,0 +1,178 @@
+"""Stage 2a: the direct contribution of every vision head to the image embedding (METHOD.md §1.1).
+
+ln_post's per-image mean and std are read off the real final residual and held constant, so ln_post is
+affine and every residual term (embedding, MLP outputs, head outputs with their share of the out_proj
+bias) maps linearly into the joint space; divided by the embedding norm, the terms sum exactly to the
+normalised image embedding. Head outputs at the CLS query are recomputed from the recorded attention
+input (cheap: one query), so both open_clip block types and surgeon's pruned attention work unchanged.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from surgeon.errors import InvalidInput
+from surgeon.hooks import record
+
+
+@dataclass(frozen=True)
+class AttentionParams:
+    """The weights of one attention layer in one shape, whatever module holds them."""
+
+    wq: torch.Tensor
+    wk: torch.Tensor
+    wv: torch.Tensor
+    bq: torch.Tensor | None
+    bk: torch.Tensor | None
+    bv: torch.Tensor | None
+    wo: torch.Tensor  # (width, n_heads * head_dim)
+    bo: torch.Tensor | None
+    n_heads: int
+    head_dim: int
+    module: nn.Module
+
+    @classmethod
+    def of(cls, attn: nn.Module) -> AttentionParams:
+        if isinstance(attn, nn.MultiheadAttention):
+            if not attn._qkv_same_embed_dim:
+                raise InvalidInput("attention with separate k/v dimensions is not supported")
+            n_heads, head_dim = attn.num_heads, attn.head_dim
+        else:
+            n_heads, head_dim = attn.num_heads, attn.head_dim
+        inner = n_heads * head_dim
+        wq, wk, wv = attn.in_proj_weight.split(inner, dim=0)
+        bias = attn.in_proj_bias
+        bq, bk, bv = bias.split(inner) if bias is not None else (None, None, None)
+        return cls(wq, wk, wv, bq, bk, bv, attn.out_proj.weight, attn.out_proj.bias, n_heads, head_dim, attn)
+
+
+def check_supported(visual: nn.Module) -> None:
+    """Refuse towers whose output is not a sum of per-head terms read at the CLS token."""
+    if not hasattr(visual, "transformer") or not hasattr(visual, "ln_post"):
+        raise InvalidInput("surgeon needs an open_clip VisionTransformer image tower")
+    if getattr(visual, "attn_pool", None) is not None:
+        raise InvalidInput("attention-pooled towers (CoCa) are not supported: heads do not write to one token")
+    if getattr(visual, "pool_type", "tok") != "tok":
+        raise InvalidInput(f"pool_type {visual.pool_type!r} is not supported: the method reads the CLS token")
+    for i, block in enumerate(visual.transformer.resblocks):
+        if not isinstance(getattr(block, "ln_attn", nn.Identity()), nn.Identity) or not isinstance(
+            getattr(block.attn, "ln_inner", nn.Identity()), nn.Identity
+        ):
+            raise InvalidInput(f"block {i} normalises across heads (scale_attn/inner_norm): not decomposable")
+
+
+def head_outputs(block: nn.Module, attn_in: torch.Tensor) -> torch.Tensor:
+    """What each head of `block` writes into the CLS position of the residual stream: (B, H, width).
+
+    The out_proj bias is spread evenly over the heads; LayerScale (ls_1) is applied per head."""
+    p = AttentionParams.of(block.attn)
+    a = attn_in.float()
+    batch, tokens, _ = a.shape
+    h, d = p.n_heads, p.head_dim
+    q = F.linear(a[:, :1], p.wq.float(), None if p.bq is None else p.bq.float())
+    k = F.linear(a, p.wk.float(), None if p.bk is None else p.bk.float())
+    v = F.linear(a, p.wv.float(), None if p.bv is None else p.bv.float())
+    q = q.view(batch, 1, h, d).transpose(1, 2)
+    k = k.view(batch, tokens, h, d).transpose(1, 2)
+    v = v.view(batch, tokens, h, d).transpose(1, 2)
+    attn = p.module
+    if getattr(attn, "logit_scale", None) is not None:
+        scale = torch.clamp(attn.logit_scale.float(), max=attn.logit_scale_max).exp()
+        logits = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-1, -2) * scale
+    else:
+        q, k = getattr(attn, "ln_q", nn.Identity())(q), getattr(attn, "ln_k", nn.Identity())(k)
+        logits = (q @ k.transpose(-1, -2)) * d**-0.5
+    z = (logits.softmax(dim=-1) @ v).squeeze(2)  # (B, H, d)
+    if getattr(attn, "head_scale", None) is not None:
+        z = z * attn.head_scale.float().view(1, h, 1)
+    wo = p.wo.float().view(-1, h, d)  # (width, H, d)
+    out = torch.einsum("bhd,whd->bhw", z, wo)
+    if p.bo is not None:
+        out = out + p.bo.float() / h
+    gamma = getattr(block.ls_1, "gamma", None)
+    return out * gamma.float() if gamma is not None else out
+
+
+@dataclass
+class Decomposition:
+    """Joint-space terms of the normalised image embedding, per image."""
+
+    layers: tuple[int, ...]
+    heads: torch.Tensor  # (B, len(layers), H, D)
+    embedding: torch.Tensor  # (B, D), normalised
+    rest: dict[str, torch.Tensor] | None = None  # "embed": (B, D), "mlp": (B, L, D) when asked for
+
+
+def decompose(visual: nn.Module, images: torch.Tensor, layers: tuple[int, ...], *, with_rest: bool = False
+              ) -> Decomposition:
+    """Run the tower once on `images` and return each analysed head's normalised joint-space term."""
+    blocks = visual.transformer.resblocks
+    n_layers = len(blocks)
+    names = ["resid_final"] + [f"blocks.{i}.attn_in" for i in layers]
+    if with_rest:
+        names += ["resid_pre"] + [f"blocks.{i}.mlp_out" for i in range(n_layers)]
+    with torch.no_grad(), record(visual, names) as cache:
+        pooled = visual(images)
+        if isinstance(pooled, tuple):
+            pooled = pooled[0]
+        resid = cache["resid_final"]
+        resid = (resid[:, 0] if resid.ndim == 3 else resid).float()
+        n_heads = [AttentionParams.of(b.attn).n_heads for b in blocks]
+        n_terms = 1 + n_layers + sum(n_heads)
+        ln = visual.ln_post
+        mu = resid.mean(-1, keepdim=True)
+        sigma = (resid.var(-1, unbiased=False, keepdim=True) + ln.eps).sqrt()
+        gamma = ln.weight.float() if ln.weight is not None else torch.ones_like(resid[0])
+        beta = ln.bias.float() if ln.bias is not None else torch.zeros_like(resid[0])
+        proj = visual.proj.float()
+        norm = pooled.float().norm(dim=-1)
+
+        def to_joint(term: torch.Tensor) -> torch.Tensor:
+            shape = (-1,) + (1,) * (term.ndim - 1)
+            m, s, n = mu.view(shape), sigma.view(shape), norm.view(shape)
+            return ((gamma * (term - m / n_terms) / s + beta / n_terms) @ proj) / n
+
+        heads = torch.stack([head_outputs(blocks[i], cache[f"blocks.{i}.attn_in"]) for i in layers], dim=1)
+        out = Decomposition(layers=tuple(layers), heads=to_joint(heads), embedding=pooled.float() / norm[:, None])
+        if with_rest:
+            mlp = torch.stack([cache[f"blocks.{i}.mlp_out"][:, 0].float() for i in range(n_layers)], dim=1)
+            out.rest = {"embed": to_joint(cache["resid_pre"][:, 0].float()), "mlp": to_joint(mlp)}
+    return out
+
+
+def vision_layout(visual: nn.Module) -> tuple[int, list[int]]:
+    """(number of layers, heads per layer)."""
+    blocks = visual.transformer.resblocks
+    return len(blocks), [AttentionParams.of(b.attn).n_heads for b in blocks]
+
+
+def parse_layers(spec: str | None, n_layers: int) -> tuple[int, ...]:
+    """`None`/"last4" -> the last 4 layers (the paper's choice); "all"; "8-11"; "3,5,7"; negative indices."""
+    spec = (spec or "last4").strip().lower()
+    if spec == "all":
+        return tuple(range(n_layers))
+    if spec.startswith("last"):
+        count = spec.removeprefix("last") or "4"
+        if not count.isdigit() or not 0 < int(count) <= n_layers:
+            raise InvalidInput(f"bad layer spec {spec!r}: the model has {n_layers} layers")
+        return tuple(range(n_layers - int(count), n_layers))
+    layers: set[int] = set()
+    try:
+        for part in (p.strip() for p in spec.split(",")):
+            span = re.fullmatch(r"(\d+)-(\d+)", part)
+            if span:
+                layers.update(range(int(span[1]), int(span[2]) + 1))
+            else:
+                idx = int(part)
+                layers.add(idx + n_layers if idx < 0 else idx)
+    except ValueError:
+        raise InvalidInput(f"bad layer spec {spec!r}", hint="use e.g. 8-11, 3,5,7, last4 or all") from None
+    bad = sorted(i for i in layers if not 0 <= i < n_layers)
+    if bad or not layers:
+        raise InvalidInput(f"layers {bad or spec} out of range: the model has layers 0..{n_layers - 1}")
+    return tuple(sorted(layers))

@@ -1,0 +1,105 @@
+"""Image sources for ranking and validation: the toy world, a folder of images, or tensors (tests).
+
+Every source has an identity string (part of the statistics cache key) and yields preprocessed batches.
+Unreadable files are skipped and counted; a set with no readable image is an error."""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from surgeon.errors import CorruptInput, InvalidInput, NotFound
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+MAX_IMAGE_PIXELS = 64_000_000  # decompression bombs beyond this are refused, not decoded
+
+
+@dataclass
+class ImageSet:
+    """A finite, ordered set of images with a stable identity."""
+
+    identity: str
+    description: str
+    count: int
+    load: Callable[[int], Image.Image]  # index -> RGB image (raises CorruptInput when unreadable)
+    skipped: list[str] = field(default_factory=list)
+
+    def batches(self, preprocess: Callable, batch_size: int, start: int = 0, stop: int | None = None
+                ) -> Iterator[torch.Tensor]:
+        """Preprocessed batches of images [start, stop); unreadable ones are skipped and recorded."""
+        stop = self.count if stop is None else stop
+        batch: list[torch.Tensor] = []
+        for index in range(start, stop):
+            try:
+                batch.append(preprocess(self.load(index)))
+            except CorruptInput as err:
+                self.skipped.append(str(err))
+                continue
+            if len(batch) == batch_size:
+                yield torch.stack(batch)
+                batch = []
+        if batch:
+            yield torch.stack(batch)
+
+
+def open_image(path: Path) -> Image.Image:
+    """Decode one image safely as RGB: bombs refused, odd modes (CMYK, 16-bit, alpha) converted."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                if image.width * image.height > MAX_IMAGE_PIXELS:
+                    raise CorruptInput(f"{path}: {image.width}x{image.height} is too large (decompression bomb?)")
+                image.load()
+                return to_rgb(image)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as err:
+        raise CorruptInput(f"unreadable image {path}: {err}") from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        image = image.point(lambda v: v * (1 / 256)).convert("L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+def folder_images(folder: Path, limit: int | None = None) -> ImageSet:
+    if not folder.is_dir():
+        raise NotFound(f"image folder not found: {folder}")
+    paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if limit:
+        paths = paths[:limit]
+    if not paths:
+        raise InvalidInput(f"no images in {folder}", hint=f"expected files ending in {sorted(IMAGE_SUFFIXES)}")
+    digest = hashlib.sha256()
+    for p in paths:
+        stat = p.stat()
+        digest.update(f"{p.relative_to(folder)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return ImageSet(f"folder:{digest.hexdigest()[:24]}", str(folder), len(paths), lambda i: open_image(paths[i]))
+
+
+def toy_images(n: int, split: str = "test", seed: int = 0) -> ImageSet:
+    from surgeon.toy import world
+
+    arrays = world.images_for_ranking(n, split=split, seed=seed)
+    identity = f"toy:{world.WORLD_VERSION}:{split}:{seed}:{n}"
+    return ImageSet(identity, f"toy world ({split}, {n} images)", len(arrays), lambda i: Image.fromarray(arrays[i]))
+
+
+def resolve_images(spec: str | None, n_images: int | None) -> ImageSet:
+    """`None`/"toy" -> the toy world's held-out images; anything else is a folder."""
+    if spec is None or spec == "toy":
+        return toy_images(n_images or 2000)
+    if n_images is not None and n_images <= 0:
+        raise InvalidInput(f"--n-images must be positive, got {n_images}")
+    return folder_images(Path(spec), n_images)

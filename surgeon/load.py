@@ -1,0 +1,309 @@
+"""Stage 1: resolve what the user named (bundled toy model, open_clip name + tag from the local hub cache,
+a checkpoint file, a `local-dir:` folder) into a ready model, offline, with one clear error when the
+weights are not here. Checkpoints are read with safetensors or `torch.load(weights_only=True)` only."""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+import os
+import pickle
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from surgeon.errors import CorruptInput, InvalidInput, NotFound, PreconditionFailed
+
+TOY_MODEL_DIR = Path(__file__).parent / "toy" / "model"
+TOY_MODEL_NAME = "toy"
+CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+@dataclass
+class LoadedModel:
+    """A CLIP model with everything later stages need to know about where it came from."""
+
+    model: torch.nn.Module
+    preprocess: Any
+    tokenizer: Any
+    name: str
+    pretrained: str | None
+    preprocess_cfg: dict
+    model_cfg: dict
+    device: torch.device
+    weights_hash: str = field(default="")
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def identity(self) -> str:
+        return self.name if not self.pretrained else f"{self.name}/{self.pretrained}"
+
+    @property
+    def is_toy(self) -> bool:
+        return self.name == TOY_MODEL_NAME
+
+    def encode_text(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+        """L2-normalised text embeddings, batched (the TextSpan pool can hold thousands of lines)."""
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(texts), batch_size):
+                tokens = self.tokenizer(texts[i : i + batch_size]).to(self.device)
+                out.append(self.model.encode_text(tokens, normalize=True).float())
+        return torch.cat(out) if out else torch.zeros(0, self.embed_dim, device=self.device)
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model.visual.output_dim)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def weights_hash(model: torch.nn.Module) -> str:
+    """SHA-256 over every tensor of the state dict (names and bytes): the identity used by caches."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Read a checkpoint without ever executing code from it."""
+    if not path.is_file():
+        raise NotFound(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise CorruptInput(f"corrupt safetensors checkpoint {path}: {err}") from None
+    if path.suffix not in CHECKPOINT_SUFFIXES:
+        raise InvalidInput(
+            f"unsupported checkpoint type {path.suffix!r}: {path}",
+            hint="use .safetensors (preferred), or .bin/.pt/.pth holding a plain state dict",
+        )
+    try:
+        checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CorruptInput(
+            f"refused to load {path}: it is not a plain tensor checkpoint (weights_only load failed)",
+            hint=f"convert it to .safetensors on a trusted machine; detail: {str(err).splitlines()[0]}",
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise CorruptInput(f"corrupt checkpoint {path}: {str(err).splitlines()[0]}") from None
+    if isinstance(checkpoint, dict) and "state_dict" in checkpoint:
+        checkpoint = checkpoint["state_dict"]
+    if not isinstance(checkpoint, dict) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        raise CorruptInput(f"{path} does not hold a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in checkpoint.items()}
+
+
+def load_weights_strict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Strict load with a readable mismatch report instead of torch's wall of key names."""
+    from open_clip.factory import convert_state_dict
+
+    state_dict = convert_state_dict(model, state_dict)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    wrong_shape = sorted(k for k in set(own) & set(state_dict) if own[k].shape != state_dict[k].shape)
+    if missing or unexpected or wrong_shape:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
+            if keys:
+                parts.append(f"{len(keys)} {label} (e.g. {keys[0]})")
+        raise PreconditionFailed(
+            f"checkpoint {source} does not match the model architecture: {'; '.join(parts)}",
+            hint="pass the --model name the checkpoint was trained with",
+        )
+    model.load_state_dict(state_dict, strict=True)
+
+
+def _find_in_hub_cache(model_name: str, tag: str) -> tuple[Path | None, dict]:
+    """Look for a pretrained tag's weights in the user's caches without touching the network."""
+    import open_clip
+
+    cfg = open_clip.get_pretrained_cfg(model_name, tag)
+    if not cfg:
+        tags = [t for m, t in open_clip.list_pretrained() if m == model_name]
+        raise NotFound(
+            f"unknown pretrained tag {tag!r} for {model_name}",
+            hint=f"known tags: {', '.join(tags) or 'none'}; or pass a checkpoint file to --pretrained",
+        )
+    hub = cfg.get("hf_hub", "")
+    if hub:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo_id, filename = os.path.split(hub.rstrip("/")) if not hub.endswith("/") else (hub[:-1], "")
+        names = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        for name in names:
+            found = try_to_load_from_cache(repo_id, name)
+            if isinstance(found, str):
+                return Path(found), cfg
+    url = cfg.get("url", "")
+    if url:
+        cached = Path(os.path.expanduser("~/.cache/clip")) / os.path.basename(url)
+        if cached.is_file():
+            return cached, cfg
+    return None, cfg
+
+
+def _missing_weights_error(model_name: str, tag: str, cfg: dict) -> NotFound:
+    hub = cfg.get("hf_hub", "").rstrip("/")
+    where = f"the Hugging Face repo {hub}" if hub else f"{cfg.get('url', 'its release URL')}"
+    return NotFound(
+        f"weights for {model_name} / {tag} are not in the local cache and surgeon works offline",
+        hint=(
+            f"on a machine with internet run `huggingface-cli download {hub}` (from {where}) and copy "
+            "~/.cache/huggingface/hub to this machine, or pass the checkpoint file with --pretrained PATH"
+        ),
+    )
+
+
+def _local_dir(model: str) -> Path | None:
+    if model.startswith("local-dir:"):
+        return Path(model.removeprefix("local-dir:"))
+    path = Path(model)
+    if path.is_dir():
+        return path
+    return None
+
+
+def _read_local_dir_config(folder: Path) -> dict:
+    config_path = folder / "open_clip_config.json"
+    if not folder.is_dir():
+        raise NotFound(f"model folder not found: {folder}")
+    if not config_path.is_file():
+        raise NotFound(f"{folder} is not an open_clip local-dir folder (no open_clip_config.json)")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CorruptInput(f"corrupt {config_path}: {err}") from None
+    if "model_cfg" not in config:
+        raise CorruptInput(f"{config_path} has no 'model_cfg'")
+    return config
+
+
+def load_model(
+    model: str | None = None,
+    pretrained: str | None = None,
+    device: str | torch.device | None = None,
+) -> LoadedModel:
+    """The one factory: every entry point (CLI, gRPC, tests) gets its model here."""
+    import open_clip
+    from open_clip.model import set_model_preprocess_cfg
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    from surgeon.surgery import rebuild_pruned  # hard-pruned folders carry their own layout
+
+    device = torch.device(device) if device is not None else default_device()
+    if model is None or model == TOY_MODEL_NAME:
+        if not (TOY_MODEL_DIR / "open_clip_config.json").is_file():
+            raise NotFound(
+                "the bundled toy model is missing from this installation",
+                hint="train it with `surgeon toy train` (or reinstall surgeon)",
+            )
+        name, folder = TOY_MODEL_NAME, TOY_MODEL_DIR
+    else:
+        name, folder = model, _local_dir(model)
+
+    if folder is not None:
+        config = _read_local_dir_config(folder)
+        model_cfg, preprocess_cfg = config["model_cfg"], config.get("preprocess_cfg", {})
+        weights = next((folder / f for f in ("open_clip_model.safetensors",) if (folder / f).is_file()), None)
+        if weights is None:
+            found = sorted(p for p in folder.iterdir() if p.suffix in CHECKPOINT_SUFFIXES)
+            if not found:
+                raise NotFound(f"no weights file in {folder}")
+            weights = found[0]
+        clip = build_clip(model_cfg)
+        clip = rebuild_pruned(clip, config.get("surgeon", {}))
+        load_weights_strict(clip, read_state_dict(weights), str(weights))
+        if name != TOY_MODEL_NAME:
+            name = f"local-dir:{folder}"
+        tokenizer_name = f"local-dir:{folder}"
+        pretrained = None
+        extra = {"surgeon": config["surgeon"]} if "surgeon" in config else {}
+    else:
+        if Path(model).suffix in CHECKPOINT_SUFFIXES and not pretrained:
+            raise InvalidInput(
+                f"{model} looks like a checkpoint file; --model needs the architecture name",
+                hint="use --model ARCH --pretrained PATH, e.g. --model ViT-B-32 --pretrained model.safetensors",
+            )
+        if model not in open_clip.list_models():
+            close = difflib.get_close_matches(model, open_clip.list_models(), n=3)
+            raise NotFound(
+                f"unknown model {model!r}",
+                hint=(f"did you mean {', '.join(close)}? " if close else "")
+                + "use an open_clip name (`surgeon models`), a local-dir: folder, or omit --model for the toy",
+            )
+        model_cfg = open_clip.get_model_config(model)
+        clip = build_clip(model_cfg)
+        preprocess_cfg = {}
+        if pretrained:
+            path = Path(pretrained)
+            if path.suffix in CHECKPOINT_SUFFIXES or path.exists():
+                weights_path = path
+            else:
+                weights_path, tag_cfg = _find_in_hub_cache(model, pretrained)
+                if weights_path is None:
+                    raise _missing_weights_error(model, pretrained, tag_cfg)
+                preprocess_cfg = {k: tag_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag_cfg}
+            load_weights_strict(clip, read_state_dict(weights_path), str(weights_path))
+        else:
+            warnings.warn(f"{model} has no --pretrained weights: using a random initialisation", stacklevel=2)
+        tokenizer_name = model
+        extra = {}
+
+    clip = clip.to(device).eval()
+    full_pcfg = asdict(PreprocessCfg())
+    full_pcfg["size"] = tuple(clip.visual.image_size)
+    full_pcfg.update(preprocess_cfg)
+    set_model_preprocess_cfg(clip, full_pcfg)
+    preprocess = image_transform_v2(PreprocessCfg(**_pcfg_fields(full_pcfg)), is_train=False)
+    tokenizer = open_clip.get_tokenizer(tokenizer_name)
+    loaded = LoadedModel(
+        model=clip,
+        preprocess=preprocess,
+        tokenizer=tokenizer,
+        name=name,
+        pretrained=pretrained,
+        preprocess_cfg=_pcfg_fields(full_pcfg),
+        model_cfg=model_cfg,
+        device=device,
+        extra=extra,
+    )
+    loaded.weights_hash = weights_hash(clip)
+    return loaded
+
+
+def build_clip(model_cfg: dict) -> torch.nn.Module:
+    """Build a CLIP from a plain config dict, as open_clip's factory does, with no weights."""
+    from open_clip.model import CLIP, CustomTextCLIP
+
+    cfg = copy.deepcopy(model_cfg)
+    if "timm_model_name" in cfg.get("vision_cfg", {}) or "multimodal_cfg" in cfg:
+        raise InvalidInput("surgeon needs an open_clip VisionTransformer tower (timm and CoCa towers are not supported)")
+    custom_text = cfg.pop("custom_text", False) or "hf_model_name" in cfg.get("text_cfg", {})
+    return (CustomTextCLIP if custom_text else CLIP)(**cfg)
+
+
+def _pcfg_fields(cfg: dict) -> dict:
+    keys = ("size", "mode", "mean", "std", "interpolation", "resize_mode", "fill_color")
+    out = {k: cfg[k] for k in keys if k in cfg}
+    for k in ("mean", "std"):
+        if k in out:
+            out[k] = tuple(float(v) for v in out[k])
+    if isinstance(out.get("size"), list):
+        out["size"] = tuple(out["size"])
+    return out

@@ -1,0 +1,173 @@
+"""Stage 4: rank heads by Concept Consistency Score — statistics -> TextSpan -> judge -> CCS, and the
+ranking files (`ranking.json`, `ranking.csv`, `ccs_heatmap.png`)."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from surgeon import __version__
+from surgeon.collect import collect_stats
+from surgeon.decompose import parse_layers, vision_layout
+from surgeon.errors import CorruptInput, InvalidInput, NotFound, PreconditionFailed
+from surgeon.images import ImageSet
+from surgeon.judges.base import JUDGES, JudgeContext
+from surgeon.load import LoadedModel
+from surgeon.paths import atomic_dir, cache_dir
+from surgeon.pools import TextPool
+from surgeon.textspan import textspan_all
+
+RANKING_SCHEMA = "surgeon.ranking/1"
+
+
+@dataclass
+class HeadRank:
+    layer: int
+    head: int
+    texts: list[str]
+    stds: list[float]
+    label: str
+    verdicts: list[bool]
+    ccs: int
+    variance: float  # total variance of the head's direct contribution: a tie-breaker and a size measure
+
+    @property
+    def name(self) -> str:
+        return f"L{self.layer}.H{self.head}"
+
+
+@dataclass
+class Ranking:
+    model: dict
+    images: dict
+    layers: list[int]
+    n_heads: int
+    m: int
+    rank: int
+    pool: dict
+    judge: str
+    heads: list[HeadRank]
+    schema: str = RANKING_SCHEMA
+    surgeon_version: str = __version__
+    cached_stats: bool = field(default=False, compare=False)
+
+    def sorted_heads(self) -> list[HeadRank]:
+        """Highest CCS first; ties by larger contribution variance, then by position (deterministic)."""
+        return sorted(self.heads, key=lambda h: (-h.ccs, -h.variance, h.layer, h.head))
+
+    def ccs_distribution(self) -> dict[str, float]:
+        counts = Counter(h.ccs for h in self.heads)
+        return {str(k): counts.get(k, 0) / len(self.heads) for k in range(self.m + 1)}
+
+    def to_dict(self) -> dict:
+        data = {k: v for k, v in asdict(self).items() if k != "cached_stats"}
+        data["ccs_distribution"] = self.ccs_distribution()
+        return data
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Ranking:
+        if data.get("schema") != RANKING_SCHEMA:
+            raise CorruptInput(f"not a surgeon ranking (schema {data.get('schema')!r}, expected {RANKING_SCHEMA})")
+        fields = {k: data[k] for k in ("model", "images", "layers", "n_heads", "m", "rank", "pool", "judge")}
+        return cls(**fields, heads=[HeadRank(**h) for h in data["heads"]], surgeon_version=data["surgeon_version"])
+
+    @classmethod
+    def read(cls, path: Path) -> Ranking:
+        path = path / "ranking.json" if path.is_dir() else path
+        try:
+            return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        except FileNotFoundError:
+            raise NotFound(f"ranking not found: {path}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+            raise CorruptInput(f"corrupt ranking {path}: {err}") from None
+
+    def check_model(self, loaded: LoadedModel) -> None:
+        if self.model.get("weights_sha256") != loaded.weights_hash:
+            raise PreconditionFailed(
+                f"the ranking was made for {self.model.get('name')} (weights {self.model.get('weights_sha256', '')[:12]}),"
+                f" not for {loaded.identity} (weights {loaded.weights_hash[:12]})",
+                hint="rank this model first, or pass the ranking made for it",
+            )
+
+    def write(self, out: Path, force: bool = False) -> Path:
+        """Write ranking.json, ranking.csv and ccs_heatmap.png into `out`, atomically."""
+        with atomic_dir(out, force=force) as tmp:
+            (tmp / "ranking.json").write_text(json.dumps(self.to_dict(), indent=2), encoding="utf-8")
+            with open(tmp / "ranking.csv", "w", newline="", encoding="utf-8") as handle:
+                writer = csv.writer(handle)
+                writer.writerow(["layer", "head", "label", "ccs", "variance"] + [f"text{i + 1}" for i in range(self.m)])
+                for h in self.sorted_heads():
+                    writer.writerow([h.layer, h.head, h.label, h.ccs, f"{h.variance:.6g}", *h.texts])
+            from surgeon.plots import ccs_heatmap
+
+            ccs_heatmap(self, tmp / "ccs_heatmap.png")
+        return out
+
+
+def make_judge(name: str, loaded: LoadedModel, pool: TextPool, **llm_options):
+    ctx = JudgeContext(taxonomy=pool.taxonomy, encode_text=loaded.encode_text, cache_dir=cache_dir(), **llm_options)
+    return JUDGES.get(name)(ctx)
+
+
+def rank_heads(
+    loaded: LoadedModel,
+    images: ImageSet,
+    pool: TextPool,
+    judge: str = "lexicon",
+    layers: str | None = None,
+    m: int = 5,
+    rank: int = 80,
+    batch_size: int = 64,
+    quiet: bool = False,
+    use_cache: bool = True,
+    llm_options: dict | None = None,
+) -> Ranking:
+    """The library function behind `surgeon rank` and the RankHeads RPC."""
+    if m <= 0:
+        raise InvalidInput(f"m (texts per head) must be positive, got {m}")
+    if m > len(pool.lines):
+        raise InvalidInput(f"m={m} is larger than the text pool ({len(pool.lines)} lines)")
+    if rank <= 0:
+        raise InvalidInput(f"rank must be positive, got {rank}")
+    judge_impl = make_judge(judge, loaded, pool, **(llm_options or {}))  # fail fast on a bad judge
+    n_layers, heads_per_layer = vision_layout(loaded.model.visual)
+    chosen = parse_layers(layers, n_layers)
+    stats, cached = collect_stats(loaded, images, chosen, batch_size=batch_size, quiet=quiet, use_cache=use_cache)
+    texts = loaded.encode_text(list(pool.lines)).double()
+    spans = textspan_all(stats, texts, m=m, rank=rank)
+    variance = stats.covariance().diagonal(dim1=-2, dim2=-1).sum(-1) / stats.count
+    flat = [(li, h, spans[li][h]) for li in range(len(chosen)) for h in range(stats.n_heads)]
+    verdicts = judge_impl.judge([[pool.lines[i] for i in span.picks] for _, _, span in flat])
+    heads = [
+        HeadRank(
+            layer=chosen[li],
+            head=h,
+            texts=[pool.lines[i] for i in span.picks],
+            stds=[round(s, 6) for s in span.stds],
+            label=verdict.label,
+            verdicts=list(verdict.verdicts),
+            ccs=verdict.ccs,
+            variance=float(variance[li, h]),
+        )
+        for (li, h, span), verdict in zip(flat, verdicts, strict=True)
+    ]
+    return Ranking(
+        model={"name": loaded.name, "pretrained": loaded.pretrained, "weights_sha256": loaded.weights_hash},
+        images={"identity": images.identity, "description": images.description, "count": stats.count,
+                "skipped": len(images.skipped)},
+        layers=list(chosen),
+        n_heads=heads_per_layer[chosen[0]],
+        m=m,
+        rank=rank,
+        pool={"name": pool.name, "sha256": pool.digest, "size": len(pool.lines)},
+        judge=judge,
+        heads=heads,
+        cached_stats=cached,
+    )

@@ -1,0 +1,65 @@
+"""Stage 3: TextSpan (Gandelsman et al.) computed from sufficient statistics alone (METHOD.md §1.2).
+
+With C the head's contributions (N x D): the right singular vectors of C are eigenvectors of C^T C (the
+uncentred outer sum), the std of a projection C r over images is sqrt(r^T Cov r / N), and removing the
+direction u of a chosen text maps Cov -> P Cov P with P = I - u u^T."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from surgeon.errors import InvalidInput
+from surgeon.stats import HeadStats
+
+
+@dataclass(frozen=True)
+class SpanResult:
+    picks: tuple[int, ...]  # indices into the text pool, in TextSpan order
+    stds: tuple[float, ...]  # std over images of the projection on each pick, when it was picked
+
+
+def textspan(count: int, total: torch.Tensor, outer: torch.Tensor, texts: torch.Tensor, m: int = 5,
+             rank: int = 80) -> SpanResult:
+    """Greedy TextSpan for one head: `total` (D,), `outer` (D, D), `texts` (M, D) L2-normalised."""
+    if m <= 0:
+        raise InvalidInput(f"m must be positive, got {m}")
+    if rank <= 0:
+        raise InvalidInput(f"rank must be positive, got {rank}")
+    outer = outer.double()
+    dim = outer.shape[0]
+    _, vectors = torch.linalg.eigh(outer)  # ascending eigenvalues
+    basis = vectors[:, -min(rank, dim):]
+    pool = texts.to(outer.device, torch.float64) @ basis @ basis.T  # texts projected onto the head's span
+    mean = total.double() / count
+    cov = outer - count * torch.outer(mean, mean)
+    taken = torch.zeros(pool.shape[0], dtype=torch.bool, device=pool.device)
+    picks, stds = [], []
+    for _ in range(min(m, pool.shape[0])):
+        score = ((pool @ cov) * pool).sum(1).clamp_min(0)
+        score[taken] = -1.0
+        best = int(score.argmax())
+        text = pool[best]
+        norm2 = float(text @ text)
+        if norm2 <= 1e-24:
+            break
+        picks.append(best)
+        stds.append(float(score[best] / count) ** 0.5)
+        taken[best] = True
+        u = text / norm2**0.5
+        cov_u = cov @ u
+        cov = cov - torch.outer(u, cov_u) - torch.outer(cov_u, u) + float(u @ cov_u) * torch.outer(u, u)
+        pool = pool - torch.outer(pool @ text / norm2, text)
+    return SpanResult(tuple(picks), tuple(stds))
+
+
+def textspan_all(stats: HeadStats, texts: torch.Tensor, m: int = 5, rank: int = 80) -> list[list[SpanResult]]:
+    """TextSpan for every head of every analysed layer: result[layer_index][head]."""
+    if stats.count < 2:
+        raise InvalidInput(f"TextSpan needs at least 2 images, got {stats.count}")
+    return [
+        [textspan(stats.count, stats.total[li, h], stats.outer[li, h], texts, m, rank)
+         for h in range(stats.n_heads)]
+        for li in range(len(stats.layers))
+    ]

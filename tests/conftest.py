@@ -1,0 +1,70 @@
+"""Shared fixtures: tiny real open_clip models (both block types) saved as local-dir folders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from surgeon.load import build_clip
+
+
+def tiny_config(block_type: str = "default", layers: int = 3, heads: int = 4, image_size: int = 32) -> dict:
+    vision = {"image_size": image_size, "patch_size": 8, "width": 16 * heads, "layers": layers, "head_width": 16,
+              "mlp_ratio": 2.0}
+    if block_type == "custom":
+        vision.update(block_type="custom", ls_init_value=0.5, qk_norm=True)
+    return {
+        "embed_dim": 32,
+        "vision_cfg": vision,
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    }
+
+
+def save_local_dir(folder: Path, config: dict, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    model = build_clip(config)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": config, "preprocess_cfg": {}}))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def isolated_dirs(tmp_path, monkeypatch):
+    """Caches and exports of a test never leak into the user's home or the repo."""
+    monkeypatch.setenv("SURGEON_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("SURGEON_EXPORTS_DIR", str(tmp_path / "exports"))
+
+
+@pytest.fixture(scope="session", params=["default", "custom"])
+def tiny_model_dir(request, tmp_path_factory) -> Path:
+    return save_local_dir(tmp_path_factory.mktemp(f"tiny-{request.param}"), tiny_config(request.param))
+
+
+@pytest.fixture(scope="session")
+def tiny_default_dir(tmp_path_factory) -> Path:
+    return save_local_dir(tmp_path_factory.mktemp("tiny"), tiny_config("default"))
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(folder / f"img{i:02d}.png")
+    return folder
+
+
+@pytest.fixture
+def pool_file(tmp_path) -> Path:
+    lines = ["a red circle", "a blue square", "", "a green thing", "a dog in a park", "a cat on a sofa",
+             "the city of Paris", "a street in Tokyo", "three apples", "five birds", "a yellow wall"]
+    path = tmp_path / "pool.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
