@@ -1,0 +1,27 @@
+# Two entry points for a fresh clone: `make demo` and `make test`. Both create .venv in the repo root.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch/torchvision pinned to the releases this machine holds on disk (CPU use; CUDA when present).
+TORCH := torch==2.14.1 torchvision==0.29.1
+EXTRAS ?= onnx,serve,test
+
+.PHONY: setup demo test lint clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/surgeon rank
+
+test: setup
+	$(VENV)/bin/ruff check surgeon server tests benchmarks
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) build *.egg-info
