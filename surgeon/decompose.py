@@ -66,10 +66,8 @@ def check_supported(visual: nn.Module) -> None:
             raise InvalidInput(f"block {i} normalises across heads (scale_attn/inner_norm): not decomposable")
 
 
-def head_outputs(block: nn.Module, attn_in: torch.Tensor) -> torch.Tensor:
-    """What each head of `block` writes into the CLS position of the residual stream: (B, H, width).
-
-    The out_proj bias is spread evenly over the heads; LayerScale (ls_1) is applied per head."""
+def head_z(block: nn.Module, attn_in: torch.Tensor) -> torch.Tensor:
+    """Each head's attention-weighted values at the CLS query, before out_proj: (B, H, head_dim)."""
     p = AttentionParams.of(block.attn)
     a = attn_in.float()
     batch, tokens, _ = a.shape
@@ -87,13 +85,23 @@ def head_outputs(block: nn.Module, attn_in: torch.Tensor) -> torch.Tensor:
     else:
         q, k = getattr(attn, "ln_q", nn.Identity())(q), getattr(attn, "ln_k", nn.Identity())(k)
         logits = (q @ k.transpose(-1, -2)) * d**-0.5
-    z = (logits.softmax(dim=-1) @ v).squeeze(2)  # (B, H, d)
+    z = (logits.softmax(dim=-1) @ v).squeeze(2)
     if getattr(attn, "head_scale", None) is not None:
         z = z * attn.head_scale.float().view(1, h, 1)
-    wo = p.wo.float().view(-1, h, d)  # (width, H, d)
-    out = torch.einsum("bhd,whd->bhw", z, wo)
+    return z
+
+
+def head_outputs(block: nn.Module, attn_in: torch.Tensor) -> torch.Tensor:
+    """What each head of `block` writes into the CLS position of the residual stream: (B, H, width).
+
+    The out_proj bias is spread evenly over the heads; LayerScale (ls_1) is applied per head."""
+    p = AttentionParams.of(block.attn)
+    if p.n_heads == 0:
+        raise InvalidInput("a layer with every head removed cannot be decomposed per head")
+    z = head_z(block, attn_in)
+    out = torch.einsum("bhd,whd->bhw", z, p.wo.float().view(-1, p.n_heads, p.head_dim))
     if p.bo is not None:
-        out = out + p.bo.float() / h
+        out = out + p.bo.float() / p.n_heads
     gamma = getattr(block.ls_1, "gamma", None)
     return out * gamma.float() if gamma is not None else out
 
@@ -176,3 +184,20 @@ def parse_layers(spec: str | None, n_layers: int) -> tuple[int, ...]:
     if bad or not layers:
         raise InvalidInput(f"layers {bad or spec} out of range: the model has layers 0..{n_layers - 1}")
     return tuple(sorted(layers))
+
+
+def head_means(visual: nn.Module, batches, heads) -> dict:
+    """Mean of each listed head's CLS value vector z over reference images (for mean ablation)."""
+    blocks = visual.transformer.resblocks
+    layers = sorted({ref.layer for ref in heads})
+    sums = {layer: 0.0 for layer in layers}
+    count = 0
+    for batch in batches:
+        with torch.no_grad(), record(visual, [f"blocks.{i}.attn_in" for i in layers]) as cache:
+            visual(batch)
+            for layer in layers:
+                sums[layer] = sums[layer] + head_z(blocks[layer], cache[f"blocks.{layer}.attn_in"]).double().sum(0)
+        count += batch.shape[0]
+    if count == 0:
+        raise InvalidInput("the reference image set for mean ablation is empty")
+    return {ref: (sums[ref.layer][ref.head] / count).float() for ref in heads}

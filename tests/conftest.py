@@ -22,7 +22,7 @@ def tiny_config(block_type: str = "default", layers: int = 3, heads: int = 4, im
     return {
         "embed_dim": 32,
         "vision_cfg": vision,
-        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 3},
     }
 
 

@@ -1,0 +1,217 @@
+"""Stage 5: pruning policies. Each takes a ranking and options and returns the heads to prune, each with
+the reason it was chosen (METHOD.md §2; `debias` is surgeon's bias-aware greedy selection)."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from surgeon.errors import InvalidInput, NotFound
+from surgeon.rank import HeadRank, Ranking
+from surgeon.registry import Registry
+from surgeon.surgery import HeadRef, parse_heads
+
+# High-CCS and low-CCS heads found in the paper (METHOD.md §5), keyed by (open_clip name, pretrained tag).
+PAPER_HEADS: dict[tuple[str, str], dict[str, str]] = {
+    ("ViT-B-32", "openai"): {
+        "high": "L11.H5 L10.H8 L9.H3 L8.H11 L9.H2 L11.H1 L11.H9 L11.H7",
+        "low": "L8.H5 L11.H0 L11.H8 L9.H9",
+    },
+    ("ViT-B-32", "datacomp_m_s128m_b4k"): {
+        "high": "L9.H3 L8.H3 L11.H10 L9.H10 L10.H7 L10.H11 L8.H1 L8.H10 L11.H9 L11.H4 L11.H3",
+        "low": "L11.H0 L9.H5 L11.H11 L8.H2 L11.H1 L8.H4 L9.H4 L8.H9",
+    },
+    ("ViT-B-16", "openai"): {
+        "high": "L11.H0 L10.H5 L8.H8 L10.H7 L11.H6 L8.H5 L11.H4 L11.H3 L11.H7 L11.H11",
+        "low": "L10.H6 L11.H2 L9.H3 L8.H0",
+    },
+    ("ViT-B-16", "laion2b_s34b_b88k"): {
+        "high": "L11.H0 L9.H0 L9.H3 L10.H5 L11.H6 L11.H10 L9.H1 L11.H2 L10.H10 L8.H7 L8.H6 L11.H8 L11.H7",
+        "low": "L10.H8 L9.H2 L8.H10 L8.H4 L8.H5 L10.H6",
+    },
+    ("ViT-L-14", "openai"): {
+        "high": "L21.H13 L22.H1 L22.H9 L21.H1 L21.H15 L21.H0 L20.H2 L20.H12 L22.H5 L23.H4 L22.H15 L21.H8 "
+        "L23.H10 L23.H11 L22.H2 L22.H13",
+        "low": "L23.H5 L21.H3 L22.H14 L20.H15 L20.H6 L22.H6 L22.H4 L22.H0 L21.H2 L20.H4 L20.H1",
+    },
+    ("ViT-L-14", "laion2b_s32b_b82k"): {
+        "high": "L22.H1 L21.H1 L22.H5 L21.H9 L22.H3 L22.H6 L22.H12 L22.H0 L23.H6 L23.H8 L21.H11 L23.H4 L22.H13 "
+        "L21.H0 L22.H10 L21.H5 L22.H8 L23.H5 L23.H9 L20.H14 L20.H4",
+        "low": "L23.H1 L21.H6 L20.H13",
+    },
+}
+
+
+@dataclass
+class Selection:
+    heads: list[HeadRef]
+    reasons: dict[str, str]  # head name -> why it was chosen
+    details: dict = field(default_factory=dict)
+
+
+@dataclass
+class PolicyOptions:
+    k: int | None = None
+    seed: int = 0
+    heads: str | None = None
+    concept: str | None = None
+    min_ccs: int | None = None
+    max_acc_drop: float | None = None
+    model_name: str = ""
+    pretrained: str | None = None
+    # debias: scores a candidate set of heads -> (mean accuracy, bias); supplied by the caller
+    evaluate: Callable[[list[HeadRef]], tuple[float, float]] | None = None
+
+
+POLICIES: Registry = Registry("policy")
+
+
+def _ref(h: HeadRank) -> HeadRef:
+    return HeadRef(h.layer, h.head)
+
+
+def _describe(h: HeadRank) -> str:
+    return f"CCS {h.ccs} ({h.label})"
+
+
+def _k(options: PolicyOptions, ranking: Ranking) -> int:
+    if options.k is None:
+        raise InvalidInput("this policy needs --k")
+    if not 0 < options.k <= len(ranking.heads):
+        raise InvalidInput(f"k={options.k} out of range: choose 1..{len(ranking.heads)} (heads in the ranking)")
+    return options.k
+
+
+def _select(heads: list[HeadRank], why: Callable[[HeadRank], str], empty: str) -> Selection:
+    if not heads:
+        raise InvalidInput(empty)
+    return Selection([_ref(h) for h in heads], {h.name: why(h) for h in heads})
+
+
+@POLICIES.register("top-k")
+def top_k(ranking: Ranking, options: PolicyOptions) -> Selection:
+    order = ranking.sorted_heads()
+    k = _k(options, ranking)
+    return _select(order[:k], lambda h: f"{_describe(h)}, top {k} by CCS", "no heads")
+
+
+@POLICIES.register("bottom-k")
+def bottom_k(ranking: Ranking, options: PolicyOptions) -> Selection:
+    order = sorted(ranking.heads, key=lambda h: (h.ccs, h.variance, h.layer, h.head))
+    k = _k(options, ranking)
+    return _select(order[:k], lambda h: f"{_describe(h)}, bottom {k} by CCS", "no heads")
+
+
+@POLICIES.register("high")
+def high(ranking: Ranking, options: PolicyOptions) -> Selection:
+    heads = [h for h in ranking.sorted_heads() if h.ccs == ranking.m]
+    return _select(heads, lambda h: f"{_describe(h)}: high-CCS (= {ranking.m})", "no head has the maximum CCS")
+
+
+@POLICIES.register("low")
+def low(ranking: Ranking, options: PolicyOptions) -> Selection:
+    heads = [h for h in ranking.sorted_heads() if h.ccs <= 1]
+    return _select(heads, lambda h: f"{_describe(h)}: low-CCS (<= 1)", "no head has CCS <= 1")
+
+
+@POLICIES.register("random")
+def random_heads(ranking: Ranking, options: PolicyOptions) -> Selection:
+    """k heads drawn with the seed, excluding high-CCS heads (the paper's control)."""
+    pool = [h for h in ranking.sorted_heads() if h.ccs < ranking.m]
+    k = _k(options, ranking)
+    if k > len(pool):
+        raise InvalidInput(f"k={k} but only {len(pool)} heads are not high-CCS")
+    chosen = random.Random(options.seed).sample(pool, k)
+    return _select(sorted(chosen, key=lambda h: (h.layer, h.head)),
+                   lambda h: f"random draw (seed {options.seed}), {_describe(h)}", "no heads")
+
+
+@POLICIES.register("heads")
+def explicit(ranking: Ranking, options: PolicyOptions) -> Selection:
+    if not options.heads:
+        raise InvalidInput("the heads policy needs --heads", hint="e.g. --heads L11.H5,L10.H8")
+    refs = parse_heads(options.heads)
+    by_name = {h.name: h for h in ranking.heads}
+    reasons = {r.name: "listed by the user" + (f", {_describe(by_name[r.name])}" if r.name in by_name else "")
+               for r in refs}
+    return Selection(refs, reasons)
+
+
+@POLICIES.register("concept")
+def concept(ranking: Ranking, options: PolicyOptions) -> Selection:
+    if not options.concept:
+        raise InvalidInput("the concept policy needs --concept NAME")
+    labels = sorted({h.label for h in ranking.heads})
+    if options.concept not in labels:
+        raise InvalidInput(f"no head is labelled {options.concept!r}", hint=f"labels in this ranking: {', '.join(labels)}")
+    heads = [h for h in ranking.sorted_heads() if h.label == options.concept]
+    return _select(heads, lambda h: f"labelled {h.label} (CCS {h.ccs})", "no heads")
+
+
+@POLICIES.register("threshold")
+def threshold(ranking: Ranking, options: PolicyOptions) -> Selection:
+    if options.min_ccs is None:
+        raise InvalidInput("the threshold policy needs --min-ccs")
+    if not 0 <= options.min_ccs <= ranking.m:
+        raise InvalidInput(f"--min-ccs must be between 0 and {ranking.m}")
+    heads = [h for h in ranking.sorted_heads() if h.ccs >= options.min_ccs]
+    return _select(heads, lambda h: f"{_describe(h)} >= {options.min_ccs}", f"no head has CCS >= {options.min_ccs}")
+
+
+def _paper(which: str, options: PolicyOptions) -> Selection:
+    key = (options.model_name, options.pretrained or "")
+    if key not in PAPER_HEADS:
+        known = ", ".join(f"{m}/{t}" for m, t in PAPER_HEADS)
+        raise NotFound(f"no paper preset for {key[0]}/{key[1] or '(no tag)'}", hint=f"presets exist for: {known}")
+    refs = parse_heads(PAPER_HEADS[key][which].split())
+    return Selection(refs, {r.name: f"paper's {which}-CCS set for {key[0]}/{key[1]}" for r in refs})
+
+
+@POLICIES.register("paper-high")
+def paper_high(ranking: Ranking, options: PolicyOptions) -> Selection:
+    return _paper("high", options)
+
+
+@POLICIES.register("paper-low")
+def paper_low(ranking: Ranking, options: PolicyOptions) -> Selection:
+    return _paper("low", options)
+
+
+@POLICIES.register("debias")
+def debias(ranking: Ranking, options: PolicyOptions) -> Selection:
+    """Greedy: repeatedly add the head whose removal lowers the bias metric most per point of accuracy lost,
+    while bias keeps falling, within a budget of k heads (default 4) and a maximum accuracy drop (default 2
+    points). Candidates are the analysed heads; every effect recorded is measured, not estimated."""
+    if options.evaluate is None:
+        raise InvalidInput("the debias policy needs a validation set to measure bias and accuracy on")
+    budget = _k(options, ranking) if options.k is not None else min(4, len(ranking.heads))
+    max_drop = 2.0 if options.max_acc_drop is None else options.max_acc_drop
+    base_acc, base_bias = options.evaluate([])
+    chosen: list[HeadRef] = []
+    reasons: dict[str, str] = {}
+    steps = []
+    acc, bias = base_acc, base_bias
+    candidates = [_ref(h) for h in ranking.sorted_heads()]
+    for _ in range(budget):
+        best = None
+        for ref in candidates:
+            if ref in chosen:
+                continue
+            new_acc, new_bias = options.evaluate(chosen + [ref])
+            if new_bias >= bias - 1e-9 or (base_acc - new_acc) * 100 > max_drop:
+                continue
+            score = (bias - new_bias) / max(acc - new_acc, 0.0005)
+            if best is None or score > best[0]:
+                best = (score, ref, new_acc, new_bias)
+        if best is None:
+            break
+        _, ref, new_acc, new_bias = best
+        reasons[ref.name] = (f"removing it lowered bias {bias:.3f} -> {new_bias:.3f} and changed mean accuracy "
+                             f"{acc * 100:.2f} -> {new_acc * 100:.2f}")
+        steps.append({"head": ref.name, "bias": new_bias, "acc": new_acc})
+        chosen.append(ref)
+        acc, bias = new_acc, new_bias
+    if not chosen:
+        raise InvalidInput(f"no head lowers the bias metric within a {max_drop}-point accuracy budget")
+    return Selection(sorted(chosen), reasons, {"base": {"bias": base_bias, "acc": base_acc}, "steps": steps})

@@ -1,0 +1,136 @@
+"""The prune pipeline: rank (or reuse a ranking) -> select -> surgery -> validate -> write a run folder.
+The library function behind `surgeon prune` and the Prune RPC."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from surgeon import __version__
+from surgeon.decompose import head_means
+from surgeon.errors import InvalidInput
+from surgeon.images import ImageSet
+from surgeon.load import LoadedModel
+from surgeon.paths import atomic_dir
+from surgeon.policies import POLICIES, PolicyOptions, Selection
+from surgeon.rank import Ranking
+from surgeon.surgery import SurgeryRequest, apply_surgery
+from surgeon.validate import Evaluator, Gates, ValidationSuite, markdown_report, validate
+
+PLAN_SCHEMA = "surgeon.plan/1"
+
+
+@dataclass
+class PruneResult:
+    run_dir: Path | None
+    plan: dict
+    before: dict
+    after: dict
+    gate_failures: list[str]
+    exported: bool
+    seeds: list[dict] = field(default_factory=list)
+
+
+def select_heads(ranking: Ranking, policy: str, options: PolicyOptions, evaluator: Evaluator | None) -> Selection:
+    impl = POLICIES.get(policy)
+    if policy == "debias":
+        options.evaluate = evaluator.score if evaluator is not None else None
+    return impl(ranking, options)
+
+
+def prune(
+    loaded: LoadedModel,
+    ranking: Ranking,
+    suite: ValidationSuite,
+    policy: str,
+    options: PolicyOptions,
+    mode: str = "zero",
+    tower: str = "vision",
+    gates: Gates | None = None,
+    out_dir: Path | None = None,
+    reference: ImageSet | None = None,
+    seeds: int = 1,
+    export_anyway: bool = False,
+    force: bool = False,
+    exporters: list[str] | None = None,
+    export_options: dict | None = None,
+) -> PruneResult:
+    """Prune `loaded.model` in place. Writes `out_dir` (atomically) unless it is None."""
+    from surgeon.export import export_run
+
+    ranking.check_model(loaded)
+    if seeds < 1:
+        raise InvalidInput("--seeds must be at least 1")
+    if seeds > 1 and policy != "random":
+        raise InvalidInput("--seeds repeats the random policy; other policies are deterministic")
+    if mode == "mean" and reference is None:
+        raise InvalidInput("mean ablation needs reference images")
+    if mode == "mean" and tower != "vision":
+        raise InvalidInput("mean ablation is defined for the vision tower only")
+    gates = gates or Gates()
+    evaluator = Evaluator(loaded, suite, first_layer=min(ranking.layers))
+    selection = select_heads(ranking, policy, options, evaluator)
+    before = evaluator.evaluate([])
+    seed_runs = []
+    if seeds > 1:  # the paper's control: average the random policy over seeds (zero ablation, measured)
+        for offset in range(seeds):
+            seeded = PolicyOptions(**{**asdict(options), "seed": options.seed + offset, "evaluate": None})
+            heads = POLICIES.get(policy)(ranking, seeded).heads
+            summary = evaluator.evaluate(heads)["summary"]
+            seed_runs.append({"seed": seeded.seed, "heads": [h.name for h in heads], **summary})
+    means = None
+    if mode == "mean":
+        def means(blocks, heads):
+            return head_means(loaded.model.visual, (b.to(loaded.device) for b in
+                                                    reference.batches(loaded.preprocess, 256)), heads)
+    record = apply_surgery(loaded.model, SurgeryRequest(selection.heads, mode, tower, means))
+    after = validate(loaded, suite)
+    before.update(model=loaded.identity)
+    failures = gates.check(before, after)
+    by_name = {h.name: h for h in ranking.heads}
+    plan = {
+        "schema": PLAN_SCHEMA,
+        "surgeon_version": __version__,
+        "base_model": ranking.model,
+        "ranking_sha256": ranking.digest(),
+        "policy": policy,
+        "options": {k: v for k, v in asdict(options).items() if k != "evaluate" and v is not None},
+        "mode": mode,
+        "tower": tower,
+        "seed": options.seed,
+        "heads": [
+            {"head": h.name, "layer": h.layer, "index": h.head, "reason": selection.reasons.get(h.name, ""),
+             "label": by_name[h.name].label if h.name in by_name else None,
+             "ccs": by_name[h.name].ccs if h.name in by_name else None}
+            for h in selection.heads
+        ],
+        "policy_details": selection.details,
+        "record": record,
+    }
+    if seed_runs:
+        plan["seeds"] = seed_runs
+        plan["seed_mean"] = {k: statistics.fmean(r[k] for r in seed_runs) for k in after["summary"]}
+    exported = not failures or export_anyway
+    if out_dir is not None:
+        with atomic_dir(out_dir, force=force) as tmp:
+            (tmp / "plan.json").write_text(json.dumps(plan, indent=2), encoding="utf-8")
+            (tmp / "validation.json").write_text(json.dumps({"before": before, "after": after,
+                                                             "gate_failures": failures}, indent=2), encoding="utf-8")
+            (tmp / "report.md").write_text(_report(plan, before, after, failures), encoding="utf-8")
+            (tmp / "ranking.json").write_text(json.dumps(ranking.to_dict(), indent=2), encoding="utf-8")
+            if exported:
+                export_run(loaded, plan, {"before": before, "after": after}, tmp, exporters or ["safetensors"],
+                           **(export_options or {}))
+    return PruneResult(out_dir, plan, before, after, failures, exported and out_dir is not None, seed_runs)
+
+
+def _report(plan: dict, before: dict, after: dict, failures: list[str]) -> str:
+    lines = [f"# surgeon prune — {plan['base_model']['name']}", "",
+             f"Policy `{plan['policy']}`, mode `{plan['mode']}`, tower `{plan['tower']}`, "
+             f"{len(plan['heads'])} head(s) pruned.", "", "| head | label | CCS | reason |", "|---|---|---|---|"]
+    lines += [f"| {h['head']} | {h['label'] or ''} | {'' if h['ccs'] is None else h['ccs']} | {h['reason']} |"
+              for h in plan["heads"]]
+    lines += ["", "## Validation", "", markdown_report(before, after, failures)]
+    return "\n".join(lines)
