@@ -1,3 +1,3 @@
-"""Judges register themselves in JUDGES on import."""
+"""Judges label each head's TextSpan texts with a concept; importing a module registers it in JUDGES."""
 
-from surgeon.judges import llm  # noqa: F401
+from surgeon.judges import embedding, lexicon, llm  # noqa: F401
