@@ -83,6 +83,228 @@ def print_ranking(ranking, limit: int | None = None) -> None:
     out.print(table)
 
 
+RankingOpt = Annotated[Path | None, typer.Option(help="ranking.json (or its folder); ranks first when omitted")]
+DataOpt = Annotated[Path | None, typer.Option(help="validation set: ImageFolder or CSV (path,label); default toy")]
+ClassnamesOpt = Annotated[Path | None, typer.Option(help="class names file, one per line (folder order)")]
+TemplatesOpt = Annotated[Path | None, typer.Option(help="prompt templates file, one per line, with {}")]
+BiasDataOpt = Annotated[Path | None, typer.Option(help="bias set: CSV (path,group[,...])")]
+QueriesOpt = Annotated[Path | None, typer.Option(help="neutral queries file for --bias-data, one per line")]
+SkewKOpt = Annotated[int, typer.Option(help="k of MaxSkew@k / MinSkew@k")]
+DesiredOpt = Annotated[str, typer.Option(help="desired group distribution: uniform or set")]
+
+
+def _suite(data, classnames, templates, bias_data, queries, skew_k, desired):
+    from surgeon.errors import InvalidInput
+    from surgeon.validate import ValidationSuite, bias_set, classification_set, toy_suite
+
+    if data is None and bias_data is None:
+        suite = toy_suite()
+        if suite.bias is not None:
+            suite.bias.k, suite.bias.desired = skew_k, desired
+        return suite
+    if bias_data is not None and queries is None:
+        raise InvalidInput("--bias-data needs --queries (neutral queries, one per line)")
+    tasks = [classification_set(data, classnames, templates)] if data is not None else []
+    bias = bias_set(bias_data, queries, templates, skew_k, desired) if bias_data is not None else None
+    return ValidationSuite(tasks, bias, source="files")
+
+
+def _ranking_for(loaded, ranking_path, images, n_images, texts, judge, layers, quiet):
+    from surgeon.images import resolve_images
+    from surgeon.pools import load_pool
+    from surgeon.rank import Ranking, rank_heads
+
+    if ranking_path is not None:
+        ranking = Ranking.read(ranking_path)
+        ranking.check_model(loaded)
+        return ranking
+    pool = load_pool(texts, loaded.is_toy)
+    return rank_heads(loaded, resolve_images(images, n_images), pool, judge=judge, layers=layers, quiet=quiet)
+
+
+@app.command()
+def prune(
+    model: ModelOpt = None,
+    pretrained: PretrainedOpt = None,
+    ranking: RankingOpt = None,
+    policy: Annotated[str, typer.Option(help="top-k, bottom-k, high, low, random, heads, concept, threshold, "
+                                             "debias, paper-high, paper-low")] = "debias",
+    k: Annotated[int | None, typer.Option(help="number of heads (top-k, bottom-k, random; budget for debias)")] = None,
+    heads: Annotated[str | None, typer.Option(help="explicit heads, e.g. L11.H5,L10.H8")] = None,
+    concept: Annotated[str | None, typer.Option(help="concept label for the concept policy")] = None,
+    min_ccs: Annotated[int | None, typer.Option(help="threshold policy: prune heads with CCS >= this")] = None,
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    seeds: Annotated[int, typer.Option(help="random policy: repeat over this many seeds and average")] = 1,
+    mode: Annotated[str, typer.Option(help="zero, mean or hard")] = "zero",
+    tower: Annotated[str, typer.Option(help="vision, text or both")] = "vision",
+    max_acc_drop: Annotated[float | None, typer.Option(help="gate: max drop of mean zero-shot top-1 (points)")] = None,
+    max_skew: Annotated[float | None, typer.Option(help="gate: max MaxSkew@k after pruning")] = None,
+    min_acc: Annotated[float | None, typer.Option(help="gate: min mean zero-shot top-1 after pruning (points)")] = None,
+    export_anyway: Annotated[bool, typer.Option(help="export even when a gate fails")] = False,
+    export: Annotated[str, typer.Option(help="safetensors, onnx or both")] = "safetensors",
+    labels: Annotated[Path | None, typer.Option(help="class names for classifier.onnx (ONNX export)")] = None,
+    atol: Annotated[float, typer.Option(help="ONNX parity tolerance (max abs difference)")] = 1e-4,
+    images: ImagesOpt = None,
+    n_images: Annotated[int | None, typer.Option(help="images for ranking and mean ablation")] = None,
+    texts: Annotated[str | None, typer.Option(help="text pool when ranking first")] = None,
+    judge: Annotated[str, typer.Option(help="judge when ranking first")] = "lexicon",
+    layers: Annotated[str | None, typer.Option(help="layers when ranking first")] = None,
+    data: DataOpt = None,
+    classnames: ClassnamesOpt = None,
+    templates: TemplatesOpt = None,
+    bias_data: BiasDataOpt = None,
+    queries: QueriesOpt = None,
+    skew_k: SkewKOpt = 10,
+    desired: DesiredOpt = "uniform",
+    out_dir: Annotated[Path | None, typer.Option("--out", help="run folder (default: new one in exports/)")] = None,
+    force: Annotated[bool, typer.Option(help="replace an existing --out folder")] = False,
+    device: DeviceOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Select heads with a policy, prune them (zero/mean/hard), validate before/after, export the result."""
+    from surgeon.errors import GateFailed, InvalidInput
+    from surgeon.images import resolve_images
+    from surgeon.load import load_model
+    from surgeon.paths import new_run_dir
+    from surgeon.policies import POLICIES, PolicyOptions
+    from surgeon.prune import prune as run_prune
+    from surgeon.surgery import SURGERIES
+    from surgeon.validate import Gates
+
+    POLICIES.get(policy), SURGERIES.get(mode)  # fail before any heavy work
+    formats = {"safetensors": ["safetensors"], "onnx": ["safetensors", "onnx"], "both": ["safetensors", "onnx"]}
+    if export not in formats:
+        raise InvalidInput(f"unknown export format {export!r}", hint="choose safetensors, onnx or both")
+    loaded = load_model(model, pretrained, device)
+    suite = _suite(data, classnames, templates, bias_data, queries, skew_k, desired)
+    ranked = _ranking_for(loaded, ranking, images, n_images, texts, judge, layers, quiet)
+    options = PolicyOptions(k=k, seed=seed, heads=heads, concept=concept, min_ccs=min_ccs, max_acc_drop=max_acc_drop,
+                            model_name=loaded.name, pretrained=loaded.pretrained)
+    reference = resolve_images(images, n_images) if mode == "mean" else None
+    result = run_prune(loaded, ranked, suite, policy, options, mode=mode, tower=tower,
+                       gates=Gates(max_acc_drop=max_acc_drop, max_skew=max_skew, min_acc=min_acc),
+                       out_dir=out_dir or new_run_dir("prune"), reference=reference, seeds=seeds,
+                       export_anyway=export_anyway, force=force, exporters=formats[export],
+                       export_options={"labels": labels, "atol": atol})
+    table = Table(title=f"pruned {len(result.plan['heads'])} head(s): policy {policy}, mode {mode}")
+    for column in ("head", "label", "CCS", "reason"):
+        table.add_column(column, overflow="fold")
+    for h in result.plan["heads"]:
+        table.add_row(h["head"], h["label"] or "", "" if h["ccs"] is None else str(h["ccs"]), h["reason"])
+    out.print(table)
+    _print_summary(result.before["summary"], result.after["summary"])
+    if result.seeds:
+        out.print(f"random policy over {len(result.seeds)} seeds: mean {result.plan['seed_mean']}")
+    out.print(f"run folder: {result.run_dir}" + ("" if result.exported else " (export skipped: gate failed)"))
+    if result.gate_failures:
+        raise GateFailed("; ".join(result.gate_failures), hint="see report.md; --export-anyway exports regardless")
+
+
+def _print_summary(before: dict, after: dict | None = None) -> None:
+    table = Table(title="validation")
+    table.add_column("metric")
+    table.add_column("before" if after else "value", justify="right")
+    if after:
+        table.add_column("after", justify="right")
+        table.add_column("delta", justify="right")
+    for key, value in before.items():
+        if value is None:
+            continue
+        scale, unit = (100, "") if key == "mean_acc1" else (1, "")
+        row = [key, f"{scale * value:.3f}{unit}"]
+        if after:
+            row += [f"{scale * after[key]:.3f}", f"{scale * (after[key] - value):+.3f}"]
+        table.add_row(*row)
+    out.print(table)
+
+
+@app.command()
+def validate(
+    model: ModelOpt = None,
+    pretrained: PretrainedOpt = None,
+    data: DataOpt = None,
+    classnames: ClassnamesOpt = None,
+    templates: TemplatesOpt = None,
+    bias_data: BiasDataOpt = None,
+    queries: QueriesOpt = None,
+    skew_k: SkewKOpt = 10,
+    desired: DesiredOpt = "uniform",
+    as_json: Annotated[bool, typer.Option("--json", help="print the results as JSON")] = False,
+    out_file: Annotated[Path | None, typer.Option("--out", help="write the results JSON here")] = None,
+    device: DeviceOpt = None,
+) -> None:
+    """Zero-shot accuracy and bias metrics of a model (toy benchmarks by default)."""
+    import json
+
+    from surgeon.load import load_model
+    from surgeon.validate import markdown_report
+    from surgeon.validate import validate as run_validate
+
+    loaded = load_model(model, pretrained, device)
+    report = run_validate(loaded, _suite(data, classnames, templates, bias_data, queries, skew_k, desired))
+    if out_file:
+        from surgeon.paths import atomic_write_text
+
+        atomic_write_text(out_file, json.dumps(report, indent=2))
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        out.print(markdown_report(report), highlight=False)
+        _print_summary(report["summary"])
+
+
+@app.command()
+def sweep(
+    model: ModelOpt = None,
+    pretrained: PretrainedOpt = None,
+    ranking: RankingOpt = None,
+    counts: Annotated[str | None, typer.Option(help="numbers of heads to prune, e.g. 0,2,4,8")] = None,
+    seed: Annotated[int, typer.Option(help="seed of the random ordering")] = 0,
+    images: ImagesOpt = None,
+    n_images: Annotated[int | None, typer.Option(help="images when ranking first")] = None,
+    data: DataOpt = None,
+    classnames: ClassnamesOpt = None,
+    templates: TemplatesOpt = None,
+    bias_data: BiasDataOpt = None,
+    queries: QueriesOpt = None,
+    skew_k: SkewKOpt = 10,
+    desired: DesiredOpt = "uniform",
+    out_dir: Annotated[Path | None, typer.Option("--out", help="output folder (default: new one in exports/)")] = None,
+    force: Annotated[bool, typer.Option(help="replace an existing --out folder")] = False,
+    device: DeviceOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Accuracy and bias vs number of pruned heads (high-CCS, low-CCS, random); writes sweep.json + sweep.png."""
+    import json
+
+    from surgeon.errors import InvalidInput
+    from surgeon.load import load_model
+    from surgeon.paths import atomic_dir, new_run_dir
+    from surgeon.plots import sweep_plot
+    from surgeon.sweep import run_sweep
+
+    try:
+        count_list = [int(c) for c in counts.split(",")] if counts else None
+    except ValueError:
+        raise InvalidInput(f"bad --counts {counts!r}", hint="e.g. 0,2,4,8") from None
+    loaded = load_model(model, pretrained, device)
+    suite = _suite(data, classnames, templates, bias_data, queries, skew_k, desired)
+    ranked = _ranking_for(loaded, ranking, images, n_images, None, "lexicon", None, quiet)
+    result = run_sweep(loaded, ranked, suite, count_list, seed=seed, quiet=quiet)
+    target = out_dir or new_run_dir("sweep")
+    with atomic_dir(target, force=force) as tmp:
+        (tmp / "sweep.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+        sweep_plot(result, tmp / "sweep.png")
+    table = Table(title="mean zero-shot top-1 (%) by heads pruned")
+    table.add_column("ordering")
+    for c in result["counts"]:
+        table.add_column(str(c), justify="right")
+    for name, points in result["curves"].items():
+        table.add_row(name, *[f"{100 * p['mean_acc1']:.1f}" for p in points])
+    out.print(table)
+    out.print(f"wrote {target}/sweep.json and sweep.png")
+
+
 @app.command()
 def models() -> None:
     """List the open_clip architectures surgeon can load (weights come from local files or the hub cache)."""

@@ -39,3 +39,25 @@ def ccs_heatmap(ranking: Ranking, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def sweep_plot(result: dict, path: Path) -> None:
+    """Mean zero-shot accuracy (and MaxSkew when measured) against the number of pruned heads."""
+    curves = result["curves"]
+    skew_key = next((k for k in next(iter(curves.values()))[0] if k.startswith("max_skew@")), None)
+    fig, axes = plt.subplots(1, 2 if skew_key else 1, figsize=(11 if skew_key else 6, 4), squeeze=False)
+    for name, points in curves.items():
+        ns = [p["n"] for p in points]
+        axes[0, 0].plot(ns, [100 * p["mean_acc1"] for p in points], marker="o", label=name)
+        if skew_key:
+            axes[0, 1].plot(ns, [p[skew_key] for p in points], marker="o", label=name)
+    axes[0, 0].set(xlabel="heads pruned", ylabel="mean zero-shot top-1 (%)", title="accuracy")
+    if skew_key:
+        axes[0, 1].set(xlabel="heads pruned", ylabel=skew_key, title="bias")
+    for ax in axes[0]:
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"pruning sweep — {result['model']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
