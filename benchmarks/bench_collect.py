@@ -19,9 +19,11 @@ from surgeon.decompose import decompose
 from surgeon.load import build_clip, default_device
 from surgeon.stats import HeadStats
 
-SMALL = {"embed_dim": 64, "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 128, "layers": 6,
-                                         "head_width": 16}, "text_cfg": {"context_length": 16, "width": 64,
-                                                                          "heads": 2, "layers": 1}}
+SMALL = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 128, "layers": 6, "head_width": 16},
+    "text_cfg": {"context_length": 16, "width": 64, "heads": 2, "layers": 1},
+}
 
 
 def vit_b32() -> dict:
@@ -92,15 +94,20 @@ def main() -> None:
     print(f"device: {device}, torch threads: {torch.get_num_threads()}")
     for name, cfg, batch, steps in rows:
         plain, collect = throughput(cfg, batch, steps, device)
-        print(f"{name}: encode_image {plain:8.1f} img/s | collect stats {collect:8.1f} img/s | "
-              f"ratio {collect / plain:.3f} (goal >= 0.8)")
+        print(
+            f"{name}: encode_image {plain:8.1f} img/s | collect stats {collect:8.1f} img/s | "
+            f"ratio {collect / plain:.3f} (goal >= 0.8)"
+        )
     peaks = {}
     for n in (256, 4096):
-        out = subprocess.run([sys.executable, __file__, "--memory-child", str(n)], capture_output=True, text=True,
-                             check=True)
+        out = subprocess.run(
+            [sys.executable, __file__, "--memory-child", str(n)], capture_output=True, text=True, check=True
+        )
         peaks[n] = json.loads(out.stdout.strip().splitlines()[-1])["peak_kib"]
-    print(f"peak RSS: 256 images {peaks[256] / 1024:.1f} MiB, 4096 images {peaks[4096] / 1024:.1f} MiB, "
-          f"ratio {peaks[4096] / peaks[256]:.3f} (goal within 5%)")
+    print(
+        f"peak RSS: 256 images {peaks[256] / 1024:.1f} MiB, 4096 images {peaks[4096] / 1024:.1f} MiB, "
+        f"ratio {peaks[4096] / peaks[256]:.3f} (goal within 5%)"
+    )
 
 
 if __name__ == "__main__":

@@ -41,8 +41,9 @@ def ndkl(ranked_groups: Sequence[int], target: np.ndarray) -> float:
     return float((kl * discounts).sum() / discounts.sum())
 
 
-def bias_metrics(similarity: np.ndarray, groups: Sequence[int], n_groups: int, k: int = 10,
-                 desired: str = "uniform") -> dict[str, float | list[float]]:
+def bias_metrics(
+    similarity: np.ndarray, groups: Sequence[int], n_groups: int, k: int = 10, desired: str = "uniform"
+) -> dict[str, float | list[float]]:
     """Per-query and mean MaxSkew@k, MinSkew@k and NDKL from a (queries x images) similarity matrix."""
     if similarity.ndim != 2 or similarity.shape[1] != len(groups):
         raise InvalidInput("similarity must be (queries, images) with one group label per image")
@@ -65,4 +66,3 @@ def bias_metrics(similarity: np.ndarray, groups: Sequence[int], n_groups: int, k
         f"max_skew@{k}_per_query": [round(v, 6) for v in max_skew],
         f"max_skew@{k}_sum": float(np.sum(max_skew)),
     }
-

@@ -17,8 +17,9 @@ from surgeon import __version__
 from surgeon.load import LoadedModel
 
 
-def write_local_dir(loaded: LoadedModel, folder: Path, record: dict | None = None,
-                    metadata: dict[str, str] | None = None) -> None:
+def write_local_dir(
+    loaded: LoadedModel, folder: Path, record: dict | None = None, metadata: dict[str, str] | None = None
+) -> None:
     """Write into an existing (temporary) folder; the caller renames it into place."""
     pcfg = dict(loaded.preprocess_cfg)
     pcfg["size"] = list(pcfg["size"]) if not isinstance(pcfg["size"], int) else pcfg["size"]
@@ -42,4 +43,3 @@ def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out[name] = t.clone() if ptr in seen and t.numel() else t
         seen.add(ptr)
     return out
-

@@ -13,14 +13,20 @@ from rich.table import Table
 
 from surgeon.errors import SurgeonError
 
-app = typer.Typer(help="Rank, prune, validate and export CLIP attention heads.", no_args_is_help=True,
-                  pretty_exceptions_enable=False, add_completion=False)
+app = typer.Typer(
+    help="Rank, prune, validate and export CLIP attention heads.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
 toy_app = typer.Typer(help="The embedded toy world and its bundled CLIP.", no_args_is_help=True)
 app.add_typer(toy_app, name="toy")
 out = Console()
 err = Console(stderr=True)
 
-ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="open_clip name, local-dir:PATH, or omit for the toy")]
+ModelOpt = Annotated[
+    str | None, typer.Option("--model", "-m", help="open_clip name, local-dir:PATH, or omit for the toy")
+]
 PretrainedOpt = Annotated[str | None, typer.Option(help="pretrained tag (from the local hub cache) or checkpoint file")]
 DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda when present)")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")]
@@ -43,7 +49,9 @@ def rank(
     llm_url: Annotated[str | None, typer.Option(help="OpenAI-compatible endpoint for --judge llm")] = None,
     llm_model: Annotated[list[str] | None, typer.Option(help="judge model(s); several = majority vote")] = None,
     llm_key_env: Annotated[str, typer.Option(help="environment variable holding the API key")] = "OPENAI_API_KEY",
-    out_dir: Annotated[Path | None, typer.Option("--out", help="output folder (default: a new one in exports/)")] = None,
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="output folder (default: a new one in exports/)")
+    ] = None,
     force: Annotated[bool, typer.Option(help="replace an existing --out folder")] = False,
     no_cache: Annotated[bool, typer.Option(help="recompute statistics even when cached")] = False,
     device: DeviceOpt = None,
@@ -60,16 +68,30 @@ def rank(
     pool = load_pool(texts, loaded.is_toy, taxonomy)
     image_set = resolve_images(images, n_images)
     llm = {"llm_url": llm_url, "llm_models": tuple(llm_model or ()), "llm_key_env": llm_key_env}
-    ranking = rank_heads(loaded, image_set, pool, judge=judge, layers=layers, m=m, rank=span_rank,
-                         batch_size=batch_size, quiet=quiet, use_cache=not no_cache,
-                         llm_options=llm if judge == "llm" else None)
+    ranking = rank_heads(
+        loaded,
+        image_set,
+        pool,
+        judge=judge,
+        layers=layers,
+        m=m,
+        rank=span_rank,
+        batch_size=batch_size,
+        quiet=quiet,
+        use_cache=not no_cache,
+        llm_options=llm if judge == "llm" else None,
+    )
     if image_set.skipped:
-        err.print(f"[yellow]warning:[/] skipped {len(image_set.skipped)} unreadable image(s), e.g. {image_set.skipped[0]}")
+        err.print(
+            f"[yellow]warning:[/] skipped {len(image_set.skipped)} unreadable image(s), e.g. {image_set.skipped[0]}"
+        )
     target = ranking.write(out_dir or new_run_dir("rank"), force=force)
     print_ranking(ranking)
     dist = ", ".join(f"CCS@{k}={v:.0%}" for k, v in ranking.ccs_distribution().items())
-    out.print(f"{len(ranking.heads)} heads ranked ({'cached' if ranking.cached_stats else 'fresh'} statistics over "
-              f"{ranking.images['count']} images); {dist}")
+    out.print(
+        f"{len(ranking.heads)} heads ranked ({'cached' if ranking.cached_stats else 'fresh'} statistics over "
+        f"{ranking.images['count']} images); {dist}"
+    )
     out.print(f"wrote {target}/ranking.json, ranking.csv, ccs_heatmap.png")
 
 
@@ -127,8 +149,12 @@ def prune(
     model: ModelOpt = None,
     pretrained: PretrainedOpt = None,
     ranking: RankingOpt = None,
-    policy: Annotated[str, typer.Option(help="top-k, bottom-k, high, low, random, heads, concept, threshold, "
-                                             "debias, paper-high, paper-low")] = "debias",
+    policy: Annotated[
+        str,
+        typer.Option(
+            help="top-k, bottom-k, high, low, random, heads, concept, threshold, debias, paper-high, paper-low"
+        ),
+    ] = "debias",
     k: Annotated[int | None, typer.Option(help="number of heads (top-k, bottom-k, random; budget for debias)")] = None,
     heads: Annotated[str | None, typer.Option(help="explicit heads, e.g. L11.H5,L10.H8")] = None,
     concept: Annotated[str | None, typer.Option(help="concept label for the concept policy")] = None,
@@ -178,14 +204,34 @@ def prune(
     loaded = load_model(model, pretrained, device)
     suite = _suite(data, classnames, templates, bias_data, queries, skew_k, desired)
     ranked = _ranking_for(loaded, ranking, images, n_images, texts, judge, layers, quiet)
-    options = PolicyOptions(k=k, seed=seed, heads=heads, concept=concept, min_ccs=min_ccs, max_acc_drop=max_acc_drop,
-                            model_name=loaded.name, pretrained=loaded.pretrained)
+    options = PolicyOptions(
+        k=k,
+        seed=seed,
+        heads=heads,
+        concept=concept,
+        min_ccs=min_ccs,
+        max_acc_drop=max_acc_drop,
+        model_name=loaded.name,
+        pretrained=loaded.pretrained,
+    )
     reference = resolve_images(images, n_images) if mode == "mean" else None
-    result = run_prune(loaded, ranked, suite, policy, options, mode=mode, tower=tower,
-                       gates=Gates(max_acc_drop=max_acc_drop, max_skew=max_skew, min_acc=min_acc),
-                       out_dir=out_dir or new_run_dir("prune"), reference=reference, seeds=seeds,
-                       export_anyway=export_anyway, force=force, exporters=formats[export],
-                       export_options={"labels": labels, "atol": atol})
+    result = run_prune(
+        loaded,
+        ranked,
+        suite,
+        policy,
+        options,
+        mode=mode,
+        tower=tower,
+        gates=Gates(max_acc_drop=max_acc_drop, max_skew=max_skew, min_acc=min_acc),
+        out_dir=out_dir or new_run_dir("prune"),
+        reference=reference,
+        seeds=seeds,
+        export_anyway=export_anyway,
+        force=force,
+        exporters=formats[export],
+        export_options={"labels": labels, "atol": atol},
+    )
     table = Table(title=f"pruned {len(result.plan['heads'])} head(s): policy {policy}, mode {mode}")
     for column in ("head", "label", "CCS", "reason"):
         table.add_column(column, overflow="fold")

@@ -29,8 +29,15 @@ def stats_key(loaded: LoadedModel, images: ImageSet, layers: tuple[int, ...]) ->
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
-def accumulate(loaded: LoadedModel, images: ImageSet, layers: tuple[int, ...], batch_size: int = 64,
-               quiet: bool = False, start: int = 0, stop: int | None = None) -> HeadStats:
+def accumulate(
+    loaded: LoadedModel,
+    images: ImageSet,
+    layers: tuple[int, ...],
+    batch_size: int = 64,
+    quiet: bool = False,
+    start: int = 0,
+    stop: int | None = None,
+) -> HeadStats:
     """Statistics of images [start, stop) — no caching; shards of one set merge into the whole."""
     visual = loaded.model.visual
     check_supported(visual)
@@ -46,8 +53,14 @@ def accumulate(loaded: LoadedModel, images: ImageSet, layers: tuple[int, ...], b
     return stats
 
 
-def collect_stats(loaded: LoadedModel, images: ImageSet, layers: tuple[int, ...], batch_size: int = 64,
-                  quiet: bool = False, use_cache: bool = True) -> tuple[HeadStats, bool]:
+def collect_stats(
+    loaded: LoadedModel,
+    images: ImageSet,
+    layers: tuple[int, ...],
+    batch_size: int = 64,
+    quiet: bool = False,
+    use_cache: bool = True,
+) -> tuple[HeadStats, bool]:
     """(statistics, whether they came from the cache)."""
     path = cache_dir() / "stats" / f"{stats_key(loaded, images, layers)}.safetensors"
     if use_cache and path.is_file():

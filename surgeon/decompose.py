@@ -116,8 +116,9 @@ class Decomposition:
     rest: dict[str, torch.Tensor] | None = None  # "embed": (B, D), "mlp": (B, L, D) when asked for
 
 
-def decompose(visual: nn.Module, images: torch.Tensor, layers: tuple[int, ...], *, with_rest: bool = False
-              ) -> Decomposition:
+def decompose(
+    visual: nn.Module, images: torch.Tensor, layers: tuple[int, ...], *, with_rest: bool = False
+) -> Decomposition:
     """Run the tower once on `images` and return each analysed head's normalised joint-space term."""
     blocks = visual.transformer.resblocks
     n_layers = len(blocks)

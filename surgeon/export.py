@@ -24,13 +24,20 @@ def provenance(loaded: LoadedModel, plan: dict, validation: dict) -> dict[str, s
     return {
         "surgeon_version": __version__,
         "open_clip_version": open_clip.__version__,
-        "base_model": plan["base_model"]["name"] + (f"/{plan['base_model']['pretrained']}"
-                                                    if plan["base_model"].get("pretrained") else ""),
+        "base_model": plan["base_model"]["name"]
+        + (f"/{plan['base_model']['pretrained']}" if plan["base_model"].get("pretrained") else ""),
         "base_weights_sha256": plan["base_model"]["weights_sha256"],
         "pruned_weights_sha256": loaded.weights_hash,
         "ranking_sha256": plan["ranking_sha256"],
-        "plan": json.dumps({"policy": plan["policy"], "mode": plan["mode"], "tower": plan["tower"],
-                            "seed": plan["seed"], "pruned_heads_per_layer": heads_per_layer}),
+        "plan": json.dumps(
+            {
+                "policy": plan["policy"],
+                "mode": plan["mode"],
+                "tower": plan["tower"],
+                "seed": plan["seed"],
+                "pruned_heads_per_layer": heads_per_layer,
+            }
+        ),
         "validation": json.dumps(validation.get("after", {}).get("summary", {})),
         "preprocess": json.dumps(loaded.preprocess_cfg),
     }
@@ -44,8 +51,9 @@ def export_safetensors(loaded: LoadedModel, plan: dict, validation: dict, folder
     return [target / "open_clip_config.json", target / "open_clip_model.safetensors"]
 
 
-def export_run(loaded: LoadedModel, plan: dict, validation: dict, folder: Path, formats: list[str],
-               **options) -> list[Path]:
+def export_run(
+    loaded: LoadedModel, plan: dict, validation: dict, folder: Path, formats: list[str], **options
+) -> list[Path]:
     """Write every requested format into `folder` (a temporary run folder renamed by the caller)."""
     if not formats:
         raise InvalidInput("no export format given")

@@ -30,8 +30,9 @@ class ImageSet:
     load: Callable[[int], Image.Image]  # index -> RGB image (raises CorruptInput when unreadable)
     skipped: list[str] = field(default_factory=list)
 
-    def batches(self, preprocess: Callable, batch_size: int, start: int = 0, stop: int | None = None
-                ) -> Iterator[torch.Tensor]:
+    def batches(
+        self, preprocess: Callable, batch_size: int, start: int = 0, stop: int | None = None
+    ) -> Iterator[torch.Tensor]:
         """Preprocessed batches of images [start, stop); unreadable ones are skipped and recorded."""
         stop = self.count if stop is None else stop
         batch: list[torch.Tensor] = []
@@ -58,8 +59,14 @@ def open_image(path: Path) -> Image.Image:
                     raise CorruptInput(f"{path}: {image.width}x{image.height} is too large (decompression bomb?)")
                 image.load()
                 return to_rgb(image)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as err:
+    except (
+        UnidentifiedImageError,
+        OSError,
+        SyntaxError,
+        ValueError,
+        Image.DecompressionBombError,
+        Image.DecompressionBombWarning,
+    ) as err:
         raise CorruptInput(f"unreadable image {path}: {err}") from None
 
 

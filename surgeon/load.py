@@ -258,7 +258,9 @@ def load_model(
                 weights_path, tag_cfg = _find_in_hub_cache(model, pretrained)
                 if weights_path is None:
                     raise _missing_weights_error(model, pretrained, tag_cfg)
-                preprocess_cfg = {k: tag_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag_cfg}
+                preprocess_cfg = {
+                    k: tag_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag_cfg
+                }
             load_weights_strict(clip, read_state_dict(weights_path), str(weights_path))
         else:
             warnings.warn(f"{model} has no --pretrained weights: using a random initialisation", stacklevel=2)
@@ -293,7 +295,9 @@ def build_clip(model_cfg: dict) -> torch.nn.Module:
 
     cfg = copy.deepcopy(model_cfg)
     if "timm_model_name" in cfg.get("vision_cfg", {}) or "multimodal_cfg" in cfg:
-        raise InvalidInput("surgeon needs an open_clip VisionTransformer tower (timm and CoCa towers are not supported)")
+        raise InvalidInput(
+            "surgeon needs an open_clip VisionTransformer tower (timm and CoCa towers are not supported)"
+        )
     custom_text = cfg.pop("custom_text", False) or "hf_model_name" in cfg.get("text_cfg", {})
     return (CustomTextCLIP if custom_text else CLIP)(**cfg)
 

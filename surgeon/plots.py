@@ -30,8 +30,9 @@ def ccs_heatmap(ranking: Ranking, path: Path) -> None:
         for c in range(ranking.n_heads):
             if not np.isnan(grid[r, c]):
                 colour = "black" if grid[r, c] > ranking.m * 0.6 else "white"
-                ax.text(c, r, f"{labels[r][c][:10]}\n{int(grid[r, c])}", ha="center", va="center", fontsize=7,
-                        color=colour)
+                ax.text(
+                    c, r, f"{labels[r][c][:10]}\n{int(grid[r, c])}", ha="center", va="center", fontsize=7, color=colour
+                )
     ax.set_xticks(range(ranking.n_heads), [f"H{i}" for i in range(ranking.n_heads)])
     ax.set_yticks(range(len(layers)), [f"L{i}" for i in layers])
     ax.set_title(f"CCS per head — {ranking.model['name']} ({ranking.judge} judge, m={ranking.m})")

@@ -123,8 +123,11 @@ def random_heads(ranking: Ranking, options: PolicyOptions) -> Selection:
     if k > len(pool):
         raise InvalidInput(f"k={k} but only {len(pool)} heads are not high-CCS")
     chosen = random.Random(options.seed).sample(pool, k)
-    return _select(sorted(chosen, key=lambda h: (h.layer, h.head)),
-                   lambda h: f"random draw (seed {options.seed}), {_describe(h)}", "no heads")
+    return _select(
+        sorted(chosen, key=lambda h: (h.layer, h.head)),
+        lambda h: f"random draw (seed {options.seed}), {_describe(h)}",
+        "no heads",
+    )
 
 
 @POLICIES.register("heads")
@@ -133,8 +136,9 @@ def explicit(ranking: Ranking, options: PolicyOptions) -> Selection:
         raise InvalidInput("the heads policy needs --heads", hint="e.g. --heads L11.H5,L10.H8")
     refs = parse_heads(options.heads)
     by_name = {h.name: h for h in ranking.heads}
-    reasons = {r.name: "listed by the user" + (f", {_describe(by_name[r.name])}" if r.name in by_name else "")
-               for r in refs}
+    reasons = {
+        r.name: "listed by the user" + (f", {_describe(by_name[r.name])}" if r.name in by_name else "") for r in refs
+    }
     return Selection(refs, reasons)
 
 
@@ -144,7 +148,9 @@ def concept(ranking: Ranking, options: PolicyOptions) -> Selection:
         raise InvalidInput("the concept policy needs --concept NAME")
     labels = sorted({h.label for h in ranking.heads})
     if options.concept not in labels:
-        raise InvalidInput(f"no head is labelled {options.concept!r}", hint=f"labels in this ranking: {', '.join(labels)}")
+        raise InvalidInput(
+            f"no head is labelled {options.concept!r}", hint=f"labels in this ranking: {', '.join(labels)}"
+        )
     heads = [h for h in ranking.sorted_heads() if h.label == options.concept]
     return _select(heads, lambda h: f"labelled {h.label} (CCS {h.ccs})", "no heads")
 
@@ -207,8 +213,10 @@ def debias(ranking: Ranking, options: PolicyOptions) -> Selection:
         if best is None:
             break
         _, ref, new_acc, new_bias = best
-        reasons[ref.name] = (f"removing it lowered bias {bias:.3f} -> {new_bias:.3f} and changed mean accuracy "
-                             f"{acc * 100:.2f} -> {new_acc * 100:.2f}")
+        reasons[ref.name] = (
+            f"removing it lowered bias {bias:.3f} -> {new_bias:.3f} and changed mean accuracy "
+            f"{acc * 100:.2f} -> {new_acc * 100:.2f}"
+        )
         steps.append({"head": ref.name, "bias": new_bias, "acc": new_acc})
         chosen.append(ref)
         acc, bias = new_acc, new_bias

@@ -82,9 +82,12 @@ def prune(
             seed_runs.append({"seed": seeded.seed, "heads": [h.name for h in heads], **summary})
     means = None
     if mode == "mean":
+
         def means(blocks, heads):
-            return head_means(loaded.model.visual, (b.to(loaded.device) for b in
-                                                    reference.batches(loaded.preprocess, 256)), heads)
+            return head_means(
+                loaded.model.visual, (b.to(loaded.device) for b in reference.batches(loaded.preprocess, 256)), heads
+            )
+
     record = apply_surgery(loaded.model, SurgeryRequest(selection.heads, mode, tower, means))
     after = validate(loaded, suite)
     before.update(model=loaded.identity)
@@ -101,9 +104,14 @@ def prune(
         "tower": tower,
         "seed": options.seed,
         "heads": [
-            {"head": h.name, "layer": h.layer, "index": h.head, "reason": selection.reasons.get(h.name, ""),
-             "label": by_name[h.name].label if h.name in by_name else None,
-             "ccs": by_name[h.name].ccs if h.name in by_name else None}
+            {
+                "head": h.name,
+                "layer": h.layer,
+                "index": h.head,
+                "reason": selection.reasons.get(h.name, ""),
+                "label": by_name[h.name].label if h.name in by_name else None,
+                "ccs": by_name[h.name].ccs if h.name in by_name else None,
+            }
             for h in selection.heads
         ],
         "policy_details": selection.details,
@@ -116,21 +124,36 @@ def prune(
     if out_dir is not None:
         with atomic_dir(out_dir, force=force) as tmp:
             (tmp / "plan.json").write_text(json.dumps(plan, indent=2), encoding="utf-8")
-            (tmp / "validation.json").write_text(json.dumps({"before": before, "after": after,
-                                                             "gate_failures": failures}, indent=2), encoding="utf-8")
+            (tmp / "validation.json").write_text(
+                json.dumps({"before": before, "after": after, "gate_failures": failures}, indent=2), encoding="utf-8"
+            )
             (tmp / "report.md").write_text(_report(plan, before, after, failures), encoding="utf-8")
             (tmp / "ranking.json").write_text(json.dumps(ranking.to_dict(), indent=2), encoding="utf-8")
             if exported:
-                export_run(loaded, plan, {"before": before, "after": after}, tmp, exporters or ["safetensors"],
-                           **(export_options or {}))
+                export_run(
+                    loaded,
+                    plan,
+                    {"before": before, "after": after},
+                    tmp,
+                    exporters or ["safetensors"],
+                    **(export_options or {}),
+                )
     return PruneResult(out_dir, plan, before, after, failures, exported and out_dir is not None, seed_runs)
 
 
 def _report(plan: dict, before: dict, after: dict, failures: list[str]) -> str:
-    lines = [f"# surgeon prune — {plan['base_model']['name']}", "",
-             f"Policy `{plan['policy']}`, mode `{plan['mode']}`, tower `{plan['tower']}`, "
-             f"{len(plan['heads'])} head(s) pruned.", "", "| head | label | CCS | reason |", "|---|---|---|---|"]
-    lines += [f"| {h['head']} | {h['label'] or ''} | {'' if h['ccs'] is None else h['ccs']} | {h['reason']} |"
-              for h in plan["heads"]]
+    lines = [
+        f"# surgeon prune — {plan['base_model']['name']}",
+        "",
+        f"Policy `{plan['policy']}`, mode `{plan['mode']}`, tower `{plan['tower']}`, "
+        f"{len(plan['heads'])} head(s) pruned.",
+        "",
+        "| head | label | CCS | reason |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {h['head']} | {h['label'] or ''} | {'' if h['ccs'] is None else h['ccs']} | {h['reason']} |"
+        for h in plan["heads"]
+    ]
     lines += ["", "## Validation", "", markdown_report(before, after, failures)]
     return "\n".join(lines)

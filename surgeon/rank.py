@@ -160,8 +160,12 @@ def rank_heads(
     ]
     return Ranking(
         model={"name": loaded.name, "pretrained": loaded.pretrained, "weights_sha256": loaded.weights_hash},
-        images={"identity": images.identity, "description": images.description, "count": stats.count,
-                "skipped": len(images.skipped)},
+        images={
+            "identity": images.identity,
+            "description": images.description,
+            "count": stats.count,
+            "skipped": len(images.skipped),
+        },
         layers=list(chosen),
         n_heads=heads_per_layer[chosen[0]],
         m=m,

@@ -28,8 +28,7 @@ class HeadStats:
     outer: torch.Tensor  # (len(layers), H, D, D) float64
 
     @classmethod
-    def empty(cls, layers: tuple[int, ...], n_heads: int, dim: int, device: torch.device | str = "cpu"
-              ) -> HeadStats:
+    def empty(cls, layers: tuple[int, ...], n_heads: int, dim: int, device: torch.device | str = "cpu") -> HeadStats:
         shape = (len(layers), n_heads, dim)
         return cls(
             layers=tuple(layers),
@@ -57,8 +56,12 @@ class HeadStats:
     def merge(self, other: HeadStats) -> HeadStats:
         if other.layers != self.layers or other.total.shape != self.total.shape:
             raise InvalidInput("cannot merge statistics of different layers or shapes")
-        return HeadStats(self.layers, self.count + other.count, self.total + other.total.to(self.total.device),
-                         self.outer + other.outer.to(self.outer.device))
+        return HeadStats(
+            self.layers,
+            self.count + other.count,
+            self.total + other.total.to(self.total.device),
+            self.outer + other.outer.to(self.outer.device),
+        )
 
     def mean(self) -> torch.Tensor:
         return self.total / max(self.count, 1)
@@ -71,13 +74,18 @@ class HeadStats:
     def save(self, path: Path, meta: dict | None = None) -> None:
         """Atomic write: a crash never leaves a truncated cache entry behind."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        header = {"format": STATS_FORMAT, "layers": json.dumps(list(self.layers)), "count": str(self.count),
-                  "meta": json.dumps(meta or {})}
+        header = {
+            "format": STATS_FORMAT,
+            "layers": json.dumps(list(self.layers)),
+            "count": str(self.count),
+            "meta": json.dumps(meta or {}),
+        }
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
         os.close(fd)
         try:
-            save_file({"total": self.total.cpu().contiguous(), "outer": self.outer.cpu().contiguous()}, tmp,
-                      metadata=header)
+            save_file(
+                {"total": self.total.cpu().contiguous(), "outer": self.outer.cpu().contiguous()}, tmp, metadata=header
+            )
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
@@ -93,7 +101,6 @@ class HeadStats:
             tensors = load_file(str(path))
             if header.get("format") != STATS_FORMAT:
                 raise CorruptInput(f"{path} is not a surgeon statistics file")
-            return cls(tuple(json.loads(header["layers"])), int(header["count"]), tensors["total"],
-                       tensors["outer"])
+            return cls(tuple(json.loads(header["layers"])), int(header["count"]), tensors["total"], tensors["outer"])
         except (SafetensorError, OSError, KeyError, ValueError) as err:
             raise CorruptInput(f"corrupt statistics file {path}: {err}") from None

@@ -66,8 +66,9 @@ class PrunedAttention(nn.Module):
         self.ln_q = qk_norm[0] if qk_norm is not None else nn.Identity()
         self.ln_k = qk_norm[1] if qk_norm is not None else nn.Identity()
 
-    def forward(self, x: torch.Tensor, k_x=None, v_x=None, need_weights: bool = False,
-                attn_mask: torch.Tensor | None = None):
+    def forward(
+        self, x: torch.Tensor, k_x=None, v_x=None, need_weights: bool = False, attn_mask: torch.Tensor | None = None
+    ):
         batch, tokens, _ = x.shape
         if self.num_heads == 0:
             out = self.out_proj.bias.expand(batch, tokens, -1).to(x.dtype)
@@ -143,8 +144,11 @@ def remove_heads(blocks: nn.ModuleList, heads: Iterable[HeadRef]) -> dict[int, l
         p = AttentionParams.of(block.attn)
         kept = [h for h in range(p.n_heads) if h not in head_ids]
         new = _pruned_like(block.attn, len(kept), p)
-        rows = torch.cat([torch.arange(h * p.head_dim, (h + 1) * p.head_dim) for h in kept]) if kept else \
-            torch.zeros(0, dtype=torch.long)
+        rows = (
+            torch.cat([torch.arange(h * p.head_dim, (h + 1) * p.head_dim) for h in kept])
+            if kept
+            else torch.zeros(0, dtype=torch.long)
+        )
         rows = rows.to(p.wq.device)
         new.in_proj_weight.copy_(torch.cat([p.wq[rows], p.wk[rows], p.wv[rows]]))
         biases = [b[rows] if b is not None else torch.zeros(len(rows), device=p.wq.device) for b in (p.bq, p.bk, p.bv)]
@@ -206,8 +210,10 @@ def _mean(model: nn.Module, request: SurgeryRequest) -> dict:
 
 @SURGERIES.register("hard")
 def _hard(model: nn.Module, request: SurgeryRequest) -> dict:
-    kept = {tower: {str(k): v for k, v in remove_heads(blocks, request.heads).items()}
-            for tower, blocks in _blocks(model, request.tower)}
+    kept = {
+        tower: {str(k): v for k, v in remove_heads(blocks, request.heads).items()}
+        for tower, blocks in _blocks(model, request.tower)
+    }
     return {"heads_kept": kept}
 
 

@@ -26,8 +26,15 @@ def default_counts(n_heads: int, points: int = 8) -> list[int]:
     return sorted({0, *range(step, n_heads + 1, step)})
 
 
-def run_sweep(loaded: LoadedModel, ranking: Ranking, suite: ValidationSuite, counts: list[int] | None = None,
-              seed: int = 0, cache_layers: bool = True, quiet: bool = False) -> dict:
+def run_sweep(
+    loaded: LoadedModel,
+    ranking: Ranking,
+    suite: ValidationSuite,
+    counts: list[int] | None = None,
+    seed: int = 0,
+    cache_layers: bool = True,
+    quiet: bool = False,
+) -> dict:
     """{"counts": [...], "curves": {ordering: [summary per count]}} (zero ablation, measured)."""
     ranking.check_model(loaded)
     counts = counts or default_counts(len(ranking.heads))

@@ -33,8 +33,9 @@ def _eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         torch.set_num_threads(threads)
 
 
-def textspan(count: int, total: torch.Tensor, outer: torch.Tensor, texts: torch.Tensor, m: int = 5,
-             rank: int = 80) -> SpanResult:
+def textspan(
+    count: int, total: torch.Tensor, outer: torch.Tensor, texts: torch.Tensor, m: int = 5, rank: int = 80
+) -> SpanResult:
     """Greedy TextSpan for one head: `total` (D,), `outer` (D, D), `texts` (M, D) L2-normalised."""
     if m <= 0:
         raise InvalidInput(f"m must be positive, got {m}")
@@ -43,7 +44,7 @@ def textspan(count: int, total: torch.Tensor, outer: torch.Tensor, texts: torch.
     outer = outer.double()
     dim = outer.shape[0]
     _, vectors = _eigh(outer)  # ascending eigenvalues
-    basis = vectors[:, -min(rank, dim):]
+    basis = vectors[:, -min(rank, dim) :]
     pool = texts.to(outer.device, torch.float64) @ basis @ basis.T  # texts projected onto the head's span
     mean = total.double() / count
     cov = outer - count * torch.outer(mean, mean)
@@ -72,7 +73,6 @@ def textspan_all(stats: HeadStats, texts: torch.Tensor, m: int = 5, rank: int = 
     if stats.count < 2:
         raise InvalidInput(f"TextSpan needs at least 2 images, got {stats.count}")
     return [
-        [textspan(stats.count, stats.total[li, h], stats.outer[li, h], texts, m, rank)
-         for h in range(stats.n_heads)]
+        [textspan(stats.count, stats.total[li, h], stats.outer[li, h], texts, m, rank) for h in range(stats.n_heads)]
         for li in range(len(stats.layers))
     ]

@@ -65,8 +65,10 @@ class ValidationSuite:
 def toy_suite(n_per_task: int | None = None, n_scenes: int | None = None) -> ValidationSuite:
     from surgeon.toy import world
 
-    tasks = [ClassificationSet(f"toy/{t.name}", list(t.classnames), list(t.templates), t.images, np.asarray(t.labels))
-             for t in world.zeroshot_tasks(n=n_per_task)]
+    tasks = [
+        ClassificationSet(f"toy/{t.name}", list(t.classnames), list(t.templates), t.images, np.asarray(t.labels))
+        for t in world.zeroshot_tasks(n=n_per_task)
+    ]
     probe = world.bias_probe(n_scenes=n_scenes)
     queries = {shape: list(prompts) for shape, prompts in probe.queries.items()}
     bias = BiasSet("toy/bias-probe", probe.images, np.asarray(probe.groups), list(probe.group_names), queries)
@@ -91,8 +93,9 @@ def _manifest_rows(path: Path, columns: int) -> list[list[str]]:
     return rows
 
 
-def classification_set(data: Path, classnames_file: Path | None = None, templates_file: Path | None = None
-                       ) -> ClassificationSet:
+def classification_set(
+    data: Path, classnames_file: Path | None = None, templates_file: Path | None = None
+) -> ClassificationSet:
     """An ImageFolder (one folder per class) or a CSV manifest (path,label)."""
     templates = read_lines(templates_file, "templates file") if templates_file else DEFAULT_TEMPLATES
     if data.is_dir():
@@ -118,15 +121,23 @@ def classification_set(data: Path, classnames_file: Path | None = None, template
     return ClassificationSet(data.name, [n.replace("_", " ") for n in names], templates, paths, np.asarray(labels))
 
 
-def bias_set(manifest: Path, queries_file: Path, templates_file: Path | None = None, k: int = 10,
-             desired: str = "uniform") -> BiasSet:
+def bias_set(
+    manifest: Path, queries_file: Path, templates_file: Path | None = None, k: int = 10, desired: str = "uniform"
+) -> BiasSet:
     """A CSV manifest (path,group[,...]) and neutral queries, one per line."""
     rows = _manifest_rows(manifest, 2)
     group_names = sorted({r[1].strip() for r in rows})
     templates = read_lines(templates_file, "templates file") if templates_file else DEFAULT_TEMPLATES
     queries = {q: [t.format(q) for t in templates] for q in read_lines(queries_file, "queries file")}
-    return BiasSet(manifest.name, [manifest.parent / r[0].strip() for r in rows],
-                   np.asarray([group_names.index(r[1].strip()) for r in rows]), group_names, queries, k, desired)
+    return BiasSet(
+        manifest.name,
+        [manifest.parent / r[0].strip() for r in rows],
+        np.asarray([group_names.index(r[1].strip()) for r in rows]),
+        group_names,
+        queries,
+        k,
+        desired,
+    )
 
 
 @contextmanager
@@ -149,16 +160,21 @@ class Evaluator:
         self.loaded, self.suite, self.first_layer, self.batch_size = loaded, suite, first_layer, batch_size
         model = loaded.model
         with torch.no_grad():
-            self.classifiers = [build_classifier(model, loaded.tokenizer, t.classnames, t.templates, loaded.device)
-                                for t in suite.tasks]
+            self.classifiers = [
+                build_classifier(model, loaded.tokenizer, t.classnames, t.templates, loaded.device) for t in suite.tasks
+            ]
             self.queries = None
             if suite.bias is not None:
-                self.queries = torch.stack([
-                    F.normalize(build_classifier(model, loaded.tokenizer, [""], prompts, loaded.device)[0], dim=-1)
-                    for prompts in suite.bias.queries.values()])
+                self.queries = torch.stack(
+                    [
+                        F.normalize(build_classifier(model, loaded.tokenizer, [""], prompts, loaded.device)[0], dim=-1)
+                        for prompts in suite.bias.queries.values()
+                    ]
+                )
         self._cache: dict[str, torch.Tensor] = {}
-        sets = [(t.name, t.images) for t in suite.tasks] + ([(suite.bias.name, suite.bias.images)]
-                                                            if suite.bias is not None else [])
+        sets = [(t.name, t.images) for t in suite.tasks] + (
+            [(suite.bias.name, suite.bias.images)] if suite.bias is not None else []
+        )
         for name, images in sets:
             self._cache[name] = torch.cat([self._prefix(b) for b in self._pixel_batches(images)])
 
@@ -247,8 +263,9 @@ class Gates:
         failures = []
         acc_before, acc_after = before["summary"]["mean_acc1"], after["summary"]["mean_acc1"]
         if self.max_acc_drop is not None and (acc_before - acc_after) * 100 > self.max_acc_drop:
-            failures.append(f"max-acc-drop: mean acc1 fell {100 * (acc_before - acc_after):.2f} points "
-                            f"(limit {self.max_acc_drop})")
+            failures.append(
+                f"max-acc-drop: mean acc1 fell {100 * (acc_before - acc_after):.2f} points (limit {self.max_acc_drop})"
+            )
         if self.min_acc is not None and acc_after * 100 < self.min_acc:
             failures.append(f"min-acc: mean acc1 {100 * acc_after:.2f} < {self.min_acc}")
         skew_key = next((k for k in after["summary"] if k.startswith("max_skew@")), None)
@@ -262,13 +279,22 @@ class Gates:
 
 def markdown_report(before: dict, after: dict | None = None, failures: list[str] | None = None) -> str:
     """A short before/after table with deltas."""
-    lines = ["| set | metric | before | after | delta |", "|---|---|---|---|---|"] if after else \
-        ["| set | metric | value |", "|---|---|---|"]
+    lines = (
+        ["| set | metric | before | after | delta |", "|---|---|---|---|---|"]
+        if after
+        else ["| set | metric | value |", "|---|---|---|"]
+    )
     after_by = {(r["dataset"], r["task"]): r for r in (after or {}).get("results", [])}
     for r in before["results"]:
-        keys = ["acc1", "acc5", "mean_per_class_recall"] if r["task"] == "zeroshot_classification" else \
-            [k for k in r["metrics"] if k.startswith(("max_skew@", "min_skew@", "ndkl")) and not k.endswith(
-                ("_per_query", "_sum"))]
+        keys = (
+            ["acc1", "acc5", "mean_per_class_recall"]
+            if r["task"] == "zeroshot_classification"
+            else [
+                k
+                for k in r["metrics"]
+                if k.startswith(("max_skew@", "min_skew@", "ndkl")) and not k.endswith(("_per_query", "_sum"))
+            ]
+        )
         for key in keys:
             b = r["metrics"][key]
             if after:

@@ -61,7 +61,10 @@ def build_classifier(
 
 def uint8_to_tensor(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """N x H x W x 3 uint8 -> N x 3 x H x W float, as ToTensor + Normalize (no resizing)."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
+    arr = np.ascontiguousarray(images)
+    if not arr.flags.writeable:
+        arr = arr.copy()
+    x = torch.from_numpy(arr).permute(0, 3, 1, 2).float().div_(255.0)
     m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
     return (x - m) / s

@@ -15,8 +15,14 @@ from surgeon.load import build_clip
 
 
 def tiny_config(block_type: str = "default", layers: int = 3, heads: int = 4, image_size: int = 32) -> dict:
-    vision = {"image_size": image_size, "patch_size": 8, "width": 16 * heads, "layers": layers, "head_width": 16,
-              "mlp_ratio": 2.0}
+    vision = {
+        "image_size": image_size,
+        "patch_size": 8,
+        "width": 16 * heads,
+        "layers": layers,
+        "head_width": 16,
+        "mlp_ratio": 2.0,
+    }
     if block_type == "custom":
         vision.update(block_type="custom", ls_init_value=0.5, qk_norm=True)
     return {
@@ -63,8 +69,19 @@ def image_folder(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def pool_file(tmp_path) -> Path:
-    lines = ["a red circle", "a blue square", "", "a green thing", "a dog in a park", "a cat on a sofa",
-             "the city of Paris", "a street in Tokyo", "three apples", "five birds", "a yellow wall"]
+    lines = [
+        "a red circle",
+        "a blue square",
+        "",
+        "a green thing",
+        "a dog in a park",
+        "a cat on a sofa",
+        "the city of Paris",
+        "a street in Tokyo",
+        "three apples",
+        "five birds",
+        "a yellow wall",
+    ]
     path = tmp_path / "pool.txt"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path

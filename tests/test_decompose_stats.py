@@ -107,9 +107,17 @@ def test_textspan_on_real_head_matches_reference(tiny_default_dir):
         assert list(got.picks) == reference_textspan(heads[:, 0, h].double().numpy(), texts.numpy(), 5, 80)
 
 
-@pytest.mark.parametrize(("spec", "expected"), [(None, (8, 9, 10, 11)), ("all", tuple(range(12))),
-                                                ("8-11", (8, 9, 10, 11)), ("3,5", (3, 5)), ("-1", (11,)),
-                                                ("last2", (10, 11))])
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        (None, (8, 9, 10, 11)),
+        ("all", tuple(range(12))),
+        ("8-11", (8, 9, 10, 11)),
+        ("3,5", (3, 5)),
+        ("-1", (11,)),
+        ("last2", (10, 11)),
+    ],
+)
 def test_parse_layers(spec, expected):
     assert parse_layers(spec, 12) == expected
 
