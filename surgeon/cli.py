@@ -83,7 +83,8 @@ def rank(
     )
     if image_set.skipped:
         err.print(
-            f"[yellow]warning:[/] skipped {len(image_set.skipped)} unreadable image(s), e.g. {image_set.skipped[0]}"
+            f"[yellow]warning:[/] skipped {len(image_set.skipped)} unreadable image(s), e.g. {image_set.skipped[0]}",
+            soft_wrap=True,
         )
     target = ranking.write(out_dir or new_run_dir("rank"), force=force)
     print_ranking(ranking)
@@ -369,7 +370,7 @@ def main() -> None:
     try:
         app()
     except SurgeonError as error:
-        err.print(f"[bold red]error:[/] {error}", highlight=False)
+        err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
         sys.exit(error.exit_code)
     except KeyboardInterrupt:
         err.print("interrupted: nothing was written")

@@ -91,7 +91,8 @@ class Ranking:
     def check_model(self, loaded: LoadedModel) -> None:
         if self.model.get("weights_sha256") != loaded.weights_hash:
             raise PreconditionFailed(
-                f"the ranking was made for {self.model.get('name')} (weights {self.model.get('weights_sha256', '')[:12]}),"
+                f"the ranking was made for {self.model.get('name')} "
+                f"(weights {self.model.get('weights_sha256', '')[:12]}),"
                 f" not for {loaded.identity} (weights {loaded.weights_hash[:12]})",
                 hint="rank this model first, or pass the ranking made for it",
             )
