@@ -54,6 +54,13 @@ class PermissionDenied(SurgeonError):
     grpc_code = "PERMISSION_DENIED"
 
 
+class ExportFailed(SurgeonError):
+    """An exported artifact did not match the PyTorch model within tolerance; nothing was written."""
+
+    exit_code = 7
+    grpc_code = "ABORTED"
+
+
 class GateFailed(SurgeonError):
     """A validation gate (max accuracy drop, max skew...) was not met."""
 

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import open_clip
+import torch
 
 from surgeon import __version__
 from surgeon.checkpoint import write_local_dir
-from surgeon.errors import InvalidInput
+from surgeon.errors import ExportFailed, InvalidInput
 from surgeon.load import LoadedModel
+from surgeon.pools import read_lines
 from surgeon.registry import Registry
 
 EXPORTERS: Registry = Registry("export format")
@@ -51,16 +58,219 @@ def export_safetensors(loaded: LoadedModel, plan: dict, validation: dict, folder
     return [target / "open_clip_config.json", target / "open_clip_model.safetensors"]
 
 
+class _Visual(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(pixel_values, normalize=True)
+
+
+class _Text(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_text(input_ids, normalize=True)
+
+
+class _Classifier(torch.nn.Module):
+    """pixels -> 100 * cosine similarity to baked zero-shot class embeddings (METHOD.md §4)."""
+
+    def __init__(self, model: torch.nn.Module, class_embeddings: torch.Tensor):
+        super().__init__()
+        self.model = model
+        self.register_buffer("class_embeddings", class_embeddings.float().T.contiguous())
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return 100.0 * self.model.encode_image(pixel_values, normalize=True) @ self.class_embeddings
+
+
+@dataclass(frozen=True)
+class OnnxGraph:
+    """One ONNX artifact: how to build it, its I/O names and how to make fresh inputs for validation."""
+
+    filename: str
+    module: torch.nn.Module
+    input_name: str
+    output_name: str
+    make_input: Callable[[int], torch.Tensor]
+
+
+def read_labels(path: Path) -> list[str]:
+    labels = read_lines(Path(path), "labels file")
+    duplicates = sorted({x for x in labels if labels.count(x) > 1})
+    if duplicates:
+        raise InvalidInput(f"labels file {path} repeats {', '.join(duplicates[:3])}")
+    return labels
+
+
+def _graphs(loaded: LoadedModel, labels: list[str] | None) -> list[OnnxGraph]:
+    model = loaded.model.eval()
+    size = (
+        tuple(loaded.preprocess_cfg["size"])
+        if not isinstance(loaded.preprocess_cfg["size"], int)
+        else ((loaded.preprocess_cfg["size"],) * 2)
+    )
+    device = loaded.device
+    gen = torch.Generator().manual_seed(1234)
+
+    def pixels(batch: int) -> torch.Tensor:
+        return torch.randn(batch, 3, *size, generator=gen).to(device)
+
+    words = ["a photo of a dog", "red", "a small striped star on the left", "the city of Paris at night"]
+
+    def tokens(batch: int) -> torch.Tensor:
+        return loaded.tokenizer([words[(i + batch) % len(words)] * (1 + i % 2) for i in range(batch)]).to(device)
+
+    graphs = [
+        OnnxGraph("visual.onnx", _Visual(model), "pixel_values", "image_embeds", pixels),
+        OnnxGraph("text.onnx", _Text(model), "input_ids", "text_embeds", tokens),
+    ]
+    if labels:
+        from surgeon.validate import DEFAULT_TEMPLATES
+        from surgeon.zeroshot import build_classifier
+
+        classes = build_classifier(model, loaded.tokenizer, labels, DEFAULT_TEMPLATES, device)
+        graphs.append(OnnxGraph("classifier.onnx", _Classifier(model, classes), "pixel_values", "logits", pixels))
+    return graphs
+
+
+def _export_graph(graph: OnnxGraph, path: Path, opset: int) -> None:
+    torch.onnx.export(
+        graph.module,
+        (graph.make_input(2),),
+        str(path),
+        input_names=[graph.input_name],
+        output_names=[graph.output_name],
+        opset_version=opset,
+        dynamo=False,
+        dynamic_axes={graph.input_name: {0: "batch"}, graph.output_name: {0: "batch"}},
+    )
+
+
+def check_onnx(graph: OnnxGraph, path: Path, atol: float) -> float:
+    """Compare the ONNX file with the PyTorch module on fresh inputs (another batch size than at export);
+    returns the max abs difference or raises ExportFailed."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    if [i.name for i in inputs] != [graph.input_name] or [o.name for o in outputs] != [graph.output_name]:
+        raise ExportFailed(
+            f"{path.name}: unexpected I/O names {[i.name for i in inputs]} -> {[o.name for o in outputs]}"
+        )
+    fresh = graph.make_input(3)
+    with torch.no_grad():
+        expected = graph.module(fresh).float().cpu().numpy()
+    got = session.run(None, {graph.input_name: fresh.cpu().numpy()})[0]
+    if got.shape != expected.shape:
+        raise ExportFailed(f"{path.name}: output shape {got.shape}, PyTorch gives {expected.shape}")
+    diff = float(np.abs(got - expected).max())
+    if not diff <= atol:
+        raise ExportFailed(
+            f"{path.name}: max abs difference {diff:.3g} exceeds the tolerance {atol:g}",
+            hint="investigate the graph, or loosen --atol if the difference is acceptable",
+        )
+    return diff
+
+
+@EXPORTERS.register("onnx")
+def export_onnx(
+    loaded: LoadedModel,
+    plan: dict,
+    validation: dict,
+    folder: Path,
+    labels: Path | None = None,
+    atol: float = 1e-4,
+    opset: int = 18,
+    **_options,
+) -> list[Path]:
+    """visual.onnx, text.onnx (and classifier.onnx with labels), each validated against PyTorch and
+    stamped with provenance, plus the preprocessing and tokenizer files a torch-free runtime needs."""
+    import onnx
+
+    if opset < 18:
+        raise InvalidInput("ONNX export needs opset >= 18")
+    label_list = read_labels(labels) if labels else None
+    target = folder / "onnx"
+    target.mkdir()
+    files = []
+    meta = provenance(loaded, plan, validation)
+    for graph in _graphs(loaded, label_list):
+        path = target / graph.filename
+        _export_graph(graph, path, opset)
+        diff = check_onnx(graph, path, atol)
+        proto = onnx.load(str(path))
+        extra = {"export_atol": str(atol), "export_max_abs_diff": f"{diff:.3e}", "artifact": graph.filename}
+        if graph.filename == "classifier.onnx":
+            extra["labels"] = json.dumps(label_list)
+        onnx.helper.set_model_props(proto, {**meta, **extra})
+        onnx.save(proto, str(path))
+        files.append(path)
+    pcfg = dict(loaded.preprocess_cfg)
+    (target / "preprocess.json").write_text(json.dumps(pcfg, indent=2), encoding="utf-8")
+    files.append(target / "preprocess.json")
+    files += _tokenizer_files(loaded, target)
+    if label_list:
+        (target / "labels.txt").write_text("\n".join(label_list) + "\n", encoding="utf-8")
+        files.append(target / "labels.txt")
+    return files
+
+
+def _tokenizer_files(loaded: LoadedModel, target: Path) -> list[Path]:
+    """open_clip's BPE vocabulary and settings, so serving needs no open_clip (other tokenizers: skipped)."""
+    from open_clip.tokenizer import SimpleTokenizer, default_bpe
+
+    if not isinstance(loaded.tokenizer, SimpleTokenizer):
+        return []
+    vocab = Path(default_bpe())
+    shutil.copy(vocab, target / vocab.name)
+    spec = {"type": "clip-bpe", "context_length": loaded.tokenizer.context_length, "vocab_file": vocab.name}
+    (target / "tokenizer.json").write_text(json.dumps(spec, indent=2), encoding="utf-8")
+    return [target / "tokenizer.json", target / vocab.name]
+
+
 def export_run(
     loaded: LoadedModel, plan: dict, validation: dict, folder: Path, formats: list[str], **options
 ) -> list[Path]:
     """Write every requested format into `folder` (a temporary run folder renamed by the caller)."""
     if not formats:
         raise InvalidInput("no export format given")
-    from surgeon.load import weights_hash
-
-    loaded.weights_hash = weights_hash(loaded.model)
+    exporters = [EXPORTERS.get(name) for name in dict.fromkeys(formats)]  # unknown formats fail before any work
     files: list[Path] = []
-    for name in formats:
-        files += EXPORTERS.get(name)(loaded, plan, validation, folder, **options)
+    for exporter in exporters:
+        files += exporter(loaded, plan, validation, folder, **options)
+    write_card(loaded, plan, validation, folder, files)
     return files
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_card(loaded: LoadedModel, plan: dict, validation: dict, folder: Path, files: list[Path]) -> None:
+    """README.md (Hugging Face model card) and surgery.json (same facts, machine-readable, with hashes)."""
+    from surgeon.card import model_card
+
+    (folder / "README.md").write_text(model_card(loaded, plan, validation, folder), encoding="utf-8")
+    hashes = {
+        str(p.relative_to(folder)): sha256_file(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != "surgery.json"
+    }
+    surgery = {
+        "schema": "surgeon.surgery/1",
+        "provenance": provenance(loaded, plan, validation),
+        "plan": plan,
+        "validation": {k: validation[k]["summary"] for k in ("before", "after") if k in validation},
+        "artifacts": [str(p.relative_to(folder)) for p in files],
+        "sha256": hashes,
+    }
+    (folder / "surgery.json").write_text(json.dumps(surgery, indent=2), encoding="utf-8")

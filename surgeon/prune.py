@@ -12,7 +12,7 @@ from surgeon import __version__
 from surgeon.decompose import head_means
 from surgeon.errors import InvalidInput
 from surgeon.images import ImageSet
-from surgeon.load import LoadedModel
+from surgeon.load import LoadedModel, weights_hash
 from surgeon.paths import atomic_dir
 from surgeon.policies import POLICIES, PolicyOptions, Selection
 from surgeon.rank import Ranking
@@ -89,6 +89,7 @@ def prune(
             )
 
     record = apply_surgery(loaded.model, SurgeryRequest(selection.heads, mode, tower, means))
+    loaded.weights_hash = weights_hash(loaded.model)
     after = validate(loaded, suite)
     before.update(model=loaded.identity)
     failures = gates.check(before, after)

@@ -155,7 +155,7 @@ def remove_heads(blocks: nn.ModuleList, heads: Iterable[HeadRef]) -> dict[int, l
         new.in_proj_bias.copy_(torch.cat(biases))
         new.out_proj.weight.copy_(p.wo[:, rows])
         new.out_proj.bias.copy_(p.bo if p.bo is not None else torch.zeros_like(new.out_proj.bias))
-        block.attn = new.to(p.wo.device, p.wo.dtype)
+        block.attn = new.to(p.wo.device, p.wo.dtype).train(block.attn.training)
         kept_by_layer[layer] = kept
     return kept_by_layer
 

@@ -35,12 +35,9 @@ from surgeon.errors import CorruptInput, InvalidInput, NotFound, PermissionDenie
 from surgeon.judges.base import JUDGES, HeadJudgement, Judge, JudgeContext
 
 LABEL_PROMPT = (
-    "What is the common characteristic in the following quoted lines? "
-    "Provide a one-word response without punctuation."
+    "What is the common characteristic in the following quoted lines? Provide a one-word response without punctuation."
 )
-JUDGE_PROMPT = (
-    "Rate the association of the property label to the text. 1 if associated and 0 if not associated."
-)
+JUDGE_PROMPT = "Rate the association of the property label to the text. 1 if associated and 0 if not associated."
 
 # In-context examples: (texts, label) for labelling, (label, text, digit) for judging.
 LABEL_EXAMPLES: tuple[tuple[tuple[str, ...], str], ...] = (
@@ -134,8 +131,7 @@ class LLMJudge:
             return HeadJudgement(label="", verdicts=())
         label = _most_common([self._ask(m, label_messages(texts), parse_label) for m in self.models])
         verdicts = tuple(
-            2 * sum(self._ask(m, judge_messages(label, t), parse_verdict) for m in self.models)
-            > len(self.models)
+            2 * sum(self._ask(m, judge_messages(label, t), parse_verdict) for m in self.models) > len(self.models)
             for t in texts
         )
         return HeadJudgement(label=label, verdicts=verdicts)
@@ -268,9 +264,7 @@ def make_llm_judge(ctx: JudgeContext) -> Judge:
         raise InvalidInput(f"LLM URL must be http(s): {ctx.llm_url!r}", hint="e.g. http://127.0.0.1:8000/v1")
     models = tuple(m.strip() for m in ctx.llm_models if m.strip())
     if not models:
-        raise InvalidInput(
-            "the llm judge needs at least one model name", hint="e.g. gpt-4o or the served model"
-        )
+        raise InvalidInput("the llm judge needs at least one model name", hint="e.g. gpt-4o or the served model")
     if ctx.llm_timeout_s <= 0:
         raise InvalidInput(f"LLM timeout must be positive, got {ctx.llm_timeout_s}")
     api_key = os.environ.get(ctx.llm_key_env) if ctx.llm_key_env else None

@@ -1,0 +1,164 @@
+"""The prune pipeline and exports on a tiny real open_clip model: run folder, gates, ONNX parity, card."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from surgeon.errors import ExportFailed, InvalidInput, PreconditionFailed
+from surgeon.images import folder_images
+from surgeon.load import load_model
+from surgeon.policies import PolicyOptions
+from surgeon.pools import TextPool
+from surgeon.prune import prune
+from surgeon.rank import rank_heads
+from surgeon.validate import BiasSet, ClassificationSet, Gates, ValidationSuite
+
+TAXONOMY = {
+    "version": 1,
+    "concepts": {
+        "colors": {"description": "", "terms": ["red", "blue", "green"], "priority": 0},
+        "animals": {"description": "", "terms": ["dog", "cat", "bird"], "priority": 0},
+    },
+}
+
+
+def synthetic_suite(seed: int = 0) -> ValidationSuite:
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 255, (40, 32, 32, 3), dtype=np.uint8)
+    task = ClassificationSet(
+        "synthetic/colors", ["red", "blue", "green", "dog"], ["a {}", "a photo of a {}"], images, rng.integers(0, 4, 40)
+    )
+    bias = BiasSet(
+        "synthetic/bias",
+        images[:30],
+        np.arange(30) % 2,
+        ["a", "b"],
+        {"star": ["a star"], "dog": ["a dog", "a photo of a dog"]},
+        k=10,
+    )
+    return ValidationSuite([task], bias, "test")
+
+
+@pytest.fixture
+def setup(tiny_default_dir, image_folder):
+    loaded = load_model(f"local-dir:{tiny_default_dir}", device="cpu")
+    pool = TextPool("t", ("a red dog", "a blue cat", "green bird", "a red cat", "a dog", "blue", "a bird"), TAXONOMY)
+    ranking = rank_heads(loaded, folder_images(image_folder), pool, layers="1-2", m=3, quiet=True)
+    return loaded, ranking
+
+
+def test_prune_writes_run_folder_and_onnx_matches(setup, tmp_path, tiny_default_dir):
+    loaded, ranking = setup
+    out = tmp_path / "run"
+    result = prune(
+        loaded,
+        ranking,
+        synthetic_suite(),
+        "top-k",
+        PolicyOptions(k=2),
+        mode="hard",
+        out_dir=out,
+        exporters=["safetensors", "onnx"],
+        export_options={"labels": None, "atol": 1e-4},
+    )
+    assert result.exported and not result.gate_failures
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["policy"] == "top-k" and len(plan["heads"]) == 2 and plan["mode"] == "hard"
+    assert plan["heads"][0]["reason"] and plan["ranking_sha256"] == ranking.digest()
+    validation = json.loads((out / "validation.json").read_text())
+    assert {r["task"] for r in validation["after"]["results"]} == {"zeroshot_classification", "bias"}
+    assert "max_skew@10" in validation["before"]["summary"]
+    # safetensors: reloads (hard layout from the config) and matches the pruned model exactly
+    reloaded = load_model(f"local-dir:{out / 'model'}", device="cpu")
+    pixels = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        expected = loaded.model.encode_image(pixels, normalize=True)
+        got_reloaded = reloaded.model.encode_image(pixels, normalize=True)
+    pruned_state = loaded.model.state_dict()
+    assert all(torch.equal(v, pruned_state[k]) for k, v in reloaded.model.state_dict().items())
+    assert (got_reloaded - expected).abs().max() <= 1e-6
+    # onnx: self-contained, dynamic batch, provenance in metadata, parity with torch
+    session = ort.InferenceSession(str(out / "onnx" / "visual.onnx"))
+    got = session.run(None, {"pixel_values": pixels.numpy()})[0]
+    assert np.abs(got - expected.numpy()).max() <= 1e-4
+    props = {p.key: p.value for p in onnx.load(str(out / "onnx" / "visual.onnx")).metadata_props}
+    assert json.loads(props["plan"])["mode"] == "hard" and float(props["export_max_abs_diff"]) <= 1e-4
+    assert props["base_weights_sha256"] == ranking.model["weights_sha256"] != props["pruned_weights_sha256"]
+    # model card and surgery.json with hashes of every file
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: open_clip") and "attention-head-pruning" in card
+    surgery = json.loads((out / "surgery.json").read_text())
+    assert "onnx/visual.onnx" in surgery["sha256"] and "README.md" in surgery["sha256"]
+
+
+def test_zero_pruned_checkpoint_loads_in_plain_open_clip(setup, tmp_path):
+    import open_clip
+
+    loaded, ranking = setup
+    out = tmp_path / "run"
+    prune(loaded, ranking, synthetic_suite(), "heads", PolicyOptions(heads="L1.H2,L2.H0"), out_dir=out)
+    plain, _, _ = open_clip.create_model_and_transforms(f"local-dir:{out / 'model'}")
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(plain.eval().encode_image(pixels), loaded.model.encode_image(pixels))
+
+
+def test_gate_failure_skips_export_unless_forced(setup, tmp_path):
+    loaded, ranking = setup
+    result = prune(
+        loaded,
+        ranking,
+        synthetic_suite(),
+        "top-k",
+        PolicyOptions(k=4),
+        gates=Gates(max_skew=-1.0),
+        out_dir=tmp_path / "gated",
+    )
+    assert result.gate_failures and "max-skew" in result.gate_failures[0]
+    assert not (tmp_path / "gated" / "model").exists()
+    assert "FAILED" in (tmp_path / "gated" / "report.md").read_text()
+
+
+def test_failed_onnx_check_leaves_nothing(setup, tmp_path):
+    loaded, ranking = setup
+    with pytest.raises(ExportFailed, match="exceeds the tolerance"):
+        prune(
+            loaded,
+            ranking,
+            synthetic_suite(),
+            "top-k",
+            PolicyOptions(k=1),
+            out_dir=tmp_path / "strict",
+            exporters=["safetensors", "onnx"],
+            export_options={"atol": 0.0},
+        )
+    assert not (tmp_path / "strict").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".strict")]
+
+
+def test_ranking_of_another_model_and_bad_labels(setup, tmp_path, tiny_model_dir):
+    loaded, ranking = setup
+    other = load_model(f"local-dir:{tiny_model_dir}", device="cpu")
+    if other.weights_hash != loaded.weights_hash:
+        with pytest.raises(PreconditionFailed, match="ranking was made for"):
+            prune(other, ranking, synthetic_suite(), "top-k", PolicyOptions(k=1), out_dir=tmp_path / "x")
+    labels = tmp_path / "labels.txt"
+    labels.write_text("cat\ndog\ncat\n")
+    with pytest.raises(InvalidInput, match="repeats cat"):
+        prune(
+            loaded,
+            ranking,
+            synthetic_suite(),
+            "top-k",
+            PolicyOptions(k=1),
+            out_dir=tmp_path / "y",
+            exporters=["safetensors", "onnx"],
+            export_options={"labels": labels},
+        )
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
