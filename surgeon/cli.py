@@ -199,9 +199,9 @@ def prune(
     from surgeon.validate import Gates
 
     POLICIES.get(policy), SURGERIES.get(mode)  # fail before any heavy work
-    formats = {"safetensors": ["safetensors"], "onnx": ["safetensors", "onnx"], "both": ["safetensors", "onnx"]}
-    if export not in formats:
+    if export not in EXPORT_FORMATS:
         raise InvalidInput(f"unknown export format {export!r}", hint="choose safetensors, onnx or both")
+    formats = sorted({"safetensors", *EXPORT_FORMATS[export]}, reverse=True)  # the checkpoint always travels
     loaded = load_model(model, pretrained, device)
     suite = _suite(data, classnames, templates, bias_data, queries, skew_k, desired)
     ranked = _ranking_for(loaded, ranking, images, n_images, texts, judge, layers, quiet)
@@ -230,7 +230,7 @@ def prune(
         seeds=seeds,
         export_anyway=export_anyway,
         force=force,
-        exporters=formats[export],
+        exporters=formats,
         export_options={"labels": labels, "atol": atol},
     )
     table = Table(title=f"pruned {len(result.plan['heads'])} head(s): policy {policy}, mode {mode}")
@@ -350,6 +350,36 @@ def sweep(
         table.add_row(name, *[f"{100 * p['mean_acc1']:.1f}" for p in points])
     out.print(table)
     out.print(f"wrote {target}/sweep.json and sweep.png")
+
+
+EXPORT_FORMATS = {"safetensors": ["safetensors"], "onnx": ["onnx"], "both": ["safetensors", "onnx"]}
+
+
+@app.command("export")
+def export_command(
+    run_dir: Annotated[Path, typer.Argument(help="a run folder written by `surgeon prune`")],
+    export_format: Annotated[str, typer.Option("--format", help="safetensors, onnx or both")] = "onnx",
+    labels: Annotated[Path | None, typer.Option(help="class names for classifier.onnx")] = None,
+    atol: Annotated[float, typer.Option(help="ONNX parity tolerance (max abs difference)")] = 1e-4,
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="output folder (default: RUN_DIR/export-FORMAT)")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="replace an existing output folder")] = False,
+    device: DeviceOpt = None,
+) -> None:
+    """Export the pruned checkpoint of a run folder again (ONNX, safetensors), validated and with a card."""
+    from surgeon.errors import InvalidInput
+    from surgeon.export import export_existing_run
+
+    if export_format not in EXPORT_FORMATS:
+        raise InvalidInput(f"unknown export format {export_format!r}", hint="choose safetensors, onnx or both")
+    target = out_dir or run_dir / f"export-{export_format}"
+    files = export_existing_run(
+        run_dir, EXPORT_FORMATS[export_format], target, force=force, device=device, labels=labels, atol=atol
+    )
+    for path in files:
+        out.print(str(path))
+    out.print(f"exported {len(files)} file(s) into {target} (README.md and surgery.json describe them)")
 
 
 @app.command()

@@ -274,3 +274,42 @@ def write_card(loaded: LoadedModel, plan: dict, validation: dict, folder: Path, 
         "sha256": hashes,
     }
     (folder / "surgery.json").write_text(json.dumps(surgery, indent=2), encoding="utf-8")
+
+
+def export_existing_run(
+    run_dir: Path, formats: list[str], out_dir: Path, force: bool = False, device: str | None = None, **options
+) -> list[Path]:
+    """Re-export the pruned checkpoint of a `surgeon prune` run folder (e.g. to ONNX, with new labels)."""
+    from surgeon.errors import CorruptInput, NotFound, PreconditionFailed
+    from surgeon.load import load_model
+    from surgeon.paths import atomic_dir
+    from surgeon.prune import PLAN_SCHEMA
+
+    if not run_dir.is_dir():
+        raise NotFound(f"run folder not found: {run_dir}")
+    missing = [
+        n for n in ("plan.json", "validation.json", "model/open_clip_config.json") if not (run_dir / n).is_file()
+    ]
+    if missing:
+        raise PreconditionFailed(
+            f"{run_dir} is not a complete surgeon run folder (missing {', '.join(missing)})",
+            hint="export a folder written by `surgeon prune` whose export was not skipped",
+        )
+    try:
+        plan = json.loads((run_dir / "plan.json").read_text(encoding="utf-8"))
+        validation = json.loads((run_dir / "validation.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CorruptInput(f"corrupt run folder {run_dir}: {err}") from None
+    if plan.get("schema") != PLAN_SCHEMA:
+        raise PreconditionFailed(
+            f"{run_dir} was written by another surgeon version (plan schema "
+            f"{plan.get('schema')!r}, this version reads {PLAN_SCHEMA})"
+        )
+    for name in dict.fromkeys(formats):
+        EXPORTERS.get(name)  # unknown formats fail before the model is loaded
+    loaded = load_model(f"local-dir:{run_dir / 'model'}", device=device)
+    with atomic_dir(out_dir, force=force) as tmp:
+        for name in ("plan.json", "validation.json"):
+            shutil.copy(run_dir / name, tmp / name)
+        files = export_run(loaded, plan, validation, tmp, formats, **options)
+    return [out_dir / p.relative_to(tmp) for p in files]
