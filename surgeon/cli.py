@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from surgeon.errors import SurgeonError
+from surgeon.runtime.cli import infer
 
 app = typer.Typer(
     help="Rank, prune, validate and export CLIP attention heads.",
@@ -19,6 +20,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+app.command()(infer)  # torch-free: the onnxruntime serving path
 toy_app = typer.Typer(help="The embedded toy world and its bundled CLIP.", no_args_is_help=True)
 app.add_typer(toy_app, name="toy")
 out = Console()
@@ -54,17 +56,22 @@ def rank(
     ] = None,
     force: Annotated[bool, typer.Option(help="replace an existing --out folder")] = False,
     no_cache: Annotated[bool, typer.Option(help="recompute statistics even when cached")] = False,
+    checkpoint_every: Annotated[
+        int | None, typer.Option(help="checkpoint statistics every N batches (resumable after interruption)")
+    ] = None,
     device: DeviceOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Rank the vision heads by Concept Consistency Score; writes ranking.json/.csv and ccs_heatmap.png."""
+    """Rank the vision heads by Concept Consistency Score; writes ranking.json/.csv and ccs_heatmap.png.
+    Under `torchrun --nproc-per-node N -m surgeon rank ...` the images are sharded over the ranks."""
+    from surgeon.distributed import device_for, world
     from surgeon.images import resolve_images
     from surgeon.load import load_model
     from surgeon.paths import new_run_dir
     from surgeon.pools import load_pool
     from surgeon.rank import rank_heads
 
-    loaded = load_model(model, pretrained, device)
+    loaded = load_model(model, pretrained, device_for(world(), device))
     pool = load_pool(texts, loaded.is_toy, taxonomy)
     image_set = resolve_images(images, n_images)
     llm = {"llm_url": llm_url, "llm_models": tuple(llm_model or ()), "llm_key_env": llm_key_env}
@@ -80,7 +87,10 @@ def rank(
         quiet=quiet,
         use_cache=not no_cache,
         llm_options=llm if judge == "llm" else None,
+        checkpoint_every=checkpoint_every,
     )
+    if ranking is None:  # a non-zero torchrun rank: rank 0 writes the outputs
+        return
     if image_set.skipped:
         err.print(
             f"[yellow]warning:[/] skipped {len(image_set.skipped)} unreadable image(s), e.g. {image_set.skipped[0]}",

@@ -1,13 +1,18 @@
-"""Stage 2: stream images through the tower once and accumulate per-head statistics, cached on disk
-under a key of (weights, image set, preprocessing, layers), so a second ranking with another pool or
-judge skips the forward passes."""
+"""Stage 2: stream images through the tower once and accumulate per-head statistics.
+
+Results are cached on disk under a key of (weights, image set, preprocessing, layers), so a second ranking
+with another pool or judge skips the forward passes. Under torchrun each rank takes a contiguous shard and
+one all-reduce merges them. Progress is checkpointed per shard every N batches, so an interrupted run
+resumes without recomputing finished batches."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 from surgeon.decompose import check_supported, decompose, vision_layout
+from surgeon.distributed import World, agree, all_reduce, shard, world
 from surgeon.errors import InvalidInput
 from surgeon.images import ImageSet
 from surgeon.load import LoadedModel
@@ -29,6 +34,15 @@ def stats_key(loaded: LoadedModel, images: ImageSet, layers: tuple[int, ...]) ->
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
+def empty_stats(loaded: LoadedModel, layers: tuple[int, ...]) -> HeadStats:
+    visual = loaded.model.visual
+    check_supported(visual)
+    _, heads = vision_layout(visual)
+    if len({heads[i] for i in layers}) != 1:
+        raise InvalidInput("layers with different head counts cannot be analysed together")
+    return HeadStats.empty(layers, heads[layers[0]], loaded.embed_dim, device=loaded.device)
+
+
 def accumulate(
     loaded: LoadedModel,
     images: ImageSet,
@@ -37,20 +51,29 @@ def accumulate(
     quiet: bool = False,
     start: int = 0,
     stop: int | None = None,
+    stats: HeadStats | None = None,
+    on_chunk=None,
+    chunk_batches: int | None = None,
 ) -> HeadStats:
-    """Statistics of images [start, stop) — no caching; shards of one set merge into the whole."""
+    """Add images [start, stop) to `stats` (new when None). With `chunk_batches`, `on_chunk(stats, next_index)`
+    runs after every that many batches (checkpointing)."""
     visual = loaded.model.visual
-    check_supported(visual)
-    _, heads = vision_layout(visual)
-    if len({heads[i] for i in layers}) != 1:
-        raise InvalidInput("layers with different head counts cannot be analysed together")
-    stats = HeadStats.empty(layers, heads[layers[0]], loaded.embed_dim, device=loaded.device)
+    stats = stats if stats is not None else empty_stats(loaded, layers)
     stop = images.count if stop is None else stop
+    chunk = (chunk_batches or 0) * batch_size or (stop - start)
     with progress_bar("head statistics", stop - start, quiet) as advance:
-        for batch in images.batches(loaded.preprocess, batch_size, start, stop):
-            stats.update(decompose(visual, batch.to(loaded.device), layers).heads)
-            advance(batch.shape[0])
+        for chunk_start in range(start, stop, max(chunk, 1)):
+            chunk_stop = min(chunk_start + chunk, stop)
+            for batch in images.batches(loaded.preprocess, batch_size, chunk_start, chunk_stop):
+                stats.update(decompose(visual, batch.to(loaded.device), layers).heads)
+            advance(chunk_stop - chunk_start)
+            if on_chunk is not None:
+                on_chunk(stats, chunk_stop)
     return stats
+
+
+def _partial_path(key: str, w: World) -> Path:
+    return cache_dir() / "partial" / f"{key}-rank{w.rank}of{w.size}.safetensors"
 
 
 def collect_stats(
@@ -60,17 +83,43 @@ def collect_stats(
     batch_size: int = 64,
     quiet: bool = False,
     use_cache: bool = True,
+    checkpoint_every: int | None = None,
 ) -> tuple[HeadStats, bool]:
-    """(statistics, whether they came from the cache)."""
-    path = cache_dir() / "stats" / f"{stats_key(loaded, images, layers)}.safetensors"
-    if use_cache and path.is_file():
-        return HeadStats.load(path), True
-    stats = accumulate(loaded, images, layers, batch_size, quiet)
+    """(statistics over the whole image set, whether they came from the cache). Every rank returns the total."""
+    w = world()
+    key = stats_key(loaded, images, layers)
+    path = cache_dir() / "stats" / f"{key}.safetensors"
+    if use_cache and agree(path.is_file(), w):
+        return HeadStats.load(path).to(loaded.device), True
+    start, stop = shard(images.count, w)
+    partial = _partial_path(key, w)
+    stats, resume_at = None, start
+    if checkpoint_every and partial.is_file():
+        saved = HeadStats.load(partial)
+        stats, resume_at = saved.to(loaded.device), int(saved.meta.get("next", start))
+
+    def checkpoint(current: HeadStats, next_index: int) -> None:
+        current.save(partial, {"next": next_index, "shard": [start, stop]})
+
+    stats = accumulate(
+        loaded,
+        images,
+        layers,
+        batch_size,
+        quiet or not w.is_main,
+        resume_at,
+        stop,
+        stats,
+        checkpoint if checkpoint_every else None,
+        checkpoint_every,
+    )
+    stats = all_reduce(stats, w)
     if stats.count < 2:
         raise InvalidInput(
             f"only {stats.count} readable image(s) in {images.description} ({len(images.skipped)} unreadable)",
             hint="ranking needs at least 2 readable images",
         )
-    if use_cache:
+    if use_cache and w.is_main:
         stats.save(path, {"images": images.identity, "model": loaded.identity})
+    partial.unlink(missing_ok=True)
     return stats, False

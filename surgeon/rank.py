@@ -13,6 +13,7 @@ from pathlib import Path
 from surgeon import __version__
 from surgeon.collect import collect_stats
 from surgeon.decompose import parse_layers, vision_layout
+from surgeon.distributed import world
 from surgeon.errors import CorruptInput, InvalidInput, NotFound, PreconditionFailed
 from surgeon.images import ImageSet
 from surgeon.judges.base import JUDGES, JudgeContext
@@ -129,8 +130,10 @@ def rank_heads(
     quiet: bool = False,
     use_cache: bool = True,
     llm_options: dict | None = None,
-) -> Ranking:
-    """The library function behind `surgeon rank` and the RankHeads RPC."""
+    checkpoint_every: int | None = None,
+) -> Ranking | None:
+    """The library function behind `surgeon rank` and the RankHeads RPC. Under torchrun every rank collects
+    its shard of the statistics; rank 0 runs TextSpan and the judge and returns the ranking, the others None."""
     if m <= 0:
         raise InvalidInput(f"m (texts per head) must be positive, got {m}")
     if m > len(pool.lines):
@@ -140,7 +143,17 @@ def rank_heads(
     judge_impl = make_judge(judge, loaded, pool, **(llm_options or {}))  # fail fast on a bad judge
     n_layers, heads_per_layer = vision_layout(loaded.model.visual)
     chosen = parse_layers(layers, n_layers)
-    stats, cached = collect_stats(loaded, images, chosen, batch_size=batch_size, quiet=quiet, use_cache=use_cache)
+    stats, cached = collect_stats(
+        loaded,
+        images,
+        chosen,
+        batch_size=batch_size,
+        quiet=quiet,
+        use_cache=use_cache,
+        checkpoint_every=checkpoint_every,
+    )
+    if not world().is_main:
+        return None
     texts = loaded.encode_text(list(pool.lines)).double()
     spans = textspan_all(stats, texts, m=m, rank=rank)
     variance = stats.covariance().diagonal(dim1=-2, dim2=-1).sum(-1) / stats.count

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,6 +26,7 @@ class HeadStats:
     count: int
     total: torch.Tensor  # (len(layers), H, D) float64
     outer: torch.Tensor  # (len(layers), H, D, D) float64
+    meta: dict = field(default_factory=dict, compare=False)  # what the file said about itself (e.g. resume point)
 
     @classmethod
     def empty(cls, layers: tuple[int, ...], n_heads: int, dim: int, device: torch.device | str = "cpu") -> HeadStats:
@@ -62,6 +63,9 @@ class HeadStats:
             self.total + other.total.to(self.total.device),
             self.outer + other.outer.to(self.outer.device),
         )
+
+    def to(self, device: torch.device | str) -> HeadStats:
+        return HeadStats(self.layers, self.count, self.total.to(device), self.outer.to(device), self.meta)
 
     def mean(self) -> torch.Tensor:
         return self.total / max(self.count, 1)
@@ -101,6 +105,12 @@ class HeadStats:
             tensors = load_file(str(path))
             if header.get("format") != STATS_FORMAT:
                 raise CorruptInput(f"{path} is not a surgeon statistics file")
-            return cls(tuple(json.loads(header["layers"])), int(header["count"]), tensors["total"], tensors["outer"])
+            return cls(
+                tuple(json.loads(header["layers"])),
+                int(header["count"]),
+                tensors["total"],
+                tensors["outer"],
+                json.loads(header.get("meta", "{}")),
+            )
         except (SafetensorError, OSError, KeyError, ValueError) as err:
             raise CorruptInput(f"corrupt statistics file {path}: {err}") from None
