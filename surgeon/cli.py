@@ -45,7 +45,7 @@ def rank(
     taxonomy: Annotated[str | None, typer.Option(help="concept taxonomy JSON for the lexicon judge")] = None,
     judge: Annotated[str, typer.Option(help="lexicon, embedding or llm")] = "lexicon",
     layers: Annotated[str | None, typer.Option(help="e.g. 8-11, 3,5, last4 (default) or all")] = None,
-    m: Annotated[int, typer.Option("--m", help="texts per head")] = 5,
+    m: Annotated[int, typer.Option("--texts-per-head", "--m", help="texts per head (m)")] = 5,
     span_rank: Annotated[int, typer.Option("--rank", help="TextSpan projection rank")] = 80,
     batch_size: Annotated[int, typer.Option(help="images per forward pass")] = 64,
     llm_url: Annotated[str | None, typer.Option(help="OpenAI-compatible endpoint for --judge llm")] = None,

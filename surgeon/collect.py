@@ -91,7 +91,7 @@ def collect_stats(
     path = cache_dir() / "stats" / f"{key}.safetensors"
     if use_cache and agree(path.is_file(), w):
         return HeadStats.load(path).to(loaded.device), True
-    start, stop = shard(images.count, w)
+    start, stop = shard(images.count, w, batch_size)
     partial = _partial_path(key, w)
     stats, resume_at = None, start
     if checkpoint_every and partial.is_file():

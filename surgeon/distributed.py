@@ -46,11 +46,14 @@ def device_for(w: World, requested: str | None) -> str | None:
     return requested
 
 
-def shard(count: int, w: World) -> tuple[int, int]:
-    """Contiguous [start, stop) of `count` items for this rank; sizes differ by at most one."""
-    base, extra = divmod(count, w.size)
-    start = w.rank * base + min(w.rank, extra)
-    return start, start + base + (1 if w.rank < extra else 0)
+def shard(count: int, w: World, batch_size: int = 1) -> tuple[int, int]:
+    """Contiguous [start, stop) of `count` items for this rank, cut at batch boundaries: every image is
+    embedded in the same batch as in a single-process run, so results agree to float64 summation order."""
+    n_batches = -(-count // batch_size)
+    base, extra = divmod(n_batches, w.size)
+    first = w.rank * base + min(w.rank, extra)
+    last = first + base + (1 if w.rank < extra else 0)
+    return min(first * batch_size, count), min(last * batch_size, count)
 
 
 def all_reduce(stats: HeadStats, w: World) -> HeadStats:
