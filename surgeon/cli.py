@@ -392,6 +392,86 @@ def export_command(
     out.print(f"exported {len(files)} file(s) into {target} (README.md and surgery.json describe them)")
 
 
+@toy_app.command("train")
+def toy_train(
+    out_dir: Annotated[Path | None, typer.Option("--out", help="model folder (default: the bundled model's)")] = None,
+    steps: Annotated[int | None, typer.Option(help="optimizer steps (default: the shipped recipe)")] = None,
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: all cores)")] = None,
+    force: Annotated[bool, typer.Option(help="replace an existing model folder")] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train the toy CLIP on the toy world (seeded, reproducible); writes an open_clip local-dir folder."""
+    import dataclasses
+
+    import torch
+
+    from surgeon.load import TOY_MODEL_DIR
+    from surgeon.progress import progress_enabled
+    from surgeon.toy.train import TrainConfig, train
+
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = TrainConfig(seed=seed)
+    if steps is not None:
+        cfg = dataclasses.replace(cfg, steps=steps)
+    result = train(cfg, out_dir or TOY_MODEL_DIR, force=force, progress=progress_enabled(quiet))
+    out.print({k: v for k, v in result.items() if k != "history"})
+
+
+@toy_app.command("report")
+def toy_report_command(
+    model: ModelOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+    device: DeviceOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Per-factor accuracy, MaxSkew@10, specialised heads (trained vs random init), ground-truth agreement."""
+    import json
+
+    from surgeon.load import load_model
+    from surgeon.toy.report import toy_report
+
+    report = toy_report(load_model(model, device=device), quiet=quiet)
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    table = Table(title=f"toy report — {report['model']}")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    table.add_column("target")
+    for factor, acc in report["zero_shot_acc1"].items():
+        table.add_row(f"zero-shot top-1: {factor}", f"{100 * acc:.1f}%", ">= 85%")
+    table.add_row("MaxSkew@10 (mean over neutral queries)", f"{report['max_skew@10']:.3f}", ">= 0.3")
+    heads = report["heads_ccs>=4"]
+    table.add_row("heads with CCS >= 4 (trained)", f"{heads['trained']} / {heads['analysed']}", ">= 6")
+    table.add_row("heads with CCS >= 4 (random init)", f"{heads['random_init']} / {heads['analysed']}", "far fewer")
+    agree = report["ground_truth_agreement"]
+    for key in ("ccs>=4", "ccs<4"):
+        value = "n/a" if agree[key] is None else f"{100 * agree[key]:.0f}% of {agree['n_' + key]}"
+        table.add_row(f"label = ground-truth factor ({key})", value, ">= 80%" if key == "ccs>=4" else "")
+    out.print(table)
+    out.print("targets met: " + ", ".join(f"{k}={'yes' if v else 'NO'}" for k, v in report["met"].items()))
+
+
+@toy_app.command("images")
+def toy_images_command(
+    out_dir: Annotated[Path, typer.Option("--out", help="folder to write PNGs and labels.csv into")],
+    n: Annotated[int, typer.Option(help="number of images")] = 64,
+    split: Annotated[str, typer.Option(help="train, test, val or probe")] = "test",
+    seed: Annotated[int, typer.Option(help="seed")] = 0,
+    force: Annotated[bool, typer.Option(help="replace an existing folder")] = False,
+) -> None:
+    """Write toy-world images as PNGs with a labels.csv, to look at the world."""
+    from surgeon.errors import InvalidInput
+    from surgeon.toy import world
+
+    if n <= 0:
+        raise InvalidInput(f"--n must be positive, got {n}")
+    folder = world.write_png_folder(out_dir, n, split=split, seed=seed, force=force)
+    out.print(f"wrote {n} images and labels.csv to {folder}")
+
+
 @app.command()
 def models() -> None:
     """List the open_clip architectures surgeon can load (weights come from local files or the hub cache)."""

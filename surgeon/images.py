@@ -95,11 +95,12 @@ def folder_images(folder: Path, limit: int | None = None) -> ImageSet:
     return ImageSet(f"folder:{digest.hexdigest()[:24]}", str(folder), len(paths), lambda i: open_image(paths[i]))
 
 
-def toy_images(n: int, split: str = "test", seed: int = 0) -> ImageSet:
+def toy_images(n: int, split: str = "val", seed: int = 0) -> ImageSet:
+    """Toy-world images (held-out 'val' split by default: validation uses 'test'); identity = pixel hash."""
     from surgeon.toy import world
 
     arrays = world.images_for_ranking(n, split=split, seed=seed)
-    identity = f"toy:{world.WORLD_VERSION}:{split}:{seed}:{n}"
+    identity = f"toy:{split}:{hashlib.sha256(arrays.tobytes()).hexdigest()[:24]}"
     return ImageSet(identity, f"toy world ({split}, {n} images)", len(arrays), lambda i: Image.fromarray(arrays[i]))
 
 
