@@ -66,26 +66,43 @@ def check_supported(visual: nn.Module) -> None:
             raise InvalidInput(f"block {i} normalises across heads (scale_attn/inner_norm): not decomposable")
 
 
+def _plain_dot_product(attn: nn.Module) -> bool:
+    """Scaled dot-product attention without q/k normalisation: keys and values can be folded (below)."""
+    return getattr(attn, "logit_scale", None) is None and all(
+        isinstance(getattr(attn, name, nn.Identity()), nn.Identity) for name in ("ln_q", "ln_k")
+    )
+
+
 def head_z(block: nn.Module, attn_in: torch.Tensor) -> torch.Tensor:
-    """Each head's attention-weighted values at the CLS query, before out_proj: (B, H, head_dim)."""
+    """Each head's attention-weighted values at the CLS query, before out_proj: (B, H, head_dim).
+
+    For plain dot-product attention the keys and values of all tokens are never formed: the logit of token t
+    is (W_K,h^T q_h) . x_t (the key bias shifts every logit equally and cancels in the softmax), and since the
+    weights sum to one, z_h = (sum_t a_t x_t) W_V,h^T + b_V,h. That is head_dim times cheaper than
+    recomputing K and V, which keeps statistics collection close to plain encode_image speed."""
     p = AttentionParams.of(block.attn)
     a = attn_in.float()
     batch, tokens, _ = a.shape
     h, d = p.n_heads, p.head_dim
-    q = F.linear(a[:, :1], p.wq.float(), None if p.bq is None else p.bq.float())
-    k = F.linear(a, p.wk.float(), None if p.bk is None else p.bk.float())
-    v = F.linear(a, p.wv.float(), None if p.bv is None else p.bv.float())
-    q = q.view(batch, 1, h, d).transpose(1, 2)
-    k = k.view(batch, tokens, h, d).transpose(1, 2)
-    v = v.view(batch, tokens, h, d).transpose(1, 2)
     attn = p.module
-    if getattr(attn, "logit_scale", None) is not None:
-        scale = torch.clamp(attn.logit_scale.float(), max=attn.logit_scale_max).exp()
-        logits = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-1, -2) * scale
+    q = F.linear(a[:, 0], p.wq.float(), None if p.bq is None else p.bq.float()).view(batch, h, d)
+    if _plain_dot_product(attn):
+        wk, wv = p.wk.float().view(h, d, -1), p.wv.float().view(h, d, -1)
+        q_tilde = torch.einsum("bhd,hdw->bhw", q, wk) * d**-0.5
+        weights = torch.einsum("bhw,btw->bht", q_tilde, a).softmax(dim=-1)
+        z = torch.einsum("bhw,hdw->bhd", torch.einsum("bht,btw->bhw", weights, a), wv)
+        if p.bv is not None:
+            z = z + p.bv.float().view(h, d)
     else:
-        q, k = getattr(attn, "ln_q", nn.Identity())(q), getattr(attn, "ln_k", nn.Identity())(k)
-        logits = (q @ k.transpose(-1, -2)) * d**-0.5
-    z = (logits.softmax(dim=-1) @ v).squeeze(2)
+        k = F.linear(a, p.wk.float(), None if p.bk is None else p.bk.float()).view(batch, tokens, h, d).transpose(1, 2)
+        v = F.linear(a, p.wv.float(), None if p.bv is None else p.bv.float()).view(batch, tokens, h, d).transpose(1, 2)
+        q = q.unsqueeze(2)
+        if getattr(attn, "logit_scale", None) is not None:
+            scale = torch.clamp(attn.logit_scale.float(), max=attn.logit_scale_max).exp()
+            logits = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-1, -2) * scale
+        else:
+            logits = (attn.ln_q(q) @ attn.ln_k(k).transpose(-1, -2)) * d**-0.5
+        z = (logits.softmax(dim=-1) @ v).squeeze(2)
     if getattr(attn, "head_scale", None) is not None:
         z = z * attn.head_scale.float().view(1, h, 1)
     return z
