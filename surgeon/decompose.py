@@ -108,19 +108,19 @@ def head_z(block: nn.Module, attn_in: torch.Tensor) -> torch.Tensor:
     return z
 
 
-def head_outputs(block: nn.Module, attn_in: torch.Tensor) -> torch.Tensor:
-    """What each head of `block` writes into the CLS position of the residual stream: (B, H, width).
-
-    The out_proj bias is spread evenly over the heads; LayerScale (ls_1) is applied per head."""
+def head_terms(block: nn.Module, attn_in: torch.Tensor, linear_map: torch.Tensor) -> torch.Tensor:
+    """Each head's CLS output (with its share of the out_proj bias and LayerScale) mapped by `linear_map`
+    (width x D) — W_O is folded into the map per head, so the width-sized output is never formed: (B, H, D)."""
     p = AttentionParams.of(block.attn)
     if p.n_heads == 0:
         raise InvalidInput("a layer with every head removed cannot be decomposed per head")
-    z = head_z(block, attn_in)
-    out = torch.einsum("bhd,whd->bhw", z, p.wo.float().view(-1, p.n_heads, p.head_dim))
-    if p.bo is not None:
-        out = out + p.bo.float() / p.n_heads
     gamma = getattr(block.ls_1, "gamma", None)
-    return out * gamma.float() if gamma is not None else out
+    scaled_map = linear_map * gamma.float()[:, None] if gamma is not None else linear_map
+    per_head = torch.einsum("whd,wD->hdD", p.wo.float().view(-1, p.n_heads, p.head_dim), scaled_map)
+    out = torch.einsum("bhd,hdD->bhD", head_z(block, attn_in), per_head)
+    if p.bo is not None:
+        out = out + (p.bo.float() / p.n_heads) @ scaled_map
+    return out
 
 
 @dataclass
@@ -158,16 +158,22 @@ def decompose(
         proj = visual.proj.float()
         norm = pooled.float().norm(dim=-1)
 
-        def to_joint(term: torch.Tensor) -> torch.Tensor:
-            shape = (-1,) + (1,) * (term.ndim - 1)
-            m, s, n = mu.view(shape), sigma.view(shape), norm.view(shape)
-            return ((gamma * (term - m / n_terms) / s + beta / n_terms) @ proj) / n
+        # ln_post with frozen statistics is affine: term t -> (gamma*t @ proj - mu/K gamma@proj) / sigma + beta@proj / K
+        gamma_proj = gamma[:, None] * proj
+        shift = (beta @ proj) / n_terms
+        offset = mu / n_terms * (gamma @ proj)
 
-        heads = torch.stack([head_outputs(blocks[i], cache[f"blocks.{i}.attn_in"]) for i in layers], dim=1)
-        out = Decomposition(layers=tuple(layers), heads=to_joint(heads), embedding=pooled.float() / norm[:, None])
+        def finish(mapped: torch.Tensor) -> torch.Tensor:
+            """From (gamma * t) @ proj to the normalised joint-space term."""
+            shape = (-1,) + (1,) * (mapped.ndim - 2) + (mapped.shape[-1],)
+            view = (-1,) + (1,) * (mapped.ndim - 1)
+            return ((mapped - offset.view(shape)) / sigma.view(view) + shift) / norm.view(view)
+
+        heads = torch.stack([head_terms(blocks[i], cache[f"blocks.{i}.attn_in"], gamma_proj) for i in layers], dim=1)
+        out = Decomposition(layers=tuple(layers), heads=finish(heads), embedding=pooled.float() / norm[:, None])
         if with_rest:
             mlp = torch.stack([cache[f"blocks.{i}.mlp_out"][:, 0].float() for i in range(n_layers)], dim=1)
-            out.rest = {"embed": to_joint(cache["resid_pre"][:, 0].float()), "mlp": to_joint(mlp)}
+            out.rest = {"embed": finish(cache["resid_pre"][:, 0].float() @ gamma_proj), "mlp": finish(mlp @ gamma_proj)}
     return out
 
 
