@@ -61,6 +61,13 @@ class ExportFailed(SurgeonError):
     grpc_code = "ABORTED"
 
 
+class StorageError(SurgeonError):
+    """Writing failed (disk full, I/O error); whatever was being written has been removed."""
+
+    exit_code = 8
+    grpc_code = "RESOURCE_EXHAUSTED"
+
+
 class GateFailed(SurgeonError):
     """A validation gate (max accuracy drop, max skew...) was not met."""
 

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
-from surgeon.errors import PermissionDenied, PreconditionFailed
+from surgeon.errors import PermissionDenied, PreconditionFailed, StorageError
 
 
 def cache_dir() -> Path:
@@ -30,7 +30,11 @@ def new_run_dir(kind: str) -> Path:
 
 @contextmanager
 def atomic_dir(final: Path, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling folder; rename it to `final` only when the block succeeds."""
+    """Yield a temporary sibling folder; rename it to `final` only when the block succeeds.
+
+    Readers never see a half-written folder: on any error (disk full, Ctrl-C, a failed check) the temporary
+    folder is removed. When two writers race for the same `final`, the second gets a clear error (or, with
+    `force`, replaces the first's folder in one rename)."""
     if final.exists() and not force:
         raise PreconditionFailed(f"output folder {final} already exists", hint="pass --force to replace it")
     parent = final.parent
@@ -40,13 +44,33 @@ def atomic_dir(final: Path, force: bool = False) -> Iterator[Path]:
     except OSError as err:
         raise PermissionDenied(f"cannot write into {parent}: {err.strerror or err}") from None
     try:
-        yield tmp
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        try:
+            yield tmp
+        except OSError as err:
+            raise StorageError(f"writing {final} failed: {err.strerror or err}; nothing was written") from None
+        _publish(tmp, final, force)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _publish(tmp: Path, final: Path, force: bool) -> None:
+    old = None
+    if final.exists():
+        if not force:
+            raise PreconditionFailed(
+                f"output folder {final} was created by another process meanwhile",
+                hint="pass --force to replace it, or choose another --out",
+            )
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.rename(final, old)
+    try:
+        os.rename(tmp, final)
+    except OSError as err:
+        raise PreconditionFailed(f"could not move the result into {final}: {err.strerror or err}") from None
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
