@@ -127,19 +127,9 @@ DesiredOpt = Annotated[str, typer.Option(help="desired group distribution: unifo
 
 
 def _suite(data, classnames, templates, bias_data, queries, skew_k, desired):
-    from surgeon.errors import InvalidInput
-    from surgeon.validate import ValidationSuite, bias_set, classification_set, toy_suite
+    from surgeon.validate import build_suite
 
-    if data is None and bias_data is None:
-        suite = toy_suite()
-        if suite.bias is not None:
-            suite.bias.k, suite.bias.desired = skew_k, desired
-        return suite
-    if bias_data is not None and queries is None:
-        raise InvalidInput("--bias-data needs --queries (neutral queries, one per line)")
-    tasks = [classification_set(data, classnames, templates)] if data is not None else []
-    bias = bias_set(bias_data, queries, templates, skew_k, desired) if bias_data is not None else None
-    return ValidationSuite(tasks, bias, source="files")
+    return build_suite(data, classnames, templates, bias_data, queries, skew_k, desired)
 
 
 def _ranking_for(loaded, ranking_path, images, n_images, texts, judge, layers, quiet):
@@ -482,6 +472,52 @@ def models() -> None:
     out.print(f"toy (bundled: {TOY_MODEL_DIR})")
     for name in open_clip.list_models():
         out.print(name)
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="address to listen on (0.0.0.0 in a container)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port; 0 picks a free one (printed at start)")] = 50051,
+    exports_root: Annotated[
+        Path | None, typer.Option(help="where jobs write (default: $SURGEON_EXPORTS_DIR or ./exports)")
+    ] = None,
+    models_root: Annotated[
+        Path | None, typer.Option(help="local-dir: models and checkpoints requests may name")
+    ] = None,
+    data_root: Annotated[Path | None, typer.Option(help="images, pools and validation data requests may name")] = None,
+    max_jobs: Annotated[int, typer.Option(help="jobs running at once")] = 2,
+    queue_size: Annotated[int, typer.Option(help="jobs waiting at most; more are refused (RESOURCE_EXHAUSTED)")] = 16,
+    token_env: Annotated[
+        str | None, typer.Option(help="environment variable holding the bearer token clients must send")
+    ] = None,
+    tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate chain (TLS, with --tls-key)")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="PEM private key (TLS, with --tls-cert)")] = None,
+    grace: Annotated[float, typer.Option(help="seconds running jobs get on SIGTERM before they are cancelled")] = 20.0,
+    device: DeviceOpt = None,
+) -> None:
+    """Serve rank/prune/validate/export as gRPC jobs (surgeon.v1.Surgeon) with health checking and reflection."""
+    from surgeon.errors import PreconditionFailed
+
+    try:
+        from server.main import serve as run_server
+    except ImportError as error:
+        raise PreconditionFailed(
+            f"surgeon serve needs the serve extra ({error.name} is missing)", hint="pip install 'surgeon[serve]'"
+        ) from None
+    run_server(
+        host=host,
+        port=port,
+        exports_root=exports_root,
+        models_root=models_root,
+        data_root=data_root,
+        max_jobs=max_jobs,
+        queue_size=queue_size,
+        token_env=token_env,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        grace=grace,
+        device=device,
+    )
 
 
 def main() -> None:

@@ -140,6 +140,28 @@ def bias_set(
     )
 
 
+def build_suite(
+    data: Path | None = None,
+    classnames: Path | None = None,
+    templates: Path | None = None,
+    bias_data: Path | None = None,
+    queries: Path | None = None,
+    skew_k: int = 10,
+    desired: str = "uniform",
+) -> ValidationSuite:
+    """The suite the CLI options (and the gRPC ValidationData) describe: files when given, else the toy's."""
+    if data is None and bias_data is None:
+        suite = toy_suite()
+        if suite.bias is not None:
+            suite.bias.k, suite.bias.desired = skew_k, desired
+        return suite
+    if bias_data is not None and queries is None:
+        raise InvalidInput("--bias-data needs --queries (neutral queries, one per line)")
+    tasks = [classification_set(data, classnames, templates)] if data is not None else []
+    bias = bias_set(bias_data, queries, templates, skew_k, desired) if bias_data is not None else None
+    return ValidationSuite(tasks, bias, source="files")
+
+
 @contextmanager
 def heads_zeroed(blocks: torch.nn.ModuleList, heads: list[HeadRef]) -> Iterator[None]:
     """Zero-ablate heads for the duration of the block, restoring the exact weights afterwards."""

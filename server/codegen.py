@@ -1,0 +1,53 @@
+"""Generate the Python stubs of proto/surgeon/v1/surgeon.proto into server/surgeon/v1/.
+
+    python -m server.codegen          # regenerate in place (needs grpcio-tools)
+
+The stubs are committed; tests/test_grpc.py regenerates them into a temporary folder and fails when the
+committed ones differ. protoc writes absolute imports (`from surgeon.v1 import ...`) that would resolve to
+the surgeon library, so they are rewritten to relative ones."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PROTO_ROOT = REPO / "proto"
+PROTO = Path("surgeon/v1/surgeon.proto")
+OUT = REPO / "server"
+STUBS = ("surgeon_pb2.py", "surgeon_pb2.pyi", "surgeon_pb2_grpc.py")
+
+
+def generate(out: Path = OUT, proto_root: Path = PROTO_ROOT) -> list[Path]:
+    """Run protoc (grpc_tools) into `out`/surgeon/v1 and return the stub paths."""
+    import grpc_tools
+    from grpc_tools import protoc
+
+    include = str(Path(grpc_tools.__file__).parent / "_proto")
+    args = [
+        "grpc_tools.protoc",
+        f"-I{proto_root}",
+        f"-I{include}",
+        f"--python_out={out}",
+        f"--pyi_out={out}",
+        f"--grpc_python_out={out}",
+        str(proto_root / PROTO),
+    ]
+    if protoc.main(args) != 0:
+        raise RuntimeError(f"protoc failed on {proto_root / PROTO}")
+    folder = out / PROTO.parent
+    for package in (out / "surgeon", folder):
+        (package / "__init__.py").touch()
+    paths = [folder / name for name in STUBS]
+    for path in paths:
+        text = path.read_text(encoding="utf-8")
+        text = re.sub(r"^from surgeon\.v1 import ", "from . import ", text, flags=re.MULTILINE)
+        path.write_text(text, encoding="utf-8")
+    return paths
+
+
+if __name__ == "__main__":
+    for written in generate():
+        print(written.relative_to(REPO))
+    sys.exit(0)

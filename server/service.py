@@ -1,0 +1,761 @@
+"""surgeon.v1.Surgeon: rank, prune, validate and export as long-running jobs over gRPC.
+
+A thin shell over the library functions the CLI calls (load_model, resolve_images, load_pool, rank_heads,
+build_suite, prune, validate, export_existing_run). Each job RPC checks its request at once (bad options,
+unknown models, paths outside the server's roots: an immediate error status), then queues a job and returns
+its Operation; what can only fail while the job runs (a layer spec beyond the model, a gate) ends up in the
+Operation's error, with the same code mapping (SurgeonError.grpc_code)."""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import json
+import logging
+import math
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import grpc
+from google.protobuf import json_format, struct_pb2
+
+from server.jobs import (
+    CANCELLED,
+    FAILED,
+    QUEUED,
+    RUNNING,
+    SUCCEEDED,
+    Job,
+    JobManager,
+    Outcome,
+    status_code,
+)
+from server.paths import Root, inside, resolve_in
+from server.surgeon.v1 import surgeon_pb2 as pb
+from server.surgeon.v1 import surgeon_pb2_grpc as pb_grpc
+from surgeon.errors import InvalidInput, NotFound, PreconditionFailed, SurgeonError
+from surgeon.export import EXPORTERS, export_existing_run
+from surgeon.images import ImageSet, resolve_images
+from surgeon.judges.base import JUDGES
+from surgeon.load import CHECKPOINT_SUFFIXES, TOY_MODEL_DIR, TOY_MODEL_NAME, LoadedModel, load_model
+from surgeon.policies import POLICIES, PolicyOptions
+from surgeon.pools import load_pool
+from surgeon.prune import prune
+from surgeon.rank import Ranking, rank_heads
+from surgeon.surgery import SURGERIES, TOWERS, parse_heads
+from surgeon.validate import Gates, ValidationSuite, build_suite, validate
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Surgeon"].full_name
+EXPORT_FORMATS = {"safetensors": ["safetensors"], "onnx": ["onnx"], "both": ["safetensors", "onnx"]}  # as the CLI
+REMOTE_JUDGES = ("lexicon", "embedding")  # llm would make the server call a client-chosen URL
+STATE = {QUEUED: pb.QUEUED, RUNNING: pb.RUNNING, SUCCEEDED: pb.SUCCEEDED, FAILED: pb.FAILED, CANCELLED: pb.CANCELLED}
+POLICY_INFO = {  # what ListPolicies says about each policy, and the PruneRequest fields it reads
+    "top-k": ("the k heads with the highest CCS", ["k"]),
+    "bottom-k": ("the k heads with the lowest CCS", ["k"]),
+    "high": ("every head with the maximum CCS (= m)", []),
+    "low": ("every head with CCS <= 1", []),
+    "random": ("k random heads that are not high-CCS (the paper's control)", ["k", "seed", "seeds"]),
+    "heads": ("the heads listed in `heads`", ["heads"]),
+    "concept": ("every head labelled with `concept`", ["concept"]),
+    "threshold": ("every head with CCS >= min_ccs", ["min_ccs"]),
+    "debias": (
+        "greedy: the heads whose removal lowers MaxSkew most per point of accuracy (needs a bias set)",
+        ["k", "max_acc_drop"],
+    ),
+    "paper-high": ("the paper's high-CCS heads for this model (presets for a few open_clip models)", []),
+    "paper-low": ("the paper's low-CCS heads for this model", []),
+}
+log = logging.getLogger("surgeon.server")
+
+
+@dataclass(frozen=True)
+class Config:
+    exports: Root
+    models: Root
+    data: Root
+    device: str | None = None
+
+
+def _opt(message, field: str, default=None):
+    return getattr(message, field) if message.HasField(field) else default
+
+
+def _timestamp(seconds: float | None, target) -> None:
+    if seconds is not None:
+        target.FromDatetime(datetime.fromtimestamp(seconds, tz=timezone.utc))
+
+
+def _struct(data: dict) -> struct_pb2.Struct:
+    clean = json.loads(json.dumps(data, default=str), parse_constant=lambda _c: None)  # NaN/inf -> null
+    return json_format.ParseDict(clean, struct_pb2.Struct())
+
+
+def _numbers(summary: dict) -> dict[str, float]:
+    return {
+        k: float(v)
+        for k, v in summary.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    }
+
+
+# ---- the stats cache is shared between jobs: one job computes a key, others with the same key wait ----
+
+_stats_locks: dict[str, threading.Lock] = {}
+_stats_guard = threading.Lock()
+
+
+def _stats_lock(loaded: LoadedModel, images: ImageSet, layers: str | None) -> threading.Lock:
+    from surgeon.collect import stats_key
+    from surgeon.decompose import parse_layers, vision_layout
+
+    n_layers, _ = vision_layout(loaded.model.visual)
+    key = stats_key(loaded, images, parse_layers(layers, n_layers))
+    with _stats_guard:
+        return _stats_locks.setdefault(key, threading.Lock())
+
+
+# ---- pyplot (the heatmap) and torch.onnx.export keep global state: one job at a time in each ----
+
+_plot_lock = threading.Lock()
+_onnx_lock = threading.Lock()
+
+
+def _onnx_guard(formats: list[str]):
+    return _onnx_lock if "onnx" in formats else contextlib.nullcontext()
+
+
+def _track(job: Job, images: ImageSet, stage: str, start: float, end: float) -> ImageSet:
+    """Report progress per image and stop there when the job is cancelled."""
+    load, total = images.load, max(images.count, 1)
+
+    def tracked(index: int):
+        job.step(stage, start + (end - start) * index / total, f"image {index + 1}/{images.count}")
+        return load(index)
+
+    images.load = tracked
+    return images
+
+
+class Requests:
+    """Turns requests into job bodies: every check that needs no model happens here, before queueing."""
+
+    def __init__(self, config: Config):
+        self.config = config
+
+    # -- inputs --
+
+    def model(self, ref: pb.ModelRef) -> tuple[str | None, str | None]:
+        """(model, pretrained) for load_model, every path confined to the models (or exports) root."""
+        name, pretrained = ref.model.strip(), ref.pretrained.strip() or None
+        if name in ("", TOY_MODEL_NAME):
+            if pretrained:
+                raise InvalidInput("the toy model takes no pretrained weights")
+            if not (TOY_MODEL_DIR / "open_clip_config.json").is_file():
+                raise NotFound(
+                    "the bundled toy model is missing from this server's installation",
+                    hint="name a local-dir: model or an open_clip architecture (ListModels)",
+                )
+            return None, None
+        if name.startswith("local-dir:"):
+            if pretrained:
+                raise InvalidInput("a local-dir: model carries its own weights; leave pretrained empty")
+            raw = name.removeprefix("local-dir:")
+            roots = [self.config.models, self.config.exports]
+            folder = resolve_in(roots, raw, "model folder", "dir")
+            owner = next(r for r in roots if r.path is not None and folder.is_relative_to(r.path))
+            owner.check_tree(folder, "model folder")
+            if not (folder / "open_clip_config.json").is_file():
+                raise NotFound(f"{raw} is not an open_clip local-dir folder (no open_clip_config.json)")
+            return f"local-dir:{folder}", None
+        import open_clip
+
+        if name not in open_clip.list_models():
+            raise NotFound(
+                f"unknown model {name!r}",
+                hint="use an open_clip architecture name or local-dir:PATH under the models root (ListModels)",
+            )
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        if pretrained and pretrained not in tags:
+            if "/" not in pretrained and Path(pretrained).suffix not in CHECKPOINT_SUFFIXES:
+                raise NotFound(
+                    f"unknown pretrained tag {pretrained!r} for {name}",
+                    hint=f"known tags: {', '.join(tags) or 'none'}; or a checkpoint file under the models root",
+                )
+            pretrained = str(resolve_in([self.config.models], pretrained, "checkpoint", "file"))
+        return name, pretrained
+
+    def data_file(self, raw: str, what: str) -> Path | None:
+        return resolve_in([self.config.data], raw, what, "file") if raw else None
+
+    def images(self, source: pb.ImageSource) -> tuple[str | None, int | None]:
+        n_images = _opt(source, "n_images")
+        if n_images is not None and n_images <= 0:
+            raise InvalidInput(f"n_images must be positive, got {n_images}")
+        if source.images in ("", "toy"):
+            return None, n_images
+        folder = resolve_in([self.config.data], source.images, "image folder", "dir")
+        self.config.data.check_tree(folder, "image folder")
+        return str(folder), n_images
+
+    def texts(self, spec: str) -> str | None:
+        if spec in ("", "toy", "general"):
+            return spec or None
+        return str(self.data_file(spec, "text pool"))
+
+    def suite(self, data: pb.ValidationData) -> Callable[[], ValidationSuite]:
+        """A builder of the validation suite; file-based suites are built (and their manifests checked) now."""
+        skew_k = _opt(data, "skew_k", 10)
+        if skew_k <= 0:
+            raise InvalidInput(f"skew_k must be positive, got {skew_k}")
+        desired = data.desired or "uniform"
+        if desired not in ("uniform", "set"):
+            raise InvalidInput(f"unknown desired distribution {desired!r}", hint="choose uniform or set")
+        root = self.config.data
+        folder = resolve_in([root], data.data, "validation data", "any") if data.data else None
+        if folder is not None and folder.is_dir():
+            root.check_tree(folder, "validation data")
+        files = [self.data_file(getattr(data, f), f) for f in ("classnames", "templates", "bias_data", "queries")]
+        if folder is None and files[2] is None:
+            if any(files):
+                raise InvalidInput("classnames/templates/queries need data or bias_data")
+            return lambda: build_suite(skew_k=skew_k, desired=desired)  # the toy suite: built in the job
+        suite = build_suite(folder, *files, skew_k=skew_k, desired=desired)
+        for images in [t.images for t in suite.tasks] + ([suite.bias.images] if suite.bias else []):
+            for path in images if isinstance(images, list) else []:
+                root.check_inside(path, "validation image")  # manifests may not point outside the data root
+        return lambda: suite
+
+    def out(self, raw: str, kind: str, force: bool, default: Path | None = None) -> Path:
+        """An output folder (or file) inside the exports root; new ones get a unique name."""
+        exports = self.config.exports
+        if raw:
+            path = exports.resolve(raw, "out")
+        elif default is not None:
+            path = default
+        else:
+            stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-%f")
+            path = exports.path / f"{kind}-{stamp}-{uuid.uuid4().hex[:6]}"
+        if path == exports.path:
+            raise InvalidInput("out may not be the exports root itself")
+        if path.exists() and not force:
+            raise PreconditionFailed(f"output {exports.relative(path)} already exists", hint="set force to replace it")
+        return path
+
+    @staticmethod
+    def judge(name: str) -> str:
+        name = name or "lexicon"
+        JUDGES.get(name)
+        if name not in REMOTE_JUDGES:
+            raise InvalidInput(
+                f"the {name} judge is not offered over gRPC", hint=f"choose one of {', '.join(REMOTE_JUDGES)}"
+            )
+        return name
+
+    # -- jobs --
+
+    def rank_heads(self, request: pb.RankHeadsRequest) -> tuple[Callable[[Job], Outcome], list[Path]]:
+        model, pretrained = self.model(request.model)
+        images, n_images = self.images(request.images)
+        texts = self.texts(request.texts)
+        taxonomy = self.data_file(request.taxonomy, "taxonomy")
+        judge = self.judge(request.judge)
+        m, rank, batch_size = _opt(request, "m", 5), _opt(request, "rank", 80), _opt(request, "batch_size", 64)
+        if m <= 0:
+            raise InvalidInput(f"m (texts per head) must be positive, got {m}")
+        if rank <= 0:
+            raise InvalidInput(f"rank must be positive, got {rank}")
+        if batch_size <= 0:
+            raise InvalidInput(f"batch_size must be positive, got {batch_size}")
+        out = self.out(request.out, "rank", request.force)
+        layers = request.layers or None
+        device = self.config.device
+
+        def body(job: Job) -> Outcome:
+            job.step("loading model", 0.0)
+            loaded = load_model(model, pretrained, device)
+            job.step("loading images", 0.05)
+            pool = load_pool(texts, loaded.is_toy, str(taxonomy) if taxonomy else None)
+            image_set = _track(job, resolve_images(images, n_images), "head statistics", 0.1, 0.85)
+            with _stats_lock(loaded, image_set, layers):
+                job.step("head statistics", 0.1)
+                ranking = rank_heads(
+                    loaded,
+                    image_set,
+                    pool,
+                    judge=judge,
+                    layers=layers,
+                    m=m,
+                    rank=rank,
+                    batch_size=batch_size,
+                    quiet=True,
+                    use_cache=not request.no_cache,
+                )
+            job.step("writing", 0.9)
+            with _plot_lock:
+                ranking.write(out, force=request.force)
+            job.created(out)
+            job.step("writing", 0.99)
+            return Outcome("rank_heads", self._rank_result(ranking, out))
+
+        return body, [out]
+
+    def _rank_result(self, ranking: Ranking, out: Path) -> pb.RankHeadsResult:
+        exports = self.config.exports
+        return pb.RankHeadsResult(
+            run_dir=exports.relative(out),
+            files=[exports.relative(out / f) for f in ("ranking.json", "ranking.csv", "ccs_heatmap.png")],
+            model=ranking.model["name"],
+            weights_sha256=ranking.model["weights_sha256"],
+            layers=ranking.layers,
+            m=ranking.m,
+            heads=[
+                pb.HeadScore(
+                    name=h.name,
+                    layer=h.layer,
+                    head=h.head,
+                    label=h.label,
+                    ccs=h.ccs,
+                    texts=h.texts,
+                    verdicts=h.verdicts,
+                    variance=h.variance,
+                )
+                for h in ranking.sorted_heads()
+            ],
+            ccs_distribution=ranking.ccs_distribution(),
+            cached_stats=ranking.cached_stats,
+            image_count=ranking.images["count"],
+            skipped_images=ranking.images["skipped"],
+            ranking_sha256=ranking.digest(),
+        )
+
+    def prune(self, request: pb.PruneRequest) -> tuple[Callable[[Job], Outcome], list[Path]]:
+        policy, mode, tower = request.policy or "debias", request.mode or "zero", request.tower or "vision"
+        POLICIES.get(policy), SURGERIES.get(mode)  # fail before any heavy work, as the CLI does
+        if tower not in TOWERS:
+            raise InvalidInput(f"unknown tower {tower!r}", hint=f"choose one of {', '.join(TOWERS)}")
+        export = request.export_format or "safetensors"
+        if export not in EXPORT_FORMATS:
+            raise InvalidInput(f"unknown export format {export!r}", hint="choose safetensors, onnx or both")
+        formats = sorted({"safetensors", *EXPORT_FORMATS[export]}, reverse=True)  # the checkpoint always travels
+        k, seeds = _opt(request, "k"), _opt(request, "seeds", 1)
+        if k is not None and k <= 0:
+            raise InvalidInput(f"k={k} out of range: k must be at least 1")
+        if seeds < 1:
+            raise InvalidInput("seeds must be at least 1")
+        if request.heads:
+            parse_heads(request.heads)  # malformed heads fail now
+        atol = _opt(request, "atol", 1e-4)
+        if not atol >= 0:
+            raise InvalidInput(f"atol must be >= 0, got {atol}")
+        model, pretrained = self.model(request.model)
+        ranking, judge = None, None
+        if request.ranking:
+            path = resolve_in([self.config.exports, self.config.data], request.ranking, "ranking")
+            ranking = Ranking.read(path)
+            if k is not None and k > len(ranking.heads):
+                raise InvalidInput(f"k={k} out of range: choose 1..{len(ranking.heads)} (heads in the ranking)")
+        else:
+            judge = self.judge(request.judge)
+        images, n_images = self.images(request.images)
+        texts = self.texts(request.texts)
+        suite_for = self.suite(request.validation)
+        labels = self.data_file(request.labels, "labels file")
+        out = self.out(request.out, "prune", request.force)
+        device = self.config.device
+        gates = Gates(
+            max_acc_drop=_opt(request, "max_acc_drop"),
+            max_skew=_opt(request, "max_skew"),
+            min_acc=_opt(request, "min_acc"),
+        )
+
+        def body(job: Job) -> Outcome:
+            job.step("loading model", 0.0)
+            loaded = load_model(model, pretrained, device)
+            job.step("loading validation data", 0.05)
+            suite = suite_for()
+            ranked = ranking
+            if ranked is not None:
+                ranked.check_model(loaded)
+            else:
+                pool = load_pool(texts, loaded.is_toy)
+                image_set = _track(job, resolve_images(images, n_images), "head statistics", 0.1, 0.5)
+                with _stats_lock(loaded, image_set, request.layers or None):
+                    job.step("head statistics", 0.1)
+                    ranked = rank_heads(loaded, image_set, pool, judge=judge, layers=request.layers or None, quiet=True)
+            job.step("pruning and validating", 0.55)
+            options = PolicyOptions(
+                k=k,
+                seed=request.seed,
+                heads=request.heads or None,
+                concept=request.concept or None,
+                min_ccs=_opt(request, "min_ccs"),
+                max_acc_drop=gates.max_acc_drop,
+                model_name=loaded.name,
+                pretrained=loaded.pretrained,
+            )
+            reference = None
+            if mode == "mean":
+                reference = _track(job, resolve_images(images, n_images), "reference means", 0.55, 0.6)
+            with _onnx_guard(formats):
+                result = prune(
+                    loaded,
+                    ranked,
+                    suite,
+                    policy,
+                    options,
+                    mode=mode,
+                    tower=tower,
+                    gates=gates,
+                    out_dir=out,
+                    reference=reference,
+                    seeds=seeds,
+                    export_anyway=request.export_anyway,
+                    force=request.force,
+                    exporters=formats,
+                    export_options={"labels": labels, "atol": atol},
+                )
+            job.created(out)
+            job.step("writing", 0.99)
+            exports = self.config.exports
+            message = pb.PruneResult(
+                run_dir=exports.relative(out),
+                files=sorted(exports.relative(p) for p in out.rglob("*") if p.is_file()),
+                policy=policy,
+                mode=mode,
+                tower=tower,
+                heads=[
+                    pb.PrunedHead(
+                        name=h["head"],
+                        layer=h["layer"],
+                        head=h["index"],
+                        reason=h["reason"],
+                        label=h["label"] or "",
+                        ccs=h["ccs"],
+                    )
+                    for h in result.plan["heads"]
+                ],
+                before=_numbers(result.before["summary"]),
+                after=_numbers(result.after["summary"]),
+                gate_failures=result.gate_failures,
+                exported=result.exported,
+                plan=_struct(result.plan),
+            )
+            error = None
+            if result.gate_failures:
+                from surgeon.errors import GateFailed
+
+                error = GateFailed("; ".join(result.gate_failures), hint="see report.md; export_anyway exports anyway")
+            return Outcome("prune", message, error)
+
+        return body, [out]
+
+    def validate(self, request: pb.ValidateRequest) -> tuple[Callable[[Job], Outcome], list[Path]]:
+        model, pretrained = self.model(request.model)
+        suite_for = self.suite(request.validation)
+        out = self.out(request.out, "validate", True) if request.out else None
+        if out is not None and out.is_dir():
+            raise InvalidInput(f"out {request.out!r} is a folder; name the results file (e.g. results.json)")
+        device = self.config.device
+
+        def body(job: Job) -> Outcome:
+            from surgeon.paths import atomic_write_text
+
+            job.step("loading model", 0.0)
+            loaded = load_model(model, pretrained, device)
+            job.step("loading validation data", 0.1)
+            suite = suite_for()
+            job.step("validating", 0.2)
+            report = validate(loaded, suite)
+            job.step("writing", 0.95)
+            message = pb.ValidateResult(
+                model=report["model"], summary=_numbers(report["summary"]), report=_struct(report)
+            )
+            if out is not None:
+                atomic_write_text(out, json.dumps(report, indent=2))
+                job.created(out)
+                message.out = self.config.exports.relative(out)
+            return Outcome("validate", message)
+
+        return body, [out] if out is not None else []
+
+    def export(self, request: pb.ExportRequest) -> tuple[Callable[[Job], Outcome], list[Path]]:
+        export = request.format or "onnx"
+        if export not in EXPORT_FORMATS:
+            raise InvalidInput(f"unknown export format {export!r}", hint="choose safetensors, onnx or both")
+        for name in EXPORT_FORMATS[export]:
+            EXPORTERS.get(name)
+        atol = _opt(request, "atol", 1e-4)
+        if not atol >= 0:
+            raise InvalidInput(f"atol must be >= 0, got {atol}")
+        if not request.run_dir:
+            raise InvalidInput("run_dir is required: a folder written by Prune")
+        exports = self.config.exports
+        run_dir = resolve_in([exports], request.run_dir, "run folder", "dir")
+        exports.check_tree(run_dir, "run folder")
+        labels = self.data_file(request.labels, "labels file")
+        out = self.out(request.out, "export", request.force, default=run_dir / f"export-{export}")
+        device = self.config.device
+
+        def body(job: Job) -> Outcome:
+            job.step("exporting", 0.1)
+            with _onnx_guard(EXPORT_FORMATS[export]):
+                files = export_existing_run(
+                    run_dir,
+                    EXPORT_FORMATS[export],
+                    out,
+                    force=request.force,
+                    device=device,
+                    labels=labels,
+                    atol=atol,
+                )
+            job.created(out)
+            job.step("writing", 0.99)
+            return Outcome(
+                "export", pb.ExportResult(out_dir=exports.relative(out), files=[exports.relative(p) for p in files])
+            )
+
+        return body, [out]
+
+
+def operation(job: Job) -> pb.Operation:
+    with job.cond:
+        op = pb.Operation(name=job.name, done=job.done)
+        meta = op.metadata
+        meta.kind, meta.state = job.kind, STATE[job.state]
+        meta.stage, meta.fraction, meta.message = job.stage, job.fraction, job.message
+        _timestamp(job.create_time, meta.create_time)
+        _timestamp(job.start_time, meta.start_time)
+        _timestamp(job.end_time, meta.end_time)
+        if job.error is not None:
+            code, message, hint = job.error
+            op.error.code, op.error.message, op.error.hint = code.value[0], message, hint
+        if job.result is not None:
+            field, message = job.result
+            getattr(op, field).CopyFrom(message)
+        return op
+
+
+class SurgeonService(pb_grpc.SurgeonServicer):
+    def __init__(self, config: Config, jobs: JobManager):
+        self.config, self.jobs, self.requests = config, jobs, Requests(config)
+        self._architectures: list[pb.ModelInfo] | None = None
+
+    # -- helpers --
+
+    @staticmethod
+    def _abort(context: grpc.ServicerContext, error: SurgeonError):
+        context.abort(status_code(error), str(error))
+
+    def _submit(self, context, kind: str, plan: Callable[[], tuple]) -> pb.Operation:
+        try:
+            body, reserved = plan()
+            job = self.jobs.submit(kind, body, reserved)
+        except SurgeonError as error:
+            self._abort(context, error)
+        return operation(job)
+
+    def _job(self, name: str, context) -> Job:
+        if not name:
+            self._abort(context, InvalidInput("name is required (operations/...)"))
+        try:
+            return self.jobs.get(name)
+        except SurgeonError as error:
+            self._abort(context, error)
+
+    # -- jobs --
+
+    def RankHeads(self, request, context):
+        return self._submit(context, "RankHeads", lambda: self.requests.rank_heads(request))
+
+    def Prune(self, request, context):
+        return self._submit(context, "Prune", lambda: self.requests.prune(request))
+
+    def Validate(self, request, context):
+        return self._submit(context, "Validate", lambda: self.requests.validate(request))
+
+    def Export(self, request, context):
+        return self._submit(context, "Export", lambda: self.requests.export(request))
+
+    # -- operations --
+
+    def GetOperation(self, request, context):
+        return operation(self._job(request.name, context))
+
+    def ListOperations(self, request, context):
+        size = request.page_size or 100
+        if not 0 < size <= 1000:
+            self._abort(context, InvalidInput(f"page_size must be 1..1000, got {size}"))
+        try:
+            start = int(request.page_token or 0)
+        except ValueError:
+            start = -1
+        if start < 0:
+            self._abort(context, InvalidInput(f"bad page_token {request.page_token!r}"))
+        jobs = [
+            j
+            for j in self.jobs.list()
+            if (not request.kind or j.kind == request.kind) and (not request.state or STATE[j.state] == request.state)
+        ]
+        page = jobs[start : start + size]
+        more = start + size < len(jobs)
+        return pb.ListOperationsResponse(
+            operations=[operation(j) for j in page], next_page_token=str(start + size) if more else ""
+        )
+
+    def CancelOperation(self, request, context):
+        job = self._job(request.name, context)
+        if not job.request_cancel():
+            self._abort(context, PreconditionFailed(f"operation {job.name} is already done; nothing to cancel"))
+        return operation(job)
+
+    def DeleteOperation(self, request, context):
+        job = self._job(request.name, context)
+        try:
+            self.jobs.delete(job.name)
+        except SurgeonError as error:
+            self._abort(context, error)
+        return pb.DeleteOperationResponse()
+
+    def WaitOperation(self, request, context):
+        job = self._job(request.name, context)
+        timeout = request.timeout.ToTimedelta().total_seconds() if request.HasField("timeout") else 60.0
+        if timeout < 0:
+            self._abort(context, InvalidInput("timeout must not be negative"))
+        timeout = min(timeout, 600.0)
+        remaining = context.time_remaining()
+        if remaining is not None:
+            timeout = min(timeout, max(0.0, remaining - 0.05))
+        deadline = time.monotonic() + timeout
+        with job.cond:
+            while not job.done and context.is_active():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                job.cond.wait(min(left, 1.0))
+        return operation(job)
+
+    def WatchOperation(self, request, context) -> Iterator[pb.Operation]:
+        job = self._job(request.name, context)
+        seen = -1
+        while context.is_active():
+            with job.cond:
+                if job.version == seen and not job.done:
+                    job.cond.wait(0.5)
+                changed, seen = job.version != seen, job.version
+            if changed:
+                op = operation(job)
+                yield op
+                if op.done:
+                    return
+
+    # -- catalogue --
+
+    def ListModels(self, request, context):
+        models = [
+            pb.ModelInfo(
+                name=TOY_MODEL_NAME,
+                kind=pb.ModelInfo.TOY,
+                available=(TOY_MODEL_DIR / "open_clip_config.json").is_file(),
+                description="the bundled toy CLIP (the default)",
+            )
+        ]
+        models += self._local_dirs()
+        models += self._architecture_list()
+        return pb.ListModelsResponse(models=models)
+
+    def _local_dirs(self, max_depth: int = 3) -> list[pb.ModelInfo]:
+        root = self.config.models
+        if root.path is None:
+            return []
+        found = []
+        for dirpath, dirnames, filenames in os.walk(root.path):  # symlinked folders are not followed
+            rel = Path(dirpath).relative_to(root.path)
+            dirnames.sort()
+            if len(rel.parts) >= max_depth:
+                dirnames[:] = []
+            if "open_clip_config.json" not in filenames or not rel.parts:
+                continue
+            if not inside(os.path.realpath(os.path.join(dirpath, "open_clip_config.json")), root.path):
+                continue
+            found.append(
+                pb.ModelInfo(
+                    name=f"local-dir:{rel.as_posix()}",
+                    kind=pb.ModelInfo.LOCAL_DIR,
+                    available=any(Path(f).suffix in CHECKPOINT_SUFFIXES for f in filenames),
+                    description="open_clip folder under the models root",
+                )
+            )
+        return found
+
+    def _architecture_list(self) -> list[pb.ModelInfo]:
+        if self._architectures is None:
+            import open_clip
+
+            entries = []
+            for name in open_clip.list_models():
+                cfg = open_clip.get_model_config(name) or {}
+                if "timm_model_name" in cfg.get("vision_cfg", {}) or "multimodal_cfg" in cfg:
+                    continue  # surgeon needs an open_clip VisionTransformer tower
+                entries.append(
+                    pb.ModelInfo(
+                        name=name,
+                        kind=pb.ModelInfo.ARCHITECTURE,
+                        available=True,
+                        pretrained_tags=open_clip.list_pretrained_tags_by_model(name),
+                        description="open_clip architecture (weights from the local hub cache or the models root)",
+                    )
+                )
+            self._architectures = entries
+        return self._architectures
+
+    def ListPolicies(self, request, context):
+        policies = []
+        for name in POLICIES.names():
+            description, options = POLICY_INFO.get(name, ("", []))
+            if not description:
+                doc = (POLICIES.get(name).__doc__ or "").strip()
+                description = doc.splitlines()[0] if doc else ""
+            policies.append(pb.PolicyInfo(name=name, description=description, options=options))
+        return pb.ListPoliciesResponse(
+            policies=policies,
+            modes=SURGERIES.names(),
+            towers=list(TOWERS),
+            judges=[j for j in JUDGES.names() if j in REMOTE_JUDGES],
+            export_formats=list(EXPORT_FORMATS),
+        )
+
+
+class TokenAuth(grpc.ServerInterceptor):
+    """`authorization: Bearer <token>` on every call but health checks (load balancers and Docker probe those)."""
+
+    OPEN = ("/grpc.health.v1.Health/",)
+
+    def __init__(self, token: str):
+        self._expected = f"Bearer {token}".encode()
+
+    def intercept_service(self, continuation, details):
+        if details.method.startswith(self.OPEN):
+            return continuation(details)
+        sent = dict(details.invocation_metadata or ()).get("authorization", "")
+        if hmac.compare_digest(sent.encode(), self._expected):
+            return continuation(details)
+        handler = continuation(details)
+        if handler is None:
+            return None
+
+        def deny(request_or_iterator, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token (metadata authorization)")
+
+        if handler.response_streaming:
+            if handler.request_streaming:
+                return grpc.stream_stream_rpc_method_handler(deny)
+            return grpc.unary_stream_rpc_method_handler(deny)
+        if handler.request_streaming:
+            return grpc.stream_unary_rpc_method_handler(deny)
+        return grpc.unary_unary_rpc_method_handler(deny)
