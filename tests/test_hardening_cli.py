@@ -93,7 +93,7 @@ def test_sigint_during_rank_leaves_no_partial_output(tiny_default_dir, tmp_path,
     time.sleep(delay)
     proc.send_signal(signal.SIGINT)
     code = proc.wait(timeout=300)
-    assert code in (0, 130), proc.stderr.read()
+    assert code in (0, 130, -signal.SIGINT), proc.stderr.read()  # -SIGINT: interrupted while starting up
     assert_complete_or_absent(out, ["ranking.json", "ranking.csv", "ccs_heatmap.png"])
     cache = Path(os.environ["SURGEON_CACHE_DIR"])
     for entry in cache.rglob("*.safetensors"):  # every cache entry (final or resumable checkpoint) loads
@@ -107,5 +107,5 @@ def test_sigint_during_export_leaves_no_partial_output(run_dir, tmp_path):
     time.sleep(3.0)
     proc.send_signal(signal.SIGINT)
     code = proc.wait(timeout=300)
-    assert code in (0, 130), proc.stderr.read()
+    assert code in (0, 130, -signal.SIGINT), proc.stderr.read()  # -SIGINT: interrupted while starting up
     assert_complete_or_absent(target, ["surgery.json", "README.md", "onnx/visual.onnx"])
