@@ -202,9 +202,6 @@ def prune(
     if export not in EXPORT_FORMATS:
         raise InvalidInput(f"unknown export format {export!r}", hint="choose safetensors, onnx or both")
     formats = sorted({"safetensors", *EXPORT_FORMATS[export]}, reverse=True)  # the checkpoint always travels
-    loaded = load_model(model, pretrained, device)
-    suite = _suite(data, classnames, templates, bias_data, queries, skew_k, desired)
-    ranked = _ranking_for(loaded, ranking, images, n_images, texts, judge, layers, quiet)
     options = PolicyOptions(
         k=k,
         seed=seed,
@@ -212,9 +209,11 @@ def prune(
         concept=concept,
         min_ccs=min_ccs,
         max_acc_drop=max_acc_drop,
-        model_name=loaded.name,
-        pretrained=loaded.pretrained,
     )
+    loaded = load_model(model, pretrained, device)
+    options.model_name, options.pretrained = loaded.name, loaded.pretrained
+    suite = _suite(data, classnames, templates, bias_data, queries, skew_k, desired)
+    ranked = _ranking_for(loaded, ranking, images, n_images, texts, judge, layers, quiet)
     reference = resolve_images(images, n_images) if mode == "mean" else None
     result = run_prune(
         loaded,

@@ -185,7 +185,9 @@ def vision_layout(visual: nn.Module) -> tuple[int, list[int]]:
 
 def parse_layers(spec: str | None, n_layers: int) -> tuple[int, ...]:
     """`None`/"last4" -> the last 4 layers (the paper's choice); "all"; "8-11"; "3,5,7"; negative indices."""
-    spec = (spec or "last4").strip().lower()
+    if spec is None:
+        return tuple(range(max(0, n_layers - 4), n_layers))
+    spec = spec.strip().lower()
     if spec == "all":
         return tuple(range(n_layers))
     if spec.startswith("last"):

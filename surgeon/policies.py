@@ -63,6 +63,10 @@ class PolicyOptions:
     # debias: scores a candidate set of heads -> (mean accuracy, bias); supplied by the caller
     evaluate: Callable[[list[HeadRef]], tuple[float, float]] | None = None
 
+    def __post_init__(self):
+        if self.k is not None and self.k <= 0:  # checked before any ranking work; the upper bound needs one
+            raise InvalidInput(f"k={self.k} out of range: k must be at least 1")
+
 
 POLICIES: Registry = Registry("policy")
 

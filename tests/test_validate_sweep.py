@@ -1,0 +1,169 @@
+"""Validation on user data (ImageFolder, CSV manifests), the layer-cached evaluator, sweeps, the CLI verbs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from surgeon.errors import InvalidInput
+from surgeon.load import load_model
+from surgeon.surgery import HeadRef
+from surgeon.sweep import run_sweep
+from surgeon.validate import Evaluator, Gates, build_suite, validate
+from tests.test_prune_export import setup, synthetic_suite  # noqa: F401  (fixture)
+
+
+@pytest.fixture
+def user_data(tmp_path):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "imagefolder"
+    rows = ["path,group"]
+    for cls in ("red_thing", "blue_thing", "dog"):
+        (folder / cls).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / cls / f"{i}.png")
+            rows.append(f"imagefolder/{cls}/{i}.png,{'ab'[i % 2]}")
+    (tmp_path / "bias.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "queries.txt").write_text("doctor\nnurse\n")
+    (tmp_path / "manifest.csv").write_text(
+        "path,label\n"
+        + "\n".join(f"imagefolder/{c}/{i}.png,{c}" for c in ("dog", "red_thing") for i in range(4))
+        + "\n"
+    )
+    return tmp_path
+
+
+def test_imagefolder_csv_and_bias_manifest(tiny_default_dir, user_data):
+    loaded = load_model(f"local-dir:{tiny_default_dir}", device="cpu")
+    suite = build_suite(
+        user_data / "imagefolder", bias_data=user_data / "bias.csv", queries=user_data / "queries.txt", skew_k=4
+    )
+    assert suite.tasks[0].classnames == ["blue thing", "dog", "red thing"] and len(suite.tasks[0].labels) == 12
+    report = validate(loaded, suite)
+    cls, bias = report["results"]
+    assert cls["task"] == "zeroshot_classification" and 0 <= cls["metrics"]["acc1"] <= cls["metrics"]["acc5"] <= 1
+    assert bias["task"] == "bias" and bias["metrics"]["queries"] == ["doctor", "nurse"]
+    assert 0 <= bias["metrics"]["max_skew@4"] <= np.log(2) + 1e-9  # two groups, uniform target
+    manifest = build_suite(user_data / "manifest.csv")
+    assert manifest.tasks[0].classnames == ["dog", "red thing"] and list(manifest.tasks[0].labels[:4]) == [0] * 4
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"data": "empty"}, "is empty"),
+        ({"data": "manifest_missing.csv"}, "not found"),
+        ({"bias_data": "bias.csv"}, "needs --queries"),
+        ({"data": "imagefolder", "classnames": "two_names.txt"}, "2 names for 3 classes"),
+    ],
+)
+def test_bad_validation_data(user_data, kwargs, message):
+    (user_data / "empty").mkdir()
+    (user_data / "two_names.txt").write_text("a\nb\n")
+    with pytest.raises(InvalidInput, match=message):
+        build_suite(**{k: user_data / v for k, v in kwargs.items()})
+
+
+def test_layer_cache_gives_identical_numbers_and_restores_weights(setup):  # noqa: F811
+    loaded, ranking = setup
+    state = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    heads = [HeadRef(2, 0), HeadRef(2, 3), HeadRef(1, 1)]
+    naive = Evaluator(loaded, synthetic_suite(), first_layer=0)
+    cached = Evaluator(loaded, synthetic_suite(), first_layer=1)
+    assert naive.evaluate(heads) == cached.evaluate(heads)
+    assert naive.evaluate([]) != naive.evaluate(heads)
+    assert all((v == loaded.model.state_dict()[k]).all() for k, v in state.items())
+    with pytest.raises(InvalidInput, match="only re-runs layers >= 1"):
+        cached.evaluate([HeadRef(0, 0)])
+
+
+def test_sweep_curves(setup):  # noqa: F811
+    loaded, ranking = setup
+    result = run_sweep(loaded, ranking, synthetic_suite(), counts=[0, 2, 4])
+    assert set(result["curves"]) == {"high-CCS first", "low-CCS first", "random (seed 0)"}
+    starts = {c[0]["mean_acc1"] for c in result["curves"].values()}
+    assert len(starts) == 1  # zero heads pruned: the same model for every ordering
+    with pytest.raises(InvalidInput):
+        run_sweep(loaded, ranking, synthetic_suite(), counts=[0, 99])
+
+
+def test_gates():
+    before = {"summary": {"mean_acc1": 0.90, "max_skew@10": 0.5}}
+    after = {"summary": {"mean_acc1": 0.86, "max_skew@10": 0.2}}
+    assert Gates(max_acc_drop=5).check(before, after) == []
+    assert "fell 4.00 points" in Gates(max_acc_drop=3).check(before, after)[0]
+    assert "max-skew" in Gates(max_skew=0.1).check(before, after)[0]
+    assert "min-acc" in Gates(min_acc=90).check(before, after)[0]
+
+
+def test_validate_and_sweep_cli(tiny_default_dir, user_data, image_folder, pool_file, tmp_path):
+    taxonomy = tmp_path / "tax.json"
+    taxonomy.write_text(json.dumps({"concepts": {"animals": {"terms": ["dog", "cat"]}}}))
+    base = [sys.executable, "-m", "surgeon"]
+    model = ["--model", f"local-dir:{tiny_default_dir}"]
+    data = [
+        "--data",
+        str(user_data / "imagefolder"),
+        "--bias-data",
+        str(user_data / "bias.csv"),
+        "--queries",
+        str(user_data / "queries.txt"),
+        "--skew-k",
+        "4",
+    ]
+    result = subprocess.run([*base, "validate", *model, *data, "--json"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["summary"]["mean_acc1"] >= 0
+    bad = subprocess.run(
+        [
+            *base,
+            "prune",
+            *model,
+            *data,
+            "--policy",
+            "top-k",
+            "--k",
+            "0",
+            "--images",
+            str(image_folder),
+            "--texts",
+            str(pool_file),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert bad.returncode == 2 and "k=0 out of range" in bad.stderr
+    gated = subprocess.run(
+        [
+            *base,
+            "prune",
+            *model,
+            *data,
+            "--policy",
+            "top-k",
+            "--k",
+            "2",
+            "--images",
+            str(image_folder),
+            "--texts",
+            str(pool_file),
+            "--layers",
+            "1-2",
+            "--max-skew",
+            "-1",
+            "--out",
+            str(tmp_path / "run"),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert gated.returncode == 10 and "max-skew" in gated.stderr
+    assert (tmp_path / "run" / "report.md").exists() and not (tmp_path / "run" / "model").exists()
