@@ -6,18 +6,17 @@ Unreadable files are skipped and counted; a set with no readable image is an err
 from __future__ import annotations
 
 import hashlib
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from surgeon.errors import CorruptInput, InvalidInput, NotFound
+from surgeon.runtime.preprocess import load_image
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-MAX_IMAGE_PIXELS = 64_000_000  # decompression bombs beyond this are refused, not decoded
 
 
 @dataclass
@@ -50,34 +49,9 @@ class ImageSet:
 
 
 def open_image(path: Path) -> Image.Image:
-    """Decode one image safely as RGB: bombs refused, odd modes (CMYK, 16-bit, alpha) converted."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                if image.width * image.height > MAX_IMAGE_PIXELS:
-                    raise CorruptInput(f"{path}: {image.width}x{image.height} is too large (decompression bomb?)")
-                image.load()
-                return to_rgb(image)
-    except (
-        UnidentifiedImageError,
-        OSError,
-        SyntaxError,
-        ValueError,
-        Image.DecompressionBombError,
-        Image.DecompressionBombWarning,
-    ) as err:
-        raise CorruptInput(f"unreadable image {path}: {err}") from None
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        image = image.point(lambda v: v * (1 / 256)).convert("L")
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba)
-    return image.convert("RGB")
+    """Decode one image safely as RGB (bombs refused, CMYK/16-bit/alpha converted): the torch-free
+    runtime's loader, so training-time and serving-time decoding cannot drift apart."""
+    return load_image(path)
 
 
 def folder_images(folder: Path, limit: int | None = None) -> ImageSet:
