@@ -56,8 +56,12 @@ def prune(
     force: bool = False,
     exporters: list[str] | None = None,
     export_options: dict | None = None,
+    search_images: int = 500,
+    search_bias: int = 600,
 ) -> PruneResult:
-    """Prune `loaded.model` in place. Writes `out_dir` (atomically) unless it is None."""
+    """Prune `loaded.model` in place. Writes `out_dir` (atomically) unless it is None. The debias search
+    scores candidates on a subset (`search_images` per task, `search_bias` bias images); the before/after
+    validation uses the whole suite."""
     from surgeon.export import export_run
 
     ranking.check_model(loaded)
@@ -71,7 +75,10 @@ def prune(
         raise InvalidInput("mean ablation is defined for the vision tower only")
     gates = gates or Gates()
     evaluator = Evaluator(loaded, suite, first_layer=min(ranking.layers))
-    selection = select_heads(ranking, policy, options, evaluator)
+    search = (
+        Evaluator(loaded, suite.subset(search_images, search_bias), min(ranking.layers)) if policy == "debias" else None
+    )
+    selection = select_heads(ranking, policy, options, search)
     before = evaluator.evaluate([])
     seed_runs = []
     if seeds > 1:  # the paper's control: average the random policy over seeds (zero ablation, measured)

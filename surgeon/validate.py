@@ -54,6 +54,24 @@ class ValidationSuite:
     bias: BiasSet | None = None
     source: str = "toy"
 
+    def subset(self, n_images: int, n_bias: int, seed: int = 0) -> ValidationSuite:
+        """A smaller suite for searches (the debias policy): the first n images of each task (tasks sharing an
+        image array still share it) and a seeded random n of the bias set (keeps its group mix)."""
+        sliced: dict[int, tuple] = {}
+        tasks = []
+        for t in self.tasks:
+            if id(t.images) not in sliced:
+                sliced[id(t.images)] = (t.images[:n_images],)
+            tasks.append(
+                ClassificationSet(t.name, t.classnames, t.templates, sliced[id(t.images)][0], t.labels[:n_images])
+            )
+        bias = self.bias
+        if bias is not None and n_bias < len(bias.groups):
+            pick = np.sort(np.random.default_rng(seed).choice(len(bias.groups), n_bias, replace=False))
+            images = bias.images[pick] if isinstance(bias.images, np.ndarray) else [bias.images[i] for i in pick]
+            bias = BiasSet(bias.name, images, bias.groups[pick], bias.group_names, bias.queries, bias.k, bias.desired)
+        return ValidationSuite(tasks, bias, self.source)
+
     def __post_init__(self):
         for task in self.tasks:
             if len(task.labels) == 0:
@@ -193,12 +211,16 @@ class Evaluator:
                         for prompts in suite.bias.queries.values()
                     ]
                 )
-        self._cache: dict[str, torch.Tensor] = {}
+        # tasks that share one image array (the toy's factors) share one cached prefix and one forward pass
+        self._set_key: dict[str, int] = {}
+        self._prefixes: dict[int, torch.Tensor] = {}
         sets = [(t.name, t.images) for t in suite.tasks] + (
             [(suite.bias.name, suite.bias.images)] if suite.bias is not None else []
         )
         for name, images in sets:
-            self._cache[name] = torch.cat([self._prefix(b) for b in self._pixel_batches(images)])
+            self._set_key[name] = id(images)
+            if id(images) not in self._prefixes:
+                self._prefixes[id(images)] = torch.cat([self._prefix(b) for b in self._pixel_batches(images)])
 
     def _pixel_batches(self, images: np.ndarray | list[Path]) -> Iterator[torch.Tensor]:
         cfg = self.loaded.preprocess_cfg
@@ -226,9 +248,10 @@ class Evaluator:
         visual = self.loaded.model.visual
         blocks = visual.transformer.resblocks
         out = []
+        prefix = self._prefixes[self._set_key[name]]
         with heads_zeroed(blocks, list(heads)):
-            for start in range(0, len(self._cache[name]), self.batch_size):
-                x = self._cache[name][start : start + self.batch_size].to(self.loaded.device)
+            for start in range(0, len(prefix), self.batch_size):
+                x = prefix[start : start + self.batch_size].to(self.loaded.device)
                 for block in blocks[self.first_layer :]:
                     x = block(x)
                 pooled, _ = visual._pool(x)
@@ -238,14 +261,22 @@ class Evaluator:
     def evaluate(self, heads: list[HeadRef] = ()) -> dict:
         """Metrics per set, and a summary (mean acc1 over tasks, bias MaxSkew@k)."""
         results = []
+        done: dict[int, torch.Tensor] = {}
+
+        def embed(name: str) -> torch.Tensor:
+            key = self._set_key[name]
+            if key not in done:
+                done[key] = self.embeddings(name, heads)
+            return done[key]
+
         for task, classifier in zip(self.suite.tasks, self.classifiers, strict=True):
-            logits = 100.0 * self.embeddings(task.name, heads) @ classifier.float().cpu().T
+            logits = 100.0 * embed(task.name) @ classifier.float().cpu().T
             metrics = metrics_from_logits(logits, torch.as_tensor(task.labels))
             results.append({"dataset": task.name, "task": "zeroshot_classification", "metrics": metrics})
         summary = {"mean_acc1": float(np.mean([r["metrics"]["acc1"] for r in results])) if results else None}
         if self.suite.bias is not None:
             b = self.suite.bias
-            sim = (self.queries.float().cpu() @ self.embeddings(b.name, heads).T).numpy()
+            sim = (self.queries.float().cpu() @ embed(b.name).T).numpy()
             metrics = bias_metrics(sim, b.groups, len(b.group_names), b.k, b.desired)
             metrics["queries"] = list(b.queries)
             results.append({"dataset": b.name, "task": "bias", "metrics": metrics})
