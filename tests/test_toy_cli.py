@@ -1,0 +1,107 @@
+"""The embedded default end to end: every verb with no arguments beyond the verb, on the bundled toy model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import onnxruntime as ort
+import pytest
+
+from surgeon.load import TOY_MODEL_DIR
+
+pytestmark = pytest.mark.skipif(
+    not (TOY_MODEL_DIR / "open_clip_config.json").is_file(), reason="the bundled toy model is not built"
+)
+
+
+def surgeon(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "surgeon", *args],
+        capture_output=True,
+        text=True,
+        timeout=1500,
+        cwd=cwd,
+        env=os.environ.copy(),
+    )
+
+
+def test_bundled_model_loads_in_plain_open_clip():
+    import open_clip
+
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{TOY_MODEL_DIR}")
+    size = sum(p.stat().st_size for p in TOY_MODEL_DIR.iterdir())
+    assert size <= 40 * 2**20 and model.visual.transformer.layers >= 4
+
+
+def test_rank_and_prune_debias_onnx_with_no_arguments(tmp_path):
+    exports = tmp_path / "exports"
+    ranked = surgeon("rank", "--quiet", "--out", str(exports / "rank"))
+    assert ranked.returncode == 0, ranked.stderr
+    ranking = json.loads((exports / "rank" / "ranking.json").read_text())
+    assert ranking["pool"]["name"] == "toy" and ranking["judge"] == "lexicon"
+    factors = {"colors", "shapes", "sizes", "positions", "backgrounds", "textures", "none"}
+    assert {h["label"] for h in ranking["heads"]} <= factors
+    pruned = surgeon("prune", "--policy", "debias", "--export", "onnx", "--quiet", "--out", str(exports / "run"))
+    assert pruned.returncode in (0, 10), pruned.stderr  # 10: a gate failed (none are set by default)
+    run = exports / "run"
+    plan = json.loads((run / "plan.json").read_text())
+    assert plan["policy"] == "debias" and plan["heads"] and all("lowered bias" in h["reason"] for h in plan["heads"])
+    validation = json.loads((run / "validation.json").read_text())
+    before, after = validation["before"]["summary"], validation["after"]["summary"]
+    assert after["max_skew@10"] < before["max_skew@10"]  # the selection was measured to lower bias
+    session = ort.InferenceSession(str(run / "onnx" / "visual.onnx"))
+    assert session.get_inputs()[0].name == "pixel_values"
+    card = (run / "README.md").read_text()
+    assert "library_name: open_clip" in card and "debias" in card
+
+
+def test_validate_and_toy_report():
+    validated = surgeon("validate", "--json")
+    assert validated.returncode == 0, validated.stderr
+    report = json.loads(validated.stdout)
+    assert {r["dataset"] for r in report["results"]} >= {"toy/color", "toy/shape", "toy/bias-probe"}
+    toy = surgeon("toy", "report", "--json", "--quiet")
+    assert toy.returncode == 0, toy.stderr
+    figures = json.loads(toy.stdout)
+    assert set(figures["zero_shot_acc1"]) == {"color", "shape", "size", "position", "background", "texture"}
+    heads = figures["heads_ccs>=4"]
+    assert heads["trained"] > heads["random_init"]
+    assert figures["ground_truth_agreement"]["n_ccs>=4"] == heads["trained"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message", "code"),
+    [
+        (["--steps", "0"], "steps", 2),
+        (["--steps", "-3"], "steps", 2),
+    ],
+)
+def test_toy_train_refuses_bad_input(tmp_path, args, message, code):
+    result = surgeon("toy", "train", "--out", str(tmp_path / "model"), *args)
+    assert result.returncode == code and message in result.stderr
+    assert not (tmp_path / "model").exists()
+
+
+def test_toy_train_refuses_existing_and_unwritable_folders(tmp_path):
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("mine")
+    result = surgeon("toy", "train", "--out", str(existing), "--steps", "1")
+    assert result.returncode != 0 and "--force" in result.stderr
+    assert (existing / "keep.txt").read_text() == "mine"
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        result = surgeon("toy", "train", "--out", str(locked / "model"), "--steps", "1")
+        assert result.returncode != 0 and "write" in result.stderr.lower()
+
+
+def test_toy_images_writes_pngs_and_labels(tmp_path):
+    result = surgeon("toy", "images", "--out", str(tmp_path / "world"), "--n", "12")
+    assert result.returncode == 0, result.stderr
+    assert len(list((tmp_path / "world").glob("**/*.png"))) == 12
+    header = (tmp_path / "world" / "labels.csv").read_text().splitlines()[0]
+    assert "shape" in header and "group" in header
