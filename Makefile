@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 demo: setup
-	$(VENV)/bin/surgeon rank
+	$(VENV)/bin/surgeon prune --policy debias --export onnx
 
 test: setup
 	$(VENV)/bin/ruff check surgeon server tests benchmarks
