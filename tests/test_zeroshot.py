@@ -1,0 +1,107 @@
+"""Zero-shot classification (METHOD.md §4): classifier construction and metrics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from surgeon.errors import InvalidInput
+from surgeon.zeroshot import build_classifier, evaluate, metrics_from_logits, uint8_to_tensor
+
+CLASSES = ["circle", "square", "star", "heart"]
+TEMPLATES = ["a {}", "a photo of a {}"]
+
+
+class OneHotModel(torch.nn.Module):
+    """encode_image: one-hot of the class stored in pixel [0, 0, 0]; encode_text: one-hot of the class
+    named in the prompt (the fake tokenizer below puts its index in position 0)."""
+
+    def __init__(self, n_classes):
+        super().__init__()
+        self.n = n_classes
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def encode_image(self, x):
+        return F.one_hot(x[:, 0, 0, 0].round().long(), self.n).float() * 3.0
+
+    def encode_text(self, tok):
+        return F.one_hot(tok[:, 0], self.n).float() + 0.1 * tok[:, 1:2].float()
+
+
+def fake_tokenizer(texts):
+    rows = []
+    for t in texts:
+        cls = next(i for i, c in enumerate(CLASSES) if c in t)
+        rows.append([cls, len(t) % 3])
+    return torch.tensor(rows)
+
+
+def test_build_classifier_is_normalised_mean_of_normalised_templates():
+    m = OneHotModel(len(CLASSES))
+    cls = build_classifier(m, fake_tokenizer, CLASSES, TEMPLATES, device="cpu")
+    assert cls.shape == (len(CLASSES), len(CLASSES))
+    assert torch.allclose(cls.norm(dim=-1), torch.ones(len(CLASSES)))
+    tok = fake_tokenizer([t.format(CLASSES[2]) for t in TEMPLATES])
+    expected = F.normalize(F.normalize(m.encode_text(tok), dim=-1).mean(0), dim=0)
+    assert torch.allclose(cls[2], expected)
+    with pytest.raises(InvalidInput):
+        build_classifier(m, fake_tokenizer, [], TEMPLATES)
+    with pytest.raises(InvalidInput):
+        build_classifier(m, fake_tokenizer, CLASSES, [])
+
+
+def test_perfect_classifier_scores_one():
+    labels = torch.tensor([0, 1, 2, 3, 3, 2, 1, 0, 2, 2])
+    images = labels.float().view(-1, 1, 1, 1).expand(-1, 3, 4, 4).contiguous()
+    m = OneHotModel(len(CLASSES))
+    r = evaluate(m, fake_tokenizer, images, labels, CLASSES, TEMPLATES, batch_size=3)
+    assert r["acc1"] == 1.0 and r["acc5"] == 1.0 and r["mean_per_class_recall"] == 1.0 and r["n"] == 10
+    # same via a loader of (images, labels) batches, labels taken from the loader
+    loader = [(images[i : i + 4], labels[i : i + 4]) for i in range(0, 10, 4)]
+    assert evaluate(m, fake_tokenizer, loader, None, CLASSES, TEMPLATES)["acc1"] == 1.0
+    # a wrong label map scores zero top-1
+    r = evaluate(m, fake_tokenizer, images, (labels + 1) % 4, CLASSES, TEMPLATES)
+    assert r["acc1"] == 0.0 and r["mean_per_class_recall"] == 0.0
+
+
+def test_metrics_from_logits():
+    logits = torch.tensor([[3.0, 2, 1, 0, -1, -2], [0, 1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 0]])
+    r = metrics_from_logits(logits, torch.tensor([0, 0, 5]))
+    assert r["acc1"] == pytest.approx(1 / 3)
+    assert r["acc5"] == pytest.approx(1 / 3)  # label 0 is 6th in row 2, label 5 is 6th in row 3
+    assert r["mean_per_class_recall"] == pytest.approx((0.5 + 0.0) / 2)
+    with pytest.raises(InvalidInput):
+        metrics_from_logits(logits, torch.tensor([0, 1]))
+    with pytest.raises(InvalidInput):
+        metrics_from_logits(logits, torch.tensor([0, 1, 9]))
+
+
+def test_random_init_open_clip_model_gives_metrics_in_range():
+    from surgeon.toy.train import TOY_MEAN, TOY_STD, build_model, get_tokenizer, toy_model_cfg
+    from surgeon.toy.world import ToyWorld, WorldConfig
+
+    cfg = toy_model_cfg(image_size=32, patch_size=16, width=32, layers=1, head_width=16, text_width=32,
+                        text_layers=1, text_heads=2, embed_dim=16)
+    model = build_model(cfg).eval()
+    tok = get_tokenizer(cfg)
+    task = ToyWorld(WorldConfig(image_size=32, test_size=40)).zeroshot_tasks()[1]
+    x = uint8_to_tensor(task.images, TOY_MEAN, TOY_STD)
+    r = evaluate(model, tok, x, task.labels, task.classnames, task.templates, batch_size=16)
+    assert 0.0 <= r["acc1"] <= r["acc5"] <= 1.0 and 0.0 <= r["mean_per_class_recall"] <= 1.0
+    # numpy uint8 images with a PIL preprocess give the same numbers as the preprocessed tensor
+    def preprocess(im):
+        return uint8_to_tensor(np.asarray(im)[None], TOY_MEAN, TOY_STD)[0]
+
+    r2 = evaluate(model, tok, task.images, task.labels, task.classnames, task.templates, preprocess=preprocess)
+    assert r2 == r
+    with pytest.raises(InvalidInput):
+        evaluate(model, tok, task.images, task.labels, task.classnames, task.templates)  # no preprocess
+    assert model.training is False
+
+
+def test_uint8_to_tensor():
+    im = np.full((2, 4, 4, 3), 255, np.uint8)
+    x = uint8_to_tensor(im, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    assert x.shape == (2, 3, 4, 4) and torch.allclose(x, torch.full_like(x, 2.0))
