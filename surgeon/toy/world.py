@@ -88,7 +88,7 @@ class WorldConfig:
     #: ones to groups[1]. 0.5 means no bias. Held-out splits are always unbiased.
     bias_strength: float = 0.9
     #: object side as a fraction of the image side, per size value
-    size_fractions: tuple[float, ...] = (0.25, 0.44)
+    size_fractions: tuple[float, ...] = (0.3, 0.5)
     outline_px: int = 2
     test_size: int = 2000
     probe_scenes: int = 600
@@ -100,8 +100,8 @@ class WorldConfig:
     #: brightness of the stripes / dots relative to the object's colour
     pattern_shade: float = 0.35
     #: object centre jitter (± fraction of the image side) and object side jitter (± pixels)
-    position_jitter: float = 0.04
-    size_jitter: int = 1
+    position_jitter: float = 0.0
+    size_jitter: int = 0
 
     def __post_init__(self):
         if not 24 <= self.image_size <= 128:
