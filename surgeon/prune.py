@@ -57,10 +57,11 @@ def prune(
     exporters: list[str] | None = None,
     export_options: dict | None = None,
     search_images: int = 500,
-    search_bias: int = 600,
+    search_bias: int | None = None,
 ) -> PruneResult:
     """Prune `loaded.model` in place. Writes `out_dir` (atomically) unless it is None. The debias search
-    scores candidates on a subset (`search_images` per task, `search_bias` bias images); the before/after
+    scores candidates on `search_images` images per task and `search_bias` bias images (None: the whole bias
+    set — a subset let the search pick heads whose effect did not hold on the full probe); the before/after
     validation uses the whole suite."""
     from surgeon.export import export_run
 

@@ -54,7 +54,7 @@ class ValidationSuite:
     bias: BiasSet | None = None
     source: str = "toy"
 
-    def subset(self, n_images: int, n_bias: int, seed: int = 0) -> ValidationSuite:
+    def subset(self, n_images: int, n_bias: int | None = None, seed: int = 0) -> ValidationSuite:
         """A smaller suite for searches (the debias policy): the first n images of each task (tasks sharing an
         image array still share it) and a seeded random n of the bias set (keeps its group mix)."""
         sliced: dict[int, tuple] = {}
@@ -66,7 +66,7 @@ class ValidationSuite:
                 ClassificationSet(t.name, t.classnames, t.templates, sliced[id(t.images)][0], t.labels[:n_images])
             )
         bias = self.bias
-        if bias is not None and n_bias < len(bias.groups):
+        if bias is not None and n_bias is not None and n_bias < len(bias.groups):
             pick = np.sort(np.random.default_rng(seed).choice(len(bias.groups), n_bias, replace=False))
             images = bias.images[pick] if isinstance(bias.images, np.ndarray) else [bias.images[i] for i in pick]
             bias = BiasSet(bias.name, images, bias.groups[pick], bias.group_names, bias.queries, bias.k, bias.desired)
