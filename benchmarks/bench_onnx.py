@@ -109,7 +109,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if (TOY_MODEL_DIR / "open_clip_config.json").is_file():
             toy = load_model(device="cpu")
-            size = toy.preprocess_cfg["size"][0]
+            size = toy.model.visual.image_size[0]
             heads = toy.model.visual.transformer.resblocks[0].attn.num_heads
             bench(
                 "toy model",
