@@ -75,8 +75,8 @@ def test_validate_and_toy_report():
 @pytest.mark.parametrize(
     ("args", "message", "code"),
     [
-        (["--steps", "0"], "steps", 2),
-        (["--steps", "-3"], "steps", 2),
+        (["--steps", "0"], "step count", 2),
+        (["--steps", "-3"], "step count", 2),
     ],
 )
 def test_toy_train_refuses_bad_input(tmp_path, args, message, code):
