@@ -82,14 +82,24 @@ def test_random_init_open_clip_model_gives_metrics_in_range():
     from surgeon.toy.train import TOY_MEAN, TOY_STD, build_model, get_tokenizer, toy_model_cfg
     from surgeon.toy.world import ToyWorld, WorldConfig
 
-    cfg = toy_model_cfg(image_size=32, patch_size=16, width=32, layers=1, head_width=16, text_width=32,
-                        text_layers=1, text_heads=2, embed_dim=16)
+    cfg = toy_model_cfg(
+        image_size=32,
+        patch_size=16,
+        width=32,
+        layers=1,
+        head_width=16,
+        text_width=32,
+        text_layers=1,
+        text_heads=2,
+        embed_dim=16,
+    )
     model = build_model(cfg).eval()
     tok = get_tokenizer(cfg)
     task = ToyWorld(WorldConfig(image_size=32, test_size=40)).zeroshot_tasks()[1]
     x = uint8_to_tensor(task.images, TOY_MEAN, TOY_STD)
     r = evaluate(model, tok, x, task.labels, task.classnames, task.templates, batch_size=16)
     assert 0.0 <= r["acc1"] <= r["acc5"] <= 1.0 and 0.0 <= r["mean_per_class_recall"] <= 1.0
+
     # numpy uint8 images with a PIL preprocess give the same numbers as the preprocessed tensor
     def preprocess(im):
         return uint8_to_tensor(np.asarray(im)[None], TOY_MEAN, TOY_STD)[0]

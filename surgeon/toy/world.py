@@ -41,11 +41,13 @@ COLOR_RGB: dict[str, tuple[int, int, int]] = {
     "purple": (150, 55, 205),
     "orange": (250, 140, 25),
 }
+#: muted, similar-brightness backgrounds: a loud background (most of the pixels) dominates a random-init
+#: ViT's embedding and kept the contrastive training from learning position (see NOTES.md)
 BACKGROUND_RGB: dict[str, tuple[int, int, int]] = {
-    "gray": (128, 128, 128),
-    "teal": (0, 112, 112),
-    "brown": (115, 70, 35),
-    "pink": (235, 165, 195),
+    "gray": (120, 120, 120),
+    "teal": (75, 128, 128),
+    "brown": (128, 98, 72),
+    "pink": (168, 124, 144),
 }
 GROUP_RGB: dict[str, tuple[int, int, int]] = {"dark": (15, 15, 15), "light": (250, 250, 250)}
 KNOWN_SHAPES = ("circle", "square", "triangle", "cross", "star", "heart", "diamond", "moon")
@@ -65,7 +67,7 @@ FACTOR_CONCEPTS: dict[str, str] = {
 FACTORS: tuple[str, ...] = tuple(FACTOR_CONCEPTS)
 
 #: bump whenever rendering or captions change, so caches keyed on toy images are invalidated
-WORLD_VERSION = "1"
+WORLD_VERSION = "2"
 
 SPLITS = {"train": 0, "test": 1, "val": 2, "probe": 3}
 _CHUNK = 512  # images per seeded chunk of a held-out split (so prefixes are stable)
@@ -382,8 +384,14 @@ def _draw_grouped(
         vals[m] = (vals[m] + rng.integers(1, nv, m.sum())) % nv  # another value, uniformly
         setattr(sc, f, vals)
     if len(cfg.groups) == 2:
+        # the group follows the final shape with the configured bias; a variant whose shape was kept
+        # keeps its base's group (same marginals), so within a group the marker only changes with the
+        # shape, as it does in the data at large
         lean = sc.shape % 2
-        sc.group = np.where(rng.random(n) >= cfg.bias_strength, 1 - lean, lean).astype(np.int64)
+        drawn = np.where(rng.random(n) >= cfg.bias_strength, 1 - lean, lean).astype(np.int64)
+        base_of = np.flatnonzero(is_base)[gid]
+        same_shape = sc.shape == sc.shape[base_of]
+        sc.group = np.where(same_shape & ~is_base, drawn[base_of], drawn)
     return sc
 
 
@@ -686,9 +694,7 @@ class ToyWorld:
             raise InvalidInput(f"group_size must be positive, got {group_size}")
         if changes < 1:
             raise InvalidInput(f"changes must be positive, got {changes}")
-        if change_weights is not None and (
-            len(change_weights) != len(FACTORS) or min(change_weights) <= 0
-        ):
+        if change_weights is not None and (len(change_weights) != len(FACTORS) or min(change_weights) <= 0):
             raise InvalidInput(f"change_weights needs {len(FACTORS)} positive weights, got {change_weights}")
         allowed = None
         if caption_factors is not None:
@@ -797,7 +803,14 @@ class ToyWorld:
                 pr = self.bias_probe(n_scenes=max(1, n // len(self.cfg.groups)), seed=seed)
                 b = ToyBatch(pr.images, pr.labels, pr.groups)
             elif split == "train":
-                b = next(self.iter_train(n, seed))
+                it = self.iter_train(min(n, 256), seed)
+                parts = [next(it) for _ in range(-(-n // 256))]
+                b = ToyBatch(
+                    np.concatenate([p.images for p in parts])[:n],
+                    {f: np.concatenate([p.labels[f] for p in parts])[:n] for f in FACTORS},
+                    np.concatenate([p.groups for p in parts])[:n],
+                    [c for p in parts for c in p.captions][:n],
+                )
             else:
                 b = self.sample(n, split, seed, captions=True)
             width = max(5, len(str(len(b) - 1)))
