@@ -12,6 +12,10 @@ from pathlib import Path
 
 from surgeon.errors import PermissionDenied, PreconditionFailed, StorageError
 
+#: the process umask, read once at import (reading it means setting it, which is not thread-safe later)
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
 
 def cache_dir() -> Path:
     """$SURGEON_CACHE_DIR, else ~/.cache/surgeon."""
@@ -48,10 +52,18 @@ def atomic_dir(final: Path, force: bool = False) -> Iterator[Path]:
             yield tmp
         except OSError as err:
             raise StorageError(f"writing {final} failed: {err.strerror or err}; nothing was written") from None
+        _usual_modes(tmp)
         _publish(tmp, final, force)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _usual_modes(root: Path) -> None:
+    """mkdtemp/mkstemp create owner-only entries; a published output gets the modes a plain write would."""
+    os.chmod(root, 0o777 & ~_UMASK)
+    for path in root.rglob("*"):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_UMASK)
 
 
 def _publish(tmp: Path, final: Path, force: bool) -> None:
@@ -80,6 +92,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

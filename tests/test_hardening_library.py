@@ -90,3 +90,18 @@ def test_racing_writers_never_mix_outputs(tmp_path):
                 (second / "b.txt").write_text("second")
     assert sorted(p.name for p in final.iterdir()) == ["b.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary leftovers
+
+
+def test_published_outputs_get_the_umask_modes_not_owner_only(tmp_path, monkeypatch):
+    """Temporary folders and files are created 0700/0600; what is published must be readable like a plain write."""
+    from surgeon.paths import atomic_write_text
+
+    monkeypatch.setattr("surgeon.paths._UMASK", 0o022)
+    with atomic_dir(tmp_path / "run") as tmp:
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "weights.bin").write_bytes(b"x")
+        (tmp / "sub" / "weights.bin").chmod(0o600)
+    atomic_write_text(tmp_path / "card.md", "hello")
+    mode = lambda p: p.stat().st_mode & 0o777  # noqa: E731
+    assert mode(tmp_path / "run") == 0o755 and mode(tmp_path / "run" / "sub") == 0o755
+    assert mode(tmp_path / "run" / "sub" / "weights.bin") == 0o644 and mode(tmp_path / "card.md") == 0o644

@@ -63,9 +63,7 @@ class FakeHandler(BaseHTTPRequestHandler):
             payload, status = b"upstream exploded: out of memory", 500
         else:
             content = fake_answer(model, body["messages"][-1]["content"])
-            payload = json.dumps(
-                {"choices": [{"message": {"role": "assistant", "content": content}}]}
-            ).encode()
+            payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
             status = 200
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -221,9 +219,7 @@ def test_connection_refused_is_one_attempt(tmp_path: Path, monkeypatch) -> None:
     ("url", "models"),
     [(None, ("a",)), ("", ("a",)), ("http://x/v1", ()), ("http://x/v1", (" ",)), ("x", ("a",))],
 )
-def test_missing_endpoint_or_model_is_invalid(
-    url: str | None, models: tuple[str, ...], tmp_path: Path
-) -> None:
+def test_missing_endpoint_or_model_is_invalid(url: str | None, models: tuple[str, ...], tmp_path: Path) -> None:
     with pytest.raises(InvalidInput) as err:
         make_llm_judge(_ctx(url, models, tmp_path))
     assert err.value.hint

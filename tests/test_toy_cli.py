@@ -36,6 +36,16 @@ def test_bundled_model_loads_in_plain_open_clip():
     assert size <= 40 * 2**20 and model.visual.transformer.layers >= 4
 
 
+def test_bundled_model_was_trained_on_this_world_with_the_default_recipe():
+    """Changing the world's rendering or the training defaults means retraining the bundled model."""
+    from surgeon.toy.train import TrainConfig
+    from surgeon.toy.world import WORLD_VERSION
+
+    meta = json.loads((TOY_MODEL_DIR / "open_clip_config.json").read_text())["surgeon_toy"]
+    assert meta["world_version"] == WORLD_VERSION
+    assert meta["train_config"] == json.loads(json.dumps(TrainConfig().to_json()))
+
+
 def test_rank_and_prune_debias_onnx_with_no_arguments(tmp_path):
     exports = tmp_path / "exports"
     ranked = surgeon("rank", "--quiet", "--out", str(exports / "rank"))
@@ -70,6 +80,8 @@ def test_validate_and_toy_report():
     heads = figures["heads_ccs>=4"]
     assert heads["trained"] > heads["random_init"]
     assert figures["ground_truth_agreement"]["n_ccs>=4"] == heads["trained"]
+    # the shipped model meets every target of the toy world (accuracy, bias, specialisation, agreement)
+    assert figures["met"] == {"accuracy": True, "bias": True, "specialisation": True, "agreement": True}, figures
 
 
 @pytest.mark.parametrize(
