@@ -115,3 +115,16 @@ def test_debias_greedy_uses_measured_effects(ranking):
     assert sel.details["steps"][1]["bias"] == pytest.approx(0.4)
     # an accuracy budget of 0.5 points excludes L3.H1 (1 point)
     assert names(select("debias", ranking, k=3, evaluate=evaluate, max_acc_drop=0.5)) == ["L2.H2"]
+
+
+def test_debias_prefers_the_larger_bias_drop_over_an_accuracy_gain(ranking):
+    """L2.H2 raises accuracy but barely moves bias; L3.H1 removes most of it for half a point. Together they
+    are worse than L3.H1 alone, so the selection is L3.H1 only."""
+
+    def evaluate(heads):
+        a, b = HeadRef(3, 1) in heads, HeadRef(2, 2) in heads
+        bias = {(False, False): 0.8, (True, False): 0.5, (False, True): 0.75, (True, True): 0.55}[(a, b)]
+        return 0.9 - 0.005 * a + 0.01 * b, bias
+
+    sel = select("debias", ranking, k=3, evaluate=evaluate)
+    assert names(sel) == ["L3.H1"] and sel.details["steps"][-1]["bias"] == pytest.approx(0.5)
