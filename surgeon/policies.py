@@ -193,9 +193,10 @@ def paper_low(ranking: Ranking, options: PolicyOptions) -> Selection:
 def debias(ranking: Ranking, options: PolicyOptions) -> Selection:
     """Greedy: repeatedly add the head whose removal lowers the bias metric most (ties: the one that keeps
     more accuracy), while bias keeps falling, within a budget of k heads (default 4) and a maximum accuracy
-    drop (default 2 points). (A bias-per-accuracy-point ratio was tried first: it favoured heads whose removal
-    happened to raise accuracy and ended with more heads and more bias on the toy model.) Every analysed head is first measured alone; the greedy search runs over the `candidates` (8)
-    that lower bias most on their own. Every effect recorded is measured, not estimated."""
+    drop (default 2 points). Every analysed head is first measured alone; the greedy search runs over the
+    `candidates` (8) that lower bias most on their own. Every effect recorded is measured, not estimated.
+    (A bias-per-accuracy-point score was tried first: it favoured heads whose removal happened to raise
+    accuracy, and ended with more heads and more bias on the toy model.)"""
     if options.evaluate is None:
         raise InvalidInput("the debias policy needs a validation set to measure bias and accuracy on")
     budget = _k(options, ranking) if options.k is not None else min(4, len(ranking.heads))
