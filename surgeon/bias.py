@@ -50,7 +50,7 @@ def bias_metrics(
     if len(groups) == 0:
         raise InvalidInput("the bias set is empty")
     target = desired_distribution(groups, n_groups, desired)
-    max_skew, min_skew, ndkls = [], [], []
+    max_skew, min_skew, ndkls, shares = [], [], [], []
     groups_arr = np.asarray(groups)
     for row in similarity:
         order = np.argsort(-row, kind="stable")
@@ -59,10 +59,13 @@ def bias_metrics(
         max_skew.append(float(skews.max()))
         min_skew.append(float(skews.min()))
         ndkls.append(ndkl(ranked, target))
+        shares.append([round(float(c) / k, 6) for c in np.bincount(ranked[:k], minlength=n_groups)])
     return {
         f"max_skew@{k}": float(np.mean(max_skew)),
         f"min_skew@{k}": float(np.mean(min_skew)),
         "ndkl": float(np.mean(ndkls)),
         f"max_skew@{k}_per_query": [round(v, 6) for v in max_skew],
         f"max_skew@{k}_sum": float(np.sum(max_skew)),
+        # which group fills each query's top k (MaxSkew alone does not say in which direction it leans)
+        f"group_share@{k}_per_query": shares,
     }

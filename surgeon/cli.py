@@ -432,6 +432,8 @@ def toy_report_command(
     for factor, acc in report["zero_shot_acc1"].items():
         table.add_row(f"zero-shot top-1: {factor}", f"{100 * acc:.1f}%", ">= 85%")
     table.add_row("MaxSkew@10 (mean over neutral queries)", f"{report['max_skew@10']:.3f}", ">= 0.3")
+    share = report["bias_majority_share@10"]
+    table.add_row("top 10 wearing the shape's training outline", f"{100 * share:.0f}%", "> 50% (direction)")
     heads = report["heads_ccs>=4"]
     table.add_row("heads with CCS >= 4 (trained)", f"{heads['trained']} / {heads['analysed']}", ">= 6")
     table.add_row("heads with CCS >= 4 (random init)", f"{heads['random_init']} / {heads['analysed']}", "far fewer")

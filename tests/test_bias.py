@@ -38,6 +38,8 @@ def test_bias_metrics_from_similarities():
     assert per_query[0] == pytest.approx(math.log(2))
     assert per_query[1] == pytest.approx(0.0, abs=1e-9)
     assert metrics["max_skew@10"] == pytest.approx(math.log(2) / 2)
+    # the direction: query 0's top 10 is all group 0; query 1 alternates between the groups
+    assert metrics["group_share@10_per_query"] == [[1.0, 0.0], [0.5, 0.5]]
 
 
 def test_desired_distribution_and_errors():

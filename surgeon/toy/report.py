@@ -1,7 +1,9 @@
 """`surgeon toy report`: how the bundled toy model meets its targets, against the world's ground truth.
 
 - zero-shot top-1 per factor on the held-out split (target >= 85% each);
-- MaxSkew@10 on the counterfactual bias probe, averaged over the neutral queries (target >= 0.3);
+- MaxSkew@10 on the counterfactual bias probe, averaged over the neutral queries (target >= 0.3), and its
+  direction: the share of each shape query's top 10 that wears the outline the shape leans to in training
+  (0.5 = no direction; a model that ignores the outline can still get a MaxSkew, never a direction);
 - heads with CCS >= 4 (toy pool, lexicon judge) for the trained model and a random-init one of the same config;
 - ground truth: for every analysed head, the factor whose labels explain the largest share of the variance of
   the head's direct contributions (eta squared); agreement of the CCS label with it (target >= 80% for
@@ -92,6 +94,11 @@ def toy_report(loaded: LoadedModel, n_images: int = 2000, quiet: bool = True) ->
         if r["task"] == "zeroshot_classification"
     }
     skew = validation["summary"]["max_skew@10"]
+    bias = next(r["metrics"] for r in validation["results"] if r["task"] == "bias")
+    majority = world.get_world().cfg.majority_group
+    direction = float(
+        np.mean([s[majority(q)] for q, s in zip(bias["queries"], bias["group_share@10_per_query"], strict=True)])
+    )
     pool = load_pool("toy", toy=True)
     images = toy_images(n_images)
     trained = rank_heads(loaded, images, pool, quiet=quiet)
@@ -102,6 +109,7 @@ def toy_report(loaded: LoadedModel, n_images: int = 2000, quiet: bool = True) ->
         "model": loaded.identity,
         "zero_shot_acc1": accuracy,
         "max_skew@10": skew,
+        "bias_majority_share@10": direction,
         "ndkl": validation["summary"]["ndkl"],
         "heads_ccs>=4": {
             "trained": sum(h.ccs >= 4 for h in trained.heads),
