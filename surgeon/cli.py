@@ -386,7 +386,9 @@ def toy_train(
     out_dir: Annotated[Path | None, typer.Option("--out", help="model folder (default: the bundled model's)")] = None,
     steps: Annotated[int | None, typer.Option(help="optimizer steps (default: the shipped recipe)")] = None,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
-    threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: all cores)")] = None,
+    threads: Annotated[
+        int | None, typer.Option(help="torch CPU threads (default: all cores; the bundled model used 1)")
+    ] = None,
     force: Annotated[bool, typer.Option(help="replace an existing model folder")] = False,
     quiet: QuietOpt = False,
 ) -> None:
