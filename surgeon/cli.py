@@ -356,7 +356,9 @@ EXPORT_FORMATS = {"safetensors": ["safetensors"], "onnx": ["onnx"], "both": ["sa
 
 @app.command("export")
 def export_command(
-    run_dir: Annotated[Path, typer.Argument(help="a run folder written by `surgeon prune`")],
+    run_dir: Annotated[
+        Path | None, typer.Argument(help="a run folder written by `surgeon prune` (default: the newest in exports/)")
+    ] = None,
     export_format: Annotated[str, typer.Option("--format", help="safetensors, onnx or both")] = "onnx",
     labels: Annotated[Path | None, typer.Option(help="class names for classifier.onnx")] = None,
     atol: Annotated[float, typer.Option(help="ONNX parity tolerance (max abs difference)")] = 1e-4,
@@ -372,6 +374,11 @@ def export_command(
 
     if export_format not in EXPORT_FORMATS:
         raise InvalidInput(f"unknown export format {export_format!r}", hint="choose safetensors, onnx or both")
+    if run_dir is None:
+        from surgeon.paths import newest_output
+
+        run_dir = newest_output("*/plan.json", hint="run `surgeon prune` first, or pass RUN_DIR").parent
+        err.print(f"exporting the newest run: {run_dir}")
     target = out_dir or run_dir / f"export-{export_format}"
     files = export_existing_run(
         run_dir, EXPORT_FORMATS[export_format], target, force=force, device=device, labels=labels, atol=atol

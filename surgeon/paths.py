@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
-from surgeon.errors import PermissionDenied, PreconditionFailed, StorageError
+from surgeon.errors import NotFound, PermissionDenied, PreconditionFailed, StorageError
 
 #: the process umask, read once at import (reading it means setting it, which is not thread-safe later)
 _UMASK = os.umask(0o022)
@@ -30,6 +30,16 @@ def exports_dir() -> Path:
 def new_run_dir(kind: str) -> Path:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-%f")
     return exports_dir() / f"{kind}-{stamp}"
+
+
+def newest_output(*patterns: str, hint: str) -> Path:
+    """The most recently written match of glob patterns under exports/, for verbs that default to "the
+    last run" (a run folder may have any name, so this goes by modification time, not by name)."""
+    root = exports_dir()
+    found = [p for pattern in patterns for p in root.glob(pattern)] if root.is_dir() else []
+    if not found:
+        raise NotFound(f"nothing in {root} matches {' or '.join(patterns)}", hint=hint)
+    return max(found, key=lambda p: (p.stat().st_mtime_ns, str(p)))
 
 
 @contextmanager

@@ -162,3 +162,14 @@ def test_ranking_of_another_model_and_bad_labels(setup, tmp_path, tiny_model_dir
             export_options={"labels": labels},
         )
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_export_with_no_run_folder_says_what_to_do(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "SURGEON_EXPORTS_DIR": str(tmp_path / "exports")}
+    done = subprocess.run([sys.executable, "-m", "surgeon", "export"], capture_output=True, text=True, env=env)
+    assert done.returncode == 3 and "surgeon prune" in done.stderr, done.stderr
+    assert not (tmp_path / "exports").exists()

@@ -4,6 +4,7 @@ import on the inference path. The export folders are built here from a tiny rand
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -436,6 +437,34 @@ def test_infer_command_table_and_json(exported, images, tmp_path):
     assert isinstance(result.exception, NotFound) and "missing.png" in str(result.exception)
 
 
+def test_in_memory_images_match_files(exported, images):
+    _, _, bare = exported
+    served = ExportedModel(bare)
+    from_files, _ = served.logits(images, LABELS)
+    from_memory, _ = served.logits([Image.open(p) for p in images], LABELS)
+    assert np.array_equal(from_files, from_memory)
+    named = served.classify([Image.open(images[0])], LABELS, image_names=["first"])
+    assert named[0].image == "first"
+
+
+def test_infer_defaults_to_the_newest_export_and_toy_images(exported, tmp_path, monkeypatch):
+    _, root, bare = exported
+    monkeypatch.setenv("SURGEON_EXPORTS_DIR", str(tmp_path / "exports"))
+    runner = CliRunner()
+    result = runner.invoke(_app(), [])
+    assert isinstance(result.exception, NotFound) and "surgeon prune --export onnx" in result.exception.hint
+    shutil.copytree(root, tmp_path / "exports" / "older")  # a run folder: its export is in onnx/
+    shutil.copytree(bare, tmp_path / "exports" / "newer" / "onnx")
+    os.utime(tmp_path / "exports" / "older" / "onnx" / "visual.onnx", (1e9, 1e9))  # copies keep their mtimes
+    result = runner.invoke(_app(), ["--json", "-k", "1"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    shapes = ("circle", "square", "triangle", "cross", "star", "heart", "diamond", "moon")
+    assert payload["export"] == str(tmp_path / "exports" / "newer" / "onnx")  # no classifier: toy shape names
+    assert payload["classes_from"] == "labels" and len(payload["predictions"]) == 8
+    assert all(p["image"].startswith("toy test #") and p["top"][0]["label"] in shapes for p in payload["predictions"])
+
+
 def test_infer_without_onnxruntime_is_clear(exported, images, monkeypatch):
     _, root, _ = exported
     monkeypatch.delitem(sys.modules, "surgeon.runtime.session")
@@ -462,6 +491,8 @@ baked = runner.invoke(app, [{str(root)!r}, *images, "--json", "--batch-size", "2
 assert baked.exit_code == 0, baked.output
 zero_shot = runner.invoke(app, [{str(bare)!r}, *images, "--labels", {str(labels)!r}, "--json"])
 assert zero_shot.exit_code == 0, zero_shot.output
+toy = runner.invoke(app, [{str(bare)!r}, "--json"])  # no images: held-out toy images, in memory
+assert toy.exit_code == 0 and len(json.loads(toy.stdout)["predictions"]) == 8, toy.output
 top = [[p["top"][0]["label"] for p in json.loads(r.stdout)["predictions"]] for r in (baked, zero_shot)]
 assert top[0] == top[1], top
 heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision", "open_clip"))

@@ -66,6 +66,16 @@ def test_rank_and_prune_debias_onnx_with_no_arguments(tmp_path):
     assert session.get_inputs()[0].name == "pixel_values"
     card = (run / "README.md").read_text()
     assert "library_name: open_clip" in card and "debias" in card
+    # export and infer with no arguments take the newest run of ./exports and, for infer, held-out toy images
+    exported = surgeon("export", cwd=tmp_path)
+    assert exported.returncode == 0 and f"newest run: {run}" in " ".join(exported.stderr.split()), exported.stderr
+    assert (run / "export-onnx" / "onnx" / "visual.onnx").is_file()
+    inferred = surgeon("infer", "--json", "-k", "1", cwd=tmp_path)
+    assert inferred.returncode == 0, inferred.stderr
+    result = json.loads(inferred.stdout)
+    assert result["export"] == str(run / "export-onnx" / "onnx") and len(result["predictions"]) == 8
+    right = [p["top"][0]["label"] in p["image"] for p in result["predictions"]]  # names carry the true shape
+    assert sum(right) >= 6, result  # the debiased model still classifies shapes (96% before pruning)
 
 
 def test_validate_and_toy_report():

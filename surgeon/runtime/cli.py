@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from PIL import Image
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -37,9 +38,31 @@ def collect_images(paths: list[Path]) -> list[Path]:
     return found
 
 
+#: held-out toy images classified when `surgeon infer` gets no images
+TOY_DEMO_IMAGES = 8
+
+
+def toy_demo_images(n: int = TOY_DEMO_IMAGES) -> tuple[list[Image.Image], list[str], list[str]]:
+    """(images, names showing each one's true shape, the toy shapes as class names): the embedded default's
+    held-out split, in memory, for `surgeon infer` with no images."""
+    from surgeon.toy.world import get_world
+
+    world = get_world()
+    batch = world.sample(n, "test")
+    shapes = list(world.cfg.shapes)
+    names = [f"toy test #{i} (a {shapes[s]})" for i, s in enumerate(batch.labels["shape"])]
+    return [Image.fromarray(a) for a in batch.images], names, shapes
+
+
 def infer(
-    export_dir: Annotated[Path, typer.Argument(help="an ONNX export: the run's export folder or its onnx/ folder")],
-    images: Annotated[list[Path], typer.Argument(help="image files or folders of images")],
+    export_dir: Annotated[
+        Path | None,
+        typer.Argument(help="an ONNX export: a run folder, its export folder or onnx/ (default: the newest run's)"),
+    ] = None,
+    images: Annotated[
+        list[Path] | None,
+        typer.Argument(help="image files or folders of images (default: 8 held-out toy images, classified by shape)"),
+    ] = None,
     labels: Annotated[
         Path | None,
         typer.Option(help="class names, one per line (zero-shot via text.onnx); default: the export's classifier.onnx"),
@@ -60,10 +83,21 @@ def infer(
         raise InvalidInput(f"--top-k must be at least 1, got {top_k}")
     if batch_size < 1:
         raise InvalidInput(f"--batch-size must be at least 1, got {batch_size}")
-    label_list = read_labels(labels) if labels is not None else None
-    files = collect_images(list(images))
+    if export_dir is None:
+        from surgeon.paths import newest_output
+
+        patterns = ("*/onnx/visual.onnx", "*/export-onnx/onnx/visual.onnx")
+        export_dir = newest_output(*patterns, hint="run `surgeon prune --export onnx` first, or pass EXPORT_DIR").parent
+        Console(stderr=True).print(f"using the newest ONNX export: {export_dir}")
     model = ExportedModel(export_dir)
-    predictions = model.classify(files, label_list, top_k=top_k, batch_size=batch_size)
+    label_list = read_labels(labels) if labels is not None else None
+    if images:
+        inputs, names = collect_images(list(images)), None
+    else:
+        inputs, names, shapes = toy_demo_images()
+        if label_list is None and not model.has_classifier:
+            label_list = shapes
+    predictions = model.classify(inputs, label_list, top_k=top_k, batch_size=batch_size, image_names=names)
     source = "labels" if label_list is not None else "classifier.onnx"
     if as_json:
         payload = {

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from PIL import Image
 
 from surgeon.errors import CorruptInput, InvalidInput, NotFound
-from surgeon.runtime.preprocess import PreprocessConfig, load_image
+from surgeon.runtime.preprocess import PreprocessConfig, load_image, to_rgb
 from surgeon.runtime.tokenizer import ClipTokenizer
 
 # The zero-shot prompts surgeon validates and bakes classifier.onnx with (surgeon.validate.DEFAULT_TEMPLATES).
@@ -53,6 +54,10 @@ def resolve_export_dir(path: Path) -> Path:
         f"{path} holds no ONNX export (no visual.onnx in it or in {path / 'onnx'})",
         hint="export a pruned model with `surgeon prune ... --export onnx`",
     )
+
+
+#: an image file, or an image already in memory
+ImageInput = Path | str | Image.Image
 
 
 @dataclass(frozen=True)
@@ -156,18 +161,18 @@ class ExportedModel:
         except Exception as err:
             raise CorruptInput(f"{name} graph failed on an input of shape {list(array.shape)}: {err}") from None
 
-    def _image_batches(self, images: Sequence[Path | str], batch_size: int):
+    def _image_batches(self, images: Sequence[ImageInput], batch_size: int):
         if batch_size < 1:
             raise InvalidInput(f"batch size must be at least 1, got {batch_size}")
         for start in range(0, len(images), batch_size):
             chunk = images[start : start + batch_size]
-            yield self.preprocess.batch([load_image(path) for path in chunk])
+            yield self.preprocess.batch([to_rgb(x) if isinstance(x, Image.Image) else load_image(x) for x in chunk])
 
     def encode_pixels(self, pixel_values: np.ndarray) -> np.ndarray:
         """Preprocessed float32 [N, 3, H, W] -> L2-normalised image embeddings [N, D]."""
         return self._run("visual", np.ascontiguousarray(pixel_values, dtype=np.float32))
 
-    def encode_images(self, images: Sequence[Path | str], batch_size: int = 32) -> np.ndarray:
+    def encode_images(self, images: Sequence[ImageInput], batch_size: int = 32) -> np.ndarray:
         """Image files -> L2-normalised embeddings float32 [N, D], batch_size images per run."""
         if not images:
             raise InvalidInput("no images given")
@@ -220,7 +225,7 @@ class ExportedModel:
         return read_labels(path)
 
     def logits(
-        self, images: Sequence[Path | str], labels: Sequence[str] | None = None, batch_size: int = 32
+        self, images: Sequence[ImageInput], labels: Sequence[str] | None = None, batch_size: int = 32
     ) -> tuple[np.ndarray, list[str]]:
         """(logits [N, C] = 100 * cosine, class names). With labels: zero-shot through text.onnx and the
         default templates; without: the export's classifier.onnx."""
@@ -239,19 +244,22 @@ class ExportedModel:
 
     def classify(
         self,
-        images: Sequence[Path | str],
+        images: Sequence[ImageInput],
         labels: Sequence[str] | None = None,
         top_k: int = 5,
         batch_size: int = 32,
+        image_names: Sequence[str] | None = None,
     ) -> list[Prediction]:
-        """The top_k classes of each image (fewer when there are fewer classes), best first."""
+        """The top_k classes of each image (fewer when there are fewer classes), best first. `image_names`
+        label the predictions (default: the image paths)."""
         if top_k < 1:
             raise InvalidInput(f"top-k must be at least 1, got {top_k}")
         logits, names = self.logits(images, labels, batch_size)
         probs = _softmax(logits.astype(np.float64))
         k = min(top_k, len(names))
         predictions = []
-        for image, row, prob in zip(images, logits, probs, strict=True):
+        shown = [str(image) for image in images] if image_names is None else list(image_names)
+        for image, row, prob in zip(shown, logits, probs, strict=True):
             order = np.argsort(-row, kind="stable")[:k]
             top = [TopClass(names[i], float(row[i]), float(prob[i])) for i in order]
             predictions.append(Prediction(str(image), top))
