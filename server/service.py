@@ -44,6 +44,7 @@ from surgeon.export import EXPORTERS, export_existing_run
 from surgeon.images import ImageSet, resolve_images
 from surgeon.judges.base import JUDGES
 from surgeon.load import CHECKPOINT_SUFFIXES, TOY_MODEL_DIR, TOY_MODEL_NAME, LoadedModel, load_model
+from surgeon.paths import newest_output
 from surgeon.policies import POLICIES, PolicyOptions
 from surgeon.pools import load_pool
 from surgeon.prune import prune
@@ -493,10 +494,12 @@ class Requests:
         atol = _opt(request, "atol", 1e-4)
         if not atol >= 0:
             raise InvalidInput(f"atol must be >= 0, got {atol}")
-        if not request.run_dir:
-            raise InvalidInput("run_dir is required: a folder written by Prune")
         exports = self.config.exports
-        run_dir = resolve_in([exports], request.run_dir, "run folder", "dir")
+        raw = request.run_dir
+        if not raw:  # as the CLI: the newest run folder
+            newest = newest_output("*/plan.json", hint="run Prune first, or set run_dir", root=exports.path)
+            raw = newest.parent.relative_to(exports.path).as_posix()  # resolve_in checks where it leads
+        run_dir = resolve_in([exports], raw, "run folder", "dir")
         exports.check_tree(run_dir, "run folder")
         labels = self.data_file(request.labels, "labels file")
         out = self.out(request.out, "export", request.force, default=run_dir / f"export-{export}")

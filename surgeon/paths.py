@@ -32,10 +32,10 @@ def new_run_dir(kind: str) -> Path:
     return exports_dir() / f"{kind}-{stamp}"
 
 
-def newest_output(*patterns: str, hint: str) -> Path:
-    """The most recently written match of glob patterns under exports/, for verbs that default to "the
-    last run" (a run folder may have any name, so this goes by modification time, not by name)."""
-    root = exports_dir()
+def newest_output(*patterns: str, hint: str, root: Path | None = None) -> Path:
+    """The most recently written match of glob patterns under `root` (default: exports/), for verbs that
+    default to "the last run" (a run folder may have any name, so this goes by modification time)."""
+    root = exports_dir() if root is None else root
     found = [p for pattern in patterns for p in root.glob(pattern)] if root.is_dir() else []
     if not found:
         raise NotFound(f"nothing in {root} matches {' or '.join(patterns)}", hint=hint)

@@ -270,6 +270,10 @@ def test_prune_validate_export_and_operations(stub, world):
     stub.DeleteOperation(pb.DeleteOperationRequest(name=done.name), timeout=RPC_TIMEOUT)
     assert code_of(lambda: stub.GetOperation(pb.GetOperationRequest(name=done.name), timeout=10)) == Code.NOT_FOUND
     assert (world["exports"] / "pruned" / "plan.json").is_file()  # forgetting an operation keeps its files
+    # as the CLI, no run_dir means the newest run folder
+    newest = wait(stub, stub.Export(pb.ExportRequest(format="safetensors"), timeout=60))
+    assert newest.metadata.state == pb.SUCCEEDED, newest.error
+    assert newest.export.out_dir == "pruned/export-safetensors"
 
 
 def test_manifest_rows_may_use_dotdot_inside_the_data_root(stub, world):
