@@ -210,8 +210,9 @@ class JobManager:
                     f"the job queue is full ({len(self._running)} running, {waiting} waiting)",
                     hint="retry later (with backoff)",
                 )
-            busy = {p for job in self._jobs.values() if not job.done for p in job.reserved}
-            clash = next((p for p in reserved if p in busy), None)
+            busy = [p for job in self._jobs.values() if not job.done for p in job.reserved]
+            # nested paths clash too: a Prune replacing run1 would delete an Export writing run1/export-onnx
+            clash = next((p for p in reserved for b in busy if p == b or p in b.parents or b in p.parents), None)
             if clash is not None:
                 raise PreconditionFailed(f"another operation is writing {clash.name}", hint="choose another out path")
             job = Job(kind, body, list(reserved))
@@ -286,8 +287,11 @@ class JobManager:
         for job in stuck:
             with job.cond:
                 for path in job.reserved:
-                    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
-                        shutil.rmtree(tmp, ignore_errors=True)
+                    for tmp in path.parent.glob(f".{path.name}.tmp-*"):  # atomic_dir folders, atomic_write files
+                        if tmp.is_dir():
+                            shutil.rmtree(tmp, ignore_errors=True)
+                        else:
+                            tmp.unlink(missing_ok=True)
                 job.remove_created()
                 job._finish(CANCELLED, (grpc.StatusCode.CANCELLED, "the server shut down before the job stopped", ""))
         return stuck

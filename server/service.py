@@ -44,7 +44,7 @@ from surgeon.export import EXPORTERS, export_existing_run
 from surgeon.images import ImageSet, resolve_images
 from surgeon.judges.base import JUDGES
 from surgeon.load import CHECKPOINT_SUFFIXES, TOY_MODEL_DIR, TOY_MODEL_NAME, LoadedModel, load_model
-from surgeon.paths import newest_output
+from surgeon.paths import newest_run
 from surgeon.policies import POLICIES, PolicyOptions
 from surgeon.pools import load_pool
 from surgeon.prune import prune
@@ -357,7 +357,10 @@ class Requests:
         model, pretrained = self.model(request.model)
         ranking, judge = None, None
         if request.ranking:
-            path = resolve_in([self.config.exports, self.config.data], request.ranking, "ranking")
+            roots = [self.config.exports, self.config.data]
+            path = resolve_in(roots, request.ranking, "ranking")
+            if path.is_dir():  # resolve the file actually read, so a symlink in the folder cannot lead out
+                path = resolve_in(roots, f"{request.ranking.rstrip('/')}/ranking.json", "ranking", "file")
             ranking = Ranking.read(path)
             if k is not None and k > len(ranking.heads):
                 raise InvalidInput(f"k={k} out of range: choose 1..{len(ranking.heads)} (heads in the ranking)")
@@ -459,7 +462,7 @@ class Requests:
     def validate(self, request: pb.ValidateRequest) -> tuple[Callable[[Job], Outcome], list[Path]]:
         model, pretrained = self.model(request.model)
         suite_for = self.suite(request.validation)
-        out = self.out(request.out, "validate", True) if request.out else None
+        out = self.out(request.out, "validate", request.force) if request.out else None
         if out is not None and out.is_dir():
             raise InvalidInput(f"out {request.out!r} is a folder; name the results file (e.g. results.json)")
         device = self.config.device
@@ -497,8 +500,8 @@ class Requests:
         exports = self.config.exports
         raw = request.run_dir
         if not raw:  # as the CLI: the newest run folder
-            newest = newest_output("*/plan.json", hint="run Prune first, or set run_dir", root=exports.path)
-            raw = newest.parent.relative_to(exports.path).as_posix()  # resolve_in checks where it leads
+            newest = newest_run(hint="run Prune first, or set run_dir", root=exports.path)
+            raw = newest.relative_to(exports.path).as_posix()  # resolve_in checks where it leads
         run_dir = resolve_in([exports], raw, "run folder", "dir")
         exports.check_tree(run_dir, "run folder")
         labels = self.data_file(request.labels, "labels file")
@@ -561,6 +564,8 @@ class SurgeonService(pb_grpc.SurgeonServicer):
             job = self.jobs.submit(kind, body, reserved)
         except SurgeonError as error:
             self._abort(context, error)
+        except OSError as error:  # e.g. a path too long for the file system: still the client's input
+            self._abort(context, InvalidInput(f"{error.strerror or error}: {error.filename or ''}".rstrip(": ")))
         return operation(job)
 
     def _job(self, name: str, context) -> Job:

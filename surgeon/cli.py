@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from surgeon.errors import SurgeonError
+from surgeon.errors import StorageError, SurgeonError
 from surgeon.runtime.cli import infer
 
 app = typer.Typer(
@@ -375,9 +375,9 @@ def export_command(
     if export_format not in EXPORT_FORMATS:
         raise InvalidInput(f"unknown export format {export_format!r}", hint="choose safetensors, onnx or both")
     if run_dir is None:
-        from surgeon.paths import newest_output
+        from surgeon.paths import newest_run
 
-        run_dir = newest_output("*/plan.json", hint="run `surgeon prune` first, or pass RUN_DIR").parent
+        run_dir = newest_run(hint="run `surgeon prune` first, or pass RUN_DIR")
         err.print(f"exporting the newest run: {run_dir}")
     target = out_dir or run_dir / f"export-{export_format}"
     files = export_existing_run(
@@ -538,6 +538,9 @@ def main() -> None:
     except SurgeonError as error:
         err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
         sys.exit(error.exit_code)
+    except OSError as error:  # the file system refused something the library did not expect to fail
+        err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        sys.exit(StorageError.exit_code)
     except KeyboardInterrupt:
         err.print("interrupted: nothing was written")
         sys.exit(130)

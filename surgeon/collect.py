@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 
 from surgeon.decompose import check_supported, decompose, vision_layout
@@ -96,7 +97,8 @@ def collect_stats(
     stats, resume_at = None, start
     if checkpoint_every and partial.is_file():
         saved = HeadStats.load(partial)
-        stats, resume_at = saved.to(loaded.device), int(saved.meta.get("next", start))
+        if saved.meta.get("shard") == [start, stop]:  # another batch size or world size cuts other shards
+            stats, resume_at = saved.to(loaded.device), int(saved.meta.get("next", start))
 
     def checkpoint(current: HeadStats, next_index: int) -> None:
         current.save(partial, {"next": next_index, "shard": [start, stop]})
@@ -120,6 +122,9 @@ def collect_stats(
             hint="ranking needs at least 2 readable images",
         )
     if use_cache and w.is_main:
-        stats.save(path, {"images": images.identity, "model": loaded.identity})
+        try:
+            stats.save(path, {"images": images.identity, "model": loaded.identity})
+        except OSError as err:  # the cache is an optimisation: the ranking still stands
+            warnings.warn(f"could not cache the statistics in {path.parent}: {err}", stacklevel=2)
     partial.unlink(missing_ok=True)
     return stats, False

@@ -32,8 +32,9 @@ def world() -> World:
     if size <= 1:
         return World()
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
+        backend = "gloo"
+        if torch.cuda.is_available():  # NCCL for CUDA tensors, gloo for CPU ones (e.g. --device cpu on a GPU box)
+            backend = "cpu:gloo,cuda:nccl"
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend)
     return World(dist.get_rank(), dist.get_world_size())

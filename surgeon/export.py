@@ -131,7 +131,7 @@ def _graphs(loaded: LoadedModel, labels: list[str] | None) -> list[OnnxGraph]:
         OnnxGraph("text.onnx", _Text(model), "input_ids", "text_embeds", tokens),
     ]
     if labels:
-        from surgeon.validate import DEFAULT_TEMPLATES
+        from surgeon.templates import DEFAULT_TEMPLATES
         from surgeon.zeroshot import build_classifier
 
         classes = build_classifier(model, loaded.tokenizer, labels, DEFAULT_TEMPLATES, device)

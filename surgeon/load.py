@@ -247,9 +247,9 @@ def load_model(
                 hint=(f"did you mean {', '.join(close)}? " if close else "")
                 + "use an open_clip name (`surgeon models`), a local-dir: folder, or omit --model for the toy",
             )
-        model_cfg = open_clip.get_model_config(model)
-        clip = build_clip(model_cfg)
+        model_cfg = dict(open_clip.get_model_config(model))
         preprocess_cfg = {}
+        weights_path = None
         if pretrained:
             path = Path(pretrained)
             if path.suffix in CHECKPOINT_SUFFIXES or path.exists():
@@ -261,6 +261,10 @@ def load_model(
                 preprocess_cfg = {
                     k: tag_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag_cfg
                 }
+                if tag_cfg.get("quick_gelu"):  # e.g. OpenAI's weights: same parameters, another activation
+                    model_cfg["quick_gelu"] = True
+        clip = build_clip(model_cfg)
+        if weights_path is not None:
             load_weights_strict(clip, read_state_dict(weights_path), str(weights_path))
         else:
             warnings.warn(f"{model} has no --pretrained weights: using a random initialisation", stacklevel=2)

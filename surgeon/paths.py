@@ -37,9 +37,16 @@ def newest_output(*patterns: str, hint: str, root: Path | None = None) -> Path:
     default to "the last run" (a run folder may have any name, so this goes by modification time)."""
     root = exports_dir() if root is None else root
     found = [p for pattern in patterns for p in root.glob(pattern)] if root.is_dir() else []
+    # dot-names are other writers' temporary folders (atomic_dir): never finished, about to move
+    found = [p for p in found if not any(part.startswith(".") for part in p.relative_to(root).parts)]
     if not found:
         raise NotFound(f"nothing in {root} matches {' or '.join(patterns)}", hint=hint)
     return max(found, key=lambda p: (p.stat().st_mtime_ns, str(p)))
+
+
+def newest_run(hint: str, root: Path | None = None) -> Path:
+    """The newest run folder of `surgeon prune` (one that holds a pruned model) under `root`."""
+    return newest_output("*/model/open_clip_config.json", hint=hint, root=root).parent.parent
 
 
 @contextmanager
@@ -89,21 +96,34 @@ def _publish(tmp: Path, final: Path, force: bool) -> None:
     try:
         os.rename(tmp, final)
     except OSError as err:
+        if old is not None:  # put the previous output back: never lose both
+            os.rename(old, final)
         raise PreconditionFailed(f"could not move the result into {final}: {err.strerror or err}") from None
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+    if old is not None:
+        _remove(old)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write a file through a temporary sibling and rename, so readers never see half of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    except OSError as err:
+        raise PermissionDenied(f"cannot write {path}: {err.strerror or err}") from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
         os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
+    except OSError as err:
+        raise StorageError(f"writing {path} failed: {err.strerror or err}; nothing was written") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from surgeon import __version__
 from surgeon.decompose import head_means
-from surgeon.errors import InvalidInput
+from surgeon.errors import InvalidInput, PreconditionFailed
 from surgeon.images import ImageSet
 from surgeon.load import LoadedModel, weights_hash
 from surgeon.paths import atomic_dir
@@ -65,9 +65,19 @@ def prune(
     validation uses the whole suite."""
     from surgeon.export import export_run
 
+    if (loaded.extra.get("surgeon") or {}).get("heads_kept"):
+        raise PreconditionFailed(
+            "this model is already hard-pruned: its layout would have to be merged with a second pruning",
+            hint="prune the original checkpoint once, with every head to remove (e.g. --policy heads)",
+        )
     ranking.check_model(loaded)
     if seeds < 1:
         raise InvalidInput("--seeds must be at least 1")
+    if not suite.tasks and (policy == "debias" or seeds > 1):
+        raise InvalidInput(
+            f"{'debias' if policy == 'debias' else '--seeds'} trades off accuracy: it needs a "
+            "classification set (--data) besides the bias set"
+        )
     if seeds > 1 and policy != "random":
         raise InvalidInput("--seeds repeats the random policy; other policies are deterministic")
     if mode == "mean" and reference is None:
@@ -75,6 +85,7 @@ def prune(
     if mode == "mean" and tower != "vision":
         raise InvalidInput("mean ablation is defined for the vision tower only")
     gates = gates or Gates()
+    gates.check_measurable(suite)
     evaluator = Evaluator(loaded, suite, first_layer=min(ranking.layers))
     search = (
         Evaluator(loaded, suite.subset(search_images, search_bias), min(ranking.layers)) if policy == "debias" else None
@@ -84,7 +95,7 @@ def prune(
     seed_runs = []
     if seeds > 1:  # the paper's control: average the random policy over seeds (zero ablation, measured)
         for offset in range(seeds):
-            seeded = PolicyOptions(**{**asdict(options), "seed": options.seed + offset, "evaluate": None})
+            seeded = replace(options, seed=options.seed + offset, evaluate=None)
             heads = POLICIES.get(policy)(ranking, seeded).heads
             summary = evaluator.evaluate(heads)["summary"]
             seed_runs.append({"seed": seeded.seed, "heads": [h.name for h in heads], **summary})
@@ -108,7 +119,11 @@ def prune(
         "base_model": ranking.model,
         "ranking_sha256": ranking.digest(),
         "policy": policy,
-        "options": {k: v for k, v in asdict(options).items() if k != "evaluate" and v is not None},
+        "options": {  # not asdict: it would deep-copy `evaluate`, i.e. the whole evaluator and its model
+            f.name: getattr(options, f.name)
+            for f in fields(options)
+            if f.name != "evaluate" and getattr(options, f.name) is not None
+        },
         "mode": mode,
         "tower": tower,
         "seed": options.seed,

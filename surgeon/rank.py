@@ -74,8 +74,9 @@ class Ranking:
 
     @classmethod
     def from_dict(cls, data: dict) -> Ranking:
-        if data.get("schema") != RANKING_SCHEMA:
-            raise CorruptInput(f"not a surgeon ranking (schema {data.get('schema')!r}, expected {RANKING_SCHEMA})")
+        if not isinstance(data, dict) or data.get("schema") != RANKING_SCHEMA:
+            schema = data.get("schema") if isinstance(data, dict) else type(data).__name__
+            raise CorruptInput(f"not a surgeon ranking (schema {schema!r}, expected {RANKING_SCHEMA})")
         fields = {k: data[k] for k in ("model", "images", "layers", "n_heads", "m", "rank", "pool", "judge")}
         return cls(**fields, heads=[HeadRank(**h) for h in data["heads"]], surgeon_version=data["surgeon_version"])
 
@@ -86,7 +87,7 @@ class Ranking:
             return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
         except FileNotFoundError:
             raise NotFound(f"ranking not found: {path}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as err:
             raise CorruptInput(f"corrupt ranking {path}: {err}") from None
 
     def check_model(self, loaded: LoadedModel) -> None:

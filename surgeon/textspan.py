@@ -6,6 +6,7 @@ direction u of a chosen text maps Cov -> P Cov P with P = I - u u^T."""
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -20,17 +21,21 @@ class SpanResult:
     stds: tuple[float, ...]  # std over images of the projection on each pick, when it was picked
 
 
+_THREADS_LOCK = threading.Lock()  # the thread count is process-wide: the server ranks in several threads
+
+
 def _eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Single-threaded on CPU: multi-threaded LAPACK eigh at these sizes is 10-100x slower when cores are
     busy (measured 0.02 s vs 0.2-1.7 s for 384 x 384 on 2 loaded cores)."""
     if matrix.device.type != "cpu":
         return torch.linalg.eigh(matrix)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return torch.linalg.eigh(matrix)
-    finally:
-        torch.set_num_threads(threads)
+    with _THREADS_LOCK:  # two overlapping save/restore pairs would leave the process on one thread
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return torch.linalg.eigh(matrix)
+        finally:
+            torch.set_num_threads(threads)
 
 
 def textspan(
@@ -44,7 +49,9 @@ def textspan(
     outer = outer.double()
     dim = outer.shape[0]
     _, vectors = _eigh(outer)  # ascending eigenvalues
-    basis = vectors[:, -min(rank, dim) :]
+    # N images span at most N directions (the SVD of the N x D matrix has min(N, D) of them): the other
+    # eigenvectors of C^T C belong to zero eigenvalues and are arbitrary
+    basis = vectors[:, -min(rank, dim, count) :]
     pool = texts.to(outer.device, torch.float64) @ basis @ basis.T  # texts projected onto the head's span
     mean = total.double() / count
     cov = outer - count * torch.outer(mean, mean)

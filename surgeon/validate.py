@@ -23,9 +23,8 @@ from surgeon.images import open_image
 from surgeon.load import LoadedModel
 from surgeon.pools import read_lines
 from surgeon.surgery import HeadRef, zero_heads
+from surgeon.templates import fill, read_templates
 from surgeon.zeroshot import build_classifier, metrics_from_logits, uint8_to_tensor
-
-DEFAULT_TEMPLATES = ["a {}", "a photo of {}", "a picture of {}", "an image of {}"]  # METHOD.md §3-4
 
 
 @dataclass
@@ -115,7 +114,7 @@ def classification_set(
     data: Path, classnames_file: Path | None = None, templates_file: Path | None = None
 ) -> ClassificationSet:
     """An ImageFolder (one folder per class) or a CSV manifest (path,label)."""
-    templates = read_lines(templates_file, "templates file") if templates_file else DEFAULT_TEMPLATES
+    templates = read_templates(templates_file)
     if data.is_dir():
         classes = sorted(p.name for p in data.iterdir() if p.is_dir())
         paths, labels = [], []
@@ -145,8 +144,8 @@ def bias_set(
     """A CSV manifest (path,group[,...]) and neutral queries, one per line."""
     rows = _manifest_rows(manifest, 2)
     group_names = sorted({r[1].strip() for r in rows})
-    templates = read_lines(templates_file, "templates file") if templates_file else DEFAULT_TEMPLATES
-    queries = {q: [t.format(q) for t in templates] for q in read_lines(queries_file, "queries file")}
+    templates = read_templates(templates_file)
+    queries = {q: [fill(t, q) for t in templates] for q in read_lines(queries_file, "queries file")}
     return BiasSet(
         manifest.name,
         [manifest.parent / r[0].strip() for r in rows],
@@ -311,6 +310,11 @@ class Gates:
     max_skew: float | None = None
     min_acc: float | None = None  # points, absolute
     failures: list[str] = field(default_factory=list)
+
+    def check_measurable(self, suite: ValidationSuite) -> None:
+        """Before any work: a gate on accuracy needs tasks to measure it on."""
+        if not suite.tasks and (self.max_acc_drop is not None or self.min_acc is not None):
+            raise InvalidInput("accuracy gates need a classification set (--data) to measure accuracy on")
 
     def check(self, before: dict, after: dict) -> list[str]:
         failures = []

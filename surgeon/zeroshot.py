@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from surgeon.errors import InvalidInput
+from surgeon.templates import check_templates, fill
 
 ImageInput = torch.Tensor | np.ndarray | Iterable
 
@@ -31,10 +32,6 @@ def _device_of(model: torch.nn.Module, device) -> torch.device:
         return torch.device("cpu")
 
 
-def _fill(template: str, classname: str) -> str:
-    return template.format(classname) if "{}" in template else template.format(c=classname)
-
-
 @torch.no_grad()
 def build_classifier(
     model,
@@ -50,7 +47,7 @@ def build_classifier(
     if not templates:
         raise InvalidInput("no prompt templates given")
     dev = _device_of(model, device)
-    texts = [_fill(t, c) for c in classnames for t in templates]
+    texts = [fill(t, c) for c in classnames for t in check_templates(templates)]
     feats = []
     for i in range(0, len(texts), batch_size):
         tok = tokenizer(texts[i : i + batch_size]).to(dev)

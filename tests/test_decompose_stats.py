@@ -95,6 +95,20 @@ def test_textspan_from_stats_matches_explicit_matrix(rank):
     assert len(set(got.picks)) == 5 and got.stds[0] >= got.stds[-1] > 0
 
 
+def test_textspan_with_fewer_images_than_rank_matches_reference():
+    """12 images span 12 directions: the basis may not add arbitrary null-space ones."""
+    rng = np.random.default_rng(7)
+    dim, n = 24, 12
+    for trial in range(10):
+        data = rng.normal(size=(n, dim))
+        texts = rng.normal(size=(40, dim))
+        texts /= np.linalg.norm(texts, axis=1, keepdims=True)
+        stats = HeadStats.empty((0,), 1, dim)
+        stats.update(torch.from_numpy(data).view(n, 1, 1, dim))
+        got = textspan(stats.count, stats.total[0, 0], stats.outer[0, 0], torch.from_numpy(texts), m=5, rank=80)
+        assert list(got.picks) == reference_textspan(data, texts, 5, 80), trial
+
+
 def test_textspan_on_real_head_matches_reference(tiny_default_dir):
     loaded = load_model(f"local-dir:{tiny_default_dir}", device="cpu")
     images = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(5))

@@ -81,6 +81,9 @@ def world(tmp_path_factory) -> dict:
     (data / "escape").symlink_to(outside, target_is_directory=True)
     _png(data / "linked" / "ok.png", (1, 2, 3), 8)
     (data / "linked" / "secret.png").symlink_to(outside / "secret.png")
+    (outside / "ranking.json").write_text("{}")
+    (data / "ranking-link").mkdir()
+    (data / "ranking-link" / "ranking.json").symlink_to(outside / "ranking.json")  # a folder whose file leads out
     (data / "evil.csv").write_text("path,group\nval/red/0.png,a\n../outside/secret.png,b\n")
     (data / "evil_abs.csv").write_text(f"path,group\nval/red/0.png,a\n{outside / 'secret.png'},b\n")
     exports.mkdir()
@@ -456,6 +459,7 @@ def test_reflection_lists_the_service(channel):
         ("Prune", lambda w: prune_request(ranking="ranking", export_format="tflite"), Code.INVALID_ARGUMENT),
         ("Prune", lambda w: prune_request(ranking=str(w["outside"])), Code.PERMISSION_DENIED),
         ("Prune", lambda w: prune_request(ranking="nope"), Code.NOT_FOUND),
+        ("Prune", lambda w: prune_request(ranking="ranking-link"), Code.PERMISSION_DENIED),
         (
             "Prune",
             lambda w: prune_request(
@@ -515,6 +519,7 @@ def test_reflection_lists_the_service(channel):
         "unknown-export-format",
         "ranking-outside",
         "missing-ranking",
+        "ranking-folder-file-leads-out",
         "manifest-row-dotdot",
         "manifest-row-absolute",
         "labels-via-symlink",
@@ -682,3 +687,20 @@ def test_surgeon_serve_command_drains_on_sigterm(world, tmp_path):
         if process.poll() is None:
             process.kill()
             process.wait(10)
+
+
+def test_nested_outputs_clash_like_equal_ones(tmp_path):
+    """A Prune replacing run1 would delete what an Export writes into run1/export-onnx."""
+    from server.jobs import JobManager
+    from surgeon.errors import PreconditionFailed
+
+    jobs = JobManager(max_jobs=1)
+    release = threading.Event()
+    jobs.submit("Prune", lambda job: release.wait(10), [tmp_path / "run1"])
+    try:
+        for path in (tmp_path / "run1", tmp_path / "run1" / "export-onnx", tmp_path):
+            with pytest.raises(PreconditionFailed, match="another operation"):
+                jobs.submit("Export", lambda job: None, [path])
+        jobs.submit("Export", lambda job: None, [tmp_path / "run2" / "export-onnx"])  # unrelated: accepted
+    finally:
+        release.set()

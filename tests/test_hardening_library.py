@@ -105,3 +105,23 @@ def test_published_outputs_get_the_umask_modes_not_owner_only(tmp_path, monkeypa
     mode = lambda p: p.stat().st_mode & 0o777  # noqa: E731
     assert mode(tmp_path / "run") == 0o755 and mode(tmp_path / "run" / "sub") == 0o755
     assert mode(tmp_path / "run" / "sub" / "weights.bin") == 0o644 and mode(tmp_path / "card.md") == 0o644
+
+
+def test_a_failed_replace_keeps_the_previous_output(tmp_path, monkeypatch):
+    import os
+
+    final = tmp_path / "out"
+    final.mkdir()
+    (final / "old.txt").write_text("previous")
+    real_rename = os.rename
+
+    def failing(src, dst):
+        if ".tmp-" in str(src):
+            raise OSError(18, "Invalid cross-device link")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr("surgeon.paths.os.rename", failing)
+    with pytest.raises(PreconditionFailed, match="could not move"):
+        with atomic_dir(final, force=True) as tmp:
+            (tmp / "new.txt").write_text("new")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and (final / "old.txt").read_text() == "previous"

@@ -90,3 +90,18 @@ def test_local_dir_without_config(tmp_path):
     (tmp_path / "open_clip_config.json").write_text(json.dumps({"nothing": 1}))
     with pytest.raises(CorruptInput, match="model_cfg"):
         load_model(f"local-dir:{tmp_path}")
+
+
+def test_a_quick_gelu_tag_builds_quick_gelu(monkeypatch, tmp_path):
+    """OpenAI's weights load into either activation (no parameters differ): the tag must decide."""
+    from open_clip.model import QuickGELU
+    from safetensors.torch import save_file
+
+    import surgeon.load as load
+
+    tiny = load_model("ViT-S-32", device="cpu")
+    save_file({k: v.contiguous() for k, v in tiny.model.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    monkeypatch.setattr(load, "_find_in_hub_cache", lambda m, t: (tmp_path / "w.safetensors", {"quick_gelu": True}))
+    tagged = load_model("ViT-S-32", "some-tag", device="cpu")
+    assert isinstance(tagged.model.visual.transformer.resblocks[0].mlp.gelu, QuickGELU)
+    assert not isinstance(tiny.model.visual.transformer.resblocks[0].mlp.gelu, QuickGELU)

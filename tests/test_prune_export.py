@@ -173,3 +173,43 @@ def test_export_with_no_run_folder_says_what_to_do(tmp_path):
     done = subprocess.run([sys.executable, "-m", "surgeon", "export"], capture_output=True, text=True, env=env)
     assert done.returncode == 3 and "surgeon prune" in done.stderr, done.stderr
     assert not (tmp_path / "exports").exists()
+
+
+def test_accuracy_needs_a_classification_set(setup, tmp_path):
+    """A bias set alone measures no accuracy: debias, --seeds, accuracy gates and sweeps refuse at once."""
+    from dataclasses import replace
+
+    from surgeon.sweep import run_sweep
+
+    loaded, ranking = setup
+    bias_only = replace(synthetic_suite(), tasks=[])
+    for policy, options, kwargs in [
+        ("debias", PolicyOptions(), {}),
+        ("random", PolicyOptions(k=1), {"seeds": 2}),
+        ("top-k", PolicyOptions(k=1), {"gates": Gates(max_acc_drop=1.0)}),
+    ]:
+        with pytest.raises(InvalidInput, match="classification set"):
+            prune(loaded, ranking, bias_only, policy, options, out_dir=tmp_path / "run", **kwargs)
+    with pytest.raises(InvalidInput, match="classification set"):
+        run_sweep(loaded, ranking, bias_only, counts=[0, 1], quiet=True)
+    assert not (tmp_path / "run").exists()
+    # the bias alone is fine for a plain policy
+    result = prune(loaded, ranking, bias_only, "top-k", PolicyOptions(k=1))
+    assert result.after["summary"]["mean_acc1"] is None and "max_skew@10" in result.after["summary"]
+
+
+def test_a_hard_pruned_model_is_not_pruned_twice(setup, tmp_path):
+    loaded, ranking = setup
+    prune(loaded, ranking, synthetic_suite(), "top-k", PolicyOptions(k=1), mode="hard", out_dir=tmp_path / "run")
+    again = load_model(f"local-dir:{tmp_path / 'run' / 'model'}", device="cpu")
+    with pytest.raises(PreconditionFailed, match="already hard-pruned"):
+        prune(again, ranking, synthetic_suite(), "top-k", PolicyOptions(k=1))
+
+
+def test_ranking_file_that_is_not_an_object(tmp_path):
+    from surgeon.errors import CorruptInput
+    from surgeon.rank import Ranking
+
+    (tmp_path / "ranking.json").write_text("[1, 2]")
+    with pytest.raises(CorruptInput):
+        Ranking.read(tmp_path / "ranking.json")

@@ -456,6 +456,7 @@ def test_infer_defaults_to_the_newest_export_and_toy_images(exported, tmp_path, 
     shutil.copytree(root, tmp_path / "exports" / "older")  # a run folder: its export is in onnx/
     shutil.copytree(bare, tmp_path / "exports" / "newer" / "onnx")
     os.utime(tmp_path / "exports" / "older" / "onnx" / "visual.onnx", (1e9, 1e9))  # copies keep their mtimes
+    shutil.copytree(root, tmp_path / "exports" / ".run.tmp-123")  # another writer's unfinished output: skipped
     result = runner.invoke(_app(), ["--json", "-k", "1"])
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)

@@ -115,3 +115,19 @@ def test_uint8_to_tensor():
     im = np.full((2, 4, 4, 3), 255, np.uint8)
     x = uint8_to_tensor(im, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     assert x.shape == (2, 3, 4, 4) and torch.allclose(x, torch.full_like(x, 2.0))
+
+
+def test_template_files_are_checked_when_read(tmp_path):
+    """{} and {c} both name the class; anything else is one clear error, not a KeyError mid-validation."""
+    from surgeon.errors import InvalidInput
+    from surgeon.templates import DEFAULT_TEMPLATES, read_templates
+
+    good = tmp_path / "good.txt"
+    good.write_text("a photo of {c}.\na {} in {{braces}}\n")
+    assert read_templates(good) == ["a photo of {c}.", "a {} in {{braces}}"]
+    assert read_templates(None) == list(DEFAULT_TEMPLATES)
+    for text, message in [("a photo of {x}\n", "cannot be filled"), ("a photo\n", "no {} or {c}")]:
+        bad = tmp_path / "bad.txt"
+        bad.write_text(text)
+        with pytest.raises(InvalidInput, match=message.replace("{", r"\{").replace("}", r"\}")):
+            read_templates(bad)

@@ -13,7 +13,7 @@ _EXPORTS = {
     "ClipTokenizer": "surgeon.runtime.tokenizer",
     "PreprocessConfig": "surgeon.runtime.preprocess",
     "load_image": "surgeon.runtime.preprocess",
-    "DEFAULT_TEMPLATES": "surgeon.runtime.session",
+    "DEFAULT_TEMPLATES": "surgeon.templates",
     "ExportedModel": "surgeon.runtime.session",
     "Prediction": "surgeon.runtime.session",
     "TopClass": "surgeon.runtime.session",

@@ -23,9 +23,7 @@ from PIL import Image
 from surgeon.errors import CorruptInput, InvalidInput, NotFound
 from surgeon.runtime.preprocess import PreprocessConfig, load_image, to_rgb
 from surgeon.runtime.tokenizer import ClipTokenizer
-
-# The zero-shot prompts surgeon validates and bakes classifier.onnx with (surgeon.validate.DEFAULT_TEMPLATES).
-DEFAULT_TEMPLATES = ("a {}", "a photo of {}", "a picture of {}", "an image of {}")
+from surgeon.templates import DEFAULT_TEMPLATES, check_templates, fill
 
 _GRAPHS = {
     "visual": ("visual.onnx", "pixel_values", "image_embeds"),
@@ -200,7 +198,7 @@ class ExportedModel:
             raise InvalidInput("no prompt templates given")
         key = (labels, templates)
         if key not in self._class_cache:
-            texts = [_fill(t, c) for c in labels for t in templates]
+            texts = [fill(t, c) for c in labels for t in check_templates(templates)]
             emb = self.encode_texts(texts).astype(np.float32)
             emb = emb / np.linalg.norm(emb, axis=-1, keepdims=True)
             emb = emb.reshape(len(labels), len(templates), -1).mean(axis=1)
@@ -264,10 +262,6 @@ class ExportedModel:
             top = [TopClass(names[i], float(row[i]), float(prob[i])) for i in order]
             predictions.append(Prediction(str(image), top))
         return predictions
-
-
-def _fill(template: str, label: str) -> str:
-    return template.format(label) if "{}" in template else template.format(c=label)
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:

@@ -144,14 +144,16 @@ class PruneRequest(_message.Message):
     def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., ranking: _Optional[str] = ..., policy: _Optional[str] = ..., k: _Optional[int] = ..., heads: _Optional[str] = ..., concept: _Optional[str] = ..., min_ccs: _Optional[int] = ..., seed: _Optional[int] = ..., seeds: _Optional[int] = ..., mode: _Optional[str] = ..., tower: _Optional[str] = ..., max_acc_drop: _Optional[float] = ..., max_skew: _Optional[float] = ..., min_acc: _Optional[float] = ..., export_anyway: _Optional[bool] = ..., export_format: _Optional[str] = ..., labels: _Optional[str] = ..., atol: _Optional[float] = ..., images: _Optional[_Union[ImageSource, _Mapping]] = ..., texts: _Optional[str] = ..., judge: _Optional[str] = ..., layers: _Optional[str] = ..., validation: _Optional[_Union[ValidationData, _Mapping]] = ..., out: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...
 
 class ValidateRequest(_message.Message):
-    __slots__ = ("model", "validation", "out")
+    __slots__ = ("model", "validation", "out", "force")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VALIDATION_FIELD_NUMBER: _ClassVar[int]
     OUT_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
     model: ModelRef
     validation: ValidationData
     out: str
-    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., validation: _Optional[_Union[ValidationData, _Mapping]] = ..., out: _Optional[str] = ...) -> None: ...
+    force: bool
+    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., validation: _Optional[_Union[ValidationData, _Mapping]] = ..., out: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...
 
 class ExportRequest(_message.Message):
     __slots__ = ("run_dir", "format", "labels", "atol", "out", "force")

@@ -1,0 +1,48 @@
+"""Zero-shot prompt templates, shared by validation, export and the torch-free runtime.
+
+A template holds one placeholder for the class name, either ``{}`` or ``{c}`` (both styles are common in
+published template lists). Templates from users' files are checked when read, so a stray ``{x}`` is one
+clear error instead of a KeyError deep inside validation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from surgeon.errors import InvalidInput
+
+#: METHOD.md §3-4: the CCS paper's four neutral templates
+DEFAULT_TEMPLATES = ("a {}", "a photo of {}", "a picture of {}", "an image of {}")
+
+
+def fill(template: str, label: str) -> str:
+    return template.format(label) if "{}" in template else template.format(c=label)
+
+
+def check_templates(templates: Sequence[str], where: str = "templates") -> list[str]:
+    """The templates as a list; InvalidInput naming the first one that cannot be filled."""
+    templates = list(templates)
+    if not templates:
+        raise InvalidInput(f"{where}: no prompt templates")
+    for template in templates:
+        try:
+            fill(template, "x")
+        except (KeyError, IndexError, ValueError) as err:
+            raise InvalidInput(
+                f"{where}: template {template!r} cannot be filled ({type(err).__name__}: {err})",
+                hint="use {} or {c} for the class name and double other braces ({{ }})",
+            ) from None
+    return templates
+
+
+def read_templates(path: Path | None) -> list[str]:
+    """Templates from a file, one per line (None: the defaults); each must name the class."""
+    if path is None:
+        return list(DEFAULT_TEMPLATES)
+    from surgeon.pools import read_lines
+
+    templates = check_templates(read_lines(path, "templates file"), str(path))
+    unnamed = next((t for t in templates if fill(t, "\0") == t), None)
+    if unnamed is not None:
+        raise InvalidInput(f"{path}: template {unnamed!r} has no {{}} or {{c}} for the class name")
+    return templates
