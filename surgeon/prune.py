@@ -86,7 +86,7 @@ def prune(
         raise InvalidInput("mean ablation is defined for the vision tower only")
     gates = gates or Gates()
     gates.check_measurable(suite)
-    evaluator = Evaluator(loaded, suite, first_layer=min(ranking.layers))
+    evaluator = Evaluator(loaded, suite, first_layer=min(ranking.layers), cache=seeds > 1)
     search = (
         Evaluator(loaded, suite.subset(search_images, search_bias), min(ranking.layers)) if policy == "debias" else None
     )

@@ -193,9 +193,20 @@ def heads_zeroed(blocks: torch.nn.ModuleList, heads: list[HeadRef]) -> Iterator[
 
 
 class Evaluator:
-    """Scores a model (optionally with some vision heads zero-ablated) on a validation suite."""
+    """Scores a model (optionally with some vision heads zero-ablated) on a validation suite.
 
-    def __init__(self, loaded: LoadedModel, suite: ValidationSuite, first_layer: int = 0, batch_size: int = 256):
+    With `cache` (for repeated evaluations: sweeps, the debias search) the residual stream entering
+    `first_layer` is kept for every image, so each evaluation re-runs only the later blocks; that costs
+    tokens x width x 4 bytes per image (about 1 MB for ViT-L-14), so one-off evaluations stream instead."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        suite: ValidationSuite,
+        first_layer: int = 0,
+        batch_size: int = 256,
+        cache: bool = True,
+    ):
         self.loaded, self.suite, self.first_layer, self.batch_size = loaded, suite, first_layer, batch_size
         model = loaded.model
         with torch.no_grad():
@@ -216,9 +227,10 @@ class Evaluator:
         sets = [(t.name, t.images) for t in suite.tasks] + (
             [(suite.bias.name, suite.bias.images)] if suite.bias is not None else []
         )
+        self._images = {id(images): images for _, images in sets}
         for name, images in sets:
             self._set_key[name] = id(images)
-            if id(images) not in self._prefixes:
+            if cache and id(images) not in self._prefixes:
                 self._prefixes[id(images)] = torch.cat([self._prefix(b) for b in self._pixel_batches(images)])
 
     def _pixel_batches(self, images: np.ndarray | list[Path]) -> Iterator[torch.Tensor]:
@@ -247,10 +259,15 @@ class Evaluator:
         visual = self.loaded.model.visual
         blocks = visual.transformer.resblocks
         out = []
-        prefix = self._prefixes[self._set_key[name]]
+        key = self._set_key[name]
+        if key in self._prefixes:
+            prefix = self._prefixes[key]
+            batches = (prefix[i : i + self.batch_size] for i in range(0, len(prefix), self.batch_size))
+        else:
+            batches = (self._prefix(pixels) for pixels in self._pixel_batches(self._images[key]))
         with heads_zeroed(blocks, list(heads)):
-            for start in range(0, len(prefix), self.batch_size):
-                x = prefix[start : start + self.batch_size].to(self.loaded.device)
+            for batch in batches:
+                x = batch.to(self.loaded.device)
                 for block in blocks[self.first_layer :]:
                     x = block(x)
                 pooled, _ = visual._pool(x)
@@ -297,7 +314,7 @@ def _as_image(item) -> Image.Image:
 
 def validate(loaded: LoadedModel, suite: ValidationSuite, batch_size: int = 256) -> dict:
     """Full validation of a (possibly pruned) model, shaped like clip_benchmark's results."""
-    report = Evaluator(loaded, suite, batch_size=batch_size).evaluate()
+    report = Evaluator(loaded, suite, batch_size=batch_size, cache=False).evaluate()
     for entry in report["results"]:
         entry.update(model=loaded.name, pretrained=loaded.pretrained or "")
     report["model"] = loaded.identity

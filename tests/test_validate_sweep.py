@@ -75,7 +75,9 @@ def test_layer_cache_gives_identical_numbers_and_restores_weights(setup):  # noq
     heads = [HeadRef(2, 0), HeadRef(2, 3), HeadRef(1, 1)]
     naive = Evaluator(loaded, synthetic_suite(), first_layer=0)
     cached = Evaluator(loaded, synthetic_suite(), first_layer=1)
-    assert naive.evaluate(heads) == cached.evaluate(heads)
+    streamed = Evaluator(loaded, synthetic_suite(), first_layer=1, cache=False)  # nothing kept
+    assert not streamed._prefixes and len(cached._prefixes) == 1
+    assert naive.evaluate(heads) == cached.evaluate(heads) == streamed.evaluate(heads)
     assert naive.evaluate([]) != naive.evaluate(heads)
     assert all((v == loaded.model.state_dict()[k]).all() for k, v in state.items())
     with pytest.raises(InvalidInput, match="only re-runs layers >= 1"):
