@@ -208,13 +208,15 @@ def export_onnx(
         path = target / graph.filename
         _export_graph(graph, path, opset)
         diff = check_onnx(graph, path, atol)
-        proto = onnx.load(str(path))
+        # weights over 2 GB stay in torch's external-data files: loading them into one protobuf would fail
+        proto = onnx.load(str(path), load_external_data=False)
         extra = {"export_atol": str(atol), "export_max_abs_diff": f"{diff:.3e}", "artifact": graph.filename}
         if graph.filename == "classifier.onnx":
             extra["labels"] = json.dumps(label_list)
         onnx.helper.set_model_props(proto, {**meta, **extra})
         onnx.save(proto, str(path))
         files.append(path)
+    files += sorted(p for p in target.iterdir() if p not in files)  # external-data files, if any
     pcfg = dict(loaded.preprocess_cfg)
     (target / "preprocess.json").write_text(json.dumps(pcfg, indent=2), encoding="utf-8")
     files.append(target / "preprocess.json")

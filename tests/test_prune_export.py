@@ -213,3 +213,26 @@ def test_ranking_file_that_is_not_an_object(tmp_path):
     (tmp_path / "ranking.json").write_text("[1, 2]")
     with pytest.raises(CorruptInput):
         Ranking.read(tmp_path / "ranking.json")
+
+
+def test_onnx_weights_in_external_data_files_are_kept_and_listed(setup, tmp_path, monkeypatch):
+    """Models over 2 GB come out of torch.onnx with external-data files; simulated here on the tiny model."""
+    import surgeon.export as export_module
+
+    real_export = export_module._export_graph
+
+    def export_external(graph, path, opset):
+        real_export(graph, path, opset)
+        proto = onnx.load(str(path))
+        onnx.save(proto, str(path), save_as_external_data=True, location=f"{path.name}.data", size_threshold=0)
+
+    monkeypatch.setattr(export_module, "_export_graph", export_external)
+    loaded, ranking = setup
+    out = tmp_path / "run"
+    prune(loaded, ranking, synthetic_suite(), "top-k", PolicyOptions(k=1), out_dir=out, exporters=["onnx"])
+    data = out / "onnx" / "visual.onnx.data"
+    assert data.is_file() and data.stat().st_size > (out / "onnx" / "visual.onnx").stat().st_size
+    assert onnx.load(str(out / "onnx" / "visual.onnx"), load_external_data=False).metadata_props  # provenance kept
+    session = ort.InferenceSession(str(out / "onnx" / "visual.onnx"))
+    assert session.run(None, {"pixel_values": np.zeros((1, 3, 32, 32), np.float32)})[0].shape[0] == 1
+    assert "onnx/visual.onnx.data" in json.loads((out / "surgery.json").read_text())["sha256"]
