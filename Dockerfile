@@ -15,8 +15,9 @@ ARG PYTHON_VERSION=3.11
 # ---- build: a virtual environment with torch and surgeon[serve] ----
 FROM python:${PYTHON_VERSION}-slim AS build
 # cpu: CPU wheels of torch and the onnx extra (onnxruntime); cuda: CUDA wheels of torch and the gpu extra
-# (onnxruntime-gpu; the two onnxruntimes cannot be installed together). The CUDA wheels bring their own CUDA
-# libraries: the host needs only the NVIDIA driver and the container toolkit.
+# (onnxruntime-gpu; the two onnxruntimes cannot be installed together). PyPI's x86_64 torch wheels are the
+# CUDA builds and bring their own CUDA libraries (nvidia-* wheels, which onnxruntime-gpu preloads too): the
+# host needs only the NVIDIA driver and the container toolkit. TORCH_INDEX_URL picks another build.
 ARG VARIANT=cpu
 ARG TORCH_VERSION=2.14.1
 ARG TORCHVISION_VERSION=0.29.1
@@ -27,7 +28,7 @@ ENV PATH=/opt/venv/bin:$PATH
 RUN set -eu; \
     case "$VARIANT" in \
       cpu)  index="${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}" ;; \
-      cuda) index="${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cu128}" ;; \
+      cuda) index="${TORCH_INDEX_URL:-https://pypi.org/simple}" ;; \
       *) echo "VARIANT must be cpu or cuda, not $VARIANT" >&2; exit 1 ;; \
     esac; \
     pip install --index-url "$index" "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}"

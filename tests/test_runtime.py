@@ -302,10 +302,17 @@ def test_load_image_refuses_bombs_and_garbage(tmp_path, monkeypatch):
 def test_providers_prefer_cuda(monkeypatch):
     import onnxruntime as ort
 
+    preloads = []
+
+    def preload():  # onnxruntime-gpu loads the CUDA libraries of the nvidia-* wheels (torch is never imported)
+        preloads.append(1)
+        raise OSError("libcudnn.so.9: cannot open shared object file")  # a failure only means: CPU
+
+    monkeypatch.setattr(ort, "preload_dlls", preload, raising=False)
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
-    assert default_providers() == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert default_providers() == ["CUDAExecutionProvider", "CPUExecutionProvider"] and preloads == [1]
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["AzureExecutionProvider", "CPUExecutionProvider"])
-    assert default_providers() == ["CPUExecutionProvider"]
+    assert default_providers() == ["CPUExecutionProvider"] and preloads == [1]
 
 
 def test_encode_images_matches_torch(exported, images):

@@ -36,8 +36,21 @@ def default_providers() -> list[str]:
     """CUDA when this onnxruntime build offers it (onnxruntime-gpu), with the CPU as fallback."""
     available = ort.get_available_providers()
     if "CUDAExecutionProvider" in available:
+        _preload_cuda_libraries()
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
+
+
+def _preload_cuda_libraries() -> None:
+    """Serving never imports torch, so nothing has loaded the CUDA and cuDNN libraries that its pip wheels
+    (nvidia-*) bring; onnxruntime-gpu >= 1.21 can load them itself. Best effort: if this fails, onnxruntime
+    falls back to the CPU provider and says so in `active_providers`."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:
+        try:
+            preload()
+        except Exception:  # noqa: BLE001 - a missing library is reported by the session, not here
+            pass
 
 
 def resolve_export_dir(path: Path) -> Path:
