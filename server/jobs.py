@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import shutil
 import threading
 import time
 import traceback
@@ -21,6 +20,7 @@ from pathlib import Path
 import grpc
 
 from surgeon.errors import NotFound, PreconditionFailed, SurgeonError
+from surgeon.paths import remove_path
 
 log = logging.getLogger("surgeon.server")
 
@@ -158,10 +158,7 @@ class Job:
 
     def remove_created(self) -> None:
         for path in self._created:
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path, ignore_errors=True)
-            elif path.exists() or path.is_symlink():
-                path.unlink(missing_ok=True)
+            remove_path(path)
         self._created.clear()
 
 
@@ -288,10 +285,7 @@ class JobManager:
             with job.cond:
                 for path in job.reserved:
                     for tmp in path.parent.glob(f".{path.name}.tmp-*"):  # atomic_dir folders, atomic_write files
-                        if tmp.is_dir():
-                            shutil.rmtree(tmp, ignore_errors=True)
-                        else:
-                            tmp.unlink(missing_ok=True)
+                        remove_path(tmp)
                 job.remove_created()
                 job._finish(CANCELLED, (grpc.StatusCode.CANCELLED, "the server shut down before the job stopped", ""))
         return stuck

@@ -73,7 +73,7 @@ def toy_images(n: int, split: str = "val", seed: int = 0) -> ImageSet:
     """Toy-world images (held-out 'val' split by default: validation uses 'test'); identity = pixel hash."""
     from surgeon.toy import world
 
-    arrays = world.images_for_ranking(n, split=split, seed=seed)
+    arrays = world.toy_images(n, split=split, seed=seed)
     identity = f"toy:{split}:{hashlib.sha256(arrays.tobytes()).hexdigest()[:24]}"
     return ImageSet(identity, f"toy world ({split}, {n} images)", len(arrays), lambda i: Image.fromarray(arrays[i]))
 

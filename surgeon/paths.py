@@ -100,10 +100,11 @@ def _publish(tmp: Path, final: Path, force: bool) -> None:
             os.rename(old, final)
         raise PreconditionFailed(f"could not move the result into {final}: {err.strerror or err}") from None
     if old is not None:
-        _remove(old)
+        remove_path(old)
 
 
-def _remove(path: Path) -> None:
+def remove_path(path: Path) -> None:
+    """Remove a folder (recursively) or a file, whichever `path` is; best effort."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:

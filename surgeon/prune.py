@@ -73,11 +73,8 @@ def prune(
     ranking.check_model(loaded)
     if seeds < 1:
         raise InvalidInput("--seeds must be at least 1")
-    if not suite.tasks and (policy == "debias" or seeds > 1):
-        raise InvalidInput(
-            f"{'debias' if policy == 'debias' else '--seeds'} trades off accuracy: it needs a "
-            "classification set (--data) besides the bias set"
-        )
+    if policy == "debias" or seeds > 1:
+        suite.require_accuracy("debias" if policy == "debias" else "--seeds")
     if seeds > 1 and policy != "random":
         raise InvalidInput("--seeds repeats the random policy; other policies are deterministic")
     if mode == "mean" and reference is None:

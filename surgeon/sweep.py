@@ -40,8 +40,7 @@ def run_sweep(
     counts = counts or default_counts(len(ranking.heads))
     if any(not 0 <= c <= len(ranking.heads) for c in counts):
         raise InvalidInput(f"sweep counts must be between 0 and {len(ranking.heads)}")
-    if not suite.tasks:
-        raise InvalidInput("a sweep measures accuracy: it needs a classification set (--data) besides the bias set")
+    suite.require_accuracy("a sweep")
     evaluator = Evaluator(loaded, suite, first_layer=min(ranking.layers) if cache_layers else 0)
     curves: dict[str, list[dict]] = {}
     orders = orderings(ranking, seed)

@@ -53,6 +53,11 @@ class ValidationSuite:
     bias: BiasSet | None = None
     source: str = "toy"
 
+    def require_accuracy(self, what: str) -> None:
+        """Refuse, before any work, a use that trades off accuracy when there are no tasks to measure it on."""
+        if not self.tasks:
+            raise InvalidInput(f"{what} measures accuracy: it needs a classification set (--data) besides the bias set")
+
     def subset(self, n_images: int, n_bias: int | None = None, seed: int = 0) -> ValidationSuite:
         """A smaller suite for searches (the debias policy): the first n images of each task (tasks sharing an
         image array still share it) and a seeded random n of the bias set (keeps its group mix)."""
@@ -329,9 +334,8 @@ class Gates:
     failures: list[str] = field(default_factory=list)
 
     def check_measurable(self, suite: ValidationSuite) -> None:
-        """Before any work: a gate on accuracy needs tasks to measure it on."""
-        if not suite.tasks and (self.max_acc_drop is not None or self.min_acc is not None):
-            raise InvalidInput("accuracy gates need a classification set (--data) to measure accuracy on")
+        if self.max_acc_drop is not None or self.min_acc is not None:
+            suite.require_accuracy("an accuracy gate")
 
     def check(self, before: dict, after: dict) -> list[str]:
         failures = []

@@ -32,6 +32,23 @@ def tiny_config(block_type: str = "default", layers: int = 3, heads: int = 4, im
     }
 
 
+def tiny_toy_model_cfg() -> dict:
+    """The smallest toy CLIP (32 px, one block per tower) for training and zero-shot tests."""
+    from surgeon.toy.train import toy_model_cfg
+
+    return toy_model_cfg(
+        image_size=32,
+        patch_size=16,
+        width=32,
+        layers=1,
+        head_width=16,
+        text_width=32,
+        text_layers=1,
+        text_heads=2,
+        embed_dim=16,
+    )
+
+
 def save_local_dir(folder: Path, config: dict, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     model = build_clip(config)

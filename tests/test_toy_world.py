@@ -20,6 +20,7 @@ from surgeon.toy.world import (
     toy_pool_concepts,
     toy_taxonomy,
 )
+from tests.conftest import tiny_toy_model_cfg
 
 SMALL = WorldConfig(image_size=32, test_size=200, probe_scenes=40)
 
@@ -247,20 +248,11 @@ def test_bad_world_config():
 
 
 def _tiny_train_cfg(steps=2):
-    from surgeon.toy.train import TrainConfig, toy_model_cfg
+    from surgeon.toy.train import TrainConfig
 
-    model = toy_model_cfg(
-        image_size=32,
-        patch_size=16,
-        width=32,
-        layers=1,
-        head_width=16,
-        text_width=32,
-        text_layers=1,
-        text_heads=2,
-        embed_dim=16,
+    return TrainConfig(
+        world=SMALL, model=tiny_toy_model_cfg(), steps=steps, batch_size=8, warmup_steps=1, quiet_steps=1
     )
-    return TrainConfig(world=SMALL, model=model, steps=steps, batch_size=8, warmup_steps=1, quiet_steps=1)
 
 
 def test_train_writes_loadable_local_dir(tmp_path):

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from surgeon.errors import InvalidInput
 from surgeon.zeroshot import build_classifier, evaluate, metrics_from_logits, uint8_to_tensor
+from tests.conftest import tiny_toy_model_cfg
 
 CLASSES = ["circle", "square", "star", "heart"]
 TEMPLATES = ["a {}", "a photo of a {}"]
@@ -79,20 +80,10 @@ def test_metrics_from_logits():
 
 
 def test_random_init_open_clip_model_gives_metrics_in_range():
-    from surgeon.toy.train import TOY_MEAN, TOY_STD, build_model, get_tokenizer, toy_model_cfg
+    from surgeon.toy.train import TOY_MEAN, TOY_STD, build_model, get_tokenizer
     from surgeon.toy.world import ToyWorld, WorldConfig
 
-    cfg = toy_model_cfg(
-        image_size=32,
-        patch_size=16,
-        width=32,
-        layers=1,
-        head_width=16,
-        text_width=32,
-        text_layers=1,
-        text_heads=2,
-        embed_dim=16,
-    )
+    cfg = tiny_toy_model_cfg()
     model = build_model(cfg).eval()
     tok = get_tokenizer(cfg)
     task = ToyWorld(WorldConfig(image_size=32, test_size=40)).zeroshot_tasks()[1]

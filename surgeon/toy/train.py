@@ -299,12 +299,12 @@ def _train_into(cfg: TrainConfig, model_cfg: dict, tmp: Path, progress: bool) ->
         return world.iter_batches(
             cfg.batch_size,
             seed,
-            cfg.group_size,
-            cfg.changes,
-            cfg.captions,
-            cfg.change_weights,
-            factors,
-            cfg.caption_extra,
+            group_size=cfg.group_size,
+            changes=cfg.changes,
+            captions=cfg.captions,
+            change_weights=cfg.change_weights,
+            caption_factors=factors,
+            extra=cfg.caption_extra,
         )
 
     quiet = stream_of(cfg.seed + 7_919, tuple(cfg.quiet_factors)) if cfg.quiet_steps or cfg.quiet_mix else None

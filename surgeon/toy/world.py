@@ -647,31 +647,10 @@ class ToyWorld:
         return ToyBatch(self.render(sc), labels, sc.group.copy(), captions, sc)
 
     # ---- splits --------------------------------------------------------------------------------
-    def iter_batches(
-        self,
-        batch_size: int,
-        seed: int = 0,
-        group_size: int = 1,
-        changes: int = 1,
-        captions: str = "unique",
-        change_weights: tuple[float, ...] | None = None,
-        caption_factors: tuple[str, ...] | None = None,
-        extra: float = 0.1,
-    ) -> Iterator[tuple[np.ndarray, list[str]]]:
-        """Infinite biased training stream of (uint8 images N x H x W x 3, captions).
-
-        group_size > 1 builds each batch from groups of that many scenes: a base scene and variants
-        with `changes` factors changed (minimal pairs for changes=1), so that in-batch negatives
-        differing in a single factor make the contrastive loss need every factor. Each scene's
-        marginal distribution (uniform factors, group biased by shape) is unchanged.
-
-        captions="unique" names, per scene, factors until no other scene of the batch fits the caption
-        (exact contrastive targets); "free" names a random subset per WorldConfig.caption_mix.
-        caption_factors restricts which factors captions may name (None: all); with "unique" captions
-        each factor not needed is still named with probability `extra`."""
-        for b in self.iter_train(
-            batch_size, seed, group_size, changes, captions, change_weights, caption_factors, extra
-        ):
+    def iter_batches(self, batch_size: int, seed: int = 0, **stream) -> Iterator[tuple[np.ndarray, list[str]]]:
+        """Infinite biased training stream of (uint8 images N x H x W x 3, captions); `stream` takes the
+        options of :meth:`iter_train`."""
+        for b in self.iter_train(batch_size, seed, **stream):
             yield b.images, b.captions
 
     def iter_train(
@@ -685,7 +664,17 @@ class ToyWorld:
         caption_factors: tuple[str, ...] | None = None,
         extra: float = 0.1,
     ) -> Iterator[ToyBatch]:
-        """Like :meth:`iter_batches` but yields the whole :class:`ToyBatch` (labels and groups too)."""
+        """Infinite biased training stream of whole batches (:class:`ToyBatch`: labels and groups too).
+
+        group_size > 1 builds each batch from groups of that many scenes: a base scene and variants
+        with `changes` factors changed (minimal pairs for changes=1), so that in-batch negatives
+        differing in a single factor make the contrastive loss need every factor. Each scene's
+        marginal distribution (uniform factors, group biased by shape) is unchanged.
+
+        captions="unique" names, per scene, factors until no other scene of the batch fits the caption
+        (exact contrastive targets); "free" names a random subset per WorldConfig.caption_mix.
+        caption_factors restricts which factors captions may name (None: all); with "unique" captions
+        each factor not needed is still named with probability `extra`."""
         if captions not in ("unique", "free"):
             raise InvalidInput(f"captions must be 'unique' or 'free', got {captions!r}")
         if batch_size < 1:
@@ -832,28 +821,12 @@ def get_world(config: WorldConfig | None = None) -> ToyWorld:
     return _DEFAULT[cfg]
 
 
-def iter_batches(
-    batch_size: int,
-    seed: int = 0,
-    config: WorldConfig | None = None,
-    group_size: int = 1,
-    changes: int = 1,
-    captions: str = "unique",
-    change_weights: tuple[float, ...] | None = None,
-    caption_factors: tuple[str, ...] | None = None,
-    extra: float = 0.1,
-):
-    return get_world(config).iter_batches(
-        batch_size, seed, group_size, changes, captions, change_weights, caption_factors, extra
-    )
+def iter_batches(batch_size: int, seed: int = 0, config: WorldConfig | None = None, **stream):
+    """The default (or `config`'s) world's training stream; `stream` takes ToyWorld.iter_train's options."""
+    return get_world(config).iter_batches(batch_size, seed, **stream)
 
 
 def toy_images(n: int, split: str = "val", seed: int = 0, config: WorldConfig | None = None) -> np.ndarray:
-    return get_world(config).images(n, split, seed)
-
-
-def images_for_ranking(n: int, split: str = "test", seed: int = 0, config: WorldConfig | None = None) -> np.ndarray:
-    """Image source for `rank`: n uint8 images (N x H x W x 3) of an unbiased split."""
     return get_world(config).images(n, split, seed)
 
 
