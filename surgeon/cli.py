@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import Annotated
@@ -530,20 +532,35 @@ def serve(
     )
 
 
+_interrupted = threading.Event()
+
+
+def _on_sigint(signum, frame) -> None:
+    _interrupted.set()
+    raise KeyboardInterrupt
+
+
 def main() -> None:
-    """Entry point: every SurgeonError becomes one readable line and its exit code."""
+    """Entry point: every SurgeonError becomes one readable line and its exit code; Ctrl-C exits 130.
+
+    An interrupt does not always arrive as KeyboardInterrupt: one that lands in a C extension's import
+    (numpy's, during torch's) surfaces later as an ImportError or AttributeError. Whatever follows a Ctrl-C
+    is therefore reported as the interruption it is."""
     warnings.filterwarnings("ignore", message=".*QuickGELU.*")
+    signal.signal(signal.SIGINT, _on_sigint)
     try:
         app()
-    except SurgeonError as error:
-        err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
-        sys.exit(error.exit_code)
-    except OSError as error:  # the file system refused something the library did not expect to fail
-        err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
-        sys.exit(StorageError.exit_code)
-    except KeyboardInterrupt:
-        err.print("interrupted: nothing was written")
-        sys.exit(130)
+    except (KeyboardInterrupt, Exception) as error:
+        if isinstance(error, KeyboardInterrupt) or _interrupted.is_set():
+            err.print("interrupted: nothing was written")
+            sys.exit(130)
+        if isinstance(error, SurgeonError):
+            err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+            sys.exit(error.exit_code)
+        if isinstance(error, OSError):  # the file system refused something the library did not expect to fail
+            err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+            sys.exit(StorageError.exit_code)
+        raise
 
 
 if __name__ == "__main__":
