@@ -105,6 +105,8 @@ def rank(
         f"{len(ranking.heads)} heads ranked ({'cached' if ranking.cached_stats else 'fresh'} statistics over "
         f"{ranking.images['count']} images); {dist}"
     )
+    if ranking.clamp_note():
+        out.print(ranking.clamp_note())
     out.print(f"wrote {target}/ranking.json, ranking.csv, ccs_heatmap.png")
 
 

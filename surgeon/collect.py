@@ -1,6 +1,6 @@
 """Stage 2: stream images through the tower once and accumulate per-head statistics.
 
-Results are cached on disk under a key of (weights, image set, preprocessing, layers), so a second ranking
+Results are cached on disk under a key of (model forward identity, image set, layers), so a second ranking
 with another pool or judge skips the forward passes. Under torchrun each rank takes a contiguous shard and
 one all-reduce merges them. Progress is checkpointed per shard every N batches, so an interrupted run
 resumes without recomputing finished batches."""
@@ -27,9 +27,8 @@ DECOMPOSITION_VERSION = 1
 def stats_key(loaded: LoadedModel, images: ImageSet, layers: tuple[int, ...]) -> str:
     payload = {
         "v": DECOMPOSITION_VERSION,
-        "weights": loaded.weights_hash,
+        "model": loaded.forward_identity,  # weights + architecture config + preprocessing + precision
         "images": images.identity,
-        "preprocess": loaded.preprocess_cfg,
         "layers": list(layers),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]

@@ -44,6 +44,21 @@ class LoadedModel:
         return self.name if not self.pretrained else f"{self.name}/{self.pretrained}"
 
     @property
+    def forward_identity(self) -> str:
+        """SHA-256 of everything that decides what the image tower computes for an image file: the weights AND
+        the architecture config (activation, e.g. QuickGELU for OpenAI's weights; image size; normalisation
+        layers), the preprocessing, the parameter precision and a hard-pruned layout. The same weights loaded as
+        GELU and as QuickGELU give different statistics, so caches and ranking checks key by this."""
+        payload = {
+            "weights": self.weights_hash,
+            "model_cfg": self.model_cfg,
+            "preprocess": self.preprocess_cfg,
+            "dtype": str(next(self.model.parameters()).dtype),
+            "pruned_layout": self.extra.get("surgeon", {}),
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+    @property
     def is_toy(self) -> bool:
         return self.name == TOY_MODEL_NAME
 

@@ -22,7 +22,9 @@ from surgeon.paths import atomic_dir, cache_dir
 from surgeon.pools import TextPool
 from surgeon.textspan import textspan_all
 
-RANKING_SCHEMA = "surgeon.ranking/1"
+# /2: per-head effective TextSpan rank, and the model's forward identity (weights + architecture config). /1
+# rankings came from bases padded with rounding directions (picks 2..m could depend on the batch size).
+RANKING_SCHEMA = "surgeon.ranking/2"
 
 
 @dataclass
@@ -35,6 +37,7 @@ class HeadRank:
     verdicts: list[bool]
     ccs: int
     variance: float  # total variance of the head's direct contribution: a tie-breaker and a size measure
+    effective_rank: int  # TextSpan projection rank used: min(requested rank, the head's numerical rank)
 
     @property
     def name(self) -> str:
@@ -60,6 +63,22 @@ class Ranking:
         """Highest CCS first; ties by larger contribution variance, then by position (deterministic)."""
         return sorted(self.heads, key=lambda h: (-h.ccs, -h.variance, h.layer, h.head))
 
+    def clamped_heads(self) -> list[HeadRank]:
+        """Heads whose numerical rank was below the requested TextSpan rank."""
+        return [h for h in self.heads if h.effective_rank < self.rank]
+
+    def clamp_note(self) -> str | None:
+        """One line for the terminal when the requested TextSpan rank exceeded some heads' numerical rank."""
+        clamped = self.clamped_heads()
+        if not clamped:
+            return None
+        used = sorted({h.effective_rank for h in clamped})
+        span = f"{used[0]}" if len(used) == 1 else f"{used[0]}-{used[-1]}"
+        return (
+            f"TextSpan rank {self.rank} exceeds the numerical rank of {len(clamped)} of {len(self.heads)} heads: "
+            f"used {span} (directions beyond are float rounding; per head in ranking.json)"
+        )
+
     def ccs_distribution(self) -> dict[str, float]:
         counts = Counter(h.ccs for h in self.heads)
         return {str(k): counts.get(k, 0) / len(self.heads) for k in range(self.m + 1)}
@@ -76,7 +95,8 @@ class Ranking:
     def from_dict(cls, data: dict) -> Ranking:
         if not isinstance(data, dict) or data.get("schema") != RANKING_SCHEMA:
             schema = data.get("schema") if isinstance(data, dict) else type(data).__name__
-            raise CorruptInput(f"not a surgeon ranking (schema {schema!r}, expected {RANKING_SCHEMA})")
+            hint = "it was made by an older surgeon: rank the model again" if schema == "surgeon.ranking/1" else None
+            raise CorruptInput(f"not a surgeon ranking (schema {schema!r}, expected {RANKING_SCHEMA})", hint=hint)
         fields = {k: data[k] for k in ("model", "images", "layers", "n_heads", "m", "rank", "pool", "judge")}
         return cls(**fields, heads=[HeadRank(**h) for h in data["heads"]], surgeon_version=data["surgeon_version"])
 
@@ -91,12 +111,20 @@ class Ranking:
             raise CorruptInput(f"corrupt ranking {path}: {err}") from None
 
     def check_model(self, loaded: LoadedModel) -> None:
+        """The ranking must come from this model as it computes: same weights AND same forward identity."""
         if self.model.get("weights_sha256") != loaded.weights_hash:
             raise PreconditionFailed(
                 f"the ranking was made for {self.model.get('name')} "
-                f"(weights {self.model.get('weights_sha256', '')[:12]}),"
+                f"(weights {str(self.model.get('weights_sha256', ''))[:12]}),"
                 f" not for {loaded.identity} (weights {loaded.weights_hash[:12]})",
                 hint="rank this model first, or pass the ranking made for it",
+            )
+        if self.model.get("forward_sha256") != loaded.forward_identity:
+            raise PreconditionFailed(
+                f"the ranking was made for the same weights under another architecture config or preprocessing "
+                f"({self.model.get('name')}, activation {self.model.get('activation')}) than {loaded.identity} "
+                f"(activation {activation(loaded)})",
+                hint="rank this model as you load it now (e.g. GELU vs QuickGELU changes every head)",
             )
 
     def write(self, out: Path, force: bool = False) -> Path:
@@ -112,6 +140,10 @@ class Ranking:
 
             ccs_heatmap(self, tmp / "ccs_heatmap.png")
         return out
+
+
+def activation(loaded: LoadedModel) -> str:
+    return "quick_gelu" if loaded.model_cfg.get("quick_gelu") else "gelu"
 
 
 def make_judge(name: str, loaded: LoadedModel, pool: TextPool, **llm_options):
@@ -170,11 +202,18 @@ def rank_heads(
             verdicts=list(verdict.verdicts),
             ccs=verdict.ccs,
             variance=float(variance[li, h]),
+            effective_rank=span.effective_rank,
         )
         for (li, h, span), verdict in zip(flat, verdicts, strict=True)
     ]
     return Ranking(
-        model={"name": loaded.name, "pretrained": loaded.pretrained, "weights_sha256": loaded.weights_hash},
+        model={
+            "name": loaded.name,
+            "pretrained": loaded.pretrained,
+            "weights_sha256": loaded.weights_hash,
+            "forward_sha256": loaded.forward_identity,
+            "activation": activation(loaded),
+        },
         images={
             "identity": images.identity,
             "description": images.description,

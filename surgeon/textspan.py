@@ -19,6 +19,25 @@ from surgeon.stats import HeadStats
 class SpanResult:
     picks: tuple[int, ...]  # indices into the text pool, in TextSpan order
     stds: tuple[float, ...]  # std over images of the projection on each pick, when it was picked
+    effective_rank: int  # the projection rank used: min(requested, the head's numerical rank)
+
+
+def numerical_rank(eigenvalues: torch.Tensor, count: int) -> int:
+    """How many directions of a head's statistics carry signal rather than float32 rounding.
+
+    The eigenvalues of the outer sum C^T C are the squared singular values of the head's contributions C
+    (N x D), which are computed in float32: C = C_exact + E with |E| about eps32 * |C| per entry, so C's
+    singular values below ~sqrt(D) * eps32 * sigma_max (rounding of D-term float32 products, Higham's
+    probabilistic bound) are rounding, and their directions change with the batch size, shard layout, image
+    order or device. Keeping such a direction in the TextSpan basis lets the pool's components along it steer
+    the removal step, so picks 2..m follow rounding. Measured (NOTES.md): on the bundled model (D = 128) every
+    head has 15 singular values at >= 8e-6 of the largest and the rest at <= 3e-8 (threshold 1.3e-6); a
+    random-init ViT-B-32 shows the same cliff. At most `count`: N images span at most N directions."""
+    top = float(eigenvalues.max()) if eigenvalues.numel() else 0.0
+    if top <= 0.0:
+        return 0
+    rtol = eigenvalues.shape[0] ** 0.5 * torch.finfo(torch.float32).eps
+    return min(int((eigenvalues > rtol**2 * top).sum()), count)
 
 
 _THREADS_LOCK = threading.Lock()  # the thread count is process-wide: the server ranks in several threads
@@ -47,11 +66,11 @@ def textspan(
     if rank <= 0:
         raise InvalidInput(f"rank must be positive, got {rank}")
     outer = outer.double()
-    dim = outer.shape[0]
-    _, vectors = _eigh(outer)  # ascending eigenvalues
-    # N images span at most N directions (the SVD of the N x D matrix has min(N, D) of them): the other
-    # eigenvectors of C^T C belong to zero eigenvalues and are arbitrary
-    basis = vectors[:, -min(rank, dim, count) :]
+    values, vectors = _eigh(outer)  # ascending eigenvalues
+    effective = min(rank, numerical_rank(values, count))
+    if effective == 0:  # a head that never writes anything: nothing to explain
+        return SpanResult((), (), 0)
+    basis = vectors[:, -effective:]
     pool = texts.to(outer.device, torch.float64) @ basis @ basis.T  # texts projected onto the head's span
     mean = total.double() / count
     cov = outer - count * torch.outer(mean, mean)
@@ -72,7 +91,7 @@ def textspan(
         cov_u = cov @ u
         cov = cov - torch.outer(u, cov_u) - torch.outer(cov_u, u) + float(u @ cov_u) * torch.outer(u, u)
         pool = pool - torch.outer(pool @ text / norm2, text)
-    return SpanResult(tuple(picks), tuple(stds))
+    return SpanResult(tuple(picks), tuple(stds), effective)
 
 
 def textspan_all(stats: HeadStats, texts: torch.Tensor, m: int = 5, rank: int = 80) -> list[list[SpanResult]]:

@@ -10,7 +10,7 @@ from surgeon.decompose import decompose, parse_layers
 from surgeon.errors import InvalidInput
 from surgeon.load import load_model
 from surgeon.stats import HeadStats
-from surgeon.textspan import textspan
+from surgeon.textspan import numerical_rank, textspan
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +109,9 @@ def test_textspan_with_fewer_images_than_rank_matches_reference():
         assert list(got.picks) == reference_textspan(data, texts, 5, 80), trial
 
 
-def test_textspan_on_real_head_matches_reference(tiny_default_dir):
+def test_textspan_on_real_head_matches_reference_at_its_numerical_rank(tiny_default_dir):
+    """A head of width 16 writes into ~16 + 3 directions of the 32-dim joint space (the rest is float32
+    rounding): the requested rank 80 is clamped, and the published algorithm at that rank picks the same."""
     loaded = load_model(f"local-dir:{tiny_default_dir}", device="cpu")
     images = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(5))
     heads = decompose(loaded.model.visual, images, (2,)).heads
@@ -118,7 +120,21 @@ def test_textspan_on_real_head_matches_reference(tiny_default_dir):
     stats.update(heads)
     for h in range(4):
         got = textspan(stats.count, stats.total[0, h], stats.outer[0, h], texts, m=5, rank=80)
-        assert list(got.picks) == reference_textspan(heads[:, 0, h].double().numpy(), texts.numpy(), 5, 80)
+        data = heads[:, 0, h].double().numpy()
+        singular = np.linalg.svd(data, compute_uv=False)
+        assert 16 <= got.effective_rank <= 19 and singular[got.effective_rank] < 1e-5 * singular[0]
+        assert list(got.picks) == reference_textspan(data, texts.numpy(), 5, got.effective_rank)
+
+
+def test_numerical_rank_separates_signal_from_rounding():
+    rng = np.random.default_rng(0)
+    signal = rng.normal(size=(500, 6)) @ rng.normal(size=(6, 64))  # 6 directions of signal in 64 dims
+    noisy = signal.astype(np.float32).astype(np.float64)  # what float32 contributions carry
+    noisy += rng.normal(size=noisy.shape) * 1e-8 * np.abs(signal).max()
+    values = torch.linalg.eigvalsh(torch.from_numpy(noisy.T @ noisy))
+    assert numerical_rank(values, count=500) == 6
+    assert numerical_rank(values, count=4) == 4  # 4 images span at most 4 directions
+    assert numerical_rank(torch.zeros(64, dtype=torch.float64), count=500) == 0
 
 
 @pytest.mark.parametrize(

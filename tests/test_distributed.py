@@ -36,6 +36,8 @@ def test_shards_cover_everything_once_at_batch_boundaries(count, size, batch):
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed")
 def test_two_gloo_processes_equal_one(tiny_default_dir, image_folder, pool_file, tmp_path):
+    """2 processes x batch 5 (shards [0, 15) and [15, 24)) vs 1 process x batch 7: the shard boundary falls
+    inside a single-process batch, and the picks, CCS and effective ranks still agree."""
     taxonomy = tmp_path / "taxonomy.json"
     taxonomy.write_text(json.dumps(TAXONOMY))
     args = [
@@ -78,8 +80,9 @@ def test_two_gloo_processes_equal_one(tiny_default_dir, image_folder, pool_file,
     )
     assert dist.returncode == 0, dist.stderr[-2000:]
     env["SURGEON_CACHE_DIR"] = str(tmp_path / "cache-single")
+    single_args = [*args[:-1], "7"]  # --batch-size 7
     single = subprocess.run(
-        [sys.executable, "-m", "surgeon", *args, "--out", str(tmp_path / "single")],
+        [sys.executable, "-m", "surgeon", *single_args, "--out", str(tmp_path / "single")],
         capture_output=True,
         text=True,
         env=env,
@@ -88,14 +91,16 @@ def test_two_gloo_processes_equal_one(tiny_default_dir, image_folder, pool_file,
     assert single.returncode == 0, single.stderr[-2000:]
     a = json.loads((tmp_path / "dist" / "ranking.json").read_text())
     b = json.loads((tmp_path / "single" / "ranking.json").read_text())
-    assert [(h["texts"], h["ccs"]) for h in a["heads"]] == [(h["texts"], h["ccs"]) for h in b["heads"]]
+    summary = [[(h["texts"], h["ccs"], h["effective_rank"]) for h in r["heads"]] for r in (a, b)]
+    assert summary[0] == summary[1] and all(h["effective_rank"] < 32 for h in a["heads"])
     assert a["images"]["count"] == b["images"]["count"] == 24
     stats = [
         HeadStats.load(next((tmp_path / c / "stats").glob("*.safetensors"))) for c in ("cache-dist", "cache-single")
     ]
     assert stats[0].count == stats[1].count
-    torch.testing.assert_close(stats[0].outer, stats[1].outer, rtol=1e-12, atol=1e-15)
-    torch.testing.assert_close(stats[0].total, stats[1].total, rtol=1e-12, atol=1e-15)
+    # other batch compositions change float32 kernels' rounding, not the sums: agree to float32 precision
+    for a_part, b_part in ((stats[0].outer, stats[1].outer), (stats[0].total, stats[1].total)):
+        torch.testing.assert_close(a_part, b_part, rtol=1e-5, atol=1e-6 * float(b_part.abs().max()))
 
 
 class Interrupting:

@@ -24,7 +24,7 @@ CCS = {  # (layer, head): (ccs, label, variance)
 @pytest.fixture
 def ranking() -> Ranking:
     heads = [
-        HeadRank(layer, head, ["t"] * 5, [1.0] * 5, label, [True] * ccs + [False] * (5 - ccs), ccs, var)
+        HeadRank(layer, head, ["t"] * 5, [1.0] * 5, label, [True] * ccs + [False] * (5 - ccs), ccs, var, 5)
         for (layer, head), (ccs, label, var) in CCS.items()
     ]
     return Ranking(
