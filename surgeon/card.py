@@ -55,6 +55,7 @@ def _front_matter(plan: dict, validation: dict) -> list[str]:
 
 
 def model_card(loaded: LoadedModel, plan: dict, validation: dict, folder: Path) -> str:
+    from surgeon.prune import validation_note
     from surgeon.validate import markdown_report
 
     hard = bool(plan["record"].get("heads_kept"))
@@ -78,6 +79,8 @@ def model_card(loaded: LoadedModel, plan: dict, validation: dict, folder: Path) 
         ],
         "",
         "## Validation before and after",
+        "",
+        validation_note(plan),
         "",
         markdown_report(validation["before"], validation["after"]),
         "## How to load",

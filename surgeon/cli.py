@@ -130,10 +130,10 @@ SkewKOpt = Annotated[int, typer.Option(help="k of MaxSkew@k / MinSkew@k")]
 DesiredOpt = Annotated[str, typer.Option(help="desired group distribution: uniform or set")]
 
 
-def _suite(data, classnames, templates, bias_data, queries, skew_k, desired):
+def _suite(data, classnames, templates, bias_data, queries, skew_k, desired, bias_split_by=None):
     from surgeon.validate import build_suite
 
-    return build_suite(data, classnames, templates, bias_data, queries, skew_k, desired)
+    return build_suite(data, classnames, templates, bias_data, queries, skew_k, desired, bias_split_by)
 
 
 def _ranking_for(loaded, ranking_path, images, n_images, texts, judge, layers, quiet):
@@ -187,6 +187,10 @@ def prune(
     queries: QueriesOpt = None,
     skew_k: SkewKOpt = 10,
     desired: DesiredOpt = "uniform",
+    bias_split_by: Annotated[
+        str | None,
+        typer.Option(help="debias: bias-manifest column (e.g. identity) kept on one side of the search/held-out split"),
+    ] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="run folder (default: new one in exports/)")] = None,
     force: Annotated[bool, typer.Option(help="replace an existing --out folder")] = False,
     device: DeviceOpt = None,
@@ -216,7 +220,7 @@ def prune(
     )
     loaded = load_model(model, pretrained, device)
     options.model_name, options.pretrained = loaded.name, loaded.pretrained
-    suite = _suite(data, classnames, templates, bias_data, queries, skew_k, desired)
+    suite = _suite(data, classnames, templates, bias_data, queries, skew_k, desired, bias_split_by)
     ranked = _ranking_for(loaded, ranking, images, n_images, texts, judge, layers, quiet)
     reference = resolve_images(images, n_images) if mode == "mean" else None
     result = run_prune(

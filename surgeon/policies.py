@@ -170,11 +170,22 @@ def threshold(ranking: Ranking, options: PolicyOptions) -> Selection:
     return _select(heads, lambda h: f"{_describe(h)} >= {options.min_ccs}", f"no head has CCS >= {options.min_ccs}")
 
 
-def _paper(which: str, options: PolicyOptions) -> Selection:
+# Policies that draw with --seed, so `--seeds N` can average N draws.
+SEEDED_POLICIES = frozenset({"random", "paper-random"})
+# Policies that name heads outside the ranking's layers: their validation cannot reuse a cached prefix.
+PRESET_POLICIES = frozenset({"paper-high", "paper-low", "paper-random"})
+
+
+def _paper_key(options: PolicyOptions) -> tuple[str, str]:
     key = (options.model_name, options.pretrained or "")
     if key not in PAPER_HEADS:
         known = ", ".join(f"{m}/{t}" for m, t in PAPER_HEADS)
         raise NotFound(f"no paper preset for {key[0]}/{key[1] or '(no tag)'}", hint=f"presets exist for: {known}")
+    return key
+
+
+def _paper(which: str, options: PolicyOptions) -> Selection:
+    key = _paper_key(options)
     refs = parse_heads(PAPER_HEADS[key][which].split())
     return Selection(refs, {r.name: f"paper's {which}-CCS set for {key[0]}/{key[1]}" for r in refs})
 
@@ -187,6 +198,24 @@ def paper_high(ranking: Ranking, options: PolicyOptions) -> Selection:
 @POLICIES.register("paper-low")
 def paper_low(ranking: Ranking, options: PolicyOptions) -> Selection:
     return _paper("low", options)
+
+
+@POLICIES.register("paper-random")
+def paper_random(ranking: Ranking, options: PolicyOptions) -> Selection:
+    """The paper's random control: as many heads as its high-CCS set for this checkpoint, drawn with the seed
+    from the layers it analysed (the last 4; all 12 for ViT-B-32/openai), never one of its high-CCS heads.
+    `--seeds N` averages N draws, as the paper does."""
+    import open_clip
+
+    key = _paper_key(options)
+    high = set(parse_heads(PAPER_HEADS[key]["high"].split()))
+    vision = open_clip.get_model_config(key[0])["vision_cfg"]
+    n_layers, n_heads = vision["layers"], vision["width"] // vision.get("head_width", 64)
+    first = 0 if key == ("ViT-B-32", "openai") else n_layers - 4
+    pool = [HeadRef(layer, head) for layer in range(first, n_layers) for head in range(n_heads)]
+    chosen = random.Random(options.seed).sample([r for r in pool if r not in high], len(high))
+    why = f"random draw (seed {options.seed}) from layers {first}-{n_layers - 1}, excluding the paper's high-CCS set"
+    return Selection(sorted(chosen), {r.name: why for r in chosen})
 
 
 @POLICIES.register("debias")

@@ -14,7 +14,7 @@ from surgeon.errors import InvalidInput, PreconditionFailed
 from surgeon.images import ImageSet
 from surgeon.load import LoadedModel, weights_hash
 from surgeon.paths import atomic_dir
-from surgeon.policies import POLICIES, PolicyOptions, Selection
+from surgeon.policies import POLICIES, PRESET_POLICIES, SEEDED_POLICIES, PolicyOptions, Selection
 from surgeon.rank import Ranking
 from surgeon.surgery import SurgeryRequest, apply_surgery
 from surgeon.validate import Evaluator, Gates, ValidationSuite, markdown_report, validate
@@ -59,10 +59,11 @@ def prune(
     search_images: int = 500,
     search_bias: int | None = None,
 ) -> PruneResult:
-    """Prune `loaded.model` in place. Writes `out_dir` (atomically) unless it is None. The debias search
-    scores candidates on `search_images` images per task and `search_bias` bias images (None: the whole bias
-    set — a subset let the search pick heads whose effect did not hold on the full probe); the before/after
-    validation uses the whole suite."""
+    """Prune `loaded.model` in place. Writes `out_dir` (atomically) unless it is None. The debias policy
+    selects by measuring, so it searches on one half of the suite (`ValidationSuite.split_for_search`; at most
+    `search_images` images per task and `search_bias` bias images of it) and the before/after validation, the
+    gates and every reported figure come from the disjoint held-out half. Other policies validate on the
+    whole suite."""
     from surgeon.export import export_run
 
     if (loaded.extra.get("surgeon") or {}).get("heads_kept"):
@@ -75,18 +76,22 @@ def prune(
         raise InvalidInput("--seeds must be at least 1")
     if policy == "debias" or seeds > 1:
         suite.require_accuracy("debias" if policy == "debias" else "--seeds")
-    if seeds > 1 and policy != "random":
-        raise InvalidInput("--seeds repeats the random policy; other policies are deterministic")
+    if seeds > 1 and policy not in SEEDED_POLICIES:
+        raise InvalidInput(
+            f"--seeds repeats a random policy ({', '.join(sorted(SEEDED_POLICIES))}); {policy} is deterministic"
+        )
     if mode == "mean" and reference is None:
         raise InvalidInput("mean ablation needs reference images")
     if mode == "mean" and tower != "vision":
         raise InvalidInput("mean ablation is defined for the vision tower only")
     gates = gates or Gates()
+    search = None
+    if policy == "debias":
+        search_suite, suite = suite.split_for_search()
+        search = Evaluator(loaded, search_suite.subset(search_images, search_bias), min(ranking.layers))
     gates.check_measurable(suite)
-    evaluator = Evaluator(loaded, suite, first_layer=min(ranking.layers), cache=seeds > 1)
-    search = (
-        Evaluator(loaded, suite.subset(search_images, search_bias), min(ranking.layers)) if policy == "debias" else None
-    )
+    first_layer = 0 if policy in PRESET_POLICIES else min(ranking.layers)  # presets may name any layer
+    evaluator = Evaluator(loaded, suite, first_layer=first_layer, cache=seeds > 1)
     selection = select_heads(ranking, policy, options, search)
     before = evaluator.evaluate([])
     seed_runs = []
@@ -137,7 +142,10 @@ def prune(
         ],
         "policy_details": selection.details,
         "record": record,
+        "validated_on": suite.description,
     }
+    if search is not None:
+        plan["selected_on"] = search.suite.description
     if seed_runs:
         plan["seeds"] = seed_runs
         plan["seed_mean"] = {k: statistics.fmean(r[k] for r in seed_runs) for k in after["summary"]}
@@ -176,5 +184,13 @@ def _report(plan: dict, before: dict, after: dict, failures: list[str]) -> str:
         f"| {h['head']} | {h['label'] or ''} | {'' if h['ccs'] is None else h['ccs']} | {h['reason']} |"
         for h in plan["heads"]
     ]
-    lines += ["", "## Validation", "", markdown_report(before, after, failures)]
+    lines += ["", "## Validation", "", validation_note(plan), "", markdown_report(before, after, failures)]
     return "\n".join(lines)
+
+
+def validation_note(plan: dict) -> str:
+    """Which data the figures come from, and for a selection by measurement, that it never saw them."""
+    note = f"Measured on {plan.get('validated_on', 'the validation suite')}."
+    if plan.get("selected_on"):
+        note += f" Heads were selected on {plan['selected_on']}: a disjoint split, so these figures are held out."
+    return note

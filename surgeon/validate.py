@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +45,12 @@ class BiasSet:
     queries: dict[str, list[str]]  # query name -> prompts averaged into one query
     k: int = 10
     desired: str = "uniform"
+    units: np.ndarray | None = None  # what must not straddle a search/held-out split (scene, identity); None: image
+
+    def take(self, index: np.ndarray, name: str | None = None) -> BiasSet:
+        images = self.images[index] if isinstance(self.images, np.ndarray) else [self.images[i] for i in index]
+        units = None if self.units is None else self.units[index]
+        return replace(self, name=name or self.name, images=images, groups=self.groups[index], units=units)
 
 
 @dataclass
@@ -52,6 +58,7 @@ class ValidationSuite:
     tasks: list[ClassificationSet]
     bias: BiasSet | None = None
     source: str = "toy"
+    description: str = "toy world: test split, bias probe (seed 0)"
 
     def require_accuracy(self, what: str) -> None:
         """Refuse, before any work, a use that trades off accuracy when there are no tasks to measure it on."""
@@ -71,10 +78,37 @@ class ValidationSuite:
             )
         bias = self.bias
         if bias is not None and n_bias is not None and n_bias < len(bias.groups):
-            pick = np.sort(np.random.default_rng(seed).choice(len(bias.groups), n_bias, replace=False))
-            images = bias.images[pick] if isinstance(bias.images, np.ndarray) else [bias.images[i] for i in pick]
-            bias = BiasSet(bias.name, images, bias.groups[pick], bias.group_names, bias.queries, bias.k, bias.desired)
-        return ValidationSuite(tasks, bias, self.source)
+            bias = bias.take(np.sort(np.random.default_rng(seed).choice(len(bias.groups), n_bias, replace=False)))
+        return ValidationSuite(tasks, bias, self.source, self.description)
+
+    def split_for_search(self, seed: int = 0) -> tuple[ValidationSuite, ValidationSuite]:
+        """(search, held-out): disjoint suites, so that a policy that selects on measurements (debias) is
+        reported on data it never saw. The toy world draws its search suite from its own disjoint streams (the
+        'val' split, a probe with fresh scenes) and keeps this suite, the one every other policy reports on, as
+        the held-out one. Files are split reproducibly (seeded): each task's images in half, the bias set by
+        its units (a manifest column, see bias_set), never one unit on both sides."""
+        if self.source == "toy":
+            n_per_task = len(self.tasks[0].labels) if self.tasks else None
+            n_scenes = None if self.bias is None or self.bias.units is None else len(np.unique(self.bias.units))
+            search = toy_suite(n_per_task, n_scenes, split="val", probe_seed=SEARCH_PROBE_SEED)
+            if search.bias is not None and self.bias is not None:
+                search.bias = replace(search.bias, k=self.bias.k, desired=self.bias.desired)
+            return search, self
+        rng = np.random.default_rng(seed)
+        halves: tuple[list[ClassificationSet], list[ClassificationSet]] = ([], [])
+        for task in self.tasks:
+            order = rng.permutation(len(task.labels))
+            for side, index in zip(halves, np.array_split(order, 2), strict=True):
+                index = np.sort(index)
+                images = task.images[index] if isinstance(task.images, np.ndarray) else [task.images[i] for i in index]
+                side.append(replace(task, images=images, labels=task.labels[index]))
+        biases: tuple[BiasSet | None, BiasSet | None] = (None, None)
+        if self.bias is not None:
+            biases = _split_bias(self.bias, rng)
+        return (
+            ValidationSuite(halves[0], biases[0], self.source, f"{self.description} (search half, seed {seed})"),
+            ValidationSuite(halves[1], biases[1], self.source, f"{self.description} (held-out half, seed {seed})"),
+        )
 
     def __post_init__(self):
         for task in self.tasks:
@@ -84,17 +118,50 @@ class ValidationSuite:
             raise InvalidInput(f"bias set {self.bias.name} is empty")
 
 
-def toy_suite(n_per_task: int | None = None, n_scenes: int | None = None) -> ValidationSuite:
+SEARCH_PROBE_SEED = 1  # the toy search suite's bias probe; the reported one is seed 0
+
+
+def toy_suite(
+    n_per_task: int | None = None, n_scenes: int | None = None, split: str = "test", probe_seed: int = 0
+) -> ValidationSuite:
     from surgeon.toy import world
 
     tasks = [
         ClassificationSet(f"toy/{t.name}", list(t.classnames), list(t.templates), t.images, np.asarray(t.labels))
-        for t in world.zeroshot_tasks(n=n_per_task)
+        for t in world.zeroshot_tasks(n=n_per_task, split=split)
     ]
-    probe = world.bias_probe(n_scenes=n_scenes)
+    probe = world.bias_probe(n_scenes=n_scenes, seed=probe_seed)
     queries = {shape: list(prompts) for shape, prompts in probe.queries.items()}
-    bias = BiasSet("toy/bias-probe", probe.images, np.asarray(probe.groups), list(probe.group_names), queries)
-    return ValidationSuite(tasks, bias, "toy")
+    bias = BiasSet(
+        "toy/bias-probe",
+        probe.images,
+        np.asarray(probe.groups),
+        list(probe.group_names),
+        queries,
+        units=np.asarray(probe.scene_ids),  # a scene's renderings (one per group) stay on one side of a split
+    )
+    return ValidationSuite(tasks, bias, "toy", f"toy world: {split} split, bias probe (seed {probe_seed})")
+
+
+def _split_bias(bias: BiasSet, rng: np.random.Generator) -> tuple[BiasSet, BiasSet]:
+    """Half of the units each (seeded); refuse halves that cannot measure MaxSkew@k for every group."""
+    units = bias.units if bias.units is not None else np.arange(len(bias.groups))
+    distinct = np.unique(units)
+    chosen = set(rng.permutation(distinct)[: len(distinct) // 2].tolist())
+    in_search = np.array([u in chosen for u in units.tolist()], dtype=bool)
+    sides = []
+    for mask, label in ((in_search, "search"), (~in_search, "held-out")):
+        index = np.flatnonzero(mask)
+        present = len(np.unique(bias.groups[index])) if len(index) else 0
+        if len(index) < 2 * bias.k or present < len(bias.group_names):
+            raise InvalidInput(
+                f"bias set {bias.name} is too small to split into a search and a held-out half: the {label} half "
+                f"has {len(index)} images in {present} of {len(bias.group_names)} groups "
+                f"(needs >= {2 * bias.k} images, every group)",
+                hint="pass a larger bias set, or split units that group fewer images",
+            )
+        sides.append(bias.take(index, f"{bias.name} ({label} half)"))
+    return sides[0], sides[1]
 
 
 def _manifest_rows(path: Path, columns: int) -> list[list[str]]:
@@ -144,10 +211,29 @@ def classification_set(
 
 
 def bias_set(
-    manifest: Path, queries_file: Path, templates_file: Path | None = None, k: int = 10, desired: str = "uniform"
+    manifest: Path,
+    queries_file: Path,
+    templates_file: Path | None = None,
+    k: int = 10,
+    desired: str = "uniform",
+    split_by: str | None = None,
 ) -> BiasSet:
-    """A CSV manifest (path,group[,...]) and neutral queries, one per line."""
+    """A CSV manifest (path,group[,...]) and neutral queries, one per line. `split_by` names a column of the
+    manifest's header (e.g. an identity or scene id): images sharing its value stay on one side of a
+    search/held-out split."""
     rows = _manifest_rows(manifest, 2)
+    units = None
+    if split_by is not None:
+        header = _manifest_header(manifest)
+        if split_by not in header:
+            raise InvalidInput(
+                f"--bias-split-by {split_by[:80]!r} is not a column of {manifest.name}",
+                hint=f"its header names: {', '.join(header) or 'none (the first row must be a header)'}",
+            )
+        column = header.index(split_by)
+        if any(len(r) <= column for r in rows):
+            raise InvalidInput(f"manifest {manifest}: some rows have no {split_by!r} column")
+        units = np.unique([r[column].strip() for r in rows], return_inverse=True)[1]
     group_names = sorted({r[1].strip() for r in rows})
     templates = read_templates(templates_file)
     queries = {q: [fill(t, q) for t in templates] for q in read_lines(queries_file, "queries file")}
@@ -159,7 +245,14 @@ def bias_set(
         queries,
         k,
         desired,
+        units,
     )
+
+
+def _manifest_header(path: Path) -> list[str]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        first = next(csv.reader(handle), [])
+    return [c.strip() for c in first] if first and first[0].strip().lower() == "path" else []
 
 
 def build_suite(
@@ -170,6 +263,7 @@ def build_suite(
     queries: Path | None = None,
     skew_k: int = 10,
     desired: str = "uniform",
+    bias_split_by: str | None = None,
 ) -> ValidationSuite:
     """The suite the CLI options (and the gRPC ValidationData) describe: files when given, else the toy's."""
     if data is None and bias_data is None:
@@ -180,8 +274,9 @@ def build_suite(
     if bias_data is not None and queries is None:
         raise InvalidInput("--bias-data needs --queries (neutral queries, one per line)")
     tasks = [classification_set(data, classnames, templates)] if data is not None else []
-    bias = bias_set(bias_data, queries, templates, skew_k, desired) if bias_data is not None else None
-    return ValidationSuite(tasks, bias, source="files")
+    bias = bias_set(bias_data, queries, templates, skew_k, desired, bias_split_by) if bias_data is not None else None
+    described = [str(p) for p in (data, bias_data) if p is not None]
+    return ValidationSuite(tasks, bias, "files", " + ".join(described))
 
 
 @contextmanager

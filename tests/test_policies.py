@@ -128,3 +128,20 @@ def test_debias_prefers_the_larger_bias_drop_over_an_accuracy_gain(ranking):
 
     sel = select("debias", ranking, k=3, evaluate=evaluate)
     assert names(sel) == ["L3.H1"] and sel.details["steps"][-1]["bias"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(
+    ("model", "tag", "layers", "heads_per_layer"),
+    [("ViT-B-32", "openai", range(0, 12), 12), ("ViT-L-14", "openai", range(20, 24), 16)],
+)
+def test_paper_random_excludes_the_papers_high_heads_and_draws_from_its_layers(
+    ranking, model, tag, layers, heads_per_layer
+):
+    high = set(select("paper-high", ranking, model_name=model, pretrained=tag).heads)
+    draws = [select("paper-random", ranking, model_name=model, pretrained=tag, seed=s).heads for s in range(20)]
+    assert all(len(d) == len(high) and not high & set(d) for d in draws)
+    drawn = {h for d in draws for h in d}
+    assert {h.layer for h in drawn} == set(layers) and max(h.head for h in drawn) < heads_per_layer
+    assert draws[3] == select("paper-random", ranking, model_name=model, pretrained=tag, seed=3).heads
+    with pytest.raises(NotFound, match="no paper preset"):
+        select("paper-random", ranking, model_name="toy")

@@ -727,9 +727,9 @@ class ToyWorld:
         """The fixed held-out split (cfg.test_size images, unbiased)."""
         return self.sample(self.cfg.test_size, "test", 0)
 
-    def zeroshot_tasks(self, n: int | None = None) -> list[ZeroShotTask]:
-        """One classification task per factor on the held-out test split."""
-        b = self.sample(n or self.cfg.test_size, "test", 0)
+    def zeroshot_tasks(self, n: int | None = None, split: str = "test") -> list[ZeroShotTask]:
+        """One classification task per factor on a held-out split (test: what validation reports on)."""
+        b = self.sample(n or self.cfg.test_size, split, 0)
         return [
             ZeroShotTask(
                 name=f,
@@ -830,8 +830,8 @@ def toy_images(n: int, split: str = "val", seed: int = 0, config: WorldConfig | 
     return get_world(config).images(n, split, seed)
 
 
-def zeroshot_tasks(config: WorldConfig | None = None, n: int | None = None) -> list[ZeroShotTask]:
-    return get_world(config).zeroshot_tasks(n)
+def zeroshot_tasks(config: WorldConfig | None = None, n: int | None = None, split: str = "test") -> list[ZeroShotTask]:
+    return get_world(config).zeroshot_tasks(n, split)
 
 
 def bias_probe(config: WorldConfig | None = None, n_scenes: int | None = None, seed: int = 0) -> BiasProbe:
