@@ -125,13 +125,22 @@ TemplatesOpt = Annotated[Path | None, typer.Option(help="prompt templates file, 
 BiasDataOpt = Annotated[Path | None, typer.Option(help="bias set: CSV (path,group[,...])")]
 QueriesOpt = Annotated[Path | None, typer.Option(help="neutral queries file for --bias-data, one per line")]
 SkewKOpt = Annotated[int, typer.Option(help="k of MaxSkew@k / MinSkew@k")]
-DesiredOpt = Annotated[str, typer.Option(help="desired group distribution: uniform or set")]
+DesiredOpt = Annotated[
+    str | None, typer.Option(help="desired group distribution: uniform or set (default: the protocol's)")
+]
+BiasProtocolOpt = Annotated[
+    str,
+    typer.Option(
+        help="surgeon (uniform p*, absent groups as 1/k, mean over queries) or paper (the set's proportions, "
+        "absent groups skipped, MaxSkew summed over queries: max_skew@k_sum is the paper's figure)"
+    ),
+]
 
 
-def _suite(data, classnames, templates, bias_data, queries, skew_k, desired):
+def _suite(data, classnames, templates, bias_data, queries, skew_k, desired, bias_protocol):
     from surgeon.validate import build_suite
 
-    return build_suite(data, classnames, templates, bias_data, queries, skew_k, desired)
+    return build_suite(data, classnames, templates, bias_data, queries, skew_k, desired, bias_protocol)
 
 
 def _ranking_for(loaded, ranking_path, images, n_images, texts, judge, layers, quiet):
@@ -184,7 +193,8 @@ def prune(
     bias_data: BiasDataOpt = None,
     queries: QueriesOpt = None,
     skew_k: SkewKOpt = 10,
-    desired: DesiredOpt = "uniform",
+    desired: DesiredOpt = None,
+    bias_protocol: BiasProtocolOpt = "surgeon",
     out_dir: Annotated[Path | None, typer.Option("--out", help="run folder (default: new one in exports/)")] = None,
     force: Annotated[bool, typer.Option(help="replace an existing --out folder")] = False,
     device: DeviceOpt = None,
@@ -214,7 +224,7 @@ def prune(
     )
     loaded = load_model(model, pretrained, device)
     options.model_name, options.pretrained = loaded.name, loaded.pretrained
-    suite = _suite(data, classnames, templates, bias_data, queries, skew_k, desired)
+    suite = _suite(data, classnames, templates, bias_data, queries, skew_k, desired, bias_protocol)
     ranked = _ranking_for(loaded, ranking, images, n_images, texts, judge, layers, quiet)
     reference = resolve_images(images, n_images) if mode == "mean" else None
     result = run_prune(
@@ -276,7 +286,8 @@ def validate(
     bias_data: BiasDataOpt = None,
     queries: QueriesOpt = None,
     skew_k: SkewKOpt = 10,
-    desired: DesiredOpt = "uniform",
+    desired: DesiredOpt = None,
+    bias_protocol: BiasProtocolOpt = "surgeon",
     as_json: Annotated[bool, typer.Option("--json", help="print the results as JSON")] = False,
     out_file: Annotated[Path | None, typer.Option("--out", help="write the results JSON here")] = None,
     device: DeviceOpt = None,
@@ -289,7 +300,9 @@ def validate(
     from surgeon.validate import validate as run_validate
 
     loaded = load_model(model, pretrained, device)
-    report = run_validate(loaded, _suite(data, classnames, templates, bias_data, queries, skew_k, desired))
+    report = run_validate(
+        loaded, _suite(data, classnames, templates, bias_data, queries, skew_k, desired, bias_protocol)
+    )
     if out_file:
         from surgeon.paths import atomic_write_text
 
@@ -316,7 +329,8 @@ def sweep(
     bias_data: BiasDataOpt = None,
     queries: QueriesOpt = None,
     skew_k: SkewKOpt = 10,
-    desired: DesiredOpt = "uniform",
+    desired: DesiredOpt = None,
+    bias_protocol: BiasProtocolOpt = "surgeon",
     out_dir: Annotated[Path | None, typer.Option("--out", help="output folder (default: new one in exports/)")] = None,
     force: Annotated[bool, typer.Option(help="replace an existing --out folder")] = False,
     device: DeviceOpt = None,
@@ -336,7 +350,7 @@ def sweep(
     except ValueError:
         raise InvalidInput(f"bad --counts {counts!r}", hint="e.g. 0,2,4,8") from None
     loaded = load_model(model, pretrained, device)
-    suite = _suite(data, classnames, templates, bias_data, queries, skew_k, desired)
+    suite = _suite(data, classnames, templates, bias_data, queries, skew_k, desired, bias_protocol)
     ranked = _ranking_for(loaded, ranking, images, n_images, None, "lexicon", None, quiet)
     result = run_sweep(loaded, ranked, suite, count_list, seed=seed, quiet=quiet)
     target = out_dir or new_run_dir("sweep")

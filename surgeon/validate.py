@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from surgeon.bias import bias_metrics
+from surgeon.bias import PROTOCOLS, bias_metrics, bias_protocol, headline_keys
 from surgeon.errors import GateFailed, InvalidInput
 from surgeon.images import open_image
 from surgeon.load import LoadedModel
@@ -45,6 +45,7 @@ class BiasSet:
     queries: dict[str, list[str]]  # query name -> prompts averaged into one query
     k: int = 10
     desired: str = "uniform"
+    protocol: str = "surgeon"  # surgeon.bias.PROTOCOLS
 
 
 @dataclass
@@ -73,7 +74,7 @@ class ValidationSuite:
         if bias is not None and n_bias is not None and n_bias < len(bias.groups):
             pick = np.sort(np.random.default_rng(seed).choice(len(bias.groups), n_bias, replace=False))
             images = bias.images[pick] if isinstance(bias.images, np.ndarray) else [bias.images[i] for i in pick]
-            bias = BiasSet(bias.name, images, bias.groups[pick], bias.group_names, bias.queries, bias.k, bias.desired)
+            bias = replace(bias, images=images, groups=bias.groups[pick])
         return ValidationSuite(tasks, bias, self.source)
 
     def __post_init__(self):
@@ -144,7 +145,12 @@ def classification_set(
 
 
 def bias_set(
-    manifest: Path, queries_file: Path, templates_file: Path | None = None, k: int = 10, desired: str = "uniform"
+    manifest: Path,
+    queries_file: Path,
+    templates_file: Path | None = None,
+    k: int = 10,
+    desired: str = "uniform",
+    protocol: str = "surgeon",
 ) -> BiasSet:
     """A CSV manifest (path,group[,...]) and neutral queries, one per line."""
     rows = _manifest_rows(manifest, 2)
@@ -159,6 +165,7 @@ def bias_set(
         queries,
         k,
         desired,
+        protocol,
     )
 
 
@@ -169,18 +176,21 @@ def build_suite(
     bias_data: Path | None = None,
     queries: Path | None = None,
     skew_k: int = 10,
-    desired: str = "uniform",
+    desired: str | None = None,
+    protocol: str = "surgeon",
 ) -> ValidationSuite:
-    """The suite the CLI options (and the gRPC ValidationData) describe: files when given, else the toy's."""
+    """The suite the CLI options (and the gRPC ValidationData) describe: files when given, else the toy's.
+    `desired` None: the protocol's own (surgeon.bias)."""
+    _, desired = bias_protocol(protocol, desired)
     if data is None and bias_data is None:
         suite = toy_suite()
         if suite.bias is not None:
-            suite.bias.k, suite.bias.desired = skew_k, desired
+            suite.bias.k, suite.bias.desired, suite.bias.protocol = skew_k, desired, protocol
         return suite
     if bias_data is not None and queries is None:
         raise InvalidInput("--bias-data needs --queries (neutral queries, one per line)")
     tasks = [classification_set(data, classnames, templates)] if data is not None else []
-    bias = bias_set(bias_data, queries, templates, skew_k, desired) if bias_data is not None else None
+    bias = bias_set(bias_data, queries, templates, skew_k, desired, protocol) if bias_data is not None else None
     return ValidationSuite(tasks, bias, source="files")
 
 
@@ -298,10 +308,12 @@ class Evaluator:
         if self.suite.bias is not None:
             b = self.suite.bias
             sim = (self.queries.float().cpu() @ embed(b.name).T).numpy()
-            metrics = bias_metrics(sim, b.groups, len(b.group_names), b.k, b.desired)
+            metrics = bias_metrics(sim, b.groups, len(b.group_names), b.k, b.desired, b.protocol)
             metrics["queries"] = list(b.queries)
             results.append({"dataset": b.name, "task": "bias", "metrics": metrics})
             summary[f"max_skew@{b.k}"] = metrics[f"max_skew@{b.k}"]
+            if PROTOCOLS[b.protocol].headline == "sum":  # the figure of the paper's tables
+                summary[f"max_skew@{b.k}_sum"] = metrics[f"max_skew@{b.k}_sum"]
             summary["ndkl"] = metrics["ndkl"]
         return {"results": results, "summary": summary}
 
@@ -367,11 +379,7 @@ def markdown_report(before: dict, after: dict | None = None, failures: list[str]
         keys = (
             ["acc1", "acc5", "mean_per_class_recall"]
             if r["task"] == "zeroshot_classification"
-            else [
-                k
-                for k in r["metrics"]
-                if k.startswith(("max_skew@", "min_skew@", "ndkl")) and not k.endswith(("_per_query", "_sum"))
-            ]
+            else headline_keys(r["metrics"])
         )
         for key in keys:
             b = r["metrics"][key]
