@@ -440,7 +440,8 @@ def toy_report_command(
     device: DeviceOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Per-factor accuracy, MaxSkew@10, specialised heads (trained vs random init), ground-truth agreement."""
+    """Per-factor accuracy, MaxSkew@10, specialised heads (trained vs a re-initialised vision tower, and chance),
+    ground-truth agreement."""
     import json
 
     from surgeon.load import load_model
@@ -461,10 +462,22 @@ def toy_report_command(
     table.add_row("top 10 wearing the shape's training outline", f"{100 * share:.0f}%", "> 50% (direction)")
     heads = report["heads_ccs>=4"]
     table.add_row("heads with CCS >= 4 (trained)", f"{heads['trained']} / {heads['analysed']}", ">= 6")
-    table.add_row("heads with CCS >= 4 (random init)", f"{heads['random_init']} / {heads['analysed']}", "far fewer")
+    seeds = heads["random_init_per_seed"]
+    table.add_row(
+        f"heads with CCS >= 4 (vision tower re-initialised, seeds {', '.join(seeds)})",
+        f"{heads['random_init']:.1f} ({', '.join(map(str, seeds.values()))}) / {heads['analysed']}",
+        "far fewer",
+    )
+    chance = report["chance"]
+    table.add_row(
+        f"chance: {chance['m']} random pool texts, mean CCS / P(CCS >= 4)",
+        f"{chance['mean_ccs']:.2f} / {100 * chance['p_ccs>=4']:.1f}%",
+        f"{chance['draws']:,} draws",
+    )
     agree = report["ground_truth_agreement"]
     for key in ("ccs>=4", "ccs<4"):
-        value = "n/a" if agree[key] is None else f"{100 * agree[key]:.0f}% of {agree['n_' + key]}"
+        ties = f", {agree['ties_' + key]} ties ({agree['ties_with_truth_' + key]} include it)"
+        value = "n/a" if agree[key] is None else f"{100 * agree[key]:.0f}% of {agree['n_' + key]}{ties}"
         table.add_row(f"label = ground-truth factor ({key})", value, ">= 80%" if key == "ccs>=4" else "")
     out.print(table)
     out.print("targets met: " + ", ".join(f"{k}={'yes' if v else 'NO'}" for k, v in report["met"].items()))
