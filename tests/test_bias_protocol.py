@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 
+from surgeon.card import _front_matter
 from surgeon.errors import InvalidInput
 from surgeon.load import load_model
 from surgeon.validate import build_suite, markdown_report, validate
@@ -36,6 +37,11 @@ def test_paper_protocol_headlines_the_sum(tiny_default_dir, user_data):  # noqa:
     assert metrics["max_skew@4_per_query"] == _bias(default)["max_skew@4_per_query"]
     assert "| bias.csv | max_skew@4_sum |" in markdown_report(paper)
     assert "max_skew@4_sum" not in markdown_report(default)
+    plan = {"base_model": {"name": "tiny", "pretrained": ""}, "policy": "top-k", "mode": "zero"}
+    card = "\n".join(_front_matter(plan, {"after": paper}))  # the model card's metrics carry the paper's figure
+    assert "name: max_skew@4_sum" in card and "name: max_skew@4_sum" not in "\n".join(
+        _front_matter(plan, {"after": default})
+    )
     with pytest.raises(InvalidInput, match="contradicts"):
         build_suite(**files, desired="uniform", protocol="paper")
     with pytest.raises(InvalidInput, match="unknown bias protocol"):
