@@ -39,6 +39,7 @@ from server.jobs import (
 from server.paths import Root, inside, resolve_in
 from server.surgeon.v1 import surgeon_pb2 as pb
 from server.surgeon.v1 import surgeon_pb2_grpc as pb_grpc
+from surgeon.bias import bias_protocol
 from surgeon.errors import InvalidInput, NotFound, PreconditionFailed, SurgeonError
 from surgeon.export import EXPORTERS, export_existing_run
 from surgeon.images import ImageSet, resolve_images
@@ -214,9 +215,11 @@ class Requests:
         skew_k = _opt(data, "skew_k", 10)
         if skew_k <= 0:
             raise InvalidInput(f"skew_k must be positive, got {skew_k}")
-        desired = data.desired or "uniform"
-        if desired not in ("uniform", "set"):
+        desired = data.desired or None
+        if desired not in (None, "uniform", "set"):
             raise InvalidInput(f"unknown desired distribution {desired!r}", hint="choose uniform or set")
+        protocol = data.bias_protocol or "surgeon"
+        bias_protocol(protocol, desired)  # an unknown protocol, or a desired the protocol fixes otherwise
         root = self.config.data
         folder = resolve_in([root], data.data, "validation data", "any") if data.data else None
         if folder is not None and folder.is_dir():
@@ -225,8 +228,8 @@ class Requests:
         if folder is None and files[2] is None:
             if any(files):
                 raise InvalidInput("classnames/templates/queries need data or bias_data")
-            return lambda: build_suite(skew_k=skew_k, desired=desired)  # the toy suite: built in the job
-        suite = build_suite(folder, *files, skew_k=skew_k, desired=desired)
+            return lambda: build_suite(skew_k=skew_k, desired=desired, protocol=protocol)  # toy: built in the job
+        suite = build_suite(folder, *files, skew_k=skew_k, desired=desired, protocol=protocol)
         for images in [t.images for t in suite.tasks] + ([suite.bias.images] if suite.bias else []):
             for path in images if isinstance(images, list) else []:
                 root.check_inside(path, "validation image")  # manifests may not point outside the data root

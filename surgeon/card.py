@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from surgeon.bias import headline_keys
 from surgeon.load import LoadedModel
 
 
@@ -37,11 +38,7 @@ def _front_matter(plan: dict, validation: dict) -> list[str]:
             )
         else:
             task = "bias-evaluation"
-            pairs = [
-                ("max_skew", k)
-                for k in metrics
-                if k.startswith(("max_skew@", "min_skew@")) and not k.endswith(("_per_query", "_sum"))
-            ] + [("ndkl", "ndkl")]
+            pairs = [("max_skew", k) for k in headline_keys(metrics) if k != "ndkl"] + [("ndkl", "ndkl")]
         lines += [
             f"  - task: {{type: {task}}}",
             f"    dataset: {{name: {_q(entry['dataset'])}, type: {_q(entry['dataset'])}}}",

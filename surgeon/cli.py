@@ -127,13 +127,22 @@ TemplatesOpt = Annotated[Path | None, typer.Option(help="prompt templates file, 
 BiasDataOpt = Annotated[Path | None, typer.Option(help="bias set: CSV (path,group[,...])")]
 QueriesOpt = Annotated[Path | None, typer.Option(help="neutral queries file for --bias-data, one per line")]
 SkewKOpt = Annotated[int, typer.Option(help="k of MaxSkew@k / MinSkew@k")]
-DesiredOpt = Annotated[str, typer.Option(help="desired group distribution: uniform or set")]
+DesiredOpt = Annotated[
+    str | None, typer.Option(help="desired group distribution: uniform or set (default: the protocol's)")
+]
+BiasProtocolOpt = Annotated[
+    str,
+    typer.Option(
+        help="surgeon (uniform p*, absent groups as 1/k, mean over queries) or paper (the set's proportions, "
+        "absent groups skipped, MaxSkew summed over queries: max_skew@k_sum is the paper's figure)"
+    ),
+]
 
 
-def _suite(data, classnames, templates, bias_data, queries, skew_k, desired, bias_split_by=None):
+def _suite(data, classnames, templates, bias_data, queries, skew_k, desired, bias_protocol, bias_split_by=None):
     from surgeon.validate import build_suite
 
-    return build_suite(data, classnames, templates, bias_data, queries, skew_k, desired, bias_split_by)
+    return build_suite(data, classnames, templates, bias_data, queries, skew_k, desired, bias_protocol, bias_split_by)
 
 
 def _ranking_for(loaded, ranking_path, images, n_images, texts, judge, layers, quiet):
@@ -186,7 +195,8 @@ def prune(
     bias_data: BiasDataOpt = None,
     queries: QueriesOpt = None,
     skew_k: SkewKOpt = 10,
-    desired: DesiredOpt = "uniform",
+    desired: DesiredOpt = None,
+    bias_protocol: BiasProtocolOpt = "surgeon",
     bias_split_by: Annotated[
         str | None,
         typer.Option(help="debias: bias-manifest column (e.g. identity) kept on one side of the search/held-out split"),
@@ -220,7 +230,7 @@ def prune(
     )
     loaded = load_model(model, pretrained, device)
     options.model_name, options.pretrained = loaded.name, loaded.pretrained
-    suite = _suite(data, classnames, templates, bias_data, queries, skew_k, desired, bias_split_by)
+    suite = _suite(data, classnames, templates, bias_data, queries, skew_k, desired, bias_protocol, bias_split_by)
     ranked = _ranking_for(loaded, ranking, images, n_images, texts, judge, layers, quiet)
     reference = resolve_images(images, n_images) if mode == "mean" else None
     result = run_prune(
@@ -282,7 +292,8 @@ def validate(
     bias_data: BiasDataOpt = None,
     queries: QueriesOpt = None,
     skew_k: SkewKOpt = 10,
-    desired: DesiredOpt = "uniform",
+    desired: DesiredOpt = None,
+    bias_protocol: BiasProtocolOpt = "surgeon",
     as_json: Annotated[bool, typer.Option("--json", help="print the results as JSON")] = False,
     out_file: Annotated[Path | None, typer.Option("--out", help="write the results JSON here")] = None,
     device: DeviceOpt = None,
@@ -295,7 +306,9 @@ def validate(
     from surgeon.validate import validate as run_validate
 
     loaded = load_model(model, pretrained, device)
-    report = run_validate(loaded, _suite(data, classnames, templates, bias_data, queries, skew_k, desired))
+    report = run_validate(
+        loaded, _suite(data, classnames, templates, bias_data, queries, skew_k, desired, bias_protocol)
+    )
     if out_file:
         from surgeon.paths import atomic_write_text
 
@@ -322,7 +335,8 @@ def sweep(
     bias_data: BiasDataOpt = None,
     queries: QueriesOpt = None,
     skew_k: SkewKOpt = 10,
-    desired: DesiredOpt = "uniform",
+    desired: DesiredOpt = None,
+    bias_protocol: BiasProtocolOpt = "surgeon",
     out_dir: Annotated[Path | None, typer.Option("--out", help="output folder (default: new one in exports/)")] = None,
     force: Annotated[bool, typer.Option(help="replace an existing --out folder")] = False,
     device: DeviceOpt = None,
@@ -342,7 +356,7 @@ def sweep(
     except ValueError:
         raise InvalidInput(f"bad --counts {counts!r}", hint="e.g. 0,2,4,8") from None
     loaded = load_model(model, pretrained, device)
-    suite = _suite(data, classnames, templates, bias_data, queries, skew_k, desired)
+    suite = _suite(data, classnames, templates, bias_data, queries, skew_k, desired, bias_protocol)
     ranked = _ranking_for(loaded, ranking, images, n_images, None, "lexicon", None, quiet)
     result = run_sweep(loaded, ranked, suite, count_list, seed=seed, quiet=quiet)
     target = out_dir or new_run_dir("sweep")
@@ -432,7 +446,8 @@ def toy_report_command(
     device: DeviceOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Per-factor accuracy, MaxSkew@10, specialised heads (trained vs random init), ground-truth agreement."""
+    """Per-factor accuracy, MaxSkew@10, specialised heads (trained vs a re-initialised vision tower, and chance),
+    ground-truth agreement."""
     import json
 
     from surgeon.load import load_model
@@ -453,10 +468,22 @@ def toy_report_command(
     table.add_row("top 10 wearing the shape's training outline", f"{100 * share:.0f}%", "> 50% (direction)")
     heads = report["heads_ccs>=4"]
     table.add_row("heads with CCS >= 4 (trained)", f"{heads['trained']} / {heads['analysed']}", ">= 6")
-    table.add_row("heads with CCS >= 4 (random init)", f"{heads['random_init']} / {heads['analysed']}", "far fewer")
+    seeds = heads["random_init_per_seed"]
+    table.add_row(
+        f"heads with CCS >= 4 (vision tower re-initialised, seeds {', '.join(seeds)})",
+        f"{heads['random_init']:.1f} ({', '.join(map(str, seeds.values()))}) / {heads['analysed']}",
+        "far fewer",
+    )
+    chance = report["chance"]
+    table.add_row(
+        f"chance: {chance['m']} random pool texts, mean CCS / P(CCS >= 4)",
+        f"{chance['mean_ccs']:.2f} / {100 * chance['p_ccs>=4']:.1f}%",
+        f"{chance['draws']:,} draws",
+    )
     agree = report["ground_truth_agreement"]
     for key in ("ccs>=4", "ccs<4"):
-        value = "n/a" if agree[key] is None else f"{100 * agree[key]:.0f}% of {agree['n_' + key]}"
+        ties = f", {agree['ties_' + key]} ties ({agree['ties_with_truth_' + key]} include it)"
+        value = "n/a" if agree[key] is None else f"{100 * agree[key]:.0f}% of {agree['n_' + key]}{ties}"
         table.add_row(f"label = ground-truth factor ({key})", value, ">= 80%" if key == "ccs>=4" else "")
     out.print(table)
     out.print("targets met: " + ", ".join(f"{k}={'yes' if v else 'NO'}" for k, v in report["met"].items()))

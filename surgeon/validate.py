@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from surgeon.bias import bias_metrics
+from surgeon.bias import PROTOCOLS, bias_metrics, bias_protocol, headline_keys
 from surgeon.errors import GateFailed, InvalidInput
 from surgeon.images import open_image
 from surgeon.load import LoadedModel
@@ -45,6 +45,7 @@ class BiasSet:
     queries: dict[str, list[str]]  # query name -> prompts averaged into one query
     k: int = 10
     desired: str = "uniform"
+    protocol: str = "surgeon"  # surgeon.bias.PROTOCOLS
     units: np.ndarray | None = None  # what must not straddle a search/held-out split (scene, identity); None: image
 
     def take(self, index: np.ndarray, name: str | None = None) -> BiasSet:
@@ -92,7 +93,9 @@ class ValidationSuite:
             n_scenes = None if self.bias is None or self.bias.units is None else len(np.unique(self.bias.units))
             search = toy_suite(n_per_task, n_scenes, split="val", probe_seed=SEARCH_PROBE_SEED)
             if search.bias is not None and self.bias is not None:
-                search.bias = replace(search.bias, k=self.bias.k, desired=self.bias.desired)
+                search.bias = replace(
+                    search.bias, k=self.bias.k, desired=self.bias.desired, protocol=self.bias.protocol
+                )
             return search, self
         rng = np.random.default_rng(seed)
         halves: tuple[list[ClassificationSet], list[ClassificationSet]] = ([], [])
@@ -216,6 +219,7 @@ def bias_set(
     templates_file: Path | None = None,
     k: int = 10,
     desired: str = "uniform",
+    protocol: str = "surgeon",
     split_by: str | None = None,
 ) -> BiasSet:
     """A CSV manifest (path,group[,...]) and neutral queries, one per line. `split_by` names a column of the
@@ -245,7 +249,8 @@ def bias_set(
         queries,
         k,
         desired,
-        units,
+        units=units,
+        protocol=protocol,
     )
 
 
@@ -262,19 +267,26 @@ def build_suite(
     bias_data: Path | None = None,
     queries: Path | None = None,
     skew_k: int = 10,
-    desired: str = "uniform",
+    desired: str | None = None,
+    protocol: str = "surgeon",
     bias_split_by: str | None = None,
 ) -> ValidationSuite:
-    """The suite the CLI options (and the gRPC ValidationData) describe: files when given, else the toy's."""
+    """The suite the CLI options (and the gRPC ValidationData) describe: files when given, else the toy's.
+    `desired` None: the protocol's own (surgeon.bias)."""
+    _, desired = bias_protocol(protocol, desired)
     if data is None and bias_data is None:
         suite = toy_suite()
         if suite.bias is not None:
-            suite.bias.k, suite.bias.desired = skew_k, desired
+            suite.bias.k, suite.bias.desired, suite.bias.protocol = skew_k, desired, protocol
         return suite
     if bias_data is not None and queries is None:
         raise InvalidInput("--bias-data needs --queries (neutral queries, one per line)")
     tasks = [classification_set(data, classnames, templates)] if data is not None else []
-    bias = bias_set(bias_data, queries, templates, skew_k, desired, bias_split_by) if bias_data is not None else None
+    bias = (
+        bias_set(bias_data, queries, templates, skew_k, desired, protocol, bias_split_by)
+        if bias_data is not None
+        else None
+    )
     described = [str(p) for p in (data, bias_data) if p is not None]
     return ValidationSuite(tasks, bias, "files", " + ".join(described))
 
@@ -393,10 +405,12 @@ class Evaluator:
         if self.suite.bias is not None:
             b = self.suite.bias
             sim = (self.queries.float().cpu() @ embed(b.name).T).numpy()
-            metrics = bias_metrics(sim, b.groups, len(b.group_names), b.k, b.desired)
+            metrics = bias_metrics(sim, b.groups, len(b.group_names), b.k, b.desired, b.protocol)
             metrics["queries"] = list(b.queries)
             results.append({"dataset": b.name, "task": "bias", "metrics": metrics})
             summary[f"max_skew@{b.k}"] = metrics[f"max_skew@{b.k}"]
+            if PROTOCOLS[b.protocol].headline == "sum":  # the figure of the paper's tables
+                summary[f"max_skew@{b.k}_sum"] = metrics[f"max_skew@{b.k}_sum"]
             summary["ndkl"] = metrics["ndkl"]
         return {"results": results, "summary": summary}
 
@@ -462,11 +476,7 @@ def markdown_report(before: dict, after: dict | None = None, failures: list[str]
         keys = (
             ["acc1", "acc5", "mean_per_class_recall"]
             if r["task"] == "zeroshot_classification"
-            else [
-                k
-                for k in r["metrics"]
-                if k.startswith(("max_skew@", "min_skew@", "ndkl")) and not k.endswith(("_per_query", "_sum"))
-            ]
+            else headline_keys(r["metrics"])
         )
         for key in keys:
             b = r["metrics"][key]

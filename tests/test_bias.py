@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import numpy as np
 import pytest
 
-from surgeon.bias import bias_metrics, desired_distribution, ndkl, skews_at_k
+from surgeon.bias import (
+    PROTOCOLS,
+    bias_metrics,
+    bias_protocol,
+    desired_distribution,
+    headline_keys,
+    ndkl,
+    ranked_composition,
+    skews_at_k,
+)
 from surgeon.errors import InvalidInput
 
 
@@ -50,3 +60,136 @@ def test_desired_distribution_and_errors():
         skews_at_k([0, 1], 5, np.array([0.5, 0.5]))
     with pytest.raises(InvalidInput):
         bias_metrics(np.zeros((1, 0)), [], 2)
+
+
+# --- the paper's protocol (CCS-CLIP) next to surgeon's, against hand-computed values ----------------------
+
+
+def _sim_ranking(groups, top):
+    """A one-query similarity row that ranks the images `top` (indices, best first) above all others."""
+    row = np.zeros(len(groups))
+    row[list(top)] = np.linspace(2.0, 1.0, len(top))
+    return row[None, :]
+
+
+def test_two_groups_set_proportions_by_hand():
+    groups = [0] * 20 + [1] * 10  # p*(set) = 2/3, 1/3
+    sim = _sim_ranking(groups, [0] + list(range(20, 29)))  # top 10: one of group 0, nine of group 1
+    surgeon = bias_metrics(sim, groups, 2, k=10)
+    assert surgeon["max_skew@10"] == pytest.approx(math.log(0.9 / 0.5))
+    assert surgeon["min_skew@10"] == pytest.approx(math.log(0.1 / 0.5))
+    paper = bias_metrics(sim, groups, 2, k=10, protocol="paper")
+    assert (paper["protocol"], paper["desired"]) == ("paper", "set")
+    assert paper["max_skew@10"] == pytest.approx(math.log(0.9 / (1 / 3)))
+    assert paper["min_skew@10"] == pytest.approx(math.log(0.1 / (2 / 3)))
+    assert paper["max_skew@10_sum"] == paper["max_skew@10"]
+
+
+def test_seven_fairface_like_groups_by_hand():
+    sizes = [20, 15, 10, 10, 5, 5, 5]  # 70 images, seven groups as FairFace's race attribute
+    groups = [g for g, n in enumerate(sizes) for _ in range(n)]
+    first = np.cumsum([0] + sizes)
+    top = [*range(first[0], first[0] + 4), *range(first[1], first[1] + 3), first[2], first[2] + 1, first[3]]
+    sim = _sim_ranking(groups, top)  # top 10 = 4, 3, 2, 1, 0, 0, 0
+    paper = bias_metrics(sim, groups, 7, k=10, protocol="paper")
+    # present groups: 0.4/(20/70) = 0.3/(15/70) = 0.2/(10/70) = 1.4, 0.1/(10/70) = 0.7; absent ones skipped
+    assert paper["max_skew@10"] == pytest.approx(math.log(1.4))
+    assert paper["min_skew@10"] == pytest.approx(math.log(0.7))
+    surgeon = bias_metrics(sim, groups, 7, k=10)  # uniform 1/7; absent groups at 1/k
+    assert surgeon["max_skew@10"] == pytest.approx(math.log(0.4 * 7))
+    assert surgeon["min_skew@10"] == pytest.approx(math.log(0.1 * 7))
+    assert surgeon["group_share@10_per_query"] == [[0.4, 0.3, 0.2, 0.1, 0.0, 0.0, 0.0]]
+
+
+def test_a_group_rarer_than_one_in_k_is_skipped_not_over_represented():
+    groups = [0] * 97 + [1] * 3  # group 1 is 3% of the set, rarer than 1/k = 10%
+    sim = np.vstack([_sim_ranking(groups, range(10)), _sim_ranking(groups, range(10, 20))])  # no group 1 in either
+    paper = bias_metrics(sim, groups, 2, k=10, protocol="paper")
+    assert paper["max_skew@10_per_query"] == [round(math.log(1 / 0.97), 6)] * 2
+    assert paper["max_skew@10_sum"] == pytest.approx(2 * math.log(1 / 0.97))  # summed over the queries
+    # smoothing scores the absent group as 1/k = 0.1 > 0.03: "over-represented" though it never appears
+    smoothed = bias_metrics(sim, groups, 2, k=10, desired="set")
+    assert smoothed["max_skew@10_sum"] == pytest.approx(2 * math.log(0.1 / 0.03))
+
+
+def test_exact_ties_are_shared_and_the_set_order_does_not_matter():
+    groups = np.array([0, 1] * 4 + [0, 0, 0, 1] + [1] * 4)
+    scores = np.array([9.0, 8, 7, 6, 5, 4, 3, 2] + [1.0] * 4 + [0.0] * 4)  # 4-way tie across the k=10 cut
+    # 2 of the 4 tied slots count 3/4 group 0 and 1/4 group 1: top 10 = 5.5 / 4.5
+    expected = math.log(0.55 / 0.5)
+    metrics = bias_metrics(scores[None, :], groups, 2, k=10)
+    assert metrics["max_skew@10"] == pytest.approx(expected)
+    assert metrics["group_share@10_per_query"] == [[0.55, 0.45]]
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        perm = rng.permutation(len(groups))
+        shuffled = bias_metrics(scores[None, perm], groups[perm], 2, k=10)
+        for key in ("max_skew@10", "min_skew@10", "ndkl"):
+            assert shuffled[key] == pytest.approx(metrics[key], abs=1e-12), key
+    # a ranking that is one big tie is a balanced one at every depth
+    assert bias_metrics(np.zeros((1, 6)), [0, 1, 0, 1, 0, 1], 2, k=4)["ndkl"] == pytest.approx(0.0, abs=1e-12)
+    assert ndkl(ranked_composition(np.zeros(4), np.array([0, 0, 1, 1]), 2), np.array([0.5, 0.5])) == 0
+
+
+def _reference_skew(scores, labels, top_n):
+    """debias-vision-lang's compute_skew_metrics, re-derived: Counter shares over the top n, an absent label
+    at 1/n, MaxSkew = max(0, max_a ln(p / p*)) for eq_opp (uniform) and dem_par (set proportions)."""
+    counts = Counter(labels.tolist())
+    top = Counter(labels[np.argsort(-scores)[:top_n]].tolist())
+    out = {"eq_opp": 0.0, "dem_par": 0.0}
+    for label, count in counts.items():
+        p = top[label] / top_n or 1 / top_n
+        for name, target in (("eq_opp", 1 / len(counts)), ("dem_par", count / len(labels))):
+            out[name] = max(out[name], math.log(p) - math.log(target))
+    return out
+
+
+def _reference_ndkl(scores, labels):
+    """debias-vision-lang's normalized_discounted_KL over the whole ranking, eq_opp (uniform)."""
+    n_labels = len(set(labels.tolist()))
+    running, total = np.zeros(n_labels), 0.0
+    for i, label in enumerate(labels[np.argsort(-scores)], start=1):
+        running[label] += 1
+        p = running / i
+        with np.errstate(divide="ignore", invalid="ignore"):
+            total += np.sum(np.where(p != 0, p * (np.log(p) - np.log(1 / n_labels)), 0)) / math.log2(i + 1)
+    return total / sum(1 / math.log2(i + 1) for i in range(1, len(labels) + 1))
+
+
+def _reference_paper(similarity, labels, k):
+    """The CCS paper's protocol, written out: set proportions, absent groups skipped, MaxSkew summed."""
+    share_set = Counter(labels.tolist())
+    total = 0.0
+    for row in similarity:
+        top = Counter(labels[np.argsort(-row)[:k]].tolist())
+        total += max(math.log((c / k) / (share_set[g] / len(labels))) for g, c in top.items())
+    return total
+
+
+@pytest.mark.parametrize("n_groups", [2, 7])
+def test_formulas_match_the_references_without_ties(n_groups):
+    rng = np.random.default_rng(n_groups)
+    labels = rng.integers(0, n_groups, 200)
+    labels[:n_groups] = np.arange(n_groups)  # every group present in the set
+    similarity = rng.normal(size=(6, 200))
+    uniform = bias_metrics(similarity, labels, n_groups, k=10)
+    set_share = bias_metrics(similarity, labels, n_groups, k=10, desired="set")
+    for q, row in enumerate(similarity):
+        ref = _reference_skew(row, labels, 10)
+        assert uniform["max_skew@10_per_query"][q] == pytest.approx(ref["eq_opp"], abs=1e-6)
+        assert set_share["max_skew@10_per_query"][q] == pytest.approx(ref["dem_par"], abs=1e-6)
+    assert uniform["ndkl"] == pytest.approx(np.mean([_reference_ndkl(r, labels) for r in similarity]), abs=1e-12)
+    paper = bias_metrics(similarity, labels, n_groups, k=10, protocol="paper")
+    assert paper["max_skew@10_sum"] == pytest.approx(_reference_paper(similarity, labels, 10), abs=1e-12)
+
+
+def test_protocol_choices_are_checked():
+    assert bias_protocol("paper") == (PROTOCOLS["paper"], "set")
+    assert bias_protocol("surgeon", "set") == (PROTOCOLS["surgeon"], "set")
+    with pytest.raises(InvalidInput, match="unknown bias protocol"):
+        bias_protocol("geyik")
+    with pytest.raises(InvalidInput, match="contradicts"):
+        bias_protocol("paper", "uniform")
+    metrics = bias_metrics(np.eye(2), [0, 1], 2, k=1, protocol="paper")
+    assert headline_keys(metrics) == ["max_skew@1", "min_skew@1", "ndkl", "max_skew@1_sum"]
+    assert "max_skew@1_sum" not in headline_keys(bias_metrics(np.eye(2), [0, 1], 2, k=1))

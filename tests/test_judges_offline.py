@@ -40,13 +40,10 @@ def pool_sets(pool, lexicon) -> list[frozenset[str]]:
     return [lexicon.concepts_of(line) for line in pool]
 
 
-def tiny(**concepts: tuple[list[str], int]) -> dict:
+def tiny(**concepts: list[str]) -> dict:
     return {
         "version": 1,
-        "concepts": {
-            name.replace("_", " "): {"description": name, "terms": terms, "priority": prio}
-            for name, (terms, prio) in concepts.items()
-        },
+        "concepts": {name.replace("_", " "): {"description": name, "terms": terms} for name, terms in concepts.items()},
     }
 
 
@@ -68,9 +65,8 @@ def test_taxonomy_format(taxonomy):
     assert len(concepts) >= 20
     for name, spec in concepts.items():
         assert name == name.lower() and name != "none"
-        assert set(spec) == {"description", "terms", "priority"}
+        assert set(spec) == {"description", "terms"}
         assert isinstance(spec["description"], str) and spec["description"].endswith(".")
-        assert isinstance(spec["priority"], int)
         assert spec["terms"] and all(t == t.lower() and t.strip() == t for t in spec["terms"])
         assert len(set(spec["terms"])) == len(spec["terms"])
     for expected in (
@@ -97,7 +93,7 @@ def test_every_concept_covers_many_pool_lines(taxonomy, pool_sets):
     assert not thin, f"concepts with < 60 pool lines: {thin}"
 
 
-def test_pool_lines_get_exactly_one_concept(pool, pool_sets):
+def test_pool_lines_mostly_name_one_concept(pool, pool_sets):
     single = sum(len(s) == 1 for s in pool_sets)
     bad = [(line, sorted(s)) for line, s in zip(pool, pool_sets, strict=True) if len(s) != 1]
     assert single / len(pool) >= 0.95, bad[:20]
@@ -136,9 +132,9 @@ def test_lexicon_mixed_head_scores_low_and_is_deterministic(taxonomy, lexicon):
         ["weather"],
     ]
     first = lexicon.judge([mixed])[0]
-    # every concept is seen once at the same priority -> alphabetical first
-    assert first.label == "animals" and first.ccs <= 2
-    assert first.verdicts == (False, False, False, True, False)
+    # every concept is seen once: a five-way tie, reported as such, with CCS 1 (not 5, not a pick by spelling)
+    assert (first.label, first.ccs) == ("animals|colors|food|vehicles|weather", 1)
+    assert first.verdicts == (True,) * 5
     fresh = LexiconJudge(taxonomy)
     assert fresh.judge([mixed, list(reversed(mixed))]) == [first, lexicon.judge([list(reversed(mixed))])[0]]
 
@@ -161,25 +157,48 @@ def test_lexicon_no_match_is_none(lexicon):
     assert (j[1].label, j[1].verdicts) == ("none", ())
 
 
-def test_priority_keeps_only_the_highest_matching_concepts():
+def test_a_text_is_about_every_concept_it_names():
     judge = LexiconJudge(
-        tiny(colors=(["red", "black"], 0), vehicles=(["car"], 0), photo_styles=(["black and white"], 1))
+        tiny(
+            colors=["red", "green", "black"],
+            shapes=["square"],
+            backgrounds=["background"],
+            vehicles=["car"],
+            photo_styles=["black and white"],
+        )
     )
-    assert judge.concepts_of("A red car") == {"colors", "vehicles"}
-    assert judge.concepts_of("A black and white photo of a red car") == {"photo styles"}
-    assert judge.concepts_of("A black car") == {"colors", "vehicles"}
-    # label ties break on priority, then alphabetically
-    assert judge.judge([["a red kite", "black and white"]])[0].label == "photo styles"
-    assert judge.judge([["a red kite", "a car"]])[0].label == "colors"
+    assert judge.concepts_of("a red square on a green background") == {"colors", "shapes", "backgrounds"}
+    assert judge.concepts_of("A black and white photo of a red car") == {"photo styles", "colors", "vehicles"}
+    # "on a green background" counts for colors too: a colors head keeps it as consistent
+    head = judge.judge([["a red kite", "green", "on a green background", "a car", "a square"]])[0]
+    assert (head.label, head.ccs, head.verdicts) == ("colors", 3, (True, True, True, False, False))
+
+
+def test_label_ties_are_reported_never_decided_by_spelling():
+    judge = LexiconJudge(tiny(textures=["striped", "dotted"], colors=["red", "blue"], shapes=["circle"]))
+    # the L0.H0 case: 2 texture texts, 2 color texts, 1 other -> a tie, CCS 2 (not "colors" with 2, nor 4)
+    l0h0 = ["a striped object", "red", "dotted", "a blue thing", "a circle"]
+    got = judge.judge([l0h0])[0]
+    assert (got.label, got.ccs, got.tie_count) == ("colors|textures", 2, 2)
+    assert got.verdicts == (True, True, True, True, False)  # the texts about either tied concept
+    # renaming the concepts (so that spelling order flips) changes only the spelling of the tie
+    renamed = LexiconJudge(tiny(a_pattern=["striped", "dotted"], z_hue=["red", "blue"], shapes=["circle"]))
+    assert renamed.judge([l0h0])[0].label == "a pattern|z hue"
+    # a clear majority is no tie, and a text about both tied concepts counts once for each
+    assert judge.judge([["red", "blue", "dotted", "a circle"]])[0].label == "colors"
+    both = judge.judge([["a red striped thing", "red", "dotted"]])[0]
+    assert (both.label, both.ccs, both.verdicts) == ("colors|textures", 2, (True, True, True))
+    flipped = judge.judge([list(reversed(l0h0))])[0]  # the order of the texts never matters
+    assert (flipped.label, flipped.ccs, flipped.verdicts[::-1]) == (got.label, got.ccs, got.verdicts)
 
 
 def test_plural_folding_and_word_matching():
     judge = LexiconJudge(
         tiny(
-            things=(["car", "box", "berry", "shoe", "bus", "tomato", "cafe"], 0),
-            places=(["andes"], 0),
-            clothing=(["shorts"], 0),
-            sports=(["ice hockey"], 0),
+            things=["car", "box", "berry", "shoe", "bus", "tomato", "cafe"],
+            places=["andes"],
+            clothing=["shorts"],
+            sports=["ice hockey"],
         )
     )
     for text in [
@@ -207,7 +226,7 @@ def test_plural_folding_and_word_matching():
         {},
         {"concepts": {}},
         {"concepts": {"a": {"terms": "red"}}},
-        {"concepts": {"a": {"terms": ["red"], "priority": "high"}}},
+        {"concepts": {"a|b": {"terms": ["red"]}}},
         {"concepts": {"none": {"terms": ["red"]}}},
         {"concepts": {"a": {"terms": ["!!"]}}},
     ],
@@ -238,9 +257,9 @@ class BagOfWords:
 
 
 EMB_TAXONOMY = tiny(
-    animals=(["cat", "dog", "horse", "cow", "tiger"], 0),
-    vehicles=(["car", "bus", "train", "truck", "boat"], 0),
-    food=(["pizza", "bread", "apple", "cheese", "soup"], 0),
+    animals=["cat", "dog", "horse", "cow", "tiger"],
+    vehicles=["car", "bus", "train", "truck", "boat"],
+    food=["pizza", "bread", "apple", "cheese", "soup"],
 )
 
 

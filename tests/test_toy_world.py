@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from surgeon.errors import InvalidInput, PermissionDenied, PreconditionFailed
+from surgeon.judges.lexicon import LexiconJudge
 from surgeon.toy.world import (
     FACTOR_CONCEPTS,
     FACTORS,
@@ -154,41 +155,6 @@ def test_zeroshot_tasks_cover_every_factor():
         assert all("{}" in tpl for tpl in t.templates)
 
 
-def _lexicon_concepts(taxonomy: dict):
-    """The lexicon rule: concepts whose term occurs (lowercase word sequences, plurals folded), keeping
-    the highest priority. Uses surgeon.judges.lexicon when it exists."""
-    try:
-        import surgeon.judges.lexicon  # noqa: F401
-        from surgeon.judges.base import JUDGES, JudgeContext
-
-        judge = JUDGES.get("lexicon")(JudgeContext(taxonomy=taxonomy))
-        return lambda text: set(judge.concepts_of(text))
-    except ImportError:
-        pass
-
-    def fold(w):
-        return w[:-1] if w.endswith("s") and not w.endswith("ss") and len(w) > 3 else w
-
-    def words(t):
-        return [fold(w) for w in re.findall(r"[a-z]+", t.lower())]
-
-    terms = {c: [words(t) for t in d["terms"]] for c, d in taxonomy["concepts"].items()}
-
-    def concepts_of(text):
-        ws = words(text)
-        hit = {
-            c
-            for c, ts in terms.items()
-            if any(ws[i : i + len(t)] == t for t in ts for i in range(len(ws) - len(t) + 1))
-        }
-        if not hit:
-            return set()
-        top = max(taxonomy["concepts"][c]["priority"] for c in hit)
-        return {c for c in hit if taxonomy["concepts"][c]["priority"] == top}
-
-    return concepts_of
-
-
 def test_pool_and_taxonomy():
     pool = toy_pool()
     truth = toy_pool_concepts()
@@ -198,17 +164,20 @@ def test_pool_and_taxonomy():
     for concept in FACTOR_CONCEPTS.values():
         share = sum(truth[line] == concept for line in pool) / len(pool)
         assert share >= 0.10, (concept, share)
-    concepts_of = _lexicon_concepts(tax)
+    concepts_of = LexiconJudge(tax).concepts_of
     for line in pool:
-        expected = set() if truth[line] is None else {truth[line]}
-        assert concepts_of(line) == expected, line
-    # backgrounds outrank colours; every factor value of the world is a term of its concept
-    assert concepts_of("on a blue background") == {"backgrounds"}
+        found = concepts_of(line)
+        if truth[line] is None:
+            assert found == set(), line
+        else:  # the concept it was written for; a background line may also name a color or texture
+            assert truth[line] in found and found <= {truth[line], "colors", "textures"}, line
+    # a text is about every concept it names: no concept hides another
+    assert concepts_of("on a blue background") == {"backgrounds", "colors"}
+    assert concepts_of("a red square on a green background") == {"colors", "shapes", "backgrounds"}
     cfg = WorldConfig()
     for f, concept in FACTOR_CONCEPTS.items():
         for v in cfg.values(f):
-            probe = f"{v} background" if f == "background" else v
-            assert concepts_of(probe) == {concept}, (f, v)
+            assert concept in concepts_of(f"{v} background" if f == "background" else v), (f, v)
 
 
 def test_write_png_folder(tmp_path):

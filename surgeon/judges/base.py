@@ -12,15 +12,22 @@ import torch
 
 from surgeon.registry import Registry
 
+TIE = "|"  # joins the concepts of a tied label: "colors|textures"
+
 
 @dataclass(frozen=True)
 class HeadJudgement:
+    """`label` may be a tie of concepts joined by TIE (a judge that can tell reports it rather than pick one by
+    some arbitrary order); then `verdicts` mark the texts about any of them and `tie_count` is the CCS: the
+    number of texts about each one of them (equal: that is what makes them tied)."""
+
     label: str
     verdicts: tuple[bool, ...]
+    tie_count: int | None = None
 
     @property
     def ccs(self) -> int:
-        return sum(self.verdicts)
+        return sum(self.verdicts) if self.tie_count is None else self.tie_count
 
 
 class Judge(Protocol):
@@ -39,7 +46,7 @@ JUDGES: Registry = Registry("judge")
 class JudgeContext:
     """Everything a judge factory may need; each judge takes what it uses.
 
-    taxonomy: {"concepts": {name: {"description": str, "terms": [str, ...], "priority": int}}}
+    taxonomy: {"concepts": {name: {"description": str, "terms": [str, ...]}}}
     encode_text: maps texts to L2-normalised embeddings with the ranked model's text tower.
     """
 

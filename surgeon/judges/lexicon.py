@@ -1,11 +1,18 @@
 """The `lexicon` judge (default): offline and deterministic, so a ranking can be reproduced anywhere.
 
-A text's concepts are those whose taxonomy terms occur in it, as whole lowercase word sequences with
-simple plural folding (the term "car" matches "cars", "box" matches "boxes", "berry" matches "berries";
-not the reverse, so terms are best written in the singular); when several concepts match, only those
-with the highest `priority` are kept. A head's label is the concept found in most of its texts (ties:
-higher priority, then alphabetical), and a text is consistent when its concepts include that label
-(METHOD.md §1.3-1.5). A head none of whose texts match anything is labelled "none", with CCS 0.
+The rule, meant to answer as the paper's LLM judge would ("is this text associated with this label?"):
+- a text is ABOUT every concept whose taxonomy terms occur in it, as whole lowercase word sequences with
+  simple plural folding (the term "car" matches "cars", "box" matches "boxes", "berry" matches "berries"; not
+  the reverse, so terms are best written in the singular). "a red square on a green background" is about
+  colors, shapes and backgrounds alike: no concept hides another;
+- a head's label is the concept the most of its texts are about. When several concepts share that count the
+  label is the tie, their names joined by "|" in sorted order ("colors|textures"): which one the head carries
+  is not knowable from its texts, so none is chosen (not by spelling, not by a priority);
+- a text is consistent with the label when it is about it; CCS is the number of such texts. For a tie, CCS
+  is the count every tied concept shares (2 for 2 texture + 2 color texts, not 4), and the verdicts mark the
+  texts about any tied concept;
+- a head none of whose texts match anything is labelled "none", with CCS 0 (METHOD.md §1.3-1.5).
+A taxonomy's `priority` key (older files) is accepted and has no effect.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 
 from surgeon.errors import InvalidInput
-from surgeon.judges.base import JUDGES, HeadJudgement, Judge, JudgeContext
+from surgeon.judges.base import JUDGES, TIE, HeadJudgement, Judge, JudgeContext
 
 NONE_LABEL = "none"
 
@@ -57,7 +64,6 @@ class LexiconJudge:
         concepts = taxonomy.get("concepts") if isinstance(taxonomy, dict) else None
         if not isinstance(concepts, dict) or not concepts:
             raise InvalidInput("the lexicon judge needs a taxonomy with a non-empty 'concepts' mapping")
-        self.priority: dict[str, int] = {}
         # first word of a term -> [(concept, words of the term)]
         self._index: dict[str, list[tuple[str, tuple[str, ...]]]] = defaultdict(list)
         for concept, spec in concepts.items():
@@ -67,13 +73,11 @@ class LexiconJudge:
     def _add_concept(self, concept: str, spec: object) -> None:
         if concept == NONE_LABEL:
             raise InvalidInput(f"taxonomy concept name {NONE_LABEL!r} is reserved for heads with no match")
+        if TIE in concept:
+            raise InvalidInput(f"taxonomy concept name {concept!r} contains {TIE!r}, which spells ties of labels")
         terms = spec.get("terms") if isinstance(spec, dict) else None
-        priority = spec.get("priority", 0) if isinstance(spec, dict) else None
         if not isinstance(terms, list) or not all(isinstance(t, str) for t in terms):
             raise InvalidInput(f"taxonomy concept {concept!r} needs a 'terms' list of strings")
-        if not isinstance(priority, int) or isinstance(priority, bool):
-            raise InvalidInput(f"taxonomy concept {concept!r} has a non-integer priority: {priority!r}")
-        self.priority[concept] = priority
         for term in terms:
             words = tuple(tokenize(term))
             if not words:
@@ -81,7 +85,7 @@ class LexiconJudge:
             self._index[words[0]].append((concept, words))
 
     def concepts_of(self, text: str) -> frozenset[str]:
-        """The concepts whose terms occur in `text`, keeping only the highest priority among them."""
+        """Every concept whose terms occur in `text`."""
         cached = self._cache.get(text)
         if cached is not None:
             return cached
@@ -92,9 +96,6 @@ class LexiconJudge:
                 for concept, term in self._index.get(form, ()):
                     if concept not in found and _matches_at(words, i, term):
                         found.add(concept)
-        if found:
-            top = max(self.priority[c] for c in found)
-            found = {c for c in found if self.priority[c] == top}
         result = frozenset(found)
         self._cache[text] = result
         return result
@@ -107,8 +108,10 @@ class LexiconJudge:
         counts = Counter(concept for s in sets for concept in s)
         if not counts:
             return HeadJudgement(NONE_LABEL, tuple(False for _ in texts))
-        label = min(counts, key=lambda c: (-counts[c], -self.priority[c], c))
-        return HeadJudgement(label, tuple(label in s for s in sets))
+        top = max(counts.values())
+        tied = sorted(c for c, n in counts.items() if n == top)  # sorted only to spell a tie one way
+        verdicts = tuple(any(c in s for c in tied) for s in sets)
+        return HeadJudgement(TIE.join(tied), verdicts, top if len(tied) > 1 else None)
 
 
 def _matches_at(words: list[frozenset[str]], start: int, term: tuple[str, ...]) -> bool:

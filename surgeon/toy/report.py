@@ -4,13 +4,19 @@
 - MaxSkew@10 on the counterfactual bias probe, averaged over the neutral queries (target >= 0.3), and its
   direction: the share of each shape query's top 10 that wears the outline the shape leans to in training
   (0.5 = no direction; a model that ignores the outline can still get a MaxSkew, never a direction);
-- heads with CCS >= 4 (toy pool, lexicon judge) for the trained model and a random-init one of the same config;
+- heads with CCS >= 4 (toy pool, lexicon judge) for the trained model and, as the control, the same model
+  with its vision tower re-initialised (CONTROL_SEEDS) and its text tower kept: the text tower is the judge's
+  instrument (TextSpan's texts are encoded with it), so only what the heads learned may differ;
+- the chance baseline: the CCS of m texts drawn at random from the pool (mean and P(CCS >= 4)), what a head
+  whose TextSpan picks carried no concept would score;
 - ground truth: for every analysed head, the factor whose labels explain the largest share of the variance of
-  the head's direct contributions (eta squared); agreement of the CCS label with it (target >= 80% for
-  heads with CCS >= 4)."""
+  the head's direct contributions (eta squared); agreement of the CCS label with it, for heads with CCS >= 4
+  (target >= 80%) and CCS < 4. A tied label ("colors|textures") is not an agreement; ties are counted apart,
+  with how many include the ground truth."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 
 import numpy as np
@@ -18,22 +24,43 @@ import torch
 
 from surgeon.decompose import decompose
 from surgeon.images import toy_images
+from surgeon.judges.base import TIE, Judge
 from surgeon.load import LoadedModel, build_clip, weights_hash
 from surgeon.pools import load_pool
-from surgeon.rank import Ranking, rank_heads
+from surgeon.rank import Ranking, make_judge, rank_heads
 from surgeon.validate import toy_suite, validate
 from surgeon.zeroshot import uint8_to_tensor
 
 TARGETS = {"min_factor_acc1": 0.85, "min_max_skew@10": 0.3, "min_specialised_heads": 6, "min_agreement": 0.8}
+CONTROL_SEEDS = (0, 1, 2)
+CHANCE_DRAWS = 20_000
 
 
-def random_init_like(loaded: LoadedModel, seed: int = 0) -> LoadedModel:
-    """The same architecture with fresh random weights: the control for head specialisation."""
+def random_vision_like(loaded: LoadedModel, seed: int = 0) -> LoadedModel:
+    """The model with a freshly initialised (seeded) vision tower and its own trained text tower."""
     torch.manual_seed(seed)
     model = build_clip(loaded.model_cfg).to(loaded.device).eval()
+    text_tower = {k: v for k, v in loaded.model.state_dict().items() if not k.startswith("visual.")}
+    model.load_state_dict(text_tower, strict=False)  # every key it lacks is a vision one: those stay random
     return replace(
-        loaded, model=model, name=f"{loaded.name} (random init, seed {seed})", weights_hash=weights_hash(model)
+        loaded,
+        model=model,
+        name=f"{loaded.name} (random vision tower, seed {seed})",
+        weights_hash=weights_hash(model),
     )
+
+
+def chance_ccs(judge: Judge, lines: Sequence[str], m: int, draws: int = CHANCE_DRAWS, seed: int = 0) -> dict:
+    """CCS of `draws` sets of m distinct texts drawn at random (seeded) from `lines`, judged like a head's."""
+    rng = np.random.default_rng(seed)
+    texts = [[lines[i] for i in rng.choice(len(lines), m, replace=False)] for _ in range(draws)]
+    ccs = np.array([j.ccs for j in judge.judge(texts)])
+    return {
+        "draws": draws,
+        "m": m,
+        "mean_ccs": round(float(ccs.mean()), 4),
+        "p_ccs>=4": round(float((ccs >= 4).mean()), 4),
+    }
 
 
 def factor_of_concept(concept: str, factors: tuple[str, ...]) -> str | None:
@@ -73,13 +100,20 @@ def ground_truth(loaded: LoadedModel, layers: list[int], n: int = 1000) -> dict[
 
 
 def agreement(ranking: Ranking, truth: dict[str, dict[str, float]], factors: tuple[str, ...]) -> dict:
-    def rate(heads) -> float | None:
-        hits = [factor_of_concept(h.label, factors) == max(truth[h.name], key=truth[h.name].get) for h in heads]
-        return round(float(np.mean(hits)), 4) if hits else None
-
-    high = [h for h in ranking.heads if h.ccs >= 4]
-    rest = [h for h in ranking.heads if h.ccs < 4]
-    return {"ccs>=4": rate(high), "ccs<4": rate(rest), "n_ccs>=4": len(high), "n_ccs<4": len(rest)}
+    """Share of heads whose label is their ground-truth factor, for CCS >= 4 and CCS < 4; a tie never agrees."""
+    out = {}
+    for key, heads in (
+        ("ccs>=4", [h for h in ranking.heads if h.ccs >= 4]),
+        ("ccs<4", [h for h in ranking.heads if h.ccs < 4]),
+    ):
+        named = [[factor_of_concept(c, factors) for c in h.label.split(TIE)] for h in heads]
+        best = [max(truth[h.name], key=truth[h.name].get) for h in heads]
+        hits = [labels == [b] for labels, b in zip(named, best, strict=True)]
+        out[key] = round(float(np.mean(hits)), 4) if hits else None
+        out[f"n_{key}"] = len(heads)
+        out[f"ties_{key}"] = sum(len(labels) > 1 for labels in named)
+        out[f"ties_with_truth_{key}"] = sum(len(n) > 1 and b in n for n, b in zip(named, best, strict=True))
+    return out
 
 
 def toy_report(loaded: LoadedModel, n_images: int = 2000, quiet: bool = True) -> dict:
@@ -102,9 +136,11 @@ def toy_report(loaded: LoadedModel, n_images: int = 2000, quiet: bool = True) ->
     pool = load_pool("toy", toy=True)
     images = toy_images(n_images)
     trained = rank_heads(loaded, images, pool, quiet=quiet)
-    control = rank_heads(random_init_like(loaded), images, pool, quiet=quiet)
+    controls = [rank_heads(random_vision_like(loaded, seed), images, pool, quiet=quiet) for seed in CONTROL_SEEDS]
+    control_counts = [sum(h.ccs >= 4 for h in c.heads) for c in controls]
     factors = tuple(world.FACTORS)
     truth = ground_truth(loaded, trained.layers)
+    agree = agreement(trained, truth, factors)
     return {
         "model": loaded.identity,
         "zero_shot_acc1": accuracy,
@@ -113,11 +149,16 @@ def toy_report(loaded: LoadedModel, n_images: int = 2000, quiet: bool = True) ->
         "ndkl": validation["summary"]["ndkl"],
         "heads_ccs>=4": {
             "trained": sum(h.ccs >= 4 for h in trained.heads),
-            "random_init": sum(h.ccs >= 4 for h in control.heads),
+            "random_init": float(np.mean(control_counts)),  # the vision tower only; mean over CONTROL_SEEDS
+            "random_init_per_seed": dict(zip(map(str, CONTROL_SEEDS), control_counts, strict=True)),
             "analysed": len(trained.heads),
         },
-        "ccs_distribution": {"trained": trained.ccs_distribution(), "random_init": control.ccs_distribution()},
-        "ground_truth_agreement": agreement(trained, truth, factors),
+        "ccs_distribution": {
+            "trained": trained.ccs_distribution(),
+            "random_init": [c.ccs_distribution() for c in controls],
+        },
+        "chance": chance_ccs(make_judge(trained.judge, loaded, pool), pool.lines, trained.m),
+        "ground_truth_agreement": agree,
         "heads": [
             {
                 "head": h.name,
@@ -133,6 +174,6 @@ def toy_report(loaded: LoadedModel, n_images: int = 2000, quiet: bool = True) ->
             "accuracy": all(a >= TARGETS["min_factor_acc1"] for a in accuracy.values()),
             "bias": skew >= TARGETS["min_max_skew@10"],
             "specialisation": sum(h.ccs >= 4 for h in trained.heads) >= TARGETS["min_specialised_heads"],
-            "agreement": (agreement(trained, truth, factors)["ccs>=4"] or 0) >= TARGETS["min_agreement"],
+            "agreement": (agree["ccs>=4"] or 0) >= TARGETS["min_agreement"],
         },
     }

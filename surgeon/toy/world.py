@@ -848,12 +848,11 @@ def write_png_folder(
 # TextSpan pool and taxonomy
 # --------------------------------------------------------------------------------------------------
 
-#: lexicon of every concept the toy pool uses (a text's concept = concepts whose term occurs in it,
-#: keeping only the highest priority; terms are lowercase word sequences, plurals folded)
-_TAXONOMY_TERMS: dict[str, tuple[str, int, list[str]]] = {
+#: lexicon of every concept the toy pool uses (a text is about every concept whose term occurs in it:
+#: "on a blue background" is about backgrounds and colors; terms are lowercase word sequences, plurals folded)
+_TAXONOMY_TERMS: dict[str, tuple[str, list[str]]] = {
     "colors": (
         "the color of the object",
-        1,
         [
             "red",
             "green",
@@ -879,7 +878,6 @@ _TAXONOMY_TERMS: dict[str, tuple[str, int, list[str]]] = {
     ),
     "shapes": (
         "the shape of the object",
-        1,
         [
             "circle",
             "round",
@@ -902,12 +900,10 @@ _TAXONOMY_TERMS: dict[str, tuple[str, int, list[str]]] = {
     ),
     "sizes": (
         "how big the object is",
-        1,
         ["small", "large", "big", "tiny", "little", "huge", "giant", "miniature", "enormous", "medium", "size"],
     ),
     "positions": (
         "where the object is in the image",
-        1,
         [
             "left",
             "right",
@@ -926,12 +922,10 @@ _TAXONOMY_TERMS: dict[str, tuple[str, int, list[str]]] = {
     ),
     "backgrounds": (
         "the background behind the object",
-        2,
         ["background", "backdrop", "behind"],
     ),
     "textures": (
         "the surface pattern of the object",
-        1,
         [
             "striped",
             "stripe",
@@ -1114,8 +1108,7 @@ def toy_taxonomy() -> dict:
     """The taxonomy (JudgeContext format) whose concepts are the toy world's factors."""
     return {
         "concepts": {
-            name: {"description": desc, "terms": list(terms), "priority": prio}
-            for name, (desc, prio, terms) in _TAXONOMY_TERMS.items()
+            name: {"description": desc, "terms": list(terms)} for name, (desc, terms) in _TAXONOMY_TERMS.items()
         }
     }
 
