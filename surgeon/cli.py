@@ -155,7 +155,10 @@ def _ranking_for(loaded, ranking_path, images, n_images, texts, judge, layers, q
         ranking.check_model(loaded)
         return ranking
     pool = load_pool(texts, loaded.is_toy)
-    return rank_heads(loaded, resolve_images(images, n_images), pool, judge=judge, layers=layers, quiet=quiet)
+    ranked = rank_heads(loaded, resolve_images(images, n_images), pool, judge=judge, layers=layers, quiet=quiet)
+    if ranked.clamp_note() and not quiet:
+        err.print(ranked.clamp_note(), soft_wrap=True)
+    return ranked
 
 
 @app.command()
