@@ -20,6 +20,7 @@ from pathlib import Path
 import grpc
 
 from surgeon.errors import NotFound, PreconditionFailed, SurgeonError
+from surgeon.limits import echo
 from surgeon.paths import remove_path
 
 log = logging.getLogger("surgeon.server")
@@ -223,7 +224,7 @@ class JobManager:
         with self._lock:
             job = self._jobs.get(name)
         if job is None:
-            raise NotFound(f"unknown operation {name!r}", hint="ListOperations lists the ones this server knows")
+            raise NotFound(f"unknown operation {echo(name)}", hint="ListOperations lists the ones this server knows")
         return job
 
     def list(self) -> list[Job]:

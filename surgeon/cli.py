@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from surgeon import limits
 from surgeon.errors import StorageError, SurgeonError
 from surgeon.runtime.cli import infer
 
@@ -73,6 +74,8 @@ def rank(
     from surgeon.pools import load_pool
     from surgeon.rank import rank_heads
 
+    limits.rank_options(n_images, images in (None, "toy"), m, span_rank, batch_size, checkpoint_every, layers)
+    limits.texts(model=model, pretrained=pretrained, images=images, texts=texts, taxonomy=taxonomy, device=device)
     loaded = load_model(model, pretrained, device_for(world(), device))
     pool = load_pool(texts, loaded.is_toy, taxonomy)
     image_set = resolve_images(images, n_images)
@@ -201,6 +204,10 @@ def prune(
     from surgeon.validate import Gates
 
     POLICIES.get(policy), SURGERIES.get(mode)  # fail before any heavy work
+    limits.prune_options(k, seed, seeds, min_ccs, max_acc_drop, max_skew, min_acc, atol, heads, concept)
+    limits.rank_options(n_images, images in (None, "toy"), layers=layers)
+    limits.validation_options(skew_k)
+    limits.texts(model=model, pretrained=pretrained, images=images, texts=texts, device=device)
     if export not in EXPORT_FORMATS:
         raise InvalidInput(f"unknown export format {export!r}", hint="choose safetensors, onnx or both")
     formats = sorted({"safetensors", *EXPORT_FORMATS[export]}, reverse=True)  # the checkpoint always travels
@@ -288,6 +295,8 @@ def validate(
     from surgeon.validate import markdown_report
     from surgeon.validate import validate as run_validate
 
+    limits.validation_options(skew_k)
+    limits.texts(model=model, pretrained=pretrained, device=device)
     loaded = load_model(model, pretrained, device)
     report = run_validate(loaded, _suite(data, classnames, templates, bias_data, queries, skew_k, desired))
     if out_file:
@@ -325,16 +334,16 @@ def sweep(
     """Accuracy and bias vs number of pruned heads (high-CCS, low-CCS, random); writes sweep.json + sweep.png."""
     import json
 
-    from surgeon.errors import InvalidInput
     from surgeon.load import load_model
     from surgeon.paths import atomic_dir, new_run_dir
     from surgeon.plots import sweep_plot
     from surgeon.sweep import run_sweep
 
-    try:
-        count_list = [int(c) for c in counts.split(",")] if counts else None
-    except ValueError:
-        raise InvalidInput(f"bad --counts {counts!r}", hint="e.g. 0,2,4,8") from None
+    count_list = limits.sweep_counts(counts)
+    limits.count("seed", seed, 0, limits.MAX_SEED)
+    limits.rank_options(n_images, images in (None, "toy"))
+    limits.validation_options(skew_k)
+    limits.texts(model=model, pretrained=pretrained, images=images, device=device)
     loaded = load_model(model, pretrained, device)
     suite = _suite(data, classnames, templates, bias_data, queries, skew_k, desired)
     ranked = _ranking_for(loaded, ranking, images, n_images, None, "lexicon", None, quiet)
@@ -376,6 +385,7 @@ def export_command(
 
     if export_format not in EXPORT_FORMATS:
         raise InvalidInput(f"unknown export format {export_format!r}", hint="choose safetensors, onnx or both")
+    limits.export_options(atol)
     if run_dir is None:
         from surgeon.paths import newest_run
 
@@ -410,6 +420,8 @@ def toy_train(
     from surgeon.progress import progress_enabled
     from surgeon.toy.train import TrainConfig, train
 
+    limits.count("--steps", steps, 1, 10_000_000)
+    limits.count("--threads", threads, 1, 4096)
     if threads:
         torch.set_num_threads(threads)
     cfg = TrainConfig(seed=seed)
@@ -465,11 +477,9 @@ def toy_images_command(
     force: Annotated[bool, typer.Option(help="replace an existing folder")] = False,
 ) -> None:
     """Write toy-world images as PNGs with a labels.csv, to look at the world."""
-    from surgeon.errors import InvalidInput
     from surgeon.toy import world
 
-    if n <= 0:
-        raise InvalidInput(f"--n must be positive, got {n}")
+    limits.count("--n", n, 1, limits.MAX_TOY_IMAGES)
     folder = world.write_png_folder(out_dir, n, split=split, seed=seed, force=force)
     out.print(f"wrote {n} images and labels.csv to {folder}")
 
