@@ -21,7 +21,7 @@ import grpc
 
 from surgeon.errors import NotFound, PreconditionFailed, SurgeonError
 from surgeon.limits import echo
-from surgeon.paths import remove_path
+from surgeon.paths import publish_check, remove_path
 
 log = logging.getLogger("surgeon.server")
 
@@ -63,6 +63,7 @@ class Job:
         self.result: tuple[str, object] | None = None  # (oneof field, message)
         self.version = 0
         self._cancel = False
+        self._committed = False  # an output was renamed into place: too late to cancel without losing data
         self._cancel_reason = "cancelled"
         self._created: list[Path] = []
         self._last_notify = 0.0
@@ -86,6 +87,15 @@ class Job:
                 self._last_notify = now
                 self._bump()
 
+    def _commit(self, final: Path) -> None:
+        """Right before an output is renamed into place (replacing, with force, a previous one): the last
+        point where a cancel can stop the job and leave the previous output as it was. A cancel that comes
+        later is refused: the output is published."""
+        with self.cond:
+            if self._cancel:
+                raise JobCancelled()
+            self._committed = True
+
     def created(self, path: Path) -> None:
         """`path` now exists because of this job: remove it if the job ends cancelled or failed."""
         with self.cond:
@@ -98,9 +108,9 @@ class Job:
         self.cond.notify_all()
 
     def request_cancel(self, why: str = "cancelled by the client") -> bool:
-        """Returns False when the job is already done."""
+        """Returns False when the job is already done or has published its output."""
         with self.cond:
-            if self.done:
+            if self.done or self._committed:
                 return False
             if self.state == QUEUED:
                 self._finish(CANCELLED, (grpc.StatusCode.CANCELLED, why, ""))
@@ -118,7 +128,8 @@ class Job:
             self._bump()
         log.info("%s %s started", self.kind, self.name)
         try:
-            outcome = self.body(self)
+            with publish_check(self._commit):
+                outcome = self.body(self)
             with self.cond:
                 if self._cancel:
                     raise JobCancelled()

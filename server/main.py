@@ -58,6 +58,10 @@ class SurgeonServer:
             data=Root.create("data", data_root),
             device=device,
         )
+        from surgeon.load import parse_device
+
+        parse_device(device)  # `--device tpu` fails at start, not in every job
+        self._clean_stale()
         self.host = host
         self.health = health.HealthServicer(experimental_non_blocking=True)
         for name in ("", SERVICE_NAME):
@@ -86,6 +90,17 @@ class SurgeonServer:
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         self.tls = tls_cert is not None
         self._stopped = threading.Event()
+
+    def _clean_stale(self, depth: int = 2) -> None:
+        """Temporary outputs of jobs killed with an earlier server (run folders and their export folders)."""
+        from surgeon.paths import remove_stale_temporaries
+
+        level = [self.config.exports.path]
+        for _ in range(depth + 1):
+            for folder in level:
+                for path in remove_stale_temporaries(folder):
+                    log.info("removed %s, left by a writer that is gone", path)
+            level = [d for f in level for d in f.iterdir() if d.is_dir() and not d.is_symlink()]
 
     def start(self) -> SurgeonServer:
         self.server.start()

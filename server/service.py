@@ -627,7 +627,8 @@ class SurgeonService(pb_grpc.SurgeonServicer):
     def CancelOperation(self, request, context):
         job = self._job(request.name, context)
         if not job.request_cancel():
-            self._abort(context, PreconditionFailed(f"operation {job.name} is already done; nothing to cancel"))
+            done = f"operation {job.name} is already done (or has published its output)"
+            self._abort(context, PreconditionFailed(f"{done}; nothing to cancel"))
         return operation(job)
 
     def DeleteOperation(self, request, context):

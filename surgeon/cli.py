@@ -377,6 +377,9 @@ def export_command(
         Path | None, typer.Option("--out", help="output folder (default: RUN_DIR/export-FORMAT)")
     ] = None,
     force: Annotated[bool, typer.Option(help="replace an existing output folder")] = False,
+    no_verify: Annotated[
+        bool, typer.Option("--no-verify", help="skip checking the run's files against surgery.json's sha256 hashes")
+    ] = False,
     device: DeviceOpt = None,
 ) -> None:
     """Export the pruned checkpoint of a run folder again (ONNX, safetensors), validated and with a card."""
@@ -393,7 +396,14 @@ def export_command(
         err.print(f"exporting the newest run: {run_dir}")
     target = out_dir or run_dir / f"export-{export_format}"
     files = export_existing_run(
-        run_dir, EXPORT_FORMATS[export_format], target, force=force, device=device, labels=labels, atol=atol
+        run_dir,
+        EXPORT_FORMATS[export_format],
+        target,
+        force=force,
+        device=device,
+        verify=not no_verify,
+        labels=labels,
+        atol=atol,
     )
     for path in files:
         out.print(str(path))

@@ -18,7 +18,7 @@ from surgeon.errors import CorruptInput, InvalidInput, NotFound, PreconditionFai
 from surgeon.images import ImageSet
 from surgeon.judges.base import JUDGES, JudgeContext
 from surgeon.load import LoadedModel
-from surgeon.paths import atomic_dir, cache_dir
+from surgeon.paths import atomic_dir, cache_dir, refuse_temporary
 from surgeon.pools import TextPool
 from surgeon.textspan import textspan_all
 
@@ -82,6 +82,7 @@ class Ranking:
 
     @classmethod
     def read(cls, path: Path) -> Ranking:
+        refuse_temporary(path, "ranking")
         path = path / "ranking.json" if path.is_dir() else path
         try:
             return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))

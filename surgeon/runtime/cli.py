@@ -70,6 +70,9 @@ def infer(
     top_k: Annotated[int, typer.Option("--top-k", "-k", help="classes shown per image")] = 5,
     batch_size: Annotated[int, typer.Option(help="images per onnxruntime run")] = 32,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+    no_verify: Annotated[
+        bool, typer.Option("--no-verify", help="skip checking the files against surgery.json's sha256 hashes")
+    ] = False,
 ) -> None:
     """Top classes per image from an ONNX export, with onnxruntime only (CUDA when available, else CPU)."""
     try:
@@ -89,7 +92,7 @@ def infer(
         patterns = ("*/onnx/visual.onnx", "*/export-onnx/onnx/visual.onnx")
         export_dir = newest_output(*patterns, hint="run `surgeon prune --export onnx` first, or pass EXPORT_DIR").parent
         Console(stderr=True).print(f"using the newest ONNX export: {export_dir}")
-    model = ExportedModel(export_dir)
+    model = ExportedModel(export_dir, verify=not no_verify)
     label_list = read_labels(labels) if labels is not None else None
     if images:
         inputs, names = collect_images(list(images)), None
