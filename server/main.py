@@ -110,16 +110,18 @@ class SurgeonServer:
         log.info("listening on %s:%d", self.host, self.port)
         return self
 
-    def stop(self, grace: float = 20.0, cancel_wait: float = 10.0) -> None:
-        """Drain: NOT_SERVING at once, no new jobs, running ones get `grace` seconds then are cancelled."""
+    def stop(self, grace: float = 20.0, cancel_wait: float = 10.0) -> int:
+        """Drain: NOT_SERVING at once, no new jobs, running ones get `grace` seconds then are cancelled.
+        Returns how many jobs did not stop (their threads are still inside library code)."""
         if self._stopped.is_set():
-            return
+            return 0
         self.health.enter_graceful_shutdown()
         stuck = self.jobs.drain(grace, cancel_wait)
         if stuck:
             log.warning("%d job(s) did not stop in time; their partial outputs were removed", len(stuck))
         self.server.stop(grace=1.0).wait()
         self._stopped.set()
+        return len(stuck)
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._stopped.wait(timeout)
@@ -161,5 +163,9 @@ def serve(
     while not stop.wait(0.5):
         pass
     print(f"surgeon serve: draining (grace {grace:g}s)", file=sys.stderr, flush=True)
-    server.stop(grace)
+    stuck = server.stop(grace)
     print("surgeon serve: stopped", file=sys.stderr, flush=True)
+    if stuck:  # a job thread still inside torch would abort the interpreter's exit ("terminate called...")
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(0)

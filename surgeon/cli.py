@@ -567,7 +567,8 @@ def main() -> None:
     (numpy's, during torch's) surfaces later as an ImportError or AttributeError. Whatever follows a Ctrl-C
     is therefore reported as the interruption it is."""
     warnings.filterwarnings("ignore", message=".*QuickGELU.*")
-    signal.signal(signal.SIGINT, _on_sigint)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # SIGTERM (docker stop, kill) unwinds like Ctrl-C: no leftovers
+        signal.signal(sig, _on_sigint)
     try:
         app()
     except (KeyboardInterrupt, Exception) as error:
