@@ -20,7 +20,7 @@ _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
 #: `.NAME.tmp-PID-XXXX` (atomic_dir, atomic_write_text) and `.NAME.old-PID` (a replaced output): a writer's own
-TEMP_NAME = re.compile(r"\.(?P<name>.+)\.(?:tmp|old)-(?:(?P<pid>\d+)(?:-|$))?")
+TEMP_NAME = re.compile(r"\.(?P<name>.+)\.(?:tmp|old)-(?:(?P<pid>\d+)(?=-|$))?.*")
 STALE_AFTER_S = 3600.0  # a temporary entry this old whose writer is gone is removed by the next writer
 
 #: called with the final path right before an output is renamed into place (a job's cancellation point: after
@@ -85,7 +85,7 @@ def remove_stale_temporaries(folder: Path, older_than: float = STALE_AFTER_S) ->
         except OSError:
             continue
         pid = int(match["pid"]) if match["pid"] else None
-        if age < older_than or (pid is not None and pid != os.getpid() and _alive(pid)):
+        if age < older_than or (pid is not None and _alive(pid)):  # this process's own writers are alive too
             continue
         remove_path(Path(entry.path))
         removed.append(Path(entry.path))
