@@ -45,7 +45,7 @@ from surgeon.export import EXPORTERS, export_existing_run
 from surgeon.images import ImageSet, resolve_images
 from surgeon.judges.base import JUDGES
 from surgeon.load import CHECKPOINT_SUFFIXES, TOY_MODEL_DIR, TOY_MODEL_NAME, LoadedModel, load_model
-from surgeon.paths import newest_run
+from surgeon.paths import newest_run, refuse_temporary
 from surgeon.policies import POLICIES, PolicyOptions
 from surgeon.pools import load_pool
 from surgeon.prune import prune
@@ -500,6 +500,7 @@ class Requests:
             newest = newest_run(hint="run Prune first, or set run_dir", root=exports.path)
             raw = newest.relative_to(exports.path).as_posix()  # resolve_in checks where it leads
         run_dir = resolve_in([exports], raw, "run folder", "dir")
+        refuse_temporary(run_dir, "run folder")  # a killed job's hidden folder is no run
         exports.check_tree(run_dir, "run folder")
         labels = self.data_file(request.labels, "labels file")
         out = self.out(request.out, "export", request.force, default=run_dir / f"export-{export}")
@@ -529,7 +530,7 @@ class Requests:
 def _check_strings(message) -> None:
     """Every string of a request (nested messages too) within limits.MAX_SPEC_CHARS, before anything else."""
     for field, value in message.ListFields():
-        for item in value if field.label == field.LABEL_REPEATED else [value]:
+        for item in value if field.is_repeated else [value]:
             if field.type == field.TYPE_MESSAGE:
                 _check_strings(item)
             elif field.type == field.TYPE_STRING:
