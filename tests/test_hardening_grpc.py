@@ -11,6 +11,7 @@ import sys
 import textwrap
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -182,7 +183,8 @@ SLOW_SERVER = textwrap.dedent(
 
 def test_sigterm_with_a_job_that_cannot_stop_exits_cleanly(world, tmp_path):  # noqa: F811
     """The drain cancelled the job, then the interpreter aborted on the thread still in torch (exit 134)."""
-    env = {**os.environ, "SURGEON_CACHE_DIR": str(tmp_path / "cache")}
+    code = os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])  # this checkout
+    env = {**os.environ, "SURGEON_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": code}
     args = ["serve", "--port", "0", "--exports-root", str(tmp_path / "exports"), "--data-root", str(world["data"])]
     process = subprocess.Popen(
         [sys.executable, "-c", SLOW_SERVER, *args, "--max-jobs", "1", "--grace", "0.5", "--device", "cpu"],
@@ -190,6 +192,7 @@ def test_sigterm_with_a_job_that_cannot_stop_exits_cleanly(world, tmp_path):  # 
         stderr=subprocess.PIPE,
         text=True,
         env=env,
+        cwd=tmp_path,
     )
     try:
         line = process.stdout.readline()
