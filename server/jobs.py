@@ -20,7 +20,7 @@ from pathlib import Path
 import grpc
 
 from surgeon.errors import NotFound, PreconditionFailed, SurgeonError
-from surgeon.limits import echo
+from surgeon.limits import clip, echo
 from surgeon.paths import publish_check, remove_path
 
 log = logging.getLogger("surgeon.server")
@@ -176,7 +176,7 @@ class Job:
 
 def _status(error: SurgeonError) -> tuple[grpc.StatusCode, str, str]:
     message = str(error.args[0]) if error.args else type(error).__name__
-    return status_code(error), message, error.hint or ""
+    return status_code(error), clip(message), clip(error.hint or "")
 
 
 @dataclass

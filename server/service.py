@@ -564,7 +564,7 @@ class SurgeonService(pb_grpc.SurgeonServicer):
 
     @staticmethod
     def _abort(context: grpc.ServicerContext, error: SurgeonError):
-        context.abort(status_code(error), str(error))
+        context.abort(status_code(error), limits.clip(str(error)))
 
     def _submit(self, context, kind: str, plan: Callable[[], tuple], request) -> pb.Operation:
         try:
@@ -642,7 +642,10 @@ class SurgeonService(pb_grpc.SurgeonServicer):
 
     def WaitOperation(self, request, context):
         job = self._job(request.name, context)
-        timeout = request.timeout.ToTimedelta().total_seconds() if request.HasField("timeout") else 60.0
+        try:
+            timeout = request.timeout.ToTimedelta().total_seconds() if request.HasField("timeout") else 60.0
+        except (OverflowError, ValueError):  # beyond what a timedelta holds
+            timeout = -1.0 if request.timeout.seconds < 0 else 600.0
         if timeout < 0:
             self._abort(context, InvalidInput("timeout must not be negative"))
         timeout = min(timeout, 600.0)

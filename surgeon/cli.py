@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from surgeon import limits
@@ -576,7 +577,7 @@ def main() -> None:
             err.print("interrupted: nothing was written")
             sys.exit(130)
         if isinstance(error, SurgeonError):
-            err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(limits.clip(str(error)))}", highlight=False, soft_wrap=True)
             sys.exit(error.exit_code)
         if isinstance(error, OSError):  # the file system refused something the library did not expect to fail
             err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)

@@ -31,6 +31,7 @@ MAX_SPEC_CHARS = 65_536  # layers, heads, concept, counts, names, paths (every h
 MAX_ASPECT_RATIO = 100  # image width:height; 1x200000 PNGs would resize to 48 x 9.6 M pixels
 MAX_RESIZED_PIXELS = 16_000_000  # after the resize of preprocessing, before the crop
 ECHO_CHARS = 60
+MAX_MESSAGE_CHARS = 1000  # any error line, at the CLI's and the service's boundary
 
 
 def echo(value: object, limit: int = ECHO_CHARS) -> str:
@@ -40,6 +41,15 @@ def echo(value: object, limit: int = ECHO_CHARS) -> str:
         return text
     size = len(value) if isinstance(value, str | bytes | list | tuple) else len(text)
     return f"{text[:limit]}... ({size:,} characters)"
+
+
+def clip(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """An error message cut in the middle to `limit` characters: a message that echoes a long name (a path, a
+    model) must still fit a terminal line or a gRPC status (the client refuses large metadata)."""
+    if len(message) <= limit:
+        return message
+    half = (limit - 30) // 2
+    return f"{message[:half]} ...({len(message) - 2 * half:,} characters cut)... {message[-half:]}"
 
 
 def count(name: str, value: int | None, low: int, high: int) -> int | None:
