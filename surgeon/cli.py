@@ -572,6 +572,11 @@ def main() -> None:
         signal.signal(sig, _on_sigint)
     try:
         app()
+    except SystemExit:
+        if _interrupted.is_set():  # typer turns a KeyboardInterrupt into a silent exit 130: say what happened
+            err.print("interrupted: nothing was written")
+            sys.exit(130)
+        raise
     except (KeyboardInterrupt, Exception) as error:
         if isinstance(error, KeyboardInterrupt) or _interrupted.is_set():
             err.print("interrupted: nothing was written")

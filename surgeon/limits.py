@@ -128,8 +128,8 @@ def prune_options(
     count("seed", seed, 0, MAX_SEED)
     count("seeds", seeds, 1, MAX_SEEDS)
     count("min_ccs", min_ccs, 0, MAX_CCS)
-    number("max_acc_drop", max_acc_drop, 0.0, MAX_POINTS)
-    number("max_skew", max_skew, 0.0, MAX_SKEW)
+    number("max_acc_drop", max_acc_drop, -MAX_POINTS, MAX_POINTS)  # negative: the accuracy must rise
+    number("max_skew", max_skew, -MAX_SKEW, MAX_SKEW)
     number("min_acc", min_acc, 0.0, MAX_POINTS)
     export_options(atol)
     texts(heads=heads, concept=concept)

@@ -179,3 +179,21 @@ def test_a_check_before_publishing_keeps_the_previous_output(tmp_path):
     assert (final / "plan.json").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
+
+
+def test_sigterm_unwinds_like_ctrl_c(onnx_run, tmp_path):
+    """SIGTERM (docker stop, kill) used to kill the CLI on the spot, leaving its temporary folder behind."""
+    import signal
+
+    from tests.test_hardening_cli import surgeon
+
+    target = tmp_path / "exp" / "onnx"
+    proc = surgeon("export", str(onnx_run), "--format", "onnx", "--out", str(target))
+    deadline = time.monotonic() + 300
+    while not list(target.parent.glob(".onnx.tmp-*")):  # inside the export: its temporary folder exists
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else ""
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130 and "interrupted" in stderr, (stdout, stderr)
+    assert list(target.parent.iterdir()) == []
