@@ -287,6 +287,7 @@ def validate(
     desired: DesiredOpt = "uniform",
     as_json: Annotated[bool, typer.Option("--json", help="print the results as JSON")] = False,
     out_file: Annotated[Path | None, typer.Option("--out", help="write the results JSON here")] = None,
+    force: Annotated[bool, typer.Option(help="replace an existing --out file")] = False,
     device: DeviceOpt = None,
 ) -> None:
     """Zero-shot accuracy and bias metrics of a model (toy benchmarks by default)."""
@@ -298,6 +299,10 @@ def validate(
 
     limits.validation_options(skew_k)
     limits.texts(model=model, pretrained=pretrained, device=device)
+    if out_file is not None and out_file.exists() and not force:
+        from surgeon.errors import PreconditionFailed
+
+        raise PreconditionFailed(f"{out_file} already exists", hint="pass --force to replace it")
     loaded = load_model(model, pretrained, device)
     report = run_validate(loaded, _suite(data, classnames, templates, bias_data, queries, skew_k, desired))
     if out_file:

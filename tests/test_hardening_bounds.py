@@ -266,3 +266,22 @@ def test_name_labels_follow_the_classnames_order(tmp_path):
     (tmp_path / "names.txt").write_text("dog\ncat\n")
     task = classification_set(_manifest(tmp_path, ["cat", "dog", "cat"]), tmp_path / "names.txt")
     assert task.classnames == ["dog", "cat"] and task.labels.tolist() == [1, 0, 1]
+
+
+# ---- surprises ----
+
+
+def test_a_fifo_as_text_pool_is_refused_not_read(tmp_path, capsys):
+    import os
+
+    fifo = tmp_path / "pool.txt"
+    os.mkfifo(fifo)  # reading it would block forever
+    code, err = run_cli("rank", "--texts", str(fifo), capsys=capsys)
+    assert code == 2 and "not a regular file" in err
+
+
+def test_validate_out_needs_force_to_replace_a_file(tmp_path, capsys):
+    existing = tmp_path / "results.json"
+    existing.write_text("{}")
+    code, err = run_cli("validate", "--out", str(existing), capsys=capsys)
+    assert code == 5 and "already exists" in err and existing.read_text() == "{}"

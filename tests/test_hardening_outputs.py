@@ -197,3 +197,18 @@ def test_sigterm_unwinds_like_ctrl_c(onnx_run, tmp_path):
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 130 and "interrupted" in stderr, (stdout, stderr)
     assert list(target.parent.iterdir()) == []
+
+
+def test_infer_skips_unreadable_images_with_a_count(onnx_run, tmp_path, capsys):
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(folder / "a.png")
+    (folder / "b.png").write_bytes(b"not a png")  # was: the whole command aborted
+    (onnx_run / "labels.txt").write_text("red\nblue\n")
+    code, err = run_cli("infer", str(onnx_run), str(folder), "--labels", str(onnx_run / "labels.txt"), capsys=capsys)
+    assert code == 0 and "skipped 1 unreadable image(s)" in err
+    (folder / "a.png").write_bytes(b"")
+    code, err = run_cli("infer", str(onnx_run), str(folder), "--labels", str(onnx_run / "labels.txt"), capsys=capsys)
+    assert code == 4 and "none of the 2 image(s) is readable" in err

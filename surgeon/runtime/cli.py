@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from surgeon.errors import InvalidInput, NotFound, PreconditionFailed
+from surgeon.errors import CorruptInput, InvalidInput, NotFound, PreconditionFailed
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -52,6 +52,23 @@ def toy_demo_images(n: int = TOY_DEMO_IMAGES) -> tuple[list[Image.Image], list[s
     shapes = list(world.cfg.shapes)
     names = [f"toy test #{i} (a {shapes[s]})" for i, s in enumerate(batch.labels["shape"])]
     return [Image.fromarray(a) for a in batch.images], names, shapes
+
+
+def _readable(paths: list[Path]) -> tuple[list[Path], list[str], list[str]]:
+    """(the image files that open, their names, why the others were skipped); none readable is an error.
+    Each file is decoded here to check it and again batch by batch when classified: memory stays bounded."""
+    from surgeon.runtime.preprocess import load_image
+
+    kept, skipped = [], []
+    for path in paths:
+        try:
+            load_image(path)
+            kept.append(path)
+        except CorruptInput as err:
+            skipped.append(str(err))
+    if not kept:
+        raise CorruptInput(f"none of the {len(paths)} image(s) is readable; e.g. {skipped[0]}")
+    return kept, [str(p) for p in kept], skipped
 
 
 def infer(
@@ -100,6 +117,13 @@ def infer(
         inputs, names, shapes = toy_demo_images()
         if label_list is None and not model.has_classifier:
             label_list = shapes
+    if names is None:  # files: unreadable ones are skipped with a count, as `surgeon rank` does
+        inputs, names, skipped = _readable(inputs)
+        if skipped:
+            Console(stderr=True).print(
+                f"[yellow]warning:[/] skipped {len(skipped)} unreadable image(s), e.g. {escape(skipped[0])}",
+                soft_wrap=True,
+            )
     predictions = model.classify(inputs, label_list, top_k=top_k, batch_size=batch_size, image_names=names)
     source = "labels" if label_list is not None else "classifier.onnx"
     if as_json:
