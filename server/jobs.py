@@ -67,6 +67,7 @@ class Job:
         self._cancel_reason = "cancelled"
         self._created: list[Path] = []
         self._last_notify = 0.0
+        self.on_state: Callable[[Job], None] | None = None  # called under self.cond on each state change
 
     @property
     def done(self) -> bool:
@@ -126,6 +127,7 @@ class Job:
                 return
             self.state, self.start_time, self.stage = RUNNING, time.time(), "starting"
             self._bump()
+            self._record()
         log.info("%s %s started", self.kind, self.name)
         try:
             with publish_check(self._commit):
@@ -167,6 +169,14 @@ class Job:
         else:
             self.stage, self.message = state.lower(), ""
         self._bump()
+        self._record()
+
+    def _record(self) -> None:
+        if self.on_state is not None:
+            try:
+                self.on_state(self)
+            except Exception:  # noqa: BLE001 - a full disk must not fail the job: the record is a convenience
+                log.warning("could not record %s:\n%s", self.name, traceback.format_exc())
 
     def remove_created(self) -> None:
         for path in self._created:
@@ -192,12 +202,13 @@ class Outcome:
 class JobManager:
     """`max_jobs` workers; at most `queue_size` jobs waiting; finished jobs kept (newest `retention`)."""
 
-    def __init__(self, max_jobs: int = 2, queue_size: int = 16, retention: int = 1000):
+    def __init__(self, max_jobs: int = 2, queue_size: int = 16, retention: int = 1000, store=None):
         if max_jobs < 1:
             raise ValueError("max_jobs must be at least 1")
         if queue_size < 0:
             raise ValueError("queue_size must be >= 0")
         self.max_jobs, self.queue_size, self.retention = max_jobs, queue_size, retention
+        self.store = store  # server.store.OperationStore: records that outlive this process (None: memory only)
         self._lock = threading.Condition()
         self._jobs: collections.OrderedDict[str, Job] = collections.OrderedDict()
         self._queue: collections.deque[Job] = collections.deque()
@@ -225,6 +236,10 @@ class JobManager:
             if clash is not None:
                 raise PreconditionFailed(f"another operation is writing {clash.name}", hint="choose another out path")
             job = Job(kind, body, list(reserved))
+            if self.store is not None:
+                job.on_state = self.store.save
+                with job.cond:
+                    job._record()
             self._jobs[job.name] = job
             self._queue.append(job)
             self._lock.notify()
@@ -234,6 +249,8 @@ class JobManager:
     def get(self, name: str) -> Job:
         with self._lock:
             job = self._jobs.get(name)
+        if job is None and self.store is not None:  # finished long ago, or before a restart
+            job = self.store.load(name)
         if job is None:
             raise NotFound(f"unknown operation {echo(name)}", hint="ListOperations lists the ones this server knows")
         return job
@@ -241,7 +258,12 @@ class JobManager:
     def list(self) -> list[Job]:
         """Newest first."""
         with self._lock:
-            return list(reversed(self._jobs.values()))
+            jobs = list(reversed(self._jobs.values()))
+        if self.store is not None:
+            live = {job.name for job in jobs}
+            jobs += [job for job in self.store.all() if job.name not in live]
+            jobs.sort(key=lambda job: job.create_time, reverse=True)
+        return jobs
 
     def delete(self, name: str) -> None:
         job = self.get(name)
@@ -250,6 +272,8 @@ class JobManager:
                 raise PreconditionFailed(f"operation {name} is not done", hint="cancel it first, or wait for it")
         with self._lock:
             self._jobs.pop(name, None)
+        if self.store is not None:
+            self.store.delete(name)
 
     def _work(self) -> None:
         while True:

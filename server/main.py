@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sqlite3
 import sys
 import threading
 from concurrent import futures
@@ -19,7 +20,7 @@ from server.jobs import JobManager
 from server.paths import Root
 from server.service import SERVICE_NAME, Config, SurgeonService, TokenAuth
 from server.surgeon.v1 import surgeon_pb2_grpc as pb_grpc
-from surgeon.errors import InvalidInput, NotFound, PreconditionFailed
+from surgeon.errors import InvalidInput, NotFound, PermissionDenied, PreconditionFailed
 
 log = logging.getLogger("surgeon.server")
 
@@ -84,7 +85,16 @@ class SurgeonServer:
                 self.port = self.server.add_insecure_port(address)
         except (OSError, RuntimeError) as err:
             raise PreconditionFailed(f"cannot listen on {address}: {err}") from None
-        self.jobs = JobManager(max_jobs, queue_size)
+        from server.store import FILENAME, OperationStore
+
+        try:
+            store = OperationStore(self.config.exports.path / FILENAME)
+        except sqlite3.Error as err:
+            raise PermissionDenied(f"cannot keep operation records in {self.config.exports.path}: {err}") from None
+        aborted = store.abort_unfinished()
+        if aborted:
+            log.warning("%d operation(s) of a previous server were unfinished: now reported as failed", aborted)
+        self.jobs = JobManager(max_jobs, queue_size, store=store)
         pb_grpc.add_SurgeonServicer_to_server(SurgeonService(self.config, self.jobs), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
@@ -120,6 +130,8 @@ class SurgeonServer:
         if stuck:
             log.warning("%d job(s) did not stop in time; their partial outputs were removed", len(stuck))
         self.server.stop(grace=1.0).wait()
+        if not stuck:  # a stuck job may still record its end; the process exit closes the file then
+            self.jobs.store.close()
         self._stopped.set()
         return len(stuck)
 

@@ -212,8 +212,53 @@ def test_sigterm_with_a_job_that_cannot_stop_exits_cleanly(world, tmp_path):  # 
         assert process.wait(timeout=90) == 0
         stderr = process.stderr.read()
         assert "stopped" in stderr and "terminate called" not in stderr
-        assert not list((tmp_path / "exports").glob(".*"))
+        assert not [p for p in (tmp_path / "exports").glob(".*") if ".tmp-" in p.name]
     finally:
         if process.poll() is None:
             process.kill()
             process.wait(10)
+
+
+def test_operations_survive_a_restart(world, tmp_path, monkeypatch):  # noqa: F811
+    """Operations were forgotten on restart (NOT_FOUND for a polling pipeline). Now they are kept in SQLite
+    under the exports root: finished ones with their result, unfinished ones reported as aborted."""
+    from server.store import RESTARTED
+    from server.surgeon.v1 import surgeon_pb2_grpc as pb_grpc
+
+    roots = {"exports_root": tmp_path / "exports", "models_root": world["models"], "data_root": world["data"]}
+    first = SurgeonServer(port=0, **roots).start()
+    release = threading.Event()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{first.port}") as ch:
+            remote = pb_grpc.SurgeonStub(ch)
+            finished = wait(remote, remote.RankHeads(rank_request(), timeout=RPC_TIMEOUT))
+            assert finished.metadata.state == pb.SUCCEEDED, finished.error
+            real = service_module.rank_heads
+
+            def held(*args, **kwargs):
+                release.wait(RPC_TIMEOUT)
+                return real(*args, **kwargs)
+
+            monkeypatch.setattr(service_module, "rank_heads", held)
+            running = remote.RankHeads(rank_request(), timeout=RPC_TIMEOUT)
+        second = SurgeonServer(port=0, **roots).start()  # what a restarted server finds
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{second.port}") as ch:
+                remote = pb_grpc.SurgeonStub(ch)
+                get = remote.GetOperation
+                again = get(pb.GetOperationRequest(name=finished.name), timeout=RPC_TIMEOUT)
+                assert again.done and again.rank_heads == finished.rank_heads
+                lost = get(pb.GetOperationRequest(name=running.name), timeout=RPC_TIMEOUT)
+                assert lost.done and lost.metadata.state == pb.FAILED
+                assert lost.error.code == Code.ABORTED.value[0] and lost.error.message == RESTARTED
+                listed = remote.ListOperations(pb.ListOperationsRequest(), timeout=RPC_TIMEOUT).operations
+                assert [o.name for o in listed] == [running.name, finished.name]
+                cancel = lambda: remote.CancelOperation(pb.CancelOperationRequest(name=lost.name), timeout=10)  # noqa: E731
+                assert code_of(cancel) == Code.FAILED_PRECONDITION
+                remote.DeleteOperation(pb.DeleteOperationRequest(name=finished.name), timeout=RPC_TIMEOUT)
+                assert code_of(lambda: get(pb.GetOperationRequest(name=finished.name), timeout=10)) == Code.NOT_FOUND
+        finally:
+            second.stop(grace=0)
+    finally:
+        release.set()
+        first.stop(grace=5)
