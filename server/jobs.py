@@ -22,6 +22,7 @@ import grpc
 from surgeon.errors import NotFound, PreconditionFailed, SurgeonError
 from surgeon.limits import clip, echo
 from surgeon.paths import publish_check, remove_path
+from surgeon.progress import stop_points
 
 log = logging.getLogger("surgeon.server")
 
@@ -92,10 +93,14 @@ class Job:
         """Right before an output is renamed into place (replacing, with force, a previous one): the last
         point where a cancel can stop the job and leave the previous output as it was. A cancel that comes
         later is refused: the output is published."""
+        with self.cond:  # reentrant: _stop_point takes it again
+            self._stop_point()
+            self._committed = True
+
+    def _stop_point(self) -> None:
         with self.cond:
             if self._cancel:
                 raise JobCancelled()
-            self._committed = True
 
     def created(self, path: Path) -> None:
         """`path` now exists because of this job: remove it if the job ends cancelled or failed."""
@@ -130,7 +135,7 @@ class Job:
             self._record()
         log.info("%s %s started", self.kind, self.name)
         try:
-            with publish_check(self._commit):
+            with publish_check(self._commit), stop_points(self._stop_point):
                 outcome = self.body(self)
             with self.cond:
                 if self._cancel:

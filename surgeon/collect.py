@@ -18,7 +18,7 @@ from surgeon.errors import CorruptInput, InvalidInput
 from surgeon.images import ImageSet
 from surgeon.load import LoadedModel
 from surgeon.paths import cache_dir
-from surgeon.progress import progress_bar
+from surgeon.progress import progress_bar, stop_point
 from surgeon.stats import HeadStats
 
 DECOMPOSITION_VERSION = 1
@@ -66,6 +66,7 @@ def accumulate(
         for chunk_start in range(start, stop, max(chunk, 1)):
             chunk_stop = min(chunk_start + chunk, stop)
             for batch in images.batches(loaded.preprocess, batch_size, chunk_start, chunk_stop):
+                stop_point()
                 stats.update(decompose(visual, batch.to(loaded.device), layers).heads)
             advance(chunk_stop - chunk_start)
             if on_chunk is not None:

@@ -23,6 +23,7 @@ from surgeon.images import open_image
 from surgeon.limits import echo
 from surgeon.load import LoadedModel
 from surgeon.pools import read_lines
+from surgeon.progress import stop_point
 from surgeon.surgery import HeadRef, zero_heads
 from surgeon.templates import fill, read_templates
 from surgeon.zeroshot import build_classifier, metrics_from_logits, uint8_to_tensor
@@ -223,6 +224,13 @@ def build_suite(
     return ValidationSuite(tasks, bias, source="files")
 
 
+def _stoppable(items):
+    """`items`, with a stop point before each (a cancelled job stops here)."""
+    for item in items:
+        stop_point()
+        yield item
+
+
 @contextmanager
 def heads_zeroed(blocks: torch.nn.ModuleList, heads: list[HeadRef]) -> Iterator[None]:
     """Zero-ablate heads for the duration of the block, restoring the exact weights afterwards."""
@@ -285,7 +293,7 @@ class Evaluator:
             if isinstance(chunk, np.ndarray) and chunk.shape[1:3] == size:
                 yield uint8_to_tensor(chunk, cfg["mean"], cfg["std"])
             else:
-                yield torch.stack([self.loaded.preprocess(_as_image(x)) for x in chunk])
+                yield torch.stack([self.loaded.preprocess(_as_image(x)) for x in _stoppable(chunk)])
 
     @torch.no_grad()
     def _prefix(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -310,7 +318,7 @@ class Evaluator:
         else:
             batches = (self._prefix(pixels) for pixels in self._pixel_batches(self._images[key]))
         with heads_zeroed(blocks, list(heads)):
-            for batch in batches:
+            for batch in _stoppable(batches):
                 x = batch.to(self.loaded.device)
                 for block in blocks[self.first_layer :]:
                     x = block(x)

@@ -262,3 +262,26 @@ def test_operations_survive_a_restart(world, tmp_path, monkeypatch):  # noqa: F8
     finally:
         release.set()
         first.stop(grace=5)
+
+
+def test_a_cancel_takes_effect_inside_a_long_step(stub, world, monkeypatch):  # noqa: F811
+    """A Prune cancel waited for prune() to return (~18 s on the issue's model); now validation stops at the
+    next image. Each validation image here takes 0.5 s: the whole prune would take over 12 s."""
+    import surgeon.validate
+
+    ranked = wait(stub, stub.RankHeads(rank_request(), timeout=RPC_TIMEOUT))
+    real, started = surgeon.validate._as_image, threading.Event()
+
+    def slow(x):
+        started.set()
+        time.sleep(0.5)
+        return real(x)
+
+    monkeypatch.setattr(surgeon.validate, "_as_image", slow)
+    op = stub.Prune(_prune(ranked.rank_heads.run_dir, "long", "L1.H0"), timeout=RPC_TIMEOUT)
+    assert started.wait(RPC_TIMEOUT)
+    cancelled_at = time.monotonic()
+    stub.CancelOperation(pb.CancelOperationRequest(name=op.name), timeout=RPC_TIMEOUT)
+    final = wait(stub, op)
+    assert final.metadata.state == pb.CANCELLED and time.monotonic() - cancelled_at < 5
+    assert not (world["exports"] / "long").exists()
