@@ -29,7 +29,6 @@ MAX_SKEW = 1e6
 MAX_ATOL = 1.0
 MAX_SPEC_CHARS = 65_536  # layers, heads, concept, counts, names, paths (every head of ViT-bigG: ~13k)
 MAX_ASPECT_RATIO = 100  # image width:height; 1x200000 PNGs would resize to 48 x 9.6 M pixels
-MAX_RESIZED_PIXELS = 16_000_000  # after the resize of preprocessing, before the crop
 ECHO_CHARS = 60
 MAX_TEXT_FILE_BYTES = 256 << 20  # text pools, class names, queries, labels
 MAX_MESSAGE_CHARS = 1000  # any error line, at the CLI's and the service's boundary

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from surgeon import limits
 from surgeon.errors import CorruptInput, InvalidInput, NotFound, PreconditionFailed
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -99,10 +100,8 @@ def infer(
             f"surgeon infer needs onnxruntime, ftfy and regex ({err})",
             hint="pip install 'surgeon[onnx]' (CPU) or 'surgeon[gpu]' (CUDA: onnxruntime-gpu); never both",
         ) from None
-    if top_k < 1:
-        raise InvalidInput(f"--top-k must be at least 1, got {top_k}")
-    if batch_size < 1:
-        raise InvalidInput(f"--batch-size must be at least 1, got {batch_size}")
+    limits.count("--top-k", top_k, 1, limits.MAX_TOP_K)
+    limits.count("--batch-size", batch_size, 1, limits.MAX_BATCH_SIZE)
     if export_dir is None:
         from surgeon.paths import newest_output
 
