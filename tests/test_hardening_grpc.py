@@ -285,3 +285,10 @@ def test_a_cancel_takes_effect_inside_a_long_step(stub, world, monkeypatch):  # 
     final = wait(stub, op)
     assert final.metadata.state == pb.CANCELLED and time.monotonic() - cancelled_at < 5
     assert not (world["exports"] / "long").exists()
+
+
+def test_serve_checks_its_device_at_start(world, tmp_path):  # noqa: F811
+    from surgeon.errors import InvalidInput
+
+    with pytest.raises(InvalidInput, match="unknown device 'tpu'"):
+        SurgeonServer(port=0, exports_root=tmp_path / "exports", device="tpu")
