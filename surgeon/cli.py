@@ -436,7 +436,7 @@ def toy_train(
     from surgeon.progress import progress_enabled
     from surgeon.toy.train import TrainConfig, train
 
-    limits.count("--steps", steps, 1, 10_000_000)
+    limits.count("step count (--steps)", steps, 1, 10_000_000)
     limits.count("--threads", threads, 1, 4096)
     if threads:
         torch.set_num_threads(threads)
