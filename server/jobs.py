@@ -20,7 +20,9 @@ from pathlib import Path
 import grpc
 
 from surgeon.errors import NotFound, PreconditionFailed, SurgeonError
-from surgeon.paths import remove_path
+from surgeon.limits import clip, echo
+from surgeon.paths import publish_check, remove_path
+from surgeon.progress import stop_points
 
 log = logging.getLogger("surgeon.server")
 
@@ -62,9 +64,11 @@ class Job:
         self.result: tuple[str, object] | None = None  # (oneof field, message)
         self.version = 0
         self._cancel = False
+        self._committed = False  # an output was renamed into place: too late to cancel without losing data
         self._cancel_reason = "cancelled"
         self._created: list[Path] = []
         self._last_notify = 0.0
+        self.on_state: Callable[[Job], None] | None = None  # called under self.cond on each state change
 
     @property
     def done(self) -> bool:
@@ -85,6 +89,19 @@ class Job:
                 self._last_notify = now
                 self._bump()
 
+    def _commit(self, final: Path) -> None:
+        """Right before an output is renamed into place (replacing, with force, a previous one): the last
+        point where a cancel can stop the job and leave the previous output as it was. A cancel that comes
+        later is refused: the output is published."""
+        with self.cond:  # reentrant: _stop_point takes it again
+            self._stop_point()
+            self._committed = True
+
+    def _stop_point(self) -> None:
+        with self.cond:
+            if self._cancel:
+                raise JobCancelled()
+
     def created(self, path: Path) -> None:
         """`path` now exists because of this job: remove it if the job ends cancelled or failed."""
         with self.cond:
@@ -97,9 +114,9 @@ class Job:
         self.cond.notify_all()
 
     def request_cancel(self, why: str = "cancelled by the client") -> bool:
-        """Returns False when the job is already done."""
+        """Returns False when the job is already done or has published its output."""
         with self.cond:
-            if self.done:
+            if self.done or self._committed:
                 return False
             if self.state == QUEUED:
                 self._finish(CANCELLED, (grpc.StatusCode.CANCELLED, why, ""))
@@ -115,9 +132,11 @@ class Job:
                 return
             self.state, self.start_time, self.stage = RUNNING, time.time(), "starting"
             self._bump()
+            self._record()
         log.info("%s %s started", self.kind, self.name)
         try:
-            outcome = self.body(self)
+            with publish_check(self._commit), stop_points(self._stop_point):
+                outcome = self.body(self)
             with self.cond:
                 if self._cancel:
                     raise JobCancelled()
@@ -155,6 +174,14 @@ class Job:
         else:
             self.stage, self.message = state.lower(), ""
         self._bump()
+        self._record()
+
+    def _record(self) -> None:
+        if self.on_state is not None:
+            try:
+                self.on_state(self)
+            except Exception:  # noqa: BLE001 - a full disk must not fail the job: the record is a convenience
+                log.warning("could not record %s:\n%s", self.name, traceback.format_exc())
 
     def remove_created(self) -> None:
         for path in self._created:
@@ -164,7 +191,7 @@ class Job:
 
 def _status(error: SurgeonError) -> tuple[grpc.StatusCode, str, str]:
     message = str(error.args[0]) if error.args else type(error).__name__
-    return status_code(error), message, error.hint or ""
+    return status_code(error), clip(message), clip(error.hint or "")
 
 
 @dataclass
@@ -180,12 +207,13 @@ class Outcome:
 class JobManager:
     """`max_jobs` workers; at most `queue_size` jobs waiting; finished jobs kept (newest `retention`)."""
 
-    def __init__(self, max_jobs: int = 2, queue_size: int = 16, retention: int = 1000):
+    def __init__(self, max_jobs: int = 2, queue_size: int = 16, retention: int = 1000, store=None):
         if max_jobs < 1:
             raise ValueError("max_jobs must be at least 1")
         if queue_size < 0:
             raise ValueError("queue_size must be >= 0")
         self.max_jobs, self.queue_size, self.retention = max_jobs, queue_size, retention
+        self.store = store  # server.store.OperationStore: records that outlive this process (None: memory only)
         self._lock = threading.Condition()
         self._jobs: collections.OrderedDict[str, Job] = collections.OrderedDict()
         self._queue: collections.deque[Job] = collections.deque()
@@ -213,6 +241,10 @@ class JobManager:
             if clash is not None:
                 raise PreconditionFailed(f"another operation is writing {clash.name}", hint="choose another out path")
             job = Job(kind, body, list(reserved))
+            if self.store is not None:
+                job.on_state = self.store.save
+                with job.cond:
+                    job._record()
             self._jobs[job.name] = job
             self._queue.append(job)
             self._lock.notify()
@@ -222,14 +254,21 @@ class JobManager:
     def get(self, name: str) -> Job:
         with self._lock:
             job = self._jobs.get(name)
+        if job is None and self.store is not None:  # finished long ago, or before a restart
+            job = self.store.load(name)
         if job is None:
-            raise NotFound(f"unknown operation {name!r}", hint="ListOperations lists the ones this server knows")
+            raise NotFound(f"unknown operation {echo(name)}", hint="ListOperations lists the ones this server knows")
         return job
 
     def list(self) -> list[Job]:
         """Newest first."""
         with self._lock:
-            return list(reversed(self._jobs.values()))
+            jobs = list(reversed(self._jobs.values()))
+        if self.store is not None:
+            live = {job.name for job in jobs}
+            jobs += [job for job in self.store.all() if job.name not in live]
+            jobs.sort(key=lambda job: job.create_time, reverse=True)
+        return jobs
 
     def delete(self, name: str) -> None:
         job = self.get(name)
@@ -238,6 +277,8 @@ class JobManager:
                 raise PreconditionFailed(f"operation {name} is not done", hint="cancel it first, or wait for it")
         with self._lock:
             self._jobs.pop(name, None)
+        if self.store is not None:
+            self.store.delete(name)
 
     def _work(self) -> None:
         while True:

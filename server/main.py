@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sqlite3
 import sys
 import threading
 from concurrent import futures
@@ -19,7 +20,7 @@ from server.jobs import JobManager
 from server.paths import Root
 from server.service import SERVICE_NAME, Config, SurgeonService, TokenAuth
 from server.surgeon.v1 import surgeon_pb2_grpc as pb_grpc
-from surgeon.errors import InvalidInput, NotFound, PreconditionFailed
+from surgeon.errors import InvalidInput, NotFound, PermissionDenied, PreconditionFailed
 
 log = logging.getLogger("surgeon.server")
 
@@ -58,6 +59,10 @@ class SurgeonServer:
             data=Root.create("data", data_root),
             device=device,
         )
+        from surgeon.load import parse_device
+
+        parse_device(device)  # `--device tpu` fails at start, not in every job
+        self._clean_stale()
         self.host = host
         self.health = health.HealthServicer(experimental_non_blocking=True)
         for name in ("", SERVICE_NAME):
@@ -80,12 +85,32 @@ class SurgeonServer:
                 self.port = self.server.add_insecure_port(address)
         except (OSError, RuntimeError) as err:
             raise PreconditionFailed(f"cannot listen on {address}: {err}") from None
-        self.jobs = JobManager(max_jobs, queue_size)
+        from server.store import FILENAME, OperationStore
+
+        try:
+            store = OperationStore(self.config.exports.path / FILENAME)
+        except sqlite3.Error as err:
+            raise PermissionDenied(f"cannot keep operation records in {self.config.exports.path}: {err}") from None
+        aborted = store.abort_unfinished()
+        if aborted:
+            log.warning("%d operation(s) of a previous server were unfinished: now reported as failed", aborted)
+        self.jobs = JobManager(max_jobs, queue_size, store=store)
         pb_grpc.add_SurgeonServicer_to_server(SurgeonService(self.config, self.jobs), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         self.tls = tls_cert is not None
         self._stopped = threading.Event()
+
+    def _clean_stale(self, depth: int = 2) -> None:
+        """Temporary outputs of jobs killed with an earlier server (run folders and their export folders)."""
+        from surgeon.paths import remove_stale_temporaries
+
+        level = [self.config.exports.path]
+        for _ in range(depth + 1):
+            for folder in level:
+                for path in remove_stale_temporaries(folder):
+                    log.info("removed %s, left by a writer that is gone", path)
+            level = [d for f in level for d in f.iterdir() if d.is_dir() and not d.is_symlink()]
 
     def start(self) -> SurgeonServer:
         self.server.start()
@@ -95,16 +120,20 @@ class SurgeonServer:
         log.info("listening on %s:%d", self.host, self.port)
         return self
 
-    def stop(self, grace: float = 20.0, cancel_wait: float = 10.0) -> None:
-        """Drain: NOT_SERVING at once, no new jobs, running ones get `grace` seconds then are cancelled."""
+    def stop(self, grace: float = 20.0, cancel_wait: float = 10.0) -> int:
+        """Drain: NOT_SERVING at once, no new jobs, running ones get `grace` seconds then are cancelled.
+        Returns how many jobs did not stop (their threads are still inside library code)."""
         if self._stopped.is_set():
-            return
+            return 0
         self.health.enter_graceful_shutdown()
         stuck = self.jobs.drain(grace, cancel_wait)
         if stuck:
             log.warning("%d job(s) did not stop in time; their partial outputs were removed", len(stuck))
         self.server.stop(grace=1.0).wait()
+        if not stuck:  # a stuck job may still record its end; the process exit closes the file then
+            self.jobs.store.close()
         self._stopped.set()
+        return len(stuck)
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._stopped.wait(timeout)
@@ -146,5 +175,9 @@ def serve(
     while not stop.wait(0.5):
         pass
     print(f"surgeon serve: draining (grace {grace:g}s)", file=sys.stderr, flush=True)
-    server.stop(grace)
+    stuck = server.stop(grace)
     print("surgeon serve: stopped", file=sys.stderr, flush=True)
+    if stuck:  # a job thread still inside torch would abort the interpreter's exit ("terminate called...")
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(0)

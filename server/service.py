@@ -39,13 +39,14 @@ from server.jobs import (
 from server.paths import Root, inside, resolve_in
 from server.surgeon.v1 import surgeon_pb2 as pb
 from server.surgeon.v1 import surgeon_pb2_grpc as pb_grpc
+from surgeon import limits
 from surgeon.bias import bias_protocol
 from surgeon.errors import InvalidInput, NotFound, PreconditionFailed, SurgeonError
 from surgeon.export import EXPORTERS, export_existing_run
 from surgeon.images import ImageSet, resolve_images
 from surgeon.judges.base import JUDGES
 from surgeon.load import CHECKPOINT_SUFFIXES, TOY_MODEL_DIR, TOY_MODEL_NAME, LoadedModel, load_model
-from surgeon.paths import newest_run
+from surgeon.paths import newest_run, refuse_temporary
 from surgeon.policies import POLICIES, PolicyOptions
 from surgeon.pools import load_pool
 from surgeon.prune import prune
@@ -196,9 +197,7 @@ class Requests:
         return resolve_in([self.config.data], raw, what, "file") if raw else None
 
     def images(self, source: pb.ImageSource) -> tuple[str | None, int | None]:
-        n_images = _opt(source, "n_images")
-        if n_images is not None and n_images <= 0:
-            raise InvalidInput(f"n_images must be positive, got {n_images}")
+        n_images = limits.images(_opt(source, "n_images"), source.images in ("", "toy"))
         if source.images in ("", "toy"):
             return None, n_images
         folder = resolve_in([self.config.data], source.images, "image folder", "dir")
@@ -213,8 +212,7 @@ class Requests:
     def suite(self, data: pb.ValidationData) -> Callable[[], ValidationSuite]:
         """A builder of the validation suite; file-based suites are built (and their manifests checked) now."""
         skew_k = _opt(data, "skew_k", 10)
-        if skew_k <= 0:
-            raise InvalidInput(f"skew_k must be positive, got {skew_k}")
+        limits.validation_options(skew_k)
         desired = data.desired or None
         if desired not in (None, "uniform", "set"):
             raise InvalidInput(f"unknown desired distribution {desired!r}", hint="choose uniform or set")
@@ -270,12 +268,7 @@ class Requests:
         taxonomy = self.data_file(request.taxonomy, "taxonomy")
         judge = self.judge(request.judge)
         m, rank, batch_size = _opt(request, "m", 5), _opt(request, "rank", 80), _opt(request, "batch_size", 64)
-        if m <= 0:
-            raise InvalidInput(f"m (texts per head) must be positive, got {m}")
-        if rank <= 0:
-            raise InvalidInput(f"rank must be positive, got {rank}")
-        if batch_size <= 0:
-            raise InvalidInput(f"batch_size must be positive, got {batch_size}")
+        limits.rank_options(m=m, span_rank=rank, batch_size=batch_size, layers=request.layers)
         out = self.out(request.out, "rank", request.force)
         layers = request.layers or None
         device = self.config.device
@@ -348,15 +341,20 @@ class Requests:
             raise InvalidInput(f"unknown export format {export!r}", hint="choose safetensors, onnx or both")
         formats = sorted({"safetensors", *EXPORT_FORMATS[export]}, reverse=True)  # the checkpoint always travels
         k, seeds = _opt(request, "k"), _opt(request, "seeds", 1)
-        if k is not None and k <= 0:
-            raise InvalidInput(f"k={k} out of range: k must be at least 1")
-        if seeds < 1:
-            raise InvalidInput("seeds must be at least 1")
+        atol = _opt(request, "atol", 1e-4)
+        limits.prune_options(
+            k,
+            request.seed,
+            seeds,
+            _opt(request, "min_ccs"),
+            _opt(request, "max_acc_drop"),
+            _opt(request, "max_skew"),
+            _opt(request, "min_acc"),
+            atol,
+        )
+        limits.text("layers", request.layers)
         if request.heads:
             parse_heads(request.heads)  # malformed heads fail now
-        atol = _opt(request, "atol", 1e-4)
-        if not atol >= 0:
-            raise InvalidInput(f"atol must be >= 0, got {atol}")
         model, pretrained = self.model(request.model)
         ranking, judge = None, None
         if request.ranking:
@@ -498,14 +496,14 @@ class Requests:
         for name in EXPORT_FORMATS[export]:
             EXPORTERS.get(name)
         atol = _opt(request, "atol", 1e-4)
-        if not atol >= 0:
-            raise InvalidInput(f"atol must be >= 0, got {atol}")
+        limits.export_options(atol)
         exports = self.config.exports
         raw = request.run_dir
         if not raw:  # as the CLI: the newest run folder
             newest = newest_run(hint="run Prune first, or set run_dir", root=exports.path)
             raw = newest.relative_to(exports.path).as_posix()  # resolve_in checks where it leads
         run_dir = resolve_in([exports], raw, "run folder", "dir")
+        refuse_temporary(run_dir, "run folder")  # a killed job's hidden folder is no run
         exports.check_tree(run_dir, "run folder")
         labels = self.data_file(request.labels, "labels file")
         out = self.out(request.out, "export", request.force, default=run_dir / f"export-{export}")
@@ -530,6 +528,16 @@ class Requests:
             )
 
         return body, [out]
+
+
+def _check_strings(message) -> None:
+    """Every string of a request (nested messages too) within limits.MAX_SPEC_CHARS, before anything else."""
+    for field, value in message.ListFields():
+        for item in value if field.is_repeated else [value]:
+            if field.type == field.TYPE_MESSAGE:
+                _check_strings(item)
+            elif field.type == field.TYPE_STRING:
+                limits.text(field.name, item)
 
 
 def operation(job: Job) -> pb.Operation:
@@ -559,10 +567,11 @@ class SurgeonService(pb_grpc.SurgeonServicer):
 
     @staticmethod
     def _abort(context: grpc.ServicerContext, error: SurgeonError):
-        context.abort(status_code(error), str(error))
+        context.abort(status_code(error), limits.clip(str(error)))
 
-    def _submit(self, context, kind: str, plan: Callable[[], tuple]) -> pb.Operation:
+    def _submit(self, context, kind: str, plan: Callable[[], tuple], request) -> pb.Operation:
         try:
+            _check_strings(request)
             body, reserved = plan()
             job = self.jobs.submit(kind, body, reserved)
         except SurgeonError as error:
@@ -582,16 +591,16 @@ class SurgeonService(pb_grpc.SurgeonServicer):
     # -- jobs --
 
     def RankHeads(self, request, context):
-        return self._submit(context, "RankHeads", lambda: self.requests.rank_heads(request))
+        return self._submit(context, "RankHeads", lambda: self.requests.rank_heads(request), request)
 
     def Prune(self, request, context):
-        return self._submit(context, "Prune", lambda: self.requests.prune(request))
+        return self._submit(context, "Prune", lambda: self.requests.prune(request), request)
 
     def Validate(self, request, context):
-        return self._submit(context, "Validate", lambda: self.requests.validate(request))
+        return self._submit(context, "Validate", lambda: self.requests.validate(request), request)
 
     def Export(self, request, context):
-        return self._submit(context, "Export", lambda: self.requests.export(request))
+        return self._submit(context, "Export", lambda: self.requests.export(request), request)
 
     # -- operations --
 
@@ -607,7 +616,7 @@ class SurgeonService(pb_grpc.SurgeonServicer):
         except ValueError:
             start = -1
         if start < 0:
-            self._abort(context, InvalidInput(f"bad page_token {request.page_token!r}"))
+            self._abort(context, InvalidInput(f"bad page_token {limits.echo(request.page_token)}"))
         jobs = [
             j
             for j in self.jobs.list()
@@ -622,7 +631,8 @@ class SurgeonService(pb_grpc.SurgeonServicer):
     def CancelOperation(self, request, context):
         job = self._job(request.name, context)
         if not job.request_cancel():
-            self._abort(context, PreconditionFailed(f"operation {job.name} is already done; nothing to cancel"))
+            done = f"operation {job.name} is already done (or has published its output)"
+            self._abort(context, PreconditionFailed(f"{done}; nothing to cancel"))
         return operation(job)
 
     def DeleteOperation(self, request, context):
@@ -635,7 +645,10 @@ class SurgeonService(pb_grpc.SurgeonServicer):
 
     def WaitOperation(self, request, context):
         job = self._job(request.name, context)
-        timeout = request.timeout.ToTimedelta().total_seconds() if request.HasField("timeout") else 60.0
+        try:
+            timeout = request.timeout.ToTimedelta().total_seconds() if request.HasField("timeout") else 60.0
+        except (OverflowError, ValueError):  # beyond what a timedelta holds
+            timeout = -1.0 if request.timeout.seconds < 0 else 600.0
         if timeout < 0:
             self._abort(context, InvalidInput("timeout must not be negative"))
         timeout = min(timeout, 600.0)

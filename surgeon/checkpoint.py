@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from surgeon import __version__
@@ -31,7 +32,10 @@ def write_local_dir(
     if record:
         header["surgeon_record"] = json.dumps(record)
     tensors = {k: v.detach().cpu().contiguous() for k, v in loaded.model.state_dict().items()}
-    save_file(_unshare(tensors), str(folder / "open_clip_model.safetensors"), metadata=header)
+    try:
+        save_file(_unshare(tensors), str(folder / "open_clip_model.safetensors"), metadata=header)
+    except SafetensorError as err:  # safetensors reports a full disk as its own error: make it a storage error
+        raise OSError(str(err)) from None
 
 
 def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

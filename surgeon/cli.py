@@ -11,8 +11,10 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from surgeon import limits
 from surgeon.errors import StorageError, SurgeonError
 from surgeon.runtime.cli import infer
 
@@ -73,6 +75,8 @@ def rank(
     from surgeon.pools import load_pool
     from surgeon.rank import rank_heads
 
+    limits.rank_options(n_images, images in (None, "toy"), m, span_rank, batch_size, checkpoint_every, layers)
+    limits.texts(model=model, pretrained=pretrained, images=images, texts=texts, taxonomy=taxonomy, device=device)
     loaded = load_model(model, pretrained, device_for(world(), device))
     pool = load_pool(texts, loaded.is_toy, taxonomy)
     image_set = resolve_images(images, n_images)
@@ -220,6 +224,10 @@ def prune(
     from surgeon.validate import Gates
 
     POLICIES.get(policy), SURGERIES.get(mode)  # fail before any heavy work
+    limits.prune_options(k, seed, seeds, min_ccs, max_acc_drop, max_skew, min_acc, atol, heads, concept)
+    limits.rank_options(n_images, images in (None, "toy"), layers=layers)
+    limits.validation_options(skew_k)
+    limits.texts(model=model, pretrained=pretrained, images=images, texts=texts, device=device)
     if export not in EXPORT_FORMATS:
         raise InvalidInput(f"unknown export format {export!r}", hint="choose safetensors, onnx or both")
     formats = sorted({"safetensors", *EXPORT_FORMATS[export]}, reverse=True)  # the checkpoint always travels
@@ -299,6 +307,7 @@ def validate(
     bias_protocol: BiasProtocolOpt = "surgeon",
     as_json: Annotated[bool, typer.Option("--json", help="print the results as JSON")] = False,
     out_file: Annotated[Path | None, typer.Option("--out", help="write the results JSON here")] = None,
+    force: Annotated[bool, typer.Option(help="replace an existing --out file")] = False,
     device: DeviceOpt = None,
 ) -> None:
     """Zero-shot accuracy and bias metrics of a model (toy benchmarks by default)."""
@@ -308,6 +317,12 @@ def validate(
     from surgeon.validate import markdown_report
     from surgeon.validate import validate as run_validate
 
+    limits.validation_options(skew_k)
+    limits.texts(model=model, pretrained=pretrained, device=device)
+    if out_file is not None and out_file.exists() and not force:
+        from surgeon.errors import PreconditionFailed
+
+        raise PreconditionFailed(f"{out_file} already exists", hint="pass --force to replace it")
     loaded = load_model(model, pretrained, device)
     report = run_validate(
         loaded, _suite(data, classnames, templates, bias_data, queries, skew_k, desired, bias_protocol)
@@ -348,16 +363,16 @@ def sweep(
     """Accuracy and bias vs number of pruned heads (high-CCS, low-CCS, random); writes sweep.json + sweep.png."""
     import json
 
-    from surgeon.errors import InvalidInput
     from surgeon.load import load_model
     from surgeon.paths import atomic_dir, new_run_dir
     from surgeon.plots import sweep_plot
     from surgeon.sweep import run_sweep
 
-    try:
-        count_list = [int(c) for c in counts.split(",")] if counts else None
-    except ValueError:
-        raise InvalidInput(f"bad --counts {counts!r}", hint="e.g. 0,2,4,8") from None
+    count_list = limits.sweep_counts(counts)
+    limits.count("seed", seed, 0, limits.MAX_SEED)
+    limits.rank_options(n_images, images in (None, "toy"))
+    limits.validation_options(skew_k)
+    limits.texts(model=model, pretrained=pretrained, images=images, device=device)
     loaded = load_model(model, pretrained, device)
     suite = _suite(data, classnames, templates, bias_data, queries, skew_k, desired, bias_protocol)
     ranked = _ranking_for(loaded, ranking, images, n_images, None, "lexicon", None, quiet)
@@ -391,6 +406,9 @@ def export_command(
         Path | None, typer.Option("--out", help="output folder (default: RUN_DIR/export-FORMAT)")
     ] = None,
     force: Annotated[bool, typer.Option(help="replace an existing output folder")] = False,
+    no_verify: Annotated[
+        bool, typer.Option("--no-verify", help="skip checking the run's files against surgery.json's sha256 hashes")
+    ] = False,
     device: DeviceOpt = None,
 ) -> None:
     """Export the pruned checkpoint of a run folder again (ONNX, safetensors), validated and with a card."""
@@ -399,6 +417,7 @@ def export_command(
 
     if export_format not in EXPORT_FORMATS:
         raise InvalidInput(f"unknown export format {export_format!r}", hint="choose safetensors, onnx or both")
+    limits.export_options(atol)
     if run_dir is None:
         from surgeon.paths import newest_run
 
@@ -406,7 +425,14 @@ def export_command(
         err.print(f"exporting the newest run: {run_dir}")
     target = out_dir or run_dir / f"export-{export_format}"
     files = export_existing_run(
-        run_dir, EXPORT_FORMATS[export_format], target, force=force, device=device, labels=labels, atol=atol
+        run_dir,
+        EXPORT_FORMATS[export_format],
+        target,
+        force=force,
+        device=device,
+        verify=not no_verify,
+        labels=labels,
+        atol=atol,
     )
     for path in files:
         out.print(str(path))
@@ -433,6 +459,8 @@ def toy_train(
     from surgeon.progress import progress_enabled
     from surgeon.toy.train import TrainConfig, train
 
+    limits.count("step count (--steps)", steps, 1, 10_000_000)
+    limits.count("--threads", threads, 1, 4096)
     if threads:
         torch.set_num_threads(threads)
     cfg = TrainConfig(seed=seed)
@@ -501,11 +529,9 @@ def toy_images_command(
     force: Annotated[bool, typer.Option(help="replace an existing folder")] = False,
 ) -> None:
     """Write toy-world images as PNGs with a labels.csv, to look at the world."""
-    from surgeon.errors import InvalidInput
     from surgeon.toy import world
 
-    if n <= 0:
-        raise InvalidInput(f"--n must be positive, got {n}")
+    limits.count("--n", n, 1, limits.MAX_TOY_IMAGES)
     folder = world.write_png_folder(out_dir, n, split=split, seed=seed, force=force)
     out.print(f"wrote {n} images and labels.csv to {folder}")
 
@@ -583,15 +609,21 @@ def main() -> None:
     (numpy's, during torch's) surfaces later as an ImportError or AttributeError. Whatever follows a Ctrl-C
     is therefore reported as the interruption it is."""
     warnings.filterwarnings("ignore", message=".*QuickGELU.*")
-    signal.signal(signal.SIGINT, _on_sigint)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # SIGTERM (docker stop, kill) unwinds like Ctrl-C: no leftovers
+        signal.signal(sig, _on_sigint)
     try:
         app()
+    except SystemExit:
+        if _interrupted.is_set():  # typer turns a KeyboardInterrupt into a silent exit 130: say what happened
+            err.print("interrupted: nothing was written")
+            sys.exit(130)
+        raise
     except (KeyboardInterrupt, Exception) as error:
         if isinstance(error, KeyboardInterrupt) or _interrupted.is_set():
             err.print("interrupted: nothing was written")
             sys.exit(130)
         if isinstance(error, SurgeonError):
-            err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(limits.clip(str(error)))}", highlight=False, soft_wrap=True)
             sys.exit(error.exit_code)
         if isinstance(error, OSError):  # the file system refused something the library did not expect to fail
             err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)

@@ -14,11 +14,11 @@ from pathlib import Path
 
 from surgeon.decompose import check_supported, decompose, vision_layout
 from surgeon.distributed import World, agree, all_reduce, shard, world
-from surgeon.errors import InvalidInput
+from surgeon.errors import CorruptInput, InvalidInput
 from surgeon.images import ImageSet
 from surgeon.load import LoadedModel
 from surgeon.paths import cache_dir
-from surgeon.progress import progress_bar
+from surgeon.progress import progress_bar, stop_point
 from surgeon.stats import HeadStats
 
 DECOMPOSITION_VERSION = 1
@@ -65,6 +65,7 @@ def accumulate(
         for chunk_start in range(start, stop, max(chunk, 1)):
             chunk_stop = min(chunk_start + chunk, stop)
             for batch in images.batches(loaded.preprocess, batch_size, chunk_start, chunk_stop):
+                stop_point()
                 stats.update(decompose(visual, batch.to(loaded.device), layers).heads)
             advance(chunk_stop - chunk_start)
             if on_chunk is not None:
@@ -74,6 +75,15 @@ def accumulate(
 
 def _partial_path(key: str, w: World) -> Path:
     return cache_dir() / "partial" / f"{key}-rank{w.rank}of{w.size}.safetensors"
+
+
+def _load_or_warn(path: Path) -> HeadStats | None:
+    """A cache entry, or None (with a warning) when it is truncated or corrupt: it is then recomputed."""
+    try:
+        return HeadStats.load(path)
+    except CorruptInput as err:
+        warnings.warn(f"{err}; recomputing it", stacklevel=3)
+        return None
 
 
 def collect_stats(
@@ -90,12 +100,14 @@ def collect_stats(
     key = stats_key(loaded, images, layers)
     path = cache_dir() / "stats" / f"{key}.safetensors"
     if use_cache and agree(path.is_file(), w):
-        return HeadStats.load(path).to(loaded.device), True
+        cached = _load_or_warn(path)
+        if agree(cached is not None, w):
+            return cached.to(loaded.device), True
     start, stop = shard(images.count, w, batch_size)
     partial = _partial_path(key, w)
     stats, resume_at = None, start
-    if checkpoint_every and partial.is_file():
-        saved = HeadStats.load(partial)
+    saved = _load_or_warn(partial) if checkpoint_every and partial.is_file() else None
+    if saved is not None:
         if saved.meta.get("shard") == [start, stop]:  # another batch size or world size cuts other shards
             stats, resume_at = saved.to(loaded.device), int(saved.meta.get("next", start))
 
@@ -120,7 +132,7 @@ def collect_stats(
             f"only {stats.count} readable image(s) in {images.description} ({len(images.skipped)} unreadable)",
             hint="ranking needs at least 2 readable images",
         )
-    if use_cache and w.is_main:
+    if (use_cache or path.is_file()) and w.is_main:  # --no-cache still replaces a stale or corrupt entry
         try:
             stats.save(path, {"images": images.identity, "model": loaded.identity})
         except OSError as err:  # the cache is an optimisation: the ranking still stands

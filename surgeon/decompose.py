@@ -18,6 +18,7 @@ from torch import nn
 
 from surgeon.errors import InvalidInput
 from surgeon.hooks import record
+from surgeon.limits import echo
 
 
 @dataclass(frozen=True)
@@ -193,22 +194,24 @@ def parse_layers(spec: str | None, n_layers: int) -> tuple[int, ...]:
     if spec.startswith("last"):
         count = spec.removeprefix("last") or "4"
         if not count.isdigit() or not 0 < int(count) <= n_layers:
-            raise InvalidInput(f"bad layer spec {spec!r}: the model has {n_layers} layers")
+            raise InvalidInput(f"bad layer spec {echo(spec)}: the model has {n_layers} layers")
         return tuple(range(n_layers - int(count), n_layers))
     layers: set[int] = set()
     try:
         for part in (p.strip() for p in spec.split(",")):
             span = re.fullmatch(r"(\d+)-(\d+)", part)
-            if span:
+            if span:  # checked before the range is built: "0-999999999999" must not allocate
+                if not int(span[1]) <= int(span[2]) < n_layers:
+                    raise InvalidInput(f"layers {echo(part)} out of range: the model has layers 0..{n_layers - 1}")
                 layers.update(range(int(span[1]), int(span[2]) + 1))
             else:
                 idx = int(part)
                 layers.add(idx + n_layers if idx < 0 else idx)
     except ValueError:
-        raise InvalidInput(f"bad layer spec {spec!r}", hint="use e.g. 8-11, 3,5,7, last4 or all") from None
+        raise InvalidInput(f"bad layer spec {echo(spec)}", hint="use e.g. 8-11, 3,5,7, last4 or all") from None
     bad = sorted(i for i in layers if not 0 <= i < n_layers)
     if bad or not layers:
-        raise InvalidInput(f"layers {bad or spec} out of range: the model has layers 0..{n_layers - 1}")
+        raise InvalidInput(f"layers {echo(bad or spec)} out of range: the model has layers 0..{n_layers - 1}")
     return tuple(sorted(layers))
 
 

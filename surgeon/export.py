@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import warnings
@@ -17,6 +16,7 @@ import torch
 from surgeon import __version__
 from surgeon.checkpoint import write_local_dir
 from surgeon.errors import ExportFailed, InvalidInput
+from surgeon.integrity import sha256_file, verify_run
 from surgeon.load import LoadedModel
 from surgeon.pools import read_lines
 from surgeon.registry import Registry
@@ -254,14 +254,6 @@ def export_run(
     return files
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def write_card(loaded: LoadedModel, plan: dict, validation: dict, folder: Path, files: list[Path]) -> None:
     """README.md (Hugging Face model card) and surgery.json (same facts, machine-readable, with hashes)."""
     from surgeon.card import model_card
@@ -284,14 +276,22 @@ def write_card(loaded: LoadedModel, plan: dict, validation: dict, folder: Path, 
 
 
 def export_existing_run(
-    run_dir: Path, formats: list[str], out_dir: Path, force: bool = False, device: str | None = None, **options
+    run_dir: Path,
+    formats: list[str],
+    out_dir: Path,
+    force: bool = False,
+    device: str | None = None,
+    verify: bool = True,
+    **options,
 ) -> list[Path]:
-    """Re-export the pruned checkpoint of a `surgeon prune` run folder (e.g. to ONNX, with new labels)."""
+    """Re-export the pruned checkpoint of a `surgeon prune` run folder (e.g. to ONNX, with new labels), after
+    checking its files against the hashes of its surgery.json (unless `verify` is False)."""
     from surgeon.errors import CorruptInput, NotFound, PreconditionFailed
     from surgeon.load import load_model
-    from surgeon.paths import atomic_dir
+    from surgeon.paths import atomic_dir, refuse_temporary
     from surgeon.prune import PLAN_SCHEMA
 
+    refuse_temporary(run_dir, "run folder")
     if not run_dir.is_dir():
         raise NotFound(f"run folder not found: {run_dir}")
     missing = [
@@ -314,6 +314,8 @@ def export_existing_run(
         )
     for name in dict.fromkeys(formats):
         EXPORTERS.get(name)  # unknown formats fail before the model is loaded
+    if verify:
+        verify_run(run_dir)
     loaded = load_model(f"local-dir:{run_dir / 'model'}", device=device)
     with atomic_dir(out_dir, force=force) as tmp:
         for name in ("plan.json", "validation.json"):

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from surgeon import limits
 from surgeon.errors import CorruptInput, InvalidInput, NotFound
 from surgeon.runtime.preprocess import load_image
 
@@ -80,8 +81,8 @@ def toy_images(n: int, split: str = "val", seed: int = 0) -> ImageSet:
 
 def resolve_images(spec: str | None, n_images: int | None) -> ImageSet:
     """`None`/"toy" -> the toy world's held-out images; anything else is a folder."""
-    if spec is None or spec == "toy":
+    toy = spec is None or spec == "toy"
+    limits.images(n_images, toy)  # 0 is not "the default", and a huge count must not allocate
+    if toy:
         return toy_images(n_images or 2000)
-    if n_images is not None and n_images <= 0:
-        raise InvalidInput(f"--n-images must be positive, got {n_images}")
     return folder_images(Path(spec), n_images)

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from surgeon.errors import CorruptInput, InvalidInput, NotFound, PreconditionFailed
+from surgeon.limits import echo
 
 TOY_MODEL_DIR = Path(__file__).parent / "toy" / "model"
 TOY_MODEL_NAME = "toy"
@@ -80,6 +81,32 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+
+
+def parse_device(device: str | torch.device | None) -> torch.device:
+    """The device to run on, checked against this machine: one clear line for `tpu` or `cuda:9` instead of
+    torch's error when the first tensor moves (None: CUDA when present, else the CPU)."""
+    if device is None:
+        return default_device()
+    spec = str(device)
+    try:
+        parsed = torch.device(spec)
+    except (RuntimeError, ValueError, TypeError):
+        parsed = None
+    if parsed is None or parsed.type not in DEVICE_TYPES:
+        raise InvalidInput(f"unknown device {echo(spec)}", hint="use cpu, cuda, cuda:N or mps")
+    if parsed.type == "cuda":
+        available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if available == 0:
+            raise NotFound(f"device {spec}: this machine has no usable CUDA device", hint="use --device cpu")
+        if parsed.index is not None and parsed.index >= available:
+            raise NotFound(f"device {spec}: this machine has {available} CUDA device(s), cuda:0..cuda:{available - 1}")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise NotFound(f"device {spec}: MPS is not available on this machine", hint="use --device cpu")
+    return parsed
+
+
 def weights_hash(model: torch.nn.Module) -> str:
     """SHA-256 over every tensor of the state dict (names and bytes): the identity used by caches."""
     digest = hashlib.sha256()
@@ -94,6 +121,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Read a checkpoint without ever executing code from it."""
     if not path.is_file():
         raise NotFound(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise CorruptInput(f"checkpoint {path} is empty (0 bytes)")
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -114,8 +143,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             f"refused to load {path}: it is not a plain tensor checkpoint (weights_only load failed)",
             hint=f"convert it to .safetensors on a trusted machine; detail: {str(err).splitlines()[0]}",
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise CorruptInput(f"corrupt checkpoint {path}: {str(err).splitlines()[0]}") from None
+    except Exception as err:  # noqa: BLE001 - torch.load of a non-checkpoint raises anything (KeyError for text)
+        detail = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
+        raise CorruptInput(f"corrupt checkpoint {path}: not a tensor checkpoint ({detail})") from None
     if isinstance(checkpoint, dict) and "state_dict" in checkpoint:
         checkpoint = checkpoint["state_dict"]
     if not isinstance(checkpoint, dict) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
@@ -221,7 +251,17 @@ def load_model(
 
     from surgeon.surgery import rebuild_pruned  # hard-pruned folders carry their own layout
 
-    device = torch.device(device) if device is not None else default_device()
+    device = parse_device(device)
+    if pretrained and (model is None or model == TOY_MODEL_NAME):
+        raise InvalidInput(
+            "--pretrained needs --model: the bundled toy model takes no other weights",
+            hint="name the architecture, e.g. --model ViT-B-32 --pretrained FILE",
+        )
+    if pretrained and model is not None and _local_dir(model) is not None:
+        raise InvalidInput(
+            f"{echo(model)} is a local-dir model folder with its own weights; it takes no --pretrained",
+            hint="drop --pretrained, or pass an architecture name with --model",
+        )
     if model is None or model == TOY_MODEL_NAME:
         if not (TOY_MODEL_DIR / "open_clip_config.json").is_file():
             raise NotFound(
@@ -313,12 +353,18 @@ def build_clip(model_cfg: dict) -> torch.nn.Module:
     from open_clip.model import CLIP, CustomTextCLIP
 
     cfg = copy.deepcopy(model_cfg)
+    if not isinstance(cfg, dict) or not all(isinstance(cfg.get(k, {}), dict) for k in ("vision_cfg", "text_cfg")):
+        raise CorruptInput("invalid model configuration: model_cfg, vision_cfg and text_cfg must be JSON objects")
     if "timm_model_name" in cfg.get("vision_cfg", {}) or "multimodal_cfg" in cfg:
         raise InvalidInput(
             "surgeon needs an open_clip VisionTransformer tower (timm and CoCa towers are not supported)"
         )
     custom_text = cfg.pop("custom_text", False) or "hf_model_name" in cfg.get("text_cfg", {})
-    return (CustomTextCLIP if custom_text else CLIP)(**cfg)
+    try:
+        return (CustomTextCLIP if custom_text else CLIP)(**cfg)
+    except (TypeError, ValueError, KeyError, AttributeError, RuntimeError, ZeroDivisionError) as err:
+        detail = (str(err).splitlines() or [type(err).__name__])[0]
+        raise CorruptInput(f"invalid model configuration: {detail[:200]}") from None
 
 
 def _pcfg_fields(cfg: dict) -> dict:

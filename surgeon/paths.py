@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -15,6 +18,78 @@ from surgeon.errors import NotFound, PermissionDenied, PreconditionFailed, Stora
 #: the process umask, read once at import (reading it means setting it, which is not thread-safe later)
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
+
+#: `.NAME.tmp-PID-XXXX` (atomic_dir, atomic_write_text) and `.NAME.old-PID` (a replaced output): a writer's own
+TEMP_NAME = re.compile(r"\.(?P<name>.+)\.(?:tmp|old)-(?:(?P<pid>\d+)(?=-|$))?.*")
+STALE_AFTER_S = 3600.0  # a temporary entry this old whose writer is gone is removed by the next writer
+
+#: called with the final path right before an output is renamed into place (a job's cancellation point: after
+#: the rename the output is published and a cancel can no longer undo it without losing the previous one)
+_before_publish: ContextVar[Callable[[Path], None] | None] = ContextVar("before_publish", default=None)
+
+
+@contextmanager
+def publish_check(check: Callable[[Path], None]) -> Iterator[None]:
+    """Run `check(final)` before every publishing rename made in this context (it may raise to stop it)."""
+    token = _before_publish.set(check)
+    try:
+        yield
+    finally:
+        _before_publish.reset(token)
+
+
+def _check_publish(final: Path) -> None:
+    check = _before_publish.get()
+    if check is not None:
+        check(final)
+
+
+def is_temporary(path: Path) -> bool:
+    """Whether `path` is (inside) another writer's temporary folder or file."""
+    return any(TEMP_NAME.fullmatch(part) for part in Path(path).parts)
+
+
+def refuse_temporary(path: Path, what: str) -> None:
+    if is_temporary(path):
+        raise PreconditionFailed(
+            f"{what} {path} is the temporary output of an unfinished (or killed) writer",
+            hint="use a finished output; stale temporary folders are removed by the next write into their folder",
+        )
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except PermissionError:  # another user's process
+        return True
+    except (ProcessLookupError, OverflowError, ValueError):
+        return False
+    return True
+
+
+def remove_stale_temporaries(folder: Path, older_than: float = STALE_AFTER_S) -> list[Path]:
+    """Remove the temporary entries in `folder` left by killed writers: older than `older_than` seconds and
+    not owned by a live process (entries without a pid go by age alone). Returns what was removed."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    now = time.time()
+    for entry in entries:
+        match = TEMP_NAME.fullmatch(entry.name)
+        if match is None:
+            continue
+        try:
+            age = now - entry.stat(follow_symlinks=False).st_mtime
+        except OSError:
+            continue
+        pid = int(match["pid"]) if match["pid"] else None
+        if age < older_than or (pid is not None and _alive(pid)):  # this process's own writers are alive too
+            continue
+        remove_path(Path(entry.path))
+        removed.append(Path(entry.path))
+    return removed
 
 
 def cache_dir() -> Path:
@@ -61,7 +136,8 @@ def atomic_dir(final: Path, force: bool = False) -> Iterator[Path]:
     parent = final.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{final.name}.tmp-"))
+        remove_stale_temporaries(parent)
+        tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{final.name}.tmp-{os.getpid()}-"))
     except OSError as err:
         raise PermissionDenied(f"cannot write into {parent}: {err.strerror or err}") from None
     try:
@@ -70,6 +146,7 @@ def atomic_dir(final: Path, force: bool = False) -> Iterator[Path]:
         except OSError as err:
             raise StorageError(f"writing {final} failed: {err.strerror or err}; nothing was written") from None
         _usual_modes(tmp)
+        _check_publish(final)
         _publish(tmp, final, force)
     finally:
         if tmp.exists():
@@ -115,13 +192,15 @@ def atomic_write_text(path: Path, text: str) -> None:
     """Write a file through a temporary sibling and rename, so readers never see half of it."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+        remove_stale_temporaries(path.parent)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-{os.getpid()}-")
     except OSError as err:
         raise PermissionDenied(f"cannot write {path}: {err.strerror or err}") from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
         os.chmod(tmp, 0o666 & ~_UMASK)
+        _check_publish(path)
         os.replace(tmp, path)
     except OSError as err:
         raise StorageError(f"writing {path} failed: {err.strerror or err}; nothing was written") from None

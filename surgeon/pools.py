@@ -24,7 +24,14 @@ class TextPool:
 
 
 def read_lines(path: Path, what: str = "text pool") -> list[str]:
-    """UTF-8, one entry per line, blank lines ignored; empty or unreadable files are errors."""
+    """UTF-8, one entry per line, blank lines ignored; empty or unreadable files are errors, and so are FIFOs
+    and devices (reading one would block or never end) and files over limits.MAX_TEXT_FILE_BYTES."""
+    from surgeon.limits import MAX_TEXT_FILE_BYTES
+
+    if path.exists() and not path.is_file():
+        raise InvalidInput(f"{what} {path} is not a regular file (a folder, FIFO or device)")
+    if path.is_file() and path.stat().st_size > MAX_TEXT_FILE_BYTES:
+        raise InvalidInput(f"{what} {path} is larger than {MAX_TEXT_FILE_BYTES >> 20} MiB")
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:

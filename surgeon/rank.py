@@ -10,7 +10,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from surgeon import __version__
+from surgeon import __version__, limits
 from surgeon.collect import collect_stats
 from surgeon.decompose import parse_layers, vision_layout
 from surgeon.distributed import world
@@ -18,7 +18,7 @@ from surgeon.errors import CorruptInput, InvalidInput, NotFound, PreconditionFai
 from surgeon.images import ImageSet
 from surgeon.judges.base import JUDGES, JudgeContext
 from surgeon.load import LoadedModel
-from surgeon.paths import atomic_dir, cache_dir
+from surgeon.paths import atomic_dir, cache_dir, refuse_temporary
 from surgeon.pools import TextPool
 from surgeon.textspan import textspan_all
 
@@ -102,6 +102,7 @@ class Ranking:
 
     @classmethod
     def read(cls, path: Path) -> Ranking:
+        refuse_temporary(path, "ranking")
         path = path / "ranking.json" if path.is_dir() else path
         try:
             return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
@@ -167,12 +168,9 @@ def rank_heads(
 ) -> Ranking | None:
     """The library function behind `surgeon rank` and the RankHeads RPC. Under torchrun every rank collects
     its shard of the statistics; rank 0 runs TextSpan and the judge and returns the ranking, the others None."""
-    if m <= 0:
-        raise InvalidInput(f"m (texts per head) must be positive, got {m}")
+    limits.rank_options(m=m, span_rank=rank, batch_size=batch_size, checkpoint_every=checkpoint_every)
     if m > len(pool.lines):
         raise InvalidInput(f"m={m} is larger than the text pool ({len(pool.lines)} lines)")
-    if rank <= 0:
-        raise InvalidInput(f"rank must be positive, got {rank}")
     judge_impl = make_judge(judge, loaded, pool, **(llm_options or {}))  # fail fast on a bad judge
     n_layers, heads_per_layer = vision_layout(loaded.model.visual)
     chosen = parse_layers(layers, n_layers)

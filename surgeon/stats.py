@@ -91,6 +91,8 @@ class HeadStats:
                 {"total": self.total.cpu().contiguous(), "outer": self.outer.cpu().contiguous()}, tmp, metadata=header
             )
             os.replace(tmp, path)
+        except SafetensorError as err:  # a full disk: an OSError, as callers expect
+            raise OSError(str(err)) from None
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)

@@ -18,6 +18,7 @@ from torch import nn
 
 from surgeon.decompose import AttentionParams
 from surgeon.errors import InvalidInput
+from surgeon.limits import echo
 from surgeon.registry import Registry
 
 TOWERS = ("vision", "text", "both")
@@ -36,9 +37,9 @@ class HeadRef:
     def parse(cls, spec: str) -> HeadRef:
         import re
 
-        match = re.fullmatch(r"\s*L(\d+)\.H(\d+)\s*", spec, flags=re.IGNORECASE)
+        match = re.fullmatch(r"\s*L(\d{1,6})\.H(\d{1,6})\s*", spec, flags=re.IGNORECASE)
         if not match:
-            raise InvalidInput(f"malformed head {spec!r}", hint="write heads as L<layer>.H<head>, e.g. L11.H5")
+            raise InvalidInput(f"malformed head {echo(spec)}", hint="write heads as L<layer>.H<head>, e.g. L11.H5")
         return cls(int(match[1]), int(match[2]))
 
 

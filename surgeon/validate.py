@@ -20,8 +20,10 @@ from PIL import Image
 from surgeon.bias import PROTOCOLS, bias_metrics, bias_protocol, headline_keys
 from surgeon.errors import GateFailed, InvalidInput
 from surgeon.images import open_image
+from surgeon.limits import echo
 from surgeon.load import LoadedModel
 from surgeon.pools import read_lines
+from surgeon.progress import stop_point
 from surgeon.surgery import HeadRef, zero_heads
 from surgeon.templates import fill, read_templates
 from surgeon.zeroshot import build_classifier, metrics_from_logits, uint8_to_tensor
@@ -200,9 +202,10 @@ def classification_set(
                     labels.append(index)
     else:
         rows = _manifest_rows(data, 2)
-        classes = sorted({r[1].strip() for r in rows})
         paths = [(data.parent / r[0].strip()) for r in rows]
-        labels = [classes.index(r[1].strip()) for r in rows]
+        names = read_lines(classnames_file, "class names file") if classnames_file else None
+        classes, labels = _manifest_labels(data, [r[1].strip() for r in rows], names, classnames_file)
+        return ClassificationSet(data.name, [n.replace("_", " ") for n in classes], templates, paths, labels)
     if not paths:
         raise InvalidInput(f"validation set {data} is empty")
     names = classes
@@ -211,6 +214,43 @@ def classification_set(
         if len(names) != len(classes):
             raise InvalidInput(f"{classnames_file} has {len(names)} names for {len(classes)} classes")
     return ClassificationSet(data.name, [n.replace("_", " ") for n in names], templates, paths, np.asarray(labels))
+
+
+def _manifest_labels(
+    manifest: Path, raw: list[str], names: list[str] | None, names_file: Path | None
+) -> tuple[list[str], np.ndarray]:
+    """(class names, label indices) of a CSV manifest. Integer labels are indices into --classnames (sorting
+    them as text would put "10" before "2"); name labels are looked up in --classnames when given (its order
+    is the class order), else sorted. Mixing both kinds, or names missing from --classnames, is an error."""
+    numeric = [label.isdigit() for label in raw]
+    if any(numeric) and not all(numeric):
+        first = raw[numeric.index(True)] if not numeric[0] else raw[numeric.index(False)]
+        raise InvalidInput(
+            f"manifest {manifest} mixes class indices and class names (e.g. {echo(raw[0])} and {echo(first)})",
+            hint="use integer indices into --classnames, or class names, throughout",
+        )
+    if all(numeric):
+        if names is None:
+            raise InvalidInput(
+                f"manifest {manifest} has integer labels: they index --classnames, which is missing",
+                hint="pass --classnames FILE (one name per line, line 0 = label 0)",
+            )
+        indices = [int(label) for label in raw]
+        beyond = next((i for i in indices if i >= len(names)), None)
+        if beyond is not None:
+            raise InvalidInput(f"manifest {manifest} has label {beyond}, but {names_file} names {len(names)} classes")
+        return names, np.asarray(indices)
+    if names is None:
+        names = sorted(set(raw))
+    else:
+        unknown = sorted(set(raw) - set(names))
+        if unknown:
+            raise InvalidInput(
+                f"manifest {manifest} has labels not in {names_file}: {echo(', '.join(unknown[:5]))}",
+                hint="--classnames lists the manifest's class names (in any order), one per line",
+            )
+    index = {name: i for i, name in enumerate(names)}
+    return names, np.asarray([index[label] for label in raw])
 
 
 def bias_set(
@@ -291,6 +331,13 @@ def build_suite(
     return ValidationSuite(tasks, bias, "files", " + ".join(described))
 
 
+def _stoppable(items):
+    """`items`, with a stop point before each (a cancelled job stops here)."""
+    for item in items:
+        stop_point()
+        yield item
+
+
 @contextmanager
 def heads_zeroed(blocks: torch.nn.ModuleList, heads: list[HeadRef]) -> Iterator[None]:
     """Zero-ablate heads for the duration of the block, restoring the exact weights afterwards."""
@@ -353,7 +400,7 @@ class Evaluator:
             if isinstance(chunk, np.ndarray) and chunk.shape[1:3] == size:
                 yield uint8_to_tensor(chunk, cfg["mean"], cfg["std"])
             else:
-                yield torch.stack([self.loaded.preprocess(_as_image(x)) for x in chunk])
+                yield torch.stack([self.loaded.preprocess(_as_image(x)) for x in _stoppable(chunk)])
 
     @torch.no_grad()
     def _prefix(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -378,7 +425,7 @@ class Evaluator:
         else:
             batches = (self._prefix(pixels) for pixels in self._pixel_batches(self._images[key]))
         with heads_zeroed(blocks, list(heads)):
-            for batch in batches:
+            for batch in _stoppable(batches):
                 x = batch.to(self.loaded.device)
                 for block in blocks[self.first_layer :]:
                     x = block(x)

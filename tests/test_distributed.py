@@ -15,7 +15,6 @@ from PIL import Image
 
 from surgeon.collect import collect_stats, stats_key
 from surgeon.distributed import World, shard
-from surgeon.errors import CorruptInput
 from surgeon.images import ImageSet, folder_images
 from surgeon.load import load_model
 from surgeon.stats import HeadStats
@@ -138,12 +137,13 @@ def test_interrupted_collection_resumes_without_recomputing(tiny_default_dir, im
     assert not (Path(os.environ["SURGEON_CACHE_DIR"]) / "partial" / f"{key}-rank0of1.safetensors").exists()
 
 
-def test_corrupt_cache_entry_is_reported(tiny_default_dir, image_folder):
+def test_corrupt_cache_entry_is_reported_and_recomputed(tiny_default_dir, image_folder):
     loaded = load_model(f"local-dir:{tiny_default_dir}", device="cpu")
     images = folder_images(image_folder)
     collect_stats(loaded, images, (2,), batch_size=8)
     entry = next((Path(os.environ["SURGEON_CACHE_DIR"]) / "stats").glob("*.safetensors"))
     entry.write_bytes(entry.read_bytes()[:100])
-    with pytest.raises(CorruptInput, match="corrupt statistics"):
-        collect_stats(loaded, images, (2,), batch_size=8)
+    with pytest.warns(UserWarning, match="corrupt statistics .* recomputing"):
+        _, cached = collect_stats(loaded, images, (2,), batch_size=8)
+    assert not cached and collect_stats(loaded, images, (2,), batch_size=8)[1]  # replaced by a good entry
     shutil.rmtree(entry.parent)

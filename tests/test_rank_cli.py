@@ -101,7 +101,7 @@ def test_unreadable_images_are_skipped_with_a_count(tiny_default_dir, image_fold
     ("change", "message", "code"),
     [
         (lambda a, tmp: a.__setitem__(2, "local-dir:/nope"), "model folder not found", 3),
-        (lambda a, tmp: a.__setitem__(a.index("--m") + 1, "0"), "m (texts per head) must be positive", 2),
+        (lambda a, tmp: a.__setitem__(a.index("--m") + 1, "0"), "m (texts per head) must be an integer in 1..", 2),
         (lambda a, tmp: a.__setitem__(a.index("--layers") + 1, "2-7"), "out of range", 2),
         (lambda a, tmp: a.__setitem__(a.index("--texts") + 1, str(tmp / "empty.txt")), "is empty", 2),
         (lambda a, tmp: a.__setitem__(a.index("--texts") + 1, str(tmp / "latin1.txt")), "not UTF-8", 2),

@@ -140,7 +140,7 @@ def test_validate_and_sweep_cli(tiny_default_dir, user_data, image_folder, pool_
         text=True,
         timeout=300,
     )
-    assert bad.returncode == 2 and "k=0 out of range" in bad.stderr
+    assert bad.returncode == 2 and "k must be an integer in 1.." in bad.stderr
     gated = subprocess.run(
         [
             *base,

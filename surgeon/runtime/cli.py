@@ -15,7 +15,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from surgeon.errors import InvalidInput, NotFound, PreconditionFailed
+from surgeon import limits
+from surgeon.errors import CorruptInput, InvalidInput, NotFound, PreconditionFailed
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -54,6 +55,23 @@ def toy_demo_images(n: int = TOY_DEMO_IMAGES) -> tuple[list[Image.Image], list[s
     return [Image.fromarray(a) for a in batch.images], names, shapes
 
 
+def _readable(paths: list[Path]) -> tuple[list[Path], list[str], list[str]]:
+    """(the image files that open, their names, why the others were skipped); none readable is an error.
+    Each file is decoded here to check it and again batch by batch when classified: memory stays bounded."""
+    from surgeon.runtime.preprocess import load_image
+
+    kept, skipped = [], []
+    for path in paths:
+        try:
+            load_image(path)
+            kept.append(path)
+        except CorruptInput as err:
+            skipped.append(str(err))
+    if not kept:
+        raise CorruptInput(f"none of the {len(paths)} image(s) is readable; e.g. {skipped[0]}")
+    return kept, [str(p) for p in kept], skipped
+
+
 def infer(
     export_dir: Annotated[
         Path | None,
@@ -70,6 +88,9 @@ def infer(
     top_k: Annotated[int, typer.Option("--top-k", "-k", help="classes shown per image")] = 5,
     batch_size: Annotated[int, typer.Option(help="images per onnxruntime run")] = 32,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+    no_verify: Annotated[
+        bool, typer.Option("--no-verify", help="skip checking the files against surgery.json's sha256 hashes")
+    ] = False,
 ) -> None:
     """Top classes per image from an ONNX export, with onnxruntime only (CUDA when available, else CPU)."""
     try:
@@ -79,17 +100,15 @@ def infer(
             f"surgeon infer needs onnxruntime, ftfy and regex ({err})",
             hint="pip install 'surgeon[onnx]' (CPU) or 'surgeon[gpu]' (CUDA: onnxruntime-gpu); never both",
         ) from None
-    if top_k < 1:
-        raise InvalidInput(f"--top-k must be at least 1, got {top_k}")
-    if batch_size < 1:
-        raise InvalidInput(f"--batch-size must be at least 1, got {batch_size}")
+    limits.count("--top-k", top_k, 1, limits.MAX_TOP_K)
+    limits.count("--batch-size", batch_size, 1, limits.MAX_BATCH_SIZE)
     if export_dir is None:
         from surgeon.paths import newest_output
 
         patterns = ("*/onnx/visual.onnx", "*/export-onnx/onnx/visual.onnx")
         export_dir = newest_output(*patterns, hint="run `surgeon prune --export onnx` first, or pass EXPORT_DIR").parent
         Console(stderr=True).print(f"using the newest ONNX export: {export_dir}")
-    model = ExportedModel(export_dir)
+    model = ExportedModel(export_dir, verify=not no_verify)
     label_list = read_labels(labels) if labels is not None else None
     if images:
         inputs, names = collect_images(list(images)), None
@@ -97,6 +116,13 @@ def infer(
         inputs, names, shapes = toy_demo_images()
         if label_list is None and not model.has_classifier:
             label_list = shapes
+    if names is None:  # files: unreadable ones are skipped with a count, as `surgeon rank` does
+        inputs, names, skipped = _readable(inputs)
+        if skipped:
+            Console(stderr=True).print(
+                f"[yellow]warning:[/] skipped {len(skipped)} unreadable image(s), e.g. {escape(skipped[0])}",
+                soft_wrap=True,
+            )
     predictions = model.classify(inputs, label_list, top_k=top_k, batch_size=batch_size, image_names=names)
     source = "labels" if label_list is not None else "classifier.onnx"
     if as_json:

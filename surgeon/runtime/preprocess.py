@@ -22,8 +22,10 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from surgeon.errors import CorruptInput, NotFound
+from surgeon.limits import MAX_ASPECT_RATIO
 
 MAX_IMAGE_PIXELS = 64_000_000  # images larger than this are refused before decoding (decompression bombs)
+MAX_RESIZED_PIXELS = MAX_IMAGE_PIXELS  # ... and images that preprocessing would resize beyond it
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -47,6 +49,11 @@ def load_image(path: Path | str) -> Image.Image:
                     raise CorruptInput(
                         f"image {path} is {image.width}x{image.height} pixels, more than the "
                         f"{MAX_IMAGE_PIXELS:,} allowed (decompression bomb?)"
+                    )
+                if max(image.size) > MAX_ASPECT_RATIO * min(image.size):  # 1x200000: 48 x 9.6 M after resizing
+                    raise CorruptInput(
+                        f"image {path} is {image.width}x{image.height} pixels, more elongated than the "
+                        f"{MAX_ASPECT_RATIO}:1 allowed (its shortest side would be resized to the model's input)"
                     )
                 image.load()
                 return to_rgb(image)
@@ -139,8 +146,13 @@ class PreprocessConfig:
         return _RESAMPLE.get(self.interpolation, Image.Resampling.BICUBIC)
 
     def resize(self, image: Image.Image) -> Image.Image:
-        """The geometric part: resize (and crop or pad) to exactly `size`, as open_clip does."""
+        """The geometric part: resize (and crop or pad) to exactly `size`, as open_clip does. An image the
+        resize would blow up beyond MAX_RESIZED_PIXELS (a 1 px wide strip) is refused first."""
         height, width = self.size
+        if max(image.size) * max(self.size) ** 2 > MAX_RESIZED_PIXELS * max(1, min(image.size)):
+            raise CorruptInput(
+                f"a {image.width}x{image.height} image would be resized beyond {MAX_RESIZED_PIXELS:,} pixels"
+            )
         if self.resize_mode == "squash":
             return image.resize((width, height), self.resample)
         if self.resize_mode == "longest":

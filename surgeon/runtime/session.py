@@ -21,6 +21,8 @@ import onnxruntime as ort
 from PIL import Image
 
 from surgeon.errors import CorruptInput, InvalidInput, NotFound
+from surgeon.integrity import verify_run
+from surgeon.paths import refuse_temporary
 from surgeon.runtime.preprocess import PreprocessConfig, load_image, to_rgb
 from surgeon.runtime.tokenizer import ClipTokenizer
 from surgeon.templates import DEFAULT_TEMPLATES, check_templates, fill
@@ -93,9 +95,20 @@ class Prediction:
 class ExportedModel:
     """A surgeon ONNX export, ready to embed and classify images with onnxruntime only."""
 
-    def __init__(self, export_dir: Path | str, providers: Sequence[str] | None = None, threads: int | None = None):
+    def __init__(
+        self,
+        export_dir: Path | str,
+        providers: Sequence[str] | None = None,
+        threads: int | None = None,
+        verify: bool = True,
+    ):
+        """`verify`: check the files against the sha256 table of the export's surgery.json first (a folder
+        assembled by hand, without one, is served as it is)."""
         self.root = Path(export_dir)
+        refuse_temporary(self.root, "export")
         self.dir = resolve_export_dir(self.root)
+        if verify:
+            verify_run(self.dir, sorted(p for p in self.dir.iterdir() if p.is_file()), needs_record=False)
         self.providers = list(providers) if providers else default_providers()
         self.threads = threads
         self._sessions: dict[str, ort.InferenceSession] = {}

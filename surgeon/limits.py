@@ -1,0 +1,157 @@
+"""Every count, range and size a CLI option or a gRPC request may carry, in one table.
+
+The CLI and the service call the same checks before anything is loaded or allocated, so a request such as
+`layers="0-999999999999"` or `n_images=2147483647` is refused in microseconds (exit 2 / INVALID_ARGUMENT)
+instead of building a huge range or array. Echoed input is truncated so an error stays one short line."""
+
+from __future__ import annotations
+
+import math
+import re
+
+from surgeon.errors import InvalidInput
+
+MAX_IMAGES = 10_000_000  # images of a folder used at once (n_images)
+MAX_TOY_IMAGES = 20_000  # the toy world draws images in memory (48 px: ~7 kB each)
+MAX_BATCH_SIZE = 4096
+MAX_TEXTS_PER_HEAD = 100  # m
+MAX_SPAN_RANK = 4096  # TextSpan projection rank
+MAX_K = 10_000  # heads to prune (ViT-bigG has 1,664)
+MAX_SEEDS = 100
+MAX_SEED = 2**63 - 1
+MAX_SWEEP_COUNTS = 64
+MAX_CHECKPOINT_EVERY = 1_000_000
+MAX_SKEW_K = 10_000
+MAX_TOP_K = 1000
+MAX_CCS = 1000
+MAX_POINTS = 100.0  # accuracy gates are in points
+MAX_SKEW = 1e6
+MAX_ATOL = 1.0
+MAX_SPEC_CHARS = 65_536  # layers, heads, concept, counts, names, paths (every head of ViT-bigG: ~13k)
+MAX_ASPECT_RATIO = 100  # image width:height; 1x200000 PNGs would resize to 48 x 9.6 M pixels
+ECHO_CHARS = 60
+MAX_TEXT_FILE_BYTES = 256 << 20  # text pools, class names, queries, labels
+MAX_MESSAGE_CHARS = 1000  # any error line, at the CLI's and the service's boundary
+
+
+def echo(value: object, limit: int = ECHO_CHARS) -> str:
+    """repr(value), cut to `limit` characters with the full length said: error messages stay short."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = len(value) if isinstance(value, str | bytes | list | tuple) else len(text)
+    return f"{text[:limit]}... ({size:,} characters)"
+
+
+def clip(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """An error message cut in the middle to `limit` characters: a message that echoes a long name (a path, a
+    model) must still fit a terminal line or a gRPC status (the client refuses large metadata)."""
+    if len(message) <= limit:
+        return message
+    half = (limit - 30) // 2
+    return f"{message[:half]} ...({len(message) - 2 * half:,} characters cut)... {message[-half:]}"
+
+
+def count(name: str, value: int | None, low: int, high: int) -> int | None:
+    """An integer option within [low, high] (None: the default, unchecked)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise InvalidInput(f"{name} must be an integer in {low}..{high:,}, got {echo(value)}")
+    return value
+
+
+def number(name: str, value: float | None, low: float, high: float) -> float | None:
+    """A finite number within [low, high]; NaN and infinities are refused (None: the default)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise InvalidInput(f"{name} must be a finite number in {low:g}..{high:g}, got {echo(value)}")
+    if not low <= value <= high:
+        raise InvalidInput(f"{name} must be in {low:g}..{high:g}, got {value:g}")
+    return float(value)
+
+
+def text(name: str, value: str | None, limit: int = MAX_SPEC_CHARS) -> str | None:
+    """A string option of at most `limit` characters, without NUL bytes (paths cannot hold them)."""
+    if value is None:
+        return None
+    if len(value) > limit:
+        raise InvalidInput(f"{name} is {len(value):,} characters long; at most {limit:,} are accepted")
+    if "\0" in value:
+        raise InvalidInput(f"{name} contains a NUL character: {echo(value)}")
+    return value
+
+
+def texts(**values: str | None) -> None:
+    """Check several string options at once (keyword = option name)."""
+    for name, value in values.items():
+        text(name, value)
+
+
+def images(n_images: int | None, toy: bool) -> int | None:
+    return count("n_images", n_images, 1, MAX_TOY_IMAGES if toy else MAX_IMAGES)
+
+
+def rank_options(
+    n_images: int | None = None,
+    toy_images: bool = True,
+    m: int | None = None,
+    span_rank: int | None = None,
+    batch_size: int | None = None,
+    checkpoint_every: int | None = None,
+    layers: str | None = None,
+) -> None:
+    """The numbers of `rank` (and of Prune/sweep when they rank first)."""
+    images(n_images, toy_images)
+    count("m (texts per head)", m, 1, MAX_TEXTS_PER_HEAD)
+    count("rank", span_rank, 1, MAX_SPAN_RANK)
+    count("batch_size", batch_size, 1, MAX_BATCH_SIZE)
+    count("checkpoint_every", checkpoint_every, 1, MAX_CHECKPOINT_EVERY)
+    text("layers", layers)
+
+
+def prune_options(
+    k: int | None = None,
+    seed: int | None = None,
+    seeds: int | None = None,
+    min_ccs: int | None = None,
+    max_acc_drop: float | None = None,
+    max_skew: float | None = None,
+    min_acc: float | None = None,
+    atol: float | None = None,
+    heads: str | None = None,
+    concept: str | None = None,
+) -> None:
+    """The numbers and specs of `prune` (policy options, gates, export tolerance)."""
+    count("k", k, 1, MAX_K)
+    count("seed", seed, 0, MAX_SEED)
+    count("seeds", seeds, 1, MAX_SEEDS)
+    count("min_ccs", min_ccs, 0, MAX_CCS)
+    number("max_acc_drop", max_acc_drop, -MAX_POINTS, MAX_POINTS)  # negative: the accuracy must rise
+    number("max_skew", max_skew, -MAX_SKEW, MAX_SKEW)
+    number("min_acc", min_acc, 0.0, MAX_POINTS)
+    export_options(atol)
+    texts(heads=heads, concept=concept)
+
+
+def export_options(atol: float | None) -> None:
+    number("atol", atol, 0.0, MAX_ATOL)
+
+
+def validation_options(skew_k: int | None) -> None:
+    count("skew_k", skew_k, 1, MAX_SKEW_K)
+
+
+def sweep_counts(spec: str | None) -> list[int] | None:
+    """`--counts 0,2,4,8` -> [0, 2, 4, 8]: at most MAX_SWEEP_COUNTS non-negative counts of at most MAX_K heads."""
+    if spec is None:
+        return None
+    text("counts", spec)
+    parts = [p.strip() for p in spec.split(",")]
+    if len(parts) > MAX_SWEEP_COUNTS:
+        raise InvalidInput(f"counts lists {len(parts)} numbers; at most {MAX_SWEEP_COUNTS} are accepted")
+    if not all(re.fullmatch(r"\d{1,6}", p) for p in parts):
+        raise InvalidInput(f"bad counts {echo(spec)}", hint="non-negative integers separated by commas, e.g. 0,2,4,8")
+    return [count("counts", int(p), 0, MAX_K) for p in parts]
+
