@@ -125,6 +125,8 @@ TemplatesOpt = Annotated[Path | None, typer.Option(help="prompt templates file, 
 BiasDataOpt = Annotated[Path | None, typer.Option(help="bias set: CSV (path,group[,...])")]
 QueriesOpt = Annotated[Path | None, typer.Option(help="neutral queries file for --bias-data, one per line")]
 SkewKOpt = Annotated[int, typer.Option(help="k of MaxSkew@k / MinSkew@k")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON document (output folder, files, summary)")]
+LanguageOpt = Annotated[str, typer.Option(help="language of the class names and templates (clip_benchmark files)")]
 DesiredOpt = Annotated[str, typer.Option(help="desired group distribution: uniform or set")]
 
 
@@ -277,28 +279,33 @@ def validate(
     queries: QueriesOpt = None,
     skew_k: SkewKOpt = 10,
     desired: DesiredOpt = "uniform",
-    as_json: Annotated[bool, typer.Option("--json", help="print the results as JSON")] = False,
-    out_file: Annotated[Path | None, typer.Option("--out", help="write the results JSON here")] = None,
+    as_json: JsonOpt = False,
+    out_dir: Annotated[
+        Path | None,
+        typer.Option("--out", help="folder for validation.json and clip_benchmark/ (one result file per set)"),
+    ] = None,
+    language: LanguageOpt = "en",
+    force: Annotated[bool, typer.Option(help="replace an existing --out folder")] = False,
     device: DeviceOpt = None,
 ) -> None:
-    """Zero-shot accuracy and bias metrics of a model (toy benchmarks by default)."""
-    import json
-
+    """Zero-shot accuracy and bias metrics of a model (toy benchmarks by default). Data: an ImageFolder, a CSV
+    manifest, or clip_benchmark's webdataset layout (test/*.tar + classnames.txt + templates)."""
+    from surgeon.clioutput import emit_json, write_validation
     from surgeon.load import load_model
     from surgeon.validate import markdown_report
     from surgeon.validate import validate as run_validate
 
     loaded = load_model(model, pretrained, device)
     report = run_validate(loaded, _suite(data, classnames, templates, bias_data, queries, skew_k, desired))
-    if out_file:
-        from surgeon.paths import atomic_write_text
-
-        atomic_write_text(out_file, json.dumps(report, indent=2))
+    report["results"] = [{**r, "language": language} for r in report["results"]]  # clip_benchmark's keys
+    files = write_validation(report, out_dir, language, force) if out_dir else []
     if as_json:
-        print(json.dumps(report, indent=2))
-    else:
-        out.print(markdown_report(report), highlight=False)
-        _print_summary(report["summary"])
+        emit_json("validate", out_dir, files, report["summary"], model=report["model"], results=report["results"])
+        return
+    out.print(markdown_report(report), highlight=False)
+    _print_summary(report["summary"])
+    if out_dir:
+        out.print(f"wrote {out_dir}/validation.json and {len(files) - 1} clip_benchmark file(s) in clip_benchmark/")
 
 
 @app.command()

@@ -1,0 +1,89 @@
+"""clip_benchmark's file formats: its per-dataset JSON class-name and template files, and its result files.
+
+clip_benchmark (1.6) writes one JSON file per (dataset, model, language, task), named
+`{dataset}_{pretrained}_{model}_{language}_{task}.json` (dataset with "wds/" dropped and "/" -> "_",
+a pretrained file by its base name) and holding `dataset, model, pretrained, task, metrics, language`;
+`clip_benchmark build` turns a set of them into one CSV. Writing the same files lets its users aggregate
+surgeon's numbers next to their own."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from surgeon.errors import CorruptInput, InvalidInput, NotFound
+
+#: clip_benchmark's fallback when a template file has no entry for the dataset
+DEFAULT_TEMPLATE_KEY = "imagenet1k"
+
+
+def dataset_keys(name: str) -> list[str]:
+    """The keys clip_benchmark looks a dataset up by: its name, and for wds/ (or other prefixed) names the rest."""
+    keys = [name]
+    if "/" in name:
+        keys.append(name.split("/", 1)[1])
+    else:
+        keys.append(f"wds/{name}")
+    return keys
+
+
+def read_json_entry(path: Path, keys: list[str], what: str, fallback: str | None = None) -> list[str]:
+    """The list of strings stored under the first of `keys` (then `fallback`) in a clip_benchmark JSON file."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise NotFound(f"{what} not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CorruptInput(f"{what} {path} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise CorruptInput(f"{what} {path} is not an object keyed by dataset name")
+    key = next((k for k in [*keys, *([fallback] if fallback else [])] if k in data), None)
+    if key is None:
+        known = ", ".join(sorted(data)[:8]) + (" ..." if len(data) > 8 else "")
+        raise InvalidInput(f"{what} {path} has no entry for {' or '.join(keys)}", hint=f"it has: {known}")
+    entry = data[key]
+    if not isinstance(entry, list) or not entry or not all(isinstance(x, str) and x.strip() for x in entry):
+        raise CorruptInput(f"{what} {path}: entry {key!r} is not a list of non-empty strings")
+    return [x.strip() for x in entry]
+
+
+def result_filename(entry: dict, language: str) -> str:
+    """clip_benchmark's default `--output` template, filled as its `run` fills it."""
+    dataset = entry["dataset"].removeprefix("wds/").replace("/", "_")
+    pretrained = entry["pretrained"]
+    if Path(pretrained).is_file():
+        pretrained = Path(pretrained).name
+    return f"{dataset}_{pretrained}_{entry['model']}_{language}_{entry['task']}.json".replace("/", "_")
+
+
+def result_entry(entry: dict, language: str, pretrained: str | None = None) -> dict:
+    """One clip_benchmark result: its keys, scalar metrics only (NaN as null, as clip_benchmark writes no NaN)."""
+    metrics = {
+        k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+        for k, v in entry["metrics"].items()
+        if isinstance(v, int | float | str) or v is None
+    }
+    return {
+        "dataset": entry["dataset"],
+        "model": entry["model"],
+        "pretrained": entry["pretrained"] if pretrained is None else pretrained,
+        "task": entry["task"],
+        "metrics": metrics,
+        "language": language,
+    }
+
+
+def write_results(report: dict, folder: Path, language: str = "en", pretrained: str | None = None) -> list[Path]:
+    """One clip_benchmark file per result of a validation report into `folder` (which must be new or being
+    built atomically); `pretrained` overrides the tag (the pruned model of a run). Returns the files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for entry in report["results"]:
+        result = result_entry(entry, language, pretrained)
+        path = folder / result_filename(result, language)
+        if path in written:
+            raise InvalidInput(f"two validation sets would write the same clip_benchmark file {path.name}")
+        path.write_text(json.dumps(result), encoding="utf-8")
+        written.append(path)
+    return written
