@@ -16,11 +16,17 @@ from rich.table import Table
 from surgeon.errors import StorageError, SurgeonError
 from surgeon.runtime.cli import infer
 
+EXIT_CODES = (
+    "Exit codes: 0 success, 1 internal error, 2 invalid input, 3 not found, 4 corrupt input, 5 precondition "
+    "(existing output, ranking of another model), 6 permission, 7 export check failed, 8 storage, "
+    "10 validation gate failed, 130 interrupted."
+)
+
 app = typer.Typer(
     help="Rank, prune, validate and export CLIP attention heads.",
+    epilog=EXIT_CODES,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
 )
 app.command()(infer)  # torch-free: the onnxruntime serving path
 toy_app = typer.Typer(help="The embedded toy world and its bundled CLIP.", no_args_is_help=True)
@@ -28,12 +34,31 @@ app.add_typer(toy_app, name="toy")
 out = Console()
 err = Console(stderr=True)
 
+
+def _print_version(value: bool) -> None:
+    if value:
+        from surgeon import __version__
+
+        print(f"surgeon {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", "-V", callback=_print_version, is_eager=True, help="print the version and exit"),
+    ] = False,
+) -> None:
+    """Rank, prune, validate and export CLIP attention heads."""
+
 ModelOpt = Annotated[
     str | None, typer.Option("--model", "-m", help="open_clip name, local-dir:PATH, or omit for the toy")
 ]
 PretrainedOpt = Annotated[str | None, typer.Option(help="pretrained tag (from the local hub cache) or checkpoint file")]
 DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda when present)")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON document (output folder, files, summary)")]
 ImagesOpt = Annotated[str | None, typer.Option(help="'toy' (default) or a folder of images")]
 
 
@@ -63,6 +88,7 @@ def rank(
     ] = None,
     device: DeviceOpt = None,
     quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Rank the vision heads by Concept Consistency Score; writes ranking.json/.csv and ccs_heatmap.png.
     Under `torchrun --nproc-per-node N -m surgeon rank ...` the images are sharded over the ranks."""
@@ -99,6 +125,24 @@ def rank(
             soft_wrap=True,
         )
     target = ranking.write(out_dir or new_run_dir("rank"), force=force)
+    if as_json:
+        from surgeon.clioutput import emit_json
+
+        emit_json(
+            "rank",
+            target,
+            [target / f for f in ("ranking.json", "ranking.csv", "ccs_heatmap.png")],
+            {
+                "heads": len(ranking.heads),
+                "images": ranking.images["count"],
+                "skipped_images": len(image_set.skipped),
+                "cached_statistics": ranking.cached_stats,
+                "ccs_distribution": ranking.ccs_distribution(),
+            },
+            model=ranking.model["name"],
+            heads=[{"head": h.name, "label": h.label, "ccs": h.ccs} for h in ranking.sorted_heads()],
+        )
+        return
     print_ranking(ranking)
     dist = ", ".join(f"CCS@{k}={v:.0%}" for k, v in ranking.ccs_distribution().items())
     out.print(
@@ -125,7 +169,6 @@ TemplatesOpt = Annotated[Path | None, typer.Option(help="prompt templates file, 
 BiasDataOpt = Annotated[Path | None, typer.Option(help="bias set: CSV (path,group[,...])")]
 QueriesOpt = Annotated[Path | None, typer.Option(help="neutral queries file for --bias-data, one per line")]
 SkewKOpt = Annotated[int, typer.Option(help="k of MaxSkew@k / MinSkew@k")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON document (output folder, files, summary)")]
 LanguageOpt = Annotated[str, typer.Option(help="language of the class names and templates (clip_benchmark files)")]
 DesiredOpt = Annotated[str, typer.Option(help="desired group distribution: uniform or set")]
 
@@ -189,8 +232,10 @@ def prune(
     desired: DesiredOpt = "uniform",
     out_dir: Annotated[Path | None, typer.Option("--out", help="run folder (default: new one in exports/)")] = None,
     force: Annotated[bool, typer.Option(help="replace an existing --out folder")] = False,
+    language: LanguageOpt = "en",
     device: DeviceOpt = None,
     quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Select heads with a policy, prune them (zero/mean/hard), validate before/after, export the result."""
     from surgeon.errors import GateFailed, InvalidInput
@@ -235,7 +280,30 @@ def prune(
         force=force,
         exporters=formats,
         export_options={"labels": labels, "atol": atol},
+        language=language,
     )
+    if as_json:
+        from surgeon.clioutput import emit_json
+
+        emit_json(
+            "prune",
+            result.run_dir,
+            sorted(p for p in result.run_dir.rglob("*") if p.is_file()),
+            {"before": result.before["summary"], "after": result.after["summary"]},
+            policy=policy,
+            mode=mode,
+            heads=result.plan["heads"],
+            gate_failures=result.gate_failures,
+            exported=result.exported,
+            seed_mean=result.plan.get("seed_mean"),
+        )
+    else:
+        _print_prune(result, policy, mode)
+    if result.gate_failures:
+        raise GateFailed("; ".join(result.gate_failures), hint="see report.md; --export-anyway exports regardless")
+
+
+def _print_prune(result, policy: str, mode: str) -> None:
     table = Table(title=f"pruned {len(result.plan['heads'])} head(s): policy {policy}, mode {mode}")
     for column in ("head", "label", "CCS", "reason"):
         table.add_column(column, overflow="fold")
@@ -246,8 +314,6 @@ def prune(
     if result.seeds:
         out.print(f"random policy over {len(result.seeds)} seeds: mean {result.plan['seed_mean']}")
     out.print(f"run folder: {result.run_dir}" + ("" if result.exported else " (export skipped: gate failed)"))
-    if result.gate_failures:
-        raise GateFailed("; ".join(result.gate_failures), hint="see report.md; --export-anyway exports regardless")
 
 
 def _print_summary(before: dict, after: dict | None = None) -> None:
@@ -328,6 +394,7 @@ def sweep(
     force: Annotated[bool, typer.Option(help="replace an existing --out folder")] = False,
     device: DeviceOpt = None,
     quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Accuracy and bias vs number of pruned heads (high-CCS, low-CCS, random); writes sweep.json + sweep.png."""
     import json
@@ -350,6 +417,12 @@ def sweep(
     with atomic_dir(target, force=force) as tmp:
         (tmp / "sweep.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
         sweep_plot(result, tmp / "sweep.png")
+    if as_json:
+        from surgeon.clioutput import emit_json
+
+        summary = {name: [p["mean_acc1"] for p in points] for name, points in result["curves"].items()}
+        emit_json("sweep", target, [target / "sweep.json", target / "sweep.png"], summary, counts=result["counts"])
+        return
     table = Table(title="mean zero-shot top-1 (%) by heads pruned")
     table.add_column("ordering")
     for c in result["counts"]:
@@ -376,6 +449,7 @@ def export_command(
     ] = None,
     force: Annotated[bool, typer.Option(help="replace an existing output folder")] = False,
     device: DeviceOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Export the pruned checkpoint of a run folder again (ONNX, safetensors), validated and with a card."""
     from surgeon.errors import InvalidInput
@@ -392,6 +466,11 @@ def export_command(
     files = export_existing_run(
         run_dir, EXPORT_FORMATS[export_format], target, force=force, device=device, labels=labels, atol=atol
     )
+    if as_json:
+        from surgeon.clioutput import emit_json
+
+        emit_json("export", target, files, {"files": len(files), "format": export_format}, run_dir=str(run_dir))
+        return
     for path in files:
         out.print(str(path))
     out.print(f"exported {len(files)} file(s) into {target} (README.md and surgery.json describe them)")
@@ -407,6 +486,7 @@ def toy_train(
     ] = None,
     force: Annotated[bool, typer.Option(help="replace an existing model folder")] = False,
     quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Train the toy CLIP on the toy world (seeded, reproducible); writes an open_clip local-dir folder."""
     import dataclasses
@@ -422,26 +502,34 @@ def toy_train(
     cfg = TrainConfig(seed=seed)
     if steps is not None:
         cfg = dataclasses.replace(cfg, steps=steps)
-    result = train(cfg, out_dir or TOY_MODEL_DIR, force=force, progress=progress_enabled(quiet))
-    out.print({k: v for k, v in result.items() if k != "history"})
+    target = out_dir or TOY_MODEL_DIR
+    result = train(cfg, target, force=force, progress=progress_enabled(quiet) and not as_json)
+    summary = {k: v for k, v in result.items() if k != "history"}
+    if as_json:
+        from surgeon.clioutput import emit_json
+
+        emit_json("toy train", target, sorted(p for p in Path(target).iterdir() if p.is_file()), summary)
+        return
+    out.print(summary)
 
 
 @toy_app.command("report")
 def toy_report_command(
     model: ModelOpt = None,
-    as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+    as_json: JsonOpt = False,
     device: DeviceOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Per-factor accuracy, MaxSkew@10, specialised heads (trained vs random init), ground-truth agreement."""
-    import json
 
     from surgeon.load import load_model
     from surgeon.toy.report import toy_report
 
     report = toy_report(load_model(model, device=device), quiet=quiet)
     if as_json:
-        print(json.dumps(report, indent=2))
+        from surgeon.clioutput import emit_json
+
+        emit_json("toy report", None, [], report["met"], **report)
         return
     table = Table(title=f"toy report — {report['model']}")
     table.add_column("figure")
@@ -470,6 +558,7 @@ def toy_images_command(
     split: Annotated[str, typer.Option(help="train, test, val or probe")] = "test",
     seed: Annotated[int, typer.Option(help="seed")] = 0,
     force: Annotated[bool, typer.Option(help="replace an existing folder")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Write toy-world images as PNGs with a labels.csv, to look at the world."""
     from surgeon.errors import InvalidInput
@@ -478,16 +567,29 @@ def toy_images_command(
     if n <= 0:
         raise InvalidInput(f"--n must be positive, got {n}")
     folder = world.write_png_folder(out_dir, n, split=split, seed=seed, force=force)
+    if as_json:
+        from surgeon.clioutput import emit_json
+
+        emit_json("toy images", folder, sorted(folder.iterdir()), {"images": n, "split": split, "seed": seed})
+        return
     out.print(f"wrote {n} images and labels.csv to {folder}")
 
 
 @app.command()
-def models() -> None:
+def models(as_json: JsonOpt = False) -> None:
     """List the open_clip architectures surgeon can load (weights come from local files or the hub cache)."""
     import open_clip
 
     from surgeon.load import TOY_MODEL_DIR
 
+    if as_json:
+        from surgeon.clioutput import emit_json
+
+        names = open_clip.list_models()
+        entries = [{"name": "toy", "pretrained_tags": [], "path": str(TOY_MODEL_DIR)}]
+        entries += [{"name": n, "pretrained_tags": open_clip.list_pretrained_tags_by_model(n)} for n in names]
+        emit_json("models", None, [], {"models": len(entries)}, models=entries)
+        return
     out.print(f"toy (bundled: {TOY_MODEL_DIR})")
     for name in open_clip.list_models():
         out.print(name)

@@ -10,10 +10,8 @@ import json
 import math
 from pathlib import Path
 
-from surgeon.clipbench import write_results
+from surgeon.clipbench import CLIP_BENCHMARK_DIR, write_results
 from surgeon.paths import atomic_dir
-
-CLIP_BENCHMARK_DIR = "clip_benchmark"
 
 
 def _finite(value):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from surgeon.errors import CorruptInput, InvalidInput, NotFound
 
+CLIP_BENCHMARK_DIR = "clip_benchmark"  # the folder of result files inside surgeon's output folders
 #: clip_benchmark's fallback when a template file has no entry for the dataset
 DEFAULT_TEMPLATE_KEY = "imagenet1k"
 
@@ -57,8 +58,9 @@ def result_filename(entry: dict, language: str) -> str:
     return f"{dataset}_{pretrained}_{entry['model']}_{language}_{entry['task']}.json".replace("/", "_")
 
 
-def result_entry(entry: dict, language: str, pretrained: str | None = None) -> dict:
-    """One clip_benchmark result: its keys, scalar metrics only (NaN as null, as clip_benchmark writes no NaN)."""
+def result_entry(entry: dict, language: str, model: str | None = None, pretrained: str | None = None) -> dict:
+    """One clip_benchmark result: its keys, scalar metrics only (NaN as null: clip_benchmark writes no NaN).
+    `model`/`pretrained` override the entry's (a run's before/after reports)."""
     metrics = {
         k: (None if isinstance(v, float) and not math.isfinite(v) else v)
         for k, v in entry["metrics"].items()
@@ -66,7 +68,7 @@ def result_entry(entry: dict, language: str, pretrained: str | None = None) -> d
     }
     return {
         "dataset": entry["dataset"],
-        "model": entry["model"],
+        "model": entry["model"] if model is None else model,
         "pretrained": entry["pretrained"] if pretrained is None else pretrained,
         "task": entry["task"],
         "metrics": metrics,
@@ -74,13 +76,22 @@ def result_entry(entry: dict, language: str, pretrained: str | None = None) -> d
     }
 
 
-def write_results(report: dict, folder: Path, language: str = "en", pretrained: str | None = None) -> list[Path]:
-    """One clip_benchmark file per result of a validation report into `folder` (which must be new or being
-    built atomically); `pretrained` overrides the tag (the pruned model of a run). Returns the files."""
+def pruned_tag(pretrained: str | None, policy: str, n_heads: int) -> str:
+    """The pretrained tag a pruned model's results carry, so that `clip_benchmark build` tells it from the
+    original (its rows are keyed by model + pretrained): e.g. openai-pruned-debias-1."""
+    base = Path(pretrained).name if pretrained and Path(pretrained).is_file() else (pretrained or "")
+    return f"{base}-pruned-{policy}-{n_heads}".lstrip("-").replace("/", "_")
+
+
+def write_results(
+    report: dict, folder: Path, language: str = "en", model: str | None = None, pretrained: str | None = None
+) -> list[Path]:
+    """One clip_benchmark file per result of a validation report into `folder` (new, or being built
+    atomically); `model`/`pretrained` override the entries'. Returns the files."""
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for entry in report["results"]:
-        result = result_entry(entry, language, pretrained)
+        result = result_entry(entry, language, model, pretrained)
         path = folder / result_filename(result, language)
         if path in written:
             raise InvalidInput(f"two validation sets would write the same clip_benchmark file {path.name}")
