@@ -52,6 +52,7 @@ def _main(
 ) -> None:
     """Rank, prune, validate and export CLIP attention heads."""
 
+
 ModelOpt = Annotated[
     str | None, typer.Option("--model", "-m", help="open_clip name, local-dir:PATH, or omit for the toy")
 ]
