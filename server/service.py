@@ -15,7 +15,6 @@ import logging
 import math
 import os
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -23,19 +22,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import grpc
+from google.longrunning import operations_pb2
 from google.protobuf import json_format, struct_pb2
 
-from server.jobs import (
-    CANCELLED,
-    FAILED,
-    QUEUED,
-    RUNNING,
-    SUCCEEDED,
-    Job,
-    JobManager,
-    Outcome,
-    status_code,
-)
+from server.jobs import Job, JobManager, Outcome
+from server.operations import abort, find_job, operation
 from server.paths import Root, inside, resolve_in
 from server.surgeon.v1 import surgeon_pb2 as pb
 from server.surgeon.v1 import surgeon_pb2_grpc as pb_grpc
@@ -55,7 +46,6 @@ from surgeon.validate import Gates, ValidationSuite, build_suite, validate
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Surgeon"].full_name
 EXPORT_FORMATS = {"safetensors": ["safetensors"], "onnx": ["onnx"], "both": ["safetensors", "onnx"]}  # as the CLI
 REMOTE_JUDGES = ("lexicon", "embedding")  # llm would make the server call a client-chosen URL
-STATE = {QUEUED: pb.QUEUED, RUNNING: pb.RUNNING, SUCCEEDED: pb.SUCCEEDED, FAILED: pb.FAILED, CANCELLED: pb.CANCELLED}
 POLICY_INFO = {  # what ListPolicies says about each policy, and the PruneRequest fields it reads
     "top-k": ("the k heads with the highest CCS", ["k"]),
     "bottom-k": ("the k heads with the lowest CCS", ["k"]),
@@ -85,11 +75,6 @@ class Config:
 
 def _opt(message, field: str, default=None):
     return getattr(message, field) if message.HasField(field) else default
-
-
-def _timestamp(seconds: float | None, target) -> None:
-    if seconds is not None:
-        target.FromDatetime(datetime.fromtimestamp(seconds, tz=timezone.utc))
 
 
 def _struct(data: dict) -> struct_pb2.Struct:
@@ -268,11 +253,11 @@ class Requests:
         judge = self.judge(request.judge)
         m, rank, batch_size = _opt(request, "m", 5), _opt(request, "rank", 80), _opt(request, "batch_size", 64)
         if m <= 0:
-            raise InvalidInput(f"m (texts per head) must be positive, got {m}")
+            raise InvalidInput(f"m (texts per head) must be positive, got {m}", field="m")
         if rank <= 0:
-            raise InvalidInput(f"rank must be positive, got {rank}")
+            raise InvalidInput(f"rank must be positive, got {rank}", field="rank")
         if batch_size <= 0:
-            raise InvalidInput(f"batch_size must be positive, got {batch_size}")
+            raise InvalidInput(f"batch_size must be positive, got {batch_size}", field="batch_size")
         out = self.out(request.out, "rank", request.force)
         layers = request.layers or None
         device = self.config.device
@@ -302,7 +287,7 @@ class Requests:
                 ranking.write(out, force=request.force)
             job.created(out)
             job.step("writing", 0.99)
-            return Outcome("rank_heads", self._rank_result(ranking, out))
+            return Outcome(self._rank_result(ranking, out))
 
         return body, [out]
 
@@ -455,7 +440,7 @@ class Requests:
                 from surgeon.errors import GateFailed
 
                 error = GateFailed("; ".join(result.gate_failures), hint="see report.md; export_anyway exports anyway")
-            return Outcome("prune", message, error)
+            return Outcome(message, error)
 
         return body, [out]
 
@@ -484,7 +469,7 @@ class Requests:
                 atomic_write_text(out, json.dumps(report, indent=2))
                 job.created(out)
                 message.out = self.config.exports.relative(out)
-            return Outcome("validate", message)
+            return Outcome(message)
 
         return body, [out] if out is not None else []
 
@@ -522,29 +507,9 @@ class Requests:
                 )
             job.created(out)
             job.step("writing", 0.99)
-            return Outcome(
-                "export", pb.ExportResult(out_dir=exports.relative(out), files=[exports.relative(p) for p in files])
-            )
+            return Outcome(pb.ExportResult(out_dir=exports.relative(out), files=[exports.relative(p) for p in files]))
 
         return body, [out]
-
-
-def operation(job: Job) -> pb.Operation:
-    with job.cond:
-        op = pb.Operation(name=job.name, done=job.done)
-        meta = op.metadata
-        meta.kind, meta.state = job.kind, STATE[job.state]
-        meta.stage, meta.fraction, meta.message = job.stage, job.fraction, job.message
-        _timestamp(job.create_time, meta.create_time)
-        _timestamp(job.start_time, meta.start_time)
-        _timestamp(job.end_time, meta.end_time)
-        if job.error is not None:
-            code, message, hint = job.error
-            op.error.code, op.error.message, op.error.hint = code.value[0], message, hint
-        if job.result is not None:
-            field, message = job.result
-            getattr(op, field).CopyFrom(message)
-        return op
 
 
 class SurgeonService(pb_grpc.SurgeonServicer):
@@ -554,27 +519,15 @@ class SurgeonService(pb_grpc.SurgeonServicer):
 
     # -- helpers --
 
-    @staticmethod
-    def _abort(context: grpc.ServicerContext, error: SurgeonError):
-        context.abort(status_code(error), str(error))
-
-    def _submit(self, context, kind: str, plan: Callable[[], tuple]) -> pb.Operation:
+    def _submit(self, context, kind: str, plan: Callable[[], tuple]) -> operations_pb2.Operation:
         try:
             body, reserved = plan()
             job = self.jobs.submit(kind, body, reserved)
         except SurgeonError as error:
-            self._abort(context, error)
+            abort(context, error)
         except OSError as error:  # e.g. a path too long for the file system: still the client's input
-            self._abort(context, InvalidInput(f"{error.strerror or error}: {error.filename or ''}".rstrip(": ")))
+            abort(context, InvalidInput(f"{error.strerror or error}: {error.filename or ''}".rstrip(": ")))
         return operation(job)
-
-    def _job(self, name: str, context) -> Job:
-        if not name:
-            self._abort(context, InvalidInput("name is required (operations/...)"))
-        try:
-            return self.jobs.get(name)
-        except SurgeonError as error:
-            self._abort(context, error)
 
     # -- jobs --
 
@@ -590,66 +543,10 @@ class SurgeonService(pb_grpc.SurgeonServicer):
     def Export(self, request, context):
         return self._submit(context, "Export", lambda: self.requests.export(request))
 
-    # -- operations --
+    # -- operations (the rest is google.longrunning.Operations: server/operations.py) --
 
-    def GetOperation(self, request, context):
-        return operation(self._job(request.name, context))
-
-    def ListOperations(self, request, context):
-        size = request.page_size or 100
-        if not 0 < size <= 1000:
-            self._abort(context, InvalidInput(f"page_size must be 1..1000, got {size}"))
-        try:
-            start = int(request.page_token or 0)
-        except ValueError:
-            start = -1
-        if start < 0:
-            self._abort(context, InvalidInput(f"bad page_token {request.page_token!r}"))
-        jobs = [
-            j
-            for j in self.jobs.list()
-            if (not request.kind or j.kind == request.kind) and (not request.state or STATE[j.state] == request.state)
-        ]
-        page = jobs[start : start + size]
-        more = start + size < len(jobs)
-        return pb.ListOperationsResponse(
-            operations=[operation(j) for j in page], next_page_token=str(start + size) if more else ""
-        )
-
-    def CancelOperation(self, request, context):
-        job = self._job(request.name, context)
-        if not job.request_cancel():
-            self._abort(context, PreconditionFailed(f"operation {job.name} is already done; nothing to cancel"))
-        return operation(job)
-
-    def DeleteOperation(self, request, context):
-        job = self._job(request.name, context)
-        try:
-            self.jobs.delete(job.name)
-        except SurgeonError as error:
-            self._abort(context, error)
-        return pb.DeleteOperationResponse()
-
-    def WaitOperation(self, request, context):
-        job = self._job(request.name, context)
-        timeout = request.timeout.ToTimedelta().total_seconds() if request.HasField("timeout") else 60.0
-        if timeout < 0:
-            self._abort(context, InvalidInput("timeout must not be negative"))
-        timeout = min(timeout, 600.0)
-        remaining = context.time_remaining()
-        if remaining is not None:
-            timeout = min(timeout, max(0.0, remaining - 0.05))
-        deadline = time.monotonic() + timeout
-        with job.cond:
-            while not job.done and context.is_active():
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                job.cond.wait(min(left, 1.0))
-        return operation(job)
-
-    def WatchOperation(self, request, context) -> Iterator[pb.Operation]:
-        job = self._job(request.name, context)
+    def WatchOperation(self, request, context) -> Iterator[operations_pb2.Operation]:
+        job = find_job(self.jobs, request.name, context)
         seen = -1
         while context.is_active():
             with job.cond:
@@ -668,7 +565,7 @@ class SurgeonService(pb_grpc.SurgeonServicer):
         models = [
             pb.ModelInfo(
                 name=TOY_MODEL_NAME,
-                kind=pb.ModelInfo.TOY,
+                kind=pb.ModelInfo.KIND_TOY,
                 available=(TOY_MODEL_DIR / "open_clip_config.json").is_file(),
                 description="the bundled toy CLIP (the default)",
             )
@@ -694,7 +591,7 @@ class SurgeonService(pb_grpc.SurgeonServicer):
             found.append(
                 pb.ModelInfo(
                     name=f"local-dir:{rel.as_posix()}",
-                    kind=pb.ModelInfo.LOCAL_DIR,
+                    kind=pb.ModelInfo.KIND_LOCAL_DIR,
                     available=any(Path(f).suffix in CHECKPOINT_SUFFIXES for f in filenames),
                     description="open_clip folder under the models root",
                 )
@@ -713,7 +610,7 @@ class SurgeonService(pb_grpc.SurgeonServicer):
                 entries.append(
                     pb.ModelInfo(
                         name=name,
-                        kind=pb.ModelInfo.ARCHITECTURE,
+                        kind=pb.ModelInfo.KIND_ARCHITECTURE,
                         available=True,
                         pretrained_tags=open_clip.list_pretrained_tags_by_model(name),
                         description="open_clip architecture (weights from the local hub cache or the models root)",
