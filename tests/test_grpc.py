@@ -513,6 +513,8 @@ def test_reflection_lists_the_service(channel):
     services = database.get_services()
     assert {"surgeon.v1.Surgeon", "google.longrunning.Operations", "grpc.health.v1.Health"} <= set(services)
     assert database.FindFileContainingSymbol("surgeon.v1.Surgeon").name == "surgeon/v1/surgeon.proto"
+    operations = database.FindFileContainingSymbol("google.longrunning.Operations")
+    assert operations.name == "google/longrunning/operations.proto"  # grpcurl can call it by reflection
 
 
 @pytest.mark.parametrize(
