@@ -60,6 +60,17 @@ PretrainedOpt = Annotated[str | None, typer.Option(help="pretrained tag (from th
 DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda when present)")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON document (output folder, files, summary)")]
+PlotFormatOpt = Annotated[str, typer.Option(help="png, pdf or svg")]
+
+
+def _check_plot_format(plot_format: str) -> None:
+    from surgeon.errors import InvalidInput
+    from surgeon.plots import PLOT_FORMATS
+
+    if plot_format not in PLOT_FORMATS:
+        raise InvalidInput(f"unknown plot format {plot_format!r}", hint=f"choose {', '.join(PLOT_FORMATS)}")
+
+
 ImagesOpt = Annotated[str | None, typer.Option(help="'toy' (default) or a folder of images")]
 
 
@@ -90,6 +101,7 @@ def rank(
     device: DeviceOpt = None,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
+    plot_format: PlotFormatOpt = "png",
 ) -> None:
     """Rank the vision heads by Concept Consistency Score; writes ranking.json/.csv and ccs_heatmap.png.
     Under `torchrun --nproc-per-node N -m surgeon rank ...` the images are sharded over the ranks."""
@@ -100,6 +112,7 @@ def rank(
     from surgeon.pools import load_pool
     from surgeon.rank import rank_heads
 
+    _check_plot_format(plot_format)
     loaded = load_model(model, pretrained, device_for(world(), device))
     pool = load_pool(texts, loaded.is_toy, taxonomy)
     image_set = resolve_images(images, n_images)
@@ -125,14 +138,14 @@ def rank(
             f"[yellow]warning:[/] skipped {len(image_set.skipped)} unreadable image(s), e.g. {image_set.skipped[0]}",
             soft_wrap=True,
         )
-    target = ranking.write(out_dir or new_run_dir("rank"), force=force)
+    target = ranking.write(out_dir or new_run_dir("rank"), force=force, plot_format=plot_format)
     if as_json:
         from surgeon.clioutput import emit_json
 
         emit_json(
             "rank",
             target,
-            [target / f for f in ("ranking.json", "ranking.csv", "ccs_heatmap.png")],
+            [target / f for f in ("ranking.json", "ranking.csv", f"ccs_heatmap.{plot_format}")],
             {
                 "heads": len(ranking.heads),
                 "images": ranking.images["count"],
@@ -150,7 +163,7 @@ def rank(
         f"{len(ranking.heads)} heads ranked ({'cached' if ranking.cached_stats else 'fresh'} statistics over "
         f"{ranking.images['count']} images); {dist}"
     )
-    out.print(f"wrote {target}/ranking.json, ranking.csv, ccs_heatmap.png")
+    out.print(f"wrote {target}/ranking.json, ranking.csv, ccs_heatmap.{plot_format}")
 
 
 def print_ranking(ranking, limit: int | None = None) -> None:
@@ -382,6 +395,7 @@ def sweep(
     ranking: RankingOpt = None,
     counts: Annotated[str | None, typer.Option(help="numbers of heads to prune, e.g. 0,2,4,8")] = None,
     seed: Annotated[int, typer.Option(help="seed of the random ordering")] = 0,
+    seeds: Annotated[int, typer.Option(help="random ordering: average this many seeds (plot: min-max band)")] = 1,
     images: ImagesOpt = None,
     n_images: Annotated[int | None, typer.Option(help="images when ranking first")] = None,
     data: DataOpt = None,
@@ -396,6 +410,7 @@ def sweep(
     device: DeviceOpt = None,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
+    plot_format: PlotFormatOpt = "png",
 ) -> None:
     """Accuracy and bias vs number of pruned heads (high-CCS, low-CCS, random); writes sweep.json + sweep.png."""
     import json
@@ -410,19 +425,21 @@ def sweep(
         count_list = [int(c) for c in counts.split(",")] if counts else None
     except ValueError:
         raise InvalidInput(f"bad --counts {counts!r}", hint="e.g. 0,2,4,8") from None
+    _check_plot_format(plot_format)
     loaded = load_model(model, pretrained, device)
     suite = _suite(data, classnames, templates, bias_data, queries, skew_k, desired)
     ranked = _ranking_for(loaded, ranking, images, n_images, None, "lexicon", None, quiet)
-    result = run_sweep(loaded, ranked, suite, count_list, seed=seed, quiet=quiet)
+    result = run_sweep(loaded, ranked, suite, count_list, seed=seed, quiet=quiet, seeds=seeds)
     target = out_dir or new_run_dir("sweep")
     with atomic_dir(target, force=force) as tmp:
         (tmp / "sweep.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
-        sweep_plot(result, tmp / "sweep.png")
+        sweep_plot(result, tmp / f"sweep.{plot_format}")
     if as_json:
         from surgeon.clioutput import emit_json
 
         summary = {name: [p["mean_acc1"] for p in points] for name, points in result["curves"].items()}
-        emit_json("sweep", target, [target / "sweep.json", target / "sweep.png"], summary, counts=result["counts"])
+        files = [target / "sweep.json", target / f"sweep.{plot_format}"]
+        emit_json("sweep", target, files, summary, counts=result["counts"])
         return
     table = Table(title="mean zero-shot top-1 (%) by heads pruned")
     table.add_column("ordering")
@@ -431,7 +448,7 @@ def sweep(
     for name, points in result["curves"].items():
         table.add_row(name, *[f"{100 * p['mean_acc1']:.1f}" for p in points])
     out.print(table)
-    out.print(f"wrote {target}/sweep.json and sweep.png")
+    out.print(f"wrote {target}/sweep.json and sweep.{plot_format}")
 
 
 EXPORT_FORMATS = {"safetensors": ["safetensors"], "onnx": ["onnx"], "both": ["safetensors", "onnx"]}

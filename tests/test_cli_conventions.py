@@ -33,6 +33,16 @@ def test_version(flag):
     assert result.returncode == 0 and result.stdout.strip() == f"surgeon {__version__}"
 
 
+def test_unknown_plot_format_exits_2_before_any_work(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "surgeon", "rank", "--plot-format", "gif", "--out", str(tmp_path / "r")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2 and "unknown plot format 'gif'" in result.stderr and not (tmp_path / "r").exists()
+
+
 def test_help_lists_exit_codes_and_completion():
     result = runner.invoke(app, ["--help"], terminal_width=200)
     assert result.exit_code == 0
@@ -59,7 +69,8 @@ def shapes(tmp_path) -> Path:
 
 def test_json_of_every_verb(tmp_path, shapes):
     data = ("--data", str(shapes))
-    ranked = run_json("rank", "--n-images", "64", "--out", str(tmp_path / "rank"), "--quiet")
+    ranked = run_json("rank", "--n-images", "64", "--out", str(tmp_path / "rank"), "--quiet", "--plot-format", "svg")
+    assert ranked["files"][-1] == str(tmp_path / "rank" / "ccs_heatmap.svg")
     assert ranked["command"] == "rank" and ranked["out"] == str(tmp_path / "rank")
     assert ranked["summary"]["heads"] == len(ranked["heads"]) == 32 and ranked["summary"]["images"] == 64
     ranking = str(tmp_path / "rank" / "ranking.json")
@@ -77,8 +88,10 @@ def test_json_of_every_verb(tmp_path, shapes):
         "clip_benchmark/shapes_pruned-top-k-1_toy_en_zeroshot_classification.json",
     ]
 
-    swept = run_json("sweep", "--ranking", ranking, "--counts", "0,2", "--out", str(tmp_path / "sweep"), *data)
-    assert len(swept["summary"]) == 3 and swept["counts"] == [0, 2]  # high-CCS, low-CCS and random orders
+    sweep = ("sweep", "--ranking", ranking, "--counts", "0,2", "--seeds", "2", "--plot-format", "pdf")
+    swept = run_json(*sweep, "--out", str(tmp_path / "sweep"), *data)
+    assert set(swept["summary"]) == {"high-CCS first", "low-CCS first", "random (mean of 2 seeds)"}
+    assert swept["counts"] == [0, 2] and swept["files"][-1].endswith("sweep.pdf")
 
     exported = run_json("export", str(tmp_path / "run"), "--format", "safetensors")
     assert exported["out"] == str(tmp_path / "run" / "export-safetensors") and exported["summary"]["files"] >= 1
