@@ -126,6 +126,17 @@ def _filter(text: str, context) -> Callable[[Job], bool]:
     return lambda job: all(check(job) for check in checks)
 
 
+def page(items: list, page_size: int, page_token: str, context) -> tuple[list, str]:
+    """(this page, next_page_token) of a list; the token is the offset of the next page."""
+    size = page_size or 100
+    if not 0 < size <= 1000:
+        abort(context, InvalidInput(f"page_size must be 1..1000, got {size}", field="page_size"))
+    start = int(page_token) if page_token.isdigit() else -1 if page_token else 0
+    if start < 0:
+        abort(context, InvalidInput(f"bad page_token {page_token!r}", field="page_token"))
+    return items[start : start + size], str(start + size) if start + size < len(items) else ""
+
+
 class OperationsService(operations_pb2_grpc.OperationsServicer):
     def __init__(self, jobs: JobManager):
         self.jobs = jobs
@@ -137,19 +148,10 @@ class OperationsService(operations_pb2_grpc.OperationsServicer):
         """Newest first; `name` is the collection ("operations" or empty)."""
         if request.name not in ("", "operations"):
             abort(context, InvalidInput(f"unknown collection {request.name!r}", hint="use operations", field="name"))
-        size = request.page_size or 100
-        if not 0 < size <= 1000:
-            abort(context, InvalidInput(f"page_size must be 1..1000, got {size}", field="page_size"))
-        start = int(request.page_token) if request.page_token.isdigit() else -1 if request.page_token else 0
-        if start < 0:
-            abort(context, InvalidInput(f"bad page_token {request.page_token!r}", field="page_token"))
         keep = _filter(request.filter, context)
-        jobs = [job for job in self.jobs.list() if keep(job)]
-        more = start + size < len(jobs)
-        return operations_pb2.ListOperationsResponse(
-            operations=[operation(job) for job in jobs[start : start + size]],
-            next_page_token=str(start + size) if more else "",
-        )
+        matching = [job for job in self.jobs.list() if keep(job)]
+        jobs, token = page(matching, request.page_size, request.page_token, context)
+        return operations_pb2.ListOperationsResponse(operations=[operation(job) for job in jobs], next_page_token=token)
 
     def CancelOperation(self, request, context):
         """The job stops at its next step and removes its partial output; a done one cannot be cancelled."""

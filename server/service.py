@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from google.longrunning import operations_pb2
 from google.protobuf import json_format, struct_pb2
 
 from server.jobs import Job, JobManager, Outcome
-from server.operations import abort, find_job, operation
+from server.operations import abort, find_job, operation, page
 from server.paths import Root, inside, resolve_in
 from server.surgeon.v1 import surgeon_pb2 as pb
 from server.surgeon.v1 import surgeon_pb2_grpc as pb_grpc
@@ -34,7 +35,14 @@ from surgeon.errors import InvalidInput, NotFound, PreconditionFailed, SurgeonEr
 from surgeon.export import EXPORTERS, export_existing_run
 from surgeon.images import ImageSet, resolve_images
 from surgeon.judges.base import JUDGES
-from surgeon.load import CHECKPOINT_SUFFIXES, TOY_MODEL_DIR, TOY_MODEL_NAME, LoadedModel, load_model
+from surgeon.load import (
+    CHECKPOINT_SUFFIXES,
+    TOY_MODEL_DIR,
+    TOY_MODEL_NAME,
+    LoadedModel,
+    cached_pretrained_tags,
+    load_model,
+)
 from surgeon.paths import newest_run
 from surgeon.policies import POLICIES, PolicyOptions
 from surgeon.pools import load_pool
@@ -45,6 +53,7 @@ from surgeon.validate import Gates, ValidationSuite, build_suite, validate
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Surgeon"].full_name
 EXPORT_FORMATS = {"safetensors": ["safetensors"], "onnx": ["onnx"], "both": ["safetensors", "onnx"]}  # as the CLI
+CACHE_CHECK_S = 60.0  # how old ListModels' view of the local weights cache may be
 REMOTE_JUDGES = ("lexicon", "embedding")  # llm would make the server call a client-chosen URL
 POLICY_INFO = {  # what ListPolicies says about each policy, and the PruneRequest fields it reads
     "top-k": ("the k heads with the highest CCS", ["k"]),
@@ -516,6 +525,7 @@ class SurgeonService(pb_grpc.SurgeonServicer):
     def __init__(self, config: Config, jobs: JobManager):
         self.config, self.jobs, self.requests = config, jobs, Requests(config)
         self._architectures: list[pb.ModelInfo] | None = None
+        self._listed_at = 0.0
 
     # -- helpers --
 
@@ -572,7 +582,8 @@ class SurgeonService(pb_grpc.SurgeonServicer):
         ]
         models += self._local_dirs()
         models += self._architecture_list()
-        return pb.ListModelsResponse(models=models)
+        models, token = page(models, request.page_size, request.page_token, context)
+        return pb.ListModelsResponse(models=models, next_page_token=token)
 
     def _local_dirs(self, max_depth: int = 3) -> list[pb.ModelInfo]:
         root = self.config.models
@@ -599,7 +610,8 @@ class SurgeonService(pb_grpc.SurgeonServicer):
         return found
 
     def _architecture_list(self) -> list[pb.ModelInfo]:
-        if self._architectures is None:
+        """Rebuilt at most once a minute: weights copied into the hub cache show up without a restart."""
+        if self._architectures is None or time.monotonic() - self._listed_at > CACHE_CHECK_S:
             import open_clip
 
             entries = []
@@ -607,16 +619,18 @@ class SurgeonService(pb_grpc.SurgeonServicer):
                 cfg = open_clip.get_model_config(name) or {}
                 if "timm_model_name" in cfg.get("vision_cfg", {}) or "multimodal_cfg" in cfg:
                     continue  # surgeon needs an open_clip VisionTransformer tower
+                cached = cached_pretrained_tags(name)
                 entries.append(
                     pb.ModelInfo(
                         name=name,
                         kind=pb.ModelInfo.KIND_ARCHITECTURE,
-                        available=True,
+                        available=bool(cached),
                         pretrained_tags=open_clip.list_pretrained_tags_by_model(name),
+                        cached_pretrained_tags=cached,
                         description="open_clip architecture (weights from the local hub cache or the models root)",
                     )
                 )
-            self._architectures = entries
+            self._architectures, self._listed_at = entries, time.monotonic()
         return self._architectures
 
     def ListPolicies(self, request, context):

@@ -347,11 +347,15 @@ class WatchOperationRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("page_size", "page_token")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "kind", "available", "pretrained_tags", "description")
+    __slots__ = ("name", "kind", "available", "pretrained_tags", "description", "cached_pretrained_tags")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         KIND_UNSPECIFIED: _ClassVar[ModelInfo.Kind]
@@ -367,18 +371,22 @@ class ModelInfo(_message.Message):
     AVAILABLE_FIELD_NUMBER: _ClassVar[int]
     PRETRAINED_TAGS_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    CACHED_PRETRAINED_TAGS_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: ModelInfo.Kind
     available: bool
     pretrained_tags: _containers.RepeatedScalarFieldContainer[str]
     description: str
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[ModelInfo.Kind, str]] = ..., available: _Optional[bool] = ..., pretrained_tags: _Optional[_Iterable[str]] = ..., description: _Optional[str] = ...) -> None: ...
+    cached_pretrained_tags: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[ModelInfo.Kind, str]] = ..., available: _Optional[bool] = ..., pretrained_tags: _Optional[_Iterable[str]] = ..., description: _Optional[str] = ..., cached_pretrained_tags: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
-    __slots__ = ("models",)
+    __slots__ = ("models", "next_page_token")
     MODELS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
-    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class ListPoliciesRequest(_message.Message):
     __slots__ = ()

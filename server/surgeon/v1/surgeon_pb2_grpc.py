@@ -117,7 +117,8 @@ class SurgeonServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListModels(self, request, context):
-        """The models this server can load: the toy, `local-dir:` folders under the models root, open_clip names.
+        """The models this server can load: the toy, `local-dir:` folders under the models root, open_clip names;
+        paged (page_size default 100, at most 1000).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
