@@ -109,6 +109,7 @@ class ShardImages:
             for index, sample in enumerate(_samples(self.shards)):
                 if index == self.count:
                     break
+                _label(sample)  # a sample without one was not counted by the label pass: stop, never misalign
                 name = f"{sample['__url__']}:{sample['__key__']}"
                 batch.append(preprocess(decode_image(io.BytesIO(_image_bytes(sample)), name)))
                 if len(batch) == batch_size:

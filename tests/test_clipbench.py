@@ -85,6 +85,19 @@ def test_webdataset_prefix_and_errors(toy_shapes, tmp_path):
     (broken / "test" / "0.tar").write_bytes(b"not a tar file at all" * 100)
     with pytest.raises(CorruptInput, match="unreadable webdataset shard"):
         classification_set(broken)
+    import webdataset
+
+    png = next(shards.parent.rglob("*.png")).read_bytes()
+    with webdataset.TarWriter(str(broken / "test" / "0.tar")) as sink:
+        sink.write({"__key__": "s0000000", "png": png})  # no cls: the label pass does not count it
+        sink.write({"__key__": "s0000001", "png": png, "cls": 2})
+    task = classification_set(broken)
+    assert list(task.labels) == [2]
+    with pytest.raises(CorruptInput, match="s0000000 .* has no cls member"):
+        list(task.images.batches(lambda image: torch.zeros(1), batch_size=4))
+    (broken / "test" / "nshards.txt").write_text("2\n")
+    with pytest.raises(NotFound, match="shard .*1.tar is missing"):
+        classification_set(broken)
 
 
 def test_json_classnames_and_templates(toy_shapes, tmp_path):
