@@ -7,22 +7,10 @@ the same top-level keys, so scripts need not scrape tables: `command`, `out` (th
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
-from surgeon.clipbench import CLIP_BENCHMARK_DIR, write_results
+from surgeon.clipbench import CLIP_BENCHMARK_DIR, finite, write_results
 from surgeon.paths import atomic_dir
-
-
-def _finite(value):
-    """NaN/inf are not JSON: null instead (as the gRPC Struct results do)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
 
 
 def emit_json(command: str, out: Path | None, files: list[Path], summary: dict | None, **details) -> None:
@@ -33,7 +21,7 @@ def emit_json(command: str, out: Path | None, files: list[Path], summary: dict |
         "summary": summary or {},
         **details,
     }
-    print(json.dumps(_finite(document), indent=2, default=str, allow_nan=False))
+    print(json.dumps(finite(document), indent=2, default=str, allow_nan=False))
 
 
 def write_validation(report: dict, folder: Path, language: str, force: bool = False) -> list[Path]:
@@ -42,5 +30,5 @@ def write_validation(report: dict, folder: Path, language: str, force: bool = Fa
     every .json of a folder, and surgeon's report is not one of its results."""
     with atomic_dir(folder, force=force) as tmp:
         written = write_results(report, tmp / CLIP_BENCHMARK_DIR, language)
-        (tmp / "validation.json").write_text(json.dumps(_finite(report), indent=2), encoding="utf-8")
+        (tmp / "validation.json").write_text(json.dumps(finite(report), indent=2), encoding="utf-8")
     return [folder / CLIP_BENCHMARK_DIR / p.name for p in written] + [folder / "validation.json"]

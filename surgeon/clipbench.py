@@ -49,6 +49,17 @@ def read_json_entry(path: Path, keys: list[str], what: str, fallback: str | None
     return [x.strip() for x in entry]
 
 
+def finite(value):
+    """NaN/inf are not JSON: null instead, through dicts and lists."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return value
+
+
 def result_filename(entry: dict, language: str) -> str:
     """clip_benchmark's default `--output` template, filled as its `run` fills it."""
     dataset = entry["dataset"].removeprefix("wds/").replace("/", "_")
@@ -61,11 +72,7 @@ def result_filename(entry: dict, language: str) -> str:
 def result_entry(entry: dict, language: str, model: str | None = None, pretrained: str | None = None) -> dict:
     """One clip_benchmark result: its keys, scalar metrics only (NaN as null: clip_benchmark writes no NaN).
     `model`/`pretrained` override the entry's (a run's before/after reports)."""
-    metrics = {
-        k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-        for k, v in entry["metrics"].items()
-        if isinstance(v, int | float | str) or v is None
-    }
+    metrics = finite({k: v for k, v in entry["metrics"].items() if isinstance(v, int | float | str) or v is None})
     return {
         "dataset": entry["dataset"],
         "model": entry["model"] if model is None else model,
