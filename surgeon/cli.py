@@ -659,6 +659,9 @@ def serve(
     )
 
 
+for _command in [*app.registered_commands, *toy_app.registered_commands]:  # every verb's --help ends with them
+    _command.epilog = _command.epilog or EXIT_CODES
+
 _interrupted = threading.Event()
 
 

@@ -50,6 +50,8 @@ def test_help_lists_exit_codes_and_completion():
     for code in ("2 invalid input", "3 not found", "4 corrupt input", "10 validation gate failed", "130 interrupted"):
         assert code in text
     assert "--install-completion" in text and "--show-completion" in text
+    for verb in (["validate"], ["toy", "images"]):
+        assert "3 not found" in " ".join(runner.invoke(app, [*verb, "--help"], terminal_width=200).stdout.split())
 
 
 @pytest.fixture
