@@ -31,6 +31,7 @@ from server.operations import abort, find_job, operation, page
 from server.paths import Root, inside, resolve_in
 from server.surgeon.v1 import surgeon_pb2 as pb
 from server.surgeon.v1 import surgeon_pb2_grpc as pb_grpc
+from surgeon.clipbench import write_validation
 from surgeon.errors import InvalidInput, NotFound, PreconditionFailed, SurgeonError
 from surgeon.export import EXPORTERS, export_existing_run
 from surgeon.images import ImageSet, resolve_images
@@ -457,13 +458,10 @@ class Requests:
         model, pretrained = self.model(request.model)
         suite_for = self.suite(request.validation)
         out = self.out(request.out, "validate", request.force) if request.out else None
-        if out is not None and out.is_dir():
-            raise InvalidInput(f"out {request.out!r} is a folder; name the results file (e.g. results.json)")
+        language = request.language or "en"
         device = self.config.device
 
         def body(job: Job) -> Outcome:
-            from surgeon.paths import atomic_write_text
-
             job.step("loading model", 0.0)
             loaded = load_model(model, pretrained, device)
             job.step("loading validation data", 0.1)
@@ -475,9 +473,10 @@ class Requests:
                 model=report["model"], summary=_numbers(report["summary"]), report=_struct(report)
             )
             if out is not None:
-                atomic_write_text(out, json.dumps(report, indent=2))
+                files = write_validation(report, out, language, request.force)
                 job.created(out)
                 message.out = self.config.exports.relative(out)
+                message.files.extend(self.config.exports.relative(f) for f in files)
             return Outcome(message)
 
         return body, [out] if out is not None else []

@@ -370,7 +370,8 @@ def validate(
 ) -> None:
     """Zero-shot accuracy and bias metrics of a model (toy benchmarks by default). Data: an ImageFolder, a CSV
     manifest, or clip_benchmark's webdataset layout (test/*.tar + classnames.txt + templates)."""
-    from surgeon.clioutput import emit_json, write_validation
+    from surgeon.clioutput import emit_json
+    from surgeon.clipbench import write_validation
     from surgeon.load import load_model
     from surgeon.validate import markdown_report
     from surgeon.validate import validate as run_validate

@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 
 from surgeon.errors import CorruptInput, InvalidInput, NotFound
+from surgeon.paths import atomic_dir
 
 CLIP_BENCHMARK_DIR = "clip_benchmark"  # the folder of result files inside surgeon's output folders
 #: clip_benchmark's fallback when a template file has no entry for the dataset
@@ -105,3 +106,13 @@ def write_results(
         path.write_text(json.dumps(result), encoding="utf-8")
         written.append(path)
     return written
+
+
+def write_validation(report: dict, folder: Path, language: str, force: bool = False) -> list[Path]:
+    """`folder`/clip_benchmark/<one file per set>.json and `folder`/validation.json (surgeon's report),
+    written atomically. clip_benchmark's files sit in their own folder: `clip_benchmark build FOLDER` reads
+    every .json of a folder, and surgeon's report is not one of its results."""
+    with atomic_dir(folder, force=force) as tmp:
+        written = write_results(report, tmp / CLIP_BENCHMARK_DIR, language)
+        (tmp / "validation.json").write_text(json.dumps(finite(report), indent=2), encoding="utf-8")
+    return [folder / CLIP_BENCHMARK_DIR / p.name for p in written] + [folder / "validation.json"]

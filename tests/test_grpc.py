@@ -362,18 +362,22 @@ def test_prune_validate_export_and_operations(stub, world):
         stub,
         stub.Validate(
             pb.ValidateRequest(
-                model=pb.ModelRef(model="local-dir:pruned/model"), validation=validation(), out="checks/v.json"
+                model=pb.ModelRef(model="local-dir:pruned/model"), validation=validation(), out="checks/v"
             ),
             timeout=RPC_TIMEOUT,
         ),
     )
     assert meta(checked).state == Meta.STATE_SUCCEEDED, checked.error
+    validated = outcome(checked, pb.ValidateResult)
     for key, value in result.after.items():
-        assert outcome(checked, pb.ValidateResult).summary[key] == pytest.approx(value, abs=1e-6)
-    assert outcome(checked, pb.ValidateResult).out == "checks/v.json"
-    assert json.loads((world["exports"] / "checks" / "v.json").read_text())["summary"]["mean_acc1"] == pytest.approx(
-        result.after["mean_acc1"], abs=1e-6
-    )
+        assert validated.summary[key] == pytest.approx(value, abs=1e-6)
+    assert validated.out == "checks/v"
+    assert json.loads((world["exports"] / "checks" / "v" / "validation.json").read_text())["summary"][
+        "mean_acc1"
+    ] == pytest.approx(result.after["mean_acc1"], abs=1e-6)
+    benchmark = [f for f in validated.files if f.startswith("checks/v/clip_benchmark/")]
+    assert len(benchmark) == 2 and all((world["exports"] / f).is_file() for f in validated.files)  # the 2 sets
+    assert {json.loads((world["exports"] / f).read_text())["language"] for f in benchmark} == {"en"}
     report = json_format.MessageToDict(outcome(checked, pb.ValidateResult).report)
     assert {r["task"] for r in report["results"]} == {"zeroshot_classification", "bias"}
     # re-export the run folder

@@ -129,16 +129,18 @@ class PruneRequest(_message.Message):
     def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., ranking: _Optional[str] = ..., policy: _Optional[str] = ..., k: _Optional[int] = ..., heads: _Optional[str] = ..., concept: _Optional[str] = ..., min_ccs: _Optional[int] = ..., seed: _Optional[int] = ..., seeds: _Optional[int] = ..., mode: _Optional[str] = ..., tower: _Optional[str] = ..., max_acc_drop: _Optional[float] = ..., max_skew: _Optional[float] = ..., min_acc: _Optional[float] = ..., export_anyway: _Optional[bool] = ..., export_format: _Optional[str] = ..., labels: _Optional[str] = ..., atol: _Optional[float] = ..., images: _Optional[_Union[ImageSource, _Mapping]] = ..., texts: _Optional[str] = ..., judge: _Optional[str] = ..., layers: _Optional[str] = ..., validation: _Optional[_Union[ValidationData, _Mapping]] = ..., out: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...
 
 class ValidateRequest(_message.Message):
-    __slots__ = ("model", "validation", "out", "force")
+    __slots__ = ("model", "validation", "out", "force", "language")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VALIDATION_FIELD_NUMBER: _ClassVar[int]
     OUT_FIELD_NUMBER: _ClassVar[int]
     FORCE_FIELD_NUMBER: _ClassVar[int]
+    LANGUAGE_FIELD_NUMBER: _ClassVar[int]
     model: ModelRef
     validation: ValidationData
     out: str
     force: bool
-    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., validation: _Optional[_Union[ValidationData, _Mapping]] = ..., out: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...
+    language: str
+    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., validation: _Optional[_Union[ValidationData, _Mapping]] = ..., out: _Optional[str] = ..., force: _Optional[bool] = ..., language: _Optional[str] = ...) -> None: ...
 
 class ExportRequest(_message.Message):
     __slots__ = ("run_dir", "format", "labels", "atol", "out", "force")
@@ -268,7 +270,7 @@ class PruneResult(_message.Message):
     def __init__(self, run_dir: _Optional[str] = ..., files: _Optional[_Iterable[str]] = ..., policy: _Optional[str] = ..., mode: _Optional[str] = ..., tower: _Optional[str] = ..., heads: _Optional[_Iterable[_Union[PrunedHead, _Mapping]]] = ..., before: _Optional[_Mapping[str, float]] = ..., after: _Optional[_Mapping[str, float]] = ..., gate_failures: _Optional[_Iterable[str]] = ..., exported: _Optional[bool] = ..., plan: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class ValidateResult(_message.Message):
-    __slots__ = ("model", "summary", "report", "out")
+    __slots__ = ("model", "summary", "report", "out", "files")
     class SummaryEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -280,11 +282,13 @@ class ValidateResult(_message.Message):
     SUMMARY_FIELD_NUMBER: _ClassVar[int]
     REPORT_FIELD_NUMBER: _ClassVar[int]
     OUT_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
     model: str
     summary: _containers.ScalarMap[str, float]
     report: _struct_pb2.Struct
     out: str
-    def __init__(self, model: _Optional[str] = ..., summary: _Optional[_Mapping[str, float]] = ..., report: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., out: _Optional[str] = ...) -> None: ...
+    files: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[str] = ..., summary: _Optional[_Mapping[str, float]] = ..., report: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., out: _Optional[str] = ..., files: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ExportResult(_message.Message):
     __slots__ = ("out_dir", "files")
