@@ -29,6 +29,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+from google.longrunning import operations_pb2, operations_pb2_grpc
 from PIL import Image
 
 from server.surgeon.v1 import surgeon_pb2 as pb
@@ -89,7 +90,8 @@ def percentiles(samples: list[float]) -> str:
 
 async def _client(target: str, call: str, request, calls: int, out: list[float]) -> None:
     async with grpc.aio.insecure_channel(target) as channel:
-        method = getattr(pb_grpc.SurgeonStub(channel), call)
+        surgeon = pb_grpc.SurgeonStub(channel)
+        method = getattr(surgeon if hasattr(surgeon, call) else operations_pb2_grpc.OperationsStub(channel), call)
         await method(request, timeout=30)  # connect and warm up
         for _ in range(calls):
             t0 = time.perf_counter()
@@ -113,17 +115,19 @@ def rank_request(out: str = "") -> pb.RankHeadsRequest:
     )
 
 
-def job_seconds(stub, out: str, cached: bool = True) -> tuple[float, float]:
+def job_seconds(stub, operations, out: str, cached: bool = True) -> tuple[float, float]:
     """(submit -> done seen by the client, the job's own run time as the server reports it)"""
     from google.protobuf.duration_pb2 import Duration
 
     t0 = time.perf_counter()
     op = stub.RankHeads(rank_request(out), timeout=60)
-    done = stub.WaitOperation(pb.WaitOperationRequest(name=op.name, timeout=Duration(seconds=600)), timeout=620)
+    wait = operations_pb2.WaitOperationRequest(name=op.name, timeout=Duration(seconds=600))
+    done = operations.WaitOperation(wait, timeout=620)
     elapsed = time.perf_counter() - t0
-    if done.metadata.state != pb.SUCCEEDED or done.rank_heads.cached_stats != cached:
-        raise SystemExit(f"job did not succeed on cached statistics: {done.error} {done.rank_heads.cached_stats}")
-    meta = done.metadata
+    meta, result = pb.OperationMetadata(), pb.RankHeadsResult()
+    done.metadata.Unpack(meta)
+    if not done.response.Unpack(result) or result.cached_stats != cached:
+        raise SystemExit(f"job did not succeed on cached statistics: {done.error} {result.cached_stats}")
     ran = meta.end_time.ToNanoseconds() / 1e9 - meta.start_time.ToNanoseconds() / 1e9
     return elapsed, ran
 
@@ -174,13 +178,14 @@ def main() -> None:
             f"{POOL_LINES} pool lines; model {MEDIUM['vision_cfg']}"
         )
         with grpc.insecure_channel(target) as channel:
-            stub = pb_grpc.SurgeonStub(channel)
-            first, _ = job_seconds(stub, "warm", cached=False)  # computes and caches the statistics
-            op_name = stub.ListOperations(pb.ListOperationsRequest(page_size=1), timeout=10).operations[0].name
+            stub, operations = pb_grpc.SurgeonStub(channel), operations_pb2_grpc.OperationsStub(channel)
+            first, _ = job_seconds(stub, operations, "warm", cached=False)  # computes and caches the statistics
+            listed = operations.ListOperations(operations_pb2.ListOperationsRequest(page_size=1), timeout=10)
+            op_name = listed.operations[0].name
             print(f"first RankHeads job (fresh statistics): {first:.2f} s")
             requests = {
                 "ListModels": pb.ListModelsRequest(),
-                "GetOperation": pb.GetOperationRequest(name=op_name),
+                "GetOperation": operations_pb2.GetOperationRequest(name=op_name),
             }
             print("\n1. round-trip latency on loopback")
             for call, request in requests.items():
@@ -196,7 +201,7 @@ def main() -> None:
             jobs, direct, service = [], [], []
             for i in range(args.rounds):
                 direct.append(library_seconds(base, base / f"lib-{i}"))
-                total, ran = job_seconds(stub, f"job-{i}")
+                total, ran = job_seconds(stub, operations, f"job-{i}")
                 jobs.append(total)
                 service.append(total - ran)
             lib_m, job_m = statistics.median(direct), statistics.median(jobs)

@@ -9,7 +9,9 @@ the surgeon library, so they are rewritten to relative ones."""
 from __future__ import annotations
 
 import re
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -25,17 +27,19 @@ def generate(out: Path = OUT, proto_root: Path = PROTO_ROOT) -> list[Path]:
     from grpc_tools import protoc
 
     include = str(Path(grpc_tools.__file__).parent / "_proto")
-    args = [
-        "grpc_tools.protoc",
-        f"-I{proto_root}",
-        f"-I{include}",
-        f"--python_out={out}",
-        f"--pyi_out={out}",
-        f"--grpc_python_out={out}",
-        str(proto_root / PROTO),
-    ]
-    if protoc.main(args) != 0:
-        raise RuntimeError(f"protoc failed on {proto_root / PROTO}")
+    with tempfile.TemporaryDirectory() as googleapis:
+        args = [
+            "grpc_tools.protoc",
+            f"-I{proto_root}",
+            f"-I{include}",
+            *(f"-I{path}" for path in _googleapis_includes(Path(googleapis))),
+            f"--python_out={out}",
+            f"--pyi_out={out}",
+            f"--grpc_python_out={out}",
+            str(proto_root / PROTO),
+        ]
+        if protoc.main(args) != 0:
+            raise RuntimeError(f"protoc failed on {proto_root / PROTO}")
     folder = out / PROTO.parent
     for package in (out / "surgeon", folder):
         (package / "__init__.py").touch()
@@ -45,6 +49,19 @@ def generate(out: Path = OUT, proto_root: Path = PROTO_ROOT) -> list[Path]:
         text = re.sub(r"^from surgeon\.v1 import ", "from . import ", text, flags=re.MULTILINE)
         path.write_text(text, encoding="utf-8")
     return paths
+
+
+def _googleapis_includes(scratch: Path) -> list[Path]:
+    """Include paths for google/longrunning/operations.proto and what it imports (google/api, google/rpc), from
+    googleapis-common-protos. That package ships operations.proto as operations_proto.proto (its Python module
+    registers the real name), so a copy under the real name goes into `scratch`."""
+    from google.longrunning import operations_proto_pb2
+
+    package = Path(operations_proto_pb2.__file__).parent
+    target = scratch / "google" / "longrunning" / "operations.proto"
+    target.parent.mkdir(parents=True)
+    shutil.copyfile(package / "operations_proto.proto", target)
+    return [scratch, package.parent.parent]
 
 
 if __name__ == "__main__":

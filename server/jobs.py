@@ -60,8 +60,8 @@ class Job:
         self.state = QUEUED
         self.stage, self.fraction, self.message = "queued", 0.0, ""
         self.create_time, self.start_time, self.end_time = time.time(), None, None
-        self.error: tuple[grpc.StatusCode, str, str] | None = None  # code, message, hint
-        self.result: tuple[str, object] | None = None  # (oneof field, message)
+        self.error: tuple[grpc.StatusCode, str, str, str] | None = None  # code, message, hint, reason
+        self.result: object | None = None  # the result message
         self.version = 0
         self._cancel = False
         self._committed = False  # an output was renamed into place: too late to cancel without losing data
@@ -119,7 +119,7 @@ class Job:
             if self.done or self._committed:
                 return False
             if self.state == QUEUED:
-                self._finish(CANCELLED, (grpc.StatusCode.CANCELLED, why, ""))
+                self._finish(CANCELLED, _cancelled(why))
             else:
                 self._cancel = True
                 self.stage, self._cancel_reason = "cancelling", why
@@ -140,25 +140,27 @@ class Job:
             with self.cond:
                 if self._cancel:
                     raise JobCancelled()
-                self.result = (outcome.field, outcome.message)
+                self.result = outcome.message
                 if outcome.error is None:
                     self._finish(SUCCEEDED, None)
                 else:
                     self._finish(FAILED, _status(outcome.error))
         except JobCancelled:
             with self.cond:
-                self._finish(CANCELLED, (grpc.StatusCode.CANCELLED, self._cancel_reason, ""))
+                self._finish(CANCELLED, _cancelled(self._cancel_reason))
         except SurgeonError as error:
             with self.cond:
                 self._finish(FAILED, _status(error))
         except ImportError as error:  # an optional dependency (the onnx extra) is not installed
             with self.cond:
                 message = f"this server lacks {error.name or 'a module'} needed for the job: {error}"
-                self._finish(FAILED, (grpc.StatusCode.FAILED_PRECONDITION, message, "install the onnx extra"))
+                error = (grpc.StatusCode.FAILED_PRECONDITION, message, "install the onnx extra", "MISSING_DEPENDENCY")
+                self._finish(FAILED, error)
         except Exception as error:  # a bug, not a bad request: keep the traceback in the server log
             log.error("%s %s crashed:\n%s", self.kind, self.name, traceback.format_exc())
             with self.cond:
-                self._finish(FAILED, (grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}", ""))
+                message = f"internal error: {type(error).__name__}: {error}"
+                self._finish(FAILED, (grpc.StatusCode.INTERNAL, message, "", "INTERNAL"))
         log.info("%s %s %s", self.kind, self.name, self.state.lower())
 
     def _finish(self, state: str, error: tuple | None) -> None:
@@ -189,17 +191,20 @@ class Job:
         self._created.clear()
 
 
-def _status(error: SurgeonError) -> tuple[grpc.StatusCode, str, str]:
+def _status(error: SurgeonError) -> tuple[grpc.StatusCode, str, str, str]:
     message = str(error.args[0]) if error.args else type(error).__name__
-    return status_code(error), clip(message), clip(error.hint or "")
+    return status_code(error), clip(message), clip(error.hint or ""), error.reason
+
+
+def _cancelled(why: str) -> tuple[grpc.StatusCode, str, str, str]:
+    return grpc.StatusCode.CANCELLED, why, "", "CANCELLED"
 
 
 @dataclass
 class Outcome:
-    """What a job body returns: the Operation's result (oneof field name and message), and an error to report
-    with it (a Prune whose gate failed: the run folder exists, the job failed)."""
+    """What a job body returns: the Operation's result message, and an error to report with it (a Prune whose
+    gate failed: the run folder exists, the job failed)."""
 
-    field: str
     message: object
     error: SurgeonError | None = None
 
@@ -328,7 +333,7 @@ class JobManager:
                     for tmp in path.parent.glob(f".{path.name}.tmp-*"):  # atomic_dir folders, atomic_write files
                         remove_path(tmp)
                 job.remove_created()
-                job._finish(CANCELLED, (grpc.StatusCode.CANCELLED, "the server shut down before the job stopped", ""))
+                job._finish(CANCELLED, _cancelled("the server shut down before the job stopped"))
         return stuck
 
     def _wait_idle(self, timeout: float) -> None:

@@ -13,10 +13,13 @@ from concurrent import futures
 from pathlib import Path
 
 import grpc
+from google.longrunning import operations_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from server.jobs import JobManager
+from server.operations import SERVICE_NAME as OPERATIONS_SERVICE
+from server.operations import OperationsService
 from server.paths import Root
 from server.service import SERVICE_NAME, Config, SurgeonService, TokenAuth
 from server.surgeon.v1 import surgeon_pb2_grpc as pb_grpc
@@ -65,7 +68,7 @@ class SurgeonServer:
         self._clean_stale()
         self.host = host
         self.health = health.HealthServicer(experimental_non_blocking=True)
-        for name in ("", SERVICE_NAME):
+        for name in ("", SERVICE_NAME, OPERATIONS_SERVICE):
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         interceptors = [TokenAuth(token)] if token else []
         self.server = grpc.server(
@@ -96,8 +99,10 @@ class SurgeonServer:
             log.warning("%d operation(s) of a previous server were unfinished: now reported as failed", aborted)
         self.jobs = JobManager(max_jobs, queue_size, store=store)
         pb_grpc.add_SurgeonServicer_to_server(SurgeonService(self.config, self.jobs), self.server)
+        operations_pb2_grpc.add_OperationsServicer_to_server(OperationsService(self.jobs), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        services = (SERVICE_NAME, OPERATIONS_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(services, self.server)
         self.tls = tls_cert is not None
         self._stopped = threading.Event()
 
@@ -115,7 +120,7 @@ class SurgeonServer:
     def start(self) -> SurgeonServer:
         self.server.start()
         # the library is imported and the roots are usable: models can be loaded
-        for name in ("", SERVICE_NAME):
+        for name in ("", SERVICE_NAME, OPERATIONS_SERVICE):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("listening on %s:%d", self.host, self.port)
         return self

@@ -23,29 +23,29 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import grpc
+from google.longrunning import operations_pb2
 from google.protobuf import json_format, struct_pb2
 
-from server.jobs import (
-    CANCELLED,
-    FAILED,
-    QUEUED,
-    RUNNING,
-    SUCCEEDED,
-    Job,
-    JobManager,
-    Outcome,
-    status_code,
-)
+from server.jobs import Job, JobManager, Outcome
+from server.operations import abort, find_job, operation, page
 from server.paths import Root, inside, resolve_in
 from server.surgeon.v1 import surgeon_pb2 as pb
 from server.surgeon.v1 import surgeon_pb2_grpc as pb_grpc
 from surgeon import limits
 from surgeon.bias import bias_protocol
+from surgeon.clipbench import write_validation
 from surgeon.errors import InvalidInput, NotFound, PreconditionFailed, SurgeonError
 from surgeon.export import EXPORTERS, export_existing_run
 from surgeon.images import ImageSet, resolve_images
 from surgeon.judges.base import JUDGES
-from surgeon.load import CHECKPOINT_SUFFIXES, TOY_MODEL_DIR, TOY_MODEL_NAME, LoadedModel, load_model
+from surgeon.load import (
+    CHECKPOINT_SUFFIXES,
+    TOY_MODEL_DIR,
+    TOY_MODEL_NAME,
+    LoadedModel,
+    cached_pretrained_tags,
+    load_model,
+)
 from surgeon.paths import newest_run, refuse_temporary
 from surgeon.policies import POLICIES, PolicyOptions
 from surgeon.pools import load_pool
@@ -56,8 +56,8 @@ from surgeon.validate import Gates, ValidationSuite, build_suite, validate
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Surgeon"].full_name
 EXPORT_FORMATS = {"safetensors": ["safetensors"], "onnx": ["onnx"], "both": ["safetensors", "onnx"]}  # as the CLI
+CACHE_CHECK_S = 60.0  # how old ListModels' view of the local weights cache may be
 REMOTE_JUDGES = ("lexicon", "embedding")  # llm would make the server call a client-chosen URL
-STATE = {QUEUED: pb.QUEUED, RUNNING: pb.RUNNING, SUCCEEDED: pb.SUCCEEDED, FAILED: pb.FAILED, CANCELLED: pb.CANCELLED}
 POLICY_INFO = {  # what ListPolicies says about each policy, and the PruneRequest fields it reads
     "top-k": ("the k heads with the highest CCS", ["k"]),
     "bottom-k": ("the k heads with the lowest CCS", ["k"]),
@@ -87,11 +87,6 @@ class Config:
 
 def _opt(message, field: str, default=None):
     return getattr(message, field) if message.HasField(field) else default
-
-
-def _timestamp(seconds: float | None, target) -> None:
-    if seconds is not None:
-        target.FromDatetime(datetime.fromtimestamp(seconds, tz=timezone.utc))
 
 
 def _struct(data: dict) -> struct_pb2.Struct:
@@ -298,7 +293,7 @@ class Requests:
                 ranking.write(out, force=request.force)
             job.created(out)
             job.step("writing", 0.99)
-            return Outcome("rank_heads", self._rank_result(ranking, out))
+            return Outcome(self._rank_result(ranking, out))
 
         return body, [out]
 
@@ -456,7 +451,7 @@ class Requests:
                 from surgeon.errors import GateFailed
 
                 error = GateFailed("; ".join(result.gate_failures), hint="see report.md; export_anyway exports anyway")
-            return Outcome("prune", message, error)
+            return Outcome(message, error)
 
         return body, [out]
 
@@ -464,13 +459,10 @@ class Requests:
         model, pretrained = self.model(request.model)
         suite_for = self.suite(request.validation)
         out = self.out(request.out, "validate", request.force) if request.out else None
-        if out is not None and out.is_dir():
-            raise InvalidInput(f"out {request.out!r} is a folder; name the results file (e.g. results.json)")
+        language = request.language or "en"
         device = self.config.device
 
         def body(job: Job) -> Outcome:
-            from surgeon.paths import atomic_write_text
-
             job.step("loading model", 0.0)
             loaded = load_model(model, pretrained, device)
             job.step("loading validation data", 0.1)
@@ -482,10 +474,11 @@ class Requests:
                 model=report["model"], summary=_numbers(report["summary"]), report=_struct(report)
             )
             if out is not None:
-                atomic_write_text(out, json.dumps(report, indent=2))
+                files = write_validation(report, out, language, request.force)
                 job.created(out)
                 message.out = self.config.exports.relative(out)
-            return Outcome("validate", message)
+                message.files.extend(self.config.exports.relative(f) for f in files)
+            return Outcome(message)
 
         return body, [out] if out is not None else []
 
@@ -523,9 +516,7 @@ class Requests:
                 )
             job.created(out)
             job.step("writing", 0.99)
-            return Outcome(
-                "export", pb.ExportResult(out_dir=exports.relative(out), files=[exports.relative(p) for p in files])
-            )
+            return Outcome(pb.ExportResult(out_dir=exports.relative(out), files=[exports.relative(p) for p in files]))
 
         return body, [out]
 
@@ -540,53 +531,24 @@ def _check_strings(message) -> None:
                 limits.text(field.name, item)
 
 
-def operation(job: Job) -> pb.Operation:
-    with job.cond:
-        op = pb.Operation(name=job.name, done=job.done)
-        meta = op.metadata
-        meta.kind, meta.state = job.kind, STATE[job.state]
-        meta.stage, meta.fraction, meta.message = job.stage, job.fraction, job.message
-        _timestamp(job.create_time, meta.create_time)
-        _timestamp(job.start_time, meta.start_time)
-        _timestamp(job.end_time, meta.end_time)
-        if job.error is not None:
-            code, message, hint = job.error
-            op.error.code, op.error.message, op.error.hint = code.value[0], message, hint
-        if job.result is not None:
-            field, message = job.result
-            getattr(op, field).CopyFrom(message)
-        return op
-
-
 class SurgeonService(pb_grpc.SurgeonServicer):
     def __init__(self, config: Config, jobs: JobManager):
         self.config, self.jobs, self.requests = config, jobs, Requests(config)
         self._architectures: list[pb.ModelInfo] | None = None
+        self._listed_at = 0.0
 
     # -- helpers --
 
-    @staticmethod
-    def _abort(context: grpc.ServicerContext, error: SurgeonError):
-        context.abort(status_code(error), limits.clip(str(error)))
-
-    def _submit(self, context, kind: str, plan: Callable[[], tuple], request) -> pb.Operation:
+    def _submit(self, context, kind: str, plan: Callable[[], tuple], request) -> operations_pb2.Operation:
         try:
             _check_strings(request)
             body, reserved = plan()
             job = self.jobs.submit(kind, body, reserved)
         except SurgeonError as error:
-            self._abort(context, error)
+            abort(context, error)
         except OSError as error:  # e.g. a path too long for the file system: still the client's input
-            self._abort(context, InvalidInput(f"{error.strerror or error}: {error.filename or ''}".rstrip(": ")))
+            abort(context, InvalidInput(f"{error.strerror or error}: {error.filename or ''}".rstrip(": ")))
         return operation(job)
-
-    def _job(self, name: str, context) -> Job:
-        if not name:
-            self._abort(context, InvalidInput("name is required (operations/...)"))
-        try:
-            return self.jobs.get(name)
-        except SurgeonError as error:
-            self._abort(context, error)
 
     # -- jobs --
 
@@ -602,70 +564,10 @@ class SurgeonService(pb_grpc.SurgeonServicer):
     def Export(self, request, context):
         return self._submit(context, "Export", lambda: self.requests.export(request), request)
 
-    # -- operations --
+    # -- operations (the rest is google.longrunning.Operations: server/operations.py) --
 
-    def GetOperation(self, request, context):
-        return operation(self._job(request.name, context))
-
-    def ListOperations(self, request, context):
-        size = request.page_size or 100
-        if not 0 < size <= 1000:
-            self._abort(context, InvalidInput(f"page_size must be 1..1000, got {size}"))
-        try:
-            start = int(request.page_token or 0)
-        except ValueError:
-            start = -1
-        if start < 0:
-            self._abort(context, InvalidInput(f"bad page_token {limits.echo(request.page_token)}"))
-        jobs = [
-            j
-            for j in self.jobs.list()
-            if (not request.kind or j.kind == request.kind) and (not request.state or STATE[j.state] == request.state)
-        ]
-        page = jobs[start : start + size]
-        more = start + size < len(jobs)
-        return pb.ListOperationsResponse(
-            operations=[operation(j) for j in page], next_page_token=str(start + size) if more else ""
-        )
-
-    def CancelOperation(self, request, context):
-        job = self._job(request.name, context)
-        if not job.request_cancel():
-            done = f"operation {job.name} is already done (or has published its output)"
-            self._abort(context, PreconditionFailed(f"{done}; nothing to cancel"))
-        return operation(job)
-
-    def DeleteOperation(self, request, context):
-        job = self._job(request.name, context)
-        try:
-            self.jobs.delete(job.name)
-        except SurgeonError as error:
-            self._abort(context, error)
-        return pb.DeleteOperationResponse()
-
-    def WaitOperation(self, request, context):
-        job = self._job(request.name, context)
-        try:
-            timeout = request.timeout.ToTimedelta().total_seconds() if request.HasField("timeout") else 60.0
-        except (OverflowError, ValueError):  # beyond what a timedelta holds
-            timeout = -1.0 if request.timeout.seconds < 0 else 600.0
-        if timeout < 0:
-            self._abort(context, InvalidInput("timeout must not be negative"))
-        timeout = min(timeout, 600.0)
-        remaining = context.time_remaining()
-        if remaining is not None:
-            timeout = min(timeout, max(0.0, remaining - 0.05))
-        deadline = time.monotonic() + timeout
-        with job.cond:
-            while not job.done and context.is_active():
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                job.cond.wait(min(left, 1.0))
-        return operation(job)
-
-    def WatchOperation(self, request, context) -> Iterator[pb.Operation]:
-        job = self._job(request.name, context)
+    def WatchOperation(self, request, context) -> Iterator[operations_pb2.Operation]:
+        job = find_job(self.jobs, request.name, context)
         seen = -1
         while context.is_active():
             with job.cond:
@@ -684,14 +586,15 @@ class SurgeonService(pb_grpc.SurgeonServicer):
         models = [
             pb.ModelInfo(
                 name=TOY_MODEL_NAME,
-                kind=pb.ModelInfo.TOY,
+                kind=pb.ModelInfo.KIND_TOY,
                 available=(TOY_MODEL_DIR / "open_clip_config.json").is_file(),
                 description="the bundled toy CLIP (the default)",
             )
         ]
         models += self._local_dirs()
         models += self._architecture_list()
-        return pb.ListModelsResponse(models=models)
+        models, token = page(models, request.page_size, request.page_token, context)
+        return pb.ListModelsResponse(models=models, next_page_token=token)
 
     def _local_dirs(self, max_depth: int = 3) -> list[pb.ModelInfo]:
         root = self.config.models
@@ -710,7 +613,7 @@ class SurgeonService(pb_grpc.SurgeonServicer):
             found.append(
                 pb.ModelInfo(
                     name=f"local-dir:{rel.as_posix()}",
-                    kind=pb.ModelInfo.LOCAL_DIR,
+                    kind=pb.ModelInfo.KIND_LOCAL_DIR,
                     available=any(Path(f).suffix in CHECKPOINT_SUFFIXES for f in filenames),
                     description="open_clip folder under the models root",
                 )
@@ -718,7 +621,8 @@ class SurgeonService(pb_grpc.SurgeonServicer):
         return found
 
     def _architecture_list(self) -> list[pb.ModelInfo]:
-        if self._architectures is None:
+        """Rebuilt at most once a minute: weights copied into the hub cache show up without a restart."""
+        if self._architectures is None or time.monotonic() - self._listed_at > CACHE_CHECK_S:
             import open_clip
 
             entries = []
@@ -726,16 +630,18 @@ class SurgeonService(pb_grpc.SurgeonServicer):
                 cfg = open_clip.get_model_config(name) or {}
                 if "timm_model_name" in cfg.get("vision_cfg", {}) or "multimodal_cfg" in cfg:
                     continue  # surgeon needs an open_clip VisionTransformer tower
+                cached = cached_pretrained_tags(name)
                 entries.append(
                     pb.ModelInfo(
                         name=name,
-                        kind=pb.ModelInfo.ARCHITECTURE,
-                        available=True,
+                        kind=pb.ModelInfo.KIND_ARCHITECTURE,
+                        available=bool(cached),
                         pretrained_tags=open_clip.list_pretrained_tags_by_model(name),
+                        cached_pretrained_tags=cached,
                         description="open_clip architecture (weights from the local hub cache or the models root)",
                     )
                 )
-            self._architectures = entries
+            self._architectures, self._listed_at = entries, time.monotonic()
         return self._architectures
 
     def ListPolicies(self, request, context):

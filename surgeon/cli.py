@@ -18,11 +18,17 @@ from surgeon import limits
 from surgeon.errors import StorageError, SurgeonError
 from surgeon.runtime.cli import infer
 
+EXIT_CODES = (
+    "Exit codes: 0 success, 1 internal error, 2 invalid input, 3 not found, 4 corrupt input, 5 precondition "
+    "(existing output, ranking of another model), 6 permission, 7 export check failed, 8 storage, "
+    "10 validation gate failed, 130 interrupted."
+)
+
 app = typer.Typer(
     help="Rank, prune, validate and export CLIP attention heads.",
+    epilog=EXIT_CODES,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
 )
 app.command()(infer)  # torch-free: the onnxruntime serving path
 toy_app = typer.Typer(help="The embedded toy world and its bundled CLIP.", no_args_is_help=True)
@@ -30,12 +36,43 @@ app.add_typer(toy_app, name="toy")
 out = Console()
 err = Console(stderr=True)
 
+
+def _print_version(value: bool) -> None:
+    if value:
+        from surgeon import __version__
+
+        print(f"surgeon {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", "-V", callback=_print_version, is_eager=True, help="print the version and exit"),
+    ] = False,
+) -> None:
+    """Rank, prune, validate and export CLIP attention heads."""
+
+
 ModelOpt = Annotated[
     str | None, typer.Option("--model", "-m", help="open_clip name, local-dir:PATH, or omit for the toy")
 ]
 PretrainedOpt = Annotated[str | None, typer.Option(help="pretrained tag (from the local hub cache) or checkpoint file")]
 DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda when present)")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON document (output folder, files, summary)")]
+PlotFormatOpt = Annotated[str, typer.Option(help="png, pdf or svg")]
+
+
+def _check_plot_format(plot_format: str) -> None:
+    from surgeon.errors import InvalidInput
+    from surgeon.plots import PLOT_FORMATS
+
+    if plot_format not in PLOT_FORMATS:
+        raise InvalidInput(f"unknown plot format {plot_format!r}", hint=f"choose {', '.join(PLOT_FORMATS)}")
+
+
 ImagesOpt = Annotated[str | None, typer.Option(help="'toy' (default) or a folder of images")]
 
 
@@ -65,6 +102,8 @@ def rank(
     ] = None,
     device: DeviceOpt = None,
     quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+    plot_format: PlotFormatOpt = "png",
 ) -> None:
     """Rank the vision heads by Concept Consistency Score; writes ranking.json/.csv and ccs_heatmap.png.
     Under `torchrun --nproc-per-node N -m surgeon rank ...` the images are sharded over the ranks."""
@@ -77,6 +116,7 @@ def rank(
 
     limits.rank_options(n_images, images in (None, "toy"), m, span_rank, batch_size, checkpoint_every, layers)
     limits.texts(model=model, pretrained=pretrained, images=images, texts=texts, taxonomy=taxonomy, device=device)
+    _check_plot_format(plot_format)
     loaded = load_model(model, pretrained, device_for(world(), device))
     pool = load_pool(texts, loaded.is_toy, taxonomy)
     image_set = resolve_images(images, n_images)
@@ -102,7 +142,25 @@ def rank(
             f"[yellow]warning:[/] skipped {len(image_set.skipped)} unreadable image(s), e.g. {image_set.skipped[0]}",
             soft_wrap=True,
         )
-    target = ranking.write(out_dir or new_run_dir("rank"), force=force)
+    target = ranking.write(out_dir or new_run_dir("rank"), force=force, plot_format=plot_format)
+    if as_json:
+        from surgeon.clioutput import emit_json
+
+        emit_json(
+            "rank",
+            target,
+            [target / f for f in ("ranking.json", "ranking.csv", f"ccs_heatmap.{plot_format}")],
+            {
+                "heads": len(ranking.heads),
+                "images": ranking.images["count"],
+                "skipped_images": len(image_set.skipped),
+                "cached_statistics": ranking.cached_stats,
+                "ccs_distribution": ranking.ccs_distribution(),
+            },
+            model=ranking.model["name"],
+            heads=[{"head": h.name, "label": h.label, "ccs": h.ccs} for h in ranking.sorted_heads()],
+        )
+        return
     print_ranking(ranking)
     dist = ", ".join(f"CCS@{k}={v:.0%}" for k, v in ranking.ccs_distribution().items())
     out.print(
@@ -111,7 +169,7 @@ def rank(
     )
     if ranking.clamp_note():
         out.print(ranking.clamp_note())
-    out.print(f"wrote {target}/ranking.json, ranking.csv, ccs_heatmap.png")
+    out.print(f"wrote {target}/ranking.json, ranking.csv, ccs_heatmap.{plot_format}")
 
 
 def print_ranking(ranking, limit: int | None = None) -> None:
@@ -141,6 +199,7 @@ BiasProtocolOpt = Annotated[
         "absent groups skipped, MaxSkew summed over queries: max_skew@k_sum is the paper's figure)"
     ),
 ]
+LanguageOpt = Annotated[str, typer.Option(help="language of the class names and templates (clip_benchmark files)")]
 
 
 def _suite(data, classnames, templates, bias_data, queries, skew_k, desired, bias_protocol, bias_split_by=None):
@@ -210,8 +269,10 @@ def prune(
     ] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="run folder (default: new one in exports/)")] = None,
     force: Annotated[bool, typer.Option(help="replace an existing --out folder")] = False,
+    language: LanguageOpt = "en",
     device: DeviceOpt = None,
     quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Select heads with a policy, prune them (zero/mean/hard), validate before/after, export the result."""
     from surgeon.errors import GateFailed, InvalidInput
@@ -260,7 +321,30 @@ def prune(
         force=force,
         exporters=formats,
         export_options={"labels": labels, "atol": atol},
+        language=language,
     )
+    if as_json:
+        from surgeon.clioutput import emit_json
+
+        emit_json(
+            "prune",
+            result.run_dir,
+            sorted(p for p in result.run_dir.rglob("*") if p.is_file()),
+            {"before": result.before["summary"], "after": result.after["summary"]},
+            policy=policy,
+            mode=mode,
+            heads=result.plan["heads"],
+            gate_failures=result.gate_failures,
+            exported=result.exported,
+            seed_mean=result.plan.get("seed_mean"),
+        )
+    else:
+        _print_prune(result, policy, mode)
+    if result.gate_failures:
+        raise GateFailed("; ".join(result.gate_failures), hint="see report.md; --export-anyway exports regardless")
+
+
+def _print_prune(result, policy: str, mode: str) -> None:
     table = Table(title=f"pruned {len(result.plan['heads'])} head(s): policy {policy}, mode {mode}")
     for column in ("head", "label", "CCS", "reason"):
         table.add_column(column, overflow="fold")
@@ -271,8 +355,6 @@ def prune(
     if result.seeds:
         out.print(f"random policy over {len(result.seeds)} seeds: mean {result.plan['seed_mean']}")
     out.print(f"run folder: {result.run_dir}" + ("" if result.exported else " (export skipped: gate failed)"))
-    if result.gate_failures:
-        raise GateFailed("; ".join(result.gate_failures), hint="see report.md; --export-anyway exports regardless")
 
 
 def _print_summary(before: dict, after: dict | None = None) -> None:
@@ -305,37 +387,42 @@ def validate(
     skew_k: SkewKOpt = 10,
     desired: DesiredOpt = None,
     bias_protocol: BiasProtocolOpt = "surgeon",
-    as_json: Annotated[bool, typer.Option("--json", help="print the results as JSON")] = False,
-    out_file: Annotated[Path | None, typer.Option("--out", help="write the results JSON here")] = None,
-    force: Annotated[bool, typer.Option(help="replace an existing --out file")] = False,
+    as_json: JsonOpt = False,
+    out_dir: Annotated[
+        Path | None,
+        typer.Option("--out", help="folder for validation.json and clip_benchmark/ (one result file per set)"),
+    ] = None,
+    language: LanguageOpt = "en",
+    force: Annotated[bool, typer.Option(help="replace an existing --out folder")] = False,
     device: DeviceOpt = None,
 ) -> None:
-    """Zero-shot accuracy and bias metrics of a model (toy benchmarks by default)."""
-    import json
-
+    """Zero-shot accuracy and bias metrics of a model (toy benchmarks by default). Data: an ImageFolder, a CSV
+    manifest, or clip_benchmark's webdataset layout (test/*.tar + classnames.txt + templates)."""
+    from surgeon.clioutput import emit_json
+    from surgeon.clipbench import write_validation
     from surgeon.load import load_model
     from surgeon.validate import markdown_report
     from surgeon.validate import validate as run_validate
 
     limits.validation_options(skew_k)
     limits.texts(model=model, pretrained=pretrained, device=device)
-    if out_file is not None and out_file.exists() and not force:
+    if out_dir is not None and out_dir.exists() and not force:
         from surgeon.errors import PreconditionFailed
 
-        raise PreconditionFailed(f"{out_file} already exists", hint="pass --force to replace it")
+        raise PreconditionFailed(f"{out_dir} already exists", hint="pass --force to replace it")
     loaded = load_model(model, pretrained, device)
     report = run_validate(
         loaded, _suite(data, classnames, templates, bias_data, queries, skew_k, desired, bias_protocol)
     )
-    if out_file:
-        from surgeon.paths import atomic_write_text
-
-        atomic_write_text(out_file, json.dumps(report, indent=2))
+    report["results"] = [{**r, "language": language} for r in report["results"]]  # clip_benchmark's keys
+    files = write_validation(report, out_dir, language, force) if out_dir else []
     if as_json:
-        print(json.dumps(report, indent=2))
-    else:
-        out.print(markdown_report(report), highlight=False)
-        _print_summary(report["summary"])
+        emit_json("validate", out_dir, files, report["summary"], model=report["model"], results=report["results"])
+        return
+    out.print(markdown_report(report), highlight=False)
+    _print_summary(report["summary"])
+    if out_dir:
+        out.print(f"wrote {out_dir}/validation.json and {len(files) - 1} clip_benchmark file(s) in clip_benchmark/")
 
 
 @app.command()
@@ -345,6 +432,7 @@ def sweep(
     ranking: RankingOpt = None,
     counts: Annotated[str | None, typer.Option(help="numbers of heads to prune, e.g. 0,2,4,8")] = None,
     seed: Annotated[int, typer.Option(help="seed of the random ordering")] = 0,
+    seeds: Annotated[int, typer.Option(help="random ordering: average this many seeds (plot: min-max band)")] = 1,
     images: ImagesOpt = None,
     n_images: Annotated[int | None, typer.Option(help="images when ranking first")] = None,
     data: DataOpt = None,
@@ -359,6 +447,8 @@ def sweep(
     force: Annotated[bool, typer.Option(help="replace an existing --out folder")] = False,
     device: DeviceOpt = None,
     quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+    plot_format: PlotFormatOpt = "png",
 ) -> None:
     """Accuracy and bias vs number of pruned heads (high-CCS, low-CCS, random); writes sweep.json + sweep.png."""
     import json
@@ -373,14 +463,22 @@ def sweep(
     limits.rank_options(n_images, images in (None, "toy"))
     limits.validation_options(skew_k)
     limits.texts(model=model, pretrained=pretrained, images=images, device=device)
+    _check_plot_format(plot_format)
     loaded = load_model(model, pretrained, device)
     suite = _suite(data, classnames, templates, bias_data, queries, skew_k, desired, bias_protocol)
     ranked = _ranking_for(loaded, ranking, images, n_images, None, "lexicon", None, quiet)
-    result = run_sweep(loaded, ranked, suite, count_list, seed=seed, quiet=quiet)
+    result = run_sweep(loaded, ranked, suite, count_list, seed=seed, quiet=quiet, seeds=seeds)
     target = out_dir or new_run_dir("sweep")
     with atomic_dir(target, force=force) as tmp:
         (tmp / "sweep.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
-        sweep_plot(result, tmp / "sweep.png")
+        sweep_plot(result, tmp / f"sweep.{plot_format}")
+    if as_json:
+        from surgeon.clioutput import emit_json
+
+        summary = {name: [p["mean_acc1"] for p in points] for name, points in result["curves"].items()}
+        files = [target / "sweep.json", target / f"sweep.{plot_format}"]
+        emit_json("sweep", target, files, summary, counts=result["counts"])
+        return
     table = Table(title="mean zero-shot top-1 (%) by heads pruned")
     table.add_column("ordering")
     for c in result["counts"]:
@@ -388,7 +486,7 @@ def sweep(
     for name, points in result["curves"].items():
         table.add_row(name, *[f"{100 * p['mean_acc1']:.1f}" for p in points])
     out.print(table)
-    out.print(f"wrote {target}/sweep.json and sweep.png")
+    out.print(f"wrote {target}/sweep.json and sweep.{plot_format}")
 
 
 EXPORT_FORMATS = {"safetensors": ["safetensors"], "onnx": ["onnx"], "both": ["safetensors", "onnx"]}
@@ -410,6 +508,7 @@ def export_command(
         bool, typer.Option("--no-verify", help="skip checking the run's files against surgery.json's sha256 hashes")
     ] = False,
     device: DeviceOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Export the pruned checkpoint of a run folder again (ONNX, safetensors), validated and with a card."""
     from surgeon.errors import InvalidInput
@@ -434,6 +533,11 @@ def export_command(
         labels=labels,
         atol=atol,
     )
+    if as_json:
+        from surgeon.clioutput import emit_json
+
+        emit_json("export", target, files, {"files": len(files), "format": export_format}, run_dir=str(run_dir))
+        return
     for path in files:
         out.print(str(path))
     out.print(f"exported {len(files)} file(s) into {target} (README.md and surgery.json describe them)")
@@ -449,6 +553,7 @@ def toy_train(
     ] = None,
     force: Annotated[bool, typer.Option(help="replace an existing model folder")] = False,
     quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Train the toy CLIP on the toy world (seeded, reproducible); writes an open_clip local-dir folder."""
     import dataclasses
@@ -466,27 +571,35 @@ def toy_train(
     cfg = TrainConfig(seed=seed)
     if steps is not None:
         cfg = dataclasses.replace(cfg, steps=steps)
-    result = train(cfg, out_dir or TOY_MODEL_DIR, force=force, progress=progress_enabled(quiet))
-    out.print({k: v for k, v in result.items() if k != "history"})
+    target = out_dir or TOY_MODEL_DIR
+    result = train(cfg, target, force=force, progress=progress_enabled(quiet) and not as_json)
+    summary = {k: v for k, v in result.items() if k != "history"}
+    if as_json:
+        from surgeon.clioutput import emit_json
+
+        emit_json("toy train", target, sorted(p for p in Path(target).iterdir() if p.is_file()), summary)
+        return
+    out.print(summary)
 
 
 @toy_app.command("report")
 def toy_report_command(
     model: ModelOpt = None,
-    as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+    as_json: JsonOpt = False,
     device: DeviceOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Per-factor accuracy, MaxSkew@10, specialised heads (trained vs a re-initialised vision tower, and chance),
     ground-truth agreement."""
-    import json
 
     from surgeon.load import load_model
     from surgeon.toy.report import toy_report
 
     report = toy_report(load_model(model, device=device), quiet=quiet)
     if as_json:
-        print(json.dumps(report, indent=2))
+        from surgeon.clioutput import emit_json
+
+        emit_json("toy report", None, [], report["met"], **report)
         return
     table = Table(title=f"toy report — {report['model']}")
     table.add_column("figure")
@@ -527,22 +640,36 @@ def toy_images_command(
     split: Annotated[str, typer.Option(help="train, test, val or probe")] = "test",
     seed: Annotated[int, typer.Option(help="seed")] = 0,
     force: Annotated[bool, typer.Option(help="replace an existing folder")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Write toy-world images as PNGs with a labels.csv, to look at the world."""
     from surgeon.toy import world
 
     limits.count("--n", n, 1, limits.MAX_TOY_IMAGES)
     folder = world.write_png_folder(out_dir, n, split=split, seed=seed, force=force)
+    if as_json:
+        from surgeon.clioutput import emit_json
+
+        emit_json("toy images", folder, sorted(folder.iterdir()), {"images": n, "split": split, "seed": seed})
+        return
     out.print(f"wrote {n} images and labels.csv to {folder}")
 
 
 @app.command()
-def models() -> None:
+def models(as_json: JsonOpt = False) -> None:
     """List the open_clip architectures surgeon can load (weights come from local files or the hub cache)."""
     import open_clip
 
     from surgeon.load import TOY_MODEL_DIR
 
+    if as_json:
+        from surgeon.clioutput import emit_json
+
+        names = open_clip.list_models()
+        entries = [{"name": "toy", "pretrained_tags": [], "path": str(TOY_MODEL_DIR)}]
+        entries += [{"name": n, "pretrained_tags": open_clip.list_pretrained_tags_by_model(n)} for n in names]
+        emit_json("models", None, [], {"models": len(entries)}, models=entries)
+        return
     out.print(f"toy (bundled: {TOY_MODEL_DIR})")
     for name in open_clip.list_models():
         out.print(name)
@@ -593,6 +720,9 @@ def serve(
         device=device,
     )
 
+
+for _command in [*app.registered_commands, *toy_app.registered_commands]:  # every verb's --help ends with them
+    _command.epilog = _command.epilog or EXIT_CODES
 
 _interrupted = threading.Event()
 

@@ -3,6 +3,8 @@ and the right exit code or status without guessing."""
 
 from __future__ import annotations
 
+import re
+
 
 class SurgeonError(Exception):
     """Base class: `str(err)` is the one line shown to the user; `hint` says what to do about it."""
@@ -10,9 +12,15 @@ class SurgeonError(Exception):
     exit_code = 1
     grpc_code = "INTERNAL"
 
-    def __init__(self, message: str, hint: str | None = None):
+    def __init__(self, message: str, hint: str | None = None, field: str | None = None):
         super().__init__(message)
         self.hint = hint
+        self.field = field  # the request field to blame, when one is (gRPC BadRequest details)
+
+    @property
+    def reason(self) -> str:
+        """UPPER_SNAKE_CASE of the class name (InvalidInput -> INVALID_INPUT): google.rpc.ErrorInfo's reason."""
+        return re.sub(r"(?<!^)(?=[A-Z])", "_", type(self).__name__).upper()
 
     def __str__(self) -> str:
         base = super().__str__()

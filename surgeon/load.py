@@ -174,6 +174,13 @@ def load_weights_strict(model: torch.nn.Module, state_dict: dict[str, torch.Tens
     model.load_state_dict(state_dict, strict=True)
 
 
+def cached_pretrained_tags(model_name: str) -> list[str]:
+    """The open_clip pretrained tags of an architecture whose weights are in the local caches (no network)."""
+    import open_clip
+
+    return [t for t in open_clip.list_pretrained_tags_by_model(model_name) if _find_in_hub_cache(model_name, t)[0]]
+
+
 def _find_in_hub_cache(model_name: str, tag: str) -> tuple[Path | None, dict]:
     """Look for a pretrained tag's weights in the user's caches without touching the network."""
     import open_clip

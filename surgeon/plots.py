@@ -10,13 +10,39 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.colors import BoundaryNorm  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 if TYPE_CHECKING:
     from surgeon.rank import Ranking
 
 
+PLOT_FORMATS = ("png", "pdf", "svg")  # matplotlib picks the format from the file's suffix
+
+
+def metric_name(key: str) -> str:
+    """What an axis says for a summary key: the metric's name, not the raw key."""
+    if key == "mean_acc1":
+        return "mean zero-shot top-1 (%)"
+    if key.startswith("max_skew@"):
+        return f"MaxSkew@{key.split('@', 1)[1]}"
+    if key.startswith("min_skew@"):
+        return f"MinSkew@{key.split('@', 1)[1]}"
+    return {"ndkl": "NDKL"}.get(key, key)
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def ccs_heatmap(ranking: Ranking, path: Path) -> None:
-    """Layers x heads, colour = CCS, the concept label written in each cell."""
+    _save(ccs_heatmap_figure(ranking), path)
+
+
+def ccs_heatmap_figure(ranking: Ranking):
+    """Layers x heads, colour = CCS on a discrete scale (one colour per score 0..m), label in each cell."""
     layers = ranking.layers
     grid = np.full((len(layers), ranking.n_heads), np.nan)
     labels = [["" for _ in range(ranking.n_heads)] for _ in layers]
@@ -25,7 +51,9 @@ def ccs_heatmap(ranking: Ranking, path: Path) -> None:
         grid[row, h.head] = h.ccs
         labels[row][h.head] = h.label
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * ranking.n_heads + 2), max(2.5, 0.7 * len(layers) + 1.5)))
-    image = ax.imshow(grid, cmap="viridis", vmin=0, vmax=ranking.m, aspect="auto")
+    scores = ranking.m + 1
+    norm = BoundaryNorm(np.arange(-0.5, scores), scores)
+    image = ax.imshow(grid, cmap=plt.get_cmap("viridis", scores), norm=norm, aspect="auto")
     for r in range(len(layers)):
         for c in range(ranking.n_heads):
             if not np.isnan(grid[r, c]):
@@ -35,30 +63,33 @@ def ccs_heatmap(ranking: Ranking, path: Path) -> None:
                 )
     ax.set_xticks(range(ranking.n_heads), [f"H{i}" for i in range(ranking.n_heads)])
     ax.set_yticks(range(len(layers)), [f"L{i}" for i in layers])
+    ax.set(xlabel="head", ylabel="layer")
     ax.set_title(f"CCS per head — {ranking.model['name']} ({ranking.judge} judge, m={ranking.m})")
-    fig.colorbar(image, ax=ax, label="CCS")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    fig.colorbar(image, ax=ax, label=f"CCS (of {ranking.m} texts, consistent with the label)", ticks=range(scores))
+    return fig
 
 
 def sweep_plot(result: dict, path: Path) -> None:
-    """Mean zero-shot accuracy (and MaxSkew when measured) against the number of pruned heads."""
+    _save(sweep_figure(result), path)
+
+
+def sweep_figure(result: dict):
+    """Mean zero-shot accuracy (and MaxSkew when measured) against the number of pruned heads; an ordering
+    averaged over seeds is drawn with its min-max band."""
     curves = result["curves"]
     skew_key = next((k for k in next(iter(curves.values()))[0] if k.startswith("max_skew@")), None)
-    fig, axes = plt.subplots(1, 2 if skew_key else 1, figsize=(11 if skew_key else 6, 4), squeeze=False)
-    for name, points in curves.items():
-        ns = [p["n"] for p in points]
-        axes[0, 0].plot(ns, [100 * p["mean_acc1"] for p in points], marker="o", label=name)
-        if skew_key:
-            axes[0, 1].plot(ns, [p[skew_key] for p in points], marker="o", label=name)
-    axes[0, 0].set(xlabel="heads pruned", ylabel="mean zero-shot top-1 (%)", title="accuracy")
-    if skew_key:
-        axes[0, 1].set(xlabel="heads pruned", ylabel=skew_key, title="bias")
-    for ax in axes[0]:
+    metrics = [("mean_acc1", 100.0, "accuracy")] + ([(skew_key, 1.0, "bias")] if skew_key else [])
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
+    for ax, (key, scale, title) in zip(axes[0], metrics, strict=True):
+        for name, points in curves.items():
+            ns = [p["n"] for p in points]
+            (line,) = ax.plot(ns, [scale * p[key] for p in points], marker="o", label=name)
+            if "spread" in points[0]:
+                low, high = zip(*(p["spread"][key] for p in points), strict=True)
+                ax.fill_between(ns, scale * np.array(low), scale * np.array(high), color=line.get_color(), alpha=0.2)
+        ax.set(xlabel="heads pruned", ylabel=metric_name(key), title=title)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(f"pruning sweep — {result['model']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig

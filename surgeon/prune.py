@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from surgeon import __version__
+from surgeon.clipbench import CLIP_BENCHMARK_DIR, pruned_tag, write_results
 from surgeon.decompose import head_means
 from surgeon.errors import InvalidInput, PreconditionFailed
 from surgeon.images import ImageSet
@@ -58,12 +59,13 @@ def prune(
     export_options: dict | None = None,
     search_images: int = 500,
     search_bias: int | None = None,
+    language: str = "en",
 ) -> PruneResult:
     """Prune `loaded.model` in place. Writes `out_dir` (atomically) unless it is None. The debias policy
     selects by measuring, so it searches on one half of the suite (`ValidationSuite.split_for_search`; at most
     `search_images` images per task and `search_bias` bias images of it) and the before/after validation, the
     gates and every reported figure come from the disjoint held-out half. Other policies validate on the
-    whole suite."""
+    whole suite. `language` is recorded in the clip_benchmark result files."""
     from surgeon.export import export_run
 
     if (loaded.extra.get("surgeon") or {}).get("heads_kept"):
@@ -158,6 +160,10 @@ def prune(
             )
             (tmp / "report.md").write_text(_report(plan, before, after, failures), encoding="utf-8")
             (tmp / "ranking.json").write_text(json.dumps(ranking.to_dict(), indent=2), encoding="utf-8")
+            # clip_benchmark's result files, before and after (told apart by the pretrained tag)
+            benchmark, original = tmp / CLIP_BENCHMARK_DIR, loaded.pretrained or ""
+            write_results(before, benchmark, language, loaded.name, original)
+            write_results(after, benchmark, language, loaded.name, pruned_tag(original, policy, len(selection.heads)))
             if exported:
                 export_run(
                     loaded,

@@ -128,8 +128,8 @@ class Ranking:
                 hint="rank this model as you load it now (e.g. GELU vs QuickGELU changes every head)",
             )
 
-    def write(self, out: Path, force: bool = False) -> Path:
-        """Write ranking.json, ranking.csv and ccs_heatmap.png into `out`, atomically."""
+    def write(self, out: Path, force: bool = False, plot_format: str = "png") -> Path:
+        """Write ranking.json, ranking.csv and ccs_heatmap.<plot_format> into `out`, atomically."""
         with atomic_dir(out, force=force) as tmp:
             (tmp / "ranking.json").write_text(json.dumps(self.to_dict(), indent=2), encoding="utf-8")
             with open(tmp / "ranking.csv", "w", newline="", encoding="utf-8") as handle:
@@ -139,7 +139,7 @@ class Ranking:
                     writer.writerow([h.layer, h.head, h.label, h.ccs, f"{h.variance:.6g}", *h.texts])
             from surgeon.plots import ccs_heatmap
 
-            ccs_heatmap(self, tmp / "ccs_heatmap.png")
+            ccs_heatmap(self, tmp / f"ccs_heatmap.{plot_format}")
         return out
 
 

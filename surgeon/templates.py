@@ -35,13 +35,20 @@ def check_templates(templates: Sequence[str], where: str = "templates") -> list[
     return templates
 
 
-def read_templates(path: Path | None) -> list[str]:
-    """Templates from a file, one per line (None: the defaults); each must name the class."""
+def read_templates(path: Path | None, dataset: str = "") -> list[str]:
+    """Templates from a file, one per line, or clip_benchmark's JSON keyed by dataset name (`dataset`'s
+    entry, else imagenet1k's, as clip_benchmark does); None: the defaults. Each must name the class."""
     if path is None:
         return list(DEFAULT_TEMPLATES)
-    from surgeon.pools import read_lines
+    if path.suffix.lower() == ".json":
+        from surgeon.clipbench import DEFAULT_TEMPLATE_KEY, dataset_keys, read_json_entry
 
-    templates = check_templates(read_lines(path, "templates file"), str(path))
+        lines = read_json_entry(path, dataset_keys(dataset), "templates file", DEFAULT_TEMPLATE_KEY)
+    else:
+        from surgeon.pools import read_lines
+
+        lines = read_lines(path, "templates file")
+    templates = check_templates(lines, str(path))
     unnamed = next((t for t in templates if fill(t, "\0") == t), None)
     if unnamed is not None:
         raise InvalidInput(f"{path}: template {unnamed!r} has no {{}} or {{c}} for the class name")

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from surgeon.bias import PROTOCOLS, bias_metrics, bias_protocol, headline_keys
-from surgeon.errors import GateFailed, InvalidInput
+from surgeon.clipbench import dataset_keys, read_json_entry
+from surgeon.errors import GateFailed, InvalidInput, NotFound
 from surgeon.images import open_image
 from surgeon.limits import echo
 from surgeon.load import LoadedModel
@@ -26,6 +27,7 @@ from surgeon.pools import read_lines
 from surgeon.progress import stop_point
 from surgeon.surgery import HeadRef, zero_heads
 from surgeon.templates import fill, read_templates
+from surgeon.webdata import CLASSNAMES_FILE, TEMPLATES_FILE, ShardImages, is_webdataset, webdataset_set
 from surgeon.zeroshot import build_classifier, metrics_from_logits, uint8_to_tensor
 
 
@@ -34,7 +36,7 @@ class ClassificationSet:
     name: str
     classnames: list[str]
     templates: list[str]
-    images: np.ndarray | list[Path]  # uint8 N x H x W x 3, or image files
+    images: np.ndarray | list[Path] | ShardImages  # uint8 N x H x W x 3, image files, or webdataset shards
     labels: np.ndarray
 
 
@@ -174,7 +176,7 @@ def _manifest_rows(path: Path, columns: int) -> list[list[str]]:
         with open(path, newline="", encoding="utf-8") as handle:
             rows = [r for r in csv.reader(handle) if r and any(c.strip() for c in r)]
     except FileNotFoundError:
-        raise InvalidInput(f"manifest not found: {path}") from None
+        raise NotFound(f"manifest not found: {path}") from None
     except UnicodeDecodeError:
         raise InvalidInput(f"manifest {path} is not UTF-8") from None
     if rows and rows[0][0].strip().lower() == "path":
@@ -187,11 +189,38 @@ def _manifest_rows(path: Path, columns: int) -> list[list[str]]:
     return rows
 
 
+def read_classnames(path: Path, dataset: str) -> list[str]:
+    """One per line, or clip_benchmark's JSON keyed by dataset name."""
+    if path.suffix.lower() == ".json":
+        return read_json_entry(path, dataset_keys(dataset), "class names file")
+    return read_lines(path, "class names file")
+
+
+def webdataset_classification(
+    data: Path, classnames_file: Path | None = None, templates_file: Path | None = None
+) -> ClassificationSet:
+    """clip_benchmark's webdataset layout: test/*.tar, with its classnames.txt and templates unless given."""
+    name = f"wds/{data.name}"
+    own_templates = data / TEMPLATES_FILE
+    templates = read_templates(templates_file or (own_templates if own_templates.is_file() else None), name)
+    if classnames_file is None and not (data / CLASSNAMES_FILE).is_file():
+        raise NotFound(f"{data} has no {CLASSNAMES_FILE}", hint="pass --classnames")
+    names = read_classnames(classnames_file or data / CLASSNAMES_FILE, name)
+    images, labels = webdataset_set(data)
+    if max(labels) >= len(names) or min(labels) < 0:
+        raise InvalidInput(f"{data}: class index {max(labels)} but {len(names)} class names")
+    return ClassificationSet(name, names, templates, images, np.asarray(labels))
+
+
 def classification_set(
     data: Path, classnames_file: Path | None = None, templates_file: Path | None = None
 ) -> ClassificationSet:
-    """An ImageFolder (one folder per class) or a CSV manifest (path,label)."""
-    templates = read_templates(templates_file)
+    """An ImageFolder (one folder per class), a CSV manifest (path,label) or clip_benchmark's webdataset layout."""
+    if not data.exists():
+        raise NotFound(f"validation data not found: {data}")
+    if data.is_dir() and is_webdataset(data):
+        return webdataset_classification(data, classnames_file, templates_file)
+    templates = read_templates(templates_file, data.name)
     if data.is_dir():
         classes = sorted(p.name for p in data.iterdir() if p.is_dir())
         paths, labels = [], []
@@ -210,7 +239,7 @@ def classification_set(
         raise InvalidInput(f"validation set {data} is empty")
     names = classes
     if classnames_file:
-        names = read_lines(classnames_file, "class names file")
+        names = read_classnames(classnames_file, data.name)
         if len(names) != len(classes):
             raise InvalidInput(f"{classnames_file} has {len(names)} names for {len(classes)} classes")
     return ClassificationSet(data.name, [n.replace("_", " ") for n in names], templates, paths, np.asarray(labels))
@@ -279,7 +308,7 @@ def bias_set(
             raise InvalidInput(f"manifest {manifest}: some rows have no {split_by!r} column")
         units = np.unique([r[column].strip() for r in rows], return_inverse=True)[1]
     group_names = sorted({r[1].strip() for r in rows})
-    templates = read_templates(templates_file)
+    templates = read_templates(templates_file, manifest.name)
     queries = {q: [fill(t, q) for t in templates] for q in read_lines(queries_file, "queries file")}
     return BiasSet(
         manifest.name,
@@ -395,6 +424,9 @@ class Evaluator:
     def _pixel_batches(self, images: np.ndarray | list[Path]) -> Iterator[torch.Tensor]:
         cfg = self.loaded.preprocess_cfg
         size = tuple(cfg["size"]) if not isinstance(cfg["size"], int) else (cfg["size"], cfg["size"])
+        if isinstance(images, ShardImages):
+            yield from images.batches(self.loaded.preprocess, self.batch_size)
+            return
         for i in range(0, len(images), self.batch_size):
             chunk = images[i : i + self.batch_size]
             if isinstance(chunk, np.ndarray) and chunk.shape[1:3] == size:

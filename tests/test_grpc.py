@@ -22,8 +22,11 @@ grpc = pytest.importorskip("grpc")
 pytest.importorskip("grpc_health")
 pytest.importorskip("grpc_reflection")
 
+from google.longrunning import operations_pb2, operations_pb2_grpc  # noqa: E402
 from google.protobuf import json_format  # noqa: E402
+from google.rpc import error_details_pb2  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
+from grpc_status import rpc_status  # noqa: E402
 
 import server.service as service_module  # noqa: E402
 from server.codegen import STUBS, generate  # noqa: E402
@@ -37,6 +40,8 @@ from surgeon.rank import Ranking, rank_heads  # noqa: E402
 from tests.conftest import save_local_dir, tiny_config  # noqa: E402
 
 Code = grpc.StatusCode
+Meta = pb.OperationMetadata
+UNKNOWN = "operations/" + "0" * 32  # well-formed, never issued
 RPC_TIMEOUT = 60
 TAXONOMY = {
     "version": 1,
@@ -110,9 +115,48 @@ def channel(server):
         yield ch
 
 
+class Client:
+    """What a pipeline holds: the Surgeon stub and googleapis-common-protos' google.longrunning stub."""
+
+    def __init__(self, channel):
+        self.surgeon = pb_grpc.SurgeonStub(channel)
+        self.operations = operations_pb2_grpc.OperationsStub(channel)
+
+    def __getattr__(self, rpc: str):
+        return getattr(self.surgeon if hasattr(self.surgeon, rpc) else self.operations, rpc)
+
+
 @pytest.fixture(scope="module")
 def stub(channel):
-    return pb_grpc.SurgeonStub(channel)
+    return Client(channel)
+
+
+def meta(op: operations_pb2.Operation) -> pb.OperationMetadata:
+    unpacked = Meta()
+    assert op.metadata.Unpack(unpacked), op.metadata.type_url
+    return unpacked
+
+
+def outcome(op: operations_pb2.Operation, kind):
+    """The job's result: the response of a successful operation, or the one in a failed one's error details."""
+    unpacked = kind()
+    if op.HasField("response"):
+        assert not op.HasField("error")  # exactly one of them
+        assert op.response.Unpack(unpacked), op.response.type_url
+        return unpacked
+    packed = next(d for d in op.error.details if d.Is(kind.DESCRIPTOR))
+    packed.Unpack(unpacked)
+    return unpacked
+
+
+def detail(status, kind):
+    """The first detail of type `kind` in a google.rpc.Status, or None."""
+    packed = next((d for d in status.details if d.Is(kind.DESCRIPTOR)), None)
+    if packed is None:
+        return None
+    unpacked = kind()
+    packed.Unpack(unpacked)
+    return unpacked
 
 
 def rank_request(**overrides) -> pb.RankHeadsRequest:
@@ -136,20 +180,20 @@ def validation() -> pb.ValidationData:
     return pb.ValidationData(data="val", bias_data="bias.csv", queries="queries.txt", skew_k=4)
 
 
-def wait(stub, op: pb.Operation, timeout: float = RPC_TIMEOUT) -> pb.Operation:
+def wait(stub, op: operations_pb2.Operation, timeout: float = RPC_TIMEOUT) -> operations_pb2.Operation:
     from google.protobuf.duration_pb2 import Duration
 
     done = stub.WaitOperation(
-        pb.WaitOperationRequest(name=op.name, timeout=Duration(seconds=int(timeout))), timeout=timeout + 5
+        operations_pb2.WaitOperationRequest(name=op.name, timeout=Duration(seconds=int(timeout))), timeout=timeout + 5
     )
-    assert done.done, f"{op.name} not done after {timeout}s: {done.metadata}"
+    assert done.done, f"{op.name} not done after {timeout}s: {meta(done)}"
     return done
 
 
 def code_of(call) -> Code:
     with pytest.raises(grpc.RpcError) as info:
         result = call()
-        if hasattr(result, "__iter__") and not isinstance(result, pb.Operation):
+        if hasattr(result, "__iter__") and not isinstance(result, operations_pb2.Operation):
             list(result)
     return info.value.code()
 
@@ -176,10 +220,24 @@ def test_committed_stubs_match_the_proto(tmp_path):
 
 
 def test_catalogue(stub):
-    models = {m.name: m for m in stub.ListModels(pb.ListModelsRequest(), timeout=RPC_TIMEOUT).models}
-    assert models["local-dir:tiny"].kind == pb.ModelInfo.LOCAL_DIR and models["local-dir:tiny"].available
+    models = {m.name: m for m in stub.ListModels(pb.ListModelsRequest(page_size=1000), timeout=RPC_TIMEOUT).models}
+    assert models["local-dir:tiny"].kind == pb.ModelInfo.KIND_LOCAL_DIR and models["local-dir:tiny"].available
     assert models["toy"].available == (TOY_MODEL_DIR / "open_clip_config.json").is_file()
     assert "openai" in models["ViT-B-32"].pretrained_tags
+    for info in models.values():  # an architecture is available when some of its weights are in the local cache
+        if info.kind == pb.ModelInfo.KIND_ARCHITECTURE:
+            assert info.available == bool(info.cached_pretrained_tags)
+            assert set(info.cached_pretrained_tags) <= set(info.pretrained_tags)
+    paged, token = [], ""
+    while True:
+        answer = stub.ListModels(pb.ListModelsRequest(page_size=7, page_token=token), timeout=RPC_TIMEOUT)
+        assert len(answer.models) <= 7
+        paged += [m.name for m in answer.models]
+        token = answer.next_page_token
+        if not token:
+            break
+    assert paged == list(models)
+    assert code_of(lambda: stub.ListModels(pb.ListModelsRequest(page_size=5000), timeout=10)) == Code.INVALID_ARGUMENT
     policies = stub.ListPolicies(pb.ListPoliciesRequest(), timeout=RPC_TIMEOUT)
     names = {p.name: p for p in policies.policies}
     assert {"top-k", "debias", "heads", "random"} <= set(names) and names["top-k"].options == ["k"]
@@ -187,18 +245,36 @@ def test_catalogue(stub):
     assert list(policies.export_formats) == ["safetensors", "onnx", "both"]
 
 
+def test_cached_pretrained_tags_come_from_the_hub_cache(monkeypatch, tmp_path):
+    import huggingface_hub.constants
+    import open_clip
+
+    from surgeon.load import cached_pretrained_tags
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HOME", str(tmp_path))  # ~/.cache/clip, open_clip's other cache
+    assert cached_pretrained_tags("ViT-B-32") == []
+    repo = open_clip.get_pretrained_cfg("ViT-B-32", "openai")["hf_hub"].strip("/")
+    folder = tmp_path / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text("c0ffee")
+    (folder / "snapshots" / "c0ffee").mkdir(parents=True)
+    (folder / "snapshots" / "c0ffee" / "open_clip_model.safetensors").write_bytes(b"weights")
+    assert cached_pretrained_tags("ViT-B-32") == ["openai"]
+
+
 def test_rank_heads_streams_progress_and_equals_the_library(stub, world):
     op = stub.RankHeads(rank_request(out="ranked"), timeout=RPC_TIMEOUT)
-    assert op.name.startswith("operations/") and not op.done and op.metadata.kind == "RankHeads"
+    assert op.name.startswith("operations/") and not op.done and meta(op).kind == Meta.KIND_RANK_HEADS
     events = list(stub.WatchOperation(pb.WatchOperationRequest(name=op.name), timeout=RPC_TIMEOUT))
     assert events[-1].done and all(not e.done for e in events[:-1])
-    stages = [e.metadata.stage for e in events]
+    stages = [meta(e).stage for e in events]
     assert "loading model" in stages and "head statistics" in stages and stages[-1] == "done"
-    fractions = [e.metadata.fraction for e in events]
+    fractions = [meta(e).fraction for e in events]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
     final = events[-1]
-    assert final.metadata.state == pb.SUCCEEDED and final.error.code == 0
-    result = final.rank_heads
+    assert meta(final).state == Meta.STATE_SUCCEEDED and not final.HasField("error")
+    result = outcome(final, pb.RankHeadsResult)
     assert result.run_dir == "ranked" and len(result.heads) == 8 and list(result.layers) == [1, 2]
     assert not result.cached_stats and result.image_count == 24
     assert [h.ccs for h in result.heads] == sorted((h.ccs for h in result.heads), reverse=True)
@@ -209,10 +285,54 @@ def test_rank_heads_streams_progress_and_equals_the_library(stub, world):
     assert result.ranking_sha256 == expected.digest() == Ranking.read(world["exports"] / "ranked").digest()
     # the statistics are cached and shared with the next job; a watch on a finished job yields it once
     again = wait(stub, stub.RankHeads(rank_request(), timeout=RPC_TIMEOUT))
-    assert again.rank_heads.cached_stats and again.rank_heads.ranking_sha256 == expected.digest()
-    assert again.rank_heads.run_dir.startswith("rank-")
+    repeated = outcome(again, pb.RankHeadsResult)
+    assert repeated.cached_stats and repeated.ranking_sha256 == expected.digest()
+    assert repeated.run_dir.startswith("rank-")
     watched = list(stub.WatchOperation(pb.WatchOperationRequest(name=again.name), timeout=RPC_TIMEOUT))
     assert len(watched) == 1 and watched[0].done
+
+
+def test_a_generic_operations_client_follows_a_job_to_done(channel, stub):
+    """A client that knows only google.longrunning (googleapis-common-protos' stubs) polls a RankHeads job
+    the way LRO pollers do and reads its result from `response`."""
+    started = stub.RankHeads(rank_request(out="generic"), timeout=RPC_TIMEOUT)
+    operations = operations_pb2_grpc.OperationsStub(channel)
+    deadline = time.monotonic() + RPC_TIMEOUT
+    op = started
+    while not op.done:
+        assert time.monotonic() < deadline, "the job did not finish"
+        time.sleep(0.2)
+        op = operations.GetOperation(operations_pb2.GetOperationRequest(name=started.name), timeout=RPC_TIMEOUT)
+    assert op.name == started.name and not op.HasField("error")
+    assert op.response.type_url == "type.googleapis.com/surgeon.v1.RankHeadsResult"
+    assert op.metadata.type_url == "type.googleapis.com/surgeon.v1.OperationMetadata"
+    ranked = pb.RankHeadsResult()
+    op.response.Unpack(ranked)
+    assert ranked.run_dir == "generic" and len(ranked.heads) == 8
+    # the job-starting RPCs say what their operations hold (AIP-151), for clients that read descriptors
+    method = pb.DESCRIPTOR.services_by_name["Surgeon"].methods_by_name["RankHeads"]
+    info = method.GetOptions().Extensions[operations_pb2.operation_info]
+    assert (info.response_type, info.metadata_type) == ("RankHeadsResult", "OperationMetadata")
+    listed = operations.ListOperations(operations_pb2.ListOperationsRequest(name="operations"), timeout=RPC_TIMEOUT)
+    assert started.name in [o.name for o in listed.operations]
+    operations.DeleteOperation(operations_pb2.DeleteOperationRequest(name=started.name), timeout=RPC_TIMEOUT)
+
+
+def test_error_details_in_the_status_trailer(stub):
+    with pytest.raises(grpc.RpcError) as info:
+        stub.RankHeads(rank_request(m=0), timeout=RPC_TIMEOUT)
+    status = rpc_status.from_call(info.value)
+    assert status.code == Code.INVALID_ARGUMENT.value[0] and status.message == info.value.details()
+    assert "hint" not in status.message  # the hint travels as google.rpc.Help, not in the text
+    assert detail(status, error_details_pb2.ErrorInfo).reason == "INVALID_INPUT"
+    assert detail(status, error_details_pb2.ErrorInfo).domain == "surgeon"
+    violation = detail(status, error_details_pb2.BadRequest).field_violations[0]
+    assert violation.field == "m" and "positive" in violation.description
+    with pytest.raises(grpc.RpcError) as info:
+        stub.GetOperation(operations_pb2.GetOperationRequest(name="operations/x"), timeout=RPC_TIMEOUT)
+    status = rpc_status.from_call(info.value)
+    assert detail(status, error_details_pb2.BadRequest).field_violations[0].field == "name"
+    assert detail(status, error_details_pb2.Help).links[0].description == "operations/<32 hex>"
 
 
 def test_prune_validate_export_and_operations(stub, world):
@@ -220,7 +340,7 @@ def test_prune_validate_export_and_operations(stub, world):
     prune_op = stub.Prune(
         pb.PruneRequest(
             model=pb.ModelRef(model="local-dir:tiny"),
-            ranking=ranked.rank_heads.run_dir,
+            ranking=outcome(ranked, pb.RankHeadsResult).run_dir,
             policy="top-k",
             k=2,
             validation=validation(),
@@ -229,10 +349,10 @@ def test_prune_validate_export_and_operations(stub, world):
         timeout=RPC_TIMEOUT,
     )
     done = wait(stub, prune_op)
-    assert done.metadata.state == pb.SUCCEEDED, done.error
-    result = done.prune
+    assert meta(done).state == Meta.STATE_SUCCEEDED, done.error
+    result = outcome(done, pb.PruneResult)
     assert result.run_dir == "pruned" and result.exported and not result.gate_failures
-    assert [h.name for h in result.heads] == [h.name for h in ranked.rank_heads.heads[:2]]
+    assert [h.name for h in result.heads] == [h.name for h in outcome(ranked, pb.RankHeadsResult).heads[:2]]
     assert "pruned/model/open_clip_model.safetensors" in result.files and "pruned/report.md" in result.files
     plan = json_format.MessageToDict(result.plan)
     assert plan["policy"] == "top-k" and plan == json.loads((world["exports"] / "pruned" / "plan.json").read_text())
@@ -242,41 +362,50 @@ def test_prune_validate_export_and_operations(stub, world):
         stub,
         stub.Validate(
             pb.ValidateRequest(
-                model=pb.ModelRef(model="local-dir:pruned/model"), validation=validation(), out="checks/v.json"
+                model=pb.ModelRef(model="local-dir:pruned/model"), validation=validation(), out="checks/v"
             ),
             timeout=RPC_TIMEOUT,
         ),
     )
-    assert checked.metadata.state == pb.SUCCEEDED, checked.error
+    assert meta(checked).state == Meta.STATE_SUCCEEDED, checked.error
+    validated = outcome(checked, pb.ValidateResult)
     for key, value in result.after.items():
-        assert checked.validate.summary[key] == pytest.approx(value, abs=1e-6)
-    assert checked.validate.out == "checks/v.json"
-    assert json.loads((world["exports"] / "checks" / "v.json").read_text())["summary"]["mean_acc1"] == pytest.approx(
-        result.after["mean_acc1"], abs=1e-6
-    )
-    report = json_format.MessageToDict(checked.validate.report)
+        assert validated.summary[key] == pytest.approx(value, abs=1e-6)
+    assert validated.out == "checks/v"
+    assert json.loads((world["exports"] / "checks" / "v" / "validation.json").read_text())["summary"][
+        "mean_acc1"
+    ] == pytest.approx(result.after["mean_acc1"], abs=1e-6)
+    benchmark = [f for f in validated.files if f.startswith("checks/v/clip_benchmark/")]
+    assert len(benchmark) == 2 and all((world["exports"] / f).is_file() for f in validated.files)  # the 2 sets
+    assert {json.loads((world["exports"] / f).read_text())["language"] for f in benchmark} == {"en"}
+    report = json_format.MessageToDict(outcome(checked, pb.ValidateResult).report)
     assert {r["task"] for r in report["results"]} == {"zeroshot_classification", "bias"}
     # re-export the run folder
     exported = wait(stub, stub.Export(pb.ExportRequest(run_dir="pruned", labels="labels.txt"), timeout=60))
-    assert exported.metadata.state == pb.SUCCEEDED, exported.error
-    assert exported.export.out_dir == "pruned/export-onnx"
+    assert meta(exported).state == Meta.STATE_SUCCEEDED, exported.error
+    assert outcome(exported, pb.ExportResult).out_dir == "pruned/export-onnx"
     assert {"pruned/export-onnx/onnx/visual.onnx", "pruned/export-onnx/onnx/classifier.onnx"} <= set(
-        exported.export.files
+        outcome(exported, pb.ExportResult).files
     )
-    assert all((world["exports"] / f).is_file() for f in exported.export.files)
+    assert all((world["exports"] / f).is_file() for f in outcome(exported, pb.ExportResult).files)
     # operations: listed newest first, filtered, paged, deleted
-    listed = stub.ListOperations(pb.ListOperationsRequest(kind="Prune"), timeout=RPC_TIMEOUT).operations
-    assert prune_op.name in [o.name for o in listed] and all(o.metadata.kind == "Prune" for o in listed)
-    page = stub.ListOperations(pb.ListOperationsRequest(page_size=1), timeout=RPC_TIMEOUT)
+    only_prune = operations_pb2.ListOperationsRequest(filter="metadata.kind=KIND_PRUNE AND done=true")
+    listed = stub.ListOperations(only_prune, timeout=RPC_TIMEOUT).operations
+    assert prune_op.name in [o.name for o in listed] and all(meta(o).kind == Meta.KIND_PRUNE for o in listed)
+    page = stub.ListOperations(operations_pb2.ListOperationsRequest(page_size=1), timeout=RPC_TIMEOUT)
     assert page.operations[0].name == exported.name and page.next_page_token == "1"
-    assert stub.GetOperation(pb.GetOperationRequest(name=done.name), timeout=RPC_TIMEOUT).prune.run_dir == "pruned"
-    stub.DeleteOperation(pb.DeleteOperationRequest(name=done.name), timeout=RPC_TIMEOUT)
-    assert code_of(lambda: stub.GetOperation(pb.GetOperationRequest(name=done.name), timeout=10)) == Code.NOT_FOUND
+    got = stub.GetOperation(operations_pb2.GetOperationRequest(name=done.name), timeout=RPC_TIMEOUT)
+    assert outcome(got, pb.PruneResult).run_dir == "pruned"
+    stub.DeleteOperation(operations_pb2.DeleteOperationRequest(name=done.name), timeout=RPC_TIMEOUT)
+    assert (
+        code_of(lambda: stub.GetOperation(operations_pb2.GetOperationRequest(name=done.name), timeout=10))
+        == Code.NOT_FOUND
+    )
     assert (world["exports"] / "pruned" / "plan.json").is_file()  # forgetting an operation keeps its files
     # as the CLI, no run_dir means the newest run folder
     newest = wait(stub, stub.Export(pb.ExportRequest(format="safetensors"), timeout=60))
-    assert newest.metadata.state == pb.SUCCEEDED, newest.error
-    assert newest.export.out_dir == "pruned/export-safetensors"
+    assert meta(newest).state == Meta.STATE_SUCCEEDED, newest.error
+    assert outcome(newest, pb.ExportResult).out_dir == "pruned/export-safetensors"
 
 
 def test_manifest_rows_may_use_dotdot_inside_the_data_root(stub, world):
@@ -289,8 +418,9 @@ def test_manifest_rows_may_use_dotdot_inside_the_data_root(stub, world):
         model=pb.ModelRef(model="local-dir:tiny"), validation=pb.ValidationData(data="manifests/colours.csv")
     )
     done = wait(stub, stub.Validate(request, timeout=RPC_TIMEOUT))
-    assert done.metadata.state == pb.SUCCEEDED, done.error
-    assert set(done.validate.summary) == {"mean_acc1"} and not done.validate.out
+    assert meta(done).state == Meta.STATE_SUCCEEDED, done.error
+    validated = outcome(done, pb.ValidateResult)
+    assert set(validated.summary) == {"mean_acc1"} and not validated.out
 
 
 @pytest.fixture
@@ -310,7 +440,8 @@ def gate(monkeypatch):
 
 def test_twenty_concurrent_requests_finish_or_are_refused(stub, world, server, gate):
     gate.set()
-    baseline = wait(stub, stub.RankHeads(rank_request(), timeout=RPC_TIMEOUT)).rank_heads.ranking_sha256
+    first = wait(stub, stub.RankHeads(rank_request(), timeout=RPC_TIMEOUT))
+    baseline = outcome(first, pb.RankHeadsResult).ranking_sha256
     gate.clear()
     barrier = threading.Barrier(20)
 
@@ -323,16 +454,18 @@ def test_twenty_concurrent_requests_finish_or_are_refused(stub, world, server, g
 
     with ThreadPoolExecutor(20) as pool:
         answers = list(pool.map(submit, range(20)))
-    accepted = [a for a in answers if isinstance(a, pb.Operation)]
-    refused = [a for a in answers if not isinstance(a, pb.Operation)]
+    accepted = [a for a in answers if isinstance(a, operations_pb2.Operation)]
+    refused = [a for a in answers if not isinstance(a, operations_pb2.Operation)]
     assert set(refused) <= {Code.RESOURCE_EXHAUSTED}
     assert len(accepted) == 6 and len(refused) == 14  # 2 running + 4 waiting (max-jobs 2, queue 4)
     gate.set()
     finished = [wait(stub, op) for op in accepted]
-    assert all(op.metadata.state == pb.SUCCEEDED for op in finished)
-    assert {op.rank_heads.ranking_sha256 for op in finished} == {baseline}
-    assert len({op.rank_heads.run_dir for op in finished}) == 6
-    known = {o.name for o in stub.ListOperations(pb.ListOperationsRequest(), timeout=RPC_TIMEOUT).operations}
+    assert all(meta(op).state == Meta.STATE_SUCCEEDED for op in finished)
+    assert {outcome(op, pb.RankHeadsResult).ranking_sha256 for op in finished} == {baseline}
+    assert len({outcome(op, pb.RankHeadsResult).run_dir for op in finished}) == 6
+    known = {
+        o.name for o in stub.ListOperations(operations_pb2.ListOperationsRequest(), timeout=RPC_TIMEOUT).operations
+    }
     assert {op.name for op in accepted} <= known  # none lost
 
 
@@ -354,17 +487,16 @@ def test_cancel_stops_at_the_next_step_and_leaves_nothing(stub, world, monkeypat
 
     monkeypatch.setattr(surgeon.images, "open_image", slow_open)
     op = stub.RankHeads(rank_request(out="cancelled", no_cache=True, batch_size=1), timeout=RPC_TIMEOUT)
-    seen = _watch_until(stub, op, lambda e: e.metadata.stage == "head statistics" and "image 3/" in e.metadata.message)
+    seen = _watch_until(stub, op, lambda e: meta(e).stage == "head statistics" and "image 3/" in meta(e).message)
     assert not seen.done
-    answer = stub.CancelOperation(pb.CancelOperationRequest(name=op.name), timeout=RPC_TIMEOUT)
-    assert answer.name == op.name
+    stub.CancelOperation(operations_pb2.CancelOperationRequest(name=op.name), timeout=RPC_TIMEOUT)
     final = wait(stub, op, timeout=30)
-    assert final.metadata.state == pb.CANCELLED and final.error.code == Code.CANCELLED.value[0]
-    assert not final.HasField("rank_heads")
+    assert meta(final).state == Meta.STATE_CANCELLED and final.error.code == Code.CANCELLED.value[0]
+    assert not final.HasField("response")
     assert not (world["exports"] / "cancelled").exists()
     assert not list(world["exports"].glob(".cancelled*"))
     # a finished operation cannot be cancelled
-    cancel_again = lambda: stub.CancelOperation(pb.CancelOperationRequest(name=op.name), timeout=10)  # noqa: E731
+    cancel_again = lambda: stub.CancelOperation(operations_pb2.CancelOperationRequest(name=op.name), timeout=10)  # noqa: E731
     assert code_of(cancel_again) == Code.FAILED_PRECONDITION
 
 
@@ -384,7 +516,7 @@ def test_a_cancel_after_publishing_is_refused_and_keeps_the_output(stub, world, 
     ranked = wait(stub, stub.RankHeads(rank_request(), timeout=RPC_TIMEOUT))
     request = pb.PruneRequest(
         model=pb.ModelRef(model="local-dir:tiny"),
-        ranking=ranked.rank_heads.run_dir,
+        ranking=outcome(ranked, pb.RankHeadsResult).run_dir,
         policy="heads",
         heads="L1.H0",
         validation=validation(),
@@ -392,24 +524,27 @@ def test_a_cancel_after_publishing_is_refused_and_keeps_the_output(stub, world, 
     )
     op = stub.Prune(request, timeout=RPC_TIMEOUT)
     assert written.wait(RPC_TIMEOUT) and (world["exports"] / "half" / "plan.json").is_file()
-    cancel = lambda: stub.CancelOperation(pb.CancelOperationRequest(name=op.name), timeout=RPC_TIMEOUT)  # noqa: E731
+    cancel = lambda: stub.CancelOperation(  # noqa: E731
+        operations_pb2.CancelOperationRequest(name=op.name), timeout=RPC_TIMEOUT
+    )
     assert code_of(cancel) == Code.FAILED_PRECONDITION
     release.set()
     final = wait(stub, op)
-    assert final.metadata.state == pb.SUCCEEDED
+    assert meta(final).state == Meta.STATE_SUCCEEDED
     assert (world["exports"] / "half" / "plan.json").is_file()
 
 
 def test_cancel_a_waiting_job(stub, gate):
     running = [stub.RankHeads(rank_request(), timeout=RPC_TIMEOUT) for _ in range(2)]
     waiting = stub.RankHeads(rank_request(), timeout=RPC_TIMEOUT)
-    cancelled = stub.CancelOperation(pb.CancelOperationRequest(name=waiting.name), timeout=RPC_TIMEOUT)
-    assert cancelled.done and cancelled.metadata.state == pb.CANCELLED
+    stub.CancelOperation(operations_pb2.CancelOperationRequest(name=waiting.name), timeout=RPC_TIMEOUT)
+    cancelled = stub.GetOperation(operations_pb2.GetOperationRequest(name=waiting.name), timeout=RPC_TIMEOUT)
+    assert cancelled.done and meta(cancelled).state == Meta.STATE_CANCELLED
     # its place in the queue (4 here) is free again at once
     more = [stub.RankHeads(rank_request(), timeout=RPC_TIMEOUT) for _ in range(4)]
     assert code_of(lambda: stub.RankHeads(rank_request(), timeout=RPC_TIMEOUT)) == Code.RESOURCE_EXHAUSTED
     gate.set()
-    assert all(wait(stub, op).metadata.state == pb.SUCCEEDED for op in running + more)
+    assert all(meta(wait(stub, op)).state == Meta.STATE_SUCCEEDED for op in running + more)
 
 
 def test_reflection_lists_the_service(channel):
@@ -417,8 +552,10 @@ def test_reflection_lists_the_service(channel):
 
     database = ProtoReflectionDescriptorDatabase(channel)
     services = database.get_services()
-    assert "surgeon.v1.Surgeon" in services and "grpc.health.v1.Health" in services
+    assert {"surgeon.v1.Surgeon", "google.longrunning.Operations", "grpc.health.v1.Health"} <= set(services)
     assert database.FindFileContainingSymbol("surgeon.v1.Surgeon").name == "surgeon/v1/surgeon.proto"
+    operations = database.FindFileContainingSymbol("google.longrunning.Operations")
+    assert operations.name == "google/longrunning/operations.proto"  # grpcurl can call it by reflection
 
 
 @pytest.mark.parametrize(
@@ -487,13 +624,16 @@ def test_reflection_lists_the_service(channel):
         ("Export", lambda w: pb.ExportRequest(run_dir="../.."), Code.PERMISSION_DENIED),
         ("Export", lambda w: pb.ExportRequest(run_dir="nope"), Code.NOT_FOUND),
         ("Export", lambda w: pb.ExportRequest(run_dir="existing", format="tflite"), Code.INVALID_ARGUMENT),
-        ("GetOperation", lambda w: pb.GetOperationRequest(name="operations/nope"), Code.NOT_FOUND),
-        ("GetOperation", lambda w: pb.GetOperationRequest(), Code.INVALID_ARGUMENT),
-        ("CancelOperation", lambda w: pb.CancelOperationRequest(name="operations/nope"), Code.NOT_FOUND),
-        ("DeleteOperation", lambda w: pb.DeleteOperationRequest(name="operations/nope"), Code.NOT_FOUND),
-        ("WaitOperation", lambda w: pb.WaitOperationRequest(name="operations/nope"), Code.NOT_FOUND),
-        ("WatchOperation", lambda w: pb.WatchOperationRequest(name="operations/nope"), Code.NOT_FOUND),
-        ("ListOperations", lambda w: pb.ListOperationsRequest(page_token="x"), Code.INVALID_ARGUMENT),
+        ("GetOperation", lambda w: operations_pb2.GetOperationRequest(name=UNKNOWN), Code.NOT_FOUND),
+        ("GetOperation", lambda w: operations_pb2.GetOperationRequest(name="operations/nope"), Code.INVALID_ARGUMENT),
+        ("GetOperation", lambda w: operations_pb2.GetOperationRequest(), Code.INVALID_ARGUMENT),
+        ("CancelOperation", lambda w: operations_pb2.CancelOperationRequest(name=UNKNOWN), Code.NOT_FOUND),
+        ("DeleteOperation", lambda w: operations_pb2.DeleteOperationRequest(name=UNKNOWN), Code.NOT_FOUND),
+        ("WaitOperation", lambda w: operations_pb2.WaitOperationRequest(name=UNKNOWN), Code.NOT_FOUND),
+        ("WatchOperation", lambda w: pb.WatchOperationRequest(name=UNKNOWN), Code.NOT_FOUND),
+        ("WatchOperation", lambda w: pb.WatchOperationRequest(name="../operations"), Code.INVALID_ARGUMENT),
+        ("ListOperations", lambda w: operations_pb2.ListOperationsRequest(page_token="x"), Code.INVALID_ARGUMENT),
+        ("ListOperations", lambda w: operations_pb2.ListOperationsRequest(filter="kind=Prune"), Code.INVALID_ARGUMENT),
     ],
     ids=[
         "unknown-model",
@@ -532,12 +672,15 @@ def test_reflection_lists_the_service(channel):
         "export-missing-run",
         "export-unknown-format",
         "get-unknown",
+        "get-malformed",
         "get-empty",
         "cancel-unknown",
         "delete-unknown",
         "wait-unknown",
         "watch-unknown",
+        "watch-malformed",
         "bad-page-token",
+        "bad-filter",
     ],
 )
 def test_bad_requests_are_refused_at_once(stub, world, rpc, make, code):
@@ -551,7 +694,7 @@ def test_bad_requests_are_refused_at_once(stub, world, rpc, make, code):
 
 def test_errors_found_while_running_end_in_the_operation(stub, world):
     bad_layers = wait(stub, stub.RankHeads(rank_request(layers="2-7"), timeout=RPC_TIMEOUT))
-    assert bad_layers.metadata.state == pb.FAILED and bad_layers.error.code == Code.INVALID_ARGUMENT.value[0]
+    assert meta(bad_layers).state == Meta.STATE_FAILED and bad_layers.error.code == Code.INVALID_ARGUMENT.value[0]
     assert "out of range" in bad_layers.error.message
     ranked = wait(stub, stub.RankHeads(rank_request(out="for-tiny"), timeout=RPC_TIMEOUT))
     other = pb.PruneRequest(
@@ -561,10 +704,11 @@ def test_errors_found_while_running_end_in_the_operation(stub, world):
     assert wrong_model.error.code == Code.FAILED_PRECONDITION.value[0] and "ranking was made for" in (
         wrong_model.error.message
     )
-    assert wrong_model.error.hint
+    assert detail(wrong_model.error, error_details_pb2.Help).links[0].description  # what to do about it
+    assert detail(wrong_model.error, error_details_pb2.ErrorInfo).reason == "PRECONDITION_FAILED"
     gated = pb.PruneRequest(
         model=pb.ModelRef(model="local-dir:tiny"),
-        ranking=ranked.rank_heads.run_dir,
+        ranking=outcome(ranked, pb.RankHeadsResult).run_dir,
         policy="top-k",
         k=2,
         validation=validation(),
@@ -572,16 +716,20 @@ def test_errors_found_while_running_end_in_the_operation(stub, world):
         out="gated",
     )
     failed = wait(stub, stub.Prune(gated, timeout=RPC_TIMEOUT))
-    assert failed.metadata.state == pb.FAILED and failed.error.code == Code.FAILED_PRECONDITION.value[0]
-    assert failed.prune.gate_failures and not failed.prune.exported  # the run folder and its report remain
+    assert meta(failed).state == Meta.STATE_FAILED and failed.error.code == Code.FAILED_PRECONDITION.value[0]
+    assert not failed.HasField("response")  # exactly one of error and response: the result rides in the details
+    assert detail(failed.error, error_details_pb2.ErrorInfo).reason == "GATE_FAILED"
+    gated_result = outcome(failed, pb.PruneResult)
+    assert gated_result.gate_failures and not gated_result.exported  # the run folder and its report remain
     assert (world["exports"] / "gated" / "report.md").is_file() and not (world["exports"] / "gated" / "model").exists()
 
 
 @pytest.mark.skipif(not (TOY_MODEL_DIR / "open_clip_config.json").is_file(), reason="the toy model is not trained yet")
 def test_toy_defaults_need_no_data(stub):
     done = wait(stub, stub.RankHeads(pb.RankHeadsRequest(images=pb.ImageSource(n_images=64)), timeout=RPC_TIMEOUT))
-    assert done.metadata.state == pb.SUCCEEDED, done.error
-    assert done.rank_heads.model == "toy" and done.rank_heads.image_count == 64
+    assert meta(done).state == Meta.STATE_SUCCEEDED, done.error
+    ranked = outcome(done, pb.RankHeadsResult)
+    assert ranked.model == "toy" and ranked.image_count == 64
 
 
 def _health(channel, service: str = "") -> int:
@@ -602,7 +750,7 @@ def test_health_and_drain_on_shutdown(world, monkeypatch):
         assert _health(ch) == _health(ch, "surgeon.v1.Surgeon") == health_pb2.HealthCheckResponse.SERVING
         running = stub.RankHeads(rank_request(out="drained", no_cache=True, batch_size=1), timeout=RPC_TIMEOUT)
         waiting = stub.RankHeads(rank_request(out="never"), timeout=RPC_TIMEOUT)
-        _watch_until(stub, running, lambda e: e.metadata.stage == "head statistics")
+        _watch_until(stub, running, lambda e: meta(e).stage == "head statistics")
         stopper = threading.Thread(target=srv.stop, kwargs={"grace": 1.0, "cancel_wait": 20})
         stopper.start()
         deadline = time.monotonic() + 10

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from surgeon.errors import InvalidInput
+from surgeon.errors import InvalidInput, NotFound
 from surgeon.load import load_model
 from surgeon.surgery import HeadRef
 from surgeon.sweep import run_sweep
@@ -54,18 +54,19 @@ def test_imagefolder_csv_and_bias_manifest(tiny_default_dir, user_data):
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "message"),
+    ("kwargs", "message", "error"),
     [
-        ({"data": "empty"}, "is empty"),
-        ({"data": "manifest_missing.csv"}, "not found"),
-        ({"bias_data": "bias.csv"}, "needs --queries"),
-        ({"data": "imagefolder", "classnames": "two_names.txt"}, "2 names for 3 classes"),
+        ({"data": "empty"}, "is empty", InvalidInput),
+        ({"data": "manifest_missing.csv"}, "not found", NotFound),
+        ({"bias_data": "bias_missing.csv", "queries": "two_names.txt"}, "manifest not found", NotFound),
+        ({"bias_data": "bias.csv"}, "needs --queries", InvalidInput),
+        ({"data": "imagefolder", "classnames": "two_names.txt"}, "2 names for 3 classes", InvalidInput),
     ],
 )
-def test_bad_validation_data(user_data, kwargs, message):
+def test_bad_validation_data(user_data, kwargs, message, error):
     (user_data / "empty").mkdir()
     (user_data / "two_names.txt").write_text("a\nb\n")
-    with pytest.raises(InvalidInput, match=message):
+    with pytest.raises(error, match=message):
         build_suite(**{k: user_data / v for k, v in kwargs.items()})
 
 

@@ -5,7 +5,6 @@ command in the main CLI costs nothing and works where the onnx extra is not inst
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -126,13 +125,18 @@ def infer(
     predictions = model.classify(inputs, label_list, top_k=top_k, batch_size=batch_size, image_names=names)
     source = "labels" if label_list is not None else "classifier.onnx"
     if as_json:
-        payload = {
-            "export": str(model.dir),
-            "classes_from": source,
-            "providers": model.active_providers,
-            "predictions": [p.to_dict() for p in predictions],
-        }
-        typer.echo(json.dumps(payload, indent=2, ensure_ascii=False))
+        from surgeon.clioutput import emit_json
+
+        emit_json(
+            "infer",
+            None,
+            [],
+            {"images": len(predictions), "classes_from": source},
+            export=str(model.dir),
+            classes_from=source,
+            providers=model.active_providers,
+            predictions=[p.to_dict() for p in predictions],
+        )
         return
     table = Table(title=f"top {top_k} classes ({source}, {', '.join(model.active_providers)})")
     table.add_column("image", overflow="fold")

@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -41,18 +42,23 @@ def load_image(path: Path | str) -> Image.Image:
     path = Path(path)
     if not path.is_file():
         raise NotFound(f"image not found: {path}")
+    return decode_image(path, str(path))
+
+
+def decode_image(source: Path | BinaryIO, name: str) -> Image.Image:
+    """`load_image` for a file or an open binary stream (a webdataset shard member); `name` says which."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(source) as image:
                 if image.width * image.height > MAX_IMAGE_PIXELS:
                     raise CorruptInput(
-                        f"image {path} is {image.width}x{image.height} pixels, more than the "
+                        f"image {name} is {image.width}x{image.height} pixels, more than the "
                         f"{MAX_IMAGE_PIXELS:,} allowed (decompression bomb?)"
                     )
                 if max(image.size) > MAX_ASPECT_RATIO * min(image.size):  # 1x200000: 48 x 9.6 M after resizing
                     raise CorruptInput(
-                        f"image {path} is {image.width}x{image.height} pixels, more elongated than the "
+                        f"image {name} is {image.width}x{image.height} pixels, more elongated than the "
                         f"{MAX_ASPECT_RATIO}:1 allowed (its shortest side would be resized to the model's input)"
                     )
                 image.load()
@@ -67,7 +73,7 @@ def load_image(path: Path | str) -> Image.Image:
         Image.DecompressionBombError,
         Image.DecompressionBombWarning,
     ) as err:
-        raise CorruptInput(f"unreadable image {path}: {err}") from None
+        raise CorruptInput(f"unreadable image {name}: {err}") from None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

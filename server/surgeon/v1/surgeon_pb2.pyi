@@ -1,6 +1,6 @@
 import datetime
 
-from google.protobuf import duration_pb2 as _duration_pb2
+from google.longrunning import operations_pb2 as _operations_pb2
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -11,21 +11,6 @@ from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
-
-class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
-    __slots__ = ()
-    STATE_UNSPECIFIED: _ClassVar[State]
-    QUEUED: _ClassVar[State]
-    RUNNING: _ClassVar[State]
-    SUCCEEDED: _ClassVar[State]
-    FAILED: _ClassVar[State]
-    CANCELLED: _ClassVar[State]
-STATE_UNSPECIFIED: State
-QUEUED: State
-RUNNING: State
-SUCCEEDED: State
-FAILED: State
-CANCELLED: State
 
 class ModelRef(_message.Message):
     __slots__ = ("model", "pretrained")
@@ -146,16 +131,18 @@ class PruneRequest(_message.Message):
     def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., ranking: _Optional[str] = ..., policy: _Optional[str] = ..., k: _Optional[int] = ..., heads: _Optional[str] = ..., concept: _Optional[str] = ..., min_ccs: _Optional[int] = ..., seed: _Optional[int] = ..., seeds: _Optional[int] = ..., mode: _Optional[str] = ..., tower: _Optional[str] = ..., max_acc_drop: _Optional[float] = ..., max_skew: _Optional[float] = ..., min_acc: _Optional[float] = ..., export_anyway: _Optional[bool] = ..., export_format: _Optional[str] = ..., labels: _Optional[str] = ..., atol: _Optional[float] = ..., images: _Optional[_Union[ImageSource, _Mapping]] = ..., texts: _Optional[str] = ..., judge: _Optional[str] = ..., layers: _Optional[str] = ..., validation: _Optional[_Union[ValidationData, _Mapping]] = ..., out: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...
 
 class ValidateRequest(_message.Message):
-    __slots__ = ("model", "validation", "out", "force")
+    __slots__ = ("model", "validation", "out", "force", "language")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VALIDATION_FIELD_NUMBER: _ClassVar[int]
     OUT_FIELD_NUMBER: _ClassVar[int]
     FORCE_FIELD_NUMBER: _ClassVar[int]
+    LANGUAGE_FIELD_NUMBER: _ClassVar[int]
     model: ModelRef
     validation: ValidationData
     out: str
     force: bool
-    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., validation: _Optional[_Union[ValidationData, _Mapping]] = ..., out: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...
+    language: str
+    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., validation: _Optional[_Union[ValidationData, _Mapping]] = ..., out: _Optional[str] = ..., force: _Optional[bool] = ..., language: _Optional[str] = ...) -> None: ...
 
 class ExportRequest(_message.Message):
     __slots__ = ("run_dir", "format", "labels", "atol", "out", "force")
@@ -285,7 +272,7 @@ class PruneResult(_message.Message):
     def __init__(self, run_dir: _Optional[str] = ..., files: _Optional[_Iterable[str]] = ..., policy: _Optional[str] = ..., mode: _Optional[str] = ..., tower: _Optional[str] = ..., heads: _Optional[_Iterable[_Union[PrunedHead, _Mapping]]] = ..., before: _Optional[_Mapping[str, float]] = ..., after: _Optional[_Mapping[str, float]] = ..., gate_failures: _Optional[_Iterable[str]] = ..., exported: _Optional[bool] = ..., plan: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class ValidateResult(_message.Message):
-    __slots__ = ("model", "summary", "report", "out")
+    __slots__ = ("model", "summary", "report", "out", "files")
     class SummaryEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -297,11 +284,13 @@ class ValidateResult(_message.Message):
     SUMMARY_FIELD_NUMBER: _ClassVar[int]
     REPORT_FIELD_NUMBER: _ClassVar[int]
     OUT_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
     model: str
     summary: _containers.ScalarMap[str, float]
     report: _struct_pb2.Struct
     out: str
-    def __init__(self, model: _Optional[str] = ..., summary: _Optional[_Mapping[str, float]] = ..., report: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., out: _Optional[str] = ...) -> None: ...
+    files: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[str] = ..., summary: _Optional[_Mapping[str, float]] = ..., report: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., out: _Optional[str] = ..., files: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ExportResult(_message.Message):
     __slots__ = ("out_dir", "files")
@@ -311,18 +300,34 @@ class ExportResult(_message.Message):
     files: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, out_dir: _Optional[str] = ..., files: _Optional[_Iterable[str]] = ...) -> None: ...
 
-class Status(_message.Message):
-    __slots__ = ("code", "message", "hint")
-    CODE_FIELD_NUMBER: _ClassVar[int]
-    MESSAGE_FIELD_NUMBER: _ClassVar[int]
-    HINT_FIELD_NUMBER: _ClassVar[int]
-    code: int
-    message: str
-    hint: str
-    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., hint: _Optional[str] = ...) -> None: ...
-
 class OperationMetadata(_message.Message):
     __slots__ = ("kind", "state", "stage", "fraction", "message", "create_time", "start_time", "end_time")
+    class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        KIND_UNSPECIFIED: _ClassVar[OperationMetadata.Kind]
+        KIND_RANK_HEADS: _ClassVar[OperationMetadata.Kind]
+        KIND_PRUNE: _ClassVar[OperationMetadata.Kind]
+        KIND_VALIDATE: _ClassVar[OperationMetadata.Kind]
+        KIND_EXPORT: _ClassVar[OperationMetadata.Kind]
+    KIND_UNSPECIFIED: OperationMetadata.Kind
+    KIND_RANK_HEADS: OperationMetadata.Kind
+    KIND_PRUNE: OperationMetadata.Kind
+    KIND_VALIDATE: OperationMetadata.Kind
+    KIND_EXPORT: OperationMetadata.Kind
+    class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        STATE_UNSPECIFIED: _ClassVar[OperationMetadata.State]
+        STATE_QUEUED: _ClassVar[OperationMetadata.State]
+        STATE_RUNNING: _ClassVar[OperationMetadata.State]
+        STATE_SUCCEEDED: _ClassVar[OperationMetadata.State]
+        STATE_FAILED: _ClassVar[OperationMetadata.State]
+        STATE_CANCELLED: _ClassVar[OperationMetadata.State]
+    STATE_UNSPECIFIED: OperationMetadata.State
+    STATE_QUEUED: OperationMetadata.State
+    STATE_RUNNING: OperationMetadata.State
+    STATE_SUCCEEDED: OperationMetadata.State
+    STATE_FAILED: OperationMetadata.State
+    STATE_CANCELLED: OperationMetadata.State
     KIND_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
@@ -331,85 +336,15 @@ class OperationMetadata(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     START_TIME_FIELD_NUMBER: _ClassVar[int]
     END_TIME_FIELD_NUMBER: _ClassVar[int]
-    kind: str
-    state: State
+    kind: OperationMetadata.Kind
+    state: OperationMetadata.State
     stage: str
     fraction: float
     message: str
     create_time: _timestamp_pb2.Timestamp
     start_time: _timestamp_pb2.Timestamp
     end_time: _timestamp_pb2.Timestamp
-    def __init__(self, kind: _Optional[str] = ..., state: _Optional[_Union[State, str]] = ..., stage: _Optional[str] = ..., fraction: _Optional[float] = ..., message: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
-
-class Operation(_message.Message):
-    __slots__ = ("name", "done", "metadata", "error", "rank_heads", "prune", "validate", "export")
-    NAME_FIELD_NUMBER: _ClassVar[int]
-    DONE_FIELD_NUMBER: _ClassVar[int]
-    METADATA_FIELD_NUMBER: _ClassVar[int]
-    ERROR_FIELD_NUMBER: _ClassVar[int]
-    RANK_HEADS_FIELD_NUMBER: _ClassVar[int]
-    PRUNE_FIELD_NUMBER: _ClassVar[int]
-    VALIDATE_FIELD_NUMBER: _ClassVar[int]
-    EXPORT_FIELD_NUMBER: _ClassVar[int]
-    name: str
-    done: bool
-    metadata: OperationMetadata
-    error: Status
-    rank_heads: RankHeadsResult
-    prune: PruneResult
-    validate: ValidateResult
-    export: ExportResult
-    def __init__(self, name: _Optional[str] = ..., done: _Optional[bool] = ..., metadata: _Optional[_Union[OperationMetadata, _Mapping]] = ..., error: _Optional[_Union[Status, _Mapping]] = ..., rank_heads: _Optional[_Union[RankHeadsResult, _Mapping]] = ..., prune: _Optional[_Union[PruneResult, _Mapping]] = ..., validate: _Optional[_Union[ValidateResult, _Mapping]] = ..., export: _Optional[_Union[ExportResult, _Mapping]] = ...) -> None: ...
-
-class GetOperationRequest(_message.Message):
-    __slots__ = ("name",)
-    NAME_FIELD_NUMBER: _ClassVar[int]
-    name: str
-    def __init__(self, name: _Optional[str] = ...) -> None: ...
-
-class ListOperationsRequest(_message.Message):
-    __slots__ = ("page_size", "page_token", "kind", "state")
-    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
-    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
-    KIND_FIELD_NUMBER: _ClassVar[int]
-    STATE_FIELD_NUMBER: _ClassVar[int]
-    page_size: int
-    page_token: str
-    kind: str
-    state: State
-    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., kind: _Optional[str] = ..., state: _Optional[_Union[State, str]] = ...) -> None: ...
-
-class ListOperationsResponse(_message.Message):
-    __slots__ = ("operations", "next_page_token")
-    OPERATIONS_FIELD_NUMBER: _ClassVar[int]
-    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
-    operations: _containers.RepeatedCompositeFieldContainer[Operation]
-    next_page_token: str
-    def __init__(self, operations: _Optional[_Iterable[_Union[Operation, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
-
-class CancelOperationRequest(_message.Message):
-    __slots__ = ("name",)
-    NAME_FIELD_NUMBER: _ClassVar[int]
-    name: str
-    def __init__(self, name: _Optional[str] = ...) -> None: ...
-
-class DeleteOperationRequest(_message.Message):
-    __slots__ = ("name",)
-    NAME_FIELD_NUMBER: _ClassVar[int]
-    name: str
-    def __init__(self, name: _Optional[str] = ...) -> None: ...
-
-class DeleteOperationResponse(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
-
-class WaitOperationRequest(_message.Message):
-    __slots__ = ("name", "timeout")
-    NAME_FIELD_NUMBER: _ClassVar[int]
-    TIMEOUT_FIELD_NUMBER: _ClassVar[int]
-    name: str
-    timeout: _duration_pb2.Duration
-    def __init__(self, name: _Optional[str] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    def __init__(self, kind: _Optional[_Union[OperationMetadata.Kind, str]] = ..., state: _Optional[_Union[OperationMetadata.State, str]] = ..., stage: _Optional[str] = ..., fraction: _Optional[float] = ..., message: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class WatchOperationRequest(_message.Message):
     __slots__ = ("name",)
@@ -418,38 +353,46 @@ class WatchOperationRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("page_size", "page_token")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "kind", "available", "pretrained_tags", "description")
+    __slots__ = ("name", "kind", "available", "pretrained_tags", "description", "cached_pretrained_tags")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         KIND_UNSPECIFIED: _ClassVar[ModelInfo.Kind]
-        TOY: _ClassVar[ModelInfo.Kind]
-        LOCAL_DIR: _ClassVar[ModelInfo.Kind]
-        ARCHITECTURE: _ClassVar[ModelInfo.Kind]
+        KIND_TOY: _ClassVar[ModelInfo.Kind]
+        KIND_LOCAL_DIR: _ClassVar[ModelInfo.Kind]
+        KIND_ARCHITECTURE: _ClassVar[ModelInfo.Kind]
     KIND_UNSPECIFIED: ModelInfo.Kind
-    TOY: ModelInfo.Kind
-    LOCAL_DIR: ModelInfo.Kind
-    ARCHITECTURE: ModelInfo.Kind
+    KIND_TOY: ModelInfo.Kind
+    KIND_LOCAL_DIR: ModelInfo.Kind
+    KIND_ARCHITECTURE: ModelInfo.Kind
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     AVAILABLE_FIELD_NUMBER: _ClassVar[int]
     PRETRAINED_TAGS_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    CACHED_PRETRAINED_TAGS_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: ModelInfo.Kind
     available: bool
     pretrained_tags: _containers.RepeatedScalarFieldContainer[str]
     description: str
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[ModelInfo.Kind, str]] = ..., available: _Optional[bool] = ..., pretrained_tags: _Optional[_Iterable[str]] = ..., description: _Optional[str] = ...) -> None: ...
+    cached_pretrained_tags: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[ModelInfo.Kind, str]] = ..., available: _Optional[bool] = ..., pretrained_tags: _Optional[_Iterable[str]] = ..., description: _Optional[str] = ..., cached_pretrained_tags: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
-    __slots__ = ("models",)
+    __slots__ = ("models", "next_page_token")
     MODELS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
-    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class ListPoliciesRequest(_message.Message):
     __slots__ = ()

@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from google.longrunning import operations_pb2 as google_dot_longrunning_dot_operations__pb2
 from . import surgeon_pb2 as surgeon_dot_v1_dot_surgeon__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -37,52 +38,27 @@ class SurgeonStub:
         self.RankHeads = channel.unary_unary(
                 '/surgeon.v1.Surgeon/RankHeads',
                 request_serializer=surgeon_dot_v1_dot_surgeon__pb2.RankHeadsRequest.SerializeToString,
-                response_deserializer=surgeon_dot_v1_dot_surgeon__pb2.Operation.FromString,
+                response_deserializer=google_dot_longrunning_dot_operations__pb2.Operation.FromString,
                 _registered_method=True)
         self.Prune = channel.unary_unary(
                 '/surgeon.v1.Surgeon/Prune',
                 request_serializer=surgeon_dot_v1_dot_surgeon__pb2.PruneRequest.SerializeToString,
-                response_deserializer=surgeon_dot_v1_dot_surgeon__pb2.Operation.FromString,
+                response_deserializer=google_dot_longrunning_dot_operations__pb2.Operation.FromString,
                 _registered_method=True)
         self.Validate = channel.unary_unary(
                 '/surgeon.v1.Surgeon/Validate',
                 request_serializer=surgeon_dot_v1_dot_surgeon__pb2.ValidateRequest.SerializeToString,
-                response_deserializer=surgeon_dot_v1_dot_surgeon__pb2.Operation.FromString,
+                response_deserializer=google_dot_longrunning_dot_operations__pb2.Operation.FromString,
                 _registered_method=True)
         self.Export = channel.unary_unary(
                 '/surgeon.v1.Surgeon/Export',
                 request_serializer=surgeon_dot_v1_dot_surgeon__pb2.ExportRequest.SerializeToString,
-                response_deserializer=surgeon_dot_v1_dot_surgeon__pb2.Operation.FromString,
-                _registered_method=True)
-        self.GetOperation = channel.unary_unary(
-                '/surgeon.v1.Surgeon/GetOperation',
-                request_serializer=surgeon_dot_v1_dot_surgeon__pb2.GetOperationRequest.SerializeToString,
-                response_deserializer=surgeon_dot_v1_dot_surgeon__pb2.Operation.FromString,
-                _registered_method=True)
-        self.ListOperations = channel.unary_unary(
-                '/surgeon.v1.Surgeon/ListOperations',
-                request_serializer=surgeon_dot_v1_dot_surgeon__pb2.ListOperationsRequest.SerializeToString,
-                response_deserializer=surgeon_dot_v1_dot_surgeon__pb2.ListOperationsResponse.FromString,
-                _registered_method=True)
-        self.CancelOperation = channel.unary_unary(
-                '/surgeon.v1.Surgeon/CancelOperation',
-                request_serializer=surgeon_dot_v1_dot_surgeon__pb2.CancelOperationRequest.SerializeToString,
-                response_deserializer=surgeon_dot_v1_dot_surgeon__pb2.Operation.FromString,
-                _registered_method=True)
-        self.DeleteOperation = channel.unary_unary(
-                '/surgeon.v1.Surgeon/DeleteOperation',
-                request_serializer=surgeon_dot_v1_dot_surgeon__pb2.DeleteOperationRequest.SerializeToString,
-                response_deserializer=surgeon_dot_v1_dot_surgeon__pb2.DeleteOperationResponse.FromString,
-                _registered_method=True)
-        self.WaitOperation = channel.unary_unary(
-                '/surgeon.v1.Surgeon/WaitOperation',
-                request_serializer=surgeon_dot_v1_dot_surgeon__pb2.WaitOperationRequest.SerializeToString,
-                response_deserializer=surgeon_dot_v1_dot_surgeon__pb2.Operation.FromString,
+                response_deserializer=google_dot_longrunning_dot_operations__pb2.Operation.FromString,
                 _registered_method=True)
         self.WatchOperation = channel.unary_stream(
                 '/surgeon.v1.Surgeon/WatchOperation',
                 request_serializer=surgeon_dot_v1_dot_surgeon__pb2.WatchOperationRequest.SerializeToString,
-                response_deserializer=surgeon_dot_v1_dot_surgeon__pb2.Operation.FromString,
+                response_deserializer=google_dot_longrunning_dot_operations__pb2.Operation.FromString,
                 _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/surgeon.v1.Surgeon/ListModels',
@@ -127,50 +103,22 @@ class SurgeonServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def GetOperation(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def ListOperations(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def CancelOperation(self, request, context):
-        """Ask a queued or running job to stop: it stops at its next step and removes its partial output.
-        Returns the operation as it is now (a running job reports done once it has stopped).
-        FAILED_PRECONDITION when the operation is already done.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def DeleteOperation(self, request, context):
-        """Forget a finished operation (its files stay). FAILED_PRECONDITION while it is not done.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def WaitOperation(self, request, context):
-        """Block until the operation is done or the timeout (default 60 s, at most 600 s) passes; returns it.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
     def WatchOperation(self, request, context):
-        """The operation now, then again on every change of its progress, until (and including) done.
+        """The operation now, then again on every change of its progress, until (and including) done. The rest of
+        the operations API is google.longrunning.Operations on the same server:
+        GetOperation; ListOperations (newest first; page_size default 100, at most 1000; filter "" or terms
+        joined by AND: done=true|false, metadata.kind=KIND_..., metadata.state=STATE_...); CancelOperation (the
+        job stops at its next step and removes its partial output; FAILED_PRECONDITION when already done);
+        DeleteOperation (forget a done operation, its files stay; FAILED_PRECONDITION while it runs);
+        WaitOperation (until done or the timeout: default 60 s, at most 600 s).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListModels(self, request, context):
-        """The models this server can load: the toy, `local-dir:` folders under the models root, open_clip names.
+        """The models this server can load: the toy, `local-dir:` folders under the models root, open_clip names;
+        paged (page_size default 100, at most 1000).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -189,52 +137,27 @@ def add_SurgeonServicer_to_server(servicer, server):
             'RankHeads': grpc.unary_unary_rpc_method_handler(
                     servicer.RankHeads,
                     request_deserializer=surgeon_dot_v1_dot_surgeon__pb2.RankHeadsRequest.FromString,
-                    response_serializer=surgeon_dot_v1_dot_surgeon__pb2.Operation.SerializeToString,
+                    response_serializer=google_dot_longrunning_dot_operations__pb2.Operation.SerializeToString,
             ),
             'Prune': grpc.unary_unary_rpc_method_handler(
                     servicer.Prune,
                     request_deserializer=surgeon_dot_v1_dot_surgeon__pb2.PruneRequest.FromString,
-                    response_serializer=surgeon_dot_v1_dot_surgeon__pb2.Operation.SerializeToString,
+                    response_serializer=google_dot_longrunning_dot_operations__pb2.Operation.SerializeToString,
             ),
             'Validate': grpc.unary_unary_rpc_method_handler(
                     servicer.Validate,
                     request_deserializer=surgeon_dot_v1_dot_surgeon__pb2.ValidateRequest.FromString,
-                    response_serializer=surgeon_dot_v1_dot_surgeon__pb2.Operation.SerializeToString,
+                    response_serializer=google_dot_longrunning_dot_operations__pb2.Operation.SerializeToString,
             ),
             'Export': grpc.unary_unary_rpc_method_handler(
                     servicer.Export,
                     request_deserializer=surgeon_dot_v1_dot_surgeon__pb2.ExportRequest.FromString,
-                    response_serializer=surgeon_dot_v1_dot_surgeon__pb2.Operation.SerializeToString,
-            ),
-            'GetOperation': grpc.unary_unary_rpc_method_handler(
-                    servicer.GetOperation,
-                    request_deserializer=surgeon_dot_v1_dot_surgeon__pb2.GetOperationRequest.FromString,
-                    response_serializer=surgeon_dot_v1_dot_surgeon__pb2.Operation.SerializeToString,
-            ),
-            'ListOperations': grpc.unary_unary_rpc_method_handler(
-                    servicer.ListOperations,
-                    request_deserializer=surgeon_dot_v1_dot_surgeon__pb2.ListOperationsRequest.FromString,
-                    response_serializer=surgeon_dot_v1_dot_surgeon__pb2.ListOperationsResponse.SerializeToString,
-            ),
-            'CancelOperation': grpc.unary_unary_rpc_method_handler(
-                    servicer.CancelOperation,
-                    request_deserializer=surgeon_dot_v1_dot_surgeon__pb2.CancelOperationRequest.FromString,
-                    response_serializer=surgeon_dot_v1_dot_surgeon__pb2.Operation.SerializeToString,
-            ),
-            'DeleteOperation': grpc.unary_unary_rpc_method_handler(
-                    servicer.DeleteOperation,
-                    request_deserializer=surgeon_dot_v1_dot_surgeon__pb2.DeleteOperationRequest.FromString,
-                    response_serializer=surgeon_dot_v1_dot_surgeon__pb2.DeleteOperationResponse.SerializeToString,
-            ),
-            'WaitOperation': grpc.unary_unary_rpc_method_handler(
-                    servicer.WaitOperation,
-                    request_deserializer=surgeon_dot_v1_dot_surgeon__pb2.WaitOperationRequest.FromString,
-                    response_serializer=surgeon_dot_v1_dot_surgeon__pb2.Operation.SerializeToString,
+                    response_serializer=google_dot_longrunning_dot_operations__pb2.Operation.SerializeToString,
             ),
             'WatchOperation': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchOperation,
                     request_deserializer=surgeon_dot_v1_dot_surgeon__pb2.WatchOperationRequest.FromString,
-                    response_serializer=surgeon_dot_v1_dot_surgeon__pb2.Operation.SerializeToString,
+                    response_serializer=google_dot_longrunning_dot_operations__pb2.Operation.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
@@ -273,7 +196,7 @@ class Surgeon:
             target,
             '/surgeon.v1.Surgeon/RankHeads',
             surgeon_dot_v1_dot_surgeon__pb2.RankHeadsRequest.SerializeToString,
-            surgeon_dot_v1_dot_surgeon__pb2.Operation.FromString,
+            google_dot_longrunning_dot_operations__pb2.Operation.FromString,
             options,
             channel_credentials,
             insecure,
@@ -300,7 +223,7 @@ class Surgeon:
             target,
             '/surgeon.v1.Surgeon/Prune',
             surgeon_dot_v1_dot_surgeon__pb2.PruneRequest.SerializeToString,
-            surgeon_dot_v1_dot_surgeon__pb2.Operation.FromString,
+            google_dot_longrunning_dot_operations__pb2.Operation.FromString,
             options,
             channel_credentials,
             insecure,
@@ -327,7 +250,7 @@ class Surgeon:
             target,
             '/surgeon.v1.Surgeon/Validate',
             surgeon_dot_v1_dot_surgeon__pb2.ValidateRequest.SerializeToString,
-            surgeon_dot_v1_dot_surgeon__pb2.Operation.FromString,
+            google_dot_longrunning_dot_operations__pb2.Operation.FromString,
             options,
             channel_credentials,
             insecure,
@@ -354,142 +277,7 @@ class Surgeon:
             target,
             '/surgeon.v1.Surgeon/Export',
             surgeon_dot_v1_dot_surgeon__pb2.ExportRequest.SerializeToString,
-            surgeon_dot_v1_dot_surgeon__pb2.Operation.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def GetOperation(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/surgeon.v1.Surgeon/GetOperation',
-            surgeon_dot_v1_dot_surgeon__pb2.GetOperationRequest.SerializeToString,
-            surgeon_dot_v1_dot_surgeon__pb2.Operation.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def ListOperations(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/surgeon.v1.Surgeon/ListOperations',
-            surgeon_dot_v1_dot_surgeon__pb2.ListOperationsRequest.SerializeToString,
-            surgeon_dot_v1_dot_surgeon__pb2.ListOperationsResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def CancelOperation(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/surgeon.v1.Surgeon/CancelOperation',
-            surgeon_dot_v1_dot_surgeon__pb2.CancelOperationRequest.SerializeToString,
-            surgeon_dot_v1_dot_surgeon__pb2.Operation.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def DeleteOperation(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/surgeon.v1.Surgeon/DeleteOperation',
-            surgeon_dot_v1_dot_surgeon__pb2.DeleteOperationRequest.SerializeToString,
-            surgeon_dot_v1_dot_surgeon__pb2.DeleteOperationResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def WaitOperation(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/surgeon.v1.Surgeon/WaitOperation',
-            surgeon_dot_v1_dot_surgeon__pb2.WaitOperationRequest.SerializeToString,
-            surgeon_dot_v1_dot_surgeon__pb2.Operation.FromString,
+            google_dot_longrunning_dot_operations__pb2.Operation.FromString,
             options,
             channel_credentials,
             insecure,
@@ -516,7 +304,7 @@ class Surgeon:
             target,
             '/surgeon.v1.Surgeon/WatchOperation',
             surgeon_dot_v1_dot_surgeon__pb2.WatchOperationRequest.SerializeToString,
-            surgeon_dot_v1_dot_surgeon__pb2.Operation.FromString,
+            google_dot_longrunning_dot_operations__pb2.Operation.FromString,
             options,
             channel_credentials,
             insecure,
