@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from surgeon.errors import StorageError, SurgeonError
@@ -508,14 +509,7 @@ def serve(
     device: DeviceOpt = None,
 ) -> None:
     """Serve rank/prune/validate/export as gRPC jobs (surgeon.v1.Surgeon) with health checking and reflection."""
-    from surgeon.errors import PreconditionFailed
-
-    try:
-        from server.main import serve as run_server
-    except ImportError as error:
-        raise PreconditionFailed(
-            f"surgeon serve needs the serve extra ({error.name} is missing)", hint="pip install 'surgeon[serve]'"
-        ) from None
+    from server.main import serve as run_server  # needs the serve and surgery extras: main() says which
     run_server(
         host=host,
         port=port,
@@ -554,11 +548,15 @@ def main() -> None:
         if isinstance(error, KeyboardInterrupt) or _interrupted.is_set():
             err.print("interrupted: nothing was written")
             sys.exit(130)
+        if isinstance(error, ImportError):  # a surgery or serve verb on the plain (serving-only) install
+            from surgeon.extras import missing_extra
+
+            error = missing_extra(error, next((a for a in sys.argv[1:] if not a.startswith("-")), None)) or error
         if isinstance(error, SurgeonError):
-            err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
             sys.exit(error.exit_code)
         if isinstance(error, OSError):  # the file system refused something the library did not expect to fail
-            err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
             sys.exit(StorageError.exit_code)
         raise
 

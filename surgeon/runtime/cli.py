@@ -77,7 +77,7 @@ def infer(
     except ImportError as err:
         raise PreconditionFailed(
             f"surgeon infer needs onnxruntime, ftfy and regex ({err})",
-            hint="pip install 'surgeon[onnx]' (CPU) or 'surgeon[gpu]' (CUDA: onnxruntime-gpu); never both",
+            hint="pip install surgeon (the plain install has them); on CUDA swap onnxruntime for onnxruntime-gpu",
         ) from None
     if top_k < 1:
         raise InvalidInput(f"--top-k must be at least 1, got {top_k}")
