@@ -125,6 +125,13 @@ ClassnamesOpt = Annotated[Path | None, typer.Option(help="class names file, one 
 TemplatesOpt = Annotated[Path | None, typer.Option(help="prompt templates file, one per line, with {}")]
 BiasDataOpt = Annotated[Path | None, typer.Option(help="bias set: CSV (path,group[,...])")]
 QueriesOpt = Annotated[Path | None, typer.Option(help="neutral queries file for --bias-data, one per line")]
+OnnxExporterOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="dynamo (torch.export; default, or $SURGEON_ONNX_EXPORTER) or torchscript (deprecated by torch); "
+        "both parity-checked"
+    ),
+]
 SkewKOpt = Annotated[int, typer.Option(help="k of MaxSkew@k / MinSkew@k")]
 DesiredOpt = Annotated[str, typer.Option(help="desired group distribution: uniform or set")]
 
@@ -174,6 +181,7 @@ def prune(
     export: Annotated[str, typer.Option(help="safetensors, onnx or both")] = "safetensors",
     labels: Annotated[Path | None, typer.Option(help="class names for classifier.onnx (ONNX export)")] = None,
     atol: Annotated[float, typer.Option(help="ONNX parity tolerance (max abs difference)")] = 1e-4,
+    onnx_exporter: OnnxExporterOpt = None,
     images: ImagesOpt = None,
     n_images: Annotated[int | None, typer.Option(help="images for ranking and mean ablation")] = None,
     texts: Annotated[str | None, typer.Option(help="text pool when ranking first")] = None,
@@ -193,6 +201,7 @@ def prune(
 ) -> None:
     """Select heads with a policy, prune them (zero/mean/hard), validate before/after, export the result."""
     from surgeon.errors import GateFailed, InvalidInput
+    from surgeon.export import check_exporter
     from surgeon.images import resolve_images
     from surgeon.load import load_model
     from surgeon.paths import new_run_dir
@@ -204,6 +213,7 @@ def prune(
     POLICIES.get(policy), SURGERIES.get(mode)  # fail before any heavy work
     if export not in EXPORT_FORMATS:
         raise InvalidInput(f"unknown export format {export!r}", hint="choose safetensors, onnx or both")
+    check_exporter(onnx_exporter)
     formats = sorted({"safetensors", *EXPORT_FORMATS[export]}, reverse=True)  # the checkpoint always travels
     options = PolicyOptions(
         k=k,
@@ -233,7 +243,7 @@ def prune(
         export_anyway=export_anyway,
         force=force,
         exporters=formats,
-        export_options={"labels": labels, "atol": atol},
+        export_options={"labels": labels, "atol": atol, "exporter": onnx_exporter},
     )
     table = Table(title=f"pruned {len(result.plan['heads'])} head(s): policy {policy}, mode {mode}")
     for column in ("head", "label", "CCS", "reason"):
@@ -365,6 +375,7 @@ def export_command(
     export_format: Annotated[str, typer.Option("--format", help="safetensors, onnx or both")] = "onnx",
     labels: Annotated[Path | None, typer.Option(help="class names for classifier.onnx")] = None,
     atol: Annotated[float, typer.Option(help="ONNX parity tolerance (max abs difference)")] = 1e-4,
+    onnx_exporter: OnnxExporterOpt = None,
     out_dir: Annotated[
         Path | None, typer.Option("--out", help="output folder (default: RUN_DIR/export-FORMAT)")
     ] = None,
@@ -384,7 +395,14 @@ def export_command(
         err.print(f"exporting the newest run: {run_dir}")
     target = out_dir or run_dir / f"export-{export_format}"
     files = export_existing_run(
-        run_dir, EXPORT_FORMATS[export_format], target, force=force, device=device, labels=labels, atol=atol
+        run_dir,
+        EXPORT_FORMATS[export_format],
+        target,
+        force=force,
+        device=device,
+        labels=labels,
+        atol=atol,
+        exporter=onnx_exporter,
     )
     for path in files:
         out.print(str(path))
@@ -510,6 +528,7 @@ def serve(
 ) -> None:
     """Serve rank/prune/validate/export as gRPC jobs (surgeon.v1.Surgeon) with health checking and reflection."""
     from server.main import serve as run_server  # needs the serve and surgery extras: main() says which
+
     run_server(
         host=host,
         port=port,

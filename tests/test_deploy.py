@@ -1,0 +1,236 @@
+"""Deploying pruned models: the run folder as a Hugging Face Hub repo (hf-hub: loading from an offline cache),
+its model card, the ONNX files' shapes and doc strings, and serving from the plain (torch-free) install."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from PIL import Image
+
+from surgeon.card import base_model_facts
+from surgeon.load import load_model
+from surgeon.policies import PolicyOptions
+from surgeon.prune import prune
+from surgeon.runtime.session import ExportedModel
+from tests.conftest import tiny_config
+from tests.test_prune_export import TAXONOMY, synthetic_suite
+
+REPO = Path(__file__).resolve().parents[1]
+LABELS = ["red", "blue", "green", "dog"]
+
+
+def _run(tmp_path_factory, mode: str, exporter: str) -> tuple[object, Path]:
+    """(the pruned LoadedModel, its run folder) for the tiny default model, ONNX with a baked classifier."""
+    from surgeon.images import folder_images
+    from surgeon.pools import TextPool
+    from surgeon.rank import rank_heads
+    from tests.conftest import save_local_dir
+
+    base = tmp_path_factory.mktemp(f"deploy-{mode}")
+    model_dir = save_local_dir(base / "tiny", tiny_config("default"))
+    images = base / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(images / f"img{i:02d}.png")
+    labels = base / "labels.txt"
+    labels.write_text("\n".join(LABELS) + "\n", encoding="utf-8")
+    loaded = load_model(f"local-dir:{model_dir}", device="cpu")
+    pool = TextPool("t", ("a red dog", "a blue cat", "green bird", "a red cat", "a dog", "blue"), TAXONOMY)
+    run = base / "run"
+    with pytest.MonkeyPatch.context() as patch:  # a module fixture: conftest's per-test cache folder is not set yet
+        patch.setenv("SURGEON_CACHE_DIR", str(base / "cache"))
+        ranking = rank_heads(loaded, folder_images(images), pool, layers="1-2", m=3, quiet=True)
+        prune(
+            loaded,
+            ranking,
+            synthetic_suite(),
+            "heads",
+            PolicyOptions(heads="L1.H2,L2.H0"),
+            mode=mode,
+            out_dir=run,
+            exporters=["safetensors", "onnx"],
+            export_options={"labels": labels, "atol": 1e-4, "exporter": exporter},
+        )
+    return loaded, run
+
+
+@pytest.fixture(scope="module")
+def zero_run(tmp_path_factory):
+    return _run(tmp_path_factory, "zero", "dynamo")
+
+
+@pytest.fixture(scope="module")
+def hard_run(tmp_path_factory):
+    return _run(tmp_path_factory, "hard", "torchscript")  # the deprecated exporter, still parity-checked
+
+
+def offline_hub_cache(root: Path, repo_id: str, folder: Path) -> Path:
+    """A Hugging Face hub cache holding `folder` as the main revision of `repo_id` (what a download leaves)."""
+    repo = root / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / ("0" * 40)
+    shutil.copytree(folder, snapshot)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    return root
+
+
+def test_run_folder_loads_through_open_clip_hf_hub(zero_run, tmp_path):
+    loaded, run = zero_run
+    assert (run / "README.md").is_file() and (run / "open_clip_config.json").is_file()
+    assert (run / "open_clip_model.safetensors").is_file() and (run / "onnx" / "visual.onnx").is_file()
+    cache = offline_hub_cache(tmp_path / "hub", "someone/pruned-tiny", run)
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    torch.save(pixels, tmp_path / "pixels.pt")
+    script = f"""
+import sys, torch, open_clip
+model, _, preprocess = open_clip.create_model_and_transforms("hf-hub:someone/pruned-tiny")
+tokenizer = open_clip.get_tokenizer("hf-hub:someone/pruned-tiny")
+pixels = torch.load({str(tmp_path / "pixels.pt")!r}, weights_only=True)
+with torch.no_grad():
+    image = model.eval().encode_image(pixels, normalize=True)
+    text = model.encode_text(tokenizer(["a red dog"]), normalize=True)
+torch.save({{"image": image, "text": text}}, {str(tmp_path / "out.pt")!r})
+"""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp_path / "home")}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = torch.load(tmp_path / "out.pt", weights_only=True)
+    with torch.no_grad():
+        expected = loaded.model.encode_image(pixels, normalize=True)
+        text = loaded.model.encode_text(loaded.tokenizer(["a red dog"]), normalize=True)
+    assert torch.allclose(got["image"], expected, atol=1e-6) and torch.allclose(got["text"], text, atol=1e-6)
+
+
+def test_hard_pruned_run_reloads_with_surgeon_from_its_root(hard_run):
+    loaded, run = hard_run
+    reloaded = load_model(f"local-dir:{run}", device="cpu")
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(reloaded.model.encode_image(pixels), loaded.model.encode_image(pixels))
+
+
+def _card(run: Path) -> tuple[dict, str]:
+    card = ModelCard.load(run / "README.md")  # the Hub's own parser: model-index entries must be valid
+    return card.data.to_dict(), card.text
+
+
+def test_card_metadata_is_honest(zero_run, hard_run):
+    zero, _ = _card(zero_run[1])
+    hard, hard_text = _card(hard_run[1])
+    assert zero["library_name"] == "open_clip" and hard["library_name"] == "onnx"
+    assert "hf-hub:USER/REPO" in _card(zero_run[1])[1] and "surgeon.load.load_model('local-dir:.')" in hard_text
+    for meta in (zero, hard):
+        assert meta["license"] == "unknown" and "base_model" not in meta  # a local folder: nothing to inherit
+        tasks = {r["task"]["type"] for entry in meta["model-index"] for r in entry["results"]}
+        assert tasks == {"zero-shot-image-classification"}  # bias metrics are in the body, not a made-up task
+        assert "onnx" in meta["tags"]
+    assert "MaxSkew" in hard_text or "max_skew" in hard_text
+
+
+def test_base_model_is_a_hub_id_and_the_license_is_inherited(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    plan = {"base_model": {"name": "ViT-B-32", "pretrained": "openai"}}
+    assert base_model_facts({"base_model": {"name": "toy"}}) == {"license": "mit"}
+    assert base_model_facts({"base_model": {"name": "ViT-B-32", "pretrained": "/ckpt/x.safetensors"}}) == {
+        "license": "unknown"
+    }
+    assert base_model_facts(plan) == {
+        "base_model": "timm/vit_base_patch32_clip_224.openai",
+        "license": "other",
+        "license_name": "same-as-base-model",
+        "license_link": "https://huggingface.co/timm/vit_base_patch32_clip_224.openai",
+    }
+    card = tmp_path / "card"
+    card.mkdir()
+    (card / "README.md").write_text("---\ntags:\n- clip\nlicense: apache-2.0\n---\n# base\n", encoding="utf-8")
+    offline_hub_cache(tmp_path / "hub", "timm/vit_base_patch32_clip_224.openai", card)
+    assert base_model_facts(plan) == {"base_model": "timm/vit_base_patch32_clip_224.openai", "license": "apache-2.0"}
+
+
+@pytest.mark.parametrize("which", ["zero_run", "hard_run"])
+def test_onnx_files_name_their_dims_and_say_what_they_are(which, request):
+    loaded, run = request.getfixturevalue(which)
+    onnx_dir = run / "onnx"
+    assert (onnx_dir / "clip_tokenizer.json").is_file() and not (onnx_dir / "tokenizer.json").exists()
+    widths = {"visual.onnx": loaded.embed_dim, "text.onnx": loaded.embed_dim, "classifier.onnx": len(LABELS)}
+    exporter = "dynamo" if which == "zero_run" else "torchscript"
+    for name, width in widths.items():
+        proto = onnx.load(str(onnx_dir / name))
+        out_dims = proto.graph.output[0].type.tensor_type.shape.dim
+        in_dims = proto.graph.input[0].type.tensor_type.shape.dim
+        assert [d.dim_param or d.dim_value for d in out_dims] == ["batch", width]
+        assert in_dims[0].dim_param == "batch" and all(d.dim_value > 0 for d in in_dims[1:])
+        assert proto.doc_string.startswith(loaded.identity) and "batch" in proto.doc_string
+        assert {p.key: p.value for p in proto.metadata_props}["exporter"] == exporter
+    served = ExportedModel(run)
+    assert served.encode_texts(["a red dog"]).shape == (1, loaded.embed_dim)  # the renamed tokenizer file is found
+
+
+def test_unknown_exporter_fails_before_any_work(tmp_path):
+    from surgeon.errors import InvalidInput
+    from surgeon.export import export_existing_run
+
+    with pytest.raises(InvalidInput, match="unknown ONNX exporter"):
+        export_existing_run(REPO, ["onnx"], tmp_path / "x", exporter="jit")
+
+
+# ---- the plain install: serving without torch --------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def plain_venv(tmp_path_factory) -> Path:
+    """A fresh venv with surgeon's wheel and its runtime dependencies from the package index (no extras)."""
+    base = tmp_path_factory.mktemp("plain-install")
+    source = base / "src"
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for name in ("surgeon", "server"):
+        shutil.copytree(REPO / name, source / name, ignore=ignore)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run(
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(base / "dist"), str(source)], check=True
+    )
+    target = base / "venv"
+    venv.create(target, with_pip=True)
+    wheel = next((base / "dist").glob("surgeon-*.whl"))
+    subprocess.run([target / "bin" / "python", *pip[1:], "install", str(wheel)], check=True, timeout=900)
+    return target
+
+
+def test_plain_install_serves_an_export_without_torch(plain_venv, zero_run, tmp_path):
+    loaded, run = zero_run
+    python, surgeon = plain_venv / "bin" / "python", plain_venv / "bin" / "surgeon"
+    no_torch = subprocess.run([python, "-c", "import torch"], capture_output=True, text=True)
+    assert no_torch.returncode != 0 and "No module named 'torch'" in no_torch.stderr
+    image = tmp_path / "a.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (40, 30, 3), dtype=np.uint8)).save(image)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["SURGEON_CACHE_DIR"] = str(tmp_path / "cache")
+    done = subprocess.run([surgeon, "infer", str(run), str(image), "--json"], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    served = json.loads(done.stdout)["predictions"][0]["top"]
+    expected = ExportedModel(run).classify([image], top_k=5)[0].top
+    assert [t["label"] for t in served] == [t.label for t in expected]
+    assert np.allclose([t["logit"] for t in served], [t.logit for t in expected], atol=1e-4)
+    # a surgery verb says in one line which extra to install, with the extra's name intact
+    rank = subprocess.run([surgeon, "rank"], capture_output=True, text=True, env={**env, "COLUMNS": "200"})
+    assert rank.returncode == 5 and "Traceback" not in rank.stderr
+    assert rank.stderr.splitlines() == [
+        "error: surgeon rank needs the surgery extra (torch is not installed)",
+        "  hint: pip install 'surgeon[surgery]'",
+    ]
