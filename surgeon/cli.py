@@ -508,7 +508,9 @@ def models() -> None:
 @app.command()
 def serve(
     host: Annotated[str, typer.Option(help="address to listen on (0.0.0.0 in a container)")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="port; 0 picks a free one (printed at start)")] = 50051,
+    port: Annotated[
+        int, typer.Option(envvar="SURGEON_PORT", help="port; 0 picks a free one (printed at start)")
+    ] = 50051,
     exports_root: Annotated[
         Path | None, typer.Option(help="where jobs write (default: $SURGEON_EXPORTS_DIR or ./exports)")
     ] = None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -240,3 +241,44 @@ def test_plain_install_serves_an_export_without_torch(plain_venv, zero_run, tmp_
         "error: surgeon rank needs the surgery extra (torch is not installed)",
         "  hint: pip install 'surgeon[surgery]'",
     ]
+
+
+# ---- Docker: two targets, pinned base, constrained packages ------------------------------------------------
+
+
+def _dockerfile() -> list[str]:
+    """Dockerfile instructions, continuation lines joined, comments dropped."""
+    text = (REPO / "Dockerfile").read_text(encoding="utf-8").replace("\\\n", " ")
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def test_dockerfile_pins_its_base_and_packages_and_runs_as_a_numeric_user():
+    lines = _dockerfile()
+    base = next(line for line in lines if line.startswith("ARG PYTHON_IMAGE="))
+    assert "@sha256:" in base and len(base.split("@sha256:")[1]) == 64
+    stages = [line.split()[-1] for line in lines if line.startswith("FROM ")]
+    assert {"serving", "surgery"} <= set(stages) and stages[-1] == "surgery"  # the default target stays surgery
+    assert all(line.split()[1] in ("${PYTHON_IMAGE}", *stages) for line in lines if line.startswith("FROM "))
+    installs = [cmd for line in lines for cmd in re.split(r";|&&", line) if "pip install" in cmd]
+    assert installs and all("-c /tmp/constraints.txt" in line for line in installs if "onnxruntime-gpu" not in line)
+    users = [line.split()[1] for line in lines if line.startswith("USER ")]
+    assert users and all(part.isdigit() for user in users for part in user.split(":"))
+    health = next(line for line in lines if line.startswith("HEALTHCHECK --interval"))
+    assert "os.environ['SURGEON_PORT']" in health and "ENV SURGEON_PORT=50051" in lines
+
+
+def test_constraints_satisfy_every_requirement():
+    import tomllib
+    from packaging.requirements import Requirement
+
+    pins = {}
+    for line in (REPO / "docker" / "constraints.txt").read_text(encoding="utf-8").splitlines():
+        if line and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[name.lower().replace("_", "-")] = version
+    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    extras = project["optional-dependencies"]
+    for raw in project["dependencies"] + extras["surgery"] + extras["serve"]:
+        req = Requirement(raw)
+        name = req.name.lower().replace("_", "-")
+        assert name in pins and req.specifier.contains(pins[name]), (raw, pins.get(name))
