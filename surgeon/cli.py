@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from surgeon.errors import StorageError, SurgeonError
-from surgeon.runtime.cli import infer
+from surgeon.runtime.cli import infer, triton_repo
 
 app = typer.Typer(
     help="Rank, prune, validate and export CLIP attention heads.",
@@ -24,6 +24,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.command()(infer)  # torch-free: the onnxruntime serving path
+app.command("triton-repo")(triton_repo)  # torch-free too
 toy_app = typer.Typer(help="The embedded toy world and its bundled CLIP.", no_args_is_help=True)
 app.add_typer(toy_app, name="toy")
 out = Console()

@@ -14,12 +14,14 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from huggingface_hub import ModelCard
 from PIL import Image
 
 from surgeon.card import base_model_facts
+from surgeon.errors import PreconditionFailed
 from surgeon.load import load_model
 from surgeon.policies import PolicyOptions
 from surgeon.prune import prune
@@ -282,3 +284,56 @@ def test_constraints_satisfy_every_requirement():
         req = Requirement(raw)
         name = req.name.lower().replace("_", "-")
         assert name in pins and req.specifier.contains(pins[name]), (raw, pins.get(name))
+
+
+# ---- Triton model repository -------------------------------------------------------------------------------
+
+
+def _pbtxt_tensors(config: str, kind: str) -> list[tuple[str, str, list[int]]]:
+    block = re.search(rf"^{kind} \[\n(.*?)\n\]", config, re.S | re.M).group(1)
+    found = re.findall(r'name: "([^"]+)", data_type: (\w+), dims: \[ ([-\d, ]+) \]', block)
+    return [(n, t, [int(d) for d in dims.split(",")]) for n, t, dims in found]
+
+
+def test_triton_repository_matches_the_onnx_files(hard_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from surgeon.cli import app
+
+    loaded, run = hard_run
+    out = tmp_path / "triton"
+    result = CliRunner().invoke(app, ["triton-repo", str(run), "--out", str(out), "--name", "pruned"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["pruned_classifier", "pruned_text", "pruned_visual"]
+    types = {onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.INT64: "TYPE_INT64"}
+    for folder in out.iterdir():
+        config = (folder / "config.pbtxt").read_text(encoding="utf-8")
+        filename = re.search(r'default_model_filename: "(.+)"', config).group(1)
+        proto = onnx.load(str(folder / "1" / filename))
+        assert f'name: "{folder.name}"' in config and 'backend: "onnxruntime"' in config
+        assert "max_batch_size: 32" in config and "dynamic_batching { max_queue_delay_microseconds: 1000 }" in config
+        for kind, values in (("input", proto.graph.input), ("output", proto.graph.output)):
+            expected = [
+                (v.name, types[v.type.tensor_type.elem_type], [d.dim_value for d in v.type.tensor_type.shape.dim][1:])
+                for v in values
+            ]
+            assert _pbtxt_tensors(config, kind) == expected
+    classifier = (out / "pruned_classifier" / "config.pbtxt").read_text(encoding="utf-8")
+    assert 'label_filename: "labels.txt"' in classifier
+    assert (out / "pruned_classifier" / "labels.txt").read_text(encoding="utf-8").split() == LABELS
+    text_dir = out / "pruned_text"
+    served = ExportedModel(run)
+    copied = ort.InferenceSession(str(text_dir / "1" / "text.onnx"))  # the copied graph runs as the export does
+    tokens = served.tokenizer(["a red dog", "blue"])
+    assert np.allclose(copied.run(None, {"input_ids": tokens})[0], served.encode_texts(["a red dog", "blue"]))
+    assert {"clip_tokenizer.json", "preprocess.json", "bpe_simple_vocab_16e6.txt.gz"} <= {
+        p.name for p in text_dir.iterdir()
+    }
+    unbatched = CliRunner().invoke(
+        app, ["triton-repo", str(run), "--out", str(out), "--max-batch-size", "0", "--force"]
+    )
+    assert unbatched.exit_code == 0, unbatched.output
+    config = (out / "run_visual" / "config.pbtxt").read_text(encoding="utf-8")
+    assert _pbtxt_tensors(config, "input")[0][2] == [-1, 3, 32, 32] and "dynamic_batching" not in config
+    again = CliRunner().invoke(app, ["triton-repo", str(run), "--out", str(out)])
+    assert isinstance(again.exception, PreconditionFailed)  # an existing repository stays unless --force
