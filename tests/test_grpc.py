@@ -242,7 +242,7 @@ def test_prune_validate_export_and_operations(stub, world):
         stub,
         stub.Validate(
             pb.ValidateRequest(
-                model=pb.ModelRef(model="local-dir:pruned/model"), validation=validation(), out="checks/v.json"
+                model=pb.ModelRef(model="local-dir:pruned"), validation=validation(), out="checks/v.json"
             ),
             timeout=RPC_TIMEOUT,
         ),
