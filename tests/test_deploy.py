@@ -124,6 +124,22 @@ def test_hard_pruned_run_reloads_with_surgeon_from_its_root(hard_run):
         assert torch.equal(reloaded.model.encode_image(pixels), loaded.model.encode_image(pixels))
 
 
+def test_runs_written_before_the_hub_layout_still_export(zero_run, tmp_path):
+    from surgeon.export import export_existing_run
+    from surgeon.paths import newest_run
+
+    _, run = zero_run
+    old = tmp_path / "exports" / "old-run"
+    shutil.copytree(run, old, ignore=shutil.ignore_patterns("onnx"))
+    (old / "model").mkdir()
+    for name in ("open_clip_config.json", "open_clip_model.safetensors"):
+        (old / name).rename(old / "model" / name)
+    assert newest_run(hint="", root=tmp_path / "exports") == old
+    files = export_existing_run(old, ["safetensors"], tmp_path / "new")
+    assert tmp_path / "new" / "open_clip_model.safetensors" in files
+    assert (tmp_path / "new" / "README.md").is_file() and not (tmp_path / "new" / "model").exists()
+
+
 def _card(run: Path) -> tuple[dict, str]:
     card = ModelCard.load(run / "README.md")  # the Hub's own parser: model-index entries must be valid
     return card.data.to_dict(), card.text
