@@ -252,6 +252,10 @@ def test_plain_install_serves_an_export_without_torch(plain_venv, zero_run, tmp_
     expected = ExportedModel(run).classify([image], top_k=5)[0].top
     assert [t["label"] for t in served] == [t.label for t in expected]
     assert np.allclose([t["logit"] for t in served], [t.logit for t in expected], atol=1e-4)
+    triton = subprocess.run(
+        [surgeon, "triton-repo", str(run), "--out", str(tmp_path / "triton")], capture_output=True, text=True, env=env
+    )
+    assert triton.returncode == 0 and (tmp_path / "triton" / "run_visual" / "config.pbtxt").is_file(), triton.stderr
     # a surgery verb says in one line which extra to install, with the extra's name intact
     rank = subprocess.run([surgeon, "rank"], capture_output=True, text=True, env={**env, "COLUMNS": "200"})
     assert rank.returncode == 5 and "Traceback" not in rank.stderr
