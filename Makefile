@@ -3,7 +3,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # torch/torchvision pinned to the releases this machine holds on disk (CPU use; CUDA when present).
 TORCH := torch==2.14.1 torchvision==0.29.1
-EXTRAS ?= onnx,serve,test
+# surgery: torch, open_clip... (the plain install only serves ONNX exports); serve: gRPC; test: pytest, ruff
+EXTRAS ?= surgery,serve,test
 
 .PHONY: setup demo test lint clean
 

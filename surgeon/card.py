@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from surgeon.bias import headline_keys
 from surgeon.load import LoadedModel
 
 
@@ -14,38 +13,79 @@ def _q(value: object) -> str:
     return json.dumps(value)
 
 
-def _front_matter(plan: dict, validation: dict) -> list[str]:
+#: the license of the bundled toy model and of everything surgeon writes for it: the project's
+TOY_LICENSE = "mit"
+
+
+def base_model_facts(plan: dict) -> dict[str, str]:
+    """The card's base_model (a Hub id, from open_clip's pretrained config) and license (the base model's:
+    read from its card in the local Hub cache, else `other` linking to it; the toy's is the project's MIT)."""
+    base = plan["base_model"]
+    if base["name"] == "toy":
+        return {"license": TOY_LICENSE}
+    import open_clip
+
+    from surgeon.load import hub_repo
+
+    pretrained = base.get("pretrained") or ""
+    repo_id, _ = hub_repo(open_clip.get_pretrained_cfg(base["name"], pretrained) if pretrained else {})
+    if not repo_id:  # a local folder or checkpoint file: its license is not known here
+        return {"license": "unknown"}
+    license_id = _cached_card_license(repo_id)
+    if license_id:
+        return {"base_model": repo_id, "license": license_id}
+    return {
+        "base_model": repo_id,
+        "license": "other",
+        "license_name": "same-as-base-model",
+        "license_link": f"https://huggingface.co/{repo_id}",
+    }
+
+
+def _cached_card_license(repo_id: str) -> str | None:
+    """The `license:` of the base model's README.md front matter when the local Hub cache holds it."""
+    from huggingface_hub import try_to_load_from_cache
+
+    card = try_to_load_from_cache(repo_id, "README.md")
+    if not isinstance(card, str):
+        return None
+    text = Path(card).read_text(encoding="utf-8", errors="replace")
+    if not text.startswith("---"):
+        return None
+    for line in text.split("---", 2)[1].splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "license" and value.strip():
+            return value.strip().strip("'\"")
+    return None
+
+
+def _front_matter(plan: dict, validation: dict, hard: bool, has_onnx: bool) -> list[str]:
+    """Hub metadata. library_name says what loads the weights: open_clip for zero/mean pruning; for hard
+    pruning open_clip cannot (narrower attention), so it names the ONNX files when there are some, else none.
+    Bias metrics have no Hub task type: they stay in the card body."""
     base = plan["base_model"]
     base_name = base["name"] + (f"/{base['pretrained']}" if base.get("pretrained") else "")
     run_name = f"{base_name} pruned ({plan['policy']}, {plan['mode']})"
-    lines = [
-        "---",
-        "library_name: open_clip",
-        f"base_model: {_q(base_name)}",
-        "pipeline_tag: zero-shot-image-classification",
-        "tags:",
-        *[f"- {_q(t)}" for t in ("clip", "pruned", "attention-head-pruning", "surgeon", f"policy-{plan['policy']}")],
-        "model-index:",
-        f"- name: {_q(run_name)}",
-        "  results:",
-    ]
-    for entry in validation.get("after", {}).get("results", []):
+    library = "onnx" if hard and has_onnx else None if hard else "open_clip"
+    tags = ["clip", "pruned", "attention-head-pruning", "surgeon", f"policy-{plan['policy']}"]
+    tags += ["onnx"] * has_onnx + ["toy"] * (base["name"] == "toy")
+    lines = ["---"]
+    lines += [f"library_name: {library}"] if library else []
+    lines += [f"{key}: {_q(value)}" for key, value in base_model_facts(plan).items()]
+    lines += ["pipeline_tag: zero-shot-image-classification", "tags:", *[f"- {_q(t)}" for t in tags]]
+    results = [e for e in validation.get("after", {}).get("results", []) if e["task"] == "zeroshot_classification"]
+    if results:
+        lines += ["model-index:", f"- name: {_q(run_name)}", "  results:"]
+    for entry in results:
         metrics = entry["metrics"]
-        if entry["task"] == "zeroshot_classification":
-            task, pairs = (
-                "zero-shot-image-classification",
-                [("accuracy", "acc1"), ("accuracy", "acc5"), ("recall", "mean_per_class_recall")],
-            )
-        else:
-            task = "bias-evaluation"
-            pairs = [("max_skew", k) for k in headline_keys(metrics) if k != "ndkl"] + [("ndkl", "ndkl")]
         lines += [
-            f"  - task: {{type: {task}}}",
+            "  - task: {type: zero-shot-image-classification}",
             f"    dataset: {{name: {_q(entry['dataset'])}, type: {_q(entry['dataset'])}}}",
             "    metrics:",
         ]
         lines += [
-            f"    - {{type: {kind}, name: {name}, value: {round(float(metrics[name]), 6)}}}" for kind, name in pairs
+            f"    - {{type: {kind}, name: {name}, value: {round(float(metrics[name]), 6)}}}"
+            for kind, name in (("accuracy", "acc1"), ("accuracy", "acc5"), ("recall", "mean_per_class_recall"))
         ]
     lines.append("---")
     return lines
@@ -57,7 +97,7 @@ def model_card(loaded: LoadedModel, plan: dict, validation: dict, folder: Path) 
 
     hard = bool(plan["record"].get("heads_kept"))
     has_onnx = (folder / "onnx" / "visual.onnx").exists()
-    lines = _front_matter(plan, validation) + [
+    lines = _front_matter(plan, validation, hard, has_onnx) + [
         "",
         f"# {plan['base_model']['name']} with {len(plan['heads'])} attention head(s) pruned",
         "",
@@ -86,17 +126,19 @@ def model_card(loaded: LoadedModel, plan: dict, validation: dict, folder: Path) 
     ]
     if hard:
         lines += [
-            "import surgeon.load",
+            "# the heads are physically removed: plain open_clip cannot build the narrower attention, surgeon can",
+            "import surgeon.load  # pip install 'surgeon[surgery]'",
             "",
-            "loaded = surgeon.load.load_model('local-dir:model')  # rebuilds the narrower attention",
+            "loaded = surgeon.load.load_model('local-dir:.')  # this folder, downloaded",
             "model, preprocess, tokenizer = loaded.model, loaded.preprocess, loaded.tokenizer",
         ]
     else:
         lines += [
             "import open_clip",
             "",
-            "model, _, preprocess = open_clip.create_model_and_transforms('local-dir:model')",
-            "tokenizer = open_clip.get_tokenizer('local-dir:model')",
+            "# this folder pushed to the Hub as USER/REPO; from a local copy use 'local-dir:PATH'",
+            "model, _, preprocess = open_clip.create_model_and_transforms('hf-hub:USER/REPO')",
+            "tokenizer = open_clip.get_tokenizer('hf-hub:USER/REPO')",
         ]
     lines += ["```", ""]
     if has_onnx:

@@ -16,7 +16,7 @@ from rich.table import Table
 
 from surgeon import limits
 from surgeon.errors import StorageError, SurgeonError
-from surgeon.runtime.cli import infer
+from surgeon.runtime.cli import infer, triton_repo
 
 EXIT_CODES = (
     "Exit codes: 0 success, 1 internal error, 2 invalid input, 3 not found, 4 corrupt input, 5 precondition "
@@ -31,6 +31,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.command()(infer)  # torch-free: the onnxruntime serving path
+app.command("triton-repo")(triton_repo)  # torch-free too
 toy_app = typer.Typer(help="The embedded toy world and its bundled CLIP.", no_args_is_help=True)
 app.add_typer(toy_app, name="toy")
 out = Console()
@@ -188,6 +189,13 @@ ClassnamesOpt = Annotated[Path | None, typer.Option(help="class names file, one 
 TemplatesOpt = Annotated[Path | None, typer.Option(help="prompt templates file, one per line, with {}")]
 BiasDataOpt = Annotated[Path | None, typer.Option(help="bias set: CSV (path,group[,...])")]
 QueriesOpt = Annotated[Path | None, typer.Option(help="neutral queries file for --bias-data, one per line")]
+OnnxExporterOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="dynamo (torch.export; default, or $SURGEON_ONNX_EXPORTER) or torchscript (deprecated by torch); "
+        "both parity-checked"
+    ),
+]
 SkewKOpt = Annotated[int, typer.Option(help="k of MaxSkew@k / MinSkew@k")]
 DesiredOpt = Annotated[
     str | None, typer.Option(help="desired group distribution: uniform or set (default: the protocol's)")
@@ -250,6 +258,7 @@ def prune(
     export: Annotated[str, typer.Option(help="safetensors, onnx or both")] = "safetensors",
     labels: Annotated[Path | None, typer.Option(help="class names for classifier.onnx (ONNX export)")] = None,
     atol: Annotated[float, typer.Option(help="ONNX parity tolerance (max abs difference)")] = 1e-4,
+    onnx_exporter: OnnxExporterOpt = None,
     images: ImagesOpt = None,
     n_images: Annotated[int | None, typer.Option(help="images for ranking and mean ablation")] = None,
     texts: Annotated[str | None, typer.Option(help="text pool when ranking first")] = None,
@@ -276,6 +285,7 @@ def prune(
 ) -> None:
     """Select heads with a policy, prune them (zero/mean/hard), validate before/after, export the result."""
     from surgeon.errors import GateFailed, InvalidInput
+    from surgeon.export import check_exporter
     from surgeon.images import resolve_images
     from surgeon.load import load_model
     from surgeon.paths import new_run_dir
@@ -291,6 +301,7 @@ def prune(
     limits.texts(model=model, pretrained=pretrained, images=images, texts=texts, device=device)
     if export not in EXPORT_FORMATS:
         raise InvalidInput(f"unknown export format {export!r}", hint="choose safetensors, onnx or both")
+    check_exporter(onnx_exporter)
     formats = sorted({"safetensors", *EXPORT_FORMATS[export]}, reverse=True)  # the checkpoint always travels
     options = PolicyOptions(
         k=k,
@@ -320,7 +331,7 @@ def prune(
         export_anyway=export_anyway,
         force=force,
         exporters=formats,
-        export_options={"labels": labels, "atol": atol},
+        export_options={"labels": labels, "atol": atol, "exporter": onnx_exporter},
         language=language,
     )
     if as_json:
@@ -500,6 +511,7 @@ def export_command(
     export_format: Annotated[str, typer.Option("--format", help="safetensors, onnx or both")] = "onnx",
     labels: Annotated[Path | None, typer.Option(help="class names for classifier.onnx")] = None,
     atol: Annotated[float, typer.Option(help="ONNX parity tolerance (max abs difference)")] = 1e-4,
+    onnx_exporter: OnnxExporterOpt = None,
     out_dir: Annotated[
         Path | None, typer.Option("--out", help="output folder (default: RUN_DIR/export-FORMAT)")
     ] = None,
@@ -532,6 +544,7 @@ def export_command(
         verify=not no_verify,
         labels=labels,
         atol=atol,
+        exporter=onnx_exporter,
     )
     if as_json:
         from surgeon.clioutput import emit_json
@@ -678,7 +691,9 @@ def models(as_json: JsonOpt = False) -> None:
 @app.command()
 def serve(
     host: Annotated[str, typer.Option(help="address to listen on (0.0.0.0 in a container)")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="port; 0 picks a free one (printed at start)")] = 50051,
+    port: Annotated[
+        int, typer.Option(envvar="SURGEON_PORT", help="port; 0 picks a free one (printed at start)")
+    ] = 50051,
     exports_root: Annotated[
         Path | None, typer.Option(help="where jobs write (default: $SURGEON_EXPORTS_DIR or ./exports)")
     ] = None,
@@ -697,14 +712,8 @@ def serve(
     device: DeviceOpt = None,
 ) -> None:
     """Serve rank/prune/validate/export as gRPC jobs (surgeon.v1.Surgeon) with health checking and reflection."""
-    from surgeon.errors import PreconditionFailed
+    from server.main import serve as run_server  # needs the serve and surgery extras: main() says which
 
-    try:
-        from server.main import serve as run_server
-    except ImportError as error:
-        raise PreconditionFailed(
-            f"surgeon serve needs the serve extra ({error.name} is missing)", hint="pip install 'surgeon[serve]'"
-        ) from None
     run_server(
         host=host,
         port=port,
@@ -752,11 +761,15 @@ def main() -> None:
         if isinstance(error, KeyboardInterrupt) or _interrupted.is_set():
             err.print("interrupted: nothing was written")
             sys.exit(130)
+        if isinstance(error, ImportError):  # a surgery or serve verb on the plain (serving-only) install
+            from surgeon.extras import missing_extra
+
+            error = missing_extra(error, next((a for a in sys.argv[1:] if not a.startswith("-")), None)) or error
         if isinstance(error, SurgeonError):
             err.print(f"[bold red]error:[/] {escape(limits.clip(str(error)))}", highlight=False, soft_wrap=True)
             sys.exit(error.exit_code)
         if isinstance(error, OSError):  # the file system refused something the library did not expect to fail
-            err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
             sys.exit(StorageError.exit_code)
         raise
 

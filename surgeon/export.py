@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
 import shutil
 import warnings
 from collections.abc import Callable
@@ -22,6 +25,26 @@ from surgeon.pools import read_lines
 from surgeon.registry import Registry
 
 EXPORTERS: Registry = Registry("export format")
+
+#: the export's tokenizer settings (surgeon's own format: not a Hugging Face tokenizers file, hence the name)
+TOKENIZER_SPEC = "clip_tokenizer.json"  # surgeon.runtime.session.TOKENIZER_SPECS[0]
+#: ONNX exporters: torch.export-based (the default) and the TorchScript-based one torch deprecates
+ONNX_EXPORTERS = ("dynamo", "torchscript")
+
+
+def check_exporter(exporter: str | None) -> str:
+    """The exporter to use: the one named, else $SURGEON_ONNX_EXPORTER, else dynamo (for deployments that
+    cannot pass an option, e.g. the gRPC service)."""
+    exporter = exporter or os.environ.get("SURGEON_ONNX_EXPORTER") or ONNX_EXPORTERS[0]
+    if exporter not in ONNX_EXPORTERS:
+        raise InvalidInput(f"unknown ONNX exporter {exporter!r}", hint=f"one of {', '.join(ONNX_EXPORTERS)}")
+    return exporter
+
+
+def run_model_dir(run_dir: Path) -> Path:
+    """Where a run folder keeps its open_clip weights: next to README.md (the Hub layout), or in model/ (runs
+    written before the Hub layout)."""
+    return run_dir if (run_dir / "open_clip_config.json").is_file() else run_dir / "model"
 
 
 def provenance(loaded: LoadedModel, plan: dict, validation: dict) -> dict[str, str]:
@@ -53,10 +76,10 @@ def provenance(loaded: LoadedModel, plan: dict, validation: dict) -> dict[str, s
 
 @EXPORTERS.register("safetensors")
 def export_safetensors(loaded: LoadedModel, plan: dict, validation: dict, folder: Path, **_options) -> list[Path]:
-    target = folder / "model"
-    target.mkdir()
-    write_local_dir(loaded, target, plan["record"], provenance(loaded, plan, validation))
-    return [target / "open_clip_config.json", target / "open_clip_model.safetensors"]
+    """open_clip_config.json + open_clip_model.safetensors next to README.md: the run folder is a Hub repo that
+    open_clip loads as `hf-hub:USER/REPO` (and `local-dir:RUN` here)."""
+    write_local_dir(loaded, folder, plan["record"], provenance(loaded, plan, validation))
+    return [folder / "open_clip_config.json", folder / "open_clip_model.safetensors"]
 
 
 class _Visual(torch.nn.Module):
@@ -98,6 +121,7 @@ class OnnxGraph:
     input_name: str
     output_name: str
     make_input: Callable[[int], torch.Tensor]
+    doc: str  # the graph's doc_string: what goes in and out
 
 
 def read_labels(path: Path) -> list[str]:
@@ -126,20 +150,52 @@ def _graphs(loaded: LoadedModel, labels: list[str] | None) -> list[OnnxGraph]:
     def tokens(batch: int) -> torch.Tensor:
         return loaded.tokenizer([words[(i + batch) % len(words)] * (1 + i % 2) for i in range(batch)]).to(device)
 
+    image = f"pixel_values float32 [batch, 3, {size[0]}, {size[1]}] preprocessed as preprocess.json"
+    embeds = f"float32 [batch, {loaded.embed_dim}], L2-normalised"
+    context = loaded.model_cfg["text_cfg"].get("context_length", 77)
+    visual_doc = f"{loaded.identity} image tower: {image} -> image_embeds {embeds}"
+    text_doc = (
+        f"{loaded.identity} text tower: input_ids int64 [batch, {context}] ({TOKENIZER_SPEC}) -> text_embeds {embeds}"
+    )
     graphs = [
-        OnnxGraph("visual.onnx", _Visual(model), "pixel_values", "image_embeds", pixels),
-        OnnxGraph("text.onnx", _Text(model), "input_ids", "text_embeds", tokens),
+        OnnxGraph("visual.onnx", _Visual(model), "pixel_values", "image_embeds", pixels, visual_doc),
+        OnnxGraph("text.onnx", _Text(model), "input_ids", "text_embeds", tokens, text_doc),
     ]
     if labels:
         from surgeon.templates import DEFAULT_TEMPLATES
         from surgeon.zeroshot import build_classifier
 
         classes = build_classifier(model, loaded.tokenizer, labels, DEFAULT_TEMPLATES, device)
-        graphs.append(OnnxGraph("classifier.onnx", _Classifier(model, classes), "pixel_values", "logits", pixels))
+        doc = f"{loaded.identity} zero-shot classifier: {image} -> logits float32 [batch, {len(labels)}] = 100 * cosine"
+        graphs.append(OnnxGraph("classifier.onnx", _Classifier(model, classes), "pixel_values", "logits", pixels, doc))
     return graphs
 
 
-def _export_graph(graph: OnnxGraph, path: Path, opset: int) -> None:
+#: above this many bytes of weights a graph keeps them in an external-data file (protobuf's 2 GB limit)
+EXTERNAL_DATA_BYTES = 1_800_000_000
+
+
+def _export_graph(graph: OnnxGraph, path: Path, opset: int, exporter: str) -> None:
+    """dynamo: torch.export-based, a named `batch` dimension and static feature dims; torchscript: the exporter
+    torch deprecates, kept as a fallback."""
+    graph.module.eval()
+    if exporter == "dynamo":
+        weights = sum(t.numel() * t.element_size() for t in graph.module.state_dict().values())
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):  # its progress lines
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                graph.module,
+                (graph.make_input(2),),
+                str(path),
+                input_names=[graph.input_name],
+                output_names=[graph.output_name],
+                opset_version=opset,
+                dynamo=True,
+                dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+                external_data=weights > EXTERNAL_DATA_BYTES,
+                verbose=False,
+            )
+        return
     with warnings.catch_warnings():
         # the text tower's end-of-text gather (arange, argmax) is the only advanced indexing: its indices are
         # never negative, so this generic warning is noise; check_onnx compares the result anyway
@@ -154,6 +210,16 @@ def _export_graph(graph: OnnxGraph, path: Path, opset: int) -> None:
             dynamo=False,
             dynamic_axes={graph.input_name: {0: "batch"}, graph.output_name: {0: "batch"}},
         )
+
+
+def _name_dims(proto, graph: OnnxGraph, width: int) -> None:
+    """Name the batch dimension `batch` and fix the output width (the TorchScript exporter leaves a symbolic
+    'Divimage_embeds_dim_1'), so serving configs can read every shape from the file."""
+    for value in (*proto.graph.input, *proto.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        dims[0].dim_param = "batch"
+    out_dims = proto.graph.output[0].type.tensor_type.shape.dim
+    out_dims[1].dim_value = width
 
 
 def check_onnx(graph: OnnxGraph, path: Path, atol: float) -> float:
@@ -191,14 +257,17 @@ def export_onnx(
     labels: Path | None = None,
     atol: float = 1e-4,
     opset: int = 18,
+    exporter: str | None = None,
     **_options,
 ) -> list[Path]:
     """visual.onnx, text.onnx (and classifier.onnx with labels), each validated against PyTorch and
-    stamped with provenance, plus the preprocessing and tokenizer files a torch-free runtime needs."""
+    stamped with provenance and a doc_string, plus the preprocessing and tokenizer files a torch-free
+    runtime needs."""
     import onnx
 
     if opset < 18:
         raise InvalidInput("ONNX export needs opset >= 18")
+    exporter = check_exporter(exporter)
     label_list = read_labels(labels) if labels else None
     target = folder / "onnx"
     target.mkdir()
@@ -206,14 +275,22 @@ def export_onnx(
     meta = provenance(loaded, plan, validation)
     for graph in _graphs(loaded, label_list):
         path = target / graph.filename
-        _export_graph(graph, path, opset)
+        _export_graph(graph, path, opset, exporter)
         diff = check_onnx(graph, path, atol)
         # weights over 2 GB stay in torch's external-data files: loading them into one protobuf would fail
         proto = onnx.load(str(path), load_external_data=False)
-        extra = {"export_atol": str(atol), "export_max_abs_diff": f"{diff:.3e}", "artifact": graph.filename}
+        extra = {
+            "export_atol": str(atol),
+            "export_max_abs_diff": f"{diff:.3e}",
+            "artifact": graph.filename,
+            "exporter": exporter,
+        }
         if graph.filename == "classifier.onnx":
             extra["labels"] = json.dumps(label_list)
         onnx.helper.set_model_props(proto, {**meta, **extra})
+        _name_dims(proto, graph, len(label_list) if graph.filename == "classifier.onnx" else loaded.embed_dim)
+        proto.doc_string = graph.doc
+        proto.producer_name, proto.producer_version = "surgeon", __version__
         onnx.save(proto, str(path))
         files.append(path)
     files += sorted(p for p in target.iterdir() if p not in files)  # external-data files, if any
@@ -236,8 +313,8 @@ def _tokenizer_files(loaded: LoadedModel, target: Path) -> list[Path]:
     vocab = Path(default_bpe())
     shutil.copy(vocab, target / vocab.name)
     spec = {"type": "clip-bpe", "context_length": loaded.tokenizer.context_length, "vocab_file": vocab.name}
-    (target / "tokenizer.json").write_text(json.dumps(spec, indent=2), encoding="utf-8")
-    return [target / "tokenizer.json", target / vocab.name]
+    (target / TOKENIZER_SPEC).write_text(json.dumps(spec, indent=2), encoding="utf-8")
+    return [target / TOKENIZER_SPEC, target / vocab.name]
 
 
 def export_run(
@@ -292,11 +369,12 @@ def export_existing_run(
     from surgeon.prune import PLAN_SCHEMA
 
     refuse_temporary(run_dir, "run folder")
+    check_exporter(options.get("exporter"))
     if not run_dir.is_dir():
         raise NotFound(f"run folder not found: {run_dir}")
-    missing = [
-        n for n in ("plan.json", "validation.json", "model/open_clip_config.json") if not (run_dir / n).is_file()
-    ]
+    model_dir = run_model_dir(run_dir)
+    missing = [n for n in ("plan.json", "validation.json") if not (run_dir / n).is_file()]
+    missing += [] if (model_dir / "open_clip_config.json").is_file() else ["open_clip_config.json"]
     if missing:
         raise PreconditionFailed(
             f"{run_dir} is not a complete surgeon run folder (missing {', '.join(missing)})",
@@ -316,7 +394,7 @@ def export_existing_run(
         EXPORTERS.get(name)  # unknown formats fail before the model is loaded
     if verify:
         verify_run(run_dir)
-    loaded = load_model(f"local-dir:{run_dir / 'model'}", device=device)
+    loaded = load_model(f"local-dir:{model_dir}", device=device)
     with atomic_dir(out_dir, force=force) as tmp:
         for name in ("plan.json", "validation.json"):
             shutil.copy(run_dir / name, tmp / name)

@@ -179,6 +179,12 @@ def cached_pretrained_tags(model_name: str) -> list[str]:
     import open_clip
 
     return [t for t in open_clip.list_pretrained_tags_by_model(model_name) if _find_in_hub_cache(model_name, t)[0]]
+def hub_repo(cfg: dict) -> tuple[str, str]:
+    """(Hub repo id, weights file name or '') of an open_clip pretrained config ('' repo when it has none)."""
+    hub = cfg.get("hf_hub", "")
+    if hub.endswith("/"):
+        return hub[:-1], ""
+    return os.path.split(hub) if hub else ("", "")
 
 
 def _find_in_hub_cache(model_name: str, tag: str) -> tuple[Path | None, dict]:
@@ -192,11 +198,10 @@ def _find_in_hub_cache(model_name: str, tag: str) -> tuple[Path | None, dict]:
             f"unknown pretrained tag {tag!r} for {model_name}",
             hint=f"known tags: {', '.join(tags) or 'none'}; or pass a checkpoint file to --pretrained",
         )
-    hub = cfg.get("hf_hub", "")
-    if hub:
+    repo_id, filename = hub_repo(cfg)
+    if repo_id:
         from huggingface_hub import try_to_load_from_cache
 
-        repo_id, filename = os.path.split(hub.rstrip("/")) if not hub.endswith("/") else (hub[:-1], "")
         names = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
         for name in names:
             found = try_to_load_from_cache(repo_id, name)

@@ -120,8 +120,14 @@ def newest_output(*patterns: str, hint: str, root: Path | None = None) -> Path:
 
 
 def newest_run(hint: str, root: Path | None = None) -> Path:
-    """The newest run folder of `surgeon prune` (one that holds a pruned model) under `root`."""
-    return newest_output("*/model/open_clip_config.json", hint=hint, root=root).parent.parent
+    """The newest run folder of `surgeon prune` (one that holds a pruned model) under `root`: weights next to
+    README.md (the Hub layout) or in model/ (older runs)."""
+    config = newest_output("*/open_clip_config.json", "*/model/open_clip_config.json", hint=hint, root=root)
+    return (
+        config.parent.parent
+        if config.parent.name == "model" and (config.parent.parent / "plan.json").is_file()
+        else config.parent
+    )
 
 
 @contextmanager

@@ -63,6 +63,8 @@ def isolated_dirs(tmp_path, monkeypatch):
     """Caches and exports of a test never leak into the user's home or the repo."""
     monkeypatch.setenv("SURGEON_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("SURGEON_EXPORTS_DIR", str(tmp_path / "exports"))
+    # the deprecated TorchScript exporter is ~10x faster on tiny models; tests/test_deploy.py covers dynamo
+    monkeypatch.setenv("SURGEON_ONNX_EXPORTER", "torchscript")
 
 
 @pytest.fixture(scope="session", params=["default", "custom"])

@@ -82,7 +82,7 @@ def test_json_of_every_verb(tmp_path, shapes):
     )
     assert pruned["summary"]["after"]["mean_acc1"] <= 1 and len(pruned["heads"]) == 1
     files = {Path(f).relative_to(tmp_path / "run").as_posix() for f in pruned["files"]}
-    assert {"plan.json", "validation.json", "report.md", "model/open_clip_model.safetensors"} <= files
+    assert {"plan.json", "validation.json", "report.md", "open_clip_model.safetensors"} <= files
     # clip_benchmark's files for the original and the pruned model, told apart by the pretrained tag
     benchmark = sorted(f for f in files if f.startswith("clip_benchmark/"))
     assert benchmark == [

@@ -353,7 +353,7 @@ def test_prune_validate_export_and_operations(stub, world):
     result = outcome(done, pb.PruneResult)
     assert result.run_dir == "pruned" and result.exported and not result.gate_failures
     assert [h.name for h in result.heads] == [h.name for h in outcome(ranked, pb.RankHeadsResult).heads[:2]]
-    assert "pruned/model/open_clip_model.safetensors" in result.files and "pruned/report.md" in result.files
+    assert "pruned/open_clip_model.safetensors" in result.files and "pruned/report.md" in result.files
     plan = json_format.MessageToDict(result.plan)
     assert plan["policy"] == "top-k" and plan == json.loads((world["exports"] / "pruned" / "plan.json").read_text())
     assert set(result.before) == {"mean_acc1", "max_skew@4", "ndkl"} and set(result.after) == set(result.before)
@@ -362,7 +362,7 @@ def test_prune_validate_export_and_operations(stub, world):
         stub,
         stub.Validate(
             pb.ValidateRequest(
-                model=pb.ModelRef(model="local-dir:pruned/model"), validation=validation(), out="checks/v"
+                model=pb.ModelRef(model="local-dir:pruned"), validation=validation(), out="checks/v"
             ),
             timeout=RPC_TIMEOUT,
         ),
@@ -721,7 +721,8 @@ def test_errors_found_while_running_end_in_the_operation(stub, world):
     assert detail(failed.error, error_details_pb2.ErrorInfo).reason == "GATE_FAILED"
     gated_result = outcome(failed, pb.PruneResult)
     assert gated_result.gate_failures and not gated_result.exported  # the run folder and its report remain
-    assert (world["exports"] / "gated" / "report.md").is_file() and not (world["exports"] / "gated" / "model").exists()
+    gated_dir = world["exports"] / "gated"
+    assert (gated_dir / "report.md").is_file() and not (gated_dir / "open_clip_model.safetensors").exists()
 
 
 @pytest.mark.skipif(not (TOY_MODEL_DIR / "open_clip_config.json").is_file(), reason="the toy model is not trained yet")

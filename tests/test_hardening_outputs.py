@@ -72,7 +72,7 @@ def test_an_unlisted_file_in_the_export_is_refused(onnx_run):
 def test_export_refuses_tampered_weights(onnx_run, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    weights = onnx_run / "model" / "open_clip_model.safetensors"
+    weights = onnx_run / "open_clip_model.safetensors"
     tensors = load_file(str(weights))
     name = next(k for k in tensors if k.endswith("proj"))
     tensors[name] = tensors[name] * 0.5

@@ -75,7 +75,7 @@ def test_prune_writes_run_folder_and_onnx_matches(setup, tmp_path, tiny_default_
     assert {r["task"] for r in validation["after"]["results"]} == {"zeroshot_classification", "bias"}
     assert "max_skew@10" in validation["before"]["summary"]
     # safetensors: reloads (hard layout from the config) and matches the pruned model exactly
-    reloaded = load_model(f"local-dir:{out / 'model'}", device="cpu")
+    reloaded = load_model(f"local-dir:{out}", device="cpu")  # weights next to README.md: the Hub layout
     pixels = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         expected = loaded.model.encode_image(pixels, normalize=True)
@@ -92,7 +92,7 @@ def test_prune_writes_run_folder_and_onnx_matches(setup, tmp_path, tiny_default_
     assert props["base_weights_sha256"] == ranking.model["weights_sha256"] != props["pruned_weights_sha256"]
     # model card and surgery.json with hashes of every file
     card = (out / "README.md").read_text()
-    assert card.startswith("---\nlibrary_name: open_clip") and "attention-head-pruning" in card
+    assert card.startswith("---\nlibrary_name: onnx") and "attention-head-pruning" in card  # open_clip cannot load it
     surgery = json.loads((out / "surgery.json").read_text())
     assert "onnx/visual.onnx" in surgery["sha256"] and "README.md" in surgery["sha256"]
 
@@ -103,7 +103,7 @@ def test_zero_pruned_checkpoint_loads_in_plain_open_clip(setup, tmp_path):
     loaded, ranking = setup
     out = tmp_path / "run"
     prune(loaded, ranking, synthetic_suite(), "heads", PolicyOptions(heads="L1.H2,L2.H0"), out_dir=out)
-    plain, _, _ = open_clip.create_model_and_transforms(f"local-dir:{out / 'model'}")
+    plain, _, _ = open_clip.create_model_and_transforms(f"local-dir:{out}")
     pixels = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(plain.eval().encode_image(pixels), loaded.model.encode_image(pixels))
@@ -121,7 +121,7 @@ def test_gate_failure_skips_export_unless_forced(setup, tmp_path):
         out_dir=tmp_path / "gated",
     )
     assert result.gate_failures and "max-skew" in result.gate_failures[0]
-    assert not (tmp_path / "gated" / "model").exists()
+    assert not (tmp_path / "gated" / "open_clip_model.safetensors").exists()
     assert "FAILED" in (tmp_path / "gated" / "report.md").read_text()
 
 
@@ -201,7 +201,7 @@ def test_accuracy_needs_a_classification_set(setup, tmp_path):
 def test_a_hard_pruned_model_is_not_pruned_twice(setup, tmp_path):
     loaded, ranking = setup
     prune(loaded, ranking, synthetic_suite(), "top-k", PolicyOptions(k=1), mode="hard", out_dir=tmp_path / "run")
-    again = load_model(f"local-dir:{tmp_path / 'run' / 'model'}", device="cpu")
+    again = load_model(f"local-dir:{tmp_path / 'run'}", device="cpu")
     with pytest.raises(PreconditionFailed, match="already hard-pruned"):
         prune(again, ranking, synthetic_suite(), "top-k", PolicyOptions(k=1))
 
@@ -221,8 +221,8 @@ def test_onnx_weights_in_external_data_files_are_kept_and_listed(setup, tmp_path
 
     real_export = export_module._export_graph
 
-    def export_external(graph, path, opset):
-        real_export(graph, path, opset)
+    def export_external(graph, path, opset, exporter):
+        real_export(graph, path, opset, exporter)
         proto = onnx.load(str(path))
         onnx.save(proto, str(path), save_as_external_data=True, location=f"{path.name}.data", size_threshold=0)
 

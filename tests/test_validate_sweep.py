@@ -169,4 +169,4 @@ def test_validate_and_sweep_cli(tiny_default_dir, user_data, image_folder, pool_
         timeout=300,
     )
     assert gated.returncode == 10 and "max-skew" in gated.stderr
-    assert (tmp_path / "run" / "report.md").exists() and not (tmp_path / "run" / "model").exists()
+    assert (tmp_path / "run" / "report.md").exists() and not (tmp_path / "run" / "open_clip_model.safetensors").exists()

@@ -97,7 +97,7 @@ def infer(
     except ImportError as err:
         raise PreconditionFailed(
             f"surgeon infer needs onnxruntime, ftfy and regex ({err})",
-            hint="pip install 'surgeon[onnx]' (CPU) or 'surgeon[gpu]' (CUDA: onnxruntime-gpu); never both",
+            hint="pip install surgeon (the plain install has them); on CUDA swap onnxruntime for onnxruntime-gpu",
         ) from None
     limits.count("--top-k", top_k, 1, limits.MAX_TOP_K)
     limits.count("--batch-size", batch_size, 1, limits.MAX_BATCH_SIZE)
@@ -151,3 +151,20 @@ def infer(
             name = escape(prediction.image) if rank == 1 else ""
             table.add_row(name, str(rank), escape(top.label), f"{top.logit:.2f}", f"{top.probability:.3f}")
     Console(soft_wrap=False).print(table)
+
+
+def triton_repo(
+    export_dir: Annotated[Path, typer.Argument(help="an ONNX export: a run folder, its export folder or onnx/")],
+    out_dir: Annotated[Path, typer.Option("--out", help="the model repository folder to write")],
+    name: Annotated[str | None, typer.Option(help="model name prefix (default: the run folder's name)")] = None,
+    max_batch_size: Annotated[int, typer.Option(help="largest batch Triton forms (0: no batching)")] = 32,
+    queue_delay_us: Annotated[int, typer.Option(help="how long dynamic batching waits to fill a batch (µs)")] = 1000,
+    force: Annotated[bool, typer.Option(help="replace an existing --out folder")] = False,
+) -> None:
+    """Write a Triton Inference Server model repository (onnxruntime backend, dynamic batching) for an export."""
+    from surgeon.runtime.triton import write_triton_repository
+
+    configs = write_triton_repository(export_dir, out_dir, name, max_batch_size, queue_delay_us, force)
+    for path in configs:
+        typer.echo(str(path))
+    typer.echo(f"wrote {len(configs)} model(s) into {out_dir}: tritonserver --model-repository {out_dir}")

@@ -6,7 +6,8 @@ Export folder (`onnx/` inside a run's export folder, or that folder itself):
   classifier.onnx  pixel_values -> logits [N, C] = 100 * cosine to baked class embeddings (optional;
                    class names in its metadata_props["labels"] and in labels.txt)
   preprocess.json  open_clip's eval preprocessing settings
-  tokenizer.json   {"type": "clip-bpe", "context_length": L, "vocab_file": ...} + the vocabulary file
+  clip_tokenizer.json  {"type": "clip-bpe", "context_length": L, "vocab_file": ...} + the vocabulary file
+                   (tokenizer.json in exports written before the rename)
 Sessions open lazily, on the CUDA execution provider when onnxruntime offers it, else on the CPU."""
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from surgeon.runtime.preprocess import PreprocessConfig, load_image, to_rgb
 from surgeon.runtime.tokenizer import ClipTokenizer
 from surgeon.templates import DEFAULT_TEMPLATES, check_templates, fill
 
+#: the tokenizer settings file: its current name, then the one of older exports
+TOKENIZER_SPECS = ("clip_tokenizer.json", "tokenizer.json")
 _GRAPHS = {
     "visual": ("visual.onnx", "pixel_values", "image_embeds"),
     "text": ("text.onnx", "input_ids", "text_embeds"),
@@ -126,10 +129,10 @@ class ExportedModel:
     @property
     def tokenizer(self) -> ClipTokenizer:
         if self._tokenizer is None:
-            spec = self.dir / "tokenizer.json"
-            if not spec.is_file():
+            spec = next((self.dir / n for n in TOKENIZER_SPECS if (self.dir / n).is_file()), None)
+            if spec is None:
                 raise NotFound(
-                    f"{self.dir} has no tokenizer.json, so it cannot encode text or --labels",
+                    f"{self.dir} has no {TOKENIZER_SPECS[0]}, so it cannot encode text or --labels",
                     hint="use the export's classifier.onnx (no --labels) or re-export with open_clip's BPE tokenizer",
                 )
             self._tokenizer = ClipTokenizer.from_spec(spec)

@@ -70,7 +70,7 @@ class ClipTokenizer:
 
     @classmethod
     def from_spec(cls, spec_file: Path) -> ClipTokenizer:
-        """From an export's tokenizer.json: {"type": "clip-bpe", "context_length": N, "vocab_file": NAME}
+        """From an export's clip_tokenizer.json: {"type": "clip-bpe", "context_length": N, "vocab_file": NAME}
         (the vocabulary file is looked up next to the spec)."""
         spec_file = Path(spec_file)
         try:
