@@ -222,7 +222,9 @@ class Requests:
             if any(files):
                 raise InvalidInput("classnames/templates/queries need data or bias_data")
             return lambda: build_suite(skew_k=skew_k, desired=desired, protocol=protocol)  # toy: built in the job
-        suite = build_suite(folder, *files, skew_k=skew_k, desired=desired, protocol=protocol)
+        suite = build_suite(
+            folder, *files, skew_k=skew_k, desired=desired, protocol=protocol, bias_split_by=data.bias_split_by or None
+        )
         for images in [t.images for t in suite.tasks] + ([suite.bias.images] if suite.bias else []):
             for path in images if isinstance(images, list) else []:
                 root.check_inside(path, "validation image")  # manifests may not point outside the data root

@@ -29,7 +29,7 @@ class ImageSource(_message.Message):
     def __init__(self, images: _Optional[str] = ..., n_images: _Optional[int] = ...) -> None: ...
 
 class ValidationData(_message.Message):
-    __slots__ = ("data", "classnames", "templates", "bias_data", "queries", "skew_k", "desired", "bias_protocol")
+    __slots__ = ("data", "classnames", "templates", "bias_data", "queries", "skew_k", "desired", "bias_protocol", "bias_split_by")
     DATA_FIELD_NUMBER: _ClassVar[int]
     CLASSNAMES_FIELD_NUMBER: _ClassVar[int]
     TEMPLATES_FIELD_NUMBER: _ClassVar[int]
@@ -38,6 +38,7 @@ class ValidationData(_message.Message):
     SKEW_K_FIELD_NUMBER: _ClassVar[int]
     DESIRED_FIELD_NUMBER: _ClassVar[int]
     BIAS_PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    BIAS_SPLIT_BY_FIELD_NUMBER: _ClassVar[int]
     data: str
     classnames: str
     templates: str
@@ -46,7 +47,8 @@ class ValidationData(_message.Message):
     skew_k: int
     desired: str
     bias_protocol: str
-    def __init__(self, data: _Optional[str] = ..., classnames: _Optional[str] = ..., templates: _Optional[str] = ..., bias_data: _Optional[str] = ..., queries: _Optional[str] = ..., skew_k: _Optional[int] = ..., desired: _Optional[str] = ..., bias_protocol: _Optional[str] = ...) -> None: ...
+    bias_split_by: str
+    def __init__(self, data: _Optional[str] = ..., classnames: _Optional[str] = ..., templates: _Optional[str] = ..., bias_data: _Optional[str] = ..., queries: _Optional[str] = ..., skew_k: _Optional[int] = ..., desired: _Optional[str] = ..., bias_protocol: _Optional[str] = ..., bias_split_by: _Optional[str] = ...) -> None: ...
 
 class RankHeadsRequest(_message.Message):
     __slots__ = ("model", "images", "texts", "taxonomy", "judge", "layers", "m", "rank", "batch_size", "no_cache", "out", "force")
