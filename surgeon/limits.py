@@ -52,12 +52,17 @@ def clip(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
     return f"{message[:half]} ...({len(message) - 2 * half:,} characters cut)... {message[-half:]}"
 
 
+def field_of(name: str) -> str:
+    """The request field an option name blames (gRPC BadRequest): "m (texts per head)" -> "m", "--k" -> "k"."""
+    return name.split(" ")[0].lstrip("-").replace("-", "_")
+
+
 def count(name: str, value: int | None, low: int, high: int) -> int | None:
     """An integer option within [low, high] (None: the default, unchecked)."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise InvalidInput(f"{name} must be an integer in {low}..{high:,}, got {echo(value)}")
+        raise InvalidInput(f"{name} must be an integer in {low}..{high:,}, got {echo(value)}", field=field_of(name))
     return value
 
 
@@ -66,9 +71,10 @@ def number(name: str, value: float | None, low: float, high: float) -> float | N
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise InvalidInput(f"{name} must be a finite number in {low:g}..{high:g}, got {echo(value)}")
+        message = f"{name} must be a finite number in {low:g}..{high:g}, got {echo(value)}"
+        raise InvalidInput(message, field=field_of(name))
     if not low <= value <= high:
-        raise InvalidInput(f"{name} must be in {low:g}..{high:g}, got {value:g}")
+        raise InvalidInput(f"{name} must be in {low:g}..{high:g}, got {value:g}", field=field_of(name))
     return float(value)
 
 
@@ -77,9 +83,11 @@ def text(name: str, value: str | None, limit: int = MAX_SPEC_CHARS) -> str | Non
     if value is None:
         return None
     if len(value) > limit:
-        raise InvalidInput(f"{name} is {len(value):,} characters long; at most {limit:,} are accepted")
+        raise InvalidInput(
+            f"{name} is {len(value):,} characters long; at most {limit:,} are accepted", field=field_of(name)
+        )
     if "\0" in value:
-        raise InvalidInput(f"{name} contains a NUL character: {echo(value)}")
+        raise InvalidInput(f"{name} contains a NUL character: {echo(value)}", field=field_of(name))
     return value
 
 

@@ -134,6 +134,13 @@ def test_runs_written_before_the_hub_layout_still_export(zero_run, tmp_path):
     (old / "model").mkdir()
     for name in ("open_clip_config.json", "open_clip_model.safetensors"):
         (old / name).rename(old / "model" / name)
+    record = json.loads((old / "surgery.json").read_text())  # what such a run recorded: model/, no onnx/ here
+    record["sha256"] = {
+        (f"model/{name}" if name.startswith("open_clip_") else name): digest
+        for name, digest in record["sha256"].items()
+        if not name.startswith("onnx/")
+    }
+    (old / "surgery.json").write_text(json.dumps(record))
     assert newest_run(hint="", root=tmp_path / "exports") == old
     files = export_existing_run(old, ["safetensors"], tmp_path / "new")
     assert tmp_path / "new" / "open_clip_model.safetensors" in files

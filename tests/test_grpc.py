@@ -327,7 +327,7 @@ def test_error_details_in_the_status_trailer(stub):
     assert detail(status, error_details_pb2.ErrorInfo).reason == "INVALID_INPUT"
     assert detail(status, error_details_pb2.ErrorInfo).domain == "surgeon"
     violation = detail(status, error_details_pb2.BadRequest).field_violations[0]
-    assert violation.field == "m" and "positive" in violation.description
+    assert violation.field == "m" and "1..100" in violation.description
     with pytest.raises(grpc.RpcError) as info:
         stub.GetOperation(operations_pb2.GetOperationRequest(name="operations/x"), timeout=RPC_TIMEOUT)
     status = rpc_status.from_call(info.value)

@@ -45,7 +45,7 @@ def test_chance_baseline_by_hand():
 
 
 def _head(layer: int, head: int, label: str, ccs: int) -> HeadRank:
-    return HeadRank(layer, head, ["t"] * 5, [1.0] * 5, label, [True] * ccs + [False] * (5 - ccs), ccs, 1.0)
+    return HeadRank(layer, head, ["t"] * 5, [1.0] * 5, label, [True] * ccs + [False] * (5 - ccs), ccs, 1.0, 15)
 
 
 def test_agreement_counts_ties_apart():
