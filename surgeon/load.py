@@ -47,13 +47,16 @@ class LoadedModel:
     def is_toy(self) -> bool:
         return self.name == TOY_MODEL_NAME
 
-    def encode_text(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
-        """L2-normalised text embeddings, batched (the TextSpan pool can hold thousands of lines)."""
+    def encode_text(self, texts: list[str], batch_size: int = 256, advance=None) -> torch.Tensor:
+        """L2-normalised text embeddings, batched (the TextSpan pool can hold thousands of lines);
+        `advance(n)` is called after each batch (progress bars)."""
         out = []
         with torch.no_grad():
             for i in range(0, len(texts), batch_size):
                 tokens = self.tokenizer(texts[i : i + batch_size]).to(self.device)
                 out.append(self.model.encode_text(tokens, normalize=True).float())
+                if advance is not None:
+                    advance(len(tokens))
         return torch.cat(out) if out else torch.zeros(0, self.embed_dim, device=self.device)
 
     @property
@@ -65,13 +68,16 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def weights_hash(model: torch.nn.Module) -> str:
-    """SHA-256 over every tensor of the state dict (names and bytes): the identity used by caches."""
+def weights_hash(model: torch.nn.Module, keep=None) -> str:
+    """SHA-256 over every tensor of the state dict (names and bytes), or over the entries whose name `keep`
+    accepts: the identity used by caches. Hashes the tensors' memory in place (no copy of a CPU model)."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
+        if keep is not None and not keep(name):
+            continue
         digest.update(name.encode())
         digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
 
 

@@ -20,6 +20,7 @@ from surgeon.judges.base import JUDGES, JudgeContext
 from surgeon.load import LoadedModel
 from surgeon.paths import atomic_dir, cache_dir
 from surgeon.pools import TextPool
+from surgeon.textcache import pool_embeddings
 from surgeon.textspan import textspan_all
 
 RANKING_SCHEMA = "surgeon.ranking/1"
@@ -153,10 +154,10 @@ def rank_heads(
         use_cache=use_cache,
         checkpoint_every=checkpoint_every,
     )
+    texts, _ = pool_embeddings(loaded, pool, quiet=quiet, use_cache=use_cache)
     if not world().is_main:
         return None
-    texts = loaded.encode_text(list(pool.lines)).double()
-    spans = textspan_all(stats, texts, m=m, rank=rank)
+    spans = textspan_all(stats, texts.double(), m=m, rank=rank, quiet=quiet)
     variance = stats.covariance().diagonal(dim1=-2, dim2=-1).sum(-1) / stats.count
     flat = [(li, h, spans[li][h]) for li in range(len(chosen)) for h in range(stats.n_heads)]
     verdicts = judge_impl.judge([[pool.lines[i] for i in span.picks] for _, _, span in flat])
