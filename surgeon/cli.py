@@ -34,7 +34,9 @@ ModelOpt = Annotated[
 PretrainedOpt = Annotated[str | None, typer.Option(help="pretrained tag (from the local hub cache) or checkpoint file")]
 DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda when present)")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")]
-ImagesOpt = Annotated[str | None, typer.Option(help="'toy' (default) or a folder of images")]
+ImagesOpt = Annotated[
+    str | None, typer.Option(help="a folder of images, or 'toy' (the default for the toy model only)")
+]
 
 
 @app.command()
@@ -57,7 +59,9 @@ def rank(
         Path | None, typer.Option("--out", help="output folder (default: a new one in exports/)")
     ] = None,
     force: Annotated[bool, typer.Option(help="replace an existing --out folder")] = False,
-    no_cache: Annotated[bool, typer.Option(help="recompute statistics even when cached")] = False,
+    no_cache: Annotated[
+        bool, typer.Option("--no-cache", help="recompute statistics and text embeddings even when cached")
+    ] = False,
     checkpoint_every: Annotated[
         int | None, typer.Option(help="checkpoint statistics every N batches (resumable after interruption)")
     ] = None,
@@ -73,9 +77,9 @@ def rank(
     from surgeon.pools import load_pool
     from surgeon.rank import rank_heads
 
+    image_set = resolve_images(images, n_images, model)  # before the (slow) load: a missing --images fails fast
     loaded = load_model(model, pretrained, device_for(world(), device))
     pool = load_pool(texts, loaded.is_toy, taxonomy)
-    image_set = resolve_images(images, n_images)
     llm = {"llm_url": llm_url, "llm_models": tuple(llm_model or ()), "llm_key_env": llm_key_env}
     ranking = rank_heads(
         loaded,
@@ -99,13 +103,20 @@ def rank(
             soft_wrap=True,
         )
     target = ranking.write(out_dir or new_run_dir("rank"), force=force)
-    print_ranking(ranking)
+    shown = None if out.is_terminal else NON_TERMINAL_ROWS  # a log or a pipe gets the top, the files the rest
+    print_ranking(ranking, shown)
+    if shown is not None and len(ranking.heads) > shown:
+        note = f"(top {shown} of {len(ranking.heads)} heads; all of them are in {target}/ranking.csv)"
+        out.print(note, soft_wrap=True)
     dist = ", ".join(f"CCS@{k}={v:.0%}" for k, v in ranking.ccs_distribution().items())
     out.print(
         f"{len(ranking.heads)} heads ranked ({'cached' if ranking.cached_stats else 'fresh'} statistics over "
         f"{ranking.images['count']} images); {dist}"
     )
     out.print(f"wrote {target}/ranking.json, ranking.csv, ccs_heatmap.png")
+
+
+NON_TERMINAL_ROWS = 20
 
 
 def print_ranking(ranking, limit: int | None = None) -> None:
@@ -119,7 +130,10 @@ def print_ranking(ranking, limit: int | None = None) -> None:
 
 
 RankingOpt = Annotated[Path | None, typer.Option(help="ranking.json (or its folder); ranks first when omitted")]
-DataOpt = Annotated[Path | None, typer.Option(help="validation set: ImageFolder or CSV (path,label); default toy")]
+DataOpt = Annotated[
+    Path | None,
+    typer.Option(help="validation set: ImageFolder, CSV (path,label) or 'toy' (the default for the toy model only)"),
+]
 ClassnamesOpt = Annotated[Path | None, typer.Option(help="class names file, one per line (folder order)")]
 TemplatesOpt = Annotated[Path | None, typer.Option(help="prompt templates file, one per line, with {}")]
 BiasDataOpt = Annotated[Path | None, typer.Option(help="bias set: CSV (path,group[,...])")]
@@ -128,14 +142,15 @@ SkewKOpt = Annotated[int, typer.Option(help="k of MaxSkew@k / MinSkew@k")]
 DesiredOpt = Annotated[str, typer.Option(help="desired group distribution: uniform or set")]
 
 
-def _suite(data, classnames, templates, bias_data, queries, skew_k, desired):
+def _suite(data, classnames, templates, bias_data, queries, skew_k, desired, model=None):
     from surgeon.validate import build_suite
 
-    return build_suite(data, classnames, templates, bias_data, queries, skew_k, desired)
+    return build_suite(data, classnames, templates, bias_data, queries, skew_k, desired, model=model)
 
 
-def _ranking_for(loaded, ranking_path, images, n_images, texts, judge, layers, quiet):
-    from surgeon.images import resolve_images
+def _ranking_for(loaded, ranking_path, image_set, texts, judge, layers, quiet):
+    """The ranking read from `ranking_path`, else made on `image_set`; None when neither is given (policies
+    that do not read a ranking)."""
     from surgeon.pools import load_pool
     from surgeon.rank import Ranking, rank_heads
 
@@ -143,8 +158,10 @@ def _ranking_for(loaded, ranking_path, images, n_images, texts, judge, layers, q
         ranking = Ranking.read(ranking_path)
         ranking.check_model(loaded)
         return ranking
+    if image_set is None:
+        return None
     pool = load_pool(texts, loaded.is_toy)
-    return rank_heads(loaded, resolve_images(images, n_images), pool, judge=judge, layers=layers, quiet=quiet)
+    return rank_heads(loaded, image_set, pool, judge=judge, layers=layers, quiet=quiet)
 
 
 @app.command()
@@ -195,12 +212,14 @@ def prune(
     from surgeon.images import resolve_images
     from surgeon.load import load_model
     from surgeon.paths import new_run_dir
-    from surgeon.policies import POLICIES, PolicyOptions
+    from surgeon.policies import POLICIES, RANKING_FREE, PolicyOptions, check_paper_preset
     from surgeon.prune import prune as run_prune
     from surgeon.surgery import SURGERIES
     from surgeon.validate import Gates
 
     POLICIES.get(policy), SURGERIES.get(mode)  # fail before any heavy work
+    if policy.startswith("paper-"):
+        check_paper_preset(policy.removeprefix("paper-"), model, pretrained)
     if export not in EXPORT_FORMATS:
         raise InvalidInput(f"unknown export format {export!r}", hint="choose safetensors, onnx or both")
     formats = sorted({"safetensors", *EXPORT_FORMATS[export]}, reverse=True)  # the checkpoint always travels
@@ -212,11 +231,13 @@ def prune(
         min_ccs=min_ccs,
         max_acc_drop=max_acc_drop,
     )
+    needs_ranking = ranking is None and policy not in RANKING_FREE  # presets and --heads skip minutes of ranking
+    image_set = resolve_images(images, n_images, model) if needs_ranking or mode == "mean" else None
+    suite = _suite(data, classnames, templates, bias_data, queries, skew_k, desired, model)
     loaded = load_model(model, pretrained, device)
     options.model_name, options.pretrained = loaded.name, loaded.pretrained
-    suite = _suite(data, classnames, templates, bias_data, queries, skew_k, desired)
-    ranked = _ranking_for(loaded, ranking, images, n_images, texts, judge, layers, quiet)
-    reference = resolve_images(images, n_images) if mode == "mean" else None
+    ranked = _ranking_for(loaded, ranking, image_set if needs_ranking else None, texts, judge, layers, quiet)
+    reference = image_set if mode == "mean" else None
     result = run_prune(
         loaded,
         ranked,
@@ -288,8 +309,8 @@ def validate(
     from surgeon.validate import markdown_report
     from surgeon.validate import validate as run_validate
 
-    loaded = load_model(model, pretrained, device)
-    report = run_validate(loaded, _suite(data, classnames, templates, bias_data, queries, skew_k, desired))
+    suite = _suite(data, classnames, templates, bias_data, queries, skew_k, desired, model)
+    report = run_validate(load_model(model, pretrained, device), suite)
     if out_file:
         from surgeon.paths import atomic_write_text
 
@@ -326,6 +347,7 @@ def sweep(
     import json
 
     from surgeon.errors import InvalidInput
+    from surgeon.images import resolve_images
     from surgeon.load import load_model
     from surgeon.paths import atomic_dir, new_run_dir
     from surgeon.plots import sweep_plot
@@ -335,9 +357,10 @@ def sweep(
         count_list = [int(c) for c in counts.split(",")] if counts else None
     except ValueError:
         raise InvalidInput(f"bad --counts {counts!r}", hint="e.g. 0,2,4,8") from None
+    suite = _suite(data, classnames, templates, bias_data, queries, skew_k, desired, model)
+    image_set = resolve_images(images, n_images, model) if ranking is None else None
     loaded = load_model(model, pretrained, device)
-    suite = _suite(data, classnames, templates, bias_data, queries, skew_k, desired)
-    ranked = _ranking_for(loaded, ranking, images, n_images, None, "lexicon", None, quiet)
+    ranked = _ranking_for(loaded, ranking, image_set, None, "lexicon", None, quiet)
     result = run_sweep(loaded, ranked, suite, count_list, seed=seed, quiet=quiet)
     target = out_dir or new_run_dir("sweep")
     with atomic_dir(target, force=force) as tmp:
@@ -535,6 +558,11 @@ def serve(
 _interrupted = threading.Event()
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning is one line for the user (e.g. random initialisation), not a Python source echo."""
+    err.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+
+
 def _on_sigint(signum, frame) -> None:
     _interrupted.set()
     raise KeyboardInterrupt
@@ -547,6 +575,7 @@ def main() -> None:
     (numpy's, during torch's) surfaces later as an ImportError or AttributeError. Whatever follows a Ctrl-C
     is therefore reported as the interruption it is."""
     warnings.filterwarnings("ignore", message=".*QuickGELU.*")
+    warnings.showwarning = _show_warning
     signal.signal(signal.SIGINT, _on_sigint)
     try:
         app()

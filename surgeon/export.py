@@ -36,7 +36,7 @@ def provenance(loaded: LoadedModel, plan: dict, validation: dict) -> dict[str, s
         + (f"/{plan['base_model']['pretrained']}" if plan["base_model"].get("pretrained") else ""),
         "base_weights_sha256": plan["base_model"]["weights_sha256"],
         "pruned_weights_sha256": loaded.weights_hash,
-        "ranking_sha256": plan["ranking_sha256"],
+        "ranking_sha256": plan["ranking_sha256"] or "none (the policy reads no ranking)",
         "plan": json.dumps(
             {
                 "policy": plan["policy"],

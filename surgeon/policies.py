@@ -3,9 +3,11 @@ the reason it was chosen (METHOD.md §2; `debias` is surgeon's bias-aware greedy
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from surgeon.errors import InvalidInput, NotFound
 from surgeon.rank import HeadRank, Ranking
@@ -70,6 +72,8 @@ class PolicyOptions:
 
 
 POLICIES: Registry = Registry("policy")
+#: policies that never read the ranking: `prune` skips ranking for them (minutes on a real model)
+RANKING_FREE = frozenset({"heads", "paper-high", "paper-low"})
 
 
 def _ref(h: HeadRank) -> HeadRef:
@@ -136,11 +140,11 @@ def random_heads(ranking: Ranking, options: PolicyOptions) -> Selection:
 
 
 @POLICIES.register("heads")
-def explicit(ranking: Ranking, options: PolicyOptions) -> Selection:
+def explicit(ranking: Ranking | None, options: PolicyOptions) -> Selection:
     if not options.heads:
         raise InvalidInput("the heads policy needs --heads", hint="e.g. --heads L11.H5,L10.H8")
     refs = parse_heads(options.heads)
-    by_name = {h.name: h for h in ranking.heads}
+    by_name = {h.name: h for h in ranking.heads} if ranking is not None else {}
     reasons = {
         r.name: "listed by the user" + (f", {_describe(by_name[r.name])}" if r.name in by_name else "") for r in refs
     }
@@ -170,22 +174,37 @@ def threshold(ranking: Ranking, options: PolicyOptions) -> Selection:
     return _select(heads, lambda h: f"{_describe(h)} >= {options.min_ccs}", f"no head has CCS >= {options.min_ccs}")
 
 
+def check_paper_preset(which: str, model: str | None, pretrained: str | None) -> str:
+    """The preset's head list, or an error saying why there is none; cheap, so called before any loading.
+    A checkpoint file does not say which training run it came from: the user names the heads instead."""
+    key = (model or "toy", pretrained or "")
+    if key in PAPER_HEADS:
+        return PAPER_HEADS[key][which]
+    known = ", ".join(f"{m}/{t}" for m, t in PAPER_HEADS)
+    same_arch = [(t, heads[which]) for (m, t), heads in PAPER_HEADS.items() if m == key[0]]
+    if same_arch and pretrained and (os.sep in pretrained or Path(pretrained).suffix or Path(pretrained).exists()):
+        tag, heads = same_arch[0]
+        raise NotFound(
+            f"no paper preset for the checkpoint file {pretrained}: presets are keyed by pretrained tag "
+            f"({', '.join(t for t, _ in same_arch)} for {key[0]})",
+            hint=f"if it holds the {tag} weights, pass --policy heads --heads {heads.replace(' ', ',')}",
+        )
+    raise NotFound(f"no paper preset for {key[0]}/{key[1] or '(no tag)'}", hint=f"presets exist for: {known}")
+
+
 def _paper(which: str, options: PolicyOptions) -> Selection:
     key = (options.model_name, options.pretrained or "")
-    if key not in PAPER_HEADS:
-        known = ", ".join(f"{m}/{t}" for m, t in PAPER_HEADS)
-        raise NotFound(f"no paper preset for {key[0]}/{key[1] or '(no tag)'}", hint=f"presets exist for: {known}")
-    refs = parse_heads(PAPER_HEADS[key][which].split())
+    refs = parse_heads(check_paper_preset(which, *key).split())
     return Selection(refs, {r.name: f"paper's {which}-CCS set for {key[0]}/{key[1]}" for r in refs})
 
 
 @POLICIES.register("paper-high")
-def paper_high(ranking: Ranking, options: PolicyOptions) -> Selection:
+def paper_high(ranking: Ranking | None, options: PolicyOptions) -> Selection:
     return _paper("high", options)
 
 
 @POLICIES.register("paper-low")
-def paper_low(ranking: Ranking, options: PolicyOptions) -> Selection:
+def paper_low(ranking: Ranking | None, options: PolicyOptions) -> Selection:
     return _paper("low", options)
 
 

@@ -14,7 +14,7 @@ from surgeon.errors import InvalidInput, PreconditionFailed
 from surgeon.images import ImageSet
 from surgeon.load import LoadedModel, weights_hash
 from surgeon.paths import atomic_dir
-from surgeon.policies import POLICIES, PolicyOptions, Selection
+from surgeon.policies import POLICIES, RANKING_FREE, PolicyOptions, Selection
 from surgeon.rank import Ranking
 from surgeon.surgery import SurgeryRequest, apply_surgery
 from surgeon.validate import Evaluator, Gates, ValidationSuite, markdown_report, validate
@@ -33,7 +33,9 @@ class PruneResult:
     seeds: list[dict] = field(default_factory=list)
 
 
-def select_heads(ranking: Ranking, policy: str, options: PolicyOptions, evaluator: Evaluator | None) -> Selection:
+def select_heads(
+    ranking: Ranking | None, policy: str, options: PolicyOptions, evaluator: Evaluator | None
+) -> Selection:
     impl = POLICIES.get(policy)
     if policy == "debias":
         options.evaluate = evaluator.score if evaluator is not None else None
@@ -42,7 +44,7 @@ def select_heads(ranking: Ranking, policy: str, options: PolicyOptions, evaluato
 
 def prune(
     loaded: LoadedModel,
-    ranking: Ranking,
+    ranking: Ranking | None,
     suite: ValidationSuite,
     policy: str,
     options: PolicyOptions,
@@ -62,7 +64,8 @@ def prune(
     """Prune `loaded.model` in place. Writes `out_dir` (atomically) unless it is None. The debias search
     scores candidates on `search_images` images per task and `search_bias` bias images (None: the whole bias
     set — a subset let the search pick heads whose effect did not hold on the full probe); the before/after
-    validation uses the whole suite."""
+    validation uses the whole suite. `ranking` may be None for the policies that do not read one
+    (RANKING_FREE: the paper's presets, an explicit list of heads)."""
     from surgeon.export import export_run
 
     if (loaded.extra.get("surgeon") or {}).get("heads_kept"):
@@ -70,7 +73,10 @@ def prune(
             "this model is already hard-pruned: its layout would have to be merged with a second pruning",
             hint="prune the original checkpoint once, with every head to remove (e.g. --policy heads)",
         )
-    ranking.check_model(loaded)
+    if ranking is None and policy not in RANKING_FREE:
+        raise InvalidInput(f"the {policy} policy needs a ranking", hint="rank first, or pass --ranking")
+    if ranking is not None:
+        ranking.check_model(loaded)
     if seeds < 1:
         raise InvalidInput("--seeds must be at least 1")
     if policy == "debias" or seeds > 1:
@@ -83,11 +89,17 @@ def prune(
         raise InvalidInput("mean ablation is defined for the vision tower only")
     gates = gates or Gates()
     gates.check_measurable(suite)
-    evaluator = Evaluator(loaded, suite, first_layer=min(ranking.layers), cache=seeds > 1)
-    search = (
-        Evaluator(loaded, suite.subset(search_images, search_bias), min(ranking.layers)) if policy == "debias" else None
-    )
+    first_layer = min(ranking.layers) if ranking is not None else 0
+    search = Evaluator(loaded, suite.subset(search_images, search_bias), first_layer) if policy == "debias" else None
     selection = select_heads(ranking, policy, options, search)
+    if ranking is None:
+        first_layer = min(h.layer for h in selection.heads)
+    evaluator = Evaluator(loaded, suite, first_layer=first_layer, cache=seeds > 1)
+    base_model = (
+        ranking.model
+        if ranking is not None
+        else {"name": loaded.name, "pretrained": loaded.pretrained, "weights_sha256": loaded.weights_hash}
+    )
     before = evaluator.evaluate([])
     seed_runs = []
     if seeds > 1:  # the paper's control: average the random policy over seeds (zero ablation, measured)
@@ -109,12 +121,12 @@ def prune(
     after = validate(loaded, suite)
     before.update(model=loaded.identity)
     failures = gates.check(before, after)
-    by_name = {h.name: h for h in ranking.heads}
+    by_name = {h.name: h for h in ranking.heads} if ranking is not None else {}
     plan = {
         "schema": PLAN_SCHEMA,
         "surgeon_version": __version__,
-        "base_model": ranking.model,
-        "ranking_sha256": ranking.digest(),
+        "base_model": base_model,
+        "ranking_sha256": ranking.digest() if ranking is not None else None,
         "policy": policy,
         "options": {  # not asdict: it would deep-copy `evaluate`, i.e. the whole evaluator and its model
             f.name: getattr(options, f.name)
@@ -149,7 +161,8 @@ def prune(
                 json.dumps({"before": before, "after": after, "gate_failures": failures}, indent=2), encoding="utf-8"
             )
             (tmp / "report.md").write_text(_report(plan, before, after, failures), encoding="utf-8")
-            (tmp / "ranking.json").write_text(json.dumps(ranking.to_dict(), indent=2), encoding="utf-8")
+            if ranking is not None:
+                (tmp / "ranking.json").write_text(json.dumps(ranking.to_dict(), indent=2), encoding="utf-8")
             if exported:
                 export_run(
                     loaded,

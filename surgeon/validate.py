@@ -170,18 +170,31 @@ def build_suite(
     queries: Path | None = None,
     skew_k: int = 10,
     desired: str = "uniform",
+    model: str | None = None,
 ) -> ValidationSuite:
-    """The suite the CLI options (and the gRPC ValidationData) describe: files when given, else the toy's."""
-    if data is None and bias_data is None:
+    """The suite the CLI options (and the gRPC ValidationData) describe: files when given, the toy's when
+    `data` is "toy", and when nothing is given for the toy model (`model` None or "toy"); a real model
+    validated on toy shapes measures nothing, so it needs its data named."""
+    toy = data is not None and str(data) == "toy"
+    if data is None and bias_data is None and model not in (None, "toy"):
+        raise InvalidInput(
+            f"{model} is not the toy model: name the data to validate it on",
+            hint="pass --data FOLDER|CSV (zero-shot classification: ImageFolder or path,label), "
+            "--bias-data CSV --queries FILE (bias), or --data toy for the toy world's suite",
+        )
+    if toy or (data is None and bias_data is None):
         suite = toy_suite()
-        if suite.bias is not None:
+        if bias_data is None and suite.bias is not None:
             suite.bias.k, suite.bias.desired = skew_k, desired
-        return suite
+            return suite
+        suite.bias, data = None, None  # the toy's tasks with the user's bias set
+    else:
+        suite = ValidationSuite([], None, source="files")
     if bias_data is not None and queries is None:
         raise InvalidInput("--bias-data needs --queries (neutral queries, one per line)")
-    tasks = [classification_set(data, classnames, templates)] if data is not None else []
+    tasks = suite.tasks + ([classification_set(data, classnames, templates)] if data is not None else [])
     bias = bias_set(bias_data, queries, templates, skew_k, desired) if bias_data is not None else None
-    return ValidationSuite(tasks, bias, source="files")
+    return ValidationSuite(tasks, bias, source="toy+files" if toy else "files")
 
 
 @contextmanager

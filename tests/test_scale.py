@@ -3,16 +3,27 @@ without ranking, TorchScript archives, the cache command."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from contextlib import contextmanager
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
+from typer.testing import CliRunner
 
 from surgeon import collect, textspan
-from surgeon.images import folder_images
+from surgeon.errors import InvalidInput, NotFound
+from surgeon.images import folder_images, resolve_images
 from surgeon.load import load_model
+from surgeon.policies import PolicyOptions, check_paper_preset
 from surgeon.pools import TextPool
+from surgeon.prune import prune
 from surgeon.textcache import pool_embeddings, text_cache_path, text_key
+from surgeon.validate import build_suite
 
 POOL = TextPool("t", ("a red dog", "a blue cat", "three birds", "Paris at night", "a green car"), {"concepts": {}})
 
@@ -85,3 +96,124 @@ def test_bars_advance_per_batch(tiny, image_folder, monkeypatch):
     assert calls["text encoding"]["steps"] == [2, 2, 1]
     textspan.textspan_all(stats, torch.randn(5, tiny.embed_dim).double(), m=2, rank=4)
     assert calls["TextSpan"] == {"total": 8, "steps": [1] * 8}
+
+
+def run_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "surgeon", *args], capture_output=True, text=True, timeout=300, cwd=cwd
+    )
+
+
+def test_real_models_need_their_data_named(tiny_default_dir, tmp_path):
+    model = f"local-dir:{tiny_default_dir}"
+    with pytest.raises(InvalidInput, match="not the toy model.*\n.*--images FOLDER.*--images toy"):
+        resolve_images(None, None, model)
+    with pytest.raises(InvalidInput, match="not the toy model.*\n.*--data FOLDER.*--data toy"):
+        build_suite(model=model)
+    assert resolve_images("toy", 3, model).count == 3  # asked for: fine
+    assert resolve_images(None, 3).count == 3 and resolve_images(None, 3, "toy").count == 3
+    assert build_suite(Path("toy"), model=model).source == "toy"
+    # before loading anything: one line, exit 2, nothing written
+    rank = run_cli("rank", "--model", model, "--out", str(tmp_path / "r"))
+    assert rank.returncode == 2 and "not the toy model" in rank.stderr and "Traceback" not in rank.stderr
+    validate = run_cli("validate", "--model", model)
+    assert validate.returncode == 2 and "--data toy" in validate.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_unknown_preset_for_a_checkpoint_file_says_what_to_pass(tmp_path):
+    with pytest.raises(NotFound, match="checkpoint file .*openai.*\n.*--policy heads --heads L11.H5,L10.H8"):
+        check_paper_preset("high", "ViT-B-32", str(tmp_path / "vit.safetensors"))
+    with pytest.raises(NotFound, match="no paper preset for toy"):
+        check_paper_preset("low", None, None)
+    assert check_paper_preset("low", "ViT-B-32", "openai").startswith("L8.H5")
+    # the CLI says so before loading the (missing) checkpoint or ranking
+    result = run_cli(
+        "prune",
+        "--model",
+        "ViT-B-32",
+        "--pretrained",
+        str(tmp_path / "vit.safetensors"),
+        "--policy",
+        "paper-high",
+        "--images",
+        str(tmp_path),
+    )
+    assert result.returncode == 3 and "--policy heads --heads L11.H5" in result.stderr, result.stderr
+
+
+def test_ranking_free_policies_skip_ranking_and_infer_finds_the_exports_labels(tiny, tmp_path, monkeypatch):
+    from surgeon.cli import app
+    from surgeon.paths import cache_dir
+    from tests.test_prune_export import synthetic_suite
+
+    labels = tmp_path / "classes.txt"
+    labels.write_text("red\nblue\ndog\n")
+    out = tmp_path / "run"
+    result = prune(
+        tiny,
+        None,
+        synthetic_suite(),
+        "heads",
+        PolicyOptions(heads="L2.H1,L1.H0"),
+        out_dir=out,
+        exporters=["safetensors", "onnx"],
+        export_options={"labels": labels, "atol": 1e-4},
+    )
+    assert [h["head"] for h in result.plan["heads"]] == ["L1.H0", "L2.H1"] and result.plan["ranking_sha256"] is None
+    assert not (out / "ranking.json").exists() and not (cache_dir() / "stats").exists()  # no ranking happened
+    with pytest.raises(InvalidInput, match="the top-k policy needs a ranking"):
+        prune(tiny, None, synthetic_suite(), "top-k", PolicyOptions(k=1))
+    image = tmp_path / "a.png"
+    Image.fromarray(np.full((32, 32, 3), 200, dtype=np.uint8)).save(image)
+    monkeypatch.chdir(out)  # `surgeon infer . IMG --labels labels.txt` from the run folder
+    shown = CliRunner().invoke(app, ["infer", ".", str(image), "--labels", "labels.txt", "--json"])
+    assert shown.exit_code == 0, shown.output
+    assert json.loads(shown.output)["predictions"][0]["top"][0]["label"] in ("red", "blue", "dog")
+
+
+def test_cli_prints_warnings_as_one_line_and_no_no_no_cache(capsys):
+    import warnings
+
+    from surgeon import cli
+
+    cli._show_warning(
+        UserWarning("ViT-B-32 has no --pretrained weights: using a random initialisation"), UserWarning, "load.py", 1
+    )
+    assert capsys.readouterr().err.strip() == (
+        "warning: ViT-B-32 has no --pretrained weights: using a random initialisation"
+    )
+    assert warnings.showwarning is not cli._show_warning  # installed by main() only
+    shown = CliRunner().invoke(cli.app, ["rank", "--help"], terminal_width=200)
+    assert "--no-cache" in shown.output and "--no-no-cache" not in shown.output
+
+
+def test_rank_without_a_terminal_prints_the_top_of_the_table(
+    tiny_default_dir, image_folder, pool_file, tmp_path, monkeypatch
+):
+    from surgeon import cli
+
+    monkeypatch.setattr(cli, "NON_TERMINAL_ROWS", 3)
+    taxonomy = tmp_path / "tax.json"
+    taxonomy.write_text(json.dumps({"concepts": {"animals": {"terms": ["dog", "cat"]}}}))
+    args = [
+        "rank",
+        "--model",
+        f"local-dir:{tiny_default_dir}",
+        "--images",
+        str(image_folder),
+        "--texts",
+        str(pool_file),
+        "--taxonomy",
+        str(taxonomy),
+        "--layers",
+        "1-2",
+        "--m",
+        "2",
+        "--out",
+        str(tmp_path / "r"),
+    ]
+    shown = CliRunner().invoke(cli.app, args, terminal_width=200)
+    assert shown.exit_code == 0, shown.output
+    assert f"(top 3 of 8 heads; all of them are in {tmp_path / 'r'}/ranking.csv)" in shown.output
+    assert sum(line.startswith("│ L") for line in shown.output.splitlines()) == 3
