@@ -264,9 +264,17 @@ def prune(
     _print_summary(result.before["summary"], result.after["summary"])
     if result.seeds:
         out.print(f"random policy over {len(result.seeds)} seeds: mean {result.plan['seed_mean']}")
+    _print_parity(result.run_dir if result.exported else None)
     out.print(f"run folder: {result.run_dir}" + ("" if result.exported else " (export skipped: gate failed)"))
     if result.gate_failures:
         raise GateFailed("; ".join(result.gate_failures), hint="see report.md; --export-anyway exports regardless")
+
+
+def _print_parity(folder: Path | None) -> None:
+    from surgeon.export import parity_lines
+
+    for line in parity_lines(folder) if folder is not None else []:
+        out.print(line, highlight=False, soft_wrap=True)
 
 
 def _print_summary(before: dict, after: dict | None = None) -> None:
@@ -410,6 +418,7 @@ def export_command(
     )
     for path in files:
         out.print(str(path))
+    _print_parity(target)
     out.print(f"exported {len(files)} file(s) into {target} (README.md and surgery.json describe them)")
 
 

@@ -204,10 +204,11 @@ def export_onnx(
     target.mkdir()
     files = []
     meta = provenance(loaded, plan, validation)
+    parity: dict[str, float] = {}
     for graph in _graphs(loaded, label_list):
         path = target / graph.filename
         _export_graph(graph, path, opset)
-        diff = check_onnx(graph, path, atol)
+        diff = parity[graph.filename] = check_onnx(graph, path, atol)
         # weights over 2 GB stay in torch's external-data files: loading them into one protobuf would fail
         proto = onnx.load(str(path), load_external_data=False)
         extra = {"export_atol": str(atol), "export_max_abs_diff": f"{diff:.3e}", "artifact": graph.filename}
@@ -217,6 +218,8 @@ def export_onnx(
         onnx.save(proto, str(path))
         files.append(path)
     files += sorted(p for p in target.iterdir() if p not in files)  # external-data files, if any
+    (target / PARITY_FILE).write_text(json.dumps({"atol": atol, "max_abs_diff": parity}, indent=2), encoding="utf-8")
+    files.append(target / PARITY_FILE)
     pcfg = dict(loaded.preprocess_cfg)
     (target / "preprocess.json").write_text(json.dumps(pcfg, indent=2), encoding="utf-8")
     files.append(target / "preprocess.json")
@@ -225,6 +228,21 @@ def export_onnx(
         (target / "labels.txt").write_text("\n".join(label_list) + "\n", encoding="utf-8")
         files.append(target / "labels.txt")
     return files
+
+
+PARITY_FILE = "parity.json"
+
+
+def parity_lines(folder: Path) -> list[str]:
+    """A markdown table of the ONNX files' measured max abs difference from PyTorch (empty without ONNX):
+    what a user checks before trusting the export, in report.md, the card and the CLI's output."""
+    path = folder / "onnx" / PARITY_FILE
+    if not path.is_file():
+        return []
+    parity = json.loads(path.read_text(encoding="utf-8"))
+    lines = ["| ONNX file | max abs difference from PyTorch | tolerance |", "|---|---|---|"]
+    lines += [f"| {name} | {diff:.2e} | {parity['atol']:g} |" for name, diff in parity["max_abs_diff"].items()]
+    return lines
 
 
 def _tokenizer_files(loaded: LoadedModel, target: Path) -> list[Path]:

@@ -66,7 +66,7 @@ def prune(
     set — a subset let the search pick heads whose effect did not hold on the full probe); the before/after
     validation uses the whole suite. `ranking` may be None for the policies that do not read one
     (RANKING_FREE: the paper's presets, an explicit list of heads)."""
-    from surgeon.export import export_run
+    from surgeon.export import export_run, parity_lines
 
     if (loaded.extra.get("surgeon") or {}).get("heads_kept"):
         raise PreconditionFailed(
@@ -98,7 +98,12 @@ def prune(
     base_model = (
         ranking.model
         if ranking is not None
-        else {"name": loaded.name, "pretrained": loaded.pretrained, "weights_sha256": loaded.weights_hash}
+        else {
+            "name": loaded.name,
+            "pretrained": loaded.pretrained,
+            "weights_sha256": loaded.weights_hash,
+            "activation": loaded.activation,
+        }
     )
     before = evaluator.evaluate([])
     seed_runs = []
@@ -172,6 +177,10 @@ def prune(
                     exporters or ["safetensors"],
                     **(export_options or {}),
                 )
+                parity = parity_lines(tmp)
+                if parity:
+                    with open(tmp / "report.md", "a", encoding="utf-8") as report:
+                        report.write("\n## ONNX parity\n\n" + "\n".join(parity) + "\n")
     return PruneResult(out_dir, plan, before, after, failures, exported and out_dir is not None, seed_runs)
 
 

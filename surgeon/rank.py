@@ -175,7 +175,12 @@ def rank_heads(
         for (li, h, span), verdict in zip(flat, verdicts, strict=True)
     ]
     return Ranking(
-        model={"name": loaded.name, "pretrained": loaded.pretrained, "weights_sha256": loaded.weights_hash},
+        model={
+            "name": loaded.name,
+            "pretrained": loaded.pretrained,
+            "weights_sha256": loaded.weights_hash,
+            "activation": loaded.activation,
+        },
         images={
             "identity": images.identity,
             "description": images.description,

@@ -4,6 +4,7 @@ without ranking, TorchScript archives, the cache command."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -162,6 +163,9 @@ def test_ranking_free_policies_skip_ranking_and_infer_finds_the_exports_labels(t
     )
     assert [h["head"] for h in result.plan["heads"]] == ["L1.H0", "L2.H1"] and result.plan["ranking_sha256"] is None
     assert not (out / "ranking.json").exists() and not (cache_dir() / "stats").exists()  # no ranking happened
+    for name in ("report.md", "README.md"):  # the measured ONNX parity, where a user reads about the export
+        text = (out / name).read_text()
+        assert "| visual.onnx |" in text and "| classifier.onnx |" in text and "| 0.0001 |" in text
     with pytest.raises(InvalidInput, match="the top-k policy needs a ranking"):
         prune(tiny, None, synthetic_suite(), "top-k", PolicyOptions(k=1))
     image = tmp_path / "a.png"
@@ -217,3 +221,67 @@ def test_rank_without_a_terminal_prints_the_top_of_the_table(
     assert shown.exit_code == 0, shown.output
     assert f"(top 3 of 8 heads; all of them are in {tmp_path / 'r'}/ranking.csv)" in shown.output
     assert sum(line.startswith("│ L") for line in shown.output.splitlines()) == 3
+
+
+def test_missing_weights_hint_names_hf_download_and_the_real_hub_cache(tmp_path):
+    code = (
+        "import sys\nfrom surgeon.load import load_model\n"
+        "try:\n    load_model('ViT-B-32', 'laion2b_s34b_b79k')\nexcept Exception as e:\n    print(e)\n"
+    )
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HOME": str(tmp_path)}
+    env.pop("HF_HUB_CACHE", None)
+    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120).stdout
+    assert f"not in the local cache ({tmp_path / 'hf' / 'hub'})" in shown
+    assert "`hf download laion/CLIP-ViT-B-32-laion2B-s34B-b79K`" in shown and str(tmp_path / "hf" / "hub") in shown
+
+
+@pytest.mark.parametrize("quick_gelu", [False, True])
+def test_torchscript_archives_load_without_running_their_code(tmp_path, quick_gelu):
+    """A traced open_clip model saved with torch.jit.save: the layout of OpenAI's own CLIP files."""
+    from surgeon.load import build_clip, read_state_dict
+    from surgeon.torchscript import is_torchscript, script_activation
+    from tests.conftest import tiny_config
+
+    config = {**tiny_config(), "quick_gelu": quick_gelu}
+    torch.manual_seed(0)
+    model = build_clip(config).eval()
+    path = tmp_path / "ViT-tiny.pt"
+    with torch.no_grad():
+        torch.jit.trace(model, (torch.randn(2, 3, 32, 32), torch.randint(0, 99, (2, 16))), strict=False).save(path)
+    assert is_torchscript(path) and script_activation(path) == ("QuickGELU" if quick_gelu else "GELU")
+    state = read_state_dict(path)
+    own = model.state_dict()
+    assert all(torch.equal(state[k], own[k]) for k in own)
+    # through the loader: the activation is read from the archive's code and recorded
+    folder = tmp_path / "dir"
+    folder.mkdir()
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": tiny_config()}))
+    path.rename(folder / "weights.pt")
+    loaded = load_model(f"local-dir:{folder}", device="cpu")
+    assert all(torch.equal(v, own[k]) for k, v in loaded.model.state_dict().items())
+
+
+def test_a_pickle_disguised_as_torchscript_is_refused(tmp_path):
+    """The restricted unpickler knows two callables; anything else (here os.system) is refused unexecuted."""
+    import pickle
+    import zipfile
+
+    path = tmp_path / "evil.pt"
+    marker = tmp_path / "ran"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("evil/code/__torch__/m.py", "class M: pass")
+        archive.writestr("evil/data.pkl", pickle.dumps(Exploit(f"touch {marker}")))
+    from surgeon.errors import CorruptInput
+    from surgeon.load import read_state_dict
+
+    with pytest.raises(CorruptInput, match="posix.system is not allowed|os.system is not allowed"):
+        read_state_dict(path)
+    assert not marker.exists()
+
+
+class Exploit:
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
