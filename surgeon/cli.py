@@ -25,6 +25,11 @@ app = typer.Typer(
 app.command()(infer)  # torch-free: the onnxruntime serving path
 toy_app = typer.Typer(help="The embedded toy world and its bundled CLIP.", no_args_is_help=True)
 app.add_typer(toy_app, name="toy")
+cache_app = typer.Typer(
+    help="The on-disk cache of statistics and text embeddings ($SURGEON_CACHE_DIR, else ~/.cache/surgeon).",
+    no_args_is_help=True,
+)
+app.add_typer(cache_app, name="cache")
 out = Console()
 err = Console(stderr=True)
 
@@ -504,6 +509,68 @@ def toy_images_command(
         raise InvalidInput(f"--n must be positive, got {n}")
     folder = world.write_png_folder(out_dir, n, split=split, seed=seed, force=force)
     out.print(f"wrote {n} images and labels.csv to {folder}")
+
+
+@cache_app.command("list")
+def cache_list(
+    files: Annotated[bool, typer.Option("--files", help="one row per file instead of per kind")] = False,
+) -> None:
+    """What the cache holds, per kind (stats, text, partial, llm), least recently used first with --files."""
+    from datetime import datetime
+
+    from surgeon.cache import entries, human
+    from surgeon.paths import cache_dir
+
+    found = entries()
+    table = Table(title=f"cache: {cache_dir()}")
+    if files:
+        for column in ("kind", "size", "last used", "file"):
+            table.add_column(column, overflow="fold")
+        for e in found:
+            used = datetime.fromtimestamp(e.used).strftime("%Y-%m-%d %H:%M")
+            table.add_row(e.kind, human(e.size), used, str(e.path.relative_to(cache_dir())))
+    else:
+        for column in ("kind", "entries", "size"):
+            table.add_column(column)
+        for kind in sorted({e.kind for e in found}):
+            mine = [e for e in found if e.kind == kind]
+            table.add_row(kind, str(len(mine)), human(sum(e.size for e in mine)))
+    out.print(table)
+    out.print(f"{len(found)} file(s), {human(sum(e.size for e in found))}")
+
+
+@cache_app.command("size")
+def cache_size() -> None:
+    """Total size of the cache, in bytes and readable."""
+    from surgeon.cache import entries, human
+
+    total = sum(e.size for e in entries())
+    out.print(f"{total} bytes ({human(total)})")
+
+
+@cache_app.command("clear")
+def cache_clear(
+    kinds: Annotated[
+        list[str] | None, typer.Argument(help="kinds to clear (stats, text, partial, llm); default all")
+    ] = None,
+) -> None:
+    """Delete cache entries; each is recomputed when next needed."""
+    from surgeon.cache import clear, human
+
+    gone = clear(kinds)
+    out.print(f"deleted {len(gone)} file(s), {human(sum(e.size for e in gone))}")
+
+
+@cache_app.command("evict")
+def cache_evict(
+    max_size: Annotated[str, typer.Option(help="keep at most this much, e.g. 5GB, 500MB, 2GiB")],
+) -> None:
+    """Delete least recently used entries until the cache fits in --max-size."""
+    from surgeon.cache import entries, evict, human, parse_size
+
+    gone = evict(parse_size(max_size))
+    left = sum(e.size for e in entries())
+    out.print(f"deleted {len(gone)} file(s), {human(sum(e.size for e in gone))}; {human(left)} left")
 
 
 @app.command()

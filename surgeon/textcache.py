@@ -20,6 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from surgeon.cache import touch
 from surgeon.distributed import World, agree, shard, world
 from surgeon.load import LoadedModel, weights_hash
 from surgeon.paths import cache_dir
@@ -122,6 +123,7 @@ def pool_embeddings(
     path = text_cache_path(text_key(loaded, pool)) if use_cache else None
     cached = _read(path, len(pool.lines)) if path is not None and path.is_file() else None
     if agree(cached is not None, w):
+        touch(path)  # for `surgeon cache evict` (least recently used first)
         return cached.to(loaded.device), True
     lines = list(pool.lines)
     embeddings = _encode_share(loaded, lines, w, batch_size, quiet)

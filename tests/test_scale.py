@@ -285,3 +285,34 @@ class Exploit:
 
     def __reduce__(self):
         return os.system, (self.command,)
+
+
+def test_cache_command_lists_sizes_clears_and_evicts_least_recently_used(tiny):
+    from surgeon.cache import parse_size
+    from surgeon.cli import app
+    from surgeon.paths import cache_dir
+
+    pool_embeddings(tiny, POOL, quiet=True)  # a real entry: text/<key>.safetensors
+    root = cache_dir()
+    for i, (kind, size) in enumerate([("stats", 3000), ("stats", 2000), ("partial", 1000)]):
+        path = root / kind / f"{i}.safetensors"
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"x" * size)
+        os.utime(path, (1000 + i, 1000 + i))  # used long ago, oldest first
+    (root / "stats" / ".tmp-writing.safetensors").write_bytes(b"x" * 50)  # a writer at work: never touched
+    text_size = sum(p.stat().st_size for p in (root / "text").iterdir())
+    runner = CliRunner()
+    listed = runner.invoke(app, ["cache", "list"], terminal_width=200)
+    assert listed.exit_code == 0 and "│ stats   │ 2 " in listed.output and "│ text    │ 1 " in listed.output
+    sized = runner.invoke(app, ["cache", "size"])
+    assert sized.output.startswith(f"{6000 + text_size} bytes")
+    evicted = runner.invoke(app, ["cache", "evict", "--max-size", f"{text_size + 1500}B"])
+    assert evicted.exit_code == 0 and "deleted 2 file(s)" in evicted.output  # the two oldest: 3000 + 2000 bytes
+    assert sorted(p.name for p in (root / "stats").iterdir()) == [".tmp-writing.safetensors"]
+    assert (root / "partial" / "2.safetensors").exists() and pool_embeddings(tiny, POOL, quiet=True)[1]
+    cleared = runner.invoke(app, ["cache", "clear", "partial"])
+    assert "deleted 1 file(s)" in cleared.output and (root / "text").iterdir()
+    assert runner.invoke(app, ["cache", "clear"]).exit_code == 0 and not list((root / "text").iterdir())
+    assert parse_size("1.5GiB") == 1.5 * 2**30 and parse_size("500MB") == 500_000_000 and parse_size("7") == 7
+    bad = runner.invoke(app, ["cache", "evict", "--max-size", "lots"])
+    assert isinstance(bad.exception, InvalidInput) and "bad size 'lots'" in str(bad.exception)  # main(): exit 2
