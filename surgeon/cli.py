@@ -259,6 +259,7 @@ def prune(
         force=force,
         exporters=formats,
         export_options={"labels": labels, "atol": atol},
+        quiet=quiet,
     )
     table = Table(title=f"pruned {len(result.plan['heads'])} head(s): policy {policy}, mode {mode}")
     for column in ("head", "label", "CCS", "reason"):
@@ -314,6 +315,7 @@ def validate(
     as_json: Annotated[bool, typer.Option("--json", help="print the results as JSON")] = False,
     out_file: Annotated[Path | None, typer.Option("--out", help="write the results JSON here")] = None,
     device: DeviceOpt = None,
+    quiet: QuietOpt = False,
 ) -> None:
     """Zero-shot accuracy and bias metrics of a model (toy benchmarks by default)."""
     import json
@@ -323,7 +325,7 @@ def validate(
     from surgeon.validate import validate as run_validate
 
     suite = _suite(data, classnames, templates, bias_data, queries, skew_k, desired, model)
-    report = run_validate(load_model(model, pretrained, device), suite)
+    report = run_validate(load_model(model, pretrained, device), suite, bar=None if quiet else "validation")
     if out_file:
         from surgeon.paths import atomic_write_text
 

@@ -15,6 +15,7 @@ from surgeon.images import ImageSet
 from surgeon.load import LoadedModel, weights_hash
 from surgeon.paths import atomic_dir
 from surgeon.policies import POLICIES, RANKING_FREE, PolicyOptions, Selection
+from surgeon.progress import progress_bar
 from surgeon.rank import Ranking
 from surgeon.surgery import SurgeryRequest, apply_surgery
 from surgeon.validate import Evaluator, Gates, ValidationSuite, markdown_report, validate
@@ -33,12 +34,11 @@ class PruneResult:
     seeds: list[dict] = field(default_factory=list)
 
 
-def select_heads(
-    ranking: Ranking | None, policy: str, options: PolicyOptions, evaluator: Evaluator | None
-) -> Selection:
+def select_heads(ranking: Ranking | None, policy: str, options: PolicyOptions, evaluate=None) -> Selection:
+    """`evaluate(heads) -> (accuracy, bias)` scores candidate sets for the debias policy."""
     impl = POLICIES.get(policy)
     if policy == "debias":
-        options.evaluate = evaluator.score if evaluator is not None else None
+        options.evaluate = evaluate
     return impl(ranking, options)
 
 
@@ -60,6 +60,7 @@ def prune(
     export_options: dict | None = None,
     search_images: int = 500,
     search_bias: int | None = None,
+    quiet: bool = True,
 ) -> PruneResult:
     """Prune `loaded.model` in place. Writes `out_dir` (atomically) unless it is None. The debias search
     scores candidates on `search_images` images per task and `search_bias` bias images (None: the whole bias
@@ -91,7 +92,13 @@ def prune(
     gates.check_measurable(suite)
     first_layer = min(ranking.layers) if ranking is not None else 0
     search = Evaluator(loaded, suite.subset(search_images, search_bias), first_layer) if policy == "debias" else None
-    selection = select_heads(ranking, policy, options, search)
+    with progress_bar("debias search (head sets scored)", None, quiet or search is None) as advance:
+
+        def scored(heads):
+            advance(1)
+            return search.score(heads)
+
+        selection = select_heads(ranking, policy, options, scored if search is not None else None)
     if ranking is None:
         first_layer = min(h.layer for h in selection.heads)
     evaluator = Evaluator(loaded, suite, first_layer=first_layer, cache=seeds > 1)
@@ -105,7 +112,7 @@ def prune(
             "activation": loaded.activation,
         }
     )
-    before = evaluator.evaluate([])
+    before = evaluator.evaluate([], bar=None if quiet else "validation before")
     seed_runs = []
     if seeds > 1:  # the paper's control: average the random policy over seeds (zero ablation, measured)
         for offset in range(seeds):
@@ -123,7 +130,7 @@ def prune(
 
     record = apply_surgery(loaded.model, SurgeryRequest(selection.heads, mode, tower, means))
     loaded.weights_hash = weights_hash(loaded.model)
-    after = validate(loaded, suite)
+    after = validate(loaded, suite, bar=None if quiet else "validation after")
     before.update(model=loaded.identity)
     failures = gates.check(before, after)
     by_name = {h.name: h for h in ranking.heads} if ranking is not None else {}

@@ -22,6 +22,7 @@ from surgeon.errors import GateFailed, InvalidInput
 from surgeon.images import open_image
 from surgeon.load import LoadedModel
 from surgeon.pools import read_lines
+from surgeon.progress import progress_bar
 from surgeon.surgery import HeadRef, zero_heads
 from surgeon.templates import fill, read_templates
 from surgeon.zeroshot import build_classifier, metrics_from_logits, uint8_to_tensor
@@ -271,7 +272,8 @@ class Evaluator:
         return x.cpu()
 
     @torch.no_grad()
-    def embeddings(self, name: str, heads: list[HeadRef] = ()) -> torch.Tensor:
+    def embeddings(self, name: str, heads: list[HeadRef] = (), advance=None) -> torch.Tensor:
+        """Normalised image embeddings of one set with `heads` ablated; `advance(n)` after each batch."""
         if any(h.layer < self.first_layer for h in heads):
             raise InvalidInput(f"this evaluator only re-runs layers >= {self.first_layer}")
         visual = self.loaded.model.visual
@@ -290,17 +292,24 @@ class Evaluator:
                     x = block(x)
                 pooled, _ = visual._pool(x)
                 out.append(F.normalize((pooled @ visual.proj).float(), dim=-1).cpu())
+                if advance is not None:
+                    advance(len(x))
         return torch.cat(out)
 
-    def evaluate(self, heads: list[HeadRef] = ()) -> dict:
-        """Metrics per set, and a summary (mean acc1 over tasks, bias MaxSkew@k)."""
+    def evaluate(self, heads: list[HeadRef] = (), bar: str | None = None) -> dict:
+        """Metrics per set, and a summary (mean acc1 over tasks, bias MaxSkew@k); with `bar`, a progress bar
+        of that name advancing per batch of images."""
         results = []
         done: dict[int, torch.Tensor] = {}
+        total = sum(len(images) for images in self._images.values())
+        with progress_bar(bar or "", total, quiet=bar is None) as advance:
+            return self._evaluate(heads, done, results, advance)
 
+    def _evaluate(self, heads, done: dict, results: list, advance) -> dict:
         def embed(name: str) -> torch.Tensor:
             key = self._set_key[name]
             if key not in done:
-                done[key] = self.embeddings(name, heads)
+                done[key] = self.embeddings(name, heads, advance)
             return done[key]
 
         for task, classifier in zip(self.suite.tasks, self.classifiers, strict=True):
@@ -330,9 +339,9 @@ def _as_image(item) -> Image.Image:
     return open_image(item) if isinstance(item, Path) else Image.fromarray(np.asarray(item))
 
 
-def validate(loaded: LoadedModel, suite: ValidationSuite, batch_size: int = 256) -> dict:
-    """Full validation of a (possibly pruned) model, shaped like clip_benchmark's results."""
-    report = Evaluator(loaded, suite, batch_size=batch_size, cache=False).evaluate()
+def validate(loaded: LoadedModel, suite: ValidationSuite, batch_size: int = 256, bar: str | None = None) -> dict:
+    """Full validation of a (possibly pruned) model, shaped like clip_benchmark's results (`bar`: see evaluate)."""
+    report = Evaluator(loaded, suite, batch_size=batch_size, cache=False).evaluate(bar=bar)
     for entry in report["results"]:
         entry.update(model=loaded.name, pretrained=loaded.pretrained or "")
     report["model"] = loaded.identity

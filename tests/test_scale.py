@@ -25,6 +25,7 @@ from surgeon.pools import TextPool
 from surgeon.prune import prune
 from surgeon.textcache import pool_embeddings, text_cache_path, text_key
 from surgeon.validate import build_suite
+from tests.test_prune_export import setup  # noqa: F401  (fixture)
 
 POOL = TextPool("t", ("a red dog", "a blue cat", "three birds", "Paris at night", "a green car"), {"concepts": {}})
 
@@ -97,6 +98,24 @@ def test_bars_advance_per_batch(tiny, image_folder, monkeypatch):
     assert calls["text encoding"]["steps"] == [2, 2, 1]
     textspan.textspan_all(stats, torch.randn(5, tiny.embed_dim).double(), m=2, rank=4)
     assert calls["TextSpan"] == {"total": 8, "steps": [1] * 8}
+
+
+def test_validation_and_debias_search_bars(setup, monkeypatch):  # noqa: F811
+    from surgeon import prune as prune_module
+    from surgeon import validate as validate_module
+    from tests.test_prune_export import synthetic_suite
+
+    loaded, ranking = setup
+    calls: dict = {}
+    monkeypatch.setattr(validate_module, "progress_bar", recording_bar(calls))
+    monkeypatch.setattr(prune_module, "progress_bar", recording_bar(calls))
+    validate_module.validate(loaded, synthetic_suite(), batch_size=16, bar="validation")
+    assert calls["validation"] == {"total": 70, "steps": [16, 16, 8, 16, 14]}  # 40 task images, 30 bias images
+    result = prune(loaded, ranking, synthetic_suite(), "debias", PolicyOptions(k=2, max_acc_drop=100), quiet=False)
+    search = calls["debias search (head sets scored)"]["steps"]
+    assert len(search) >= 1 + len(ranking.heads) and set(search) == {1}  # the baseline, then every head alone
+    assert calls["validation before"]["total"] == calls["validation after"]["total"] == 70
+    assert sum(calls["validation after"]["steps"]) == 70 and result.plan["heads"]
 
 
 def run_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
