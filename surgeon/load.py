@@ -188,7 +188,7 @@ def _missing_weights_error(model_name: str, tag: str, cfg: dict) -> NotFound:
     from huggingface_hub import constants
 
     hub = cfg.get("hf_hub", "").rstrip("/")
-    repo = hub.split("/")[0] + "/" + hub.split("/")[1] if hub.count("/") >= 1 else hub
+    repo = "/".join(hub.split("/")[:2])  # "timm/vit_base_patch32_clip_224.openai/" names the repo, then a file
     cache = constants.HF_HUB_CACHE  # follows HF_HUB_CACHE / HF_HOME like huggingface_hub itself
     fetch = (
         f"run `hf download {repo}` and copy that machine's hub cache into {cache}"
