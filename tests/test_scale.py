@@ -335,3 +335,16 @@ def test_cache_command_lists_sizes_clears_and_evicts_least_recently_used(tiny):
     assert parse_size("1.5GiB") == 1.5 * 2**30 and parse_size("500MB") == 500_000_000 and parse_size("7") == 7
     bad = runner.invoke(app, ["cache", "evict", "--max-size", "lots"])
     assert isinstance(bad.exception, InvalidInput) and "bad size 'lots'" in str(bad.exception)  # main(): exit 2
+
+
+def test_a_rank_with_an_empty_shard_says_so(tiny, image_folder, monkeypatch):
+    """24 images in batches of 16 are 2 batches: a third rank would get none (the all-reduce is not needed
+    to see it, so this rank's view is simulated without a process group)."""
+    from surgeon.distributed import World
+
+    monkeypatch.setattr(collect, "world", lambda: World(2, 3))
+    monkeypatch.setattr(collect, "agree", lambda flag, w: flag)
+    monkeypatch.setattr(collect, "all_reduce", lambda stats, w: stats)
+    with pytest.warns(UserWarning, match="rank 2 of 3 has no images: 24 image.* batches of 16.*--batch-size"):
+        with pytest.raises(InvalidInput, match="only 0 readable image"):
+            collect.collect_stats(tiny, folder_images(image_folder), (1,), batch_size=16, quiet=True)
