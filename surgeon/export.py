@@ -205,7 +205,8 @@ def export_onnx(
     files = []
     meta = provenance(loaded, plan, validation)
     parity: dict[str, float] = {}
-    for graph in _graphs(loaded, label_list):
+    graphs = _graphs(loaded, label_list)
+    for graph in graphs:
         path = target / graph.filename
         _export_graph(graph, path, opset)
         diff = parity[graph.filename] = check_onnx(graph, path, atol)
@@ -217,6 +218,8 @@ def export_onnx(
         onnx.helper.set_model_props(proto, {**meta, **extra})
         onnx.save(proto, str(path))
         files.append(path)
+    if label_list:
+        _share_visual_weights(target, next(g for g in graphs if g.filename == "classifier.onnx"), atol)
     files += sorted(p for p in target.iterdir() if p not in files)  # external-data files, if any
     (target / PARITY_FILE).write_text(json.dumps({"atol": atol, "max_abs_diff": parity}, indent=2), encoding="utf-8")
     files.append(target / PARITY_FILE)
@@ -231,6 +234,42 @@ def export_onnx(
 
 
 PARITY_FILE = "parity.json"
+SHARED_WEIGHTS = "visual.onnx.data"
+
+
+def _share_visual_weights(target: Path, classifier: OnnxGraph, atol: float) -> None:
+    """classifier.onnx repeats the whole visual tower (351 MB for ViT-B-32): move visual.onnx's weights into
+    an external-data file and point classifier.onnx's identical initializers at the same bytes, so the
+    classifier stays one self-standing call but adds only its class embeddings. Checked again afterwards."""
+    import onnx
+    from onnx import numpy_helper
+
+    visual_path, classifier_path = target / "visual.onnx", target / "classifier.onnx"
+    visual = onnx.load(str(visual_path))  # with its external data, if torch already wrote some (> 2 GB)
+    if not any(
+        t.data_location == onnx.TensorProto.EXTERNAL
+        for t in onnx.load(str(visual_path), load_external_data=False).graph.initializer
+    ):
+        onnx.save(visual, str(visual_path), save_as_external_data=True, location=SHARED_WEIGHTS, size_threshold=1024)
+        visual = onnx.load(str(visual_path))
+    located = onnx.load(str(visual_path), load_external_data=False)
+    where = {}
+    for loaded_tensor, ref in zip(visual.graph.initializer, located.graph.initializer, strict=True):
+        if ref.data_location == onnx.TensorProto.EXTERNAL:
+            array = numpy_helper.to_array(loaded_tensor)
+            where[(array.dtype.str, array.shape, hashlib.sha256(array.tobytes()).hexdigest())] = ref.external_data
+    model = onnx.load(str(classifier_path))
+    for tensor in model.graph.initializer:
+        array = numpy_helper.to_array(tensor)
+        ref = where.get((array.dtype.str, array.shape, hashlib.sha256(array.tobytes()).hexdigest()))
+        if ref is not None:
+            for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data"):
+                tensor.ClearField(field)
+            del tensor.external_data[:]
+            tensor.external_data.extend(ref)
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+    onnx.save(model, str(classifier_path))
+    check_onnx(classifier, classifier_path, atol)
 
 
 def parity_lines(folder: Path) -> list[str]:

@@ -182,6 +182,9 @@ def test_ranking_free_policies_skip_ranking_and_infer_finds_the_exports_labels(t
     )
     assert [h["head"] for h in result.plan["heads"]] == ["L1.H0", "L2.H1"] and result.plan["ranking_sha256"] is None
     assert not (out / "ranking.json").exists() and not (cache_dir() / "stats").exists()  # no ranking happened
+    onnx_dir = out / "onnx"  # classifier.onnx reads the visual tower's weights from visual.onnx's data file
+    visual_size = sum((onnx_dir / n).stat().st_size for n in ("visual.onnx", "visual.onnx.data"))
+    assert (onnx_dir / "classifier.onnx").stat().st_size < 0.2 * visual_size
     for name in ("report.md", "README.md"):  # the measured ONNX parity, where a user reads about the export
         text = (out / name).read_text()
         assert "| visual.onnx |" in text and "| classifier.onnx |" in text and "| 0.0001 |" in text
