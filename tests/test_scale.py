@@ -196,6 +196,9 @@ def test_ranking_free_policies_skip_ranking_and_infer_finds_the_exports_labels(t
     shown = CliRunner().invoke(app, ["infer", ".", str(image), "--labels", "labels.txt", "--json"])
     assert shown.exit_code == 0, shown.output
     assert json.loads(shown.output)["predictions"][0]["top"][0]["label"] in ("red", "blue", "dog")
+    baked = CliRunner().invoke(app, ["infer", ".", str(image), "--json"])  # classifier.onnx + the shared weights
+    assert baked.exit_code == 0, baked.output
+    assert json.loads(baked.output)["predictions"][0]["top"][0]["label"] in ("red", "blue", "dog")
 
 
 def test_cli_prints_warnings_as_one_line_and_no_no_no_cache(capsys):
