@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import pickle
+import threading
 import warnings
 import zipfile
 from contextlib import contextmanager
@@ -327,24 +328,29 @@ def load_model(
     return loaded
 
 
+_EMPTY = threading.local()
+_REGISTER_PARAMETER = torch.nn.Module.register_parameter
+
+
+def _register_parameter(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
+    if param is not None and getattr(_EMPTY, "active", False) and param.device.type != "meta":
+        param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+    _REGISTER_PARAMETER(module, name, param)
+
+
 @contextmanager
 def empty_parameters():
     """Modules built inside take no memory for their parameters (meta device; their random initialisation
     is skipped too) until `load_weights_strict` assigns the checkpoint's tensors: loading no longer holds a
     random-init model and the checkpoint side by side. Buffers stay real: the non-persistent ones (causal
-    masks) are not in any checkpoint. (accelerate's init_empty_weights does the same; not worth the dependency.)"""
-    register = torch.nn.Module.register_parameter
-
-    def on_meta(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
-        if param is not None and param.device.type != "meta":
-            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        register(module, name, param)
-
-    torch.nn.Module.register_parameter = on_meta
+    masks) are not in any checkpoint. Per thread: the server builds models in several threads at once.
+    (accelerate's init_empty_weights does the same globally; not worth the dependency.)"""
+    torch.nn.Module.register_parameter = _register_parameter  # inert outside this block's thread
+    previous, _EMPTY.active = getattr(_EMPTY, "active", False), True
     try:
         yield
     finally:
-        torch.nn.Module.register_parameter = register
+        _EMPTY.active = previous
 
 
 def activation(model_cfg: dict) -> str:

@@ -354,3 +354,20 @@ def test_a_rank_with_an_empty_shard_says_so(tiny, image_folder, monkeypatch):
     with pytest.warns(UserWarning, match="rank 2 of 3 has no images: 24 image.* batches of 16.*--batch-size"):
         with pytest.raises(InvalidInput, match="only 0 readable image"):
             collect.collect_stats(tiny, folder_images(image_folder), (1,), batch_size=16, quiet=True)
+
+
+def test_empty_parameters_is_per_thread_and_loading_assigns_every_tensor(tiny_default_dir):
+    import threading
+
+    from surgeon.load import empty_parameters
+
+    other: list = []
+    with empty_parameters():
+        inside = torch.nn.Linear(4, 4)
+        worker = threading.Thread(target=lambda: other.append(torch.nn.Linear(4, 4)))  # e.g. another server job
+        worker.start()
+        worker.join()
+    assert inside.weight.is_meta and not other[0].weight.is_meta and not torch.nn.Linear(4, 4).weight.is_meta
+    loaded = load_model(f"local-dir:{tiny_default_dir}", device="cpu")
+    tensors = list(loaded.model.parameters()) + list(loaded.model.buffers())
+    assert not any(t.is_meta for t in tensors) and loaded.model.attn_mask.isinf().any()  # the causal mask is real
