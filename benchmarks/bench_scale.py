@@ -164,7 +164,8 @@ def main() -> None:
     exported = sum(p.stat().st_size for p in (run / "model").iterdir()) + sum(
         p.stat().st_size for p in onnx.glob("*.onnx*")
     )
-    essential = sum((onnx / n).stat().st_size for n in ("visual.onnx", "text.onnx")) + ckpt.stat().st_size
+    towers = [p for n in ("visual.onnx*", "text.onnx*") for p in onnx.glob(n)]  # with external-data files
+    essential = sum(p.stat().st_size for p in towers) + ckpt.stat().st_size
     report["prune_export_s"] = t_prune
     report["export_bytes"] = {"exported": exported, "checkpoint_visual_text": essential}
     report["onnx_parity"] = json.loads((onnx / "parity.json").read_text())
