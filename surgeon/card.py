@@ -104,7 +104,8 @@ def model_card(loaded: LoadedModel, plan: dict, validation: dict, folder: Path) 
         f"Made by surgeon {plan['surgeon_version']}: heads of the "
         f"{plan['tower']} tower were ranked by Concept Consistency Score (CCS) and pruned with the "
         f"`{plan['policy']}` policy in `{plan['mode']}` mode"
-        + (" (heads physically removed)." if hard else " (weights zeroed or mean-folded; shapes unchanged)."),
+        + (" (heads physically removed)." if hard else " (weights zeroed or mean-folded; shapes unchanged).")
+        + (f" MLP activation: {plan['base_model']['activation']}." if plan["base_model"].get("activation") else ""),
         "",
         "## What was pruned and why",
         "",
@@ -142,7 +143,13 @@ def model_card(loaded: LoadedModel, plan: dict, validation: dict, folder: Path) 
         ]
     lines += ["```", ""]
     if has_onnx:
+        from surgeon.export import parity_lines
+
         lines += [
+            "ONNX parity, measured at export on fresh inputs:",
+            "",
+            *parity_lines(folder),
+            "",
             "With onnxruntime only (no torch):",
             "",
             "```python",

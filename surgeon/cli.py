@@ -34,6 +34,11 @@ app.command()(infer)  # torch-free: the onnxruntime serving path
 app.command("triton-repo")(triton_repo)  # torch-free too
 toy_app = typer.Typer(help="The embedded toy world and its bundled CLIP.", no_args_is_help=True)
 app.add_typer(toy_app, name="toy")
+cache_app = typer.Typer(
+    help="The on-disk cache of statistics and text embeddings ($SURGEON_CACHE_DIR, else ~/.cache/surgeon).",
+    no_args_is_help=True,
+)
+app.add_typer(cache_app, name="cache")
 out = Console()
 err = Console(stderr=True)
 
@@ -74,7 +79,9 @@ def _check_plot_format(plot_format: str) -> None:
         raise InvalidInput(f"unknown plot format {plot_format!r}", hint=f"choose {', '.join(PLOT_FORMATS)}")
 
 
-ImagesOpt = Annotated[str | None, typer.Option(help="'toy' (default) or a folder of images")]
+ImagesOpt = Annotated[
+    str | None, typer.Option(help="a folder of images, or 'toy' (the default for the toy model only)")
+]
 
 
 @app.command()
@@ -97,7 +104,9 @@ def rank(
         Path | None, typer.Option("--out", help="output folder (default: a new one in exports/)")
     ] = None,
     force: Annotated[bool, typer.Option(help="replace an existing --out folder")] = False,
-    no_cache: Annotated[bool, typer.Option(help="recompute statistics even when cached")] = False,
+    no_cache: Annotated[
+        bool, typer.Option("--no-cache", help="recompute statistics and text embeddings even when cached")
+    ] = False,
     checkpoint_every: Annotated[
         int | None, typer.Option(help="checkpoint statistics every N batches (resumable after interruption)")
     ] = None,
@@ -118,9 +127,9 @@ def rank(
     limits.rank_options(n_images, images in (None, "toy"), m, span_rank, batch_size, checkpoint_every, layers)
     limits.texts(model=model, pretrained=pretrained, images=images, texts=texts, taxonomy=taxonomy, device=device)
     _check_plot_format(plot_format)
+    image_set = resolve_images(images, n_images, model)  # before the (slow) load: a missing --images fails fast
     loaded = load_model(model, pretrained, device_for(world(), device))
     pool = load_pool(texts, loaded.is_toy, taxonomy)
-    image_set = resolve_images(images, n_images)
     llm = {"llm_url": llm_url, "llm_models": tuple(llm_model or ()), "llm_key_env": llm_key_env}
     ranking = rank_heads(
         loaded,
@@ -162,7 +171,11 @@ def rank(
             heads=[{"head": h.name, "label": h.label, "ccs": h.ccs} for h in ranking.sorted_heads()],
         )
         return
-    print_ranking(ranking)
+    shown = None if out.is_terminal else NON_TERMINAL_ROWS  # a log or a pipe gets the top, the files the rest
+    print_ranking(ranking, shown)
+    if shown is not None and len(ranking.heads) > shown:
+        note = f"(top {shown} of {len(ranking.heads)} heads; all of them are in {target}/ranking.csv)"
+        out.print(note, soft_wrap=True)
     dist = ", ".join(f"CCS@{k}={v:.0%}" for k, v in ranking.ccs_distribution().items())
     out.print(
         f"{len(ranking.heads)} heads ranked ({'cached' if ranking.cached_stats else 'fresh'} statistics over "
@@ -171,6 +184,9 @@ def rank(
     if ranking.clamp_note():
         out.print(ranking.clamp_note())
     out.print(f"wrote {target}/ranking.json, ranking.csv, ccs_heatmap.{plot_format}")
+
+
+NON_TERMINAL_ROWS = 20
 
 
 def print_ranking(ranking, limit: int | None = None) -> None:
@@ -184,7 +200,10 @@ def print_ranking(ranking, limit: int | None = None) -> None:
 
 
 RankingOpt = Annotated[Path | None, typer.Option(help="ranking.json (or its folder); ranks first when omitted")]
-DataOpt = Annotated[Path | None, typer.Option(help="validation set: ImageFolder or CSV (path,label); default toy")]
+DataOpt = Annotated[
+    Path | None,
+    typer.Option(help="validation set: ImageFolder, CSV (path,label) or 'toy' (the default for the toy model only)"),
+]
 ClassnamesOpt = Annotated[Path | None, typer.Option(help="class names file, one per line (folder order)")]
 TemplatesOpt = Annotated[Path | None, typer.Option(help="prompt templates file, one per line, with {}")]
 BiasDataOpt = Annotated[Path | None, typer.Option(help="bias set: CSV (path,group[,...])")]
@@ -210,14 +229,19 @@ BiasProtocolOpt = Annotated[
 LanguageOpt = Annotated[str, typer.Option(help="language of the class names and templates (clip_benchmark files)")]
 
 
-def _suite(data, classnames, templates, bias_data, queries, skew_k, desired, bias_protocol, bias_split_by=None):
+def _suite(
+    data, classnames, templates, bias_data, queries, skew_k, desired, bias_protocol, bias_split_by=None, model=None
+):
     from surgeon.validate import build_suite
 
-    return build_suite(data, classnames, templates, bias_data, queries, skew_k, desired, bias_protocol, bias_split_by)
+    return build_suite(
+        data, classnames, templates, bias_data, queries, skew_k, desired, bias_protocol, bias_split_by, model=model
+    )
 
 
-def _ranking_for(loaded, ranking_path, images, n_images, texts, judge, layers, quiet):
-    from surgeon.images import resolve_images
+def _ranking_for(loaded, ranking_path, image_set, texts, judge, layers, quiet):
+    """The ranking read from `ranking_path`, else made on `image_set`; None when neither is given (policies
+    that do not read a ranking)."""
     from surgeon.pools import load_pool
     from surgeon.rank import Ranking, rank_heads
 
@@ -225,8 +249,10 @@ def _ranking_for(loaded, ranking_path, images, n_images, texts, judge, layers, q
         ranking = Ranking.read(ranking_path)
         ranking.check_model(loaded)
         return ranking
+    if image_set is None:
+        return None
     pool = load_pool(texts, loaded.is_toy)
-    ranked = rank_heads(loaded, resolve_images(images, n_images), pool, judge=judge, layers=layers, quiet=quiet)
+    ranked = rank_heads(loaded, image_set, pool, judge=judge, layers=layers, quiet=quiet)
     if ranked.clamp_note() and not quiet:
         err.print(ranked.clamp_note(), soft_wrap=True)
     return ranked
@@ -289,7 +315,7 @@ def prune(
     from surgeon.images import resolve_images
     from surgeon.load import load_model
     from surgeon.paths import new_run_dir
-    from surgeon.policies import POLICIES, PolicyOptions
+    from surgeon.policies import POLICIES, RANKING_FREE, PolicyOptions, check_paper_preset
     from surgeon.prune import prune as run_prune
     from surgeon.surgery import SURGERIES
     from surgeon.validate import Gates
@@ -299,6 +325,8 @@ def prune(
     limits.rank_options(n_images, images in (None, "toy"), layers=layers)
     limits.validation_options(skew_k)
     limits.texts(model=model, pretrained=pretrained, images=images, texts=texts, device=device)
+    if policy.startswith("paper-"):
+        check_paper_preset(policy.removeprefix("paper-"), model, pretrained)
     if export not in EXPORT_FORMATS:
         raise InvalidInput(f"unknown export format {export!r}", hint="choose safetensors, onnx or both")
     check_exporter(onnx_exporter)
@@ -311,11 +339,15 @@ def prune(
         min_ccs=min_ccs,
         max_acc_drop=max_acc_drop,
     )
+    needs_ranking = ranking is None and policy not in RANKING_FREE  # presets and --heads skip minutes of ranking
+    image_set = resolve_images(images, n_images, model) if needs_ranking or mode == "mean" else None
+    suite = _suite(
+        data, classnames, templates, bias_data, queries, skew_k, desired, bias_protocol, bias_split_by, model=model
+    )
     loaded = load_model(model, pretrained, device)
     options.model_name, options.pretrained = loaded.name, loaded.pretrained
-    suite = _suite(data, classnames, templates, bias_data, queries, skew_k, desired, bias_protocol, bias_split_by)
-    ranked = _ranking_for(loaded, ranking, images, n_images, texts, judge, layers, quiet)
-    reference = resolve_images(images, n_images) if mode == "mean" else None
+    ranked = _ranking_for(loaded, ranking, image_set if needs_ranking else None, texts, judge, layers, quiet)
+    reference = image_set if mode == "mean" else None
     result = run_prune(
         loaded,
         ranked,
@@ -333,6 +365,7 @@ def prune(
         exporters=formats,
         export_options={"labels": labels, "atol": atol, "exporter": onnx_exporter},
         language=language,
+        quiet=quiet,
     )
     if as_json:
         from surgeon.clioutput import emit_json
@@ -365,7 +398,15 @@ def _print_prune(result, policy: str, mode: str) -> None:
     _print_summary(result.before["summary"], result.after["summary"])
     if result.seeds:
         out.print(f"random policy over {len(result.seeds)} seeds: mean {result.plan['seed_mean']}")
+    _print_parity(result.run_dir if result.exported else None)
     out.print(f"run folder: {result.run_dir}" + ("" if result.exported else " (export skipped: gate failed)"))
+
+
+def _print_parity(folder: Path | None) -> None:
+    from surgeon.export import parity_lines
+
+    for line in parity_lines(folder) if folder is not None else []:
+        out.print(line, highlight=False, soft_wrap=True)
 
 
 def _print_summary(before: dict, after: dict | None = None) -> None:
@@ -406,6 +447,7 @@ def validate(
     language: LanguageOpt = "en",
     force: Annotated[bool, typer.Option(help="replace an existing --out folder")] = False,
     device: DeviceOpt = None,
+    quiet: QuietOpt = False,
 ) -> None:
     """Zero-shot accuracy and bias metrics of a model (toy benchmarks by default). Data: an ImageFolder, a CSV
     manifest, or clip_benchmark's webdataset layout (test/*.tar + classnames.txt + templates)."""
@@ -421,10 +463,8 @@ def validate(
         from surgeon.errors import PreconditionFailed
 
         raise PreconditionFailed(f"{out_dir} already exists", hint="pass --force to replace it")
-    loaded = load_model(model, pretrained, device)
-    report = run_validate(
-        loaded, _suite(data, classnames, templates, bias_data, queries, skew_k, desired, bias_protocol)
-    )
+    suite = _suite(data, classnames, templates, bias_data, queries, skew_k, desired, bias_protocol, model=model)
+    report = run_validate(load_model(model, pretrained, device), suite, bar=None if quiet else "validation")
     report["results"] = [{**r, "language": language} for r in report["results"]]  # clip_benchmark's keys
     files = write_validation(report, out_dir, language, force) if out_dir else []
     if as_json:
@@ -464,6 +504,7 @@ def sweep(
     """Accuracy and bias vs number of pruned heads (high-CCS, low-CCS, random); writes sweep.json + sweep.png."""
     import json
 
+    from surgeon.images import resolve_images
     from surgeon.load import load_model
     from surgeon.paths import atomic_dir, new_run_dir
     from surgeon.plots import sweep_plot
@@ -475,9 +516,10 @@ def sweep(
     limits.validation_options(skew_k)
     limits.texts(model=model, pretrained=pretrained, images=images, device=device)
     _check_plot_format(plot_format)
+    suite = _suite(data, classnames, templates, bias_data, queries, skew_k, desired, bias_protocol, model=model)
+    image_set = resolve_images(images, n_images, model) if ranking is None else None
     loaded = load_model(model, pretrained, device)
-    suite = _suite(data, classnames, templates, bias_data, queries, skew_k, desired, bias_protocol)
-    ranked = _ranking_for(loaded, ranking, images, n_images, None, "lexicon", None, quiet)
+    ranked = _ranking_for(loaded, ranking, image_set, None, "lexicon", None, quiet)
     result = run_sweep(loaded, ranked, suite, count_list, seed=seed, quiet=quiet, seeds=seeds)
     target = out_dir or new_run_dir("sweep")
     with atomic_dir(target, force=force) as tmp:
@@ -553,6 +595,7 @@ def export_command(
         return
     for path in files:
         out.print(str(path))
+    _print_parity(target)
     out.print(f"exported {len(files)} file(s) into {target} (README.md and surgery.json describe them)")
 
 
@@ -668,6 +711,68 @@ def toy_images_command(
     out.print(f"wrote {n} images and labels.csv to {folder}")
 
 
+@cache_app.command("list")
+def cache_list(
+    files: Annotated[bool, typer.Option("--files", help="one row per file instead of per kind")] = False,
+) -> None:
+    """What the cache holds, per kind (stats, text, partial, llm), least recently used first with --files."""
+    from datetime import datetime
+
+    from surgeon.cache import entries, human
+    from surgeon.paths import cache_dir
+
+    found = entries()
+    table = Table(title=f"cache: {cache_dir()}")
+    if files:
+        for column in ("kind", "size", "last used", "file"):
+            table.add_column(column, overflow="fold")
+        for e in found:
+            used = datetime.fromtimestamp(e.used).strftime("%Y-%m-%d %H:%M")
+            table.add_row(e.kind, human(e.size), used, str(e.path.relative_to(cache_dir())))
+    else:
+        for column in ("kind", "entries", "size"):
+            table.add_column(column)
+        for kind in sorted({e.kind for e in found}):
+            mine = [e for e in found if e.kind == kind]
+            table.add_row(kind, str(len(mine)), human(sum(e.size for e in mine)))
+    out.print(table)
+    out.print(f"{len(found)} file(s), {human(sum(e.size for e in found))}")
+
+
+@cache_app.command("size")
+def cache_size() -> None:
+    """Total size of the cache, in bytes and readable."""
+    from surgeon.cache import entries, human
+
+    total = sum(e.size for e in entries())
+    out.print(f"{total} bytes ({human(total)})")
+
+
+@cache_app.command("clear")
+def cache_clear(
+    kinds: Annotated[
+        list[str] | None, typer.Argument(help="kinds to clear (stats, text, partial, llm); default all")
+    ] = None,
+) -> None:
+    """Delete cache entries; each is recomputed when next needed."""
+    from surgeon.cache import clear, human
+
+    gone = clear(kinds)
+    out.print(f"deleted {len(gone)} file(s), {human(sum(e.size for e in gone))}")
+
+
+@cache_app.command("evict")
+def cache_evict(
+    max_size: Annotated[str, typer.Option(help="keep at most this much, e.g. 5GB, 500MB, 2GiB")],
+) -> None:
+    """Delete least recently used entries until the cache fits in --max-size."""
+    from surgeon.cache import entries, evict, human, parse_size
+
+    gone = evict(parse_size(max_size))
+    left = sum(e.size for e in entries())
+    out.print(f"deleted {len(gone)} file(s), {human(sum(e.size for e in gone))}; {human(left)} left")
+
+
 @app.command()
 def models(as_json: JsonOpt = False) -> None:
     """List the open_clip architectures surgeon can load (weights come from local files or the hub cache)."""
@@ -736,6 +841,11 @@ for _command in [*app.registered_commands, *toy_app.registered_commands]:  # eve
 _interrupted = threading.Event()
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning is one line for the user (e.g. random initialisation), not a Python source echo."""
+    err.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+
+
 def _on_sigint(signum, frame) -> None:
     _interrupted.set()
     raise KeyboardInterrupt
@@ -750,6 +860,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", message=".*QuickGELU.*")
     for sig in (signal.SIGINT, signal.SIGTERM):  # SIGTERM (docker stop, kill) unwinds like Ctrl-C: no leftovers
         signal.signal(sig, _on_sigint)
+    warnings.showwarning = _show_warning
     try:
         app()
     except SystemExit:

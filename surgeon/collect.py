@@ -64,10 +64,13 @@ def accumulate(
     with progress_bar("head statistics", stop - start, quiet) as advance:
         for chunk_start in range(start, stop, max(chunk, 1)):
             chunk_stop = min(chunk_start + chunk, stop)
+            done = chunk_start
             for batch in images.batches(loaded.preprocess, batch_size, chunk_start, chunk_stop):
                 stop_point()
                 stats.update(decompose(visual, batch.to(loaded.device), layers).heads)
-            advance(chunk_stop - chunk_start)
+                advance(len(batch))  # per batch: a bar that moved once per checkpoint chunk looked stuck
+                done += len(batch)
+            advance(chunk_stop - done)  # unreadable images skipped in this chunk
             if on_chunk is not None:
                 on_chunk(stats, chunk_stop)
     return stats
@@ -104,6 +107,12 @@ def collect_stats(
         if agree(cached is not None, w):
             return cached.to(loaded.device), True
     start, stop = shard(images.count, w, batch_size)
+    if start == stop:
+        warnings.warn(
+            f"rank {w.rank} of {w.size} has no images: {images.count} image(s) in batches of {batch_size} "
+            f"give fewer batches than ranks; lower --batch-size or start fewer processes",
+            stacklevel=2,
+        )
     partial = _partial_path(key, w)
     stats, resume_at = None, start
     saved = _load_or_warn(partial) if checkpoint_every and partial.is_file() else None

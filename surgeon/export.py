@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -59,7 +60,7 @@ def provenance(loaded: LoadedModel, plan: dict, validation: dict) -> dict[str, s
         + (f"/{plan['base_model']['pretrained']}" if plan["base_model"].get("pretrained") else ""),
         "base_weights_sha256": plan["base_model"]["weights_sha256"],
         "pruned_weights_sha256": loaded.weights_hash,
-        "ranking_sha256": plan["ranking_sha256"],
+        "ranking_sha256": plan["ranking_sha256"] or "none (the policy reads no ranking)",
         "plan": json.dumps(
             {
                 "policy": plan["policy"],
@@ -273,10 +274,12 @@ def export_onnx(
     target.mkdir()
     files = []
     meta = provenance(loaded, plan, validation)
-    for graph in _graphs(loaded, label_list):
+    parity: dict[str, float] = {}
+    graphs = _graphs(loaded, label_list)
+    for graph in graphs:
         path = target / graph.filename
         _export_graph(graph, path, opset, exporter)
-        diff = check_onnx(graph, path, atol)
+        diff = parity[graph.filename] = check_onnx(graph, path, atol)
         # weights over 2 GB stay in torch's external-data files: loading them into one protobuf would fail
         proto = onnx.load(str(path), load_external_data=False)
         extra = {
@@ -293,7 +296,11 @@ def export_onnx(
         proto.producer_name, proto.producer_version = "surgeon", __version__
         onnx.save(proto, str(path))
         files.append(path)
+    if label_list:
+        _share_visual_weights(target, next(g for g in graphs if g.filename == "classifier.onnx"), atol)
     files += sorted(p for p in target.iterdir() if p not in files)  # external-data files, if any
+    (target / PARITY_FILE).write_text(json.dumps({"atol": atol, "max_abs_diff": parity}, indent=2), encoding="utf-8")
+    files.append(target / PARITY_FILE)
     pcfg = dict(loaded.preprocess_cfg)
     (target / "preprocess.json").write_text(json.dumps(pcfg, indent=2), encoding="utf-8")
     files.append(target / "preprocess.json")
@@ -302,6 +309,57 @@ def export_onnx(
         (target / "labels.txt").write_text("\n".join(label_list) + "\n", encoding="utf-8")
         files.append(target / "labels.txt")
     return files
+
+
+PARITY_FILE = "parity.json"
+SHARED_WEIGHTS = "visual.onnx.data"
+
+
+def _share_visual_weights(target: Path, classifier: OnnxGraph, atol: float) -> None:
+    """classifier.onnx repeats the whole visual tower (351 MB for ViT-B-32): move visual.onnx's weights into
+    an external-data file and point classifier.onnx's identical initializers at the same bytes, so the
+    classifier stays one self-standing call but adds only its class embeddings. Checked again afterwards."""
+    import onnx
+    from onnx import numpy_helper
+
+    visual_path, classifier_path = target / "visual.onnx", target / "classifier.onnx"
+    visual = onnx.load(str(visual_path))  # with its external data, if torch already wrote some (> 2 GB)
+    if not any(
+        t.data_location == onnx.TensorProto.EXTERNAL
+        for t in onnx.load(str(visual_path), load_external_data=False).graph.initializer
+    ):
+        onnx.save(visual, str(visual_path), save_as_external_data=True, location=SHARED_WEIGHTS, size_threshold=1024)
+        visual = onnx.load(str(visual_path))
+    located = onnx.load(str(visual_path), load_external_data=False)
+    where = {}
+    for loaded_tensor, ref in zip(visual.graph.initializer, located.graph.initializer, strict=True):
+        if ref.data_location == onnx.TensorProto.EXTERNAL:
+            array = numpy_helper.to_array(loaded_tensor)
+            where[(array.dtype.str, array.shape, hashlib.sha256(array.tobytes()).hexdigest())] = ref.external_data
+    model = onnx.load(str(classifier_path))
+    for tensor in model.graph.initializer:
+        array = numpy_helper.to_array(tensor)
+        ref = where.get((array.dtype.str, array.shape, hashlib.sha256(array.tobytes()).hexdigest()))
+        if ref is not None:
+            for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data"):
+                tensor.ClearField(field)
+            del tensor.external_data[:]
+            tensor.external_data.extend(ref)
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+    onnx.save(model, str(classifier_path))
+    check_onnx(classifier, classifier_path, atol)
+
+
+def parity_lines(folder: Path) -> list[str]:
+    """A markdown table of the ONNX files' measured max abs difference from PyTorch (empty without ONNX):
+    what a user checks before trusting the export, in report.md, the card and the CLI's output."""
+    path = folder / "onnx" / PARITY_FILE
+    if not path.is_file():
+        return []
+    parity = json.loads(path.read_text(encoding="utf-8"))
+    lines = ["| ONNX file | max abs difference from PyTorch | tolerance |", "|---|---|---|"]
+    lines += [f"| {name} | {diff:.2e} | {parity['atol']:g} |" for name, diff in parity["max_abs_diff"].items()]
+    return lines
 
 
 def _tokenizer_files(loaded: LoadedModel, target: Path) -> list[Path]:

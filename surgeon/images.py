@@ -79,8 +79,15 @@ def toy_images(n: int, split: str = "val", seed: int = 0) -> ImageSet:
     return ImageSet(identity, f"toy world ({split}, {n} images)", len(arrays), lambda i: Image.fromarray(arrays[i]))
 
 
-def resolve_images(spec: str | None, n_images: int | None) -> ImageSet:
-    """`None`/"toy" -> the toy world's held-out images; anything else is a folder."""
+def resolve_images(spec: str | None, n_images: int | None, model: str | None = None) -> ImageSet:
+    """`"toy"` -> the toy world's held-out images, anything else a folder. `None` means "toy" only for the toy
+    model (`model` None or "toy"): a real model ranked on 48 px toy shapes gives a ranking that looks fine and
+    means nothing, so it must be asked for."""
+    if spec is None and model not in (None, "toy"):
+        raise InvalidInput(
+            f"{model} is not the toy model: name the images to rank it on",
+            hint="pass --images FOLDER (your photos, any image files), or --images toy for the toy world",
+        )
     toy = spec is None or spec == "toy"
     limits.images(n_images, toy)  # 0 is not "the default", and a huge count must not allocate
     if toy:

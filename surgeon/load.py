@@ -10,7 +10,10 @@ import hashlib
 import json
 import os
 import pickle
+import threading
 import warnings
+import zipfile
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,16 +63,23 @@ class LoadedModel:
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
     @property
+    def activation(self) -> str:
+        return activation(self.model_cfg)
+
+    @property
     def is_toy(self) -> bool:
         return self.name == TOY_MODEL_NAME
 
-    def encode_text(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
-        """L2-normalised text embeddings, batched (the TextSpan pool can hold thousands of lines)."""
+    def encode_text(self, texts: list[str], batch_size: int = 256, advance=None) -> torch.Tensor:
+        """L2-normalised text embeddings, batched (the TextSpan pool can hold thousands of lines);
+        `advance(n)` is called after each batch (progress bars)."""
         out = []
         with torch.no_grad():
             for i in range(0, len(texts), batch_size):
                 tokens = self.tokenizer(texts[i : i + batch_size]).to(self.device)
                 out.append(self.model.encode_text(tokens, normalize=True).float())
+                if advance is not None:
+                    advance(len(tokens))
         return torch.cat(out) if out else torch.zeros(0, self.embed_dim, device=self.device)
 
     @property
@@ -107,13 +117,16 @@ def parse_device(device: str | torch.device | None) -> torch.device:
     return parsed
 
 
-def weights_hash(model: torch.nn.Module) -> str:
-    """SHA-256 over every tensor of the state dict (names and bytes): the identity used by caches."""
+def weights_hash(model: torch.nn.Module, keep=None) -> str:
+    """SHA-256 over every tensor of the state dict (names and bytes), or over the entries whose name `keep`
+    accepts: the identity used by caches. Hashes the tensors' memory in place (no copy of a CPU model)."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
+        if keep is not None and not keep(name):
+            continue
         digest.update(name.encode())
         digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
 
 
@@ -136,8 +149,13 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             f"unsupported checkpoint type {path.suffix!r}: {path}",
             hint="use .safetensors (preferred), or .bin/.pt/.pth holding a plain state dict",
         )
+    from surgeon.torchscript import is_torchscript, read_torchscript_state_dict
+
+    if is_torchscript(path):  # OpenAI's own releases: torch.load refuses them, torch.jit.load runs their code
+        return read_torchscript_state_dict(path)
     try:
-        checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
+        # mmap: the tensors stay in the page cache instead of a second full copy in memory
+        checkpoint = torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as err:
         raise CorruptInput(
             f"refused to load {path}: it is not a plain tensor checkpoint (weights_only load failed)",
@@ -153,12 +171,20 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in checkpoint.items()}
 
 
+#: tensors OpenAI's checkpoints carry besides the weights (open_clip drops them too)
+NON_WEIGHTS = ("input_resolution", "context_length", "vocab_size")
+
+
 def load_weights_strict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
-    """Strict load with a readable mismatch report instead of torch's wall of key names."""
+    """Strict load with a readable mismatch report instead of torch's wall of key names. The checkpoint's
+    tensors become the model's (assign: no second copy; a model built by `empty_parameters` needs it),
+    cast to the model's dtypes (OpenAI's files are float16)."""
     from open_clip.factory import convert_state_dict
 
     state_dict = convert_state_dict(model, state_dict)
     own = model.state_dict()
+    derived = {name for name, _ in model.named_buffers()} - set(own)  # non-persistent buffers, e.g. attn_mask
+    state_dict = {k: v for k, v in state_dict.items() if k not in derived and k not in NON_WEIGHTS}
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
     wrong_shape = sorted(k for k in set(own) & set(state_dict) if own[k].shape != state_dict[k].shape)
@@ -171,7 +197,8 @@ def load_weights_strict(model: torch.nn.Module, state_dict: dict[str, torch.Tens
             f"checkpoint {source} does not match the model architecture: {'; '.join(parts)}",
             hint="pass the --model name the checkpoint was trained with",
         )
-    model.load_state_dict(state_dict, strict=True)
+    state_dict = {k: v.to(own[k].dtype) if v.dtype != own[k].dtype else v for k, v in state_dict.items()}
+    model.load_state_dict(state_dict, strict=True, assign=True)
 
 
 def cached_pretrained_tags(model_name: str) -> list[str]:
@@ -216,14 +243,19 @@ def _find_in_hub_cache(model_name: str, tag: str) -> tuple[Path | None, dict]:
 
 
 def _missing_weights_error(model_name: str, tag: str, cfg: dict) -> NotFound:
+    from huggingface_hub import constants
+
     hub = cfg.get("hf_hub", "").rstrip("/")
-    where = f"the Hugging Face repo {hub}" if hub else f"{cfg.get('url', 'its release URL')}"
+    repo = "/".join(hub.split("/")[:2])  # "timm/vit_base_patch32_clip_224.openai/" names the repo, then a file
+    cache = constants.HF_HUB_CACHE  # follows HF_HUB_CACHE / HF_HOME like huggingface_hub itself
+    fetch = (
+        f"run `hf download {repo}` and copy that machine's hub cache into {cache}"
+        if hub
+        else f"download {cfg.get('url', 'its release file')} into ~/.cache/clip"
+    )
     return NotFound(
-        f"weights for {model_name} / {tag} are not in the local cache and surgeon works offline",
-        hint=(
-            f"on a machine with internet run `huggingface-cli download {hub}` (from {where}) and copy "
-            "~/.cache/huggingface/hub to this machine, or pass the checkpoint file with --pretrained PATH"
-        ),
+        f"weights for {model_name} / {tag} are not in the local cache ({cache}) and surgeon works offline",
+        hint=f"on a machine with internet {fetch}, or pass the checkpoint file with --pretrained PATH",
     )
 
 
@@ -293,8 +325,8 @@ def load_model(
             if not found:
                 raise NotFound(f"no weights file in {folder}")
             weights = found[0]
-        clip = build_clip(model_cfg)
-        clip = rebuild_pruned(clip, config.get("surgeon", {}))
+        with empty_parameters():
+            clip = rebuild_pruned(build_clip(model_cfg), config.get("surgeon", {}))
         load_weights_strict(clip, read_state_dict(weights), str(weights))
         if name != TOY_MODEL_NAME:
             name = f"local-dir:{folder}"
@@ -330,10 +362,13 @@ def load_model(
                 }
                 if tag_cfg.get("quick_gelu"):  # e.g. OpenAI's weights: same parameters, another activation
                     model_cfg["quick_gelu"] = True
-        clip = build_clip(model_cfg)
         if weights_path is not None:
+            _detect_activation(model, weights_path, model_cfg)
+            with empty_parameters():
+                clip = build_clip(model_cfg)
             load_weights_strict(clip, read_state_dict(weights_path), str(weights_path))
         else:
+            clip = build_clip(model_cfg)
             warnings.warn(f"{model} has no --pretrained weights: using a random initialisation", stacklevel=2)
         tokenizer_name = model
         extra = {}
@@ -358,6 +393,63 @@ def load_model(
     )
     loaded.weights_hash = weights_hash(clip)
     return loaded
+
+
+_EMPTY = threading.local()
+_REGISTER_PARAMETER = torch.nn.Module.register_parameter
+
+
+def _register_parameter(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
+    if param is not None and getattr(_EMPTY, "active", False) and param.device.type != "meta":
+        param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+    _REGISTER_PARAMETER(module, name, param)
+
+
+@contextmanager
+def empty_parameters():
+    """Modules built inside take no memory for their parameters (meta device; their random initialisation
+    is skipped too) until `load_weights_strict` assigns the checkpoint's tensors: loading no longer holds a
+    random-init model and the checkpoint side by side. Buffers stay real: the non-persistent ones (causal
+    masks) are not in any checkpoint. Per thread: the server builds models in several threads at once.
+    (accelerate's init_empty_weights does the same globally; not worth the dependency.)"""
+    torch.nn.Module.register_parameter = _register_parameter  # inert outside this block's thread
+    previous, _EMPTY.active = getattr(_EMPTY, "active", False), True
+    try:
+        yield
+    finally:
+        _EMPTY.active = previous
+
+
+def activation(model_cfg: dict) -> str:
+    """The MLP activation a config builds (OpenAI-trained weights need QuickGELU; the parameters are the same)."""
+    return "QuickGELU" if model_cfg.get("quick_gelu") else "GELU"
+
+
+def _detect_activation(model: str, weights: Path, model_cfg: dict) -> None:
+    """A checkpoint file does not record its activation; use what can be known: the code of a TorchScript
+    archive, or the open_clip_config.json next to a file from a Hugging Face snapshot. Otherwise warn
+    when a -quickgelu variant of the architecture exists."""
+    import open_clip
+
+    from surgeon.torchscript import script_activation
+
+    if model_cfg.get("quick_gelu"):
+        return
+    found = script_activation(weights)
+    sibling = weights.parent / "open_clip_config.json"
+    if found is None and sibling.is_file():
+        try:
+            found = activation(json.loads(sibling.read_text(encoding="utf-8")).get("model_cfg", {}))
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError, AttributeError):
+            found = None
+    if found == "QuickGELU":
+        model_cfg["quick_gelu"] = True
+    elif found is None and f"{model}-quickgelu" in open_clip.list_models():
+        warnings.warn(
+            f"{weights.name}: GELU assumed (a checkpoint file does not record its activation); weights trained "
+            f"with QuickGELU, e.g. OpenAI's, need --model {model}-quickgelu",
+            stacklevel=3,
+        )
 
 
 def build_clip(model_cfg: dict) -> torch.nn.Module:

@@ -3,9 +3,11 @@ the reason it was chosen (METHOD.md §2; `debias` is surgeon's bias-aware greedy
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from surgeon.errors import InvalidInput, NotFound
 from surgeon.rank import HeadRank, Ranking
@@ -70,6 +72,8 @@ class PolicyOptions:
 
 
 POLICIES: Registry = Registry("policy")
+#: policies that never read the ranking: `prune` skips ranking for them (minutes on a real model)
+RANKING_FREE = frozenset({"heads", "paper-high", "paper-low", "paper-random"})
 
 
 def _ref(h: HeadRank) -> HeadRef:
@@ -136,11 +140,11 @@ def random_heads(ranking: Ranking, options: PolicyOptions) -> Selection:
 
 
 @POLICIES.register("heads")
-def explicit(ranking: Ranking, options: PolicyOptions) -> Selection:
+def explicit(ranking: Ranking | None, options: PolicyOptions) -> Selection:
     if not options.heads:
         raise InvalidInput("the heads policy needs --heads", hint="e.g. --heads L11.H5,L10.H8")
     refs = parse_heads(options.heads)
-    by_name = {h.name: h for h in ranking.heads}
+    by_name = {h.name: h for h in ranking.heads} if ranking is not None else {}
     reasons = {
         r.name: "listed by the user" + (f", {_describe(by_name[r.name])}" if r.name in by_name else "") for r in refs
     }
@@ -176,27 +180,37 @@ SEEDED_POLICIES = frozenset({"random", "paper-random"})
 PRESET_POLICIES = frozenset({"paper-high", "paper-low", "paper-random"})
 
 
-def _paper_key(options: PolicyOptions) -> tuple[str, str]:
-    key = (options.model_name, options.pretrained or "")
-    if key not in PAPER_HEADS:
-        known = ", ".join(f"{m}/{t}" for m, t in PAPER_HEADS)
-        raise NotFound(f"no paper preset for {key[0]}/{key[1] or '(no tag)'}", hint=f"presets exist for: {known}")
-    return key
+def check_paper_preset(which: str, model: str | None, pretrained: str | None) -> str:
+    """The preset's head list, or an error saying why there is none; cheap, so called before any loading.
+    A checkpoint file does not say which training run it came from: the user names the heads instead."""
+    key = (model or "toy", pretrained or "")
+    if key in PAPER_HEADS:
+        return PAPER_HEADS[key][which]
+    known = ", ".join(f"{m}/{t}" for m, t in PAPER_HEADS)
+    same_arch = [(t, heads[which]) for (m, t), heads in PAPER_HEADS.items() if m == key[0]]
+    if same_arch and pretrained and (os.sep in pretrained or Path(pretrained).suffix or Path(pretrained).exists()):
+        tag, heads = same_arch[0]
+        raise NotFound(
+            f"no paper preset for the checkpoint file {pretrained}: presets are keyed by pretrained tag "
+            f"({', '.join(t for t, _ in same_arch)} for {key[0]})",
+            hint=f"if it holds the {tag} weights, pass --policy heads --heads {heads.replace(' ', ',')}",
+        )
+    raise NotFound(f"no paper preset for {key[0]}/{key[1] or '(no tag)'}", hint=f"presets exist for: {known}")
 
 
 def _paper(which: str, options: PolicyOptions) -> Selection:
-    key = _paper_key(options)
-    refs = parse_heads(PAPER_HEADS[key][which].split())
+    key = (options.model_name, options.pretrained or "")
+    refs = parse_heads(check_paper_preset(which, *key).split())
     return Selection(refs, {r.name: f"paper's {which}-CCS set for {key[0]}/{key[1]}" for r in refs})
 
 
 @POLICIES.register("paper-high")
-def paper_high(ranking: Ranking, options: PolicyOptions) -> Selection:
+def paper_high(ranking: Ranking | None, options: PolicyOptions) -> Selection:
     return _paper("high", options)
 
 
 @POLICIES.register("paper-low")
-def paper_low(ranking: Ranking, options: PolicyOptions) -> Selection:
+def paper_low(ranking: Ranking | None, options: PolicyOptions) -> Selection:
     return _paper("low", options)
 
 
@@ -207,8 +221,8 @@ def paper_random(ranking: Ranking, options: PolicyOptions) -> Selection:
     `--seeds N` averages N draws, as the paper does."""
     import open_clip
 
-    key = _paper_key(options)
-    high = set(parse_heads(PAPER_HEADS[key]["high"].split()))
+    key = (options.model_name, options.pretrained or "")
+    high = set(parse_heads(check_paper_preset("high", *key).split()))
     vision = open_clip.get_model_config(key[0])["vision_cfg"]
     n_layers, n_heads = vision["layers"], vision["width"] // vision.get("head_width", 64)
     first = 0 if key == ("ViT-B-32", "openai") else n_layers - 4

@@ -15,7 +15,8 @@ from surgeon.errors import InvalidInput, PreconditionFailed
 from surgeon.images import ImageSet
 from surgeon.load import LoadedModel, weights_hash
 from surgeon.paths import atomic_dir
-from surgeon.policies import POLICIES, PRESET_POLICIES, SEEDED_POLICIES, PolicyOptions, Selection
+from surgeon.policies import POLICIES, PRESET_POLICIES, RANKING_FREE, SEEDED_POLICIES, PolicyOptions, Selection
+from surgeon.progress import progress_bar
 from surgeon.rank import Ranking
 from surgeon.surgery import SurgeryRequest, apply_surgery
 from surgeon.validate import Evaluator, Gates, ValidationSuite, markdown_report, validate
@@ -34,16 +35,17 @@ class PruneResult:
     seeds: list[dict] = field(default_factory=list)
 
 
-def select_heads(ranking: Ranking, policy: str, options: PolicyOptions, evaluator: Evaluator | None) -> Selection:
+def select_heads(ranking: Ranking | None, policy: str, options: PolicyOptions, evaluate=None) -> Selection:
+    """`evaluate(heads) -> (accuracy, bias)` scores candidate sets for the debias policy."""
     impl = POLICIES.get(policy)
     if policy == "debias":
-        options.evaluate = evaluator.score if evaluator is not None else None
+        options.evaluate = evaluate
     return impl(ranking, options)
 
 
 def prune(
     loaded: LoadedModel,
-    ranking: Ranking,
+    ranking: Ranking | None,
     suite: ValidationSuite,
     policy: str,
     options: PolicyOptions,
@@ -60,20 +62,25 @@ def prune(
     search_images: int = 500,
     search_bias: int | None = None,
     language: str = "en",
+    quiet: bool = True,
 ) -> PruneResult:
     """Prune `loaded.model` in place. Writes `out_dir` (atomically) unless it is None. The debias policy
     selects by measuring, so it searches on one half of the suite (`ValidationSuite.split_for_search`; at most
     `search_images` images per task and `search_bias` bias images of it) and the before/after validation, the
     gates and every reported figure come from the disjoint held-out half. Other policies validate on the
-    whole suite. `language` is recorded in the clip_benchmark result files."""
-    from surgeon.export import export_run
+    whole suite. `ranking` may be None for the policies that do not read one (RANKING_FREE: the paper's
+    presets, an explicit list of heads). `language` is recorded in the clip_benchmark result files."""
+    from surgeon.export import export_run, parity_lines
 
     if (loaded.extra.get("surgeon") or {}).get("heads_kept"):
         raise PreconditionFailed(
             "this model is already hard-pruned: its layout would have to be merged with a second pruning",
             hint="prune the original checkpoint once, with every head to remove (e.g. --policy heads)",
         )
-    ranking.check_model(loaded)
+    if ranking is None and policy not in RANKING_FREE:
+        raise InvalidInput(f"the {policy} policy needs a ranking", hint="rank first, or pass --ranking")
+    if ranking is not None:
+        ranking.check_model(loaded)
     if seeds < 1:
         raise InvalidInput("--seeds must be at least 1")
     if policy == "debias" or seeds > 1:
@@ -92,10 +99,30 @@ def prune(
         search_suite, suite = suite.split_for_search()
         search = Evaluator(loaded, search_suite.subset(search_images, search_bias), min(ranking.layers))
     gates.check_measurable(suite)
-    first_layer = 0 if policy in PRESET_POLICIES else min(ranking.layers)  # presets may name any layer
+    # presets may name any layer (paper-random draws anew per seed): no cached prefix for them
+    first_layer = 0 if policy in PRESET_POLICIES else min(ranking.layers) if ranking is not None else None
+    with progress_bar("debias search (head sets scored)", None, quiet or search is None) as advance:
+
+        def scored(heads):
+            advance(1)
+            return search.score(heads)
+
+        selection = select_heads(ranking, policy, options, scored if search is not None else None)
+    if first_layer is None:
+        first_layer = min(h.layer for h in selection.heads)
     evaluator = Evaluator(loaded, suite, first_layer=first_layer, cache=seeds > 1)
-    selection = select_heads(ranking, policy, options, search)
-    before = evaluator.evaluate([])
+    base_model = (
+        ranking.model
+        if ranking is not None
+        else {
+            "name": loaded.name,
+            "pretrained": loaded.pretrained,
+            "weights_sha256": loaded.weights_hash,
+            "forward_sha256": loaded.forward_identity,
+            "activation": loaded.activation,
+        }
+    )
+    before = evaluator.evaluate([], bar=None if quiet else "validation before")
     seed_runs = []
     if seeds > 1:  # the paper's control: average the random policy over seeds (zero ablation, measured)
         for offset in range(seeds):
@@ -113,15 +140,15 @@ def prune(
 
     record = apply_surgery(loaded.model, SurgeryRequest(selection.heads, mode, tower, means))
     loaded.weights_hash = weights_hash(loaded.model)
-    after = validate(loaded, suite)
+    after = validate(loaded, suite, bar=None if quiet else "validation after")
     before.update(model=loaded.identity)
     failures = gates.check(before, after)
-    by_name = {h.name: h for h in ranking.heads}
+    by_name = {h.name: h for h in ranking.heads} if ranking is not None else {}
     plan = {
         "schema": PLAN_SCHEMA,
         "surgeon_version": __version__,
-        "base_model": ranking.model,
-        "ranking_sha256": ranking.digest(),
+        "base_model": base_model,
+        "ranking_sha256": ranking.digest() if ranking is not None else None,
         "policy": policy,
         "options": {  # not asdict: it would deep-copy `evaluate`, i.e. the whole evaluator and its model
             f.name: getattr(options, f.name)
@@ -159,7 +186,8 @@ def prune(
                 json.dumps({"before": before, "after": after, "gate_failures": failures}, indent=2), encoding="utf-8"
             )
             (tmp / "report.md").write_text(_report(plan, before, after, failures), encoding="utf-8")
-            (tmp / "ranking.json").write_text(json.dumps(ranking.to_dict(), indent=2), encoding="utf-8")
+            if ranking is not None:
+                (tmp / "ranking.json").write_text(json.dumps(ranking.to_dict(), indent=2), encoding="utf-8")
             # clip_benchmark's result files, before and after (told apart by the pretrained tag)
             benchmark, original = tmp / CLIP_BENCHMARK_DIR, loaded.pretrained or ""
             write_results(before, benchmark, language, loaded.name, original)
@@ -173,6 +201,10 @@ def prune(
                     exporters or ["safetensors"],
                     **(export_options or {}),
                 )
+                parity = parity_lines(tmp)
+                if parity:
+                    with open(tmp / "report.md", "a", encoding="utf-8") as report:
+                        report.write("\n## ONNX parity\n\n" + "\n".join(parity) + "\n")
     return PruneResult(out_dir, plan, before, after, failures, exported and out_dir is not None, seed_runs)
 
 

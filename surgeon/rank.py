@@ -20,6 +20,7 @@ from surgeon.judges.base import JUDGES, JudgeContext
 from surgeon.load import LoadedModel
 from surgeon.paths import atomic_dir, cache_dir, refuse_temporary
 from surgeon.pools import TextPool
+from surgeon.textcache import pool_embeddings
 from surgeon.textspan import textspan_all
 
 # /2: per-head effective TextSpan rank, and the model's forward identity (weights + architecture config). /1
@@ -124,7 +125,7 @@ class Ranking:
             raise PreconditionFailed(
                 f"the ranking was made for the same weights under another architecture config or preprocessing "
                 f"({self.model.get('name')}, activation {self.model.get('activation')}) than {loaded.identity} "
-                f"(activation {activation(loaded)})",
+                f"(activation {loaded.activation})",
                 hint="rank this model as you load it now (e.g. GELU vs QuickGELU changes every head)",
             )
 
@@ -141,10 +142,6 @@ class Ranking:
 
             ccs_heatmap(self, tmp / f"ccs_heatmap.{plot_format}")
         return out
-
-
-def activation(loaded: LoadedModel) -> str:
-    return "quick_gelu" if loaded.model_cfg.get("quick_gelu") else "gelu"
 
 
 def make_judge(name: str, loaded: LoadedModel, pool: TextPool, **llm_options):
@@ -183,10 +180,10 @@ def rank_heads(
         use_cache=use_cache,
         checkpoint_every=checkpoint_every,
     )
+    texts, _ = pool_embeddings(loaded, pool, quiet=quiet, use_cache=use_cache)
     if not world().is_main:
         return None
-    texts = loaded.encode_text(list(pool.lines)).double()
-    spans = textspan_all(stats, texts, m=m, rank=rank)
+    spans = textspan_all(stats, texts.double(), m=m, rank=rank, quiet=quiet)
     variance = stats.covariance().diagonal(dim1=-2, dim2=-1).sum(-1) / stats.count
     flat = [(li, h, spans[li][h]) for li in range(len(chosen)) for h in range(stats.n_heads)]
     verdicts = judge_impl.judge([[pool.lines[i] for i in span.picks] for _, _, span in flat])
@@ -210,7 +207,7 @@ def rank_heads(
             "pretrained": loaded.pretrained,
             "weights_sha256": loaded.weights_hash,
             "forward_sha256": loaded.forward_identity,
-            "activation": activation(loaded),
+            "activation": loaded.activation,
         },
         images={
             "identity": images.identity,

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from surgeon.errors import InvalidInput
+from surgeon.progress import progress_bar
 from surgeon.stats import HeadStats
 
 
@@ -94,11 +95,17 @@ def textspan(
     return SpanResult(tuple(picks), tuple(stds), effective)
 
 
-def textspan_all(stats: HeadStats, texts: torch.Tensor, m: int = 5, rank: int = 80) -> list[list[SpanResult]]:
-    """TextSpan for every head of every analysed layer: result[layer_index][head]."""
+def textspan_all(
+    stats: HeadStats, texts: torch.Tensor, m: int = 5, rank: int = 80, quiet: bool = True
+) -> list[list[SpanResult]]:
+    """TextSpan for every head of every analysed layer: result[layer_index][head] (a bar per head unless quiet)."""
     if stats.count < 2:
         raise InvalidInput(f"TextSpan needs at least 2 images, got {stats.count}")
-    return [
-        [textspan(stats.count, stats.total[li, h], stats.outer[li, h], texts, m, rank) for h in range(stats.n_heads)]
-        for li in range(len(stats.layers))
-    ]
+    with progress_bar("TextSpan", len(stats.layers) * stats.n_heads, quiet) as advance:
+
+        def one(li: int, h: int) -> SpanResult:
+            span = textspan(stats.count, stats.total[li, h], stats.outer[li, h], texts, m, rank)
+            advance(1)
+            return span
+
+        return [[one(li, h) for h in range(stats.n_heads)] for li in range(len(stats.layers))]

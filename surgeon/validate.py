@@ -24,7 +24,7 @@ from surgeon.images import open_image
 from surgeon.limits import echo
 from surgeon.load import LoadedModel
 from surgeon.pools import read_lines
-from surgeon.progress import stop_point
+from surgeon.progress import progress_bar, stop_point
 from surgeon.surgery import HeadRef, zero_heads
 from surgeon.templates import fill, read_templates
 from surgeon.webdata import CLASSNAMES_FILE, TEMPLATES_FILE, ShardImages, is_webdataset, webdataset_set
@@ -339,25 +339,38 @@ def build_suite(
     desired: str | None = None,
     protocol: str = "surgeon",
     bias_split_by: str | None = None,
+    model: str | None = None,
 ) -> ValidationSuite:
-    """The suite the CLI options (and the gRPC ValidationData) describe: files when given, else the toy's.
-    `desired` None: the protocol's own (surgeon.bias)."""
+    """The suite the CLI options (and the gRPC ValidationData) describe: files when given, the toy's when
+    `data` is "toy", and when nothing is given for the toy model (`model` None or "toy"); a real model
+    validated on toy shapes measures nothing, so it needs its data named. `desired` None: the protocol's own
+    (surgeon.bias)."""
     _, desired = bias_protocol(protocol, desired)
-    if data is None and bias_data is None:
+    toy = data is not None and str(data) == "toy"
+    if data is None and bias_data is None and model not in (None, "toy"):
+        raise InvalidInput(
+            f"{model} is not the toy model: name the data to validate it on",
+            hint="pass --data FOLDER|CSV (zero-shot classification: ImageFolder or path,label), "
+            "--bias-data CSV --queries FILE (bias), or --data toy for the toy world's suite",
+        )
+    if toy or (data is None and bias_data is None):
         suite = toy_suite()
-        if suite.bias is not None:
+        if bias_data is None and suite.bias is not None:
             suite.bias.k, suite.bias.desired, suite.bias.protocol = skew_k, desired, protocol
-        return suite
+            return suite
+        suite.bias, data = None, None  # the toy's tasks with the user's bias set
+    else:
+        suite = ValidationSuite([], None, source="files")
     if bias_data is not None and queries is None:
         raise InvalidInput("--bias-data needs --queries (neutral queries, one per line)")
-    tasks = [classification_set(data, classnames, templates)] if data is not None else []
+    tasks = suite.tasks + ([classification_set(data, classnames, templates)] if data is not None else [])
     bias = (
         bias_set(bias_data, queries, templates, skew_k, desired, protocol, bias_split_by)
         if bias_data is not None
         else None
     )
-    described = [str(p) for p in (data, bias_data) if p is not None]
-    return ValidationSuite(tasks, bias, "files", " + ".join(described))
+    described = (["toy world: test split"] if toy else []) + [str(p) for p in (data, bias_data) if p is not None]
+    return ValidationSuite(tasks, bias, "toy+files" if toy else "files", " + ".join(described))
 
 
 def _stoppable(items):
@@ -444,7 +457,8 @@ class Evaluator:
         return x.cpu()
 
     @torch.no_grad()
-    def embeddings(self, name: str, heads: list[HeadRef] = ()) -> torch.Tensor:
+    def embeddings(self, name: str, heads: list[HeadRef] = (), advance=None) -> torch.Tensor:
+        """Normalised image embeddings of one set with `heads` ablated; `advance(n)` after each batch."""
         if any(h.layer < self.first_layer for h in heads):
             raise InvalidInput(f"this evaluator only re-runs layers >= {self.first_layer}")
         visual = self.loaded.model.visual
@@ -463,17 +477,24 @@ class Evaluator:
                     x = block(x)
                 pooled, _ = visual._pool(x)
                 out.append(F.normalize((pooled @ visual.proj).float(), dim=-1).cpu())
+                if advance is not None:
+                    advance(len(x))
         return torch.cat(out)
 
-    def evaluate(self, heads: list[HeadRef] = ()) -> dict:
-        """Metrics per set, and a summary (mean acc1 over tasks, bias MaxSkew@k)."""
+    def evaluate(self, heads: list[HeadRef] = (), bar: str | None = None) -> dict:
+        """Metrics per set, and a summary (mean acc1 over tasks, bias MaxSkew@k); with `bar`, a progress bar
+        of that name advancing per batch of images."""
         results = []
         done: dict[int, torch.Tensor] = {}
+        total = sum(len(images) for images in self._images.values())
+        with progress_bar(bar or "", total, quiet=bar is None) as advance:
+            return self._evaluate(heads, done, results, advance)
 
+    def _evaluate(self, heads, done: dict, results: list, advance) -> dict:
         def embed(name: str) -> torch.Tensor:
             key = self._set_key[name]
             if key not in done:
-                done[key] = self.embeddings(name, heads)
+                done[key] = self.embeddings(name, heads, advance)
             return done[key]
 
         for task, classifier in zip(self.suite.tasks, self.classifiers, strict=True):
@@ -505,9 +526,9 @@ def _as_image(item) -> Image.Image:
     return open_image(item) if isinstance(item, Path) else Image.fromarray(np.asarray(item))
 
 
-def validate(loaded: LoadedModel, suite: ValidationSuite, batch_size: int = 256) -> dict:
-    """Full validation of a (possibly pruned) model, shaped like clip_benchmark's results."""
-    report = Evaluator(loaded, suite, batch_size=batch_size, cache=False).evaluate()
+def validate(loaded: LoadedModel, suite: ValidationSuite, batch_size: int = 256, bar: str | None = None) -> dict:
+    """Full validation of a (possibly pruned) model, shaped like clip_benchmark's results (`bar`: see evaluate)."""
+    report = Evaluator(loaded, suite, batch_size=batch_size, cache=False).evaluate(bar=bar)
     for entry in report["results"]:
         entry.update(model=loaded.name, pretrained=loaded.pretrained or "")
     report["model"] = loaded.identity

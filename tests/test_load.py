@@ -38,7 +38,10 @@ def test_pretrained_tag_missing_offline_says_what_to_download(monkeypatch, tmp_p
     monkeypatch.setenv("HOME", str(tmp_path))
     with pytest.raises(NotFound, match="not in the local cache") as info:
         load_model("ViT-B-32", "openai")
-    assert "huggingface-cli download" in info.value.hint and "timm/" in info.value.hint
+    from huggingface_hub import constants
+
+    assert "`hf download timm/vit_base_patch32_clip_224.openai`" in info.value.hint
+    assert constants.HF_HUB_CACHE in info.value.hint and "huggingface-cli" not in info.value.hint
 
 
 def test_unknown_pretrained_tag():

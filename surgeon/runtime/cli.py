@@ -108,6 +108,8 @@ def infer(
         export_dir = newest_output(*patterns, hint="run `surgeon prune --export onnx` first, or pass EXPORT_DIR").parent
         Console(stderr=True).print(f"using the newest ONNX export: {export_dir}")
     model = ExportedModel(export_dir, verify=not no_verify)
+    if labels is not None and not labels.is_absolute() and not labels.exists() and (model.dir / labels).is_file():
+        labels = model.dir / labels  # `surgeon infer . IMG --labels labels.txt` in a run folder: the export's own
     label_list = read_labels(labels) if labels is not None else None
     if images:
         inputs, names = collect_images(list(images)), None

@@ -1,0 +1,134 @@
+"""Text embeddings of a TextSpan pool, cached on disk.
+
+Encoding the 3,272-line general pool took 4-8 minutes of every ViT-B-32 `rank` on a CPU, more than the image
+statistics, and was redone by every `rank`, `prune` and `sweep`. The embeddings depend only on the text tower
+(its weights, the model config and the tokenizer) and the pool's lines, so they are cached under a key of
+exactly those: a new image set, judge or layer choice reuses them. Under torchrun every rank encodes a
+share of the pool and one all-gather hands rank 0 the whole (torchrun sets OMP_NUM_THREADS=1, so rank 0
+alone on one thread was the slowest part of a distributed run)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from surgeon.cache import touch
+from surgeon.distributed import World, agree, shard, world
+from surgeon.load import LoadedModel, weights_hash
+from surgeon.paths import cache_dir
+from surgeon.pools import TextPool
+from surgeon.progress import progress_bar
+
+TEXT_FORMAT = "surgeon.text-embeddings/1"
+
+
+def is_text_weight(name: str) -> bool:
+    """State-dict entries the text embeddings depend on: everything but the image tower and the logit scale."""
+    return not name.startswith("visual.") and name not in ("logit_scale", "logit_bias")
+
+
+def tokenizer_identity(tokenizer) -> dict:
+    """What decides the tokens: the tokenizer class, its context length, and an HF tokenizer's name."""
+    inner = getattr(tokenizer, "tokenizer", None)
+    return {
+        "class": f"{type(tokenizer).__module__}.{type(tokenizer).__qualname__}",
+        "context_length": getattr(tokenizer, "context_length", None),
+        "name": getattr(inner, "name_or_path", None),
+    }
+
+
+def text_key(loaded: LoadedModel, pool: TextPool) -> str:
+    """Cache key: text-tower weights + model config (minus the image tower's) + tokenizer + the pool's lines."""
+    import open_clip
+
+    payload = {
+        "v": 1,
+        "text_weights": weights_hash(loaded.model, is_text_weight),
+        "config": {k: v for k, v in loaded.model_cfg.items() if k != "vision_cfg"},
+        "tokenizer": tokenizer_identity(loaded.tokenizer),
+        "open_clip": open_clip.__version__,  # its tokenizers' cleaning rules are part of the tokens
+        "pool": pool.digest,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def text_cache_path(key: str) -> Path:
+    return cache_dir() / "text" / f"{key}.safetensors"
+
+
+def _read(path: Path, size: int) -> torch.Tensor | None:
+    """The cached embeddings, or None when the entry is unreadable or not for a pool of this size."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+        embeddings = load_file(str(path))["embeddings"]
+    except (SafetensorError, OSError, KeyError, ValueError):
+        return None
+    if header.get("format") != TEXT_FORMAT or embeddings.shape[0] != size:
+        return None
+    return embeddings
+
+
+def _write(path: Path, embeddings: torch.Tensor, meta: dict) -> None:
+    """Atomic: a crash or a concurrent writer never leaves half an entry."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
+        os.close(fd)
+        try:
+            save_file({"embeddings": embeddings.cpu().contiguous()}, tmp, metadata={"format": TEXT_FORMAT, **meta})
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    except OSError as err:  # the cache is an optimisation: the ranking still stands
+        warnings.warn(f"could not cache the text embeddings in {path.parent}: {err}", stacklevel=3)
+
+
+def _encode_share(loaded: LoadedModel, lines: list[str], w: World, batch_size: int, quiet: bool) -> torch.Tensor:
+    """This rank's contiguous share of the pool, encoded in batches with a bar (rank 0's bar shows its share)."""
+    start, stop = shard(len(lines), w, batch_size)
+    with progress_bar("text encoding", stop - start, quiet or not w.is_main) as advance:
+        return loaded.encode_text(lines[start:stop], batch_size=batch_size, advance=advance)
+
+
+def _gather(share: torch.Tensor, w: World) -> torch.Tensor:
+    """Every rank's share, in rank order (shares differ in length by at most a batch: padded for the gather)."""
+    import torch.distributed as dist
+
+    sizes = [torch.zeros(1, dtype=torch.int64, device=share.device) for _ in range(w.size)]
+    dist.all_gather(sizes, torch.tensor([share.shape[0]], dtype=torch.int64, device=share.device))
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros(longest, share.shape[1], dtype=share.dtype, device=share.device)
+    padded[: share.shape[0]] = share
+    parts = [torch.empty_like(padded) for _ in range(w.size)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes, strict=True)])
+
+
+def pool_embeddings(
+    loaded: LoadedModel, pool: TextPool, batch_size: int = 256, quiet: bool = False, use_cache: bool = True
+) -> tuple[torch.Tensor, bool]:
+    """(L2-normalised float32 embeddings of every pool line on the model's device, whether they came from the
+    cache). Collective under torchrun: every rank calls it and gets the whole."""
+    w = world()
+    path = text_cache_path(text_key(loaded, pool)) if use_cache else None
+    cached = _read(path, len(pool.lines)) if path is not None and path.is_file() else None
+    if agree(cached is not None, w):
+        touch(path)  # for `surgeon cache evict` (least recently used first)
+        return cached.to(loaded.device), True
+    lines = list(pool.lines)
+    embeddings = _encode_share(loaded, lines, w, batch_size, quiet)
+    if w.active:
+        embeddings = _gather(embeddings, w)
+    if path is not None and w.is_main:
+        _write(path, embeddings, {"pool": pool.name, "lines": str(len(lines)), "model": loaded.identity})
+    return embeddings, False
