@@ -12,8 +12,8 @@ import json
 import math
 from pathlib import Path
 
-from surgeon.errors import CorruptInput, InvalidInput, NotFound
-from surgeon.paths import atomic_dir
+from surgeon.errors import CorruptInput, InvalidInput
+from surgeon.paths import atomic_dir, read_json
 
 CLIP_BENCHMARK_DIR = "clip_benchmark"  # the folder of result files inside surgeon's output folders
 #: clip_benchmark's fallback when a template file has no entry for the dataset
@@ -32,12 +32,7 @@ def dataset_keys(name: str) -> list[str]:
 
 def read_json_entry(path: Path, keys: list[str], what: str, fallback: str | None = None) -> list[str]:
     """The list of strings stored under the first of `keys` (then `fallback`) in a clip_benchmark JSON file."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise NotFound(f"{what} not found: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CorruptInput(f"{what} {path} is not valid JSON: {err}") from None
+    data = read_json(path, what)
     if not isinstance(data, dict):
         raise CorruptInput(f"{what} {path} is not an object keyed by dataset name")
     key = next((k for k in [*keys, *([fallback] if fallback else [])] if k in data), None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -13,7 +14,7 @@ from contextvars import ContextVar
 from datetime import datetime, timezone
 from pathlib import Path
 
-from surgeon.errors import NotFound, PermissionDenied, PreconditionFailed, StorageError
+from surgeon.errors import CorruptInput, NotFound, PermissionDenied, PreconditionFailed, StorageError
 
 #: the process umask, read once at import (reading it means setting it, which is not thread-safe later)
 _UMASK = os.umask(0o022)
@@ -213,3 +214,13 @@ def atomic_write_text(path: Path, text: str) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def read_json(path: Path, what: str) -> object:
+    """A JSON file a user or an export handed us: missing -> NotFound, unreadable -> CorruptInput, one line each."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise NotFound(f"{what} not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CorruptInput(f"{what} {path} is not valid JSON: {err}") from None

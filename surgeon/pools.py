@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from surgeon.errors import CorruptInput, InvalidInput, NotFound
+from surgeon.paths import read_json
 
 DATA = Path(__file__).parent / "data"
 
@@ -47,12 +47,7 @@ def read_lines(path: Path, what: str = "text pool") -> list[str]:
 
 
 def read_taxonomy(path: Path) -> dict:
-    try:
-        taxonomy = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise NotFound(f"taxonomy not found: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CorruptInput(f"taxonomy {path} is not valid JSON: {err}") from None
+    taxonomy = read_json(path, "taxonomy")
     if not isinstance(taxonomy, dict) or not isinstance(taxonomy.get("concepts"), dict):
         raise CorruptInput(f"taxonomy {path} has no 'concepts' mapping")
     return taxonomy

@@ -12,7 +12,6 @@ pixels, and the float arithmetic is done in the same order and precision."""
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from PIL import Image, UnidentifiedImageError
 
 from surgeon.errors import CorruptInput, NotFound
 from surgeon.limits import MAX_ASPECT_RATIO
+from surgeon.paths import read_json
 
 MAX_IMAGE_PIXELS = 64_000_000  # images larger than this are refused before decoding (decompression bombs)
 MAX_RESIZED_PIXELS = MAX_IMAGE_PIXELS  # ... and images that preprocessing would resize beyond it
@@ -136,12 +136,7 @@ class PreprocessConfig:
 
     @classmethod
     def from_file(cls, path: Path) -> PreprocessConfig:
-        try:
-            cfg = json.loads(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise NotFound(f"preprocessing settings not found: {path}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise CorruptInput(f"{path} is not valid JSON: {err}") from None
+        cfg = read_json(path, "preprocessing settings")
         if not isinstance(cfg, dict):
             raise CorruptInput(f"{path} must hold a JSON object")
         return cls.from_dict(cfg)

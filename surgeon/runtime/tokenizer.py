@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gzip
 import html
-import json
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 import regex
 
 from surgeon.errors import CorruptInput, NotFound
+from surgeon.paths import read_json
 
 SOT = "<start_of_text>"
 EOT = "<end_of_text>"
@@ -73,12 +73,7 @@ class ClipTokenizer:
         """From an export's clip_tokenizer.json: {"type": "clip-bpe", "context_length": N, "vocab_file": NAME}
         (the vocabulary file is looked up next to the spec)."""
         spec_file = Path(spec_file)
-        try:
-            spec = json.loads(spec_file.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise NotFound(f"tokenizer settings not found: {spec_file}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise CorruptInput(f"{spec_file} is not valid JSON: {err}") from None
+        spec = read_json(spec_file, "tokenizer settings")
         if not isinstance(spec, dict) or spec.get("type") != "clip-bpe":
             kind = spec.get("type") if isinstance(spec, dict) else None
             raise CorruptInput(f"{spec_file}: unsupported tokenizer type {kind!r} (only 'clip-bpe')")
