@@ -52,11 +52,11 @@ class OperationStore:
 
     def save(self, job: Job) -> None:
         """Called under job.cond on each state change."""
-        error = None if job.error is None else json.dumps([job.error[0].name, job.error[1], job.error[2]])
+        # the error: [code name, message, hint, reason]
+        error = None if job.error is None else json.dumps([job.error[0].name, *job.error[1:]])
         field, kind, blob = None, None, None
-        if job.result is not None:
-            field, message = job.result
-            kind, blob = message.DESCRIPTOR.full_name, message.SerializeToString()
+        if job.result is not None:  # the result message (google.longrunning: Operation.response, or an error detail)
+            field, kind, blob = "response", job.result.DESCRIPTOR.full_name, job.result.SerializeToString()
         row = (job.name, job.kind, job.state, job.stage, job.fraction, job.message, job.create_time)
         row += (job.start_time, job.end_time, error, field, kind, blob)
         with self._lock:
@@ -79,7 +79,7 @@ class OperationStore:
 
     def abort_unfinished(self) -> int:
         """At start: the jobs a previous server left queued or running failed (ABORTED). Returns how many."""
-        error = json.dumps([grpc.StatusCode.ABORTED.name, RESTARTED, "submit the request again"])
+        error = json.dumps([grpc.StatusCode.ABORTED.name, RESTARTED, "submit the request again", "ABORTED"])
         with self._lock:
             cursor = self._db.execute(
                 "UPDATE operations SET state = ?, stage = ?, error = ?, end_time = ? WHERE state IN (?, ?)",
@@ -99,9 +99,10 @@ def _job(row: tuple) -> Job:
     job.fraction, job.message = record["fraction"], record["message"]
     job.create_time, job.start_time, job.end_time = record["create_time"], record["start_time"], record["end_time"]
     if record["error"]:
-        code, message, hint = json.loads(record["error"])
-        job.error = (getattr(grpc.StatusCode, code, grpc.StatusCode.UNKNOWN), message, hint)
-    if record["result_field"]:
+        code, message, hint, *reason = json.loads(record["error"])  # records written before reasons: 3 items
+        code = getattr(grpc.StatusCode, code, grpc.StatusCode.UNKNOWN)
+        job.error = (code, message, hint, reason[0] if reason else code.name)
+    if record["result_type"]:
         cls = GetMessageClass(default_symbols().pool.FindMessageTypeByName(record["result_type"]))
-        job.result = (record["result_field"], cls.FromString(record["result"]))
+        job.result = cls.FromString(record["result"])
     return job

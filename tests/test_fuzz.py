@@ -112,9 +112,11 @@ def test_sweep_counts_and_heads(spec):
 
 grpc = pytest.importorskip("grpc")
 
+from google.longrunning import operations_pb2, operations_pb2_grpc  # noqa: E402
 from google.protobuf import descriptor as _d  # noqa: E402
 from google.protobuf.duration_pb2 import Duration  # noqa: E402
 from google.protobuf.message_factory import GetMessageClass  # noqa: E402
+from grpc_status import rpc_status  # noqa: E402
 
 from server.surgeon.v1 import surgeon_pb2 as pb  # noqa: E402
 from tests.test_grpc import RPC_TIMEOUT, channel, server, world  # noqa: E402, F401  (fixtures)
@@ -130,7 +132,9 @@ DOCUMENTED_STATUS = {
     Code.UNAVAILABLE,
     Code.CANCELLED,
 }
-SERVICE = pb.DESCRIPTOR.services_by_name["Surgeon"]
+#: the Surgeon service and google.longrunning.Operations, which serves Get/List/Wait/Cancel/DeleteOperation
+SERVICES = [pb.DESCRIPTOR.services_by_name["Surgeon"], operations_pb2.DESCRIPTOR.services_by_name["Operations"]]
+METHODS = [(service, rpc) for service in SERVICES for rpc in service.methods]
 WORDS = ["", "toy", "images", "val", "pool.txt", "../x", "/etc", "local-dir:tiny", "L1.H0,L2.H1", "1-2", "all"]
 WORDS += ["top-k", "random", "heads", "debias", "hard", "onnx", "both", "operations/x", "ranking", "labels.txt"]
 texts = st.one_of(
@@ -180,19 +184,14 @@ def messages(descriptor: _d.Descriptor, depth: int = 0):
     return st.fixed_dictionaries({}, optional=fields).map(lambda kwargs: cls(**kwargs))
 
 
-@pytest.mark.parametrize("method", [m.name for m in SERVICE.methods])
-def test_grpc_requests(method, channel, tmp_path):  # noqa: F811
-    rpc = SERVICE.methods_by_name[method]
+@pytest.mark.parametrize("service, rpc", METHODS, ids=[rpc.name for _, rpc in METHODS])
+def test_grpc_requests(service, rpc, channel, tmp_path):  # noqa: F811
     call = (channel.unary_stream if rpc.server_streaming else channel.unary_unary)(
-        f"/{SERVICE.full_name}/{method}",
+        f"/{service.full_name}/{rpc.name}",
         request_serializer=lambda m: m.SerializeToString(),
         response_deserializer=GetMessageClass(rpc.output_type).FromString,
     )
-    cancel = channel.unary_unary(
-        f"/{SERVICE.full_name}/CancelOperation",
-        request_serializer=lambda m: m.SerializeToString(),
-        response_deserializer=pb.Operation.FromString,
-    )
+    cancel = operations_pb2_grpc.OperationsStub(channel).CancelOperation
     start = _rss_mb()
 
     @FUZZ
@@ -208,11 +207,13 @@ def test_grpc_requests(method, channel, tmp_path):  # noqa: F811
         except grpc.RpcError as error:
             code = error.code()
             assert len(error.details() or "") < 2000
+            status = rpc_status.from_call(error)  # google.rpc.Status in the trailer: the same code, short
+            assert status is None or (status.code == code.value[0] and status.ByteSize() < 4000), status
             result = None
-        assert code in DOCUMENTED_STATUS, (method, str(request)[:300], code)
-        if isinstance(result, pb.Operation) and result.name and not result.done:
+        assert code in DOCUMENTED_STATUS, (rpc.name, str(request)[:300], code)
+        if isinstance(result, operations_pb2.Operation) and result.name and not result.done:
             try:  # an accepted job: stop it at its next step (the fuzz checks validation, not the jobs)
-                cancel(pb.CancelOperationRequest(name=result.name), timeout=RPC_TIMEOUT)
+                cancel(operations_pb2.CancelOperationRequest(name=result.name), timeout=RPC_TIMEOUT)
             except grpc.RpcError as error:
                 assert error.code() == Code.FAILED_PRECONDITION
 

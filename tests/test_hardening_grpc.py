@@ -17,14 +17,23 @@ import pytest
 
 grpc = pytest.importorskip("grpc")
 
+from google.longrunning import operations_pb2  # noqa: E402
+from google.rpc import error_details_pb2  # noqa: E402
+from grpc_status import rpc_status  # noqa: E402
+
 import server.service as service_module  # noqa: E402
 from server.main import SurgeonServer  # noqa: E402
 from server.surgeon.v1 import surgeon_pb2 as pb  # noqa: E402
 from tests.test_grpc import (  # noqa: E402, F401  (fixtures)
     RPC_TIMEOUT,
+    Client,
     Code,
+    Meta,
     channel,
     code_of,
+    detail,
+    meta,
+    outcome,
     rank_request,
     server,
     stub,
@@ -78,13 +87,16 @@ def test_counts_and_numbers_are_bounded_at_once(stub, world, make):  # noqa: F81
     )
     error = _error(lambda: getattr(stub, rpc)(request, timeout=RPC_TIMEOUT))
     assert error.code() == Code.INVALID_ARGUMENT, error.details()
+    status = rpc_status.from_call(error)  # the details travel in the trailer as google.rpc.Status
+    assert status.code == Code.INVALID_ARGUMENT.value[0] and status.message == error.details()
+    assert detail(status, error_details_pb2.ErrorInfo).reason == "INVALID_INPUT"
 
 
 def test_a_huge_layer_span_fails_the_job_without_allocating(stub, world):  # noqa: F811
     """`layers="0-999999999999"` (14 bytes) OOM-killed the server (22 GB); now the job fails at once."""
     done = wait(stub, stub.RankHeads(rank_request(layers="0-999999999999"), timeout=RPC_TIMEOUT))
-    assert done.metadata.state == pb.FAILED and done.error.code == Code.INVALID_ARGUMENT.value[0]
-    assert "out of range" in done.error.message
+    assert meta(done).state == Meta.STATE_FAILED and done.error.code == Code.INVALID_ARGUMENT.value[0]
+    assert "out of range" in done.error.message and not done.HasField("response")
 
 
 def test_echoed_input_is_truncated_so_the_status_fits(stub, world):  # noqa: F811
@@ -112,9 +124,9 @@ def _prune(ranking: str, out: str, heads: str, force: bool = False) -> pb.PruneR
 def test_cancelling_a_force_prune_keeps_the_previous_run(stub, world, monkeypatch):  # noqa: F811
     """The job published, then the cancel removed what it published: both runs were lost. Now the cancel
     takes effect right before the rename, and the previous run stays as it was."""
-    ranked = wait(stub, stub.RankHeads(rank_request(), timeout=RPC_TIMEOUT))
-    first = wait(stub, stub.Prune(_prune(ranked.rank_heads.run_dir, "kept", "L1.H0"), timeout=RPC_TIMEOUT))
-    assert first.metadata.state == pb.SUCCEEDED, first.error
+    ranked = outcome(wait(stub, stub.RankHeads(rank_request(), timeout=RPC_TIMEOUT)), pb.RankHeadsResult)
+    first = wait(stub, stub.Prune(_prune(ranked.run_dir, "kept", "L1.H0"), timeout=RPC_TIMEOUT))
+    assert meta(first).state == Meta.STATE_SUCCEEDED, first.error
     before = (world["exports"] / "kept" / "plan.json").read_text()
     started, cancelled = threading.Event(), threading.Event()
     real = service_module.prune
@@ -125,24 +137,24 @@ def test_cancelling_a_force_prune_keeps_the_previous_run(stub, world, monkeypatc
         return real(*args, **kwargs)
 
     monkeypatch.setattr(service_module, "prune", prune_after_cancel)
-    op = stub.Prune(_prune(ranked.rank_heads.run_dir, "kept", "L1.H1", force=True), timeout=RPC_TIMEOUT)
+    op = stub.Prune(_prune(ranked.run_dir, "kept", "L1.H1", force=True), timeout=RPC_TIMEOUT)
     assert started.wait(RPC_TIMEOUT)
-    stub.CancelOperation(pb.CancelOperationRequest(name=op.name), timeout=RPC_TIMEOUT)
+    stub.CancelOperation(operations_pb2.CancelOperationRequest(name=op.name), timeout=RPC_TIMEOUT)
     cancelled.set()
     final = wait(stub, op)
-    assert final.metadata.state == pb.CANCELLED
+    assert meta(final).state == Meta.STATE_CANCELLED and final.error.code == Code.CANCELLED.value[0]
     assert (world["exports"] / "kept" / "plan.json").read_text() == before
     assert not list(world["exports"].glob(".kept*"))
 
 
 def test_export_refuses_a_tampered_run_and_temporary_folders(stub, world):  # noqa: F811
-    ranked = wait(stub, stub.RankHeads(rank_request(), timeout=RPC_TIMEOUT))
-    done = wait(stub, stub.Prune(_prune(ranked.rank_heads.run_dir, "tampered", "L2.H1"), timeout=RPC_TIMEOUT))
-    assert done.metadata.state == pb.SUCCEEDED, done.error
+    ranked = outcome(wait(stub, stub.RankHeads(rank_request(), timeout=RPC_TIMEOUT)), pb.RankHeadsResult)
+    done = wait(stub, stub.Prune(_prune(ranked.run_dir, "tampered", "L2.H1"), timeout=RPC_TIMEOUT))
+    assert meta(done).state == Meta.STATE_SUCCEEDED, done.error
     report = world["exports"] / "tampered" / "report.md"
     report.write_text(report.read_text() + "\nall heads kept\n")
     failed = wait(stub, stub.Export(pb.ExportRequest(run_dir="tampered", format="safetensors"), timeout=60))
-    assert failed.metadata.state == pb.FAILED and "does not match the sha256" in failed.error.message
+    assert meta(failed).state == Meta.STATE_FAILED and "does not match the sha256" in failed.error.message
     assert not (world["exports"] / "tampered" / "export-safetensors").exists()
     hidden = world["exports"] / f".run.tmp-{os.getpid()}-x"
     os.rename(world["exports"] / "tampered", hidden)
@@ -199,13 +211,12 @@ def test_sigterm_with_a_job_that_cannot_stop_exits_cleanly(world, tmp_path):  # 
         assert "listening on" in line, process.stderr.read() if process.poll() is not None else line
         port = int(re.search(r":(\d+) \(", line).group(1))
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-            from server.surgeon.v1 import surgeon_pb2_grpc as pb_grpc
-
-            remote = pb_grpc.SurgeonStub(ch)
+            remote = Client(ch)
             request = pb.RankHeadsRequest(images=pb.ImageSource(images="images"), no_cache=True)
             op = remote.RankHeads(request, timeout=RPC_TIMEOUT)
+            get = operations_pb2.GetOperationRequest(name=op.name)
             deadline = time.monotonic() + RPC_TIMEOUT
-            while remote.GetOperation(pb.GetOperationRequest(name=op.name)).metadata.stage != "head statistics":
+            while meta(remote.GetOperation(get, timeout=RPC_TIMEOUT)).stage != "head statistics":
                 assert time.monotonic() < deadline
                 time.sleep(0.2)
         process.send_signal(signal.SIGTERM)
@@ -223,16 +234,15 @@ def test_operations_survive_a_restart(world, tmp_path, monkeypatch):  # noqa: F8
     """Operations were forgotten on restart (NOT_FOUND for a polling pipeline). Now they are kept in SQLite
     under the exports root: finished ones with their result, unfinished ones reported as aborted."""
     from server.store import RESTARTED
-    from server.surgeon.v1 import surgeon_pb2_grpc as pb_grpc
 
     roots = {"exports_root": tmp_path / "exports", "models_root": world["models"], "data_root": world["data"]}
     first = SurgeonServer(port=0, **roots).start()
     release = threading.Event()
     try:
         with grpc.insecure_channel(f"127.0.0.1:{first.port}") as ch:
-            remote = pb_grpc.SurgeonStub(ch)
+            remote = Client(ch)
             finished = wait(remote, remote.RankHeads(rank_request(), timeout=RPC_TIMEOUT))
-            assert finished.metadata.state == pb.SUCCEEDED, finished.error
+            assert meta(finished).state == Meta.STATE_SUCCEEDED, finished.error
             real = service_module.rank_heads
 
             def held(*args, **kwargs):
@@ -244,19 +254,26 @@ def test_operations_survive_a_restart(world, tmp_path, monkeypatch):  # noqa: F8
         second = SurgeonServer(port=0, **roots).start()  # what a restarted server finds
         try:
             with grpc.insecure_channel(f"127.0.0.1:{second.port}") as ch:
-                remote = pb_grpc.SurgeonStub(ch)
+                remote = Client(ch)
                 get = remote.GetOperation
-                again = get(pb.GetOperationRequest(name=finished.name), timeout=RPC_TIMEOUT)
-                assert again.done and again.rank_heads == finished.rank_heads
-                lost = get(pb.GetOperationRequest(name=running.name), timeout=RPC_TIMEOUT)
-                assert lost.done and lost.metadata.state == pb.FAILED
+                again = get(operations_pb2.GetOperationRequest(name=finished.name), timeout=RPC_TIMEOUT)
+                assert again.done and not again.HasField("error")
+                assert again.response.type_url == finished.response.type_url  # Any bytes: map order may differ
+                assert outcome(again, pb.RankHeadsResult) == outcome(finished, pb.RankHeadsResult)
+                assert meta(again).kind == Meta.KIND_RANK_HEADS and meta(again).state == Meta.STATE_SUCCEEDED
+                lost = get(operations_pb2.GetOperationRequest(name=running.name), timeout=RPC_TIMEOUT)
+                assert lost.done and meta(lost).state == Meta.STATE_FAILED and not lost.HasField("response")
                 assert lost.error.code == Code.ABORTED.value[0] and lost.error.message == RESTARTED
-                listed = remote.ListOperations(pb.ListOperationsRequest(), timeout=RPC_TIMEOUT).operations
+                assert detail(lost.error, error_details_pb2.Help).links[0].description  # what to do about it
+                listed = remote.ListOperations(operations_pb2.ListOperationsRequest(), timeout=RPC_TIMEOUT).operations
                 assert [o.name for o in listed] == [running.name, finished.name]
-                cancel = lambda: remote.CancelOperation(pb.CancelOperationRequest(name=lost.name), timeout=10)  # noqa: E731
+                cancel = lambda: remote.CancelOperation(  # noqa: E731
+                    operations_pb2.CancelOperationRequest(name=lost.name), timeout=10
+                )
                 assert code_of(cancel) == Code.FAILED_PRECONDITION
-                remote.DeleteOperation(pb.DeleteOperationRequest(name=finished.name), timeout=RPC_TIMEOUT)
-                assert code_of(lambda: get(pb.GetOperationRequest(name=finished.name), timeout=10)) == Code.NOT_FOUND
+                remote.DeleteOperation(operations_pb2.DeleteOperationRequest(name=finished.name), timeout=RPC_TIMEOUT)
+                gone = lambda: get(operations_pb2.GetOperationRequest(name=finished.name), timeout=10)  # noqa: E731
+                assert code_of(gone) == Code.NOT_FOUND
         finally:
             second.stop(grace=0)
     finally:
@@ -269,7 +286,7 @@ def test_a_cancel_takes_effect_inside_a_long_step(stub, world, monkeypatch):  # 
     next image. Each validation image here takes 0.5 s: the whole prune would take over 12 s."""
     import surgeon.validate
 
-    ranked = wait(stub, stub.RankHeads(rank_request(), timeout=RPC_TIMEOUT))
+    ranked = outcome(wait(stub, stub.RankHeads(rank_request(), timeout=RPC_TIMEOUT)), pb.RankHeadsResult)
     real, started = surgeon.validate._as_image, threading.Event()
 
     def slow(x):
@@ -278,12 +295,12 @@ def test_a_cancel_takes_effect_inside_a_long_step(stub, world, monkeypatch):  # 
         return real(x)
 
     monkeypatch.setattr(surgeon.validate, "_as_image", slow)
-    op = stub.Prune(_prune(ranked.rank_heads.run_dir, "long", "L1.H0"), timeout=RPC_TIMEOUT)
+    op = stub.Prune(_prune(ranked.run_dir, "long", "L1.H0"), timeout=RPC_TIMEOUT)
     assert started.wait(RPC_TIMEOUT)
     cancelled_at = time.monotonic()
-    stub.CancelOperation(pb.CancelOperationRequest(name=op.name), timeout=RPC_TIMEOUT)
+    stub.CancelOperation(operations_pb2.CancelOperationRequest(name=op.name), timeout=RPC_TIMEOUT)
     final = wait(stub, op)
-    assert final.metadata.state == pb.CANCELLED and time.monotonic() - cancelled_at < 5
+    assert meta(final).state == Meta.STATE_CANCELLED and time.monotonic() - cancelled_at < 5
     assert not (world["exports"] / "long").exists()
 
 
