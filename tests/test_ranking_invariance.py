@@ -63,4 +63,4 @@ def test_gelu_and_quickgelu_of_the_same_weights_never_share_statistics_or_rankin
     ranking.check_model(gelu)
     with pytest.raises(PreconditionFailed, match="another architecture config"):
         ranking.check_model(quick)
-    assert ranking.model["activation"] == "gelu"
+    assert ranking.model["activation"] == "GELU"
