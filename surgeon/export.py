@@ -385,6 +385,10 @@ def export_run(
     files: list[Path] = []
     for exporter in exporters:
         files += exporter(loaded, plan, validation, folder, **options)
+    parity = parity_lines(folder)
+    if parity and (folder / "report.md").is_file():  # before surgery.json hashes the report
+        with open(folder / "report.md", "a", encoding="utf-8") as report:
+            report.write("\n## ONNX parity\n\n" + "\n".join(parity) + "\n")
     write_card(loaded, plan, validation, folder, files)
     return files
 

@@ -70,7 +70,7 @@ def prune(
     gates and every reported figure come from the disjoint held-out half. Other policies validate on the
     whole suite. `ranking` may be None for the policies that do not read one (RANKING_FREE: the paper's
     presets, an explicit list of heads). `language` is recorded in the clip_benchmark result files."""
-    from surgeon.export import export_run, parity_lines
+    from surgeon.export import export_run
 
     if (loaded.extra.get("surgeon") or {}).get("heads_kept"):
         raise PreconditionFailed(
@@ -201,10 +201,6 @@ def prune(
                     exporters or ["safetensors"],
                     **(export_options or {}),
                 )
-                parity = parity_lines(tmp)
-                if parity:
-                    with open(tmp / "report.md", "a", encoding="utf-8") as report:
-                        report.write("\n## ONNX parity\n\n" + "\n".join(parity) + "\n")
     return PruneResult(out_dir, plan, before, after, failures, exported and out_dir is not None, seed_runs)
 
 

@@ -172,7 +172,7 @@ def test_a_config_with_wrong_types(tmp_path, tiny_default_dir, capsys):
     config = json.loads((folder / "open_clip_config.json").read_text())
     config["model_cfg"]["embed_dim"] = "x"
     (folder / "open_clip_config.json").write_text(json.dumps(config))
-    code, err = run_cli("validate", "--model", f"local-dir:{folder}", capsys=capsys)
+    code, err = run_cli("validate", "--model", f"local-dir:{folder}", "--data", "toy", capsys=capsys)
     assert code == 4 and "invalid model configuration" in err and "Traceback" not in err
 
 

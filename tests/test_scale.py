@@ -111,11 +111,14 @@ def test_validation_and_debias_search_bars(setup, monkeypatch):  # noqa: F811
     monkeypatch.setattr(prune_module, "progress_bar", recording_bar(calls))
     validate_module.validate(loaded, synthetic_suite(), batch_size=16, bar="validation")
     assert calls["validation"] == {"total": 70, "steps": [16, 16, 8, 16, 14]}  # 40 task images, 30 bias images
-    result = prune(loaded, ranking, synthetic_suite(), "debias", PolicyOptions(k=2, max_acc_drop=100), quiet=False)
+    suite = synthetic_suite()
+    suite.bias.k = 4  # debias splits the suite: 15 bias images per half
+    result = prune(loaded, ranking, suite, "debias", PolicyOptions(k=2, max_acc_drop=100), quiet=False)
     search = calls["debias search (head sets scored)"]["steps"]
     assert len(search) >= 1 + len(ranking.heads) and set(search) == {1}  # the baseline, then every head alone
-    assert calls["validation before"]["total"] == calls["validation after"]["total"] == 70
-    assert sum(calls["validation after"]["steps"]) == 70 and result.plan["heads"]
+    # before/after run on the held-out half only: 20 task images + 15 bias images
+    assert calls["validation before"]["total"] == calls["validation after"]["total"] == 35
+    assert sum(calls["validation after"]["steps"]) == 35 and result.plan["heads"]
 
 
 def run_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:

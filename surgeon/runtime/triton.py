@@ -95,15 +95,22 @@ def write_triton_repository(
             (folder / "1").mkdir(parents=True)
             config = model_config(folder.name, filename, model.session(graph), max_batch_size, queue_delay_us)
             (folder / "config.pbtxt").write_text(config, encoding="utf-8")
-            for path in source.iterdir():  # the graph and its external-data files, if any
-                if path.name == filename or path.name.startswith(f"{filename}."):
-                    shutil.copy(path, folder / "1" / path.name)
+            for path in [source / filename, *_external_data(source, filename)]:
+                shutil.copy(path, folder / "1" / path.name)
             if graph == "classifier":
                 (folder / "labels.txt").write_text("\n".join(model.classifier_labels()) + "\n", encoding="utf-8")
             if graph == "text":
                 _copy_client_files(source, folder)
             configs.append(Path(out) / folder.name / "config.pbtxt")
     return configs
+
+
+def _external_data(source: Path, filename: str) -> list[Path]:
+    """The external-data files a graph reads: its own (`visual.onnx.data`) and shared ones (classifier.onnx reads
+    the visual tower's weights from visual.onnx.data). Locations are plain strings in the ONNX protobuf, so a
+    byte search finds them without the onnx package (the serving install has only onnxruntime)."""
+    graph = (source / filename).read_bytes()
+    return [p for p in sorted(source.glob("*.data")) if p.is_file() and p.name.encode() in graph]
 
 
 def _copy_client_files(source: Path, folder: Path) -> None:
