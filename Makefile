@@ -24,5 +24,9 @@ test: setup
 	$(VENV)/bin/ruff check surgeon server tests benchmarks
 	$(PY) -m pytest
 
+lint: setup
+	$(VENV)/bin/ruff check surgeon server tests benchmarks
+	$(VENV)/bin/ruff format --check surgeon server tests benchmarks
+
 clean:
 	rm -rf $(VENV) build *.egg-info

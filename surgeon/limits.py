@@ -162,4 +162,3 @@ def sweep_counts(spec: str | None) -> list[int] | None:
     if not all(re.fullmatch(r"\d{1,6}", p) for p in parts):
         raise InvalidInput(f"bad counts {echo(spec)}", hint="non-negative integers separated by commas, e.g. 0,2,4,8")
     return [count("counts", int(p), 0, MAX_K) for p in parts]
-

@@ -206,6 +206,8 @@ def cached_pretrained_tags(model_name: str) -> list[str]:
     import open_clip
 
     return [t for t in open_clip.list_pretrained_tags_by_model(model_name) if _find_in_hub_cache(model_name, t)[0]]
+
+
 def hub_repo(cfg: dict) -> tuple[str, str]:
     """(Hub repo id, weights file name or '') of an open_clip pretrained config ('' repo when it has none)."""
     hub = cfg.get("hf_hub", "")

@@ -361,9 +361,7 @@ def test_prune_validate_export_and_operations(stub, world):
     checked = wait(
         stub,
         stub.Validate(
-            pb.ValidateRequest(
-                model=pb.ModelRef(model="local-dir:pruned"), validation=validation(), out="checks/v"
-            ),
+            pb.ValidateRequest(model=pb.ModelRef(model="local-dir:pruned"), validation=validation(), out="checks/v"),
             timeout=RPC_TIMEOUT,
         ),
     )

@@ -180,7 +180,6 @@ def test_a_check_before_publishing_keeps_the_previous_output(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
-
 def test_sigterm_unwinds_like_ctrl_c(onnx_run, tmp_path):
     """SIGTERM (docker stop, kill) used to kill the CLI on the spot, leaving its temporary folder behind."""
     import signal

@@ -62,4 +62,3 @@ def test_bad_or_too_small_splits_are_refused(manifest):
     bias = bias_set(manifest / "bias.csv", manifest / "queries.txt", k=15, split_by="identity")
     with pytest.raises(InvalidInput, match="too small to split"):
         ValidationSuite([], bias, "files", "bias.csv").split_for_search()
-
