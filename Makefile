@@ -21,12 +21,12 @@ demo: setup
 	$(VENV)/bin/surgeon prune --policy debias --export onnx
 
 test: setup
-	$(VENV)/bin/ruff check surgeon server tests benchmarks
+	$(VENV)/bin/ruff check surgeon tests benchmarks
 	$(PY) -m pytest
 
 lint: setup
-	$(VENV)/bin/ruff check surgeon server tests benchmarks
-	$(VENV)/bin/ruff format --check surgeon server tests benchmarks
+	$(VENV)/bin/ruff check surgeon tests benchmarks
+	$(VENV)/bin/ruff format --check surgeon tests benchmarks
 
 clean:
 	rm -rf $(VENV) build *.egg-info

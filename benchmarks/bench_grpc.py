@@ -32,8 +32,8 @@ import numpy as np
 from google.longrunning import operations_pb2, operations_pb2_grpc
 from PIL import Image
 
-from server.surgeon.v1 import surgeon_pb2 as pb
-from server.surgeon.v1 import surgeon_pb2_grpc as pb_grpc
+from surgeon.v1 import surgeon_pb2 as pb
+from surgeon.v1 import surgeon_pb2_grpc as pb_grpc
 
 POOL_LINES = 600  # a slice of the general pool: keeps a ranking at seconds on a CPU
 MEDIUM = {  # big enough that a ranking job is real work, small enough for a CPU run

@@ -817,7 +817,7 @@ def serve(
     device: DeviceOpt = None,
 ) -> None:
     """Serve rank/prune/validate/export as gRPC jobs (surgeon.v1.Surgeon) with health checking and reflection."""
-    from server.main import serve as run_server  # needs the serve and surgery extras: main() says which
+    from surgeon.server.main import serve as run_server  # needs the serve and surgery extras: main() says which
 
     run_server(
         host=host,

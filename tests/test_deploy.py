@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import venv
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -223,8 +224,7 @@ def plain_venv(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("plain-install")
     source = base / "src"
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for name in ("surgeon", "server"):
-        shutil.copytree(REPO / name, source / name, ignore=ignore)
+    shutil.copytree(REPO / "surgeon", source / "surgeon", ignore=ignore)
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, source / name)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
@@ -232,6 +232,9 @@ def plain_venv(tmp_path_factory) -> Path:
     target = base / "venv"
     venv.create(target, with_pip=True)
     wheel = next((base / "dist").glob("surgeon-*.whl"))
+    with zipfile.ZipFile(wheel) as archive:  # one namespace: nothing else lands in site-packages
+        tops = {name.split("/")[0] for name in archive.namelist() if not name.split("/")[0].endswith(".dist-info")}
+    assert tops == {"surgeon"}, tops
     install = [target / "bin" / "python", *pip[1:], "install", str(wheel)]
     subprocess.run(install, check=True, timeout=900, env=outside_env())
     return target

@@ -118,7 +118,7 @@ from google.protobuf.duration_pb2 import Duration  # noqa: E402
 from google.protobuf.message_factory import GetMessageClass  # noqa: E402
 from grpc_status import rpc_status  # noqa: E402
 
-from server.surgeon.v1 import surgeon_pb2 as pb  # noqa: E402
+from surgeon.v1 import surgeon_pb2 as pb  # noqa: E402
 from tests.test_grpc import RPC_TIMEOUT, channel, server, world  # noqa: E402, F401  (fixtures)
 
 Code = grpc.StatusCode

@@ -28,15 +28,15 @@ from google.rpc import error_details_pb2  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 from grpc_status import rpc_status  # noqa: E402
 
-import server.service as service_module  # noqa: E402
-from server.codegen import STUBS, generate  # noqa: E402
-from server.main import SurgeonServer  # noqa: E402
-from server.surgeon.v1 import surgeon_pb2 as pb  # noqa: E402
-from server.surgeon.v1 import surgeon_pb2_grpc as pb_grpc  # noqa: E402
+import surgeon.server.service as service_module  # noqa: E402
 from surgeon.images import folder_images  # noqa: E402
 from surgeon.load import TOY_MODEL_DIR, load_model  # noqa: E402
 from surgeon.pools import load_pool  # noqa: E402
 from surgeon.rank import Ranking, rank_heads  # noqa: E402
+from surgeon.server.codegen import STUBS, generate  # noqa: E402
+from surgeon.server.main import SurgeonServer  # noqa: E402
+from surgeon.v1 import surgeon_pb2 as pb  # noqa: E402
+from surgeon.v1 import surgeon_pb2_grpc as pb_grpc  # noqa: E402
 from tests.conftest import save_local_dir, tiny_config  # noqa: E402
 
 Code = grpc.StatusCode
@@ -206,7 +206,7 @@ def _library_ranking(world) -> Ranking:
 
 def test_committed_stubs_match_the_proto(tmp_path):
     generate(out=tmp_path)
-    committed = Path(service_module.__file__).parent / "surgeon" / "v1"
+    committed = Path(pb.__file__).parent
 
     def normal(text: str) -> str:  # the generator's own version stamps may differ; the code may not
         text = re.sub(r"_runtime_version\.ValidateProtobufRuntimeVersion\([^)]*\)", "", text)
@@ -215,7 +215,8 @@ def test_committed_stubs_match_the_proto(tmp_path):
     for name in STUBS:
         fresh = (tmp_path / "surgeon" / "v1" / name).read_text()
         assert normal(fresh) == normal((committed / name).read_text()), (
-            f"server/surgeon/v1/{name} is out of date with proto/surgeon/v1/surgeon.proto: run python -m server.codegen"
+            f"surgeon/v1/{name} is out of date with proto/surgeon/v1/surgeon.proto: "
+            "run python -m surgeon.server.codegen"
         )
 
 
@@ -784,8 +785,8 @@ def test_token_auth(world, monkeypatch):
             assert _health(ch) == health_pb2.HealthCheckResponse.SERVING  # probes need no token
     finally:
         srv.stop(grace=1)
-    from server.main import serve
     from surgeon.errors import InvalidInput
+    from surgeon.server.main import serve
 
     monkeypatch.delenv("SURGEON_TEST_TOKEN", raising=False)
     with pytest.raises(InvalidInput, match="SURGEON_TEST_TOKEN"):
@@ -841,8 +842,8 @@ def test_surgeon_serve_command_drains_on_sigterm(world, tmp_path):
 
 def test_nested_outputs_clash_like_equal_ones(tmp_path):
     """A Prune replacing run1 would delete what an Export writes into run1/export-onnx."""
-    from server.jobs import JobManager
     from surgeon.errors import PreconditionFailed
+    from surgeon.server.jobs import JobManager
 
     jobs = JobManager(max_jobs=1)
     release = threading.Event()

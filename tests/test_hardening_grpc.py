@@ -21,9 +21,9 @@ from google.longrunning import operations_pb2  # noqa: E402
 from google.rpc import error_details_pb2  # noqa: E402
 from grpc_status import rpc_status  # noqa: E402
 
-import server.service as service_module  # noqa: E402
-from server.main import SurgeonServer  # noqa: E402
-from server.surgeon.v1 import surgeon_pb2 as pb  # noqa: E402
+import surgeon.server.service as service_module  # noqa: E402
+from surgeon.server.main import SurgeonServer  # noqa: E402
+from surgeon.v1 import surgeon_pb2 as pb  # noqa: E402
 from tests.test_grpc import (  # noqa: E402, F401  (fixtures)
     RPC_TIMEOUT,
     Client,
@@ -233,7 +233,7 @@ def test_sigterm_with_a_job_that_cannot_stop_exits_cleanly(world, tmp_path):  # 
 def test_operations_survive_a_restart(world, tmp_path, monkeypatch):  # noqa: F811
     """Operations were forgotten on restart (NOT_FOUND for a polling pipeline). Now they are kept in SQLite
     under the exports root: finished ones with their result, unfinished ones reported as aborted."""
-    from server.store import RESTARTED
+    from surgeon.server.store import RESTARTED
 
     roots = {"exports_root": tmp_path / "exports", "models_root": world["models"], "data_root": world["data"]}
     first = SurgeonServer(port=0, **roots).start()

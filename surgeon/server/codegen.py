@@ -1,23 +1,22 @@
-"""Generate the Python stubs of proto/surgeon/v1/surgeon.proto into server/surgeon/v1/.
+"""Generate the Python stubs of proto/surgeon/v1/surgeon.proto into surgeon/v1/ (a generated subpackage).
 
-    python -m server.codegen          # regenerate in place (needs grpcio-tools)
+    python -m surgeon.server.codegen          # regenerate in place (needs grpcio-tools)
 
 The stubs are committed; tests/test_grpc.py regenerates them into a temporary folder and fails when the
-committed ones differ. protoc writes absolute imports (`from surgeon.v1 import ...`) that would resolve to
-the surgeon library, so they are rewritten to relative ones."""
+committed ones differ. The proto package surgeon.v1 is also the Python package the stubs live in, so protoc's
+absolute imports (`from surgeon.v1 import ...`) resolve as written: nothing is rewritten."""
 
 from __future__ import annotations
 
-import re
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PROTO_ROOT = REPO / "proto"
 PROTO = Path("surgeon/v1/surgeon.proto")
-OUT = REPO / "server"
+OUT = REPO
 STUBS = ("surgeon_pb2.py", "surgeon_pb2.pyi", "surgeon_pb2_grpc.py")
 
 
@@ -42,13 +41,8 @@ def generate(out: Path = OUT, proto_root: Path = PROTO_ROOT) -> list[Path]:
             raise RuntimeError(f"protoc failed on {proto_root / PROTO}")
     folder = out / PROTO.parent
     for package in (out / "surgeon", folder):
-        (package / "__init__.py").touch()
-    paths = [folder / name for name in STUBS]
-    for path in paths:
-        text = path.read_text(encoding="utf-8")
-        text = re.sub(r"^from surgeon\.v1 import ", "from . import ", text, flags=re.MULTILINE)
-        path.write_text(text, encoding="utf-8")
-    return paths
+        (package / "__init__.py").touch()  # an existing one keeps its text
+    return [folder / name for name in STUBS]
 
 
 def _googleapis_includes(scratch: Path) -> list[Path]:

@@ -26,11 +26,6 @@ import grpc
 from google.longrunning import operations_pb2
 from google.protobuf import json_format, struct_pb2
 
-from server.jobs import Job, JobManager, Outcome
-from server.operations import abort, find_job, operation, page
-from server.paths import Root, inside, resolve_in
-from server.surgeon.v1 import surgeon_pb2 as pb
-from server.surgeon.v1 import surgeon_pb2_grpc as pb_grpc
 from surgeon import limits
 from surgeon.bias import bias_protocol
 from surgeon.clipbench import write_validation
@@ -51,7 +46,12 @@ from surgeon.policies import POLICIES, PolicyOptions
 from surgeon.pools import load_pool
 from surgeon.prune import prune
 from surgeon.rank import Ranking, rank_heads
+from surgeon.server.jobs import Job, JobManager, Outcome
+from surgeon.server.operations import abort, find_job, operation, page
+from surgeon.server.paths import Root, inside, resolve_in
 from surgeon.surgery import SURGERIES, TOWERS, parse_heads
+from surgeon.v1 import surgeon_pb2 as pb
+from surgeon.v1 import surgeon_pb2_grpc as pb_grpc
 from surgeon.validate import Gates, ValidationSuite, build_suite, validate
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Surgeon"].full_name

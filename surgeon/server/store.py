@@ -16,8 +16,8 @@ import grpc
 from google.protobuf.message_factory import GetMessageClass
 from google.protobuf.symbol_database import Default as default_symbols
 
-from server.jobs import FAILED, QUEUED, RUNNING, Job
-from server.surgeon.v1 import surgeon_pb2  # noqa: F401  (registers the result message types)
+from surgeon.server.jobs import FAILED, QUEUED, RUNNING, Job
+from surgeon.v1 import surgeon_pb2  # noqa: F401  (registers the result message types)
 
 FILENAME = ".surgeon-operations.sqlite"  # a dot-name: never taken for a run folder
 COLUMNS = (

@@ -17,13 +17,13 @@ from google.longrunning import operations_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from server.jobs import JobManager
-from server.operations import SERVICE_NAME as OPERATIONS_SERVICE
-from server.operations import OperationsService
-from server.paths import Root
-from server.service import SERVICE_NAME, Config, SurgeonService, TokenAuth
-from server.surgeon.v1 import surgeon_pb2_grpc as pb_grpc
 from surgeon.errors import InvalidInput, NotFound, PermissionDenied, PreconditionFailed
+from surgeon.server.jobs import JobManager
+from surgeon.server.operations import SERVICE_NAME as OPERATIONS_SERVICE
+from surgeon.server.operations import OperationsService
+from surgeon.server.paths import Root
+from surgeon.server.service import SERVICE_NAME, Config, SurgeonService, TokenAuth
+from surgeon.v1 import surgeon_pb2_grpc as pb_grpc
 
 log = logging.getLogger("surgeon.server")
 
@@ -88,7 +88,7 @@ class SurgeonServer:
                 self.port = self.server.add_insecure_port(address)
         except (OSError, RuntimeError) as err:
             raise PreconditionFailed(f"cannot listen on {address}: {err}") from None
-        from server.store import FILENAME, OperationStore
+        from surgeon.server.store import FILENAME, OperationStore
 
         try:
             store = OperationStore(self.config.exports.path / FILENAME)

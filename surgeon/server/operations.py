@@ -19,10 +19,10 @@ from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from server.jobs import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, Job, JobManager, status_code
-from server.surgeon.v1 import surgeon_pb2 as pb
 from surgeon import limits
 from surgeon.errors import InvalidInput, PreconditionFailed, SurgeonError
+from surgeon.server.jobs import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, Job, JobManager, status_code
+from surgeon.v1 import surgeon_pb2 as pb
 
 SERVICE_NAME = operations_pb2.DESCRIPTOR.services_by_name["Operations"].full_name
 DOMAIN = "surgeon"  # google.rpc.ErrorInfo.domain of every error

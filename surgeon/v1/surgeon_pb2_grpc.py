@@ -4,7 +4,7 @@ import grpc
 import warnings
 
 from google.longrunning import operations_pb2 as google_dot_longrunning_dot_operations__pb2
-from . import surgeon_pb2 as surgeon_dot_v1_dot_surgeon__pb2
+from surgeon.v1 import surgeon_pb2 as surgeon_dot_v1_dot_surgeon__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
