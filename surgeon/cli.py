@@ -324,7 +324,9 @@ def prune(
     limits.prune_options(k, seed, seeds, min_ccs, max_acc_drop, max_skew, min_acc, atol, heads, concept)
     limits.rank_options(n_images, images in (None, "toy"), layers=layers)
     limits.validation_options(skew_k)
-    limits.texts(model=model, pretrained=pretrained, images=images, texts=texts, device=device)
+    limits.texts(
+        model=model, pretrained=pretrained, images=images, texts=texts, device=device, bias_split_by=bias_split_by
+    )
     if policy.startswith("paper-"):
         check_paper_preset(policy.removeprefix("paper-"), model, pretrained)
     if export not in EXPORT_FORMATS:

@@ -66,6 +66,16 @@ class LoadedModel:
     def activation(self) -> str:
         return activation(self.model_cfg)
 
+    def record(self) -> dict:
+        """What a ranking or a plan records about the model it was made for (checked by Ranking.check_model)."""
+        return {
+            "name": self.name,
+            "pretrained": self.pretrained,
+            "weights_sha256": self.weights_hash,
+            "forward_sha256": self.forward_identity,
+            "activation": self.activation,
+        }
+
     @property
     def is_toy(self) -> bool:
         return self.name == TOY_MODEL_NAME

@@ -111,17 +111,7 @@ def prune(
     if first_layer is None:
         first_layer = min(h.layer for h in selection.heads)
     evaluator = Evaluator(loaded, suite, first_layer=first_layer, cache=seeds > 1)
-    base_model = (
-        ranking.model
-        if ranking is not None
-        else {
-            "name": loaded.name,
-            "pretrained": loaded.pretrained,
-            "weights_sha256": loaded.weights_hash,
-            "forward_sha256": loaded.forward_identity,
-            "activation": loaded.activation,
-        }
-    )
+    base_model = ranking.model if ranking is not None else loaded.record()
     before = evaluator.evaluate([], bar=None if quiet else "validation before")
     seed_runs = []
     if seeds > 1:  # the paper's control: average the random policy over seeds (zero ablation, measured)

@@ -202,13 +202,7 @@ def rank_heads(
         for (li, h, span), verdict in zip(flat, verdicts, strict=True)
     ]
     return Ranking(
-        model={
-            "name": loaded.name,
-            "pretrained": loaded.pretrained,
-            "weights_sha256": loaded.weights_hash,
-            "forward_sha256": loaded.forward_identity,
-            "activation": loaded.activation,
-        },
+        model=loaded.record(),
         images={
             "identity": images.identity,
             "description": images.description,

@@ -31,6 +31,11 @@ from surgeon.webdata import CLASSNAMES_FILE, TEMPLATES_FILE, ShardImages, is_web
 from surgeon.zeroshot import build_classifier, metrics_from_logits, uint8_to_tensor
 
 
+def take_images(images: np.ndarray | list[Path], index: np.ndarray) -> np.ndarray | list[Path]:
+    """The images at `index` of an array or a list of files."""
+    return images[index] if isinstance(images, np.ndarray) else [images[i] for i in index]
+
+
 @dataclass
 class ClassificationSet:
     name: str
@@ -53,7 +58,7 @@ class BiasSet:
     units: np.ndarray | None = None  # what must not straddle a search/held-out split (scene, identity); None: image
 
     def take(self, index: np.ndarray, name: str | None = None) -> BiasSet:
-        images = self.images[index] if isinstance(self.images, np.ndarray) else [self.images[i] for i in index]
+        images = take_images(self.images, index)
         units = None if self.units is None else self.units[index]
         return replace(self, name=name or self.name, images=images, groups=self.groups[index], units=units)
 
@@ -107,8 +112,7 @@ class ValidationSuite:
             order = rng.permutation(len(task.labels))
             for side, index in zip(halves, np.array_split(order, 2), strict=True):
                 index = np.sort(index)
-                images = task.images[index] if isinstance(task.images, np.ndarray) else [task.images[i] for i in index]
-                side.append(replace(task, images=images, labels=task.labels[index]))
+                side.append(replace(task, images=take_images(task.images, index), labels=task.labels[index]))
         biases: tuple[BiasSet | None, BiasSet | None] = (None, None)
         if self.bias is not None:
             biases = _split_bias(self.bias, rng)

@@ -62,3 +62,11 @@ def test_bad_or_too_small_splits_are_refused(manifest):
     bias = bias_set(manifest / "bias.csv", manifest / "queries.txt", k=15, split_by="identity")
     with pytest.raises(InvalidInput, match="too small to split"):
         ValidationSuite([], bias, "files", "bias.csv").split_for_search()
+
+
+
+def test_a_huge_split_column_is_refused_before_any_work(capsys):
+    from tests.test_hardening_bounds import run_cli
+
+    code, err = run_cli("prune", "--bias-split-by", "x" * 100_000, capsys=capsys)
+    assert code == 2 and "bias_split_by is 100,000 characters long" in err and len(err) < 2_000
