@@ -848,8 +848,22 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     err.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
 
 
-def _on_sigint(signum, frame) -> None:
+def _inside_an_import(frame) -> bool:
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _on_interrupt(signum, frame) -> None:
+    """Ctrl-C and SIGTERM unwind the stack, except inside an import: an exception raised while a C extension
+    initialises (onnx's, torch's) can crash the interpreter (seen: SIGSEGV), so it is delivered by a timer
+    once the import is done."""
     _interrupted.set()
+    if _inside_an_import(frame):
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        return
     raise KeyboardInterrupt
 
 
@@ -860,8 +874,8 @@ def main() -> None:
     (numpy's, during torch's) surfaces later as an ImportError or AttributeError. Whatever follows a Ctrl-C
     is therefore reported as the interruption it is."""
     warnings.filterwarnings("ignore", message=".*QuickGELU.*")
-    for sig in (signal.SIGINT, signal.SIGTERM):  # SIGTERM (docker stop, kill) unwinds like Ctrl-C: no leftovers
-        signal.signal(sig, _on_sigint)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM):  # SIGTERM (docker stop) too: no leftovers
+        signal.signal(sig, _on_interrupt)
     warnings.showwarning = _show_warning
     try:
         app()
