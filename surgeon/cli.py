@@ -6,6 +6,7 @@ import signal
 import sys
 import threading
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -15,6 +16,20 @@ from rich.markup import escape
 from rich.table import Table
 
 from surgeon import limits
+from surgeon.api import (
+    ExportSpec,
+    ModelSpec,
+    PruneSpec,
+    RankSpec,
+    SweepSpec,
+    ValidateSpec,
+    ValidationSpec,
+    run_export,
+    run_prune,
+    run_rank,
+    run_sweep,
+    run_validate,
+)
 from surgeon.errors import StorageError, SurgeonError
 from surgeon.runtime.cli import infer, triton_repo
 
@@ -71,14 +86,6 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON document (
 PlotFormatOpt = Annotated[str, typer.Option(help="png, pdf or svg")]
 
 
-def _check_plot_format(plot_format: str) -> None:
-    from surgeon.errors import InvalidInput
-    from surgeon.plots import PLOT_FORMATS
-
-    if plot_format not in PLOT_FORMATS:
-        raise InvalidInput(f"unknown plot format {plot_format!r}", hint=f"choose {', '.join(PLOT_FORMATS)}")
-
-
 ImagesOpt = Annotated[
     str | None, typer.Option(help="a folder of images, or 'toy' (the default for the toy model only)")
 ]
@@ -92,14 +99,14 @@ def rank(
     n_images: Annotated[int | None, typer.Option(help="use at most this many images (toy default: 2000)")] = None,
     texts: Annotated[str | None, typer.Option(help="'toy', 'general' or a file, one description per line")] = None,
     taxonomy: Annotated[str | None, typer.Option(help="concept taxonomy JSON for the lexicon judge")] = None,
-    judge: Annotated[str, typer.Option(help="lexicon, embedding or llm")] = "lexicon",
+    judge: Annotated[str, typer.Option(help="lexicon, embedding or llm")] = RankSpec.judge,
     layers: Annotated[str | None, typer.Option(help="e.g. 8-11, 3,5, last4 (default) or all")] = None,
-    m: Annotated[int, typer.Option("--texts-per-head", "--m", help="texts per head (m)")] = 5,
-    span_rank: Annotated[int, typer.Option("--rank", help="TextSpan projection rank")] = 80,
-    batch_size: Annotated[int, typer.Option(help="images per forward pass")] = 64,
+    m: Annotated[int, typer.Option("--texts-per-head", "--m", help="texts per head (m)")] = RankSpec.m,
+    span_rank: Annotated[int, typer.Option("--rank", help="TextSpan projection rank")] = RankSpec.span_rank,
+    batch_size: Annotated[int, typer.Option(help="images per forward pass")] = RankSpec.batch_size,
     llm_url: Annotated[str | None, typer.Option(help="OpenAI-compatible endpoint for --judge llm")] = None,
     llm_model: Annotated[list[str] | None, typer.Option(help="judge model(s); several = majority vote")] = None,
-    llm_key_env: Annotated[str, typer.Option(help="environment variable holding the API key")] = "OPENAI_API_KEY",
+    llm_key_env: Annotated[str, typer.Option(help="environment variable holding the API key")] = RankSpec.llm_key_env,
     out_dir: Annotated[
         Path | None, typer.Option("--out", help="output folder (default: a new one in exports/)")
     ] = None,
@@ -113,38 +120,41 @@ def rank(
     device: DeviceOpt = None,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
-    plot_format: PlotFormatOpt = "png",
+    plot_format: PlotFormatOpt = RankSpec.plot_format,
 ) -> None:
     """Rank the vision heads by Concept Consistency Score; writes ranking.json/.csv and ccs_heatmap.png.
     Under `torchrun --nproc-per-node N -m surgeon rank ...` the images are sharded over the ranks."""
     from surgeon.distributed import device_for, world
-    from surgeon.images import resolve_images
-    from surgeon.load import load_model
     from surgeon.paths import new_run_dir
-    from surgeon.pools import load_pool
-    from surgeon.rank import rank_heads
 
-    limits.rank_options(n_images, images in (None, "toy"), m, span_rank, batch_size, checkpoint_every, layers)
-    limits.texts(model=model, pretrained=pretrained, images=images, texts=texts, taxonomy=taxonomy, device=device)
-    _check_plot_format(plot_format)
-    image_set = resolve_images(images, n_images, model)  # before the (slow) load: a missing --images fails fast
-    loaded = load_model(model, pretrained, device_for(world(), device))
-    pool = load_pool(texts, loaded.is_toy, taxonomy)
-    llm = {"llm_url": llm_url, "llm_models": tuple(llm_model or ()), "llm_key_env": llm_key_env}
-    ranking = rank_heads(
-        loaded,
-        image_set,
-        pool,
+    spec = RankSpec(
+        model=ModelSpec(model, pretrained, device),
+        images=images,
+        n_images=n_images,
+        texts=texts,
+        taxonomy=taxonomy,
         judge=judge,
         layers=layers,
         m=m,
-        rank=span_rank,
+        span_rank=span_rank,
         batch_size=batch_size,
-        quiet=quiet,
         use_cache=not no_cache,
-        llm_options=llm if judge == "llm" else None,
         checkpoint_every=checkpoint_every,
+        llm_url=llm_url,
+        llm_models=tuple(llm_model or ()),
+        llm_key_env=llm_key_env,
+        force=force,
+        plot_format=plot_format,
     )
+    spec.check()
+    main_rank = world().is_main
+    spec = replace(
+        spec,
+        model=replace(spec.model, device=device_for(world(), device)),
+        out_dir=(out_dir or new_run_dir("rank")) if main_rank else None,
+    )
+    outcome = run_rank(spec, quiet=quiet)
+    ranking, image_set, target = outcome.ranking, outcome.images, outcome.out_dir
     if ranking is None:  # a non-zero torchrun rank: rank 0 writes the outputs
         return
     if image_set.skipped:
@@ -152,7 +162,6 @@ def rank(
             f"[yellow]warning:[/] skipped {len(image_set.skipped)} unreadable image(s), e.g. {image_set.skipped[0]}",
             soft_wrap=True,
         )
-    target = ranking.write(out_dir or new_run_dir("rank"), force=force, plot_format=plot_format)
     if as_json:
         from surgeon.clioutput import emit_json
 
@@ -229,35 +238,6 @@ BiasProtocolOpt = Annotated[
 LanguageOpt = Annotated[str, typer.Option(help="language of the class names and templates (clip_benchmark files)")]
 
 
-def _suite(
-    data, classnames, templates, bias_data, queries, skew_k, desired, bias_protocol, bias_split_by=None, model=None
-):
-    from surgeon.validate import build_suite
-
-    return build_suite(
-        data, classnames, templates, bias_data, queries, skew_k, desired, bias_protocol, bias_split_by, model=model
-    )
-
-
-def _ranking_for(loaded, ranking_path, image_set, texts, judge, layers, quiet):
-    """The ranking read from `ranking_path`, else made on `image_set`; None when neither is given (policies
-    that do not read a ranking)."""
-    from surgeon.pools import load_pool
-    from surgeon.rank import Ranking, rank_heads
-
-    if ranking_path is not None:
-        ranking = Ranking.read(ranking_path)
-        ranking.check_model(loaded)
-        return ranking
-    if image_set is None:
-        return None
-    pool = load_pool(texts, loaded.is_toy)
-    ranked = rank_heads(loaded, image_set, pool, judge=judge, layers=layers, quiet=quiet)
-    if ranked.clamp_note() and not quiet:
-        err.print(ranked.clamp_note(), soft_wrap=True)
-    return ranked
-
-
 @app.command()
 def prune(
     model: ModelOpt = None,
@@ -268,107 +248,85 @@ def prune(
         typer.Option(
             help="top-k, bottom-k, high, low, random, heads, concept, threshold, debias, paper-high, paper-low"
         ),
-    ] = "debias",
+    ] = PruneSpec.policy,
     k: Annotated[int | None, typer.Option(help="number of heads (top-k, bottom-k, random; budget for debias)")] = None,
     heads: Annotated[str | None, typer.Option(help="explicit heads, e.g. L11.H5,L10.H8")] = None,
     concept: Annotated[str | None, typer.Option(help="concept label for the concept policy")] = None,
     min_ccs: Annotated[int | None, typer.Option(help="threshold policy: prune heads with CCS >= this")] = None,
-    seed: Annotated[int, typer.Option(help="random seed")] = 0,
-    seeds: Annotated[int, typer.Option(help="random policy: repeat over this many seeds and average")] = 1,
-    mode: Annotated[str, typer.Option(help="zero, mean or hard")] = "zero",
-    tower: Annotated[str, typer.Option(help="vision, text or both")] = "vision",
+    seed: Annotated[int, typer.Option(help="random seed")] = PruneSpec.seed,
+    seeds: Annotated[
+        int, typer.Option(help="random policy: repeat over this many seeds and average")
+    ] = PruneSpec.seeds,
+    mode: Annotated[str, typer.Option(help="zero, mean or hard")] = PruneSpec.mode,
+    tower: Annotated[str, typer.Option(help="vision, text or both")] = PruneSpec.tower,
     max_acc_drop: Annotated[float | None, typer.Option(help="gate: max drop of mean zero-shot top-1 (points)")] = None,
     max_skew: Annotated[float | None, typer.Option(help="gate: max MaxSkew@k after pruning")] = None,
     min_acc: Annotated[float | None, typer.Option(help="gate: min mean zero-shot top-1 after pruning (points)")] = None,
     export_anyway: Annotated[bool, typer.Option(help="export even when a gate fails")] = False,
-    export: Annotated[str, typer.Option(help="safetensors, onnx or both")] = "safetensors",
+    export: Annotated[str, typer.Option(help="safetensors, onnx or both")] = PruneSpec.export,
     labels: Annotated[Path | None, typer.Option(help="class names for classifier.onnx (ONNX export)")] = None,
-    atol: Annotated[float, typer.Option(help="ONNX parity tolerance (max abs difference)")] = 1e-4,
+    atol: Annotated[float, typer.Option(help="ONNX parity tolerance (max abs difference)")] = PruneSpec.atol,
     onnx_exporter: OnnxExporterOpt = None,
     images: ImagesOpt = None,
     n_images: Annotated[int | None, typer.Option(help="images for ranking and mean ablation")] = None,
     texts: Annotated[str | None, typer.Option(help="text pool when ranking first")] = None,
-    judge: Annotated[str, typer.Option(help="judge when ranking first")] = "lexicon",
+    judge: Annotated[str, typer.Option(help="judge when ranking first")] = PruneSpec.judge,
     layers: Annotated[str | None, typer.Option(help="layers when ranking first")] = None,
     data: DataOpt = None,
     classnames: ClassnamesOpt = None,
     templates: TemplatesOpt = None,
     bias_data: BiasDataOpt = None,
     queries: QueriesOpt = None,
-    skew_k: SkewKOpt = 10,
+    skew_k: SkewKOpt = ValidationSpec.skew_k,
     desired: DesiredOpt = None,
-    bias_protocol: BiasProtocolOpt = "surgeon",
+    bias_protocol: BiasProtocolOpt = ValidationSpec.bias_protocol,
     bias_split_by: Annotated[
         str | None,
         typer.Option(help="debias: bias-manifest column (e.g. identity) kept on one side of the search/held-out split"),
     ] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="run folder (default: new one in exports/)")] = None,
     force: Annotated[bool, typer.Option(help="replace an existing --out folder")] = False,
-    language: LanguageOpt = "en",
+    language: LanguageOpt = ValidationSpec.language,
     device: DeviceOpt = None,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Select heads with a policy, prune them (zero/mean/hard), validate before/after, export the result."""
-    from surgeon.errors import GateFailed, InvalidInput
-    from surgeon.export import check_exporter
-    from surgeon.images import resolve_images
-    from surgeon.load import load_model
+    from surgeon.errors import GateFailed
     from surgeon.paths import new_run_dir
-    from surgeon.policies import POLICIES, RANKING_FREE, PolicyOptions, check_paper_preset
-    from surgeon.prune import prune as run_prune
-    from surgeon.surgery import SURGERIES
-    from surgeon.validate import Gates
 
-    POLICIES.get(policy), SURGERIES.get(mode)  # fail before any heavy work
-    limits.prune_options(k, seed, seeds, min_ccs, max_acc_drop, max_skew, min_acc, atol, heads, concept)
-    limits.rank_options(n_images, images in (None, "toy"), layers=layers)
-    limits.validation_options(skew_k)
-    limits.texts(
-        model=model, pretrained=pretrained, images=images, texts=texts, device=device, bias_split_by=bias_split_by
-    )
-    if policy.startswith("paper-"):
-        check_paper_preset(policy.removeprefix("paper-"), model, pretrained)
-    if export not in EXPORT_FORMATS:
-        raise InvalidInput(f"unknown export format {export!r}", hint="choose safetensors, onnx or both")
-    check_exporter(onnx_exporter)
-    formats = sorted({"safetensors", *EXPORT_FORMATS[export]}, reverse=True)  # the checkpoint always travels
-    options = PolicyOptions(
+    spec = PruneSpec(
+        model=ModelSpec(model, pretrained, device),
+        ranking=ranking,
+        policy=policy,
         k=k,
-        seed=seed,
         heads=heads,
         concept=concept,
         min_ccs=min_ccs,
-        max_acc_drop=max_acc_drop,
-    )
-    needs_ranking = ranking is None and policy not in RANKING_FREE  # presets and --heads skip minutes of ranking
-    image_set = resolve_images(images, n_images, model) if needs_ranking or mode == "mean" else None
-    suite = _suite(
-        data, classnames, templates, bias_data, queries, skew_k, desired, bias_protocol, bias_split_by, model=model
-    )
-    loaded = load_model(model, pretrained, device)
-    options.model_name, options.pretrained = loaded.name, loaded.pretrained
-    ranked = _ranking_for(loaded, ranking, image_set if needs_ranking else None, texts, judge, layers, quiet)
-    reference = image_set if mode == "mean" else None
-    result = run_prune(
-        loaded,
-        ranked,
-        suite,
-        policy,
-        options,
+        seed=seed,
+        seeds=seeds,
         mode=mode,
         tower=tower,
-        gates=Gates(max_acc_drop=max_acc_drop, max_skew=max_skew, min_acc=min_acc),
-        out_dir=out_dir or new_run_dir("prune"),
-        reference=reference,
-        seeds=seeds,
+        max_acc_drop=max_acc_drop,
+        max_skew=max_skew,
+        min_acc=min_acc,
         export_anyway=export_anyway,
+        export=export,
+        labels=labels,
+        atol=atol,
+        onnx_exporter=onnx_exporter,
+        images=images,
+        n_images=n_images,
+        texts=texts,
+        judge=judge,
+        layers=layers,
+        validation=ValidationSpec(
+            data, classnames, templates, bias_data, queries, skew_k, desired, bias_protocol, bias_split_by, language
+        ),
         force=force,
-        exporters=formats,
-        export_options={"labels": labels, "atol": atol, "exporter": onnx_exporter},
-        language=language,
-        quiet=quiet,
     )
+    spec.check()
+    result = run_prune(replace(spec, out_dir=out_dir or new_run_dir("prune")), quiet=quiet)
     if as_json:
         from surgeon.clioutput import emit_json
 
@@ -438,15 +396,15 @@ def validate(
     templates: TemplatesOpt = None,
     bias_data: BiasDataOpt = None,
     queries: QueriesOpt = None,
-    skew_k: SkewKOpt = 10,
+    skew_k: SkewKOpt = ValidationSpec.skew_k,
     desired: DesiredOpt = None,
-    bias_protocol: BiasProtocolOpt = "surgeon",
+    bias_protocol: BiasProtocolOpt = ValidationSpec.bias_protocol,
     as_json: JsonOpt = False,
     out_dir: Annotated[
         Path | None,
         typer.Option("--out", help="folder for validation.json and clip_benchmark/ (one result file per set)"),
     ] = None,
-    language: LanguageOpt = "en",
+    language: LanguageOpt = ValidationSpec.language,
     force: Annotated[bool, typer.Option(help="replace an existing --out folder")] = False,
     device: DeviceOpt = None,
     quiet: QuietOpt = False,
@@ -454,21 +412,14 @@ def validate(
     """Zero-shot accuracy and bias metrics of a model (toy benchmarks by default). Data: an ImageFolder, a CSV
     manifest, or clip_benchmark's webdataset layout (test/*.tar + classnames.txt + templates)."""
     from surgeon.clioutput import emit_json
-    from surgeon.clipbench import write_validation
-    from surgeon.load import load_model
     from surgeon.validate import markdown_report
-    from surgeon.validate import validate as run_validate
 
-    limits.validation_options(skew_k)
-    limits.texts(model=model, pretrained=pretrained, device=device)
-    if out_dir is not None and out_dir.exists() and not force:
-        from surgeon.errors import PreconditionFailed
-
-        raise PreconditionFailed(f"{out_dir} already exists", hint="pass --force to replace it")
-    suite = _suite(data, classnames, templates, bias_data, queries, skew_k, desired, bias_protocol, model=model)
-    report = run_validate(load_model(model, pretrained, device), suite, bar=None if quiet else "validation")
-    report["results"] = [{**r, "language": language} for r in report["results"]]  # clip_benchmark's keys
-    files = write_validation(report, out_dir, language, force) if out_dir else []
+    validation = ValidationSpec(
+        data, classnames, templates, bias_data, queries, skew_k, desired, bias_protocol, language=language
+    )
+    spec = ValidateSpec(ModelSpec(model, pretrained, device), validation, out_dir, force)
+    spec.check()
+    report, files = run_validate(spec, quiet=quiet)
     if as_json:
         emit_json("validate", out_dir, files, report["summary"], model=report["model"], results=report["results"])
         return
@@ -484,8 +435,10 @@ def sweep(
     pretrained: PretrainedOpt = None,
     ranking: RankingOpt = None,
     counts: Annotated[str | None, typer.Option(help="numbers of heads to prune, e.g. 0,2,4,8")] = None,
-    seed: Annotated[int, typer.Option(help="seed of the random ordering")] = 0,
-    seeds: Annotated[int, typer.Option(help="random ordering: average this many seeds (plot: min-max band)")] = 1,
+    seed: Annotated[int, typer.Option(help="seed of the random ordering")] = SweepSpec.seed,
+    seeds: Annotated[
+        int, typer.Option(help="random ordering: average this many seeds (plot: min-max band)")
+    ] = SweepSpec.seeds,
     images: ImagesOpt = None,
     n_images: Annotated[int | None, typer.Option(help="images when ranking first")] = None,
     data: DataOpt = None,
@@ -493,40 +446,36 @@ def sweep(
     templates: TemplatesOpt = None,
     bias_data: BiasDataOpt = None,
     queries: QueriesOpt = None,
-    skew_k: SkewKOpt = 10,
+    skew_k: SkewKOpt = ValidationSpec.skew_k,
     desired: DesiredOpt = None,
-    bias_protocol: BiasProtocolOpt = "surgeon",
+    bias_protocol: BiasProtocolOpt = ValidationSpec.bias_protocol,
     out_dir: Annotated[Path | None, typer.Option("--out", help="output folder (default: new one in exports/)")] = None,
     force: Annotated[bool, typer.Option(help="replace an existing --out folder")] = False,
     device: DeviceOpt = None,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
-    plot_format: PlotFormatOpt = "png",
+    plot_format: PlotFormatOpt = SweepSpec.plot_format,
 ) -> None:
     """Accuracy and bias vs number of pruned heads (high-CCS, low-CCS, random); writes sweep.json + sweep.png."""
-    import json
-
-    from surgeon.images import resolve_images
-    from surgeon.load import load_model
-    from surgeon.paths import atomic_dir, new_run_dir
-    from surgeon.plots import sweep_plot
-    from surgeon.sweep import run_sweep
+    from surgeon.paths import new_run_dir
 
     count_list = limits.sweep_counts(counts)
-    limits.count("seed", seed, 0, limits.MAX_SEED)
-    limits.rank_options(n_images, images in (None, "toy"))
-    limits.validation_options(skew_k)
-    limits.texts(model=model, pretrained=pretrained, images=images, device=device)
-    _check_plot_format(plot_format)
-    suite = _suite(data, classnames, templates, bias_data, queries, skew_k, desired, bias_protocol, model=model)
-    image_set = resolve_images(images, n_images, model) if ranking is None else None
-    loaded = load_model(model, pretrained, device)
-    ranked = _ranking_for(loaded, ranking, image_set, None, "lexicon", None, quiet)
-    result = run_sweep(loaded, ranked, suite, count_list, seed=seed, quiet=quiet, seeds=seeds)
+    validation = ValidationSpec(data, classnames, templates, bias_data, queries, skew_k, desired, bias_protocol)
+    spec = SweepSpec(
+        model=ModelSpec(model, pretrained, device),
+        ranking=ranking,
+        counts=tuple(count_list) if count_list is not None else None,
+        seed=seed,
+        seeds=seeds,
+        images=images,
+        n_images=n_images,
+        validation=validation,
+        force=force,
+        plot_format=plot_format,
+    )
+    spec.check()
     target = out_dir or new_run_dir("sweep")
-    with atomic_dir(target, force=force) as tmp:
-        (tmp / "sweep.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
-        sweep_plot(result, tmp / f"sweep.{plot_format}")
+    result = run_sweep(replace(spec, out_dir=target), quiet=quiet)
     if as_json:
         from surgeon.clioutput import emit_json
 
@@ -544,17 +493,14 @@ def sweep(
     out.print(f"wrote {target}/sweep.json and sweep.{plot_format}")
 
 
-EXPORT_FORMATS = {"safetensors": ["safetensors"], "onnx": ["onnx"], "both": ["safetensors", "onnx"]}
-
-
 @app.command("export")
 def export_command(
     run_dir: Annotated[
         Path | None, typer.Argument(help="a run folder written by `surgeon prune` (default: the newest in exports/)")
     ] = None,
-    export_format: Annotated[str, typer.Option("--format", help="safetensors, onnx or both")] = "onnx",
+    export_format: Annotated[str, typer.Option("--format", help="safetensors, onnx or both")] = ExportSpec.format,
     labels: Annotated[Path | None, typer.Option(help="class names for classifier.onnx")] = None,
-    atol: Annotated[float, typer.Option(help="ONNX parity tolerance (max abs difference)")] = 1e-4,
+    atol: Annotated[float, typer.Option(help="ONNX parity tolerance (max abs difference)")] = ExportSpec.atol,
     onnx_exporter: OnnxExporterOpt = None,
     out_dir: Annotated[
         Path | None, typer.Option("--out", help="output folder (default: RUN_DIR/export-FORMAT)")
@@ -567,29 +513,18 @@ def export_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Export the pruned checkpoint of a run folder again (ONNX, safetensors), validated and with a card."""
-    from surgeon.errors import InvalidInput
-    from surgeon.export import export_existing_run
-
-    if export_format not in EXPORT_FORMATS:
-        raise InvalidInput(f"unknown export format {export_format!r}", hint="choose safetensors, onnx or both")
-    limits.export_options(atol)
+    spec = ExportSpec(
+        run_dir or Path(), export_format, labels, atol, onnx_exporter, out_dir, force, not no_verify, device
+    )
+    spec.check()
     if run_dir is None:
         from surgeon.paths import newest_run
 
         run_dir = newest_run(hint="run `surgeon prune` first, or pass RUN_DIR")
         err.print(f"exporting the newest run: {run_dir}")
-    target = out_dir or run_dir / f"export-{export_format}"
-    files = export_existing_run(
-        run_dir,
-        EXPORT_FORMATS[export_format],
-        target,
-        force=force,
-        device=device,
-        verify=not no_verify,
-        labels=labels,
-        atol=atol,
-        exporter=onnx_exporter,
-    )
+        spec = replace(spec, run_dir=run_dir)
+    target = spec.target
+    files = run_export(spec)
     if as_json:
         from surgeon.clioutput import emit_json
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import warnings
 from pathlib import Path
 
@@ -99,8 +100,31 @@ def collect_stats(
     checkpoint_every: int | None = None,
 ) -> tuple[HeadStats, bool]:
     """(statistics over the whole image set, whether they came from the cache). Every rank returns the total."""
-    w = world()
     key = stats_key(loaded, images, layers)
+    with _key_lock(key):  # a second job of the same key waits for the first and reads its cache entry
+        return _collect_stats(loaded, images, layers, key, batch_size, quiet, use_cache, checkpoint_every)
+
+
+_key_locks: dict[str, threading.Lock] = {}
+_key_locks_guard = threading.Lock()
+
+
+def _key_lock(key: str) -> threading.Lock:
+    with _key_locks_guard:
+        return _key_locks.setdefault(key, threading.Lock())
+
+
+def _collect_stats(
+    loaded: LoadedModel,
+    images: ImageSet,
+    layers: tuple[int, ...],
+    key: str,
+    batch_size: int,
+    quiet: bool,
+    use_cache: bool,
+    checkpoint_every: int | None,
+) -> tuple[HeadStats, bool]:
+    w = world()
     path = cache_dir() / "stats" / f"{key}.safetensors"
     if use_cache and agree(path.is_file(), w):
         cached = _load_or_warn(path)

@@ -8,6 +8,7 @@ import io
 import json
 import os
 import shutil
+import threading
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -176,31 +177,29 @@ def _graphs(loaded: LoadedModel, labels: list[str] | None) -> list[OnnxGraph]:
 EXTERNAL_DATA_BYTES = 1_800_000_000
 
 
+#: torch.onnx.export keeps global state (and the dynamo exporter prints through the process's stdout): one
+#: export at a time per process, so concurrent jobs of the gRPC service cannot interleave
+_EXPORT_LOCK = threading.Lock()
+
+
 def _export_graph(graph: OnnxGraph, path: Path, opset: int, exporter: str) -> None:
     """dynamo: torch.export-based, a named `batch` dimension and static feature dims; torchscript: the exporter
     torch deprecates, kept as a fallback."""
     graph.module.eval()
     if exporter == "dynamo":
         weights = sum(t.numel() * t.element_size() for t in graph.module.state_dict().values())
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):  # its progress lines
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                graph.module,
-                (graph.make_input(2),),
-                str(path),
-                input_names=[graph.input_name],
-                output_names=[graph.output_name],
-                opset_version=opset,
-                dynamo=True,
-                dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
-                external_data=weights > EXTERNAL_DATA_BYTES,
-                verbose=False,
-            )
-        return
-    with warnings.catch_warnings():
-        # the text tower's end-of-text gather (arange, argmax) is the only advanced indexing: its indices are
-        # never negative, so this generic warning is noise; check_onnx compares the result anyway
-        warnings.filterwarnings("ignore", message="Exporting aten::index operator", category=UserWarning)
+        shapes = {
+            "dynamo": True,
+            "dynamic_shapes": ({0: torch.export.Dim("batch", min=1)},),
+            "external_data": weights > EXTERNAL_DATA_BYTES,
+            "verbose": False,
+        }
+    else:
+        shapes = {"dynamo": False, "dynamic_axes": {graph.input_name: {0: "batch"}, graph.output_name: {0: "batch"}}}
+    with _EXPORT_LOCK, warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):  # progress lines
+        # dynamo's warnings are noise; the TorchScript exporter's one about the text tower's end-of-text gather
+        # (never negative indices) too. check_onnx compares every graph's output with PyTorch anyway.
+        warnings.simplefilter("ignore")
         torch.onnx.export(
             graph.module,
             (graph.make_input(2),),
@@ -208,8 +207,7 @@ def _export_graph(graph: OnnxGraph, path: Path, opset: int, exporter: str) -> No
             input_names=[graph.input_name],
             output_names=[graph.output_name],
             opset_version=opset,
-            dynamo=False,
-            dynamic_axes={graph.input_name: {0: "batch"}, graph.output_name: {0: "batch"}},
+            **shapes,
         )
 
 

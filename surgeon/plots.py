@@ -1,4 +1,7 @@
-"""Pictures: the CCS heatmap of a ranking and the accuracy-vs-pruned-heads plot of a sweep."""
+"""Pictures: the CCS heatmap of a ranking and the accuracy-vs-pruned-heads plot of a sweep.
+
+Figures are made with matplotlib's object API (`Figure`), never pyplot: pyplot's global figure registry is
+not thread-safe, and the gRPC service draws in several jobs at once."""
 
 from __future__ import annotations
 
@@ -6,12 +9,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.colors import BoundaryNorm  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+import numpy as np
+from matplotlib.colors import BoundaryNorm
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 if TYPE_CHECKING:
     from surgeon.rank import Ranking
@@ -34,7 +35,6 @@ def metric_name(key: str) -> str:
 def _save(fig, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def ccs_heatmap(ranking: Ranking, path: Path) -> None:
@@ -50,10 +50,11 @@ def ccs_heatmap_figure(ranking: Ranking):
         row = layers.index(h.layer)
         grid[row, h.head] = h.ccs
         labels[row][h.head] = h.label
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * ranking.n_heads + 2), max(2.5, 0.7 * len(layers) + 1.5)))
+    fig = Figure(figsize=(max(6, 0.9 * ranking.n_heads + 2), max(2.5, 0.7 * len(layers) + 1.5)))
+    ax = fig.subplots()
     scores = ranking.m + 1
     norm = BoundaryNorm(np.arange(-0.5, scores), scores)
-    image = ax.imshow(grid, cmap=plt.get_cmap("viridis", scores), norm=norm, aspect="auto")
+    image = ax.imshow(grid, cmap=matplotlib.colormaps["viridis"].resampled(scores), norm=norm, aspect="auto")
     for r in range(len(layers)):
         for c in range(ranking.n_heads):
             if not np.isnan(grid[r, c]):
@@ -79,7 +80,8 @@ def sweep_figure(result: dict):
     curves = result["curves"]
     skew_key = next((k for k in next(iter(curves.values()))[0] if k.startswith("max_skew@")), None)
     metrics = [("mean_acc1", 100.0, "accuracy")] + ([(skew_key, 1.0, "bias")] if skew_key else [])
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
+    fig = Figure(figsize=(5.5 * len(metrics), 4))
+    axes = fig.subplots(1, len(metrics), squeeze=False)
     for ax, (key, scale, title) in zip(axes[0], metrics, strict=True):
         for name, points in curves.items():
             ns = [p["n"] for p in points]

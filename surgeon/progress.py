@@ -1,4 +1,7 @@
-"""Progress bars for long steps: rich on a terminal, silent when quiet or not a TTY."""
+"""Progress of long steps, for two audiences: rich bars on a terminal (silent when quiet or not a TTY), and
+an Observer that a caller installs around library calls (the gRPC service: operation metadata and
+cancellation). The library reports once, through `stage`, `progress_bar` and `stop_point`; it never
+knows which shell listens."""
 
 from __future__ import annotations
 
@@ -6,30 +9,46 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from typing import Protocol
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 Advance = Callable[[int], None]
 
-_stop_check: ContextVar[Callable[[], None] | None] = ContextVar("stop_check", default=None)
+
+class Observer(Protocol):
+    """Receives every step of the library calls made inside `observed(...)`; either method may raise to stop
+    the work there (a cancelled job)."""
+
+    def step(self, stage: str, done: int, total: int | None) -> None: ...
+
+    def check(self) -> None: ...
+
+
+_observer: ContextVar[Observer | None] = ContextVar("observer", default=None)
 
 
 @contextmanager
-def stop_points(check: Callable[[], None]) -> Iterator[None]:
-    """Run `check()` (which may raise to stop the work) at every stop_point() inside this context: a
-    cancelled gRPC job stops inside a long step (validation, statistics) instead of after it."""
-    token = _stop_check.set(check)
+def observed(observer: Observer) -> Iterator[None]:
+    token = _observer.set(observer)
     try:
         yield
     finally:
-        _stop_check.reset(token)
+        _observer.reset(token)
+
+
+def stage(name: str) -> None:
+    """The start of a step without a count (loading the model, writing the outputs)."""
+    observer = _observer.get()
+    if observer is not None:
+        observer.step(name, 0, None)
 
 
 def stop_point() -> None:
-    """A place where long work may be stopped (per image or batch); a no-op outside stop_points()."""
-    check = _stop_check.get()
-    if check is not None:
-        check()
+    """A place where long work may be stopped (per image or batch)."""
+    observer = _observer.get()
+    if observer is not None:
+        observer.check()
 
 
 def progress_enabled(quiet: bool) -> bool:
@@ -38,11 +57,26 @@ def progress_enabled(quiet: bool) -> bool:
 
 @contextmanager
 def progress_bar(description: str, total: int | None, quiet: bool = False) -> Iterator[Advance]:
-    """Yield `advance(n)`; a no-op when progress is disabled."""
+    """Yield `advance(n)`: moves the terminal bar (unless quiet or not a TTY) and tells the observer."""
+    observer = _observer.get()
+    done = 0
+
+    def tell(n: int) -> None:
+        nonlocal done
+        done += n
+        if observer is not None and description:  # unnamed steps (inner evaluations of a search) stay inside theirs
+            observer.step(description, done, total)
+
+    tell(0)
     if not progress_enabled(quiet):
-        yield lambda _n: None
+        yield tell
         return
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, transient=True) as bar:
         task = bar.add_task(description, total=total)
-        yield lambda n: bar.advance(task, n)
+
+        def advance(n: int) -> None:
+            bar.advance(task, n)
+            tell(n)
+
+        yield advance

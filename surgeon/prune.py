@@ -101,7 +101,8 @@ def prune(
     gates.check_measurable(suite)
     # presets may name any layer (paper-random draws anew per seed): no cached prefix for them
     first_layer = 0 if policy in PRESET_POLICIES else min(ranking.layers) if ranking is not None else None
-    with progress_bar("debias search (head sets scored)", None, quiet or search is None) as advance:
+    searching = "debias search (head sets scored)" if search is not None else ""
+    with progress_bar(searching, None, quiet or search is None) as advance:
 
         def scored(heads):
             advance(1)
@@ -112,7 +113,7 @@ def prune(
         first_layer = min(h.layer for h in selection.heads)
     evaluator = Evaluator(loaded, suite, first_layer=first_layer, cache=seeds > 1)
     base_model = ranking.model if ranking is not None else loaded.record()
-    before = evaluator.evaluate([], bar=None if quiet else "validation before")
+    before = evaluator.evaluate([], bar="validation before", quiet=quiet)
     seed_runs = []
     if seeds > 1:  # the paper's control: average the random policy over seeds (zero ablation, measured)
         for offset in range(seeds):
@@ -130,7 +131,7 @@ def prune(
 
     record = apply_surgery(loaded.model, SurgeryRequest(selection.heads, mode, tower, means))
     loaded.weights_hash = weights_hash(loaded.model)
-    after = validate(loaded, suite, bar=None if quiet else "validation after")
+    after = validate(loaded, suite, bar="validation after", quiet=quiet)
     before.update(model=loaded.identity)
     failures = gates.check(before, after)
     by_name = {h.name: h for h in ranking.heads} if ranking is not None else {}

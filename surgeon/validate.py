@@ -485,13 +485,13 @@ class Evaluator:
                     advance(len(x))
         return torch.cat(out)
 
-    def evaluate(self, heads: list[HeadRef] = (), bar: str | None = None) -> dict:
-        """Metrics per set, and a summary (mean acc1 over tasks, bias MaxSkew@k); with `bar`, a progress bar
-        of that name advancing per batch of images."""
+    def evaluate(self, heads: list[HeadRef] = (), bar: str | None = None, quiet: bool = False) -> dict:
+        """Metrics per set, and a summary (mean acc1 over tasks, bias MaxSkew@k); with `bar`, a step of that
+        name advancing per batch of images (a terminal bar unless quiet)."""
         results = []
         done: dict[int, torch.Tensor] = {}
         total = sum(len(images) for images in self._images.values())
-        with progress_bar(bar or "", total, quiet=bar is None) as advance:
+        with progress_bar(bar or "", total, quiet=quiet or bar is None) as advance:
             return self._evaluate(heads, done, results, advance)
 
     def _evaluate(self, heads, done: dict, results: list, advance) -> dict:
@@ -530,9 +530,11 @@ def _as_image(item) -> Image.Image:
     return open_image(item) if isinstance(item, Path) else Image.fromarray(np.asarray(item))
 
 
-def validate(loaded: LoadedModel, suite: ValidationSuite, batch_size: int = 256, bar: str | None = None) -> dict:
+def validate(
+    loaded: LoadedModel, suite: ValidationSuite, batch_size: int = 256, bar: str | None = None, quiet: bool = False
+) -> dict:
     """Full validation of a (possibly pruned) model, shaped like clip_benchmark's results (`bar`: see evaluate)."""
-    report = Evaluator(loaded, suite, batch_size=batch_size, cache=False).evaluate(bar=bar)
+    report = Evaluator(loaded, suite, batch_size=batch_size, cache=False).evaluate(bar=bar, quiet=quiet)
     for entry in report["results"]:
         entry.update(model=loaded.name, pretrained=loaded.pretrained or "")
     report["model"] = loaded.identity

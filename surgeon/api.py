@@ -1,0 +1,469 @@
+"""One library API under both shells: a spec per job and one function that runs it.
+
+Each spec holds its defaults once (the CLI's option defaults read them) and checks itself, bounds included
+(`check()`: cheap, no model loaded, the same for every caller). `run_*` does the work. The CLI maps options
+to a spec and renders what `run_*` returns; the gRPC service maps a request to a spec, confines its paths to
+the server's roots, checks it before queueing and runs it in a job. Progress and cancellation reach the
+shells through surgeon.progress (terminal bars, or an Observer the service installs), never through here.
+
+This module stays light to import (torch only inside the functions): the CLI imports it at start-up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from surgeon import limits
+from surgeon.errors import InvalidInput, PreconditionFailed
+
+if TYPE_CHECKING:
+    from surgeon.images import ImageSet
+    from surgeon.load import LoadedModel
+    from surgeon.prune import PruneResult
+    from surgeon.rank import Ranking
+    from surgeon.validate import ValidationSuite
+
+#: --export / ExportRequest.format -> the exporters that run (the checkpoint travels with every prune anyway)
+EXPORT_FORMATS = {"safetensors": ["safetensors"], "onnx": ["onnx"], "both": ["safetensors", "onnx"]}
+DESIRED = (None, "uniform", "set")
+
+
+def _choice(what: str, value: str, choices) -> None:
+    if value not in choices:
+        shown = ", ".join(str(c) for c in choices if c is not None)
+        raise InvalidInput(f"unknown {what} {limits.echo(value)}", hint=f"choose {shown}")
+
+
+def _check_plot_format(plot_format: str) -> None:
+    from surgeon.plots import PLOT_FORMATS
+
+    _choice("plot format", plot_format, PLOT_FORMATS)
+
+
+def _is_toy_images(images: str | None) -> bool:
+    return images in (None, "toy")
+
+
+@dataclass(frozen=True)
+class ValidationSpec:
+    """The validation suite: files when given, else the toy world's (for the toy model only)."""
+
+    data: Path | None = None
+    classnames: Path | None = None
+    templates: Path | None = None
+    bias_data: Path | None = None
+    queries: Path | None = None
+    skew_k: int = 10
+    desired: str | None = None
+    bias_protocol: str = "surgeon"
+    bias_split_by: str | None = None
+    language: str = "en"
+
+    def check(self) -> None:
+        from surgeon.bias import bias_protocol
+
+        limits.validation_options(self.skew_k)
+        limits.texts(bias_split_by=self.bias_split_by, language=self.language)
+        _choice("desired distribution", self.desired, DESIRED)
+        bias_protocol(self.bias_protocol, self.desired)  # an unknown protocol, or a desired it fixes otherwise
+        if self.is_toy and any((self.classnames, self.templates, self.queries)):
+            raise InvalidInput("classnames, templates and queries need data or bias_data")
+
+    @property
+    def is_toy(self) -> bool:
+        return self.data is None and self.bias_data is None
+
+    def build(self, model: str | None) -> ValidationSuite:
+        from surgeon.validate import build_suite
+
+        return build_suite(
+            self.data,
+            self.classnames,
+            self.templates,
+            self.bias_data,
+            self.queries,
+            self.skew_k,
+            self.desired,
+            self.bias_protocol,
+            self.bias_split_by,
+            model=model,
+        )
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which model: an open_clip name (+ pretrained tag or checkpoint file), local-dir:PATH, or None: the toy."""
+
+    model: str | None = None
+    pretrained: str | None = None
+    device: str | None = None
+
+    def check(self) -> None:
+        limits.texts(model=self.model, pretrained=self.pretrained, device=self.device)
+
+    def load(self) -> LoadedModel:
+        from surgeon.load import load_model
+        from surgeon.progress import stage
+
+        stage("loading model")
+        return load_model(self.model, self.pretrained, self.device)
+
+
+@dataclass(frozen=True)
+class RankSpec:
+    model: ModelSpec = field(default_factory=ModelSpec)
+    images: str | None = None  # a folder, or "toy" (None: toy, for the toy model only)
+    n_images: int | None = None
+    texts: str | None = None  # "toy", "general" or a file
+    taxonomy: str | None = None
+    judge: str = "lexicon"
+    layers: str | None = None
+    m: int = 5  # texts per head
+    span_rank: int = 80  # TextSpan's projection rank (clamped per head to its numerical rank)
+    batch_size: int = 64
+    use_cache: bool = True
+    checkpoint_every: int | None = None
+    llm_url: str | None = None
+    llm_models: tuple[str, ...] = ()
+    llm_key_env: str = "OPENAI_API_KEY"
+    out_dir: Path | None = None  # None: nothing written
+    force: bool = False
+    plot_format: str = "png"
+
+    def check(self) -> None:
+        from surgeon.judges.base import JUDGES
+
+        self.model.check()
+        limits.rank_options(
+            self.n_images,
+            _is_toy_images(self.images),
+            self.m,
+            self.span_rank,
+            self.batch_size,
+            self.checkpoint_every,
+            self.layers,
+        )
+        limits.texts(images=self.images, texts=self.texts, taxonomy=self.taxonomy, llm_url=self.llm_url)
+        JUDGES.get(self.judge)
+        _check_plot_format(self.plot_format)
+
+    def image_set(self) -> ImageSet:
+        from surgeon.images import resolve_images
+
+        return resolve_images(self.images, self.n_images, self.model.model)
+
+
+@dataclass
+class RankOutcome:
+    ranking: Ranking | None  # None on a non-zero torchrun rank (rank 0 writes the outputs)
+    images: ImageSet
+    out_dir: Path | None = None
+
+
+def run_rank(spec: RankSpec, quiet: bool = True) -> RankOutcome:
+    from surgeon.pools import load_pool
+    from surgeon.progress import stage
+    from surgeon.rank import rank_heads
+
+    image_set = spec.image_set()  # before the (slow) load: a missing folder fails fast
+    loaded = spec.model.load()
+    pool = load_pool(spec.texts, loaded.is_toy, spec.taxonomy)
+    llm = {"llm_url": spec.llm_url, "llm_models": spec.llm_models, "llm_key_env": spec.llm_key_env}
+    ranking = rank_heads(
+        loaded,
+        image_set,
+        pool,
+        judge=spec.judge,
+        layers=spec.layers,
+        m=spec.m,
+        rank=spec.span_rank,
+        batch_size=spec.batch_size,
+        quiet=quiet,
+        use_cache=spec.use_cache,
+        llm_options=llm if spec.judge == "llm" else None,
+        checkpoint_every=spec.checkpoint_every,
+    )
+    if ranking is None or spec.out_dir is None:
+        return RankOutcome(ranking, image_set)
+    stage("writing")
+    return RankOutcome(ranking, image_set, ranking.write(spec.out_dir, force=spec.force, plot_format=spec.plot_format))
+
+
+@dataclass(frozen=True)
+class PruneSpec:
+    model: ModelSpec = field(default_factory=ModelSpec)
+    ranking: Path | None = None  # ranking.json (or its folder); ranks first when None and the policy reads one
+    policy: str = "debias"
+    k: int | None = None
+    heads: str | None = None
+    concept: str | None = None
+    min_ccs: int | None = None
+    seed: int = 0
+    seeds: int = 1
+    mode: str = "zero"
+    tower: str = "vision"
+    max_acc_drop: float | None = None
+    max_skew: float | None = None
+    min_acc: float | None = None
+    export_anyway: bool = False
+    export: str = "safetensors"
+    labels: Path | None = None
+    atol: float = 1e-4
+    onnx_exporter: str | None = None
+    # ranking first, and the reference images of mean ablation
+    images: str | None = None
+    n_images: int | None = None
+    texts: str | None = None
+    judge: str = "lexicon"
+    layers: str | None = None
+    validation: ValidationSpec = field(default_factory=ValidationSpec)
+    out_dir: Path | None = None  # None: nothing written
+    force: bool = False
+
+    def check(self) -> None:
+        from surgeon.export import check_exporter
+        from surgeon.judges.base import JUDGES
+        from surgeon.policies import POLICIES, check_paper_preset
+        from surgeon.surgery import SURGERIES, TOWERS, parse_heads
+
+        self.model.check()
+        POLICIES.get(self.policy), SURGERIES.get(self.mode)
+        _choice("tower", self.tower, TOWERS)
+        _choice("export format", self.export, EXPORT_FORMATS)
+        limits.prune_options(
+            self.k,
+            self.seed,
+            self.seeds,
+            self.min_ccs,
+            self.max_acc_drop,
+            self.max_skew,
+            self.min_acc,
+            self.atol,
+            self.heads,
+            self.concept,
+        )
+        limits.rank_options(self.n_images, _is_toy_images(self.images), layers=self.layers)
+        limits.texts(images=self.images, texts=self.texts)
+        self.validation.check()
+        JUDGES.get(self.judge)
+        if self.heads:
+            parse_heads(self.heads)  # malformed heads fail now
+        if self.policy.startswith("paper-"):
+            check_paper_preset(self.policy.removeprefix("paper-"), self.model.model, self.model.pretrained)
+        check_exporter(self.onnx_exporter)
+
+    @property
+    def formats(self) -> list[str]:
+        return sorted({"safetensors", *EXPORT_FORMATS[self.export]}, reverse=True)  # the checkpoint always travels
+
+    @property
+    def needs_ranking(self) -> bool:
+        from surgeon.policies import RANKING_FREE
+
+        return self.ranking is None and self.policy not in RANKING_FREE  # presets and heads skip the ranking
+
+
+def run_prune(spec: PruneSpec, suite: ValidationSuite | None = None, quiet: bool = True) -> PruneResult:
+    """`suite`: one the caller built from `spec.validation` already (the service checks its manifests)."""
+    from surgeon.images import resolve_images
+    from surgeon.policies import PolicyOptions
+    from surgeon.progress import stage
+    from surgeon.prune import prune
+    from surgeon.validate import Gates
+
+    needs_images = spec.needs_ranking or spec.mode == "mean"
+    image_set = resolve_images(spec.images, spec.n_images, spec.model.model) if needs_images else None
+    stage("loading validation data")
+    suite = suite if suite is not None else spec.validation.build(spec.model.model)
+    loaded = spec.model.load()
+    ranking = _ranking_for(
+        loaded, spec.ranking, image_set if spec.needs_ranking else None, spec.texts, spec.judge, spec.layers, quiet
+    )
+    options = PolicyOptions(
+        k=spec.k,
+        seed=spec.seed,
+        heads=spec.heads,
+        concept=spec.concept,
+        min_ccs=spec.min_ccs,
+        max_acc_drop=spec.max_acc_drop,
+        model_name=loaded.name,
+        pretrained=loaded.pretrained,
+    )
+    stage("pruning and validating")
+    return prune(
+        loaded,
+        ranking,
+        suite,
+        spec.policy,
+        options,
+        mode=spec.mode,
+        tower=spec.tower,
+        gates=Gates(max_acc_drop=spec.max_acc_drop, max_skew=spec.max_skew, min_acc=spec.min_acc),
+        out_dir=spec.out_dir,
+        reference=image_set if spec.mode == "mean" else None,
+        seeds=spec.seeds,
+        export_anyway=spec.export_anyway,
+        force=spec.force,
+        exporters=spec.formats,
+        export_options={"labels": spec.labels, "atol": spec.atol, "exporter": spec.onnx_exporter},
+        language=spec.validation.language,
+        quiet=quiet,
+    )
+
+
+def _ranking_for(
+    loaded: LoadedModel,
+    path: Path | None,
+    image_set: ImageSet | None,
+    texts: str | None,
+    judge: str,
+    layers: str | None,
+    quiet: bool,
+) -> Ranking | None:
+    """The ranking read from `path` (checked against the model), else made on `image_set`; None when neither
+    is given (policies that do not read a ranking)."""
+    import warnings
+
+    from surgeon.pools import load_pool
+    from surgeon.rank import Ranking, rank_heads
+
+    if path is not None:
+        ranking = Ranking.read(path)
+        ranking.check_model(loaded)
+        return ranking
+    if image_set is None:
+        return None
+    ranked = rank_heads(loaded, image_set, load_pool(texts, loaded.is_toy), judge=judge, layers=layers, quiet=quiet)
+    if ranked.clamp_note() and not quiet:
+        warnings.warn(ranked.clamp_note(), stacklevel=2)
+    return ranked
+
+
+@dataclass(frozen=True)
+class ValidateSpec:
+    model: ModelSpec = field(default_factory=ModelSpec)
+    validation: ValidationSpec = field(default_factory=ValidationSpec)
+    out_dir: Path | None = None  # validation.json + clip_benchmark/ result files; None: nothing written
+    force: bool = False
+
+    def check(self) -> None:
+        self.model.check()
+        self.validation.check()
+        if self.out_dir is not None and self.out_dir.exists() and not self.force:
+            raise PreconditionFailed(f"{self.out_dir} already exists", hint="pass --force to replace it")
+
+
+def run_validate(spec: ValidateSpec, suite: ValidationSuite | None = None, quiet: bool = True) -> tuple[dict, list]:
+    """(clip_benchmark-shaped report, files written)."""
+    from surgeon.clipbench import write_validation
+    from surgeon.progress import stage
+    from surgeon.validate import validate
+
+    stage("loading validation data")
+    suite = suite if suite is not None else spec.validation.build(spec.model.model)
+    loaded = spec.model.load()
+    report = validate(loaded, suite, bar="validation", quiet=quiet)
+    language = spec.validation.language
+    report["results"] = [{**r, "language": language} for r in report["results"]]  # clip_benchmark's keys
+    if spec.out_dir is None:
+        return report, []
+    stage("writing")
+    return report, write_validation(report, spec.out_dir, language, spec.force)
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    model: ModelSpec = field(default_factory=ModelSpec)
+    ranking: Path | None = None
+    counts: tuple[int, ...] | None = None  # None: the default counts (0..8 for small models)
+    seed: int = 0
+    seeds: int = 1
+    images: str | None = None
+    n_images: int | None = None
+    validation: ValidationSpec = field(default_factory=ValidationSpec)
+    out_dir: Path | None = None
+    force: bool = False
+    plot_format: str = "png"
+
+    def check(self) -> None:
+        self.model.check()
+        limits.count("seed", self.seed, 0, limits.MAX_SEED)
+        limits.count("seeds", self.seeds, 1, limits.MAX_SEEDS)
+        if self.counts is not None:
+            limits.count("number of counts", len(self.counts), 1, limits.MAX_SWEEP_COUNTS)
+            for n in self.counts:
+                limits.count("counts", n, 0, limits.MAX_K)
+        limits.rank_options(self.n_images, _is_toy_images(self.images))
+        limits.texts(images=self.images)
+        self.validation.check()
+        _check_plot_format(self.plot_format)
+
+
+def run_sweep(spec: SweepSpec, quiet: bool = True) -> dict:
+    """The sweep result (sweep.json's content); writes sweep.json and the plot into `spec.out_dir` when set."""
+    import json
+
+    from surgeon.images import resolve_images
+    from surgeon.paths import atomic_dir
+    from surgeon.plots import sweep_plot
+    from surgeon.progress import stage
+    from surgeon.sweep import run_sweep as sweep
+
+    stage("loading validation data")
+    suite = spec.validation.build(spec.model.model)
+    image_set = resolve_images(spec.images, spec.n_images, spec.model.model) if spec.ranking is None else None
+    loaded = spec.model.load()
+    ranking = _ranking_for(loaded, spec.ranking, image_set, None, "lexicon", None, quiet)
+    counts = list(spec.counts) if spec.counts is not None else None
+    result = sweep(loaded, ranking, suite, counts, seed=spec.seed, quiet=quiet, seeds=spec.seeds)
+    if spec.out_dir is not None:
+        stage("writing")
+        with atomic_dir(spec.out_dir, force=spec.force) as tmp:
+            (tmp / "sweep.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+            sweep_plot(result, tmp / f"sweep.{spec.plot_format}")
+    return result
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    run_dir: Path  # a run folder written by prune
+    format: str = "onnx"
+    labels: Path | None = None
+    atol: float = 1e-4
+    onnx_exporter: str | None = None
+    out_dir: Path | None = None  # None: RUN_DIR/export-FORMAT
+    force: bool = False
+    verify: bool = True  # check the run's files against surgery.json's hashes first
+    device: str | None = None
+
+    def check(self) -> None:
+        from surgeon.export import check_exporter
+
+        _choice("export format", self.format, EXPORT_FORMATS)
+        limits.export_options(self.atol)
+        limits.texts(device=self.device)
+        check_exporter(self.onnx_exporter)
+
+    @property
+    def target(self) -> Path:
+        return self.out_dir or self.run_dir / f"export-{self.format}"
+
+
+def run_export(spec: ExportSpec) -> list[Path]:
+    """The files written into `spec.target`."""
+    from surgeon.export import export_existing_run
+    from surgeon.progress import stage
+
+    stage("exporting")
+    return export_existing_run(
+        spec.run_dir,
+        EXPORT_FORMATS[spec.format],
+        spec.target,
+        force=spec.force,
+        device=spec.device,
+        verify=spec.verify,
+        labels=spec.labels,
+        atol=spec.atol,
+        exporter=spec.onnx_exporter,
+    )
