@@ -111,6 +111,9 @@ def _fail(where: str, message: str) -> InvalidInput:
     return InvalidInput(f"{where}: {message}", field=where)
 
 
+_KIND_NAMES = {str: "a string", int: "an integer", float: "a number", list: "a list", dict: "a table"}
+
+
 class _Table:
     """One TOML table being read: every key is checked once, unknown ones are refused with their path."""
 
@@ -131,8 +134,8 @@ class _Table:
         value = self.raw[key]
         kinds = kind if isinstance(kind, tuple) else (kind,)
         if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
-            names = " or ".join(k.__name__.replace("str", "string").replace("int", "integer") for k in kinds)
-            raise _fail(self.path(key), f"must be a {names}, got {limits.echo(value)}")
+            names = " or ".join(_KIND_NAMES[k] for k in kinds)
+            raise _fail(self.path(key), f"must be {names}, got {limits.echo(value)}")
         if isinstance(value, str):
             limits.text(self.path(key), value)
         return value
@@ -194,6 +197,7 @@ def parse_study(path: Path) -> Study:
             raise _fail(f"modes[{i}]", f"unknown mode {limits.echo(mode)} (choose {', '.join(SURGERIES.names())})")
     if len(set(modes)) != len(modes) or not modes:
         raise _fail("modes", "must list distinct modes")
+    rank = _rank(_Table(top.get("rank", dict, {}), "rank"), base)
     models = []
     for t in top.table_list("models"):
         model = _model_path(t.get("name", str, required=True), base, t.path("name"))
@@ -208,7 +212,6 @@ def parse_study(path: Path) -> Study:
     data += [_data(t, "bias", base) for t in top.table_list("bias", required=False)]
     if not data:
         raise _fail("data", "a study needs at least one data set ([[data]]) or bias set ([[bias]])")
-    rank = _rank(_Table(top.get("rank", dict, {}), "rank"), base)
     top.done()
     for what, labels in (
         ("models", [m.label for m in models]),
