@@ -85,7 +85,7 @@ class DataSpec:
 
 @dataclass(frozen=True)
 class RankSpec:
-    images: str = "toy"
+    images: str | None = None  # None: the toy world's images for the toy model; a real model needs them named
     n_images: int | None = None
     texts: str | None = None
     judge: str = "lexicon"
@@ -273,10 +273,10 @@ def _data(t: _Table, kind: str, base: Path) -> DataSpec:
 
 
 def _rank(t: _Table, base: Path) -> RankSpec:
-    images = _path(t.get("images", str, "toy"), base, t.path("images"))
+    images = _path(t.get("images", str), base, t.path("images"))
     spec = RankSpec(
         images=images,
-        n_images=t.count("n_images", 1, limits.MAX_TOY_IMAGES if images == "toy" else limits.MAX_IMAGES),
+        n_images=t.count("n_images", 1, limits.MAX_TOY_IMAGES if images in (None, "toy") else limits.MAX_IMAGES),
         texts=t.get("texts", str),
         judge=t.get("judge", str, "lexicon"),
         layers=t.get("layers", str),
@@ -421,6 +421,10 @@ class _ModelWork:
 
         if self._rank_inputs is None:
             r = self.study.rank
+            if r.images is None and not self.loaded.is_toy:
+                raise _fail(
+                    "rank.images", f"{self.loaded.identity} is not the toy model: name the images to rank it on"
+                )
             self.images = resolve_images(r.images, r.n_images, self.loaded.name)
             self.pool = load_pool(r.texts, self.loaded.is_toy)
             self._rank_inputs = {"images": self.images.identity, "pool": self.pool.digest, "judge": r.judge,

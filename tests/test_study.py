@@ -224,3 +224,15 @@ def test_missing_study_file_and_bad_shard(tmp_path):
         with pytest.raises(InvalidInput):
             limits.shard(spec)
     assert limits.shard("3/4") == (3, 4)
+
+
+def test_shipped_study_files_parse(monkeypatch):
+    """paper.toml: the six checkpoints of METHOD.md §5, data paths from environment variables."""
+    studies = Path(__file__).resolve().parents[1] / "studies"
+    monkeypatch.setenv("SURGEON_DATA", "/data")
+    monkeypatch.setenv("SURGEON_BIAS", "/bias")
+    paper = parse_study(studies / "paper.toml")
+    assert len(paper.models) == 6 and [p.policy for p in paper.policies] == ["paper-high", "paper-low", "paper-random"]
+    assert paper.data[0].path == "/data/cifar10" and paper.data[-1].kind == "bias"
+    assert len(cells(paper)) == 6 * 4 * (1 + 1 + 1 + 5)
+    assert len(cells(parse_study(studies / "toy.toml"))) == 4 * (1 + 1 + 1 + 1 + 5)
