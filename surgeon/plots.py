@@ -116,8 +116,9 @@ def study_figure(table: dict):
                 width,
                 yerr=[scale * (c["std"] or 0.0) for c in cells],
                 capsize=2,
-                label=" / ".join(dict.fromkeys(x for x in (row["model"], row["policy"], row["mode"]) if x != "none"))
-                or row["model"],
+                label=f"{row['model']} (unpruned)"
+                if row["policy"] == "none"
+                else " / ".join((row["model"], row["policy"], row["mode"])),
             )
         ax.set_xticks(range(len(columns)), [c["name"] for c in columns])
         ax.set(ylabel=metric_name("mean_acc1") if kind == "accuracy" else metric_name(columns[0]["metric"]), title=kind)
