@@ -21,6 +21,7 @@ import os
 import re
 import statistics
 import sys
+import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from surgeon import limits
+from surgeon.clipbench import finite
 from surgeon.errors import InvalidInput, NotFound, PreconditionFailed, SurgeonError
 from surgeon.load import CHECKPOINT_SUFFIXES, LoadedModel
 from surgeon.paths import atomic_write_text, read_json
@@ -38,8 +40,8 @@ from surgeon.surgery import SURGERIES, HeadRef
 TABLE_SCHEMA = "surgeon.study/1"
 CELL_SCHEMA = "surgeon.study-cell/1"
 BASELINE = "none"  # the unpruned model: the row every change is measured against
-STUDY_POLICIES = ("top-k", "bottom-k", "high", "low", "random", "heads", "concept", "threshold", "paper-high",
-                  "paper-low", "paper-random")  # fmt: skip
+# debias selects by measuring on a search split, so its cells would need held-out halves of every data set
+STUDY_POLICIES = tuple(name for name in POLICIES.names() if name != "debias")
 
 
 # ---- the study file ------------------------------------------------------------------------------------------
@@ -101,10 +103,6 @@ class Study:
     data: list[DataSpec]
     rank: RankSpec
     source: Path
-
-    @property
-    def columns(self) -> list[DataSpec]:
-        return self.data
 
 
 def _fail(where: str, message: str) -> InvalidInput:
@@ -183,6 +181,8 @@ def parse_study(path: Path) -> Study:
     else:  # pragma: no cover - the surgery extra installs tomli on 3.10
         import tomli as tomllib
     try:
+        if Path(path).stat().st_size > limits.MAX_TEXT_FILE_BYTES:
+            raise InvalidInput(f"study file {path} is larger than {limits.MAX_TEXT_FILE_BYTES:,} bytes")
         raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise NotFound(f"study file not found: {path}") from None
@@ -544,7 +544,10 @@ def run_study(
                 if cell.data not in data_ids:
                     suites[cell.data] = load_data(study.data[cell.data])
                     data_ids[cell.data] = data_identity(suites[cell.data])
-                reads = cell.policy is not None and study.policies[cell.policy].policy not in RANKING_FREE
+                # the ranking's inputs key cells that read a ranking; mean ablation averages over the same images
+                reads = cell.mode == "mean" or (
+                    cell.policy is not None and study.policies[cell.policy].policy not in RANKING_FREE
+                )
                 keys[cell] = cell_key(
                     study, cell, work.loaded, data_ids[cell.data], work.rank_inputs() if reads else None
                 )
@@ -675,6 +678,12 @@ def write_table(table: dict, out: Path, plot_format: str = "png") -> list[Path]:
     files = [out / "table.md", out / "table.csv", out / "table.json", out / f"study.{plot_format}"]
     atomic_write_text(files[0], markdown_table(table))
     atomic_write_text(files[1], csv_table(table))
-    atomic_write_text(files[2], json.dumps(table, indent=2, sort_keys=True))
-    study_plot(table, files[3])
+    atomic_write_text(files[2], json.dumps(finite(table), indent=2, sort_keys=True))
+    fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{files[3].name}.tmp-", suffix=files[3].suffix)
+    os.close(fd)
+    try:  # matplotlib writes in place: draw into a temporary sibling, then rename
+        study_plot(table, Path(tmp))
+        os.replace(tmp, files[3])
+    finally:
+        Path(tmp).unlink(missing_ok=True)
     return files

@@ -4,6 +4,7 @@ random-init open_clip model)."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -50,8 +51,10 @@ def write(tmp_path: Path, text: str, name: str = "study.toml") -> Path:
 def toy_full(tmp_path_factory):
     """One uninterrupted run of the toy study (shared: the reference the other runs must equal)."""
     tmp = tmp_path_factory.mktemp("full")
-    study = parse_study(write(tmp, TOY))
-    return study, run_study(study, tmp / "out")
+    with pytest.MonkeyPatch.context() as patch:  # module scope: isolated_dirs has not run yet
+        patch.setenv("SURGEON_CACHE_DIR", str(tmp / "cache"))
+        study = parse_study(write(tmp, TOY))
+        return study, run_study(study, tmp / "out")
 
 
 def test_one_run_computes_every_cell_and_writes_the_table(toy_full):
@@ -108,8 +111,7 @@ def test_two_shards_and_collect_equal_one_run(tmp_path, toy_full):
 
 def test_an_added_column_computes_only_that_column(tmp_path, toy_full):
     out = tmp_path / "out"
-    first = parse_study(write(tmp_path, TOY))
-    run_study(first, out)
+    shutil.copytree(toy_full[1].out / "cells", out / "cells")
     wider = parse_study(write(tmp_path, TOY + '[[data]]\nname = "color"\npath = "toy:color"\nn = 60\n', "wider.toml"))
     run = run_study(wider, out)
     assert len(run.reused) == TOY_CELLS and len(run.computed) == TOY_CELLS // 2  # one new cell per head set
@@ -132,7 +134,7 @@ def test_random_init_model_zero_and_hard_modes_and_presets_of_heads(
     """A real open_clip architecture from a local-dir folder, files as data: hard pruning equals zero ablation."""
     _image_folder(tmp_path / "data")
     text = f"""
-modes = ["zero", "hard"]
+modes = ["zero", "hard", "mean"]
 [rank]
 images = "{image_folder}"
 texts = "{pool_file}"
@@ -152,11 +154,12 @@ path = "data"
 """
     study = parse_study(write(tmp_path, text))
     run = run_study(study, tmp_path / "out")
-    assert len(run.computed) == 1 + 2 * 2
+    assert len(run.computed) == 1 + 2 * 3
     rows = {(r["policy"], r["mode"]): r for r in run.table["rows"]}
     for policy in ("top-k", "heads"):
         zero, hard = rows[(policy, "zero")]["cells"]["noise"], rows[(policy, "hard")]["cells"]["noise"]
         assert zero["value"] == pytest.approx(hard["value"], abs=1e-6)
+        assert rows[(policy, "mean")]["heads"] == 2
     assert "| mode |" in (run.out / "table.md").read_text().splitlines()[2]
 
 
