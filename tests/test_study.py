@@ -239,3 +239,22 @@ def test_shipped_study_files_parse(monkeypatch):
     assert paper.data[0].path == "/data/cifar10" and paper.data[-1].kind == "bias"
     assert len(cells(paper)) == 6 * 4 * (1 + 1 + 1 + 5)
     assert len(cells(parse_study(studies / "toy.toml"))) == 4 * (1 + 1 + 1 + 1 + 5)
+
+
+def test_cli_shards_then_collect_json(tmp_path, toy_full):
+    from typer.testing import CliRunner
+
+    from surgeon.cli import app
+
+    path, out = write(tmp_path, TOY), tmp_path / "out"
+    shutil.copytree(toy_full[1].out / "cells", out / "cells")
+    next(iter(sorted((out / "cells").iterdir()))).unlink()  # one cell lost: the shard holding it recomputes it
+    runner = CliRunner()
+    for i in range(2):
+        result = runner.invoke(app, ["study", str(path), "--out", str(out), "--shard", f"{i}/2", "--quiet"])
+        assert result.exit_code == 0, result.output
+    assert not (out / "table.json").exists()  # shards leave the table to --collect
+    result = runner.invoke(app, ["study", str(path), "--out", str(out), "--collect", "--json"])
+    document = json.loads(result.stdout)
+    assert document["command"] == "study" and document["summary"] == {"computed": 0, "reused": TOY_CELLS}
+    assert (out / "table.json").read_bytes() == (toy_full[1].out / "table.json").read_bytes()
