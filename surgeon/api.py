@@ -35,7 +35,7 @@ def _choice(what: str, value: str, choices) -> None:
         raise InvalidInput(f"unknown {what} {limits.echo(value)}", hint=f"choose {shown}")
 
 
-def _check_plot_format(plot_format: str) -> None:
+def check_plot_format(plot_format: str) -> None:
     from surgeon.plots import PLOT_FORMATS
 
     _choice("plot format", plot_format, PLOT_FORMATS)
@@ -146,7 +146,7 @@ class RankSpec:
         )
         limits.texts(images=self.images, texts=self.texts, taxonomy=self.taxonomy, llm_url=self.llm_url)
         JUDGES.get(self.judge)
-        _check_plot_format(self.plot_format)
+        check_plot_format(self.plot_format)
 
     def image_set(self) -> ImageSet:
         from surgeon.images import resolve_images
@@ -397,7 +397,7 @@ class SweepSpec:
         limits.rank_options(self.n_images, _is_toy_images(self.images))
         limits.texts(images=self.images)
         self.validation.check()
-        _check_plot_format(self.plot_format)
+        check_plot_format(self.plot_format)
 
 
 def run_sweep(spec: SweepSpec, quiet: bool = True) -> dict:

@@ -18,6 +18,7 @@ from rich.table import Table
 from surgeon import limits
 from surgeon.api import (
     ExportSpec,
+    check_plot_format,
     ModelSpec,
     PruneSpec,
     RankSpec,
@@ -491,6 +492,49 @@ def sweep(
         table.add_row(name, *[f"{100 * p['mean_acc1']:.1f}" for p in points])
     out.print(table)
     out.print(f"wrote {target}/sweep.json and sweep.{plot_format}")
+
+
+@app.command()
+def study(
+    file: Annotated[Path, typer.Argument(help="study file (TOML): models, policies, modes, data and bias sets")],
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="study folder: cells/ and the table (default: exports/study-NAME)")
+    ] = None,
+    shard: Annotated[
+        str | None, typer.Option(help="i/n (0-based): compute only cells i, i+n, ...; then run --collect")
+    ] = None,
+    collect: Annotated[bool, typer.Option(help="compute nothing: assemble the table from the stored cells")] = False,
+    device: DeviceOpt = None,
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+    plot_format: PlotFormatOpt = RankSpec.plot_format,
+) -> None:
+    """Run a study: every model x policy x mode x data set cell (stored, so a rerun resumes), then the table
+    in the paper's layout (table.md, table.csv, table.json, study.png)."""
+    from surgeon.errors import InvalidInput
+    from surgeon.paths import exports_dir
+    from surgeon.study import markdown_table, parse_study, run_study
+
+    shard_spec = limits.shard(shard)
+    if shard_spec is not None and collect:
+        raise InvalidInput("--shard and --collect exclude each other", hint="collect once every shard has run")
+    limits.texts(file=str(file), device=device)
+    check_plot_format(plot_format)
+    spec = parse_study(file)
+    target = out_dir or exports_dir() / f"study-{file.stem}"
+    run = run_study(spec, target, shard_spec, collect, device, quiet, plot_format)
+    summary = {"computed": len(run.computed), "reused": len(run.reused)}
+    if as_json:
+        from surgeon.clioutput import emit_json
+
+        emit_json("study", target, run.files, summary, table=run.table)
+        return
+    if run.table is not None:
+        out.print(markdown_table(run.table), highlight=False, soft_wrap=True)
+    done = f"{len(run.computed)} cell(s) computed, {len(run.reused)} already stored"
+    out.print(
+        f"{done}; " + (f"wrote {target}/table.md, table.csv, table.json" if run.table else f"cells in {target}/cells")
+    )
 
 
 @app.command("export")

@@ -20,6 +20,8 @@ MAX_K = 10_000  # heads to prune (ViT-bigG has 1,664)
 MAX_SEEDS = 100
 MAX_SEED = 2**63 - 1
 MAX_SWEEP_COUNTS = 64
+MAX_STUDY_CELLS = 100_000  # cells of one study (models x policy seeds x modes x data sets)
+MAX_SHARDS = 10_000  # `surgeon study --shard i/n`
 MAX_CHECKPOINT_EVERY = 1_000_000
 MAX_SKEW_K = 10_000
 MAX_TOP_K = 1000
@@ -162,3 +164,14 @@ def sweep_counts(spec: str | None) -> list[int] | None:
     if not all(re.fullmatch(r"\d{1,6}", p) for p in parts):
         raise InvalidInput(f"bad counts {echo(spec)}", hint="non-negative integers separated by commas, e.g. 0,2,4,8")
     return [count("counts", int(p), 0, MAX_K) for p in parts]
+
+
+def shard(spec: str | None) -> tuple[int, int] | None:
+    """`--shard i/n` (0-based, as a Slurm array 0..n-1 or a Kubernetes indexed Job's completion index) -> (i, n)."""
+    if spec is None:
+        return None
+    match = re.fullmatch(r"(\d{1,6})/(\d{1,6})", text("shard", spec).strip())
+    if match is None:
+        raise InvalidInput(f"bad --shard {echo(spec)}", hint="i/n with 0 <= i < n, e.g. 0/4", field="shard")
+    n = count("shard count (n of --shard i/n)", int(match[2]), 1, MAX_SHARDS)
+    return count("shard index (i of --shard i/n)", int(match[1]), 0, n - 1), n

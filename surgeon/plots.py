@@ -95,3 +95,36 @@ def sweep_figure(result: dict):
         ax.legend()
     fig.suptitle(f"pruning sweep — {result['model']}")
     return fig
+
+
+def study_plot(table: dict, path: Path) -> None:
+    _save(study_figure(table), path)
+
+
+def study_figure(table: dict):
+    """A study's table as bars: per kind (accuracy, bias), one group per data set, one bar per row (model,
+    policy, mode); a seeded row's bar carries its sample std as an error bar."""
+    kinds = [k for k in ("accuracy", "bias") if any(c["kind"] == k for c in table["columns"])]
+    fig, axes = plt.subplots(1, len(kinds), figsize=(max(6, 1.2 * len(table["rows"])) * len(kinds), 4.5), squeeze=False)
+    for ax, kind in zip(axes[0], kinds, strict=True):
+        columns = [c for c in table["columns"] if c["kind"] == kind]
+        scale = 100.0 if kind == "accuracy" else 1.0
+        width = 0.8 / len(table["rows"])
+        for i, row in enumerate(table["rows"]):
+            cells = [row["cells"][c["name"]] for c in columns]
+            ax.bar(
+                np.arange(len(columns)) + (i - (len(table["rows"]) - 1) / 2) * width,
+                [scale * c["value"] for c in cells],
+                width,
+                yerr=[scale * (c["std"] or 0.0) for c in cells],
+                capsize=2,
+                label=f"{row['model']} (unpruned)"
+                if row["policy"] == "none"
+                else " / ".join((row["model"], row["policy"], row["mode"])),
+            )
+        ax.set_xticks(range(len(columns)), [c["name"] for c in columns])
+        ax.set(ylabel=metric_name("mean_acc1") if kind == "accuracy" else metric_name(columns[0]["metric"]), title=kind)
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"study — {table['name']}")
+    return fig

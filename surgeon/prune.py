@@ -121,14 +121,7 @@ def prune(
             heads = POLICIES.get(policy)(ranking, seeded).heads
             summary = evaluator.evaluate(heads)["summary"]
             seed_runs.append({"seed": seeded.seed, "heads": [h.name for h in heads], **summary})
-    means = None
-    if mode == "mean":
-
-        def means(blocks, heads):
-            return head_means(
-                loaded.model.visual, (b.to(loaded.device) for b in reference.batches(loaded.preprocess, 256)), heads
-            )
-
+    means = mean_ablation(loaded, reference) if mode == "mean" else None
     record = apply_surgery(loaded.model, SurgeryRequest(selection.heads, mode, tower, means))
     loaded.weights_hash = weights_hash(loaded.model)
     after = validate(loaded, suite, bar="validation after", quiet=quiet)
@@ -193,6 +186,17 @@ def prune(
                     **(export_options or {}),
                 )
     return PruneResult(out_dir, plan, before, after, failures, exported and out_dir is not None, seed_runs)
+
+
+def mean_ablation(loaded: LoadedModel, reference: ImageSet):
+    """The `reference_means` of a mean ablation: each head's mean CLS output over the reference images."""
+
+    def means(blocks, heads):
+        return head_means(
+            loaded.model.visual, (b.to(loaded.device) for b in reference.batches(loaded.preprocess, 256)), heads
+        )
+
+    return means
 
 
 def _report(plan: dict, before: dict, after: dict, failures: list[str]) -> str:

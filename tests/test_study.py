@@ -1,0 +1,260 @@
+"""`surgeon study`: resume, shards + collect, added columns, bad study files (on the toy world and a tiny
+random-init open_clip model)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from surgeon.errors import InvalidInput, NotFound, PreconditionFailed
+from surgeon.study import CellStore, cells, parse_study, run_study
+
+TOY = """
+name = "toy test"
+[rank]
+n_images = 200
+[[models]]
+name = "toy"
+[[policies]]
+policy = "top-k"
+k = 2
+[[policies]]
+policy = "random"
+k = 2
+seeds = 2
+[[data]]
+name = "shape"
+path = "toy:shape"
+n = 60
+[[bias]]
+name = "probe"
+path = "toy"
+n = 20
+"""
+TOY_CELLS = 2 * (1 + 1 + 2)  # data sets x (baseline, top-k, 2 random seeds)
+
+
+def write(tmp_path: Path, text: str, name: str = "study.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def toy_full(tmp_path_factory):
+    """One uninterrupted run of the toy study (shared: the reference the other runs must equal)."""
+    tmp = tmp_path_factory.mktemp("full")
+    with pytest.MonkeyPatch.context() as patch:  # module scope: isolated_dirs has not run yet
+        patch.setenv("SURGEON_CACHE_DIR", str(tmp / "cache"))
+        study = parse_study(write(tmp, TOY))
+        return study, run_study(study, tmp / "out")
+
+
+def test_one_run_computes_every_cell_and_writes_the_table(toy_full):
+    study, run = toy_full
+    assert len(run.computed) == TOY_CELLS == len(cells(study)) and not run.reused
+    assert {p.name for p in run.files} == {"table.md", "table.csv", "table.json", "study.png"}
+    table = json.loads((run.out / "table.json").read_text())
+    rows = {r["policy"]: r for r in table["rows"]}
+    assert list(rows) == ["none", "top-k", "random"] and rows["top-k"]["heads"] == 2
+    random_shape = rows["random"]["cells"]["shape"]
+    assert random_shape["seeds"] == 2 and random_shape["value"] == pytest.approx(np.mean(random_shape["values"]))
+    assert random_shape["std"] == pytest.approx(np.std(random_shape["values"], ddof=1))
+    base = rows["none"]["cells"]["shape"]["value"]
+    assert rows["top-k"]["cells"]["shape"]["change"] == pytest.approx(rows["top-k"]["cells"]["shape"]["value"] - base)
+    assert "| toy | random | 2 |" in (run.out / "table.md").read_text() and " ± " in (run.out / "table.md").read_text()
+
+
+def test_resume_after_an_interrupt_recomputes_no_finished_cell(tmp_path, toy_full, monkeypatch):
+    study = parse_study(write(tmp_path, TOY))
+    put = CellStore.put
+    written = []
+
+    def interrupted(self, key, record):
+        if len(written) == 3:
+            raise KeyboardInterrupt
+        put(self, key, record)
+        written.append(self.path(key))
+
+    monkeypatch.setattr(CellStore, "put", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(study, tmp_path / "out")
+    monkeypatch.setattr(CellStore, "put", put)
+    stamps = {p: p.stat().st_mtime_ns for p in written}
+    assert sorted((tmp_path / "out" / "cells").iterdir()) == sorted(written)  # no half cell, no temporary
+    run = run_study(study, tmp_path / "out")
+    assert len(run.reused) == 3 and len(run.computed) == TOY_CELLS - 3
+    assert {p: p.stat().st_mtime_ns for p in written} == stamps
+    assert (run.out / "table.json").read_bytes() == (toy_full[1].out / "table.json").read_bytes()
+
+
+def test_two_shards_and_collect_equal_one_run(tmp_path, toy_full):
+    study = parse_study(write(tmp_path, TOY))
+    out = tmp_path / "out"
+    first = run_study(study, out, shard=(0, 2))
+    assert first.table is None and len(first.computed) == TOY_CELLS // 2
+    with pytest.raises(PreconditionFailed, match=f"{TOY_CELLS // 2} of {TOY_CELLS} cells are not computed"):
+        run_study(study, out, collect=True)
+    assert len(run_study(study, out, shard=(1, 2)).computed) == TOY_CELLS // 2
+    collected = run_study(study, out, collect=True)
+    assert not collected.computed and len(collected.reused) == TOY_CELLS
+    assert (out / "table.json").read_bytes() == (toy_full[1].out / "table.json").read_bytes()
+    assert (out / "table.csv").read_bytes() == (toy_full[1].out / "table.csv").read_bytes()
+
+
+def test_an_added_column_computes_only_that_column(tmp_path, toy_full):
+    out = tmp_path / "out"
+    shutil.copytree(toy_full[1].out / "cells", out / "cells")
+    wider = parse_study(write(tmp_path, TOY + '[[data]]\nname = "color"\npath = "toy:color"\nn = 60\n', "wider.toml"))
+    run = run_study(wider, out)
+    assert len(run.reused) == TOY_CELLS and len(run.computed) == TOY_CELLS // 2  # one new cell per head set
+    table = json.loads((out / "table.json").read_text())
+    assert [c["name"] for c in table["columns"]] == ["shape", "color", "probe"]
+
+
+def _image_folder(root: Path, classes: int = 2, per_class: int = 6) -> Path:
+    rng = np.random.default_rng(1)
+    for c in range(classes):
+        (root / f"class_{c}").mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / f"class_{c}" / f"{i}.png")
+    return root
+
+
+def test_random_init_model_zero_and_hard_modes_and_presets_of_heads(
+    tmp_path, tiny_default_dir, image_folder, pool_file
+):
+    """A real open_clip architecture from a local-dir folder, files as data: hard pruning equals zero ablation."""
+    _image_folder(tmp_path / "data")
+    text = f"""
+modes = ["zero", "hard", "mean"]
+[rank]
+images = "{image_folder}"
+texts = "{pool_file}"
+layers = "all"
+[[models]]
+name = "local-dir:{tiny_default_dir}"
+label = "tiny"
+[[policies]]
+policy = "top-k"
+k = 2
+[[policies]]
+policy = "heads"
+heads = "L2.H1,L1.H0"
+[[data]]
+name = "noise"
+path = "data"
+"""
+    study = parse_study(write(tmp_path, text))
+    run = run_study(study, tmp_path / "out")
+    assert len(run.computed) == 1 + 2 * 3
+    rows = {(r["policy"], r["mode"]): r for r in run.table["rows"]}
+    for policy in ("top-k", "heads"):
+        zero, hard = rows[(policy, "zero")]["cells"]["noise"], rows[(policy, "hard")]["cells"]["noise"]
+        assert zero["value"] == pytest.approx(hard["value"], abs=1e-6)
+        assert rows[(policy, "mean")]["heads"] == 2
+    assert "| mode |" in (run.out / "table.md").read_text().splitlines()[2]
+
+
+BAD = [
+    ('[[models]]\nname = "toy"\nflavour = 1\n', "models[0].flavour: unknown key"),
+    ('[[models]]\nname = "toy"\npretrained = 3\n', "models[0].pretrained: must be a string, got 3"),
+    (
+        '[[models]]\nname = "toy"\n[[policies]]\npolicy = "random"\nk = 0\n',
+        "policies[0].k: must be in 1..10,000, got 0",
+    ),
+    (
+        '[[models]]\nname = "toy"\n[[policies]]\npolicy = "random"\nseeds = 1000\n',
+        "policies[0].seeds: must be in 1..100",
+    ),
+    (
+        '[[models]]\nname = "toy"\n[[policies]]\npolicy = "high"\nseeds = 3\n',
+        "policies[0].seeds: high is deterministic",
+    ),
+    ('[[models]]\nname = "toy"\n[[policies]]\npolicy = "sometimes"\n', "policies[0].policy: unknown policy"),
+    ('[[models]]\nname = "toy"\n[[policies]]\nk = 2\n', "policies[0].policy: is required"),
+    ("[[policies]]\npolicy = 'high'\n", "models: is required"),
+    ('modes = ["zero", "slice"]\n[[models]]\nname = "toy"\n', "modes[1]: unknown mode 'slice'"),
+    ('[[models]]\nname = "toy"\n[[policies]]\npolicy = "high"\n', "data: a study needs at least one data set"),
+    (
+        '[[models]]\nname = "toy"\n[[policies]]\npolicy = "high"\n[[data]]\nname = "x"\npath = "$NO_SUCH_VAR_17/c"\n',
+        "data[0].path: environment variable NO_SUCH_VAR_17 is not set",
+    ),  # fmt: skip
+    (
+        '[[models]]\nname = "toy"\n[[policies]]\npolicy = "high"\n[[bias]]\nname = "b"\npath = "b.csv"\n',
+        "bias[0].queries: a bias manifest needs its neutral queries file",
+    ),  # fmt: skip
+    (
+        '[rank]\nn_images = true\n[[models]]\nname = "toy"\n[[policies]]\npolicy = "high"\n',
+        "rank.n_images: must be an integer, got True",
+    ),
+    ("name = [", "is not valid TOML"),
+]
+
+
+@pytest.mark.parametrize(("text", "message"), BAD)
+def test_a_bad_study_file_names_the_field(tmp_path, text, message):
+    with pytest.raises(InvalidInput) as caught:
+        parse_study(write(tmp_path, text))
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_cli_bad_study_file_is_one_line_and_exit_2(tmp_path):
+    path = write(tmp_path, '[[models]]\nname = "toy"\nflavour = 1\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "surgeon", "study", str(path), "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "models[0].flavour: unknown key" in result.stderr and not (tmp_path / "o").exists()
+
+
+def test_missing_study_file_and_bad_shard(tmp_path):
+    from surgeon import limits
+
+    with pytest.raises(NotFound):
+        parse_study(tmp_path / "nope.toml")
+    for spec in ("2/2", "1/0", "a/b", "-1/3"):
+        with pytest.raises(InvalidInput):
+            limits.shard(spec)
+    assert limits.shard("3/4") == (3, 4)
+
+
+def test_shipped_study_files_parse(monkeypatch):
+    """paper.toml: the six checkpoints of METHOD.md §5, data paths from environment variables."""
+    studies = Path(__file__).resolve().parents[1] / "studies"
+    monkeypatch.setenv("SURGEON_DATA", "/data")
+    monkeypatch.setenv("SURGEON_BIAS", "/bias")
+    paper = parse_study(studies / "paper.toml")
+    assert len(paper.models) == 6 and [p.policy for p in paper.policies] == ["paper-high", "paper-low", "paper-random"]
+    assert paper.data[0].path == "/data/cifar10" and paper.data[-1].kind == "bias"
+    assert len(cells(paper)) == 6 * 4 * (1 + 1 + 1 + 5)
+    assert len(cells(parse_study(studies / "toy.toml"))) == 4 * (1 + 1 + 1 + 1 + 5)
+
+
+def test_cli_shards_then_collect_json(tmp_path, toy_full):
+    from typer.testing import CliRunner
+
+    from surgeon.cli import app
+
+    path, out = write(tmp_path, TOY), tmp_path / "out"
+    shutil.copytree(toy_full[1].out / "cells", out / "cells")
+    next(iter(sorted((out / "cells").iterdir()))).unlink()  # one cell lost: the shard holding it recomputes it
+    runner = CliRunner()
+    for i in range(2):
+        result = runner.invoke(app, ["study", str(path), "--out", str(out), "--shard", f"{i}/2", "--quiet"])
+        assert result.exit_code == 0, result.output
+    assert not (out / "table.json").exists()  # shards leave the table to --collect
+    result = runner.invoke(app, ["study", str(path), "--out", str(out), "--collect", "--json"])
+    document = json.loads(result.stdout)
+    assert document["command"] == "study" and document["summary"] == {"computed": 0, "reused": TOY_CELLS}
+    assert (out / "table.json").read_bytes() == (toy_full[1].out / "table.json").read_bytes()
