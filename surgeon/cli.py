@@ -18,13 +18,13 @@ from rich.table import Table
 from surgeon import limits
 from surgeon.api import (
     ExportSpec,
-    check_plot_format,
     ModelSpec,
     PruneSpec,
     RankSpec,
     SweepSpec,
     ValidateSpec,
     ValidationSpec,
+    check_plot_format,
     run_export,
     run_prune,
     run_rank,

@@ -105,7 +105,8 @@ def study_figure(table: dict):
     """A study's table as bars: per kind (accuracy, bias), one group per data set, one bar per row (model,
     policy, mode); a seeded row's bar carries its sample std as an error bar."""
     kinds = [k for k in ("accuracy", "bias") if any(c["kind"] == k for c in table["columns"])]
-    fig, axes = plt.subplots(1, len(kinds), figsize=(max(6, 1.2 * len(table["rows"])) * len(kinds), 4.5), squeeze=False)
+    fig = Figure(figsize=(max(6, 1.2 * len(table["rows"])) * len(kinds), 4.5))
+    axes = fig.subplots(1, len(kinds), squeeze=False)
     for ax, kind in zip(axes[0], kinds, strict=True):
         columns = [c for c in table["columns"] if c["kind"] == kind]
         scale = 100.0 if kind == "accuracy" else 1.0
