@@ -24,6 +24,7 @@ from surgeon.integrity import sha256_file, verify_run
 from surgeon.load import LoadedModel
 from surgeon.pools import read_lines
 from surgeon.registry import Registry
+from surgeon.runfolder import PARITY_FILE, PLAN_SCHEMA, parity_lines
 
 EXPORTERS: Registry = Registry("export format")
 
@@ -311,7 +312,6 @@ def export_onnx(
     return files
 
 
-PARITY_FILE = "parity.json"
 SHARED_WEIGHTS = "visual.onnx.data"
 
 
@@ -348,18 +348,6 @@ def _share_visual_weights(target: Path, classifier: OnnxGraph, atol: float) -> N
             tensor.data_location = onnx.TensorProto.EXTERNAL
     onnx.save(model, str(classifier_path))
     check_onnx(classifier, classifier_path, atol)
-
-
-def parity_lines(folder: Path) -> list[str]:
-    """A markdown table of the ONNX files' measured max abs difference from PyTorch (empty without ONNX):
-    what a user checks before trusting the export, in report.md, the card and the CLI's output."""
-    path = folder / "onnx" / PARITY_FILE
-    if not path.is_file():
-        return []
-    parity = json.loads(path.read_text(encoding="utf-8"))
-    lines = ["| ONNX file | max abs difference from PyTorch | tolerance |", "|---|---|---|"]
-    lines += [f"| {name} | {diff:.2e} | {parity['atol']:g} |" for name, diff in parity["max_abs_diff"].items()]
-    return lines
 
 
 def _tokenizer_files(loaded: LoadedModel, target: Path) -> list[Path]:
@@ -428,7 +416,6 @@ def export_existing_run(
     from surgeon.errors import CorruptInput, NotFound, PreconditionFailed
     from surgeon.load import load_model
     from surgeon.paths import atomic_dir, refuse_temporary
-    from surgeon.prune import PLAN_SCHEMA
 
     refuse_temporary(run_dir, "run folder")
     check_exporter(options.get("exporter"))

@@ -305,7 +305,7 @@ def load_model(
     from open_clip.model import set_model_preprocess_cfg
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
-    from surgeon.surgery import rebuild_pruned  # hard-pruned folders carry their own layout
+    from surgeon.pruned import rebuild_pruned  # hard-pruned folders carry their own layout
 
     device = parse_device(device)
     if pretrained and (model is None or model == TOY_MODEL_NAME):

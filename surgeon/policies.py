@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from surgeon.errors import InvalidInput, NotFound
+from surgeon.heads import HeadRef, parse_heads
 from surgeon.rank import HeadRank, Ranking
 from surgeon.registry import Registry
-from surgeon.surgery import HeadRef, parse_heads
 
 # High-CCS and low-CCS heads found in the paper (METHOD.md §5), keyed by (open_clip name, pretrained tag).
 PAPER_HEADS: dict[tuple[str, str], dict[str, str]] = {
