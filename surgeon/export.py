@@ -103,7 +103,7 @@ class _Text(torch.nn.Module):
 
 
 class _Classifier(torch.nn.Module):
-    """pixels -> 100 * cosine similarity to baked zero-shot class embeddings (METHOD.md §4)."""
+    """pixels -> 100 * cosine similarity to baked zero-shot class embeddings (docs/METHOD.md §4)."""
 
     def __init__(self, model: torch.nn.Module, class_embeddings: torch.Tensor):
         super().__init__()

@@ -1,4 +1,4 @@
-"""Stage 6: surgery on attention heads (METHOD.md §2).
+"""Stage 6: surgery on attention heads (docs/METHOD.md §2).
 
 - zero: the paper's soft pruning — zero the head's out_proj columns and its Q rows / Q bias.
 - mean: replace the head's output by its mean over reference images (at the CLS position, the direct

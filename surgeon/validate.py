@@ -1,4 +1,4 @@
-"""Stage 7: validation — zero-shot classification (METHOD.md §4) and bias metrics (§3) on a suite of
+"""Stage 7: validation — zero-shot classification (docs/METHOD.md §4) and bias metrics (§3) on a suite of
 image sets, before and after surgery, with gates.
 
 `Evaluator` caches the residual stream before the first layer it may prune, so scoring many head sets
