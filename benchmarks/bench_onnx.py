@@ -19,8 +19,9 @@ import onnxruntime as ort
 import torch
 
 from surgeon.export import _Visual
+from surgeon.heads import HeadRef
 from surgeon.load import TOY_MODEL_DIR, build_clip, load_model
-from surgeon.surgery import HeadRef, SurgeryRequest, apply_surgery
+from surgeon.surgery import SurgeryRequest, apply_surgery
 
 
 def encoder_flops(visual: torch.nn.Module) -> tuple[float, float]:

@@ -13,8 +13,8 @@ import time
 import numpy as np
 import torch
 
+from surgeon.heads import HeadRef
 from surgeon.load import LoadedModel, build_clip, weights_hash
-from surgeon.surgery import HeadRef
 from surgeon.validate import BiasSet, ClassificationSet, Evaluator, ValidationSuite
 
 CFG = {

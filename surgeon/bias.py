@@ -1,5 +1,5 @@
 """Bias metrics of a ranking by a neutral query (Geyik et al. 2019, as used for CLIP by Berg et al. 2022;
-METHOD.md §3), under one of two named protocols:
+docs/METHOD.md §3), under one of two named protocols:
 
 - `surgeon` (default): p*(a) uniform unless `desired="set"`; a value absent from the top k counts as
   p_k(a) = 1/k (debias-vision-lang's smoothing, so MinSkew stays finite); the headline is the mean over queries.

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from surgeon.load import LoadedModel
+from surgeon.runfolder import parity_lines, validation_note
 
 
 def _q(value: object) -> str:
@@ -92,7 +93,6 @@ def _front_matter(plan: dict, validation: dict, hard: bool, has_onnx: bool) -> l
 
 
 def model_card(loaded: LoadedModel, plan: dict, validation: dict, folder: Path) -> str:
-    from surgeon.prune import validation_note
     from surgeon.validate import markdown_report
 
     hard = bool(plan["record"].get("heads_kept"))
@@ -143,8 +143,6 @@ def model_card(loaded: LoadedModel, plan: dict, validation: dict, folder: Path) 
         ]
     lines += ["```", ""]
     if has_onnx:
-        from surgeon.export import parity_lines
-
         lines += [
             "ONNX parity, measured at export on fresh inputs:",
             "",

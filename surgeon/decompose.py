@@ -1,4 +1,4 @@
-"""Stage 2a: the direct contribution of every vision head to the image embedding (METHOD.md §1.1).
+"""Stage 2a: the direct contribution of every vision head to the image embedding (docs/METHOD.md §1.1).
 
 ln_post's per-image mean and std are read off the real final residual and held constant, so ln_post is
 affine and every residual term (embedding, MLP outputs, head outputs with their share of the out_proj

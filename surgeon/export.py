@@ -25,6 +25,7 @@ from surgeon.integrity import sha256_file, verify_run
 from surgeon.load import LoadedModel
 from surgeon.pools import read_lines
 from surgeon.registry import Registry
+from surgeon.runfolder import PARITY_FILE, PLAN_SCHEMA, parity_lines
 
 EXPORTERS: Registry = Registry("export format")
 
@@ -103,7 +104,7 @@ class _Text(torch.nn.Module):
 
 
 class _Classifier(torch.nn.Module):
-    """pixels -> 100 * cosine similarity to baked zero-shot class embeddings (METHOD.md §4)."""
+    """pixels -> 100 * cosine similarity to baked zero-shot class embeddings (docs/METHOD.md §4)."""
 
     def __init__(self, model: torch.nn.Module, class_embeddings: torch.Tensor):
         super().__init__()
@@ -309,7 +310,6 @@ def export_onnx(
     return files
 
 
-PARITY_FILE = "parity.json"
 SHARED_WEIGHTS = "visual.onnx.data"
 
 
@@ -346,18 +346,6 @@ def _share_visual_weights(target: Path, classifier: OnnxGraph, atol: float) -> N
             tensor.data_location = onnx.TensorProto.EXTERNAL
     onnx.save(model, str(classifier_path))
     check_onnx(classifier, classifier_path, atol)
-
-
-def parity_lines(folder: Path) -> list[str]:
-    """A markdown table of the ONNX files' measured max abs difference from PyTorch (empty without ONNX):
-    what a user checks before trusting the export, in report.md, the card and the CLI's output."""
-    path = folder / "onnx" / PARITY_FILE
-    if not path.is_file():
-        return []
-    parity = json.loads(path.read_text(encoding="utf-8"))
-    lines = ["| ONNX file | max abs difference from PyTorch | tolerance |", "|---|---|---|"]
-    lines += [f"| {name} | {diff:.2e} | {parity['atol']:g} |" for name, diff in parity["max_abs_diff"].items()]
-    return lines
 
 
 def _tokenizer_files(loaded: LoadedModel, target: Path) -> list[Path]:
@@ -426,7 +414,6 @@ def export_existing_run(
     from surgeon.errors import CorruptInput, NotFound, PreconditionFailed
     from surgeon.load import load_model
     from surgeon.paths import atomic_dir, refuse_temporary
-    from surgeon.prune import PLAN_SCHEMA
 
     refuse_temporary(run_dir, "run folder")
     check_exporter(options.get("exporter"))

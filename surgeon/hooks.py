@@ -1,5 +1,6 @@
-"""Named hook points on an open_clip vision tower (TransformerLens style): read internals during an
-ordinary forward pass instead of forking the model code."""
+"""The one adapter to open_clip's architecture: named hook points on a vision tower (TransformerLens style;
+read internals during an ordinary forward pass instead of forking the model code), each tower's residual
+blocks, and the vision tower's entry and exit around them (for re-running only the later layers)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,10 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+
+from surgeon.errors import InvalidInput
+
+TOWERS = ("vision", "text", "both")
 
 
 def hook_points(visual: nn.Module) -> dict[str, tuple[nn.Module, str]]:
@@ -60,3 +65,28 @@ def _store_output(cache: dict, name: str):
         cache[name] = output
 
     return hook
+
+
+def tower_blocks(model: nn.Module, tower: str) -> list[tuple[str, nn.ModuleList]]:
+    """(tower name, its residual blocks) for "vision", "text" or "both": where surgery finds the heads."""
+    if tower not in TOWERS:
+        raise InvalidInput(f"unknown tower {tower!r}", hint=f"choose one of {', '.join(TOWERS)}")
+    towers = []
+    if tower in ("vision", "both"):
+        towers.append(("vision", model.visual.transformer.resblocks))
+    if tower in ("text", "both"):
+        if not hasattr(model, "transformer"):
+            raise InvalidInput("this model's text tower is not an open_clip transformer; prune the vision tower")
+        towers.append(("text", model.transformer.resblocks))
+    return towers
+
+
+def residual_in(visual: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """The residual stream entering the first block (patch + class embeddings, positions, ln_pre)."""
+    return visual._embeds(pixels)
+
+
+def image_embeds(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The (unnormalised) image embedding from the residual stream after the last block: ln_post, pooling, proj."""
+    pooled, _ = visual._pool(x)
+    return pooled @ visual.proj

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from surgeon import limits
+from surgeon import defaults, limits
 from surgeon.errors import CorruptInput, InvalidInput, NotFound
 from surgeon.runtime.preprocess import load_image
 
@@ -72,9 +72,7 @@ def folder_images(folder: Path, limit: int | None = None) -> ImageSet:
 
 def toy_images(n: int, split: str = "val", seed: int = 0) -> ImageSet:
     """Toy-world images (held-out 'val' split by default: validation uses 'test'); identity = pixel hash."""
-    from surgeon.toy import world
-
-    arrays = world.toy_images(n, split=split, seed=seed)
+    arrays = defaults.toy_images(n, split=split, seed=seed)
     identity = f"toy:{split}:{hashlib.sha256(arrays.tobytes()).hexdigest()[:24]}"
     return ImageSet(identity, f"toy world ({split}, {n} images)", len(arrays), lambda i: Image.fromarray(arrays[i]))
 

@@ -305,7 +305,7 @@ def load_model(
     from open_clip.model import set_model_preprocess_cfg
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
-    from surgeon.surgery import rebuild_pruned  # hard-pruned folders carry their own layout
+    from surgeon.pruned import rebuild_pruned  # hard-pruned folders carry their own layout
 
     device = parse_device(device)
     if pretrained and (model is None or model == TOY_MODEL_NAME):
@@ -420,7 +420,7 @@ def _register_parameter(module: torch.nn.Module, name: str, param: torch.nn.Para
 @contextmanager
 def empty_parameters():
     """Modules built inside take no memory for their parameters (meta device; their random initialisation
-    is skipped too) until `load_weights_strict` assigns the checkpoint's tensors: loading no longer holds a
+    is skipped too) until `load_weights_strict` assigns the checkpoint's tensors: loading never holds a
     random-init model and the checkpoint side by side. Buffers stay real: the non-persistent ones (causal
     masks) are not in any checkpoint. Per thread: the server builds models in several threads at once.
     (accelerate's init_empty_weights does the same globally; not worth the dependency.)"""

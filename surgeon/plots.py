@@ -5,8 +5,9 @@ not thread-safe, and the gRPC service draws in several jobs at once."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import matplotlib
 import numpy as np
@@ -14,8 +15,36 @@ from matplotlib.colors import BoundaryNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-if TYPE_CHECKING:
-    from surgeon.rank import Ranking
+
+class ScoredHead(Protocol):
+    """One cell of the heatmap (rank.HeadRank has these)."""
+
+    @property
+    def layer(self) -> int: ...
+    @property
+    def head(self) -> int: ...
+    @property
+    def label(self) -> str: ...
+    @property
+    def ccs(self) -> int: ...
+
+
+class CcsGrid(Protocol):
+    """What the heatmap reads of a ranking (rank.Ranking has these): structural, so that rank, which draws
+    the heatmap when it writes its files, is the only one of the two that imports the other."""
+
+    @property
+    def model(self) -> dict: ...
+    @property
+    def layers(self) -> list[int]: ...
+    @property
+    def n_heads(self) -> int: ...
+    @property
+    def m(self) -> int: ...
+    @property
+    def judge(self) -> str: ...
+    @property
+    def heads(self) -> Sequence[ScoredHead]: ...
 
 
 PLOT_FORMATS = ("png", "pdf", "svg")  # matplotlib picks the format from the file's suffix
@@ -37,11 +66,11 @@ def _save(fig, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def ccs_heatmap(ranking: Ranking, path: Path) -> None:
+def ccs_heatmap(ranking: CcsGrid, path: Path) -> None:
     _save(ccs_heatmap_figure(ranking), path)
 
 
-def ccs_heatmap_figure(ranking: Ranking):
+def ccs_heatmap_figure(ranking: CcsGrid):
     """Layers x heads, colour = CCS on a discrete scale (one colour per score 0..m), label in each cell."""
     layers = ranking.layers
     grid = np.full((len(layers), ranking.n_heads), np.nan)

@@ -1,5 +1,5 @@
 """Stage 5: pruning policies. Each takes a ranking and options and returns the heads to prune, each with
-the reason it was chosen (METHOD.md §2; `debias` is surgeon's bias-aware greedy selection)."""
+the reason it was chosen (docs/METHOD.md §2; `debias` is surgeon's bias-aware greedy selection)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from surgeon.errors import InvalidInput, NotFound
+from surgeon.heads import HeadRef, parse_heads
 from surgeon.rank import HeadRank, Ranking
 from surgeon.registry import Registry
-from surgeon.surgery import HeadRef, parse_heads
 
-# High-CCS and low-CCS heads found in the paper (METHOD.md §5), keyed by (open_clip name, pretrained tag).
+# High-CCS and low-CCS heads found in the paper (docs/METHOD.md §5), keyed by (open_clip name, pretrained tag).
 PAPER_HEADS: dict[tuple[str, str], dict[str, str]] = {
     ("ViT-B-32", "openai"): {
         "high": "L11.H5 L10.H8 L9.H3 L8.H11 L9.H2 L11.H1 L11.H9 L11.H7",
@@ -237,9 +237,8 @@ def debias(ranking: Ranking, options: PolicyOptions) -> Selection:
     """Greedy: repeatedly add the head whose removal lowers the bias metric most (ties: the one that keeps
     more accuracy), while bias keeps falling, within a budget of k heads (default 4) and a maximum accuracy
     drop (default 2 points). Every analysed head is first measured alone; the greedy search runs over the
-    `candidates` (8) that lower bias most on their own. Every effect recorded is measured, not estimated.
-    (A bias-per-accuracy-point score was tried first: it favoured heads whose removal happened to raise
-    accuracy, and ended with more heads and more bias on the toy model.)"""
+    `candidates` (8) that lower bias most on their own. Every effect recorded is measured, not estimated
+    (NOTES.md: why not a bias-per-accuracy-point score)."""
     if options.evaluate is None:
         raise InvalidInput("the debias policy needs a validation set to measure bias and accuracy on")
     budget = _k(options, ranking) if options.k is not None else min(4, len(ranking.heads))

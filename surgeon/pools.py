@@ -6,6 +6,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from surgeon import defaults
 from surgeon.errors import CorruptInput, InvalidInput, NotFound
 from surgeon.paths import read_json
 
@@ -59,9 +60,8 @@ def load_pool(spec: str | None, toy: bool, taxonomy: str | None = None) -> TextP
     spec = spec or ("toy" if toy else "general")
     general_taxonomy = DATA / "taxonomies" / "general.json"
     if spec == "toy":
-        from surgeon.toy import world
-
-        name, lines, own_taxonomy = "toy", world.toy_pool(), world.toy_taxonomy()
+        lines, own_taxonomy = defaults.toy_pool()
+        name = "toy"
     elif spec == "general":
         name, lines, own_taxonomy = "general", read_lines(DATA / "pools" / "general.txt"), None
     else:

@@ -18,10 +18,9 @@ from surgeon.paths import atomic_dir
 from surgeon.policies import POLICIES, PRESET_POLICIES, RANKING_FREE, SEEDED_POLICIES, PolicyOptions, Selection
 from surgeon.progress import progress_bar
 from surgeon.rank import Ranking
+from surgeon.runfolder import PLAN_SCHEMA, validation_note
 from surgeon.surgery import SurgeryRequest, apply_surgery
 from surgeon.validate import Evaluator, Gates, ValidationSuite, markdown_report, validate
-
-PLAN_SCHEMA = "surgeon.plan/1"
 
 
 @dataclass
@@ -215,11 +214,3 @@ def _report(plan: dict, before: dict, after: dict, failures: list[str]) -> str:
     ]
     lines += ["", "## Validation", "", validation_note(plan), "", markdown_report(before, after, failures)]
     return "\n".join(lines)
-
-
-def validation_note(plan: dict) -> str:
-    """Which data the figures come from, and for a selection by measurement, that it never saw them."""
-    note = f"Measured on {plan.get('validated_on', 'the validation suite')}."
-    if plan.get("selected_on"):
-        note += f" Heads were selected on {plan['selected_on']}: a disjoint split, so these figures are held out."
-    return note

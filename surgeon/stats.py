@@ -1,6 +1,6 @@
 """Stage 2b: per-head sufficient statistics (count, sum, sum of outer products; float64).
 
-TextSpan needs nothing else (METHOD.md §1.2), so memory is independent of the number of images,
+TextSpan needs nothing else (docs/METHOD.md §1.2), so memory is independent of the number of images,
 statistics of shards add up exactly, and they can be cached on disk and shared."""
 
 from __future__ import annotations

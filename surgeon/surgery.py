@@ -1,4 +1,4 @@
-"""Stage 6: surgery on attention heads (METHOD.md §2).
+"""Stage 6: surgery on attention heads (docs/METHOD.md §2).
 
 - zero: the paper's soft pruning — zero the head's out_proj columns and its Q rows / Q bias.
 - mean: replace the head's output by its mean over reference images (at the CLS position, the direct
@@ -13,92 +13,20 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from surgeon.decompose import AttentionParams
 from surgeon.errors import InvalidInput
-from surgeon.limits import echo
+from surgeon.heads import HeadRef
+from surgeon.heads import parse_heads as parse_heads  # re-exported until the gRPC service imports surgeon.heads
+from surgeon.hooks import TOWERS as TOWERS  # re-exported until the gRPC service imports surgeon.hooks
+from surgeon.hooks import tower_blocks
+from surgeon.pruned import pruned_like
 from surgeon.registry import Registry
-
-TOWERS = ("vision", "text", "both")
-
-
-@dataclass(frozen=True, order=True)
-class HeadRef:
-    layer: int
-    head: int
-
-    @property
-    def name(self) -> str:
-        return f"L{self.layer}.H{self.head}"
-
-    @classmethod
-    def parse(cls, spec: str) -> HeadRef:
-        import re
-
-        match = re.fullmatch(r"\s*L(\d{1,6})\.H(\d{1,6})\s*", spec, flags=re.IGNORECASE)
-        if not match:
-            raise InvalidInput(f"malformed head {echo(spec)}", hint="write heads as L<layer>.H<head>, e.g. L11.H5")
-        return cls(int(match[1]), int(match[2]))
-
-
-def parse_heads(spec: str | Iterable[str]) -> list[HeadRef]:
-    parts = spec.split(",") if isinstance(spec, str) else list(spec)
-    heads = [HeadRef.parse(p) for p in parts if p.strip()]
-    if not heads:
-        raise InvalidInput("no heads given", hint="e.g. --heads L11.H5,L10.H8")
-    return sorted(set(heads))
-
-
-class PrunedAttention(nn.Module):
-    """Multi-head self-attention over only the kept heads (inner width = len(kept) x head_dim).
-
-    Drop-in for both open_clip block types: called like nn.MultiheadAttention (returns a tuple) when
-    `mha_style`, else like open_clip's Attention (returns a tensor)."""
-
-    def __init__(self, width: int, n_heads: int, head_dim: int, mha_style: bool, qk_norm: nn.Module | None = None):
-        super().__init__()
-        inner = n_heads * head_dim
-        self.num_heads, self.head_dim, self.mha_style = n_heads, head_dim, mha_style
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * inner, width))
-        self.in_proj_bias = nn.Parameter(torch.empty(3 * inner))
-        self.out_proj = nn.Linear(inner, width)
-        self.ln_q = qk_norm[0] if qk_norm is not None else nn.Identity()
-        self.ln_k = qk_norm[1] if qk_norm is not None else nn.Identity()
-
-    def forward(
-        self, x: torch.Tensor, k_x=None, v_x=None, need_weights: bool = False, attn_mask: torch.Tensor | None = None
-    ):
-        batch, tokens, _ = x.shape
-        if self.num_heads == 0:
-            out = self.out_proj.bias.expand(batch, tokens, -1).to(x.dtype)
-        else:
-            q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
-            q, k, v = (t.view(batch, tokens, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
-            q, k = self.ln_q(q), self.ln_k(k)
-            if attn_mask is not None and attn_mask.dtype != torch.bool:
-                attn_mask = attn_mask.to(q.dtype)
-            z = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-            out = self.out_proj(z.transpose(1, 2).reshape(batch, tokens, -1))
-        return (out, None) if self.mha_style else out
-
-
-def _blocks(model: nn.Module, tower: str) -> list[tuple[str, nn.ModuleList]]:
-    if tower not in TOWERS:
-        raise InvalidInput(f"unknown tower {tower!r}", hint=f"choose one of {', '.join(TOWERS)}")
-    towers = []
-    if tower in ("vision", "both"):
-        towers.append(("vision", model.visual.transformer.resblocks))
-    if tower in ("text", "both"):
-        if not hasattr(model, "transformer"):
-            raise InvalidInput("this model's text tower is not an open_clip transformer; prune the vision tower")
-        towers.append(("text", model.transformer.resblocks))
-    return towers
 
 
 def check_heads(model: nn.Module, heads: Iterable[HeadRef], tower: str = "vision") -> None:
-    for name, blocks in _blocks(model, tower):
+    for name, blocks in tower_blocks(model, tower):
         for ref in heads:
             if not 0 <= ref.layer < len(blocks):
                 raise InvalidInput(f"{ref.name}: the {name} tower has layers 0..{len(blocks) - 1}")
@@ -144,7 +72,7 @@ def remove_heads(blocks: nn.ModuleList, heads: Iterable[HeadRef]) -> dict[int, l
         block = blocks[layer]
         p = AttentionParams.of(block.attn)
         kept = [h for h in range(p.n_heads) if h not in head_ids]
-        new = _pruned_like(block.attn, len(kept), p)
+        new = pruned_like(block.attn, len(kept), p)
         rows = (
             torch.cat([torch.arange(h * p.head_dim, (h + 1) * p.head_dim) for h in kept])
             if kept
@@ -161,27 +89,6 @@ def remove_heads(blocks: nn.ModuleList, heads: Iterable[HeadRef]) -> dict[int, l
     return kept_by_layer
 
 
-def _pruned_like(attn: nn.Module, n_kept: int, p: AttentionParams) -> PrunedAttention:
-    if getattr(attn, "logit_scale", None) is not None or getattr(attn, "head_scale", None) is not None:
-        raise InvalidInput("hard pruning of scaled-cosine or head-scaled attention is not supported; use --mode zero")
-    qk_norm = None
-    if not isinstance(getattr(attn, "ln_q", nn.Identity()), nn.Identity):
-        qk_norm = (attn.ln_q, attn.ln_k)
-    width = p.wo.shape[0]
-    return PrunedAttention(width, n_kept, p.head_dim, isinstance(attn, nn.MultiheadAttention), qk_norm)
-
-
-def rebuild_pruned(model: nn.Module, record: dict) -> nn.Module:
-    """Give a freshly built model the narrower attention recorded by hard pruning, before a strict load."""
-    for tower, layers in (record.get("heads_kept") or {}).items():
-        blocks = _blocks(model, tower)[0][1]
-        for layer, kept in layers.items():
-            block = blocks[int(layer)]
-            p = AttentionParams.of(block.attn)
-            block.attn = _pruned_like(block.attn, len(kept), p)
-    return model
-
-
 @dataclass
 class SurgeryRequest:
     heads: list[HeadRef]
@@ -195,7 +102,7 @@ SURGERIES: Registry = Registry("surgery mode")
 
 @SURGERIES.register("zero")
 def _zero(model: nn.Module, request: SurgeryRequest) -> dict:
-    for _, blocks in _blocks(model, request.tower):
+    for _, blocks in tower_blocks(model, request.tower):
         zero_heads(blocks, request.heads)
     return {}
 
@@ -204,7 +111,7 @@ def _zero(model: nn.Module, request: SurgeryRequest) -> dict:
 def _mean(model: nn.Module, request: SurgeryRequest) -> dict:
     if request.reference_means is None:
         raise InvalidInput("mean ablation needs a reference image set")
-    for _, blocks in _blocks(model, request.tower):
+    for _, blocks in tower_blocks(model, request.tower):
         fold_means(blocks, request.reference_means(blocks, request.heads))
     return {}
 
@@ -213,7 +120,7 @@ def _mean(model: nn.Module, request: SurgeryRequest) -> dict:
 def _hard(model: nn.Module, request: SurgeryRequest) -> dict:
     kept = {
         tower: {str(k): v for k, v in remove_heads(blocks, request.heads).items()}
-        for tower, blocks in _blocks(model, request.tower)
+        for tower, blocks in tower_blocks(model, request.tower)
     }
     return {"heads_kept": kept}
 

@@ -7,10 +7,10 @@ import random
 import statistics
 
 from surgeon.errors import InvalidInput
+from surgeon.heads import HeadRef
 from surgeon.load import LoadedModel
 from surgeon.progress import progress_bar
 from surgeon.rank import Ranking
-from surgeon.surgery import HeadRef
 from surgeon.validate import Evaluator, ValidationSuite
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from surgeon.errors import InvalidInput
 
-#: METHOD.md §3-4: the CCS paper's four neutral templates
+#: docs/METHOD.md §3-4: the CCS paper's four neutral templates
 DEFAULT_TEMPLATES = ("a {}", "a photo of {}", "a picture of {}", "an image of {}")
 
 

@@ -1,4 +1,4 @@
-"""Stage 3: TextSpan (Gandelsman et al.) computed from sufficient statistics alone (METHOD.md §1.2).
+"""Stage 3: TextSpan (Gandelsman et al.) computed from sufficient statistics alone (docs/METHOD.md §1.2).
 
 With C the head's contributions (N x D): the right singular vectors of C are eigenvectors of C^T C (the
 uncentred outer sum), the std of a projection C r over images is sqrt(r^T Cov r / N), and removing the

@@ -1,4 +1,4 @@
-"""Stage 7: validation — zero-shot classification (METHOD.md §4) and bias metrics (§3) on a suite of
+"""Stage 7: validation — zero-shot classification (docs/METHOD.md §4) and bias metrics (§3) on a suite of
 image sets, before and after surgery, with gates.
 
 `Evaluator` caches the residual stream before the first layer it may prune, so scoring many head sets
@@ -17,15 +17,18 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from surgeon import defaults
 from surgeon.bias import PROTOCOLS, bias_metrics, bias_protocol, headline_keys
 from surgeon.clipbench import dataset_keys, read_json_entry
 from surgeon.errors import GateFailed, InvalidInput, NotFound
+from surgeon.heads import HeadRef
+from surgeon.hooks import image_embeds, residual_in
 from surgeon.images import open_image
 from surgeon.limits import echo
 from surgeon.load import LoadedModel
 from surgeon.pools import read_lines
 from surgeon.progress import progress_bar, stop_point
-from surgeon.surgery import HeadRef, zero_heads
+from surgeon.surgery import zero_heads
 from surgeon.templates import fill, read_templates
 from surgeon.webdata import CLASSNAMES_FILE, TEMPLATES_FILE, ShardImages, is_webdataset, webdataset_set
 from surgeon.zeroshot import build_classifier, metrics_from_logits, uint8_to_tensor
@@ -135,13 +138,11 @@ SEARCH_PROBE_SEED = 1  # the toy search suite's bias probe; the reported one is 
 def toy_suite(
     n_per_task: int | None = None, n_scenes: int | None = None, split: str = "test", probe_seed: int = 0
 ) -> ValidationSuite:
-    from surgeon.toy import world
-
     tasks = [
         ClassificationSet(f"toy/{t.name}", list(t.classnames), list(t.templates), t.images, np.asarray(t.labels))
-        for t in world.zeroshot_tasks(n=n_per_task, split=split)
+        for t in defaults.toy_zeroshot_tasks(n=n_per_task, split=split)
     ]
-    probe = world.bias_probe(n_scenes=n_scenes, seed=probe_seed)
+    probe = defaults.toy_bias_probe(n_scenes=n_scenes, seed=probe_seed)
     queries = {shape: list(prompts) for shape, prompts in probe.queries.items()}
     bias = BiasSet(
         "toy/bias-probe",
@@ -455,7 +456,7 @@ class Evaluator:
     def _prefix(self, pixels: torch.Tensor) -> torch.Tensor:
         """Residual stream entering `first_layer` (kept on CPU)."""
         visual = self.loaded.model.visual
-        x = visual._embeds(pixels.to(self.loaded.device))
+        x = residual_in(visual, pixels.to(self.loaded.device))
         for block in visual.transformer.resblocks[: self.first_layer]:
             x = block(x)
         return x.cpu()
@@ -479,8 +480,7 @@ class Evaluator:
                 x = batch.to(self.loaded.device)
                 for block in blocks[self.first_layer :]:
                     x = block(x)
-                pooled, _ = visual._pool(x)
-                out.append(F.normalize((pooled @ visual.proj).float(), dim=-1).cpu())
+                out.append(F.normalize(image_embeds(visual, x).float(), dim=-1).cpu())
                 if advance is not None:
                     advance(len(x))
         return torch.cat(out)

@@ -1,4 +1,4 @@
-"""Zero-shot classification as in CLIP / clip_benchmark (METHOD.md §4).
+"""Zero-shot classification as in CLIP / clip_benchmark (docs/METHOD.md §4).
 
 Class embedding = normalised mean of the normalised embeddings of every template filled with the class
 name; logits = 100 * image_emb . class_emb; metrics top-1, top-5 and mean per-class recall. Works for any

@@ -17,7 +17,7 @@ from hypothesis import strategies as st  # noqa: E402
 from surgeon import limits  # noqa: E402
 from surgeon.decompose import parse_layers  # noqa: E402
 from surgeon.errors import InvalidInput  # noqa: E402
-from surgeon.surgery import parse_heads  # noqa: E402
+from surgeon.heads import parse_heads  # noqa: E402
 from tests.test_hardening_bounds import NO_MODEL, run_cli  # noqa: E402
 
 FUZZ = settings(

@@ -109,7 +109,7 @@ def test_layer_specs_out_of_range_or_malformed(spec):
 
 
 def test_echoed_input_is_truncated():
-    from surgeon.surgery import parse_heads
+    from surgeon.heads import parse_heads
 
     with pytest.raises(InvalidInput) as info:
         parse_heads("L1.H1," + "x" * 4_000_000)

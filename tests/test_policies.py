@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from surgeon.errors import InvalidInput, NotFound
+from surgeon.heads import HeadRef
 from surgeon.policies import POLICIES, PolicyOptions
 from surgeon.rank import HeadRank, Ranking
-from surgeon.surgery import HeadRef
 
 CCS = {  # (layer, head): (ccs, label, variance)
     (2, 0): (5, "colors", 0.9),

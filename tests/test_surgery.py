@@ -10,9 +10,11 @@ import torch
 from surgeon.checkpoint import write_local_dir
 from surgeon.decompose import head_means
 from surgeon.errors import InvalidInput
+from surgeon.heads import HeadRef, parse_heads
 from surgeon.hooks import record
 from surgeon.load import load_model
-from surgeon.surgery import HeadRef, PrunedAttention, SurgeryRequest, apply_surgery, parse_heads
+from surgeon.pruned import PrunedAttention
+from surgeon.surgery import SurgeryRequest, apply_surgery
 
 HEADS = [HeadRef(1, 0), HeadRef(2, 1), HeadRef(2, 3)]
 

@@ -72,11 +72,11 @@ def test_captions_describe_factors_and_never_name_the_group(world, mode):
 
 
 def test_unique_captions_fit_only_their_own_scene(world):
-    from surgeon.toy.world import _unique_named
+    from surgeon.toy.captions import unique_named
 
     b = next(world.iter_train(128, seed=5, group_size=8))
     sc = b.scenes
-    named = _unique_named(sc, np.random.default_rng(0), extra=0.0)
+    named = unique_named(sc, np.random.default_rng(0), extra=0.0)
     F = np.stack([b.labels[f] for f in FACTORS], axis=1)
     for i in range(len(b)):
         fits = np.all((F == F[i])[:, named[i]], axis=1)

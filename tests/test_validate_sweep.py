@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from surgeon.errors import InvalidInput, NotFound
+from surgeon.heads import HeadRef
 from surgeon.load import load_model
-from surgeon.surgery import HeadRef
 from surgeon.sweep import run_sweep
 from surgeon.validate import Evaluator, Gates, build_suite, validate
 from tests.test_prune_export import setup, synthetic_suite  # noqa: F401  (fixture)

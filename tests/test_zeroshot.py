@@ -1,4 +1,4 @@
-"""Zero-shot classification (METHOD.md §4): classifier construction and metrics."""
+"""Zero-shot classification (docs/METHOD.md §4): classifier construction and metrics."""
 
 from __future__ import annotations
 

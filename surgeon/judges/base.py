@@ -1,5 +1,5 @@
 """The judge interface: label each head's TextSpan texts with one concept and say, per text, whether it
-belongs to that concept. CCS is the number of texts judged consistent (METHOD.md §1.3-1.5)."""
+belongs to that concept. CCS is the number of texts judged consistent (docs/METHOD.md §1.3-1.5)."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ The rule, meant to answer as the paper's LLM judge would ("is this text associat
 - a text is consistent with the label when it is about it; CCS is the number of such texts. For a tie, CCS
   is the count every tied concept shares (2 for 2 texture + 2 color texts, not 4), and the verdicts mark the
   texts about any tied concept;
-- a head none of whose texts match anything is labelled "none", with CCS 0 (METHOD.md §1.3-1.5).
+- a head none of whose texts match anything is labelled "none", with CCS 0 (docs/METHOD.md §1.3-1.5).
 A taxonomy's `priority` key (older files) is accepted and has no effect.
 """
 

@@ -1,4 +1,4 @@
-"""The `llm` judge: the paper's own procedure (METHOD.md §1.3-1.4), asked of any OpenAI-compatible
+"""The `llm` judge: the paper's own procedure (docs/METHOD.md §1.3-1.4), asked of any OpenAI-compatible
 chat-completions endpoint (OpenAI, vLLM, llama.cpp, Ollama...).
 
 Requests: per head and per model, one labelling request over the head's texts, then one judging request

@@ -45,13 +45,11 @@ TOY_DEMO_IMAGES = 8
 def toy_demo_images(n: int = TOY_DEMO_IMAGES) -> tuple[list[Image.Image], list[str], list[str]]:
     """(images, names showing each one's true shape, the toy shapes as class names): the embedded default's
     held-out split, in memory, for `surgeon infer` with no images."""
-    from surgeon.toy.world import get_world
+    from surgeon.defaults import toy_shapes_sample
 
-    world = get_world()
-    batch = world.sample(n, "test")
-    shapes = list(world.cfg.shapes)
-    names = [f"toy test #{i} (a {shapes[s]})" for i, s in enumerate(batch.labels["shape"])]
-    return [Image.fromarray(a) for a in batch.images], names, shapes
+    images, labels, shapes = toy_shapes_sample(n)
+    names = [f"toy test #{i} (a {shapes[s]})" for i, s in enumerate(labels)]
+    return [Image.fromarray(a) for a in images], names, shapes
 
 
 def _readable(paths: list[Path]) -> tuple[list[Path], list[str], list[str]]:

@@ -1,0 +1,47 @@
+"""The embedded defaults: the one place a stage asks for the toy world's data (images, text pool, zero-shot
+tasks, bias probe) when the user names none. The world is imported only when asked, so stages that never
+fall back to it do not load it; it needs only numpy and PIL, so the torch-free runtime asks here too."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from surgeon.toy.world import BiasProbe, ZeroShotTask
+
+
+def toy_images(n: int, split: str = "val", seed: int = 0) -> np.ndarray:
+    """n rendered images (uint8, N x H x W x 3) of a split."""
+    from surgeon.toy import world
+
+    return world.toy_images(n, split=split, seed=seed)
+
+
+def toy_pool() -> tuple[list[str], dict]:
+    """The toy text pool and its taxonomy."""
+    from surgeon.toy import world
+
+    return world.toy_pool(), world.toy_taxonomy()
+
+
+def toy_zeroshot_tasks(n: int | None = None, split: str = "test") -> list[ZeroShotTask]:
+    from surgeon.toy import world
+
+    return world.zeroshot_tasks(n=n, split=split)
+
+
+def toy_bias_probe(n_scenes: int | None = None, seed: int = 0) -> BiasProbe:
+    from surgeon.toy import world
+
+    return world.bias_probe(n_scenes=n_scenes, seed=seed)
+
+
+def toy_shapes_sample(n: int) -> tuple[np.ndarray, list[int], list[str]]:
+    """(n held-out test images, each one's shape index, the shape names): images classified by shape."""
+    from surgeon.toy.world import get_world
+
+    world = get_world()
+    batch = world.sample(n, "test")
+    return batch.images, list(batch.labels["shape"]), list(world.cfg.shapes)

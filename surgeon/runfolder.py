@@ -1,0 +1,30 @@
+"""What a run folder's readers share: the plan's schema, the note on which data validated it and the ONNX
+parity table. Kept below prune, export and the model card so that none of them imports another for these."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+PLAN_SCHEMA = "surgeon.plan/1"
+PARITY_FILE = "parity.json"  # in the run's onnx/ folder
+
+
+def validation_note(plan: dict) -> str:
+    """Which data the figures come from, and for a selection by measurement, that it never saw them."""
+    note = f"Measured on {plan.get('validated_on', 'the validation suite')}."
+    if plan.get("selected_on"):
+        note += f" Heads were selected on {plan['selected_on']}: a disjoint split, so these figures are held out."
+    return note
+
+
+def parity_lines(folder: Path) -> list[str]:
+    """A markdown table of the ONNX files' measured max abs difference from PyTorch (empty without ONNX):
+    what a user checks before trusting the export, in report.md, the card and the CLI's output."""
+    path = folder / "onnx" / PARITY_FILE
+    if not path.is_file():
+        return []
+    parity = json.loads(path.read_text(encoding="utf-8"))
+    lines = ["| ONNX file | max abs difference from PyTorch | tolerance |", "|---|---|---|"]
+    lines += [f"| {name} | {diff:.2e} | {parity['atol']:g} |" for name, diff in parity["max_abs_diff"].items()]
+    return lines

@@ -1,0 +1,122 @@
+"""The package's import graph (module- and function-level imports, read with ast): no cycles among surgeon's
+modules, and the stages reach the toy world only through surgeon.defaults (the CLI's `toy` verbs aside)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import surgeon
+
+PACKAGE = Path(surgeon.__file__).parent
+GENERATED = "surgeon.v1"  # gRPC stubs written by surgeon.server.codegen
+TOY = "surgeon.toy"
+#: what may import the toy world: the defaults place, and the shell whose `toy` verbs train and draw it
+TOY_IMPORTERS = {"surgeon.defaults", "surgeon.cli"}
+
+
+def _modules() -> dict[str, Path]:
+    modules = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = ["surgeon", *path.relative_to(PACKAGE).with_suffix("").parts]
+        if parts[-1] == "__init__":
+            parts.pop()
+        name = ".".join(parts)
+        if name != GENERATED and not name.startswith(GENERATED + "."):
+            modules[name] = path
+    return modules
+
+
+def _imported(name: str, path: Path) -> set[str]:
+    """Every dotted name an import statement anywhere in the file can bind (`from a import b` -> a, a.b)."""
+    names = set()
+    package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package[: len(package) - node.level + 1] + ([base] if base else []))
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names)
+    return names
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the surgeon modules it imports (a name inside a module counts as the module)."""
+    modules = _modules()
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        targets = set()
+        for target in _imported(name, path):
+            while target and target not in modules:
+                target = target.rpartition(".")[0]
+            if target and target != name:
+                targets.add(target)
+        graph[name] = targets
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan's algorithm, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found = []
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, successors = work[-1]
+            child = next(successors, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph[child]))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    found.append(sorted(component))
+    return found
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert cycles(graph) == [["a", "b", "c"]]
+
+
+def test_no_import_cycles():
+    graph = import_graph()
+    assert "surgeon.cli" in graph and "surgeon.surgery" in graph["surgeon.prune"]
+    found = cycles(graph)
+    assert not found, "import cycles: " + "; ".join(" <-> ".join(c) for c in found)
+
+
+def test_stages_reach_the_toy_world_only_through_defaults():
+    graph = import_graph()
+    offenders = sorted(
+        name
+        for name, targets in graph.items()
+        if not name.startswith(TOY) and name not in TOY_IMPORTERS and any(t.startswith(TOY) for t in targets)
+    )
+    assert not offenders, f"{offenders} import {TOY}; ask surgeon.defaults instead"
