@@ -16,7 +16,7 @@ from rich.table import Table
 
 from surgeon import limits
 from surgeon.errors import StorageError, SurgeonError
-from surgeon.runtime.cli import infer, triton_repo
+from surgeon.runtime.cli import infer, serve_model, triton_repo
 
 EXIT_CODES = (
     "Exit codes: 0 success, 1 internal error, 2 invalid input, 3 not found, 4 corrupt input, 5 precondition "
@@ -32,6 +32,7 @@ app = typer.Typer(
 )
 app.command()(infer)  # torch-free: the onnxruntime serving path
 app.command("triton-repo")(triton_repo)  # torch-free too
+app.command("serve-model")(serve_model)  # torch-free: Open Inference Protocol with MLServer
 toy_app = typer.Typer(help="The embedded toy world and its bundled CLIP.", no_args_is_help=True)
 app.add_typer(toy_app, name="toy")
 cache_app = typer.Typer(
