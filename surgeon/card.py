@@ -144,12 +144,14 @@ def model_card(loaded: LoadedModel, plan: dict, validation: dict, folder: Path) 
     lines += ["```", ""]
     if has_onnx:
         from surgeon.export import parity_lines
+        from surgeon.quantize import quantization_lines
 
         lines += [
             "ONNX parity, measured at export on fresh inputs:",
             "",
             *parity_lines(folder),
             "",
+            *[line + "\n" for line in quantization_lines(folder)],
             "With onnxruntime only (no torch):",
             "",
             "```python",

@@ -16,6 +16,7 @@ from rich.table import Table
 
 from surgeon import limits
 from surgeon.errors import StorageError, SurgeonError
+from surgeon.quantize import DEFAULT_MAX_ACCURACY_DROP
 from surgeon.runtime.cli import infer, serve_model, triton_repo
 
 EXIT_CODES = (
@@ -566,6 +567,12 @@ def export_command(
     ] = False,
     device: DeviceOpt = None,
     as_json: JsonOpt = False,
+    quantize: Annotated[
+        str | None, typer.Option(help="int8: quantize the image graphs (onnxruntime), gated on accuracy")
+    ] = None,
+    max_accuracy_drop: Annotated[
+        float, typer.Option(help="--quantize's gate: points of mean zero-shot top-1 int8 may cost")
+    ] = DEFAULT_MAX_ACCURACY_DROP,
 ) -> None:
     """Export the pruned checkpoint of a run folder again (ONNX, safetensors), validated and with a card."""
     from surgeon.errors import InvalidInput
@@ -590,6 +597,8 @@ def export_command(
         labels=labels,
         atol=atol,
         exporter=onnx_exporter,
+        quantize=quantize,
+        max_accuracy_drop=limits.number("--max-accuracy-drop", max_accuracy_drop, 0.0, limits.MAX_POINTS),
     )
     if as_json:
         from surgeon.clioutput import emit_json

@@ -104,11 +104,14 @@ class ExportedModel:
         providers: Sequence[str] | None = None,
         threads: int | None = None,
         verify: bool = True,
+        writing: bool = False,
     ):
         """`verify`: check the files against the sha256 table of the export's surgery.json first (a folder
-        assembled by hand, without one, is served as it is)."""
+        assembled by hand, without one, is served as it is). `writing`: the writer measuring its own unfinished
+        output (surgeon.quantize), which everyone else is refused."""
         self.root = Path(export_dir)
-        refuse_temporary(self.root, "export")
+        if not writing:
+            refuse_temporary(self.root, "export")
         self.dir = resolve_export_dir(self.root)
         if verify:
             verify_run(self.dir, sorted(p for p in self.dir.iterdir() if p.is_file()), needs_record=False)
