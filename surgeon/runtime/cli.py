@@ -205,6 +205,9 @@ def serve_model(
     limits.text("--host", host)
     for option, port in (("--http-port", http_port), ("--grpc-port", grpc_port), ("--metrics-port", metrics_port)):
         limits.count(option, port, 1, 65535)
+    if len({http_port, grpc_port, metrics_port}) != 3:
+        ports = f"{http_port}, {grpc_port}, {metrics_port}"
+        raise InvalidInput(f"--http-port, --grpc-port and --metrics-port must differ, got {ports}")
     limits.count("--max-batch-size", max_batch_size, 1, limits.MAX_BATCH_SIZE)
     limits.number("--max-batch-time-ms", max_batch_time_ms, 0.0, limits.MAX_OIP_BATCH_TIME_MS)
     limits.count("--threads", threads, 1, 1024)

@@ -28,7 +28,7 @@ from mlserver.settings import ModelParameters, ModelSettings, Settings
 from mlserver.types import InferenceRequest, InferenceResponse, MetadataTensor, RequestInput
 
 from surgeon import limits
-from surgeon.errors import InvalidInput, SurgeonError
+from surgeon.errors import SurgeonError
 from surgeon.runtime.session import ExportedModel, softmax
 
 #: graph -> (input name, input datatype, outputs as (name, datatype))
@@ -176,8 +176,6 @@ def serve(
     """Run MLServer in this process until SIGINT/SIGTERM. The export is verified and opened here first, so a bad
     export fails with one line before any port is bound."""
     http_port, grpc_port, metrics_port = ports
-    if len(set(ports)) != 3:
-        raise InvalidInput(f"the HTTP, gRPC and metrics ports must differ, got {list(ports)}")
     models = model_settings(str(Path(export_dir)), name, max_batch_size, max_batch_time_ms, threads, verify)
     settings = Settings(
         host=host,
