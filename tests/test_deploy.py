@@ -271,6 +271,12 @@ def test_plain_install_serves_an_export_without_torch(plain_venv, zero_run, tmp_
         "error: surgeon rank needs the surgery extra (torch is not installed)",
         "  hint: pip install 'surgeon[surgery]'",
     ]
+    wide = {**env, "COLUMNS": "200"}
+    oip = subprocess.run([surgeon, "serve-model", str(run)], capture_output=True, text=True, env=wide)
+    assert oip.returncode == 5 and oip.stderr.splitlines() == [
+        "error: surgeon serve-model needs the oip extra (mlserver is not installed)",
+        "  hint: pip install 'surgeon[oip]'",
+    ]
 
 
 # ---- Docker: two targets, pinned base, constrained packages ------------------------------------------------

@@ -50,8 +50,8 @@ def no_torch_env(tmp: Path) -> dict[str, str]:
 
 def serve_command(export: Path, ports: list[int], *extra: str) -> list[str]:
     http, grpc, metrics = map(str, ports)
-    return [sys.executable, "-m", "surgeon", "serve-model", str(export), "--name", NAME, "--http-port", http]+[
-        "--grpc-port", grpc, "--metrics-port", metrics, "--threads", "1", *extra]  # fmt: skip
+    options = ["--name", NAME, "--http-port", http, "--grpc-port", grpc, "--metrics-port", metrics, "--threads", "1"]
+    return [sys.executable, "-m", "surgeon", "serve-model", str(export), *options, *extra]
 
 
 @pytest.fixture(scope="module")
