@@ -20,12 +20,12 @@ import functools
 from pathlib import Path
 
 import numpy as np
-import prometheus_client
 from mlserver import MLModel, MLServer
 from mlserver.codecs import NumpyCodec, StringCodec
 from mlserver.errors import InferenceError
 from mlserver.settings import ModelParameters, ModelSettings, Settings
 from mlserver.types import InferenceRequest, InferenceResponse, MetadataTensor, RequestInput
+from prometheus_client import Histogram
 
 from surgeon import limits
 from surgeon.errors import SurgeonError
@@ -40,7 +40,7 @@ GRAPHS = {
 
 #: rows per onnxruntime run (after adaptive batching merged requests), on the registry MLServer's /metrics
 #: serves in-process (its own batch_request_queue metric lands in another registry unless workers > 0)
-BATCH_ROWS = prometheus_client.Histogram(
+BATCH_ROWS = Histogram(
     "surgeon_oip_batch_rows",
     "rows (images or texts) per onnxruntime run, after adaptive batching",
     ["model"],
