@@ -37,6 +37,7 @@ MAX_OIP_ROWS = 1024  # rows (images or texts) of one inference request
 MAX_OIP_TEXT_CHARS = 10_000  # one text (the tokenizer keeps its first 77 tokens anyway)
 MAX_OIP_MESSAGE_BYTES = 64 << 20  # one gRPC message: 1024 RGB 224 px FP32 images are 616 MB, so ~100 per request
 MAX_OIP_BATCH_TIME_MS = 1000.0  # how long adaptive batching may hold a request
+MAX_THREADS = 1024  # onnxruntime intra-op threads
 
 
 def echo(value: object, limit: int = ECHO_CHARS) -> str:

@@ -210,7 +210,7 @@ def serve_model(
         raise InvalidInput(f"--http-port, --grpc-port and --metrics-port must differ, got {ports}")
     limits.count("--max-batch-size", max_batch_size, 1, limits.MAX_BATCH_SIZE)
     limits.number("--max-batch-time-ms", max_batch_time_ms, 0.0, limits.MAX_OIP_BATCH_TIME_MS)
-    limits.count("--threads", threads, 1, 1024)
+    limits.count("--threads", threads, 1, limits.MAX_THREADS)
     from surgeon.runtime.oip import open_export, serve  # ImportError (no mlserver): main() names the oip extra
     from surgeon.runtime.triton import model_prefix
 
