@@ -211,10 +211,13 @@ def serve_model(
     limits.count("--max-batch-size", max_batch_size, 1, limits.MAX_BATCH_SIZE)
     limits.number("--max-batch-time-ms", max_batch_time_ms, 0.0, limits.MAX_OIP_BATCH_TIME_MS)
     limits.count("--threads", threads, 1, limits.MAX_THREADS)
-    from surgeon.runtime.oip import open_export, serve  # ImportError (no mlserver): main() names the oip extra
     from surgeon.runtime.triton import model_prefix
 
-    prefix = model_prefix(export_dir, name)
+    prefix = model_prefix(export_dir, name)  # a missing export fails before MLServer is imported
+    # ImportError (no mlserver): main() names the oip extra. MLServer registers the inference.* protobuf
+    # messages that tritonclient.grpc registers too: one process cannot import both.
+    from surgeon.runtime.oip import open_export, serve
+
     open_export(str(export_dir), not no_verify, threads)  # verified and opened before any port is bound
     for port in (http_port, grpc_port, metrics_port):
         _check_port_free(host, port)
