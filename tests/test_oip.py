@@ -4,6 +4,7 @@ own client (tritonclient) over gRPC and REST on loopback. The server runs as the
 
 from __future__ import annotations
 
+import base64
 import os
 import socket
 import subprocess
@@ -20,7 +21,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from surgeon.runtime.session import ExportedModel
-from tests.test_runtime import LABELS, exported  # noqa: F401 - the session fixture: a tiny real export
+from tests.test_runtime import LABELS, _write_image, exported  # noqa: F401 - the session fixture: a tiny real export
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "tiny"
@@ -121,13 +122,18 @@ def _http_infer(url: str, model: str, name: str, array: np.ndarray, datatype: st
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
-def test_round_trip_equals_a_direct_onnxruntime_session(server, protocol):
+def test_round_trip_equals_a_direct_onnxruntime_session(server, protocol, tmp_path):
     root, http, grpc, _ = server
     infer, url = (_grpc_infer, grpc) if protocol == "grpc" else (_http_infer, http)
     direct = ExportedModel(root)
     pixels = _pixels(3)
     (image,) = infer(url, f"{NAME}_visual", "pixel_values", pixels, "FP32", ["image_embeds"])
     np.testing.assert_allclose(image, direct.encode_pixels(pixels), atol=1e-5, rtol=0)
+    files = [_write_image(tmp_path / f"{i}.png", 40 + 7 * i, 30, i) for i in range(3)]
+    encoded = [path.read_bytes() for path in files]  # gRPC carries bytes; REST's JSON carries base64 strings
+    payload = encoded if protocol == "grpc" else [base64.b64encode(data).decode() for data in encoded]
+    (from_files,) = infer(url, f"{NAME}_image", "image", np.array(payload, dtype=object), "BYTES", ["image_embeds"])
+    np.testing.assert_allclose(from_files, direct.encode_images(files), atol=1e-5, rtol=0)
     texts = np.array(["a photo of a dog", "red", "the city of Paris"], dtype=object)
     (text,) = infer(url, f"{NAME}_text", "text", texts, "BYTES", ["text_embeds"])
     np.testing.assert_allclose(text, direct.encode_texts(list(texts)), atol=1e-5, rtol=0)
@@ -168,7 +174,7 @@ def test_health_and_metadata(server):
     _, http, grpc, _ = server
     for client in (httpclient.InferenceServerClient(http), grpcclient.InferenceServerClient(grpc)):
         assert client.is_server_live() and client.is_server_ready()
-        for graph in ("visual", "text", "classifier"):
+        for graph in ("visual", "image", "text", "classifier"):
             assert client.is_model_ready(f"{NAME}_{graph}")
     assert not httpclient.InferenceServerClient(http).is_model_ready(f"{NAME}_nothing")
     meta = httpclient.InferenceServerClient(http).get_model_metadata(f"{NAME}_visual")
@@ -183,6 +189,7 @@ def test_health_and_metadata(server):
         ("visual", "pixel_values", np.zeros((1, 3, 16, 16), np.float32), "FP32", "must be [N, 3, 32, 32]"),
         ("visual", "pixel_values", np.zeros((1, 3, 32, 32), np.int64), "INT64", "must be FP32"),
         ("text", "text", np.array(["x" * 10_001], dtype=object), "BYTES", "more than 10,000"),
+        ("image", "image", np.array([b"not an image"], dtype=object), "BYTES", "image #0"),
     ],
 )
 def test_bad_payloads_are_protocol_errors(server, model, name, array, datatype, message):

@@ -64,7 +64,6 @@ def test_bad_or_too_small_splits_are_refused(manifest):
         ValidationSuite([], bias, "files", "bias.csv").split_for_search()
 
 
-
 def test_a_huge_split_column_is_refused_before_any_work(capsys):
     from tests.test_hardening_bounds import run_cli
 

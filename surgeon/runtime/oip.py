@@ -6,8 +6,10 @@ Why MLServer: it batches requests in-process (adaptive batching: `max_batch_size
 pulls no torch. KServe's ModelServer speaks the same protocol but leaves batching to its sidecar agent.
 
 One OIP model per graph of the export, named like `surgeon triton-repo`'s (NAME_visual, NAME_text,
-NAME_classifier; the image models take the same tensors there, the text model takes strings here, not token ids):
+NAME_classifier; the image models take the same tensors there, the text model takes strings here, not token ids),
+plus NAME_image, which takes image files and preprocesses them here as `surgeon infer` does:
   NAME_visual      pixel_values FP32 [-1, 3, H, W] (preprocess.json's) -> image_embeds FP32 [-1, D]
+  NAME_image       image BYTES [-1] (encoded files: PNG, JPEG...; base64 strings over REST) -> image_embeds
   NAME_text        text BYTES [-1] (UTF-8 strings, tokenized here)      -> text_embeds FP32 [-1, D]
   NAME_classifier  pixel_values FP32 [-1, 3, H, W] -> logits FP32 [-1, C], probabilities FP32 [-1, C],
                    label BYTES [-1] (the top class)
@@ -16,7 +18,10 @@ A model is ready once its export was verified against surgery.json and its onnxr
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import functools
+import io
 from pathlib import Path
 
 import numpy as np
@@ -29,13 +34,20 @@ from prometheus_client import Histogram
 
 from surgeon import limits
 from surgeon.errors import SurgeonError
+from surgeon.runtime.preprocess import decode_image
 from surgeon.runtime.session import ExportedModel, softmax
 
-#: graph -> (input name, input datatype, outputs as (name, datatype))
+#: OIP model suffix -> (ONNX graph, input name, input datatype, outputs as (name, datatype))
 GRAPHS = {
-    "visual": ("pixel_values", "FP32", (("image_embeds", "FP32"),)),
-    "text": ("text", "BYTES", (("text_embeds", "FP32"),)),
-    "classifier": ("pixel_values", "FP32", (("logits", "FP32"), ("probabilities", "FP32"), ("label", "BYTES"))),
+    "visual": ("visual", "pixel_values", "FP32", (("image_embeds", "FP32"),)),
+    "image": ("visual", "image", "BYTES", (("image_embeds", "FP32"),)),
+    "text": ("text", "text", "BYTES", (("text_embeds", "FP32"),)),
+    "classifier": (
+        "classifier",
+        "pixel_values",
+        "FP32",
+        (("logits", "FP32"), ("probabilities", "FP32"), ("label", "BYTES")),
+    ),
 }
 
 #: rows per onnxruntime run (after adaptive batching merged requests), on the registry MLServer's /metrics
@@ -61,7 +73,7 @@ class ExportGraphModel(MLModel):
         extra = self.settings.parameters.extra
         self.graph: str = extra["graph"]
         self.export = open_export(self.settings.parameters.uri, extra["verify"], extra.get("threads"))
-        self.export.session(self.graph)  # opened now: ready means it can answer
+        self.export.session(GRAPHS[self.graph][0])  # opened now: ready means it can answer
         if self.graph == "classifier":
             self.labels = np.array(self.export.classifier_labels(), dtype=object)
         if self.graph == "text":
@@ -69,7 +81,7 @@ class ExportGraphModel(MLModel):
         return True
 
     def _input(self, payload: InferenceRequest) -> RequestInput:
-        name, datatype, _ = GRAPHS[self.graph]
+        _, name, datatype, _ = GRAPHS[self.graph]
         if len(payload.inputs) != 1 or payload.inputs[0].name != name:
             raise InferenceError(f"{self.name} takes one input, {name!r}; got {[i.name for i in payload.inputs]}")
         tensor = payload.inputs[0]
@@ -103,10 +115,25 @@ class ExportGraphModel(MLModel):
             raise InferenceError(f"a text has {longest:,} characters, more than {limits.MAX_OIP_TEXT_CHARS:,}")
         return texts
 
+    def _images(self, tensor: RequestInput) -> np.ndarray:
+        """Encoded image files (raw bytes over gRPC, base64 strings over REST) -> preprocessed pixels."""
+        if len(tensor.shape) != 1:
+            raise InferenceError(f"image must be a 1-D BYTES tensor of encoded files, got shape {tensor.shape}")
+        images = []
+        for index, item in enumerate(getattr(tensor.data, "root", tensor.data)):
+            try:
+                data = item if isinstance(item, bytes) else base64.b64decode(item, validate=True)
+            except (binascii.Error, ValueError, TypeError):
+                raise InferenceError(f"image #{index} is neither bytes nor base64") from None
+            images.append(decode_image(io.BytesIO(data), f"#{index}"))
+        return self.export.preprocess.batch(images)
+
     def _infer(self, tensor: RequestInput) -> list:
         """The output tensors (blocking: runs in a worker thread, onnxruntime releases the GIL)."""
         if self.graph == "text":
             return [NumpyCodec.encode_output("text_embeds", self.export.encode_texts(self._texts(tensor)))]
+        if self.graph == "image":
+            return [NumpyCodec.encode_output("image_embeds", self.export.encode_pixels(self._images(tensor)))]
         pixels = self._pixels(tensor)
         if self.graph == "visual":
             return [NumpyCodec.encode_output("image_embeds", self.export.encode_pixels(pixels))]
@@ -137,9 +164,9 @@ def model_settings(
     export = open_export(source, verify, threads)
     height, width = export.preprocess.size
     dim = int(export.session("visual").get_outputs()[0].shape[-1] or -1)
-    shapes = {"pixel_values": [-1, 3, height, width], "text": [-1], "label": [-1]}
+    shapes = {"pixel_values": [-1, 3, height, width], "image": [-1], "text": [-1], "label": [-1]}
     settings = []
-    for graph, (input_name, datatype, outputs) in GRAPHS.items():
+    for graph, (_, input_name, datatype, outputs) in GRAPHS.items():
         if graph == "classifier" and not export.has_classifier:
             continue
         classes = len(export.classifier_labels()) if graph == "classifier" else 0
