@@ -4,14 +4,16 @@
 
 Exports the bundled toy model's visual.onnx (with --vit also a random-init ViT-B-32 at 224 px), starts the real
 `surgeon serve-model` on loopback and sends gRPC requests with tritonclient: p50/p99 latency with 1 and with
-16 concurrent clients, for requests of 1 image and of --batch images, and the served throughput over that of
-a direct onnxruntime session given the same images in the same request batches, both with --threads intra-op
+16 concurrent clients, for requests of 1 image and of --batch images (as pixel tensors, then as PNG files to
+the NAME_image model), and the served throughput over that of a direct onnxruntime session given the same
+images in the same request batches (for files: decoded and preprocessed too), both with --threads intra-op
 threads (goal >= 0.8). With 16 clients the server's adaptive batching merges requests, so its denominator is
 the direct session run on 16 requests' worth of images at once."""
 
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import socket
 import subprocess
@@ -23,11 +25,13 @@ from pathlib import Path
 
 import numpy as np
 import tritonclient.grpc as grpcclient
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.bench_serving import export  # noqa: E402
+from surgeon.runtime.preprocess import decode_image  # noqa: E402
 from surgeon.runtime.session import ExportedModel  # noqa: E402
 
 CLIENTS = (1, 16)
@@ -61,16 +65,18 @@ def start_server(folder: Path, threads: int) -> tuple[subprocess.Popen, str]:
     raise SystemExit("serve-model did not become ready in 60 s")
 
 
-def served(url: str, batches: list[np.ndarray], clients: int) -> tuple[list[float], float]:
-    """(per-request latencies in s, wall seconds) of sending every batch, `clients` requests in flight."""
+def served(url: str, batches: list[np.ndarray], clients: int, model: str = "visual") -> tuple[list[float], float]:
+    """(per-request latencies in s, wall seconds) of sending every batch, `clients` requests in flight: pixel
+    tensors to m_visual, or arrays of encoded files to m_image."""
     local = [grpcclient.InferenceServerClient(url) for _ in range(clients)]
+    name, datatype = ("pixel_values", "FP32") if model == "visual" else ("image", "BYTES")
 
     def one(index: int) -> float:
         array = batches[index]
-        tensor = grpcclient.InferInput("pixel_values", list(array.shape), "FP32")
+        tensor = grpcclient.InferInput(name, list(array.shape), datatype)
         tensor.set_data_from_numpy(array)
         start = time.perf_counter()
-        local[index % clients].infer("m_visual", [tensor]).as_numpy("image_embeds")
+        local[index % clients].infer(f"m_{model}", [tensor]).as_numpy("image_embeds")
         return time.perf_counter() - start
 
     start = time.perf_counter()
@@ -88,6 +94,37 @@ def direct(model: ExportedModel, batches: list[np.ndarray], merge: int) -> float
     return time.perf_counter() - start
 
 
+def direct_files(model: ExportedModel, batches: list[np.ndarray], merge: int) -> float:
+    """`direct` for encoded files: decoding and preprocessing included, as the server does them."""
+    start = time.perf_counter()
+    for i in range(0, len(batches), merge):
+        files = np.concatenate(batches[i : i + merge])
+        model.encode_pixels(model.preprocess.batch([decode_image(io.BytesIO(f), "bench") for f in files]))
+    return time.perf_counter() - start
+
+
+def png_batches(requests: int, rows: int, hw: tuple[int, int]) -> list[np.ndarray]:
+    """Random photos-sized-for-the-model PNG files, `rows` per request."""
+    rng = np.random.default_rng(0)
+
+    def png() -> bytes:
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (*hw, 3), dtype=np.uint8)).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    return [np.array([png() for _ in range(rows)], dtype=object) for _ in range(requests)]
+
+
+def report(name: str, what: str, rows: int, clients: int, latencies: list[float], wall: float, base: float) -> None:
+    requests = len(latencies)
+    p50, p99 = np.percentile(np.asarray(latencies) * 1000, [50, 99])
+    print(
+        f"{name}, {rows} {what}/request, {clients:2d} client(s): p50 {p50:7.2f} ms, p99 {p99:7.2f} ms, "
+        f"{rows * requests / wall:7,.0f} img/s served vs {rows * requests / base:7,.0f} img/s direct "
+        f"(batch {rows * clients}): served/direct {base / wall:.2f}"
+    )
+
+
 def bench(name: str, loaded, threads: int, requests: int, batch: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = export(loaded, Path(tmp) / "onnx")
@@ -103,14 +140,12 @@ def bench(name: str, loaded, threads: int, requests: int, batch: int) -> None:
                 model.encode_pixels(batches[0])
                 for clients in CLIENTS:
                     latencies, wall = served(url, batches, clients)
-                    reference = direct(model, batches, clients)
-                    p50, p99 = np.percentile(np.asarray(latencies) * 1000, [50, 99])
-                    print(
-                        f"{name}, {rows} image(s)/request, {clients:2d} client(s): p50 {p50:6.2f} ms, "
-                        f"p99 {p99:6.2f} ms, {rows * requests / wall:8,.0f} img/s served vs "
-                        f"{rows * requests / reference:8,.0f} img/s direct (batch {rows * clients}): "
-                        f"served/direct {reference / wall:.2f}"
-                    )
+                    report(name, "image(s)", rows, clients, latencies, wall, direct(model, batches, clients))
+            files = png_batches(requests, batch, hw)
+            served(url, files[:16], 16, "image")  # warm-up
+            for clients in CLIENTS:
+                latencies, wall = served(url, files, clients, "image")
+                report(name, "PNG file(s)", batch, clients, latencies, wall, direct_files(model, files, clients))
         finally:
             process.terminate()
             process.wait(timeout=30)
