@@ -5,6 +5,8 @@
 #            torch + open_clip + onnxruntime
 #   serving: `surgeon infer` over ONNX exports; onnxruntime, numpy and pillow only, no torch (about 0.19 of
 #            the surgery image's Python environment: benchmarks/bench_install_size.py)
+#   oip:     `surgeon serve-model`: the serving image's packages plus MLServer (the oip extra, still no torch),
+#            an export over the Open Inference Protocol (KServe v2) on 8080 (REST), 8081 (gRPC), 8082 (metrics)
 #
 #   docker build -t surgeon .                                   # surgery, CPU torch + onnxruntime
 #   docker build --build-arg VARIANT=cuda -t surgeon:cuda .     # surgery, CUDA torch + onnxruntime-gpu;
@@ -14,6 +16,8 @@
 #   docker run -d -p 50051:50051 -v surgeon-exports:/exports \
 #       -v $HOME/models:/models:ro -v $HOME/data:/data:ro --stop-timeout 40 surgeon [--max-jobs 2 ...]
 #   docker run --rm -v $PWD/exports/RUN:/model:ro -v $PWD/photos:/images:ro surgeon:serving /model /images
+#   docker build --target oip -t surgeon:oip .
+#   docker run -d -p 8080-8082:8080-8082 -v $PWD/exports/RUN:/model:ro surgeon:oip /model [--name NAME ...]
 #
 # Surgery: requests name models under /models (local-dir:NAME) and data under /data; everything the service
 # writes lands in the /exports volume. Extra arguments after the image name are appended to `surgeon serve`;
@@ -37,6 +41,10 @@ COPY docker/constraints.txt /tmp/constraints.txt
 WORKDIR /src
 COPY . .
 RUN pip install -c /tmp/constraints.txt /src
+
+# ---- build-oip: the plain install + MLServer (the oip extra), still torch-free ----
+FROM build-serving AS build-oip
+RUN pip install -c /tmp/constraints.txt "/src[oip]"
 
 # ---- build-surgery: torch first, then surgeon[surgery,serve] ----
 FROM python AS build-surgery
@@ -77,6 +85,17 @@ COPY --from=build-serving /opt/venv /opt/venv
 # a one-shot command, not a server: nothing to health-check
 HEALTHCHECK NONE
 ENTRYPOINT ["surgeon", "infer"]
+CMD ["--help"]
+
+# ---- oip: `surgeon serve-model` over the Open Inference Protocol, no torch ----
+FROM runtime AS oip
+COPY --from=build-oip /opt/venv /opt/venv
+EXPOSE 8080 8081 8082
+# /v2/health/ready: every model of the export verified and loaded
+HEALTHCHECK --interval=30s --timeout=10s --start-period=30s --retries=3 \
+    CMD ["python", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8080/v2/health/ready', timeout=5).status == 200 else 1)"]
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["surgeon", "serve-model", "--host", "0.0.0.0"]
 CMD ["--help"]
 
 # ---- surgery (the default target: last): the gRPC service ----

@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # torch/torchvision pinned to the releases this machine holds on disk (CPU use; CUDA when present).
 TORCH := torch==2.14.1 torchvision==0.29.1
 # surgery: torch, open_clip... (the plain install only serves ONNX exports); serve: gRPC; test: pytest, ruff
-EXTRAS ?= surgery,serve,test
+EXTRAS ?= surgery,serve,oip,test
 
 .PHONY: setup demo test lint clean
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from surgeon import limits
 from surgeon.errors import InvalidInput, PreconditionFailed
+from surgeon.quantize import DEFAULT_MAX_ACCURACY_DROP
 
 if TYPE_CHECKING:
     from surgeon.images import ImageSet
@@ -223,9 +224,11 @@ class PruneSpec:
 
     def check(self) -> None:
         from surgeon.export import check_exporter
+        from surgeon.heads import parse_heads
+        from surgeon.hooks import TOWERS
         from surgeon.judges.base import JUDGES
         from surgeon.policies import POLICIES, check_paper_preset
-        from surgeon.surgery import SURGERIES, TOWERS, parse_heads
+        from surgeon.surgery import SURGERIES
 
         self.model.check()
         POLICIES.get(self.policy), SURGERIES.get(self.mode)
@@ -436,13 +439,16 @@ class ExportSpec:
     force: bool = False
     verify: bool = True  # check the run's files against surgery.json's hashes first
     device: str | None = None
+    quantize: str | None = None  # int8: quantized image graphs, gated on the accuracy they cost
+    max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP  # points of mean zero-shot top-1
 
     def check(self) -> None:
         from surgeon.export import check_exporter
 
         _choice("export format", self.format, EXPORT_FORMATS)
         limits.export_options(self.atol)
-        limits.texts(device=self.device)
+        limits.number("max_accuracy_drop", self.max_accuracy_drop, 0.0, limits.MAX_POINTS)
+        limits.texts(device=self.device, quantize=self.quantize)
         check_exporter(self.onnx_exporter)
 
     @property
@@ -466,4 +472,6 @@ def run_export(spec: ExportSpec) -> list[Path]:
         labels=spec.labels,
         atol=spec.atol,
         exporter=spec.onnx_exporter,
+        quantize=spec.quantize,
+        max_accuracy_drop=spec.max_accuracy_drop,
     )

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from surgeon.load import LoadedModel
+from surgeon.quantize import quantization_lines
 from surgeon.runfolder import parity_lines, validation_note
 
 
@@ -148,6 +149,7 @@ def model_card(loaded: LoadedModel, plan: dict, validation: dict, folder: Path) 
             "",
             *parity_lines(folder),
             "",
+            *[line + "\n" for line in quantization_lines(folder)],
             "With onnxruntime only (no torch):",
             "",
             "```python",

@@ -32,7 +32,7 @@ from surgeon.api import (
     run_validate,
 )
 from surgeon.errors import StorageError, SurgeonError
-from surgeon.runtime.cli import infer, triton_repo
+from surgeon.runtime.cli import infer, serve_model, triton_repo
 
 EXIT_CODES = (
     "Exit codes: 0 success, 1 internal error, 2 invalid input, 3 not found, 4 corrupt input, 5 precondition "
@@ -48,6 +48,7 @@ app = typer.Typer(
 )
 app.command()(infer)  # torch-free: the onnxruntime serving path
 app.command("triton-repo")(triton_repo)  # torch-free too
+app.command("serve-model")(serve_model)  # torch-free: Open Inference Protocol with MLServer
 toy_app = typer.Typer(help="The embedded toy world and its bundled CLIP.", no_args_is_help=True)
 app.add_typer(toy_app, name="toy")
 cache_app = typer.Typer(
@@ -555,10 +556,26 @@ def export_command(
     ] = False,
     device: DeviceOpt = None,
     as_json: JsonOpt = False,
+    quantize: Annotated[
+        str | None, typer.Option(help="int8: quantize the image graphs (onnxruntime), gated on accuracy")
+    ] = None,
+    max_accuracy_drop: Annotated[
+        float, typer.Option(help="--quantize's gate: points of mean zero-shot top-1 int8 may cost")
+    ] = ExportSpec.max_accuracy_drop,
 ) -> None:
     """Export the pruned checkpoint of a run folder again (ONNX, safetensors), validated and with a card."""
     spec = ExportSpec(
-        run_dir or Path(), export_format, labels, atol, onnx_exporter, out_dir, force, not no_verify, device
+        run_dir or Path(),
+        export_format,
+        labels,
+        atol,
+        onnx_exporter,
+        out_dir,
+        force,
+        not no_verify,
+        device,
+        quantize,
+        max_accuracy_drop,
     )
     spec.check()
     if run_dir is None:

@@ -24,6 +24,7 @@ from surgeon.errors import ExportFailed, InvalidInput
 from surgeon.integrity import sha256_file, verify_run
 from surgeon.load import LoadedModel
 from surgeon.pools import read_lines
+from surgeon.quantize import quantization_lines
 from surgeon.registry import Registry
 from surgeon.runfolder import PARITY_FILE, PLAN_SCHEMA, parity_lines
 
@@ -371,10 +372,17 @@ def export_run(
     files: list[Path] = []
     for exporter in exporters:
         files += exporter(loaded, plan, validation, folder, **options)
-    parity = parity_lines(folder)
-    if parity and (folder / "report.md").is_file():  # before surgery.json hashes the report
+    if options.get("quantize"):  # after the fp32 parity check, before the card and the hashes
+        from surgeon.quantize import RECORD, quantize_export
+
+        quantize_export(folder / "onnx", options["suite"], options["quantize"], options.get("max_accuracy_drop"))
+        files = [p for p in files if p.exists()] + [folder / "onnx" / RECORD]
+    sections = {"ONNX parity": parity_lines(folder), "int8 quantization": quantization_lines(folder)}
+    if (folder / "report.md").is_file():  # before surgery.json hashes the report
         with open(folder / "report.md", "a", encoding="utf-8") as report:
-            report.write("\n## ONNX parity\n\n" + "\n".join(parity) + "\n")
+            for title, lines in sections.items():
+                if lines:
+                    report.write(f"\n## {title}\n\n" + "\n".join(lines) + "\n")
     write_card(loaded, plan, validation, folder, files)
     return files
 
@@ -439,6 +447,12 @@ def export_existing_run(
         )
     for name in dict.fromkeys(formats):
         EXPORTERS.get(name)  # unknown formats fail before the model is loaded
+    if options.get("quantize"):  # fails before the model is loaded: no ONNX, or a model without a default suite
+        from surgeon.validate import build_suite
+
+        if "onnx" not in formats:
+            raise InvalidInput("--quantize needs the ONNX format (--format onnx or both)")
+        options["suite"] = build_suite(model=plan.get("base_model", {}).get("name"))
     if verify:
         verify_run(run_dir)
     loaded = load_model(f"local-dir:{model_dir}", device=device)

@@ -10,6 +10,7 @@ SURGERY_MODULES = ("torch", "torchvision", "open_clip", "safetensors", "matplotl
 EXTRA_OF = {
     **dict.fromkeys(SURGERY_MODULES, "surgery"),
     **dict.fromkeys(("grpc", "grpc_health", "grpc_reflection", "google"), "serve"),
+    "mlserver": "oip",
 }
 
 

@@ -34,6 +34,12 @@ MAX_ASPECT_RATIO = 100  # image width:height; 1x200000 PNGs would resize to 48 x
 ECHO_CHARS = 60
 MAX_TEXT_FILE_BYTES = 256 << 20  # text pools, class names, queries, labels
 MAX_MESSAGE_CHARS = 1000  # any error line, at the CLI's and the service's boundary
+# `surgeon serve-model` (Open Inference Protocol)
+MAX_OIP_ROWS = 1024  # rows (images or texts) of one inference request
+MAX_OIP_TEXT_CHARS = 10_000  # one text (the tokenizer keeps its first 77 tokens anyway)
+MAX_OIP_MESSAGE_BYTES = 64 << 20  # one gRPC message: 1024 RGB 224 px FP32 images are 616 MB, so ~100 per request
+MAX_OIP_BATCH_TIME_MS = 1000.0  # how long adaptive batching may hold a request
+MAX_THREADS = 1024  # onnxruntime intra-op threads
 
 
 def echo(value: object, limit: int = ECHO_CHARS) -> str:

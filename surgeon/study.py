@@ -31,11 +31,12 @@ import numpy as np
 from surgeon import limits
 from surgeon.clipbench import finite
 from surgeon.errors import InvalidInput, NotFound, PreconditionFailed, SurgeonError
+from surgeon.heads import HeadRef
 from surgeon.load import CHECKPOINT_SUFFIXES, LoadedModel
 from surgeon.paths import atomic_write_text, read_json
 from surgeon.policies import POLICIES, RANKING_FREE, SEEDED_POLICIES, PolicyOptions
 from surgeon.progress import progress_bar
-from surgeon.surgery import SURGERIES, HeadRef
+from surgeon.surgery import SURGERIES
 
 TABLE_SCHEMA = "surgeon.study/1"
 CELL_SCHEMA = "surgeon.study-cell/1"

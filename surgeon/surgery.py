@@ -18,8 +18,6 @@ from torch import nn
 from surgeon.decompose import AttentionParams
 from surgeon.errors import InvalidInput
 from surgeon.heads import HeadRef
-from surgeon.heads import parse_heads as parse_heads  # re-exported until the gRPC service imports surgeon.heads
-from surgeon.hooks import TOWERS as TOWERS  # re-exported until the gRPC service imports surgeon.hooks
 from surgeon.hooks import tower_blocks
 from surgeon.pruned import pruned_like
 from surgeon.registry import Registry

@@ -271,6 +271,12 @@ def test_plain_install_serves_an_export_without_torch(plain_venv, zero_run, tmp_
         "error: surgeon rank needs the surgery extra (torch is not installed)",
         "  hint: pip install 'surgeon[surgery]'",
     ]
+    wide = {**env, "COLUMNS": "200"}
+    oip = subprocess.run([surgeon, "serve-model", str(run)], capture_output=True, text=True, env=wide)
+    assert oip.returncode == 5 and oip.stderr.splitlines() == [
+        "error: surgeon serve-model needs the oip extra (mlserver is not installed)",
+        "  hint: pip install 'surgeon[oip]'",
+    ]
 
 
 # ---- Docker: two targets, pinned base, constrained packages ------------------------------------------------
@@ -287,14 +293,15 @@ def test_dockerfile_pins_its_base_and_packages_and_runs_as_a_numeric_user():
     base = next(line for line in lines if line.startswith("ARG PYTHON_IMAGE="))
     assert "@sha256:" in base and len(base.split("@sha256:")[1]) == 64
     stages = [line.split()[-1] for line in lines if line.startswith("FROM ")]
-    assert {"serving", "surgery"} <= set(stages) and stages[-1] == "surgery"  # the default target stays surgery
+    assert {"serving", "oip", "surgery"} <= set(stages) and stages[-1] == "surgery"  # the default target stays surgery
     assert all(line.split()[1] in ("${PYTHON_IMAGE}", *stages) for line in lines if line.startswith("FROM "))
     installs = [cmd for line in lines for cmd in re.split(r";|&&", line) if "pip install" in cmd]
     assert installs and all("-c /tmp/constraints.txt" in line for line in installs if "onnxruntime-gpu" not in line)
     users = [line.split()[1] for line in lines if line.startswith("USER ")]
     assert users and all(part.isdigit() for user in users for part in user.split(":"))
-    health = next(line for line in lines if line.startswith("HEALTHCHECK --interval"))
-    assert "os.environ['SURGEON_PORT']" in health and "ENV SURGEON_PORT=50051" in lines
+    oip, surgery = [line for line in lines if line.startswith("HEALTHCHECK --interval")]
+    assert "os.environ['SURGEON_PORT']" in surgery and "ENV SURGEON_PORT=50051" in lines
+    assert "/v2/health/ready" in oip  # the Open Inference Protocol's readiness: the export verified and loaded
 
 
 def test_constraints_satisfy_every_requirement():
@@ -308,7 +315,7 @@ def test_constraints_satisfy_every_requirement():
             pins[name.lower().replace("_", "-")] = version
     project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     extras = project["optional-dependencies"]
-    for raw in project["dependencies"] + extras["surgery"] + extras["serve"]:
+    for raw in project["dependencies"] + extras["surgery"] + extras["serve"] + extras["oip"]:
         req = Requirement(raw)
         name = req.name.lower().replace("_", "-")
         assert name in pins and req.specifier.contains(pins[name]), (raw, pins.get(name))

@@ -44,8 +44,10 @@ COMMANDS = {
     + ["--skew-k", "--heads", "--n-images"],
     "sweep": ["--counts", "--seed", "--n-images", "--skew-k"],
     "validate": ["--skew-k"],
-    "export": ["--atol"],
+    "export": ["--atol", "--max-accuracy-drop"],
     "infer": ["--top-k", "--batch-size"],
+    "serve-model": ["--http-port", "--grpc-port", "--metrics-port", "--max-batch-size", "--max-batch-time-ms"]
+    + ["--threads"],
 }
 TARGET = {  # a valid request ends at "not found" (exit 3) right after its options were checked: no real work
     "rank": NO_MODEL,
@@ -54,6 +56,7 @@ TARGET = {  # a valid request ends at "not found" (exit 3) right after its optio
     "validate": NO_MODEL,
     "export": ["/nonexistent/surgeon-run"],
     "infer": ["/nonexistent/surgeon-export", "/nonexistent/image.png"],
+    "serve-model": ["/nonexistent/surgeon-export"],  # refused before any port is bound
 }
 
 
@@ -69,10 +72,11 @@ def test_cli_numeric_and_range_options(command, capsys, tmp_path, monkeypatch):
     @FUZZ
     @given(st.lists(st.tuples(st.sampled_from(COMMANDS[command]), values), min_size=1, max_size=4))
     def check(options):
-        args = [command, *TARGET[command]] if command in ("export", "infer") else [command]
+        positional = command in ("export", "infer", "serve-model")
+        args = [command, *TARGET[command]] if positional else [command]
         for name, value in options:
             args += [f"{name}={value}"]  # '=': a value starting with '-' stays a value
-        if command not in ("export", "infer"):
+        if not positional:
             args += TARGET[command]
         code, err = run_cli(*args, capsys=capsys)
         assert code in (2, 3), (args[:6], code, err[-500:])

@@ -168,3 +168,69 @@ def triton_repo(
     for path in configs:
         typer.echo(str(path))
     typer.echo(f"wrote {len(configs)} model(s) into {out_dir}: tritonserver --model-repository {out_dir}")
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """A port already bound fails here with one line, not in the middle of MLServer's start-up."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise PreconditionFailed(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+
+
+def serve_model(
+    export_dir: Annotated[Path, typer.Argument(help="an ONNX export: a run folder, its export folder or onnx/")],
+    name: Annotated[str | None, typer.Option(help="model name prefix (default: the run folder's name)")] = None,
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    http_port: Annotated[int, typer.Option(help="REST port (/v2/...)")] = 8080,
+    grpc_port: Annotated[int, typer.Option(help="gRPC port (inference.GRPCInferenceService)")] = 8081,
+    metrics_port: Annotated[int, typer.Option(help="Prometheus port (/metrics)")] = 8082,
+    max_batch_size: Annotated[int, typer.Option(help="requests adaptive batching merges (1: no batching)")] = 16,
+    max_batch_time_ms: Annotated[float, typer.Option(help="how long a request may wait for others (ms)")] = 2.0,
+    threads: Annotated[int | None, typer.Option(help="onnxruntime intra-op threads (default: all cores)")] = None,
+    no_verify: Annotated[
+        bool, typer.Option("--no-verify", help="skip checking the files against surgery.json's sha256 hashes")
+    ] = False,
+) -> None:
+    """Serve an ONNX export over the Open Inference Protocol (KServe v2 REST + gRPC) with MLServer: adaptive
+    batching, /v2/health/live and /v2/health/ready, Prometheus metrics. Torch-free; needs the oip extra."""
+    limits.text("--name", name)
+    limits.text("--host", host)
+    for option, port in (("--http-port", http_port), ("--grpc-port", grpc_port), ("--metrics-port", metrics_port)):
+        limits.count(option, port, 1, 65535)
+    if len({http_port, grpc_port, metrics_port}) != 3:
+        ports = f"{http_port}, {grpc_port}, {metrics_port}"
+        raise InvalidInput(f"--http-port, --grpc-port and --metrics-port must differ, got {ports}")
+    limits.count("--max-batch-size", max_batch_size, 1, limits.MAX_BATCH_SIZE)
+    limits.number("--max-batch-time-ms", max_batch_time_ms, 0.0, limits.MAX_OIP_BATCH_TIME_MS)
+    limits.count("--threads", threads, 1, limits.MAX_THREADS)
+    from surgeon.runtime.triton import model_prefix
+
+    prefix = model_prefix(export_dir, name)  # a missing export fails before MLServer is imported
+    # ImportError (no mlserver): main() names the oip extra. MLServer registers the inference.* protobuf
+    # messages that tritonclient.grpc registers too: one process cannot import both.
+    from surgeon.runtime.oip import open_export, serve
+
+    open_export(str(export_dir), not no_verify, threads)  # verified and opened before any port is bound
+    for port in (http_port, grpc_port, metrics_port):
+        _check_port_free(host, port)
+    Console(stderr=True).print(
+        f"serving {prefix}_* from {export_dir} on http://{host}:{http_port}/v2, grpc {host}:{grpc_port}, "
+        f"metrics http://{host}:{metrics_port}/metrics",
+        soft_wrap=True,
+    )
+    serve(
+        export_dir,
+        prefix,
+        host,
+        (http_port, grpc_port, metrics_port),
+        max_batch_size,
+        max_batch_time_ms,
+        threads,
+        verify=not no_verify,
+    )

@@ -104,11 +104,14 @@ class ExportedModel:
         providers: Sequence[str] | None = None,
         threads: int | None = None,
         verify: bool = True,
+        writing: bool = False,
     ):
         """`verify`: check the files against the sha256 table of the export's surgery.json first (a folder
-        assembled by hand, without one, is served as it is)."""
+        assembled by hand, without one, is served as it is). `writing`: the writer measuring its own unfinished
+        output (surgeon.quantize), which everyone else is refused."""
         self.root = Path(export_dir)
-        refuse_temporary(self.root, "export")
+        if not writing:
+            refuse_temporary(self.root, "export")
         self.dir = resolve_export_dir(self.root)
         if verify:
             verify_run(self.dir, sorted(p for p in self.dir.iterdir() if p.is_file()), needs_record=False)
@@ -251,6 +254,10 @@ class ExportedModel:
             raise CorruptInput(f"classifier.onnx in {self.dir} has no 'labels' metadata and there is no labels.txt")
         return read_labels(path)
 
+    def classifier_logits(self, pixel_values: np.ndarray) -> np.ndarray:
+        """Preprocessed float32 [N, 3, H, W] -> classifier.onnx's logits [N, C] (100 * cosine)."""
+        return self._run("classifier", np.ascontiguousarray(pixel_values, dtype=np.float32))
+
     def logits(
         self, images: Sequence[ImageInput], labels: Sequence[str] | None = None, batch_size: int = 32
     ) -> tuple[np.ndarray, list[str]]:
@@ -282,7 +289,7 @@ class ExportedModel:
         if top_k < 1:
             raise InvalidInput(f"top-k must be at least 1, got {top_k}")
         logits, names = self.logits(images, labels, batch_size)
-        probs = _softmax(logits.astype(np.float64))
+        probs = softmax(logits.astype(np.float64))
         k = min(top_k, len(names))
         predictions = []
         shown = [str(image) for image in images] if image_names is None else list(image_names)
@@ -293,7 +300,8 @@ class ExportedModel:
         return predictions
 
 
-def _softmax(x: np.ndarray) -> np.ndarray:
+def softmax(x: np.ndarray) -> np.ndarray:
+    """Class probabilities from logits, along the last axis."""
     e = np.exp(x - x.max(axis=-1, keepdims=True))
     return e / e.sum(axis=-1, keepdims=True)
 

@@ -16,6 +16,7 @@ import re
 import shutil
 from pathlib import Path
 
+from surgeon import limits
 from surgeon.errors import CorruptInput, InvalidInput
 from surgeon.paths import atomic_dir
 from surgeon.runtime.session import _GRAPHS, TOKENIZER_SPECS, resolve_export_dir
@@ -68,6 +69,16 @@ def model_config(name: str, filename: str, session, max_batch_size: int, queue_d
     return "\n".join(lines) + "\n"
 
 
+def model_prefix(export_dir: Path, name: str | None = None) -> str:
+    """The models' name prefix (NAME_visual...): `name` if given, else the run folder's name, made URL-safe."""
+    if name is not None:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,200}", name):
+            raise InvalidInput(f"model name {limits.echo(name)!r}: use 1-200 letters, digits, '_', '.' or '-'")
+        return name
+    source = resolve_export_dir(Path(export_dir))
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", (source.parent if source.name == "onnx" else source).name)
+
+
 def write_triton_repository(
     export_dir: Path,
     out: Path,
@@ -84,7 +95,7 @@ def write_triton_repository(
     if queue_delay_us < 0:
         raise InvalidInput(f"--queue-delay-us must be 0 or more, got {queue_delay_us}")
     source = resolve_export_dir(Path(export_dir))
-    name = name or re.sub(r"[^A-Za-z0-9_.-]+", "_", (source.parent if source.name == "onnx" else source).name)
+    name = model_prefix(source, name)
     model = ExportedModel(source, providers=["CPUExecutionProvider"])
     graphs = [g for g, (filename, _, _) in _GRAPHS.items() if (source / filename).is_file()]
     configs = []

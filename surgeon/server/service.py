@@ -31,6 +31,8 @@ from surgeon.bias import bias_protocol
 from surgeon.clipbench import write_validation
 from surgeon.errors import InvalidInput, NotFound, PreconditionFailed, SurgeonError
 from surgeon.export import EXPORTERS, export_existing_run
+from surgeon.heads import parse_heads
+from surgeon.hooks import TOWERS
 from surgeon.images import ImageSet, resolve_images
 from surgeon.judges.base import JUDGES
 from surgeon.load import (
@@ -49,7 +51,7 @@ from surgeon.rank import Ranking, rank_heads
 from surgeon.server.jobs import Job, JobManager, Outcome
 from surgeon.server.operations import abort, find_job, operation, page
 from surgeon.server.paths import Root, inside, resolve_in
-from surgeon.surgery import SURGERIES, TOWERS, parse_heads
+from surgeon.surgery import SURGERIES
 from surgeon.v1 import surgeon_pb2 as pb
 from surgeon.v1 import surgeon_pb2_grpc as pb_grpc
 from surgeon.validate import Gates, ValidationSuite, build_suite, validate

@@ -76,7 +76,7 @@ class RankHeadsRequest(_message.Message):
     no_cache: bool
     out: str
     force: bool
-    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., images: _Optional[_Union[ImageSource, _Mapping]] = ..., texts: _Optional[str] = ..., taxonomy: _Optional[str] = ..., judge: _Optional[str] = ..., layers: _Optional[str] = ..., m: _Optional[int] = ..., rank: _Optional[int] = ..., batch_size: _Optional[int] = ..., no_cache: _Optional[bool] = ..., out: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...
+    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., images: _Optional[_Union[ImageSource, _Mapping]] = ..., texts: _Optional[str] = ..., taxonomy: _Optional[str] = ..., judge: _Optional[str] = ..., layers: _Optional[str] = ..., m: _Optional[int] = ..., rank: _Optional[int] = ..., batch_size: _Optional[int] = ..., no_cache: bool = ..., out: _Optional[str] = ..., force: bool = ...) -> None: ...
 
 class PruneRequest(_message.Message):
     __slots__ = ("model", "ranking", "policy", "k", "heads", "concept", "min_ccs", "seed", "seeds", "mode", "tower", "max_acc_drop", "max_skew", "min_acc", "export_anyway", "export_format", "labels", "atol", "images", "texts", "judge", "layers", "validation", "out", "force")
@@ -130,7 +130,7 @@ class PruneRequest(_message.Message):
     validation: ValidationData
     out: str
     force: bool
-    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., ranking: _Optional[str] = ..., policy: _Optional[str] = ..., k: _Optional[int] = ..., heads: _Optional[str] = ..., concept: _Optional[str] = ..., min_ccs: _Optional[int] = ..., seed: _Optional[int] = ..., seeds: _Optional[int] = ..., mode: _Optional[str] = ..., tower: _Optional[str] = ..., max_acc_drop: _Optional[float] = ..., max_skew: _Optional[float] = ..., min_acc: _Optional[float] = ..., export_anyway: _Optional[bool] = ..., export_format: _Optional[str] = ..., labels: _Optional[str] = ..., atol: _Optional[float] = ..., images: _Optional[_Union[ImageSource, _Mapping]] = ..., texts: _Optional[str] = ..., judge: _Optional[str] = ..., layers: _Optional[str] = ..., validation: _Optional[_Union[ValidationData, _Mapping]] = ..., out: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...
+    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., ranking: _Optional[str] = ..., policy: _Optional[str] = ..., k: _Optional[int] = ..., heads: _Optional[str] = ..., concept: _Optional[str] = ..., min_ccs: _Optional[int] = ..., seed: _Optional[int] = ..., seeds: _Optional[int] = ..., mode: _Optional[str] = ..., tower: _Optional[str] = ..., max_acc_drop: _Optional[float] = ..., max_skew: _Optional[float] = ..., min_acc: _Optional[float] = ..., export_anyway: bool = ..., export_format: _Optional[str] = ..., labels: _Optional[str] = ..., atol: _Optional[float] = ..., images: _Optional[_Union[ImageSource, _Mapping]] = ..., texts: _Optional[str] = ..., judge: _Optional[str] = ..., layers: _Optional[str] = ..., validation: _Optional[_Union[ValidationData, _Mapping]] = ..., out: _Optional[str] = ..., force: bool = ...) -> None: ...
 
 class ValidateRequest(_message.Message):
     __slots__ = ("model", "validation", "out", "force", "language")
@@ -144,7 +144,7 @@ class ValidateRequest(_message.Message):
     out: str
     force: bool
     language: str
-    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., validation: _Optional[_Union[ValidationData, _Mapping]] = ..., out: _Optional[str] = ..., force: _Optional[bool] = ..., language: _Optional[str] = ...) -> None: ...
+    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., validation: _Optional[_Union[ValidationData, _Mapping]] = ..., out: _Optional[str] = ..., force: bool = ..., language: _Optional[str] = ...) -> None: ...
 
 class ExportRequest(_message.Message):
     __slots__ = ("run_dir", "format", "labels", "atol", "out", "force")
@@ -160,7 +160,7 @@ class ExportRequest(_message.Message):
     atol: float
     out: str
     force: bool
-    def __init__(self, run_dir: _Optional[str] = ..., format: _Optional[str] = ..., labels: _Optional[str] = ..., atol: _Optional[float] = ..., out: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...
+    def __init__(self, run_dir: _Optional[str] = ..., format: _Optional[str] = ..., labels: _Optional[str] = ..., atol: _Optional[float] = ..., out: _Optional[str] = ..., force: bool = ...) -> None: ...
 
 class HeadScore(_message.Message):
     __slots__ = ("name", "layer", "head", "label", "ccs", "texts", "verdicts", "variance")
@@ -215,7 +215,7 @@ class RankHeadsResult(_message.Message):
     image_count: int
     skipped_images: int
     ranking_sha256: str
-    def __init__(self, run_dir: _Optional[str] = ..., files: _Optional[_Iterable[str]] = ..., model: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., layers: _Optional[_Iterable[int]] = ..., m: _Optional[int] = ..., heads: _Optional[_Iterable[_Union[HeadScore, _Mapping]]] = ..., ccs_distribution: _Optional[_Mapping[str, float]] = ..., cached_stats: _Optional[bool] = ..., image_count: _Optional[int] = ..., skipped_images: _Optional[int] = ..., ranking_sha256: _Optional[str] = ...) -> None: ...
+    def __init__(self, run_dir: _Optional[str] = ..., files: _Optional[_Iterable[str]] = ..., model: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., layers: _Optional[_Iterable[int]] = ..., m: _Optional[int] = ..., heads: _Optional[_Iterable[_Union[HeadScore, _Mapping]]] = ..., ccs_distribution: _Optional[_Mapping[str, float]] = ..., cached_stats: bool = ..., image_count: _Optional[int] = ..., skipped_images: _Optional[int] = ..., ranking_sha256: _Optional[str] = ...) -> None: ...
 
 class PrunedHead(_message.Message):
     __slots__ = ("name", "layer", "head", "reason", "label", "ccs")
@@ -271,7 +271,7 @@ class PruneResult(_message.Message):
     gate_failures: _containers.RepeatedScalarFieldContainer[str]
     exported: bool
     plan: _struct_pb2.Struct
-    def __init__(self, run_dir: _Optional[str] = ..., files: _Optional[_Iterable[str]] = ..., policy: _Optional[str] = ..., mode: _Optional[str] = ..., tower: _Optional[str] = ..., heads: _Optional[_Iterable[_Union[PrunedHead, _Mapping]]] = ..., before: _Optional[_Mapping[str, float]] = ..., after: _Optional[_Mapping[str, float]] = ..., gate_failures: _Optional[_Iterable[str]] = ..., exported: _Optional[bool] = ..., plan: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+    def __init__(self, run_dir: _Optional[str] = ..., files: _Optional[_Iterable[str]] = ..., policy: _Optional[str] = ..., mode: _Optional[str] = ..., tower: _Optional[str] = ..., heads: _Optional[_Iterable[_Union[PrunedHead, _Mapping]]] = ..., before: _Optional[_Mapping[str, float]] = ..., after: _Optional[_Mapping[str, float]] = ..., gate_failures: _Optional[_Iterable[str]] = ..., exported: bool = ..., plan: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class ValidateResult(_message.Message):
     __slots__ = ("model", "summary", "report", "out", "files")
@@ -386,7 +386,7 @@ class ModelInfo(_message.Message):
     pretrained_tags: _containers.RepeatedScalarFieldContainer[str]
     description: str
     cached_pretrained_tags: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[ModelInfo.Kind, str]] = ..., available: _Optional[bool] = ..., pretrained_tags: _Optional[_Iterable[str]] = ..., description: _Optional[str] = ..., cached_pretrained_tags: _Optional[_Iterable[str]] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[ModelInfo.Kind, str]] = ..., available: bool = ..., pretrained_tags: _Optional[_Iterable[str]] = ..., description: _Optional[str] = ..., cached_pretrained_tags: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models", "next_page_token")

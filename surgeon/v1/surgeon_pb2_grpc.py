@@ -6,7 +6,7 @@ import warnings
 from google.longrunning import operations_pb2 as google_dot_longrunning_dot_operations__pb2
 from surgeon.v1 import surgeon_pb2 as surgeon_dot_v1_dot_surgeon__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.80.1'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -26,7 +26,7 @@ if _version_not_supported:
     )
 
 
-class SurgeonStub:
+class SurgeonStub(object):
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -72,7 +72,7 @@ class SurgeonStub:
                 _registered_method=True)
 
 
-class SurgeonServicer:
+class SurgeonServicer(object):
     """Missing associated documentation comment in .proto file."""
 
     def RankHeads(self, request, context):
@@ -177,7 +177,7 @@ def add_SurgeonServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class Surgeon:
+class Surgeon(object):
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod

@@ -1,0 +1,226 @@
+"""`surgeon serve-model`: an ONNX export over the Open Inference Protocol (MLServer), exercised with Triton's
+own client (tritonclient) over gRPC and REST on loopback. The server runs as the real CLI in a subprocess where
+`import torch` fails, so the serving path is proven torch-free."""
+
+from __future__ import annotations
+
+import base64
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from surgeon.runtime.session import ExportedModel
+from tests.test_runtime import LABELS, _write_image, exported  # noqa: F401 - the session fixture: a tiny real export
+
+REPO = Path(__file__).resolve().parents[1]
+NAME = "tiny"
+STARTUP_S = 90
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct ephemeral ports, free when asked (the kernel's choice)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def no_torch_env(tmp: Path) -> dict[str, str]:
+    """This environment with a sitecustomize that makes `import torch` fail, ahead of the worktree."""
+    blocker = tmp / "no-torch"
+    blocker.mkdir(exist_ok=True)
+    (blocker / "sitecustomize.py").write_text("import sys\nsys.modules['torch'] = None\n", encoding="utf-8")
+    path = os.pathsep.join([str(blocker), str(REPO), os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "PYTHONPATH": path}
+
+
+def serve_command(export: Path, ports: list[int], *extra: str) -> list[str]:
+    http, grpc, metrics = map(str, ports)
+    options = ["--name", NAME, "--http-port", http, "--grpc-port", grpc, "--metrics-port", metrics, "--threads", "1"]
+    return [sys.executable, "-m", "surgeon", "serve-model", str(export), *options, *extra]
+
+
+@pytest.fixture(scope="module")
+def server(exported, tmp_path_factory):  # noqa: F811
+    """(export folder, http url, grpc url, metrics url) of a running `surgeon serve-model`."""
+    _, root, _ = exported
+    ports = free_ports(3)
+    log = tmp_path_factory.mktemp("oip") / "server.log"
+    env = no_torch_env(log.parent)
+    with open(log, "wb") as sink:
+        process = subprocess.Popen(
+            serve_command(root, ports, "--max-batch-size", "8", "--max-batch-time-ms", "20"),
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    http = f"127.0.0.1:{ports[0]}"
+    client = httpclient.InferenceServerClient(http)
+    deadline = time.monotonic() + STARTUP_S
+    try:
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"serve-model exited {process.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                if client.is_server_ready():
+                    break
+            except Exception:  # noqa: BLE001 - not listening yet
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"serve-model not ready after {STARTUP_S} s:\n{log.read_text()[-3000:]}")
+            time.sleep(0.2)
+        yield root, http, f"127.0.0.1:{ports[1]}", f"http://127.0.0.1:{ports[2]}/metrics"
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def scrape(url: str) -> dict[str, float]:
+    """Prometheus text format -> {'name{labels}': value}."""
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line[:1] != "#"}
+
+
+def _pixels(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, 3, 32, 32)).astype(np.float32)
+
+
+def _grpc_infer(url: str, model: str, name: str, array: np.ndarray, datatype: str, outputs: list[str]) -> list:
+    client = grpcclient.InferenceServerClient(url)
+    tensor = grpcclient.InferInput(name, list(array.shape), datatype)
+    tensor.set_data_from_numpy(array)
+    result = client.infer(model, [tensor], outputs=[grpcclient.InferRequestedOutput(o) for o in outputs])
+    return [result.as_numpy(o) for o in outputs]
+
+
+def _http_infer(url: str, model: str, name: str, array: np.ndarray, datatype: str, outputs: list[str]) -> list:
+    client = httpclient.InferenceServerClient(url)
+    tensor = httpclient.InferInput(name, list(array.shape), datatype)
+    tensor.set_data_from_numpy(array, binary_data=False)  # MLServer's REST speaks JSON tensors
+    requested = [httpclient.InferRequestedOutput(o, binary_data=False) for o in outputs]
+    result = client.infer(model, [tensor], outputs=requested)
+    return [result.as_numpy(o) for o in outputs]
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_round_trip_equals_a_direct_onnxruntime_session(server, protocol, tmp_path):
+    root, http, grpc, _ = server
+    infer, url = (_grpc_infer, grpc) if protocol == "grpc" else (_http_infer, http)
+    direct = ExportedModel(root)
+    pixels = _pixels(3)
+    (image,) = infer(url, f"{NAME}_visual", "pixel_values", pixels, "FP32", ["image_embeds"])
+    np.testing.assert_allclose(image, direct.encode_pixels(pixels), atol=1e-5, rtol=0)
+    files = [_write_image(tmp_path / f"{i}.png", 40 + 7 * i, 30, i) for i in range(3)]
+    encoded = [path.read_bytes() for path in files]  # gRPC carries bytes; REST's JSON carries base64 strings
+    payload = encoded if protocol == "grpc" else [base64.b64encode(data).decode() for data in encoded]
+    (from_files,) = infer(url, f"{NAME}_image", "image", np.array(payload, dtype=object), "BYTES", ["image_embeds"])
+    np.testing.assert_allclose(from_files, direct.encode_images(files), atol=1e-5, rtol=0)
+    texts = np.array(["a photo of a dog", "red", "the city of Paris"], dtype=object)
+    (text,) = infer(url, f"{NAME}_text", "text", texts, "BYTES", ["text_embeds"])
+    np.testing.assert_allclose(text, direct.encode_texts(list(texts)), atol=1e-5, rtol=0)
+    logits, probs, labels = infer(
+        url, f"{NAME}_classifier", "pixel_values", pixels, "FP32", ["logits", "probabilities", "label"]
+    )
+    expected = direct.classifier_logits(pixels)
+    np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    assert [x.decode() if isinstance(x, bytes) else x for x in labels] == [LABELS[i] for i in expected.argmax(1)]
+
+
+def test_concurrent_requests_are_batched_and_answered_in_order(server):
+    root, _, grpc, metrics = server
+    direct = ExportedModel(root)
+    inputs = [_pixels(1 + i % 3, seed=i) for i in range(16)]
+
+    def one(array: np.ndarray) -> np.ndarray:
+        return _grpc_infer(grpc, f"{NAME}_visual", "pixel_values", array, "FP32", ["image_embeds"])[0]
+
+    before = scrape(metrics)
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(one, inputs))
+    for array, answer in zip(inputs, answers, strict=True):  # each caller gets its own rows back
+        np.testing.assert_allclose(answer, direct.encode_pixels(array), atol=1e-5, rtol=0)
+    after = scrape(metrics)
+
+    def grew(name: str, labels: str) -> float:
+        return after[f"{name}{{{labels}}}"] - before.get(f"{name}{{{labels}}}", 0.0)
+
+    assert grew("surgeon_oip_batch_rows_sum", f'model="{NAME}_visual"') == sum(len(a) for a in inputs)
+    runs = grew("surgeon_oip_batch_rows_count", f'model="{NAME}_visual"')
+    assert runs < len(inputs)  # adaptive batching merged concurrent requests into fewer onnxruntime runs
+    assert grew("model_infer_request_success_total", f'model="{NAME}_visual",version=""') == len(inputs)
+
+
+def test_health_and_metadata(server):
+    _, http, grpc, _ = server
+    for client in (httpclient.InferenceServerClient(http), grpcclient.InferenceServerClient(grpc)):
+        assert client.is_server_live() and client.is_server_ready()
+        for graph in ("visual", "image", "text", "classifier"):
+            assert client.is_model_ready(f"{NAME}_{graph}")
+    assert not httpclient.InferenceServerClient(http).is_model_ready(f"{NAME}_nothing")
+    meta = httpclient.InferenceServerClient(http).get_model_metadata(f"{NAME}_visual")
+    assert meta["inputs"] == [{"name": "pixel_values", "datatype": "FP32", "shape": [-1, 3, 32, 32]}]
+    assert meta["outputs"][0]["name"] == "image_embeds" and meta["outputs"][0]["shape"] == [-1, 32]
+
+
+@pytest.mark.parametrize(
+    ("model", "name", "array", "datatype", "message"),
+    [
+        ("visual", "pixels", _pixels(1), "FP32", "takes one input, 'pixel_values'"),
+        ("visual", "pixel_values", np.zeros((1, 3, 16, 16), np.float32), "FP32", "must be [N, 3, 32, 32]"),
+        ("visual", "pixel_values", np.zeros((1, 3, 32, 32), np.int64), "INT64", "must be FP32"),
+        ("text", "text", np.array(["x" * 10_001], dtype=object), "BYTES", "more than 10,000"),
+        ("image", "image", np.array([b"not an image"], dtype=object), "BYTES", "image #0"),
+    ],
+)
+def test_bad_payloads_are_protocol_errors(server, model, name, array, datatype, message):
+    _, http, grpc, _ = server
+    with pytest.raises(InferenceServerException) as grpc_error:
+        _grpc_infer(grpc, f"{NAME}_{model}", name, array, datatype, [])
+    assert grpc_error.value.status() == "StatusCode.INVALID_ARGUMENT" and message in grpc_error.value.message()
+    with pytest.raises(InferenceServerException) as http_error:
+        _http_infer(http, f"{NAME}_{model}", name, array, datatype, [])
+    assert http_error.value.status() == "400" and message in http_error.value.message()
+
+
+def test_unknown_model_is_not_found(server):
+    _, _, grpc, _ = server
+    with pytest.raises(InferenceServerException) as error:
+        _grpc_infer(grpc, "nope", "pixel_values", _pixels(1), "FP32", [])
+    assert error.value.status() == "StatusCode.NOT_FOUND"
+
+
+def test_cli_refuses_bad_exports_and_taken_ports_in_one_line(exported, tmp_path):  # noqa: F811
+    _, root, _ = exported
+    env = no_torch_env(tmp_path)
+    missing = subprocess.run(
+        serve_command(tmp_path / "nothing", free_ports(3)), capture_output=True, text=True, env=env
+    )
+    assert missing.returncode == 3 and missing.stderr.startswith("error: export folder not found"), missing.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        ports = [taken.getsockname()[1], *free_ports(2)]
+        busy = subprocess.run(serve_command(root, ports), capture_output=True, text=True, env=env, timeout=60)
+    assert busy.returncode == 5 and "cannot listen on 127.0.0.1" in busy.stderr and "Traceback" not in busy.stderr
+    bad = subprocess.run(serve_command(root, free_ports(3), "--max-batch-size", "0"), capture_output=True, text=True)
+    assert bad.returncode == 2 and "--max-batch-size" in bad.stderr
