@@ -1,7 +1,8 @@
 """Jobs behind the long-running operations: a fixed pool of worker threads, a bounded queue, progress,
 cancellation at the next step, and a drain for shutdown.
 
-A job body is a function of the Job; it reports progress with `job.step(...)`, which is also where a
+A job body is a function of the Job; library calls inside it report their steps through surgeon.progress
+(an Observer that calls `job.step(...)`), which is also where a
 cancelled job stops (JobCancelled). Paths a job has written are registered with `job.created(path)` and are
 removed when the job is cancelled or fails afterwards, so a stopped job leaves nothing half-written."""
 
@@ -22,7 +23,7 @@ import grpc
 from surgeon.errors import NotFound, PreconditionFailed, SurgeonError
 from surgeon.limits import clip, echo
 from surgeon.paths import publish_check, remove_path
-from surgeon.progress import stop_points
+from surgeon.progress import observed
 
 log = logging.getLogger("surgeon.server")
 
@@ -135,7 +136,7 @@ class Job:
             self._record()
         log.info("%s %s started", self.kind, self.name)
         try:
-            with publish_check(self._commit), stop_points(self._stop_point):
+            with publish_check(self._commit), observed(_JobObserver(self)):
                 outcome = self.body(self)
             with self.cond:
                 if self._cancel:
@@ -189,6 +190,21 @@ class Job:
         for path in self._created:
             remove_path(path)
         self._created.clear()
+
+
+class _JobObserver:
+    """The library's steps as operation metadata: `stage` names the step, `fraction` and `message` its progress
+    (items done of the step's total); a cancelled job stops at the next step or stop point."""
+
+    def __init__(self, job: Job):
+        self.job = job
+
+    def step(self, stage: str, done: int, total: int | None) -> None:
+        fraction = done / total if total else 0.0
+        self.job.step(stage, fraction, f"{done}/{total}" if total else (f"{done}" if done else ""))
+
+    def check(self) -> None:
+        self.job._stop_point()
 
 
 def _status(error: SurgeonError) -> tuple[grpc.StatusCode, str, str, str]:

@@ -1,24 +1,22 @@
 """surgeon.v1.Surgeon: rank, prune, validate and export as long-running jobs over gRPC.
 
-A thin shell over the library functions the CLI calls (load_model, resolve_images, load_pool, rank_heads,
-build_suite, prune, validate, export_existing_run). Each job RPC checks its request at once (bad options,
+A thin shell over surgeon.api, as the CLI is: each RPC maps its request to the job's spec (defaults from the
+spec, every path confined to the server's roots) and runs it in a job. Each RPC checks its spec at once (bad options,
 unknown models, paths outside the server's roots: an immediate error status), then queues a job and returns
 its Operation; what can only fail while the job runs (a layer spec beyond the model, a gate) ends up in the
 Operation's error, with the same code mapping (SurgeonError.grpc_code)."""
 
 from __future__ import annotations
 
-import contextlib
 import hmac
 import json
 import logging
 import math
 import os
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -27,37 +25,40 @@ from google.longrunning import operations_pb2
 from google.protobuf import json_format, struct_pb2
 
 from surgeon import limits
-from surgeon.bias import bias_protocol
-from surgeon.clipbench import write_validation
+from surgeon.api import (
+    EXPORT_FORMATS,
+    ExportSpec,
+    ModelSpec,
+    PruneSpec,
+    RankSpec,
+    ValidateSpec,
+    ValidationSpec,
+    run_export,
+    run_prune,
+    run_rank,
+    run_validate,
+)
 from surgeon.errors import InvalidInput, NotFound, PreconditionFailed, SurgeonError
-from surgeon.export import EXPORTERS, export_existing_run
-from surgeon.heads import parse_heads
 from surgeon.hooks import TOWERS
-from surgeon.images import ImageSet, resolve_images
 from surgeon.judges.base import JUDGES
 from surgeon.load import (
     CHECKPOINT_SUFFIXES,
     TOY_MODEL_DIR,
     TOY_MODEL_NAME,
-    LoadedModel,
     cached_pretrained_tags,
-    load_model,
 )
 from surgeon.paths import newest_run, refuse_temporary
-from surgeon.policies import POLICIES, PolicyOptions
-from surgeon.pools import load_pool
-from surgeon.prune import prune
-from surgeon.rank import Ranking, rank_heads
+from surgeon.policies import POLICIES
+from surgeon.rank import Ranking
 from surgeon.server.jobs import Job, JobManager, Outcome
 from surgeon.server.operations import abort, find_job, operation, page
 from surgeon.server.paths import Root, inside, resolve_in
 from surgeon.surgery import SURGERIES
 from surgeon.v1 import surgeon_pb2 as pb
 from surgeon.v1 import surgeon_pb2_grpc as pb_grpc
-from surgeon.validate import Gates, ValidationSuite, build_suite, validate
+from surgeon.validate import ValidationSuite
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Surgeon"].full_name
-EXPORT_FORMATS = {"safetensors": ["safetensors"], "onnx": ["onnx"], "both": ["safetensors", "onnx"]}  # as the CLI
 CACHE_CHECK_S = 60.0  # how old ListModels' view of the local weights cache may be
 REMOTE_JUDGES = ("lexicon", "embedding")  # llm would make the server call a client-chosen URL
 POLICY_INFO = {  # what ListPolicies says about each policy, and the PruneRequest fields it reads
@@ -102,44 +103,6 @@ def _numbers(summary: dict) -> dict[str, float]:
         for k, v in summary.items()
         if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
     }
-
-
-# ---- the stats cache is shared between jobs: one job computes a key, others with the same key wait ----
-
-_stats_locks: dict[str, threading.Lock] = {}
-_stats_guard = threading.Lock()
-
-
-def _stats_lock(loaded: LoadedModel, images: ImageSet, layers: str | None) -> threading.Lock:
-    from surgeon.collect import stats_key
-    from surgeon.decompose import parse_layers, vision_layout
-
-    n_layers, _ = vision_layout(loaded.model.visual)
-    key = stats_key(loaded, images, parse_layers(layers, n_layers))
-    with _stats_guard:
-        return _stats_locks.setdefault(key, threading.Lock())
-
-
-# ---- pyplot (the heatmap) and torch.onnx.export keep global state: one job at a time in each ----
-
-_plot_lock = threading.Lock()
-_onnx_lock = threading.Lock()
-
-
-def _onnx_guard(formats: list[str]):
-    return _onnx_lock if "onnx" in formats else contextlib.nullcontext()
-
-
-def _track(job: Job, images: ImageSet, stage: str, start: float, end: float) -> ImageSet:
-    """Report progress per image and stop there when the job is cancelled."""
-    load, total = images.load, max(images.count, 1)
-
-    def tracked(index: int):
-        job.step(stage, start + (end - start) * index / total, f"image {index + 1}/{images.count}")
-        return load(index)
-
-    images.load = tracked
-    return images
 
 
 class Requests:
@@ -206,31 +169,33 @@ class Requests:
             return spec or None
         return str(self.data_file(spec, "text pool"))
 
-    def suite(self, data: pb.ValidationData) -> Callable[[], ValidationSuite]:
-        """A builder of the validation suite; file-based suites are built (and their manifests checked) now."""
-        skew_k = _opt(data, "skew_k", 10)
-        limits.validation_options(skew_k)
-        desired = data.desired or None
-        if desired not in (None, "uniform", "set"):
-            raise InvalidInput(f"unknown desired distribution {desired!r}", hint="choose uniform or set")
-        protocol = data.bias_protocol or "surgeon"
-        bias_protocol(protocol, desired)  # an unknown protocol, or a desired the protocol fixes otherwise
+    def suite(
+        self, data: pb.ValidationData, language: str = ""
+    ) -> tuple[ValidationSpec, Callable[[str | None], ValidationSuite]]:
+        """The validation spec, and a builder of its suite for a model: file-based suites are built (and their
+        manifests checked against the data root) now, the toy's in the job."""
         root = self.config.data
         folder = resolve_in([root], data.data, "validation data", "any") if data.data else None
         if folder is not None and folder.is_dir():
             root.check_tree(folder, "validation data")
         files = [self.data_file(getattr(data, f), f) for f in ("classnames", "templates", "bias_data", "queries")]
-        if folder is None and files[2] is None:
-            if any(files):
-                raise InvalidInput("classnames/templates/queries need data or bias_data")
-            return lambda: build_suite(skew_k=skew_k, desired=desired, protocol=protocol)  # toy: built in the job
-        suite = build_suite(
-            folder, *files, skew_k=skew_k, desired=desired, protocol=protocol, bias_split_by=data.bias_split_by or None
+        spec = ValidationSpec(
+            folder,
+            *files,
+            skew_k=_opt(data, "skew_k", ValidationSpec.skew_k),
+            desired=data.desired or None,
+            bias_protocol=data.bias_protocol or ValidationSpec.bias_protocol,
+            bias_split_by=data.bias_split_by or None,
+            language=language or ValidationSpec.language,
         )
+        spec.check()
+        if spec.is_toy:
+            return spec, spec.build  # a real model without data fails there, as in the CLI: no toy fallback
+        suite = spec.build(None)
         for images in [t.images for t in suite.tasks] + ([suite.bias.images] if suite.bias else []):
             for path in images if isinstance(images, list) else []:
                 root.check_inside(path, "validation image")  # manifests may not point outside the data root
-        return lambda: suite
+        return spec, lambda _model: suite
 
     def out(self, raw: str, kind: str, force: bool, default: Path | None = None) -> Path:
         """An output folder (or file) inside the exports root; new ones get a unique name."""
@@ -263,43 +228,30 @@ class Requests:
     def rank_heads(self, request: pb.RankHeadsRequest) -> tuple[Callable[[Job], Outcome], list[Path]]:
         model, pretrained = self.model(request.model)
         images, n_images = self.images(request.images)
-        texts = self.texts(request.texts)
         taxonomy = self.data_file(request.taxonomy, "taxonomy")
-        judge = self.judge(request.judge)
-        m, rank, batch_size = _opt(request, "m", 5), _opt(request, "rank", 80), _opt(request, "batch_size", 64)
-        limits.rank_options(m=m, span_rank=rank, batch_size=batch_size, layers=request.layers)
-        out = self.out(request.out, "rank", request.force)
-        layers = request.layers or None
-        device = self.config.device
+        spec = RankSpec(
+            model=ModelSpec(model, pretrained, self.config.device),
+            images=images,
+            n_images=n_images,
+            texts=self.texts(request.texts),
+            taxonomy=str(taxonomy) if taxonomy else None,
+            judge=self.judge(request.judge),
+            layers=request.layers or None,
+            m=_opt(request, "m", RankSpec.m),
+            span_rank=_opt(request, "rank", RankSpec.span_rank),
+            batch_size=_opt(request, "batch_size", RankSpec.batch_size),
+            use_cache=not request.no_cache,
+            force=request.force,
+        )
+        spec.check()
+        spec = replace(spec, out_dir=self.out(request.out, "rank", request.force))
 
         def body(job: Job) -> Outcome:
-            job.step("loading model", 0.0)
-            loaded = load_model(model, pretrained, device)
-            job.step("loading images", 0.05)
-            pool = load_pool(texts, loaded.is_toy, str(taxonomy) if taxonomy else None)
-            image_set = _track(job, resolve_images(images, n_images), "head statistics", 0.1, 0.85)
-            with _stats_lock(loaded, image_set, layers):
-                job.step("head statistics", 0.1)
-                ranking = rank_heads(
-                    loaded,
-                    image_set,
-                    pool,
-                    judge=judge,
-                    layers=layers,
-                    m=m,
-                    rank=rank,
-                    batch_size=batch_size,
-                    quiet=True,
-                    use_cache=not request.no_cache,
-                )
-            job.step("writing", 0.9)
-            with _plot_lock:
-                ranking.write(out, force=request.force)
-            job.created(out)
-            job.step("writing", 0.99)
-            return Outcome(self._rank_result(ranking, out))
+            ranking = run_rank(spec).ranking
+            job.created(spec.out_dir)
+            return Outcome(self._rank_result(ranking, spec.out_dir))
 
-        return body, [out]
+        return body, [spec.out_dir]
 
     def _rank_result(self, ranking: Ranking, out: Path) -> pb.RankHeadsResult:
         exports = self.config.exports
@@ -331,108 +283,60 @@ class Requests:
         )
 
     def prune(self, request: pb.PruneRequest) -> tuple[Callable[[Job], Outcome], list[Path]]:
-        policy, mode, tower = request.policy or "debias", request.mode or "zero", request.tower or "vision"
-        POLICIES.get(policy), SURGERIES.get(mode)  # fail before any heavy work, as the CLI does
-        if tower not in TOWERS:
-            raise InvalidInput(f"unknown tower {tower!r}", hint=f"choose one of {', '.join(TOWERS)}")
-        export = request.export_format or "safetensors"
-        if export not in EXPORT_FORMATS:
-            raise InvalidInput(f"unknown export format {export!r}", hint="choose safetensors, onnx or both")
-        formats = sorted({"safetensors", *EXPORT_FORMATS[export]}, reverse=True)  # the checkpoint always travels
-        k, seeds = _opt(request, "k"), _opt(request, "seeds", 1)
-        atol = _opt(request, "atol", 1e-4)
-        limits.prune_options(
-            k,
-            request.seed,
-            seeds,
-            _opt(request, "min_ccs"),
-            _opt(request, "max_acc_drop"),
-            _opt(request, "max_skew"),
-            _opt(request, "min_acc"),
-            atol,
-        )
-        limits.text("layers", request.layers)
-        if request.heads:
-            parse_heads(request.heads)  # malformed heads fail now
         model, pretrained = self.model(request.model)
-        ranking, judge = None, None
+        ranking = None
         if request.ranking:
             roots = [self.config.exports, self.config.data]
-            path = resolve_in(roots, request.ranking, "ranking")
-            if path.is_dir():  # resolve the file actually read, so a symlink in the folder cannot lead out
-                path = resolve_in(roots, f"{request.ranking.rstrip('/')}/ranking.json", "ranking", "file")
-            ranking = Ranking.read(path)
-            if k is not None and k > len(ranking.heads):
-                raise InvalidInput(f"k={k} out of range: choose 1..{len(ranking.heads)} (heads in the ranking)")
-        else:
-            judge = self.judge(request.judge)
+            ranking = resolve_in(roots, request.ranking, "ranking")
+            if ranking.is_dir():  # resolve the file actually read, so a symlink in the folder cannot lead out
+                ranking = resolve_in(roots, f"{request.ranking.rstrip('/')}/ranking.json", "ranking", "file")
         images, n_images = self.images(request.images)
-        texts = self.texts(request.texts)
-        suite_for = self.suite(request.validation)
-        labels = self.data_file(request.labels, "labels file")
-        out = self.out(request.out, "prune", request.force)
-        device = self.config.device
-        gates = Gates(
+        validation, suite_for = self.suite(request.validation)
+        spec = PruneSpec(
+            model=ModelSpec(model, pretrained, self.config.device),
+            ranking=ranking,
+            policy=request.policy or PruneSpec.policy,
+            k=_opt(request, "k"),
+            heads=request.heads or None,
+            concept=request.concept or None,
+            min_ccs=_opt(request, "min_ccs"),
+            seed=request.seed,
+            seeds=_opt(request, "seeds", PruneSpec.seeds),
+            mode=request.mode or PruneSpec.mode,
+            tower=request.tower or PruneSpec.tower,
             max_acc_drop=_opt(request, "max_acc_drop"),
             max_skew=_opt(request, "max_skew"),
             min_acc=_opt(request, "min_acc"),
+            export_anyway=request.export_anyway,
+            export=request.export_format or PruneSpec.export,
+            labels=self.data_file(request.labels, "labels file"),
+            atol=_opt(request, "atol", PruneSpec.atol),
+            images=images,
+            n_images=n_images,
+            texts=self.texts(request.texts),
+            judge=PruneSpec.judge if request.ranking else self.judge(request.judge),
+            layers=request.layers or None,
+            validation=validation,
+            force=request.force,
         )
+        spec.check()
+        if ranking is not None and spec.k is not None:
+            heads = len(Ranking.read(ranking).heads)
+            if spec.k > heads:
+                raise InvalidInput(f"k={spec.k} out of range: choose 1..{heads} (heads in the ranking)")
+        out = self.out(request.out, "prune", request.force)
+        spec = replace(spec, out_dir=out)
 
         def body(job: Job) -> Outcome:
-            job.step("loading model", 0.0)
-            loaded = load_model(model, pretrained, device)
-            job.step("loading validation data", 0.05)
-            suite = suite_for()
-            ranked = ranking
-            if ranked is not None:
-                ranked.check_model(loaded)
-            else:
-                pool = load_pool(texts, loaded.is_toy)
-                image_set = _track(job, resolve_images(images, n_images), "head statistics", 0.1, 0.5)
-                with _stats_lock(loaded, image_set, request.layers or None):
-                    job.step("head statistics", 0.1)
-                    ranked = rank_heads(loaded, image_set, pool, judge=judge, layers=request.layers or None, quiet=True)
-            job.step("pruning and validating", 0.55)
-            options = PolicyOptions(
-                k=k,
-                seed=request.seed,
-                heads=request.heads or None,
-                concept=request.concept or None,
-                min_ccs=_opt(request, "min_ccs"),
-                max_acc_drop=gates.max_acc_drop,
-                model_name=loaded.name,
-                pretrained=loaded.pretrained,
-            )
-            reference = None
-            if mode == "mean":
-                reference = _track(job, resolve_images(images, n_images), "reference means", 0.55, 0.6)
-            with _onnx_guard(formats):
-                result = prune(
-                    loaded,
-                    ranked,
-                    suite,
-                    policy,
-                    options,
-                    mode=mode,
-                    tower=tower,
-                    gates=gates,
-                    out_dir=out,
-                    reference=reference,
-                    seeds=seeds,
-                    export_anyway=request.export_anyway,
-                    force=request.force,
-                    exporters=formats,
-                    export_options={"labels": labels, "atol": atol},
-                )
+            result = run_prune(spec, suite=suite_for(model))
             job.created(out)
-            job.step("writing", 0.99)
             exports = self.config.exports
             message = pb.PruneResult(
                 run_dir=exports.relative(out),
                 files=sorted(exports.relative(p) for p in out.rglob("*") if p.is_file()),
-                policy=policy,
-                mode=mode,
-                tower=tower,
+                policy=spec.policy,
+                mode=spec.mode,
+                tower=spec.tower,
                 heads=[
                     pb.PrunedHead(
                         name=h["head"],
@@ -461,24 +365,17 @@ class Requests:
 
     def validate(self, request: pb.ValidateRequest) -> tuple[Callable[[Job], Outcome], list[Path]]:
         model, pretrained = self.model(request.model)
-        suite_for = self.suite(request.validation)
+        validation, suite_for = self.suite(request.validation, request.language)
         out = self.out(request.out, "validate", request.force) if request.out else None
-        language = request.language or "en"
-        device = self.config.device
+        spec = ValidateSpec(ModelSpec(model, pretrained, self.config.device), validation, out, request.force)
+        spec.check()
 
         def body(job: Job) -> Outcome:
-            job.step("loading model", 0.0)
-            loaded = load_model(model, pretrained, device)
-            job.step("loading validation data", 0.1)
-            suite = suite_for()
-            job.step("validating", 0.2)
-            report = validate(loaded, suite)
-            job.step("writing", 0.95)
+            report, files = run_validate(spec, suite=suite_for(model))
             message = pb.ValidateResult(
                 model=report["model"], summary=_numbers(report["summary"]), report=_struct(report)
             )
             if out is not None:
-                files = write_validation(report, out, language, request.force)
                 job.created(out)
                 message.out = self.config.exports.relative(out)
                 message.files.extend(self.config.exports.relative(f) for f in files)
@@ -487,13 +384,6 @@ class Requests:
         return body, [out] if out is not None else []
 
     def export(self, request: pb.ExportRequest) -> tuple[Callable[[Job], Outcome], list[Path]]:
-        export = request.format or "onnx"
-        if export not in EXPORT_FORMATS:
-            raise InvalidInput(f"unknown export format {export!r}", hint="choose safetensors, onnx or both")
-        for name in EXPORT_FORMATS[export]:
-            EXPORTERS.get(name)
-        atol = _opt(request, "atol", 1e-4)
-        limits.export_options(atol)
         exports = self.config.exports
         raw = request.run_dir
         if not raw:  # as the CLI: the newest run folder
@@ -502,24 +392,21 @@ class Requests:
         run_dir = resolve_in([exports], raw, "run folder", "dir")
         refuse_temporary(run_dir, "run folder")  # a killed job's hidden folder is no run
         exports.check_tree(run_dir, "run folder")
-        labels = self.data_file(request.labels, "labels file")
-        out = self.out(request.out, "export", request.force, default=run_dir / f"export-{export}")
-        device = self.config.device
+        spec = ExportSpec(
+            run_dir,
+            format=request.format or ExportSpec.format,
+            labels=self.data_file(request.labels, "labels file"),
+            atol=_opt(request, "atol", ExportSpec.atol),
+            force=request.force,
+            device=self.config.device,
+        )
+        spec.check()
+        out = self.out(request.out, "export", request.force, default=spec.target)
+        spec = replace(spec, out_dir=out)
 
         def body(job: Job) -> Outcome:
-            job.step("exporting", 0.1)
-            with _onnx_guard(EXPORT_FORMATS[export]):
-                files = export_existing_run(
-                    run_dir,
-                    EXPORT_FORMATS[export],
-                    out,
-                    force=request.force,
-                    device=device,
-                    labels=labels,
-                    atol=atol,
-                )
+            files = run_export(spec)
             job.created(out)
-            job.step("writing", 0.99)
             return Outcome(pb.ExportResult(out_dir=exports.relative(out), files=[exports.relative(p) for p in files]))
 
         return body, [out]
