@@ -26,7 +26,7 @@ from surgeon.load import LoadedModel
 from surgeon.pools import read_lines
 from surgeon.quantize import quantization_lines
 from surgeon.registry import Registry
-from surgeon.runfolder import PARITY_FILE, PLAN_SCHEMA, parity_lines
+from surgeon.runfolder import PARITY_FILE, PLAN_SCHEMA, SHARED_WEIGHTS, parity_lines
 
 EXPORTERS: Registry = Registry("export format")
 
@@ -309,9 +309,6 @@ def export_onnx(
         (target / "labels.txt").write_text("\n".join(label_list) + "\n", encoding="utf-8")
         files.append(target / "labels.txt")
     return files
-
-
-SHARED_WEIGHTS = "visual.onnx.data"
 
 
 def _share_visual_weights(target: Path, classifier: OnnxGraph, atol: float) -> None:

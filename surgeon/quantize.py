@@ -53,7 +53,7 @@ def quantize_export(onnx_dir: Path, suite, scheme: str = "int8", max_drop: float
     """Quantize the export in `onnx_dir` in place (a temporary folder the caller publishes atomically) and
     write its record; GateFailed when mean top-1 falls more than `max_drop` points (the caller then keeps
     nothing). The fp32 weights shared through visual.onnx.data are dropped once no graph refers to them."""
-    from surgeon.export import SHARED_WEIGHTS
+    from surgeon.runfolder import SHARED_WEIGHTS
 
     if scheme not in SCHEMES:
         raise InvalidInput(f"unknown quantization {scheme!r}", hint=f"choose {', '.join(SCHEMES)}")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 PLAN_SCHEMA = "surgeon.plan/1"
 PARITY_FILE = "parity.json"  # in the run's onnx/ folder
+SHARED_WEIGHTS = "visual.onnx.data"  # onnx/: the visual weights classifier.onnx reads too
 
 
 def validation_note(plan: dict) -> str:

@@ -426,13 +426,13 @@ def test_manifest_rows_may_use_dotdot_inside_the_data_root(stub, world):
 def gate(monkeypatch):
     """Hold every job at its ranking step until released (no test waits on timing)."""
     release = threading.Event()
-    real = service_module.rank_heads
+    real = service_module.run_rank
 
     def gated(*args, **kwargs):
         assert release.wait(RPC_TIMEOUT), "gate never released"
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(service_module, "rank_heads", gated)
+    monkeypatch.setattr(service_module, "run_rank", gated)
     yield release
     release.set()
 
@@ -503,7 +503,7 @@ def test_a_cancel_after_publishing_is_refused_and_keeps_the_output(stub, world, 
     """Once the output is renamed into place the job is done: removing it could not bring back what a force
     replaced, so a late cancel is refused (issue 13)."""
     written, release = threading.Event(), threading.Event()
-    real = service_module.prune
+    real = service_module.run_prune
 
     def prune_then_hold(*args, **kwargs):
         result = real(*args, **kwargs)
@@ -511,7 +511,7 @@ def test_a_cancel_after_publishing_is_refused_and_keeps_the_output(stub, world, 
         release.wait(RPC_TIMEOUT)
         return result
 
-    monkeypatch.setattr(service_module, "prune", prune_then_hold)
+    monkeypatch.setattr(service_module, "run_prune", prune_then_hold)
     ranked = wait(stub, stub.RankHeads(rank_request(), timeout=RPC_TIMEOUT))
     request = pb.PruneRequest(
         model=pb.ModelRef(model="local-dir:tiny"),

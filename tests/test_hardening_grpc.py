@@ -129,14 +129,14 @@ def test_cancelling_a_force_prune_keeps_the_previous_run(stub, world, monkeypatc
     assert meta(first).state == Meta.STATE_SUCCEEDED, first.error
     before = (world["exports"] / "kept" / "plan.json").read_text()
     started, cancelled = threading.Event(), threading.Event()
-    real = service_module.prune
+    real = service_module.run_prune
 
     def prune_after_cancel(*args, **kwargs):
         started.set()
         assert cancelled.wait(RPC_TIMEOUT)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(service_module, "prune", prune_after_cancel)
+    monkeypatch.setattr(service_module, "run_prune", prune_after_cancel)
     op = stub.Prune(_prune(ranked.run_dir, "kept", "L1.H1", force=True), timeout=RPC_TIMEOUT)
     assert started.wait(RPC_TIMEOUT)
     stub.CancelOperation(operations_pb2.CancelOperationRequest(name=op.name), timeout=RPC_TIMEOUT)
@@ -243,13 +243,13 @@ def test_operations_survive_a_restart(world, tmp_path, monkeypatch):  # noqa: F8
             remote = Client(ch)
             finished = wait(remote, remote.RankHeads(rank_request(), timeout=RPC_TIMEOUT))
             assert meta(finished).state == Meta.STATE_SUCCEEDED, finished.error
-            real = service_module.rank_heads
+            real = service_module.run_rank
 
             def held(*args, **kwargs):
                 release.wait(RPC_TIMEOUT)
                 return real(*args, **kwargs)
 
-            monkeypatch.setattr(service_module, "rank_heads", held)
+            monkeypatch.setattr(service_module, "run_rank", held)
             running = remote.RankHeads(rank_request(), timeout=RPC_TIMEOUT)
         second = SurgeonServer(port=0, **roots).start()  # what a restarted server finds
         try:

@@ -283,18 +283,9 @@ class Requests:
         )
 
     def prune(self, request: pb.PruneRequest) -> tuple[Callable[[Job], Outcome], list[Path]]:
-        model, pretrained = self.model(request.model)
-        ranking = None
-        if request.ranking:
-            roots = [self.config.exports, self.config.data]
-            ranking = resolve_in(roots, request.ranking, "ranking")
-            if ranking.is_dir():  # resolve the file actually read, so a symlink in the folder cannot lead out
-                ranking = resolve_in(roots, f"{request.ranking.rstrip('/')}/ranking.json", "ranking", "file")
-        images, n_images = self.images(request.images)
-        validation, suite_for = self.suite(request.validation)
-        spec = PruneSpec(
-            model=ModelSpec(model, pretrained, self.config.device),
-            ranking=ranking,
+        data = request.validation
+        spec = PruneSpec(  # the options first: a bad number is INVALID_ARGUMENT whatever the paths say
+            model=ModelSpec(request.model.model or None, request.model.pretrained or None, self.config.device),
             policy=request.policy or PruneSpec.policy,
             k=_opt(request, "k"),
             heads=request.heads or None,
@@ -309,15 +300,33 @@ class Requests:
             min_acc=_opt(request, "min_acc"),
             export_anyway=request.export_anyway,
             export=request.export_format or PruneSpec.export,
-            labels=self.data_file(request.labels, "labels file"),
             atol=_opt(request, "atol", PruneSpec.atol),
+            images=request.images.images or None,
+            n_images=_opt(request.images, "n_images"),
+            layers=request.layers or None,
+            validation=ValidationSpec(skew_k=_opt(data, "skew_k", ValidationSpec.skew_k)),
+            force=request.force,
+        )
+        spec.check()
+        model, pretrained = self.model(request.model)
+        ranking = None
+        if request.ranking:
+            roots = [self.config.exports, self.config.data]
+            ranking = resolve_in(roots, request.ranking, "ranking")
+            if ranking.is_dir():  # resolve the file actually read, so a symlink in the folder cannot lead out
+                ranking = resolve_in(roots, f"{request.ranking.rstrip('/')}/ranking.json", "ranking", "file")
+        images, n_images = self.images(request.images)
+        validation, suite_for = self.suite(data)
+        spec = replace(
+            spec,
+            model=ModelSpec(model, pretrained, self.config.device),
+            ranking=ranking,
+            labels=self.data_file(request.labels, "labels file"),
             images=images,
             n_images=n_images,
             texts=self.texts(request.texts),
             judge=PruneSpec.judge if request.ranking else self.judge(request.judge),
-            layers=request.layers or None,
             validation=validation,
-            force=request.force,
         )
         spec.check()
         if ranking is not None and spec.k is not None:
@@ -385,6 +394,14 @@ class Requests:
 
     def export(self, request: pb.ExportRequest) -> tuple[Callable[[Job], Outcome], list[Path]]:
         exports = self.config.exports
+        spec = ExportSpec(
+            Path(),
+            format=request.format or ExportSpec.format,
+            atol=_opt(request, "atol", ExportSpec.atol),
+            force=request.force,
+            device=self.config.device,
+        )
+        spec.check()  # the options first, then the run folder
         raw = request.run_dir
         if not raw:  # as the CLI: the newest run folder
             newest = newest_run(hint="run Prune first, or set run_dir", root=exports.path)
@@ -392,15 +409,7 @@ class Requests:
         run_dir = resolve_in([exports], raw, "run folder", "dir")
         refuse_temporary(run_dir, "run folder")  # a killed job's hidden folder is no run
         exports.check_tree(run_dir, "run folder")
-        spec = ExportSpec(
-            run_dir,
-            format=request.format or ExportSpec.format,
-            labels=self.data_file(request.labels, "labels file"),
-            atol=_opt(request, "atol", ExportSpec.atol),
-            force=request.force,
-            device=self.config.device,
-        )
-        spec.check()
+        spec = replace(spec, run_dir=run_dir, labels=self.data_file(request.labels, "labels file"))
         out = self.out(request.out, "export", request.force, default=spec.target)
         spec = replace(spec, out_dir=out)
 
