@@ -63,11 +63,18 @@ def folder_images(folder: Path, limit: int | None = None) -> ImageSet:
         paths = paths[:limit]
     if not paths:
         raise InvalidInput(f"no images in {folder}", hint=f"expected files ending in {sorted(IMAGE_SUFFIXES)}")
+    identity = f"folder:{files_digest(paths, folder)[:24]}"
+    return ImageSet(identity, str(folder), len(paths), lambda i: open_image(paths[i]))
+
+
+def files_digest(paths: list[Path], root: Path | None = None) -> str:
+    """Identity of image files without reading them: each path (relative to `root` when given), size and
+    modification time."""
     digest = hashlib.sha256()
     for p in paths:
         stat = p.stat()
-        digest.update(f"{p.relative_to(folder)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
-    return ImageSet(f"folder:{digest.hexdigest()[:24]}", str(folder), len(paths), lambda i: open_image(paths[i]))
+        digest.update(f"{p.relative_to(root) if root else p}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
 
 
 def toy_images(n: int, split: str = "val", seed: int = 0) -> ImageSet:

@@ -12,9 +12,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
 from surgeon.errors import GateFailed, InvalidInput
 
 #: the gate: mean zero-shot top-1 may fall at most this many points (int8 vs the fp32 export)
@@ -26,6 +23,9 @@ SCHEMES = ("int8",)
 
 def onnx_mean_accuracy(onnx_dir: Path, suite) -> float:
     """Mean zero-shot top-1 over the suite's classification tasks, with the export's own onnxruntime graphs."""
+    import numpy as np  # here, not at the top: the CLI imports this module (its default gate) at start-up
+    from PIL import Image
+
     from surgeon.runtime.session import ExportedModel
 
     served = ExportedModel(onnx_dir, providers=["CPUExecutionProvider"], verify=False, writing=True)

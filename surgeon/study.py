@@ -320,13 +320,13 @@ def _digest(payload: object) -> str:
 
 def _images_identity(images) -> object:
     """Content of an image array; path, size and modification time of files (as folder_images' identity)."""
+    from surgeon.images import files_digest
     from surgeon.webdata import ShardImages
 
     if isinstance(images, np.ndarray):
         return hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()
     files = images.shards if isinstance(images, ShardImages) else images
-    stamp = [f"{p}|{p.stat().st_size}|{p.stat().st_mtime_ns}" for p in files]
-    return {"files": hashlib.sha256("\n".join(stamp).encode()).hexdigest(), "count": len(images)}
+    return {"files": files_digest(list(files)), "count": len(images)}
 
 
 def data_identity(suite) -> str:
