@@ -6,7 +6,7 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 # surgery: torch, open_clip... (the plain install only serves ONNX exports); serve: gRPC; test: pytest, ruff
 EXTRAS ?= surgery,serve,oip,test
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint typecheck clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -24,9 +24,12 @@ test: setup
 	$(VENV)/bin/ruff check surgeon tests benchmarks
 	$(PY) -m pytest
 
-lint: setup
+lint: setup typecheck
 	$(VENV)/bin/ruff check surgeon tests benchmarks
 	$(VENV)/bin/ruff format --check surgeon tests benchmarks
+
+typecheck: setup
+	$(PY) -m mypy
 
 clean:
 	rm -rf $(VENV) build *.egg-info
