@@ -104,7 +104,9 @@ def rank(
     judge: Annotated[str, typer.Option(help="lexicon, embedding or llm")] = RankSpec.judge,
     layers: Annotated[str | None, typer.Option(help="e.g. 8-11, 3,5, last4 (default) or all")] = None,
     m: Annotated[int, typer.Option("--texts-per-head", "--m", help="texts per head (m)")] = RankSpec.m,
-    span_rank: Annotated[int, typer.Option("--rank", help="TextSpan projection rank")] = RankSpec.span_rank,
+    span_rank: Annotated[
+        int, typer.Option("--span-rank", "--rank", help="TextSpan projection rank")
+    ] = RankSpec.span_rank,
     batch_size: Annotated[int, typer.Option(help="images per forward pass")] = RankSpec.batch_size,
     llm_url: Annotated[str | None, typer.Option(help="OpenAI-compatible endpoint for --judge llm")] = None,
     llm_model: Annotated[list[str] | None, typer.Option(help="judge model(s); several = majority vote")] = None,

@@ -121,7 +121,7 @@ def rank_options(
     """The numbers of `rank` (and of Prune/sweep when they rank first)."""
     images(n_images, toy_images)
     count("m (texts per head)", m, 1, MAX_TEXTS_PER_HEAD)
-    count("rank", span_rank, 1, MAX_SPAN_RANK)
+    count("span_rank", span_rank, 1, MAX_SPAN_RANK)
     count("batch_size", batch_size, 1, MAX_BATCH_SIZE)
     count("checkpoint_every", checkpoint_every, 1, MAX_CHECKPOINT_EVERY)
     text("layers", layers)

@@ -41,7 +41,7 @@ class LoadedModel:
     model_cfg: dict
     device: torch.device
     weights_hash: str = field(default="")
-    extra: dict = field(default_factory=dict)
+    pruned_layout: dict = field(default_factory=dict)  # the "surgeon" entry of a hard-pruned export's config
 
     @property
     def identity(self) -> str:
@@ -58,7 +58,7 @@ class LoadedModel:
             "model_cfg": self.model_cfg,
             "preprocess": self.preprocess_cfg,
             "dtype": str(next(self.model.parameters()).dtype),
-            "pruned_layout": self.extra.get("surgeon", {}),
+            "pruned_layout": self.pruned_layout,
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -344,7 +344,7 @@ def load_model(
             name = f"local-dir:{folder}"
         tokenizer_name = f"local-dir:{folder}"
         pretrained = None
-        extra = {"surgeon": config["surgeon"]} if "surgeon" in config else {}
+        pruned_layout = config.get("surgeon", {})
     else:
         if Path(model).suffix in CHECKPOINT_SUFFIXES and not pretrained:
             raise InvalidInput(
@@ -383,7 +383,7 @@ def load_model(
             clip = build_clip(model_cfg)
             warnings.warn(f"{model} has no --pretrained weights: using a random initialisation", stacklevel=2)
         tokenizer_name = model
-        extra = {}
+        pruned_layout = {}
 
     clip = clip.to(device).eval()
     full_pcfg = asdict(PreprocessCfg())
@@ -401,7 +401,7 @@ def load_model(
         preprocess_cfg=_pcfg_fields(full_pcfg),
         model_cfg=model_cfg,
         device=device,
-        extra=extra,
+        pruned_layout=pruned_layout,
     )
     loaded.weights_hash = weights_hash(clip)
     return loaded

@@ -71,7 +71,7 @@ def prune(
     presets, an explicit list of heads). `language` is recorded in the clip_benchmark result files."""
     from surgeon.export import export_run
 
-    if (loaded.extra.get("surgeon") or {}).get("heads_kept"):
+    if loaded.pruned_layout.get("heads_kept"):
         raise PreconditionFailed(
             "this model is already hard-pruned: its layout would have to be merged with a second pruning",
             hint="prune the original checkpoint once, with every head to remove (e.g. --policy heads)",

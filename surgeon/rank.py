@@ -25,7 +25,7 @@ from surgeon.textspan import textspan_all
 
 # /2: per-head effective TextSpan rank, and the model's forward identity (weights + architecture config). /1
 # rankings came from bases padded with rounding directions (picks 2..m could depend on the batch size).
-RANKING_SCHEMA = "surgeon.ranking/2"
+RANKING_SCHEMA = "surgeon.ranking/3"
 
 
 @dataclass
@@ -52,7 +52,7 @@ class Ranking:
     layers: list[int]
     n_heads: int
     m: int
-    rank: int
+    span_rank: int  # TextSpan projection rank requested (each head records the one it used)
     pool: dict
     judge: str
     heads: list[HeadRank]
@@ -66,7 +66,7 @@ class Ranking:
 
     def clamped_heads(self) -> list[HeadRank]:
         """Heads whose numerical rank was below the requested TextSpan rank."""
-        return [h for h in self.heads if h.effective_rank < self.rank]
+        return [h for h in self.heads if h.effective_rank < self.span_rank]
 
     def clamp_note(self) -> str | None:
         """One line for the terminal when the requested TextSpan rank exceeded some heads' numerical rank."""
@@ -76,7 +76,7 @@ class Ranking:
         used = sorted({h.effective_rank for h in clamped})
         span = f"{used[0]}" if len(used) == 1 else f"{used[0]}-{used[-1]}"
         return (
-            f"TextSpan rank {self.rank} exceeds the numerical rank of {len(clamped)} of {len(self.heads)} heads: "
+            f"TextSpan rank {self.span_rank} exceeds the numerical rank of {len(clamped)} of {len(self.heads)} heads: "
             f"used {span} (directions beyond are float rounding; per head in ranking.json)"
         )
 
@@ -96,9 +96,10 @@ class Ranking:
     def from_dict(cls, data: dict) -> Ranking:
         if not isinstance(data, dict) or data.get("schema") != RANKING_SCHEMA:
             schema = data.get("schema") if isinstance(data, dict) else type(data).__name__
-            hint = "it was made by an older surgeon: rank the model again" if schema == "surgeon.ranking/1" else None
+            older = schema in ("surgeon.ranking/1", "surgeon.ranking/2")
+            hint = "it was made by an older surgeon: rank the model again" if older else None
             raise CorruptInput(f"not a surgeon ranking (schema {schema!r}, expected {RANKING_SCHEMA})", hint=hint)
-        fields = {k: data[k] for k in ("model", "images", "layers", "n_heads", "m", "rank", "pool", "judge")}
+        fields = {k: data[k] for k in ("model", "images", "layers", "n_heads", "m", "span_rank", "pool", "judge")}
         return cls(**fields, heads=[HeadRank(**h) for h in data["heads"]], surgeon_version=data["surgeon_version"])
 
     @classmethod
@@ -156,7 +157,7 @@ def rank_heads(
     judge: str = "lexicon",
     layers: str | None = None,
     m: int = 5,
-    rank: int = 80,
+    span_rank: int = 80,
     batch_size: int = 64,
     quiet: bool = False,
     use_cache: bool = True,
@@ -165,7 +166,7 @@ def rank_heads(
 ) -> Ranking | None:
     """The library function behind `surgeon rank` and the RankHeads RPC. Under torchrun every rank collects
     its shard of the statistics; rank 0 runs TextSpan and the judge and returns the ranking, the others None."""
-    limits.rank_options(m=m, span_rank=rank, batch_size=batch_size, checkpoint_every=checkpoint_every)
+    limits.rank_options(m=m, span_rank=span_rank, batch_size=batch_size, checkpoint_every=checkpoint_every)
     if m > len(pool.lines):
         raise InvalidInput(f"m={m} is larger than the text pool ({len(pool.lines)} lines)")
     judge_impl = make_judge(judge, loaded, pool, **(llm_options or {}))  # fail fast on a bad judge
@@ -183,7 +184,7 @@ def rank_heads(
     texts, _ = pool_embeddings(loaded, pool, quiet=quiet, use_cache=use_cache)
     if not world().is_main:
         return None
-    spans = textspan_all(stats, texts.double(), m=m, rank=rank, quiet=quiet)
+    spans = textspan_all(stats, texts.double(), m=m, span_rank=span_rank, quiet=quiet)
     variance = stats.covariance().diagonal(dim1=-2, dim2=-1).sum(-1) / stats.count
     flat = [(li, h, spans[li][h]) for li in range(len(chosen)) for h in range(stats.n_heads)]
     verdicts = judge_impl.judge([[pool.lines[i] for i in span.picks] for _, _, span in flat])
@@ -212,7 +213,7 @@ def rank_heads(
         layers=list(chosen),
         n_heads=heads_per_layer[chosen[0]],
         m=m,
-        rank=rank,
+        span_rank=span_rank,
         pool={"name": pool.name, "sha256": pool.digest, "size": len(pool.lines)},
         judge=judge,
         heads=heads,

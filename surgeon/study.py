@@ -475,7 +475,9 @@ class _ModelWork:
         key = (cell.policy, cell.seed, cell.mode)
         if key not in self._pruned:
             pruned = replace(
-                self.loaded, model=copy.deepcopy(self.loaded.model), extra=copy.deepcopy(self.loaded.extra)
+                self.loaded,
+                model=copy.deepcopy(self.loaded.model),
+                pruned_layout=copy.deepcopy(self.loaded.pruned_layout),
             )
             if cell.mode == "mean":
                 self.rank_inputs()

@@ -59,16 +59,16 @@ def _eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def textspan(
-    count: int, total: torch.Tensor, outer: torch.Tensor, texts: torch.Tensor, m: int = 5, rank: int = 80
+    count: int, total: torch.Tensor, outer: torch.Tensor, texts: torch.Tensor, m: int = 5, span_rank: int = 80
 ) -> SpanResult:
     """Greedy TextSpan for one head: `total` (D,), `outer` (D, D), `texts` (M, D) L2-normalised."""
     if m <= 0:
         raise InvalidInput(f"m must be positive, got {m}")
-    if rank <= 0:
-        raise InvalidInput(f"rank must be positive, got {rank}")
+    if span_rank <= 0:
+        raise InvalidInput(f"span_rank must be positive, got {span_rank}")
     outer = outer.double()
     values, vectors = _eigh(outer)  # ascending eigenvalues
-    effective = min(rank, numerical_rank(values, count))
+    effective = min(span_rank, numerical_rank(values, count))
     if effective == 0:  # a head that never writes anything: nothing to explain
         return SpanResult((), (), 0)
     basis = vectors[:, -effective:]
@@ -96,7 +96,7 @@ def textspan(
 
 
 def textspan_all(
-    stats: HeadStats, texts: torch.Tensor, m: int = 5, rank: int = 80, quiet: bool = True
+    stats: HeadStats, texts: torch.Tensor, m: int = 5, span_rank: int = 80, quiet: bool = True
 ) -> list[list[SpanResult]]:
     """TextSpan for every head of every analysed layer: result[layer_index][head] (a bar per head unless quiet)."""
     if stats.count < 2:
@@ -104,7 +104,7 @@ def textspan_all(
     with progress_bar("TextSpan", len(stats.layers) * stats.n_heads, quiet) as advance:
 
         def one(li: int, h: int) -> SpanResult:
-            span = textspan(stats.count, stats.total[li, h], stats.outer[li, h], texts, m, rank)
+            span = textspan(stats.count, stats.total[li, h], stats.outer[li, h], texts, m, span_rank)
             advance(1)
             return span
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,7 @@ from PIL import Image
 from surgeon import defaults
 from surgeon.bias import PROTOCOLS, bias_metrics, bias_protocol, headline_keys
 from surgeon.clipbench import dataset_keys, read_json_entry
-from surgeon.errors import GateFailed, InvalidInput, NotFound
+from surgeon.errors import InvalidInput, NotFound
 from surgeon.heads import HeadRef
 from surgeon.hooks import image_embeds, residual_in
 from surgeon.images import open_image
@@ -546,7 +546,6 @@ class Gates:
     max_acc_drop: float | None = None  # points of mean zero-shot top-1
     max_skew: float | None = None
     min_acc: float | None = None  # points, absolute
-    failures: list[str] = field(default_factory=list)
 
     def check_measurable(self, suite: ValidationSuite) -> None:
         if self.max_acc_drop is not None or self.min_acc is not None:
@@ -595,8 +594,3 @@ def markdown_report(before: dict, after: dict | None = None, failures: list[str]
         lines.append("")
         lines.append("Gates: " + ("all passed" if not failures else "FAILED — " + "; ".join(failures)))
     return "\n".join(lines) + "\n"
-
-
-def enforce(failures: list[str]) -> None:
-    if failures:
-        raise GateFailed("validation gate failed: " + "; ".join(failures))

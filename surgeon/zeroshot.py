@@ -7,7 +7,7 @@ open_clip model (anything with ``encode_image`` / ``encode_text``) and tokenizer
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -15,12 +15,6 @@ import torch.nn.functional as F
 
 from surgeon.errors import InvalidInput
 from surgeon.templates import check_templates, fill
-
-ImageInput = torch.Tensor | np.ndarray | Iterable
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _device_of(model: torch.nn.Module, device) -> torch.device:
@@ -67,56 +61,6 @@ def uint8_to_tensor(images: np.ndarray, mean: Sequence[float], std: Sequence[flo
     return (x - m) / s
 
 
-def _batches(images: ImageInput, labels, preprocess, batch_size: int):
-    """Yield (image tensor batch, label tensor batch or None)."""
-    if isinstance(images, np.ndarray):
-        if images.ndim != 4 or images.shape[-1] != 3:
-            raise InvalidInput(f"expected N x H x W x 3 images, got shape {images.shape}")
-        if preprocess is None:
-            raise InvalidInput("numpy images need a preprocess transform (the model's)")
-        from PIL import Image
-
-        for i in range(0, len(images), batch_size):
-            chunk = images[i : i + batch_size]
-            x = torch.stack([preprocess(Image.fromarray(im)) for im in chunk])
-            y = None if labels is None else torch.as_tensor(labels[i : i + batch_size])
-            yield x, y
-    elif isinstance(images, torch.Tensor):
-        if images.ndim != 4:
-            raise InvalidInput(f"expected an N x C x H x W tensor, got shape {tuple(images.shape)}")
-        for i in range(0, len(images), batch_size):
-            y = None if labels is None else torch.as_tensor(labels[i : i + batch_size])
-            yield images[i : i + batch_size], y
-    else:  # a loader of (images, labels) batches
-        for batch in images:
-            if isinstance(batch, (tuple, list)):
-                x, y = batch[0], batch[1]
-            else:
-                x, y = batch, None
-            if preprocess is not None and not isinstance(x, torch.Tensor):
-                from PIL import Image
-
-                x = torch.stack([preprocess(Image.fromarray(np.asarray(im))) for im in x])
-            yield x, (None if y is None else torch.as_tensor(y))
-
-
-@torch.no_grad()
-def encode_images(
-    model, images: ImageInput, preprocess=None, device=None, batch_size: int = 256, labels=None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """L2-normalised image embeddings (N x D, on CPU) and the labels met along the way, if any."""
-    dev = _device_of(model, device)
-    feats, ys = [], []
-    for x, y in _batches(images, labels, preprocess, batch_size):
-        f = model.encode_image(x.to(dev, non_blocking=True)).float()
-        feats.append(F.normalize(f, dim=-1).cpu())
-        if y is not None:
-            ys.append(y.cpu())
-    if not feats:
-        raise InvalidInput("no images to evaluate")
-    return torch.cat(feats), (torch.cat(ys) if ys else None)
-
-
 def metrics_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> dict:
     """acc1, acc5 (top-min(5, C)), mean per-class recall (over classes present), as fractions in [0, 1]."""
     labels = labels.long().view(-1)
@@ -136,43 +80,3 @@ def metrics_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> dict:
         "mean_per_class_recall": float(np.mean(recalls)) if recalls else float("nan"),
         "n": int(n),
     }
-
-
-@torch.no_grad()
-def evaluate(
-    model,
-    tokenizer: Callable,
-    images: ImageInput,
-    labels,
-    classnames: Sequence[str],
-    templates: Sequence[str],
-    *,
-    preprocess=None,
-    device=None,
-    batch_size: int = 256,
-    classifier: torch.Tensor | None = None,
-    image_features: torch.Tensor | None = None,
-) -> dict:
-    """Zero-shot top-1 / top-5 / mean per-class recall of `model` on labelled images.
-
-    images: an N x C x H x W tensor already preprocessed, N x H x W x 3 uint8 numpy images with
-    `preprocess` (the model's transform), or a loader of (images, labels) batches (then `labels` may
-    be None). `classifier` / `image_features` reuse earlier results (e.g. several tasks, same images).
-    """
-    was_training = getattr(model, "training", False)
-    if hasattr(model, "eval"):
-        model.eval()
-    try:
-        if classifier is None:
-            classifier = build_classifier(model, tokenizer, classnames, templates, device, batch_size)
-        if image_features is None:
-            image_features, seen = encode_images(model, images, preprocess, device, batch_size, labels)
-            if labels is None:
-                labels = seen
-        if labels is None:
-            raise InvalidInput("no labels given")
-        logits = 100.0 * image_features.float() @ classifier.float().cpu().T
-        return metrics_from_logits(logits, torch.as_tensor(np.asarray(labels)))
-    finally:
-        if was_training and hasattr(model, "train"):
-            model.train()

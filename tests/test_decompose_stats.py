@@ -90,7 +90,7 @@ def test_textspan_from_stats_matches_explicit_matrix(rank):
     expected = reference_textspan(data, texts, 5, rank)
     stats = HeadStats.empty((0,), 1, dim)
     stats.update(torch.from_numpy(data).view(n, 1, 1, dim))
-    got = textspan(stats.count, stats.total[0, 0], stats.outer[0, 0], torch.from_numpy(texts), m=5, rank=rank)
+    got = textspan(stats.count, stats.total[0, 0], stats.outer[0, 0], torch.from_numpy(texts), m=5, span_rank=rank)
     assert list(got.picks) == expected
     assert len(set(got.picks)) == 5 and got.stds[0] >= got.stds[-1] > 0
 
@@ -105,7 +105,7 @@ def test_textspan_with_fewer_images_than_rank_matches_reference():
         texts /= np.linalg.norm(texts, axis=1, keepdims=True)
         stats = HeadStats.empty((0,), 1, dim)
         stats.update(torch.from_numpy(data).view(n, 1, 1, dim))
-        got = textspan(stats.count, stats.total[0, 0], stats.outer[0, 0], torch.from_numpy(texts), m=5, rank=80)
+        got = textspan(stats.count, stats.total[0, 0], stats.outer[0, 0], torch.from_numpy(texts), m=5, span_rank=80)
         assert list(got.picks) == reference_textspan(data, texts, 5, 80), trial
 
 
@@ -119,7 +119,7 @@ def test_textspan_on_real_head_matches_reference_at_its_numerical_rank(tiny_defa
     stats = HeadStats.empty((2,), 4, 32)
     stats.update(heads)
     for h in range(4):
-        got = textspan(stats.count, stats.total[0, h], stats.outer[0, h], texts, m=5, rank=80)
+        got = textspan(stats.count, stats.total[0, h], stats.outer[0, h], texts, m=5, span_rank=80)
         data = heads[:, 0, h].double().numpy()
         singular = np.linalg.svd(data, compute_uv=False)
         assert 16 <= got.effective_rank <= 19 and singular[got.effective_rank] < 1e-5 * singular[0]
@@ -164,5 +164,5 @@ def test_textspan_stops_when_span_is_exhausted():
     stats = HeadStats.empty((0,), 1, 12)
     stats.update(torch.from_numpy(rng.normal(size=(50, 1, 1, 12))))
     texts = torch.from_numpy(rng.normal(size=(30, 12)))
-    got = textspan(stats.count, stats.total[0, 0], stats.outer[0, 0], texts, m=5, rank=3)
+    got = textspan(stats.count, stats.total[0, 0], stats.outer[0, 0], texts, m=5, span_rank=3)
     assert len(got.picks) == 3

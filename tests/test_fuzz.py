@@ -39,7 +39,7 @@ values = st.one_of(
 )
 
 COMMANDS = {
-    "rank": ["--n-images", "--batch-size", "--m", "--rank", "--checkpoint-every", "--layers"],
+    "rank": ["--n-images", "--batch-size", "--m", "--span-rank", "--checkpoint-every", "--layers"],
     "prune": ["--k", "--seed", "--seeds", "--min-ccs", "--max-acc-drop", "--max-skew", "--min-acc", "--atol"]
     + ["--skew-k", "--heads", "--n-images"],
     "sweep": ["--counts", "--seed", "--n-images", "--skew-k"],

@@ -55,7 +55,7 @@ NO_MODEL = ["--model", "local-dir:/nonexistent/surgeon-model"]  # a valid reques
         (["rank", "--n-images", "2147483647"], "n_images"),  # was: MemoryError
         (["rank", "--checkpoint-every", "-2"], "checkpoint_every"),  # was: "only 0 readable images"
         (["rank", "--m", "0"], "m (texts per head)"),
-        (["rank", "--rank", "100000"], "rank must be"),
+        (["rank", "--span-rank", "100000"], "rank must be"),
         (["prune", "--atol", "-1"], "atol"),  # was: the whole pipeline, then exit 7
         (["prune", "--atol", "nan"], "atol must be a finite number"),
         (["prune", "--k", "0"], "k must be"),

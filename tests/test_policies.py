@@ -33,7 +33,7 @@ def ranking() -> Ranking:
         layers=[2, 3],
         n_heads=4,
         m=5,
-        rank=80,
+        span_rank=80,
         pool={},
         judge="lexicon",
         heads=heads,

@@ -63,10 +63,10 @@ def test_rank_writes_files_and_reuses_cached_statistics(
     assert result.returncode == 0, result.stderr
     assert "fresh statistics over 24 images" in result.stdout
     data = json.loads((out / "ranking.json").read_text())
-    assert data["schema"] == "surgeon.ranking/2" and data["layers"] == [1, 2] and data["m"] == 3
+    assert data["schema"] == "surgeon.ranking/3" and data["layers"] == [1, 2] and data["m"] == 3
     assert len(data["heads"]) == 8 and data["model"]["weights_sha256"] and data["model"]["activation"] == "GELU"
     # the 32-dim joint space cannot hold rank 80: each head's rank is clamped to what its statistics carry
-    assert data["rank"] == 80 and all(16 <= h["effective_rank"] <= 19 for h in data["heads"])
+    assert data["span_rank"] == 80 and all(16 <= h["effective_rank"] <= 19 for h in data["heads"])
     assert "TextSpan rank 80 exceeds the numerical rank of 8 of 8 heads" in result.stdout
     assert abs(sum(data["ccs_distribution"].values()) - 1) < 1e-9
     for head in data["heads"]:

@@ -96,7 +96,7 @@ def test_bars_advance_per_batch(tiny, image_folder, monkeypatch):
     assert steps == [5, 5, 5, 5, 4] and calls["head statistics"]["total"] == 24
     pool_embeddings(tiny, POOL, batch_size=2, quiet=True)
     assert calls["text encoding"]["steps"] == [2, 2, 1]
-    textspan.textspan_all(stats, torch.randn(5, tiny.embed_dim).double(), m=2, rank=4)
+    textspan.textspan_all(stats, torch.randn(5, tiny.embed_dim).double(), m=2, span_rank=4)
     assert calls["TextSpan"] == {"total": 8, "steps": [1] * 8}
 
 
