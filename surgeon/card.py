@@ -7,6 +7,7 @@ from pathlib import Path
 
 from surgeon.load import LoadedModel
 from surgeon.quantize import quantization_lines
+from surgeon.records import Plan
 from surgeon.runfolder import parity_lines, validation_note
 
 
@@ -19,10 +20,10 @@ def _q(value: object) -> str:
 TOY_LICENSE = "mit"
 
 
-def base_model_facts(plan: dict) -> dict[str, str]:
+def base_model_facts(base: dict) -> dict[str, str]:
     """The card's base_model (a Hub id, from open_clip's pretrained config) and license (the base model's:
-    read from its card in the local Hub cache, else `other` linking to it; the toy's is the project's MIT)."""
-    base = plan["base_model"]
+    read from its card in the local Hub cache, else `other` linking to it; the toy's is the project's MIT).
+    `base` is the plan's base_model record."""
     if base["name"] == "toy":
         return {"license": TOY_LICENSE}
     import open_clip
@@ -61,19 +62,17 @@ def _cached_card_license(repo_id: str) -> str | None:
     return None
 
 
-def _front_matter(plan: dict, validation: dict, hard: bool, has_onnx: bool) -> list[str]:
+def _front_matter(plan: Plan, validation: dict, has_onnx: bool) -> list[str]:
     """Hub metadata. library_name says what loads the weights: open_clip for zero/mean pruning; for hard
     pruning open_clip cannot (narrower attention), so it names the ONNX files when there are some, else none.
     Bias metrics have no Hub task type: they stay in the card body."""
-    base = plan["base_model"]
-    base_name = base["name"] + (f"/{base['pretrained']}" if base.get("pretrained") else "")
-    run_name = f"{base_name} pruned ({plan['policy']}, {plan['mode']})"
-    library = "onnx" if hard and has_onnx else None if hard else "open_clip"
-    tags = ["clip", "pruned", "attention-head-pruning", "surgeon", f"policy-{plan['policy']}"]
-    tags += ["onnx"] * has_onnx + ["toy"] * (base["name"] == "toy")
+    run_name = f"{plan.base_identity} pruned ({plan.policy}, {plan.mode})"
+    library = "onnx" if plan.hard and has_onnx else None if plan.hard else "open_clip"
+    tags = ["clip", "pruned", "attention-head-pruning", "surgeon", f"policy-{plan.policy}"]
+    tags += ["onnx"] * has_onnx + ["toy"] * (plan.base_model["name"] == "toy")
     lines = ["---"]
     lines += [f"library_name: {library}"] if library else []
-    lines += [f"{key}: {_q(value)}" for key, value in base_model_facts(plan).items()]
+    lines += [f"{key}: {_q(value)}" for key, value in base_model_facts(plan.base_model).items()]
     lines += ["pipeline_tag: zero-shot-image-classification", "tags:", *[f"- {_q(t)}" for t in tags]]
     results = [e for e in validation.get("after", {}).get("results", []) if e["task"] == "zeroshot_classification"]
     if results:
@@ -93,29 +92,27 @@ def _front_matter(plan: dict, validation: dict, hard: bool, has_onnx: bool) -> l
     return lines
 
 
-def model_card(loaded: LoadedModel, plan: dict, validation: dict, folder: Path) -> str:
+def model_card(loaded: LoadedModel, plan: Plan, validation: dict, folder: Path) -> str:
     from surgeon.validate import markdown_report
 
-    hard = bool(plan["record"].get("heads_kept"))
+    hard = plan.hard
     has_onnx = (folder / "onnx" / "visual.onnx").exists()
-    lines = _front_matter(plan, validation, hard, has_onnx) + [
+    activation = plan.base_model.get("activation")
+    lines = _front_matter(plan, validation, has_onnx) + [
         "",
-        f"# {plan['base_model']['name']} with {len(plan['heads'])} attention head(s) pruned",
+        f"# {plan.base_model['name']} with {len(plan.heads)} attention head(s) pruned",
         "",
-        f"Made by surgeon {plan['surgeon_version']}: heads of the "
-        f"{plan['tower']} tower were ranked by Concept Consistency Score (CCS) and pruned with the "
-        f"`{plan['policy']}` policy in `{plan['mode']}` mode"
+        f"Made by surgeon {plan.surgeon_version}: heads of the "
+        f"{plan.tower} tower were ranked by Concept Consistency Score (CCS) and pruned with the "
+        f"`{plan.policy}` policy in `{plan.mode}` mode"
         + (" (heads physically removed)." if hard else " (weights zeroed or mean-folded; shapes unchanged).")
-        + (f" MLP activation: {plan['base_model']['activation']}." if plan["base_model"].get("activation") else ""),
+        + (f" MLP activation: {activation}." if activation else ""),
         "",
         "## What was pruned and why",
         "",
         "| head | concept label | CCS | reason |",
         "|---|---|---|---|",
-        *[
-            f"| {h['head']} | {h['label'] or '-'} | {'-' if h['ccs'] is None else h['ccs']} | {h['reason']} |"
-            for h in plan["heads"]
-        ],
+        *[f"| {h.head} | {h.label or '-'} | {'-' if h.ccs is None else h.ccs} | {h.reason} |" for h in plan.heads],
         "",
         "## Validation before and after",
         "",

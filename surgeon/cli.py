@@ -341,10 +341,10 @@ def prune(
             {"before": result.before["summary"], "after": result.after["summary"]},
             policy=policy,
             mode=mode,
-            heads=result.plan["heads"],
+            heads=result.plan.to_dict()["heads"],
             gate_failures=result.gate_failures,
             exported=result.exported,
-            seed_mean=result.plan.get("seed_mean"),
+            seed_mean=result.plan.seed_mean,
         )
     else:
         _print_prune(result, policy, mode)
@@ -353,15 +353,15 @@ def prune(
 
 
 def _print_prune(result, policy: str, mode: str) -> None:
-    table = Table(title=f"pruned {len(result.plan['heads'])} head(s): policy {policy}, mode {mode}")
+    table = Table(title=f"pruned {len(result.plan.heads)} head(s): policy {policy}, mode {mode}")
     for column in ("head", "label", "CCS", "reason"):
         table.add_column(column, overflow="fold")
-    for h in result.plan["heads"]:
-        table.add_row(h["head"], h["label"] or "", "" if h["ccs"] is None else str(h["ccs"]), h["reason"])
+    for h in result.plan.heads:
+        table.add_row(h.head, h.label or "", "" if h.ccs is None else str(h.ccs), h.reason)
     out.print(table)
     _print_summary(result.before["summary"], result.after["summary"])
     if result.seeds:
-        out.print(f"random policy over {len(result.seeds)} seeds: mean {result.plan['seed_mean']}")
+        out.print(f"random policy over {len(result.seeds)} seeds: mean {result.plan.seed_mean}")
     _print_parity(result.run_dir if result.exported else None)
     out.print(f"run folder: {result.run_dir}" + ("" if result.exported else " (export skipped: gate failed)"))
 

@@ -25,8 +25,9 @@ from surgeon.integrity import sha256_file, verify_run
 from surgeon.load import LoadedModel
 from surgeon.pools import read_lines
 from surgeon.quantize import quantization_lines
+from surgeon.records import Plan
 from surgeon.registry import Registry
-from surgeon.runfolder import PARITY_FILE, PLAN_SCHEMA, SHARED_WEIGHTS, parity_lines
+from surgeon.runfolder import PARITY_FILE, SHARED_WEIGHTS, parity_lines
 
 EXPORTERS: Registry = Registry("export format")
 
@@ -51,26 +52,22 @@ def run_model_dir(run_dir: Path) -> Path:
     return run_dir if (run_dir / "open_clip_config.json").is_file() else run_dir / "model"
 
 
-def provenance(loaded: LoadedModel, plan: dict, validation: dict) -> dict[str, str]:
+def provenance(loaded: LoadedModel, plan: Plan, validation: dict) -> dict[str, str]:
     """The keys every artifact carries (ONNX metadata_props, safetensors header): strings only."""
-    heads_per_layer: dict[str, list[int]] = {}
-    for h in plan["heads"]:
-        heads_per_layer.setdefault(str(h["layer"]), []).append(h["index"])
     return {
         "surgeon_version": __version__,
         "open_clip_version": open_clip.__version__,
-        "base_model": plan["base_model"]["name"]
-        + (f"/{plan['base_model']['pretrained']}" if plan["base_model"].get("pretrained") else ""),
-        "base_weights_sha256": plan["base_model"]["weights_sha256"],
+        "base_model": plan.base_identity,
+        "base_weights_sha256": plan.base_model["weights_sha256"],
         "pruned_weights_sha256": loaded.weights_hash,
-        "ranking_sha256": plan["ranking_sha256"] or "none (the policy reads no ranking)",
+        "ranking_sha256": plan.ranking_sha256 or "none (the policy reads no ranking)",
         "plan": json.dumps(
             {
-                "policy": plan["policy"],
-                "mode": plan["mode"],
-                "tower": plan["tower"],
-                "seed": plan["seed"],
-                "pruned_heads_per_layer": heads_per_layer,
+                "policy": plan.policy,
+                "mode": plan.mode,
+                "tower": plan.tower,
+                "seed": plan.seed,
+                "pruned_heads_per_layer": plan.heads_per_layer(),
             }
         ),
         "validation": json.dumps(validation.get("after", {}).get("summary", {})),
@@ -79,10 +76,10 @@ def provenance(loaded: LoadedModel, plan: dict, validation: dict) -> dict[str, s
 
 
 @EXPORTERS.register("safetensors")
-def export_safetensors(loaded: LoadedModel, plan: dict, validation: dict, folder: Path, **_options) -> list[Path]:
+def export_safetensors(loaded: LoadedModel, plan: Plan, validation: dict, folder: Path, **_options) -> list[Path]:
     """open_clip_config.json + open_clip_model.safetensors next to README.md: the run folder is a Hub repo that
     open_clip loads as `hf-hub:USER/REPO` (and `local-dir:RUN` here)."""
-    write_local_dir(loaded, folder, plan["record"], provenance(loaded, plan, validation))
+    write_local_dir(loaded, folder, plan.record, provenance(loaded, plan, validation))
     return [folder / "open_clip_config.json", folder / "open_clip_model.safetensors"]
 
 
@@ -252,7 +249,7 @@ def check_onnx(graph: OnnxGraph, path: Path, atol: float) -> float:
 @EXPORTERS.register("onnx")
 def export_onnx(
     loaded: LoadedModel,
-    plan: dict,
+    plan: Plan,
     validation: dict,
     folder: Path,
     labels: Path | None = None,
@@ -360,7 +357,7 @@ def _tokenizer_files(loaded: LoadedModel, target: Path) -> list[Path]:
 
 
 def export_run(
-    loaded: LoadedModel, plan: dict, validation: dict, folder: Path, formats: list[str], **options
+    loaded: LoadedModel, plan: Plan, validation: dict, folder: Path, formats: list[str], **options
 ) -> list[Path]:
     """Write every requested format into `folder` (a temporary run folder renamed by the caller)."""
     if not formats:
@@ -384,7 +381,7 @@ def export_run(
     return files
 
 
-def write_card(loaded: LoadedModel, plan: dict, validation: dict, folder: Path, files: list[Path]) -> None:
+def write_card(loaded: LoadedModel, plan: Plan, validation: dict, folder: Path, files: list[Path]) -> None:
     """README.md (Hugging Face model card) and surgery.json (same facts, machine-readable, with hashes)."""
     from surgeon.card import model_card
 
@@ -397,7 +394,7 @@ def write_card(loaded: LoadedModel, plan: dict, validation: dict, folder: Path, 
     surgery = {
         "schema": "surgeon.surgery/1",
         "provenance": provenance(loaded, plan, validation),
-        "plan": plan,
+        "plan": plan.to_dict(),
         "validation": {k: validation[k]["summary"] for k in ("before", "after") if k in validation},
         "artifacts": [str(p.relative_to(folder)) for p in files],
         "sha256": hashes,
@@ -418,7 +415,7 @@ def export_existing_run(
     checking its files against the hashes of its surgery.json (unless `verify` is False)."""
     from surgeon.errors import CorruptInput, NotFound, PreconditionFailed
     from surgeon.load import load_model
-    from surgeon.paths import atomic_dir, refuse_temporary
+    from surgeon.paths import atomic_dir, read_json, refuse_temporary
 
     refuse_temporary(run_dir, "run folder")
     check_exporter(options.get("exporter"))
@@ -432,16 +429,10 @@ def export_existing_run(
             f"{run_dir} is not a complete surgeon run folder (missing {', '.join(missing)})",
             hint="export a folder written by `surgeon prune` whose export was not skipped",
         )
-    try:
-        plan = json.loads((run_dir / "plan.json").read_text(encoding="utf-8"))
-        validation = json.loads((run_dir / "validation.json").read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CorruptInput(f"corrupt run folder {run_dir}: {err}") from None
-    if plan.get("schema") != PLAN_SCHEMA:
-        raise PreconditionFailed(
-            f"{run_dir} was written by another surgeon version (plan schema "
-            f"{plan.get('schema')!r}, this version reads {PLAN_SCHEMA})"
-        )
+    plan = Plan.from_dict(read_json(run_dir / "plan.json", "plan"), f"{run_dir}/plan.json")
+    validation = read_json(run_dir / "validation.json", "validation report")
+    if not isinstance(validation, dict):
+        raise CorruptInput(f"corrupt run folder {run_dir}: validation.json is not a JSON object")
     for name in dict.fromkeys(formats):
         EXPORTERS.get(name)  # unknown formats fail before the model is loaded
     if options.get("quantize"):  # fails before the model is loaded: no ONNX, or a model without a default suite
@@ -449,7 +440,7 @@ def export_existing_run(
 
         if "onnx" not in formats:
             raise InvalidInput("--quantize needs the ONNX format (--format onnx or both)")
-        options["suite"] = build_suite(model=plan.get("base_model", {}).get("name"))
+        options["suite"] = build_suite(model=plan.base_model.get("name"))
     if verify:
         verify_run(run_dir)
     loaded = load_model(f"local-dir:{model_dir}", device=device)

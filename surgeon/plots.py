@@ -15,6 +15,8 @@ from matplotlib.colors import BoundaryNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from surgeon.records import ValidationSummary
+
 
 class ScoredHead(Protocol):
     """One cell of the heatmap (rank.HeadRank has these)."""
@@ -107,7 +109,7 @@ def sweep_figure(result: dict):
     """Mean zero-shot accuracy (and MaxSkew when measured) against the number of pruned heads; an ordering
     averaged over seeds is drawn with its min-max band."""
     curves = result["curves"]
-    skew_key = next((k for k in next(iter(curves.values()))[0] if k.startswith("max_skew@")), None)
+    skew_key = ValidationSummary.from_dict(next(iter(curves.values()))[0]).skew_key
     metrics = [("mean_acc1", 100.0, "accuracy")] + ([(skew_key, 1.0, "bias")] if skew_key else [])
     fig = Figure(figsize=(5.5 * len(metrics), 4))
     axes = fig.subplots(1, len(metrics), squeeze=False)

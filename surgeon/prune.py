@@ -8,7 +8,6 @@ import statistics
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-from surgeon import __version__
 from surgeon.clipbench import CLIP_BENCHMARK_DIR, pruned_tag, write_results
 from surgeon.decompose import head_means
 from surgeon.errors import InvalidInput, PreconditionFailed
@@ -18,7 +17,8 @@ from surgeon.paths import atomic_dir
 from surgeon.policies import POLICIES, PRESET_POLICIES, RANKING_FREE, SEEDED_POLICIES, PolicyOptions, Selection
 from surgeon.progress import progress_bar
 from surgeon.rank import Ranking
-from surgeon.runfolder import PLAN_SCHEMA, validation_note
+from surgeon.records import Plan, PlannedHead
+from surgeon.runfolder import validation_note
 from surgeon.surgery import SurgeryRequest, apply_surgery
 from surgeon.validate import Evaluator, Gates, ValidationSuite, markdown_report, validate
 
@@ -26,7 +26,7 @@ from surgeon.validate import Evaluator, Gates, ValidationSuite, markdown_report,
 @dataclass
 class PruneResult:
     run_dir: Path | None
-    plan: dict
+    plan: Plan
     before: dict
     after: dict
     gate_failures: list[str]
@@ -127,44 +127,40 @@ def prune(
     before.update(model=loaded.identity)
     failures = gates.check(before, after)
     by_name = {h.name: h for h in ranking.heads} if ranking is not None else {}
-    plan = {
-        "schema": PLAN_SCHEMA,
-        "surgeon_version": __version__,
-        "base_model": base_model,
-        "ranking_sha256": ranking.digest() if ranking is not None else None,
-        "policy": policy,
-        "options": {  # not asdict: it would deep-copy `evaluate`, i.e. the whole evaluator and its model
+    plan = Plan(
+        base_model=base_model,
+        ranking_sha256=ranking.digest() if ranking is not None else None,
+        policy=policy,
+        options={  # not asdict: it would deep-copy `evaluate`, i.e. the whole evaluator and its model
             f.name: getattr(options, f.name)
             for f in fields(options)
             if f.name != "evaluate" and getattr(options, f.name) is not None
         },
-        "mode": mode,
-        "tower": tower,
-        "seed": options.seed,
-        "heads": [
-            {
-                "head": h.name,
-                "layer": h.layer,
-                "index": h.head,
-                "reason": selection.reasons.get(h.name, ""),
-                "label": by_name[h.name].label if h.name in by_name else None,
-                "ccs": by_name[h.name].ccs if h.name in by_name else None,
-            }
+        mode=mode,
+        tower=tower,
+        seed=options.seed,
+        heads=tuple(
+            PlannedHead(
+                head=h.name,
+                layer=h.layer,
+                index=h.head,
+                reason=selection.reasons.get(h.name, ""),
+                label=by_name[h.name].label if h.name in by_name else None,
+                ccs=by_name[h.name].ccs if h.name in by_name else None,
+            )
             for h in selection.heads
-        ],
-        "policy_details": selection.details,
-        "record": record,
-        "validated_on": suite.description,
-    }
-    if search is not None:
-        plan["selected_on"] = search.suite.description
-    if seed_runs:
-        plan["seeds"] = seed_runs
-        plan["seed_mean"] = {k: statistics.fmean(r[k] for r in seed_runs) for k in after["summary"]}
+        ),
+        policy_details=selection.details,
+        record=record,
+        validated_on=suite.description,
+        selected_on=search.suite.description if search is not None else None,
+        seeds=seed_runs,
+        seed_mean={k: statistics.fmean(r[k] for r in seed_runs) for k in after["summary"]} if seed_runs else None,
+    )
     exported = not failures or export_anyway
     if out_dir is not None:
         with atomic_dir(out_dir, force=force) as tmp:
-            (tmp / "plan.json").write_text(json.dumps(plan, indent=2), encoding="utf-8")
+            (tmp / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2), encoding="utf-8")
             (tmp / "validation.json").write_text(
                 json.dumps({"before": before, "after": after, "gate_failures": failures}, indent=2), encoding="utf-8"
             )
@@ -198,19 +194,15 @@ def mean_ablation(loaded: LoadedModel, reference: ImageSet):
     return means
 
 
-def _report(plan: dict, before: dict, after: dict, failures: list[str]) -> str:
+def _report(plan: Plan, before: dict, after: dict, failures: list[str]) -> str:
     lines = [
-        f"# surgeon prune — {plan['base_model']['name']}",
+        f"# surgeon prune — {plan.base_model['name']}",
         "",
-        f"Policy `{plan['policy']}`, mode `{plan['mode']}`, tower `{plan['tower']}`, "
-        f"{len(plan['heads'])} head(s) pruned.",
+        f"Policy `{plan.policy}`, mode `{plan.mode}`, tower `{plan.tower}`, {len(plan.heads)} head(s) pruned.",
         "",
         "| head | label | CCS | reason |",
         "|---|---|---|---|",
     ]
-    lines += [
-        f"| {h['head']} | {h['label'] or ''} | {'' if h['ccs'] is None else h['ccs']} | {h['reason']} |"
-        for h in plan["heads"]
-    ]
+    lines += [f"| {h.head} | {h.label or ''} | {'' if h.ccs is None else h.ccs} | {h.reason} |" for h in plan.heads]
     lines += ["", "## Validation", "", validation_note(plan), "", markdown_report(before, after, failures)]
     return "\n".join(lines)

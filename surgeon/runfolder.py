@@ -1,4 +1,4 @@
-"""What a run folder's readers share: the plan's schema, the note on which data validated it and the ONNX
+"""What a run folder's readers share: the note on which data validated it and the ONNX
 parity table. Kept below prune, export and the model card so that none of them imports another for these."""
 
 from __future__ import annotations
@@ -6,16 +6,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-PLAN_SCHEMA = "surgeon.plan/1"
+from surgeon.records import Plan
+
 PARITY_FILE = "parity.json"  # in the run's onnx/ folder
 SHARED_WEIGHTS = "visual.onnx.data"  # onnx/: the visual weights classifier.onnx reads too
 
 
-def validation_note(plan: dict) -> str:
+def validation_note(plan: Plan) -> str:
     """Which data the figures come from, and for a selection by measurement, that it never saw them."""
-    note = f"Measured on {plan.get('validated_on', 'the validation suite')}."
-    if plan.get("selected_on"):
-        note += f" Heads were selected on {plan['selected_on']}: a disjoint split, so these figures are held out."
+    note = f"Measured on {plan.validated_on}."
+    if plan.selected_on:
+        note += f" Heads were selected on {plan.selected_on}: a disjoint split, so these figures are held out."
     return note
 
 

@@ -36,6 +36,7 @@ from surgeon.load import CHECKPOINT_SUFFIXES, LoadedModel
 from surgeon.paths import atomic_write_text, read_json
 from surgeon.policies import POLICIES, RANKING_FREE, SEEDED_POLICIES, PolicyOptions
 from surgeon.progress import progress_bar
+from surgeon.records import ValidationSummary
 from surgeon.surgery import SURGERIES
 
 TABLE_SCHEMA = "surgeon.study/1"
@@ -507,12 +508,9 @@ def cell_key(study: Study, cell: Cell, loaded: LoadedModel, data_id: str, rank_i
 def _headline(result: dict) -> tuple[str, float]:
     entry = result["results"][0]
     if entry["task"] == "bias":
-        metric = (
-            next(k for k in result["summary"] if k.startswith("max_skew@") and k.endswith("_sum"))
-            if any(k.endswith("_sum") for k in result["summary"])
-            else next(k for k in result["summary"] if k.startswith("max_skew@"))
-        )
-        return metric, result["summary"][metric]
+        skew = ValidationSummary.from_dict(result["summary"]).headline_skew()
+        assert skew is not None  # a bias entry always has its MaxSkew in the summary
+        return skew
     return "acc1", entry["metrics"]["acc1"]
 
 

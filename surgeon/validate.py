@@ -28,6 +28,7 @@ from surgeon.limits import echo
 from surgeon.load import LoadedModel
 from surgeon.pools import read_lines
 from surgeon.progress import progress_bar, stop_point
+from surgeon.records import ValidationSummary
 from surgeon.surgery import zero_heads
 from surgeon.templates import fill, read_templates
 from surgeon.webdata import CLASSNAMES_FILE, TEMPLATES_FILE, ShardImages, is_webdataset, webdataset_set
@@ -505,25 +506,30 @@ class Evaluator:
             logits = 100.0 * embed(task.name) @ classifier.float().cpu().T
             metrics = metrics_from_logits(logits, torch.as_tensor(task.labels))
             results.append({"dataset": task.name, "task": "zeroshot_classification", "metrics": metrics})
-        summary = {"mean_acc1": float(np.mean([r["metrics"]["acc1"] for r in results])) if results else None}
+        summary = ValidationSummary(float(np.mean([r["metrics"]["acc1"] for r in results])) if results else None)
         if self.suite.bias is not None:
             b = self.suite.bias
             sim = (self.queries.float().cpu() @ embed(b.name).T).numpy()
             metrics = bias_metrics(sim, b.groups, len(b.group_names), b.k, b.desired, b.protocol)
             metrics["queries"] = list(b.queries)
             results.append({"dataset": b.name, "task": "bias", "metrics": metrics})
-            summary[f"max_skew@{b.k}"] = metrics[f"max_skew@{b.k}"]
-            if PROTOCOLS[b.protocol].headline == "sum":  # the figure of the paper's tables
-                summary[f"max_skew@{b.k}_sum"] = metrics[f"max_skew@{b.k}_sum"]
-            summary["ndkl"] = metrics["ndkl"]
-        return {"results": results, "summary": summary}
+            summed = PROTOCOLS[b.protocol].headline == "sum"  # the figure of the paper's tables
+            summary = replace(
+                summary,
+                skew_k=b.k,
+                max_skew=metrics[f"max_skew@{b.k}"],
+                max_skew_sum=metrics[f"max_skew@{b.k}_sum"] if summed else None,
+                ndkl=metrics["ndkl"],
+            )
+        return {"results": results, "summary": summary.to_dict()}
 
     def score(self, heads: list[HeadRef]) -> tuple[float, float]:
         """(mean zero-shot acc1, MaxSkew@k) — what the debias policy trades off."""
-        summary = self.evaluate(heads)["summary"]
         if self.suite.bias is None:
             raise InvalidInput("the debias policy needs a bias set")
-        return summary["mean_acc1"], summary[f"max_skew@{self.suite.bias.k}"]
+        summary = ValidationSummary.from_dict(self.evaluate(heads)["summary"])
+        assert summary.mean_acc1 is not None and summary.max_skew is not None  # accuracy required, bias present
+        return summary.mean_acc1, summary.max_skew
 
 
 def _as_image(item) -> Image.Image:
@@ -553,19 +559,22 @@ class Gates:
 
     def check(self, before: dict, after: dict) -> list[str]:
         failures = []
-        acc_before, acc_after = before["summary"]["mean_acc1"], after["summary"]["mean_acc1"]
-        if self.max_acc_drop is not None and (acc_before - acc_after) * 100 > self.max_acc_drop:
-            failures.append(
-                f"max-acc-drop: mean acc1 fell {100 * (acc_before - acc_after):.2f} points (limit {self.max_acc_drop})"
-            )
-        if self.min_acc is not None and acc_after * 100 < self.min_acc:
-            failures.append(f"min-acc: mean acc1 {100 * acc_after:.2f} < {self.min_acc}")
-        skew_key = next((k for k in after["summary"] if k.startswith("max_skew@")), None)
+        summary_before = ValidationSummary.from_dict(before["summary"])
+        summary_after = ValidationSummary.from_dict(after["summary"])
+        acc_before, acc_after = summary_before.mean_acc1, summary_after.mean_acc1
+        if acc_before is not None and acc_after is not None:  # check_measurable: set whenever a gate reads it
+            if self.max_acc_drop is not None and (acc_before - acc_after) * 100 > self.max_acc_drop:
+                failures.append(
+                    f"max-acc-drop: mean acc1 fell {100 * (acc_before - acc_after):.2f} points "
+                    f"(limit {self.max_acc_drop})"
+                )
+            if self.min_acc is not None and acc_after * 100 < self.min_acc:
+                failures.append(f"min-acc: mean acc1 {100 * acc_after:.2f} < {self.min_acc}")
         if self.max_skew is not None:
-            if skew_key is None:
+            if summary_after.max_skew is None:
                 failures.append("max-skew: no bias set was validated")
-            elif after["summary"][skew_key] > self.max_skew:
-                failures.append(f"max-skew: {skew_key} {after['summary'][skew_key]:.3f} > {self.max_skew}")
+            elif summary_after.max_skew > self.max_skew:
+                failures.append(f"max-skew: {summary_after.skew_key} {summary_after.max_skew:.3f} > {self.max_skew}")
         return failures
 
 

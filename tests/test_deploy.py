@@ -170,11 +170,9 @@ def test_base_model_is_a_hub_id_and_the_license_is_inherited(tmp_path, monkeypat
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    plan = {"base_model": {"name": "ViT-B-32", "pretrained": "openai"}}
-    assert base_model_facts({"base_model": {"name": "toy"}}) == {"license": "mit"}
-    assert base_model_facts({"base_model": {"name": "ViT-B-32", "pretrained": "/ckpt/x.safetensors"}}) == {
-        "license": "unknown"
-    }
+    plan = {"name": "ViT-B-32", "pretrained": "openai"}
+    assert base_model_facts({"name": "toy"}) == {"license": "mit"}
+    assert base_model_facts({"name": "ViT-B-32", "pretrained": "/ckpt/x.safetensors"}) == {"license": "unknown"}
     assert base_model_facts(plan) == {
         "base_model": "timm/vit_base_patch32_clip_224.openai",
         "license": "other",

@@ -118,7 +118,7 @@ def test_validation_and_debias_search_bars(setup, monkeypatch):  # noqa: F811
     assert len(search) >= 1 + len(ranking.heads) and set(search) == {1}  # the baseline, then every head alone
     # before/after run on the held-out half only: 20 task images + 15 bias images
     assert calls["validation before"]["total"] == calls["validation after"]["total"] == 35
-    assert sum(calls["validation after"]["steps"]) == 35 and result.plan["heads"]
+    assert sum(calls["validation after"]["steps"]) == 35 and result.plan.heads
 
 
 def run_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
@@ -183,7 +183,7 @@ def test_ranking_free_policies_skip_ranking_and_infer_finds_the_exports_labels(t
         exporters=["safetensors", "onnx"],
         export_options={"labels": labels, "atol": 1e-4},
     )
-    assert [h["head"] for h in result.plan["heads"]] == ["L1.H0", "L2.H1"] and result.plan["ranking_sha256"] is None
+    assert [h.head for h in result.plan.heads] == ["L1.H0", "L2.H1"] and result.plan.ranking_sha256 is None
     assert not (out / "ranking.json").exists() and not (cache_dir() / "stats").exists()  # no ranking happened
     onnx_dir = out / "onnx"  # classifier.onnx reads the visual tower's weights from visual.onnx's data file
     visual_size = sum((onnx_dir / n).stat().st_size for n in ("visual.onnx", "visual.onnx.data"))

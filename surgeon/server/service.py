@@ -348,20 +348,15 @@ class Requests:
                 tower=spec.tower,
                 heads=[
                     pb.PrunedHead(
-                        name=h["head"],
-                        layer=h["layer"],
-                        head=h["index"],
-                        reason=h["reason"],
-                        label=h["label"] or "",
-                        ccs=h["ccs"],
+                        name=h.head, layer=h.layer, head=h.index, reason=h.reason, label=h.label or "", ccs=h.ccs
                     )
-                    for h in result.plan["heads"]
+                    for h in result.plan.heads
                 ],
                 before=_numbers(result.before["summary"]),
                 after=_numbers(result.after["summary"]),
                 gate_failures=result.gate_failures,
                 exported=result.exported,
-                plan=_struct(result.plan),
+                plan=_struct(result.plan.to_dict()),
             )
             error = None
             if result.gate_failures:

@@ -1,0 +1,64 @@
+"""The records a run hands on round-trip through their JSON, and bad JSON is one clear error."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from surgeon.errors import CorruptInput, PreconditionFailed
+from surgeon.records import Plan, PlannedHead, ValidationSummary
+
+
+def _plan(**changes) -> Plan:
+    values = dict(
+        base_model={"name": "ViT-B-32", "pretrained": "openai", "weights_sha256": "ab"},
+        ranking_sha256=None,
+        policy="heads",
+        options={"heads": "L1.H0"},
+        mode="zero",
+        tower="vision",
+        seed=0,
+        heads=(PlannedHead("L1.H0", 1, 0, "listed"), PlannedHead("L1.H3", 1, 3, "listed", "color", 5)),
+        policy_details={},
+        record={"heads_kept": {"1": [1, 2]}},
+        validated_on="toy tasks",
+    )
+    return Plan(**{**values, **changes})
+
+
+def test_plan_round_trips_through_json_and_omits_what_the_run_did_not_have():
+    plan = _plan()
+    data = json.loads(json.dumps(plan.to_dict()))
+    assert data["schema"] == "surgeon.plan/1" and "selected_on" not in data and "seeds" not in data
+    assert Plan.from_dict(data) == plan
+    assert plan.base_identity == "ViT-B-32/openai" and plan.hard and plan.heads_per_layer() == {"1": [0, 3]}
+    seeded = _plan(selected_on="search half", seeds=[{"seed": 0, "mean_acc1": 0.5}], seed_mean={"mean_acc1": 0.5})
+    assert Plan.from_dict(json.loads(json.dumps(seeded.to_dict()))) == seeded
+
+
+@pytest.mark.parametrize(
+    "data, error",
+    [
+        ([], CorruptInput),
+        ({"schema": "surgeon.plan/0"}, PreconditionFailed),
+        ({**_plan().to_dict(), "heads": [{"head": "L1.H0"}]}, CorruptInput),
+        ({k: v for k, v in _plan().to_dict().items() if k != "policy"}, CorruptInput),
+    ],
+)
+def test_a_bad_plan_is_one_clear_error(data, error):
+    with pytest.raises(error):
+        Plan.from_dict(data)
+
+
+def test_validation_summary_keys_round_trip():
+    plain = ValidationSummary(0.5)
+    assert plain.to_dict() == {"mean_acc1": 0.5} and plain.headline_skew() is None
+    assert ValidationSummary.from_dict(plain.to_dict()) == plain
+    summed = ValidationSummary(0.5, skew_k=10, max_skew=0.2, max_skew_sum=2.0, ndkl=0.1)
+    assert summed.to_dict() == {"mean_acc1": 0.5, "max_skew@10": 0.2, "max_skew@10_sum": 2.0, "ndkl": 0.1}
+    assert ValidationSummary.from_dict({**summed.to_dict(), "n": 3}) == summed  # a sweep point carries n too
+    assert summed.headline_skew() == ("max_skew@10_sum", 2.0)
+    assert ValidationSummary(0.5, skew_k=5, max_skew=0.3).headline_skew() == ("max_skew@5", 0.3)
+    with pytest.raises(CorruptInput):
+        ValidationSummary.from_dict({"max_skew@x": 1.0})
