@@ -18,11 +18,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from surgeon.errors import InvalidInput, NotFound, PermissionDenied, PreconditionFailed
+from surgeon.server.auth import TokenAuth
 from surgeon.server.jobs import JobManager
 from surgeon.server.operations import SERVICE_NAME as OPERATIONS_SERVICE
 from surgeon.server.operations import OperationsService
 from surgeon.server.paths import Root
-from surgeon.server.service import SERVICE_NAME, Config, SurgeonService, TokenAuth
+from surgeon.server.service import SERVICE_NAME, SurgeonService
+from surgeon.server.specs import ServerConfig
 from surgeon.v1 import surgeon_pb2_grpc as pb_grpc
 
 log = logging.getLogger("surgeon.server")
@@ -56,7 +58,7 @@ class SurgeonServer:
             raise InvalidInput("TLS needs both --tls-cert and --tls-key")
         if token is not None and not token:
             raise InvalidInput("the bearer token is empty")
-        self.config = Config(
+        self.config = ServerConfig(
             exports=Root.create("exports", exports_root or exports_dir(), make=True),
             models=Root.create("models", models_root),
             data=Root.create("data", data_root),

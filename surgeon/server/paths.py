@@ -39,6 +39,13 @@ class Root:
             raise PermissionDenied(f"the {name} root {path} is not writable")
         return cls(name, real)
 
+    @property
+    def folder(self) -> Path:
+        """The root's path; PermissionDenied when the server was started without it."""
+        if self.path is None:
+            raise PermissionDenied(f"this server has no {self.name} root", hint=f"start it with --{self.name}-root DIR")
+        return self.path
+
     def resolve(self, raw: str, what: str) -> Path:
         """The real path `raw` names inside this root (it need not exist)."""
         if self.path is None:
