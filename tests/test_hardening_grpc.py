@@ -55,7 +55,7 @@ def _error(call) -> grpc.RpcError:
         lambda: rank_request(images=pb.ImageSource(images="images", n_images=2147483647)),  # was: MemoryError
         lambda: rank_request(images=pb.ImageSource(n_images=2147483647)),  # the toy world draws them in memory
         lambda: rank_request(batch_size=2147483647),
-        lambda: rank_request(rank=-1),
+        lambda: rank_request(span_rank=-1),
         lambda: rank_request(layers="1," * 40_000),
         lambda: pb.PruneRequest(ranking="ranking", policy="top-k", k=2147483647),
         lambda: pb.PruneRequest(ranking="ranking", policy="random", k=1, seeds=100_000),

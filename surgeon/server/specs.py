@@ -186,7 +186,7 @@ class SpecBuilder:
             judge=self.judge(request.judge),
             layers=request.layers or None,
             m=optional_field(request, "m", RankSpec.m),
-            span_rank=optional_field(request, "rank", RankSpec.span_rank),
+            span_rank=optional_field(request, "span_rank", RankSpec.span_rank),
             batch_size=optional_field(request, "batch_size", RankSpec.batch_size),
             use_cache=not request.no_cache,
             force=request.force,
