@@ -2,7 +2,7 @@
 
     python -m surgeon.server.codegen          # regenerate in place (needs grpcio-tools)
 
-The stubs are committed; tests/test_grpc.py regenerates them into a temporary folder and fails when the
+The stubs are committed; tests/test_grpc_stubs.py regenerates them into a temporary folder and fails when the
 committed ones differ. The proto package surgeon.v1 is also the Python package the stubs live in, so protoc's
 absolute imports (`from surgeon.v1 import ...`) resolve as written: nothing is rewritten."""
 
