@@ -80,7 +80,7 @@ class SurgeonServer:
         )
         address = f"{host}:{port}"
         try:
-            if tls_cert is not None:
+            if tls_cert is not None and tls_key is not None:  # both or neither: checked above
                 try:
                     pair = (Path(tls_key).read_bytes(), Path(tls_cert).read_bytes())
                 except OSError as err:
@@ -93,9 +93,9 @@ class SurgeonServer:
         from surgeon.server.store import FILENAME, OperationStore
 
         try:
-            store = OperationStore(self.config.exports.path / FILENAME)
+            store = OperationStore(self.config.exports.folder / FILENAME)
         except sqlite3.Error as err:
-            raise PermissionDenied(f"cannot keep operation records in {self.config.exports.path}: {err}") from None
+            raise PermissionDenied(f"cannot keep operation records in {self.config.exports.folder}: {err}") from None
         aborted = store.abort_unfinished()
         if aborted:
             log.warning("%d operation(s) of a previous server were unfinished: now reported as failed", aborted)
@@ -112,7 +112,7 @@ class SurgeonServer:
         """Temporary outputs of jobs killed with an earlier server (run folders and their export folders)."""
         from surgeon.paths import remove_stale_temporaries
 
-        level = [self.config.exports.path]
+        level = [self.config.exports.folder]
         for _ in range(depth + 1):
             for folder in level:
                 for path in remove_stale_temporaries(folder):
