@@ -97,7 +97,7 @@ def test_a_huge_layer_span_fails_the_job_without_allocating(stub, world):
 
 
 def test_echoed_input_is_truncated_so_the_status_fits(stub, world):
-    """A 3.9 MB `heads` string made the error exceed the client's metadata limit (RESOURCE_EXHAUSTED)."""
+    """An error echoes only part of a huge input, so its status stays within the client's metadata limit."""
     heads = "L1.H0," + "x" * 3_900_000
     error = _error(lambda: stub.Prune(pb.PruneRequest(policy="heads", heads=heads), timeout=RPC_TIMEOUT))
     assert error.code() == Code.INVALID_ARGUMENT and len(error.details()) < 300
@@ -119,8 +119,8 @@ def _prune(ranking: str, out: str, heads: str, force: bool = False) -> pb.PruneR
 
 
 def test_cancelling_a_force_prune_keeps_the_previous_run(stub, world, monkeypatch):
-    """The job published, then the cancel removed what it published: both runs were lost. Now the cancel
-    takes effect right before the rename, and the previous run stays as it was."""
+    """A cancel takes effect right before the rename, so the run a `force` prune would replace stays as it
+    was (a cancel after publishing would lose both runs)."""
     ranked = outcome(wait(stub, stub.RankHeads(rank_request(), timeout=RPC_TIMEOUT)), pb.RankHeadsResult)
     first = wait(stub, stub.Prune(_prune(ranked.run_dir, "kept", "L1.H0"), timeout=RPC_TIMEOUT))
     assert meta(first).state == Meta.STATE_SUCCEEDED, first.error
@@ -191,7 +191,7 @@ SLOW_SERVER = textwrap.dedent(
 
 
 def test_sigterm_with_a_job_that_cannot_stop_exits_cleanly(world, tmp_path):
-    """The drain cancelled the job, then the interpreter aborted on the thread still in torch (exit 134)."""
+    """The drain cancels the job and the process exits 0, though a thread is still inside torch."""
     code = os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])  # this checkout
     env = {**os.environ, "SURGEON_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": code}
     args = ["serve", "--port", "0", "--exports-root", str(tmp_path / "exports"), "--data-root", str(world["data"])]
@@ -228,13 +228,13 @@ def test_sigterm_with_a_job_that_cannot_stop_exits_cleanly(world, tmp_path):
 
 
 def test_operations_survive_a_restart(world, tmp_path, monkeypatch):
-    """Operations were forgotten on restart (NOT_FOUND for a polling pipeline). Now they are kept in SQLite
-    under the exports root: finished ones with their result, unfinished ones reported as aborted."""
+    """Operations are kept in SQLite under the exports root, so a polling pipeline finds them after a restart:
+    finished ones with their result, unfinished ones reported as aborted."""
     from surgeon.server.store import RESTARTED
 
     roots = {"exports_root": tmp_path / "exports", "models_root": world["models"], "data_root": world["data"]}
     first = SurgeonServer(port=0, **roots).start()
-    release = threading.Event()
+    started, release = threading.Event(), threading.Event()
     try:
         with grpc.insecure_channel(f"127.0.0.1:{first.port}") as ch:
             remote = Client(ch)
@@ -243,11 +243,13 @@ def test_operations_survive_a_restart(world, tmp_path, monkeypatch):
             real = service_module.run_rank
 
             def held(*args, **kwargs):
+                started.set()
                 release.wait(RPC_TIMEOUT)
                 return real(*args, **kwargs)
 
             monkeypatch.setattr(service_module, "run_rank", held)
             running = remote.RankHeads(rank_request(), timeout=RPC_TIMEOUT)
+            assert started.wait(RPC_TIMEOUT)  # its RUNNING record is written before the next server reads them
         second = SurgeonServer(port=0, **roots).start()  # what a restarted server finds
         try:
             with grpc.insecure_channel(f"127.0.0.1:{second.port}") as ch:
