@@ -98,15 +98,17 @@ def _select(heads: list[HeadRank], why: Callable[[HeadRank], str], empty: str) -
     return Selection([_ref(h) for h in heads], {h.name: why(h) for h in heads})
 
 
-@POLICIES.register("top-k")
+@POLICIES.register("top-k", options=("k",))
 def top_k(ranking: Ranking, options: PolicyOptions) -> Selection:
+    """The k heads with the highest CCS."""
     order = ranking.sorted_heads()
     k = _k(options, ranking)
     return _select(order[:k], lambda h: f"{_describe(h)}, top {k} by CCS", "no heads")
 
 
-@POLICIES.register("bottom-k")
+@POLICIES.register("bottom-k", options=("k",))
 def bottom_k(ranking: Ranking, options: PolicyOptions) -> Selection:
+    """The k heads with the lowest CCS."""
     order = sorted(ranking.heads, key=lambda h: (h.ccs, h.variance, h.layer, h.head))
     k = _k(options, ranking)
     return _select(order[:k], lambda h: f"{_describe(h)}, bottom {k} by CCS", "no heads")
@@ -114,19 +116,21 @@ def bottom_k(ranking: Ranking, options: PolicyOptions) -> Selection:
 
 @POLICIES.register("high")
 def high(ranking: Ranking, options: PolicyOptions) -> Selection:
+    """Every head with the maximum CCS (= m)."""
     heads = [h for h in ranking.sorted_heads() if h.ccs == ranking.m]
     return _select(heads, lambda h: f"{_describe(h)}: high-CCS (= {ranking.m})", "no head has the maximum CCS")
 
 
 @POLICIES.register("low")
 def low(ranking: Ranking, options: PolicyOptions) -> Selection:
+    """Every head with CCS <= 1."""
     heads = [h for h in ranking.sorted_heads() if h.ccs <= 1]
     return _select(heads, lambda h: f"{_describe(h)}: low-CCS (<= 1)", "no head has CCS <= 1")
 
 
-@POLICIES.register("random")
+@POLICIES.register("random", options=("k", "seed", "seeds"))
 def random_heads(ranking: Ranking, options: PolicyOptions) -> Selection:
-    """k heads drawn with the seed, excluding high-CCS heads (the paper's control)."""
+    """k random heads that are not high-CCS (the paper's control), drawn with `seed`."""
     pool = [h for h in ranking.sorted_heads() if h.ccs < ranking.m]
     k = _k(options, ranking)
     if k > len(pool):
@@ -139,8 +143,9 @@ def random_heads(ranking: Ranking, options: PolicyOptions) -> Selection:
     )
 
 
-@POLICIES.register("heads")
+@POLICIES.register("heads", options=("heads",))
 def explicit(ranking: Ranking | None, options: PolicyOptions) -> Selection:
+    """The heads listed in `heads`."""
     if not options.heads:
         raise InvalidInput("the heads policy needs --heads", hint="e.g. --heads L11.H5,L10.H8")
     refs = parse_heads(options.heads)
@@ -151,8 +156,9 @@ def explicit(ranking: Ranking | None, options: PolicyOptions) -> Selection:
     return Selection(refs, reasons)
 
 
-@POLICIES.register("concept")
+@POLICIES.register("concept", options=("concept",))
 def concept(ranking: Ranking, options: PolicyOptions) -> Selection:
+    """Every head labelled with `concept`."""
     if not options.concept:
         raise InvalidInput("the concept policy needs --concept NAME")
     labels = sorted({h.label for h in ranking.heads})
@@ -164,8 +170,9 @@ def concept(ranking: Ranking, options: PolicyOptions) -> Selection:
     return _select(heads, lambda h: f"labelled {h.label} (CCS {h.ccs})", "no heads")
 
 
-@POLICIES.register("threshold")
+@POLICIES.register("threshold", options=("min_ccs",))
 def threshold(ranking: Ranking, options: PolicyOptions) -> Selection:
+    """Every head with CCS >= min_ccs."""
     if options.min_ccs is None:
         raise InvalidInput("the threshold policy needs --min-ccs")
     if not 0 <= options.min_ccs <= ranking.m:
@@ -206,18 +213,21 @@ def _paper(which: str, options: PolicyOptions) -> Selection:
 
 @POLICIES.register("paper-high")
 def paper_high(ranking: Ranking | None, options: PolicyOptions) -> Selection:
+    """The paper's high-CCS heads for this model (presets for a few open_clip models)."""
     return _paper("high", options)
 
 
 @POLICIES.register("paper-low")
 def paper_low(ranking: Ranking | None, options: PolicyOptions) -> Selection:
+    """The paper's low-CCS heads for this model."""
     return _paper("low", options)
 
 
-@POLICIES.register("paper-random")
+@POLICIES.register("paper-random", options=("seed", "seeds"))
 def paper_random(ranking: Ranking, options: PolicyOptions) -> Selection:
-    """The paper's random control: as many heads as its high-CCS set for this checkpoint, drawn with the seed
-    from the layers it analysed (the last 4; all 12 for ViT-B-32/openai), never one of its high-CCS heads.
+    """The paper's random control for this model: as many random heads as its high-CCS set, excluding that set.
+
+    Drawn with the seed from the layers the paper analysed (the last 4; all 12 for ViT-B-32/openai).
     `--seeds N` averages N draws, as the paper does."""
     import open_clip
 
@@ -232,9 +242,11 @@ def paper_random(ranking: Ranking, options: PolicyOptions) -> Selection:
     return Selection(sorted(chosen), {r.name: why for r in chosen})
 
 
-@POLICIES.register("debias")
+@POLICIES.register("debias", options=("k", "max_acc_drop"))
 def debias(ranking: Ranking, options: PolicyOptions) -> Selection:
-    """Greedy: repeatedly add the head whose removal lowers the bias metric most (ties: the one that keeps
+    """Greedy: the heads whose removal lowers the bias metric most within an accuracy budget (needs a bias set).
+
+    Repeatedly add the head whose removal lowers the bias metric most (ties: the one that keeps
     more accuracy), while bias keeps falling, within a budget of k heads (default 4) and a maximum accuracy
     drop (default 2 points). Every analysed head is first measured alone; the greedy search runs over the
     `candidates` (8) that lower bias most on their own. Every effect recorded is measured, not estimated

@@ -3,7 +3,7 @@ image sources and exporters instead of if-chains."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Generic, TypeVar
 
 from surgeon.errors import InvalidInput
@@ -15,12 +15,16 @@ class Registry(Generic[T]):
     def __init__(self, kind: str):
         self.kind = kind
         self._items: dict[str, T] = {}
+        self._options: dict[str, list[str]] = {}
 
-    def register(self, name: str) -> Callable[[T], T]:
+    def register(self, name: str, options: Iterable[str] = ()) -> Callable[[T], T]:
+        """`options`: the request fields the entry reads (what ListPolicies tells a client to set)."""
+
         def decorator(obj: T) -> T:
             if name in self._items:
                 raise ValueError(f"{self.kind} {name!r} registered twice")
             self._items[name] = obj
+            self._options[name] = list(options)
             return obj
 
         return decorator
@@ -32,6 +36,10 @@ class Registry(Generic[T]):
             raise InvalidInput(
                 f"unknown {self.kind} {name!r}", hint=f"choose one of: {', '.join(self.names())}"
             ) from None
+
+    def options(self, name: str) -> list[str]:
+        self.get(name)  # an unknown name is InvalidInput
+        return list(self._options[name])
 
     def names(self) -> list[str]:
         return sorted(self._items)

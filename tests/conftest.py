@@ -104,3 +104,65 @@ def pool_file(tmp_path) -> Path:
     path = tmp_path / "pool.txt"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+# ---- gRPC: one server per test module, over that module's own world (tests/grpc_helpers.py) ----
+# The imports are inside the fixtures: only the gRPC test modules, which skip without grpc, use them.
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict:
+    from tests.grpc_helpers import make_world
+
+    return make_world(tmp_path_factory.mktemp("grpc").resolve())
+
+
+@pytest.fixture(scope="module")
+def server(world):
+    from surgeon.server.main import SurgeonServer
+
+    srv = SurgeonServer(
+        port=0,
+        exports_root=world["exports"],
+        models_root=world["models"],
+        data_root=world["data"],
+        max_jobs=2,
+        queue_size=4,
+    ).start()
+    yield srv
+    srv.stop(grace=5)
+
+
+@pytest.fixture(scope="module")
+def channel(server):
+    import grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        yield ch
+
+
+@pytest.fixture(scope="module")
+def stub(channel):
+    from tests.grpc_helpers import Client
+
+    return Client(channel)
+
+
+@pytest.fixture
+def gate(monkeypatch):
+    """Hold every job at its ranking step until released (no test waits on timing)."""
+    import threading
+
+    import surgeon.server.service as service_module
+    from tests.grpc_helpers import RPC_TIMEOUT
+
+    release = threading.Event()
+    real = service_module.run_rank
+
+    def gated(*args, **kwargs):
+        assert release.wait(RPC_TIMEOUT), "gate never released"
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(service_module, "run_rank", gated)
+    yield release
+    release.set()

@@ -14,19 +14,15 @@ from surgeon.card import _front_matter
 from surgeon.errors import InvalidInput
 from surgeon.load import load_model
 from surgeon.validate import build_suite, markdown_report, validate
-from tests.test_grpc import (  # noqa: F401
+from tests.grpc_helpers import (
     RPC_TIMEOUT,
     Code,
     Meta,
-    channel,
     code_of,
     meta,
     outcome,
     pb,
-    server,
-    stub,
     wait,
-    world,
 )
 from tests.test_validate_sweep import user_data  # noqa: F401  (fixture)
 

@@ -123,7 +123,7 @@ from google.protobuf.message_factory import GetMessageClass  # noqa: E402
 from grpc_status import rpc_status  # noqa: E402
 
 from surgeon.v1 import surgeon_pb2 as pb  # noqa: E402
-from tests.test_grpc import RPC_TIMEOUT, channel, server, world  # noqa: E402, F401  (fixtures)
+from tests.grpc_helpers import RPC_TIMEOUT  # noqa: E402
 
 Code = grpc.StatusCode
 DOCUMENTED_STATUS = {

@@ -1,5 +1,6 @@
-"""Issue 13 over loopback gRPC: bounds before allocation, short error details, force replacements that a
-cancel cannot lose, verified exports, temporary folders, stale-temporary cleanup and a clean SIGTERM exit."""
+"""Hostile and unlucky inputs over loopback gRPC: bounds before allocation, short error details, force
+replacements that a cancel cannot lose, verified exports, temporary folders, stale-temporary cleanup and a
+clean SIGTERM exit."""
 
 from __future__ import annotations
 
@@ -24,22 +25,18 @@ from grpc_status import rpc_status  # noqa: E402
 import surgeon.server.service as service_module  # noqa: E402
 from surgeon.server.main import SurgeonServer  # noqa: E402
 from surgeon.v1 import surgeon_pb2 as pb  # noqa: E402
-from tests.test_grpc import (  # noqa: E402, F401  (fixtures)
+from tests.grpc_helpers import (  # noqa: E402
     RPC_TIMEOUT,
     Client,
     Code,
     Meta,
-    channel,
     code_of,
     detail,
     meta,
     outcome,
     rank_request,
-    server,
-    stub,
     validation,
     wait,
-    world,
 )
 
 
@@ -52,10 +49,10 @@ def _error(call) -> grpc.RpcError:
 @pytest.mark.parametrize(
     "make",
     [
-        lambda: rank_request(images=pb.ImageSource(images="images", n_images=2147483647)),  # was: MemoryError
+        lambda: rank_request(images=pb.ImageSource(images="images", n_images=2147483647)),
         lambda: rank_request(images=pb.ImageSource(n_images=2147483647)),  # the toy world draws them in memory
         lambda: rank_request(batch_size=2147483647),
-        lambda: rank_request(rank=-1),
+        lambda: rank_request(span_rank=-1),
         lambda: rank_request(layers="1," * 40_000),
         lambda: pb.PruneRequest(ranking="ranking", policy="top-k", k=2147483647),
         lambda: pb.PruneRequest(ranking="ranking", policy="random", k=1, seeds=100_000),
@@ -80,7 +77,7 @@ def _error(call) -> grpc.RpcError:
         "skew-k",
     ],
 )
-def test_counts_and_numbers_are_bounded_at_once(stub, world, make):  # noqa: F811
+def test_counts_and_numbers_are_bounded_at_once(stub, world, make):
     request = make()
     rpc = {pb.RankHeadsRequest: "RankHeads", pb.PruneRequest: "Prune", pb.ExportRequest: "Export"}.get(
         type(request), "Validate"
@@ -92,15 +89,15 @@ def test_counts_and_numbers_are_bounded_at_once(stub, world, make):  # noqa: F81
     assert detail(status, error_details_pb2.ErrorInfo).reason == "INVALID_INPUT"
 
 
-def test_a_huge_layer_span_fails_the_job_without_allocating(stub, world):  # noqa: F811
-    """`layers="0-999999999999"` (14 bytes) OOM-killed the server (22 GB); now the job fails at once."""
+def test_a_huge_layer_span_fails_the_job_without_allocating(stub, world):
+    """A 14-byte layer spec naming a trillion layers fails the job at once, before anything is allocated."""
     done = wait(stub, stub.RankHeads(rank_request(layers="0-999999999999"), timeout=RPC_TIMEOUT))
     assert meta(done).state == Meta.STATE_FAILED and done.error.code == Code.INVALID_ARGUMENT.value[0]
     assert "out of range" in done.error.message and not done.HasField("response")
 
 
-def test_echoed_input_is_truncated_so_the_status_fits(stub, world):  # noqa: F811
-    """A 3.9 MB `heads` string made the error exceed the client's metadata limit (RESOURCE_EXHAUSTED)."""
+def test_echoed_input_is_truncated_so_the_status_fits(stub, world):
+    """An error echoes only part of a huge input, so its status stays within the client's metadata limit."""
     heads = "L1.H0," + "x" * 3_900_000
     error = _error(lambda: stub.Prune(pb.PruneRequest(policy="heads", heads=heads), timeout=RPC_TIMEOUT))
     assert error.code() == Code.INVALID_ARGUMENT and len(error.details()) < 300
@@ -121,9 +118,9 @@ def _prune(ranking: str, out: str, heads: str, force: bool = False) -> pb.PruneR
     )
 
 
-def test_cancelling_a_force_prune_keeps_the_previous_run(stub, world, monkeypatch):  # noqa: F811
-    """The job published, then the cancel removed what it published: both runs were lost. Now the cancel
-    takes effect right before the rename, and the previous run stays as it was."""
+def test_cancelling_a_force_prune_keeps_the_previous_run(stub, world, monkeypatch):
+    """A cancel takes effect right before the rename, so the run a `force` prune would replace stays as it
+    was (a cancel after publishing would lose both runs)."""
     ranked = outcome(wait(stub, stub.RankHeads(rank_request(), timeout=RPC_TIMEOUT)), pb.RankHeadsResult)
     first = wait(stub, stub.Prune(_prune(ranked.run_dir, "kept", "L1.H0"), timeout=RPC_TIMEOUT))
     assert meta(first).state == Meta.STATE_SUCCEEDED, first.error
@@ -147,7 +144,7 @@ def test_cancelling_a_force_prune_keeps_the_previous_run(stub, world, monkeypatc
     assert not list(world["exports"].glob(".kept*"))
 
 
-def test_export_refuses_a_tampered_run_and_temporary_folders(stub, world):  # noqa: F811
+def test_export_refuses_a_tampered_run_and_temporary_folders(stub, world):
     ranked = outcome(wait(stub, stub.RankHeads(rank_request(), timeout=RPC_TIMEOUT)), pb.RankHeadsResult)
     done = wait(stub, stub.Prune(_prune(ranked.run_dir, "tampered", "L2.H1"), timeout=RPC_TIMEOUT))
     assert meta(done).state == Meta.STATE_SUCCEEDED, done.error
@@ -162,7 +159,7 @@ def test_export_refuses_a_tampered_run_and_temporary_folders(stub, world):  # no
     assert code_of(lambda: stub.Export(request, timeout=RPC_TIMEOUT)) == Code.FAILED_PRECONDITION
 
 
-def test_a_new_server_removes_the_temporaries_of_a_killed_one(world, tmp_path):  # noqa: F811
+def test_a_new_server_removes_the_temporaries_of_a_killed_one(world, tmp_path):
     exports = tmp_path / "exports"
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()
@@ -193,8 +190,8 @@ SLOW_SERVER = textwrap.dedent(
 )
 
 
-def test_sigterm_with_a_job_that_cannot_stop_exits_cleanly(world, tmp_path):  # noqa: F811
-    """The drain cancelled the job, then the interpreter aborted on the thread still in torch (exit 134)."""
+def test_sigterm_with_a_job_that_cannot_stop_exits_cleanly(world, tmp_path):
+    """The drain cancels the job and the process exits 0, though a thread is still inside torch."""
     code = os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])  # this checkout
     env = {**os.environ, "SURGEON_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": code}
     args = ["serve", "--port", "0", "--exports-root", str(tmp_path / "exports"), "--data-root", str(world["data"])]
@@ -230,14 +227,14 @@ def test_sigterm_with_a_job_that_cannot_stop_exits_cleanly(world, tmp_path):  # 
             process.wait(10)
 
 
-def test_operations_survive_a_restart(world, tmp_path, monkeypatch):  # noqa: F811
-    """Operations were forgotten on restart (NOT_FOUND for a polling pipeline). Now they are kept in SQLite
-    under the exports root: finished ones with their result, unfinished ones reported as aborted."""
+def test_operations_survive_a_restart(world, tmp_path, monkeypatch):
+    """Operations are kept in SQLite under the exports root, so a polling pipeline finds them after a restart:
+    finished ones with their result, unfinished ones reported as aborted."""
     from surgeon.server.store import RESTARTED
 
     roots = {"exports_root": tmp_path / "exports", "models_root": world["models"], "data_root": world["data"]}
     first = SurgeonServer(port=0, **roots).start()
-    release = threading.Event()
+    started, release = threading.Event(), threading.Event()
     try:
         with grpc.insecure_channel(f"127.0.0.1:{first.port}") as ch:
             remote = Client(ch)
@@ -246,11 +243,13 @@ def test_operations_survive_a_restart(world, tmp_path, monkeypatch):  # noqa: F8
             real = service_module.run_rank
 
             def held(*args, **kwargs):
+                started.set()
                 release.wait(RPC_TIMEOUT)
                 return real(*args, **kwargs)
 
             monkeypatch.setattr(service_module, "run_rank", held)
             running = remote.RankHeads(rank_request(), timeout=RPC_TIMEOUT)
+            assert started.wait(RPC_TIMEOUT)  # its RUNNING record is written before the next server reads them
         second = SurgeonServer(port=0, **roots).start()  # what a restarted server finds
         try:
             with grpc.insecure_channel(f"127.0.0.1:{second.port}") as ch:
@@ -281,9 +280,9 @@ def test_operations_survive_a_restart(world, tmp_path, monkeypatch):  # noqa: F8
         first.stop(grace=5)
 
 
-def test_a_cancel_takes_effect_inside_a_long_step(stub, world, monkeypatch):  # noqa: F811
-    """A Prune cancel waited for prune() to return (~18 s on the issue's model); now validation stops at the
-    next image. Each validation image here takes 0.5 s: the whole prune would take over 12 s."""
+def test_a_cancel_takes_effect_inside_a_long_step(stub, world, monkeypatch):
+    """A Prune cancel stops validation at the next image instead of waiting for prune() to return. Each
+    validation image here takes 0.5 s: the whole prune would take over 12 s."""
     import surgeon.validate
 
     ranked = outcome(wait(stub, stub.RankHeads(rank_request(), timeout=RPC_TIMEOUT)), pb.RankHeadsResult)
@@ -304,7 +303,7 @@ def test_a_cancel_takes_effect_inside_a_long_step(stub, world, monkeypatch):  # 
     assert not (world["exports"] / "long").exists()
 
 
-def test_serve_checks_its_device_at_start(world, tmp_path):  # noqa: F811
+def test_serve_checks_its_device_at_start(world, tmp_path):
     from surgeon.errors import InvalidInput
 
     with pytest.raises(InvalidInput, match="unknown device 'tpu'"):

@@ -2,7 +2,7 @@
 
     python -m surgeon.server.codegen          # regenerate in place (needs grpcio-tools)
 
-The stubs are committed; tests/test_grpc.py regenerates them into a temporary folder and fails when the
+The stubs are committed; tests/test_grpc_stubs.py regenerates them into a temporary folder and fails when the
 committed ones differ. The proto package surgeon.v1 is also the Python package the stubs live in, so protoc's
 absolute imports (`from surgeon.v1 import ...`) resolve as written: nothing is rewritten."""
 
@@ -22,7 +22,7 @@ STUBS = ("surgeon_pb2.py", "surgeon_pb2.pyi", "surgeon_pb2_grpc.py")
 
 def generate(out: Path = OUT, proto_root: Path = PROTO_ROOT) -> list[Path]:
     """Run protoc (grpc_tools) into `out`/surgeon/v1 and return the stub paths."""
-    import grpc_tools
+    import grpc_tools  # type: ignore[import-untyped]  # grpcio-tools ships no type information
     from grpc_tools import protoc
 
     include = str(Path(grpc_tools.__file__).parent / "_proto")

@@ -14,11 +14,12 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from google.protobuf.message import Message
 
 from surgeon.errors import NotFound, PreconditionFailed, SurgeonError
 from surgeon.limits import clip, echo
@@ -28,6 +29,7 @@ from surgeon.progress import observed
 log = logging.getLogger("surgeon.server")
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"
+Status = tuple[grpc.StatusCode, str, str, str]  # an operation's error: code, message, hint, reason
 NOTIFY_EVERY_S = 0.2  # progress inside a stage wakes watchers at most this often (or every 1%)
 
 
@@ -52,17 +54,19 @@ def status_code(error: BaseException) -> grpc.StatusCode:
 
 
 class Job:
-    def __init__(self, kind: str, body: Callable[[Job], Outcome], reserved: list[Path]):
+    def __init__(self, kind: str, body: Callable[[Job], Outcome], reserved: Sequence[Path]):
         self.name = f"operations/{uuid.uuid4().hex}"
         self.kind = kind
         self.body = body
-        self.reserved = reserved  # output paths no other job may target while this one lives
+        self.reserved = list(reserved)  # output paths no other job may target while this one lives
         self.cond = threading.Condition()
         self.state = QUEUED
         self.stage, self.fraction, self.message = "queued", 0.0, ""
-        self.create_time, self.start_time, self.end_time = time.time(), None, None
-        self.error: tuple[grpc.StatusCode, str, str, str] | None = None  # code, message, hint, reason
-        self.result: object | None = None  # the result message
+        self.create_time = time.time()
+        self.start_time: float | None = None
+        self.end_time: float | None = None
+        self.error: Status | None = None
+        self.result: Message | None = None  # the result message
         self.version = 0
         self._cancel = False
         self._committed = False  # an output was renamed into place: too late to cancel without losing data
@@ -155,8 +159,8 @@ class Job:
         except ImportError as error:  # an optional dependency (the onnx extra) is not installed
             with self.cond:
                 message = f"this server lacks {error.name or 'a module'} needed for the job: {error}"
-                error = (grpc.StatusCode.FAILED_PRECONDITION, message, "install the onnx extra", "MISSING_DEPENDENCY")
-                self._finish(FAILED, error)
+                status = (grpc.StatusCode.FAILED_PRECONDITION, message, "install the onnx extra", "MISSING_DEPENDENCY")
+                self._finish(FAILED, status)
         except Exception as error:  # a bug, not a bad request: keep the traceback in the server log
             log.error("%s %s crashed:\n%s", self.kind, self.name, traceback.format_exc())
             with self.cond:
@@ -164,7 +168,7 @@ class Job:
                 self._finish(FAILED, (grpc.StatusCode.INTERNAL, message, "", "INTERNAL"))
         log.info("%s %s %s", self.kind, self.name, self.state.lower())
 
-    def _finish(self, state: str, error: tuple | None) -> None:
+    def _finish(self, state: str, error: Status | None) -> None:
         """Under self.cond. A job that failed without a result, or was cancelled, keeps none of its outputs."""
         if self.done:
             return
@@ -207,12 +211,12 @@ class _JobObserver:
         self.job._stop_point()
 
 
-def _status(error: SurgeonError) -> tuple[grpc.StatusCode, str, str, str]:
+def _status(error: SurgeonError) -> Status:
     message = str(error.args[0]) if error.args else type(error).__name__
     return status_code(error), clip(message), clip(error.hint or ""), error.reason
 
 
-def _cancelled(why: str) -> tuple[grpc.StatusCode, str, str, str]:
+def _cancelled(why: str) -> Status:
     return grpc.StatusCode.CANCELLED, why, "", "CANCELLED"
 
 
@@ -221,7 +225,7 @@ class Outcome:
     """What a job body returns: the Operation's result message, and an error to report with it (a Prune whose
     gate failed: the run folder exists, the job failed)."""
 
-    message: object
+    message: Message
     error: SurgeonError | None = None
 
 
@@ -246,7 +250,7 @@ class JobManager:
         for worker in self._workers:
             worker.start()
 
-    def submit(self, kind: str, body: Callable[[Job], Outcome], reserved: list[Path] = ()) -> Job:
+    def submit(self, kind: str, body: Callable[[Job], Outcome], reserved: Sequence[Path] = ()) -> Job:
         with self._lock:
             if self.draining:
                 raise Unavailable("the server is shutting down and takes no new jobs", hint="retry on another replica")
@@ -261,7 +265,7 @@ class JobManager:
             clash = next((p for p in reserved for b in busy if p == b or p in b.parents or b in p.parents), None)
             if clash is not None:
                 raise PreconditionFailed(f"another operation is writing {clash.name}", hint="choose another out path")
-            job = Job(kind, body, list(reserved))
+            job = Job(kind, body, reserved)
             if self.store is not None:
                 job.on_state = self.store.save
                 with job.cond:
@@ -281,8 +285,7 @@ class JobManager:
             raise NotFound(f"unknown operation {echo(name)}", hint="ListOperations lists the ones this server knows")
         return job
 
-    def list(self) -> list[Job]:
-        """Newest first."""
+    def newest_first(self) -> list[Job]:
         with self._lock:
             jobs = list(reversed(self._jobs.values()))
         if self.store is not None:

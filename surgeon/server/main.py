@@ -18,11 +18,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from surgeon.errors import InvalidInput, NotFound, PermissionDenied, PreconditionFailed
+from surgeon.server.auth import TokenAuth
 from surgeon.server.jobs import JobManager
 from surgeon.server.operations import SERVICE_NAME as OPERATIONS_SERVICE
 from surgeon.server.operations import OperationsService
 from surgeon.server.paths import Root
-from surgeon.server.service import SERVICE_NAME, Config, SurgeonService, TokenAuth
+from surgeon.server.service import SERVICE_NAME, SurgeonService
+from surgeon.server.specs import ServerConfig
 from surgeon.v1 import surgeon_pb2_grpc as pb_grpc
 
 log = logging.getLogger("surgeon.server")
@@ -56,7 +58,7 @@ class SurgeonServer:
             raise InvalidInput("TLS needs both --tls-cert and --tls-key")
         if token is not None and not token:
             raise InvalidInput("the bearer token is empty")
-        self.config = Config(
+        self.config = ServerConfig(
             exports=Root.create("exports", exports_root or exports_dir(), make=True),
             models=Root.create("models", models_root),
             data=Root.create("data", data_root),
@@ -78,7 +80,7 @@ class SurgeonServer:
         )
         address = f"{host}:{port}"
         try:
-            if tls_cert is not None:
+            if tls_cert is not None and tls_key is not None:  # both or neither: checked above
                 try:
                     pair = (Path(tls_key).read_bytes(), Path(tls_cert).read_bytes())
                 except OSError as err:
@@ -91,9 +93,9 @@ class SurgeonServer:
         from surgeon.server.store import FILENAME, OperationStore
 
         try:
-            store = OperationStore(self.config.exports.path / FILENAME)
+            store = OperationStore(self.config.exports.folder / FILENAME)
         except sqlite3.Error as err:
-            raise PermissionDenied(f"cannot keep operation records in {self.config.exports.path}: {err}") from None
+            raise PermissionDenied(f"cannot keep operation records in {self.config.exports.folder}: {err}") from None
         aborted = store.abort_unfinished()
         if aborted:
             log.warning("%d operation(s) of a previous server were unfinished: now reported as failed", aborted)
@@ -110,7 +112,7 @@ class SurgeonServer:
         """Temporary outputs of jobs killed with an earlier server (run folders and their export folders)."""
         from surgeon.paths import remove_stale_temporaries
 
-        level = [self.config.exports.path]
+        level = [self.config.exports.folder]
         for _ in range(depth + 1):
             for folder in level:
                 for path in remove_stale_temporaries(folder):

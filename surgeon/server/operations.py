@@ -11,6 +11,7 @@ import re
 import time
 from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
+from typing import NoReturn
 
 import grpc
 from google.longrunning import operations_pb2, operations_pb2_grpc
@@ -65,11 +66,12 @@ def rpc_status_of(
     return status
 
 
-def abort(context: grpc.ServicerContext, error: SurgeonError):
+def abort(context: grpc.ServicerContext, error: SurgeonError) -> NoReturn:
     """End the RPC with the error's code, its one-line message, and the details in the status trailer."""
     message = limits.clip(str(error.args[0]) if error.args else type(error).__name__)
     status = rpc_status_of(status_code(error), message, limits.clip(error.hint or ""), error.reason, error.field)
     context.abort_with_status(rpc_status.to_status(status))
+    raise AssertionError("ServicerContext.abort_with_status returns only by raising")  # for the type checker
 
 
 def _timestamp(seconds: float | None, target) -> None:
@@ -153,7 +155,7 @@ class OperationsService(operations_pb2_grpc.OperationsServicer):
         if request.name not in ("", "operations"):
             abort(context, InvalidInput(f"unknown collection {request.name!r}", hint="use operations", field="name"))
         keep = _filter(request.filter, context)
-        matching = [job for job in self.jobs.list() if keep(job)]
+        matching = [job for job in self.jobs.newest_first() if keep(job)]
         jobs, token = page(matching, request.page_size, request.page_token, context)
         return operations_pb2.ListOperationsResponse(operations=[operation(job) for job in jobs], next_page_token=token)
 

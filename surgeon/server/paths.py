@@ -39,6 +39,13 @@ class Root:
             raise PermissionDenied(f"the {name} root {path} is not writable")
         return cls(name, real)
 
+    @property
+    def folder(self) -> Path:
+        """The root's path; PermissionDenied when the server was started without it."""
+        if self.path is None:
+            raise PermissionDenied(f"this server has no {self.name} root", hint=f"start it with --{self.name}-root DIR")
+        return self.path
+
     def resolve(self, raw: str, what: str) -> Path:
         """The real path `raw` names inside this root (it need not exist)."""
         if self.path is None:
@@ -58,19 +65,19 @@ class Root:
 
     def check_inside(self, path: Path, what: str) -> None:
         """For paths read from files (manifest rows): wherever they point, the real path must be in the root."""
-        if not inside(os.path.realpath(path), self.path):
+        if not inside(os.path.realpath(path), self.folder):
             raise PermissionDenied(f"{what} {self._shown(str(path))} is outside the {self.name} root")
 
     def relative(self, path: Path) -> str:
         """How results name a path inside this root."""
-        return Path(os.path.realpath(path)).relative_to(self.path).as_posix()
+        return Path(os.path.realpath(path)).relative_to(self.folder).as_posix()
 
     def check_tree(self, folder: Path, what: str) -> None:
         """Refuse a folder with an entry (at any depth) whose symlink leads outside this root."""
         seen: set[str] = set()
         for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
             real_dir = os.path.realpath(dirpath)
-            if not inside(real_dir, self.path):
+            if not inside(real_dir, self.folder):
                 raise PermissionDenied(f"{what}: {self._shown(dirpath)} leads outside the {self.name} root")
             if real_dir in seen:  # a symlink loop or a second way into the same folder
                 dirnames[:] = []
@@ -78,12 +85,12 @@ class Root:
             seen.add(real_dir)
             for name in filenames:
                 entry = os.path.join(dirpath, name)
-                if os.path.islink(entry) and not inside(os.path.realpath(entry), self.path):
+                if os.path.islink(entry) and not inside(os.path.realpath(entry), self.folder):
                     raise PermissionDenied(f"{what}: {self._shown(entry)} leads outside the {self.name} root")
 
     def _shown(self, path: str) -> str:
         try:
-            return Path(path).relative_to(self.path).as_posix()
+            return Path(path).relative_to(self.folder).as_posix()
         except ValueError:
             return Path(path).name
 
@@ -97,7 +104,7 @@ def resolve_in(roots: list[Root], raw: str, what: str, kind: str = "any") -> Pat
     path = Path(raw)
     if path.is_absolute() and ".." not in path.parts:
         real = Path(os.path.realpath(path))
-        owner = next((r for r in usable if inside(real, r.path)), None)
+        owner = next((r for r in usable if inside(real, r.folder)), None)
         if owner is None:
             names = " or ".join(f"the {r.name} root" for r in usable)
             raise PermissionDenied(f"{what} {raw!r} is outside {names}")

@@ -16,7 +16,7 @@ import grpc
 from google.protobuf.message_factory import GetMessageClass
 from google.protobuf.symbol_database import Default as default_symbols
 
-from surgeon.server.jobs import FAILED, QUEUED, RUNNING, Job
+from surgeon.server.jobs import FAILED, QUEUED, RUNNING, Job, Outcome
 from surgeon.v1 import surgeon_pb2  # noqa: F401  (registers the result message types)
 
 FILENAME = ".surgeon-operations.sqlite"  # a dot-name: never taken for a run folder
@@ -57,7 +57,7 @@ class OperationStore:
         field, kind, blob = None, None, None
         if job.result is not None:  # the result message (google.longrunning: Operation.response, or an error detail)
             field, kind, blob = "response", job.result.DESCRIPTOR.full_name, job.result.SerializeToString()
-        row = (job.name, job.kind, job.state, job.stage, job.fraction, job.message, job.create_time)
+        row: tuple[object, ...] = (job.name, job.kind, job.state, job.stage, job.fraction, job.message, job.create_time)
         row += (job.start_time, job.end_time, error, field, kind, blob)
         with self._lock:
             self._db.execute(f"INSERT OR REPLACE INTO operations VALUES ({', '.join('?' * len(COLUMNS))})", row)
@@ -92,9 +92,14 @@ class OperationStore:
             self._db.close()
 
 
+def _recorded(job: Job) -> Outcome:
+    """The body of a job loaded from the store: it ran under an earlier server and never runs again."""
+    raise RuntimeError(f"{job.name} is the record of an earlier server's job")
+
+
 def _job(row: tuple) -> Job:
     record = dict(zip(COLUMNS, row, strict=True))
-    job = Job(record["kind"], body=None, reserved=[])
+    job = Job(record["kind"], body=_recorded, reserved=[])
     job.name, job.state, job.stage = record["name"], record["state"], record["stage"]
     job.fraction, job.message = record["fraction"], record["message"]
     job.create_time, job.start_time, job.end_time = record["create_time"], record["start_time"], record["end_time"]

@@ -51,7 +51,7 @@ class ValidationData(_message.Message):
     def __init__(self, data: _Optional[str] = ..., classnames: _Optional[str] = ..., templates: _Optional[str] = ..., bias_data: _Optional[str] = ..., queries: _Optional[str] = ..., skew_k: _Optional[int] = ..., desired: _Optional[str] = ..., bias_protocol: _Optional[str] = ..., bias_split_by: _Optional[str] = ...) -> None: ...
 
 class RankHeadsRequest(_message.Message):
-    __slots__ = ("model", "images", "texts", "taxonomy", "judge", "layers", "m", "rank", "batch_size", "no_cache", "out", "force")
+    __slots__ = ("model", "images", "texts", "taxonomy", "judge", "layers", "m", "span_rank", "batch_size", "no_cache", "out", "force")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     TEXTS_FIELD_NUMBER: _ClassVar[int]
@@ -59,7 +59,7 @@ class RankHeadsRequest(_message.Message):
     JUDGE_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     M_FIELD_NUMBER: _ClassVar[int]
-    RANK_FIELD_NUMBER: _ClassVar[int]
+    SPAN_RANK_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     NO_CACHE_FIELD_NUMBER: _ClassVar[int]
     OUT_FIELD_NUMBER: _ClassVar[int]
@@ -71,12 +71,12 @@ class RankHeadsRequest(_message.Message):
     judge: str
     layers: str
     m: int
-    rank: int
+    span_rank: int
     batch_size: int
     no_cache: bool
     out: str
     force: bool
-    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., images: _Optional[_Union[ImageSource, _Mapping]] = ..., texts: _Optional[str] = ..., taxonomy: _Optional[str] = ..., judge: _Optional[str] = ..., layers: _Optional[str] = ..., m: _Optional[int] = ..., rank: _Optional[int] = ..., batch_size: _Optional[int] = ..., no_cache: bool = ..., out: _Optional[str] = ..., force: bool = ...) -> None: ...
+    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., images: _Optional[_Union[ImageSource, _Mapping]] = ..., texts: _Optional[str] = ..., taxonomy: _Optional[str] = ..., judge: _Optional[str] = ..., layers: _Optional[str] = ..., m: _Optional[int] = ..., span_rank: _Optional[int] = ..., batch_size: _Optional[int] = ..., no_cache: bool = ..., out: _Optional[str] = ..., force: bool = ...) -> None: ...
 
 class PruneRequest(_message.Message):
     __slots__ = ("model", "ranking", "policy", "k", "heads", "concept", "min_ccs", "seed", "seeds", "mode", "tower", "max_acc_drop", "max_skew", "min_acc", "export_anyway", "export_format", "labels", "atol", "images", "texts", "judge", "layers", "validation", "out", "force")

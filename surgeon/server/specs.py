@@ -1,0 +1,282 @@
+"""Requests -> surgeon.api specs: every check that needs no model happens here, before a job is queued.
+
+Each request field left unset takes the spec's default; every path a request names is confined to one of the
+server's roots (server/paths.py)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from google.protobuf.message import Message
+
+from surgeon import limits
+from surgeon.api import ExportSpec, ModelSpec, PruneSpec, RankSpec, ValidateSpec, ValidationSpec
+from surgeon.errors import InvalidInput, NotFound, PreconditionFailed
+from surgeon.judges.base import JUDGES
+from surgeon.load import CHECKPOINT_SUFFIXES, TOY_MODEL_DIR, TOY_MODEL_NAME
+from surgeon.paths import newest_run, refuse_temporary
+from surgeon.rank import Ranking
+from surgeon.server.paths import Root, resolve_in
+from surgeon.v1 import surgeon_pb2 as pb
+from surgeon.validate import ValidationSuite
+
+REMOTE_JUDGES = ("lexicon", "embedding")  # llm would make the server call a client-chosen URL
+SuiteBuilder = Callable[[str | None], ValidationSuite]  # the validation suite for a model name
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    exports: Root
+    models: Root
+    data: Root
+    device: str | None = None
+
+
+def optional_field(message: Message, field: str, default: Any = None) -> Any:
+    """The value of a proto3 `optional` field, or `default` when the client left it unset."""
+    return getattr(message, field) if message.HasField(field) else default
+
+
+def check_string_lengths(message: Message) -> None:
+    """Every string of a request (nested messages too) within limits.MAX_SPEC_CHARS, before anything else."""
+    for field, value in message.ListFields():
+        for item in value if field.is_repeated else [value]:
+            if field.type == field.TYPE_MESSAGE:
+                check_string_lengths(item)
+            elif field.type == field.TYPE_STRING:
+                limits.text(field.name, item)
+
+
+class SpecBuilder:
+    """Maps each request to its checked spec and the output paths its job will write."""
+
+    def __init__(self, config: ServerConfig):
+        self.config = config
+
+    # -- inputs --
+
+    def model(self, ref: pb.ModelRef) -> tuple[str | None, str | None]:
+        """(model, pretrained) for load_model, every path confined to the models (or exports) root."""
+        name, pretrained = ref.model.strip(), ref.pretrained.strip() or None
+        if name in ("", TOY_MODEL_NAME):
+            if pretrained:
+                raise InvalidInput("the toy model takes no pretrained weights")
+            if not (TOY_MODEL_DIR / "open_clip_config.json").is_file():
+                raise NotFound(
+                    "the bundled toy model is missing from this server's installation",
+                    hint="name a local-dir: model or an open_clip architecture (ListModels)",
+                )
+            return None, None
+        if name.startswith("local-dir:"):
+            if pretrained:
+                raise InvalidInput("a local-dir: model carries its own weights; leave pretrained empty")
+            raw = name.removeprefix("local-dir:")
+            roots = [self.config.models, self.config.exports]
+            folder = resolve_in(roots, raw, "model folder", "dir")
+            owner = next(r for r in roots if r.path is not None and folder.is_relative_to(r.path))
+            owner.check_tree(folder, "model folder")
+            if not (folder / "open_clip_config.json").is_file():
+                raise NotFound(f"{raw} is not an open_clip local-dir folder (no open_clip_config.json)")
+            return f"local-dir:{folder}", None
+        import open_clip
+
+        if name not in open_clip.list_models():
+            raise NotFound(
+                f"unknown model {name!r}",
+                hint="use an open_clip architecture name or local-dir:PATH under the models root (ListModels)",
+            )
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        if pretrained and pretrained not in tags:
+            if "/" not in pretrained and Path(pretrained).suffix not in CHECKPOINT_SUFFIXES:
+                raise NotFound(
+                    f"unknown pretrained tag {pretrained!r} for {name}",
+                    hint=f"known tags: {', '.join(tags) or 'none'}; or a checkpoint file under the models root",
+                )
+            pretrained = str(resolve_in([self.config.models], pretrained, "checkpoint", "file"))
+        return name, pretrained
+
+    def data_file(self, raw: str, what: str) -> Path | None:
+        return resolve_in([self.config.data], raw, what, "file") if raw else None
+
+    def images(self, source: pb.ImageSource) -> tuple[str | None, int | None]:
+        n_images = limits.images(optional_field(source, "n_images"), source.images in ("", "toy"))
+        if source.images in ("", "toy"):
+            return None, n_images
+        folder = resolve_in([self.config.data], source.images, "image folder", "dir")
+        self.config.data.check_tree(folder, "image folder")
+        return str(folder), n_images
+
+    def texts(self, spec: str) -> str | None:
+        if spec in ("", "toy", "general"):
+            return spec or None
+        return str(self.data_file(spec, "text pool"))
+
+    def suite(self, data: pb.ValidationData, language: str = "") -> tuple[ValidationSpec, SuiteBuilder]:
+        """The validation spec, and a builder of its suite for a model: file-based suites are built (and their
+        manifests checked against the data root) now, the toy's in the job."""
+        root = self.config.data
+        folder = resolve_in([root], data.data, "validation data", "any") if data.data else None
+        if folder is not None and folder.is_dir():
+            root.check_tree(folder, "validation data")
+        spec = ValidationSpec(
+            folder,
+            classnames=self.data_file(data.classnames, "classnames"),
+            templates=self.data_file(data.templates, "templates"),
+            bias_data=self.data_file(data.bias_data, "bias_data"),
+            queries=self.data_file(data.queries, "queries"),
+            skew_k=optional_field(data, "skew_k", ValidationSpec.skew_k),
+            desired=data.desired or None,
+            bias_protocol=data.bias_protocol or ValidationSpec.bias_protocol,
+            bias_split_by=data.bias_split_by or None,
+            language=language or ValidationSpec.language,
+        )
+        spec.check()
+        if spec.is_toy:
+            return spec, spec.build  # a real model without data fails there, as in the CLI: no toy fallback
+        suite = spec.build(None)
+        for images in [t.images for t in suite.tasks] + ([suite.bias.images] if suite.bias else []):
+            for path in images if isinstance(images, list) else []:
+                root.check_inside(path, "validation image")  # manifests may not point outside the data root
+        return spec, lambda _model: suite
+
+    def out(self, raw: str, kind: str, force: bool, default: Path | None = None) -> Path:
+        """An output folder (or file) inside the exports root; new ones get a unique name."""
+        exports = self.config.exports
+        if raw:
+            path = exports.resolve(raw, "out")
+        elif default is not None:
+            path = default
+        else:
+            stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-%f")
+            path = exports.folder / f"{kind}-{stamp}-{uuid.uuid4().hex[:6]}"
+        if path == exports.folder:
+            raise InvalidInput("out may not be the exports root itself")
+        if path.exists() and not force:
+            raise PreconditionFailed(f"output {exports.relative(path)} already exists", hint="set force to replace it")
+        return path
+
+    @staticmethod
+    def judge(name: str) -> str:
+        name = name or "lexicon"
+        JUDGES.get(name)
+        if name not in REMOTE_JUDGES:
+            raise InvalidInput(
+                f"the {name} judge is not offered over gRPC", hint=f"choose one of {', '.join(REMOTE_JUDGES)}"
+            )
+        return name
+
+    # -- specs --
+
+    def rank_spec(self, request: pb.RankHeadsRequest) -> tuple[RankSpec, Path]:
+        """The spec and its output folder."""
+        model, pretrained = self.model(request.model)
+        images, n_images = self.images(request.images)
+        taxonomy = self.data_file(request.taxonomy, "taxonomy")
+        spec = RankSpec(
+            model=ModelSpec(model, pretrained, self.config.device),
+            images=images,
+            n_images=n_images,
+            texts=self.texts(request.texts),
+            taxonomy=str(taxonomy) if taxonomy else None,
+            judge=self.judge(request.judge),
+            layers=request.layers or None,
+            m=optional_field(request, "m", RankSpec.m),
+            span_rank=optional_field(request, "span_rank", RankSpec.span_rank),
+            batch_size=optional_field(request, "batch_size", RankSpec.batch_size),
+            use_cache=not request.no_cache,
+            force=request.force,
+        )
+        spec.check()
+        out = self.out(request.out, "rank", request.force)
+        return replace(spec, out_dir=out), out
+
+    def prune_spec(self, request: pb.PruneRequest) -> tuple[PruneSpec, SuiteBuilder, Path]:
+        """The spec, the builder of its validation suite and its output folder."""
+        data = request.validation
+        spec = PruneSpec(  # the options first: a bad number is INVALID_ARGUMENT whatever the paths say
+            model=ModelSpec(request.model.model or None, request.model.pretrained or None, self.config.device),
+            policy=request.policy or PruneSpec.policy,
+            k=optional_field(request, "k"),
+            heads=request.heads or None,
+            concept=request.concept or None,
+            min_ccs=optional_field(request, "min_ccs"),
+            seed=request.seed,
+            seeds=optional_field(request, "seeds", PruneSpec.seeds),
+            mode=request.mode or PruneSpec.mode,
+            tower=request.tower or PruneSpec.tower,
+            max_acc_drop=optional_field(request, "max_acc_drop"),
+            max_skew=optional_field(request, "max_skew"),
+            min_acc=optional_field(request, "min_acc"),
+            export_anyway=request.export_anyway,
+            export=request.export_format or PruneSpec.export,
+            atol=optional_field(request, "atol", PruneSpec.atol),
+            images=request.images.images or None,
+            n_images=optional_field(request.images, "n_images"),
+            layers=request.layers or None,
+            validation=ValidationSpec(skew_k=optional_field(data, "skew_k", ValidationSpec.skew_k)),
+            force=request.force,
+        )
+        spec.check()
+        model, pretrained = self.model(request.model)
+        ranking = None
+        if request.ranking:
+            roots = [self.config.exports, self.config.data]
+            ranking = resolve_in(roots, request.ranking, "ranking")
+            if ranking.is_dir():  # resolve the file actually read, so a symlink in the folder cannot lead out
+                ranking = resolve_in(roots, f"{request.ranking.rstrip('/')}/ranking.json", "ranking", "file")
+        images, n_images = self.images(request.images)
+        validation, suite_for = self.suite(data)
+        spec = replace(
+            spec,
+            model=ModelSpec(model, pretrained, self.config.device),
+            ranking=ranking,
+            labels=self.data_file(request.labels, "labels file"),
+            images=images,
+            n_images=n_images,
+            texts=self.texts(request.texts),
+            judge=PruneSpec.judge if request.ranking else self.judge(request.judge),
+            validation=validation,
+        )
+        spec.check()
+        if ranking is not None and spec.k is not None:
+            heads = len(Ranking.read(ranking).heads)
+            if spec.k > heads:
+                raise InvalidInput(f"k={spec.k} out of range: choose 1..{heads} (heads in the ranking)")
+        out = self.out(request.out, "prune", request.force)
+        return replace(spec, out_dir=out), suite_for, out
+
+    def validate_spec(self, request: pb.ValidateRequest) -> tuple[ValidateSpec, SuiteBuilder, Path | None]:
+        """The spec, the builder of its suite and its output folder (None: the report is only returned)."""
+        model, pretrained = self.model(request.model)
+        validation, suite_for = self.suite(request.validation, request.language)
+        out = self.out(request.out, "validate", request.force) if request.out else None
+        spec = ValidateSpec(ModelSpec(model, pretrained, self.config.device), validation, out, request.force)
+        spec.check()
+        return spec, suite_for, out
+
+    def export_spec(self, request: pb.ExportRequest) -> tuple[ExportSpec, Path]:
+        """The spec and its output folder; no run_dir means the newest run folder, as in the CLI."""
+        exports = self.config.exports
+        spec = ExportSpec(
+            Path(),
+            format=request.format or ExportSpec.format,
+            atol=optional_field(request, "atol", ExportSpec.atol),
+            force=request.force,
+            device=self.config.device,
+        )
+        spec.check()  # the options first, then the run folder
+        raw = request.run_dir
+        if not raw:
+            newest = newest_run(hint="run Prune first, or set run_dir", root=exports.folder)
+            raw = newest.relative_to(exports.folder).as_posix()  # resolve_in checks where it leads
+        run_dir = resolve_in([exports], raw, "run folder", "dir")
+        refuse_temporary(run_dir, "run folder")  # a killed job's hidden folder is no run
+        exports.check_tree(run_dir, "run folder")
+        spec = replace(spec, run_dir=run_dir, labels=self.data_file(request.labels, "labels file"))
+        out = self.out(request.out, "export", request.force, default=spec.target)
+        return replace(spec, out_dir=out), out
