@@ -102,7 +102,7 @@ def bias_metrics(
     k: int = 10,
     desired: str | None = None,
     protocol: str = "surgeon",
-) -> dict[str, float | list[float] | str]:
+) -> dict[str, float | str | list[float] | list[list[float]]]:
     """Per-query, mean and summed MaxSkew@k, MinSkew@k and NDKL from a (queries x images) similarity matrix."""
     if similarity.ndim != 2 or similarity.shape[1] != len(groups):
         raise InvalidInput("similarity must be (queries, images) with one group label per image")
