@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -47,7 +48,7 @@ def bias_protocol(name: str, desired: str | None = None) -> tuple[BiasProtocol, 
     return protocol, desired or protocol.desired
 
 
-def desired_distribution(groups: Sequence[int], n_groups: int, desired: str = "uniform") -> np.ndarray:
+def desired_distribution(groups: Sequence[int] | np.ndarray, n_groups: int, desired: str = "uniform") -> np.ndarray:
     """p*(a): uniform over the attribute's values, or the set's own proportions ("set")."""
     if desired == "uniform":
         return np.full(n_groups, 1.0 / n_groups)
@@ -97,13 +98,14 @@ def ndkl(ranked, target: np.ndarray) -> float:
 
 def bias_metrics(
     similarity: np.ndarray,
-    groups: Sequence[int],
+    groups: Sequence[int] | np.ndarray,
     n_groups: int,
     k: int = 10,
     desired: str | None = None,
     protocol: str = "surgeon",
-) -> dict[str, float | list[float] | str]:
-    """Per-query, mean and summed MaxSkew@k, MinSkew@k and NDKL from a (queries x images) similarity matrix."""
+) -> dict[str, Any]:
+    """Per-query, mean and summed MaxSkew@k, MinSkew@k and NDKL from a (queries x images) similarity matrix:
+    a JSON record whose keys name k, so its values are typed by the caller that reads them."""
     if similarity.ndim != 2 or similarity.shape[1] != len(groups):
         raise InvalidInput("similarity must be (queries, images) with one group label per image")
     if len(groups) == 0:

@@ -16,6 +16,7 @@ from pathlib import Path
 from surgeon.decompose import check_supported, decompose, vision_layout
 from surgeon.distributed import World, agree, all_reduce, shard, world
 from surgeon.errors import CorruptInput, InvalidInput
+from surgeon.hooks import vision_tower
 from surgeon.images import ImageSet
 from surgeon.load import LoadedModel
 from surgeon.paths import cache_dir
@@ -36,7 +37,7 @@ def stats_key(loaded: LoadedModel, images: ImageSet, layers: tuple[int, ...]) ->
 
 
 def empty_stats(loaded: LoadedModel, layers: tuple[int, ...]) -> HeadStats:
-    visual = loaded.model.visual
+    visual = vision_tower(loaded.model)
     check_supported(visual)
     _, heads = vision_layout(visual)
     if len({heads[i] for i in layers}) != 1:
@@ -58,7 +59,7 @@ def accumulate(
 ) -> HeadStats:
     """Add images [start, stop) to `stats` (new when None). With `chunk_batches`, `on_chunk(stats, next_index)`
     runs after every that many batches (checkpointing)."""
-    visual = loaded.model.visual
+    visual = vision_tower(loaded.model)
     stats = stats if stats is not None else empty_stats(loaded, layers)
     stop = images.count if stop is None else stop
     chunk = (chunk_batches or 0) * batch_size or (stop - start)
@@ -128,7 +129,7 @@ def _collect_stats(
     path = cache_dir() / "stats" / f"{key}.safetensors"
     if use_cache and agree(path.is_file(), w):
         cached = _load_or_warn(path)
-        if agree(cached is not None, w):
+        if agree(cached is not None, w) and cached is not None:  # agreed: every rank has it
             return cached.to(loaded.device), True
     start, stop = shard(images.count, w, batch_size)
     if start == stop:

@@ -10,6 +10,7 @@ input (cheap: one query), so both open_clip block types and surgeon's pruned att
 from __future__ import annotations
 
 import re
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +18,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from surgeon.errors import InvalidInput
-from surgeon.hooks import record
+from surgeon.heads import HeadRef
+from surgeon.hooks import (
+    attention,
+    attention_layout,
+    cosine_scale,
+    final_norm,
+    head_scale,
+    in_projection,
+    layer_scale,
+    norms_across_heads,
+    out_projection,
+    projection,
+    qk_norms,
+    record,
+    vision_blocks,
+)
 from surgeon.limits import echo
 
 
@@ -39,17 +55,18 @@ class AttentionParams:
 
     @classmethod
     def of(cls, attn: nn.Module) -> AttentionParams:
-        if isinstance(attn, nn.MultiheadAttention):
-            if not attn._qkv_same_embed_dim:
-                raise InvalidInput("attention with separate k/v dimensions is not supported")
-            n_heads, head_dim = attn.num_heads, attn.head_dim
-        else:
-            n_heads, head_dim = attn.num_heads, attn.head_dim
-        inner = n_heads * head_dim
-        wq, wk, wv = attn.in_proj_weight.split(inner, dim=0)
-        bias = attn.in_proj_bias
-        bq, bk, bv = bias.split(inner) if bias is not None else (None, None, None)
-        return cls(wq, wk, wv, bq, bk, bv, attn.out_proj.weight, attn.out_proj.bias, n_heads, head_dim, attn)
+        if isinstance(attn, nn.MultiheadAttention) and not attn._qkv_same_embed_dim:
+            raise InvalidInput("attention with separate k/v dimensions is not supported")
+        n_heads, head_dim = attention_layout(attn)
+        weight, bias = in_projection(attn)
+        wq, wk, wv = weight.split(n_heads * head_dim, dim=0)
+        bq, bk, bv = bias.split(n_heads * head_dim) if bias is not None else (None, None, None)
+        out = out_projection(attn)
+        return cls(wq, wk, wv, bq, bk, bv, out.weight, out.bias, n_heads, head_dim, attn)
+
+    @classmethod
+    def of_block(cls, block: nn.Module) -> AttentionParams:
+        return cls.of(attention(block))
 
 
 def check_supported(visual: nn.Module) -> None:
@@ -60,18 +77,9 @@ def check_supported(visual: nn.Module) -> None:
         raise InvalidInput("attention-pooled towers (CoCa) are not supported: heads do not write to one token")
     if getattr(visual, "pool_type", "tok") != "tok":
         raise InvalidInput(f"pool_type {visual.pool_type!r} is not supported: the method reads the CLS token")
-    for i, block in enumerate(visual.transformer.resblocks):
-        if not isinstance(getattr(block, "ln_attn", nn.Identity()), nn.Identity) or not isinstance(
-            getattr(block.attn, "ln_inner", nn.Identity()), nn.Identity
-        ):
+    for i, block in enumerate(vision_blocks(visual)):
+        if norms_across_heads(block):
             raise InvalidInput(f"block {i} normalises across heads (scale_attn/inner_norm): not decomposable")
-
-
-def _plain_dot_product(attn: nn.Module) -> bool:
-    """Scaled dot-product attention without q/k normalisation: keys and values can be folded (below)."""
-    return getattr(attn, "logit_scale", None) is None and all(
-        isinstance(getattr(attn, name, nn.Identity()), nn.Identity) for name in ("ln_q", "ln_k")
-    )
 
 
 def head_z(block: nn.Module, attn_in: torch.Tensor) -> torch.Tensor:
@@ -81,13 +89,13 @@ def head_z(block: nn.Module, attn_in: torch.Tensor) -> torch.Tensor:
     is (W_K,h^T q_h) . x_t (the key bias shifts every logit equally and cancels in the softmax), and since the
     weights sum to one, z_h = (sum_t a_t x_t) W_V,h^T + b_V,h. That is head_dim times cheaper than
     recomputing K and V, which keeps statistics collection close to plain encode_image speed."""
-    p = AttentionParams.of(block.attn)
+    p = AttentionParams.of_block(block)
     a = attn_in.float()
     batch, tokens, _ = a.shape
     h, d = p.n_heads, p.head_dim
-    attn = p.module
+    cosine, norms = cosine_scale(p.module), qk_norms(p.module)
     q = F.linear(a[:, 0], p.wq.float(), None if p.bq is None else p.bq.float()).view(batch, h, d)
-    if _plain_dot_product(attn):
+    if cosine is None and norms is None:  # plain scaled dot product: keys and values are folded (above)
         wk, wv = p.wk.float().view(h, d, -1), p.wv.float().view(h, d, -1)
         q_tilde = torch.einsum("bhd,hdw->bhw", q, wk) * d**-0.5
         weights = torch.einsum("bhw,btw->bht", q_tilde, a).softmax(dim=-1)
@@ -98,24 +106,28 @@ def head_z(block: nn.Module, attn_in: torch.Tensor) -> torch.Tensor:
         k = F.linear(a, p.wk.float(), None if p.bk is None else p.bk.float()).view(batch, tokens, h, d).transpose(1, 2)
         v = F.linear(a, p.wv.float(), None if p.bv is None else p.bv.float()).view(batch, tokens, h, d).transpose(1, 2)
         q = q.unsqueeze(2)
-        if getattr(attn, "logit_scale", None) is not None:
-            scale = torch.clamp(attn.logit_scale.float(), max=attn.logit_scale_max).exp()
+        if norms is not None:  # open_clip refuses q/k norms together with scaled cosine
+            q, k = norms[0](q), norms[1](k)
+        if cosine is not None:
+            log_scale, scale_max = cosine
+            scale = torch.clamp(log_scale.float(), max=scale_max).exp()
             logits = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-1, -2) * scale
         else:
-            logits = (attn.ln_q(q) @ attn.ln_k(k).transpose(-1, -2)) * d**-0.5
+            logits = (q @ k.transpose(-1, -2)) * d**-0.5
         z = (logits.softmax(dim=-1) @ v).squeeze(2)
-    if getattr(attn, "head_scale", None) is not None:
-        z = z * attn.head_scale.float().view(1, h, 1)
+    gains = head_scale(p.module)
+    if gains is not None:
+        z = z * gains.float().view(1, h, 1)
     return z
 
 
 def head_terms(block: nn.Module, attn_in: torch.Tensor, linear_map: torch.Tensor) -> torch.Tensor:
     """Each head's CLS output (with its share of the out_proj bias and LayerScale) mapped by `linear_map`
     (width x D) — W_O is folded into the map per head, so the width-sized output is never formed: (B, H, D)."""
-    p = AttentionParams.of(block.attn)
+    p = AttentionParams.of_block(block)
     if p.n_heads == 0:
         raise InvalidInput("a layer with every head removed cannot be decomposed per head")
-    gamma = getattr(block.ls_1, "gamma", None)
+    gamma = layer_scale(block)
     scaled_map = linear_map * gamma.float()[:, None] if gamma is not None else linear_map
     per_head = torch.einsum("whd,wD->hdD", p.wo.float().view(-1, p.n_heads, p.head_dim), scaled_map)
     out = torch.einsum("bhd,hdD->bhD", head_z(block, attn_in), per_head)
@@ -138,7 +150,7 @@ def decompose(
     visual: nn.Module, images: torch.Tensor, layers: tuple[int, ...], *, with_rest: bool = False
 ) -> Decomposition:
     """Run the tower once on `images` and return each analysed head's normalised joint-space term."""
-    blocks = visual.transformer.resblocks
+    blocks = vision_blocks(visual)
     n_layers = len(blocks)
     names = ["resid_final"] + [f"blocks.{i}.attn_in" for i in layers]
     if with_rest:
@@ -149,14 +161,14 @@ def decompose(
             pooled = pooled[0]
         resid = cache["resid_final"]
         resid = (resid[:, 0] if resid.ndim == 3 else resid).float()
-        n_heads = [AttentionParams.of(b.attn).n_heads for b in blocks]
+        n_heads = [AttentionParams.of_block(b).n_heads for b in blocks]
         n_terms = 1 + n_layers + sum(n_heads)
-        ln = visual.ln_post
+        ln = final_norm(visual)
         mu = resid.mean(-1, keepdim=True)
         sigma = (resid.var(-1, unbiased=False, keepdim=True) + ln.eps).sqrt()
         gamma = ln.weight.float() if ln.weight is not None else torch.ones_like(resid[0])
         beta = ln.bias.float() if ln.bias is not None else torch.zeros_like(resid[0])
-        proj = visual.proj.float()
+        proj = projection(visual).float()
         norm = pooled.float().norm(dim=-1)
 
         # ln_post with frozen statistics is affine: term t -> (gamma*t @ proj - mu/K gamma@proj) / sigma + beta@proj / K
@@ -180,8 +192,8 @@ def decompose(
 
 def vision_layout(visual: nn.Module) -> tuple[int, list[int]]:
     """(number of layers, heads per layer)."""
-    blocks = visual.transformer.resblocks
-    return len(blocks), [AttentionParams.of(b.attn).n_heads for b in blocks]
+    blocks = vision_blocks(visual)
+    return len(blocks), [AttentionParams.of_block(b).n_heads for b in blocks]
 
 
 def parse_layers(spec: str | None, n_layers: int) -> tuple[int, ...]:
@@ -215,17 +227,20 @@ def parse_layers(spec: str | None, n_layers: int) -> tuple[int, ...]:
     return tuple(sorted(layers))
 
 
-def head_means(visual: nn.Module, batches, heads) -> dict:
+def head_means(
+    visual: nn.Module, batches: Iterable[torch.Tensor], heads: Collection[HeadRef]
+) -> dict[HeadRef, torch.Tensor]:
     """Mean of each listed head's CLS value vector z over reference images (for mean ablation)."""
-    blocks = visual.transformer.resblocks
+    blocks = vision_blocks(visual)
     layers = sorted({ref.layer for ref in heads})
-    sums = {layer: 0.0 for layer in layers}
+    sums: dict[int, torch.Tensor] = {}
     count = 0
     for batch in batches:
         with torch.no_grad(), record(visual, [f"blocks.{i}.attn_in" for i in layers]) as cache:
             visual(batch)
             for layer in layers:
-                sums[layer] = sums[layer] + head_z(blocks[layer], cache[f"blocks.{layer}.attn_in"]).double().sum(0)
+                z_sum = head_z(blocks[layer], cache[f"blocks.{layer}.attn_in"]).double().sum(0)
+                sums[layer] = sums[layer] + z_sum if layer in sums else z_sum
         count += batch.shape[0]
     if count == 0:
         raise InvalidInput("the reference image set for mean ablation is empty")

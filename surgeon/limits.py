@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+from typing import overload
 
 from surgeon.errors import InvalidInput
 
@@ -65,6 +66,10 @@ def field_of(name: str) -> str:
     return name.split(" ")[0].lstrip("-").replace("-", "_")
 
 
+@overload
+def count(name: str, value: int, low: int, high: int) -> int: ...
+@overload
+def count(name: str, value: int | None, low: int, high: int) -> int | None: ...
 def count(name: str, value: int | None, low: int, high: int) -> int | None:
     """An integer option within [low, high] (None: the default, unchecked)."""
     if value is None:
@@ -86,6 +91,10 @@ def number(name: str, value: float | None, low: float, high: float) -> float | N
     return float(value)
 
 
+@overload
+def text(name: str, value: str, limit: int = MAX_SPEC_CHARS) -> str: ...
+@overload
+def text(name: str, value: str | None, limit: int = MAX_SPEC_CHARS) -> str | None: ...
 def text(name: str, value: str | None, limit: int = MAX_SPEC_CHARS) -> str | None:
     """A string option of at most `limit` characters, without NUL bytes (paths cannot hold them)."""
     if value is None:

@@ -10,7 +10,7 @@ from torch import nn
 
 from surgeon.decompose import AttentionParams
 from surgeon.errors import InvalidInput
-from surgeon.hooks import tower_blocks
+from surgeon.hooks import cosine_scale, head_scale, qk_norms, set_attention, tower_blocks
 
 
 class PrunedAttention(nn.Module):
@@ -19,7 +19,14 @@ class PrunedAttention(nn.Module):
     Drop-in for both open_clip block types: called like nn.MultiheadAttention (returns a tuple) when
     `mha_style`, else like open_clip's Attention (returns a tensor)."""
 
-    def __init__(self, width: int, n_heads: int, head_dim: int, mha_style: bool, qk_norm: nn.Module | None = None):
+    def __init__(
+        self,
+        width: int,
+        n_heads: int,
+        head_dim: int,
+        mha_style: bool,
+        qk_norm: tuple[nn.Module, nn.Module] | None = None,
+    ):
         super().__init__()
         inner = n_heads * head_dim
         self.num_heads, self.head_dim, self.mha_style = n_heads, head_dim, mha_style
@@ -47,13 +54,10 @@ class PrunedAttention(nn.Module):
 
 
 def pruned_like(attn: nn.Module, n_kept: int, p: AttentionParams) -> PrunedAttention:
-    if getattr(attn, "logit_scale", None) is not None or getattr(attn, "head_scale", None) is not None:
+    if cosine_scale(attn) is not None or head_scale(attn) is not None:
         raise InvalidInput("hard pruning of scaled-cosine or head-scaled attention is not supported; use --mode zero")
-    qk_norm = None
-    if not isinstance(getattr(attn, "ln_q", nn.Identity()), nn.Identity):
-        qk_norm = (attn.ln_q, attn.ln_k)
     width = p.wo.shape[0]
-    return PrunedAttention(width, n_kept, p.head_dim, isinstance(attn, nn.MultiheadAttention), qk_norm)
+    return PrunedAttention(width, n_kept, p.head_dim, isinstance(attn, nn.MultiheadAttention), qk_norms(attn))
 
 
 def rebuild_pruned(model: nn.Module, record: dict) -> nn.Module:
@@ -62,6 +66,6 @@ def rebuild_pruned(model: nn.Module, record: dict) -> nn.Module:
         blocks = tower_blocks(model, tower)[0][1]
         for layer, kept in layers.items():
             block = blocks[int(layer)]
-            p = AttentionParams.of(block.attn)
-            block.attn = pruned_like(block.attn, len(kept), p)
+            p = AttentionParams.of_block(block)
+            set_attention(block, pruned_like(p.module, len(kept), p))
     return model

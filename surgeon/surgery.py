@@ -18,7 +18,7 @@ from torch import nn
 from surgeon.decompose import AttentionParams
 from surgeon.errors import InvalidInput
 from surgeon.heads import HeadRef
-from surgeon.hooks import tower_blocks
+from surgeon.hooks import set_attention, tower_blocks
 from surgeon.pruned import pruned_like
 from surgeon.registry import Registry
 
@@ -28,7 +28,7 @@ def check_heads(model: nn.Module, heads: Iterable[HeadRef], tower: str = "vision
         for ref in heads:
             if not 0 <= ref.layer < len(blocks):
                 raise InvalidInput(f"{ref.name}: the {name} tower has layers 0..{len(blocks) - 1}")
-            n = AttentionParams.of(blocks[ref.layer].attn).n_heads
+            n = AttentionParams.of_block(blocks[ref.layer]).n_heads
             if not 0 <= ref.head < n:
                 raise InvalidInput(f"{ref.name}: layer {ref.layer} of the {name} tower has heads 0..{n - 1}")
 
@@ -43,7 +43,7 @@ def _by_layer(heads: Iterable[HeadRef]) -> dict[int, list[int]]:
 @torch.no_grad()
 def zero_heads(blocks: nn.ModuleList, heads: Iterable[HeadRef]) -> None:
     for layer, head_ids in _by_layer(heads).items():
-        p = AttentionParams.of(blocks[layer].attn)
+        p = AttentionParams.of_block(blocks[layer])
         for h in head_ids:
             cols = slice(h * p.head_dim, (h + 1) * p.head_dim)
             p.wo[:, cols] = 0
@@ -56,7 +56,9 @@ def zero_heads(blocks: nn.ModuleList, heads: Iterable[HeadRef]) -> None:
 def fold_means(blocks: nn.ModuleList, means: dict[HeadRef, torch.Tensor]) -> None:
     """Add W_O,h @ mean(z_h) to the out_proj bias, then zero the head: its output becomes its mean."""
     for ref, z_mean in means.items():
-        p = AttentionParams.of(blocks[ref.layer].attn)
+        p = AttentionParams.of_block(blocks[ref.layer])
+        if p.bo is None:
+            raise InvalidInput("mean ablation folds into the out_proj bias, which this model lacks; use --mode zero")
         cols = slice(ref.head * p.head_dim, (ref.head + 1) * p.head_dim)
         p.bo.add_(p.wo[:, cols] @ z_mean.to(p.wo))
     zero_heads(blocks, means)
@@ -68,9 +70,9 @@ def remove_heads(blocks: nn.ModuleList, heads: Iterable[HeadRef]) -> dict[int, l
     kept_by_layer = {}
     for layer, head_ids in _by_layer(heads).items():
         block = blocks[layer]
-        p = AttentionParams.of(block.attn)
+        p = AttentionParams.of_block(block)
         kept = [h for h in range(p.n_heads) if h not in head_ids]
-        new = pruned_like(block.attn, len(kept), p)
+        new = pruned_like(p.module, len(kept), p)
         rows = (
             torch.cat([torch.arange(h * p.head_dim, (h + 1) * p.head_dim) for h in kept])
             if kept
@@ -82,7 +84,7 @@ def remove_heads(blocks: nn.ModuleList, heads: Iterable[HeadRef]) -> dict[int, l
         new.in_proj_bias.copy_(torch.cat(biases))
         new.out_proj.weight.copy_(p.wo[:, rows])
         new.out_proj.bias.copy_(p.bo if p.bo is not None else torch.zeros_like(new.out_proj.bias))
-        block.attn = new.to(p.wo.device, p.wo.dtype).train(block.attn.training)
+        set_attention(block, new.to(p.wo.device, p.wo.dtype).train(p.module.training))
         kept_by_layer[layer] = kept
     return kept_by_layer
 

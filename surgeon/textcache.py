@@ -122,7 +122,7 @@ def pool_embeddings(
     w = world()
     path = text_cache_path(text_key(loaded, pool)) if use_cache else None
     cached = _read(path, len(pool.lines)) if path is not None and path.is_file() else None
-    if agree(cached is not None, w):
+    if agree(cached is not None, w) and path is not None and cached is not None:  # agreed: every rank has it
         touch(path)  # for `surgeon cache evict` (least recently used first)
         return cached.to(loaded.device), True
     lines = list(pool.lines)

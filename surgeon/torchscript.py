@@ -71,7 +71,8 @@ def _rebuild_tensor(storage: torch.Tensor, offset: int, size, stride, *_rest) ->
 class _Unpickler(pickle.Unpickler):
     def __init__(self, handle, archive: zipfile.ZipFile, root: str):
         super().__init__(handle)
-        self.archive, self.root, self.storages = archive, root, {}
+        self.archive, self.root = archive, root
+        self.storages: dict[str, torch.Tensor] = {}
 
     def find_class(self, module: str, name: str):
         if module.startswith("__torch__"):

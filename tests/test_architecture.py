@@ -1,10 +1,13 @@
-"""The package's import graph (module- and function-level imports, read with ast): no cycles among surgeon's
-modules, and the stages reach the toy world only through surgeon.defaults (the CLI's `toy` verbs aside)."""
+"""The package's structure, read with ast: no import cycles among surgeon's modules, the stages reach the toy
+world only through surgeon.defaults (the CLI's `toy` verbs aside), and only surgeon.hooks names open_clip's
+model parts."""
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
+
+import pytest
 
 import surgeon
 
@@ -13,6 +16,13 @@ GENERATED = "surgeon.v1"  # gRPC stubs written by surgeon.server.codegen
 TOY = "surgeon.toy"
 #: what may import the toy world: the defaults place, and the shell whose `toy` verbs train and draw it
 TOY_IMPORTERS = {"surgeon.defaults", "surgeon.cli"}
+ADAPTER = "surgeon.hooks"
+#: open_clip's names for model parts, which no surgeon class reuses (num_heads, out_proj, ln_q... are also
+#: PrunedAttention's own, image_size the toy world's, encode_text a LoadedModel method: those are left out)
+ARCHITECTURE_PARTS = {
+    "visual", "transformer", "resblocks", "attn", "ln_1", "ls_1", "ls_2", "ln_attn", "ln_inner", "ln_post",
+    "proj", "_embeds", "_pool", "output_dim", "logit_scale", "head_scale",
+}  # fmt: skip
 
 
 def _modules() -> dict[str, Path]:
@@ -120,3 +130,31 @@ def test_stages_reach_the_toy_world_only_through_defaults():
         if not name.startswith(TOY) and name not in TOY_IMPORTERS and any(t.startswith(TOY) for t in targets)
     )
     assert not offenders, f"{offenders} import {TOY}; ask surgeon.defaults instead"
+
+
+def part_reads(source: str) -> list[tuple[int, str]]:
+    """(line, expression) of every attribute access to an open_clip model part in `source`."""
+    tree = ast.parse(source)
+    nodes = (node for node in ast.walk(tree) if isinstance(node, ast.Attribute) and node.attr in ARCHITECTURE_PARTS)
+    return sorted((node.lineno, ast.unparse(node)) for node in nodes)
+
+
+def test_the_scan_finds_reads_and_writes_of_model_parts():
+    source = "blocks = model.visual.transformer.resblocks\nblock.attn = new\nsize = cfg.image_size"
+    assert [expr for _, expr in part_reads(source)] == [
+        "model.visual",
+        "model.visual.transformer",
+        "model.visual.transformer.resblocks",
+        "block.attn",
+    ]
+
+
+@pytest.mark.xfail(strict=True, reason="other modules migrate in the same change")
+def test_only_hooks_reaches_into_the_architecture():
+    found = [
+        f"{path.relative_to(PACKAGE.parent)}:{line}: {expr}"
+        for name, path in sorted(_modules().items())
+        if name != ADAPTER
+        for line, expr in part_reads(path.read_text(encoding="utf-8"))
+    ]
+    assert not found, "use surgeon.hooks' accessors instead of:\n" + "\n".join(found)

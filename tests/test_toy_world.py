@@ -290,6 +290,50 @@ def test_interrupted_training_leaves_nothing(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+class _Cancelled(Exception):
+    pass
+
+
+class _Recorder:
+    """An Observer (surgeon.progress) that keeps every step and cancels at the `cancel_at`-th check."""
+
+    def __init__(self, cancel_at: int | None = None):
+        self.steps: list[tuple[str, int, int | None]] = []
+        self.checks = 0
+        self.cancel_at = cancel_at
+
+    def step(self, stage: str, done: int, total: int | None) -> None:
+        self.steps.append((stage, done, total))
+
+    def check(self) -> None:
+        self.checks += 1
+        if self.checks == self.cancel_at:
+            raise _Cancelled
+
+
+def test_training_reports_each_step_then_the_evaluation(tmp_path):
+    from surgeon.progress import observed
+    from surgeon.toy.train import train
+
+    recorder = _Recorder()
+    with observed(recorder):
+        train(_tiny_train_cfg(), tmp_path / "m", progress=False)
+    assert [s for s in recorder.steps if s[0] == "toy train"] == [("toy train", n, 2) for n in range(3)]
+    assert recorder.steps.index(("toy train", 2, 2)) < recorder.steps.index(("toy evaluation", 0, None))
+    assert recorder.checks >= 2
+
+
+def test_cancelled_training_stops_at_the_next_step_and_leaves_nothing(tmp_path):
+    from surgeon.progress import observed
+    from surgeon.toy.train import train
+
+    recorder = _Recorder(cancel_at=2)
+    with observed(recorder), pytest.raises(_Cancelled):
+        train(_tiny_train_cfg(steps=5), tmp_path / "m", progress=False)
+    assert recorder.steps[-1] == ("toy train", 1, 5)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_default_model_fits_size_budget():
     import torch
 

@@ -109,19 +109,18 @@ def infer(
     if labels is not None and not labels.is_absolute() and not labels.exists() and (model.dir / labels).is_file():
         labels = model.dir / labels  # `surgeon infer . IMG --labels labels.txt` in a run folder: the export's own
     label_list = read_labels(labels) if labels is not None else None
-    if images:
-        inputs, names = collect_images(list(images)), None
-    else:
-        inputs, names, shapes = toy_demo_images()
-        if label_list is None and not model.has_classifier:
-            label_list = shapes
-    if names is None:  # files: unreadable ones are skipped with a count, as `surgeon rank` does
-        inputs, names, skipped = _readable(inputs)
+    inputs: list[Path] | list[Image.Image]
+    if images:  # files: unreadable ones are skipped with a count, as `surgeon rank` does
+        inputs, names, skipped = _readable(collect_images(list(images)))
         if skipped:
             Console(stderr=True).print(
                 f"[yellow]warning:[/] skipped {len(skipped)} unreadable image(s), e.g. {escape(skipped[0])}",
                 soft_wrap=True,
             )
+    else:
+        inputs, names, shapes = toy_demo_images()
+        if label_list is None and not model.has_classifier:
+            label_list = shapes
     predictions = model.classify(inputs, label_list, top_k=top_k, batch_size=batch_size, image_names=names)
     source = "labels" if label_list is not None else "classifier.onnx"
     if as_json:

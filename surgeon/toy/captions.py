@@ -9,10 +9,14 @@ import numpy as np
 
 from surgeon.toy.scenes import FACTORS, Scenes, WorldConfig
 
-_SIZE_WORDS = {"small": ("small", "little", "tiny"), "large": ("large", "big", "huge")}
-_TEXTURE_ADJ = {"solid": ("solid", "plain"), "striped": ("striped",), "dotted": ("dotted", "spotted")}
-_TEXTURE_WITH = {"striped": ("with stripes",), "dotted": ("with dots", "with spots")}
-_POSITION_PHRASES = {
+_SIZE_WORDS: dict[str, tuple[str, ...]] = {"small": ("small", "little", "tiny"), "large": ("large", "big", "huge")}
+_TEXTURE_ADJ: dict[str, tuple[str, ...]] = {
+    "solid": ("solid", "plain"),
+    "striped": ("striped",),
+    "dotted": ("dotted", "spotted"),
+}
+_TEXTURE_WITH: dict[str, tuple[str, ...]] = {"striped": ("with stripes",), "dotted": ("with dots", "with spots")}
+_POSITION_PHRASES: dict[str, tuple[str, ...]] = {
     "left": ("on the left", "at the left", "on the left side", "in the left part of the image"),
     "right": ("on the right", "at the right", "on the right side", "in the right part of the image"),
     "top": ("at the top", "near the top", "on the top side", "in the upper part of the image"),

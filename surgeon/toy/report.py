@@ -23,10 +23,12 @@ import numpy as np
 import torch
 
 from surgeon.decompose import decompose
-from surgeon.images import toy_images
+from surgeon.errors import PreconditionFailed
+from surgeon.hooks import vision_tower
+from surgeon.images import ImageSet, toy_images
 from surgeon.judges.base import TIE, Judge
 from surgeon.load import LoadedModel, build_clip, weights_hash
-from surgeon.pools import load_pool
+from surgeon.pools import TextPool, load_pool
 from surgeon.rank import Ranking, make_judge, rank_heads
 from surgeon.validate import toy_suite, validate
 from surgeon.zeroshot import uint8_to_tensor
@@ -77,7 +79,7 @@ def ground_truth(loaded: LoadedModel, layers: list[int], n: int = 1000) -> dict[
         heads = (
             torch.cat(
                 [
-                    decompose(loaded.model.visual, pixels[i : i + 256].to(loaded.device), tuple(layers)).heads
+                    decompose(vision_tower(loaded.model), pixels[i : i + 256].to(loaded.device), tuple(layers)).heads
                     for i in range(0, n, 256)
                 ]
             )
@@ -99,6 +101,18 @@ def ground_truth(loaded: LoadedModel, layers: list[int], n: int = 1000) -> dict[
     return shares
 
 
+def _dominant(shares: dict[str, float]) -> str:
+    """The factor that explains most of a head's variance."""
+    return max(shares, key=shares.__getitem__)
+
+
+def _rank(loaded: LoadedModel, images: ImageSet, pool: TextPool, quiet: bool) -> Ranking:
+    ranking = rank_heads(loaded, images, pool, quiet=quiet)
+    if ranking is None:  # only the non-zero ranks of a torchrun job get None
+        raise PreconditionFailed("the toy report runs in one process; start it without torchrun")
+    return ranking
+
+
 def agreement(ranking: Ranking, truth: dict[str, dict[str, float]], factors: tuple[str, ...]) -> dict:
     """Share of heads whose label is their ground-truth factor, for CCS >= 4 and CCS < 4; a tie never agrees."""
     out = {}
@@ -107,7 +121,7 @@ def agreement(ranking: Ranking, truth: dict[str, dict[str, float]], factors: tup
         ("ccs<4", [h for h in ranking.heads if h.ccs < 4]),
     ):
         named = [[factor_of_concept(c, factors) for c in h.label.split(TIE)] for h in heads]
-        best = [max(truth[h.name], key=truth[h.name].get) for h in heads]
+        best = [_dominant(truth[h.name]) for h in heads]
         hits = [labels == [b] for labels, b in zip(named, best, strict=True)]
         out[key] = round(float(np.mean(hits)), 4) if hits else None
         out[f"n_{key}"] = len(heads)
@@ -135,8 +149,8 @@ def toy_report(loaded: LoadedModel, n_images: int = 2000, quiet: bool = True) ->
     )
     pool = load_pool("toy", toy=True)
     images = toy_images(n_images)
-    trained = rank_heads(loaded, images, pool, quiet=quiet)
-    controls = [rank_heads(random_vision_like(loaded, seed), images, pool, quiet=quiet) for seed in CONTROL_SEEDS]
+    trained = _rank(loaded, images, pool, quiet)
+    controls = [_rank(random_vision_like(loaded, seed), images, pool, quiet) for seed in CONTROL_SEEDS]
     control_counts = [sum(h.ccs >= 4 for h in c.heads) for c in controls]
     factors = tuple(world.FACTORS)
     truth = ground_truth(loaded, trained.layers)
@@ -164,7 +178,7 @@ def toy_report(loaded: LoadedModel, n_images: int = 2000, quiet: bool = True) ->
                 "head": h.name,
                 "label": h.label,
                 "ccs": h.ccs,
-                "truth": max(truth[h.name], key=truth[h.name].get),
+                "truth": _dominant(truth[h.name]),
                 "eta2": truth[h.name],
             }
             for h in trained.sorted_heads()

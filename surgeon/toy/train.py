@@ -18,12 +18,15 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from surgeon.errors import InvalidInput, PreconditionFailed
+from surgeon.hooks import encode_image, logit_scale
 from surgeon.paths import atomic_dir
+from surgeon.progress import progress_bar, stage, stop_point
 from surgeon.toy.world import FACTORS, WORLD_VERSION, ToyWorld, WorldConfig
 from surgeon.zeroshot import build_classifier, metrics_from_logits, uint8_to_tensor
 
@@ -126,7 +129,7 @@ class TrainConfig:
     @staticmethod
     def from_json(d: dict) -> TrainConfig:
         d = dict(d)
-        w = {k: tuple(v) if isinstance(v, list) else v for k, v in d.pop("world", {}).items()}
+        w: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in d.pop("world", {}).items()}
         for key in ("betas", "change_weights", "quiet_factors"):
             if d.get(key) is not None:
                 d[key] = tuple(d[key])
@@ -190,7 +193,7 @@ def evaluate_toy(model, tokenizer, world: ToyWorld, n: int | None = None, batch_
         dev = next(model.parameters()).device
         feats = torch.cat(
             [
-                torch.nn.functional.normalize(model.encode_image(x[i : i + batch_size].to(dev)).float(), dim=-1)
+                torch.nn.functional.normalize(encode_image(model, x[i : i + batch_size].to(dev)).float(), dim=-1)
                 for i in range(0, len(x), batch_size)
             ]
         ).cpu()
@@ -202,24 +205,6 @@ def evaluate_toy(model, tokenizer, world: ToyWorld, n: int | None = None, batch_
         return out
     finally:
         model.train(was)
-
-
-def _progress(enabled: bool, total: int):
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    console = Console(stderr=True)
-    return Progress(
-        TextColumn("[bold]toy train"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.3f}"),
-        TextColumn("{task.fields[rate]:.0f} img/s"),
-        TimeRemainingColumn(),
-        console=console,
-        disable=not (enabled and console.is_terminal),
-        transient=False,
-    )
 
 
 def save_model_folder(model, model_cfg: dict, folder: Path, extra: dict | None = None, dtype: str = "float32"):
@@ -313,13 +298,13 @@ def _train_into(cfg: TrainConfig, model_cfg: dict, tmp: Path, progress: bool) ->
     history: list[dict] = []
     t0 = time.time()
     ema = None
-    with _progress(progress, cfg.steps) as bar:
-        task = bar.add_task("train", total=cfg.steps, loss=float("nan"), rate=0.0)
+    with progress_bar("toy train", cfg.steps, quiet=not progress) as advance:
         for step in range(cfg.steps):
+            stop_point()
             for g in opt.param_groups:
                 g["lr"] = _lr_at(step, cfg)
             use_quiet = step < cfg.quiet_steps or int((step + 1) * cfg.quiet_mix) > int(step * cfg.quiet_mix)
-            images, captions = next(quiet if use_quiet else stream)
+            images, captions = next(quiet if use_quiet and quiet is not None else stream)
             x = uint8_to_tensor(images, TOY_MEAN, TOY_STD)
             text = tokenizer(captions)
             img_f, txt_f, scale = model(x, text)
@@ -330,25 +315,29 @@ def _train_into(cfg: TrainConfig, model_cfg: dict, tmp: Path, progress: bool) ->
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             with torch.no_grad():
-                model.logit_scale.clamp_(0, max_scale)
+                logit_scale(model).clamp_(0, max_scale)
             lv = float(loss.detach())
             if not math.isfinite(lv):
                 raise FloatingPointError(f"loss became {lv} at step {step}; try a lower lr")
             ema = lv if ema is None else 0.98 * ema + 0.02 * lv
             elapsed = time.time() - t0
-            bar.update(task, advance=1, loss=ema, rate=(step + 1) * cfg.batch_size / max(elapsed, 1e-9))
+            advance(1)
             done = step + 1
             due = bool(cfg.eval_every) and done % cfg.eval_every == 0 and done != cfg.steps
             if done % 50 == 0 or done == cfg.steps or due:
-                rec = {"step": done, "loss": ema, "seconds": round(elapsed, 1)}
+                rec: dict[str, Any] = {"step": done, "loss": ema, "seconds": round(elapsed, 1)}
                 if due:
                     rec["zeroshot"] = evaluate_toy(model, tokenizer, world, cfg.eval_images)
                 history.append(rec)
-                if not bar.live.is_started and progress and cfg.eval_every and "zeroshot" in rec:
-                    zs = " ".join(f"{k}={v:.2f}" for k, v in rec["zeroshot"].items())
-                    print(f"step {done} loss {ema:.3f} {elapsed:.0f}s {zs}", file=sys.stderr, flush=True)
+                if progress:  # the bar has no room for the loss: a line per record, above the bar on a terminal
+                    zs = " ".join(f"{k}={v:.2f}" for k, v in rec.get("zeroshot", {}).items())
+                    rate = done * cfg.batch_size / max(elapsed, 1e-9)
+                    print(
+                        f"step {done} loss {ema:.3f} {rate:.0f} img/s {elapsed:.0f}s {zs}", file=sys.stderr, flush=True
+                    )
     seconds = time.time() - t0
     model.eval()
+    stage("toy evaluation")
     zeroshot = evaluate_toy(model, tokenizer, world)
     summary = {
         "steps": cfg.steps,

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from surgeon.errors import InvalidInput
+from surgeon.errors import CorruptInput, InvalidInput
 from surgeon.paths import atomic_dir, read_json
 from surgeon.toy.captions import caption_scenes, fix_articles, unique_named
 from surgeon.toy.render import Renderer
@@ -50,6 +50,12 @@ class ToyBatch:
     groups: np.ndarray
     captions: list[str] | None = None
     scenes: Scenes | None = field(default=None, repr=False)
+
+    def drawn_captions(self) -> list[str]:
+        """The captions of a batch drawn with them (training batches always are)."""
+        if self.captions is None:
+            raise ValueError("this batch was drawn without captions")
+        return self.captions
 
     def __len__(self) -> int:
         return len(self.images)
@@ -126,7 +132,7 @@ class ToyWorld:
         """Infinite biased training stream of (uint8 images N x H x W x 3, captions); `stream` takes the
         options of :meth:`iter_train`."""
         for b in self.iter_train(batch_size, seed, **stream):
-            yield b.images, b.captions
+            yield b.images, b.drawn_captions()
 
     def iter_train(
         self,
@@ -265,7 +271,7 @@ class ToyWorld:
                     np.concatenate([p.images for p in parts])[:n],
                     {f: np.concatenate([p.labels[f] for p in parts])[:n] for f in FACTORS},
                     np.concatenate([p.groups for p in parts])[:n],
-                    [c for p in parts for c in p.captions][:n],
+                    [c for p in parts for c in p.drawn_captions()][:n],
                 )
             else:
                 b = self.sample(n, split, seed, captions=True)
@@ -323,15 +329,22 @@ def write_png_folder(
 # --------------------------------------------------------------------------------------------------
 
 
+def _read_object(path: Path, what: str) -> dict:
+    data = read_json(path, what)
+    if not isinstance(data, dict):
+        raise CorruptInput(f"{path}: the {what} is not a JSON object")
+    return data
+
+
 @cache
 def _pool_by_concept() -> dict[str, list[str]]:
     """concept -> the pool's lines written for it ("distractors": lines that name no factor)."""
-    return read_json(DATA / "pools" / "toy.json", "toy text pool")
+    return _read_object(DATA / "pools" / "toy.json", "toy text pool")
 
 
 def toy_taxonomy() -> dict:
     """The taxonomy (JudgeContext format) whose concepts are the toy world's factors."""
-    return read_json(DATA / "taxonomies" / "toy.json", "taxonomy")
+    return _read_object(DATA / "taxonomies" / "toy.json", "taxonomy")
 
 
 def toy_pool() -> list[str]:
