@@ -21,6 +21,7 @@ import torch
 from surgeon import __version__
 from surgeon.checkpoint import write_local_dir
 from surgeon.errors import ExportFailed, InvalidInput
+from surgeon.hooks import encode_image, encode_text
 from surgeon.integrity import sha256_file, verify_run
 from surgeon.load import LoadedModel
 from surgeon.pools import read_lines
@@ -89,7 +90,7 @@ class _Visual(torch.nn.Module):
         self.model = model
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_image(pixel_values, normalize=True)
+        return encode_image(self.model, pixel_values, normalize=True)
 
 
 class _Text(torch.nn.Module):
@@ -98,11 +99,13 @@ class _Text(torch.nn.Module):
         self.model = model
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_text(input_ids, normalize=True)
+        return encode_text(self.model, input_ids, normalize=True)
 
 
 class _Classifier(torch.nn.Module):
     """pixels -> 100 * cosine similarity to baked zero-shot class embeddings (docs/METHOD.md §4)."""
+
+    class_embeddings: torch.Tensor
 
     def __init__(self, model: torch.nn.Module, class_embeddings: torch.Tensor):
         super().__init__()
@@ -110,7 +113,7 @@ class _Classifier(torch.nn.Module):
         self.register_buffer("class_embeddings", class_embeddings.float().T.contiguous())
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return 100.0 * self.model.encode_image(pixel_values, normalize=True) @ self.class_embeddings
+        return 100.0 * encode_image(self.model, pixel_values, normalize=True) @ self.class_embeddings
 
 
 @dataclass(frozen=True)

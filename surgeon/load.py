@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from surgeon.errors import CorruptInput, InvalidInput, NotFound, PreconditionFailed
+from surgeon.hooks import embed_dim, encode_text, image_size
 from surgeon.limits import echo
 
 TOY_MODEL_DIR = Path(__file__).parent / "toy" / "model"
@@ -87,14 +88,14 @@ class LoadedModel:
         with torch.no_grad():
             for i in range(0, len(texts), batch_size):
                 tokens = self.tokenizer(texts[i : i + batch_size]).to(self.device)
-                out.append(self.model.encode_text(tokens, normalize=True).float())
+                out.append(encode_text(self.model, tokens, normalize=True).float())
                 if advance is not None:
                     advance(len(tokens))
         return torch.cat(out) if out else torch.zeros(0, self.embed_dim, device=self.device)
 
     @property
     def embed_dim(self) -> int:
-        return int(self.model.visual.output_dim)
+        return embed_dim(self.model)
 
 
 def default_device() -> torch.device:
@@ -387,7 +388,7 @@ def load_model(
 
     clip = clip.to(device).eval()
     full_pcfg = asdict(PreprocessCfg())
-    full_pcfg["size"] = tuple(clip.visual.image_size)
+    full_pcfg["size"] = image_size(clip)
     full_pcfg.update(preprocess_cfg)
     set_model_preprocess_cfg(clip, full_pcfg)
     preprocess = image_transform_v2(PreprocessCfg(**_pcfg_fields(full_pcfg)), is_train=False)

@@ -11,6 +11,7 @@ from pathlib import Path
 from surgeon.clipbench import CLIP_BENCHMARK_DIR, pruned_tag, write_results
 from surgeon.decompose import head_means
 from surgeon.errors import InvalidInput, PreconditionFailed
+from surgeon.hooks import vision_tower
 from surgeon.images import ImageSet
 from surgeon.load import LoadedModel, weights_hash
 from surgeon.paths import atomic_dir
@@ -188,7 +189,7 @@ def mean_ablation(loaded: LoadedModel, reference: ImageSet):
 
     def means(blocks, heads):
         return head_means(
-            loaded.model.visual, (b.to(loaded.device) for b in reference.batches(loaded.preprocess, 256)), heads
+            vision_tower(loaded.model), (b.to(loaded.device) for b in reference.batches(loaded.preprocess, 256)), heads
         )
 
     return means

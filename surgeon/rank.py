@@ -15,6 +15,7 @@ from surgeon.collect import collect_stats
 from surgeon.decompose import parse_layers, vision_layout
 from surgeon.distributed import world
 from surgeon.errors import CorruptInput, InvalidInput, NotFound, PreconditionFailed
+from surgeon.hooks import vision_tower
 from surgeon.images import ImageSet
 from surgeon.judges.base import JUDGES, JudgeContext
 from surgeon.load import LoadedModel
@@ -170,7 +171,7 @@ def rank_heads(
     if m > len(pool.lines):
         raise InvalidInput(f"m={m} is larger than the text pool ({len(pool.lines)} lines)")
     judge_impl = make_judge(judge, loaded, pool, **(llm_options or {}))  # fail fast on a bad judge
-    n_layers, heads_per_layer = vision_layout(loaded.model.visual)
+    n_layers, heads_per_layer = vision_layout(vision_tower(loaded.model))
     chosen = parse_layers(layers, n_layers)
     stats, cached = collect_stats(
         loaded,

@@ -22,7 +22,7 @@ from surgeon.bias import PROTOCOLS, bias_metrics, bias_protocol, headline_keys
 from surgeon.clipbench import dataset_keys, read_json_entry
 from surgeon.errors import InvalidInput, NotFound
 from surgeon.heads import HeadRef
-from surgeon.hooks import image_embeds, residual_in
+from surgeon.hooks import attention, image_embeds, residual_in, vision_blocks, vision_tower
 from surgeon.images import open_image
 from surgeon.limits import echo
 from surgeon.load import LoadedModel
@@ -390,13 +390,13 @@ def _stoppable(items):
 def heads_zeroed(blocks: torch.nn.ModuleList, heads: list[HeadRef]) -> Iterator[None]:
     """Zero-ablate heads for the duration of the block, restoring the exact weights afterwards."""
     layers = sorted({h.layer for h in heads})
-    saved = {i: {k: v.detach().clone() for k, v in blocks[i].attn.state_dict().items()} for i in layers}
+    saved = {i: {k: v.detach().clone() for k, v in attention(blocks[i]).state_dict().items()} for i in layers}
     zero_heads(blocks, heads)
     try:
         yield
     finally:
         for i in layers:
-            blocks[i].attn.load_state_dict(saved[i])
+            attention(blocks[i]).load_state_dict(saved[i])
 
 
 class Evaluator:
@@ -456,9 +456,9 @@ class Evaluator:
     @torch.no_grad()
     def _prefix(self, pixels: torch.Tensor) -> torch.Tensor:
         """Residual stream entering `first_layer` (kept on CPU)."""
-        visual = self.loaded.model.visual
+        visual = vision_tower(self.loaded.model)
         x = residual_in(visual, pixels.to(self.loaded.device))
-        for block in visual.transformer.resblocks[: self.first_layer]:
+        for block in vision_blocks(visual)[: self.first_layer]:
             x = block(x)
         return x.cpu()
 
@@ -467,8 +467,8 @@ class Evaluator:
         """Normalised image embeddings of one set with `heads` ablated; `advance(n)` after each batch."""
         if any(h.layer < self.first_layer for h in heads):
             raise InvalidInput(f"this evaluator only re-runs layers >= {self.first_layer}")
-        visual = self.loaded.model.visual
-        blocks = visual.transformer.resblocks
+        visual = vision_tower(self.loaded.model)
+        blocks = vision_blocks(visual)
         out = []
         key = self._set_key[name]
         if key in self._prefixes:
