@@ -22,6 +22,7 @@ demo: setup
 
 test: setup
 	$(VENV)/bin/ruff check surgeon tests benchmarks
+	$(PY) -m mypy
 	$(PY) -m pytest
 
 lint: setup typecheck

@@ -30,7 +30,7 @@ EXPORT_FORMATS = {"safetensors": ["safetensors"], "onnx": ["onnx"], "both": ["sa
 DESIRED = (None, "uniform", "set")
 
 
-def _choice(what: str, value: str, choices) -> None:
+def _choice(what: str, value: str | None, choices) -> None:
     if value not in choices:
         shown = ", ".join(str(c) for c in choices if c is not None)
         raise InvalidInput(f"unknown {what} {limits.echo(value)}", hint=f"choose {shown}")
@@ -338,8 +338,9 @@ def _ranking_for(
     if image_set is None:
         return None
     ranked = rank_heads(loaded, image_set, load_pool(texts, loaded.is_toy), judge=judge, layers=layers, quiet=quiet)
-    if ranked.clamp_note() and not quiet:
-        warnings.warn(ranked.clamp_note(), stacklevel=2)
+    note = ranked.clamp_note() if ranked is not None else None
+    if note and not quiet:
+        warnings.warn(note, stacklevel=2)
     return ranked
 
 
@@ -418,6 +419,8 @@ def run_sweep(spec: SweepSpec, quiet: bool = True) -> dict:
     image_set = resolve_images(spec.images, spec.n_images, spec.model.model) if spec.ranking is None else None
     loaded = spec.model.load()
     ranking = _ranking_for(loaded, spec.ranking, image_set, None, "lexicon", None, quiet)
+    if ranking is None:  # a non-zero torchrun rank: sweeps run on one process
+        raise PreconditionFailed("sweep runs in one process, not under torchrun")
     counts = list(spec.counts) if spec.counts is not None else None
     result = sweep(loaded, ranking, suite, counts, seed=spec.seed, quiet=quiet, seeds=spec.seeds)
     if spec.out_dir is not None:

@@ -161,6 +161,7 @@ def rank(
     ranking, image_set, target = outcome.ranking, outcome.images, outcome.out_dir
     if ranking is None:  # a non-zero torchrun rank: rank 0 writes the outputs
         return
+    assert target is not None  # rank 0 always has its out_dir
     if image_set.skipped:
         err.print(
             f"[yellow]warning:[/] skipped {len(image_set.skipped)} unreadable image(s), e.g. {image_set.skipped[0]}",
@@ -331,6 +332,7 @@ def prune(
     )
     spec.check()
     result = run_prune(replace(spec, out_dir=out_dir or new_run_dir("prune")), quiet=quiet)
+    assert result.run_dir is not None  # run with an out_dir
     if as_json:
         from surgeon.clioutput import emit_json
 

@@ -291,7 +291,9 @@ def export_onnx(
         if graph.filename == "classifier.onnx":
             extra["labels"] = json.dumps(label_list)
         onnx.helper.set_model_props(proto, {**meta, **extra})
-        _name_dims(proto, graph, len(label_list) if graph.filename == "classifier.onnx" else loaded.embed_dim)
+        _name_dims(
+            proto, graph, len(label_list) if label_list and graph.filename == "classifier.onnx" else loaded.embed_dim
+        )
         proto.doc_string = graph.doc
         proto.producer_name, proto.producer_version = "surgeon", __version__
         onnx.save(proto, str(path))

@@ -319,6 +319,7 @@ def load_model(
             f"{echo(model)} is a local-dir model folder with its own weights; it takes no --pretrained",
             hint="drop --pretrained, or pass an architecture name with --model",
         )
+    folder: Path | None
     if model is None or model == TOY_MODEL_NAME:
         if not (TOY_MODEL_DIR / "open_clip_config.json").is_file():
             raise NotFound(
@@ -347,6 +348,7 @@ def load_model(
         pretrained = None
         pruned_layout = config.get("surgeon", {})
     else:
+        assert model is not None  # None is the toy model, a folder
         if Path(model).suffix in CHECKPOINT_SUFFIXES and not pretrained:
             raise InvalidInput(
                 f"{model} looks like a checkpoint file; --model needs the architecture name",
@@ -425,7 +427,8 @@ def empty_parameters():
     random-init model and the checkpoint side by side. Buffers stay real: the non-persistent ones (causal
     masks) are not in any checkpoint. Per thread: the server builds models in several threads at once.
     (accelerate's init_empty_weights does the same globally; not worth the dependency.)"""
-    torch.nn.Module.register_parameter = _register_parameter  # inert outside this block's thread
+    # inert outside this block's thread; mypy refuses assignments to methods, the patch is the point
+    torch.nn.Module.register_parameter = _register_parameter  # type: ignore[method-assign, assignment]
     previous, _EMPTY.active = getattr(_EMPTY, "active", False), True
     try:
         yield

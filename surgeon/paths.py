@@ -71,7 +71,7 @@ def _alive(pid: int) -> bool:
 def remove_stale_temporaries(folder: Path, older_than: float = STALE_AFTER_S) -> list[Path]:
     """Remove the temporary entries in `folder` left by killed writers: older than `older_than` seconds and
     not owned by a live process (entries without a pid go by age alone). Returns what was removed."""
-    removed = []
+    removed: list[Path] = []
     try:
         entries = list(os.scandir(folder))
     except OSError:

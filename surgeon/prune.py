@@ -94,8 +94,9 @@ def prune(
     if mode == "mean" and tower != "vision":
         raise InvalidInput("mean ablation is defined for the vision tower only")
     gates = gates or Gates()
-    search = None
+    search: Evaluator | None = None
     if policy == "debias":
+        assert ranking is not None  # RANKING_FREE holds no debias
         search_suite, suite = suite.split_for_search()
         search = Evaluator(loaded, search_suite.subset(search_images, search_bias), min(ranking.layers))
     gates.check_measurable(suite)
@@ -104,7 +105,8 @@ def prune(
     searching = "debias search (head sets scored)" if search is not None else ""
     with progress_bar(searching, None, quiet or search is None) as advance:
 
-        def scored(heads):
+        def scored(heads, search: Evaluator | None = search):
+            assert search is not None
             advance(1)
             return search.score(heads)
 
@@ -121,7 +123,7 @@ def prune(
             heads = POLICIES.get(policy)(ranking, seeded).heads
             summary = evaluator.evaluate(heads)["summary"]
             seed_runs.append({"seed": seeded.seed, "heads": [h.name for h in heads], **summary})
-    means = mean_ablation(loaded, reference) if mode == "mean" else None
+    means = mean_ablation(loaded, reference) if mode == "mean" and reference is not None else None
     record = apply_surgery(loaded.model, SurgeryRequest(selection.heads, mode, tower, means))
     loaded.weights_hash = weights_hash(loaded.model)
     after = validate(loaded, suite, bar="validation after", quiet=quiet)

@@ -24,13 +24,13 @@ import sys
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
 
 from surgeon import limits
 from surgeon.clipbench import finite
-from surgeon.errors import InvalidInput, NotFound, PreconditionFailed, SurgeonError
+from surgeon.errors import CorruptInput, InvalidInput, NotFound, PreconditionFailed, SurgeonError
 from surgeon.heads import HeadRef
 from surgeon.load import CHECKPOINT_SUFFIXES, LoadedModel
 from surgeon.paths import atomic_write_text, read_json
@@ -44,6 +44,9 @@ CELL_SCHEMA = "surgeon.study-cell/1"
 BASELINE = "none"  # the unpruned model: the row every change is measured against
 # debias selects by measuring on a search split, so its cells would need held-out halves of every data set
 STUDY_POLICIES = tuple(name for name in POLICIES.names() if name != "debias")
+
+if TYPE_CHECKING:
+    from surgeon.rank import Ranking
 
 
 # ---- the study file ------------------------------------------------------------------------------------------
@@ -120,7 +123,8 @@ class _Table:
     def __init__(self, raw: Any, where: str):
         if not isinstance(raw, dict):
             raise _fail(where, f"must be a table, got {type(raw).__name__}")
-        self.raw, self.where, self.seen = raw, where, set()
+        self.raw, self.where = raw, where
+        self.seen: set[str] = set()
 
     def path(self, key: str) -> str:
         return f"{self.where}.{key}" if self.where else key
@@ -140,6 +144,10 @@ class _Table:
             limits.text(self.path(key), value)
         return value
 
+    @overload
+    def count(self, key: str, low: int, high: int, default: int) -> int: ...
+    @overload
+    def count(self, key: str, low: int, high: int, default: None = None) -> int | None: ...
     def count(self, key: str, low: int, high: int, default: int | None = None) -> int | None:
         value = self.get(key, int, default)
         if value is not None and not low <= value <= high:
@@ -158,6 +166,12 @@ class _Table:
             raise _fail(self.path(unknown[0]), f"unknown key (known: {', '.join(sorted(self.seen))})")
 
 
+@overload
+def _path(value: str, base: Path, where: str) -> str: ...
+@overload
+def _path(value: None, base: Path, where: str) -> None: ...
+@overload
+def _path(value: str | None, base: Path, where: str) -> str | None: ...
 def _path(value: str | None, base: Path, where: str) -> str | None:
     """Environment variables expanded (the paper study's data paths are `$VAR`s the user sets), `~`, and
     relative paths taken from the study file's folder."""
@@ -353,6 +367,7 @@ def load_data(spec: DataSpec):
         if spec.kind == "bias":
             suite = toy_suite(n_scenes=spec.n)
             _, desired = bias_protocol(spec.protocol, spec.desired)
+            assert suite.bias is not None  # the toy suite always has its probe
             bias = replace(suite.bias, k=spec.skew_k, desired=desired, protocol=spec.protocol)
             return ValidationSuite([], bias, "toy", f"toy world bias probe ({spec.name})")
         factor = spec.path.removeprefix("toy:")
@@ -362,9 +377,11 @@ def load_data(spec: DataSpec):
                 f"data {spec.name}: no toy task {limits.echo(factor)}", hint=f"tasks: {', '.join(tasks)}"
             )
         return ValidationSuite([tasks[factor]], None, "toy", f"toy world: test split, {factor}")
-    optional = {"classnames": spec.classnames, "templates": spec.templates, "queries": spec.queries}
-    path, classnames, templates, queries = (Path(p) if p else None for p in (spec.path, *optional.values()))
+    path = Path(spec.path)
+    classnames, templates, queries = (Path(p) if p else None for p in (spec.classnames, spec.templates, spec.queries))
     if spec.kind == "bias":
+        if queries is None:  # refused when the study was read
+            raise InvalidInput(f"data {spec.name}: a bias manifest needs its neutral queries file")
         _, desired = bias_protocol(spec.protocol, spec.desired)
         bias = bias_set(path, queries, templates, spec.skew_k, desired, spec.protocol)
         return ValidationSuite([], bias, "files", str(path))
@@ -384,7 +401,10 @@ class CellStore:
         return self.path(key).is_file()
 
     def get(self, key: str) -> dict:
-        return read_json(self.path(key), "study cell")
+        record = read_json(self.path(key), "study cell")
+        if not isinstance(record, dict):
+            raise CorruptInput(f"study cell {self.path(key)} is not a JSON object")
+        return record
 
     def put(self, key: str, record: dict) -> None:
         atomic_write_text(self.path(key), json.dumps(record, indent=2, sort_keys=True))
@@ -411,7 +431,8 @@ class _ModelWork:
 
     def __init__(self, study: Study, loaded: LoadedModel, quiet: bool):
         self.study, self.loaded, self.quiet = study, loaded, quiet
-        self._ranking, self._rank_inputs = None, None
+        self._ranking: Ranking | None = None
+        self._rank_inputs: dict | None = None
         self._selections: dict[tuple[int, int], list[HeadRef]] = {}
         self._evaluators: dict[int, Any] = {}
         self._pruned: dict[tuple[int, int, str], LoadedModel] = {}
@@ -433,7 +454,7 @@ class _ModelWork:
                                  "layers": r.layers}  # fmt: skip
         return self._rank_inputs
 
-    def ranking(self):
+    def ranking(self) -> Ranking | None:
         from surgeon.rank import rank_heads
 
         if self._ranking is None:
@@ -466,14 +487,15 @@ class _ModelWork:
             if cell.data not in self._evaluators:
                 self._evaluators[cell.data] = Evaluator(self.loaded, suite, first_layer=first_layer)
             return heads, self._evaluators[cell.data].evaluate(heads)
-        return heads, Evaluator(self._pruned_model(cell), suite, cache=False).evaluate()
+        assert cell.policy is not None  # the baseline is zero ablation of no heads, above
+        return heads, Evaluator(self._pruned_model(cell.policy, cell), suite, cache=False).evaluate()
 
-    def _pruned_model(self, cell: Cell) -> LoadedModel:
+    def _pruned_model(self, policy: int, cell: Cell) -> LoadedModel:
         """hard/mean surgery on a copy of the model, made once per head set and mode."""
         from surgeon.prune import mean_ablation
         from surgeon.surgery import SurgeryRequest, apply_surgery
 
-        key = (cell.policy, cell.seed, cell.mode)
+        key = (policy, cell.seed, cell.mode)
         if key not in self._pruned:
             pruned = replace(
                 self.loaded,
@@ -485,7 +507,7 @@ class _ModelWork:
                 means = mean_ablation(pruned, self.images)
             else:
                 means = None
-            apply_surgery(pruned.model, SurgeryRequest(self.heads(cell.policy, cell.seed), cell.mode, "vision", means))
+            apply_surgery(pruned.model, SurgeryRequest(self.heads(policy, cell.seed), cell.mode, "vision", means))
             self._pruned = {key: pruned}  # one pruned copy at a time: a ViT-L copy is ~1.7 GB
         return self._pruned[key]
 
@@ -605,7 +627,7 @@ def build_table(study: Study, records: dict[Cell, dict]) -> dict:
         groups: list[tuple[str, str, int | None]] = [(BASELINE, BASELINE, None)]
         groups += [(p.label, mode, i) for i, p in enumerate(study.policies) for mode in study.modes]
         for label, mode, p in groups:
-            row = {"model": model.label, "policy": label, "mode": mode, "cells": {}}
+            row: dict[str, Any] = {"model": model.label, "policy": label, "mode": mode, "cells": {}}
             mine = {c: r for c, r in records.items() if c.model == m and c.policy == p and c.mode == mode}
             row["heads"] = _mean_std([len(r["heads"]) for r in mine.values()])[0]
             for d, column in enumerate(columns):

@@ -7,7 +7,7 @@ image sets, before and after surgery, with gates.
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -34,9 +34,16 @@ from surgeon.templates import fill, read_templates
 from surgeon.webdata import CLASSNAMES_FILE, TEMPLATES_FILE, ShardImages, is_webdataset, webdataset_set
 from surgeon.zeroshot import build_classifier, metrics_from_logits, uint8_to_tensor
 
+Images = np.ndarray | list[Path] | ShardImages  # uint8 N x H x W x 3, image files, or webdataset shards
 
-def take_images(images: np.ndarray | list[Path], index: np.ndarray) -> np.ndarray | list[Path]:
-    """The images at `index` of an array or a list of files."""
+
+def take_images(images: Images, index: np.ndarray) -> Images:
+    """The images at `index` of an array or a list of files (a stream of shards has no random access)."""
+    if isinstance(images, ShardImages):
+        raise InvalidInput(
+            "a webdataset validation set cannot be split into search and held-out halves",
+            hint="convert it to an image folder or a CSV manifest for the debias policy",
+        )
     return images[index] if isinstance(images, np.ndarray) else [images[i] for i in index]
 
 
@@ -45,14 +52,14 @@ class ClassificationSet:
     name: str
     classnames: list[str]
     templates: list[str]
-    images: np.ndarray | list[Path] | ShardImages  # uint8 N x H x W x 3, image files, or webdataset shards
+    images: Images
     labels: np.ndarray
 
 
 @dataclass
 class BiasSet:
     name: str
-    images: np.ndarray | list[Path]
+    images: Images
     groups: np.ndarray
     group_names: list[str]
     queries: dict[str, list[str]]  # query name -> prompts averaged into one query
@@ -239,8 +246,8 @@ def classification_set(
         rows = _manifest_rows(data, 2)
         paths = [(data.parent / r[0].strip()) for r in rows]
         names = read_lines(classnames_file, "class names file") if classnames_file else None
-        classes, labels = _manifest_labels(data, [r[1].strip() for r in rows], names, classnames_file)
-        return ClassificationSet(data.name, [n.replace("_", " ") for n in classes], templates, paths, labels)
+        classes, label_array = _manifest_labels(data, [r[1].strip() for r in rows], names, classnames_file)
+        return ClassificationSet(data.name, [n.replace("_", " ") for n in classes], templates, paths, label_array)
     if not paths:
         raise InvalidInput(f"validation set {data} is empty")
     names = classes
@@ -372,7 +379,7 @@ def build_suite(
     tasks = suite.tasks + ([classification_set(data, classnames, templates)] if data is not None else [])
     bias = (
         bias_set(bias_data, queries, templates, skew_k, desired, protocol, bias_split_by)
-        if bias_data is not None
+        if bias_data is not None and queries is not None  # --bias-data without --queries was refused above
         else None
     )
     described = (["toy world: test split"] if toy else []) + [str(p) for p in (data, bias_data) if p is not None]
@@ -440,7 +447,7 @@ class Evaluator:
             if cache and id(images) not in self._prefixes:
                 self._prefixes[id(images)] = torch.cat([self._prefix(b) for b in self._pixel_batches(images)])
 
-    def _pixel_batches(self, images: np.ndarray | list[Path]) -> Iterator[torch.Tensor]:
+    def _pixel_batches(self, images: Images) -> Iterator[torch.Tensor]:
         cfg = self.loaded.preprocess_cfg
         size = tuple(cfg["size"]) if not isinstance(cfg["size"], int) else (cfg["size"], cfg["size"])
         if isinstance(images, ShardImages):
@@ -463,7 +470,7 @@ class Evaluator:
         return x.cpu()
 
     @torch.no_grad()
-    def embeddings(self, name: str, heads: list[HeadRef] = (), advance=None) -> torch.Tensor:
+    def embeddings(self, name: str, heads: Sequence[HeadRef] = (), advance=None) -> torch.Tensor:
         """Normalised image embeddings of one set with `heads` ablated; `advance(n)` after each batch."""
         if any(h.layer < self.first_layer for h in heads):
             raise InvalidInput(f"this evaluator only re-runs layers >= {self.first_layer}")
@@ -486,10 +493,10 @@ class Evaluator:
                     advance(len(x))
         return torch.cat(out)
 
-    def evaluate(self, heads: list[HeadRef] = (), bar: str | None = None, quiet: bool = False) -> dict:
+    def evaluate(self, heads: Sequence[HeadRef] = (), bar: str | None = None, quiet: bool = False) -> dict:
         """Metrics per set, and a summary (mean acc1 over tasks, bias MaxSkew@k); with `bar`, a step of that
         name advancing per batch of images (a terminal bar unless quiet)."""
-        results = []
+        results: list[dict] = []
         done: dict[int, torch.Tensor] = {}
         total = sum(len(images) for images in self._images.values())
         with progress_bar(bar or "", total, quiet=quiet or bar is None) as advance:
@@ -509,6 +516,7 @@ class Evaluator:
         summary = ValidationSummary(float(np.mean([r["metrics"]["acc1"] for r in results])) if results else None)
         if self.suite.bias is not None:
             b = self.suite.bias
+            assert self.queries is not None  # embedded with the suite's bias set
             sim = (self.queries.float().cpu() @ embed(b.name).T).numpy()
             metrics = bias_metrics(sim, b.groups, len(b.group_names), b.k, b.desired, b.protocol)
             metrics["queries"] = list(b.queries)
