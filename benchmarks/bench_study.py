@@ -66,7 +66,7 @@ def separate_prune_runs(model: str, rank_images: Path, data: dict[str, Path], ou
 
 
 def main() -> None:
-    from surgeon.study import parse_study, run_study
+    from surgeon.study import compute_study, parse_study
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -89,13 +89,13 @@ def main() -> None:
             encoding="utf-8",
         )
         spec = parse_study(study_file)
-        run_study(spec, root / "warm")  # fills the statistics and text caches both sides use; untimed
+        compute_study(spec, root / "warm")  # fills the statistics and text caches both sides use; untimed
 
         start = time.perf_counter()
         separate = separate_prune_runs(model, rank_images, data, root / "runs")
         t_separate = time.perf_counter() - start
         start = time.perf_counter()
-        run = run_study(spec, root / "study")
+        run = compute_study(spec, root / "study")
         t_study = time.perf_counter() - start
 
         table = json.loads((root / "study" / "table.json").read_text())

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from surgeon.load import LoadedModel
     from surgeon.prune import PruneResult
     from surgeon.rank import Ranking
+    from surgeon.study import StudyRun
     from surgeon.validate import ValidationSuite
 
 #: --export / ExportRequest.format -> the exporters that run (the checkpoint travels with every prune anyway)
@@ -477,4 +478,37 @@ def run_export(spec: ExportSpec) -> list[Path]:
         exporter=spec.onnx_exporter,
         quantize=spec.quantize,
         max_accuracy_drop=spec.max_accuracy_drop,
+    )
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    file: Path  # the study file (TOML)
+    out_dir: Path | None = None  # None: exports/study-<file stem>
+    shard: str | None = None  # "i/n": compute only cells i, i+n, ...
+    collect: bool = False  # compute nothing: assemble the table from the stored cells
+    device: str | None = None
+    plot_format: str = "png"
+
+    def check(self) -> None:
+        if limits.shard(self.shard) is not None and self.collect:
+            raise InvalidInput("--shard and --collect exclude each other", hint="collect once every shard has run")
+        limits.texts(file=str(self.file), device=self.device)
+        check_plot_format(self.plot_format)
+
+    @property
+    def target(self) -> Path:
+        from surgeon.paths import exports_dir
+
+        return self.out_dir or exports_dir() / f"study-{self.file.stem}"
+
+
+def run_study(spec: StudySpec, quiet: bool = True) -> StudyRun:
+    """The study's cells (stored under `spec.target`, so a rerun resumes) and, unless sharded, its table."""
+    from surgeon.study import compute_study, parse_study
+
+    spec.check()
+    study = parse_study(spec.file)
+    return compute_study(
+        study, spec.target, limits.shard(spec.shard), spec.collect, spec.device, quiet, spec.plot_format
     )

@@ -21,13 +21,14 @@ from surgeon.api import (
     ModelSpec,
     PruneSpec,
     RankSpec,
+    StudySpec,
     SweepSpec,
     ValidateSpec,
     ValidationSpec,
-    check_plot_format,
     run_export,
     run_prune,
     run_rank,
+    run_study,
     run_sweep,
     run_validate,
 )
@@ -516,18 +517,10 @@ def study(
 ) -> None:
     """Run a study: every model x policy x mode x data set cell (stored, so a rerun resumes), then the table
     in the paper's layout (table.md, table.csv, table.json, study.png)."""
-    from surgeon.errors import InvalidInput
-    from surgeon.paths import exports_dir
-    from surgeon.study import markdown_table, parse_study, run_study
+    from surgeon.study import markdown_table
 
-    shard_spec = limits.shard(shard)
-    if shard_spec is not None and collect:
-        raise InvalidInput("--shard and --collect exclude each other", hint="collect once every shard has run")
-    limits.texts(file=str(file), device=device)
-    check_plot_format(plot_format)
-    spec = parse_study(file)
-    target = out_dir or exports_dir() / f"study-{file.stem}"
-    run = run_study(spec, target, shard_spec, collect, device, quiet, plot_format)
+    spec = StudySpec(file, out_dir, shard, collect, device, plot_format)
+    run, target = run_study(spec, quiet=quiet), spec.target
     summary = {"computed": len(run.computed), "reused": len(run.reused)}
     if as_json:
         from surgeon.clioutput import emit_json

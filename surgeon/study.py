@@ -536,7 +536,7 @@ def _headline(result: dict) -> tuple[str, float]:
     return "acc1", entry["metrics"]["acc1"]
 
 
-def run_study(
+def compute_study(
     study: Study,
     out: Path,
     shard: tuple[int, int] | None = None,

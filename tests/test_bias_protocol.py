@@ -13,6 +13,7 @@ import pytest
 from surgeon.card import _front_matter
 from surgeon.errors import InvalidInput
 from surgeon.load import load_model
+from surgeon.records import Plan
 from surgeon.validate import build_suite, markdown_report, validate
 from tests.grpc_helpers import (
     RPC_TIMEOUT,
@@ -46,8 +47,8 @@ def test_paper_protocol_headlines_the_sum(tiny_default_dir, user_data):  # noqa:
     assert metrics["max_skew@4_per_query"] == _bias(default)["max_skew@4_per_query"]
     assert "| bias.csv | max_skew@4_sum |" in markdown_report(paper)
     assert "max_skew@4_sum" not in markdown_report(default)
-    plan = {"base_model": {"name": "tiny", "pretrained": ""}, "policy": "top-k", "mode": "zero"}
-    front = "\n".join(_front_matter(plan, {"after": paper}, hard=False, has_onnx=False))
+    plan = Plan({"name": "tiny", "pretrained": ""}, None, "top-k", {}, "zero", "vision", 0, (), {}, {})
+    front = "\n".join(_front_matter(plan, {"after": paper}, has_onnx=False))
     assert "max_skew" not in front  # no Hub task type for bias: the card body (markdown_report) carries it
     with pytest.raises(InvalidInput, match="contradicts"):
         build_suite(**files, desired="uniform", protocol="paper")

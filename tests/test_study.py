@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from surgeon.errors import InvalidInput, NotFound, PreconditionFailed
-from surgeon.study import CellStore, cells, parse_study, run_study
+from surgeon.study import CellStore, cells, compute_study, parse_study
 
 TOY = """
 name = "toy test"
@@ -54,7 +54,7 @@ def toy_full(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:  # module scope: isolated_dirs has not run yet
         patch.setenv("SURGEON_CACHE_DIR", str(tmp / "cache"))
         study = parse_study(write(tmp, TOY))
-        return study, run_study(study, tmp / "out")
+        return study, compute_study(study, tmp / "out")
 
 
 def test_one_run_computes_every_cell_and_writes_the_table(toy_full):
@@ -85,11 +85,11 @@ def test_resume_after_an_interrupt_recomputes_no_finished_cell(tmp_path, toy_ful
 
     monkeypatch.setattr(CellStore, "put", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        run_study(study, tmp_path / "out")
+        compute_study(study, tmp_path / "out")
     monkeypatch.setattr(CellStore, "put", put)
     stamps = {p: p.stat().st_mtime_ns for p in written}
     assert sorted((tmp_path / "out" / "cells").iterdir()) == sorted(written)  # no half cell, no temporary
-    run = run_study(study, tmp_path / "out")
+    run = compute_study(study, tmp_path / "out")
     assert len(run.reused) == 3 and len(run.computed) == TOY_CELLS - 3
     assert {p: p.stat().st_mtime_ns for p in written} == stamps
     assert (run.out / "table.json").read_bytes() == (toy_full[1].out / "table.json").read_bytes()
@@ -98,12 +98,12 @@ def test_resume_after_an_interrupt_recomputes_no_finished_cell(tmp_path, toy_ful
 def test_two_shards_and_collect_equal_one_run(tmp_path, toy_full):
     study = parse_study(write(tmp_path, TOY))
     out = tmp_path / "out"
-    first = run_study(study, out, shard=(0, 2))
+    first = compute_study(study, out, shard=(0, 2))
     assert first.table is None and len(first.computed) == TOY_CELLS // 2
     with pytest.raises(PreconditionFailed, match=f"{TOY_CELLS // 2} of {TOY_CELLS} cells are not computed"):
-        run_study(study, out, collect=True)
-    assert len(run_study(study, out, shard=(1, 2)).computed) == TOY_CELLS // 2
-    collected = run_study(study, out, collect=True)
+        compute_study(study, out, collect=True)
+    assert len(compute_study(study, out, shard=(1, 2)).computed) == TOY_CELLS // 2
+    collected = compute_study(study, out, collect=True)
     assert not collected.computed and len(collected.reused) == TOY_CELLS
     assert (out / "table.json").read_bytes() == (toy_full[1].out / "table.json").read_bytes()
     assert (out / "table.csv").read_bytes() == (toy_full[1].out / "table.csv").read_bytes()
@@ -113,7 +113,7 @@ def test_an_added_column_computes_only_that_column(tmp_path, toy_full):
     out = tmp_path / "out"
     shutil.copytree(toy_full[1].out / "cells", out / "cells")
     wider = parse_study(write(tmp_path, TOY + '[[data]]\nname = "color"\npath = "toy:color"\nn = 60\n', "wider.toml"))
-    run = run_study(wider, out)
+    run = compute_study(wider, out)
     assert len(run.reused) == TOY_CELLS and len(run.computed) == TOY_CELLS // 2  # one new cell per head set
     table = json.loads((out / "table.json").read_text())
     assert [c["name"] for c in table["columns"]] == ["shape", "color", "probe"]
@@ -153,7 +153,7 @@ name = "noise"
 path = "data"
 """
     study = parse_study(write(tmp_path, text))
-    run = run_study(study, tmp_path / "out")
+    run = compute_study(study, tmp_path / "out")
     assert len(run.computed) == 1 + 2 * 3
     rows = {(r["policy"], r["mode"]): r for r in run.table["rows"]}
     for policy in ("top-k", "heads"):
