@@ -195,25 +195,35 @@ def remove_path(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+@contextmanager
+def atomic_file(path: Path, suffix: str = "") -> Iterator[Path]:
+    """A temporary sibling of `path` for a writer that wants a file name (safetensors, matplotlib, plain
+    text), renamed onto `path` when the block succeeds and removed otherwise: readers never see half a file.
+    Its name is one `remove_stale_temporaries` recognises. OSErrors propagate: each caller decides what a failed
+    write means (an error for an output, a skipped entry for a cache)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-{os.getpid()}-", suffix=suffix)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write a file through a temporary sibling and rename, so readers never see half of it."""
+    """An output file written through `atomic_file`, with the modes a plain write would give it."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(path.parent)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-{os.getpid()}-")
-    except OSError as err:
+        with atomic_file(path) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+            os.chmod(tmp, 0o666 & ~_UMASK)
+            _check_publish(path)
+    except PermissionError as err:
         raise PermissionDenied(f"cannot write {path}: {err.strerror or err}") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        _check_publish(path)
-        os.replace(tmp, path)
     except OSError as err:
         raise StorageError(f"writing {path} failed: {err.strerror or err}; nothing was written") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def read_json(path: Path, what: str) -> object:

@@ -6,8 +6,6 @@ statistics of shards add up exactly, and they can be cached on disk and shared."
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from surgeon.errors import CorruptInput, InvalidInput
+from surgeon.paths import atomic_file
 
 STATS_FORMAT = "surgeon.head-stats/1"
 
@@ -77,25 +76,18 @@ class HeadStats:
 
     def save(self, path: Path, meta: dict | None = None) -> None:
         """Atomic write: a crash never leaves a truncated cache entry behind."""
-        path.parent.mkdir(parents=True, exist_ok=True)
         header = {
             "format": STATS_FORMAT,
             "layers": json.dumps(list(self.layers)),
             "count": str(self.count),
             "meta": json.dumps(meta or {}),
         }
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
-        os.close(fd)
+        tensors = {"total": self.total.cpu().contiguous(), "outer": self.outer.cpu().contiguous()}
         try:
-            save_file(
-                {"total": self.total.cpu().contiguous(), "outer": self.outer.cpu().contiguous()}, tmp, metadata=header
-            )
-            os.replace(tmp, path)
+            with atomic_file(path, suffix=".safetensors") as tmp:
+                save_file(tensors, str(tmp), metadata=header)
         except SafetensorError as err:  # a full disk: an OSError, as callers expect
             raise OSError(str(err)) from None
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
 
     @classmethod
     def load(cls, path: Path) -> HeadStats:

@@ -21,7 +21,6 @@ import os
 import re
 import statistics
 import sys
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
@@ -33,7 +32,7 @@ from surgeon.clipbench import finite
 from surgeon.errors import CorruptInput, InvalidInput, NotFound, PreconditionFailed, SurgeonError
 from surgeon.heads import HeadRef
 from surgeon.load import CHECKPOINT_SUFFIXES, LoadedModel
-from surgeon.paths import atomic_write_text, read_json
+from surgeon.paths import atomic_file, atomic_write_text, read_json
 from surgeon.policies import POLICIES, RANKING_FREE, SEEDED_POLICIES, PolicyOptions
 from surgeon.progress import progress_bar
 from surgeon.records import ValidationSummary
@@ -702,11 +701,6 @@ def write_table(table: dict, out: Path, plot_format: str = "png") -> list[Path]:
     atomic_write_text(files[0], markdown_table(table))
     atomic_write_text(files[1], csv_table(table))
     atomic_write_text(files[2], json.dumps(finite(table), indent=2, sort_keys=True))
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{files[3].name}.tmp-", suffix=files[3].suffix)
-    os.close(fd)
-    try:  # matplotlib writes in place: draw into a temporary sibling, then rename
-        study_plot(table, Path(tmp))
-        os.replace(tmp, files[3])
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with atomic_file(files[3], suffix=files[3].suffix) as tmp:  # matplotlib picks the format from the suffix
+        study_plot(table, tmp)
     return files

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -23,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from surgeon.cache import touch
 from surgeon.distributed import World, agree, shard, world
 from surgeon.load import LoadedModel, weights_hash
-from surgeon.paths import cache_dir
+from surgeon.paths import atomic_file, cache_dir
 from surgeon.pools import TextPool
 from surgeon.progress import progress_bar
 
@@ -80,15 +78,8 @@ def _read(path: Path, size: int) -> torch.Tensor | None:
 def _write(path: Path, embeddings: torch.Tensor, meta: dict) -> None:
     """Atomic: a crash or a concurrent writer never leaves half an entry."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
-        os.close(fd)
-        try:
-            save_file({"embeddings": embeddings.cpu().contiguous()}, tmp, metadata={"format": TEXT_FORMAT, **meta})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_file(path, suffix=".safetensors") as tmp:
+            save_file({"embeddings": embeddings.cpu().contiguous()}, str(tmp), metadata={"format": TEXT_FORMAT, **meta})
     except OSError as err:  # the cache is an optimisation: the ranking still stands
         warnings.warn(f"could not cache the text embeddings in {path.parent}: {err}", stacklevel=3)
 

@@ -327,7 +327,8 @@ def test_cache_command_lists_sizes_clears_and_evicts_least_recently_used(tiny):
         path.parent.mkdir(exist_ok=True)
         path.write_bytes(b"x" * size)
         os.utime(path, (1000 + i, 1000 + i))  # used long ago, oldest first
-    (root / "stats" / ".tmp-writing.safetensors").write_bytes(b"x" * 50)  # a writer at work: never touched
+    writing = f".5.safetensors.tmp-{os.getpid()}-ab.safetensors"  # an atomic_file of a writer at work
+    (root / "stats" / writing).write_bytes(b"x" * 50)  # never touched
     text_size = sum(p.stat().st_size for p in (root / "text").iterdir())
     runner = CliRunner()
     listed = runner.invoke(app, ["cache", "list"], terminal_width=200)
@@ -336,7 +337,7 @@ def test_cache_command_lists_sizes_clears_and_evicts_least_recently_used(tiny):
     assert sized.output.startswith(f"{6000 + text_size} bytes")
     evicted = runner.invoke(app, ["cache", "evict", "--max-size", f"{text_size + 1500}B"])
     assert evicted.exit_code == 0 and "deleted 2 file(s)" in evicted.output  # the two oldest: 3000 + 2000 bytes
-    assert sorted(p.name for p in (root / "stats").iterdir()) == [".tmp-writing.safetensors"]
+    assert sorted(p.name for p in (root / "stats").iterdir()) == [writing]
     assert (root / "partial" / "2.safetensors").exists() and pool_embeddings(tiny, POOL, quiet=True)[1]
     cleared = runner.invoke(app, ["cache", "clear", "partial"])
     assert "deleted 1 file(s)" in cleared.output and (root / "text").iterdir()

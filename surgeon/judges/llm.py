@@ -22,7 +22,6 @@ import json
 import os
 import re
 import string
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -33,6 +32,7 @@ from typing import TypeVar
 
 from surgeon.errors import CorruptInput, InvalidInput, NotFound, PermissionDenied, PreconditionFailed
 from surgeon.judges.base import JUDGES, HeadJudgement, Judge, JudgeContext
+from surgeon.paths import atomic_file
 
 LABEL_PROMPT = (
     "What is the common characteristic in the following quoted lines? Provide a one-word response without punctuation."
@@ -190,17 +190,10 @@ class LLMJudge:
         return content
 
     def _write_cache(self, path: Path, model: str, answer: str) -> None:
-        """Temp file + os.replace, so an interrupted run never leaves a half-written entry."""
+        """Atomic, so an interrupted run never leaves a half-written entry."""
         try:
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.cache_dir, prefix=".tmp-", suffix=".json")
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as f:
-                    json.dump({"model": model, "answer": answer}, f)
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            with atomic_file(path, suffix=".json") as tmp:
+                tmp.write_text(json.dumps({"model": model, "answer": answer}), encoding="utf-8")
         except OSError as err:
             raise PermissionDenied(
                 f"cannot write the LLM cache in {self.cache_dir}: {err}",
