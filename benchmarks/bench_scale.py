@@ -120,7 +120,8 @@ def main() -> None:
     from safetensors.torch import save_file
 
     from surgeon.load import build_clip
-    from surgeon.pools import DATA, read_lines
+    from surgeon.paths import read_lines
+    from surgeon.pools import DATA
 
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-scale-"))
     env = {**os.environ, "SURGEON_CACHE_DIR": str(work / "cache"), "SURGEON_EXPORTS_DIR": str(work / "exports")}
@@ -135,7 +136,7 @@ def main() -> None:
             del model
         checkpoints[arch] = path
     ckpt = checkpoints["ViT-B-32"]
-    lines = read_lines(DATA / "pools" / "general.txt")[: args.pool_lines]
+    lines = read_lines(DATA / "pools" / "general.txt", "text pool")[: args.pool_lines]
     pool = work / "pool.txt"
     pool.write_text("\n".join(lines) + "\n", encoding="utf-8")
     first, second = write_images(work / "images-a", args.images, 0), write_images(work / "images-b", args.images, 1)

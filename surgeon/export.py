@@ -24,7 +24,6 @@ from surgeon.errors import ExportFailed, InvalidInput
 from surgeon.hooks import encode_image, encode_text
 from surgeon.integrity import sha256_file, verify_run
 from surgeon.load import LoadedModel
-from surgeon.pools import read_lines
 from surgeon.quantize import quantization_lines
 from surgeon.records import Plan
 from surgeon.registry import Registry
@@ -126,14 +125,6 @@ class OnnxGraph:
     output_name: str
     make_input: Callable[[int], torch.Tensor]
     doc: str  # the graph's doc_string: what goes in and out
-
-
-def read_labels(path: Path) -> list[str]:
-    labels = read_lines(Path(path), "labels file")
-    duplicates = sorted({x for x in labels if labels.count(x) > 1})
-    if duplicates:
-        raise InvalidInput(f"labels file {path} repeats {', '.join(duplicates[:3])}")
-    return labels
 
 
 def _graphs(loaded: LoadedModel, labels: list[str] | None) -> list[OnnxGraph]:
@@ -265,6 +256,8 @@ def export_onnx(
     stamped with provenance and a doc_string, plus the preprocessing and tokenizer files a torch-free
     runtime needs."""
     import onnx
+
+    from surgeon.runtime.session import read_labels
 
     if opset < 18:
         raise InvalidInput("ONNX export needs opset >= 18")
@@ -418,9 +411,9 @@ def export_existing_run(
 ) -> list[Path]:
     """Re-export the pruned checkpoint of a `surgeon prune` run folder (e.g. to ONNX, with new labels), after
     checking its files against the hashes of its surgery.json (unless `verify` is False)."""
-    from surgeon.errors import CorruptInput, NotFound, PreconditionFailed
+    from surgeon.errors import NotFound, PreconditionFailed
     from surgeon.load import load_model
-    from surgeon.paths import atomic_dir, read_json, refuse_temporary
+    from surgeon.paths import atomic_dir, read_json, read_json_object, refuse_temporary
 
     refuse_temporary(run_dir, "run folder")
     check_exporter(options.get("exporter"))
@@ -435,9 +428,7 @@ def export_existing_run(
             hint="export a folder written by `surgeon prune` whose export was not skipped",
         )
     plan = Plan.from_dict(read_json(run_dir / "plan.json", "plan"), f"{run_dir}/plan.json")
-    validation = read_json(run_dir / "validation.json", "validation report")
-    if not isinstance(validation, dict):
-        raise CorruptInput(f"corrupt run folder {run_dir}: validation.json is not a JSON object")
+    validation = read_json_object(run_dir / "validation.json", "validation report")
     for name in dict.fromkeys(formats):
         EXPORTERS.get(name)  # unknown formats fail before the model is loaded
     if options.get("quantize"):  # fails before the model is loaded: no ONNX, or a model without a default suite

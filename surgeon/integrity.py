@@ -5,11 +5,11 @@ refused instead of served or re-exported under the old validation numbers. Torch
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterable
 from pathlib import Path
 
 from surgeon.errors import CorruptInput, PreconditionFailed
+from surgeon.paths import read_json_object
 
 RECORD = "surgery.json"
 OPT_OUT = "pass --no-verify to use it anyway"
@@ -29,11 +29,8 @@ def record_folder(folder: Path) -> Path | None:
 
 
 def recorded_hashes(root: Path) -> dict[str, str]:
-    try:
-        record = json.loads((root / RECORD).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CorruptInput(f"cannot read {root / RECORD}: {err}", hint=OPT_OUT) from None
-    hashes = record.get("sha256") if isinstance(record, dict) else None
+    record = read_json_object(root / RECORD, "surgery record", hint=OPT_OUT)
+    hashes = record.get("sha256")
     if not isinstance(hashes, dict) or not all(isinstance(v, str) for v in hashes.values()):
         raise CorruptInput(f"{root / RECORD} has no sha256 table of its files", hint=OPT_OUT)
     return hashes

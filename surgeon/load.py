@@ -23,6 +23,7 @@ import torch
 from surgeon.errors import CorruptInput, InvalidInput, NotFound, PreconditionFailed
 from surgeon.hooks import embed_dim, encode_text, image_size
 from surgeon.limits import echo
+from surgeon.paths import read_json_object
 
 TOY_MODEL_DIR = Path(__file__).parent / "toy" / "model"
 TOY_MODEL_NAME = "toy"
@@ -287,10 +288,7 @@ def _read_local_dir_config(folder: Path) -> dict:
         raise NotFound(f"model folder not found: {folder}")
     if not config_path.is_file():
         raise NotFound(f"{folder} is not an open_clip local-dir folder (no open_clip_config.json)")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CorruptInput(f"corrupt {config_path}: {err}") from None
+    config = read_json_object(config_path, "model config")
     if "model_cfg" not in config:
         raise CorruptInput(f"{config_path} has no 'model_cfg'")
     return config

@@ -14,7 +14,8 @@ from contextvars import ContextVar
 from datetime import datetime, timezone
 from pathlib import Path
 
-from surgeon.errors import CorruptInput, NotFound, PermissionDenied, PreconditionFailed, StorageError
+from surgeon.errors import CorruptInput, InvalidInput, NotFound, PermissionDenied, PreconditionFailed, StorageError
+from surgeon.limits import MAX_TEXT_FILE_BYTES
 
 #: the process umask, read once at import (reading it means setting it, which is not thread-safe later)
 _UMASK = os.umask(0o022)
@@ -226,11 +227,42 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise StorageError(f"writing {path} failed: {err.strerror or err}; nothing was written") from None
 
 
-def read_json(path: Path, what: str) -> object:
+def read_json(path: Path, what: str, hint: str | None = None) -> object:
     """A JSON file a user or an export handed us: missing -> NotFound, unreadable -> CorruptInput, one line each."""
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise NotFound(f"{what} not found: {path}") from None
+        raise NotFound(f"{what} not found: {path}", hint=hint) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CorruptInput(f"{what} {path} is not valid JSON: {err}") from None
+        raise CorruptInput(f"{what} {path} is not valid JSON: {err}", hint=hint) from None
+    except OSError as err:
+        raise CorruptInput(f"cannot read {what} {path}: {err.strerror or err}", hint=hint) from None
+
+
+def read_json_object(path: Path, what: str, hint: str | None = None) -> dict:
+    """`read_json` of a file whose top level must be an object (configs, records)."""
+    data = read_json(path, what, hint)
+    if not isinstance(data, dict):
+        raise CorruptInput(f"{what} {path} is not a JSON object", hint=hint)
+    return data
+
+
+def read_lines(path: Path, what: str) -> list[str]:
+    """UTF-8, one entry per line, blank lines ignored; empty or unreadable files are errors, and so are FIFOs
+    and devices (reading one would block or never end) and files over limits.MAX_TEXT_FILE_BYTES."""
+    if path.exists() and not path.is_file():
+        raise InvalidInput(f"{what} {path} is not a regular file (a folder, FIFO or device)")
+    if path.is_file() and path.stat().st_size > MAX_TEXT_FILE_BYTES:
+        raise InvalidInput(f"{what} {path} is larger than {MAX_TEXT_FILE_BYTES >> 20} MiB")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise NotFound(f"{what} not found: {path}") from None
+    except UnicodeDecodeError as err:
+        raise InvalidInput(f"{what} {path} is not UTF-8 (byte {err.start})", hint="re-save it as UTF-8") from None
+    except OSError as err:
+        raise InvalidInput(f"cannot read {what} {path}: {err.strerror or err}") from None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise InvalidInput(f"{what} {path} is empty")
+    return lines

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from surgeon import defaults
-from surgeon.errors import CorruptInput, InvalidInput, NotFound
-from surgeon.paths import read_json
+from surgeon.errors import CorruptInput
+from surgeon.paths import read_json, read_lines
 
 DATA = Path(__file__).parent / "data"
 
@@ -22,29 +22,6 @@ class TextPool:
     @property
     def digest(self) -> str:
         return hashlib.sha256("\n".join(self.lines).encode()).hexdigest()
-
-
-def read_lines(path: Path, what: str = "text pool") -> list[str]:
-    """UTF-8, one entry per line, blank lines ignored; empty or unreadable files are errors, and so are FIFOs
-    and devices (reading one would block or never end) and files over limits.MAX_TEXT_FILE_BYTES."""
-    from surgeon.limits import MAX_TEXT_FILE_BYTES
-
-    if path.exists() and not path.is_file():
-        raise InvalidInput(f"{what} {path} is not a regular file (a folder, FIFO or device)")
-    if path.is_file() and path.stat().st_size > MAX_TEXT_FILE_BYTES:
-        raise InvalidInput(f"{what} {path} is larger than {MAX_TEXT_FILE_BYTES >> 20} MiB")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise NotFound(f"{what} not found: {path}") from None
-    except UnicodeDecodeError as err:
-        raise InvalidInput(f"{what} {path} is not UTF-8 (byte {err.start})", hint="re-save it as UTF-8") from None
-    except OSError as err:
-        raise InvalidInput(f"cannot read {what} {path}: {err.strerror or err}") from None
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    if not lines:
-        raise InvalidInput(f"{what} {path} is empty")
-    return lines
 
 
 def read_taxonomy(path: Path) -> dict:
@@ -63,9 +40,9 @@ def load_pool(spec: str | None, toy: bool, taxonomy: str | None = None) -> TextP
         lines, own_taxonomy = defaults.toy_pool()
         name = "toy"
     elif spec == "general":
-        name, lines, own_taxonomy = "general", read_lines(DATA / "pools" / "general.txt"), None
+        name, lines, own_taxonomy = "general", read_lines(DATA / "pools" / "general.txt", "text pool"), None
     else:
-        name, lines, own_taxonomy = Path(spec).name, read_lines(Path(spec)), None
+        name, lines, own_taxonomy = Path(spec).name, read_lines(Path(spec), "text pool"), None
     if taxonomy:
         own_taxonomy = read_taxonomy(Path(taxonomy))
     return TextPool(name, tuple(lines), own_taxonomy or read_taxonomy(general_taxonomy))

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from surgeon.errors import GateFailed, InvalidInput
+from surgeon.paths import read_json_object
 
 #: the gate: mean zero-shot top-1 may fall at most this many points (int8 vs the fp32 export)
 DEFAULT_MAX_ACCURACY_DROP = 1.0
@@ -93,7 +94,7 @@ def quantization_lines(folder: Path) -> list[str]:
     path = folder / "onnx" / RECORD
     if not path.is_file():
         return []
-    r = json.loads(path.read_text(encoding="utf-8"))
+    r = read_json_object(path, "quantization record")
     return [
         f"{', '.join(r['graphs'])} are int8 ({r['method']}); text.onnx stays fp32. Mean zero-shot top-1 on "
         f"{r['suite']}, onnxruntime: fp32 {100 * r['mean_acc1_fp32']:.2f}, int8 {100 * r['mean_acc1_int8']:.2f} "

@@ -14,12 +14,12 @@ from surgeon import __version__, limits
 from surgeon.collect import collect_stats
 from surgeon.decompose import parse_layers, vision_layout
 from surgeon.distributed import world
-from surgeon.errors import CorruptInput, InvalidInput, NotFound, PreconditionFailed
+from surgeon.errors import CorruptInput, InvalidInput, PreconditionFailed
 from surgeon.hooks import vision_tower
 from surgeon.images import ImageSet
 from surgeon.judges.base import JUDGES, JudgeContext
 from surgeon.load import LoadedModel
-from surgeon.paths import atomic_dir, cache_dir, refuse_temporary
+from surgeon.paths import atomic_dir, cache_dir, read_json, refuse_temporary
 from surgeon.pools import TextPool
 from surgeon.textcache import pool_embeddings
 from surgeon.textspan import textspan_all
@@ -94,7 +94,7 @@ class Ranking:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
 
     @classmethod
-    def from_dict(cls, data: dict) -> Ranking:
+    def from_dict(cls, data: object) -> Ranking:
         if not isinstance(data, dict) or data.get("schema") != RANKING_SCHEMA:
             schema = data.get("schema") if isinstance(data, dict) else type(data).__name__
             older = schema in ("surgeon.ranking/1", "surgeon.ranking/2")
@@ -107,11 +107,10 @@ class Ranking:
     def read(cls, path: Path) -> Ranking:
         refuse_temporary(path, "ranking")
         path = path / "ranking.json" if path.is_dir() else path
+        data = read_json(path, "ranking")
         try:
-            return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
-        except FileNotFoundError:
-            raise NotFound(f"ranking not found: {path}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as err:
+            return cls.from_dict(data)
+        except (KeyError, TypeError, AttributeError) as err:
             raise CorruptInput(f"corrupt ranking {path}: {err}") from None
 
     def check_model(self, loaded: LoadedModel) -> None:

@@ -86,9 +86,35 @@ class Plan:
         try:
             values = {k: v for k, v in data.items() if k in names}
             values["heads"] = tuple(PlannedHead(**h) for h in data["heads"])
-            return cls(**values)
+            plan = cls(**values)
         except (KeyError, TypeError) as err:
             raise CorruptInput(f"corrupt {source}: {err}") from None
+        wrong = [name for name, kinds in _PLAN_TYPES.items() if not isinstance(getattr(plan, name), kinds)]
+        wrong += ["heads"] * any(
+            not (isinstance(h.head, str) and type(h.layer) is type(h.index) is int) for h in plan.heads
+        )
+        if wrong or not isinstance(plan.base_model.get("name"), str):
+            raise CorruptInput(f"corrupt {source}: wrong type for {', '.join(wrong) or 'base_model.name'}")
+        return plan
+
+
+#: what Plan.from_dict checks before anyone reads a field (a plan.json comes from a folder a user hands over)
+_PLAN_TYPES: dict[str, type | tuple[type, ...]] = {
+    "base_model": dict,
+    "ranking_sha256": (str, type(None)),
+    "policy": str,
+    "options": dict,
+    "mode": str,
+    "tower": str,
+    "seed": int,
+    "policy_details": dict,
+    "record": dict,
+    "validated_on": str,
+    "selected_on": (str, type(None)),
+    "seeds": list,
+    "seed_mean": (dict, type(None)),
+    "surgeon_version": str,
+}
 
 
 @dataclass(frozen=True)

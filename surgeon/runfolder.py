@@ -3,9 +3,9 @@ parity table. Kept below prune, export and the model card so that none of them i
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from surgeon.paths import read_json_object
 from surgeon.records import Plan
 
 PARITY_FILE = "parity.json"  # in the run's onnx/ folder
@@ -26,7 +26,7 @@ def parity_lines(folder: Path) -> list[str]:
     path = folder / "onnx" / PARITY_FILE
     if not path.is_file():
         return []
-    parity = json.loads(path.read_text(encoding="utf-8"))
+    parity = read_json_object(path, "ONNX parity record")
     lines = ["| ONNX file | max abs difference from PyTorch | tolerance |", "|---|---|---|"]
     lines += [f"| {name} | {diff:.2e} | {parity['atol']:g} |" for name, diff in parity["max_abs_diff"].items()]
     return lines

@@ -29,10 +29,10 @@ import numpy as np
 
 from surgeon import limits
 from surgeon.clipbench import finite
-from surgeon.errors import CorruptInput, InvalidInput, NotFound, PreconditionFailed, SurgeonError
+from surgeon.errors import InvalidInput, NotFound, PreconditionFailed, SurgeonError
 from surgeon.heads import HeadRef
 from surgeon.load import CHECKPOINT_SUFFIXES, LoadedModel
-from surgeon.paths import atomic_file, atomic_write_text, read_json
+from surgeon.paths import atomic_file, atomic_write_text, read_json_object
 from surgeon.policies import POLICIES, RANKING_FREE, SEEDED_POLICIES, PolicyOptions
 from surgeon.progress import progress_bar
 from surgeon.records import ValidationSummary
@@ -400,10 +400,7 @@ class CellStore:
         return self.path(key).is_file()
 
     def get(self, key: str) -> dict:
-        record = read_json(self.path(key), "study cell")
-        if not isinstance(record, dict):
-            raise CorruptInput(f"study cell {self.path(key)} is not a JSON object")
-        return record
+        return read_json_object(self.path(key), "study cell")
 
     def put(self, key: str, record: dict) -> None:
         atomic_write_text(self.path(key), json.dumps(record, indent=2, sort_keys=True))

@@ -45,7 +45,7 @@ def read_templates(path: Path | None, dataset: str = "") -> list[str]:
 
         lines = read_json_entry(path, dataset_keys(dataset), "templates file", DEFAULT_TEMPLATE_KEY)
     else:
-        from surgeon.pools import read_lines
+        from surgeon.paths import read_lines
 
         lines = read_lines(path, "templates file")
     templates = check_templates(lines, str(path))

@@ -26,7 +26,7 @@ from surgeon.hooks import attention, image_embeds, residual_in, vision_blocks, v
 from surgeon.images import open_image
 from surgeon.limits import echo
 from surgeon.load import LoadedModel
-from surgeon.pools import read_lines
+from surgeon.paths import read_lines
 from surgeon.progress import progress_bar, stop_point
 from surgeon.records import ValidationSummary
 from surgeon.surgery import zero_heads

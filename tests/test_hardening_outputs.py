@@ -1,4 +1,4 @@
-"""Issue 13, part 2: outputs are verified before use (surgery.json hashes), temporary folders of killed
+"""Outputs are verified before use (surgery.json hashes), temporary folders of killed
 writers are never inputs and get cleaned up, a truncated statistics cache entry is recomputed, and a
 cancel right before publishing leaves the previous output as it was."""
 
@@ -53,7 +53,7 @@ def test_a_tampered_onnx_is_refused_by_infer(onnx_run, capsys):
     assert code == 0
     _halve_a_weight(onnx_run / "onnx" / "visual.onnx")
     code, err = run_cli("infer", str(onnx_run), *images, capsys=capsys)
-    assert code == 4 and "visual.onnx does not match the sha256 recorded in surgery.json" in err  # was: served
+    assert code == 4 and "visual.onnx does not match the sha256 recorded in surgery.json" in err
     assert "--no-verify" in err
     code, _ = run_cli("infer", str(onnx_run), *images, "--no-verify", capsys=capsys)
     assert code == 0
@@ -78,7 +78,7 @@ def test_export_refuses_tampered_weights(onnx_run, tmp_path):
     tensors[name] = tensors[name] * 0.5
     save_file(tensors, str(weights))
     with pytest.raises(CorruptInput, match="open_clip_model.safetensors does not match"):
-        export_existing_run(onnx_run, ["safetensors"], tmp_path / "re")  # was: a NEW surgery.json, OLD numbers
+        export_existing_run(onnx_run, ["safetensors"], tmp_path / "re")
     assert not (tmp_path / "re").exists()
     export_existing_run(onnx_run, ["safetensors"], tmp_path / "re", verify=False)
     assert (tmp_path / "re" / "surgery.json").is_file()
@@ -181,7 +181,7 @@ def test_a_check_before_publishing_keeps_the_previous_output(tmp_path):
 
 
 def test_sigterm_unwinds_like_ctrl_c(onnx_run, tmp_path):
-    """SIGTERM (docker stop, kill) used to kill the CLI on the spot, leaving its temporary folder behind."""
+    """SIGTERM (docker stop, kill) unwinds the CLI like Ctrl-C: no temporary folder is left behind."""
     import signal
 
     from tests.test_hardening_cli import surgeon
@@ -204,7 +204,7 @@ def test_infer_skips_unreadable_images_with_a_count(onnx_run, tmp_path, capsys):
     folder = tmp_path / "imgs"
     folder.mkdir()
     Image.new("RGB", (40, 30), (200, 10, 10)).save(folder / "a.png")
-    (folder / "b.png").write_bytes(b"not a png")  # was: the whole command aborted
+    (folder / "b.png").write_bytes(b"not a png")
     (onnx_run / "labels.txt").write_text("red\nblue\n")
     code, err = run_cli("infer", str(onnx_run), str(folder), "--labels", str(onnx_run / "labels.txt"), capsys=capsys)
     assert code == 0 and "skipped 1 unreadable image(s)" in err

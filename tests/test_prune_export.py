@@ -150,7 +150,7 @@ def test_ranking_of_another_model_and_bad_labels(setup, tmp_path, tiny_model_dir
             prune(other, ranking, synthetic_suite(), "top-k", PolicyOptions(k=1), out_dir=tmp_path / "x")
     labels = tmp_path / "labels.txt"
     labels.write_text("cat\ndog\ncat\n")
-    with pytest.raises(InvalidInput, match="repeats cat"):
+    with pytest.raises(InvalidInput, match="labels file .*: class labels repeat cat"):
         prune(
             loaded,
             ranking,

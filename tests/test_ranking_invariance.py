@@ -1,6 +1,6 @@
 """The ranking is a function of the model and the data alone: batch size, image order and the forward-pass
-configuration's bookkeeping must not change TextSpan's picks or the CCS (issue: picks 2..m used to follow
-float rounding in the noise directions of a basis wider than the head's numerical rank)."""
+configuration's bookkeeping must not change TextSpan's picks or the CCS. The hazard: a projection basis wider
+than the head's numerical rank holds float-rounding directions, and picks 2..m would follow them."""
 
 from __future__ import annotations
 

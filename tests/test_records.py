@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from surgeon.errors import CorruptInput, PreconditionFailed
 from surgeon.records import Plan, PlannedHead, ValidationSummary
@@ -44,6 +46,11 @@ def test_plan_round_trips_through_json_and_omits_what_the_run_did_not_have():
         ({"schema": "surgeon.plan/0"}, PreconditionFailed),
         ({**_plan().to_dict(), "heads": [{"head": "L1.H0"}]}, CorruptInput),
         ({k: v for k, v in _plan().to_dict().items() if k != "policy"}, CorruptInput),
+        ({**_plan().to_dict(), "base_model": "ViT-B-32"}, CorruptInput),
+        ({**_plan().to_dict(), "base_model": {}}, CorruptInput),
+        ({**_plan().to_dict(), "heads": 3}, CorruptInput),
+        ({**_plan().to_dict(), "heads": [{"head": 1, "layer": 0, "index": 0}]}, CorruptInput),
+        ({**_plan().to_dict(), "seed": "0"}, CorruptInput),
     ],
 )
 def test_a_bad_plan_is_one_clear_error(data, error):
@@ -62,3 +69,22 @@ def test_validation_summary_keys_round_trip():
     assert ValidationSummary(0.5, skew_k=5, max_skew=0.3).headline_skew() == ("max_skew@5", 0.3)
     with pytest.raises(CorruptInput):
         ValidationSummary.from_dict({"max_skew@x": 1.0})
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(field=st.sampled_from(sorted(_plan().to_dict())), value=JSON)
+def test_any_plan_json_is_a_plan_or_one_clear_error(field, value):
+    """A plan.json with any one field replaced by any JSON value: read, or refused as corrupt, nothing else."""
+    data = {**_plan().to_dict(), field: value}
+    try:
+        plan = Plan.from_dict(data)
+    except (CorruptInput, PreconditionFailed):
+        return
+    plan.to_dict(), plan.base_identity, plan.heads_per_layer(), plan.hard  # noqa: B018  every reader's access works

@@ -23,7 +23,7 @@ from PIL import Image
 
 from surgeon.errors import CorruptInput, InvalidInput, NotFound
 from surgeon.integrity import verify_run
-from surgeon.paths import refuse_temporary
+from surgeon.paths import read_lines, refuse_temporary
 from surgeon.runtime.preprocess import PreprocessConfig, load_image, to_rgb
 from surgeon.runtime.tokenizer import ClipTokenizer
 from surgeon.templates import DEFAULT_TEMPLATES, check_templates, fill
@@ -323,17 +323,9 @@ def check_labels(labels: Sequence[str]) -> None:
 def read_labels(path: Path) -> list[str]:
     """A labels file: UTF-8, one class name per line, blank lines ignored; empty files and repeated
     names are errors."""
-    path = Path(path)
+    labels = read_lines(Path(path), "labels file")
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise NotFound(f"labels file not found: {path}") from None
-    except UnicodeDecodeError as err:
-        raise InvalidInput(f"labels file {path} is not UTF-8 (byte {err.start})", hint="re-save it as UTF-8") from None
-    except OSError as err:
-        raise InvalidInput(f"cannot read labels file {path}: {err.strerror or err}") from None
-    labels = [line.strip() for line in text.splitlines() if line.strip()]
-    if not labels:
-        raise InvalidInput(f"labels file {path} is empty")
-    check_labels(labels)
+        check_labels(labels)
+    except InvalidInput as err:
+        raise InvalidInput(f"labels file {path}: {err}") from None
     return labels

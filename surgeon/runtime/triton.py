@@ -11,14 +11,13 @@ the leading batch must be fixed, which surgeon's exports guarantee."""
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 from pathlib import Path
 
 from surgeon import limits
 from surgeon.errors import CorruptInput, InvalidInput
-from surgeon.paths import atomic_dir
+from surgeon.paths import atomic_dir, read_json_object
 from surgeon.runtime.session import _GRAPHS, TOKENIZER_SPECS, resolve_export_dir
 
 #: onnxruntime element types -> Triton's model-config data types
@@ -131,6 +130,6 @@ def _copy_client_files(source: Path, folder: Path) -> None:
         if (source / name).is_file():
             shutil.copy(source / name, folder / name)
             if name in TOKENIZER_SPECS:
-                vocab = Path(json.loads((source / name).read_text(encoding="utf-8")).get("vocab_file") or "").name
+                vocab = Path(read_json_object(source / name, "tokenizer config").get("vocab_file") or "").name
                 if vocab and (source / vocab).is_file():
                     shutil.copy(source / vocab, folder / vocab)
