@@ -16,6 +16,7 @@ import time
 import torch
 
 from surgeon.decompose import decompose
+from surgeon.hooks import attention, embed_dim, image_size, vision_blocks, vision_tower
 from surgeon.load import build_clip, default_device
 from surgeon.stats import HeadStats
 
@@ -36,11 +37,11 @@ def throughput(cfg: dict, batch: int, steps: int, device: torch.device) -> tuple
     """(images/s for encode_image, images/s for statistics collection), interleaved to share the noise."""
     torch.manual_seed(0)
     model = build_clip(cfg).to(device).eval()
-    visual = model.visual
-    size = visual.image_size[0]
+    visual, (size, _) = vision_tower(model), image_size(model)
     images = torch.randn(batch, 3, size, size, device=device)
-    layers = tuple(range(len(visual.transformer.resblocks) - 4, len(visual.transformer.resblocks)))
-    stats = HeadStats.empty(layers, visual.transformer.resblocks[0].attn.num_heads, visual.output_dim, device)
+    blocks = vision_blocks(visual)
+    layers = tuple(range(len(blocks) - 4, len(blocks)))
+    stats = HeadStats.empty(layers, attention(blocks[0]).num_heads, embed_dim(model), device)
     plain, collect = 0.0, 0.0
     with torch.no_grad():
         model.encode_image(images)
@@ -68,8 +69,7 @@ def peak_memory_child(n_images: int) -> None:
     import resource
 
     torch.manual_seed(0)
-    model = build_clip(SMALL).eval()
-    visual = model.visual
+    visual = vision_tower(build_clip(SMALL).eval())
     layers = (2, 3, 4, 5)
     stats = HeadStats.empty(layers, 8, 64)
     gen = torch.Generator().manual_seed(0)

@@ -20,6 +20,7 @@ import torch
 
 from surgeon.export import _Visual
 from surgeon.heads import HeadRef
+from surgeon.hooks import attention, image_size, vision_blocks, vision_tower
 from surgeon.load import TOY_MODEL_DIR, build_clip, load_model
 from surgeon.surgery import SurgeryRequest, apply_surgery
 
@@ -31,14 +32,14 @@ def encoder_flops(visual: torch.nn.Module) -> tuple[float, float]:
     tokens = visual.positional_embedding.shape[0]
     width = visual.conv1.out_channels
     patch = visual.conv1.kernel_size[0] ** 2 * 3
-    attention = mlp = 0.0
-    for block in visual.transformer.resblocks:
-        p = AttentionParams.of(block.attn)
+    attention_flops = mlp = 0.0
+    for block in vision_blocks(visual):
+        p = AttentionParams.of_block(block)
         inner = p.n_heads * p.head_dim
-        attention += 2 * (3 * tokens * width * inner + 2 * tokens * tokens * inner + tokens * inner * width)
+        attention_flops += 2 * (3 * tokens * width * inner + 2 * tokens * tokens * inner + tokens * inner * width)
         mlp += 2 * 2 * tokens * width * block.mlp.c_fc.out_features
     embed = 2 * (tokens - 1) * patch * width + 2 * width * visual.output_dim
-    return attention, attention + mlp + embed
+    return attention_flops, attention_flops + mlp + embed
 
 
 def export(model: torch.nn.Module, size: int, path: Path) -> None:
@@ -67,7 +68,8 @@ def latency(sessions: dict[str, ort.InferenceSession], batch: np.ndarray, rounds
 
 
 def bench(name: str, make_model, size: int, heads_per_layer: int, batch: int, rounds: int, tmp: Path) -> None:
-    layers = range(len(make_model().visual.transformer.resblocks) - 4, len(make_model().visual.transformer.resblocks))
+    n_layers = len(vision_blocks(vision_tower(make_model())))
+    layers = range(n_layers - 4, n_layers)
     variants = {"unpruned": None}
     for share in (0.25, 0.5):
         count = int(heads_per_layer * share)
@@ -81,7 +83,7 @@ def bench(name: str, make_model, size: int, heads_per_layer: int, batch: int, ro
         model = make_model()
         if surgery:
             apply_surgery(model, SurgeryRequest(surgery[1], surgery[0]))
-        flops[label] = encoder_flops(model.visual)
+        flops[label] = encoder_flops(vision_tower(model))
         path = tmp / f"{name}-{label.replace(' ', '_').replace('%', '')}.onnx"
         export(model, size, path)
         sessions[label] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -110,8 +112,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if (TOY_MODEL_DIR / "open_clip_config.json").is_file():
             toy = load_model(device="cpu")
-            size = toy.model.visual.image_size[0]
-            heads = toy.model.visual.transformer.resblocks[0].attn.num_heads
+            size = image_size(toy.model)[0]
+            heads = attention(vision_blocks(vision_tower(toy.model))[0]).num_heads
             bench(
                 "toy model",
                 lambda: load_model(device="cpu").model,
