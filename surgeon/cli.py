@@ -615,8 +615,7 @@ def toy_train(
     from surgeon.progress import progress_enabled
     from surgeon.toy.train import TrainConfig, train
 
-    limits.count("step count (--steps)", steps, 1, 10_000_000)
-    limits.count("--threads", threads, 1, 4096)
+    limits.count("--threads", threads, 1, limits.MAX_THREADS)
     if threads:
         torch.set_num_threads(threads)
     cfg = TrainConfig(seed=seed)
@@ -696,7 +695,6 @@ def toy_images_command(
     """Write toy-world images as PNGs with a labels.csv, to look at the world."""
     from surgeon.toy import world
 
-    limits.count("--n", n, 1, limits.MAX_TOY_IMAGES)
     folder = world.write_png_folder(out_dir, n, split=split, seed=seed, force=force)
     if as_json:
         from surgeon.clioutput import emit_json

@@ -67,7 +67,7 @@ NO_MODEL = ["--model", "local-dir:/nonexistent/surgeon-model"]  # a valid reques
         (["sweep", "--counts", "99999999999999999999"], "bad counts"),
         (["validate", "--skew-k", "-5"], "skew_k"),
         (["export", "--atol", "nan"], "atol"),
-        (["toy", "images", "--out", "x", "--n", "100000000"], "--n must be"),
+        (["toy", "images", "--out", "x", "--n", "100000000"], "n (images) must be"),
     ],
 )
 def test_bad_numbers_exit_2_before_any_work(args, message, capsys, tmp_path, monkeypatch):

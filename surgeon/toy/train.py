@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from surgeon import limits
 from surgeon.errors import InvalidInput, PreconditionFailed
 from surgeon.hooks import encode_image, logit_scale
 from surgeon.paths import atomic_dir
@@ -248,8 +249,7 @@ class _TermAsInterrupt:
 def train(cfg: TrainConfig, out_dir: str | os.PathLike, force: bool = False, progress: bool = True) -> dict:
     """Train the toy CLIP and write it to `out_dir` (a local-dir folder). Returns a summary dict:
     out_dir, steps, samples, seconds, samples_per_s, final_loss, zeroshot (per-factor top-1), history."""
-    if not isinstance(cfg.steps, int) or cfg.steps <= 0:
-        raise InvalidInput(f"the step count must be a positive integer, got {cfg.steps!r}")
+    limits.count("step count (steps)", cfg.steps, 1, limits.MAX_TOY_STEPS)
     if cfg.batch_size < 2:
         raise InvalidInput(f"batch_size must be at least 2, got {cfg.batch_size}")
     if cfg.lr <= 0:

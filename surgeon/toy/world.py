@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from surgeon import limits
 from surgeon.errors import CorruptInput, InvalidInput
 from surgeon.paths import atomic_dir, read_json
 from surgeon.toy.captions import caption_scenes, fix_articles, unique_named
@@ -257,8 +258,7 @@ class ToyWorld:
         """Write n PNGs and labels.csv (path, every factor, group, caption) atomically."""
         from PIL import Image
 
-        if n < 1:
-            raise InvalidInput(f"n must be positive, got {n}")
+        limits.count("n (images)", n, 1, limits.MAX_TOY_IMAGES)
         out = Path(out_dir).expanduser().absolute()
         with atomic_dir(out, force) as tmp:
             if split == "probe":
