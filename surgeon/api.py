@@ -37,6 +37,14 @@ def _choice(what: str, value: str | None, choices) -> None:
         raise InvalidInput(f"unknown {what} {limits.echo(value)}", hint=f"choose {shown}")
 
 
+def _check_labels(labels: Path | None) -> None:
+    """A classifier's labels file is read before any work: a repeated label must not cost a whole run."""
+    from surgeon.templates import read_labels
+
+    if labels is not None:
+        read_labels(labels)
+
+
 def check_plot_format(plot_format: str) -> None:
     from surgeon.plots import PLOT_FORMATS
 
@@ -121,8 +129,8 @@ class RankSpec:
     taxonomy: str | None = None
     judge: str = "lexicon"
     layers: str | None = None
-    m: int = 5  # texts per head
-    span_rank: int = 80  # TextSpan's projection rank (clamped per head to its numerical rank)
+    m: int = limits.DEFAULT_TEXTS_PER_HEAD
+    span_rank: int = limits.DEFAULT_SPAN_RANK
     batch_size: int = 64
     use_cache: bool = True
     checkpoint_every: int | None = None
@@ -248,6 +256,7 @@ class PruneSpec:
             self.concept,
         )
         limits.rank_options(self.n_images, _is_toy_images(self.images), layers=self.layers)
+        _check_labels(self.labels)
         limits.texts(images=self.images, texts=self.texts)
         self.validation.check()
         JUDGES.get(self.judge)
@@ -454,6 +463,7 @@ class ExportSpec:
         limits.number("max_accuracy_drop", self.max_accuracy_drop, 0.0, limits.MAX_POINTS)
         limits.texts(device=self.device, quantize=self.quantize)
         check_exporter(self.onnx_exporter)
+        _check_labels(self.labels)
 
     @property
     def target(self) -> Path:
@@ -492,7 +502,7 @@ class StudySpec:
 
     def check(self) -> None:
         if limits.shard(self.shard) is not None and self.collect:
-            raise InvalidInput("--shard and --collect exclude each other", hint="collect once every shard has run")
+            raise InvalidInput("shard and collect exclude each other", hint="collect once every shard has run")
         limits.texts(file=str(self.file), device=self.device)
         check_plot_format(self.plot_format)
 

@@ -17,7 +17,8 @@ from pathlib import Path
 from surgeon.errors import InvalidInput
 from surgeon.paths import cache_dir, is_temporary
 
-#: writers' temporary files (paths.atomic_file's) younger than this may still be being written: never touched
+#: writers' temporary files (paths.atomic_file's, and `.tmp-*`, the name earlier versions' cache writers gave
+#: them: a cache may be shared by two versions) younger than this may still be being written: never touched
 TMP_GRACE_S = 24 * 3600
 
 _UNITS = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "M": 1e6, "MB": 1e6, "G": 1e9, "GB": 1e9, "T": 1e12, "TB": 1e12}
@@ -60,7 +61,7 @@ def entries(root: Path | None = None) -> list[Entry]:
         if not path.is_file() or path.is_symlink():
             continue
         stat = path.stat()
-        if is_temporary(path) and now - stat.st_mtime < TMP_GRACE_S:
+        if (is_temporary(path) or path.name.startswith(".tmp-")) and now - stat.st_mtime < TMP_GRACE_S:
             continue
         kind = path.relative_to(root).parts[0] if len(path.relative_to(root).parts) > 1 else "other"
         found.append(Entry(path, kind, stat.st_size, max(stat.st_mtime, stat.st_atime)))

@@ -252,7 +252,8 @@ def prune(
     policy: Annotated[
         str,
         typer.Option(
-            help="top-k, bottom-k, high, low, random, heads, concept, threshold, debias, paper-high, paper-low"
+            help="top-k, bottom-k, high, low, random, heads, concept, threshold, debias, paper-high, paper-low, "
+            "paper-random"
         ),
     ] = PruneSpec.policy,
     k: Annotated[int | None, typer.Option(help="number of heads (top-k, bottom-k, random; budget for debias)")] = None,
@@ -370,7 +371,7 @@ def _print_prune(result, policy: str, mode: str) -> None:
 
 
 def _print_parity(folder: Path | None) -> None:
-    from surgeon.export import parity_lines
+    from surgeon.runfolder import parity_lines
 
     for line in parity_lines(folder) if folder is not None else []:
         out.print(line, highlight=False, soft_wrap=True)

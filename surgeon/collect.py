@@ -13,10 +13,10 @@ import threading
 import warnings
 from pathlib import Path
 
-from surgeon.decompose import check_supported, decompose, vision_layout
+from surgeon.decompose import decompose, vision_layout
 from surgeon.distributed import World, agree, all_reduce, shard, world
 from surgeon.errors import CorruptInput, InvalidInput
-from surgeon.hooks import vision_tower
+from surgeon.hooks import check_supported, vision_tower
 from surgeon.images import ImageSet
 from surgeon.load import LoadedModel
 from surgeon.paths import cache_dir

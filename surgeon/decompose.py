@@ -27,7 +27,6 @@ from surgeon.hooks import (
     head_scale,
     in_projection,
     layer_scale,
-    norms_across_heads,
     out_projection,
     projection,
     qk_norms,
@@ -67,19 +66,6 @@ class AttentionParams:
     @classmethod
     def of_block(cls, block: nn.Module) -> AttentionParams:
         return cls.of(attention(block))
-
-
-def check_supported(visual: nn.Module) -> None:
-    """Refuse towers whose output is not a sum of per-head terms read at the CLS token."""
-    if not hasattr(visual, "transformer") or not hasattr(visual, "ln_post"):
-        raise InvalidInput("surgeon needs an open_clip VisionTransformer image tower")
-    if getattr(visual, "attn_pool", None) is not None:
-        raise InvalidInput("attention-pooled towers (CoCa) are not supported: heads do not write to one token")
-    if getattr(visual, "pool_type", "tok") != "tok":
-        raise InvalidInput(f"pool_type {visual.pool_type!r} is not supported: the method reads the CLS token")
-    for i, block in enumerate(vision_blocks(visual)):
-        if norms_across_heads(block):
-            raise InvalidInput(f"block {i} normalises across heads (scale_attn/inner_norm): not decomposable")
 
 
 def head_z(block: nn.Module, attn_in: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ from surgeon.hooks import encode_image, encode_text
 from surgeon.integrity import sha256_file, verify_run
 from surgeon.load import LoadedModel
 from surgeon.quantize import quantization_lines
-from surgeon.records import Plan
+from surgeon.records import Plan, check_validation_report
 from surgeon.registry import Registry
 from surgeon.runfolder import PARITY_FILE, SHARED_WEIGHTS, parity_lines
 
@@ -257,7 +257,7 @@ def export_onnx(
     runtime needs."""
     import onnx
 
-    from surgeon.runtime.session import read_labels
+    from surgeon.templates import read_labels
 
     if opset < 18:
         raise InvalidInput("ONNX export needs opset >= 18")
@@ -429,6 +429,7 @@ def export_existing_run(
         )
     plan = Plan.from_dict(read_json(run_dir / "plan.json", "plan"), f"{run_dir}/plan.json")
     validation = read_json_object(run_dir / "validation.json", "validation report")
+    check_validation_report(validation, f"{run_dir}/validation.json")
     for name in dict.fromkeys(formats):
         EXPORTERS.get(name)  # unknown formats fail before the model is loaded
     if options.get("quantize"):  # fails before the model is loaded: no ONNX, or a model without a default suite

@@ -221,3 +221,16 @@ def image_embeds(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The (unnormalised) image embedding from the residual stream after the last block: ln_post, pooling, proj."""
     pooled, _ = _method(visual, "_pool")(x)
     return pooled @ projection(visual)
+
+
+def check_supported(visual: nn.Module) -> None:
+    """Refuse towers whose output is not a sum of per-head terms read at the CLS token."""
+    if not hasattr(visual, "transformer") or not hasattr(visual, "ln_post"):
+        raise InvalidInput("surgeon needs an open_clip VisionTransformer image tower")
+    if getattr(visual, "attn_pool", None) is not None:
+        raise InvalidInput("attention-pooled towers (CoCa) are not supported: heads do not write to one token")
+    if getattr(visual, "pool_type", "tok") != "tok":
+        raise InvalidInput(f"pool_type {visual.pool_type!r} is not supported: the method reads the CLS token")
+    for i, block in enumerate(vision_blocks(visual)):
+        if norms_across_heads(block):
+            raise InvalidInput(f"block {i} normalises across heads (scale_attn/inner_norm): not decomposable")

@@ -15,13 +15,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from surgeon.errors import CorruptInput, InvalidInput, NotFound, PermissionDenied, PreconditionFailed, StorageError
-from surgeon.limits import MAX_TEXT_FILE_BYTES
+from surgeon.limits import MAX_TEXT_FILE_BYTES, clip
 
 #: the process umask, read once at import (reading it means setting it, which is not thread-safe later)
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
-#: `.NAME.tmp-PID-XXXX` (atomic_dir, atomic_write_text) and `.NAME.old-PID` (a replaced output): a writer's own
+#: `.NAME.tmp-PID-XXXX` (atomic_dir, atomic_file) and `.NAME.old-PID` (a replaced output): a writer's own
 TEMP_NAME = re.compile(r"\.(?P<name>.+)\.(?:tmp|old)-(?:(?P<pid>\d+)(?=-|$))?.*")
 STALE_AFTER_S = 3600.0  # a temporary entry this old whose writer is gone is removed by the next writer
 
@@ -207,6 +207,7 @@ def atomic_file(path: Path, suffix: str = "") -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's file is owner-only; the published one has a plain write's modes
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
@@ -219,7 +220,6 @@ def atomic_write_text(path: Path, text: str) -> None:
         remove_stale_temporaries(path.parent)
         with atomic_file(path) as tmp:
             tmp.write_text(text, encoding="utf-8")
-            os.chmod(tmp, 0o666 & ~_UMASK)
             _check_publish(path)
     except PermissionError as err:
         raise PermissionDenied(f"cannot write {path}: {err.strerror or err}") from None
@@ -228,13 +228,22 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def read_json(path: Path, what: str, hint: str | None = None) -> object:
-    """A JSON file a user or an export handed us: missing -> NotFound, unreadable -> CorruptInput, one line each."""
+    """A JSON file a user or an export handed us: missing -> NotFound, unreadable -> PermissionDenied, anything
+    else that is not a JSON file of at most limits.MAX_TEXT_FILE_BYTES -> CorruptInput; one line each. FIFOs and
+    devices are refused before they are opened (reading one would block or never end)."""
+    path = Path(path)
+    if path.exists() and not path.is_file():
+        raise CorruptInput(f"{what} {path} is not a regular file (a folder, FIFO or device)", hint=hint)
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        if path.stat().st_size > MAX_TEXT_FILE_BYTES:
+            raise CorruptInput(f"{what} {path} is larger than {MAX_TEXT_FILE_BYTES >> 20} MiB", hint=hint)
+        return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise NotFound(f"{what} not found: {path}", hint=hint) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CorruptInput(f"{what} {path} is not valid JSON: {err}", hint=hint) from None
+    except PermissionError as err:
+        raise PermissionDenied(f"cannot read {what} {path}: {err.strerror or err}", hint=hint) from None
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError, too many digits, nesting
+        raise CorruptInput(f"{what} {path} is not valid JSON: {clip(str(err), 200)}", hint=hint) from None
     except OSError as err:
         raise CorruptInput(f"cannot read {what} {path}: {err.strerror or err}", hint=hint) from None
 

@@ -21,6 +21,7 @@ from surgeon.judges.base import JUDGES, JudgeContext
 from surgeon.load import LoadedModel
 from surgeon.paths import atomic_dir, cache_dir, read_json, refuse_temporary
 from surgeon.pools import TextPool
+from surgeon.records import wrong_fields
 from surgeon.textcache import pool_embeddings
 from surgeon.textspan import textspan_all
 
@@ -100,8 +101,22 @@ class Ranking:
             older = schema in ("surgeon.ranking/1", "surgeon.ranking/2")
             hint = "it was made by an older surgeon: rank the model again" if older else None
             raise CorruptInput(f"not a surgeon ranking (schema {schema!r}, expected {RANKING_SCHEMA})", hint=hint)
-        fields = {k: data[k] for k in ("model", "images", "layers", "n_heads", "m", "span_rank", "pool", "judge")}
-        return cls(**fields, heads=[HeadRank(**h) for h in data["heads"]], surgeon_version=data["surgeon_version"])
+        try:
+            fields = {k: data[k] for k in ("model", "images", "layers", "n_heads", "m", "span_rank", "pool", "judge")}
+            heads = [HeadRank(**h) for h in data["heads"]]
+            ranking = cls(**fields, heads=heads, surgeon_version=data["surgeon_version"])
+        except (KeyError, TypeError) as err:
+            raise CorruptInput(f"corrupt ranking: {err}") from None
+        wrong = wrong_fields(ranking)
+        if wrong:
+            raise CorruptInput(f"corrupt ranking: wrong type for {', '.join(wrong)}")
+        if min(ranking.m, ranking.n_heads, ranking.span_rank) < 1 or not ranking.heads:
+            raise CorruptInput("corrupt ranking: no heads, or m, n_heads or span_rank below 1")
+        if any(h.layer not in ranking.layers or not 0 <= h.head < ranking.n_heads for h in ranking.heads):
+            raise CorruptInput("corrupt ranking: a head outside its layers or its n_heads")
+        if any(not 0 <= h.ccs <= ranking.m for h in ranking.heads):
+            raise CorruptInput(f"corrupt ranking: a CCS outside 0..m={ranking.m}")
+        return ranking
 
     @classmethod
     def read(cls, path: Path) -> Ranking:
@@ -110,8 +125,8 @@ class Ranking:
         data = read_json(path, "ranking")
         try:
             return cls.from_dict(data)
-        except (KeyError, TypeError, AttributeError) as err:
-            raise CorruptInput(f"corrupt ranking {path}: {err}") from None
+        except CorruptInput as err:
+            raise CorruptInput(f"{err.args[0]}: {path}", hint=err.hint) from None
 
     def check_model(self, loaded: LoadedModel) -> None:
         """The ranking must come from this model as it computes: same weights AND same forward identity."""
@@ -156,8 +171,8 @@ def rank_heads(
     pool: TextPool,
     judge: str = "lexicon",
     layers: str | None = None,
-    m: int = 5,
-    span_rank: int = 80,
+    m: int = limits.DEFAULT_TEXTS_PER_HEAD,
+    span_rank: int = limits.DEFAULT_SPAN_RANK,
     batch_size: int = 64,
     quiet: bool = False,
     use_cache: bool = True,

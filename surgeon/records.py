@@ -1,10 +1,13 @@
 """The records a run hands on: the pruning plan (plan.json) and a validation's headline figures (the
 "summary" of validation.json, sweeps and studies). Each has one (de)serialisation, so readers use fields
-instead of parsing keys such as `max_skew@10_sum`; the JSON on disk is what it always was."""
+instead of parsing keys such as `max_skew@10_sum`. Records read from files a user hands over are checked field
+by field (`wrong_fields`) before anyone reads them: a bad file is one CorruptInput, never a traceback later."""
 
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,6 +15,33 @@ from surgeon import __version__
 from surgeon.errors import CorruptInput, PreconditionFailed
 
 PLAN_SCHEMA = "surgeon.plan/1"
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether a JSON-decoded value fits a field's annotation (the shapes records use)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint in (int, float):  # JSON has no separate float; bool is not a number here
+        return isinstance(value, int if hint is int else (int, float)) and not isinstance(value, bool)
+    if origin in (list, tuple):
+        items = [a for a in args if a is not Ellipsis]
+        return isinstance(value, origin) and (not items or all(_matches(v, items[0]) for v in value))
+    if origin is dict:
+        return isinstance(value, dict)
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        return isinstance(value, hint) and not wrong_fields(value)
+    return isinstance(value, hint)
+
+
+def wrong_fields(record: Any) -> list[str]:
+    """The fields of a dataclass record whose values do not fit their annotations."""
+    hints = typing.get_type_hints(type(record))
+    return [f.name for f in dataclasses.fields(record) if not _matches(getattr(record, f.name), hints[f.name])]
 
 
 @dataclass(frozen=True)
@@ -44,7 +74,7 @@ class Plan:
     selected_on: str | None = None  # the disjoint search split of a selection by measurement (debias)
     seeds: list[dict[str, Any]] = field(default_factory=list)  # per-seed summaries of a seeded random policy
     seed_mean: dict[str, float] | None = None
-    surgeon_version: str = __version__
+    surgeon_version: str = __version__  # a new plan's; a plan read from a file must say which made it
 
     @property
     def base_identity(self) -> str:
@@ -63,14 +93,14 @@ class Plan:
         return layers
 
     def to_dict(self) -> dict[str, Any]:
-        data: dict[str, Any] = {"schema": PLAN_SCHEMA}
+        data: dict[str, Any] = {"schema": PLAN_SCHEMA, "surgeon_version": self.surgeon_version}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if f.name == "heads":
                 value = [dataclasses.asdict(h) for h in value]
-            if f.name in ("selected_on", "seed_mean") and value is None or f.name == "seeds" and not value:
+            if (f.name in ("selected_on", "seed_mean") and value is None) or (f.name == "seeds" and not value):
                 continue  # absent unless the run had them
-            data[f.name] = value
+            data.setdefault(f.name, value)
         return data
 
     @classmethod
@@ -82,6 +112,8 @@ class Plan:
                 f"{source} was written by another surgeon version (plan schema "
                 f"{data.get('schema')!r}, this version reads {PLAN_SCHEMA})"
             )
+        if "surgeon_version" not in data:
+            raise CorruptInput(f"corrupt {source}: it does not say which surgeon version wrote it")
         names = {f.name for f in dataclasses.fields(cls)}
         try:
             values = {k: v for k, v in data.items() if k in names}
@@ -89,32 +121,13 @@ class Plan:
             plan = cls(**values)
         except (KeyError, TypeError) as err:
             raise CorruptInput(f"corrupt {source}: {err}") from None
-        wrong = [name for name, kinds in _PLAN_TYPES.items() if not isinstance(getattr(plan, name), kinds)]
-        wrong += ["heads"] * any(
-            not (isinstance(h.head, str) and type(h.layer) is type(h.index) is int) for h in plan.heads
-        )
-        if wrong or not isinstance(plan.base_model.get("name"), str):
-            raise CorruptInput(f"corrupt {source}: wrong type for {', '.join(wrong) or 'base_model.name'}")
+        wrong = wrong_fields(plan)
+        base = plan.base_model
+        if not wrong and not all(isinstance(base.get(k), str) for k in ("name", "weights_sha256")):
+            wrong = ["base_model (name and weights_sha256 must be strings)"]
+        if wrong:
+            raise CorruptInput(f"corrupt {source}: wrong type for {', '.join(wrong)}")
         return plan
-
-
-#: what Plan.from_dict checks before anyone reads a field (a plan.json comes from a folder a user hands over)
-_PLAN_TYPES: dict[str, type | tuple[type, ...]] = {
-    "base_model": dict,
-    "ranking_sha256": (str, type(None)),
-    "policy": str,
-    "options": dict,
-    "mode": str,
-    "tower": str,
-    "seed": int,
-    "policy_details": dict,
-    "record": dict,
-    "validated_on": str,
-    "selected_on": (str, type(None)),
-    "seeds": list,
-    "seed_mean": (dict, type(None)),
-    "surgeon_version": str,
-}
 
 
 @dataclass(frozen=True)
@@ -155,15 +168,55 @@ class ValidationSummary:
         skew = [k for k in data if k.startswith("max_skew@") and not k.endswith(("_sum", "_per_query"))]
         if len(skew) > 1:
             raise CorruptInput(f"a validation summary holds one MaxSkew@k, not {skew}")
-        if not skew:
-            return cls(mean_acc1=data.get("mean_acc1"))
-        k = skew[0].split("@", 1)[1]
-        if not k.isdigit():
+        k = skew[0].split("@", 1)[1] if skew else None
+        if k is not None and not k.isdigit():
             raise CorruptInput(f"not a MaxSkew@k key: {skew[0]!r}")
-        return cls(
+        summary = cls(
             mean_acc1=data.get("mean_acc1"),
-            skew_k=int(k),
-            max_skew=data[skew[0]],
-            max_skew_sum=data.get(f"{skew[0]}_sum"),
-            ndkl=data.get("ndkl"),
+            skew_k=None if k is None else int(k),
+            max_skew=data[skew[0]] if skew else None,
+            max_skew_sum=data.get(f"{skew[0]}_sum") if skew else None,
+            ndkl=data.get("ndkl") if skew else None,
         )
+        wrong = wrong_fields(summary)
+        if wrong:
+            raise CorruptInput(f"a validation summary's {', '.join(wrong)} is not a number")
+        return summary
+
+
+def check_validation_report(data: dict[str, Any], source: str) -> None:
+    """validation.json's before/after reports, checked for what the card and the report tables read: each
+    result names its set and task, a zero-shot task has its three accuracies, a bias set its figures, and
+    after measured the same sets as before."""
+    from surgeon.bias import PROTOCOLS
+
+    sets = {}
+    for side in ("before", "after"):
+        report = data.get(side)
+        if not (
+            isinstance(report, dict)
+            and isinstance(report.get("summary"), dict)
+            and isinstance(report.get("results"), list)
+            and all(_is_result(r, PROTOCOLS) for r in report["results"])
+        ):
+            raise CorruptInput(f"corrupt {source}: '{side}' is not a validation report")
+        ValidationSummary.from_dict(report["summary"])
+        sets[side] = {(r["dataset"], r["task"]) for r in report["results"]}
+    if sets["before"] != sets["after"]:
+        raise CorruptInput(f"corrupt {source}: before and after measured different sets")
+
+
+def _is_result(entry: Any, protocols: dict) -> bool:
+    if not (
+        isinstance(entry, dict) and isinstance(entry.get("dataset"), str) and isinstance(entry.get("metrics"), dict)
+    ):
+        return False
+    metrics = entry["metrics"]
+    if entry.get("task") == "zeroshot_classification":
+        return all(_matches(metrics.get(k), float) for k in ("acc1", "acc5", "mean_per_class_recall"))
+    if entry.get("task") == "bias":
+        figures = [
+            v for k, v in metrics.items() if k.startswith(("max_skew@", "min_skew@", "ndkl")) and "_per_" not in k
+        ]
+        return metrics.get("protocol", "surgeon") in protocols and all(_matches(v, float) for v in figures)
+    return False

@@ -90,12 +90,16 @@ class DataSpec:
 
 
 @dataclass(frozen=True)
-class RankSpec:
+class StudyRank:
+    """The study's [rank] table: how the ranking that ranking-based policies read is made."""
+
     images: str | None = None  # None: the toy world's images for the toy model; a real model needs them named
     n_images: int | None = None
     texts: str | None = None
     judge: str = "lexicon"
     layers: str | None = None
+    m: int = limits.DEFAULT_TEXTS_PER_HEAD
+    span_rank: int = limits.DEFAULT_SPAN_RANK
 
 
 @dataclass(frozen=True)
@@ -105,7 +109,7 @@ class Study:
     policies: list[PolicySpec]
     modes: list[str]
     data: list[DataSpec]
-    rank: RankSpec
+    rank: StudyRank
     source: Path
 
 
@@ -287,14 +291,16 @@ def _data(t: _Table, kind: str, base: Path) -> DataSpec:
     return spec
 
 
-def _rank(t: _Table, base: Path) -> RankSpec:
+def _rank(t: _Table, base: Path) -> StudyRank:
     images = _path(t.get("images", str), base, t.path("images"))
-    spec = RankSpec(
+    spec = StudyRank(
         images=images,
         n_images=t.count("n_images", 1, limits.MAX_TOY_IMAGES if images in (None, "toy") else limits.MAX_IMAGES),
         texts=t.get("texts", str),
-        judge=t.get("judge", str, "lexicon"),
+        judge=t.get("judge", str, StudyRank.judge),
         layers=t.get("layers", str),
+        m=t.count("m", 1, limits.MAX_TEXTS_PER_HEAD, StudyRank.m),
+        span_rank=t.count("span_rank", 1, limits.MAX_SPAN_RANK, StudyRank.span_rank),
     )
     t.done()
     return spec
@@ -447,7 +453,7 @@ class _ModelWork:
             self.images = resolve_images(r.images, r.n_images, self.loaded.name)
             self.pool = load_pool(r.texts, self.loaded.is_toy)
             self._rank_inputs = {"images": self.images.identity, "pool": self.pool.digest, "judge": r.judge,
-                                 "layers": r.layers}  # fmt: skip
+                                 "layers": r.layers, "m": r.m, "span_rank": r.span_rank}  # fmt: skip
         return self._rank_inputs
 
     def ranking(self) -> Ranking | None:
@@ -456,8 +462,8 @@ class _ModelWork:
         if self._ranking is None:
             self.rank_inputs()
             r = self.study.rank
-            self._ranking = rank_heads(self.loaded, self.images, self.pool, judge=r.judge, layers=r.layers,
-                                       quiet=self.quiet)  # fmt: skip
+            self._ranking = rank_heads(self.loaded, self.images, self.pool, judge=r.judge, layers=r.layers, m=r.m,
+                                       span_rank=r.span_rank, quiet=self.quiet)  # fmt: skip
         return self._ranking
 
     def heads(self, p: int, seed: int) -> list[HeadRef]:

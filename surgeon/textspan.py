@@ -59,7 +59,7 @@ def _eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def textspan(
-    count: int, total: torch.Tensor, outer: torch.Tensor, texts: torch.Tensor, m: int = 5, span_rank: int = 80
+    count: int, total: torch.Tensor, outer: torch.Tensor, texts: torch.Tensor, m: int, span_rank: int
 ) -> SpanResult:
     """Greedy TextSpan for one head: `total` (D,), `outer` (D, D), `texts` (M, D) L2-normalised."""
     if m <= 0:
@@ -96,7 +96,7 @@ def textspan(
 
 
 def textspan_all(
-    stats: HeadStats, texts: torch.Tensor, m: int = 5, span_rank: int = 80, quiet: bool = True
+    stats: HeadStats, texts: torch.Tensor, m: int, span_rank: int, quiet: bool = True
 ) -> list[list[SpanResult]]:
     """TextSpan for every head of every analysed layer: result[layer_index][head] (a bar per head unless quiet)."""
     if stats.count < 2:

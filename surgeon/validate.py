@@ -570,7 +570,10 @@ class Gates:
         summary_before = ValidationSummary.from_dict(before["summary"])
         summary_after = ValidationSummary.from_dict(after["summary"])
         acc_before, acc_after = summary_before.mean_acc1, summary_after.mean_acc1
-        if acc_before is not None and acc_after is not None:  # check_measurable: set whenever a gate reads it
+        if acc_before is None or acc_after is None:
+            if self.max_acc_drop is not None or self.min_acc is not None:
+                failures.append("accuracy gate: no accuracy was measured")
+        else:
             if self.max_acc_drop is not None and (acc_before - acc_after) * 100 > self.max_acc_drop:
                 failures.append(
                     f"max-acc-drop: mean acc1 fell {100 * (acc_before - acc_after):.2f} points "

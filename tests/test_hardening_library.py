@@ -125,3 +125,24 @@ def test_a_failed_replace_keeps_the_previous_output(tmp_path, monkeypatch):
         with atomic_dir(final, force=True) as tmp:
             (tmp / "new.txt").write_text("new")
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and (final / "old.txt").read_text() == "previous"
+
+
+def test_json_files_are_read_with_one_clear_error_whatever_they_hold(tmp_path):
+    """A FIFO is refused before it is opened (reading it would block); nesting and number sizes that Python's
+    json refuses are corrupt input, not a RecursionError or ValueError traceback."""
+    import os
+
+    from surgeon.errors import NotFound
+    from surgeon.paths import read_json, read_json_object
+
+    os.mkfifo(tmp_path / "fifo.json")
+    (tmp_path / "deep.json").write_text("[" * 100_000)
+    (tmp_path / "digits.json").write_text("1" * 5000)
+    (tmp_path / "list.json").write_text("[1]")
+    for name, error in [("fifo", "not a regular file"), ("deep", "not valid JSON"), ("digits", "not valid JSON")]:
+        with pytest.raises(CorruptInput, match=error):
+            read_json(tmp_path / f"{name}.json", "plan")
+    with pytest.raises(CorruptInput, match="not a JSON object"):
+        read_json_object(tmp_path / "list.json", "plan")
+    with pytest.raises(NotFound):
+        read_json(tmp_path / "missing.json", "plan")

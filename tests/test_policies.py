@@ -145,3 +145,13 @@ def test_paper_random_excludes_the_papers_high_heads_and_draws_from_its_layers(
     assert draws[3] == select("paper-random", ranking, model_name=model, pretrained=tag, seed=3).heads
     with pytest.raises(NotFound, match="no paper preset"):
         select("paper-random", ranking, model_name="toy")
+
+
+def test_the_prune_help_names_every_registered_policy():
+    """The CLI cannot import the registry at start-up (it pulls torch), so its help lists the names: kept whole."""
+    import typing
+
+    from surgeon import cli
+
+    help_text = typing.get_type_hints(cli.prune, include_extras=True)["policy"].__metadata__[0].help
+    assert sorted(name.strip() for name in help_text.split(",")) == POLICIES.names()

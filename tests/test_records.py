@@ -9,7 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from surgeon.errors import CorruptInput, PreconditionFailed
-from surgeon.records import Plan, PlannedHead, ValidationSummary
+from surgeon.rank import RANKING_SCHEMA, Ranking
+from surgeon.records import Plan, PlannedHead, ValidationSummary, check_validation_report
+from surgeon.validate import markdown_report
 
 
 def _plan(**changes) -> Plan:
@@ -88,3 +90,53 @@ def test_any_plan_json_is_a_plan_or_one_clear_error(field, value):
     except (CorruptInput, PreconditionFailed):
         return
     plan.to_dict(), plan.base_identity, plan.heads_per_layer(), plan.hard  # noqa: B018  every reader's access works
+
+
+def _ranking_dict() -> dict:
+    head = {"layer": 1, "head": 0, "texts": ["a"], "stds": [0.5], "label": "color", "verdicts": [True],
+            "ccs": 1, "variance": 2.0, "effective_rank": 3}  # fmt: skip
+    return {"schema": RANKING_SCHEMA, "model": {"name": "toy"}, "images": {}, "layers": [1], "n_heads": 1, "m": 1,
+            "span_rank": 80, "pool": {}, "judge": "lexicon", "heads": [head], "surgeon_version": "0"}  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(field=st.sampled_from(sorted(_ranking_dict())), value=JSON, in_head=st.booleans())
+def test_any_ranking_json_is_a_ranking_or_one_clear_error(field, value, in_head):
+    data = _ranking_dict()
+    if in_head:
+        data["heads"][0] = {**data["heads"][0], "ccs": value}
+    else:
+        data[field] = value
+    try:
+        ranking = Ranking.from_dict(data)
+    except CorruptInput:
+        return
+    ranking.sorted_heads(), ranking.clamp_note(), ranking.ccs_distribution(), ranking.digest()
+
+
+def _report(acc: float = 0.5) -> dict:
+    zeroshot = {"dataset": "toy/shape", "task": "zeroshot_classification",
+                "metrics": {"acc1": acc, "acc5": 1.0, "mean_per_class_recall": acc, "n": 4}}  # fmt: skip
+    bias = {"dataset": "probe", "task": "bias", "metrics": {"protocol": "surgeon", "max_skew@10": 0.2, "ndkl": 0.1}}
+    return {"summary": {"mean_acc1": acc, "max_skew@10": 0.2, "ndkl": 0.1}, "results": [zeroshot, bias]}
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda v: v.pop("after"),
+        lambda v: v["before"].pop("results"),
+        lambda v: v["before"]["results"][0]["metrics"].pop("acc5"),
+        lambda v: v["after"]["results"][0]["metrics"].update(acc1="high"),
+        lambda v: v["after"]["results"][1]["metrics"].update(protocol="CCS"),
+        lambda v: v["after"]["results"].pop(1),
+        lambda v: v["after"]["summary"].update({"max_skew@10": "0.2"}),
+    ],
+)
+def test_a_bad_validation_report_is_refused_before_the_card_reads_it(mutate):
+    validation = {"before": _report(), "after": _report(0.4)}
+    check_validation_report(validation, "validation.json")
+    markdown_report(validation["before"], validation["after"])
+    mutate(validation)
+    with pytest.raises(CorruptInput):
+        check_validation_report(validation, "validation.json")

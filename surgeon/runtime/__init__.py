@@ -17,7 +17,7 @@ _EXPORTS = {
     "ExportedModel": "surgeon.runtime.session",
     "Prediction": "surgeon.runtime.session",
     "TopClass": "surgeon.runtime.session",
-    "read_labels": "surgeon.runtime.session",
+    "read_labels": "surgeon.templates",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -91,7 +91,8 @@ def infer(
 ) -> None:
     """Top classes per image from an ONNX export, with onnxruntime only (CUDA when available, else CPU)."""
     try:
-        from surgeon.runtime.session import ExportedModel, read_labels
+        from surgeon.runtime.session import ExportedModel
+        from surgeon.templates import read_labels
     except ImportError as err:
         raise PreconditionFailed(
             f"surgeon infer needs onnxruntime, ftfy and regex ({err})",

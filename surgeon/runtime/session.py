@@ -23,10 +23,10 @@ from PIL import Image
 
 from surgeon.errors import CorruptInput, InvalidInput, NotFound
 from surgeon.integrity import verify_run
-from surgeon.paths import read_lines, refuse_temporary
+from surgeon.paths import refuse_temporary
 from surgeon.runtime.preprocess import PreprocessConfig, load_image, to_rgb
 from surgeon.runtime.tokenizer import ClipTokenizer
-from surgeon.templates import DEFAULT_TEMPLATES, check_templates, fill
+from surgeon.templates import DEFAULT_TEMPLATES, check_labels, check_templates, fill, read_labels
 
 #: the tokenizer settings file: its current name, then the one of older exports
 TOKENIZER_SPECS = ("clip_tokenizer.json", "tokenizer.json")
@@ -304,28 +304,3 @@ def softmax(x: np.ndarray) -> np.ndarray:
     """Class probabilities from logits, along the last axis."""
     e = np.exp(x - x.max(axis=-1, keepdims=True))
     return e / e.sum(axis=-1, keepdims=True)
-
-
-def check_labels(labels: Sequence[str]) -> None:
-    if not labels:
-        raise InvalidInput("no class labels given")
-    if any(not str(x).strip() for x in labels):
-        raise InvalidInput("class labels must not be empty")
-    seen, duplicates = set(), []
-    for x in labels:
-        if x in seen and x not in duplicates:
-            duplicates.append(x)
-        seen.add(x)
-    if duplicates:
-        raise InvalidInput(f"class labels repeat {', '.join(duplicates[:3])}")
-
-
-def read_labels(path: Path) -> list[str]:
-    """A labels file: UTF-8, one class name per line, blank lines ignored; empty files and repeated
-    names are errors."""
-    labels = read_lines(Path(path), "labels file")
-    try:
-        check_labels(labels)
-    except InvalidInput as err:
-        raise InvalidInput(f"labels file {path}: {err}") from None
-    return labels

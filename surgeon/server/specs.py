@@ -162,7 +162,7 @@ class SpecBuilder:
 
     @staticmethod
     def judge(name: str) -> str:
-        name = name or "lexicon"
+        name = name or RankSpec.judge
         JUDGES.get(name)
         if name not in REMOTE_JUDGES:
             raise InvalidInput(
