@@ -772,18 +772,18 @@ def models(as_json: JsonOpt = False) -> None:
     """List the open_clip architectures surgeon can load (weights come from local files or the hub cache)."""
     import open_clip
 
-    from surgeon.load import TOY_MODEL_DIR
+    from surgeon.load import TOY_MODEL_DIR, supported_architectures
 
+    names = supported_architectures()
     if as_json:
         from surgeon.clioutput import emit_json
 
-        names = open_clip.list_models()
         entries = [{"name": "toy", "pretrained_tags": [], "path": str(TOY_MODEL_DIR)}]
         entries += [{"name": n, "pretrained_tags": open_clip.list_pretrained_tags_by_model(n)} for n in names]
         emit_json("models", None, [], {"models": len(entries)}, models=entries)
         return
     out.print(f"toy (bundled: {TOY_MODEL_DIR})")
-    for name in open_clip.list_models():
+    for name in names:
         out.print(name)
 
 

@@ -213,6 +213,28 @@ def load_weights_strict(model: torch.nn.Module, state_dict: dict[str, torch.Tens
     model.load_state_dict(state_dict, strict=True, assign=True)
 
 
+def supported_architectures() -> list[str]:
+    """The open_clip architectures whose image tower surgeon decomposes: a VisionTransformer read at the CLS
+    token (not a timm or ResNet tower, not CoCa's attention pooling or CLIPA's average pooling). What
+    `surgeon models` and ListModels list and what load_model accepts."""
+    import open_clip
+
+    return [name for name in open_clip.list_models() if not _unsupported_tower(open_clip.get_model_config(name) or {})]
+
+
+def _unsupported_tower(model_cfg: dict) -> str | None:
+    vision = model_cfg.get("vision_cfg", {})
+    if "timm_model_name" in vision:
+        return "a timm image tower"
+    if isinstance(vision.get("layers"), list | tuple):  # open_clip's ModifiedResNet: stages, not blocks
+        return "a ResNet image tower"
+    if "multimodal_cfg" in model_cfg or vision.get("attentional_pool"):
+        return "an attention-pooled (CoCa) image tower"
+    if vision.get("pool_type", "tok") != "tok":  # e.g. CLIPA's average pooling: heads do not write one token
+        return f"a {vision['pool_type']}-pooled image tower"
+    return None
+
+
 def cached_pretrained_tags(model_name: str) -> list[str]:
     """The open_clip pretrained tags of an architecture whose weights are in the local caches (no network)."""
     import open_clip
@@ -360,6 +382,12 @@ def load_model(
                 + "use an open_clip name (`surgeon models`), a local-dir: folder, or omit --model for the toy",
             )
         model_cfg = dict(open_clip.get_model_config(model))
+        unsupported = _unsupported_tower(model_cfg)
+        if unsupported:
+            raise InvalidInput(
+                f"{model} has {unsupported}: surgeon decomposes open_clip VisionTransformer towers",
+                hint="`surgeon models` lists the architectures it supports",
+            )
         preprocess_cfg = {}
         weights_path = None
         if pretrained:

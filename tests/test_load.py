@@ -108,3 +108,13 @@ def test_a_quick_gelu_tag_builds_quick_gelu(monkeypatch, tmp_path):
     tagged = load_model("ViT-S-32", "some-tag", device="cpu")
     assert isinstance(tagged.model.visual.transformer.resblocks[0].mlp.gelu, QuickGELU)
     assert not isinstance(tiny.model.visual.transformer.resblocks[0].mlp.gelu, QuickGELU)
+
+
+def test_towers_surgeon_cannot_decompose_are_refused_before_they_are_built():
+    from surgeon.load import supported_architectures
+
+    names = supported_architectures()
+    assert "ViT-B-32" in names and "coca_ViT-B-32" not in names and "ViT-L-14-CLIPA" not in names
+    assert not any(n.startswith(("convnext", "RN50")) for n in names)  # timm / ResNet towers
+    with pytest.raises(InvalidInput, match="attention-pooled"):
+        load_model("coca_ViT-B-32", device="cpu")

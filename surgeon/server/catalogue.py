@@ -10,7 +10,13 @@ from pathlib import Path
 from surgeon.api import EXPORT_FORMATS
 from surgeon.hooks import TOWERS
 from surgeon.judges.base import JUDGES
-from surgeon.load import CHECKPOINT_SUFFIXES, TOY_MODEL_DIR, TOY_MODEL_NAME, cached_pretrained_tags
+from surgeon.load import (
+    CHECKPOINT_SUFFIXES,
+    TOY_MODEL_DIR,
+    TOY_MODEL_NAME,
+    cached_pretrained_tags,
+    supported_architectures,
+)
 from surgeon.policies import POLICIES
 from surgeon.server.paths import Root, inside
 from surgeon.server.specs import REMOTE_JUDGES
@@ -67,10 +73,7 @@ class ModelCatalogue:
             import open_clip
 
             entries = []
-            for name in open_clip.list_models():
-                cfg = open_clip.get_model_config(name) or {}
-                if "timm_model_name" in cfg.get("vision_cfg", {}) or "multimodal_cfg" in cfg:
-                    continue  # surgeon needs an open_clip VisionTransformer tower
+            for name in supported_architectures():
                 cached = cached_pretrained_tags(name)
                 entries.append(
                     pb.ModelInfo(
