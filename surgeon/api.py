@@ -257,6 +257,11 @@ class PruneSpec:
         )
         limits.rank_options(self.n_images, _is_toy_images(self.images), layers=self.layers)
         _check_labels(self.labels)
+        if self.ranking is not None and self.k is not None:  # a ranking file: k is checked before any work
+            from surgeon.policies import check_k
+            from surgeon.rank import Ranking
+
+            check_k(self.k, len(Ranking.read(self.ranking).heads))
         limits.texts(images=self.images, texts=self.texts)
         self.validation.check()
         JUDGES.get(self.judge)

@@ -84,11 +84,16 @@ def _describe(h: HeadRank) -> str:
     return f"CCS {h.ccs} ({h.label})"
 
 
+def check_k(k: int, n_heads: int) -> None:
+    """k heads of a ranking of n_heads: checked before any work when the ranking is a file, again at selection."""
+    if not 0 < k <= n_heads:
+        raise InvalidInput(f"k={k} out of range: choose 1..{n_heads} (heads in the ranking)")
+
+
 def _k(options: PolicyOptions, ranking: Ranking) -> int:
     if options.k is None:
         raise InvalidInput("this policy needs --k")
-    if not 0 < options.k <= len(ranking.heads):
-        raise InvalidInput(f"k={options.k} out of range: choose 1..{len(ranking.heads)} (heads in the ranking)")
+    check_k(options.k, len(ranking.heads))
     return options.k
 
 

@@ -20,7 +20,6 @@ from surgeon.errors import InvalidInput, NotFound, PreconditionFailed
 from surgeon.judges.base import JUDGES
 from surgeon.load import CHECKPOINT_SUFFIXES, TOY_MODEL_DIR, TOY_MODEL_NAME
 from surgeon.paths import newest_run, refuse_temporary
-from surgeon.rank import Ranking
 from surgeon.server.paths import Root, resolve_in
 from surgeon.v1 import surgeon_pb2 as pb
 from surgeon.validate import ValidationSuite
@@ -243,10 +242,6 @@ class SpecBuilder:
             validation=validation,
         )
         spec.check()
-        if ranking is not None and spec.k is not None:
-            heads = len(Ranking.read(ranking).heads)
-            if spec.k > heads:
-                raise InvalidInput(f"k={spec.k} out of range: choose 1..{heads} (heads in the ranking)")
         out = self.out(request.out, "prune", request.force)
         return replace(spec, out_dir=out), suite_for, out
 
