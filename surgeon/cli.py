@@ -328,7 +328,16 @@ def prune(
         judge=judge,
         layers=layers,
         validation=ValidationSpec(
-            data, classnames, templates, bias_data, queries, skew_k, desired, bias_protocol, bias_split_by, language
+            data=data,
+            classnames=classnames,
+            templates=templates,
+            bias_data=bias_data,
+            queries=queries,
+            skew_k=skew_k,
+            desired=desired,
+            bias_protocol=bias_protocol,
+            bias_split_by=bias_split_by,
+            language=language,
         ),
         force=force,
     )
@@ -423,7 +432,15 @@ def validate(
     from surgeon.validate import markdown_report
 
     validation = ValidationSpec(
-        data, classnames, templates, bias_data, queries, skew_k, desired, bias_protocol, language=language
+        data=data,
+        classnames=classnames,
+        templates=templates,
+        bias_data=bias_data,
+        queries=queries,
+        skew_k=skew_k,
+        desired=desired,
+        bias_protocol=bias_protocol,
+        language=language,
     )
     spec = ValidateSpec(ModelSpec(model, pretrained, device), validation, out_dir, force)
     spec.check()
@@ -468,7 +485,16 @@ def sweep(
     from surgeon.paths import new_run_dir
 
     count_list = limits.sweep_counts(counts)
-    validation = ValidationSpec(data, classnames, templates, bias_data, queries, skew_k, desired, bias_protocol)
+    validation = ValidationSpec(
+        data=data,
+        classnames=classnames,
+        templates=templates,
+        bias_data=bias_data,
+        queries=queries,
+        skew_k=skew_k,
+        desired=desired,
+        bias_protocol=bias_protocol,
+    )
     spec = SweepSpec(
         model=ModelSpec(model, pretrained, device),
         ranking=ranking,
@@ -564,16 +590,16 @@ def export_command(
     """Export the pruned checkpoint of a run folder again (ONNX, safetensors), validated and with a card."""
     spec = ExportSpec(
         run_dir or Path(),
-        export_format,
-        labels,
-        atol,
-        onnx_exporter,
-        out_dir,
-        force,
-        not no_verify,
-        device,
-        quantize,
-        max_accuracy_drop,
+        format=export_format,
+        labels=labels,
+        atol=atol,
+        onnx_exporter=onnx_exporter,
+        out_dir=out_dir,
+        force=force,
+        verify=not no_verify,
+        device=device,
+        quantize=quantize,
+        max_accuracy_drop=max_accuracy_drop,
     )
     spec.check()
     if run_dir is None:

@@ -40,6 +40,8 @@ def test_catalogue(stub):
     assert names["random"].options == ["k", "seed", "seeds"] and names["high"].options == []
     assert names["top-k"].description == "The k heads with the highest CCS."  # its docstring's first line
     assert all(p.description for p in policies.policies)
+    fields = set(pb.PruneRequest.DESCRIPTOR.fields_by_name)  # the registry names request fields: real ones
+    assert all(set(p.options) <= fields for p in policies.policies), [p.options for p in policies.policies]
     assert set(policies.modes) == {"zero", "mean", "hard"} and "llm" not in policies.judges
     assert list(policies.export_formats) == ["safetensors", "onnx", "both"]
 
