@@ -244,6 +244,33 @@ BiasProtocolOpt = Annotated[
 LanguageOpt = Annotated[str, typer.Option(help="language of the class names and templates (clip_benchmark files)")]
 
 
+def _validation_options(
+    data: Path | None,
+    classnames: Path | None,
+    templates: Path | None,
+    bias_data: Path | None,
+    queries: Path | None,
+    skew_k: int,
+    desired: str | None,
+    bias_protocol: str,
+    bias_split_by: str | None = None,
+    language: str = ValidationSpec.language,
+) -> ValidationSpec:
+    """The validation options prune, validate and sweep share, mapped to their spec by name in one place."""
+    return ValidationSpec(
+        data=data,
+        classnames=classnames,
+        templates=templates,
+        bias_data=bias_data,
+        queries=queries,
+        skew_k=skew_k,
+        desired=desired,
+        bias_protocol=bias_protocol,
+        bias_split_by=bias_split_by,
+        language=language,
+    )
+
+
 @app.command()
 def prune(
     model: ModelOpt = None,
@@ -327,17 +354,8 @@ def prune(
         texts=texts,
         judge=judge,
         layers=layers,
-        validation=ValidationSpec(
-            data=data,
-            classnames=classnames,
-            templates=templates,
-            bias_data=bias_data,
-            queries=queries,
-            skew_k=skew_k,
-            desired=desired,
-            bias_protocol=bias_protocol,
-            bias_split_by=bias_split_by,
-            language=language,
+        validation=_validation_options(
+            data, classnames, templates, bias_data, queries, skew_k, desired, bias_protocol, bias_split_by, language
         ),
         force=force,
     )
@@ -431,16 +449,8 @@ def validate(
     from surgeon.clioutput import emit_json
     from surgeon.validate import markdown_report
 
-    validation = ValidationSpec(
-        data=data,
-        classnames=classnames,
-        templates=templates,
-        bias_data=bias_data,
-        queries=queries,
-        skew_k=skew_k,
-        desired=desired,
-        bias_protocol=bias_protocol,
-        language=language,
+    validation = _validation_options(
+        data, classnames, templates, bias_data, queries, skew_k, desired, bias_protocol, language=language
     )
     spec = ValidateSpec(ModelSpec(model, pretrained, device), validation, out_dir, force)
     spec.check()
@@ -485,16 +495,7 @@ def sweep(
     from surgeon.paths import new_run_dir
 
     count_list = limits.sweep_counts(counts)
-    validation = ValidationSpec(
-        data=data,
-        classnames=classnames,
-        templates=templates,
-        bias_data=bias_data,
-        queries=queries,
-        skew_k=skew_k,
-        desired=desired,
-        bias_protocol=bias_protocol,
-    )
+    validation = _validation_options(data, classnames, templates, bias_data, queries, skew_k, desired, bias_protocol)
     spec = SweepSpec(
         model=ModelSpec(model, pretrained, device),
         ranking=ranking,
