@@ -14,7 +14,15 @@ from contextvars import ContextVar
 from datetime import datetime, timezone
 from pathlib import Path
 
-from surgeon.errors import CorruptInput, InvalidInput, NotFound, PermissionDenied, PreconditionFailed, StorageError
+from surgeon.errors import (
+    CorruptInput,
+    InvalidInput,
+    NotFound,
+    PermissionDenied,
+    PreconditionFailed,
+    StorageError,
+    SurgeonError,
+)
 from surgeon.limits import MAX_TEXT_FILE_BYTES, clip
 
 #: the process umask, read once at import (reading it means setting it, which is not thread-safe later)
@@ -227,16 +235,22 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise StorageError(f"writing {path} failed: {err.strerror or err}; nothing was written") from None
 
 
+def _check_regular_file(path: Path, what: str, error: type[SurgeonError], hint: str | None = None) -> None:
+    """A file a user names, refused before it is opened when it is a folder, FIFO or device (reading one would
+    block or never end) or larger than limits.MAX_TEXT_FILE_BYTES; a missing file is left to the reader."""
+    if path.exists() and not path.is_file():
+        raise error(f"{what} {path} is not a regular file (a folder, FIFO or device)", hint=hint)
+    if path.is_file() and path.stat().st_size > MAX_TEXT_FILE_BYTES:
+        raise error(f"{what} {path} is larger than {MAX_TEXT_FILE_BYTES >> 20} MiB", hint=hint)
+
+
 def read_json(path: Path, what: str, hint: str | None = None) -> object:
     """A JSON file a user or an export handed us: missing -> NotFound, unreadable -> PermissionDenied, anything
-    else that is not a JSON file of at most limits.MAX_TEXT_FILE_BYTES -> CorruptInput; one line each. FIFOs and
-    devices are refused before they are opened (reading one would block or never end)."""
+    else that is not a JSON regular file within the size bound (`_check_regular_file`) -> CorruptInput; one line
+    each."""
     path = Path(path)
-    if path.exists() and not path.is_file():
-        raise CorruptInput(f"{what} {path} is not a regular file (a folder, FIFO or device)", hint=hint)
     try:
-        if path.stat().st_size > MAX_TEXT_FILE_BYTES:
-            raise CorruptInput(f"{what} {path} is larger than {MAX_TEXT_FILE_BYTES >> 20} MiB", hint=hint)
+        _check_regular_file(path, what, CorruptInput, hint)
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise NotFound(f"{what} not found: {path}", hint=hint) from None
@@ -257,12 +271,9 @@ def read_json_object(path: Path, what: str, hint: str | None = None) -> dict:
 
 
 def read_lines(path: Path, what: str) -> list[str]:
-    """UTF-8, one entry per line, blank lines ignored; empty or unreadable files are errors, and so are FIFOs
-    and devices (reading one would block or never end) and files over limits.MAX_TEXT_FILE_BYTES."""
-    if path.exists() and not path.is_file():
-        raise InvalidInput(f"{what} {path} is not a regular file (a folder, FIFO or device)")
-    if path.is_file() and path.stat().st_size > MAX_TEXT_FILE_BYTES:
-        raise InvalidInput(f"{what} {path} is larger than {MAX_TEXT_FILE_BYTES >> 20} MiB")
+    """UTF-8, one entry per line, blank lines ignored; empty or unreadable files are errors, and so are FIFOs,
+    devices and files over the size bound (`_check_regular_file`)."""
+    _check_regular_file(path, what, InvalidInput)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:

@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from surgeon import limits
-from surgeon.errors import CorruptInput, InvalidInput
-from surgeon.paths import atomic_dir, read_json
+from surgeon.errors import InvalidInput
+from surgeon.paths import atomic_dir, read_json_object
 from surgeon.toy.captions import caption_scenes, fix_articles, unique_named
 from surgeon.toy.render import Renderer
 from surgeon.toy.scenes import FACTOR_CONCEPTS as FACTOR_CONCEPTS  # the world's public names stay importable here
@@ -329,22 +329,15 @@ def write_png_folder(
 # --------------------------------------------------------------------------------------------------
 
 
-def _read_object(path: Path, what: str) -> dict:
-    data = read_json(path, what)
-    if not isinstance(data, dict):
-        raise CorruptInput(f"{path}: the {what} is not a JSON object")
-    return data
-
-
 @cache
 def _pool_by_concept() -> dict[str, list[str]]:
     """concept -> the pool's lines written for it ("distractors": lines that name no factor)."""
-    return _read_object(DATA / "pools" / "toy.json", "toy text pool")
+    return read_json_object(DATA / "pools" / "toy.json", "toy text pool")
 
 
 def toy_taxonomy() -> dict:
     """The taxonomy (JudgeContext format) whose concepts are the toy world's factors."""
-    return _read_object(DATA / "taxonomies" / "toy.json", "taxonomy")
+    return read_json_object(DATA / "taxonomies" / "toy.json", "taxonomy")
 
 
 def toy_pool() -> list[str]:
