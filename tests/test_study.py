@@ -195,6 +195,14 @@ BAD = [
         '[rank]\nn_images = true\n[[models]]\nname = "toy"\n[[policies]]\npolicy = "high"\n',
         "rank.n_images: must be an integer, got True",
     ),
+    (
+        '[rank]\nspan_rank = 0\n[[models]]\nname = "toy"\n[[policies]]\npolicy = "high"\n',
+        "rank.span_rank: must be in 1..4,096, got 0",
+    ),
+    (
+        '[rank]\nm = 100000000000\n[[models]]\nname = "toy"\n[[policies]]\npolicy = "high"\n',
+        "rank.m: must be in 1..100, got 100000000000",
+    ),
     ("name = [", "is not valid TOML"),
 ]
 
