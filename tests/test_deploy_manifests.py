@@ -19,6 +19,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import jsonschema
@@ -116,7 +117,7 @@ def cli_params(argv: list[str], env: dict[str, str], monkeypatch) -> dict:
     assert argv[0] == "surgeon", argv
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    command = typer.main.get_command(app).commands[argv[1]]  # type: ignore[attr-defined]
+    command = typer.main.get_command(app).commands[argv[1]]
     return command.make_context(argv[1], list(argv[2:])).params
 
 
@@ -361,13 +362,22 @@ def surgeon_env(extra: dict[str, str]) -> dict[str, str]:
     return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", **extra}
 
 
-def run(argv: list[str], env: dict[str, str]) -> None:
-    result = subprocess.run(argv, env=surgeon_env(env), capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"{argv} exited {result.returncode}: {result.stderr[-2000:]}"
+def run(*commands: tuple[list[str], dict[str, str]]) -> None:
+    """Run (argv, env) commands at once, as a cluster runs shards side by side, and wait for all (stderr to
+    files: a pipe nobody reads yet would stall a process that fills it)."""
+    running = []
+    for argv, env in commands:
+        log = tempfile.TemporaryFile(mode="w+")
+        running.append((argv, log, subprocess.Popen(argv, env=surgeon_env(env), stdout=log, stderr=log)))
+    for argv, log, process in running:
+        with log:
+            process.wait(timeout=600)
+            log.seek(0)
+            assert process.returncode == 0, f"{argv} exited {process.returncode}: {log.read()[-2000:]}"
 
 
-def run_job_container(doc: dict, root: Path, study: Path, env: dict[str, str]) -> None:
-    """The Job's container command on this machine: each volume a folder under `root` (the same claim and
+def job_command(doc: dict, root: Path, study: Path, env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+    """The Job's container command for this machine: each volume a folder under `root` (the same claim and
     subPath, the same folder, across Jobs), the ConfigMap's study file written into its folder, and the env's
     paths moved under those folders; the command itself runs as written."""
     spec = pod_spec(doc)
@@ -383,15 +393,15 @@ def run_job_container(doc: dict, root: Path, study: Path, env: dict[str, str]) -
             (item,) = volume["configMap"]["items"]
             where.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(study, where / item["path"])
-        else:
-            where = root / "pods" / doc["metadata"]["name"] / mount["name"]
+        else:  # emptyDir: one per pod
+            where = root / "pods" / f"{doc['metadata']['name']}-{env.get('JOB_COMPLETION_INDEX', '')}" / mount["name"]
         where.mkdir(parents=True, exist_ok=True)
         mounts[mount["mountPath"]] = where
     moved = {}
     for name, value in literal_env(container).items():
         mount = max((m for m in mounts if value == m or value.startswith(m + "/")), key=len, default=None)
         moved[name] = str(mounts[mount]) + value[len(mount) :] if mount else value
-    run([*container["command"], *container["args"]], {**moved, **env})
+    return [*container["command"], *container["args"]], {**moved, **env}
 
 
 @pytest.fixture(scope="module")
@@ -400,34 +410,38 @@ def one_run(tmp_path_factory) -> tuple[Path, Path]:
     tmp = tmp_path_factory.mktemp("one-run")
     study = tmp / "study.toml"
     study.write_text(TINY_STUDY, encoding="utf-8")
-    run(["surgeon", "study", str(study), "--out", str(tmp / "out"), "--quiet"], {"SURGEON_CACHE_DIR": str(tmp / "c")})
+    run((["surgeon", "study", str(study), "--out", str(tmp / "out"), "--quiet"], {"SURGEON_CACHE_DIR": str(tmp / "c")}))
     return study, tmp / "out" / "table.json"
 
 
 @pytest.mark.slow
 def test_indexed_job_shards_then_collect_equal_one_run(tmp_path, one_run):
-    """Two shards (SHARDS and the index set by hand, as Kubernetes sets JOB_COMPLETION_INDEX), then collect."""
+    """Two shards side by side (SHARDS and the index set by hand, as Kubernetes sets JOB_COMPLETION_INDEX) on
+    the same volumes, then collect."""
     study, table = one_run
     shards, collect = document("study-shards.yaml", "Job"), document("study-collect.yaml", "Job")
-    for index in range(2):
-        run_job_container(shards, tmp_path, study, {"SHARDS": "2", "JOB_COMPLETION_INDEX": str(index)})
+    run(*[job_command(shards, tmp_path, study, {"SHARDS": "2", "JOB_COMPLETION_INDEX": str(i)}) for i in range(2)])
     outputs = list((tmp_path / "claims").rglob("table.json"))
     assert outputs == []  # shards leave the table to --collect
-    run_job_container(collect, tmp_path, study, {})
+    run(job_command(collect, tmp_path, study, {}))
     (written,) = (tmp_path / "claims").rglob("table.json")
     assert written.read_bytes() == table.read_bytes()
 
 
 @pytest.mark.slow
 def test_slurm_array_then_collect_equal_one_run(tmp_path, one_run):
-    """The array's two tasks (SLURM_ARRAY_TASK_ID and _COUNT set by hand, as `sbatch --array=0-1` sets them),
-    then the same script without an array index collects."""
+    """The array's two tasks side by side (SLURM_ARRAY_TASK_ID and _COUNT set by hand, as `sbatch --array=0-1`
+    sets them), then the same script without an array index collects."""
     study, table = one_run
     env = {"STUDY_FILE": str(study), "STUDY_OUT": str(tmp_path / "out"), "SURGEON_CACHE_DIR": str(tmp_path / "c")}
     for name in [n for n in os.environ if n.startswith("SLURM_")]:
         env[name] = ""  # a test run inside a Slurm job must not see its own array
-    for index in range(2):
-        run(["bash", str(SLURM)], {**env, "SLURM_ARRAY_TASK_ID": str(index), "SLURM_ARRAY_TASK_COUNT": "2"})
+    run(
+        *[
+            (["bash", str(SLURM)], {**env, "SLURM_ARRAY_TASK_ID": str(i), "SLURM_ARRAY_TASK_COUNT": "2"})
+            for i in range(2)
+        ]
+    )
     assert not (tmp_path / "out" / "table.json").exists()
-    run(["bash", str(SLURM)], env)
+    run((["bash", str(SLURM)], env))
     assert (tmp_path / "out" / "table.json").read_bytes() == table.read_bytes()
