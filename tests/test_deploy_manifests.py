@@ -12,6 +12,7 @@ jsonschema on KServe's CRD schema, vendored in server/schemas/; check-jsonschema
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import os
@@ -134,6 +135,7 @@ def literal_env(container: dict) -> dict[str, str]:
 # ---- schemas ---------------------------------------------------------------------------------------------
 
 
+@functools.cache
 def kserve_validator() -> jsonschema.Draft4Validator:
     """KServe's CRD schema, strict like the API server's field validation: an object schema that lists its
     properties and allows no unknown fields (no x-kubernetes-preserve-unknown-fields) refuses others."""
