@@ -186,7 +186,7 @@ def _split_bias(bias: BiasSet, rng: np.random.Generator) -> tuple[BiasSet, BiasS
 
 def _manifest_rows(path: Path, columns: int) -> list[list[str]]:
     try:
-        with open(path, newline="", encoding="utf-8") as handle:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
             rows = [r for r in csv.reader(handle) if r and any(c.strip() for c in r)]
     except FileNotFoundError:
         raise NotFound(f"manifest not found: {path}") from None
@@ -220,8 +220,9 @@ def webdataset_classification(
         raise NotFound(f"{data} has no {CLASSNAMES_FILE}", hint="pass --classnames")
     names = read_classnames(classnames_file or data / CLASSNAMES_FILE, name)
     images, labels = webdataset_set(data)
-    if max(labels) >= len(names) or min(labels) < 0:
-        raise InvalidInput(f"{data}: class index {max(labels)} but {len(names)} class names")
+    beyond = next((label for label in labels if not 0 <= label < len(names)), None)
+    if beyond is not None:
+        raise InvalidInput(f"{data}: class index {beyond} but {len(names)} class names (indices 0..{len(names) - 1})")
     return ClassificationSet(name, names, templates, images, np.asarray(labels))
 
 
@@ -264,7 +265,7 @@ def _manifest_labels(
     """(class names, label indices) of a CSV manifest. Integer labels are indices into --classnames (sorting
     them as text would put "10" before "2"); name labels are looked up in --classnames when given (its order
     is the class order), else sorted. Mixing both kinds, or names missing from --classnames, is an error."""
-    numeric = [label.isdigit() for label in raw]
+    numeric = [label.removeprefix("-").isdigit() for label in raw]
     if any(numeric) and not all(numeric):
         first = raw[numeric.index(True)] if not numeric[0] else raw[numeric.index(False)]
         raise InvalidInput(
@@ -278,9 +279,12 @@ def _manifest_labels(
                 hint="pass --classnames FILE (one name per line, line 0 = label 0)",
             )
         indices = [int(label) for label in raw]
-        beyond = next((i for i in indices if i >= len(names)), None)
+        beyond = next((i for i in indices if not 0 <= i < len(names)), None)
         if beyond is not None:
-            raise InvalidInput(f"manifest {manifest} has label {beyond}, but {names_file} names {len(names)} classes")
+            raise InvalidInput(
+                f"manifest {manifest} has label {beyond}, but {names_file} names {len(names)} classes "
+                f"(indices 0..{len(names) - 1})"
+            )
         return names, np.asarray(indices)
     if names is None:
         names = sorted(set(raw))
@@ -337,7 +341,7 @@ def bias_set(
 
 
 def _manifest_header(path: Path) -> list[str]:
-    with open(path, newline="", encoding="utf-8") as handle:
+    with open(path, newline="", encoding="utf-8-sig") as handle:
         first = next(csv.reader(handle), [])
     return [c.strip() for c in first] if first and first[0].strip().lower() == "path" else []
 
