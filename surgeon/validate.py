@@ -20,7 +20,7 @@ from PIL import Image
 from surgeon import defaults
 from surgeon.bias import PROTOCOLS, bias_metrics, bias_protocol, headline_keys
 from surgeon.clipbench import dataset_keys, read_json_entry
-from surgeon.errors import InvalidInput, NotFound
+from surgeon.errors import CorruptInput, InvalidInput, NotFound
 from surgeon.heads import HeadRef
 from surgeon.hooks import attention, image_embeds, residual_in, vision_blocks, vision_tower
 from surgeon.images import open_image
@@ -446,10 +446,14 @@ class Evaluator:
             [(suite.bias.name, suite.bias.images)] if suite.bias is not None else []
         )
         self._images = {id(images): images for _, images in sets}
+        # image files that do not decode (0 bytes, truncated, bombs): skipped with a count, as `rank` does;
+        # per image set, index -> why. The same files fail on every pass, so labels stay aligned.
+        self._unreadable: dict[int, dict[int, str]] = {}
         for name, images in sets:
             self._set_key[name] = id(images)
             if cache and id(images) not in self._prefixes:
-                self._prefixes[id(images)] = torch.cat([self._prefix(b) for b in self._pixel_batches(images)])
+                prefixes = [self._prefix(b) for b in self._pixel_batches(images)]
+                self._prefixes[id(images)] = self._joined(prefixes, name, id(images))
 
     def _pixel_batches(self, images: Images) -> Iterator[torch.Tensor]:
         cfg = self.loaded.preprocess_cfg
@@ -461,8 +465,27 @@ class Evaluator:
             chunk = images[i : i + self.batch_size]
             if isinstance(chunk, np.ndarray) and chunk.shape[1:3] == size:
                 yield uint8_to_tensor(chunk, cfg["mean"], cfg["std"])
-            else:
-                yield torch.stack([self.loaded.preprocess(_as_image(x)) for x in _stoppable(chunk)])
+                continue
+            pixels = []
+            for index, item in enumerate(_stoppable(chunk), start=i):
+                try:
+                    pixels.append(self.loaded.preprocess(_as_image(item)))
+                except CorruptInput as err:  # only files fail: arrays are decoded already
+                    self._unreadable.setdefault(id(images), {})[index] = str(err)
+            if pixels:
+                yield torch.stack(pixels)
+
+    def _joined(self, parts: list[torch.Tensor], name: str, key: int) -> torch.Tensor:
+        """The batches of one image set as one tensor; a set with no readable image is an error."""
+        if not parts:
+            why = next(iter(self._unreadable.get(key, {}).values()), "")
+            raise CorruptInput(f"none of the {len(self._images[key])} images of {name} is readable; e.g. {why}")
+        return torch.cat(parts)
+
+    def _readable(self, key: int) -> np.ndarray:
+        """Indices of the set's images that were read (labels and groups are taken at these)."""
+        skipped = list(self._unreadable.get(key, {}))
+        return np.setdiff1d(np.arange(len(self._images[key])), skipped)
 
     @torch.no_grad()
     def _prefix(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -495,7 +518,7 @@ class Evaluator:
                 out.append(F.normalize(image_embeds(visual, x).float(), dim=-1).cpu())
                 if advance is not None:
                     advance(len(x))
-        return torch.cat(out)
+        return self._joined(out, name, key)
 
     def evaluate(self, heads: Sequence[HeadRef] = (), bar: str | None = None, quiet: bool = False) -> dict:
         """Metrics per set, and a summary (mean acc1 over tasks, bias MaxSkew@k); with `bar`, a step of that
@@ -513,18 +536,27 @@ class Evaluator:
                 done[key] = self.embeddings(name, heads, advance)
             return done[key]
 
+        def read(name: str) -> dict:
+            """The count of the set's images skipped as unreadable, in its result entry when there are any."""
+            skipped = self._unreadable.get(self._set_key[name], {})
+            return {"skipped_images": len(skipped), "skipped_example": next(iter(skipped.values()))} if skipped else {}
+
         for task, classifier in zip(self.suite.tasks, self.classifiers, strict=True):
             logits = 100.0 * embed(task.name) @ classifier.float().cpu().T
-            metrics = metrics_from_logits(logits, torch.as_tensor(task.labels))
-            results.append({"dataset": task.name, "task": "zeroshot_classification", "metrics": metrics})
+            labels = np.asarray(task.labels)[self._readable(self._set_key[task.name])]
+            metrics = metrics_from_logits(logits, torch.as_tensor(labels))
+            results.append(
+                {"dataset": task.name, "task": "zeroshot_classification", "metrics": metrics, **read(task.name)}
+            )
         summary = ValidationSummary(float(np.mean([r["metrics"]["acc1"] for r in results])) if results else None)
         if self.suite.bias is not None:
             b = self.suite.bias
             assert self.queries is not None  # embedded with the suite's bias set
             sim = (self.queries.float().cpu() @ embed(b.name).T).numpy()
-            metrics = bias_metrics(sim, b.groups, len(b.group_names), b.k, b.desired, b.protocol)
+            groups = b.groups[self._readable(self._set_key[b.name])]
+            metrics = bias_metrics(sim, groups, len(b.group_names), b.k, b.desired, b.protocol)
             metrics["queries"] = list(b.queries)
-            results.append({"dataset": b.name, "task": "bias", "metrics": metrics})
+            results.append({"dataset": b.name, "task": "bias", "metrics": metrics, **read(b.name)})
             summed = PROTOCOLS[b.protocol].headline == "sum"  # the figure of the paper's tables
             summary = replace(
                 summary,
@@ -614,6 +646,13 @@ def markdown_report(before: dict, after: dict | None = None, failures: list[str]
                 lines.append(f"| {r['dataset']} | {key} | {b:.4f} | {a:.4f} | {a - b:+.4f} |")
             else:
                 lines.append(f"| {r['dataset']} | {key} | {b:.4f} |")
+    skipped = [r for r in before["results"] if r.get("skipped_images")]
+    if skipped:
+        lines.append("")
+    for r in skipped:
+        lines.append(
+            f"Skipped {r['skipped_images']} unreadable image(s) of {r['dataset']}, e.g. {r['skipped_example']}"
+        )
     if failures is not None:
         lines.append("")
         lines.append("Gates: " + ("all passed" if not failures else "FAILED — " + "; ".join(failures)))

@@ -3,6 +3,9 @@ negative, a CSV manifest or class-names file starting with a UTF-8 BOM, negative
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +14,6 @@ from PIL import Image
 
 from surgeon.errors import InvalidInput
 from surgeon.validate import classification_set
-from tests.test_hardening_bounds import run_cli
 
 
 @pytest.mark.parametrize(
@@ -24,9 +26,17 @@ from tests.test_hardening_bounds import run_cli
         (["--grace", "inf"], "--grace must be a finite number"),
     ],
 )
-def test_serve_refuses_ports_and_grace_periods_out_of_range(args, message, tmp_path, capsys):
-    code, err = run_cli("serve", "--exports-root", str(tmp_path / "exports"), *args, capsys=capsys)
-    assert code == 2 and message in err and "Traceback" not in err
+def test_serve_refuses_ports_and_grace_periods_out_of_range(args, message, tmp_path):
+    """In a child process with a timeout: a server that accepted the option would listen until killed."""
+    code = os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])  # this checkout
+    command = [sys.executable, "-m", "surgeon", "serve", "--exports-root", str(tmp_path / "exports"), *args]
+    try:
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": code}
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"serve {' '.join(args)} was accepted: the server listened")
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "exports").exists()  # refused before the server was built
 
 
