@@ -152,9 +152,9 @@ _LAYER_SPEC = re.compile(r"all|last\d*|(-?\d+|\d+-\d+)(,(-?\d+|\d+-\d+))*")
 def layer_spec(spec: str | None) -> str | None:
     """A layer spec's syntax and size before any model is loaded: "0-999999999999" is refused here (a request
     error), not in the job; which layers the model has is checked when it is loaded (decompose.parse_layers)."""
-    if text("layers", spec) is None:
+    if spec is None:
         return None
-    compact = re.sub(r"\s*,\s*", ",", spec.strip().lower())
+    compact = re.sub(r"\s*,\s*", ",", text("layers", spec).strip().lower())
     if not _LAYER_SPEC.fullmatch(compact):
         raise InvalidInput(f"bad layer spec {echo(spec)}", hint="use e.g. 8-11, 3,5,7, last4 or all", field="layers")
     too_big = next((n for n in re.findall(r"\d+", compact) if len(n) > 6 or int(n) > MAX_LAYER_INDEX), None)

@@ -78,7 +78,8 @@ def _shard_members(shard: Path, wanted: Callable[[str], bool] | None) -> Iterato
     header before it is read; the shard must end with the end-of-archive marker (else it was truncated)."""
     with open(shard, "rb") as handle, tarfile.open(fileobj=handle, mode="r:") as tar:
         while (info := tar.next()) is not None:
-            tar.members.clear()  # a stream: keep no member list (webdataset's own reader does the same)
+            # a stream: keep no member list (webdataset's reader does the same); the attribute is not in typeshed
+            tar.members.clear()  # type: ignore[attr-defined]
             if info.issparse():
                 raise CorruptInput(f"webdataset shard {shard}: member {info.name} is a sparse file, refused")
             if not info.isreg() or info.name.startswith("__") or (wanted is not None and not wanted(info.name)):
