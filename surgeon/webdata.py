@@ -76,6 +76,8 @@ def shard_paths(folder: Path, split: str = "test") -> list[Path]:
 def _shard_members(shard: Path, wanted: Callable[[str], bool] | None) -> Iterator[dict]:
     """The regular members of one shard as webdataset's {fname, data, __url__} records, each bounded from its
     header before it is read; the shard must end with the end-of-archive marker (else it was truncated)."""
+    if not shard.is_file():  # opening a FIFO would block
+        raise CorruptInput(f"webdataset shard {shard} is not a regular file")
     with open(shard, "rb") as handle, tarfile.open(fileobj=handle, mode="r:") as tar:
         while (info := tar.next()) is not None:
             # a stream: keep no member list (webdataset's reader does the same); the attribute is not in typeshed

@@ -5,7 +5,9 @@ of every shard against the label pass."""
 from __future__ import annotations
 
 import io
+import os
 import tarfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -141,3 +143,26 @@ def test_a_negative_class_index_names_the_sample(tmp_path):
         sink.write({"__key__": "s0000001", "png": _png(1), "cls": -1})
     with pytest.raises(CorruptInput, match=r"s0000001 in .*0\.tar: cls is -1, a negative class index"):
         classification_set(data)
+
+
+def test_a_fifo_shard_is_refused_without_blocking(tmp_path):
+    data = _dataset(tmp_path / "wds", shards=1)
+    fifo = data / "test" / "0.tar"
+    fifo.unlink()
+    os.mkfifo(fifo)
+    (data / "test" / "nshards.txt").unlink()  # found by the glob, as any *.tar
+    errors: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            classification_set(data)
+        except BaseException as err:  # noqa: BLE001 - handed to the test thread
+            errors.append(err)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(60)
+    if reader.is_alive():  # opened the FIFO: unblock it, then fail
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail("reading a FIFO shard blocked")
+    assert isinstance(errors[0], CorruptInput) and "0.tar is not a regular file" in str(errors[0])
