@@ -22,7 +22,7 @@ from surgeon import __version__
 from surgeon.checkpoint import write_local_dir
 from surgeon.errors import ExportFailed, InvalidInput
 from surgeon.hooks import encode_image, encode_text
-from surgeon.integrity import sha256_file, verify_run
+from surgeon.integrity import sha256_file, verify_run, write_manifest
 from surgeon.load import LoadedModel
 from surgeon.quantize import quantization_lines
 from surgeon.records import Plan, check_validation_report
@@ -369,6 +369,8 @@ def export_run(
 
         quantize_export(folder / "onnx", options["suite"], options["quantize"], options.get("max_accuracy_drop"))
         files = [p for p in files if p.exists()] + [folder / "onnx" / RECORD]
+    if (folder / "onnx").is_dir():  # last in the folder: its own hashes, so that it can be served alone
+        files.append(write_manifest(folder / "onnx"))
     sections = {"ONNX parity": parity_lines(folder), "int8 quantization": quantization_lines(folder)}
     if (folder / "report.md").is_file():  # before surgery.json hashes the report
         with open(folder / "report.md", "a", encoding="utf-8") as report:

@@ -19,6 +19,7 @@ MAX_THREADS = 4096
 MAX_BATCH_SIZE = 4096
 MAX_TEXTS_PER_HEAD = 100  # m
 MAX_SPAN_RANK = 4096  # TextSpan projection rank
+MAX_LAYER_INDEX = 999  # the largest layer index a layer spec may name (ViT-bigG has 48 blocks)
 DEFAULT_TEXTS_PER_HEAD = 5  # m: TextSpan's texts per head, the paper's
 DEFAULT_SPAN_RANK = 80  # TextSpan's projection rank, its reference code's (clamped per head to its numerical rank)
 MAX_K = 10_000  # heads to prune (ViT-bigG has 1,664)
@@ -27,6 +28,8 @@ MAX_SEED = 2**63 - 1
 MAX_SWEEP_COUNTS = 64
 MAX_STUDY_CELLS = 100_000  # cells of one study (models x policy seeds x modes x data sets)
 MAX_SHARDS = 10_000  # `surgeon study --shard i/n`
+MAX_WEBDATASET_SHARDS = 100_000  # .tar shards of one webdataset split (nshards.txt; ImageNet's val set has 50)
+MAX_SHARD_MEMBER_BYTES = 64 << 20  # one member of a webdataset shard (an image, a label), read into memory
 MAX_CHECKPOINT_EVERY = 1_000_000
 MAX_SKEW_K = 10_000
 MAX_TOP_K = 1000
@@ -40,6 +43,8 @@ ECHO_CHARS = 60
 MAX_TEXT_FILE_BYTES = 256 << 20  # text pools, class names, queries, labels
 MAX_MESSAGE_CHARS = 1000  # any error line, at the CLI's and the service's boundary
 # `surgeon serve-model` (Open Inference Protocol)
+MAX_PORT = 65_535  # a TCP port (0: the system picks a free one)
+MAX_GRACE_S = 86_400.0  # `surgeon serve --grace`: seconds running jobs get on SIGTERM
 MAX_OIP_ROWS = 1024  # rows (images or texts) of one inference request
 MAX_OIP_TEXT_CHARS = 10_000  # one text (the tokenizer keeps its first 77 tokens anyway)
 MAX_OIP_MESSAGE_BYTES = 64 << 20  # one gRPC message: 1024 RGB 224 px FP32 images are 616 MB, so ~100 per request
@@ -137,7 +142,28 @@ def rank_options(
     count("span_rank", span_rank, 1, MAX_SPAN_RANK)
     count("batch_size", batch_size, 1, MAX_BATCH_SIZE)
     count("checkpoint_every", checkpoint_every, 1, MAX_CHECKPOINT_EVERY)
-    text("layers", layers)
+    layer_spec(layers)
+
+
+#: what decompose.parse_layers accepts: all, lastN, or indices (negative from the end) and spans, comma-separated
+_LAYER_SPEC = re.compile(r"all|last\d*|(-?\d+|\d+-\d+)(,(-?\d+|\d+-\d+))*")
+
+
+def layer_spec(spec: str | None) -> str | None:
+    """A layer spec's syntax and size before any model is loaded: "0-999999999999" is refused here (a request
+    error), not in the job; which layers the model has is checked when it is loaded (decompose.parse_layers)."""
+    if spec is None:
+        return None
+    compact = re.sub(r"\s*,\s*", ",", text("layers", spec).strip().lower())
+    if not _LAYER_SPEC.fullmatch(compact):
+        raise InvalidInput(f"bad layer spec {echo(spec)}", hint="use e.g. 8-11, 3,5,7, last4 or all", field="layers")
+    too_big = next((n for n in re.findall(r"\d+", compact) if len(n) > 6 or int(n) > MAX_LAYER_INDEX), None)
+    if too_big is not None:
+        raise InvalidInput(
+            f"layers {echo(spec)} names layer {echo(too_big)}; no model has more than {MAX_LAYER_INDEX + 1} layers",
+            field="layers",
+        )
+    return spec
 
 
 def prune_options(

@@ -251,7 +251,7 @@ def read_json(path: Path, what: str, hint: str | None = None) -> object:
     path = Path(path)
     try:
         _check_regular_file(path, what, CorruptInput, hint)
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8-sig"))  # a leading BOM (Windows editors) is no content
     except FileNotFoundError:
         raise NotFound(f"{what} not found: {path}", hint=hint) from None
     except PermissionError as err:
@@ -275,7 +275,7 @@ def read_lines(path: Path, what: str) -> list[str]:
     devices and files over the size bound (`_check_regular_file`)."""
     _check_regular_file(path, what, InvalidInput)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a leading BOM would become part of the first entry
     except FileNotFoundError:
         raise NotFound(f"{what} not found: {path}") from None
     except UnicodeDecodeError as err:

@@ -1,4 +1,4 @@
-"""What a run folder's readers share: the note on which data validated it and the ONNX
+"""What a run folder's readers share: how to recognise one, the note on which data validated it and the ONNX
 parity table. Kept below prune, export and the model card so that none of them imports another for these."""
 
 from __future__ import annotations
@@ -10,6 +10,16 @@ from surgeon.records import Plan
 
 PARITY_FILE = "parity.json"  # in the run's onnx/ folder
 SHARED_WEIGHTS = "visual.onnx.data"  # onnx/: the visual weights classifier.onnx reads too
+#: the record each surgeon output writes (rank, prune, validate, export): a folder holding one is a run folder
+RUN_RECORDS = ("ranking.json", "plan.json", "validation.json", "surgery.json")
+
+
+def is_run_folder(path: Path) -> bool:
+    """Whether `path` is a folder surgeon wrote (a real folder, not a link, holding one of RUN_RECORDS as a
+    regular file): what `force` may replace. The server's own files and anything else are never run folders."""
+    if path.is_symlink() or not path.is_dir():
+        return False
+    return any((path / name).is_file() and not (path / name).is_symlink() for name in RUN_RECORDS)
 
 
 def validation_note(plan: Plan) -> str:

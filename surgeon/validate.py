@@ -20,7 +20,7 @@ from PIL import Image
 from surgeon import defaults
 from surgeon.bias import PROTOCOLS, bias_metrics, bias_protocol, headline_keys
 from surgeon.clipbench import dataset_keys, read_json_entry
-from surgeon.errors import InvalidInput, NotFound
+from surgeon.errors import CorruptInput, InvalidInput, NotFound
 from surgeon.heads import HeadRef
 from surgeon.hooks import attention, image_embeds, residual_in, vision_blocks, vision_tower
 from surgeon.images import open_image
@@ -186,7 +186,7 @@ def _split_bias(bias: BiasSet, rng: np.random.Generator) -> tuple[BiasSet, BiasS
 
 def _manifest_rows(path: Path, columns: int) -> list[list[str]]:
     try:
-        with open(path, newline="", encoding="utf-8") as handle:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
             rows = [r for r in csv.reader(handle) if r and any(c.strip() for c in r)]
     except FileNotFoundError:
         raise NotFound(f"manifest not found: {path}") from None
@@ -220,8 +220,9 @@ def webdataset_classification(
         raise NotFound(f"{data} has no {CLASSNAMES_FILE}", hint="pass --classnames")
     names = read_classnames(classnames_file or data / CLASSNAMES_FILE, name)
     images, labels = webdataset_set(data)
-    if max(labels) >= len(names) or min(labels) < 0:
-        raise InvalidInput(f"{data}: class index {max(labels)} but {len(names)} class names")
+    beyond = next((label for label in labels if not 0 <= label < len(names)), None)
+    if beyond is not None:
+        raise InvalidInput(f"{data}: class index {beyond} but {len(names)} class names (indices 0..{len(names) - 1})")
     return ClassificationSet(name, names, templates, images, np.asarray(labels))
 
 
@@ -264,7 +265,7 @@ def _manifest_labels(
     """(class names, label indices) of a CSV manifest. Integer labels are indices into --classnames (sorting
     them as text would put "10" before "2"); name labels are looked up in --classnames when given (its order
     is the class order), else sorted. Mixing both kinds, or names missing from --classnames, is an error."""
-    numeric = [label.isdigit() for label in raw]
+    numeric = [label.removeprefix("-").isdigit() for label in raw]
     if any(numeric) and not all(numeric):
         first = raw[numeric.index(True)] if not numeric[0] else raw[numeric.index(False)]
         raise InvalidInput(
@@ -278,9 +279,12 @@ def _manifest_labels(
                 hint="pass --classnames FILE (one name per line, line 0 = label 0)",
             )
         indices = [int(label) for label in raw]
-        beyond = next((i for i in indices if i >= len(names)), None)
+        beyond = next((i for i in indices if not 0 <= i < len(names)), None)
         if beyond is not None:
-            raise InvalidInput(f"manifest {manifest} has label {beyond}, but {names_file} names {len(names)} classes")
+            raise InvalidInput(
+                f"manifest {manifest} has label {beyond}, but {names_file} names {len(names)} classes "
+                f"(indices 0..{len(names) - 1})"
+            )
         return names, np.asarray(indices)
     if names is None:
         names = sorted(set(raw))
@@ -337,7 +341,7 @@ def bias_set(
 
 
 def _manifest_header(path: Path) -> list[str]:
-    with open(path, newline="", encoding="utf-8") as handle:
+    with open(path, newline="", encoding="utf-8-sig") as handle:
         first = next(csv.reader(handle), [])
     return [c.strip() for c in first] if first and first[0].strip().lower() == "path" else []
 
@@ -442,10 +446,14 @@ class Evaluator:
             [(suite.bias.name, suite.bias.images)] if suite.bias is not None else []
         )
         self._images = {id(images): images for _, images in sets}
+        # image files that do not decode (0 bytes, truncated, bombs): skipped with a count, as `rank` does;
+        # per image set, index -> why. The same files fail on every pass, so labels stay aligned.
+        self._unreadable: dict[int, dict[int, str]] = {}
         for name, images in sets:
             self._set_key[name] = id(images)
             if cache and id(images) not in self._prefixes:
-                self._prefixes[id(images)] = torch.cat([self._prefix(b) for b in self._pixel_batches(images)])
+                prefixes = [self._prefix(b) for b in self._pixel_batches(images)]
+                self._prefixes[id(images)] = self._joined(prefixes, name, id(images))
 
     def _pixel_batches(self, images: Images) -> Iterator[torch.Tensor]:
         cfg = self.loaded.preprocess_cfg
@@ -457,8 +465,27 @@ class Evaluator:
             chunk = images[i : i + self.batch_size]
             if isinstance(chunk, np.ndarray) and chunk.shape[1:3] == size:
                 yield uint8_to_tensor(chunk, cfg["mean"], cfg["std"])
-            else:
-                yield torch.stack([self.loaded.preprocess(_as_image(x)) for x in _stoppable(chunk)])
+                continue
+            pixels = []
+            for index, item in enumerate(_stoppable(chunk), start=i):
+                try:
+                    pixels.append(self.loaded.preprocess(_as_image(item)))
+                except CorruptInput as err:  # only files fail: arrays are decoded already
+                    self._unreadable.setdefault(id(images), {})[index] = str(err)
+            if pixels:
+                yield torch.stack(pixels)
+
+    def _joined(self, parts: list[torch.Tensor], name: str, key: int) -> torch.Tensor:
+        """The batches of one image set as one tensor; a set with no readable image is an error."""
+        if not parts:
+            why = next(iter(self._unreadable.get(key, {}).values()), "")
+            raise CorruptInput(f"none of the {len(self._images[key])} images of {name} is readable; e.g. {why}")
+        return torch.cat(parts)
+
+    def _readable(self, key: int) -> np.ndarray:
+        """Indices of the set's images that were read (labels and groups are taken at these)."""
+        skipped = list(self._unreadable.get(key, {}))
+        return np.setdiff1d(np.arange(len(self._images[key])), skipped)
 
     @torch.no_grad()
     def _prefix(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -491,7 +518,7 @@ class Evaluator:
                 out.append(F.normalize(image_embeds(visual, x).float(), dim=-1).cpu())
                 if advance is not None:
                     advance(len(x))
-        return torch.cat(out)
+        return self._joined(out, name, key)
 
     def evaluate(self, heads: Sequence[HeadRef] = (), bar: str | None = None, quiet: bool = False) -> dict:
         """Metrics per set, and a summary (mean acc1 over tasks, bias MaxSkew@k); with `bar`, a step of that
@@ -509,18 +536,27 @@ class Evaluator:
                 done[key] = self.embeddings(name, heads, advance)
             return done[key]
 
+        def read(name: str) -> dict:
+            """The count of the set's images skipped as unreadable, in its result entry when there are any."""
+            skipped = self._unreadable.get(self._set_key[name], {})
+            return {"skipped_images": len(skipped), "skipped_example": next(iter(skipped.values()))} if skipped else {}
+
         for task, classifier in zip(self.suite.tasks, self.classifiers, strict=True):
             logits = 100.0 * embed(task.name) @ classifier.float().cpu().T
-            metrics = metrics_from_logits(logits, torch.as_tensor(task.labels))
-            results.append({"dataset": task.name, "task": "zeroshot_classification", "metrics": metrics})
+            labels = np.asarray(task.labels)[self._readable(self._set_key[task.name])]
+            metrics = metrics_from_logits(logits, torch.as_tensor(labels))
+            results.append(
+                {"dataset": task.name, "task": "zeroshot_classification", "metrics": metrics, **read(task.name)}
+            )
         summary = ValidationSummary(float(np.mean([r["metrics"]["acc1"] for r in results])) if results else None)
         if self.suite.bias is not None:
             b = self.suite.bias
             assert self.queries is not None  # embedded with the suite's bias set
             sim = (self.queries.float().cpu() @ embed(b.name).T).numpy()
-            metrics = bias_metrics(sim, b.groups, len(b.group_names), b.k, b.desired, b.protocol)
+            groups = b.groups[self._readable(self._set_key[b.name])]
+            metrics = bias_metrics(sim, groups, len(b.group_names), b.k, b.desired, b.protocol)
             metrics["queries"] = list(b.queries)
-            results.append({"dataset": b.name, "task": "bias", "metrics": metrics})
+            results.append({"dataset": b.name, "task": "bias", "metrics": metrics, **read(b.name)})
             summed = PROTOCOLS[b.protocol].headline == "sum"  # the figure of the paper's tables
             summary = replace(
                 summary,
@@ -610,6 +646,13 @@ def markdown_report(before: dict, after: dict | None = None, failures: list[str]
                 lines.append(f"| {r['dataset']} | {key} | {b:.4f} | {a:.4f} | {a - b:+.4f} |")
             else:
                 lines.append(f"| {r['dataset']} | {key} | {b:.4f} |")
+    skipped = [r for r in before["results"] if r.get("skipped_images")]
+    if skipped:
+        lines.append("")
+    for r in skipped:
+        lines.append(
+            f"Skipped {r['skipped_images']} unreadable image(s) of {r['dataset']}, e.g. {r['skipped_example']}"
+        )
     if failures is not None:
         lines.append("")
         lines.append("Gates: " + ("all passed" if not failures else "FAILED — " + "; ".join(failures)))

@@ -53,7 +53,7 @@ def test_prune_validate_export_and_operations(stub, world):
     checked = wait(
         stub,
         stub.Validate(
-            pb.ValidateRequest(model=pb.ModelRef(model="local-dir:pruned"), validation=validation(), out="checks/v"),
+            pb.ValidateRequest(model=pb.ModelRef(model="local-dir:pruned"), validation=validation(), out="checks-v"),
             timeout=RPC_TIMEOUT,
         ),
     )
@@ -61,11 +61,11 @@ def test_prune_validate_export_and_operations(stub, world):
     validated = outcome(checked, pb.ValidateResult)
     for key, value in result.after.items():
         assert validated.summary[key] == pytest.approx(value, abs=1e-6)
-    assert validated.out == "checks/v"
-    assert json.loads((world["exports"] / "checks" / "v" / "validation.json").read_text())["summary"][
+    assert validated.out == "checks-v"
+    assert json.loads((world["exports"] / "checks-v" / "validation.json").read_text())["summary"][
         "mean_acc1"
     ] == pytest.approx(result.after["mean_acc1"], abs=1e-6)
-    benchmark = [f for f in validated.files if f.startswith("checks/v/clip_benchmark/")]
+    benchmark = [f for f in validated.files if f.startswith("checks-v/clip_benchmark/")]
     assert len(benchmark) == 2 and all((world["exports"] / f).is_file() for f in validated.files)  # the 2 sets
     assert {json.loads((world["exports"] / f).read_text())["language"] for f in benchmark} == {"en"}
     report = json_format.MessageToDict(outcome(checked, pb.ValidateResult).report)

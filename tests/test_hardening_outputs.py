@@ -4,7 +4,10 @@ cancel right before publishing leaves the previous output as it was."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -16,10 +19,12 @@ import pytest
 from surgeon.errors import CorruptInput, PreconditionFailed
 from surgeon.export import export_existing_run
 from surgeon.images import folder_images
+from surgeon.integrity import MANIFEST, write_manifest
 from surgeon.paths import atomic_dir, is_temporary, publish_check, remove_stale_temporaries
 from surgeon.policies import PolicyOptions
 from surgeon.prune import prune
 from surgeon.rank import Ranking, rank_heads
+from surgeon.runtime.session import ExportedModel
 from tests.test_hardening_bounds import run_cli
 from tests.test_prune_export import TAXONOMY, setup, synthetic_suite  # noqa: F401  (fixture)
 
@@ -45,7 +50,6 @@ def _halve_a_weight(path: Path) -> None:
 
 
 def test_a_tampered_onnx_is_refused_by_infer(onnx_run, capsys):
-    from surgeon.runtime.session import ExportedModel
 
     images = ["--labels", str(onnx_run / "labels.txt")]
     (onnx_run / "labels.txt").write_text("red\nblue\n")  # outside onnx/: not part of the export
@@ -53,7 +57,7 @@ def test_a_tampered_onnx_is_refused_by_infer(onnx_run, capsys):
     assert code == 0
     _halve_a_weight(onnx_run / "onnx" / "visual.onnx")
     code, err = run_cli("infer", str(onnx_run), *images, capsys=capsys)
-    assert code == 4 and "visual.onnx does not match the sha256 recorded in surgery.json" in err
+    assert code == 4 and "visual.onnx does not match the sha256 recorded in manifest.json" in err
     assert "--no-verify" in err
     code, _ = run_cli("infer", str(onnx_run), *images, "--no-verify", capsys=capsys)
     assert code == 0
@@ -61,8 +65,78 @@ def test_a_tampered_onnx_is_refused_by_infer(onnx_run, capsys):
         ExportedModel(onnx_run / "onnx")  # the onnx/ folder itself: surgery.json is in its parent
 
 
+def _serve_model(export: Path) -> tuple[int, str]:
+    """`surgeon serve-model EXPORT` in a child process (MLServer's protobuf registry clashes with tritonclient's)
+    with its REST port taken: an export that passed verification would stop there with "cannot listen"."""
+    code = os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])  # this checkout
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = str(taken.getsockname()[1])
+        command = [sys.executable, "-m", "surgeon", "serve-model", str(export), "--http-port", port]
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": code}
+        )
+    return done.returncode, done.stderr
+
+
+def _copy(run: Path, to: Path) -> Path:
+    shutil.copytree(run, to)
+    return to
+
+
+def test_a_run_without_surgery_json_is_still_checked_by_its_onnx_manifest(onnx_run, tmp_path, capsys):
+    """The issue's case: a copied run, weights halved, surgery.json deleted: infer and serve-model refuse it."""
+    run = _copy(onnx_run, tmp_path / "copy")
+    (run / "surgery.json").unlink()
+    code, _ = run_cli("infer", str(run), capsys=capsys)
+    assert code == 0  # untouched: its onnx/manifest.json vouches for every file
+    _halve_a_weight(run / "onnx" / "visual.onnx")
+    code, err = run_cli("infer", str(run), capsys=capsys)
+    assert code == 4 and "visual.onnx does not match the sha256 recorded in manifest.json" in err
+    code, err = _serve_model(run)
+    assert code == 4 and "visual.onnx does not match" in err and "Traceback" not in err
+    code, _ = run_cli("infer", str(run), "--no-verify", capsys=capsys)
+    assert code == 0
+
+
+def test_an_onnx_folder_travels_alone_and_is_still_checked(onnx_run, tmp_path, capsys):
+    alone = _copy(onnx_run / "onnx", tmp_path / "onnx-alone")
+    assert (alone / MANIFEST).is_file() and not (alone.parent / "surgery.json").exists()
+    ExportedModel(alone)  # verified against its own manifest
+    _halve_a_weight(alone / "visual.onnx")
+    with pytest.raises(CorruptInput, match="visual.onnx does not match the sha256 recorded in manifest.json"):
+        ExportedModel(alone)
+    code, err = run_cli("infer", str(alone), capsys=capsys)
+    assert code == 4 and "--no-verify" in err
+
+
+def test_a_folder_with_no_record_at_all_needs_the_opt_out(onnx_run, tmp_path, capsys):
+    run = _copy(onnx_run, tmp_path / "copy")
+    (run / "surgery.json").unlink()
+    (run / "onnx" / MANIFEST).unlink()
+    code, err = run_cli("infer", str(run), capsys=capsys)
+    assert code == 5 and "cannot be verified" in err and "--no-verify" in err
+    code, err = _serve_model(run / "onnx")
+    assert code == 5 and "cannot be verified" in err
+    code, _ = run_cli("infer", str(run), "--no-verify", capsys=capsys)
+    assert code == 0
+
+
+def test_a_rewritten_manifest_does_not_vouch_for_tampered_weights(onnx_run, tmp_path):
+    """Inside its run, the manifest is itself checked against surgery.json: tampering both files is caught."""
+    run = _copy(onnx_run, tmp_path / "copy")
+    _halve_a_weight(run / "onnx" / "visual.onnx")
+    write_manifest(run / "onnx")  # the tamperer recomputes the manifest
+    with pytest.raises(CorruptInput, match="manifest.json does not match the sha256 recorded in surgery.json"):
+        ExportedModel(run)
+    record = json.loads((run / "surgery.json").read_text())
+    del record["sha256"]["onnx/manifest.json"]  # ... and drops it from surgery.json
+    (run / "surgery.json").write_text(json.dumps(record))
+    with pytest.raises(CorruptInput, match="manifest.json is not listed in"):
+        ExportedModel(run)
+
+
 def test_an_unlisted_file_in_the_export_is_refused(onnx_run):
-    from surgeon.runtime.session import ExportedModel
 
     (onnx_run / "onnx" / "extra.onnx").write_bytes(b"x")
     with pytest.raises(CorruptInput, match="not listed"):
@@ -107,7 +181,6 @@ def test_temporary_folders_are_never_inputs(onnx_run, tmp_path):
         export_existing_run(hidden, ["safetensors"], tmp_path / "re")
     with pytest.raises(PreconditionFailed, match="unfinished"):
         Ranking.read(hidden)
-    from surgeon.runtime.session import ExportedModel
 
     with pytest.raises(PreconditionFailed, match="unfinished"):
         ExportedModel(hidden)

@@ -49,7 +49,7 @@ def test_int8_within_the_gate_is_written_with_its_record(export_copy):
     assert json.loads((export_copy / RECORD).read_text()) == record
     assert record["mean_acc1_int8"] == onnx_mean_accuracy(export_copy, suite)  # reproducible
     assert (export_copy / "visual.onnx").stat().st_size < size
-    after = ExportedModel(export_copy).encode_pixels(pixels)
+    after = ExportedModel(export_copy, verify=False).encode_pixels(pixels)  # quantized in place: no manifest yet
     assert not np.array_equal(after, before) and (after * before).sum(axis=1).min() > 0.95  # int8, still close
 
 

@@ -86,7 +86,11 @@ def infer(
     batch_size: Annotated[int, typer.Option(help="images per onnxruntime run")] = 32,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
     no_verify: Annotated[
-        bool, typer.Option("--no-verify", help="skip checking the files against surgery.json's sha256 hashes")
+        bool,
+        typer.Option(
+            "--no-verify",
+            help="serve files without recorded hashes (onnx/manifest.json or surgery.json), or that fail them",
+        ),
     ] = False,
 ) -> None:
     """Top classes per image from an ONNX export, with onnxruntime only (CUDA when available, else CPU)."""
@@ -194,7 +198,11 @@ def serve_model(
     max_batch_time_ms: Annotated[float, typer.Option(help="how long a request may wait for others (ms)")] = 2.0,
     threads: Annotated[int | None, typer.Option(help="onnxruntime intra-op threads (default: all cores)")] = None,
     no_verify: Annotated[
-        bool, typer.Option("--no-verify", help="skip checking the files against surgery.json's sha256 hashes")
+        bool,
+        typer.Option(
+            "--no-verify",
+            help="serve files without recorded hashes (onnx/manifest.json or surgery.json), or that fail them",
+        ),
     ] = False,
 ) -> None:
     """Serve an ONNX export over the Open Inference Protocol (KServe v2 REST + gRPC) with MLServer: adaptive

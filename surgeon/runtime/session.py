@@ -22,7 +22,7 @@ import onnxruntime as ort
 from PIL import Image
 
 from surgeon.errors import CorruptInput, InvalidInput, NotFound
-from surgeon.integrity import verify_run
+from surgeon.integrity import verify_export
 from surgeon.paths import refuse_temporary
 from surgeon.runtime.preprocess import PreprocessConfig, load_image, to_rgb
 from surgeon.runtime.tokenizer import ClipTokenizer
@@ -106,15 +106,16 @@ class ExportedModel:
         verify: bool = True,
         writing: bool = False,
     ):
-        """`verify`: check the files against the sha256 table of the export's surgery.json first (a folder
-        assembled by hand, without one, is served as it is). `writing`: the writer measuring its own unfinished
-        output (surgeon.quantize), which everyone else is refused."""
+        """`verify`: check the files against the export's recorded sha256 hashes first (integrity.verify_export:
+        its manifest.json, or the run's surgery.json); a folder with neither is refused unless `verify` is
+        False (--no-verify). `writing`: the writer measuring its own unfinished output (surgeon.quantize),
+        which everyone else is refused."""
         self.root = Path(export_dir)
         if not writing:
             refuse_temporary(self.root, "export")
         self.dir = resolve_export_dir(self.root)
         if verify:
-            verify_run(self.dir, sorted(p for p in self.dir.iterdir() if p.is_file()), needs_record=False)
+            verify_export(self.dir, sorted(p for p in self.dir.iterdir() if p.is_file()))
         self.providers = list(providers) if providers else default_providers()
         self.threads = threads
         self._sessions: dict[str, ort.InferenceSession] = {}

@@ -25,6 +25,7 @@ from surgeon.errors import NotFound, PreconditionFailed, SurgeonError
 from surgeon.limits import clip, echo
 from surgeon.paths import publish_check, remove_path
 from surgeon.progress import observed
+from surgeon.runfolder import is_run_folder
 
 log = logging.getLogger("surgeon.server")
 
@@ -97,9 +98,15 @@ class Job:
     def _commit(self, final: Path) -> None:
         """Right before an output is renamed into place (replacing, with force, a previous one): the last
         point where a cancel can stop the job and leave the previous output as it was. A cancel that comes
-        later is refused: the output is published."""
+        later is refused: the output is published. Whatever took `final` since the request was checked, only a
+        surgeon run folder is replaced: never the server's own files or anything else."""
         with self.cond:  # reentrant: _stop_point takes it again
             self._stop_point()
+            if (final.exists() or final.is_symlink()) and not is_run_folder(final):
+                raise PreconditionFailed(
+                    f"{final.name} is no longer a surgeon run folder: force replaces only those",
+                    hint="choose another out name",
+                )
             self._committed = True
 
     def _stop_point(self) -> None:

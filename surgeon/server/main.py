@@ -17,6 +17,7 @@ from google.longrunning import operations_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from surgeon import limits
 from surgeon.errors import InvalidInput, NotFound, PermissionDenied, PreconditionFailed
 from surgeon.server.auth import TokenAuth
 from surgeon.server.jobs import JobManager
@@ -50,6 +51,7 @@ class SurgeonServer:
     ):
         from surgeon.paths import exports_dir
 
+        limits.count("--port", port, 0, limits.MAX_PORT)  # 70000 would otherwise listen on 70000 % 65536
         if max_jobs < 1:
             raise InvalidInput(f"--max-jobs must be at least 1, got {max_jobs}")
         if queue_size < 0:
@@ -161,6 +163,7 @@ def serve(
     device: str | None = None,
 ) -> None:
     """Run until SIGTERM/SIGINT, then drain within the grace period and return."""
+    limits.number("--grace", grace, 0.0, limits.MAX_GRACE_S)  # before listening: nan or -1 would drain at once
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     token = None
     if token_env:

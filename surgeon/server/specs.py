@@ -5,6 +5,7 @@ server's roots (server/paths.py)."""
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -16,10 +17,11 @@ from google.protobuf.message import Message
 
 from surgeon import limits
 from surgeon.api import ExportSpec, ModelSpec, PruneSpec, RankSpec, ValidateSpec, ValidationSpec
-from surgeon.errors import InvalidInput, NotFound, PreconditionFailed
+from surgeon.errors import InvalidInput, NotFound, PermissionDenied, PreconditionFailed
 from surgeon.judges.base import JUDGES
 from surgeon.load import CHECKPOINT_SUFFIXES, TOY_MODEL_DIR, TOY_MODEL_NAME
 from surgeon.paths import newest_run, refuse_temporary
+from surgeon.runfolder import is_run_folder
 from surgeon.server.paths import Root, resolve_in
 from surgeon.v1 import surgeon_pb2 as pb
 from surgeon.validate import ValidationSuite
@@ -144,20 +146,50 @@ class SpecBuilder:
         return spec, lambda _model: suite
 
     def out(self, raw: str, kind: str, force: bool, default: Path | None = None) -> Path:
-        """An output folder (or file) inside the exports root; new ones get a unique name."""
+        """A job's output: a new run folder, one name directly under the exports root (`default`: the server's
+        own choice, an export's folder inside its run). It can never name the server's files (dot-names: the
+        operations store and its -wal/-shm, temporaries) nor anything inside another run; `force` replaces only
+        a surgeon run folder (runfolder.is_run_folder), never another file or folder."""
         exports = self.config.exports
         if raw:
-            path = exports.resolve(raw, "out")
+            path = exports.folder / self._output_name(raw)
         elif default is not None:
             path = default
         else:
             stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-%f")
             path = exports.folder / f"{kind}-{stamp}-{uuid.uuid4().hex[:6]}"
-        if path == exports.folder:
-            raise InvalidInput("out may not be the exports root itself")
-        if path.exists() and not force:
-            raise PreconditionFailed(f"output {exports.relative(path)} already exists", hint="set force to replace it")
+        if path.exists() or path.is_symlink():
+            shown = path.relative_to(exports.folder).as_posix()
+            if not force:
+                raise PreconditionFailed(f"output {shown} already exists", hint="set force to replace it")
+            if not is_run_folder(path):
+                raise PreconditionFailed(
+                    f"output {shown} exists and is not a surgeon run folder: force replaces only those",
+                    hint="choose another out name",
+                )
         return path
+
+    def _output_name(self, raw: str) -> str:
+        """`raw` as one new name under the exports root: a bare name, or an absolute path whose folder is the
+        root itself."""
+        if "\x00" in raw:
+            raise InvalidInput(f"out: invalid path {raw!r}")
+        path = Path(raw)
+        if path.is_absolute():
+            if Path(os.path.realpath(path.parent)) != self.config.exports.folder:
+                raise PermissionDenied(f"out {raw!r} is not a name directly under the exports root")
+            path = Path(path.name)
+        if len(path.parts) != 1 or path.name == "..":
+            raise PermissionDenied(
+                f"out {raw!r} must be one name directly under the exports root, not a path into another folder",
+                hint='outputs are new run folders: name one, e.g. out="my-run"',
+            )
+        if path.name.startswith("."):
+            raise PermissionDenied(
+                f"out {raw!r}: names starting with '.' are the server's own (its operations store, temporaries)",
+                hint="choose a name that does not start with '.'",
+            )
+        return path.name
 
     @staticmethod
     def judge(name: str) -> str:
