@@ -108,16 +108,20 @@ class ModelSpec:
     model: str | None = None
     pretrained: str | None = None
     device: str | None = None
+    activation: str | None = None  # gelu or quickgelu; None: the config's, the tag's, or GELU assumed (said)
 
     def check(self) -> None:
+        from surgeon.load import check_activation
+
         limits.texts(model=self.model, pretrained=self.pretrained, device=self.device)
+        check_activation(self.activation)
 
     def load(self) -> LoadedModel:
         from surgeon.load import load_model
         from surgeon.progress import stage
 
         stage("loading model")
-        return load_model(self.model, self.pretrained, self.device)
+        return load_model(self.model, self.pretrained, self.device, self.activation)
 
 
 @dataclass(frozen=True)

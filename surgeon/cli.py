@@ -84,6 +84,13 @@ ModelOpt = Annotated[
 ]
 PretrainedOpt = Annotated[str | None, typer.Option(help="pretrained tag (from the local hub cache) or checkpoint file")]
 DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda when present)")]
+ActivationOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="gelu or quickgelu: the MLP activation the weights were trained with (OpenAI's: quickgelu). Default: "
+        "the config's or the tag's; a checkpoint file cannot say, so GELU is assumed with a warning"
+    ),
+]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON document (output folder, files, summary)")]
 PlotFormatOpt = Annotated[str, typer.Option(help="png, pdf or svg")]
@@ -98,6 +105,7 @@ ImagesOpt = Annotated[
 def rank(
     model: ModelOpt = None,
     pretrained: PretrainedOpt = None,
+    activation: ActivationOpt = None,
     images: ImagesOpt = None,
     n_images: Annotated[int | None, typer.Option(help="use at most this many images (toy default: 2000)")] = None,
     texts: Annotated[str | None, typer.Option(help="'toy', 'general' or a file, one description per line")] = None,
@@ -133,7 +141,7 @@ def rank(
     from surgeon.paths import new_run_dir
 
     spec = RankSpec(
-        model=ModelSpec(model, pretrained, device),
+        model=ModelSpec(model, pretrained, device, activation),
         images=images,
         n_images=n_images,
         texts=texts,
@@ -275,6 +283,7 @@ def _validation_options(
 def prune(
     model: ModelOpt = None,
     pretrained: PretrainedOpt = None,
+    activation: ActivationOpt = None,
     ranking: RankingOpt = None,
     policy: Annotated[
         str,
@@ -330,7 +339,7 @@ def prune(
     from surgeon.paths import new_run_dir
 
     spec = PruneSpec(
-        model=ModelSpec(model, pretrained, device),
+        model=ModelSpec(model, pretrained, device, activation),
         ranking=ranking,
         policy=policy,
         k=k,
@@ -426,6 +435,7 @@ def _print_summary(before: dict, after: dict | None = None) -> None:
 def validate(
     model: ModelOpt = None,
     pretrained: PretrainedOpt = None,
+    activation: ActivationOpt = None,
     data: DataOpt = None,
     classnames: ClassnamesOpt = None,
     templates: TemplatesOpt = None,
@@ -452,7 +462,7 @@ def validate(
     validation = _validation_options(
         data, classnames, templates, bias_data, queries, skew_k, desired, bias_protocol, language=language
     )
-    spec = ValidateSpec(ModelSpec(model, pretrained, device), validation, out_dir, force)
+    spec = ValidateSpec(ModelSpec(model, pretrained, device, activation), validation, out_dir, force)
     spec.check()
     report, files = run_validate(spec, quiet=quiet)
     if as_json:
@@ -468,6 +478,7 @@ def validate(
 def sweep(
     model: ModelOpt = None,
     pretrained: PretrainedOpt = None,
+    activation: ActivationOpt = None,
     ranking: RankingOpt = None,
     counts: Annotated[str | None, typer.Option(help="numbers of heads to prune, e.g. 0,2,4,8")] = None,
     seed: Annotated[int, typer.Option(help="seed of the random ordering")] = SweepSpec.seed,
@@ -497,7 +508,7 @@ def sweep(
     count_list = limits.sweep_counts(counts)
     validation = _validation_options(data, classnames, templates, bias_data, queries, skew_k, desired, bias_protocol)
     spec = SweepSpec(
-        model=ModelSpec(model, pretrained, device),
+        model=ModelSpec(model, pretrained, device, activation),
         ranking=ranking,
         counts=tuple(count_list) if count_list is not None else None,
         seed=seed,
@@ -892,7 +903,6 @@ def main() -> None:
     An interrupt does not always arrive as KeyboardInterrupt: one that lands in a C extension's import
     (numpy's, during torch's) surfaces later as an ImportError or AttributeError. Whatever follows a Ctrl-C
     is therefore reported as the interruption it is."""
-    warnings.filterwarnings("ignore", message=".*QuickGELU.*")
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM):  # SIGTERM (docker stop) too: no leftovers
         signal.signal(sig, _on_interrupt)
     warnings.showwarning = _show_warning

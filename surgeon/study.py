@@ -31,7 +31,7 @@ from surgeon import limits
 from surgeon.clipbench import finite
 from surgeon.errors import InvalidInput, NotFound, PreconditionFailed, SurgeonError
 from surgeon.heads import HeadRef
-from surgeon.load import CHECKPOINT_SUFFIXES, LoadedModel
+from surgeon.load import CHECKPOINT_SUFFIXES, LoadedModel, check_activation
 from surgeon.paths import atomic_file, atomic_write_text, read_json_object
 from surgeon.policies import POLICIES, RANKING_FREE, SEEDED_POLICIES, PolicyOptions
 from surgeon.progress import progress_bar
@@ -56,6 +56,7 @@ class ModelSpec:
     name: str
     pretrained: str | None
     label: str
+    activation: str | None = None  # gelu or quickgelu (load.ACTIVATIONS); None: the config's, the tag's, or assumed
 
 
 @dataclass(frozen=True)
@@ -224,7 +225,12 @@ def parse_study(path: Path) -> Study:
         if pretrained is not None and pretrained.endswith(CHECKPOINT_SUFFIXES):
             pretrained = _path(pretrained, base, t.path("pretrained"))
         label = t.get("label", str, model if not pretrained else f"{model}/{Path(pretrained).name}")
-        models.append(ModelSpec(model, pretrained, label))
+        activation = t.get("activation", str)
+        try:
+            check_activation(activation)
+        except InvalidInput as err:
+            raise _fail(t.path("activation"), f"{err.args[0]} ({err.hint})") from None
+        models.append(ModelSpec(model, pretrained, label, activation))
         t.done()
     policies = [_policy(t) for t in top.table_list("policies")]
     data = [_data(t, "accuracy", base) for t in top.table_list("data", required=False)]
@@ -563,7 +569,7 @@ def compute_study(
     with progress_bar("study cells", len(wanted), quiet) as advance:
         for m, model_cells in by_model.items():
             spec = study.models[m]
-            work = _ModelWork(study, load_model(spec.name, spec.pretrained, device), quiet)
+            work = _ModelWork(study, load_model(spec.name, spec.pretrained, device, spec.activation), quiet)
             pending = []
             for cell in model_cells:
                 if cell.data not in data_ids:

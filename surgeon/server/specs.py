@@ -99,6 +99,9 @@ class SpecBuilder:
             pretrained = str(resolve_in([self.config.models], pretrained, "checkpoint", "file"))
         return name, pretrained
 
+    def model_spec(self, ref: pb.ModelRef, model: str | None, pretrained: str | None) -> ModelSpec:
+        return ModelSpec(model, pretrained, self.config.device, ref.activation or None)
+
     def data_file(self, raw: str, what: str) -> Path | None:
         return resolve_in([self.config.data], raw, what, "file") if raw else None
 
@@ -177,7 +180,7 @@ class SpecBuilder:
         images, n_images = self.images(request.images)
         taxonomy = self.data_file(request.taxonomy, "taxonomy")
         spec = RankSpec(
-            model=ModelSpec(model, pretrained, self.config.device),
+            model=self.model_spec(request.model, model, pretrained),
             images=images,
             n_images=n_images,
             texts=self.texts(request.texts),
@@ -198,7 +201,7 @@ class SpecBuilder:
         """The spec, the builder of its validation suite and its output folder."""
         data = request.validation
         spec = PruneSpec(  # the options first: a bad number is INVALID_ARGUMENT whatever the paths say
-            model=ModelSpec(request.model.model or None, request.model.pretrained or None, self.config.device),
+            model=self.model_spec(request.model, request.model.model or None, request.model.pretrained or None),
             policy=request.policy or PruneSpec.policy,
             k=optional_field(request, "k"),
             heads=request.heads or None,
@@ -232,7 +235,7 @@ class SpecBuilder:
         validation, suite_for = self.suite(data)
         spec = replace(
             spec,
-            model=ModelSpec(model, pretrained, self.config.device),
+            model=self.model_spec(request.model, model, pretrained),
             ranking=ranking,
             labels=self.data_file(request.labels, "labels file"),
             images=images,
@@ -250,7 +253,7 @@ class SpecBuilder:
         model, pretrained = self.model(request.model)
         validation, suite_for = self.suite(request.validation, request.language)
         out = self.out(request.out, "validate", request.force) if request.out else None
-        spec = ValidateSpec(ModelSpec(model, pretrained, self.config.device), validation, out, request.force)
+        spec = ValidateSpec(self.model_spec(request.model, model, pretrained), validation, out, request.force)
         spec.check()
         return spec, suite_for, out
 
