@@ -33,12 +33,13 @@ from surgeon.api import (
     run_validate,
 )
 from surgeon.errors import StorageError, SurgeonError
+from surgeon.progress import kept_after_interrupt
 from surgeon.runtime.cli import infer, serve_model, triton_repo
 
 EXIT_CODES = (
     "Exit codes: 0 success, 1 internal error, 2 invalid input, 3 not found, 4 corrupt input, 5 precondition "
     "(existing output, ranking of another model), 6 permission, 7 export check failed, 8 storage, "
-    "10 validation gate failed, 130 interrupted."
+    "9 partial result (study cells that could not be computed), 10 validation gate failed, 130 interrupted."
 )
 
 app = typer.Typer(
@@ -556,6 +557,7 @@ def study(
 ) -> None:
     """Run a study: every model x policy x mode x data set cell (stored, so a rerun resumes), then the table
     in the paper's layout (table.md, table.csv, table.json, study.png)."""
+    from surgeon.errors import PartialResult
     from surgeon.study import markdown_table
 
     spec = StudySpec(file, out_dir, shard, collect, device, plot_format)
@@ -564,14 +566,18 @@ def study(
     if as_json:
         from surgeon.clioutput import emit_json
 
-        emit_json("study", target, run.files, summary, table=run.table)
-        return
-    if run.table is not None:
-        out.print(markdown_table(run.table), highlight=False, soft_wrap=True)
-    done = f"{len(run.computed)} cell(s) computed, {len(run.reused)} already stored"
-    out.print(
-        f"{done}; " + (f"wrote {target}/table.md, table.csv, table.json" if run.table else f"cells in {target}/cells")
-    )
+        emit_json("study", target, run.files, summary, table=run.table, failures=run.failed)
+    else:
+        if run.table is not None:
+            out.print(markdown_table(run.table), highlight=False, soft_wrap=True)
+        done = f"{len(run.computed)} cell(s) computed, {len(run.reused)} already stored"
+        wrote = f"wrote {target}/{', '.join(p.name for p in run.files)}" if run.files else f"cells in {target}/cells"
+        out.print(f"{done}; {wrote}", soft_wrap=True)
+    if run.failed:
+        raise PartialResult(
+            f"{len(run.failed)} cell(s) could not be computed, e.g. {run.failed[0]}",
+            hint="the table marks them `failed` and lists why; a rerun computes only them",
+        )
 
 
 @app.command("export")
@@ -910,12 +916,12 @@ def main() -> None:
         app()
     except SystemExit:
         if _interrupted.is_set():  # typer turns a KeyboardInterrupt into a silent exit 130: say what happened
-            err.print("interrupted: nothing was written")
+            err.print(f"interrupted: {kept_after_interrupt()}", highlight=False, soft_wrap=True)
             sys.exit(130)
         raise
     except (KeyboardInterrupt, Exception) as error:
         if isinstance(error, KeyboardInterrupt) or _interrupted.is_set():
-            err.print("interrupted: nothing was written")
+            err.print(f"interrupted: {kept_after_interrupt()}", highlight=False, soft_wrap=True)
             sys.exit(130)
         if isinstance(error, ImportError):  # a surgery or serve verb on the plain (serving-only) install
             from surgeon.extras import missing_extra

@@ -51,6 +51,31 @@ def stop_point() -> None:
         observer.check()
 
 
+def say(message: str, quiet: bool = False) -> None:
+    """One line on stderr before a long step pays its cost: what it will do and how much (unless quiet)."""
+    if not quiet:
+        print(message, file=sys.stderr, flush=True)
+
+
+_kept: list[str] = []
+
+
+@contextmanager
+def kept_on_interrupt(describe: Callable[[], str]) -> Iterator[None]:
+    """Work that keeps what it finished when interrupted (a study's cells) says so: the shells print
+    `describe()` instead of "nothing was written"."""
+    try:
+        yield
+    except BaseException:
+        _kept.append(describe())
+        raise
+
+
+def kept_after_interrupt() -> str:
+    """What an interrupted call left behind on purpose (the last `kept_on_interrupt` note), else nothing."""
+    return _kept[-1] if _kept else "nothing was written"
+
+
 def progress_enabled(quiet: bool) -> bool:
     return not quiet and sys.stderr.isatty()
 
