@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from surgeon import limits
 from surgeon.errors import CorruptInput, InvalidInput, NotFound, PreconditionFailed
 from surgeon.hooks import embed_dim, encode_text, image_size
 from surgeon.limits import echo
@@ -534,13 +535,63 @@ def _detect_activation(model: str, weights: Path, model_cfg: dict) -> str:
     return "assumed: a checkpoint file does not record it"
 
 
+def _size(cfg: dict, key: str, default: int | float, where: str) -> float:
+    """A config dimension as one number (a 2-list of sizes: their product's square root; a list of ResNet
+    stages: their sum), refused with its name when it is not a positive number."""
+    value = cfg.get(key, default)
+    parts = value if isinstance(value, list | tuple) and value else [value]
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) and 0 < v < float("inf") for v in parts):
+        raise CorruptInput(f"invalid model configuration: {where}.{key} must be a positive number, got {echo(value)}")
+    if key == "layers":
+        return float(sum(parts))
+    return float(parts[0] * parts[-1]) ** 0.5 if key in ("image_size", "patch_size") else float(parts[0])
+
+
+def model_size(model_cfg: dict) -> tuple[float, float, float]:
+    """(parameters, longest sequence, largest tokens x width of one sample in one block) that a config builds,
+    estimated from its numbers alone: a config is checked against limits before anything is allocated."""
+    vision, text = model_cfg.get("vision_cfg", {}), model_cfg.get("text_cfg", {})
+    embed = _size(model_cfg, "embed_dim", 512, "model_cfg")
+    width, layers = _size(vision, "width", 768, "vision_cfg"), _size(vision, "layers", 12, "vision_cfg")
+    mlp, patch = _size(vision, "mlp_ratio", 4.0, "vision_cfg"), _size(vision, "patch_size", 16, "vision_cfg")
+    tokens = (_size(vision, "image_size", 224, "vision_cfg") / patch) ** 2 + 1
+    parameters = layers * (4 + 2 * mlp) * width**2 + (tokens + 3 * patch**2 + embed) * width
+    sequence, activation = tokens, tokens * width
+    if "hf_model_name" not in text:  # an HF text tower is sized by its own (hub) config
+        t_width, t_layers = _size(text, "width", 512, "text_cfg"), _size(text, "layers", 12, "text_cfg")
+        context, vocab = _size(text, "context_length", 77, "text_cfg"), _size(text, "vocab_size", 49408, "text_cfg")
+        t_mlp = _size(text, "mlp_ratio", 4.0, "text_cfg")
+        parameters += t_layers * (4 + 2 * t_mlp) * t_width**2 + (vocab + context + embed) * t_width
+        sequence, activation = max(sequence, context), max(activation, context * t_width)
+    return parameters, sequence, activation
+
+
+def check_model_size(model_cfg: dict) -> None:
+    """Refuse a config whose model would not fit any machine (a local-dir config with 10,000 layers, or
+    context_length 10^8: its causal mask alone is 10^16 floats) before building it."""
+    parameters, sequence, activation = model_size(model_cfg)
+    for what, value, bound in (
+        ("parameters", parameters, limits.MAX_MODEL_PARAMETERS),
+        ("tokens in a sequence (image patches + 1, or the text context)", sequence, limits.MAX_SEQUENCE_TOKENS),
+        ("activations per sample and block (tokens x width)", activation, limits.MAX_ACTIVATION_ELEMENTS),
+    ):
+        if value > bound:
+            raise InvalidInput(
+                f"the model configuration builds about {value:,.0f} {what}; surgeon accepts at most {bound:,}",
+                hint="check open_clip_config.json's vision_cfg/text_cfg numbers (layers, width, image_size, "
+                "patch_size, context_length, embed_dim)",
+            )
+
+
 def build_clip(model_cfg: dict) -> torch.nn.Module:
-    """Build a CLIP from a plain config dict, as open_clip's factory does, with no weights."""
+    """Build a CLIP from a plain config dict, as open_clip's factory does, with no weights; a config is
+    checked against the size limits first."""
     from open_clip.model import CLIP, CustomTextCLIP
 
     cfg = copy.deepcopy(model_cfg)
     if not isinstance(cfg, dict) or not all(isinstance(cfg.get(k, {}), dict) for k in ("vision_cfg", "text_cfg")):
         raise CorruptInput("invalid model configuration: model_cfg, vision_cfg and text_cfg must be JSON objects")
+    check_model_size(cfg)
     if "timm_model_name" in cfg.get("vision_cfg", {}) or "multimodal_cfg" in cfg:
         raise InvalidInput(
             "surgeon needs an open_clip VisionTransformer tower (timm and CoCa towers are not supported)"
