@@ -81,10 +81,6 @@ class LoadedModel:
             "activation_source": self.activation_source,
         }
 
-    def activation_note(self) -> str:
-        """One line for every verb's screen: which activation the model runs, and how that was decided."""
-        return f"{self.identity}: MLP activation {self.activation} ({self.activation_source})"
-
     @property
     def is_toy(self) -> bool:
         return self.name == TOY_MODEL_NAME

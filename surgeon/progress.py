@@ -11,9 +11,17 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Protocol
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 Advance = Callable[[int], None]
+ESTIMATE_WINDOW_S = 3600.0  # a bar's ETA comes from the speed over this many seconds (steps may take minutes)
 
 
 class Observer(Protocol):
@@ -96,8 +104,17 @@ def progress_bar(description: str, total: int | None, quiet: bool = False) -> It
     if not progress_enabled(quiet):
         yield tell
         return
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, transient=True) as bar:
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
+    # rich estimates the speed from the steps of the last `speed_estimate_period` seconds (default 30): a step
+    # slower than that (a text batch of ViT-L-14 on a CPU) left the estimate blank for the whole bar
+    with Progress(*columns, transient=True, speed_estimate_period=ESTIMATE_WINDOW_S) as bar:
         task = bar.add_task(description, total=total)
 
         def advance(n: int) -> None:
