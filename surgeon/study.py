@@ -484,8 +484,9 @@ class _ModelWork:
     """One model's shared state: its ranking (made once) and, per data set, an Evaluator holding the residual
     prefix of its images (computed once, reused by every pruned head set)."""
 
-    def __init__(self, study: Study, loaded: LoadedModel, quiet: bool, rankings: Path):
+    def __init__(self, study: Study, loaded: LoadedModel, quiet: bool, rankings: Path, sources: tuple | None):
         self.study, self.loaded, self.quiet, self.rankings = study, loaded, quiet, rankings
+        self.sources = sources  # (images, pool) of the ranking, read before the model loaded
         self._ranking: Ranking | None = None
         self._rank_inputs: dict | None = None
         self._selections: dict[tuple[int, int], list[HeadRef]] = {}
@@ -494,17 +495,9 @@ class _ModelWork:
 
     def rank_inputs(self) -> dict:
         """What the ranking depends on besides the model: part of the key of cells whose policy reads it."""
-        from surgeon.images import resolve_images
-        from surgeon.pools import load_pool
-
         if self._rank_inputs is None:
             r = self.study.rank
-            if r.images is None and not self.loaded.is_toy:
-                raise _fail(
-                    "rank.images", f"{self.loaded.identity} is not the toy model: name the images to rank it on"
-                )
-            self.images = resolve_images(r.images, r.n_images, self.loaded.name)
-            self.pool = load_pool(r.texts, self.loaded.is_toy)
+            self.images, self.pool = self.sources or rank_sources(self.study, self.loaded.name)
             self._rank_inputs = {"images": self.images.identity, "pool": self.pool.digest, "judge": r.judge,
                                  "layers": r.layers, "m": r.m, "span_rank": r.span_rank}  # fmt: skip
         return self._rank_inputs
@@ -575,6 +568,22 @@ class _ModelWork:
         return self._pruned[key]
 
 
+def rank_sources(study: Study, model: str) -> tuple:
+    """(images, text pool) the study's [rank] table names for this model, read and checked (cheap: no model)."""
+    from surgeon.images import resolve_images
+    from surgeon.pools import load_pool
+
+    r, toy = study.rank, model == "toy"
+    if r.images is None and not toy:
+        raise _fail("rank.images", f"{model} is not the toy model: name the images to rank it on")
+    return resolve_images(r.images, r.n_images, model), load_pool(r.texts, toy)
+
+
+def reads_ranking(study: Study, cell: Cell) -> bool:
+    """The cell's policy reads the ranking, or its mode (mean) averages over the ranking's images."""
+    return cell.mode == "mean" or (cell.policy is not None and study.policies[cell.policy].policy not in RANKING_FREE)
+
+
 def cell_key(study: Study, cell: Cell, loaded: LoadedModel, data_id: str, rank_inputs: dict | None) -> str:
     spec = None if cell.policy is None else study.policies[cell.policy]
     payload = {
@@ -640,21 +649,19 @@ def _compute(
     used = sorted({cell.data for cell in wanted})
     suites = {d: load_data(study.data[d]) for d in used}  # data set index -> its one-set ValidationSuite
     data_ids = {d: data_identity(suites[d]) for d in used}
+    ranked = sorted({c.model for c in wanted if reads_ranking(study, c)})
+    sources = {m: rank_sources(study, study.models[m].name) for m in ranked}  # ranking inputs checked now too
     say(plan_line(study, wanted), quiet)
     with progress_bar("study cells", len(wanted), quiet) as advance:
         for m, model_cells in by_model.items():
             spec = study.models[m]
-            work = _ModelWork(study, load_model(spec.name, spec.pretrained, device, spec.activation), quiet,
-                              out / "rankings")  # fmt: skip
+            loaded = load_model(spec.name, spec.pretrained, device, spec.activation)
+            work = _ModelWork(study, loaded, quiet, out / "rankings", sources.get(m))
             pending = []
             for cell in model_cells:
                 # the ranking's inputs key cells that read a ranking; mean ablation averages over the same images
-                reads = cell.mode == "mean" or (
-                    cell.policy is not None and study.policies[cell.policy].policy not in RANKING_FREE
-                )
-                keys[cell] = cell_key(
-                    study, cell, work.loaded, data_ids[cell.data], work.rank_inputs() if reads else None
-                )
+                inputs = work.rank_inputs() if reads_ranking(study, cell) else None
+                keys[cell] = cell_key(study, cell, work.loaded, data_ids[cell.data], inputs)
                 if store.has(keys[cell]) if collect else store.finished(keys[cell]):
                     run.reused.append(keys[cell])
                     advance(1)

@@ -19,20 +19,6 @@ def run(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def vit_file(tmp_path_factory) -> Path:
-    """A real open_clip architecture (ViT-S-32, random init) saved as a bare .safetensors checkpoint."""
-    from safetensors.torch import save_file
-
-    from surgeon.load import load_model
-
-    path = tmp_path_factory.mktemp("ckpt") / "vit-s-32.safetensors"
-    with pytest.warns(UserWarning, match="random initialisation"):
-        model = load_model("ViT-S-32", device="cpu").model
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return path
-
-
-@pytest.fixture(scope="module")
 def two_classes(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("classes")
     rng = np.random.default_rng(0)
