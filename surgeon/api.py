@@ -257,6 +257,7 @@ class PruneSpec:
     validation: ValidationSpec = field(default_factory=ValidationSpec)
     out_dir: Path | None = None  # None: nothing written
     force: bool = False
+    preset: str | None = None  # "MODEL/TAG": whose paper head lists paper-* policies apply (a checkpoint file's)
 
     def check(self) -> None:
         from surgeon.export import check_exporter
@@ -296,9 +297,21 @@ class PruneSpec:
             parse_heads(self.heads)  # malformed heads fail now
         if self.policy == "debias":
             self.validation.require_bias("the debias policy")
+        limits.text("preset", self.preset)
+        if self.preset is not None and not self.policy.startswith("paper-"):
+            raise InvalidInput("--preset names the heads of the paper-high, paper-low and paper-random policies")
         if self.policy.startswith("paper-"):
-            check_paper_preset(self.policy.removeprefix("paper-"), self.model.model, self.model.pretrained)
+            check_paper_preset(self.policy.removeprefix("paper-"), *self.preset_key)
         check_exporter(self.onnx_exporter)
+
+    @property
+    def preset_key(self) -> tuple[str | None, str | None]:
+        """Whose paper head lists the paper-* policies read: --preset's, else the model's own name and tag."""
+        if self.preset is not None:
+            from surgeon.policies import check_preset
+
+            return check_preset(self.preset, self.model.model)
+        return self.model.model, self.model.pretrained
 
     @property
     def formats(self) -> list[str]:
@@ -336,8 +349,9 @@ def run_prune(spec: PruneSpec, suite: ValidationSuite | None = None, quiet: bool
         concept=spec.concept,
         min_ccs=spec.min_ccs,
         max_acc_drop=spec.max_acc_drop,
-        model_name=loaded.name,
-        pretrained=loaded.pretrained,
+        # the preset's weights name the paper-* lists (recorded in plan.json's options and each head's reason)
+        model_name=(spec.preset_key[0] or "") if spec.preset else loaded.name,
+        pretrained=spec.preset_key[1] if spec.preset else loaded.pretrained,
     )
     stage("pruning and validating")
     return prune(

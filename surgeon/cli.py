@@ -295,6 +295,10 @@ def prune(
     ] = PruneSpec.policy,
     k: Annotated[int | None, typer.Option(help="number of heads (top-k, bottom-k, random; budget for debias)")] = None,
     heads: Annotated[str | None, typer.Option(help="explicit heads, e.g. L11.H5,L10.H8")] = None,
+    preset: Annotated[
+        str | None,
+        typer.Option(help="MODEL/TAG, e.g. ViT-B-32/openai: paper-* head lists for a checkpoint file of those weights"),
+    ] = None,
     concept: Annotated[str | None, typer.Option(help="concept label for the concept policy")] = None,
     min_ccs: Annotated[int | None, typer.Option(help="threshold policy: prune heads with CCS >= this")] = None,
     seed: Annotated[int, typer.Option(help="random seed")] = PruneSpec.seed,
@@ -345,6 +349,7 @@ def prune(
         policy=policy,
         k=k,
         heads=heads,
+        preset=preset,
         concept=concept,
         min_ccs=min_ccs,
         seed=seed,

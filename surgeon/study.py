@@ -33,7 +33,7 @@ from surgeon.errors import CorruptInput, InvalidInput, NotFound, PreconditionFai
 from surgeon.heads import HeadRef
 from surgeon.load import CHECKPOINT_SUFFIXES, LoadedModel, check_activation
 from surgeon.paths import atomic_file, atomic_write_text, read_json_object
-from surgeon.policies import POLICIES, RANKING_FREE, SEEDED_POLICIES, PolicyOptions
+from surgeon.policies import POLICIES, RANKING_FREE, SEEDED_POLICIES, PolicyOptions, check_preset
 from surgeon.progress import kept_on_interrupt, progress_bar, say
 from surgeon.records import ValidationSummary
 from surgeon.surgery import SURGERIES
@@ -57,6 +57,12 @@ class ModelSpec:
     pretrained: str | None
     label: str
     activation: str | None = None  # gelu or quickgelu (load.ACTIVATIONS); None: the config's, the tag's, or assumed
+    preset: tuple[str, str] | None = (
+        None  # (model, tag) whose paper head lists paper-* policies apply (api.check_preset)
+    )
+
+    def preset_key(self, loaded: LoadedModel) -> tuple[str, str | None]:
+        return self.preset if self.preset is not None else (loaded.name, loaded.pretrained)
 
 
 @dataclass(frozen=True)
@@ -230,7 +236,12 @@ def parse_study(path: Path) -> Study:
             check_activation(activation)
         except InvalidInput as err:
             raise _fail(t.path("activation"), f"{err.args[0]} ({err.hint})") from None
-        models.append(ModelSpec(model, pretrained, label, activation))
+        preset = t.get("preset", str)
+        try:
+            key = check_preset(preset, model) if preset is not None else None
+        except SurgeonError as err:
+            raise _fail(t.path("preset"), f"{err.args[0]} ({err.hint})") from None
+        models.append(ModelSpec(model, pretrained, label, activation, key))
         t.done()
     policies = [_policy(t) for t in top.table_list("policies")]
     data = [_data(t, "accuracy", base) for t in top.table_list("data", required=False)]
@@ -484,8 +495,10 @@ class _ModelWork:
     """One model's shared state: its ranking (made once) and, per data set, an Evaluator holding the residual
     prefix of its images (computed once, reused by every pruned head set)."""
 
-    def __init__(self, study: Study, loaded: LoadedModel, quiet: bool, rankings: Path, sources: tuple | None):
-        self.study, self.loaded, self.quiet, self.rankings = study, loaded, quiet, rankings
+    def __init__(
+        self, study: Study, model: ModelSpec, loaded: LoadedModel, quiet: bool, rankings: Path, sources: tuple | None
+    ):
+        self.study, self.model, self.loaded, self.quiet, self.rankings = study, model, loaded, quiet, rankings
         self.sources = sources  # (images, pool) of the ranking, read before the model loaded
         self._ranking: Ranking | None = None
         self._rank_inputs: dict | None = None
@@ -524,8 +537,8 @@ class _ModelWork:
         if (p, seed) not in self._selections:
             spec = self.study.policies[p]
             ranking = None if spec.policy in RANKING_FREE else self.ranking()
-            options = PolicyOptions(model_name=self.loaded.name, pretrained=self.loaded.pretrained,
-                                    **spec.options(seed))  # fmt: skip
+            name, tag = self.model.preset_key(self.loaded)
+            options = PolicyOptions(model_name=name, pretrained=tag, **spec.options(seed))
             if spec.policy == "random" and spec.k is None:  # the paper's control: as many as the high-CCS set
                 options.k = len(POLICIES.get("high")(ranking, PolicyOptions()).heads)
             try:
@@ -586,9 +599,10 @@ def reads_ranking(study: Study, cell: Cell) -> bool:
 
 def cell_key(study: Study, cell: Cell, loaded: LoadedModel, data_id: str, rank_inputs: dict | None) -> str:
     spec = None if cell.policy is None else study.policies[cell.policy]
+    model = study.models[cell.model]
     payload = {
         "model": loaded.forward_identity,
-        "preset": [loaded.name, loaded.pretrained] if spec is not None and spec.policy.startswith("paper-") else None,
+        "preset": list(model.preset_key(loaded)) if spec is not None and spec.policy.startswith("paper-") else None,
         "policy": BASELINE if spec is None else spec.policy,
         "options": {} if spec is None else spec.options(cell.seed),
         "random_k": "high-CCS count" if spec is not None and spec.policy == "random" and spec.k is None else None,
@@ -656,7 +670,7 @@ def _compute(
         for m, model_cells in by_model.items():
             spec = study.models[m]
             loaded = load_model(spec.name, spec.pretrained, device, spec.activation)
-            work = _ModelWork(study, loaded, quiet, out / "rankings", sources.get(m))
+            work = _ModelWork(study, spec, loaded, quiet, out / "rankings", sources.get(m))
             pending = []
             for cell in model_cells:
                 # the ranking's inputs key cells that read a ranking; mean ablation averages over the same images
