@@ -52,6 +52,20 @@ def check_plot_format(plot_format: str) -> None:
     _choice("plot format", plot_format, PLOT_FORMATS)
 
 
+def suite_cost(suite: ValidationSuite) -> str:
+    """What validating on `suite` costs, said before it is paid: images, classes x templates, bias queries."""
+    parts = [
+        f"{t.name}: {len(t.images):,} images, {len(t.classnames)} classes x {len(t.templates)} templates"
+        for t in suite.tasks
+    ]
+    if suite.bias is not None:
+        b = suite.bias
+        parts.append(
+            f"bias {b.name}: {len(b.images):,} images in {len(b.group_names)} groups, {len(b.queries)} queries"
+        )
+    return "; ".join(parts)
+
+
 def _is_toy_images(images: str | None) -> bool:
     return images in (None, "toy")
 
@@ -329,7 +343,7 @@ def run_prune(spec: PruneSpec, suite: ValidationSuite | None = None, quiet: bool
     from surgeon.images import resolve_images
     from surgeon.policies import PolicyOptions
     from surgeon.pools import load_pool
-    from surgeon.progress import stage
+    from surgeon.progress import say, stage
     from surgeon.prune import prune
     from surgeon.validate import Gates
 
@@ -338,6 +352,7 @@ def run_prune(spec: PruneSpec, suite: ValidationSuite | None = None, quiet: bool
     pool = load_pool(spec.texts, spec.model.is_toy) if spec.needs_ranking else None
     stage("loading validation data")
     suite = suite if suite is not None else spec.validation.build(spec.model.model)
+    say(f"prune: validates before and after on {suite_cost(suite)}", quiet)
     loaded = spec.model.load()  # every input above is read and checked: a bad file costs no model load
     ranking = _ranking_for(
         loaded, spec.ranking, image_set if spec.needs_ranking else None, pool, spec.judge, spec.layers, quiet
@@ -422,11 +437,12 @@ class ValidateSpec:
 def run_validate(spec: ValidateSpec, suite: ValidationSuite | None = None, quiet: bool = True) -> tuple[dict, list]:
     """(clip_benchmark-shaped report, files written)."""
     from surgeon.clipbench import write_validation
-    from surgeon.progress import stage
+    from surgeon.progress import say, stage
     from surgeon.validate import validate
 
     stage("loading validation data")
     suite = suite if suite is not None else spec.validation.build(spec.model.model)
+    say(f"validate: {suite_cost(suite)}", quiet)
     loaded = spec.model.load()
     report = validate(loaded, suite, bar="validation", quiet=quiet)
     language = spec.validation.language

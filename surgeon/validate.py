@@ -7,8 +7,9 @@ image sets, before and after surgery, with gates.
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -212,6 +213,20 @@ def _is_header(row: list[str], base: Path) -> bool:
     return Path(first).suffix.lower() not in IMAGE_SUFFIXES and not (base / first).is_file()
 
 
+#: a server's check that a path a manifest names is inside its data root, run before the file is looked at: an
+#: existence check first would tell a client which files exist outside the root (surgeon.server.specs sets it)
+_confine: ContextVar[Callable[[Path], None] | None] = ContextVar("confine_manifest_images", default=None)
+
+
+@contextmanager
+def confined_images(check: Callable[[Path], None]) -> Iterator[None]:
+    token = _confine.set(check)
+    try:
+        yield
+    finally:
+        _confine.reset(token)
+
+
 def read_manifest(path: Path, columns: int, layout: str) -> Manifest:
     """Every row has `columns` non-empty cells and names an image file that exists (relative to the
     manifest's folder); a first row that names no image is the header. `layout` is what to write (errors)."""
@@ -232,7 +247,10 @@ def read_manifest(path: Path, columns: int, layout: str) -> Manifest:
     for i, row in enumerate(manifest.rows):
         if len(row) < columns or not all(row[:columns]):
             raise manifest.fail(i, f"{len(row)} column(s), {columns} needed: {echo(','.join(row))}", f"write {layout}")
+    confine = _confine.get()
     for i, image in enumerate(manifest.images()):
+        if confine is not None:
+            confine(image)
         if not image.is_file():
             raise manifest.fail(
                 i,

@@ -22,7 +22,7 @@ from surgeon.load import CHECKPOINT_SUFFIXES, TOY_MODEL_DIR, TOY_MODEL_NAME
 from surgeon.paths import newest_run, refuse_temporary
 from surgeon.server.paths import Root, resolve_in
 from surgeon.v1 import surgeon_pb2 as pb
-from surgeon.validate import ValidationSuite
+from surgeon.validate import ValidationSuite, confined_images
 
 REMOTE_JUDGES = ("lexicon", "embedding")  # llm would make the server call a client-chosen URL
 SuiteBuilder = Callable[[str | None], ValidationSuite]  # the validation suite for a model name
@@ -140,7 +140,8 @@ class SpecBuilder:
         spec.check()
         if spec.is_toy:
             return spec, spec.build  # a real model without data fails there, as in the CLI: no toy fallback
-        suite = spec.build(None)
+        with confined_images(lambda path: root.check_inside(path, "validation image")):
+            suite = spec.build(None)
         for images in [t.images for t in suite.tasks] + ([suite.bias.images] if suite.bias else []):
             for path in images if isinstance(images, list) else []:
                 root.check_inside(path, "validation image")  # manifests may not point outside the data root
