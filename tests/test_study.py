@@ -403,3 +403,45 @@ def test_collect_lists_every_file_it_wrote_the_plot_included(tmp_path, toy_full)
     result = CliRunner().invoke(app, ["study", str(path), "--out", str(out), "--collect"])
     assert result.exit_code == 0, result.output
     assert "table.md, table.csv, table.json, study.png" in result.stdout.replace("\n", "")
+
+
+def test_the_cli_says_the_finished_cells_are_kept_when_a_study_is_interrupted(tmp_path, toy_full, monkeypatch, capfd):
+    """Through the CLI's entry point: before, "interrupted: nothing was written" (and exit 130)."""
+    import os
+    import signal
+
+    from surgeon import cli
+
+    out = tmp_path / "out"
+    shutil.copytree(toy_full[1].out / "cells", out / "cells")
+    for cell in sorted((out / "cells").iterdir())[:2]:
+        cell.unlink()
+
+    def interrupted(self, key, record):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C, through the CLI's handler
+
+    monkeypatch.setattr(CellStore, "put", interrupted)
+    monkeypatch.setattr(sys, "argv", ["surgeon", "study", str(write(tmp_path, TOY)), "--out", str(out), "-q"])
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM)}
+    try:
+        with pytest.raises(SystemExit) as exited:
+            cli.main()
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+    assert exited.value.code == 130
+    error = capfd.readouterr().err
+    assert f"interrupted: {TOY_CELLS - 2} finished cell(s) are kept in {out / 'cells'}" in error.replace("\n", "")
+    assert "nothing was written" not in error
+
+
+def test_a_studys_data_sets_are_read_before_any_model_loads(tmp_path, monkeypatch):
+    import surgeon.load
+
+    def refused(*args, **kwargs):
+        raise AssertionError("a model was loaded before the data sets were read")
+
+    monkeypatch.setattr(surgeon.load, "load_model", refused)
+    study = parse_study(write(tmp_path, TOY.replace('path = "toy"\nn = 20', 'path = "missing.csv"\nqueries = "q.txt"')))
+    with pytest.raises(NotFound, match="manifest not found"):
+        compute_study(study, tmp_path / "out")
