@@ -21,6 +21,7 @@ from surgeon.quantize import DEFAULT_MAX_ACCURACY_DROP
 if TYPE_CHECKING:
     from surgeon.images import ImageSet
     from surgeon.load import LoadedModel
+    from surgeon.pools import TextPool
     from surgeon.prune import PruneResult
     from surgeon.rank import Ranking
     from surgeon.study import StudyRun
@@ -49,6 +50,20 @@ def check_plot_format(plot_format: str) -> None:
     from surgeon.plots import PLOT_FORMATS
 
     _choice("plot format", plot_format, PLOT_FORMATS)
+
+
+def suite_cost(suite: ValidationSuite) -> str:
+    """What validating on `suite` costs, said before it is paid: images, classes x templates, bias queries."""
+    parts = [
+        f"{t.name}: {len(t.images):,} images, {len(t.classnames)} classes x {len(t.templates)} templates"
+        for t in suite.tasks
+    ]
+    if suite.bias is not None:
+        b = suite.bias
+        parts.append(
+            f"bias {b.name}: {len(b.images):,} images in {len(b.group_names)} groups, {len(b.queries)} queries"
+        )
+    return "; ".join(parts)
 
 
 def _is_toy_images(images: str | None) -> bool:
@@ -84,6 +99,24 @@ class ValidationSpec:
     def is_toy(self) -> bool:
         return self.data is None and self.bias_data is None
 
+    def require_bias(self, what: str) -> None:
+        """Refuse, before any model loads, a use that measures bias on a suite that has no bias set (the toy
+        suite has its probe; files need --bias-data) or accuracy on one without a classification set."""
+        toy = self.is_toy or str(self.data) == "toy"
+        if self.bias_data is None and not toy:
+            raise InvalidInput(
+                f"{what} needs a bias set to measure bias on",
+                hint="pass --bias-data CSV (path,group per image) --queries FILE (one neutral query per line); "
+                "gRPC: validation.bias_data and validation.queries",
+                field="bias_data",
+            )
+        if self.data is None and self.bias_data is not None:
+            raise InvalidInput(
+                f"{what} measures accuracy too: it needs a classification set (--data) besides the bias set",
+                hint="pass --data FOLDER|CSV (ImageFolder or path,label); gRPC: validation.data",
+                field="data",
+            )
+
     def build(self, model: str | None) -> ValidationSuite:
         from surgeon.validate import build_suite
 
@@ -108,16 +141,24 @@ class ModelSpec:
     model: str | None = None
     pretrained: str | None = None
     device: str | None = None
+    activation: str | None = None  # gelu or quickgelu; None: the config's, the tag's, or GELU assumed (said)
 
     def check(self) -> None:
+        from surgeon.load import check_activation
+
         limits.texts(model=self.model, pretrained=self.pretrained, device=self.device)
+        check_activation(self.activation)
+
+    @property
+    def is_toy(self) -> bool:
+        return self.model in (None, "toy")
 
     def load(self) -> LoadedModel:
         from surgeon.load import load_model
         from surgeon.progress import stage
 
         stage("loading model")
-        return load_model(self.model, self.pretrained, self.device)
+        return load_model(self.model, self.pretrained, self.device, self.activation)
 
 
 @dataclass(frozen=True)
@@ -176,9 +217,9 @@ def run_rank(spec: RankSpec, quiet: bool = True) -> RankOutcome:
     from surgeon.progress import stage
     from surgeon.rank import rank_heads
 
-    image_set = spec.image_set()  # before the (slow) load: a missing folder fails fast
+    image_set = spec.image_set()  # before the (slow) load: a missing folder or a bad pool fails fast
+    pool = load_pool(spec.texts, spec.model.is_toy, spec.taxonomy)
     loaded = spec.model.load()
-    pool = load_pool(spec.texts, loaded.is_toy, spec.taxonomy)
     llm = {"llm_url": spec.llm_url, "llm_models": spec.llm_models, "llm_key_env": spec.llm_key_env}
     ranking = rank_heads(
         loaded,
@@ -230,6 +271,7 @@ class PruneSpec:
     validation: ValidationSpec = field(default_factory=ValidationSpec)
     out_dir: Path | None = None  # None: nothing written
     force: bool = False
+    preset: str | None = None  # "MODEL/TAG": whose paper head lists paper-* policies apply (a checkpoint file's)
 
     def check(self) -> None:
         from surgeon.export import check_exporter
@@ -267,9 +309,23 @@ class PruneSpec:
         JUDGES.get(self.judge)
         if self.heads:
             parse_heads(self.heads)  # malformed heads fail now
+        if self.policy == "debias":
+            self.validation.require_bias("the debias policy")
+        limits.text("preset", self.preset)
+        if self.preset is not None and not self.policy.startswith("paper-"):
+            raise InvalidInput("--preset names the heads of the paper-high, paper-low and paper-random policies")
         if self.policy.startswith("paper-"):
-            check_paper_preset(self.policy.removeprefix("paper-"), self.model.model, self.model.pretrained)
+            check_paper_preset(self.policy.removeprefix("paper-"), *self.preset_key)
         check_exporter(self.onnx_exporter)
+
+    @property
+    def preset_key(self) -> tuple[str | None, str | None]:
+        """Whose paper head lists the paper-* policies read: --preset's, else the model's own name and tag."""
+        if self.preset is not None:
+            from surgeon.policies import check_preset
+
+            return check_preset(self.preset, self.model.model)
+        return self.model.model, self.model.pretrained
 
     @property
     def formats(self) -> list[str]:
@@ -286,17 +342,20 @@ def run_prune(spec: PruneSpec, suite: ValidationSuite | None = None, quiet: bool
     """`suite`: one the caller built from `spec.validation` already (the service checks its manifests)."""
     from surgeon.images import resolve_images
     from surgeon.policies import PolicyOptions
-    from surgeon.progress import stage
+    from surgeon.pools import load_pool
+    from surgeon.progress import say, stage
     from surgeon.prune import prune
     from surgeon.validate import Gates
 
     needs_images = spec.needs_ranking or spec.mode == "mean"
     image_set = resolve_images(spec.images, spec.n_images, spec.model.model) if needs_images else None
+    pool = load_pool(spec.texts, spec.model.is_toy) if spec.needs_ranking else None
     stage("loading validation data")
     suite = suite if suite is not None else spec.validation.build(spec.model.model)
-    loaded = spec.model.load()
+    say(f"prune: validates before and after on {suite_cost(suite)}", quiet)
+    loaded = spec.model.load()  # every input above is read and checked: a bad file costs no model load
     ranking = _ranking_for(
-        loaded, spec.ranking, image_set if spec.needs_ranking else None, spec.texts, spec.judge, spec.layers, quiet
+        loaded, spec.ranking, image_set if spec.needs_ranking else None, pool, spec.judge, spec.layers, quiet
     )
     options = PolicyOptions(
         k=spec.k,
@@ -305,8 +364,9 @@ def run_prune(spec: PruneSpec, suite: ValidationSuite | None = None, quiet: bool
         concept=spec.concept,
         min_ccs=spec.min_ccs,
         max_acc_drop=spec.max_acc_drop,
-        model_name=loaded.name,
-        pretrained=loaded.pretrained,
+        # the preset's weights name the paper-* lists (recorded in plan.json's options and each head's reason)
+        model_name=(spec.preset_key[0] or "") if spec.preset else loaded.name,
+        pretrained=spec.preset_key[1] if spec.preset else loaded.pretrained,
     )
     stage("pruning and validating")
     return prune(
@@ -334,13 +394,13 @@ def _ranking_for(
     loaded: LoadedModel,
     path: Path | None,
     image_set: ImageSet | None,
-    texts: str | None,
+    pool: TextPool | None,
     judge: str,
     layers: str | None,
     quiet: bool,
 ) -> Ranking | None:
-    """The ranking read from `path` (checked against the model), else made on `image_set`; None when neither
-    is given (policies that do not read a ranking)."""
+    """The ranking read from `path` (checked against the model), else made on `image_set` and `pool`; None
+    when neither is given (policies that do not read a ranking)."""
     import warnings
 
     from surgeon.pools import load_pool
@@ -352,7 +412,8 @@ def _ranking_for(
         return ranking
     if image_set is None:
         return None
-    ranked = rank_heads(loaded, image_set, load_pool(texts, loaded.is_toy), judge=judge, layers=layers, quiet=quiet)
+    pool = pool if pool is not None else load_pool(None, loaded.is_toy)
+    ranked = rank_heads(loaded, image_set, pool, judge=judge, layers=layers, quiet=quiet)
     note = ranked.clamp_note() if ranked is not None else None
     if note and not quiet:
         warnings.warn(note, stacklevel=2)
@@ -376,11 +437,12 @@ class ValidateSpec:
 def run_validate(spec: ValidateSpec, suite: ValidationSuite | None = None, quiet: bool = True) -> tuple[dict, list]:
     """(clip_benchmark-shaped report, files written)."""
     from surgeon.clipbench import write_validation
-    from surgeon.progress import stage
+    from surgeon.progress import say, stage
     from surgeon.validate import validate
 
     stage("loading validation data")
     suite = suite if suite is not None else spec.validation.build(spec.model.model)
+    say(f"validate: {suite_cost(suite)}", quiet)
     loaded = spec.model.load()
     report = validate(loaded, suite, bar="validation", quiet=quiet)
     language = spec.validation.language
@@ -426,14 +488,16 @@ def run_sweep(spec: SweepSpec, quiet: bool = True) -> dict:
     from surgeon.images import resolve_images
     from surgeon.paths import atomic_dir
     from surgeon.plots import sweep_plot
+    from surgeon.pools import load_pool
     from surgeon.progress import stage
     from surgeon.sweep import run_sweep as sweep
 
     stage("loading validation data")
     suite = spec.validation.build(spec.model.model)
     image_set = resolve_images(spec.images, spec.n_images, spec.model.model) if spec.ranking is None else None
+    pool = load_pool(None, spec.model.is_toy) if spec.ranking is None else None
     loaded = spec.model.load()
-    ranking = _ranking_for(loaded, spec.ranking, image_set, None, "lexicon", None, quiet)
+    ranking = _ranking_for(loaded, spec.ranking, image_set, pool, "lexicon", None, quiet)
     if ranking is None:  # a non-zero torchrun rank: sweeps run on one process
         raise PreconditionFailed("sweep runs in one process, not under torchrun")
     counts = list(spec.counts) if spec.counts is not None else None

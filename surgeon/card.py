@@ -98,6 +98,8 @@ def model_card(loaded: LoadedModel, plan: Plan, validation: dict, folder: Path) 
     hard = plan.hard
     has_onnx = (folder / "onnx" / "visual.onnx").exists()
     activation = plan.base_model.get("activation")
+    if activation and plan.base_model.get("activation_source"):  # e.g. "assumed: a checkpoint file does not record it"
+        activation = f"{activation} ({plan.base_model['activation_source']})"
     lines = _front_matter(plan, validation, has_onnx) + [
         "",
         f"# {plan.base_model['name']} with {len(plan.heads)} attention head(s) pruned",

@@ -33,12 +33,13 @@ from surgeon.api import (
     run_validate,
 )
 from surgeon.errors import StorageError, SurgeonError
+from surgeon.progress import kept_after_interrupt
 from surgeon.runtime.cli import infer, serve_model, triton_repo
 
 EXIT_CODES = (
     "Exit codes: 0 success, 1 internal error, 2 invalid input, 3 not found, 4 corrupt input, 5 precondition "
     "(existing output, ranking of another model), 6 permission, 7 export check failed, 8 storage, "
-    "10 validation gate failed, 130 interrupted."
+    "9 partial result (study cells that could not be computed), 10 validation gate failed, 130 interrupted."
 )
 
 app = typer.Typer(
@@ -84,6 +85,13 @@ ModelOpt = Annotated[
 ]
 PretrainedOpt = Annotated[str | None, typer.Option(help="pretrained tag (from the local hub cache) or checkpoint file")]
 DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda when present)")]
+ActivationOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="gelu or quickgelu: the MLP activation the weights were trained with (OpenAI's: quickgelu). Default: "
+        "the config's or the tag's; a checkpoint file cannot say, so GELU is assumed with a warning"
+    ),
+]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON document (output folder, files, summary)")]
 PlotFormatOpt = Annotated[str, typer.Option(help="png, pdf or svg")]
@@ -98,6 +106,7 @@ ImagesOpt = Annotated[
 def rank(
     model: ModelOpt = None,
     pretrained: PretrainedOpt = None,
+    activation: ActivationOpt = None,
     images: ImagesOpt = None,
     n_images: Annotated[int | None, typer.Option(help="use at most this many images (toy default: 2000)")] = None,
     texts: Annotated[str | None, typer.Option(help="'toy', 'general' or a file, one description per line")] = None,
@@ -133,7 +142,7 @@ def rank(
     from surgeon.paths import new_run_dir
 
     spec = RankSpec(
-        model=ModelSpec(model, pretrained, device),
+        model=ModelSpec(model, pretrained, device, activation),
         images=images,
         n_images=n_images,
         texts=texts,
@@ -275,6 +284,7 @@ def _validation_options(
 def prune(
     model: ModelOpt = None,
     pretrained: PretrainedOpt = None,
+    activation: ActivationOpt = None,
     ranking: RankingOpt = None,
     policy: Annotated[
         str,
@@ -285,6 +295,10 @@ def prune(
     ] = PruneSpec.policy,
     k: Annotated[int | None, typer.Option(help="number of heads (top-k, bottom-k, random; budget for debias)")] = None,
     heads: Annotated[str | None, typer.Option(help="explicit heads, e.g. L11.H5,L10.H8")] = None,
+    preset: Annotated[
+        str | None,
+        typer.Option(help="MODEL/TAG, e.g. ViT-B-32/openai: paper-* head lists for a checkpoint file of those weights"),
+    ] = None,
     concept: Annotated[str | None, typer.Option(help="concept label for the concept policy")] = None,
     min_ccs: Annotated[int | None, typer.Option(help="threshold policy: prune heads with CCS >= this")] = None,
     seed: Annotated[int, typer.Option(help="random seed")] = PruneSpec.seed,
@@ -330,11 +344,12 @@ def prune(
     from surgeon.paths import new_run_dir
 
     spec = PruneSpec(
-        model=ModelSpec(model, pretrained, device),
+        model=ModelSpec(model, pretrained, device, activation),
         ranking=ranking,
         policy=policy,
         k=k,
         heads=heads,
+        preset=preset,
         concept=concept,
         min_ccs=min_ccs,
         seed=seed,
@@ -426,6 +441,7 @@ def _print_summary(before: dict, after: dict | None = None) -> None:
 def validate(
     model: ModelOpt = None,
     pretrained: PretrainedOpt = None,
+    activation: ActivationOpt = None,
     data: DataOpt = None,
     classnames: ClassnamesOpt = None,
     templates: TemplatesOpt = None,
@@ -452,7 +468,7 @@ def validate(
     validation = _validation_options(
         data, classnames, templates, bias_data, queries, skew_k, desired, bias_protocol, language=language
     )
-    spec = ValidateSpec(ModelSpec(model, pretrained, device), validation, out_dir, force)
+    spec = ValidateSpec(ModelSpec(model, pretrained, device, activation), validation, out_dir, force)
     spec.check()
     report, files = run_validate(spec, quiet=quiet)
     if as_json:
@@ -468,6 +484,7 @@ def validate(
 def sweep(
     model: ModelOpt = None,
     pretrained: PretrainedOpt = None,
+    activation: ActivationOpt = None,
     ranking: RankingOpt = None,
     counts: Annotated[str | None, typer.Option(help="numbers of heads to prune, e.g. 0,2,4,8")] = None,
     seed: Annotated[int, typer.Option(help="seed of the random ordering")] = SweepSpec.seed,
@@ -497,7 +514,7 @@ def sweep(
     count_list = limits.sweep_counts(counts)
     validation = _validation_options(data, classnames, templates, bias_data, queries, skew_k, desired, bias_protocol)
     spec = SweepSpec(
-        model=ModelSpec(model, pretrained, device),
+        model=ModelSpec(model, pretrained, device, activation),
         ranking=ranking,
         counts=tuple(count_list) if count_list is not None else None,
         seed=seed,
@@ -545,6 +562,7 @@ def study(
 ) -> None:
     """Run a study: every model x policy x mode x data set cell (stored, so a rerun resumes), then the table
     in the paper's layout (table.md, table.csv, table.json, study.png)."""
+    from surgeon.errors import PartialResult
     from surgeon.study import markdown_table
 
     spec = StudySpec(file, out_dir, shard, collect, device, plot_format)
@@ -553,14 +571,18 @@ def study(
     if as_json:
         from surgeon.clioutput import emit_json
 
-        emit_json("study", target, run.files, summary, table=run.table)
-        return
-    if run.table is not None:
-        out.print(markdown_table(run.table), highlight=False, soft_wrap=True)
-    done = f"{len(run.computed)} cell(s) computed, {len(run.reused)} already stored"
-    out.print(
-        f"{done}; " + (f"wrote {target}/table.md, table.csv, table.json" if run.table else f"cells in {target}/cells")
-    )
+        emit_json("study", target, run.files, summary, table=run.table, failures=run.failed)
+    else:
+        if run.table is not None:
+            out.print(markdown_table(run.table), highlight=False, soft_wrap=True)
+        done = f"{len(run.computed)} cell(s) computed, {len(run.reused)} already stored"
+        wrote = f"wrote {target}/{', '.join(p.name for p in run.files)}" if run.files else f"cells in {target}/cells"
+        out.print(f"{done}; {wrote}", soft_wrap=True)
+    if run.failed:
+        raise PartialResult(
+            f"{len(run.failed)} cell(s) could not be computed, e.g. {run.failed[0]}",
+            hint="the table marks them `failed` and lists why; a rerun computes only them",
+        )
 
 
 @app.command("export")
@@ -892,7 +914,6 @@ def main() -> None:
     An interrupt does not always arrive as KeyboardInterrupt: one that lands in a C extension's import
     (numpy's, during torch's) surfaces later as an ImportError or AttributeError. Whatever follows a Ctrl-C
     is therefore reported as the interruption it is."""
-    warnings.filterwarnings("ignore", message=".*QuickGELU.*")
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM):  # SIGTERM (docker stop) too: no leftovers
         signal.signal(sig, _on_interrupt)
     warnings.showwarning = _show_warning
@@ -900,12 +921,12 @@ def main() -> None:
         app()
     except SystemExit:
         if _interrupted.is_set():  # typer turns a KeyboardInterrupt into a silent exit 130: say what happened
-            err.print("interrupted: nothing was written")
+            err.print(f"interrupted: {kept_after_interrupt()}", highlight=False, soft_wrap=True)
             sys.exit(130)
         raise
     except (KeyboardInterrupt, Exception) as error:
         if isinstance(error, KeyboardInterrupt) or _interrupted.is_set():
-            err.print("interrupted: nothing was written")
+            err.print(f"interrupted: {kept_after_interrupt()}", highlight=False, soft_wrap=True)
             sys.exit(130)
         if isinstance(error, ImportError):  # a surgery or serve verb on the plain (serving-only) install
             from surgeon.extras import missing_extra

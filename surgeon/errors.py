@@ -76,6 +76,13 @@ class StorageError(SurgeonError):
     grpc_code = "RESOURCE_EXHAUSTED"
 
 
+class PartialResult(SurgeonError):
+    """Some parts could not be computed (a study's cells); the rest were, and the output says which and why."""
+
+    exit_code = 9
+    grpc_code = "ABORTED"
+
+
 class GateFailed(SurgeonError):
     """A validation gate (max accuracy drop, max skew...) was not met."""
 

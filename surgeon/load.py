@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from surgeon import limits
 from surgeon.errors import CorruptInput, InvalidInput, NotFound, PreconditionFailed
 from surgeon.hooks import embed_dim, encode_text, image_size
 from surgeon.limits import echo
@@ -44,6 +45,7 @@ class LoadedModel:
     device: torch.device
     weights_hash: str = field(default="")
     pruned_layout: dict = field(default_factory=dict)  # the "surgeon" entry of a hard-pruned export's config
+    activation_source: str = "the model's config"  # how the activation was decided (ACTIVATION_SOURCES)
 
     @property
     def identity(self) -> str:
@@ -76,6 +78,7 @@ class LoadedModel:
             "weights_sha256": self.weights_hash,
             "forward_sha256": self.forward_identity,
             "activation": self.activation,
+            "activation_source": self.activation_source,
         }
 
     @property
@@ -320,8 +323,10 @@ def load_model(
     model: str | None = None,
     pretrained: str | None = None,
     device: str | torch.device | None = None,
+    activation: str | None = None,
 ) -> LoadedModel:
-    """The one factory: every entry point (CLI, gRPC, tests) gets its model here."""
+    """The one factory: every entry point (CLI, gRPC, tests) gets its model here. `activation` (gelu or
+    quickgelu) overrides what the config, the tag or the checkpoint says: a checkpoint file cannot say it."""
     import open_clip
     from open_clip.model import set_model_preprocess_cfg
     from open_clip.transform import PreprocessCfg, image_transform_v2
@@ -329,6 +334,7 @@ def load_model(
     from surgeon.pruned import rebuild_pruned  # hard-pruned folders carry their own layout
 
     device = parse_device(device)
+    forced = check_activation(activation)
     if pretrained and (model is None or model == TOY_MODEL_NAME):
         raise InvalidInput(
             "--pretrained needs --model: the bundled toy model takes no other weights",
@@ -353,6 +359,8 @@ def load_model(
     if folder is not None:
         config = _read_local_dir_config(folder)
         model_cfg, preprocess_cfg = config["model_cfg"], config.get("preprocess_cfg", {})
+        source = "open_clip_config.json"
+        model_cfg, source = _forced_activation(model_cfg, forced, source)
         weights = next((folder / f for f in ("open_clip_model.safetensors",) if (folder / f).is_file()), None)
         if weights is None:
             found = sorted(p for p in folder.iterdir() if p.suffix in CHECKPOINT_SUFFIXES)
@@ -390,6 +398,7 @@ def load_model(
             )
         preprocess_cfg = {}
         weights_path = None
+        source = "the architecture's config"
         if pretrained:
             path = Path(pretrained)
             if path.suffix in CHECKPOINT_SUFFIXES or path.exists():
@@ -403,11 +412,15 @@ def load_model(
                 }
                 if tag_cfg.get("quick_gelu"):  # e.g. OpenAI's weights: same parameters, another activation
                     model_cfg["quick_gelu"] = True
-        if weights_path is not None:
-            _detect_activation(model, weights_path, model_cfg)
+                source = f"pretrained tag {pretrained}"  # open_clip's registry knows each tag's activation
+        state_dict = read_state_dict(weights_path) if weights_path is not None else None
+        if weights_path == Path(pretrained or "") and forced is None:  # a file: it cannot say its activation
+            source = _detect_activation(model, weights_path, model_cfg)
+        model_cfg, source = _forced_activation(model_cfg, forced, source)
+        if weights_path is not None and state_dict is not None:
             with empty_parameters():
                 clip = build_clip(model_cfg)
-            load_weights_strict(clip, read_state_dict(weights_path), str(weights_path))
+            load_weights_strict(clip, state_dict, str(weights_path))
         else:
             clip = build_clip(model_cfg)
             warnings.warn(f"{model} has no --pretrained weights: using a random initialisation", stacklevel=2)
@@ -431,6 +444,7 @@ def load_model(
         model_cfg=model_cfg,
         device=device,
         pruned_layout=pruned_layout,
+        activation_source=source,
     )
     loaded.weights_hash = weights_hash(clip)
     return loaded
@@ -467,40 +481,113 @@ def activation(model_cfg: dict) -> str:
     return "QuickGELU" if model_cfg.get("quick_gelu") else "GELU"
 
 
-def _detect_activation(model: str, weights: Path, model_cfg: dict) -> None:
-    """A checkpoint file does not record its activation; use what can be known: the code of a TorchScript
-    archive, or the open_clip_config.json next to a file from a Hugging Face snapshot. Otherwise warn
-    when a -quickgelu variant of the architecture exists."""
-    import open_clip
+#: --activation (CLI, gRPC ModelRef.activation, a study's models[].activation) -> open_clip's quick_gelu
+ACTIVATIONS = {"gelu": False, "quickgelu": True}
 
+
+def check_activation(name: str | None) -> bool | None:
+    """open_clip's quick_gelu for an --activation value (None: decided by the model's config, tag or file)."""
+    if name is None:
+        return None
+    if name.lower() not in ACTIVATIONS:
+        raise InvalidInput(f"unknown activation {echo(name)}", hint=f"choose {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name.lower()]
+
+
+def _forced_activation(model_cfg: dict, quick_gelu: bool | None, source: str) -> tuple[dict, str]:
+    """The config with the activation the user named (and that as its source), else as it was."""
+    if quick_gelu is None:
+        return model_cfg, source
+    return {**model_cfg, "quick_gelu": quick_gelu}, "given with --activation"
+
+
+def _detect_activation(model: str, weights: Path, model_cfg: dict) -> str:
+    """A checkpoint file does not record its activation; use what can be known: the architecture's own config
+    (a -quickgelu name), the code of a TorchScript archive, or the open_clip_config.json next to a file from a
+    Hugging Face snapshot. Otherwise GELU is assumed, and said: a warning every shell shows. Returns how the
+    activation was decided (recorded in rankings, plans and the card)."""
     from surgeon.torchscript import script_activation
 
     if model_cfg.get("quick_gelu"):
-        return
+        return f"the {model} config"
     found = script_activation(weights)
+    source = "the TorchScript archive's code"
     sibling = weights.parent / "open_clip_config.json"
     if found is None and sibling.is_file():
+        source = f"{sibling.name} next to the checkpoint"
         try:
             found = activation(json.loads(sibling.read_text(encoding="utf-8")).get("model_cfg", {}))
         except (json.JSONDecodeError, UnicodeDecodeError, OSError, AttributeError):
             found = None
     if found == "QuickGELU":
         model_cfg["quick_gelu"] = True
-    elif found is None and f"{model}-quickgelu" in open_clip.list_models():
-        warnings.warn(
-            f"{weights.name}: GELU assumed (a checkpoint file does not record its activation); weights trained "
-            f"with QuickGELU, e.g. OpenAI's, need --model {model}-quickgelu",
-            stacklevel=3,
-        )
+    if found is not None:
+        return source
+    warnings.warn(
+        f"{weights.name}: GELU assumed (a checkpoint file does not record its activation); weights trained with "
+        "QuickGELU, e.g. OpenAI's, need --activation quickgelu",
+        stacklevel=3,
+    )
+    return "assumed: a checkpoint file does not record it"
+
+
+def _size(cfg: dict, key: str, default: int | float, where: str) -> float:
+    """A config dimension as one number (a 2-list of sizes: their product's square root; a list of ResNet
+    stages: their sum), refused with its name when it is not a positive number."""
+    value = cfg.get(key, default)
+    parts = value if isinstance(value, list | tuple) and value else [value]
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) and 0 < v < float("inf") for v in parts):
+        raise CorruptInput(f"invalid model configuration: {where}.{key} must be a positive number, got {echo(value)}")
+    if key == "layers":
+        return float(sum(parts))
+    return float(parts[0] * parts[-1]) ** 0.5 if key in ("image_size", "patch_size") else float(parts[0])
+
+
+def model_size(model_cfg: dict) -> tuple[float, float, float]:
+    """(parameters, longest sequence, largest tokens x width of one sample in one block) that a config builds,
+    estimated from its numbers alone: a config is checked against limits before anything is allocated."""
+    vision, text = model_cfg.get("vision_cfg", {}), model_cfg.get("text_cfg", {})
+    embed = _size(model_cfg, "embed_dim", 512, "model_cfg")
+    width, layers = _size(vision, "width", 768, "vision_cfg"), _size(vision, "layers", 12, "vision_cfg")
+    mlp, patch = _size(vision, "mlp_ratio", 4.0, "vision_cfg"), _size(vision, "patch_size", 16, "vision_cfg")
+    tokens = (_size(vision, "image_size", 224, "vision_cfg") / patch) ** 2 + 1
+    parameters = layers * (4 + 2 * mlp) * width**2 + (tokens + 3 * patch**2 + embed) * width
+    sequence, activation = tokens, tokens * width
+    if "hf_model_name" not in text:  # an HF text tower is sized by its own (hub) config
+        t_width, t_layers = _size(text, "width", 512, "text_cfg"), _size(text, "layers", 12, "text_cfg")
+        context, vocab = _size(text, "context_length", 77, "text_cfg"), _size(text, "vocab_size", 49408, "text_cfg")
+        t_mlp = _size(text, "mlp_ratio", 4.0, "text_cfg")
+        parameters += t_layers * (4 + 2 * t_mlp) * t_width**2 + (vocab + context + embed) * t_width
+        sequence, activation = max(sequence, context), max(activation, context * t_width)
+    return parameters, sequence, activation
+
+
+def check_model_size(model_cfg: dict) -> None:
+    """Refuse a config whose model would not fit any machine (a local-dir config with 10,000 layers, or
+    context_length 10^8: its causal mask alone is 10^16 floats) before building it."""
+    parameters, sequence, activation = model_size(model_cfg)
+    for what, value, bound in (
+        ("parameters", parameters, limits.MAX_MODEL_PARAMETERS),
+        ("tokens in a sequence (image patches + 1, or the text context)", sequence, limits.MAX_SEQUENCE_TOKENS),
+        ("activations per sample and block (tokens x width)", activation, limits.MAX_ACTIVATION_ELEMENTS),
+    ):
+        if value > bound:
+            raise InvalidInput(
+                f"the model configuration builds about {value:,.0f} {what}; surgeon accepts at most {bound:,}",
+                hint="check open_clip_config.json's vision_cfg/text_cfg numbers (layers, width, image_size, "
+                "patch_size, context_length, embed_dim)",
+            )
 
 
 def build_clip(model_cfg: dict) -> torch.nn.Module:
-    """Build a CLIP from a plain config dict, as open_clip's factory does, with no weights."""
+    """Build a CLIP from a plain config dict, as open_clip's factory does, with no weights; a config is
+    checked against the size limits first."""
     from open_clip.model import CLIP, CustomTextCLIP
 
     cfg = copy.deepcopy(model_cfg)
     if not isinstance(cfg, dict) or not all(isinstance(cfg.get(k, {}), dict) for k in ("vision_cfg", "text_cfg")):
         raise CorruptInput("invalid model configuration: model_cfg, vision_cfg and text_cfg must be JSON objects")
+    check_model_size(cfg)
     if "timm_model_name" in cfg.get("vision_cfg", {}) or "multimodal_cfg" in cfg:
         raise InvalidInput(
             "surgeon needs an open_clip VisionTransformer tower (timm and CoCa towers are not supported)"

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from surgeon.errors import InvalidInput, NotFound
 from surgeon.heads import HeadRef, parse_heads
+from surgeon.limits import echo
 from surgeon.rank import HeadRank, Ranking
 from surgeon.registry import Registry
 
@@ -205,9 +206,40 @@ def check_paper_preset(which: str, model: str | None, pretrained: str | None) ->
         raise NotFound(
             f"no paper preset for the checkpoint file {pretrained}: presets are keyed by pretrained tag "
             f"({', '.join(t for t, _ in same_arch)} for {key[0]})",
-            hint=f"if it holds the {tag} weights, pass --policy heads --heads {heads.replace(' ', ',')}",
+            hint=f"if it holds the {tag} weights, pass --preset {key[0]}/{tag} (a study: preset = "
+            f'"{key[0]}/{tag}" in its [[models]] entry), or --policy heads --heads {heads.replace(" ", ",")}',
         )
     raise NotFound(f"no paper preset for {key[0]}/{key[1] or '(no tag)'}", hint=f"presets exist for: {known}")
+
+
+def check_preset(preset: str, model: str | None) -> tuple[str, str]:
+    """(architecture, pretrained tag) of `--preset MODEL/TAG`: the paper's head lists of those weights applied
+    to `model`, a checkpoint file or local-dir folder holding them (presets are keyed by tag, and a file does
+    not say which training run it came from). Refused unless the preset exists and `model`'s image tower has
+    the preset architecture's shape (a -quickgelu name or a local-dir folder of it included); cheap."""
+    import open_clip
+
+    from surgeon.load import TOY_MODEL_DIR, _local_dir
+    from surgeon.paths import read_json_object
+
+    arch, _, tag = preset.partition("/")
+    if (arch, tag) not in PAPER_HEADS:
+        known = ", ".join(f"{m}/{t}" for m, t in PAPER_HEADS)
+        raise InvalidInput(f"no paper preset {echo(preset)}", hint=f"presets: {known}", field="preset")
+    folder = TOY_MODEL_DIR if model in (None, "toy") else _local_dir(model)
+    if folder is not None:
+        config = read_json_object(folder / "open_clip_config.json", "model config").get("model_cfg", {})
+    else:
+        config = open_clip.get_model_config(model) or {}
+    shape = ("layers", "width", "head_width", "patch_size", "image_size")
+    mine, theirs = config.get("vision_cfg", {}), open_clip.get_model_config(arch)["vision_cfg"]
+    if any(mine.get(k) != theirs.get(k) for k in shape):
+        raise InvalidInput(
+            f"--preset {preset} names {arch} heads, but {model or 'the toy model'} has another image tower",
+            hint=f"the preset's architecture is {arch}: pass --model {arch} with its checkpoint file",
+            field="preset",
+        )
+    return arch, tag
 
 
 def _paper(which: str, options: PolicyOptions) -> Selection:

@@ -11,9 +11,17 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Protocol
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 Advance = Callable[[int], None]
+ESTIMATE_WINDOW_S = 3600.0  # a bar's ETA comes from the speed over this many seconds (steps may take minutes)
 
 
 class Observer(Protocol):
@@ -51,6 +59,31 @@ def stop_point() -> None:
         observer.check()
 
 
+def say(message: str, quiet: bool = False) -> None:
+    """One line on stderr before a long step pays its cost: what it will do and how much (unless quiet)."""
+    if not quiet:
+        print(message, file=sys.stderr, flush=True)
+
+
+_kept: list[str] = []
+
+
+@contextmanager
+def kept_on_interrupt(describe: Callable[[], str]) -> Iterator[None]:
+    """Work that keeps what it finished when interrupted (a study's cells) says so: the shells print
+    `describe()` instead of "nothing was written"."""
+    try:
+        yield
+    except BaseException:
+        _kept.append(describe())
+        raise
+
+
+def kept_after_interrupt() -> str:
+    """What an interrupted call left behind on purpose (the last `kept_on_interrupt` note), else nothing."""
+    return _kept[-1] if _kept else "nothing was written"
+
+
 def progress_enabled(quiet: bool) -> bool:
     return not quiet and sys.stderr.isatty()
 
@@ -71,8 +104,17 @@ def progress_bar(description: str, total: int | None, quiet: bool = False) -> It
     if not progress_enabled(quiet):
         yield tell
         return
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, transient=True) as bar:
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
+    # rich estimates the speed from the steps of the last `speed_estimate_period` seconds (default 30): a step
+    # slower than that (a text batch of ViT-L-14 on a CPU) left the estimate blank for the whole bar
+    with Progress(*columns, transient=True, speed_estimate_period=ESTIMATE_WINDOW_S) as bar:
         task = bar.add_task(description, total=total)
 
         def advance(n: int) -> None:

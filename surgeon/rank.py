@@ -21,6 +21,7 @@ from surgeon.judges.base import JUDGES, JudgeContext
 from surgeon.load import LoadedModel
 from surgeon.paths import atomic_dir, cache_dir, read_json, refuse_temporary
 from surgeon.pools import TextPool
+from surgeon.progress import say
 from surgeon.records import wrong_fields
 from surgeon.textcache import pool_embeddings
 from surgeon.textspan import textspan_all
@@ -187,6 +188,12 @@ def rank_heads(
     judge_impl = make_judge(judge, loaded, pool, **(llm_options or {}))  # fail fast on a bad judge
     n_layers, heads_per_layer = vision_layout(vision_tower(loaded.model))
     chosen = parse_layers(layers, n_layers)
+    say(
+        f"rank: {sum(heads_per_layer[i] for i in chosen)} heads (layers {chosen[0]}-{chosen[-1]}) of "
+        f"{loaded.identity} on {images.count:,} images and {len(pool.lines):,} texts of the {pool.name} pool "
+        f"(m={m}, span_rank={span_rank}; statistics and text embeddings come from the cache when there)",
+        quiet or not world().is_main,
+    )
     stats, cached = collect_stats(
         loaded,
         images,

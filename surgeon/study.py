@@ -29,12 +29,12 @@ import numpy as np
 
 from surgeon import limits
 from surgeon.clipbench import finite
-from surgeon.errors import InvalidInput, NotFound, PreconditionFailed, SurgeonError
+from surgeon.errors import CorruptInput, InvalidInput, NotFound, PreconditionFailed, SurgeonError
 from surgeon.heads import HeadRef
-from surgeon.load import CHECKPOINT_SUFFIXES, LoadedModel
+from surgeon.load import CHECKPOINT_SUFFIXES, LoadedModel, check_activation
 from surgeon.paths import atomic_file, atomic_write_text, read_json_object
-from surgeon.policies import POLICIES, RANKING_FREE, SEEDED_POLICIES, PolicyOptions
-from surgeon.progress import progress_bar
+from surgeon.policies import POLICIES, RANKING_FREE, SEEDED_POLICIES, PolicyOptions, check_preset
+from surgeon.progress import kept_on_interrupt, progress_bar, say
 from surgeon.records import ValidationSummary
 from surgeon.surgery import SURGERIES
 
@@ -56,6 +56,13 @@ class ModelSpec:
     name: str
     pretrained: str | None
     label: str
+    activation: str | None = None  # gelu or quickgelu (load.ACTIVATIONS); None: the config's, the tag's, or assumed
+    preset: tuple[str, str] | None = (
+        None  # (model, tag) whose paper head lists paper-* policies apply (api.check_preset)
+    )
+
+    def preset_key(self, loaded: LoadedModel) -> tuple[str, str | None]:
+        return self.preset if self.preset is not None else (loaded.name, loaded.pretrained)
 
 
 @dataclass(frozen=True)
@@ -224,7 +231,17 @@ def parse_study(path: Path) -> Study:
         if pretrained is not None and pretrained.endswith(CHECKPOINT_SUFFIXES):
             pretrained = _path(pretrained, base, t.path("pretrained"))
         label = t.get("label", str, model if not pretrained else f"{model}/{Path(pretrained).name}")
-        models.append(ModelSpec(model, pretrained, label))
+        activation = t.get("activation", str)
+        try:
+            check_activation(activation)
+        except InvalidInput as err:
+            raise _fail(t.path("activation"), f"{err.args[0]} ({err.hint})") from None
+        preset = t.get("preset", str)
+        try:
+            key = check_preset(preset, model) if preset is not None else None
+        except SurgeonError as err:
+            raise _fail(t.path("preset"), f"{err.args[0]} ({err.hint})") from None
+        models.append(ModelSpec(model, pretrained, label, activation, key))
         t.done()
     policies = [_policy(t) for t in top.table_list("policies")]
     data = [_data(t, "accuracy", base) for t in top.table_list("data", required=False)]
@@ -241,8 +258,9 @@ def parse_study(path: Path) -> Study:
         if dup is not None:
             raise _fail(what, f"two entries are called {limits.echo(dup)}; give each a distinct label/name")
     study = Study(name, models, policies, modes, data, rank, Path(path))
-    if len(cells(study)) > limits.MAX_STUDY_CELLS:
-        raise _fail("policies", f"the study has {len(cells(study)):,} cells; at most {limits.MAX_STUDY_CELLS:,}")
+    size = count_cells(study)  # counted, not built: a 100 kB file can declare 10^8 cells
+    if size > limits.MAX_STUDY_CELLS:
+        raise _fail("policies", f"the study has {size:,} cells; at most {limits.MAX_STUDY_CELLS:,}")
     return study
 
 
@@ -316,6 +334,12 @@ class Cell:
     seed: int
     mode: str
     data: int  # index into study.data
+
+
+def count_cells(study: Study) -> int:
+    """len(cells(study)), by arithmetic: what the cell bound is checked against before anything is built."""
+    rows = 1 + len(study.modes) * sum(p.seeds for p in study.policies)  # the baseline, then every seed x mode
+    return len(study.models) * rows * len(study.data)
 
 
 def cells(study: Study) -> list[Cell]:
@@ -393,8 +417,27 @@ def load_data(spec: DataSpec):
     return ValidationSuite([classification_set(path, classnames, templates)], None, "files", str(path))
 
 
+def _is(value: object, kind: type | tuple[type, ...]) -> bool:
+    return not isinstance(value, bool) and isinstance(value, kind)
+
+
+#: a stored cell's fields and their types: a file that lacks one is not a cell (one line, never a KeyError)
+CELL_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "schema": str,
+    "model_label": str,
+    "row": str,
+    "seed": int,
+    "mode": str,
+    "data": str,
+    "heads": list,
+}
+#: a computed cell's too; a failed one carries "error" (why it could not be computed) instead
+RESULT_FIELDS: dict[str, type | tuple[type, ...]] = {"metric": str, "value": (int, float)}
+
+
 class CellStore:
-    """One JSON file per finished cell under `folder`, written atomically: a cell is either whole or absent."""
+    """One JSON file per cell under `folder`, written atomically: a cell is either whole or absent. A cell that
+    could not be computed is stored with its reason ("error"): the table shows it, a rerun tries it again."""
 
     def __init__(self, folder: Path):
         self.folder = folder
@@ -403,10 +446,30 @@ class CellStore:
         return self.folder / f"{key}.json"
 
     def has(self, key: str) -> bool:
+        """A cell is stored (computed or failed)."""
         return self.path(key).is_file()
 
+    def finished(self, key: str) -> bool:
+        """A computed cell is stored: a failed, corrupt or foreign one is computed again."""
+        if not self.has(key):
+            return False
+        try:
+            return "error" not in self.get(key)
+        except SurgeonError:
+            return False
+
     def get(self, key: str) -> dict:
-        return read_json_object(self.path(key), "study cell")
+        record = read_json_object(self.path(key), "study cell")
+        wanted = {**CELL_FIELDS, **({} if isinstance(record.get("error"), str) else RESULT_FIELDS)}
+        wrong = [
+            k for k, kind in wanted.items() if isinstance(record.get(k), bool) or not isinstance(record.get(k), kind)
+        ]
+        if wrong or record["schema"] != CELL_SCHEMA:
+            raise CorruptInput(
+                f"{self.path(key)} is not a {CELL_SCHEMA} cell (missing or wrong: {', '.join(wrong) or 'schema'})",
+                hint="delete it: the next `surgeon study` run (without --collect) computes that cell again",
+            )
+        return record
 
     def put(self, key: str, record: dict) -> None:
         atomic_write_text(self.path(key), json.dumps(record, indent=2, sort_keys=True))
@@ -423,6 +486,7 @@ class StudyRun:
     out: Path
     computed: list[str] = field(default_factory=list)
     reused: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)  # "row / data: reason" of every cell that could not be computed
     table: dict | None = None
     files: list[Path] = field(default_factory=list)
 
@@ -431,8 +495,11 @@ class _ModelWork:
     """One model's shared state: its ranking (made once) and, per data set, an Evaluator holding the residual
     prefix of its images (computed once, reused by every pruned head set)."""
 
-    def __init__(self, study: Study, loaded: LoadedModel, quiet: bool):
-        self.study, self.loaded, self.quiet = study, loaded, quiet
+    def __init__(
+        self, study: Study, model: ModelSpec, loaded: LoadedModel, quiet: bool, rankings: Path, sources: tuple | None
+    ):
+        self.study, self.model, self.loaded, self.quiet, self.rankings = study, model, loaded, quiet, rankings
+        self.sources = sources  # (images, pool) of the ranking, read before the model loaded
         self._ranking: Ranking | None = None
         self._rank_inputs: dict | None = None
         self._selections: dict[tuple[int, int], list[HeadRef]] = {}
@@ -441,37 +508,37 @@ class _ModelWork:
 
     def rank_inputs(self) -> dict:
         """What the ranking depends on besides the model: part of the key of cells whose policy reads it."""
-        from surgeon.images import resolve_images
-        from surgeon.pools import load_pool
-
         if self._rank_inputs is None:
             r = self.study.rank
-            if r.images is None and not self.loaded.is_toy:
-                raise _fail(
-                    "rank.images", f"{self.loaded.identity} is not the toy model: name the images to rank it on"
-                )
-            self.images = resolve_images(r.images, r.n_images, self.loaded.name)
-            self.pool = load_pool(r.texts, self.loaded.is_toy)
+            self.images, self.pool = self.sources or rank_sources(self.study, self.loaded.name)
             self._rank_inputs = {"images": self.images.identity, "pool": self.pool.digest, "judge": r.judge,
                                  "layers": r.layers, "m": r.m, "span_rank": r.span_rank}  # fmt: skip
         return self._rank_inputs
 
     def ranking(self) -> Ranking | None:
-        from surgeon.rank import rank_heads
+        """Made once per model and kept in the study folder (rankings/), so a resumed study ranks no model twice."""
+        from surgeon.rank import Ranking, rank_heads
 
         if self._ranking is None:
-            self.rank_inputs()
+            path = self.rankings / f"{_digest([self.loaded.forward_identity, self.rank_inputs()])}.json"
+            if path.is_file():
+                kept = Ranking.read(path)
+                kept.check_model(self.loaded)
+                self._ranking = kept
+                return kept
             r = self.study.rank
             self._ranking = rank_heads(self.loaded, self.images, self.pool, judge=r.judge, layers=r.layers, m=r.m,
                                        span_rank=r.span_rank, quiet=self.quiet)  # fmt: skip
+            if self._ranking is not None:
+                atomic_write_text(path, json.dumps(self._ranking.to_dict(), indent=2))
         return self._ranking
 
     def heads(self, p: int, seed: int) -> list[HeadRef]:
         if (p, seed) not in self._selections:
             spec = self.study.policies[p]
             ranking = None if spec.policy in RANKING_FREE else self.ranking()
-            options = PolicyOptions(model_name=self.loaded.name, pretrained=self.loaded.pretrained,
-                                    **spec.options(seed))  # fmt: skip
+            name, tag = self.model.preset_key(self.loaded)
+            options = PolicyOptions(model_name=name, pretrained=tag, **spec.options(seed))
             if spec.policy == "random" and spec.k is None:  # the paper's control: as many as the high-CCS set
                 options.k = len(POLICIES.get("high")(ranking, PolicyOptions()).heads)
             try:
@@ -514,11 +581,28 @@ class _ModelWork:
         return self._pruned[key]
 
 
+def rank_sources(study: Study, model: str) -> tuple:
+    """(images, text pool) the study's [rank] table names for this model, read and checked (cheap: no model)."""
+    from surgeon.images import resolve_images
+    from surgeon.pools import load_pool
+
+    r, toy = study.rank, model == "toy"
+    if r.images is None and not toy:
+        raise _fail("rank.images", f"{model} is not the toy model: name the images to rank it on")
+    return resolve_images(r.images, r.n_images, model), load_pool(r.texts, toy)
+
+
+def reads_ranking(study: Study, cell: Cell) -> bool:
+    """The cell's policy reads the ranking, or its mode (mean) averages over the ranking's images."""
+    return cell.mode == "mean" or (cell.policy is not None and study.policies[cell.policy].policy not in RANKING_FREE)
+
+
 def cell_key(study: Study, cell: Cell, loaded: LoadedModel, data_id: str, rank_inputs: dict | None) -> str:
     spec = None if cell.policy is None else study.policies[cell.policy]
+    model = study.models[cell.model]
     payload = {
         "model": loaded.forward_identity,
-        "preset": [loaded.name, loaded.pretrained] if spec is not None and spec.policy.startswith("paper-") else None,
+        "preset": list(model.preset_key(loaded)) if spec is not None and spec.policy.startswith("paper-") else None,
         "policy": BASELINE if spec is None else spec.policy,
         "options": {} if spec is None else spec.options(cell.seed),
         "random_k": "high-CCS count" if spec is not None and spec.policy == "random" and spec.k is None else None,
@@ -548,55 +632,76 @@ def compute_study(
     plot_format: str = "png",
 ) -> StudyRun:
     """Compute the missing cells of this shard (all cells without one) and, unless sharded, write the table.
-    `collect` computes nothing: it assembles the table from the stored cells, or says how many are missing."""
+    `collect` computes nothing: it assembles the table from the stored cells, or says how many are missing.
+    A cell that cannot be computed (a policy that selects nothing on this model...) is stored with its reason
+    and the others go on; the table shows it and `PartialResult` says so once the table is written."""
+    run = StudyRun(out)
+    finished = f"{out / 'cells'}; run the same command to resume"
+    with kept_on_interrupt(lambda: f"{len(run.computed) + len(run.reused)} finished cell(s) are kept in {finished}"):
+        return _compute(study, out, shard, collect, device, quiet, plot_format, run)
+
+
+def _compute(
+    study: Study,
+    out: Path,
+    shard: tuple[int, int] | None,
+    collect: bool,
+    device: str | None,
+    quiet: bool,
+    plot_format: str,
+    run: StudyRun,
+) -> StudyRun:
     from surgeon.load import load_model
 
     store = CellStore(out / "cells")
     wanted = shard_cells(cells(study), None if collect else shard)
-    run = StudyRun(out)
     keys: dict[Cell, str] = {}
     by_model: dict[int, list[Cell]] = {}
     for cell in wanted:
         by_model.setdefault(cell.model, []).append(cell)
-    suites: dict[int, Any] = {}  # data set index -> its one-set ValidationSuite, read once
-    data_ids: dict[int, str] = {}
+    # every data set is read and checked before any model loads: a bad manifest costs seconds, not a ranking
+    used = sorted({cell.data for cell in wanted})
+    suites = {d: load_data(study.data[d]) for d in used}  # data set index -> its one-set ValidationSuite
+    data_ids = {d: data_identity(suites[d]) for d in used}
+    ranked = sorted({c.model for c in wanted if reads_ranking(study, c)})
+    sources = {m: rank_sources(study, study.models[m].name) for m in ranked}  # ranking inputs checked now too
+    say(plan_line(study, wanted), quiet)
     with progress_bar("study cells", len(wanted), quiet) as advance:
         for m, model_cells in by_model.items():
             spec = study.models[m]
-            work = _ModelWork(study, load_model(spec.name, spec.pretrained, device), quiet)
+            loaded = load_model(spec.name, spec.pretrained, device, spec.activation)
+            work = _ModelWork(study, spec, loaded, quiet, out / "rankings", sources.get(m))
             pending = []
             for cell in model_cells:
-                if cell.data not in data_ids:
-                    suites[cell.data] = load_data(study.data[cell.data])
-                    data_ids[cell.data] = data_identity(suites[cell.data])
                 # the ranking's inputs key cells that read a ranking; mean ablation averages over the same images
-                reads = cell.mode == "mean" or (
-                    cell.policy is not None and study.policies[cell.policy].policy not in RANKING_FREE
-                )
-                keys[cell] = cell_key(
-                    study, cell, work.loaded, data_ids[cell.data], work.rank_inputs() if reads else None
-                )
-                if store.has(keys[cell]):
+                inputs = work.rank_inputs() if reads_ranking(study, cell) else None
+                keys[cell] = cell_key(study, cell, work.loaded, data_ids[cell.data], inputs)
+                if store.has(keys[cell]) if collect else store.finished(keys[cell]):
                     run.reused.append(keys[cell])
                     advance(1)
                 else:
                     pending.append(cell)
             if collect or not pending:
                 continue
-            layers = [h.layer for c in pending if c.policy is not None for h in work.heads(c.policy, c.seed)]
-            first_layer = min(layers, default=0)
+            first_layer = min((h.layer for c in pending for h in _selected(work, c)), default=0)
             for cell in pending:
-                heads, result = work.evaluate(cell, suites[cell.data], first_layer)
-                metric, value = _headline(result)
-                store.put(keys[cell], {
+                record = {
                     "schema": CELL_SCHEMA, "model": work.loaded.record(), "model_label": spec.label,
                     "row": BASELINE if cell.policy is None else study.policies[cell.policy].label,
-                    "seed": cell.seed, "mode": cell.mode, "data": study.data[cell.data].name,
-                    "heads": [h.name for h in heads], "metric": metric, "value": value, "result": result,
-                })  # fmt: skip
+                    "seed": cell.seed, "mode": cell.mode, "data": study.data[cell.data].name, "heads": [],
+                }  # fmt: skip
+                try:
+                    heads, result = work.evaluate(cell, suites[cell.data], first_layer)
+                except SurgeonError as err:  # this cell cannot be computed; the others can
+                    record["error"] = limits.clip(err.args[0] + (f" ({err.hint})" if err.hint else ""), 500)
+                else:
+                    metric, value = _headline(result)
+                    record |= {"heads": [h.name for h in heads], "metric": metric, "value": value, "result": result}
+                store.put(keys[cell], record)
                 run.computed.append(keys[cell])
                 advance(1)
     if shard is not None and not collect:
+        run.failed = _failures({c: store.get(keys[c]) for c in wanted})
         return run
     missing = [c for c in cells(study) if not store.has(keys[c])]
     if missing:
@@ -604,9 +709,37 @@ def compute_study(
             f"{len(missing)} of {len(keys)} cells are not computed yet",
             hint=f"run every shard first (surgeon study {study.source} --shard i/n)",
         )
-    run.table = build_table(study, {c: store.get(keys[c]) for c in cells(study)})
+    records = {c: store.get(keys[c]) for c in cells(study)}
+    run.failed = _failures(records)
+    run.table = build_table(study, records)
     run.files = write_table(run.table, out, plot_format)
     return run
+
+
+def _selected(work: _ModelWork, cell: Cell) -> list[HeadRef]:
+    """The heads a cell prunes, or none when its policy cannot select (the cell records why when evaluated)."""
+    if cell.policy is None:
+        return []
+    try:
+        return work.heads(cell.policy, cell.seed)
+    except SurgeonError:
+        return []
+
+
+def _failures(records: dict[Cell, dict]) -> list[str]:
+    return [f"{r['model_label']} / {r['row']} / {r['mode']} / {r['data']}: {r['error']}" for r in records.values()
+            if "error" in r]  # fmt: skip
+
+
+def plan_line(study: Study, wanted: list[Cell]) -> str:
+    """What the run is about to do, before it pays for it: models, cells, and whether a ranking is made."""
+    ranked = any(p.policy not in RANKING_FREE for p in study.policies) or "mean" in study.modes
+    rank = study.rank
+    ranking = f"; ranks each model first (TextSpan on {rank.images or 'the toy images'})" if ranked else ""
+    return (
+        f"study {study.name}: {len(wanted):,} cell(s) over {len(study.models)} model(s) x {len(study.data)} data "
+        f"set(s){ranking}; finished cells are reused"
+    )
 
 
 # ---- the table --------------------------------------------------------------------------------------------
@@ -619,31 +752,40 @@ def _mean_std(values: list[float]) -> tuple[float, float | None]:
 
 def build_table(study: Study, records: dict[Cell, dict]) -> dict:
     """The paper's layout: rows model x policy (x mode), columns data sets, cells the value and its change
-    from the unpruned model; a seeded policy's cell is the mean ± sample std over its seeds."""
+    from the unpruned model; a seeded policy's cell is the mean ± sample std over its seeds. A cell that could
+    not be computed has no value and its reason ("error"); the table lists every such reason ("failures")."""
+    computed = {c: r for c, r in records.items() if "error" not in r}
     columns = [{"name": d.name, "kind": d.kind} for d in study.data]
     for d, column in enumerate(columns):
-        column["metric"] = next(r["metric"] for c, r in records.items() if c.data == d)
+        fallback = "acc1" if study.data[d].kind == "accuracy" else f"max_skew@{study.data[d].skew_k}"
+        column["metric"] = next((r["metric"] for c, r in computed.items() if c.data == d), fallback)
     rows = []
     for m, model in enumerate(study.models):
-        baseline = {c.data: r["value"] for c, r in records.items() if c.model == m and c.policy is None}
+        baseline = {c.data: r["value"] for c, r in computed.items() if c.model == m and c.policy is None}
         groups: list[tuple[str, str, int | None]] = [(BASELINE, BASELINE, None)]
         groups += [(p.label, mode, i) for i, p in enumerate(study.policies) for mode in study.modes]
         for label, mode, p in groups:
             row: dict[str, Any] = {"model": model.label, "policy": label, "mode": mode, "cells": {}}
             mine = {c: r for c, r in records.items() if c.model == m and c.policy == p and c.mode == mode}
-            row["heads"] = _mean_std([len(r["heads"]) for r in mine.values()])[0]
+            heads = [float(len(r["heads"])) for c, r in mine.items() if c in computed]
+            row["heads"] = _mean_std(heads)[0] if heads else None
             for d, column in enumerate(columns):
-                values = [r["value"] for c, r in sorted(mine.items(), key=lambda cr: cr[0].seed) if c.data == d]
-                mean, std = _mean_std(values)
+                ordered = [r for c, r in sorted(mine.items(), key=lambda cr: cr[0].seed) if c.data == d]
+                values = [r["value"] for r in ordered if "error" not in r]
+                error = next((r["error"] for r in ordered if "error" in r), None)
+                mean, std = _mean_std(values) if values else (None, None)
+                change = None if p is None or mean is None or d not in baseline else mean - baseline[d]
                 row["cells"][column["name"]] = {
                     "value": mean,
                     "std": std,
                     "seeds": len(values),
-                    "change": None if p is None else mean - baseline[d],
+                    "change": change,
                     "values": values,
+                    "error": error,
                 }
             rows.append(row)
-    return {"schema": TABLE_SCHEMA, "name": study.name, "columns": columns, "rows": rows}
+    failures = _failures(records)
+    return {"schema": TABLE_SCHEMA, "name": study.name, "columns": columns, "rows": rows, "failures": failures}
 
 
 def _scaled(column: dict, value: float) -> float:
@@ -651,13 +793,18 @@ def _scaled(column: dict, value: float) -> float:
 
 
 def cell_text(column: dict, cell: dict) -> str:
-    """`81.2 (-3.4)`, `80.1 ± 0.5 (-4.5)` for a seeded row; accuracy in %, bias as is."""
+    """`81.2 (-3.4)`, `80.1 ± 0.5 (-4.5)` for a seeded row; accuracy in %, bias as is; `failed` (reasons below
+    the table) for a cell that could not be computed, `(k of n seeds)` when some seeds could not."""
+    if cell["value"] is None:
+        return "failed"
     digits = 1 if column["kind"] == "accuracy" else 3
     text = f"{_scaled(column, cell['value']):.{digits}f}"
     if cell["std"] is not None:
         text += f" ± {_scaled(column, cell['std']):.{digits}f}"
     if cell["change"] is not None:
         text += f" ({_scaled(column, cell['change']):+.{digits}f})"
+    if cell.get("error"):
+        text += f" ({cell['seeds']} seeds computed; see failures)"
     return text
 
 
@@ -673,23 +820,39 @@ def markdown_table(table: dict) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in table["rows"]:
         mode = [r["mode"] if r["mode"] != BASELINE else ""] if multi_mode else []
-        heads = f"{r['heads']:g}"
+        heads = "" if r["heads"] is None else f"{r['heads']:g}"
         values = [cell_text(c, r["cells"][c["name"]]) for c in table["columns"]]
         lines.append("| " + " | ".join([r["model"], r["policy"], *mode, heads, *values]) + " |")
     note = "Cells: value (change from the unpruned model); seeded policies: mean ± sample std over seeds."
+    failures = table.get("failures") or []
+    if failures:
+        note += "\n\nCells that could not be computed (model / policy / mode / data: why):\n\n"
+        note += "\n".join(f"- {line}" for line in failures)
     return f"# Study: {table['name']}\n\n" + "\n".join(lines) + f"\n\n{note}\n"
 
 
 def csv_table(table: dict) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["model", "policy", "mode", "heads", "data", "metric", "value", "std", "change", "seeds"])
+    columns = ["model", "policy", "mode", "heads", "data", "metric", "value", "std", "change", "seeds", "error"]
+    writer.writerow(columns)
     for r in table["rows"]:
         for c in table["columns"]:
             cell = r["cells"][c["name"]]
-            row = [r["model"], r["policy"], r["mode"], f"{r['heads']:g}", c["name"], c["metric"]]
-            writer.writerow(row + [_num(cell["value"]), _num(cell["std"]), _num(cell["change"]), cell["seeds"]])
+            heads = "" if r["heads"] is None else f"{r['heads']:g}"
+            row = [r["model"], r["policy"], r["mode"], heads, c["name"], c["metric"]]
+            numbers = [_num(cell["value"]), _num(cell["std"]), _num(cell["change"]), cell["seeds"]]
+            writer.writerow(row + numbers + [cell.get("error") or ""])
     return buffer.getvalue()
+
+
+def _plottable(table: dict) -> dict:
+    """The table with a failed cell's missing value as NaN: no bar, the others drawn."""
+    plotted = copy.deepcopy(table)
+    for row in plotted["rows"]:
+        for cell in row["cells"].values():
+            cell["value"] = math.nan if cell["value"] is None else cell["value"]
+    return plotted
 
 
 def _num(value: float | None) -> str:
@@ -705,5 +868,5 @@ def write_table(table: dict, out: Path, plot_format: str = "png") -> list[Path]:
     atomic_write_text(files[1], csv_table(table))
     atomic_write_text(files[2], json.dumps(finite(table), indent=2, sort_keys=True))
     with atomic_file(files[3], suffix=files[3].suffix) as tmp:  # matplotlib picks the format from the suffix
-        study_plot(table, tmp)
+        study_plot(_plottable(table), tmp)
     return files

@@ -7,8 +7,9 @@ image sets, before and after surgery, with gates.
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from surgeon.clipbench import dataset_keys, read_json_entry
 from surgeon.errors import CorruptInput, InvalidInput, NotFound
 from surgeon.heads import HeadRef
 from surgeon.hooks import attention, image_embeds, residual_in, vision_blocks, vision_tower
-from surgeon.images import open_image
+from surgeon.images import IMAGE_SUFFIXES, open_image
 from surgeon.limits import echo
 from surgeon.load import LoadedModel
 from surgeon.paths import read_lines
@@ -184,22 +185,80 @@ def _split_bias(bias: BiasSet, rng: np.random.Generator) -> tuple[BiasSet, BiasS
     return sides[0], sides[1]
 
 
-def _manifest_rows(path: Path, columns: int) -> list[list[str]]:
+#: first-column names that mark a manifest's first row as its header (any row whose first cell is neither an
+#: image file nor an image name is one too: `image,race` was read as a row and failed a minute later)
+HEADER_NAMES = {"path", "image", "file", "filename", "filepath", "image_path", "img"}
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A CSV manifest (path,label[,...]) read and checked whole before any model loads."""
+
+    path: Path
+    header: list[str]  # [] when the first row is data
+    rows: list[list[str]]  # stripped cells
+    lines: list[int]  # each row's line in the file, for errors
+
+    def images(self) -> list[Path]:
+        return [self.path.parent / r[0] for r in self.rows]
+
+    def fail(self, index: int, problem: str, hint: str) -> InvalidInput:
+        return InvalidInput(f"manifest {self.path} line {self.lines[index]}: {problem}", hint=hint)
+
+
+def _is_header(row: list[str], base: Path) -> bool:
+    first = row[0].strip()
+    if first.lower() in HEADER_NAMES:
+        return True
+    return Path(first).suffix.lower() not in IMAGE_SUFFIXES and not (base / first).is_file()
+
+
+#: a server's check that a path a manifest names is inside its data root, run before the file is looked at: an
+#: existence check first would tell a client which files exist outside the root (surgeon.server.specs sets it)
+_confine: ContextVar[Callable[[Path], None] | None] = ContextVar("confine_manifest_images", default=None)
+
+
+@contextmanager
+def confined_images(check: Callable[[Path], None]) -> Iterator[None]:
+    token = _confine.set(check)
     try:
-        with open(path, newline="", encoding="utf-8-sig") as handle:
-            rows = [r for r in csv.reader(handle) if r and any(c.strip() for c in r)]
+        yield
+    finally:
+        _confine.reset(token)
+
+
+def read_manifest(path: Path, columns: int, layout: str) -> Manifest:
+    """Every row has `columns` non-empty cells and names an image file that exists (relative to the
+    manifest's folder); a first row that names no image is the header. `layout` is what to write (errors)."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:  # -sig: a spreadsheet's byte-order mark
+            reader = csv.reader(handle)
+            numbered = [(reader.line_num, r) for r in reader if r and any(c.strip() for c in r)]
     except FileNotFoundError:
         raise NotFound(f"manifest not found: {path}") from None
     except UnicodeDecodeError:
-        raise InvalidInput(f"manifest {path} is not UTF-8") from None
-    if rows and rows[0][0].strip().lower() == "path":
-        rows = rows[1:]
-    if not rows:
-        raise InvalidInput(f"manifest {path} has no rows")
-    bad = [i for i, r in enumerate(rows) if len(r) < columns]
-    if bad:
-        raise InvalidInput(f"manifest {path}: row {bad[0] + 1} has fewer than {columns} columns")
-    return rows
+        raise InvalidInput(f"manifest {path} is not UTF-8", hint="re-save it as UTF-8") from None
+    except csv.Error as err:
+        raise InvalidInput(f"manifest {path} is not CSV: {err}", hint=f"write one {layout} row per line") from None
+    header = [c.strip() for c in numbered.pop(0)[1]] if numbered and _is_header(numbered[0][1], path.parent) else []
+    if not numbered:
+        raise InvalidInput(f"manifest {path} has no rows", hint=f"write one {layout} row per image")
+    manifest = Manifest(path, header, [[c.strip() for c in r] for _, r in numbered], [n for n, _ in numbered])
+    for i, row in enumerate(manifest.rows):
+        if len(row) < columns or not all(row[:columns]):
+            raise manifest.fail(i, f"{len(row)} column(s), {columns} needed: {echo(','.join(row))}", f"write {layout}")
+    confine = _confine.get()
+    for i, image in enumerate(manifest.images()):
+        if confine is not None:
+            confine(image)
+        if not image.is_file():
+            raise manifest.fail(
+                i,
+                f"image {echo(manifest.rows[i][0])} not found in {path.parent}",
+                f"paths are relative to the manifest's folder; a header row names its first column path or image "
+                f"({layout})",
+            )
+    return manifest
 
 
 def read_classnames(path: Path, dataset: str) -> list[str]:
@@ -244,10 +303,10 @@ def classification_set(
                     paths.append(p)
                     labels.append(index)
     else:
-        rows = _manifest_rows(data, 2)
-        paths = [(data.parent / r[0].strip()) for r in rows]
+        manifest = read_manifest(data, 2, "path,label (a class name, or an index into --classnames)")
+        paths = manifest.images()
         names = read_lines(classnames_file, "class names file") if classnames_file else None
-        classes, label_array = _manifest_labels(data, [r[1].strip() for r in rows], names, classnames_file)
+        classes, label_array = _manifest_labels(data, [r[1] for r in manifest.rows], names, classnames_file)
         return ClassificationSet(data.name, [n.replace("_", " ") for n in classes], templates, paths, label_array)
     if not paths:
         raise InvalidInput(f"validation set {data} is empty")
@@ -311,26 +370,36 @@ def bias_set(
     """A CSV manifest (path,group[,...]) and neutral queries, one per line. `split_by` names a column of the
     manifest's header (e.g. an identity or scene id): images sharing its value stay on one side of a
     search/held-out split."""
-    rows = _manifest_rows(manifest, 2)
-    units = None
+    read = read_manifest(manifest, 2, "path,group (e.g. image,race)")
+    rows, units = read.rows, None
     if split_by is not None:
-        header = _manifest_header(manifest)
-        if split_by not in header:
+        if split_by not in read.header:
             raise InvalidInput(
                 f"--bias-split-by {split_by[:80]!r} is not a column of {manifest.name}",
-                hint=f"its header names: {', '.join(header) or 'none (the first row must be a header)'}",
+                hint=f"its header names: {', '.join(read.header) or 'none (the first row must be a header)'}",
             )
-        column = header.index(split_by)
-        if any(len(r) <= column for r in rows):
-            raise InvalidInput(f"manifest {manifest}: some rows have no {split_by!r} column")
-        units = np.unique([r[column].strip() for r in rows], return_inverse=True)[1]
-    group_names = sorted({r[1].strip() for r in rows})
+        column = read.header.index(split_by)
+        short = next((i for i, r in enumerate(rows) if len(r) <= column or not r[column]), None)
+        if short is not None:
+            raise read.fail(short, f"no {split_by!r} value", f"every row fills the {split_by} column")
+        units = np.unique([r[column] for r in rows], return_inverse=True)[1]
+    if len(rows) < k:
+        raise InvalidInput(
+            f"bias manifest {manifest} lists {len(rows)} images; MaxSkew@{k} ranks the top {k} of them",
+            hint=f"list at least {k} images, or pass a smaller --skew-k",
+        )
+    group_names = sorted({r[1] for r in rows})
+    if len(group_names) < 2:
+        raise InvalidInput(
+            f"bias manifest {manifest}: every image is in group {group_names[0]!r}; MaxSkew compares two or more",
+            hint="the second column names each image's group (e.g. path,race)",
+        )
     templates = read_templates(templates_file, manifest.name)
     queries = {q: [fill(t, q) for t in templates] for q in read_lines(queries_file, "queries file")}
     return BiasSet(
         manifest.name,
-        [manifest.parent / r[0].strip() for r in rows],
-        np.asarray([group_names.index(r[1].strip()) for r in rows]),
+        read.images(),
+        np.asarray([group_names.index(r[1]) for r in rows]),
         group_names,
         queries,
         k,
@@ -338,12 +407,6 @@ def bias_set(
         units=units,
         protocol=protocol,
     )
-
-
-def _manifest_header(path: Path) -> list[str]:
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        first = next(csv.reader(handle), [])
-    return [c.strip() for c in first] if first and first[0].strip().lower() == "path" else []
 
 
 def build_suite(

@@ -78,6 +78,22 @@ def tiny_default_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def vit_file(tmp_path_factory) -> Path:
+    """A real open_clip architecture (ViT-S-32, random init, 252 MB) saved as a bare .safetensors checkpoint:
+    a file that cannot say its activation, loaded as `--model ViT-S-32 --pretrained FILE`."""
+    import warnings
+
+    from surgeon.load import load_model
+
+    path = tmp_path_factory.mktemp("ckpt") / "vit-s-32.safetensors"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "using a random initialisation": that is the point
+        model = load_model("ViT-S-32", device="cpu").model
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
 def image_folder(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("images")
     rng = np.random.default_rng(0)

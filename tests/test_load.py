@@ -118,3 +118,63 @@ def test_towers_surgeon_cannot_decompose_are_refused_before_they_are_built():
     assert not any(n.startswith(("convnext", "RN50")) for n in names)  # timm / ResNet towers
     with pytest.raises(InvalidInput, match="attention-pooled"):
         load_model("coca_ViT-B-32", device="cpu")
+
+
+@pytest.mark.parametrize(
+    "part, key, value, what",
+    [
+        ("vision_cfg", "layers", 10_000, "parameters"),
+        ("vision_cfg", "width", 10**6, "parameters"),
+        (None, "embed_dim", 10**9, "parameters"),
+        ("text_cfg", "context_length", 10**8, "parameters"),  # its causal mask alone: 10^16 floats
+        ("vision_cfg", "image_size", 10**6, "parameters"),
+        ("text_cfg", "context_length", 20_000, "tokens in a sequence"),
+        ("vision_cfg", "image_size", [960, 960], "activations per sample"),
+    ],
+)
+def test_a_model_config_too_large_for_any_machine_is_refused_before_it_is_built(
+    tmp_path, monkeypatch, part, key, value, what
+):
+    """Before: a local-dir open_clip_config.json with 10,000 layers (or context_length 10^8...) allocated until
+    the allocator refused. Now its size is estimated from the numbers and refused in milliseconds."""
+    import time
+
+    import open_clip
+    import open_clip.model
+
+    config = open_clip.get_model_config("ViT-B-32")
+    (config[part] if part else config)[key] = value
+    if isinstance(value, list):  # 14,401 tokens (within bounds) x width 6,000: 86 M activations per block
+        config["vision_cfg"].update(patch_size=8, width=6000)
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": config}))
+    (tmp_path / "open_clip_model.safetensors").write_bytes(b"x")
+
+    def built(*args, **kwargs):
+        raise AssertionError("the model was built before its size was checked")
+
+    monkeypatch.setattr(open_clip.model.CLIP, "__init__", built)
+    started = time.monotonic()
+    with pytest.raises(InvalidInput, match=f"builds about .* {what}"):
+        load_model(f"local-dir:{tmp_path}", device="cpu")
+    assert time.monotonic() - started < 2
+
+
+def test_a_model_config_number_that_is_not_a_number_is_named():
+    from surgeon.load import build_clip
+    from tests.conftest import tiny_config
+
+    config = tiny_config()
+    config["vision_cfg"]["layers"] = "twelve"
+    with pytest.raises(CorruptInput, match=r"vision_cfg\.layers must be a positive number, got 'twelve'"):
+        build_clip(config)
+
+
+def test_the_size_estimate_matches_real_models():
+    import open_clip
+
+    from surgeon.load import build_clip, model_size
+
+    for name in ("ViT-S-32", "ViT-B-32"):
+        config = open_clip.get_model_config(name)
+        real = sum(p.numel() for p in build_clip(config).parameters())
+        assert abs(model_size(config)[0] - real) / real < 0.01

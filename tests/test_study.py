@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from surgeon.errors import InvalidInput, NotFound, PreconditionFailed
+from surgeon.errors import CorruptInput, InvalidInput, NotFound, PartialResult, PreconditionFailed
 from surgeon.study import CellStore, cells, compute_study, parse_study
 
 TOY = """
@@ -266,3 +266,182 @@ def test_cli_shards_then_collect_json(tmp_path, toy_full):
     document = json.loads(result.stdout)
     assert document["command"] == "study" and document["summary"] == {"computed": 0, "reused": TOY_CELLS}
     assert (out / "table.json").read_bytes() == (toy_full[1].out / "table.json").read_bytes()
+
+
+# ---- issue 22.6 / 23.4 / 23.6: bounds, failed cells, interrupts, kept rankings ----------------------------------
+
+
+def test_a_grid_bomb_is_counted_and_refused_before_any_cell_is_built(tmp_path, monkeypatch):
+    """1000 policies x 100 seeds x 3 modes x 1000 data sets (3 x 10^8 cells, a ~100 kB file): before, cells()
+    built the list (twice) before the bound, a MemoryError traceback after 84 s."""
+    import time
+
+    import surgeon.study as study_module
+
+    policies = "".join(f'[[policies]]\npolicy = "random"\nlabel = "r{i}"\nk = 1\nseeds = 100\n' for i in range(1000))
+    data = "".join(f'[[data]]\nname = "d{i}"\npath = "toy:shape"\n' for i in range(1000))
+    path = write(tmp_path, 'modes = ["zero", "mean", "hard"]\n[[models]]\nname = "toy"\n' + policies + data)
+
+    def built(study):
+        raise AssertionError("the cells were built before the bound was checked")
+
+    monkeypatch.setattr(study_module, "cells", built)
+    started = time.monotonic()
+    with pytest.raises(InvalidInput, match=r"300,001,000 cells; at most 100,000"):
+        parse_study(path)
+    assert time.monotonic() - started < 10
+
+
+def test_count_cells_equals_the_cells_built(tmp_path):
+    from surgeon.study import count_cells
+
+    study = parse_study(
+        write(
+            tmp_path,
+            TOY.replace(
+                '[[models]]\nname = "toy"', '[[models]]\nname = "toy"\n[[models]]\nname = "toy"\nlabel = "again"'
+            ),
+        )
+    )
+    assert count_cells(study) == len(cells(study)) == 2 * TOY_CELLS
+
+
+def test_collect_refuses_a_cell_file_that_is_not_a_cell_in_one_line(tmp_path, toy_full):
+    """Before: a cell file holding {"x": 1} gave a KeyError traceback, exit 1."""
+    from typer.testing import CliRunner
+
+    from surgeon.cli import app
+
+    path, out = write(tmp_path, TOY), tmp_path / "out"
+    shutil.copytree(toy_full[1].out / "cells", out / "cells")
+    shutil.copytree(toy_full[1].out / "rankings", out / "rankings")
+    foreign = next(iter(sorted((out / "cells").iterdir())))
+    foreign.write_text('{"x": 1}')
+    result = CliRunner().invoke(app, ["study", str(path), "--out", str(out), "--collect"])
+    assert isinstance(result.exception, CorruptInput) and result.exception.exit_code == 4  # main(): one line, exit 4
+    assert f"{foreign} is not a surgeon.study-cell/1 cell" in str(result.exception)
+    # a run without --collect computes that cell again: nothing else
+    run = compute_study(parse_study(path), out)
+    assert len(run.computed) == 1 and len(run.reused) == TOY_CELLS - 1
+
+
+def test_an_interrupted_study_says_its_finished_cells_are_kept(tmp_path, monkeypatch):
+    """Before: "interrupted: nothing was written" although the finished cells were kept and reused."""
+    from surgeon.progress import kept_after_interrupt
+
+    study = parse_study(write(tmp_path, TOY))
+    put, written = CellStore.put, []
+
+    def interrupted(self, key, record):
+        if len(written) == 2:
+            raise KeyboardInterrupt
+        put(self, key, record)
+        written.append(key)
+
+    monkeypatch.setattr(CellStore, "put", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        compute_study(study, tmp_path / "out")
+    assert kept_after_interrupt() == (
+        f"2 finished cell(s) are kept in {tmp_path / 'out' / 'cells'}; run the same command to resume"
+    )
+
+
+def test_a_resumed_study_reads_its_kept_ranking_instead_of_ranking_again(tmp_path, toy_full, monkeypatch):
+    """Before: the ranking lived in memory only, so a resume re-ran TextSpan for the cells left."""
+    import surgeon.rank as rank_module
+
+    out = tmp_path / "out"
+    shutil.copytree(toy_full[1].out, out)
+    assert len(list((out / "rankings").glob("*.json"))) == 1
+    for cell in sorted((out / "cells").iterdir())[:3]:
+        cell.unlink()
+
+    def ranked_again(*args, **kwargs):
+        raise AssertionError("ranked again")
+
+    monkeypatch.setattr(rank_module, "rank_heads", ranked_again)
+    run = compute_study(parse_study(write(tmp_path, TOY)), out)
+    assert len(run.computed) == 3
+    assert (out / "table.json").read_bytes() == (toy_full[1].out / "table.json").read_bytes()
+
+
+def test_a_cell_that_cannot_be_computed_is_recorded_and_the_others_go_on(tmp_path, toy_full):
+    """Before: one policy that could not select (here: a concept no head carries) stopped the whole study."""
+    from typer.testing import CliRunner
+
+    from surgeon.cli import app
+
+    out = tmp_path / "out"
+    shutil.copytree(toy_full[1].out / "cells", out / "cells")
+    shutil.copytree(toy_full[1].out / "rankings", out / "rankings")
+    text = TOY.replace("[[data]]", '[[policies]]\npolicy = "concept"\nconcept = "no-such-concept"\n\n[[data]]', 1)
+    path = write(tmp_path, text)
+    result = CliRunner().invoke(app, ["study", str(path), "--out", str(out), "--quiet"])
+    assert isinstance(result.exception, PartialResult) and result.exception.exit_code == 9, result.output
+    assert "2 cell(s) could not be computed" in str(result.exception)
+    table = json.loads((out / "table.json").read_text())
+    rows = {r["policy"]: r for r in table["rows"]}
+    assert rows["concept"]["cells"]["shape"]["value"] is None
+    assert "no head is labelled 'no-such-concept'" in rows["concept"]["cells"]["shape"]["error"]
+    assert rows["top-k"]["cells"]["shape"]["value"] is not None  # the others were computed
+    markdown = (out / "table.md").read_text()
+    assert "| toy | concept | | failed | failed |" in markdown.replace("  ", " ")
+    assert "no head is labelled 'no-such-concept'" in markdown
+    assert "no-such-concept" in (out / "table.csv").read_text()
+    # a rerun tries only the failed cells again (they fail again: same exit code)
+    rerun = compute_study(parse_study(path), out)
+    assert len(rerun.computed) == 2 and len(rerun.failed) == 2 and len(rerun.reused) == TOY_CELLS
+
+
+def test_collect_lists_every_file_it_wrote_the_plot_included(tmp_path, toy_full):
+    from typer.testing import CliRunner
+
+    from surgeon.cli import app
+
+    path, out = write(tmp_path, TOY), tmp_path / "out"
+    shutil.copytree(toy_full[1].out / "cells", out / "cells")
+    result = CliRunner().invoke(app, ["study", str(path), "--out", str(out), "--collect"])
+    assert result.exit_code == 0, result.output
+    assert "table.md, table.csv, table.json, study.png" in result.stdout.replace("\n", "")
+
+
+def test_the_cli_says_the_finished_cells_are_kept_when_a_study_is_interrupted(tmp_path, toy_full, monkeypatch, capfd):
+    """Through the CLI's entry point: before, "interrupted: nothing was written" (and exit 130)."""
+    import os
+    import signal
+
+    from surgeon import cli
+
+    out = tmp_path / "out"
+    shutil.copytree(toy_full[1].out / "cells", out / "cells")
+    for cell in sorted((out / "cells").iterdir())[:2]:
+        cell.unlink()
+
+    def interrupted(self, key, record):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C, through the CLI's handler
+
+    monkeypatch.setattr(CellStore, "put", interrupted)
+    monkeypatch.setattr(sys, "argv", ["surgeon", "study", str(write(tmp_path, TOY)), "--out", str(out), "-q"])
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM)}
+    try:
+        with pytest.raises(SystemExit) as exited:
+            cli.main()
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+    assert exited.value.code == 130
+    error = capfd.readouterr().err
+    assert f"interrupted: {TOY_CELLS - 2} finished cell(s) are kept in {out / 'cells'}" in error.replace("\n", "")
+    assert "nothing was written" not in error
+
+
+def test_a_studys_data_sets_are_read_before_any_model_loads(tmp_path, monkeypatch):
+    import surgeon.load
+
+    def refused(*args, **kwargs):
+        raise AssertionError("a model was loaded before the data sets were read")
+
+    monkeypatch.setattr(surgeon.load, "load_model", refused)
+    study = parse_study(write(tmp_path, TOY.replace('path = "toy"\nn = 20', 'path = "missing.csv"\nqueries = "q.txt"')))
+    with pytest.raises(NotFound, match="manifest not found"):
+        compute_study(study, tmp_path / "out")

@@ -24,7 +24,7 @@ from surgeon.paths import newest_run, refuse_temporary
 from surgeon.runfolder import is_run_folder
 from surgeon.server.paths import Root, resolve_in
 from surgeon.v1 import surgeon_pb2 as pb
-from surgeon.validate import ValidationSuite
+from surgeon.validate import ValidationSuite, confined_images
 
 REMOTE_JUDGES = ("lexicon", "embedding")  # llm would make the server call a client-chosen URL
 SuiteBuilder = Callable[[str | None], ValidationSuite]  # the validation suite for a model name
@@ -101,6 +101,9 @@ class SpecBuilder:
             pretrained = str(resolve_in([self.config.models], pretrained, "checkpoint", "file"))
         return name, pretrained
 
+    def model_spec(self, ref: pb.ModelRef, model: str | None, pretrained: str | None) -> ModelSpec:
+        return ModelSpec(model, pretrained, self.config.device, ref.activation or None)
+
     def data_file(self, raw: str, what: str) -> Path | None:
         return resolve_in([self.config.data], raw, what, "file") if raw else None
 
@@ -139,7 +142,8 @@ class SpecBuilder:
         spec.check()
         if spec.is_toy:
             return spec, spec.build  # a real model without data fails there, as in the CLI: no toy fallback
-        suite = spec.build(None)
+        with confined_images(lambda path: root.check_inside(path, "validation image")):
+            suite = spec.build(None)
         for images in [t.images for t in suite.tasks] + ([suite.bias.images] if suite.bias else []):
             for path in images if isinstance(images, list) else []:
                 root.check_inside(path, "validation image")  # manifests may not point outside the data root
@@ -209,7 +213,7 @@ class SpecBuilder:
         images, n_images = self.images(request.images)
         taxonomy = self.data_file(request.taxonomy, "taxonomy")
         spec = RankSpec(
-            model=ModelSpec(model, pretrained, self.config.device),
+            model=self.model_spec(request.model, model, pretrained),
             images=images,
             n_images=n_images,
             texts=self.texts(request.texts),
@@ -230,7 +234,7 @@ class SpecBuilder:
         """The spec, the builder of its validation suite and its output folder."""
         data = request.validation
         spec = PruneSpec(  # the options first: a bad number is INVALID_ARGUMENT whatever the paths say
-            model=ModelSpec(request.model.model or None, request.model.pretrained or None, self.config.device),
+            model=self.model_spec(request.model, request.model.model or None, request.model.pretrained or None),
             policy=request.policy or PruneSpec.policy,
             k=optional_field(request, "k"),
             heads=request.heads or None,
@@ -264,7 +268,7 @@ class SpecBuilder:
         validation, suite_for = self.suite(data)
         spec = replace(
             spec,
-            model=ModelSpec(model, pretrained, self.config.device),
+            model=self.model_spec(request.model, model, pretrained),
             ranking=ranking,
             labels=self.data_file(request.labels, "labels file"),
             images=images,
@@ -282,7 +286,7 @@ class SpecBuilder:
         model, pretrained = self.model(request.model)
         validation, suite_for = self.suite(request.validation, request.language)
         out = self.out(request.out, "validate", request.force) if request.out else None
-        spec = ValidateSpec(ModelSpec(model, pretrained, self.config.device), validation, out, request.force)
+        spec = ValidateSpec(self.model_spec(request.model, model, pretrained), validation, out, request.force)
         spec.check()
         return spec, suite_for, out
 

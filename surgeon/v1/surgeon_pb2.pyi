@@ -13,12 +13,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ModelRef(_message.Message):
-    __slots__ = ("model", "pretrained")
+    __slots__ = ("model", "pretrained", "activation")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PRETRAINED_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATION_FIELD_NUMBER: _ClassVar[int]
     model: str
     pretrained: str
-    def __init__(self, model: _Optional[str] = ..., pretrained: _Optional[str] = ...) -> None: ...
+    activation: str
+    def __init__(self, model: _Optional[str] = ..., pretrained: _Optional[str] = ..., activation: _Optional[str] = ...) -> None: ...
 
 class ImageSource(_message.Message):
     __slots__ = ("images", "n_images")
