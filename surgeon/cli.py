@@ -587,8 +587,13 @@ def export_command(
     max_accuracy_drop: Annotated[
         float, typer.Option(help="--quantize's gate: points of mean zero-shot top-1 int8 may cost")
     ] = ExportSpec.max_accuracy_drop,
+    data: DataOpt = None,
+    classnames: ClassnamesOpt = None,
+    templates: TemplatesOpt = None,
 ) -> None:
-    """Export the pruned checkpoint of a run folder again (ONNX, safetensors), validated and with a card."""
+    """Export the pruned checkpoint of a run folder again (ONNX, safetensors), validated and with a card.
+    --quantize measures int8 on the data the run recorded, or on --data when given."""
+    given = any(p is not None for p in (data, classnames, templates))
     spec = ExportSpec(
         run_dir or Path(),
         format=export_format,
@@ -601,6 +606,7 @@ def export_command(
         device=device,
         quantize=quantize,
         max_accuracy_drop=max_accuracy_drop,
+        validation=ValidationSpec(data=data, classnames=classnames, templates=templates) if given else None,
     )
     spec.check()
     if run_dir is None:
