@@ -28,10 +28,12 @@ def base_model_facts(base: dict) -> dict[str, str]:
         return {"license": TOY_LICENSE}
     import open_clip
 
-    from surgeon.load import hub_repo
+    from surgeon.load import HF_HUB_PREFIX, hub_repo
 
     pretrained = base.get("pretrained") or ""
     repo_id, _ = hub_repo(open_clip.get_pretrained_cfg(base["name"], pretrained) if pretrained else {})
+    if base["name"].startswith(HF_HUB_PREFIX):  # a model loaded from the Hub by its repo id
+        repo_id = base["name"].removeprefix(HF_HUB_PREFIX)
     if not repo_id:  # a local folder or checkpoint file: its license is not known here
         return {"license": "unknown"}
     license_id = _cached_card_license(repo_id)
@@ -128,7 +130,8 @@ def model_card(loaded: LoadedModel, plan: Plan, validation: dict, folder: Path) 
             "# the heads are physically removed: plain open_clip cannot build the narrower attention, surgeon can",
             "import surgeon.load  # pip install 'surgeon[surgery]'",
             "",
-            "loaded = surgeon.load.load_model('local-dir:.')  # this folder, downloaded",
+            "loaded = surgeon.load.load_model('hf-hub:USER/REPO')  # this folder pushed to the Hub as USER/REPO",
+            "# or from a local copy: surgeon.load.load_model('local-dir:.'); the CLI: --model hf-hub:USER/REPO",
             "model, preprocess, tokenizer = loaded.model, loaded.preprocess, loaded.tokenizer",
         ]
     else:
