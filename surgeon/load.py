@@ -307,6 +307,15 @@ def _local_dir(model: str) -> Path | None:
 HF_HUB_PREFIX = "hf-hub:"
 
 
+def normalised_source(text: str) -> str:
+    """A model path as labels and records show it: `//`, `.` and `..` segments resolved (`runs//a/../b` ->
+    `runs/b`), absolute when it climbs above the working folder; `local-dir:` kept, other names unchanged."""
+    prefix = "local-dir:" if text.startswith("local-dir:") else ""
+    raw = text.removeprefix(prefix)
+    clean = os.path.normpath(raw)
+    return prefix + (os.path.abspath(raw) if clean == os.pardir or clean.startswith(os.pardir + os.sep) else clean)
+
+
 def hub_snapshot(model: str) -> Path | None:
     """The local Hub cache's folder of `hf-hub:ORG/NAME` (None for other names), read as a local-dir folder:
     every run folder surgeon writes is a Hub repo, hard-pruned ones included (which open_clip's own hf-hub:
@@ -394,7 +403,7 @@ def load_model(
             clip = rebuild_pruned(build_clip(model_cfg), config.get("surgeon", {}))
         load_weights_strict(clip, read_state_dict(weights), str(weights))
         if name != TOY_MODEL_NAME and not name.startswith(HF_HUB_PREFIX):
-            name = f"local-dir:{folder}"
+            name = normalised_source(f"local-dir:{folder}")
         tokenizer_name = f"local-dir:{folder}"
         pretrained = None
         pruned_layout = config.get("surgeon", {})
@@ -424,7 +433,7 @@ def load_model(
         if pretrained:
             path = Path(pretrained)
             if path.suffix in CHECKPOINT_SUFFIXES or path.exists():
-                weights_path = path
+                weights_path, pretrained = path, normalised_source(pretrained)
             else:
                 weights_path, tag_cfg = _find_in_hub_cache(model, pretrained)
                 if weights_path is None:
