@@ -534,14 +534,14 @@ def export_existing_run(
     check_validation_report(validation, f"{run_dir}/validation.json")
     for name in dict.fromkeys(formats):
         EXPORTERS.get(name)  # unknown formats fail before the model is loaded
-    if options.get("quantize"):  # fails before the model is loaded: no ONNX, no data to measure on
-        if "onnx" not in formats:
-            raise InvalidInput("--quantize needs the ONNX format (--format onnx or both)")
-        options["suite"] = _quantization_suite(run_dir, plan.base_model["name"], measure_on)
-    elif measure_on is not None:
+    if options.get("quantize") and "onnx" not in formats:
+        raise InvalidInput("--quantize needs the ONNX format (--format onnx or both)")
+    if measure_on is not None and not options.get("quantize"):
         raise InvalidInput("the validation options are read by --quantize only (it measures int8 on them)")
-    if verify:
+    if verify:  # before validation_data.json is read: its paths are trusted only once its hash is checked
         verify_run(run_dir)
+    if options.get("quantize"):  # fails before the model is loaded: no data to measure on, or changed data
+        options["suite"] = _quantization_suite(run_dir, plan.base_model["name"], measure_on)
     loaded = load_model(f"local-dir:{model_dir}", device=device)
     if "safetensors" in formats and "onnx" in formats:
         onnx_only = size_estimate(loaded, ["onnx"], quantize=options.get("quantize"))
