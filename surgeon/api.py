@@ -295,7 +295,7 @@ def run_prune(spec: PruneSpec, suite: ValidationSuite | None = None, quiet: bool
     image_set = resolve_images(spec.images, spec.n_images, spec.model.model) if needs_images else None
     stage("loading validation data")
     suite = suite if suite is not None else spec.validation.build(spec.model.model)
-    data_record = record_validation_data(spec.validation, suite) if spec.out_dir is not None else None
+    data_record = record_validation_data(spec.validation, suite, quiet) if spec.out_dir is not None else None
     loaded = spec.model.load()
     ranking = _ranking_for(
         loaded, spec.ranking, image_set if spec.needs_ranking else None, spec.texts, spec.judge, spec.layers, quiet

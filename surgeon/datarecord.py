@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from surgeon.errors import CorruptInput, InvalidInput, NotFound, PreconditionFailed
 from surgeon.integrity import sha256_file
 from surgeon.paths import read_json_object
+from surgeon.progress import Advance, progress_bar
 
 if TYPE_CHECKING:
     from surgeon.api import ValidationSpec
@@ -23,8 +24,8 @@ PATH_OPTIONS = ("data", "classnames", "templates", "bias_data", "queries")
 VALUE_OPTIONS = ("skew_k", "desired", "bias_protocol", "bias_split_by", "language")
 
 
-def record_validation_data(spec: ValidationSpec, suite: ValidationSuite) -> dict[str, Any]:
-    """The record of `suite`, built from `spec` (hashing reads every image once more)."""
+def record_validation_data(spec: ValidationSpec, suite: ValidationSuite, quiet: bool = True) -> dict[str, Any]:
+    """The record of `suite`, built from `spec` (hashing reads every image once more: a bar unless quiet)."""
     paths: dict[str, dict[str, str]] = {}
     for name in PATH_OPTIONS:
         value = getattr(spec, name)
@@ -40,7 +41,7 @@ def record_validation_data(spec: ValidationSpec, suite: ValidationSuite) -> dict
         "description": suite.description,
         "options": {name: getattr(spec, name) for name in VALUE_OPTIONS},
         "paths": paths,
-        "images_sha256": images_digests(suite),
+        "images_sha256": images_digests(suite, quiet),
     }
 
 
@@ -52,27 +53,30 @@ def _path_digest(path: Path) -> str:
     return _files_digest(sorted(p for p in path.iterdir() if p.is_file()))
 
 
-def _files_digest(files: list[Path]) -> str:
+def _files_digest(files: list[Path], advance: Advance | None = None) -> str:
     """SHA-256 over each file's name (relative to the files' common folder) and content."""
     digest = hashlib.sha256()
     base = os.path.commonpath([str(f.parent) for f in files]) if files else ""
     for file in files:
         digest.update(os.path.relpath(file, base).encode() + b"\0" + bytes.fromhex(sha256_file(file)))
+        if advance is not None:
+            advance(1)
     return digest.hexdigest()
 
 
-def images_digests(suite: ValidationSuite) -> dict[str, str]:
+def images_digests(suite: ValidationSuite, quiet: bool = True) -> dict[str, str]:
     """Per set: a digest of the image files (or webdataset shards) it reads; the toy's arrays are seeded."""
     from surgeon.webdata import ShardImages
 
     sets = [(t.name, t.images) for t in suite.tasks]
     sets += [(suite.bias.name, suite.bias.images)] if suite.bias is not None else []
-    digests = {}
-    for name, images in sets:
-        files = images.shards if isinstance(images, ShardImages) else images if isinstance(images, list) else None
-        if files is not None:
-            digests[name] = _files_digest(list(files))
-    return digests
+    listed = {
+        name: list(images.shards if isinstance(images, ShardImages) else images)
+        for name, images in sets
+        if isinstance(images, ShardImages | list)
+    }
+    with progress_bar("hashing validation data", sum(map(len, listed.values())), quiet) as advance:
+        return {name: _files_digest(files, advance) for name, files in listed.items()}
 
 
 def recorded_suite(run_dir: Path, model: str | None) -> ValidationSuite:
@@ -86,7 +90,7 @@ def recorded_suite(run_dir: Path, model: str | None) -> ValidationSuite:
             hint="pass the validation options (--data, --classnames, --templates) to measure int8 on",
         )
     record = read_json_object(path, "validation data record")
-    if record.get("schema") != SCHEMA or not isinstance(record.get("paths"), dict):
+    if record.get("schema") != SCHEMA or not all(isinstance(record.get(k), dict) for k in ("paths", "images_sha256")):
         raise CorruptInput(f"{path} is not a surgeon validation data record (schema {SCHEMA})")
     given: dict[str, Any] = {}
     for name, entry in record["paths"].items():
@@ -99,7 +103,7 @@ def recorded_suite(run_dir: Path, model: str | None) -> ValidationSuite:
                     f"the run's validation {name} {where} is gone",
                     hint="pass the validation options (--data ...) to measure on data you have",
                 )
-            _check_digest(name, where, _path_digest(where), entry.get("sha256"))
+            _check_digest(f"{name} {where}", _path_digest(where), entry.get("sha256"))
         given[name] = where
     options = record.get("options", {})
     if not isinstance(options, dict) or set(options) - set(VALUE_OPTIONS):
@@ -110,15 +114,15 @@ def recorded_suite(run_dir: Path, model: str | None) -> ValidationSuite:
     except (TypeError, InvalidInput) as err:
         raise CorruptInput(f"{path}: {err}") from None
     suite = spec.build(model)
-    recorded = record.get("images_sha256", {})
-    for name, digest in images_digests(suite).items():
-        _check_digest(f"set {name}'s images", Path(name), digest, recorded.get(name))
+    recorded = record["images_sha256"]
+    for name, digest in images_digests(suite, quiet=False).items():  # a terminal bar: every image is read again
+        _check_digest(f"images of set {name}", digest, recorded.get(name))
     return suite
 
 
-def _check_digest(what: str, where: Path, digest: str, recorded: object) -> None:
+def _check_digest(what: str, digest: str, recorded: object) -> None:
     if digest != recorded:
         raise PreconditionFailed(
-            f"the run's validation {what} ({where}) changed since the run: its content hash differs",
+            f"the run's validation {what} changed since the run: its content hash differs",
             hint="restore it, or pass the validation options (--data ...) to measure on other data",
         )
