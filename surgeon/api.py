@@ -10,7 +10,7 @@ This module stays light to import (torch only inside the functions): the CLI imp
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -295,7 +295,7 @@ def run_prune(spec: PruneSpec, suite: ValidationSuite | None = None, quiet: bool
     image_set = resolve_images(spec.images, spec.n_images, spec.model.model) if needs_images else None
     stage("loading validation data")
     suite = suite if suite is not None else spec.validation.build(spec.model.model)
-    data_record = record_validation_data(spec.validation, suite, quiet) if spec.out_dir is not None else None
+    data_record = record_validation_data(asdict(spec.validation), suite, quiet) if spec.out_dir is not None else None
     loaded = spec.model.load()
     ranking = _ranking_for(
         loaded, spec.ranking, image_set if spec.needs_ranking else None, spec.texts, spec.judge, spec.layers, quiet
@@ -489,6 +489,8 @@ def run_export(spec: ExportSpec) -> list[Path]:
     from surgeon.export import export_existing_run
     from surgeon.progress import stage
 
+    stage("loading validation data" if spec.validation is not None else "exporting")
+    measure_on = spec.validation.build(None) if spec.validation is not None else None  # before the model loads
     stage("exporting")
     return export_existing_run(
         spec.run_dir,
@@ -502,7 +504,7 @@ def run_export(spec: ExportSpec) -> list[Path]:
         exporter=spec.onnx_exporter,
         quantize=spec.quantize,
         max_accuracy_drop=spec.max_accuracy_drop,
-        measure_on=spec.validation,
+        measure_on=measure_on,
     )
 
 

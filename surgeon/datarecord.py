@@ -15,7 +15,6 @@ from surgeon.paths import read_json_object
 from surgeon.progress import Advance, progress_bar
 
 if TYPE_CHECKING:
-    from surgeon.api import ValidationSpec
     from surgeon.validate import ValidationSuite
 
 DATA_RECORD = "validation_data.json"
@@ -24,11 +23,12 @@ PATH_OPTIONS = ("data", "classnames", "templates", "bias_data", "queries")
 VALUE_OPTIONS = ("skew_k", "desired", "bias_protocol", "bias_split_by", "language")
 
 
-def record_validation_data(spec: ValidationSpec, suite: ValidationSuite, quiet: bool = True) -> dict[str, Any]:
-    """The record of `suite`, built from `spec` (hashing reads every image once more: a bar unless quiet)."""
+def record_validation_data(options: dict[str, Any], suite: ValidationSuite, quiet: bool = True) -> dict[str, Any]:
+    """The record of `suite`, built from the validation `options` (api.ValidationSpec's fields) that made it;
+    hashing reads every image once more (a bar unless quiet)."""
     paths: dict[str, dict[str, str]] = {}
     for name in PATH_OPTIONS:
-        value = getattr(spec, name)
+        value = options.get(name)
         if value is None:
             continue
         if str(value) == "toy":  # the toy world's suite: generated from seeds, nothing to hash
@@ -39,7 +39,7 @@ def record_validation_data(spec: ValidationSpec, suite: ValidationSuite, quiet: 
     return {
         "schema": SCHEMA,
         "description": suite.description,
-        "options": {name: getattr(spec, name) for name in VALUE_OPTIONS},
+        "options": {name: options.get(name) for name in VALUE_OPTIONS},
         "paths": paths,
         "images_sha256": images_digests(suite, quiet),
     }
@@ -81,7 +81,8 @@ def images_digests(suite: ValidationSuite, quiet: bool = True) -> dict[str, str]
 
 def recorded_suite(run_dir: Path, model: str | None) -> ValidationSuite:
     """The suite a run was validated on, rebuilt from its record after checking every hash."""
-    from surgeon.api import ValidationSpec
+    from surgeon import limits
+    from surgeon.validate import build_suite
 
     path = run_dir / DATA_RECORD
     if not path.is_file():
@@ -105,15 +106,23 @@ def recorded_suite(run_dir: Path, model: str | None) -> ValidationSuite:
                 )
             _check_digest(f"{name} {where}", _path_digest(where), entry.get("sha256"))
         given[name] = where
-    options = record.get("options", {})
-    if not isinstance(options, dict) or set(options) - set(VALUE_OPTIONS):
-        raise CorruptInput(f"{path}: unexpected validation options")
-    try:
-        spec = ValidationSpec(**given, **options)
-        spec.check()
+    options = record.get("options")
+    if not isinstance(options, dict) or set(options) != set(VALUE_OPTIONS):
+        raise CorruptInput(f"{path}: the validation options must be {', '.join(VALUE_OPTIONS)}")
+    try:  # the bounds api.ValidationSpec.check applies to options typed in
+        limits.validation_options(options["skew_k"])
+        limits.texts(desired=options["desired"], bias_protocol=options["bias_protocol"])
+        limits.texts(bias_split_by=options["bias_split_by"], language=options["language"])
+        suite = build_suite(
+            **given,
+            skew_k=options["skew_k"],
+            desired=options["desired"],
+            protocol=options["bias_protocol"],
+            bias_split_by=options["bias_split_by"],
+            model=model,
+        )
     except (TypeError, InvalidInput) as err:
         raise CorruptInput(f"{path}: {err}") from None
-    suite = spec.build(model)
     recorded = record["images_sha256"]
     for name, digest in images_digests(suite, quiet=False).items():  # a terminal bar: every image is read again
         _check_digest(f"images of set {name}", digest, recorded.get(name))

@@ -34,7 +34,6 @@ from surgeon.runfolder import PARITY_FILE, SHARED_WEIGHTS, parity_lines
 from surgeon.templates import read_labels
 
 if TYPE_CHECKING:
-    from surgeon.api import ValidationSpec
     from surgeon.validate import ValidationSuite
 
 EXPORTERS: Registry = Registry("export format")
@@ -505,7 +504,7 @@ def export_existing_run(
     force: bool = False,
     device: str | None = None,
     verify: bool = True,
-    measure_on: ValidationSpec | None = None,
+    measure_on: ValidationSuite | None = None,
     **options,
 ) -> list[Path]:
     """Re-export the pruned checkpoint of a `surgeon prune` run folder (e.g. to ONNX, with new labels), after
@@ -556,7 +555,7 @@ def export_existing_run(
     return [out_dir / p.relative_to(tmp) for p in files]
 
 
-def _quantization_suite(run_dir: Path, model: str, measure_on: ValidationSpec | None) -> ValidationSuite:
+def _quantization_suite(run_dir: Path, model: str, measure_on: ValidationSuite | None) -> ValidationSuite:
     """What int8 is measured on: the data named, else the data the run recorded (its hashes checked); the toy
     model's runs from before the record use the toy suite they were validated on."""
     from surgeon.datarecord import recorded_suite
@@ -564,7 +563,7 @@ def _quantization_suite(run_dir: Path, model: str, measure_on: ValidationSpec | 
     from surgeon.validate import build_suite
 
     if measure_on is not None:
-        return measure_on.build(model)
+        return measure_on
     if model == TOY_MODEL_NAME and not (run_dir / DATA_RECORD).is_file():
         return build_suite(model=model)
     return recorded_suite(run_dir, model)
