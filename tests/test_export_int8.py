@@ -131,3 +131,21 @@ def test_an_export_says_what_it_writes_before_writing(recorded_run, tmp_path, mo
     with pytest.raises(StorageError, match="needs about .* but .* has 999 B free") as full:
         run_export(ExportSpec(recorded_run.dir, format="both", out_dir=tmp_path / "full"))
     assert "`--format onnx` alone" in str(full.value.hint) and not (tmp_path / "full").exists()
+
+
+def test_the_cli_refuses_bad_export_options_in_one_line(recorded_run):
+    import subprocess
+    import sys
+
+    for options, message in (
+        (["--quantize", "int4"], "unknown quantization 'int4'"),
+        (["--data", str(recorded_run.data)], "the validation options are read by --quantize only"),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "surgeon", "export", str(recorded_run.dir), *options],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == InvalidInput.exit_code and message in done.stderr
+        assert "Traceback" not in done.stderr and not (recorded_run.dir / "export-onnx").exists()
