@@ -10,13 +10,13 @@ This module stays light to import (torch only inside the functions): the CLI imp
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from surgeon import limits
 from surgeon.errors import InvalidInput, PreconditionFailed
-from surgeon.quantize import DEFAULT_MAX_ACCURACY_DROP
+from surgeon.quantize import DEFAULT_MAX_ACCURACY_DROP, check_scheme
 
 if TYPE_CHECKING:
     from surgeon.images import ImageSet
@@ -340,6 +340,7 @@ class PruneSpec:
 
 def run_prune(spec: PruneSpec, suite: ValidationSuite | None = None, quiet: bool = True) -> PruneResult:
     """`suite`: one the caller built from `spec.validation` already (the service checks its manifests)."""
+    from surgeon.datarecord import record_validation_data
     from surgeon.images import resolve_images
     from surgeon.policies import PolicyOptions
     from surgeon.pools import load_pool
@@ -353,6 +354,7 @@ def run_prune(spec: PruneSpec, suite: ValidationSuite | None = None, quiet: bool
     stage("loading validation data")
     suite = suite if suite is not None else spec.validation.build(spec.model.model)
     say(f"prune: validates before and after on {suite_cost(suite)}", quiet)
+    data_record = record_validation_data(asdict(spec.validation), suite, quiet) if spec.out_dir is not None else None
     loaded = spec.model.load()  # every input above is read and checked: a bad file costs no model load
     ranking = _ranking_for(
         loaded, spec.ranking, image_set if spec.needs_ranking else None, pool, spec.judge, spec.layers, quiet
@@ -387,6 +389,7 @@ def run_prune(spec: PruneSpec, suite: ValidationSuite | None = None, quiet: bool
         export_options={"labels": spec.labels, "atol": spec.atol, "exporter": spec.onnx_exporter},
         language=spec.validation.language,
         quiet=quiet,
+        data_record=data_record,
     )
 
 
@@ -523,14 +526,20 @@ class ExportSpec:
     device: str | None = None
     quantize: str | None = None  # int8: quantized image graphs, gated on the accuracy they cost
     max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP  # points of mean zero-shot top-1
+    validation: ValidationSpec | None = None  # what --quantize measures on; None: the data the run recorded
 
     def check(self) -> None:
         from surgeon.export import check_exporter
 
         _choice("export format", self.format, EXPORT_FORMATS)
+        if self.validation is not None:
+            if self.quantize is None:
+                raise InvalidInput("the validation options are read by --quantize only (it measures int8 on them)")
+            self.validation.check()
         limits.export_options(self.atol)
         limits.number("max_accuracy_drop", self.max_accuracy_drop, 0.0, limits.MAX_POINTS)
         limits.texts(device=self.device, quantize=self.quantize)
+        check_scheme(self.quantize)
         check_exporter(self.onnx_exporter)
         _check_labels(self.labels)
 
@@ -544,6 +553,8 @@ def run_export(spec: ExportSpec) -> list[Path]:
     from surgeon.export import export_existing_run
     from surgeon.progress import stage
 
+    stage("loading validation data" if spec.validation is not None else "exporting")
+    measure_on = spec.validation.build(None) if spec.validation is not None else None  # before the model loads
     stage("exporting")
     return export_existing_run(
         spec.run_dir,
@@ -557,6 +568,7 @@ def run_export(spec: ExportSpec) -> list[Path]:
         exporter=spec.onnx_exporter,
         quantize=spec.quantize,
         max_accuracy_drop=spec.max_accuracy_drop,
+        measure_on=measure_on,
     )
 
 

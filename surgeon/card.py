@@ -28,10 +28,12 @@ def base_model_facts(base: dict) -> dict[str, str]:
         return {"license": TOY_LICENSE}
     import open_clip
 
-    from surgeon.load import hub_repo
+    from surgeon.load import HF_HUB_PREFIX, hub_repo
 
     pretrained = base.get("pretrained") or ""
     repo_id, _ = hub_repo(open_clip.get_pretrained_cfg(base["name"], pretrained) if pretrained else {})
+    if base["name"].startswith(HF_HUB_PREFIX):  # a model loaded from the Hub by its repo id
+        repo_id = base["name"].removeprefix(HF_HUB_PREFIX)
     if not repo_id:  # a local folder or checkpoint file: its license is not known here
         return {"license": "unknown"}
     license_id = _cached_card_license(repo_id)
@@ -92,6 +94,33 @@ def _front_matter(plan: Plan, validation: dict, has_onnx: bool) -> list[str]:
     return lines
 
 
+def selection_sentence(plan: Plan) -> str:
+    """How the heads were chosen, as the plan records it: the policy's own description (its docstring's first
+    line), and a CCS ranking only when the policy read one (`heads` and the paper's presets read none)."""
+    from surgeon.policies import POLICIES
+
+    doc = (POLICIES.get(plan.policy).__doc__ or "") if plan.policy in POLICIES else ""
+    described = doc.strip().splitlines()[0].rstrip(".") if doc.strip() else ""
+    if plan.policy == "heads":
+        described = f"listed by the user: {', '.join(h.head for h in plan.heads)}"
+    sentence = f"{len(plan.heads)} head(s) of the {plan.tower} tower were chosen by the `{plan.policy}` policy"
+    sentence += f" ({described[0].lower() + described[1:]})" if described else ""
+    if plan.ranking_sha256 is None:
+        return sentence + ", without a Concept Consistency Score (CCS) ranking"
+    return sentence + f", reading a Concept Consistency Score (CCS) ranking (sha256 {plan.ranking_sha256[:12]}…)"
+
+
+def _heads_table(plan: Plan) -> list[str]:
+    """The pruned heads with their reasons; the label and CCS columns only when a ranking gave them."""
+    if all(h.label is None and h.ccs is None for h in plan.heads):
+        return ["| head | reason |", "|---|---|", *[f"| {h.head} | {h.reason} |" for h in plan.heads]]
+    return [
+        "| head | concept label | CCS | reason |",
+        "|---|---|---|---|",
+        *[f"| {h.head} | {h.label or '-'} | {'-' if h.ccs is None else h.ccs} | {h.reason} |" for h in plan.heads],
+    ]
+
+
 def model_card(loaded: LoadedModel, plan: Plan, validation: dict, folder: Path) -> str:
     from surgeon.validate import markdown_report
 
@@ -104,17 +133,13 @@ def model_card(loaded: LoadedModel, plan: Plan, validation: dict, folder: Path) 
         "",
         f"# {plan.base_model['name']} with {len(plan.heads)} attention head(s) pruned",
         "",
-        f"Made by surgeon {plan.surgeon_version}: heads of the "
-        f"{plan.tower} tower were ranked by Concept Consistency Score (CCS) and pruned with the "
-        f"`{plan.policy}` policy in `{plan.mode}` mode"
+        f"Made by surgeon {plan.surgeon_version}: {selection_sentence(plan)}, pruned in `{plan.mode}` mode"
         + (" (heads physically removed)." if hard else " (weights zeroed or mean-folded; shapes unchanged).")
         + (f" MLP activation: {activation}." if activation else ""),
         "",
         "## What was pruned and why",
         "",
-        "| head | concept label | CCS | reason |",
-        "|---|---|---|---|",
-        *[f"| {h.head} | {h.label or '-'} | {'-' if h.ccs is None else h.ccs} | {h.reason} |" for h in plan.heads],
+        *_heads_table(plan),
         "",
         "## Validation before and after",
         "",
@@ -130,7 +155,8 @@ def model_card(loaded: LoadedModel, plan: Plan, validation: dict, folder: Path) 
             "# the heads are physically removed: plain open_clip cannot build the narrower attention, surgeon can",
             "import surgeon.load  # pip install 'surgeon[surgery]'",
             "",
-            "loaded = surgeon.load.load_model('local-dir:.')  # this folder, downloaded",
+            "loaded = surgeon.load.load_model('hf-hub:USER/REPO')  # this folder pushed to the Hub as USER/REPO",
+            "# or from a local copy: surgeon.load.load_model('local-dir:.'); the CLI: --model hf-hub:USER/REPO",
             "model, preprocess, tokenizer = loaded.model, loaded.preprocess, loaded.tokenizer",
         ]
     else:
@@ -164,7 +190,8 @@ def model_card(loaded: LoadedModel, plan: Plan, validation: dict, folder: Path) 
     lines += [
         "## Limits",
         "",
-        "- CCS labels come from an automatic judge over TextSpan descriptions; they describe, they do not prove.",
+        *["- CCS labels come from an automatic judge over TextSpan descriptions; they describe, they do not prove."]
+        * (plan.ranking_sha256 is not None),
         "- Validation covers only the sets listed above; pruning can hurt other tasks more (the paper reports "
         "the largest drops on fine-grained and geographic sets when high-CCS heads go).",
         "- Lower skew on one bias set does not make the model fair elsewhere.",

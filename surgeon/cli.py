@@ -420,19 +420,22 @@ def _print_parity(folder: Path | None) -> None:
 
 
 def _print_summary(before: dict, after: dict | None = None) -> None:
-    table = Table(title="validation")
+    """Accuracy in % and its change in points, as report.md and the card show them (validate.UNITS_NOTE)."""
+    from surgeon.validate import UNITS_NOTE
+
+    table = Table(title="validation", caption=UNITS_NOTE if "mean_acc1" in before else None)
     table.add_column("metric")
     table.add_column("before" if after else "value", justify="right")
     if after:
         table.add_column("after", justify="right")
-        table.add_column("delta", justify="right")
+        table.add_column("change", justify="right")
     for key, value in before.items():
         if value is None:
             continue
-        scale, unit = (100, "") if key == "mean_acc1" else (1, "")
-        row = [key, f"{scale * value:.3f}{unit}"]
+        scale, digits, name = (100, 2, "mean_acc1 (%)") if key == "mean_acc1" else (1, 4, key)
+        row = [name, f"{scale * value:.{digits}f}"]
         if after:
-            row += [f"{scale * after[key]:.3f}", f"{scale * (after[key] - value):+.3f}"]
+            row += [f"{scale * after[key]:.{digits}f}", f"{scale * (after[key] - value):+.{digits}f}"]
         table.add_row(*row)
     out.print(table)
 
@@ -609,8 +612,13 @@ def export_command(
     max_accuracy_drop: Annotated[
         float, typer.Option(help="--quantize's gate: points of mean zero-shot top-1 int8 may cost")
     ] = ExportSpec.max_accuracy_drop,
+    data: DataOpt = None,
+    classnames: ClassnamesOpt = None,
+    templates: TemplatesOpt = None,
 ) -> None:
-    """Export the pruned checkpoint of a run folder again (ONNX, safetensors), validated and with a card."""
+    """Export the pruned checkpoint of a run folder again (ONNX, safetensors), validated and with a card.
+    --quantize measures int8 on the data the run recorded, or on --data when given."""
+    given = any(p is not None for p in (data, classnames, templates))
     spec = ExportSpec(
         run_dir or Path(),
         format=export_format,
@@ -623,6 +631,7 @@ def export_command(
         device=device,
         quantize=quantize,
         max_accuracy_drop=max_accuracy_drop,
+        validation=ValidationSpec(data=data, classnames=classnames, templates=templates) if given else None,
     )
     spec.check()
     if run_dir is None:

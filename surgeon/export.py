@@ -13,13 +13,16 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import open_clip
 import torch
 
 from surgeon import __version__
+from surgeon.cache import human
 from surgeon.checkpoint import write_local_dir
+from surgeon.datarecord import DATA_RECORD
 from surgeon.errors import ExportFailed, InvalidInput
 from surgeon.hooks import encode_image, encode_text
 from surgeon.integrity import sha256_file, verify_run, write_manifest
@@ -28,6 +31,10 @@ from surgeon.quantize import quantization_lines
 from surgeon.records import Plan, check_validation_report
 from surgeon.registry import Registry
 from surgeon.runfolder import PARITY_FILE, SHARED_WEIGHTS, parity_lines
+from surgeon.templates import read_labels
+
+if TYPE_CHECKING:
+    from surgeon.validate import ValidationSuite
 
 EXPORTERS: Registry = Registry("export format")
 
@@ -257,8 +264,6 @@ def export_onnx(
     runtime needs."""
     import onnx
 
-    from surgeon.templates import read_labels
-
     if opset < 18:
         raise InvalidInput("ONNX export needs opset >= 18")
     exporter = check_exporter(exporter)
@@ -354,20 +359,78 @@ def _tokenizer_files(loaded: LoadedModel, target: Path) -> list[Path]:
     return [target / TOKENIZER_SPEC, target / vocab.name]
 
 
+def size_estimate(loaded: LoadedModel, formats: list[str], n_labels: int = 0, quantize: str | None = None) -> dict:
+    """Bytes each large file of an export will take, from parameter counts: the checkpoint at the model's
+    dtypes; ONNX graphs in float32 (visual: the image tower; text: the rest), int8 image graphs at one byte a
+    weight (each then holds its own copy); an fp32 classifier.onnx shares visual.onnx's weights."""
+    from surgeon.hooks import vision_tower
+
+    weights = loaded.model.state_dict().values()
+    files = {}
+    if "safetensors" in formats:
+        files["open_clip_model.safetensors"] = sum(t.numel() * t.element_size() for t in weights)
+    if "onnx" in formats:
+        visual = sum(t.numel() for t in vision_tower(loaded.model).state_dict().values())
+        image_bytes = visual if quantize else 4 * visual
+        files["onnx/visual.onnx"] = image_bytes
+        files["onnx/text.onnx"] = 4 * (sum(t.numel() for t in weights) - visual)
+        if n_labels:
+            files["onnx/classifier.onnx"] = 4 * n_labels * loaded.embed_dim + (image_bytes if quantize else 0)
+    return files
+
+
+def announce_size(estimate: dict[str, int], folder: Path, leaner: str) -> None:
+    """Say what an export with ONNX and the checkpoint will write, and the leaner choice, before writing;
+    refuse (StorageError, nothing written) when the file system has not that much free."""
+    from surgeon.errors import StorageError
+    from surgeon.progress import stage
+
+    total = sum(estimate.values())
+    parts = ", ".join(f"{name} {human(size)}" for name, size in estimate.items())
+    stage(f"exporting about {human(total)}")
+    free = shutil.disk_usage(folder).free
+    if total > free:
+        raise StorageError(
+            f"the export needs about {human(total)} ({parts}) but {folder.parent} has {human(free)} free",
+            hint=leaner,
+        )
+    if "open_clip_model.safetensors" in estimate and "onnx/visual.onnx" in estimate:
+        warnings.warn(f"the export writes about {human(total)} ({parts}); {leaner}", stacklevel=3)
+
+
 def export_run(
-    loaded: LoadedModel, plan: Plan, validation: dict, folder: Path, formats: list[str], **options
+    loaded: LoadedModel,
+    plan: Plan,
+    validation: dict,
+    folder: Path,
+    formats: list[str],
+    leaner: str | None = None,
+    **options,
 ) -> list[Path]:
-    """Write every requested format into `folder` (a temporary run folder renamed by the caller)."""
+    """Write every requested format into `folder` (a temporary run folder renamed by the caller). `leaner`:
+    what a user could write instead, said with the size before writing (default: prune's choice)."""
     if not formats:
         raise InvalidInput("no export format given")
     exporters = [EXPORTERS.get(name) for name in dict.fromkeys(formats)]  # unknown formats fail before any work
+    labels = options.get("labels")
+    estimate = size_estimate(loaded, formats, len(read_labels(labels)) if labels else 0, options.get("quantize"))
+    if leaner is None:
+        checkpoint = human(estimate.get("open_clip_model.safetensors", 0))
+        leaner = (
+            f"the checkpoint alone is {checkpoint}: `--export safetensors` now, `surgeon export RUN --format onnx` "
+            "when you deploy"
+        )
+    announce_size(estimate, folder, leaner)
     files: list[Path] = []
     for exporter in exporters:
         files += exporter(loaded, plan, validation, folder, **options)
     if options.get("quantize"):  # after the fp32 parity check, before the card and the hashes
         from surgeon.quantize import RECORD, quantize_export
 
-        quantize_export(folder / "onnx", options["suite"], options["quantize"], options.get("max_accuracy_drop"))
+        record = quantize_export(
+            folder / "onnx", options["suite"], options["quantize"], options.get("max_accuracy_drop")
+        )
+        measure_quantized_parity(loaded, folder / "onnx", options.get("labels"), record["graphs"], record["scheme"])
         files = [p for p in files if p.exists()] + [folder / "onnx" / RECORD]
     if (folder / "onnx").is_dir():  # last in the folder: its own hashes, so that it can be served alone
         files.append(write_manifest(folder / "onnx"))
@@ -379,6 +442,40 @@ def export_run(
                     report.write(f"\n## {title}\n\n" + "\n".join(lines) + "\n")
     write_card(loaded, plan, validation, folder, files)
     return files
+
+
+def measure_quantized_parity(
+    loaded: LoadedModel, onnx_dir: Path, labels: Path | None, quantized: list[str], scheme: str
+) -> dict:
+    """Measure the quantized graphs against PyTorch as the fp32 ones were (fresh inputs), and record what was
+    measured: parity.json and each graph's metadata then state the int8 difference, not the fp32 one. No
+    tolerance applies to them (quantization moves every output): the accuracy gate decides."""
+    import onnx
+
+    from surgeon.paths import read_json_object
+
+    path = onnx_dir / PARITY_FILE
+    parity = read_json_object(path, "ONNX parity record")
+    graphs = {g.filename: g for g in _graphs(loaded, read_labels(labels) if labels else None)}
+    fp32 = dict(parity["max_abs_diff"])
+    precision = {name: scheme if name in quantized else "fp32" for name in fp32}
+    for name in quantized:
+        diff = parity["max_abs_diff"][name] = check_onnx(graphs[name], onnx_dir / name, float("inf"))
+        proto = onnx.load(str(onnx_dir / name), load_external_data=False)
+        props = {p.key: p.value for p in proto.metadata_props}
+        onnx.helper.set_model_props(
+            proto,
+            {
+                **props,
+                "export_max_abs_diff": f"{diff:.3e}",
+                "fp32_max_abs_diff": props.get("export_max_abs_diff", ""),
+                "quantization": scheme,
+            },
+        )
+        onnx.save(proto, str(onnx_dir / name))
+    parity.update(precision=precision, fp32_max_abs_diff=fp32)
+    path.write_text(json.dumps(parity, indent=2), encoding="utf-8")
+    return parity
 
 
 def write_card(loaded: LoadedModel, plan: Plan, validation: dict, folder: Path, files: list[Path]) -> None:
@@ -409,16 +506,20 @@ def export_existing_run(
     force: bool = False,
     device: str | None = None,
     verify: bool = True,
+    measure_on: ValidationSuite | None = None,
     **options,
 ) -> list[Path]:
     """Re-export the pruned checkpoint of a `surgeon prune` run folder (e.g. to ONNX, with new labels), after
-    checking its files against the hashes of its surgery.json (unless `verify` is False)."""
+    checking its files against the hashes of its surgery.json (unless `verify` is False). `--quantize`
+    measures accuracy on `measure_on` when given, else on the data the run recorded (validation_data.json)."""
     from surgeon.errors import NotFound, PreconditionFailed
     from surgeon.load import load_model
     from surgeon.paths import atomic_dir, read_json, read_json_object, refuse_temporary
+    from surgeon.quantize import check_scheme
 
     refuse_temporary(run_dir, "run folder")
     check_exporter(options.get("exporter"))
+    check_scheme(options.get("quantize"))
     if not run_dir.is_dir():
         raise NotFound(f"run folder not found: {run_dir}")
     model_dir = run_model_dir(run_dir)
@@ -434,17 +535,37 @@ def export_existing_run(
     check_validation_report(validation, f"{run_dir}/validation.json")
     for name in dict.fromkeys(formats):
         EXPORTERS.get(name)  # unknown formats fail before the model is loaded
-    if options.get("quantize"):  # fails before the model is loaded: no ONNX, or a model without a default suite
-        from surgeon.validate import build_suite
-
-        if "onnx" not in formats:
-            raise InvalidInput("--quantize needs the ONNX format (--format onnx or both)")
-        options["suite"] = build_suite(model=plan.base_model.get("name"))
-    if verify:
+    if options.get("quantize") and "onnx" not in formats:
+        raise InvalidInput("--quantize needs the ONNX format (--format onnx or both)")
+    if measure_on is not None and not options.get("quantize"):
+        raise InvalidInput("the validation options are read by --quantize only (it measures int8 on them)")
+    if verify:  # before validation_data.json is read: its paths are trusted only once its hash is checked
         verify_run(run_dir)
+    if options.get("quantize"):  # fails before the model is loaded: no data to measure on, or changed data
+        options["suite"] = _quantization_suite(run_dir, plan.base_model["name"], measure_on)
     loaded = load_model(f"local-dir:{model_dir}", device=device)
+    if "safetensors" in formats and "onnx" in formats:
+        onnx_only = size_estimate(loaded, ["onnx"], quantize=options.get("quantize"))
+        options["leaner"] = (
+            f"`--format onnx` alone writes {human(sum(onnx_only.values()))} (the run keeps the checkpoint)"
+        )
     with atomic_dir(out_dir, force=force) as tmp:
-        for name in ("plan.json", "validation.json"):
-            shutil.copy(run_dir / name, tmp / name)
+        for name in ("plan.json", "validation.json", DATA_RECORD):
+            if (run_dir / name).is_file():  # runs made before validation_data.json have none
+                shutil.copy(run_dir / name, tmp / name)
         files = export_run(loaded, plan, validation, tmp, formats, **options)
     return [out_dir / p.relative_to(tmp) for p in files]
+
+
+def _quantization_suite(run_dir: Path, model: str, measure_on: ValidationSuite | None) -> ValidationSuite:
+    """What int8 is measured on: the data named, else the data the run recorded (its hashes checked); the toy
+    model's runs from before the record use the toy suite they were validated on."""
+    from surgeon.datarecord import recorded_suite
+    from surgeon.load import TOY_MODEL_NAME
+    from surgeon.validate import build_suite
+
+    if measure_on is not None:
+        return measure_on
+    if model == TOY_MODEL_NAME and not (run_dir / DATA_RECORD).is_file():
+        return build_suite(model=model)
+    return recorded_suite(run_dir, model)

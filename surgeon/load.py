@@ -307,6 +307,46 @@ def _local_dir(model: str) -> Path | None:
     return None
 
 
+HF_HUB_PREFIX = "hf-hub:"
+
+
+def normalised_source(text: str) -> str:
+    """A model path as labels and records show it: `//`, `.` and `..` segments resolved (`runs//a/../b` ->
+    `runs/b`), absolute when it climbs above the working folder; `local-dir:` kept, other names unchanged."""
+    prefix = "local-dir:" if text.startswith("local-dir:") else ""
+    raw = text.removeprefix(prefix)
+    clean = os.path.normpath(raw)
+    return prefix + (os.path.abspath(raw) if clean == os.pardir or clean.startswith(os.pardir + os.sep) else clean)
+
+
+def hub_snapshot(model: str) -> Path | None:
+    """The local Hub cache's folder of `hf-hub:ORG/NAME` (None for other names), read as a local-dir folder:
+    every run folder surgeon writes is a Hub repo, hard-pruned ones included (which open_clip's own hf-hub:
+    cannot build). Offline: a repo that is not in the cache is one NotFound naming the command that fetches
+    it; the cache follows HF_HUB_CACHE / HF_HOME as huggingface_hub does."""
+    if not model.startswith(HF_HUB_PREFIX):
+        return None
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    repo_id = model.removeprefix(HF_HUB_PREFIX)
+    try:
+        folder = Path(snapshot_download(repo_id, local_files_only=True))
+    except HFValidationError:
+        raise InvalidInput(f"{echo(model)} does not name a Hub repository", hint="use hf-hub:ORG/NAME") from None
+    except LocalEntryNotFoundError:
+        raise NotFound(
+            f"{repo_id} is not in the local Hub cache ({constants.HF_HUB_CACHE}) and surgeon works offline",
+            hint=f"on a machine with internet run `hf download {repo_id}` and copy its hub cache here",
+        ) from None
+    if not (folder / "open_clip_config.json").is_file() and (folder / "onnx" / "visual.onnx").is_file():
+        raise PreconditionFailed(
+            f"{repo_id} holds ONNX graphs only, no PyTorch weights",
+            hint=f"run them with `surgeon infer {folder}` or `surgeon serve-model {folder}`",
+        )
+    return folder
+
+
 def _read_local_dir_config(folder: Path) -> dict:
     config_path = folder / "open_clip_config.json"
     if not folder.is_dir():
@@ -340,9 +380,9 @@ def load_model(
             "--pretrained needs --model: the bundled toy model takes no other weights",
             hint="name the architecture, e.g. --model ViT-B-32 --pretrained FILE",
         )
-    if pretrained and model is not None and _local_dir(model) is not None:
+    if pretrained and model is not None and (_local_dir(model) is not None or model.startswith(HF_HUB_PREFIX)):
         raise InvalidInput(
-            f"{echo(model)} is a local-dir model folder with its own weights; it takes no --pretrained",
+            f"{echo(model)} is a model folder with its own weights; it takes no --pretrained",
             hint="drop --pretrained, or pass an architecture name with --model",
         )
     folder: Path | None
@@ -354,7 +394,7 @@ def load_model(
             )
         name, folder = TOY_MODEL_NAME, TOY_MODEL_DIR
     else:
-        name, folder = model, _local_dir(model)
+        name, folder = model, _local_dir(model) or hub_snapshot(model)
 
     if folder is not None:
         config = _read_local_dir_config(folder)
@@ -370,8 +410,8 @@ def load_model(
         with empty_parameters():
             clip = rebuild_pruned(build_clip(model_cfg), config.get("surgeon", {}))
         load_weights_strict(clip, read_state_dict(weights), str(weights))
-        if name != TOY_MODEL_NAME:
-            name = f"local-dir:{folder}"
+        if name != TOY_MODEL_NAME and not name.startswith(HF_HUB_PREFIX):
+            name = normalised_source(f"local-dir:{folder}")
         tokenizer_name = f"local-dir:{folder}"
         pretrained = None
         pruned_layout = config.get("surgeon", {})
@@ -402,7 +442,7 @@ def load_model(
         if pretrained:
             path = Path(pretrained)
             if path.suffix in CHECKPOINT_SUFFIXES or path.exists():
-                weights_path = path
+                weights_path, pretrained = path, normalised_source(pretrained)
             else:
                 weights_path, tag_cfg = _find_in_hub_cache(model, pretrained)
                 if weights_path is None:

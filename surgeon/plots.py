@@ -5,6 +5,7 @@ not thread-safe, and the gRPC service draws in several jobs at once."""
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
@@ -64,8 +65,13 @@ def metric_name(key: str) -> str:
 
 
 def _save(fig, path: Path) -> None:
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:  # figures with a legend outside their axes lay themselves out
+        fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+#: characters per line of a head's label inside its heatmap cell: labels wrap, never cut
+CELL_CHARS = 11
 
 
 def ccs_heatmap(ranking: CcsGrid, path: Path) -> None:
@@ -80,8 +86,9 @@ def ccs_heatmap_figure(ranking: CcsGrid):
     for h in ranking.heads:
         row = layers.index(h.layer)
         grid[row, h.head] = h.ccs
-        labels[row][h.head] = h.label
-    fig = Figure(figsize=(max(6, 0.9 * ranking.n_heads + 2), max(2.5, 0.7 * len(layers) + 1.5)))
+        labels[row][h.head] = "\n".join(textwrap.wrap(h.label, CELL_CHARS, break_on_hyphens=False)) or h.label
+    lines = 1 + max((cell.count("\n") + 1 for row in labels for cell in row), default=1)  # label lines + CCS
+    fig = Figure(figsize=(max(6, 0.9 * ranking.n_heads + 2), max(2.5, 0.25 * lines * len(layers) + 1.5)))
     ax = fig.subplots()
     scores = ranking.m + 1
     norm = BoundaryNorm(np.arange(-0.5, scores), scores)
@@ -90,9 +97,7 @@ def ccs_heatmap_figure(ranking: CcsGrid):
         for c in range(ranking.n_heads):
             if not np.isnan(grid[r, c]):
                 colour = "black" if grid[r, c] > ranking.m * 0.6 else "white"
-                ax.text(
-                    c, r, f"{labels[r][c][:10]}\n{int(grid[r, c])}", ha="center", va="center", fontsize=7, color=colour
-                )
+                ax.text(c, r, f"{labels[r][c]}\n{int(grid[r, c])}", ha="center", va="center", fontsize=7, color=colour)
     ax.set_xticks(range(ranking.n_heads), [f"H{i}" for i in range(ranking.n_heads)])
     ax.set_yticks(range(len(layers)), [f"L{i}" for i in layers])
     ax.set(xlabel="head", ylabel="layer")
@@ -136,7 +141,9 @@ def study_figure(table: dict):
     """A study's table as bars: per kind (accuracy, bias), one group per data set, one bar per row (model,
     policy, mode); a seeded row's bar carries its sample std as an error bar."""
     kinds = [k for k in ("accuracy", "bias") if any(c["kind"] == k for c in table["columns"])]
-    fig = Figure(figsize=(max(6, 1.2 * len(table["rows"])) * len(kinds), 4.5))
+    # one legend for both panels, below them: inside an axes it covered the bars
+    fig = Figure(figsize=(max(6, 1.2 * len(table["rows"])) * len(kinds), 4.5 + 0.2 * len(table["rows"])))
+    fig.set_layout_engine("constrained")
     axes = fig.subplots(1, len(kinds), squeeze=False)
     for ax, kind in zip(axes[0], kinds, strict=True):
         columns = [c for c in table["columns"] if c["kind"] == kind]
@@ -157,6 +164,7 @@ def study_figure(table: dict):
         ax.set_xticks(range(len(columns)), [c["name"] for c in columns])
         ax.set(ylabel=metric_name("mean_acc1") if kind == "accuracy" else metric_name(columns[0]["metric"]), title=kind)
         ax.grid(alpha=0.3, axis="y")
-        ax.legend(fontsize=7)
+    handles, names = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="outside lower center", fontsize=7, ncols=min(3, len(names)))
     fig.suptitle(f"study — {table['name']}")
     return fig

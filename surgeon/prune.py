@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from surgeon.clipbench import CLIP_BENCHMARK_DIR, pruned_tag, write_results
+from surgeon.datarecord import DATA_RECORD
 from surgeon.decompose import head_means
 from surgeon.errors import InvalidInput, PreconditionFailed
 from surgeon.hooks import vision_tower
@@ -63,13 +64,15 @@ def prune(
     search_bias: int | None = None,
     language: str = "en",
     quiet: bool = True,
+    data_record: dict | None = None,
 ) -> PruneResult:
     """Prune `loaded.model` in place. Writes `out_dir` (atomically) unless it is None. The debias policy
     selects by measuring, so it searches on one half of the suite (`ValidationSuite.split_for_search`; at most
     `search_images` images per task and `search_bias` bias images of it) and the before/after validation, the
     gates and every reported figure come from the disjoint held-out half. Other policies validate on the
     whole suite. `ranking` may be None for the policies that do not read one (RANKING_FREE: the paper's
-    presets, an explicit list of heads). `language` is recorded in the clip_benchmark result files."""
+    presets, an explicit list of heads). `language` is recorded in the clip_benchmark result files;
+    `data_record` (surgeon.datarecord) in validation_data.json, for measuring the run's exports again."""
     from surgeon.export import export_run
 
     if loaded.pruned_layout.get("heads_kept"):
@@ -168,6 +171,8 @@ def prune(
                 json.dumps({"before": before, "after": after, "gate_failures": failures}, indent=2), encoding="utf-8"
             )
             (tmp / "report.md").write_text(_report(plan, before, after, failures), encoding="utf-8")
+            if data_record is not None:
+                (tmp / DATA_RECORD).write_text(json.dumps(data_record, indent=2), encoding="utf-8")
             if ranking is not None:
                 (tmp / "ranking.json").write_text(json.dumps(ranking.to_dict(), indent=2), encoding="utf-8")
             # clip_benchmark's result files, before and after (told apart by the pretrained tag)

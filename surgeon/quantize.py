@@ -22,6 +22,12 @@ RECORD = "quantization.json"
 SCHEMES = ("int8",)
 
 
+def check_scheme(scheme: str | None) -> None:
+    """An unknown scheme (int4) is refused before anything loads: the check costs nothing, the export minutes."""
+    if scheme is not None and scheme not in SCHEMES:
+        raise InvalidInput(f"unknown quantization {scheme[:40]!r}", hint=f"choose {', '.join(SCHEMES)}")
+
+
 def onnx_mean_accuracy(onnx_dir: Path, suite) -> float:
     """Mean zero-shot top-1 over the suite's classification tasks, with the export's own onnxruntime graphs."""
     import numpy as np  # here, not at the top: the CLI imports this module (its default gate) at start-up
@@ -56,8 +62,7 @@ def quantize_export(onnx_dir: Path, suite, scheme: str = "int8", max_drop: float
     nothing). The fp32 weights shared through visual.onnx.data are dropped once no graph refers to them."""
     from surgeon.runfolder import SHARED_WEIGHTS
 
-    if scheme not in SCHEMES:
-        raise InvalidInput(f"unknown quantization {scheme!r}", hint=f"choose {', '.join(SCHEMES)}")
+    check_scheme(scheme)
     max_drop = DEFAULT_MAX_ACCURACY_DROP if max_drop is None else max_drop
     suite.require_accuracy("--quantize")
     before = onnx_mean_accuracy(onnx_dir, suite)

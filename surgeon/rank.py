@@ -78,9 +78,19 @@ class Ranking:
             return None
         used = sorted({h.effective_rank for h in clamped})
         span = f"{used[0]}" if len(used) == 1 else f"{used[0]}-{used[-1]}"
+        images = self.images.get("count")
+        # N images span at most N directions (textspan.numerical_rank): then more images, not rounding, is why
+        by_images = sum(h.effective_rank == images for h in clamped)
+        why = (
+            f"{images} images span at most {images} directions: pass more images for a fuller span"
+            if by_images == len(clamped)
+            else f"{by_images} of them limited by the {images} images, the others' directions beyond are float rounding"
+            if by_images
+            else "directions beyond are float rounding"
+        )
         return (
             f"TextSpan rank {self.span_rank} exceeds the numerical rank of {len(clamped)} of {len(self.heads)} heads: "
-            f"used {span} (directions beyond are float rounding; per head in ranking.json)"
+            f"used {span} ({why}; per head in ranking.json)"
         )
 
     def ccs_distribution(self) -> dict[str, float]:

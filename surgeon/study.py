@@ -31,7 +31,7 @@ from surgeon import limits
 from surgeon.clipbench import finite
 from surgeon.errors import CorruptInput, InvalidInput, NotFound, PreconditionFailed, SurgeonError
 from surgeon.heads import HeadRef
-from surgeon.load import CHECKPOINT_SUFFIXES, LoadedModel, check_activation
+from surgeon.load import CHECKPOINT_SUFFIXES, LoadedModel, check_activation, normalised_source
 from surgeon.paths import atomic_file, atomic_write_text, read_json_object
 from surgeon.policies import POLICIES, RANKING_FREE, SEEDED_POLICIES, PolicyOptions, check_preset
 from surgeon.progress import kept_on_interrupt, progress_bar, say
@@ -230,7 +230,7 @@ def parse_study(path: Path) -> Study:
         pretrained = t.get("pretrained", str)
         if pretrained is not None and pretrained.endswith(CHECKPOINT_SUFFIXES):
             pretrained = _path(pretrained, base, t.path("pretrained"))
-        label = t.get("label", str, model if not pretrained else f"{model}/{Path(pretrained).name}")
+        label = t.get("label", str, normalised_source(model) + (f"/{Path(pretrained).name}" if pretrained else ""))
         activation = t.get("activation", str)
         try:
             check_activation(activation)

@@ -185,6 +185,22 @@ def _split_bias(bias: BiasSet, rng: np.random.Generator) -> tuple[BiasSet, BiasS
     return sides[0], sides[1]
 
 
+#: folder (or manifest) names that say which split, not which set: reports add the folder above
+SPLIT_NAMES = frozenset({"val", "valid", "validation", "test", "testing", "train", "eval", "images", "data"})
+
+
+def set_name(path: Path) -> str:
+    """How reports name a data set: its folder or file name, with the folder above when that name only says
+    which split it is (`imagenette/val`, not `val`), and the repository of a Hub cache snapshot (not its
+    commit hash)."""
+    path = path.resolve()
+    if path.parent.name == "snapshots" and "--" in path.parent.parent.name:  # datasets--ORG--NAME/snapshots/HASH
+        return "/".join(path.parent.parent.name.split("--")[1:])
+    if path.stem.lower() in SPLIT_NAMES and path.parent.name:
+        return f"{path.parent.name}/{path.name}"
+    return path.name
+
+
 #: first-column names that mark a manifest's first row as its header (any row whose first cell is neither an
 #: image file nor an image name is one too: `image,race` was read as a row and failed a minute later)
 HEADER_NAMES = {"path", "image", "file", "filename", "filepath", "image_path", "img"}
@@ -272,12 +288,13 @@ def webdataset_classification(
     data: Path, classnames_file: Path | None = None, templates_file: Path | None = None
 ) -> ClassificationSet:
     """clip_benchmark's webdataset layout: test/*.tar, with its classnames.txt and templates unless given."""
-    name = f"wds/{data.name}"
+    key = f"wds/{data.name}"  # what clip_benchmark's JSON files are keyed by
     own_templates = data / TEMPLATES_FILE
-    templates = read_templates(templates_file or (own_templates if own_templates.is_file() else None), name)
+    templates = read_templates(templates_file or (own_templates if own_templates.is_file() else None), key)
     if classnames_file is None and not (data / CLASSNAMES_FILE).is_file():
         raise NotFound(f"{data} has no {CLASSNAMES_FILE}", hint="pass --classnames")
-    names = read_classnames(classnames_file or data / CLASSNAMES_FILE, name)
+    names = read_classnames(classnames_file or data / CLASSNAMES_FILE, key)
+    name = f"wds/{set_name(data)}"
     images, labels = webdataset_set(data)
     beyond = next((label for label in labels if not 0 <= label < len(names)), None)
     if beyond is not None:
@@ -307,7 +324,7 @@ def classification_set(
         paths = manifest.images()
         names = read_lines(classnames_file, "class names file") if classnames_file else None
         classes, label_array = _manifest_labels(data, [r[1] for r in manifest.rows], names, classnames_file)
-        return ClassificationSet(data.name, [n.replace("_", " ") for n in classes], templates, paths, label_array)
+        return ClassificationSet(set_name(data), [n.replace("_", " ") for n in classes], templates, paths, label_array)
     if not paths:
         raise InvalidInput(f"validation set {data} is empty")
     names = classes
@@ -315,7 +332,7 @@ def classification_set(
         names = read_classnames(classnames_file, data.name)
         if len(names) != len(classes):
             raise InvalidInput(f"{classnames_file} has {len(names)} names for {len(classes)} classes")
-    return ClassificationSet(data.name, [n.replace("_", " ") for n in names], templates, paths, np.asarray(labels))
+    return ClassificationSet(set_name(data), [n.replace("_", " ") for n in names], templates, paths, np.asarray(labels))
 
 
 def _manifest_labels(
@@ -397,7 +414,7 @@ def bias_set(
     templates = read_templates(templates_file, manifest.name)
     queries = {q: [fill(t, q) for t in templates] for q in read_lines(queries_file, "queries file")}
     return BiasSet(
-        manifest.name,
+        set_name(manifest),
         read.images(),
         np.asarray([group_names.index(r[1]) for r in rows]),
         group_names,
@@ -607,7 +624,7 @@ class Evaluator:
         for task, classifier in zip(self.suite.tasks, self.classifiers, strict=True):
             logits = 100.0 * embed(task.name) @ classifier.float().cpu().T
             labels = np.asarray(task.labels)[self._readable(self._set_key[task.name])]
-            metrics = metrics_from_logits(logits, torch.as_tensor(labels))
+            metrics = {**metrics_from_logits(logits, torch.as_tensor(labels)), "classes": len(task.classnames)}
             results.append(
                 {"dataset": task.name, "task": "zeroshot_classification", "metrics": metrics, **read(task.name)}
             )
@@ -688,35 +705,67 @@ class Gates:
         return failures
 
 
+ACCURACY_KEYS = ("acc1", "acc5", "mean_per_class_recall")
+#: what every report says of its units (the terminal, report.md and the card show accuracy the same way)
+UNITS_NOTE = "Accuracies in %; their changes in points."
+
+
 def markdown_report(before: dict, after: dict | None = None, failures: list[str] | None = None) -> str:
-    """A short before/after table with deltas."""
+    """A short before/after table with deltas: accuracies in percent and their changes in points (as the
+    gates and the terminal say them), bias figures as measured, with the protocol behind them."""
     lines = (
-        ["| set | metric | before | after | delta |", "|---|---|---|---|---|"]
+        ["| set | metric | before | after | change |", "|---|---|---|---|---|"]
         if after
         else ["| set | metric | value |", "|---|---|---|"]
     )
     after_by = {(r["dataset"], r["task"]): r for r in (after or {}).get("results", [])}
+    notes = []
     for r in before["results"]:
-        keys = (
-            ["acc1", "acc5", "mean_per_class_recall"]
-            if r["task"] == "zeroshot_classification"
-            else headline_keys(r["metrics"])
-        )
+        accuracy = r["task"] == "zeroshot_classification"
+        keys = ACCURACY_KEYS if accuracy else headline_keys(r["metrics"])
+        scale, digits = (100.0, 2) if accuracy else (1.0, 4)
         for key in keys:
-            b = r["metrics"][key]
+            b = scale * r["metrics"][key]
+            name = key
+            classes = r["metrics"].get("classes")
+            if key == "acc5" and isinstance(classes, int) and classes <= 5:
+                name = f"acc5 (trivial: {classes} classes)"  # the true class is always among the top 5
             if after:
-                a = after_by[(r["dataset"], r["task"])]["metrics"][key]
-                lines.append(f"| {r['dataset']} | {key} | {b:.4f} | {a:.4f} | {a - b:+.4f} |")
+                a = scale * after_by[(r["dataset"], r["task"])]["metrics"][key]
+                lines.append(f"| {r['dataset']} | {name} | {b:.{digits}f} | {a:.{digits}f} | {a - b:+.{digits}f} |")
             else:
-                lines.append(f"| {r['dataset']} | {key} | {b:.4f} |")
-    skipped = [r for r in before["results"] if r.get("skipped_images")]
-    if skipped:
-        lines.append("")
-    for r in skipped:
-        lines.append(
-            f"Skipped {r['skipped_images']} unreadable image(s) of {r['dataset']}, e.g. {r['skipped_example']}"
-        )
+                lines.append(f"| {r['dataset']} | {name} | {b:.{digits}f} |")
+        if not accuracy:
+            notes.append(bias_protocol_note(r))
+    if any(r["task"] == "zeroshot_classification" for r in before["results"]):
+        notes.insert(0, UNITS_NOTE)
+    if any("(trivial:" in line for line in lines):
+        notes.append("acc5 with at most 5 classes is always 100 %: read acc1.")
+    for r in before["results"]:
+        if r.get("skipped_images"):
+            notes.append(
+                f"Skipped {r['skipped_images']} unreadable image(s) of {r['dataset']}, e.g. {r['skipped_example']}"
+            )
+    for note in notes:  # paragraphs of their own in markdown
+        lines += ["", note]
     if failures is not None:
         lines.append("")
         lines.append("Gates: " + ("all passed" if not failures else "FAILED — " + "; ".join(failures)))
     return "\n".join(lines) + "\n"
+
+
+def bias_protocol_note(result: dict) -> str:
+    """How a bias set's figures were computed (docs/METHOD.md §3): the same MaxSkew@k means different numbers
+    under the two protocols, so every report names its own."""
+    metrics = result["metrics"]
+    protocol = PROTOCOLS[metrics.get("protocol", "surgeon")]
+    k = next((key.split("@", 1)[1].split("_", 1)[0] for key in metrics if key.startswith("max_skew@")), "k")
+    desired = metrics.get("desired", protocol.desired)
+    target = "uniform over the groups" if desired == "uniform" else "the set's own group proportions"
+    absent = "are skipped" if protocol.skip_absent else "count as 1/k"
+    combined = "summed" if protocol.headline == "sum" else "averaged"
+    queries = len(metrics.get("queries", [])) or "its"
+    return (
+        f"Bias on {result['dataset']}: the `{protocol.name}` protocol — desired distribution p* {target}, groups "
+        f"absent from the top {k} {absent}, MaxSkew@{k} {combined} over {queries} neutral queries."
+    )

@@ -7,7 +7,7 @@ import matplotlib.pyplot as plt
 import pytest
 
 from surgeon.errors import InvalidInput
-from surgeon.plots import ccs_heatmap, ccs_heatmap_figure, metric_name, sweep_figure, sweep_plot
+from surgeon.plots import ccs_heatmap, ccs_heatmap_figure, metric_name, study_figure, sweep_figure, sweep_plot
 from surgeon.sweep import run_sweep
 from tests.test_prune_export import setup, synthetic_suite  # noqa: F401  (fixture)
 
@@ -57,3 +57,63 @@ def test_heatmap_has_one_colour_per_score(setup, tmp_path):  # noqa: F811
 def test_metric_names():
     assert metric_name("max_skew@10") == "MaxSkew@10" and metric_name("min_skew@5") == "MinSkew@5"
     assert metric_name("ndkl") == "NDKL" and metric_name("mean_acc1") == "mean zero-shot top-1 (%)"
+
+
+def _drawn(fig):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return canvas.get_renderer()
+
+
+def test_heatmap_labels_are_whole_and_stay_in_their_cells():
+    from types import SimpleNamespace
+
+    labels = ["photography style", "geographic location", "colors", "counting and numbers", "animals", "x"]
+    heads = [
+        SimpleNamespace(layer=layer, head=h, label=labels[(layer + h) % len(labels)], ccs=(layer * 3 + h) % 6)
+        for layer in (8, 9, 10, 11)
+        for h in range(6)
+    ]
+    ranking = SimpleNamespace(model={"name": "ViT-B-32"}, layers=[8, 9, 10, 11], n_heads=6, m=5, judge="lexicon",
+                              heads=heads)  # fmt: skip
+    fig = ccs_heatmap_figure(ranking)
+    fig.tight_layout()
+    renderer = _drawn(fig)
+    heat = fig.axes[0]
+    cell = heat.get_window_extent(renderer)
+    width, height = cell.width / ranking.n_heads, cell.height / len(ranking.layers)
+    texts = [t for t in heat.texts if t.get_text()]
+    assert len(texts) == len(heads)
+    for text, head in zip(texts, heads, strict=True):
+        shown = text.get_text().rsplit("\n", 1)[0]
+        assert shown.replace("\n", " ") == head.label  # the whole label, wrapped, never cut
+        box = text.get_window_extent(renderer)
+        assert box.width <= width and box.height <= height, (text.get_text(), box.width, width, box.height, height)
+    plt.close(fig)
+
+
+def test_study_legend_covers_no_bar():
+    rows = [
+        {"model": "ViT-B-32", "policy": "none", "mode": "zero"},
+        *[{"model": "ViT-B-32", "policy": p, "mode": "zero"} for p in ("high", "low", "random", "debias", "top-k")],
+    ]
+    columns = [
+        {"name": "imagenette/val", "kind": "accuracy", "metric": "mean_acc1"},
+        {"name": "bias.csv", "kind": "bias", "metric": "max_skew@10"},
+    ]
+    for i, row in enumerate(rows):  # bars that fill their panels: a legend inside an axes must cover some
+        row["cells"] = {
+            "imagenette/val": {"value": 0.9 - 0.01 * i, "std": None},
+            "bias.csv": {"value": 1.0, "std": None},
+        }
+    fig = study_figure({"name": "crowded", "rows": rows, "columns": columns})
+    renderer = _drawn(fig)
+    legends = [*fig.legends, *(a.get_legend() for a in fig.axes if a.get_legend() is not None)]
+    bars = [p.get_window_extent(renderer) for ax in fig.axes for p in ax.patches]
+    assert legends and len(bars) == 2 * len(rows)
+    for legend in (shown.get_window_extent(renderer) for shown in legends):
+        assert not any(legend.overlaps(bar) for bar in bars)
+        assert fig.bbox.contains(legend.x0, legend.y0) and fig.bbox.contains(legend.x1, legend.y1)
+    plt.close(fig)

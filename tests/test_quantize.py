@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from surgeon.errors import GateFailed, InvalidInput
+from surgeon.errors import GateFailed, InvalidInput, PreconditionFailed
 from surgeon.quantize import RECORD, onnx_mean_accuracy, quantize_export
 from surgeon.runtime.session import ExportedModel
 from surgeon.validate import ClassificationSet, ValidationSuite
@@ -62,14 +62,14 @@ def test_int8_over_the_gate_is_refused(export_copy):
 
 
 def test_refused_export_keeps_the_previous_output(zero_run, tmp_path, monkeypatch):  # noqa: F811
-    import surgeon.validate
+    import surgeon.export
     from surgeon.export import export_existing_run
 
     _, run = zero_run
     out = tmp_path / "out"
-    with pytest.raises(InvalidInput, match="not the toy model"):  # a real model's suite must be named
+    with pytest.raises(PreconditionFailed, match="does not record which data validated it"):  # nor named: refused
         export_existing_run(run, ["onnx"], out, quantize="int8")
-    monkeypatch.setattr(surgeon.validate, "build_suite", lambda **_: near_tie_suite(run / "onnx"))
+    monkeypatch.setattr(surgeon.export, "_quantization_suite", lambda *_: near_tie_suite(run / "onnx"))
     files = export_existing_run(run, ["onnx"], out, quantize="int8", max_accuracy_drop=100.0)
     assert out / "onnx" / RECORD in files and "int8" in (out / "README.md").read_text()
     assert json.loads((out / "surgery.json").read_text())["sha256"]["onnx/quantization.json"]
