@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -204,13 +205,32 @@ class RestRequest:
     binary_by_default: bool
 
 
-def parse_rest(body: bytes, header_length: str | None, content_encoding: str | None = None) -> RestRequest:
-    """A REST request body (JSON, or JSON + binary tensors) -> tensors, checked whole."""
-    if content_encoding not in (None, "", "identity"):
+#: Content-Encoding -> zlib's wbits for it (tritonclient's request_compression_algorithm)
+COMPRESSIONS = {"gzip": 31, "deflate": 15}
+
+
+def decompress(body: bytes, content_encoding: str | None) -> bytes:
+    """The body as sent before compression (gzip or deflate), never more than MAX_OIP_MESSAGE_BYTES of it."""
+    if content_encoding in (None, "", "identity"):
+        return body
+    if content_encoding not in COMPRESSIONS:
         raise InvalidInput(
-            f"compressed requests (Content-Encoding: {limits.echo(content_encoding)}) are not read; send them "
-            "uncompressed (tritonclient: request_compression_algorithm=None)"
+            f"Content-Encoding {limits.echo(content_encoding)} is not read; send the request uncompressed, gzip "
+            "or deflate (tritonclient: request_compression_algorithm=None, 'gzip' or 'deflate')"
         )
+    inflater = zlib.decompressobj(COMPRESSIONS[content_encoding])
+    try:
+        plain = inflater.decompress(body, limits.MAX_OIP_MESSAGE_BYTES + 1)
+    except zlib.error as err:
+        raise InvalidInput(f"the {content_encoding} body does not decompress: {err}") from None
+    if len(plain) > limits.MAX_OIP_MESSAGE_BYTES or inflater.unconsumed_tail:
+        raise InvalidInput(f"the request decompresses to more than {limits.MAX_OIP_MESSAGE_BYTES:,} bytes; split it")
+    return plain
+
+
+def parse_rest(body: bytes, header_length: str | None, content_encoding: str | None = None) -> RestRequest:
+    """A REST request body (JSON, or JSON + binary tensors; gzip or deflate) -> tensors, checked whole."""
+    body = decompress(body, content_encoding)
     if header_length is None:
         header, binary = body, memoryview(b"")
     else:
