@@ -193,11 +193,12 @@ class ExportGraphModel(MLModel):
 
     async def predict(self, payload: InferenceRequest) -> InferenceResponse:
         try:
-            tensor = self._check(payload_tensors(payload))
-            if self.graph in ("visual", "classifier"):
-                rows = self._rows(tensor)
-            else:
-                rows = await asyncio.to_thread(self._rows, tensor)
+            with self.batcher.preparing():
+                tensor = self._check(payload_tensors(payload))
+                if self.graph in ("visual", "classifier"):
+                    rows = self._rows(tensor)
+                else:
+                    rows = await asyncio.to_thread(self._rows, tensor)
             outputs = await self.batcher.submit(rows)
         except SurgeonError as err:
             raise InferenceError(limits.clip(str(err))) from None

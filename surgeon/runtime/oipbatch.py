@@ -21,8 +21,10 @@ RunRows = Callable[[np.ndarray], list[np.ndarray]]
 
 class Batcher:
     """Merge concurrent requests' rows into one run: a batch closes after `max_requests` requests, when the next
-    request would take it past `max_rows`, or `max_wait_s` after its first request arrived. One batch runs at a time
-    (in a worker thread: onnxruntime releases the GIL) while the next one fills."""
+    request would take it past `max_rows`, `max_wait_s` after its first request arrived, or as soon as no other
+    request is being prepared (checked and converted, see `preparing`): a lone request on an idle server runs at
+    once instead of waiting out the window. One batch runs at a time (in a worker thread: onnxruntime releases the
+    GIL) while the next one fills, so under load requests batch whether or not they arrived within the window."""
 
     def __init__(
         self,
@@ -40,6 +42,18 @@ class Batcher:
         self._waiting: deque[tuple[np.ndarray, asyncio.Future]] = deque()
         self._arrived: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
+        self._preparing = 0
+
+    @contextmanager
+    def preparing(self) -> Iterator[None]:
+        """Around a request's checks and conversion: the batch being formed may wait for it."""
+        self._preparing += 1
+        try:
+            yield
+        finally:
+            self._preparing -= 1
+            if self._arrived is not None:
+                self._arrived.set()  # a batch waiting for this request stops waiting if it failed
 
     async def submit(self, rows: np.ndarray) -> list[np.ndarray]:
         """The outputs for `rows` (at most max_rows of them), run alone or with other requests' rows."""
@@ -66,7 +80,7 @@ class Batcher:
                 self._arrived.clear()
                 await self._arrived.wait()
             deadline = loop.time() + self._max_wait_s
-            while len(self._waiting) < self._max_requests and self._pending_rows() < self._max_rows:
+            while self._preparing and len(self._waiting) < self._max_requests and self._pending_rows() < self._max_rows:
                 left = deadline - loop.time()
                 if left <= 0:
                     break

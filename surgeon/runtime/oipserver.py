@@ -207,8 +207,9 @@ def grpc_tensors(request: pb.ModelInferRequest) -> list[Tensor]:
             tensors.append(from_bytes(name, item.datatype, list(item.shape), raw[index]))
             continue
         field = CONTENTS_FIELDS.get(item.datatype)
-        values = list(getattr(item.contents, field)) if field else []
-        tensors.append(from_values(name, item.datatype, list(item.shape), values))
+        if field is None:
+            raise InvalidInput(f"{limits.echo(name)}: send {limits.echo(item.datatype)} as raw_input_contents")
+        tensors.append(from_values(name, item.datatype, list(item.shape), list(getattr(item.contents, field))))
     return tensors
 
 
@@ -246,7 +247,7 @@ class TensorServicer(InferenceServicer):
         except Exception as err:  # noqa: BLE001 - every failure is one line with its status
             _, code, message = failure(err)
             await context.abort(code, message)
-            raise  # abort raises; this line is never reached
+            raise  # not reached: abort raises
 
     async def ModelStreamInfer(self, requests_stream, context):
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "streaming inference is not offered; call ModelInfer")
