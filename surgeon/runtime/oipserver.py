@@ -143,7 +143,7 @@ class RestGuard:
 
 
 async def _read_body(request: Request) -> bytes:
-    """The request body, refused (413) past MAX_OIP_MESSAGE_BYTES before it is all held."""
+    """The request body, refused (400) past MAX_OIP_MESSAGE_BYTES before more than that is held."""
     declared = request.headers.get("content-length", "")
     too_big = InvalidInput(f"the request is larger than {limits.MAX_OIP_MESSAGE_BYTES:,} bytes; split it")
     if declared.isdigit() and int(declared) > limits.MAX_OIP_MESSAGE_BYTES:
