@@ -52,6 +52,9 @@ MAX_OIP_ROWS = 1024  # rows (images or texts) of one inference request
 MAX_OIP_TEXT_CHARS = 10_000  # one text (the tokenizer keeps its first 77 tokens anyway)
 MAX_OIP_MESSAGE_BYTES = 64 << 20  # one gRPC message: 1024 RGB 224 px FP32 images are 616 MB, so ~100 per request
 MAX_OIP_BATCH_TIME_MS = 1000.0  # how long adaptive batching may hold a request
+MAX_OIP_DIMS = 8  # dimensions of one tensor
+MAX_OIP_REQUEST_PIXELS = 256_000_000  # decoded pixels (from the headers) of one request's image files
+MAX_OIP_DECODING_PIXELS = 64_000_000  # decoded pixels held at once across every request being decoded
 MAX_THREADS = 1024  # onnxruntime intra-op threads
 
 

@@ -5,12 +5,14 @@ own client (tritonclient) over gRPC and REST on loopback. The server runs as the
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -55,36 +57,32 @@ def serve_command(export: Path, ports: list[int], *extra: str) -> list[str]:
     return [sys.executable, "-m", "surgeon", "serve-model", str(export), *options, *extra]
 
 
-@pytest.fixture(scope="module")
-def server(exported, tmp_path_factory):  # noqa: F811
-    """(export folder, http url, grpc url, metrics url) of a running `surgeon serve-model`."""
-    _, root, _ = exported
+@contextlib.contextmanager
+def running_server(export: Path, folder: Path, *options: str, env: dict[str, str] | None = None) -> Iterator[tuple]:
+    """(process, http url, grpc url, metrics url) of a `surgeon serve-model` running until the block ends."""
     ports = free_ports(3)
-    log = tmp_path_factory.mktemp("oip") / "server.log"
-    env = no_torch_env(log.parent)
+    log = folder / "server.log"
+    environment = {**no_torch_env(folder), **(env or {})}
     with open(log, "wb") as sink:
         process = subprocess.Popen(
-            serve_command(root, ports, "--max-batch-size", "8", "--max-batch-time-ms", "20"),
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            env=env,
+            serve_command(export, ports, *options), stdout=sink, stderr=subprocess.STDOUT, env=environment
         )
     http = f"127.0.0.1:{ports[0]}"
-    client = httpclient.InferenceServerClient(http)
     deadline = time.monotonic() + STARTUP_S
     try:
         while True:
             if process.poll() is not None:
                 pytest.fail(f"serve-model exited {process.returncode}:\n{log.read_text()[-3000:]}")
             try:
-                if client.is_server_ready():
-                    break
-            except Exception:  # noqa: BLE001 - not listening yet
+                with urllib.request.urlopen(f"http://{http}/v2/health/ready", timeout=5) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:  # not listening yet, or not ready (400)
                 pass
             if time.monotonic() > deadline:
                 pytest.fail(f"serve-model not ready after {STARTUP_S} s:\n{log.read_text()[-3000:]}")
             time.sleep(0.2)
-        yield root, http, f"127.0.0.1:{ports[1]}", f"http://127.0.0.1:{ports[2]}/metrics"
+        yield process, http, f"127.0.0.1:{ports[1]}", f"http://127.0.0.1:{ports[2]}/metrics"
     finally:
         process.terminate()
         try:
@@ -92,6 +90,15 @@ def server(exported, tmp_path_factory):  # noqa: F811
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@pytest.fixture(scope="module")
+def server(exported, tmp_path_factory):  # noqa: F811
+    """(export folder, http url, grpc url, metrics url) of a running `surgeon serve-model`, batching 8 requests."""
+    _, root, _ = exported
+    folder = tmp_path_factory.mktemp("oip")
+    with running_server(root, folder, "--max-batch-size", "8", "--max-batch-time-ms", "20") as (_, http, grpc, metrics):
+        yield root, http, grpc, metrics
 
 
 def scrape(url: str) -> dict[str, float]:
@@ -113,25 +120,39 @@ def _grpc_infer(url: str, model: str, name: str, array: np.ndarray, datatype: st
 
 
 def _http_infer(url: str, model: str, name: str, array: np.ndarray, datatype: str, outputs: list[str]) -> list:
+    """tritonclient's HTTP call with its defaults: the binary tensor extension, in and out."""
     client = httpclient.InferenceServerClient(url)
     tensor = httpclient.InferInput(name, list(array.shape), datatype)
-    tensor.set_data_from_numpy(array, binary_data=False)  # MLServer's REST speaks JSON tensors
+    tensor.set_data_from_numpy(array)
+    result = client.infer(model, [tensor], outputs=[httpclient.InferRequestedOutput(o) for o in outputs])
+    return [result.as_numpy(o) for o in outputs]
+
+
+def _json_infer(url: str, model: str, name: str, array: np.ndarray, datatype: str, outputs: list[str]) -> list:
+    """tritonclient's HTTP call with JSON tensors (binary_data=False), in and out."""
+    client = httpclient.InferenceServerClient(url)
+    tensor = httpclient.InferInput(name, list(array.shape), datatype)
+    tensor.set_data_from_numpy(array, binary_data=False)
     requested = [httpclient.InferRequestedOutput(o, binary_data=False) for o in outputs]
     result = client.infer(model, [tensor], outputs=requested)
     return [result.as_numpy(o) for o in outputs]
 
 
-@pytest.mark.parametrize("protocol", ["grpc", "http"])
+CALLS = {"grpc": _grpc_infer, "http": _http_infer, "json": _json_infer}
+
+
+@pytest.mark.parametrize("protocol", sorted(CALLS))
 def test_round_trip_equals_a_direct_onnxruntime_session(server, protocol, tmp_path):
+    """Every served model, with tritonclient's default calls (gRPC; REST binary) and with REST JSON tensors."""
     root, http, grpc, _ = server
-    infer, url = (_grpc_infer, grpc) if protocol == "grpc" else (_http_infer, http)
+    infer, url = CALLS[protocol], grpc if protocol == "grpc" else http
     direct = ExportedModel(root)
     pixels = _pixels(3)
     (image,) = infer(url, f"{NAME}_visual", "pixel_values", pixels, "FP32", ["image_embeds"])
     np.testing.assert_allclose(image, direct.encode_pixels(pixels), atol=1e-5, rtol=0)
     files = [_write_image(tmp_path / f"{i}.png", 40 + 7 * i, 30, i) for i in range(3)]
-    encoded = [path.read_bytes() for path in files]  # gRPC carries bytes; REST's JSON carries base64 strings
-    payload = encoded if protocol == "grpc" else [base64.b64encode(data).decode() for data in encoded]
+    encoded = [path.read_bytes() for path in files]  # binary BYTES carry the files; JSON carries base64 strings
+    payload = encoded if protocol != "json" else [base64.b64encode(data).decode() for data in encoded]
     (from_files,) = infer(url, f"{NAME}_image", "image", np.array(payload, dtype=object), "BYTES", ["image_embeds"])
     np.testing.assert_allclose(from_files, direct.encode_images(files), atol=1e-5, rtol=0)
     texts = np.array(["a photo of a dog", "red", "the city of Paris"], dtype=object)

@@ -299,6 +299,24 @@ def test_load_image_refuses_bombs_and_garbage(tmp_path, monkeypatch):
         load_image(tmp_path / "nowhere.png")
 
 
+def test_large_images_are_decoded_reduced_for_the_model(tmp_path):
+    """JPEG draft mode and PNG reduce keep at least twice the model's input on each side, then the usual
+    preprocessing follows; an image smaller than that is decoded whole, and the header alone gives the size."""
+    config = PreprocessConfig(size=(32, 32))
+    for name, size, expected in (
+        ("big.jpg", (1000, 600), (125, 75)),
+        ("big.png", (1000, 600), (112, 67)),
+        ("small.png", (100, 60), (100, 60)),
+    ):
+        path = _write_image(tmp_path / name, size[1], size[0], 0)
+        assert pre.header_size(path.read_bytes(), name) == size
+        with open(path, "rb") as stream:
+            reduced = pre.decode_image(stream, name, reduce_for=config.size)
+        assert reduced.size == expected and reduced.mode == "RGB"
+        full = config(load_image(path))
+        assert np.abs(config(reduced) - full).mean() < (0.1 if name != "small.png" else 1e-12)
+
+
 # ---- sessions --------------------------------------------------------------------------------------------
 
 

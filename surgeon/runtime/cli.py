@@ -5,6 +5,7 @@ command in the main CLI costs nothing and works where the onnx extra is not inst
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -204,6 +205,13 @@ def serve_model(
             help="serve files without recorded hashes (onnx/manifest.json or surgery.json), or that fail them",
         ),
     ] = False,
+    token_env: Annotated[
+        str | None,
+        typer.Option(help="environment variable holding the bearer token clients must send (REST and gRPC)"),
+    ] = None,
+    repository_api: Annotated[
+        bool, typer.Option("--repository-api", help="open the model repository API (index, load, unload)")
+    ] = False,
 ) -> None:
     """Serve an ONNX export over the Open Inference Protocol (KServe v2 REST + gRPC) with MLServer: adaptive
     batching, /v2/health/live and /v2/health/ready, Prometheus metrics. Torch-free; needs the oip extra."""
@@ -217,19 +225,25 @@ def serve_model(
     limits.count("--max-batch-size", max_batch_size, 1, limits.MAX_BATCH_SIZE)
     limits.number("--max-batch-time-ms", max_batch_time_ms, 0.0, limits.MAX_OIP_BATCH_TIME_MS)
     limits.count("--threads", threads, 1, limits.MAX_THREADS)
+    token = None
+    if token_env:
+        token = os.environ.get(token_env, "")
+        if not token:
+            raise InvalidInput(f"--token-env {token_env}: the environment variable is unset or empty")
     from surgeon.runtime.triton import model_prefix
 
     prefix = model_prefix(export_dir, name)  # a missing export fails before MLServer is imported
     # ImportError (no mlserver): main() names the oip extra. MLServer registers the inference.* protobuf
     # messages that tritonclient.grpc registers too: one process cannot import both.
-    from surgeon.runtime.oip import open_export, serve
+    from surgeon.runtime.oip import open_export
+    from surgeon.runtime.oipserver import serve
 
     open_export(str(export_dir), not no_verify, threads)  # verified and opened before any port is bound
     for port in (http_port, grpc_port, metrics_port):
         _check_port_free(host, port)
     Console(stderr=True).print(
         f"serving {prefix}_* from {export_dir} on http://{host}:{http_port}/v2, grpc {host}:{grpc_port}, "
-        f"metrics http://{host}:{metrics_port}/metrics",
+        f"metrics http://{host}:{metrics_port}/metrics{' (bearer token required)' if token else ''}",
         soft_wrap=True,
     )
     serve(
@@ -241,4 +255,6 @@ def serve_model(
         max_batch_time_ms,
         threads,
         verify=not no_verify,
+        token=token,
+        repository_api=repository_api,
     )

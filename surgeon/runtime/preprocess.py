@@ -12,6 +12,7 @@ pixels, and the float arithmetic is done in the same order and precision."""
 
 from __future__ import annotations
 
+import io
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,6 +28,16 @@ from surgeon.paths import read_json
 
 MAX_IMAGE_PIXELS = 64_000_000  # images larger than this are refused before decoding (decompression bombs)
 MAX_RESIZED_PIXELS = MAX_IMAGE_PIXELS  # ... and images that preprocessing would resize beyond it
+
+#: what PIL raises for a file that is no image, a truncated one or a bomb
+_UNREADABLE = (
+    UnidentifiedImageError,
+    OSError,
+    SyntaxError,
+    ValueError,
+    Image.DecompressionBombError,
+    Image.DecompressionBombWarning,
+)
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -45,35 +56,54 @@ def load_image(path: Path | str) -> Image.Image:
     return decode_image(path, str(path))
 
 
-def decode_image(source: Path | BinaryIO, name: str) -> Image.Image:
-    """`load_image` for a file or an open binary stream (a webdataset shard member); `name` says which."""
+def decode_image(source: Path | BinaryIO, name: str, reduce_for: tuple[int, int] | None = None) -> Image.Image:
+    """`load_image` for a file or an open binary stream (a webdataset shard member); `name` says which.
+    With `reduce_for` (a model's input (H, W)), an image at least twice that size on both sides is decoded smaller
+    (JPEG draft mode) or reduced by an integer factor right after decoding (other formats), never below twice the
+    input: the resize that follows then reads fewer pixels, for a few rounding differences from the full decode."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(source) as image:
-                if image.width * image.height > MAX_IMAGE_PIXELS:
-                    raise CorruptInput(
-                        f"image {name} is {image.width}x{image.height} pixels, more than the "
-                        f"{MAX_IMAGE_PIXELS:,} allowed (decompression bomb?)"
-                    )
-                if max(image.size) > MAX_ASPECT_RATIO * min(image.size):  # 1x200000: 48 x 9.6 M after resizing
-                    raise CorruptInput(
-                        f"image {name} is {image.width}x{image.height} pixels, more elongated than the "
-                        f"{MAX_ASPECT_RATIO}:1 allowed (its shortest side would be resized to the model's input)"
-                    )
+                check_dimensions(image.width, image.height, name)
+                if reduce_for is not None:
+                    image.draft(None, (2 * reduce_for[1], 2 * reduce_for[0]))  # JPEG only; others ignore it
                 image.load()
-                return to_rgb(image)
+                rgb = to_rgb(image)
+                if reduce_for is None:
+                    return rgb
+                factor = min(rgb.width // (2 * reduce_for[1]), rgb.height // (2 * reduce_for[0]))
+                return rgb.reduce(factor) if factor >= 2 else rgb
     except CorruptInput:
         raise
-    except (
-        UnidentifiedImageError,
-        OSError,
-        SyntaxError,
-        ValueError,
-        Image.DecompressionBombError,
-        Image.DecompressionBombWarning,
-    ) as err:
+    except _UNREADABLE as err:
         raise CorruptInput(f"unreadable image {name}: {err}") from None
+
+
+def check_dimensions(width: int, height: int, name: str) -> None:
+    """Refuse an image from its header's size: decompression bombs and strips too thin to resize."""
+    if width * height > MAX_IMAGE_PIXELS:
+        raise CorruptInput(
+            f"image {name} is {width}x{height} pixels, more than the {MAX_IMAGE_PIXELS:,} allowed (decompression bomb?)"
+        )
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):  # 1x200000: 48 x 9.6 M after resizing
+        raise CorruptInput(
+            f"image {name} is {width}x{height} pixels, more elongated than the "
+            f"{MAX_ASPECT_RATIO}:1 allowed (its shortest side would be resized to the model's input)"
+        )
+
+
+def header_size(data: bytes, name: str) -> tuple[int, int]:
+    """(width, height) of an encoded image from its header alone (nothing decoded), checked as decode_image does."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+    except _UNREADABLE as err:
+        raise CorruptInput(f"unreadable image {name}: {err}") from None
+    check_dimensions(width, height, name)
+    return width, height
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

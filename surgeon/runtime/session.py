@@ -219,8 +219,12 @@ class ExportedModel:
             raise InvalidInput(f"batch size must be at least 1, got {batch_size}")
         out = []
         for start in range(0, len(texts), batch_size):
-            out.append(self._run("text", self.tokenizer(texts[start : start + batch_size])))
+            out.append(self.encode_tokens(self.tokenizer(texts[start : start + batch_size])))
         return np.concatenate(out)
+
+    def encode_tokens(self, input_ids: np.ndarray) -> np.ndarray:
+        """Token ids int64 [N, L] (the tokenizer's) -> L2-normalised text embeddings [N, D]."""
+        return self._run("text", input_ids)
 
     def class_embeddings(self, labels: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES) -> np.ndarray:
         """Zero-shot class embeddings [C, D]: per class, the normalised mean of its normalised template
