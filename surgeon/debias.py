@@ -103,14 +103,14 @@ def against_chance(
         "base_ci95": interval(base_draws),
         "policy": round(policy, 6),
         "policy_ci95": interval(policy_draws),
-        "change": round(policy / base - 1, 6),
-        "change_ci95": interval(policy_draws / base_draws - 1),
+        "change": round(policy / base - 1, 6) if base > 0 else None,  # relative to no bias: undefined
+        "change_ci95": interval(policy_draws[base_draws > 0] / base_draws[base_draws > 0] - 1) if base > 0 else None,
         "random": {
             "mean": round(float(values.mean()), 6),
             "sd": round(float(values.std(ddof=1)) if len(values) > 1 else 0.0, 6),
             "min": round(float(values.min()), 6),
             "max": round(float(values.max()), 6),
-            "mean_change": round(float(values.mean()) / base - 1, 6),
+            "mean_change": round(float(values.mean()) / base - 1, 6) if base > 0 else None,
         },
         "percentile": round(float(np.mean(values > policy) + 0.5 * np.mean(values == policy)) * 100, 2),
         "p_value": round(float((1 + np.sum(values <= policy)) / (1 + len(values))), 4),
@@ -129,8 +129,8 @@ def chance_lines(null: dict) -> list[str]:
         "|---|---|---|",
         f"| before | {null['base']:.4f} | {_pair(null['base_ci95'])} |",
         f"| debias ({null['size']} head(s)) | {null['policy']:.4f} | {_pair(null['policy_ci95'])} |",
-        f"| change | {null['change']:+.1%} | {_pair(null['change_ci95'], percent=True)} |",
-        f"| {drawn} sets of {null['size']} head(s) | mean {rand['mean']:.4f} ({rand['mean_change']:+.1%}), "
+        f"| change | {_change(null['change'])} | {_pair(null['change_ci95'], percent=True)} |",
+        f"| {drawn} sets of {null['size']} head(s) | mean {rand['mean']:.4f} ({_change(rand['mean_change'])}), "
         f"sd {rand['sd']:.4f} | range {rand['min']:.4f} to {rand['max']:.4f} |",
         "",
         f"The policy's set beats {null['percentile']:.1f}% of them (permutation p = {null['p_value']:.3f}).",
@@ -141,11 +141,18 @@ def chance_line(null: dict) -> str:
     """The same in one line, for the terminal."""
     rand = null["random"]
     return (
-        f"held-out {null['metric']} {null['base']:.3f} -> {null['policy']:.3f} ({null['change']:+.1%}, 95% CI "
+        f"held-out {null['metric']} {null['base']:.3f} -> {null['policy']:.3f} ({_change(null['change'])}, 95% CI "
         f"{_pair(null['change_ci95'], percent=True)}); {null['sets']} random {null['size']}-head sets: mean "
-        f"{rand['mean_change']:+.1%}, sd {rand['sd']:.3f}; beats {null['percentile']:.1f}% (p = {null['p_value']:.3f})"
+        f"{_change(rand['mean_change'])}, sd {rand['sd']:.3f}; the policy beats {null['percentile']:.1f}% "
+        f"(p = {null['p_value']:.3f})"
     )
 
 
-def _pair(bounds: list[float], percent: bool = False) -> str:
+def _change(value: float | None) -> str:
+    return "n/a (no bias before)" if value is None else f"{value:+.1%}"
+
+
+def _pair(bounds: list[float] | None, percent: bool = False) -> str:
+    if bounds is None:
+        return "n/a"
     return f"[{bounds[0]:+.1%}, {bounds[1]:+.1%}]" if percent else f"[{bounds[0]:.4f}, {bounds[1]:.4f}]"
