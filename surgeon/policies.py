@@ -326,17 +326,22 @@ def debias(ranking: Ranking, options: PolicyOptions) -> Selection:
     max_drop = 1.0 if options.max_acc_drop is None else options.max_acc_drop
     search_weights = data.search.resamples(SEARCH_RESAMPLES, options.seed)
     stop_weights = data.stop.resamples(SEARCH_RESAMPLES, options.seed + 1)
+    measured = {"search": 0, "stop": 0, "accuracy": 0}
+
+    def counted(kind: str) -> None:
+        measured[kind] += 1
+        data.advance(1)
 
     def search_score(heads: list[HeadRef]) -> Score:
-        data.advance(1)
+        counted("search")
         return data.search.score(heads, search_weights)
 
     def stop_score(heads: list[HeadRef]) -> Score:
-        data.advance(1)
+        counted("stop")
         return data.stop.score(heads, stop_weights)
 
     def accuracy(heads: list[HeadRef]) -> float:
-        data.advance(1)
+        counted("accuracy")
         return data.accuracy(heads)
 
     base = search_score([])
@@ -356,6 +361,8 @@ def debias(ranking: Ranking, options: PolicyOptions) -> Selection:
         },
         "candidates": [r.name for r in pool],
         "steps": [],
+        "bound": debias_bound(len(ranking.heads), budget, options.candidates),
+        "measured": measured,  # head sets measured, by split (filled in as the search goes)
     }
     if not pool:
         details["stopped"] = (
