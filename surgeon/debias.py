@@ -17,7 +17,7 @@ from surgeon.load import LoadedModel
 from surgeon.policies import BiasMeasure, DebiasData
 from surgeon.validate import Evaluator, SearchSplits
 
-#: random head sets the policy's result is compared with (all of them when there are fewer: 32 heads alone)
+#: random head sets the policy's result is compared with (all the others when there are fewer: 31 single heads)
 NULL_SETS = 50
 
 
@@ -47,14 +47,19 @@ def search_data(
     return DebiasData(bias_measure(search), bias_measure(stop), search.mean_accuracy, search.pin, advance)
 
 
-def null_sets(pool: list[HeadRef], size: int, n_sets: int, seed: int) -> tuple[list[tuple[HeadRef, ...]], bool]:
-    """(head sets of `size` from `pool`, whether they are all of them): every combination when there are at
-    most `n_sets`, else `n_sets` distinct ones drawn with `seed`."""
-    if math.comb(len(pool), size) <= n_sets:
-        return list(itertools.combinations(pool, size)), True
+def null_sets(
+    pool: list[HeadRef], heads: list[HeadRef], n_sets: int, seed: int
+) -> tuple[list[tuple[HeadRef, ...]], bool]:
+    """(head sets of the size of `heads` from `pool`, other than `heads` itself; whether they are all of them):
+    every such set when there are at most `n_sets`, else `n_sets` distinct ones drawn with `seed`."""
+    own, size = tuple(sorted(heads)), len(heads)
+    if math.comb(len(pool), size) - 1 <= n_sets:
+        return [s for s in itertools.combinations(sorted(pool), size) if s != own], True
     rng, drawn = random.Random(seed), set()
     while len(drawn) < n_sets:
-        drawn.add(tuple(sorted(rng.sample(pool, size))))
+        candidate = tuple(sorted(rng.sample(pool, size)))
+        if candidate != own:
+            drawn.add(candidate)
     return sorted(drawn), False
 
 
@@ -66,10 +71,11 @@ def against_chance(
     seed: int = 0,
     advance: Callable[[int], None] = lambda n: None,
 ) -> dict:
-    """MaxSkew@k of the report split with `heads` removed, next to random head sets of the same size from
-    `pool` removed on the same images (zero ablation, like the search): their mean, sd and range, the share
-    of them the policy beats (percentile) and the permutation p-value (1 + sets at least as good) / (1 + sets);
-    with bootstrap intervals (units) of the base, the policy's figure and its relative change (paired)."""
+    """MaxSkew@k of the report split with `heads` removed, next to the other head sets of the same size from
+    `pool` (all, or `n_sets` random ones) removed on the same images (zero ablation, like the search): their
+    mean, sd and range, the share of them the policy beats (percentile) and the permutation p-value
+    (1 + sets at least as good) / (1 + sets), exact when every set was measured; with bootstrap intervals
+    (units) of the base, the policy's figure and its relative change (paired)."""
     bias = evaluator.suite.bias
     assert bias is not None  # the report split of a bias search has its bias set
     key = f"max_skew@{bias.k}"
@@ -83,7 +89,7 @@ def against_chance(
     def point(similarity: np.ndarray) -> float:
         return bias_metrics(similarity, bias.groups, len(bias.group_names), bias.k, bias.desired, bias.protocol)[key]
 
-    sets, exhaustive = null_sets(pool, len(heads), n_sets, seed)
+    sets, exhaustive = null_sets(pool, heads, n_sets, seed)
     base_similarity, policy_similarity = evaluator.bias_similarity([]), evaluator.bias_similarity(heads)
     base, policy = point(base_similarity), point(policy_similarity)
     random_values = []

@@ -136,7 +136,7 @@ def prune(
     if splits is not None:
         assert ranking is not None  # checked above
         pool = [HeadRef(h.layer, h.head) for h in ranking.sorted_heads()]
-        n_sets = min(NULL_SETS, math.comb(len(pool), len(selection.heads)))
+        n_sets = min(NULL_SETS, math.comb(len(pool), len(selection.heads)) - 1)
         with progress_bar(f"random {len(selection.heads)}-head sets on the report split", n_sets, quiet) as advance:
             chance = against_chance(evaluator, selection.heads, pool, NULL_SETS, options.seed, advance)
     seed_runs = []

@@ -5,6 +5,7 @@ and nothing of the report split is read while heads are selected."""
 from __future__ import annotations
 
 import hashlib
+import math
 
 import numpy as np
 import pytest
@@ -126,10 +127,14 @@ def test_selection_never_reads_the_report_split(setup, tmp_path, monkeypatch):  
     monkeypatch.setattr(validate_module, "open_image", recording_open)
     monkeypatch.setattr(prune_module, "search_data", recorded_data)
     monkeypatch.setattr(prune_module, "select_heads", recorded_select)
-    prune_module.prune(loaded, ranking, suite, "debias", PolicyOptions(k=2, seed=3))
+    result = prune_module.prune(loaded, ranking, suite, "debias", PolicyOptions(k=2, seed=3))
     splits = suite.split_for_search(seed=3)
     report = {p.name for p in splits.report.bias.images} | {p.name for p in splits.report.tasks[0].images}
     selected_on = {p.name for p in splits.search.bias.images} | {p.name for p in splits.stop.bias.images}
     assert selected_on <= set(opened["selecting"])  # the recorder saw the selection's reads
     assert not report & set(opened["selecting"])
     assert report <= set(opened["after"])
+    chance = result.against_chance  # measured on the report split, against every other set of its size
+    size, n = len(result.plan.heads), len(ranking.heads)
+    assert chance["size"] == size and chance["sets"] == min(50, math.comb(n, size) - 1)
+    assert chance["measured_on"] == splits.report.description and 0 < chance["p_value"] <= 1
