@@ -55,7 +55,7 @@ def null_sets(
     own, size = tuple(sorted(heads)), len(heads)
     if math.comb(len(pool), size) - 1 <= n_sets:
         return [s for s in itertools.combinations(sorted(pool), size) if s != own], True
-    rng, drawn = random.Random(seed), set()
+    rng, drawn = random.Random(seed), set[tuple[HeadRef, ...]]()
     while len(drawn) < n_sets:
         candidate = tuple(sorted(rng.sample(pool, size)))
         if candidate != own:

@@ -142,7 +142,7 @@ def prune(
     seed_runs = []
     if seeds > 1:  # the paper's control: average the random policy over seeds (zero ablation, measured)
         for offset in range(seeds):
-            seeded = replace(options, seed=options.seed + offset, evaluate=None)
+            seeded = replace(options, seed=options.seed + offset, measure=None)
             heads = POLICIES.get(policy)(ranking, seeded).heads
             summary = evaluator.evaluate(heads)["summary"]
             seed_runs.append({"seed": seeded.seed, "heads": [h.name for h in heads], **summary})

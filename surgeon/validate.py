@@ -119,10 +119,10 @@ class ValidationSuite:
                 [], toy_probe(n_scenes, stop_seed), "toy", f"toy world: bias probe (seed {stop_seed})"
             )
             if self.bias is not None:
-                for side in (search, stop):
-                    assert side.bias is not None  # the toy suite always has its probe
-                    side.bias = replace(
-                        side.bias, k=self.bias.k, desired=self.bias.desired, protocol=self.bias.protocol
+                for split in (search, stop):
+                    assert split.bias is not None  # the toy suite always has its probe
+                    split.bias = replace(
+                        split.bias, k=self.bias.k, desired=self.bias.desired, protocol=self.bias.protocol
                     )
             return SearchSplits(search, stop, self, seed)
         if self.bias is None:
