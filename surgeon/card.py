@@ -121,6 +121,17 @@ def _heads_table(plan: Plan) -> list[str]:
     ]
 
 
+def _chance_section(plan: Plan, validation: dict) -> list[str]:
+    """A selection by measurement (debias): how it stopped, and its held-out result next to random head sets of
+    the same size on the same data."""
+    from surgeon.debias import chance_lines
+
+    lines = [f"Search: {plan.policy_details['stopped']}.", ""] if "stopped" in plan.policy_details else []
+    if "against_chance" in validation:
+        lines += ["### Against chance", "", *chance_lines(validation["against_chance"]), ""]
+    return lines
+
+
 def model_card(loaded: LoadedModel, plan: Plan, validation: dict, folder: Path) -> str:
     from surgeon.validate import markdown_report
 
@@ -146,6 +157,7 @@ def model_card(loaded: LoadedModel, plan: Plan, validation: dict, folder: Path) 
         validation_note(plan),
         "",
         markdown_report(validation["before"], validation["after"]),
+        *_chance_section(plan, validation),
         "## How to load",
         "",
         "```python",

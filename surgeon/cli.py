@@ -391,6 +391,8 @@ def prune(
             gate_failures=result.gate_failures,
             exported=result.exported,
             seed_mean=result.plan.seed_mean,
+            intervals={k: r.get("summary_ci95") for k, r in (("before", result.before), ("after", result.after))},
+            against_chance=result.against_chance,
         )
     else:
         _print_prune(result, policy, mode)
@@ -405,7 +407,13 @@ def _print_prune(result, policy: str, mode: str) -> None:
     for h in result.plan.heads:
         table.add_row(h.head, h.label or "", "" if h.ccs is None else str(h.ccs), h.reason)
     out.print(table)
-    _print_summary(result.before["summary"], result.after["summary"])
+    if "stopped" in result.plan.policy_details:
+        out.print(f"debias search: {result.plan.policy_details['stopped']}", highlight=False)
+    _print_summary(result.before, result.after)
+    if result.against_chance:
+        from surgeon.debias import chance_line
+
+        out.print(chance_line(result.against_chance), highlight=False, soft_wrap=True)
     if result.seeds:
         out.print(f"random policy over {len(result.seeds)} seeds: mean {result.plan.seed_mean}")
     _print_parity(result.run_dir if result.exported else None)
@@ -419,25 +427,35 @@ def _print_parity(folder: Path | None) -> None:
         out.print(line, highlight=False, soft_wrap=True)
 
 
-def _print_summary(before: dict, after: dict | None = None) -> None:
-    """Accuracy in % and its change in points, as report.md and the card show them (validate.UNITS_NOTE)."""
+def _print_summary(before_report: dict, after_report: dict | None = None) -> None:
+    """The summaries of validation reports: accuracy in % and its change in points, as report.md and the card
+    show them (validate.UNITS_NOTE); a bias figure with its 95% bootstrap interval where measured."""
     from surgeon.validate import UNITS_NOTE
 
+    before, after = before_report["summary"], after_report["summary"] if after_report else None
     table = Table(title="validation", caption=UNITS_NOTE if "mean_acc1" in before else None)
     table.add_column("metric")
     table.add_column("before" if after else "value", justify="right")
     if after:
         table.add_column("after", justify="right")
         table.add_column("change", justify="right")
+
+    def shown(report: dict, key: str, scale: int, digits: int) -> str:
+        bounds = report.get("summary_ci95", {}).get(key)
+        interval = f" [{bounds[0]:.{digits}f}, {bounds[1]:.{digits}f}]" if bounds else ""
+        return f"{scale * report['summary'][key]:.{digits}f}" + interval
+
     for key, value in before.items():
         if value is None:
             continue
         scale, digits, name = (100, 2, "mean_acc1 (%)") if key == "mean_acc1" else (1, 4, key)
-        row = [name, f"{scale * value:.{digits}f}"]
-        if after:
-            row += [f"{scale * after[key]:.{digits}f}", f"{scale * (after[key] - value):+.{digits}f}"]
+        row = [name, shown(before_report, key, scale, digits)]
+        if after and after_report:
+            row += [shown(after_report, key, scale, digits), f"{scale * (after[key] - value):+.{digits}f}"]
         table.add_row(*row)
     out.print(table)
+    if any("summary_ci95" in r for r in (before_report, after_report) if r):
+        out.print("bias figures: value [95% bootstrap interval over the bias set's units]", highlight=False)
 
 
 @app.command()
@@ -478,7 +496,7 @@ def validate(
         emit_json("validate", out_dir, files, report["summary"], model=report["model"], results=report["results"])
         return
     out.print(markdown_report(report), highlight=False)
-    _print_summary(report["summary"])
+    _print_summary(report)
     if out_dir:
         out.print(f"wrote {out_dir}/validation.json and {len(files) - 1} clip_benchmark file(s) in clip_benchmark/")
 

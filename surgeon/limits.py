@@ -40,6 +40,7 @@ MAX_CCS = 1000
 MAX_POINTS = 100.0  # accuracy gates are in points
 MAX_SKEW = 1e6
 MAX_ATOL = 1.0
+MAX_PREFIX_CACHE_BYTES = 2 << 30  # residual streams an Evaluator keeps per layer (deep cache, debias search)
 MAX_SPEC_CHARS = 65_536  # layers, heads, concept, counts, names, paths (every head of ViT-bigG: ~13k)
 MAX_ASPECT_RATIO = 100  # image width:height; 1x200000 PNGs would resize to 48 x 9.6 M pixels
 ECHO_CHARS = 60

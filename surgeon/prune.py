@@ -4,25 +4,37 @@ The library function behind `surgeon prune` and the Prune RPC."""
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from surgeon.clipbench import CLIP_BENCHMARK_DIR, pruned_tag, write_results
 from surgeon.datarecord import DATA_RECORD
+from surgeon.debias import NULL_SETS, against_chance, chance_lines, search_data
 from surgeon.decompose import head_means
 from surgeon.errors import InvalidInput, PreconditionFailed
+from surgeon.heads import HeadRef
 from surgeon.hooks import vision_tower
 from surgeon.images import ImageSet
 from surgeon.load import LoadedModel, weights_hash
 from surgeon.paths import atomic_dir
-from surgeon.policies import POLICIES, PRESET_POLICIES, RANKING_FREE, SEEDED_POLICIES, PolicyOptions, Selection
+from surgeon.policies import (
+    POLICIES,
+    PRESET_POLICIES,
+    RANKING_FREE,
+    SEEDED_POLICIES,
+    DebiasData,
+    PolicyOptions,
+    Selection,
+    debias_bound,
+)
 from surgeon.progress import progress_bar
 from surgeon.rank import Ranking
 from surgeon.records import Plan, PlannedHead
 from surgeon.runfolder import validation_note
 from surgeon.surgery import SurgeryRequest, apply_surgery
-from surgeon.validate import Evaluator, Gates, ValidationSuite, markdown_report, validate
+from surgeon.validate import Evaluator, Gates, SearchSplits, ValidationSuite, markdown_report, validate
 
 
 @dataclass
@@ -34,13 +46,16 @@ class PruneResult:
     gate_failures: list[str]
     exported: bool
     seeds: list[dict] = field(default_factory=list)
+    against_chance: dict | None = None  # debias: its held-out result next to random head sets of its size
 
 
-def select_heads(ranking: Ranking | None, policy: str, options: PolicyOptions, evaluate=None) -> Selection:
-    """`evaluate(heads) -> (accuracy, bias)` scores candidate sets for the debias policy."""
+def select_heads(
+    ranking: Ranking | None, policy: str, options: PolicyOptions, measure: DebiasData | None = None
+) -> Selection:
+    """`measure`: the search and stop splits the debias policy measures on (never the report split)."""
     impl = POLICIES.get(policy)
     if policy == "debias":
-        options.evaluate = evaluate
+        options.measure = measure
     return impl(ranking, options)
 
 
@@ -61,17 +76,18 @@ def prune(
     exporters: list[str] | None = None,
     export_options: dict | None = None,
     search_images: int = 500,
-    search_bias: int | None = None,
     language: str = "en",
     quiet: bool = True,
     data_record: dict | None = None,
 ) -> PruneResult:
     """Prune `loaded.model` in place. Writes `out_dir` (atomically) unless it is None. The debias policy
-    selects by measuring, so it searches on one half of the suite (`ValidationSuite.split_for_search`; at most
-    `search_images` images per task and `search_bias` bias images of it) and the before/after validation, the
-    gates and every reported figure come from the disjoint held-out half. Other policies validate on the
-    whole suite. `ranking` may be None for the policies that do not read one (RANKING_FREE: the paper's
-    presets, an explicit list of heads). `language` is recorded in the clip_benchmark result files;
+    selects by measuring, so the suite is split three ways (`ValidationSuite.split_for_search`, seeded by
+    `options.seed`): it searches on one (at most `search_images` images per task), decides when to stop on
+    another, and the before/after validation, the gates, every reported figure and the comparison with random
+    head sets of the same size (`against_chance`) come from the third, which selection never touches. Other
+    policies validate on the whole suite. `ranking` may be None for the policies that do not read one
+    (RANKING_FREE: the paper's presets, an explicit list of heads). `language` is recorded in the
+    clip_benchmark result files;
     `data_record` (surgeon.datarecord) in validation_data.json, for measuring the run's exports again."""
     from surgeon.export import export_run
 
@@ -97,32 +113,39 @@ def prune(
     if mode == "mean" and tower != "vision":
         raise InvalidInput("mean ablation is defined for the vision tower only")
     gates = gates or Gates()
-    search: Evaluator | None = None
+    splits: SearchSplits | None = None
     if policy == "debias":
-        assert ranking is not None  # RANKING_FREE holds no debias
-        search_suite, suite = suite.split_for_search()
-        search = Evaluator(loaded, search_suite.subset(search_images, search_bias), min(ranking.layers))
+        splits = suite.split_for_search(seed=options.seed)
+        suite = splits.report  # every figure below, the gates' too, comes from the split selection never saw
     gates.check_measurable(suite)
     # presets may name any layer (paper-random draws anew per seed): no cached prefix for them
     first_layer = 0 if policy in PRESET_POLICIES else min(ranking.layers) if ranking is not None else None
-    searching = "debias search (head sets scored)" if search is not None else ""
-    with progress_bar(searching, None, quiet or search is None) as advance:
-
-        def scored(heads, search: Evaluator | None = search):
-            assert search is not None
-            advance(1)
-            return search.score(heads)
-
-        selection = select_heads(ranking, policy, options, scored if search is not None else None)
+    if splits is not None:
+        assert ranking is not None and first_layer is not None  # RANKING_FREE holds no debias
+        budget = options.k if options.k is not None else min(4, len(ranking.heads))
+        bound = debias_bound(len(ranking.heads), budget, options.candidates)
+        with progress_bar(f"debias search (at most {bound} head sets)", bound, quiet) as advance:
+            selection = select_heads(
+                ranking, policy, options, search_data(loaded, splits, first_layer, search_images, advance)
+            )
+    else:
+        selection = select_heads(ranking, policy, options)
     if first_layer is None:
         first_layer = min(h.layer for h in selection.heads)
-    evaluator = Evaluator(loaded, suite, first_layer=first_layer, cache=seeds > 1)
+    evaluator = Evaluator(loaded, suite, first_layer, cache=seeds > 1 or splits is not None, deep=splits is not None)
     base_model = ranking.model if ranking is not None else loaded.record()
     before = evaluator.evaluate([], bar="validation before", quiet=quiet)
+    chance = None
+    if splits is not None:
+        assert ranking is not None  # checked above
+        pool = [HeadRef(h.layer, h.head) for h in ranking.sorted_heads()]
+        n_sets = min(NULL_SETS, math.comb(len(pool), len(selection.heads)) - 1)
+        with progress_bar(f"random {len(selection.heads)}-head sets on the report split", n_sets, quiet) as advance:
+            chance = against_chance(evaluator, selection.heads, pool, NULL_SETS, options.seed, advance)
     seed_runs = []
     if seeds > 1:  # the paper's control: average the random policy over seeds (zero ablation, measured)
         for offset in range(seeds):
-            seeded = replace(options, seed=options.seed + offset, evaluate=None)
+            seeded = replace(options, seed=options.seed + offset, measure=None)
             heads = POLICIES.get(policy)(ranking, seeded).heads
             summary = evaluator.evaluate(heads)["summary"]
             seed_runs.append({"seed": seeded.seed, "heads": [h.name for h in heads], **summary})
@@ -140,7 +163,7 @@ def prune(
         options={  # not asdict: it would deep-copy `evaluate`, i.e. the whole evaluator and its model
             f.name: getattr(options, f.name)
             for f in fields(options)
-            if f.name != "evaluate" and getattr(options, f.name) is not None
+            if f.name != "measure" and getattr(options, f.name) is not None
         },
         mode=mode,
         tower=tower,
@@ -159,18 +182,19 @@ def prune(
         policy_details=selection.details,
         record=record,
         validated_on=suite.description,
-        selected_on=search.suite.description if search is not None else None,
+        selected_on=f"{splits.search.description}; stopped on {splits.stop.description}" if splits else None,
         seeds=seed_runs,
         seed_mean={k: statistics.fmean(r[k] for r in seed_runs) for k in after["summary"]} if seed_runs else None,
     )
+    validation = {"before": before, "after": after, "gate_failures": failures}
+    if chance is not None:
+        validation["against_chance"] = chance
     exported = not failures or export_anyway
     if out_dir is not None:
         with atomic_dir(out_dir, force=force) as tmp:
             (tmp / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2), encoding="utf-8")
-            (tmp / "validation.json").write_text(
-                json.dumps({"before": before, "after": after, "gate_failures": failures}, indent=2), encoding="utf-8"
-            )
-            (tmp / "report.md").write_text(_report(plan, before, after, failures), encoding="utf-8")
+            (tmp / "validation.json").write_text(json.dumps(validation, indent=2), encoding="utf-8")
+            (tmp / "report.md").write_text(_report(plan, before, after, failures, chance), encoding="utf-8")
             if data_record is not None:
                 (tmp / DATA_RECORD).write_text(json.dumps(data_record, indent=2), encoding="utf-8")
             if ranking is not None:
@@ -183,12 +207,12 @@ def prune(
                 export_run(
                     loaded,
                     plan,
-                    {"before": before, "after": after},
+                    {k: v for k, v in validation.items() if k != "gate_failures"},
                     tmp,
                     exporters or ["safetensors"],
                     **(export_options or {}),
                 )
-    return PruneResult(out_dir, plan, before, after, failures, exported and out_dir is not None, seed_runs)
+    return PruneResult(out_dir, plan, before, after, failures, exported and out_dir is not None, seed_runs, chance)
 
 
 def mean_ablation(loaded: LoadedModel, reference: ImageSet):
@@ -202,7 +226,7 @@ def mean_ablation(loaded: LoadedModel, reference: ImageSet):
     return means
 
 
-def _report(plan: Plan, before: dict, after: dict, failures: list[str]) -> str:
+def _report(plan: Plan, before: dict, after: dict, failures: list[str], chance: dict | None = None) -> str:
     lines = [
         f"# surgeon prune — {plan.base_model['name']}",
         "",
@@ -212,5 +236,9 @@ def _report(plan: Plan, before: dict, after: dict, failures: list[str]) -> str:
         "|---|---|---|---|",
     ]
     lines += [f"| {h.head} | {h.label or ''} | {'' if h.ccs is None else h.ccs} | {h.reason} |" for h in plan.heads]
+    if "stopped" in plan.policy_details:
+        lines += ["", f"Search: {plan.policy_details['stopped']}."]
     lines += ["", "## Validation", "", validation_note(plan), "", markdown_report(before, after, failures)]
+    if chance is not None:
+        lines += ["## Against chance", "", *chance_lines(chance), ""]
     return "\n".join(lines)

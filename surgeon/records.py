@@ -204,6 +204,34 @@ def check_validation_report(data: dict[str, Any], source: str) -> None:
         sets[side] = {(r["dataset"], r["task"]) for r in report["results"]}
     if sets["before"] != sets["after"]:
         raise CorruptInput(f"corrupt {source}: before and after measured different sets")
+    if "against_chance" in data and not _is_chance(data["against_chance"]):
+        raise CorruptInput(f"corrupt {source}: 'against_chance' is not a comparison with random head sets")
+
+
+#: what the card reads of a debias run's comparison with random head sets (surgeon.debias.against_chance)
+_CHANCE_FIELDS: dict[str, Any] = {
+    "metric": str,
+    "measured_on": str,
+    "size": int,
+    "sets": int,
+    "exhaustive": bool,
+    "base": float,
+    "base_ci95": list[float],
+    "policy": float,
+    "policy_ci95": list[float],
+    "change": float | None,
+    "change_ci95": list[float] | None,
+    "percentile": float,
+    "p_value": float,
+}
+_CHANCE_RANDOM: dict[str, Any] = {"mean": float, "sd": float, "min": float, "max": float, "mean_change": float | None}
+
+
+def _is_chance(entry: Any) -> bool:
+    def fits(value: Any, fields: dict[str, Any]) -> bool:
+        return isinstance(value, dict) and all(_matches(value.get(k), hint) for k, hint in fields.items())
+
+    return fits(entry, _CHANCE_FIELDS) and fits(entry.get("random"), _CHANCE_RANDOM)
 
 
 def _is_result(entry: Any, protocols: dict) -> bool:

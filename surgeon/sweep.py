@@ -71,7 +71,7 @@ def run_sweep(
         for name, order in orders.items():
             curves[name] = []
             for count in counts:
-                curves[name].append({"n": count, **evaluator.evaluate(order[:count])["summary"]})
+                curves[name].append({"n": count, **evaluator.evaluate(order[:count], intervals=False)["summary"]})
                 advance(1)
     result = {"model": loaded.identity, "counts": counts, "curves": curves}
     if seeds > 1:

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from surgeon import defaults
-from surgeon.bias import PROTOCOLS, bias_metrics, bias_protocol, headline_keys
+from surgeon import defaults, limits
+from surgeon.bias import BOOTSTRAP_RESAMPLES, PROTOCOLS, bias_intervals, bias_metrics, bias_protocol, headline_keys
 from surgeon.clipbench import dataset_keys, read_json_entry
 from surgeon.errors import CorruptInput, InvalidInput, NotFound
 from surgeon.heads import HeadRef
@@ -103,21 +103,31 @@ class ValidationSuite:
             bias = bias.take(np.sort(np.random.default_rng(seed).choice(len(bias.groups), n_bias, replace=False)))
         return ValidationSuite(tasks, bias, self.source, self.description)
 
-    def split_for_search(self, seed: int = 0) -> tuple[ValidationSuite, ValidationSuite]:
-        """(search, held-out): disjoint suites, so that a policy that selects on measurements (debias) is
-        reported on data it never saw. The toy world draws its search suite from its own disjoint streams (the
-        'val' split, a probe with fresh scenes) and keeps this suite, the one every other policy reports on, as
-        the held-out one. Files are split reproducibly (seeded): each task's images in half, the bias set by
-        its units (a manifest column, see bias_set), never one unit on both sides."""
+    def split_for_search(self, seed: int = 0) -> SearchSplits:
+        """Three disjoint suites for a policy that selects on measurements (debias): it searches on one, decides
+        when to stop on another, and is reported on the third, which selection never touches. The toy world
+        draws the search and stop suites from its own disjoint streams (the 'val' split and fresh probe scenes,
+        seeded by `seed`) and keeps this suite, the one every other policy reports on, as the report split.
+        Files are split reproducibly (seeded): each task's images in half (search, report: accuracy is
+        budgeted on the search half), the bias set in thirds by its units (a manifest column, see bias_set),
+        never one unit in two splits."""
         if self.source == "toy":
             n_per_task = len(self.tasks[0].labels) if self.tasks else None
             n_scenes = None if self.bias is None or self.bias.units is None else len(np.unique(self.bias.units))
-            search = toy_suite(n_per_task, n_scenes, split="val", probe_seed=SEARCH_PROBE_SEED)
-            if search.bias is not None and self.bias is not None:
-                search.bias = replace(
-                    search.bias, k=self.bias.k, desired=self.bias.desired, protocol=self.bias.protocol
-                )
-            return search, self
+            search = toy_suite(n_per_task, n_scenes, split="val", probe_seed=search_probe_seed(seed))
+            stop_seed = search_probe_seed(seed) + 1
+            stop = ValidationSuite(
+                [], toy_probe(n_scenes, stop_seed), "toy", f"toy world: bias probe (seed {stop_seed})"
+            )
+            if self.bias is not None:
+                for split in (search, stop):
+                    assert split.bias is not None  # the toy suite always has its probe
+                    split.bias = replace(
+                        split.bias, k=self.bias.k, desired=self.bias.desired, protocol=self.bias.protocol
+                    )
+            return SearchSplits(search, stop, self, seed)
+        if self.bias is None:
+            raise InvalidInput("a selection by bias measurement needs a bias set (--bias-data)")
         rng = np.random.default_rng(seed)
         halves: tuple[list[ClassificationSet], list[ClassificationSet]] = ([], [])
         for task in self.tasks:
@@ -125,12 +135,13 @@ class ValidationSuite:
             for side, index in zip(halves, np.array_split(order, 2), strict=True):
                 index = np.sort(index)
                 side.append(replace(task, images=take_images(task.images, index), labels=task.labels[index]))
-        biases: tuple[BiasSet | None, BiasSet | None] = (None, None)
-        if self.bias is not None:
-            biases = _split_bias(self.bias, rng)
-        return (
-            ValidationSuite(halves[0], biases[0], self.source, f"{self.description} (search half, seed {seed})"),
-            ValidationSuite(halves[1], biases[1], self.source, f"{self.description} (held-out half, seed {seed})"),
+        search_bias, stop_bias, report_bias = _split_bias(self.bias, rng)
+        described = f"{self.description} (%s, seed {seed})"
+        return SearchSplits(
+            ValidationSuite(halves[0], search_bias, self.source, described % "search split"),
+            ValidationSuite([], stop_bias, self.source, described % "stop split"),
+            ValidationSuite(halves[1], report_bias, self.source, described % "report split"),
+            seed,
         )
 
     def __post_init__(self):
@@ -141,7 +152,19 @@ class ValidationSuite:
             raise InvalidInput(f"bias set {self.bias.name} is empty")
 
 
-SEARCH_PROBE_SEED = 1  # the toy search suite's bias probe; the reported one is seed 0
+@dataclass
+class SearchSplits:
+    """Disjoint suites of a selection by measurement: searched on, stopped on, reported on (`seed` drew them)."""
+
+    search: ValidationSuite
+    stop: ValidationSuite
+    report: ValidationSuite
+    seed: int
+
+
+def search_probe_seed(split_seed: int) -> int:
+    """The toy's search probe for a split seed (its stop probe is the next seed); the reported probe is seed 0."""
+    return 1 + 2 * split_seed
 
 
 def toy_suite(
@@ -151,38 +174,44 @@ def toy_suite(
         ClassificationSet(f"toy/{t.name}", list(t.classnames), list(t.templates), t.images, np.asarray(t.labels))
         for t in defaults.toy_zeroshot_tasks(n=n_per_task, split=split)
     ]
-    probe = defaults.toy_bias_probe(n_scenes=n_scenes, seed=probe_seed)
-    queries = {shape: list(prompts) for shape, prompts in probe.queries.items()}
-    bias = BiasSet(
+    return ValidationSuite(
+        tasks, toy_probe(n_scenes, probe_seed), "toy", f"toy world: {split} split, bias probe (seed {probe_seed})"
+    )
+
+
+def toy_probe(n_scenes: int | None = None, seed: int = 0) -> BiasSet:
+    """The toy world's counterfactual bias probe: each scene rendered once per group, a scene being a unit."""
+    probe = defaults.toy_bias_probe(n_scenes=n_scenes, seed=seed)
+    return BiasSet(
         "toy/bias-probe",
         probe.images,
         np.asarray(probe.groups),
         list(probe.group_names),
-        queries,
-        units=np.asarray(probe.scene_ids),  # a scene's renderings (one per group) stay on one side of a split
+        {shape: list(prompts) for shape, prompts in probe.queries.items()},
+        units=np.asarray(probe.scene_ids),  # a scene's renderings (one per group) stay in one split
     )
-    return ValidationSuite(tasks, bias, "toy", f"toy world: {split} split, bias probe (seed {probe_seed})")
 
 
-def _split_bias(bias: BiasSet, rng: np.random.Generator) -> tuple[BiasSet, BiasSet]:
-    """Half of the units each (seeded); refuse halves that cannot measure MaxSkew@k for every group."""
+def _split_bias(bias: BiasSet, rng: np.random.Generator) -> tuple[BiasSet, BiasSet, BiasSet]:
+    """A third of the units each (seeded): search, stop, report; refuse splits that cannot measure MaxSkew@k
+    for every group."""
     units = bias.units if bias.units is not None else np.arange(len(bias.groups))
-    distinct = np.unique(units)
-    chosen = set(rng.permutation(distinct)[: len(distinct) // 2].tolist())
-    in_search = np.array([u in chosen for u in units.tolist()], dtype=bool)
+    distinct = rng.permutation(np.unique(units))
+    part = {u: i for i, chunk in enumerate(np.array_split(distinct, 3)) for u in chunk.tolist()}
+    side_of = np.array([part[u] for u in units.tolist()])
     sides = []
-    for mask, label in ((in_search, "search"), (~in_search, "held-out")):
-        index = np.flatnonzero(mask)
+    for i, label in enumerate(("search", "stop", "report")):
+        index = np.flatnonzero(side_of == i)
         present = len(np.unique(bias.groups[index])) if len(index) else 0
         if len(index) < 2 * bias.k or present < len(bias.group_names):
             raise InvalidInput(
-                f"bias set {bias.name} is too small to split into a search and a held-out half: the {label} half "
-                f"has {len(index)} images in {present} of {len(bias.group_names)} groups "
+                f"bias set {bias.name} is too small to split into search, stop and report thirds: the {label} "
+                f"split has {len(index)} images in {present} of {len(bias.group_names)} groups "
                 f"(needs >= {2 * bias.k} images, every group)",
                 hint="pass a larger bias set, or split units that group fewer images",
             )
-        sides.append(bias.take(index, f"{bias.name} ({label} half)"))
-    return sides[0], sides[1]
+        sides.append(bias.take(index, f"{bias.name} ({label} split)"))
+    return sides[0], sides[1], sides[2]
 
 
 #: folder (or manifest) names that say which split, not which set: reports add the folder above
@@ -495,7 +524,10 @@ class Evaluator:
 
     With `cache` (for repeated evaluations: sweeps, the debias search) the residual stream entering
     `first_layer` is kept for every image, so each evaluation re-runs only the later blocks; that costs
-    tokens x width x 4 bytes per image (about 1 MB for ViT-L-14), so one-off evaluations stream instead."""
+    tokens x width x 4 bytes per image (about 1 MB for ViT-L-14), so one-off evaluations stream instead.
+    With `deep` as well, the stream entering every later layer is kept too (within limits.MAX_PREFIX_CACHE_BYTES),
+    so a head set re-runs only the blocks from its first head's layer, and `pin(heads)` keeps one head set's
+    streams so that sets adding heads to it in later layers start there (the debias search's next step)."""
 
     def __init__(
         self,
@@ -504,6 +536,7 @@ class Evaluator:
         first_layer: int = 0,
         batch_size: int = 256,
         cache: bool = True,
+        deep: bool = False,
     ):
         self.loaded, self.suite, self.first_layer, self.batch_size = loaded, suite, first_layer, batch_size
         model = loaded.model
@@ -521,7 +554,8 @@ class Evaluator:
                 )
         # tasks that share one image array (the toy's factors) share one cached prefix and one forward pass
         self._set_key: dict[str, int] = {}
-        self._prefixes: dict[int, torch.Tensor] = {}
+        # per image set: (heads ablated before the layer, layer) -> residual stream entering that layer
+        self._prefixes: dict[int, dict[tuple[frozenset[HeadRef], int], torch.Tensor]] = {}
         sets = [(t.name, t.images) for t in suite.tasks] + (
             [(suite.bias.name, suite.bias.images)] if suite.bias is not None else []
         )
@@ -529,11 +563,25 @@ class Evaluator:
         # image files that do not decode (0 bytes, truncated, bombs): skipped with a count, as `rank` does;
         # per image set, index -> why. The same files fail on every pass, so labels stay aligned.
         self._unreadable: dict[int, dict[int, str]] = {}
+        n_blocks = len(vision_blocks(vision_tower(model)))
+        kept = range(first_layer, n_blocks if deep and self._fits(n_blocks - first_layer) else first_layer + 1)
         for name, images in sets:
             self._set_key[name] = id(images)
             if cache and id(images) not in self._prefixes:
-                prefixes = [self._prefix(b) for b in self._pixel_batches(images)]
-                self._prefixes[id(images)] = self._joined(prefixes, name, id(images))
+                streams = [self._streams(b, kept) for b in self._pixel_batches(images)]
+                self._prefixes[id(images)] = {
+                    (frozenset(), layer): self._joined([s[layer] for s in streams], name, id(images)) for layer in kept
+                }
+
+    def _fits(self, layers: int) -> bool:
+        """Whether keeping the stream entering `layers` layers (and a pinned set's) for every image stays within
+        limits.MAX_PREFIX_CACHE_BYTES; one image's stream measures the size."""
+        first = next((b for images in self._images.values() for b in self._pixel_batches(images)), None)
+        if first is None:
+            return True
+        per_image = residual_in(vision_tower(self.loaded.model), first[:1].to(self.loaded.device)).numel() * 4
+        n_images = sum(len(images) for images in self._images.values())
+        return 2 * layers * n_images * per_image <= limits.MAX_PREFIX_CACHE_BYTES
 
     def _pixel_batches(self, images: Images) -> Iterator[torch.Tensor]:
         cfg = self.loaded.preprocess_cfg
@@ -568,13 +616,51 @@ class Evaluator:
         return np.setdiff1d(np.arange(len(self._images[key])), skipped)
 
     @torch.no_grad()
-    def _prefix(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Residual stream entering `first_layer` (kept on CPU)."""
+    def _streams(self, pixels: torch.Tensor, layers: range) -> dict[int, torch.Tensor]:
+        """Residual stream entering each of `layers` (kept on CPU)."""
         visual = vision_tower(self.loaded.model)
         x = residual_in(visual, pixels.to(self.loaded.device))
-        for block in vision_blocks(visual)[: self.first_layer]:
-            x = block(x)
-        return x.cpu()
+        kept = {}
+        for index, block in enumerate(vision_blocks(visual)[: layers[-1] + 1]):
+            if index in layers:
+                kept[index] = x.cpu()
+            if index < layers[-1]:
+                x = block(x)
+        return kept
+
+    def _prefix(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Residual stream entering `first_layer`."""
+        return self._streams(pixels, range(self.first_layer, self.first_layer + 1))[self.first_layer]
+
+    def _start(self, key: int, heads: Sequence[HeadRef]) -> tuple[int, torch.Tensor] | None:
+        """(layer, kept stream) to resume `heads` from: the deepest kept layer whose stream saw exactly the
+        heads of `heads` before it ablated; None when nothing is kept for the set."""
+        kept = self._prefixes.get(key)
+        if not kept:
+            return None
+        found = [(layer, s) for (before, layer), s in kept.items() if before == {h for h in heads if h.layer < layer}]
+        return max(found, key=lambda item: item[0])
+
+    @torch.no_grad()
+    def pin(self, heads: Sequence[HeadRef]) -> None:
+        """Keep the streams of every cached set with `heads` ablated (replacing the previously pinned set's), so
+        that head sets extending it start at their new heads' layer."""
+        if not heads or not self._prefixes:
+            return
+        blocks = vision_blocks(vision_tower(self.loaded.model))
+        for key, kept in self._prefixes.items():
+            for entry in [e for e in kept if e[0]]:
+                del kept[entry]
+            start = self._start(key, heads)
+            assert start is not None  # every cached set keeps first_layer
+            layer, stream = start
+            last = max(lay for _, lay in kept)
+            with heads_zeroed(blocks, list(heads)):
+                for index in range(layer, last):
+                    stream = torch.cat(
+                        [blocks[index](b.to(self.loaded.device)).cpu() for b in stream.split(self.batch_size)]
+                    )
+                    kept[(frozenset(h for h in heads if h.layer < index + 1), index + 1)] = stream
 
     @torch.no_grad()
     def embeddings(self, name: str, heads: Sequence[HeadRef] = (), advance=None) -> torch.Tensor:
@@ -585,31 +671,36 @@ class Evaluator:
         blocks = vision_blocks(visual)
         out = []
         key = self._set_key[name]
-        if key in self._prefixes:
-            prefix = self._prefixes[key]
+        start = self._start(key, heads)
+        if start is not None:
+            layer, prefix = start
             batches = (prefix[i : i + self.batch_size] for i in range(0, len(prefix), self.batch_size))
         else:
+            layer = self.first_layer
             batches = (self._prefix(pixels) for pixels in self._pixel_batches(self._images[key]))
         with heads_zeroed(blocks, list(heads)):
             for batch in _stoppable(batches):
                 x = batch.to(self.loaded.device)
-                for block in blocks[self.first_layer :]:
+                for block in blocks[layer:]:
                     x = block(x)
                 out.append(F.normalize(image_embeds(visual, x).float(), dim=-1).cpu())
                 if advance is not None:
                     advance(len(x))
         return self._joined(out, name, key)
 
-    def evaluate(self, heads: Sequence[HeadRef] = (), bar: str | None = None, quiet: bool = False) -> dict:
+    def evaluate(
+        self, heads: Sequence[HeadRef] = (), bar: str | None = None, quiet: bool = False, intervals: bool = True
+    ) -> dict:
         """Metrics per set, and a summary (mean acc1 over tasks, bias MaxSkew@k); with `bar`, a step of that
-        name advancing per batch of images (a terminal bar unless quiet)."""
+        name advancing per batch of images (a terminal bar unless quiet). With `intervals`, every bias figure
+        has its 95% bootstrap interval over the set's units (metrics["ci95"], and "summary_ci95")."""
         results: list[dict] = []
         done: dict[int, torch.Tensor] = {}
         total = sum(len(images) for images in self._images.values())
         with progress_bar(bar or "", total, quiet=quiet or bar is None) as advance:
-            return self._evaluate(heads, done, results, advance)
+            return self._evaluate(heads, done, results, advance, intervals)
 
-    def _evaluate(self, heads, done: dict, results: list, advance) -> dict:
+    def _evaluate(self, heads, done: dict, results: list, advance, intervals: bool) -> dict:
         def embed(name: str) -> torch.Tensor:
             key = self._set_key[name]
             if key not in done:
@@ -636,6 +727,10 @@ class Evaluator:
             groups = b.groups[self._readable(self._set_key[b.name])]
             metrics = bias_metrics(sim, groups, len(b.group_names), b.k, b.desired, b.protocol)
             metrics["queries"] = list(b.queries)
+            if intervals:
+                units = b.units[self._readable(self._set_key[b.name])] if b.units is not None else None
+                metrics["ci95"] = bias_intervals(sim, groups, len(b.group_names), units, b.k, b.desired, b.protocol)
+                metrics["bootstrap"] = {"resamples": BOOTSTRAP_RESAMPLES, "units": _unit_count(b), "level": 0.95}
             results.append({"dataset": b.name, "task": "bias", "metrics": metrics, **read(b.name)})
             summed = PROTOCOLS[b.protocol].headline == "sum"  # the figure of the paper's tables
             summary = replace(
@@ -645,15 +740,33 @@ class Evaluator:
                 max_skew_sum=metrics[f"max_skew@{b.k}_sum"] if summed else None,
                 ndkl=metrics["ndkl"],
             )
+            if intervals:  # the summary's bias figures, keyed as in the summary
+                report_ci = {key: metrics["ci95"][key] for key in summary.to_dict() if key in metrics["ci95"]}
+                return {"results": results, "summary": summary.to_dict(), "summary_ci95": report_ci}
         return {"results": results, "summary": summary.to_dict()}
 
-    def score(self, heads: list[HeadRef]) -> tuple[float, float]:
-        """(mean zero-shot acc1, MaxSkew@k) — what the debias policy trades off."""
-        if self.suite.bias is None:
+    def bias_similarity(self, heads: Sequence[HeadRef] = ()) -> np.ndarray:
+        """(queries x bias images) cosine similarities with `heads` ablated: what a bias search measures."""
+        if self.suite.bias is None or self.queries is None:
             raise InvalidInput("the debias policy needs a bias set")
-        summary = ValidationSummary.from_dict(self.evaluate(heads)["summary"])
-        assert summary.mean_acc1 is not None and summary.max_skew is not None  # accuracy required, bias present
-        return summary.mean_acc1, summary.max_skew
+        return (self.queries.float().cpu() @ self.embeddings(self.suite.bias.name, heads).T).numpy()
+
+    def mean_accuracy(self, heads: Sequence[HeadRef] = ()) -> float:
+        """Mean zero-shot top-1 over the suite's tasks with `heads` ablated (tasks sharing images embed once)."""
+        self.suite.require_accuracy("an accuracy budget")
+        done: dict[int, torch.Tensor] = {}
+        accuracies = []
+        for task, classifier in zip(self.suite.tasks, self.classifiers, strict=True):
+            key = self._set_key[task.name]
+            if key not in done:
+                done[key] = self.embeddings(task.name, heads)
+            logits = done[key] @ classifier.float().cpu().T
+            accuracies.append(metrics_from_logits(logits, torch.as_tensor(task.labels))["acc1"])
+        return float(np.mean(accuracies))
+
+
+def _unit_count(bias: BiasSet) -> int:
+    return len(bias.groups) if bias.units is None else len(np.unique(bias.units))
 
 
 def _as_image(item) -> Image.Image:
@@ -731,10 +844,14 @@ def markdown_report(before: dict, after: dict | None = None, failures: list[str]
             if key == "acc5" and isinstance(classes, int) and classes <= 5:
                 name = f"acc5 (trivial: {classes} classes)"  # the true class is always among the top 5
             if after:
-                a = scale * after_by[(r["dataset"], r["task"])]["metrics"][key]
-                lines.append(f"| {r['dataset']} | {name} | {b:.{digits}f} | {a:.{digits}f} | {a - b:+.{digits}f} |")
+                later = after_by[(r["dataset"], r["task"])]["metrics"]
+                a = scale * later[key]
+                lines.append(
+                    f"| {r['dataset']} | {name} | {with_interval(b, r['metrics'], key, digits)} | "
+                    f"{with_interval(a, later, key, digits)} | {a - b:+.{digits}f} |"
+                )
             else:
-                lines.append(f"| {r['dataset']} | {name} | {b:.{digits}f} |")
+                lines.append(f"| {r['dataset']} | {name} | {with_interval(b, r['metrics'], key, digits)} |")
         if not accuracy:
             notes.append(bias_protocol_note(r))
     if any(r["task"] == "zeroshot_classification" for r in before["results"]):
@@ -746,6 +863,8 @@ def markdown_report(before: dict, after: dict | None = None, failures: list[str]
             notes.append(
                 f"Skipped {r['skipped_images']} unreadable image(s) of {r['dataset']}, e.g. {r['skipped_example']}"
             )
+    if any("ci95" in r["metrics"] for r in before["results"]):
+        notes.append("Bias figures: value [95% bootstrap interval over the set's units (scenes, identities)].")
     for note in notes:  # paragraphs of their own in markdown
         lines += ["", note]
     if failures is not None:
@@ -769,3 +888,9 @@ def bias_protocol_note(result: dict) -> str:
         f"Bias on {result['dataset']}: the `{protocol.name}` protocol — desired distribution p* {target}, groups "
         f"absent from the top {k} {absent}, MaxSkew@{k} {combined} over {queries} neutral queries."
     )
+
+
+def with_interval(value: float, metrics: dict, key: str, digits: int = 4) -> str:
+    """`value [low, high]` where the metrics carry the figure's bootstrap interval, else the value alone."""
+    bounds = metrics.get("ci95", {}).get(key)
+    return f"{value:.{digits}f}" + (f" [{bounds[0]:.{digits}f}, {bounds[1]:.{digits}f}]" if bounds else "")

@@ -10,13 +10,16 @@ import pytest
 
 from surgeon.bias import (
     PROTOCOLS,
+    bias_intervals,
     bias_metrics,
     bias_protocol,
     desired_distribution,
     headline_keys,
     ndkl,
     ranked_composition,
+    resampled_skews,
     skews_at_k,
+    unit_weights,
 )
 from surgeon.errors import InvalidInput
 
@@ -193,3 +196,41 @@ def test_protocol_choices_are_checked():
     metrics = bias_metrics(np.eye(2), [0, 1], 2, k=1, protocol="paper")
     assert headline_keys(metrics) == ["max_skew@1", "min_skew@1", "ndkl", "max_skew@1_sum"]
     assert "max_skew@1_sum" not in headline_keys(bias_metrics(np.eye(2), [0, 1], 2, k=1))
+
+
+@pytest.mark.parametrize("protocol", ["surgeon", "paper"])
+def test_resampled_figures_equal_the_metrics_of_each_resample(protocol):
+    """The vectorised bootstrap scores every resample as bias_metrics scores that resample written out (its
+    items repeated), for MaxSkew, MinSkew and NDKL; whole units are drawn together."""
+    rng = np.random.default_rng(0)
+    units = np.repeat(np.arange(30), 2)
+    groups = np.array([0, 1] * 20 + [0, 0, 1, 2] * 5)
+    similarity = rng.normal(size=(3, 60))
+    weights = unit_weights(units, 60, 20, seed=1)
+    assert (weights[:, ::2] == weights[:, 1::2]).all() and (weights.sum(1) == 60).all()
+    draws = resampled_skews(similarity, groups, 3, weights, k=7, protocol=protocol)
+    for b, copies in enumerate(weights):
+        index = np.repeat(np.arange(60), copies)
+        metrics = bias_metrics(similarity[:, index], groups[index], 3, k=7, protocol=protocol)
+        assert draws["max"][b] == pytest.approx(metrics["max_skew@7_per_query"], abs=1e-6)
+        assert draws["ndkl"][b].mean() == pytest.approx(metrics["ndkl"])
+        assert draws["min"][b].mean() == pytest.approx(metrics["min_skew@7"])
+
+
+def test_intervals_cover_every_headline_figure_and_shrink_with_more_units():
+    rng = np.random.default_rng(0)
+
+    def lean(n_units: int) -> np.ndarray:  # queries prefer group 0 a little
+        groups = np.tile([0, 1], n_units)
+        return rng.normal(size=(2, 2 * n_units)) + 0.5 * (groups == 0), groups
+
+    small, groups_small = lean(50)
+    large, groups_large = lean(800)
+    narrow = bias_intervals(large, groups_large, 2, np.repeat(np.arange(800), 2), resamples=200)
+    wide = bias_intervals(small, groups_small, 2, np.repeat(np.arange(50), 2), resamples=200)
+    point = bias_metrics(large, groups_large, 2)
+    assert set(narrow) == set(headline_keys(point))
+    assert narrow["ndkl"][0] <= point["ndkl"] <= narrow["ndkl"][1]
+    assert narrow["ndkl"][1] - narrow["ndkl"][0] < wide["ndkl"][1] - wide["ndkl"][0]
+    summed = bias_intervals(small, groups_small, 2, None, protocol="paper", resamples=50)
+    assert "max_skew@10_sum" in summed and summed["max_skew@10_sum"][0] <= summed["max_skew@10_sum"][1]

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from surgeon.errors import InvalidInput, NotFound
 from surgeon.heads import HeadRef
-from surgeon.policies import POLICIES, PolicyOptions
+from surgeon.policies import POLICIES, BiasMeasure, DebiasData, PolicyOptions, debias_bound
 from surgeon.rank import HeadRank, Ranking
 
 CCS = {  # (layer, head): (ccs, label, variance)
@@ -99,35 +100,74 @@ def test_bad_options(ranking, policy, options, message):
         POLICIES.get("prune-everything")
 
 
-def test_debias_greedy_uses_measured_effects(ranking):
-    """Bias falls by 0.2 for each of L3.H1 and L2.H2; L3.H1 also costs accuracy, L2.H0 raises bias."""
-    calls = []
+def planted(effects: dict[HeadRef, float], seed: int, n_scenes: int = 300):
+    """A bias split with a planted bias: each scene rendered once per group, every query leaning to group 0 by
+    a strength that removing a head lowers by its `effects` share; every head, planted or not, also perturbs
+    the similarities with its own noise (what a search that fits noise would pick up)."""
+    rng = np.random.default_rng(seed)
+    groups, units = np.tile([0, 1], n_scenes), np.repeat(np.arange(n_scenes), 2)
+    scene = np.repeat(rng.normal(0, 1, (3, n_scenes)), 2, axis=1)
+    base = scene + rng.normal(0, 0.3, scene.shape)
+    noise = {HeadRef(layer, head): rng.normal(0, 0.15, scene.shape) for layer in (2, 3) for head in range(4)}
+    calls: list[list[HeadRef]] = []
 
-    def evaluate(heads):
+    def similarity(heads: list[HeadRef]) -> np.ndarray:
         calls.append(list(heads))
-        bias = 0.8 - 0.2 * (HeadRef(3, 1) in heads) - 0.2 * (HeadRef(2, 2) in heads) + 0.1 * (HeadRef(2, 0) in heads)
-        acc = 0.9 - 0.01 * (HeadRef(3, 1) in heads) - 0.001 * (HeadRef(2, 2) in heads)
-        return acc, bias
+        strength = 1.0 - sum(effects.get(h, 0.0) for h in heads)
+        return base + 0.8 * strength * (groups == 0) + sum((noise[h] for h in heads), np.zeros(scene.shape))
 
-    sel = select("debias", ranking, k=3, evaluate=evaluate)
-    assert names(sel) == ["L2.H2", "L3.H1"]  # the cheaper one first, then stop: nothing else lowers bias
-    assert "0.800 -> 0.600" in sel.reasons["L2.H2"]
-    assert sel.details["steps"][1]["bias"] == pytest.approx(0.4)
-    # an accuracy budget of 0.5 points excludes L3.H1 (1 point)
-    assert names(select("debias", ranking, k=3, evaluate=evaluate, max_acc_drop=0.5)) == ["L2.H2"]
+    return BiasMeasure(f"planted {seed}", similarity, groups, 2, units), calls
 
 
-def test_debias_prefers_the_larger_bias_drop_over_an_accuracy_gain(ranking):
-    """L2.H2 raises accuracy but barely moves bias; L3.H1 removes most of it for half a point. Together they
-    are worse than L3.H1 alone, so the selection is L3.H1 only."""
+def debias_data(
+    effects: dict[HeadRef, float],
+    cost: dict[HeadRef, float] | None = None,
+    seed: int = 0,
+    search_only: dict[HeadRef, float] | None = None,
+):
+    """Search and stop splits with the same planted effects; `search_only` effects exist on the search split
+    alone (a head that happens to fit its sample)."""
+    search, search_calls = planted({**effects, **(search_only or {})}, seed)
+    stop, stop_calls = planted(effects, seed + 100)
+    steps: list[int] = []
 
-    def evaluate(heads):
-        a, b = HeadRef(3, 1) in heads, HeadRef(2, 2) in heads
-        bias = {(False, False): 0.8, (True, False): 0.5, (False, True): 0.75, (True, True): 0.55}[(a, b)]
-        return 0.9 - 0.005 * a + 0.01 * b, bias
+    def accuracy(heads: list[HeadRef]) -> float:
+        return 0.9 - sum((cost or {}).get(h, 0.0) for h in heads)
 
-    sel = select("debias", ranking, k=3, evaluate=evaluate)
-    assert names(sel) == ["L3.H1"] and sel.details["steps"][-1]["bias"] == pytest.approx(0.5)
+    data = DebiasData(search, stop, accuracy, advance=steps.append)
+    return data, search_calls, stop_calls, steps
+
+
+def test_debias_keeps_the_planted_heads_and_stops_on_the_stop_split(ranking):
+    """L3.H1 and L2.H2 carry the bias (60% and 35% of it); L2.H0 lowers it (15%) on the search split only (it fits
+    that sample); the other heads add noise. The search takes L3.H1, then L2.H2, then tries L2.H0 and stops:
+    it does not improve the stop split by more than its standard error."""
+    data, search_calls, stop_calls, steps = debias_data(
+        {HeadRef(3, 1): 0.6, HeadRef(2, 2): 0.35}, search_only={HeadRef(2, 0): 0.15}
+    )
+    sel = select("debias", ranking, k=4, measure=data)
+    assert names(sel) == ["L2.H2", "L3.H1"]
+    assert [s.get("head") for s in sel.details["steps"]] == ["L3.H1", "L2.H2", "L2.H0"]
+    assert sel.details["stopped"].startswith("asked for up to 4 head(s), pruned 2: the next head, L2.H0, lowered")
+    assert "not more than its standard error" in sel.details["stopped"]
+    assert "on the stop split" in sel.reasons["L3.H1"] and set(sel.details["candidates"]) >= {"L3.H1", "L2.H2"}
+    # every measurement is counted, within the bound announced before the search
+    assert len(steps) <= debias_bound(len(ranking.heads), 4, 8) and len(steps) == sum(steps)
+    assert len(search_calls) + len(stop_calls) <= len(steps)
+
+
+def test_debias_accuracy_budget_and_nothing_to_find(ranking):
+    """L3.H1 removes most of the bias but costs 2 points: out of a 1-point budget (the default), so the search
+    keeps L2.H2 alone; with a 3-point budget it takes L3.H1. Noise alone selects nothing, and says why."""
+    cost = {HeadRef(3, 1): 0.02}
+    data, *_ = debias_data({HeadRef(3, 1): 0.6, HeadRef(2, 2): 0.35}, cost)
+    sel = select("debias", ranking, k=2, measure=data)
+    assert names(sel) == ["L2.H2"] and sel.details["steps"][0]["over_accuracy_budget"] == ["L3.H1"]
+    data, *_ = debias_data({HeadRef(3, 1): 0.6, HeadRef(2, 2): 0.35}, cost)
+    assert "L3.H1" in names(select("debias", ranking, k=2, measure=data, max_acc_drop=3.0))
+    data, *_ = debias_data({})
+    with pytest.raises(InvalidInput, match="(no head lowers|pruned no head)"):
+        select("debias", ranking, k=2, measure=data)
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,7 @@ from surgeon import collect, textspan
 from surgeon.errors import InvalidInput, NotFound
 from surgeon.images import folder_images, resolve_images
 from surgeon.load import load_model
-from surgeon.policies import PolicyOptions, check_paper_preset
+from surgeon.policies import PolicyOptions, check_paper_preset, debias_bound
 from surgeon.pools import TextPool
 from surgeon.prune import prune
 from surgeon.textcache import pool_embeddings, text_cache_path, text_key
@@ -112,13 +112,18 @@ def test_validation_and_debias_search_bars(setup, monkeypatch):  # noqa: F811
     validate_module.validate(loaded, synthetic_suite(), batch_size=16, bar="validation")
     assert calls["validation"] == {"total": 70, "steps": [16, 16, 8, 16, 14]}  # 40 task images, 30 bias images
     suite = synthetic_suite()
-    suite.bias.k = 4  # debias splits the suite: 15 bias images per half
-    result = prune(loaded, ranking, suite, "debias", PolicyOptions(k=2, max_acc_drop=100), quiet=False)
-    search = calls["debias search (head sets scored)"]["steps"]
-    assert len(search) >= 1 + len(ranking.heads) and set(search) == {1}  # the baseline, then every head alone
-    # before/after run on the held-out half only: 20 task images + 15 bias images
-    assert calls["validation before"]["total"] == calls["validation after"]["total"] == 35
-    assert sum(calls["validation after"]["steps"]) == 35 and result.plan.heads
+    suite.bias.k = 4  # debias splits the suite: 10 bias images per third
+    try:
+        result = prune(loaded, ranking, suite, "debias", PolicyOptions(k=2, max_acc_drop=100), quiet=False)
+    except InvalidInput:  # random weights may hold no head that lowers bias reliably: the search bar still counts
+        result = None
+    bound = debias_bound(len(ranking.heads), 2, PolicyOptions().candidates)
+    search = calls[f"debias search (at most {bound} head sets)"]
+    assert search["total"] == bound and set(search["steps"]) == {1} and len(search["steps"]) <= bound
+    assert len(search["steps"]) >= 1 + len(ranking.heads)  # the baseline, then every head alone
+    if result is not None:  # before/after run on the report split only: 20 task images + 10 bias images
+        assert calls["validation before"]["total"] == calls["validation after"]["total"] == 30
+        assert sum(calls["validation after"]["steps"]) == 30 and result.plan.heads
 
 
 def run_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:

@@ -1,30 +1,38 @@
 """Selection by measurement (debias) never reports on the data it selected on: the suite splits into disjoint
-search and held-out halves (toy: other streams; files: seeded, by a unit column), too-small halves refused."""
+search, stop and report splits (toy: other streams; files: seeded, by a unit column), too-small splits refused,
+and nothing of the report split is read while heads are selected."""
 
 from __future__ import annotations
 
 import hashlib
+import math
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from surgeon.errors import InvalidInput
+from surgeon.heads import HeadRef
 from surgeon.validate import bias_set, toy_suite
+from tests.test_prune_export import setup  # noqa: F401
 
 
 def digests(images) -> set[str]:
     return {hashlib.sha256(np.asarray(image).tobytes()).hexdigest() for image in images}
 
 
-def test_toy_search_suite_shares_no_image_with_the_reported_one():
+def test_toy_search_and_stop_suites_share_no_image_with_the_reported_one():
     suite = toy_suite(n_per_task=64, n_scenes=24)
-    search, held_out = suite.split_for_search()
-    assert held_out is suite and "test split" in held_out.description and "val split" in search.description
-    assert len(search.tasks[0].labels) == 64 and len(np.unique(search.bias.units)) == 24
-    assert not digests(search.tasks[0].images) & digests(held_out.tasks[0].images)
-    assert not digests(search.bias.images) & digests(held_out.bias.images)
-    assert search.bias.queries == held_out.bias.queries
+    splits = suite.split_for_search()
+    search, stop, report = splits.search, splits.stop, splits.report
+    assert report is suite and "test split" in report.description and "val split" in search.description
+    assert len(search.tasks[0].labels) == 64 and len(np.unique(search.bias.units)) == 24 and not stop.tasks
+    assert not digests(search.tasks[0].images) & digests(report.tasks[0].images)
+    probes = [digests(side.bias.images) for side in (search, stop, report)]
+    assert not probes[0] & probes[1] and not probes[0] & probes[2] and not probes[1] & probes[2]
+    assert search.bias.queries == stop.bias.queries == report.bias.queries
+    other = suite.split_for_search(seed=1)  # another split seed draws other search and stop probes
+    assert not digests(other.search.bias.images) & probes[0] and other.report is suite
 
 
 @pytest.fixture
@@ -40,18 +48,20 @@ def manifest(tmp_path):
     return tmp_path
 
 
-def test_files_split_keeps_each_identity_on_one_side_reproducibly(manifest):
+def test_files_split_keeps_each_identity_in_one_split_reproducibly(manifest):
     from surgeon.validate import ValidationSuite
 
     bias = bias_set(manifest / "bias.csv", manifest / "queries.txt", k=5, split_by="identity")
     suite = ValidationSuite([], bias, "files", "bias.csv")
-    search, held_out = suite.split_for_search(seed=0)
-    ids = [{p.stem for p in side.bias.images} for side in (search, held_out)]
-    identity = {str(i): i // 2 for i in range(40)}
-    assert not {identity[p] for p in ids[0]} & {identity[p] for p in ids[1]}
-    assert len(ids[0]) + len(ids[1]) == 40 and "held-out half" in held_out.description
-    again, _ = suite.split_for_search(seed=0)
-    assert [p.name for p in again.bias.images] == [p.name for p in search.bias.images]
+    splits = suite.split_for_search(seed=0)
+    sides = [{int(p.stem) // 2 for p in side.bias.images} for side in (splits.search, splits.stop, splits.report)]
+    assert not sides[0] & sides[1] and not sides[0] & sides[2] and not sides[1] & sides[2]
+    assert sum(len(side.bias.images) for side in (splits.search, splits.stop, splits.report)) == 40
+    assert "report split" in splits.report.description and "stop split" in splits.stop.description
+    again = suite.split_for_search(seed=0)
+    assert [p.name for p in again.search.bias.images] == [p.name for p in splits.search.bias.images]
+    other = suite.split_for_search(seed=1)
+    assert [p.name for p in other.report.bias.images] != [p.name for p in splits.report.bias.images]
 
 
 def test_bad_or_too_small_splits_are_refused(manifest):
@@ -59,7 +69,7 @@ def test_bad_or_too_small_splits_are_refused(manifest):
 
     with pytest.raises(InvalidInput, match="not a column of bias.csv"):
         bias_set(manifest / "bias.csv", manifest / "queries.txt", split_by="face")
-    bias = bias_set(manifest / "bias.csv", manifest / "queries.txt", k=15, split_by="identity")
+    bias = bias_set(manifest / "bias.csv", manifest / "queries.txt", k=8, split_by="identity")
     with pytest.raises(InvalidInput, match="too small to split"):
         ValidationSuite([], bias, "files", "bias.csv").split_for_search()
 
@@ -69,3 +79,62 @@ def test_a_huge_split_column_is_refused_before_any_work(capsys):
 
     code, err = run_cli("prune", "--bias-split-by", "x" * 100_000, capsys=capsys)
     assert code == 2 and "bias_split_by is 100,000 characters long" in err and len(err) < 2_000
+
+
+def test_selection_never_reads_the_report_split(setup, tmp_path, monkeypatch):  # noqa: F811
+    """Every image file opened while the debias policy selects belongs to the search or stop split; the report
+    split's files are read only afterwards (validation, the comparison with random head sets)."""
+    from surgeon import prune as prune_module
+    from surgeon import validate as validate_module
+    from surgeon.policies import PolicyOptions, Selection
+    from surgeon.validate import ValidationSuite, classification_set
+
+    loaded, ranking = setup
+    rng = np.random.default_rng(0)
+    rows, task_rows = ["path,group,identity"], ["path,label"]
+    for i in range(72):
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(tmp_path / f"b{i}.png")
+        rows.append(f"b{i}.png,{'ab'[i % 2]},person{i // 2}")
+    for i in range(24):
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(tmp_path / f"t{i}.png")
+        task_rows.append(f"t{i}.png,{['red', 'blue'][i % 2]}")
+    (tmp_path / "bias.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "task.csv").write_text("\n".join(task_rows) + "\n")
+    (tmp_path / "queries.txt").write_text("a doctor\na nurse\n")
+    bias = bias_set(tmp_path / "bias.csv", tmp_path / "queries.txt", k=4, split_by="identity")
+    suite = ValidationSuite([classification_set(tmp_path / "task.csv")], bias, "files", "files")
+    opened: dict[str, list[str]] = {"selecting": [], "after": []}
+    phase = ["after"]
+    real_open, real_data, real_select = validate_module.open_image, prune_module.search_data, prune_module.select_heads
+
+    def recording_open(path):
+        opened[phase[0]].append(path.name)
+        return real_open(path)
+
+    def recorded_data(*args, **kwargs):  # selection starts with the search and stop splits' evaluators
+        phase[0] = "selecting"
+        return real_data(*args, **kwargs)
+
+    def recorded_select(*args, **kwargs):
+        try:
+            return real_select(*args, **kwargs)
+        except InvalidInput:  # a random tiny model may have no reliable head: what was read is the point
+            head = ranking.sorted_heads()[0]
+            return Selection([HeadRef(head.layer, head.head)], {head.name: "test"})
+        finally:
+            phase[0] = "after"
+
+    monkeypatch.setattr(validate_module, "open_image", recording_open)
+    monkeypatch.setattr(prune_module, "search_data", recorded_data)
+    monkeypatch.setattr(prune_module, "select_heads", recorded_select)
+    result = prune_module.prune(loaded, ranking, suite, "debias", PolicyOptions(k=2, seed=3))
+    splits = suite.split_for_search(seed=3)
+    report = {p.name for p in splits.report.bias.images} | {p.name for p in splits.report.tasks[0].images}
+    selected_on = {p.name for p in splits.search.bias.images} | {p.name for p in splits.stop.bias.images}
+    assert selected_on <= set(opened["selecting"])  # the recorder saw the selection's reads
+    assert not report & set(opened["selecting"])
+    assert report <= set(opened["after"])
+    chance = result.against_chance  # measured on the report split, against every other set of its size
+    size, n = len(result.plan.heads), len(ranking.heads)
+    assert chance["size"] == size and chance["sets"] == min(50, math.comb(n, size) - 1)
+    assert chance["measured_on"] == splits.report.description and 0 < chance["p_value"] <= 1
