@@ -241,6 +241,14 @@ BiasProtocolOpt = Annotated[
         "absent groups skipped, MaxSkew summed over queries: max_skew@k_sum is the paper's figure)"
     ),
 ]
+RetrievalDataOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="retrieval set: CSV (path,caption; one row per caption) of images (image<->text recall@k) or of "
+        "videos (text->video, the first caption per video), or clip_benchmark's retrieval webdataset folder"
+    ),
+]
+FramesOpt = Annotated[int, typer.Option(help="frames per video of a video retrieval set (the paper: 12; DiDeMo 32)")]
 LanguageOpt = Annotated[str, typer.Option(help="language of the class names and templates (clip_benchmark files)")]
 
 
@@ -255,6 +263,8 @@ def _validation_options(
     bias_protocol: str,
     bias_split_by: str | None = None,
     language: str = ValidationSpec.language,
+    retrieval_data: Path | None = None,
+    frames: int = ValidationSpec.frames,
 ) -> ValidationSpec:
     """The validation options prune, validate and sweep share, mapped to their spec by name in one place."""
     return ValidationSpec(
@@ -268,6 +278,8 @@ def _validation_options(
         bias_protocol=bias_protocol,
         bias_split_by=bias_split_by,
         language=language,
+        retrieval_data=retrieval_data,
+        frames=frames,
     )
 
 
@@ -318,6 +330,11 @@ def prune(
         str | None,
         typer.Option(help="debias: bias-manifest column (e.g. identity) kept on one side of the search/held-out split"),
     ] = None,
+    retrieval_data: RetrievalDataOpt = None,
+    frames: FramesOpt = ValidationSpec.frames,
+    max_recall_drop: Annotated[
+        float | None, typer.Option(help="gate: max drop of mean text->image/video recall@1 (points)")
+    ] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="run folder (default: new one in exports/)")] = None,
     force: Annotated[bool, typer.Option(help="replace an existing --out folder")] = False,
     language: LanguageOpt = ValidationSpec.language,
@@ -344,6 +361,7 @@ def prune(
         max_acc_drop=max_acc_drop,
         max_skew=max_skew,
         min_acc=min_acc,
+        max_recall_drop=max_recall_drop,
         export_anyway=export_anyway,
         export=export,
         labels=labels,
@@ -355,7 +373,18 @@ def prune(
         judge=judge,
         layers=layers,
         validation=_validation_options(
-            data, classnames, templates, bias_data, queries, skew_k, desired, bias_protocol, bias_split_by, language
+            data,
+            classnames,
+            templates,
+            bias_data,
+            queries,
+            skew_k,
+            desired,
+            bias_protocol,
+            bias_split_by,
+            language,
+            retrieval_data,
+            frames,
         ),
         force=force,
     )
@@ -414,7 +443,7 @@ def _print_summary(before: dict, after: dict | None = None) -> None:
     for key, value in before.items():
         if value is None:
             continue
-        scale, unit = (100, "") if key == "mean_acc1" else (1, "")
+        scale, unit = (100, "") if key in ("mean_acc1", "mean_recall1") else (1, "")
         row = [key, f"{scale * value:.3f}{unit}"]
         if after:
             row += [f"{scale * after[key]:.3f}", f"{scale * (after[key] - value):+.3f}"]
@@ -434,6 +463,8 @@ def validate(
     skew_k: SkewKOpt = ValidationSpec.skew_k,
     desired: DesiredOpt = None,
     bias_protocol: BiasProtocolOpt = ValidationSpec.bias_protocol,
+    retrieval_data: RetrievalDataOpt = None,
+    frames: FramesOpt = ValidationSpec.frames,
     as_json: JsonOpt = False,
     out_dir: Annotated[
         Path | None,
@@ -450,7 +481,17 @@ def validate(
     from surgeon.validate import markdown_report
 
     validation = _validation_options(
-        data, classnames, templates, bias_data, queries, skew_k, desired, bias_protocol, language=language
+        data,
+        classnames,
+        templates,
+        bias_data,
+        queries,
+        skew_k,
+        desired,
+        bias_protocol,
+        language=language,
+        retrieval_data=retrieval_data,
+        frames=frames,
     )
     spec = ValidateSpec(ModelSpec(model, pretrained, device), validation, out_dir, force)
     spec.check()

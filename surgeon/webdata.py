@@ -2,7 +2,8 @@
 
 The layout (clip_benchmark's `build_wds_dataset` and `clip_benchmark_export_wds`): DIR/test/0.tar, 1.tar ...
 (with test/nshards.txt), DIR/classnames.txt and DIR/zeroshot_classification_templates.txt (templates with
-{c}). Each sample holds an image (webp, png, jpg or jpeg) and a `cls` member, its class index.
+{c}). Each sample holds an image (webp, png, jpg or jpeg) and a `cls` member, its class index. A retrieval set
+(DIR/dataset_type.txt says "retrieval") holds a `txt` member instead: the image's captions, one per line.
 
 Members are read as bytes and decoded here: images with the guarded decoder used for image files (bombs
 refused, every mode converted to RGB), labels as integers. webdataset's own decoders are not used, since
@@ -24,11 +25,21 @@ from surgeon.runtime.preprocess import decode_image
 
 IMAGE_EXTENSIONS = ("webp", "png", "jpg", "jpeg")
 CLASSNAMES_FILE = "classnames.txt"
+DATASET_TYPE_FILE = "dataset_type.txt"
 TEMPLATES_FILE = "zeroshot_classification_templates.txt"
 
 
 def is_webdataset(folder: Path, split: str = "test") -> bool:
     return (folder / split).is_dir() and any((folder / split).glob("*.tar"))
+
+
+def is_retrieval_webdataset(folder: Path) -> bool:
+    """clip_benchmark's marker of a retrieval export: dataset_type.txt holding "retrieval"."""
+    marker = folder / DATASET_TYPE_FILE
+    try:
+        return is_webdataset(folder) and marker.is_file() and marker.read_text(encoding="utf-8").strip() == "retrieval"
+    except (OSError, UnicodeDecodeError):
+        raise CorruptInput(f"{marker} is unreadable") from None
 
 
 def shard_paths(folder: Path, split: str = "test") -> list[Path]:
@@ -73,6 +84,19 @@ def _label(sample: dict) -> int:
         raise CorruptInput(f"sample {sample['__key__']} in {sample['__url__']}: cls is not an integer") from None
 
 
+def _captions(sample: dict) -> list[str]:
+    raw = sample.get("txt")
+    if raw is None:
+        raise CorruptInput(f"sample {sample['__key__']} in {sample['__url__']} has no txt member (its captions)")
+    try:
+        captions = [line.strip() for line in raw.decode("utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError:
+        raise CorruptInput(f"sample {sample['__key__']} in {sample['__url__']}: txt is not UTF-8") from None
+    if not captions:
+        raise CorruptInput(f"sample {sample['__key__']} in {sample['__url__']} has an empty caption list")
+    return captions
+
+
 def _image_bytes(sample: dict) -> bytes:
     extension = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
     if extension is None:
@@ -87,11 +111,17 @@ def read_labels(shards: list[Path]) -> list[int]:
     return [_label(s) for s in _samples(shards, select=lambda name: name.endswith(".cls"))]
 
 
-class ShardImages:
-    """The first `count` images of webdataset shards, decoded while streaming."""
+def read_captions(shards: list[Path]) -> list[list[str]]:
+    """Every sample's captions (a retrieval export's `txt` members), in order, without reading the images."""
+    return [_captions(s) for s in _samples(shards, select=lambda name: name.endswith(".txt"))]
 
-    def __init__(self, shards: list[Path], count: int, description: str):
-        self.shards, self.count, self.description = shards, count, description
+
+class ShardImages:
+    """The first `count` images of webdataset shards, decoded while streaming. `member` is what each counted
+    sample carries besides its image (`cls`, or `txt` for a retrieval export)."""
+
+    def __init__(self, shards: list[Path], count: int, description: str, member: str = "cls"):
+        self.shards, self.count, self.description, self.member = shards, count, description, member
 
     def __len__(self) -> int:
         return self.count
@@ -101,7 +131,7 @@ class ShardImages:
         if not isinstance(index, slice) or index.start not in (None, 0) or index.step not in (None, 1):
             raise TypeError("ShardImages supports only prefix slices [:n]")
         stop = self.count if index.stop is None else min(index.stop, self.count)
-        return ShardImages(self.shards, stop, self.description)
+        return ShardImages(self.shards, stop, self.description, self.member)
 
     def batches(self, preprocess: Callable, batch_size: int) -> Iterator[torch.Tensor]:
         batch: list[torch.Tensor] = []
@@ -109,7 +139,8 @@ class ShardImages:
             for index, sample in enumerate(_samples(self.shards)):
                 if index == self.count:
                     break
-                _label(sample)  # a sample without one was not counted by the label pass: stop, never misalign
+                # a sample without its member was not counted by the first pass: stop, never misalign
+                _captions(sample) if self.member == "txt" else _label(sample)
                 name = f"{sample['__url__']}:{sample['__key__']}"
                 batch.append(preprocess(decode_image(io.BytesIO(_image_bytes(sample)), name)))
                 if len(batch) == batch_size:
@@ -128,3 +159,12 @@ def webdataset_set(folder: Path, split: str = "test") -> tuple[ShardImages, list
     if not labels:
         raise InvalidInput(f"the webdataset {folder} has no samples in {split}/")
     return ShardImages(shards, len(labels), f"{folder.name}/{split}"), labels
+
+
+def retrieval_webdataset(folder: Path, split: str = "test") -> tuple[ShardImages, list[list[str]]]:
+    """(images, each image's captions) of a retrieval export's split; an empty split is an error."""
+    shards = shard_paths(folder, split)
+    captions = read_captions(shards)
+    if not captions:
+        raise InvalidInput(f"the webdataset {folder} has no samples in {split}/")
+    return ShardImages(shards, len(captions), f"{folder.name}/{split}", member="txt"), captions
