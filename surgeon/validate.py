@@ -370,9 +370,16 @@ def caption_rows(path: Path) -> tuple[list[str], list[list[str]]]:
     return list(items), list(items.values())
 
 
-def retrieval_set(data: Path, frames: int = limits.DEFAULT_VIDEO_FRAMES) -> RetrievalSet:
-    """clip_benchmark's retrieval webdataset export, or a CSV manifest of images or of videos (by extension;
-    videos take the paper's protocol with `frames` frames each, decoded once and cached)."""
+#: the toy world's retrieval sets (`--retrieval-data toy:captions`) and their default sizes
+TOY_RETRIEVAL = {"toy:captions": 500, "toy:videos": 60}
+
+
+def retrieval_set(data: Path, frames: int = limits.DEFAULT_VIDEO_FRAMES, n: int | None = None) -> RetrievalSet:
+    """clip_benchmark's retrieval webdataset export, a CSV manifest of images or of videos (by extension;
+    videos take the paper's protocol with `frames` frames each, decoded once and cached), or a toy set by name
+    (`n` images or videos)."""
+    if str(data) in TOY_RETRIEVAL:
+        return _toy_retrieval(str(data), frames, n or TOY_RETRIEVAL[str(data)])
     if not data.exists():
         raise NotFound(f"retrieval data not found: {data}")
     if data.is_dir():
@@ -394,6 +401,18 @@ def retrieval_set(data: Path, frames: int = limits.DEFAULT_VIDEO_FRAMES) -> Retr
             data.name, VideoFrames(paths, frames), [c[0] for c in captions], np.arange(len(paths)), len(paths), frames
         )
     return _image_set(data.name, paths, captions)
+
+
+def _toy_retrieval(name: str, frames: int, n: int) -> RetrievalSet:
+    """Held-out toy images with two captions each, or toy videos (real MP4 files, written once into the cache)."""
+    if name == "toy:captions":
+        limits.count("n (toy images)", n, 1, limits.MAX_TOY_IMAGES)
+        images, captions = defaults.toy_caption_set(n)
+        return _image_set("toy/captions", images, captions)
+    limits.count("n (toy videos)", n, 1, defaults.MAX_TOY_VIDEOS)
+    video = retrieval_set(defaults.toy_videos(n), frames)
+    video.name = "toy/videos"
+    return video
 
 
 def _image_set(name: str, images: object, captions: list[list[str]]) -> RetrievalSet:

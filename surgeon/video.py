@@ -75,7 +75,7 @@ def _open(path: Path):
         raise _fail(path, f"is not a readable video ({err.strerror or type(err).__name__})") from None
     try:
         if not container.streams.video:
-            raise _fail(path, "has no video stream")
+            raise _fail(path, "has no video stream (or no frames)")
         stream = container.streams.video[0]
         width, height = stream.codec_context.width, stream.codec_context.height
         if width <= 0 or height <= 0:
@@ -99,10 +99,12 @@ def _seconds(container, stream) -> float:
 
 
 def count_frames(path: Path) -> int:
-    """Frames of the first video stream, counted from its packets (no decoding), bounded."""
+    """Frames of the first video stream, counted from its packets (no decoding), bounded; fewer than the header
+    declares (its frame count, or duration x frame rate) means the file was cut short."""
     import av
 
     container, stream = _open(path)
+    declared = stream.frames or round(_seconds(container, stream) * float(stream.average_rate or 0))
     try:
         total = 0
         for packet in container.demux(stream):
@@ -115,6 +117,8 @@ def count_frames(path: Path) -> int:
         container.close()
     if total == 0:
         raise _fail(path, "has no frames")
+    if total < declared - max(2, declared // 50):  # container durations may round by a frame or two
+        raise _fail(path, f"is truncated: {total} of the {declared} frames its header declares are present")
     return total
 
 
@@ -216,3 +220,23 @@ class VideoFrames:
                     yield pending.pop(0).result()
             for future in pending:
                 yield future.result()
+
+
+def write_video(path: Path, frames: np.ndarray, fps: int = 8, lossless: bool = False) -> None:
+    """uint8 frames (T x H x W x 3, even sides) as a video file (the container from the suffix), byte for byte
+    the same on every run: FFmpeg's own MPEG-4 Part 2 encoder on one thread (libx264's output varied between
+    runs, even on one thread), or with `lossless` FFV1 in RGB (frames decode back exactly; e.g. .mkv)."""
+    import av
+
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("ffv1" if lossless else "mpeg4", rate=fps)
+        stream.pix_fmt = "bgr0" if lossless else "yuv420p"
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.codec_context.thread_count = 1
+        if not lossless:
+            stream.bit_rate = 4_000_000
+        for index, pixels in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(pixels), format="rgb24")
+            frame.pts = index  # one tick of 1/fps per frame
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
