@@ -4,6 +4,7 @@ fall back to it do not load it; it needs only numpy and PIL, so the torch-free r
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -61,8 +62,9 @@ def toy_caption_set(n: int, seed: int = 0) -> tuple[np.ndarray, list[list[str]]]
     return videos.caption_set(n, seed)
 
 
-def toy_videos(n: int, seed: int = 0) -> Path:
-    """The manifest (path,caption) of n toy videos, written once into the cache (`toy-videos/`) as MP4 files."""
+def toy_videos(n: int, encode: Callable[[Path, np.ndarray, int], None], seed: int = 0) -> Path:
+    """The manifest (path,caption) of n toy videos, written once into the cache (`toy-videos/`) as MP4 files by
+    `encode` (surgeon.video.write_video)."""
     from surgeon.paths import cache_dir
     from surgeon.toy import videos
     from surgeon.toy.world import WORLD_VERSION
@@ -72,7 +74,7 @@ def toy_videos(n: int, seed: int = 0) -> Path:
     manifest = folder / videos.CAPTION_FILE
     if not manifest.is_file():
         try:
-            videos.write_videos(folder, n, seed)
+            videos.write_videos(folder, n, encode, seed)
         except PreconditionFailed:  # another process wrote it meanwhile
             pass
     return manifest

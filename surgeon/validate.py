@@ -41,7 +41,7 @@ from surgeon.retrieval import (
 from surgeon.retrieval import TASKS as RETRIEVAL_TASKS
 from surgeon.surgery import zero_heads
 from surgeon.templates import fill, read_templates
-from surgeon.video import VIDEO_SUFFIXES, VideoFrames
+from surgeon.video import VIDEO_SUFFIXES, VideoFrames, write_video
 from surgeon.webdata import (
     CLASSNAMES_FILE,
     TEMPLATES_FILE,
@@ -410,7 +410,7 @@ def _toy_retrieval(name: str, frames: int, n: int) -> RetrievalSet:
         images, captions = defaults.toy_caption_set(n)
         return _image_set("toy/captions", images, captions)
     limits.count("n (toy videos)", n, 1, defaults.MAX_TOY_VIDEOS)
-    video = retrieval_set(defaults.toy_videos(n), frames)
+    video = retrieval_set(defaults.toy_videos(n, write_video), frames)
     video.name = "toy/videos"
     return video
 

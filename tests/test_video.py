@@ -64,7 +64,7 @@ def plain_open_clip_video_metrics(loaded, manifest: Path, frames: int) -> dict[s
 
 
 def test_video_recall_equals_plain_open_clip_on_the_same_frames(tmp_path, tiny_default_dir):
-    manifest = write_videos(tmp_path / "videos", 12)
+    manifest = write_videos(tmp_path / "videos", 12, video.write_video)
     loaded = load_model(f"local-dir:{tiny_default_dir}", device="cpu")
     report = validate(loaded, build_suite(retrieval=manifest, frames=5))
     (entry,) = report["results"]
@@ -92,7 +92,7 @@ def test_time_shuffled_frames_give_the_same_pooled_embedding(tmp_path, tiny_defa
 
 
 def test_frames_are_decoded_once_per_set(tmp_path, monkeypatch):
-    manifest = write_videos(tmp_path / "videos", 3)
+    manifest = write_videos(tmp_path / "videos", 3, video.write_video)
     loaded = load_model(None)
     first = validate(loaded, build_suite(retrieval=manifest, frames=4))
     cached = list((tmp_path / "cache" / "frames").glob("*.npy"))

@@ -10,6 +10,7 @@ one of the world's free captions of the first frame."""
 from __future__ import annotations
 
 import csv
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from surgeon.toy.captions import caption_scenes
 from surgeon.toy.scenes import FACTORS, Scenes, draw_scenes
 from surgeon.toy.world import SPLITS, ToyWorld, get_world
 
+Encoder = Callable[[Path, np.ndarray, int], None]  # (path, frames, fps)
 VIDEOS_VERSION = "1"  # bump when the videos or their captions change: cached copies are keyed on it
 VIDEO_STREAM = 5  # the seeded stream of toy videos (after the world's splits)
 FRAMES_PER_VIDEO = 24  # 3 s at 8 fps
@@ -57,11 +59,12 @@ def _video_scenes(world: ToyWorld, base: Scenes, index: int, rng: np.random.Gene
     return frames, [f"{described}, {happens}", free]
 
 
-def write_videos(out_dir: Path, n: int, seed: int = 0, force: bool = False, world: ToyWorld | None = None) -> Path:
-    """n toy videos (NNNNN.mp4) and captions.csv (path,caption; the query first), written atomically (n is
-    bounded by the caller: defaults.MAX_TOY_VIDEOS)."""
-    from surgeon.video import write_video
-
+def write_videos(
+    out_dir: Path, n: int, encode: Encoder, seed: int = 0, force: bool = False, world: ToyWorld | None = None
+) -> Path:
+    """n toy videos (NNNNN.mp4, written by `encode`: surgeon.video.write_video, handed in so that the toy world
+    needs only numpy and PIL) and captions.csv (path,caption; the query first), written atomically (n is bounded
+    by the caller: defaults.MAX_TOY_VIDEOS)."""
     world = world or get_world()
     rng = world._rng(VIDEO_STREAM, seed)
     bases = draw_scenes(world.cfg, n, rng, biased=False)  # unbiased, as the held-out splits
@@ -70,7 +73,7 @@ def write_videos(out_dir: Path, n: int, seed: int = 0, force: bool = False, worl
         for i in range(n):
             frames, captions = _video_scenes(world, bases.take([i]), i, rng)
             name = f"{i:05d}.mp4"
-            write_video(tmp / name, world.render(frames), FPS)
+            encode(tmp / name, world.render(frames), FPS)
             rows += [(name, caption) for caption in captions]
         with open(tmp / CAPTION_FILE, "w", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle)
