@@ -220,7 +220,14 @@ DataOpt = Annotated[
     typer.Option(help="validation set: ImageFolder, CSV (path,label) or 'toy' (the default for the toy model only)"),
 ]
 ClassnamesOpt = Annotated[Path | None, typer.Option(help="class names file, one per line (folder order)")]
-TemplatesOpt = Annotated[Path | None, typer.Option(help="prompt templates file, one per line, with {}")]
+TemplatesOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="prompt templates file (one per line, with {}), or a named set: cifar10, cifar100, pets (the paper's "
+        "18), food101 (1), country211 (5), imagenet1k, imagenet-a, imagenet-r (80), neutral (the CCS paper's 4). "
+        "Default: the data set's own when its name is one of these, else neutral"
+    ),
+]
 BiasDataOpt = Annotated[Path | None, typer.Option(help="bias set: CSV (path,group[,...])")]
 QueriesOpt = Annotated[Path | None, typer.Option(help="neutral queries file for --bias-data, one per line")]
 OnnxExporterOpt = Annotated[

@@ -276,7 +276,7 @@ def _data(t: _Table, kind: str, base: Path) -> DataSpec:
         kind=kind,
         path=path,
         classnames=_path(t.get("classnames", str), base, t.path("classnames")),
-        templates=_path(t.get("templates", str), base, t.path("templates")),
+        templates=_templates(t.get("templates", str), base, t.path("templates")),
         queries=_path(t.get("queries", str), base, t.path("queries")) if kind == "bias" else None,
         n=t.count("n", 1, limits.MAX_TOY_IMAGES) if path.startswith("toy") else None,
         skew_k=t.count("skew_k", 1, limits.MAX_SKEW_K, 10) if kind == "bias" else 10,
@@ -289,6 +289,15 @@ def _data(t: _Table, kind: str, base: Path) -> DataSpec:
         raise _fail(t.path("n"), "sizes only the toy world's sets")
     t.done()
     return spec
+
+
+def _templates(value: str | None, base: Path, where: str) -> str | None:
+    """A named template set (cifar10, food101, imagenet-a ...: surgeon.templates) as it is, else a file."""
+    from surgeon.templates import named_templates
+
+    if value is not None and "/" not in value and named_templates(value) is not None:
+        return value
+    return _path(value, base, where)
 
 
 def _rank(t: _Table, base: Path) -> StudyRank:

@@ -21,6 +21,7 @@ from surgeon.judges.base import JUDGES
 from surgeon.load import CHECKPOINT_SUFFIXES, TOY_MODEL_DIR, TOY_MODEL_NAME
 from surgeon.paths import newest_run, refuse_temporary
 from surgeon.server.paths import Root, resolve_in
+from surgeon.templates import named_templates
 from surgeon.v1 import surgeon_pb2 as pb
 from surgeon.validate import ValidationSuite
 from surgeon.video import VideoFrames
@@ -126,7 +127,7 @@ class SpecBuilder:
         spec = ValidationSpec(
             folder,
             classnames=self.data_file(data.classnames, "classnames"),
-            templates=self.data_file(data.templates, "templates"),
+            templates=self._templates(data.templates),
             bias_data=self.data_file(data.bias_data, "bias_data"),
             queries=self.data_file(data.queries, "queries"),
             skew_k=optional_field(data, "skew_k", ValidationSpec.skew_k),
@@ -146,6 +147,12 @@ class SpecBuilder:
             for path in images if isinstance(images, list) else []:
                 root.check_inside(path, "validation image")  # manifests may not point outside the data root
         return spec, lambda _model: suite
+
+    def _templates(self, raw: str) -> Path | None:
+        """A templates file under the data root, or a named set (surgeon.templates: cifar10, imagenet-a ...)."""
+        if raw and "/" not in raw and named_templates(raw) is not None:
+            return Path(raw)
+        return self.data_file(raw, "templates")
 
     def _retrieval_data(self, raw: str) -> Path | None:
         """A retrieval manifest or webdataset folder under the data root."""
