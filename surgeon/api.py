@@ -274,8 +274,8 @@ class PruneSpec:
         JUDGES.get(self.judge)
         if self.heads:
             parse_heads(self.heads)  # malformed heads fail now
-        if self.policy.startswith("paper-"):
-            check_paper_preset(self.policy.removeprefix("paper-"), self.model.model, self.model.pretrained)
+        if self.policy.startswith("paper-"):  # every preset reads the model's high (and low) list: one check
+            check_paper_preset("high", self.model.model, self.model.pretrained)
         check_exporter(self.onnx_exporter)
 
     @property

@@ -298,8 +298,8 @@ def prune(
     policy: Annotated[
         str,
         typer.Option(
-            help="top-k, bottom-k, high, low, random, heads, concept, threshold, debias, paper-high, paper-low, "
-            "paper-random"
+            help="top-k, bottom-k, high, low, random, equal-high, equal-low, heads, concept, threshold, debias, "
+            "paper-high, paper-low, paper-random, paper-equal-high, paper-equal-low"
         ),
     ] = PruneSpec.policy,
     k: Annotated[int | None, typer.Option(help="number of heads (top-k, bottom-k, random; budget for debias)")] = None,
