@@ -603,8 +603,8 @@ def study(
 
         emit_json("study", target, run.files, summary, table=run.table)
         return
-    if run.table is not None:
-        out.print(markdown_table(run.table), highlight=False, soft_wrap=True)
+    for table in run.tables:
+        out.print(markdown_table(table), highlight=False, soft_wrap=True)
     done = f"{len(run.computed)} cell(s) computed, {len(run.reused)} already stored"
     out.print(
         f"{done}; " + (f"wrote {target}/table.md, table.csv, table.json" if run.table else f"cells in {target}/cells")

@@ -16,9 +16,11 @@ from PIL import Image
 
 from surgeon.api import ModelSpec, PruneSpec, ValidateSpec, ValidationSpec, run_prune, run_validate
 from surgeon.errors import CorruptInput, InvalidInput
+from surgeon.heads import parse_heads
+from surgeon.hooks import vision_blocks, vision_tower
 from surgeon.load import load_model
 from surgeon.records import check_validation_report
-from surgeon.validate import Gates, build_suite, validate
+from surgeon.validate import Gates, ValidationSuite, build_suite, heads_zeroed, retrieval_set, validate
 
 WORDS = ["red", "blue", "green", "dog", "cat", "bird", "tree", "car", "boat", "house", "sun", "moon"]
 
@@ -163,3 +165,28 @@ def test_recall_gate(tmp_path):
     Gates(max_recall_drop=1).check_measurable(suite)
     with pytest.raises(InvalidInput, match="needs a retrieval set"):
         Gates(max_recall_drop=1).check_measurable(build_suite(data=Path("toy")))
+
+
+def test_a_study_with_retrieval_columns(tmp_path):
+    """[[retrieval]] tables: one column each (text -> image / video R@1 in %), the change from the unpruned
+    model per policy, the same number a direct validation of the pruned model gives."""
+    from surgeon.study import compute_study, parse_study
+
+    study_file = tmp_path / "study.toml"
+    study_file.write_text(
+        'name = "t"\n[[models]]\nname = "toy"\n[[policies]]\npolicy = "heads"\nheads = "L1.H0,L1.H1"\n'
+        '[[retrieval]]\nname = "captions"\npath = "toy:captions"\nn = 40\n'
+        '[[retrieval]]\nname = "videos"\npath = "toy:videos"\nn = 6\nframes = 4\n'
+    )
+    run = compute_study(parse_study(study_file), tmp_path / "out")
+    assert run.table is not None
+    columns = {c["name"]: c for c in run.table["columns"]}
+    assert columns["captions"]["metric"] == "image_retrieval_recall@1" and columns["videos"]["kind"] == "retrieval"
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "captions (R@1 %)" in table and "videos (R@1 %)" in table
+    pruned = next(r for r in run.table["rows"] if r["policy"] == "heads")
+    loaded = load_model(None)
+    with heads_zeroed(vision_blocks(vision_tower(loaded.model)), parse_heads("L1.H0,L1.H1")):
+        suite = ValidationSuite([], None, "toy", "toy videos", [retrieval_set(Path("toy:videos"), frames=4, n=6)])
+        direct = validate(loaded, suite)
+    assert pruned["cells"]["videos"]["value"] == direct["results"][0]["metrics"]["video_retrieval_recall@1"]
