@@ -120,10 +120,10 @@ def main() -> None:
         os.environ["SURGEON_CACHE_DIR"] = str(root / "cache")  # a fresh frame cache, removed afterwards
         n, length, (width, height) = (8, 60, (160, 120)) if args.quick else (32, 300, (320, 240))
         paths = write_videos(root / "videos", n, length, width, height)
-        print(
-            f"{n} videos of {length} frames at {width}x{height}, 12 frames sampled each; threads {torch.get_num_threads()}"
-        )
-        rows = [("toy-size ViT (32px)", SMALL, 256)] + ([] if args.quick else [("ViT-B-32 random init", vit_b32(), 64)])
+        threads = torch.get_num_threads()
+        print(f"{n} videos of {length} frames at {width}x{height}, 12 frames sampled each; torch threads {threads}")
+        rows = [("toy-size ViT (32px)", SMALL, 256)]
+        rows += [] if args.quick else [("ViT-B-32 random init", vit_b32(), 64)]
         for name, cfg, batch in rows:
             model = model_dir(cfg, root / name.split()[0])
             os.environ["SURGEON_CACHE_DIR"] = str(root / f"cache-{name.split()[0]}")
