@@ -190,3 +190,28 @@ def test_a_study_with_retrieval_columns(tmp_path):
         suite = ValidationSuite([], None, "toy", "toy videos", [retrieval_set(Path("toy:videos"), frames=4, n=6)])
         direct = validate(loaded, suite)
     assert pruned["cells"]["videos"]["value"] == direct["results"][0]["metrics"]["video_retrieval_recall@1"]
+
+
+def test_grpc_validation_data_names_retrieval_sets_inside_the_data_root(tmp_path):
+    """ValidationData.retrieval_data / frames / templates map to the spec; a manifest may not reach outside
+    the data root (its images are checked as the classification manifests' are)."""
+    from surgeon.errors import PermissionDenied
+    from surgeon.server.paths import Root
+    from surgeon.server.specs import ServerConfig, SpecBuilder
+    from surgeon.v1 import surgeon_pb2 as pb
+
+    data = tmp_path / "data"
+    caption_manifest(data / "caps", n_images=3)
+    config = ServerConfig(
+        Root.create("exports", tmp_path / "exports", make=True), Root.create("models", None), Root.create("data", data)
+    )
+    builder = SpecBuilder(config)
+    spec, build = builder.suite(pb.ValidationData(retrieval_data="caps/captions.csv", frames=32, templates="food101"))
+    assert spec.retrieval_data == data / "caps" / "captions.csv" and spec.frames == 32
+    assert spec.templates == Path("food101")
+    assert build(None).retrieval[0].n_items == 3
+    outside = tmp_path / "elsewhere.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(outside)
+    (data / "escape.csv").write_text("path,caption\n../elsewhere.png,out of bounds\n")
+    with pytest.raises(PermissionDenied):
+        builder.suite(pb.ValidationData(retrieval_data="escape.csv"))
