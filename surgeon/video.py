@@ -160,11 +160,16 @@ class VideoFrames:
     """The videos of a retrieval set, `frames` each; `decoded(preprocess)` is their frames as one uint8 array
     (videos x frames consecutive rows), memory-mapped from the cache."""
 
-    def __init__(self, paths: list[Path], frames: int):
+    def __init__(self, paths: list[Path], frames: int, quiet: bool = True):
+        """Every file's header is checked now (size, stream, sides, duration: ~1 ms each), before a model is
+        loaded; frame counts and decoding come with `decoded`."""
         limits.count("frames per video", frames, 1, limits.MAX_FRAMES_PER_VIDEO)
-        missing = next((p for p in paths if not p.is_file()), None)
-        if missing is not None:
-            raise NotFound(f"video not found: {missing}")
+        with progress_bar("checking video headers", len(paths), quiet=quiet) as advance:
+            for path in paths:
+                stop_point()
+                container, _ = _open(path)
+                container.close()
+                advance(1)
         self.paths, self.frames = paths, frames
 
     def __len__(self) -> int:
