@@ -172,7 +172,7 @@ def test_a_bad_video_from_the_cli_is_one_line(tmp_path):
     assert "truncated.mkv' is truncated" in lines[0] and "Traceback" not in run.stderr
 
 
-def test_headers_are_checked_when_the_set_is_read(tmp_path, monkeypatch):
+def test_headers_are_checked_when_the_set_is_read(tmp_path):
     """Before any model is loaded: a file that is no video fails while the suite is built."""
     bad_videos(tmp_path / "videos")
     (tmp_path / "v.csv").write_text("path,caption\nvideos/good.mkv,fine\nvideos/text.mp4,not a video\n")
