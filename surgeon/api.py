@@ -84,11 +84,14 @@ class ValidationSpec:
     bias_protocol: str = "surgeon"
     bias_split_by: str | None = None
     language: str = "en"
+    retrieval_data: Path | None = None  # image <-> text or text -> video (surgeon.retrieval)
+    frames: int = limits.DEFAULT_VIDEO_FRAMES  # per video of a video retrieval set
 
     def check(self) -> None:
         from surgeon.bias import bias_protocol
 
         limits.validation_options(self.skew_k)
+        limits.count("frames (per video)", self.frames, 1, limits.MAX_FRAMES_PER_VIDEO)
         limits.texts(bias_split_by=self.bias_split_by, language=self.language)
         _choice("desired distribution", self.desired, DESIRED)
         bias_protocol(self.bias_protocol, self.desired)  # an unknown protocol, or a desired it fixes otherwise
@@ -97,7 +100,7 @@ class ValidationSpec:
 
     @property
     def is_toy(self) -> bool:
-        return self.data is None and self.bias_data is None
+        return self.data is None and self.bias_data is None and self.retrieval_data is None
 
     def require_bias(self, what: str) -> None:
         """Refuse, before any model loads, a use that measures bias on a suite that has no bias set (the toy
@@ -131,6 +134,8 @@ class ValidationSpec:
             self.bias_protocol,
             self.bias_split_by,
             model=model,
+            retrieval=self.retrieval_data,
+            frames=self.frames,
         )
 
 
@@ -257,6 +262,7 @@ class PruneSpec:
     max_acc_drop: float | None = None
     max_skew: float | None = None
     min_acc: float | None = None
+    max_recall_drop: float | None = None
     export_anyway: bool = False
     export: str = "safetensors"
     labels: Path | None = None
@@ -297,6 +303,7 @@ class PruneSpec:
             self.heads,
             self.concept,
         )
+        limits.number("max_recall_drop", self.max_recall_drop, -limits.MAX_POINTS, limits.MAX_POINTS)
         limits.rank_options(self.n_images, _is_toy_images(self.images), layers=self.layers)
         _check_labels(self.labels)
         if self.ranking is not None and self.k is not None:  # a ranking file: k is checked before any work
@@ -314,8 +321,8 @@ class PruneSpec:
         limits.text("preset", self.preset)
         if self.preset is not None and not self.policy.startswith("paper-"):
             raise InvalidInput("--preset names the heads of the paper-high, paper-low and paper-random policies")
-        if self.policy.startswith("paper-"):
-            check_paper_preset(self.policy.removeprefix("paper-"), *self.preset_key)
+        if self.policy.startswith("paper-"):  # every preset reads the model's high (and low) list: one check
+            check_paper_preset("high", *self.preset_key)
         check_exporter(self.onnx_exporter)
 
     @property
@@ -379,7 +386,12 @@ def run_prune(spec: PruneSpec, suite: ValidationSuite | None = None, quiet: bool
         options,
         mode=spec.mode,
         tower=spec.tower,
-        gates=Gates(max_acc_drop=spec.max_acc_drop, max_skew=spec.max_skew, min_acc=spec.min_acc),
+        gates=Gates(
+            max_acc_drop=spec.max_acc_drop,
+            max_skew=spec.max_skew,
+            min_acc=spec.min_acc,
+            max_recall_drop=spec.max_recall_drop,
+        ),
         out_dir=spec.out_dir,
         reference=image_set if spec.mode == "mean" else None,
         seeds=spec.seeds,

@@ -3,7 +3,9 @@
 The cache ($SURGEON_CACHE_DIR, else ~/.cache/surgeon) holds one folder per kind: `stats` (head statistics per
 model x image set x layers: ~100 MB for ViT-B-32's last 4 layers, 1.8 GB for ViT-L-14 all layers), `text`
 (pool embeddings per text tower x pool: ~7 MB for the general pool), `partial` (checkpoints of interrupted
-collections, for resuming) and `llm` (LLM judge answers). Every entry can be deleted at any time: it is
+collections, for resuming), `llm` (LLM judge answers), `frames` (the decoded frames of a video retrieval set:
+videos x frames x side^2 x 3 bytes, 1.8 GB for 1,000 videos of 12 frames at 224 px) and `toy-videos` (the toy
+world's video files, ~4 kB each). Every entry can be deleted at any time: it is
 recomputed when next needed. Eviction drops the least recently used entries first."""
 
 from __future__ import annotations

@@ -64,6 +64,35 @@ def _cached_card_license(repo_id: str) -> str | None:
     return None
 
 
+#: model-index task types of the retrieval results (Papers with Code's task names): one per direction measured
+RETRIEVAL_CARD_TASKS = {
+    "zeroshot_retrieval": (
+        ("text-to-image-retrieval", "image_retrieval"),
+        ("image-to-text-retrieval", "text_retrieval"),
+    ),
+    "zeroshot_video_retrieval": (("text-to-video-retrieval", "video_retrieval"),),
+}
+
+
+def _retrieval_index(entry: dict) -> list[str]:
+    """model-index results of one retrieval set: a task type per direction, its recall@k as `recall` metrics
+    and its median rank."""
+    lines = []
+    for task_type, prefix in RETRIEVAL_CARD_TASKS[entry["task"]]:
+        figures = {k: v for k, v in entry["metrics"].items() if k.startswith(f"{prefix}_") and v is not None}
+        lines += [
+            f"  - task: {{type: {task_type}}}",
+            f"    dataset: {{name: {_q(entry['dataset'])}, type: {_q(entry['dataset'])}}}",
+            "    metrics:",
+        ]
+        lines += [
+            f"    - {{type: {'recall' if '_recall@' in name else 'rank'}, name: {name}, value: {round(float(v), 6)}}}"
+            for name, v in figures.items()
+            if "_recall@" in name or name.endswith("_median_rank")
+        ]
+    return lines
+
+
 def _front_matter(plan: Plan, validation: dict, has_onnx: bool) -> list[str]:
     """Hub metadata. library_name says what loads the weights: open_clip for zero/mean pruning; for hard
     pruning open_clip cannot (narrower attention), so it names the ONNX files when there are some, else none.
@@ -76,8 +105,10 @@ def _front_matter(plan: Plan, validation: dict, has_onnx: bool) -> list[str]:
     lines += [f"library_name: {library}"] if library else []
     lines += [f"{key}: {_q(value)}" for key, value in base_model_facts(plan.base_model).items()]
     lines += ["pipeline_tag: zero-shot-image-classification", "tags:", *[f"- {_q(t)}" for t in tags]]
-    results = [e for e in validation.get("after", {}).get("results", []) if e["task"] == "zeroshot_classification"]
-    if results:
+    after = validation.get("after", {}).get("results", [])
+    results = [e for e in after if e["task"] == "zeroshot_classification"]
+    retrieval = [e for e in after if e["task"] in RETRIEVAL_CARD_TASKS]
+    if results or retrieval:
         lines += ["model-index:", f"- name: {_q(run_name)}", "  results:"]
     for entry in results:
         metrics = entry["metrics"]
@@ -90,6 +121,8 @@ def _front_matter(plan: Plan, validation: dict, has_onnx: bool) -> list[str]:
             f"    - {{type: {kind}, name: {name}, value: {round(float(metrics[name]), 6)}}}"
             for kind, name in (("accuracy", "acc1"), ("accuracy", "acc5"), ("recall", "mean_per_class_recall"))
         ]
+    for entry in retrieval:
+        lines += _retrieval_index(entry)
     lines.append("---")
     return lines
 

@@ -229,7 +229,14 @@ DataOpt = Annotated[
     typer.Option(help="validation set: ImageFolder, CSV (path,label) or 'toy' (the default for the toy model only)"),
 ]
 ClassnamesOpt = Annotated[Path | None, typer.Option(help="class names file, one per line (folder order)")]
-TemplatesOpt = Annotated[Path | None, typer.Option(help="prompt templates file, one per line, with {}")]
+TemplatesOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="prompt templates file (one per line, with {}), or a named set: cifar10, cifar100, pets (the paper's "
+        "18), food101 (1), country211 (5), imagenet1k, imagenet-a, imagenet-r (80), neutral (the CCS paper's 4). "
+        "Default: the data set's own when its name is one of these, else neutral"
+    ),
+]
 BiasDataOpt = Annotated[Path | None, typer.Option(help="bias set: CSV (path,group[,...])")]
 QueriesOpt = Annotated[Path | None, typer.Option(help="neutral queries file for --bias-data, one per line")]
 OnnxExporterOpt = Annotated[
@@ -250,6 +257,14 @@ BiasProtocolOpt = Annotated[
         "absent groups skipped, MaxSkew summed over queries: max_skew@k_sum is the paper's figure)"
     ),
 ]
+RetrievalDataOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="retrieval set: CSV (path,caption; one row per caption) of images (image<->text recall@k) or of "
+        "videos (text->video, the first caption per video), or clip_benchmark's retrieval webdataset folder"
+    ),
+]
+FramesOpt = Annotated[int, typer.Option(help="frames per video of a video retrieval set (the paper: 12; DiDeMo 32)")]
 LanguageOpt = Annotated[str, typer.Option(help="language of the class names and templates (clip_benchmark files)")]
 
 
@@ -264,6 +279,8 @@ def _validation_options(
     bias_protocol: str,
     bias_split_by: str | None = None,
     language: str = ValidationSpec.language,
+    retrieval_data: Path | None = None,
+    frames: int = ValidationSpec.frames,
 ) -> ValidationSpec:
     """The validation options prune, validate and sweep share, mapped to their spec by name in one place."""
     return ValidationSpec(
@@ -277,6 +294,8 @@ def _validation_options(
         bias_protocol=bias_protocol,
         bias_split_by=bias_split_by,
         language=language,
+        retrieval_data=retrieval_data,
+        frames=frames,
     )
 
 
@@ -289,8 +308,8 @@ def prune(
     policy: Annotated[
         str,
         typer.Option(
-            help="top-k, bottom-k, high, low, random, heads, concept, threshold, debias, paper-high, paper-low, "
-            "paper-random"
+            help="top-k, bottom-k, high, low, random, equal-high, equal-low, heads, concept, threshold, debias, "
+            "paper-high, paper-low, paper-random, paper-equal-high, paper-equal-low"
         ),
     ] = PruneSpec.policy,
     k: Annotated[int | None, typer.Option(help="number of heads (top-k, bottom-k, random; budget for debias)")] = None,
@@ -332,6 +351,11 @@ def prune(
         str | None,
         typer.Option(help="debias: bias-manifest column (e.g. identity) kept on one side of the search/held-out split"),
     ] = None,
+    retrieval_data: RetrievalDataOpt = None,
+    frames: FramesOpt = ValidationSpec.frames,
+    max_recall_drop: Annotated[
+        float | None, typer.Option(help="gate: max drop of mean text->image/video recall@1 (points)")
+    ] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="run folder (default: new one in exports/)")] = None,
     force: Annotated[bool, typer.Option(help="replace an existing --out folder")] = False,
     language: LanguageOpt = ValidationSpec.language,
@@ -359,6 +383,7 @@ def prune(
         max_acc_drop=max_acc_drop,
         max_skew=max_skew,
         min_acc=min_acc,
+        max_recall_drop=max_recall_drop,
         export_anyway=export_anyway,
         export=export,
         labels=labels,
@@ -370,7 +395,18 @@ def prune(
         judge=judge,
         layers=layers,
         validation=_validation_options(
-            data, classnames, templates, bias_data, queries, skew_k, desired, bias_protocol, bias_split_by, language
+            data,
+            classnames,
+            templates,
+            bias_data,
+            queries,
+            skew_k,
+            desired,
+            bias_protocol,
+            bias_split_by,
+            language,
+            retrieval_data,
+            frames,
         ),
         force=force,
     )
@@ -448,7 +484,8 @@ def _print_summary(before_report: dict, after_report: dict | None = None) -> Non
     for key, value in before.items():
         if value is None:
             continue
-        scale, digits, name = (100, 2, "mean_acc1 (%)") if key == "mean_acc1" else (1, 4, key)
+        percent = key in ("mean_acc1", "mean_recall1")
+        scale, digits, name = (100, 2, f"{key} (%)") if percent else (1, 4, key)
         row = [name, shown(before_report, key, scale, digits)]
         if after and after_report:
             row += [shown(after_report, key, scale, digits), f"{scale * (after[key] - value):+.{digits}f}"]
@@ -471,6 +508,8 @@ def validate(
     skew_k: SkewKOpt = ValidationSpec.skew_k,
     desired: DesiredOpt = None,
     bias_protocol: BiasProtocolOpt = ValidationSpec.bias_protocol,
+    retrieval_data: RetrievalDataOpt = None,
+    frames: FramesOpt = ValidationSpec.frames,
     as_json: JsonOpt = False,
     out_dir: Annotated[
         Path | None,
@@ -487,7 +526,17 @@ def validate(
     from surgeon.validate import markdown_report
 
     validation = _validation_options(
-        data, classnames, templates, bias_data, queries, skew_k, desired, bias_protocol, language=language
+        data,
+        classnames,
+        templates,
+        bias_data,
+        queries,
+        skew_k,
+        desired,
+        bias_protocol,
+        language=language,
+        retrieval_data=retrieval_data,
+        frames=frames,
     )
     spec = ValidateSpec(ModelSpec(model, pretrained, device, activation), validation, out_dir, force)
     spec.check()
@@ -594,8 +643,8 @@ def study(
 
         emit_json("study", target, run.files, summary, table=run.table, failures=run.failed)
     else:
-        if run.table is not None:
-            out.print(markdown_table(run.table), highlight=False, soft_wrap=True)
+        for table in run.tables:
+            out.print(markdown_table(table), highlight=False, soft_wrap=True)
         done = f"{len(run.computed)} cell(s) computed, {len(run.reused)} already stored"
         wrote = f"wrote {target}/{', '.join(p.name for p in run.files)}" if run.files else f"cells in {target}/cells"
         out.print(f"{done}; {wrote}", soft_wrap=True)

@@ -4,9 +4,14 @@ fall back to it do not load it; it needs only numpy and PIL, so the torch-free r
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from surgeon import limits
+from surgeon.errors import PreconditionFailed
 
 if TYPE_CHECKING:
     from surgeon.toy.world import BiasProbe, ZeroShotTask
@@ -45,3 +50,31 @@ def toy_shapes_sample(n: int) -> tuple[np.ndarray, list[int], list[str]]:
     world = get_world()
     batch = world.sample(n, "test")
     return batch.images, list(batch.labels["shape"]), list(world.cfg.shapes)
+
+
+MAX_TOY_VIDEOS = 2000  # written as files into the cache: ~4 kB each
+
+
+def toy_caption_set(n: int, seed: int = 0) -> tuple[np.ndarray, list[list[str]]]:
+    """n held-out images with two captions each (image <-> text retrieval)."""
+    from surgeon.toy import videos
+
+    return videos.caption_set(n, seed)
+
+
+def toy_videos(n: int, encode: Callable[[Path, np.ndarray, int], None], seed: int = 0) -> Path:
+    """The manifest (path,caption) of n toy videos, written once into the cache (`toy-videos/`) as MP4 files by
+    `encode` (surgeon.video.write_video)."""
+    from surgeon.paths import cache_dir
+    from surgeon.toy import videos
+    from surgeon.toy.world import WORLD_VERSION
+
+    limits.count("n (toy videos)", n, 1, MAX_TOY_VIDEOS)
+    folder = cache_dir() / "toy-videos" / f"world{WORLD_VERSION}-v{videos.VIDEOS_VERSION}-n{n}-seed{seed}"
+    manifest = folder / videos.CAPTION_FILE
+    if not manifest.is_file():
+        try:
+            videos.write_videos(folder, n, encode, seed)
+        except PreconditionFailed:  # another process wrote it meanwhile
+            pass
+    return manifest

@@ -42,6 +42,14 @@ MAX_SKEW = 1e6
 MAX_ATOL = 1.0
 MAX_PREFIX_CACHE_BYTES = 2 << 30  # residual streams an Evaluator keeps per layer (deep cache, debias search)
 MAX_SPEC_CHARS = 65_536  # layers, heads, concept, counts, names, paths (every head of ViT-bigG: ~13k)
+# video retrieval sets (surgeon.video): checked from each file's header before a frame is decoded
+MAX_VIDEO_BYTES = 4 << 30  # one video file
+MAX_VIDEO_SIDE = 4096  # pixels (4K); each decoded frame of a bigger video would be over 50 MB
+MAX_VIDEO_SECONDS = 1200.0  # the paper's sets hold clips of 10 s to 1 min; a feature film would decode for minutes
+MAX_VIDEO_FRAMES = 72_000  # frames in one file (20 min at 60 fps): counted while demuxing, before decoding
+MAX_FRAMES_PER_VIDEO = 256  # frames sampled per video
+DEFAULT_VIDEO_FRAMES = 12  # the paper's for MSRVTT and MSVD (DiDeMo: 32)
+MAX_FRAME_CACHE_BYTES = 64 << 30  # decoded frames of one set (videos x frames x side^2 x 3) on disk
 MAX_ASPECT_RATIO = 100  # image width:height; 1x200000 PNGs would resize to 48 x 9.6 M pixels
 ECHO_CHARS = 60
 MAX_TEXT_FILE_BYTES = 256 << 20  # text pools, class names, queries, labels

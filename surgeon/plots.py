@@ -61,7 +61,10 @@ def metric_name(key: str) -> str:
         return f"MaxSkew@{key.split('@', 1)[1]}"
     if key.startswith("min_skew@"):
         return f"MinSkew@{key.split('@', 1)[1]}"
-    return {"ndkl": "NDKL"}.get(key, key)
+    if "_retrieval_recall@" in key:  # surgeon.retrieval's keys: image_ (text -> image), video_, text_ retrieval
+        direction = {"image": "text -> image", "video": "text -> video", "text": "image -> text"}[key.split("_")[0]]
+        return f"{direction} R@{key.split('@', 1)[1]} (%)"
+    return {"ndkl": "NDKL", "mean_recall1": "mean R@1 (%)"}.get(key, key)
 
 
 def _save(fig, path: Path) -> None:
@@ -140,14 +143,14 @@ def study_plot(table: dict, path: Path) -> None:
 def study_figure(table: dict):
     """A study's table as bars: per kind (accuracy, bias), one group per data set, one bar per row (model,
     policy, mode); a seeded row's bar carries its sample std as an error bar."""
-    kinds = [k for k in ("accuracy", "bias") if any(c["kind"] == k for c in table["columns"])]
-    # one legend for both panels, below them: inside an axes it covered the bars
+    kinds = [k for k in ("accuracy", "retrieval", "bias") if any(c["kind"] == k for c in table["columns"])]
+    # one legend for all panels, below them: inside an axes it covered the bars
     fig = Figure(figsize=(max(6, 1.2 * len(table["rows"])) * len(kinds), 4.5 + 0.2 * len(table["rows"])))
     fig.set_layout_engine("constrained")
     axes = fig.subplots(1, len(kinds), squeeze=False)
     for ax, kind in zip(axes[0], kinds, strict=True):
         columns = [c for c in table["columns"] if c["kind"] == kind]
-        scale = 100.0 if kind == "accuracy" else 1.0
+        scale = 1.0 if kind == "bias" else 100.0
         width = 0.8 / len(table["rows"])
         for i, row in enumerate(table["rows"]):
             cells = [row["cells"][c["name"]] for c in columns]
@@ -162,7 +165,8 @@ def study_figure(table: dict):
                 else " / ".join((row["model"], row["policy"], row["mode"])),
             )
         ax.set_xticks(range(len(columns)), [c["name"] for c in columns])
-        ax.set(ylabel=metric_name("mean_acc1") if kind == "accuracy" else metric_name(columns[0]["metric"]), title=kind)
+        ylabel = metric_name("mean_acc1" if kind == "accuracy" else columns[0]["metric"])
+        ax.set(ylabel=ylabel, title=kind)
         ax.grid(alpha=0.3, axis="y")
     handles, names = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, names, loc="outside lower center", fontsize=7, ncols=min(3, len(names)))

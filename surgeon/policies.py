@@ -77,7 +77,7 @@ class PolicyOptions:
 
 POLICIES: Registry = Registry("policy")
 #: policies that never read the ranking: `prune` skips ranking for them (minutes on a real model)
-RANKING_FREE = frozenset({"heads", "paper-high", "paper-low", "paper-random"})
+RANKING_FREE = frozenset({"heads", "paper-high", "paper-low", "paper-random", "paper-equal-high", "paper-equal-low"})
 
 
 def _ref(h: HeadRank) -> HeadRef:
@@ -152,6 +152,36 @@ def random_heads(ranking: Ranking, options: PolicyOptions) -> Selection:
     )
 
 
+def _equal_budget(which: str, high: list[HeadRef], low: list[HeadRef], seed: int, source: str) -> Selection:
+    """The paper's experiment 3: n = min(#high, #low) heads from the `which` list, drawn with `seed` when that
+    list is the longer one (the shorter is taken whole), so that high and low cut the same number of heads."""
+    if not high or not low:
+        raise InvalidInput(f"an equal budget needs both lists: {len(high)} high-CCS and {len(low)} low-CCS heads")
+    n = min(len(high), len(low))
+    pool = high if which == "high" else low
+    chosen = sorted(random.Random(seed).sample(pool, n)) if len(pool) > n else sorted(pool)
+    how = f"drawn with seed {seed} from" if len(pool) > n else "all of"
+    why = f"equal budget of {n} (min of {len(high)} high, {len(low)} low): {how} the {source} {which}-CCS list"
+    return Selection(chosen, {r.name: why for r in chosen}, {"budget": n, "high": len(high), "low": len(low)})
+
+
+def _ranking_lists(ranking: Ranking) -> tuple[list[HeadRef], list[HeadRef]]:
+    heads = ranking.sorted_heads()
+    return [_ref(h) for h in heads if h.ccs == ranking.m], [_ref(h) for h in heads if h.ccs <= 1]
+
+
+@POLICIES.register("equal-high", options=("seed", "seeds"))
+def equal_high(ranking: Ranking, options: PolicyOptions) -> Selection:
+    """min(#high, #low) high-CCS heads (the paper's equal budgets; drawn with `seed` if there are more)."""
+    return _equal_budget("high", *_ranking_lists(ranking), options.seed, "ranking's")
+
+
+@POLICIES.register("equal-low", options=("seed", "seeds"))
+def equal_low(ranking: Ranking, options: PolicyOptions) -> Selection:
+    """min(#high, #low) low-CCS heads (the paper's equal budgets; drawn with `seed` if there are more)."""
+    return _equal_budget("low", *_ranking_lists(ranking), options.seed, "ranking's")
+
+
 @POLICIES.register("heads", options=("heads",))
 def explicit(ranking: Ranking | None, options: PolicyOptions) -> Selection:
     """The heads listed in `heads`."""
@@ -191,9 +221,11 @@ def threshold(ranking: Ranking, options: PolicyOptions) -> Selection:
 
 
 # Policies that draw with --seed, so `--seeds N` can average N draws.
-SEEDED_POLICIES = frozenset({"random", "paper-random"})
+SEEDED_POLICIES = frozenset(
+    {"random", "paper-random", "equal-high", "equal-low", "paper-equal-high", "paper-equal-low"}
+)
 # Policies that name heads outside the ranking's layers: their validation cannot reuse a cached prefix.
-PRESET_POLICIES = frozenset({"paper-high", "paper-low", "paper-random"})
+PRESET_POLICIES = frozenset({"paper-high", "paper-low", "paper-random", "paper-equal-high", "paper-equal-low"})
 
 
 def check_paper_preset(which: str, model: str | None, pretrained: str | None) -> str:
@@ -261,6 +293,23 @@ def paper_high(ranking: Ranking | None, options: PolicyOptions) -> Selection:
 def paper_low(ranking: Ranking | None, options: PolicyOptions) -> Selection:
     """The paper's low-CCS heads for this model."""
     return _paper("low", options)
+
+
+def _paper_lists(options: PolicyOptions) -> tuple[list[HeadRef], list[HeadRef]]:
+    key = (options.model_name, options.pretrained or "")
+    return parse_heads(check_paper_preset("high", *key).split()), parse_heads(check_paper_preset("low", *key).split())
+
+
+@POLICIES.register("paper-equal-high", options=("seed", "seeds"))
+def paper_equal_high(ranking: Ranking | None, options: PolicyOptions) -> Selection:
+    """min(#high, #low) of the paper's high-CCS heads for this model (its experiment 3, equal budgets)."""
+    return _equal_budget("high", *_paper_lists(options), options.seed, "paper's")
+
+
+@POLICIES.register("paper-equal-low", options=("seed", "seeds"))
+def paper_equal_low(ranking: Ranking | None, options: PolicyOptions) -> Selection:
+    """min(#high, #low) of the paper's low-CCS heads for this model (its experiment 3, equal budgets)."""
+    return _equal_budget("low", *_paper_lists(options), options.seed, "paper's")
 
 
 @POLICIES.register("paper-random", options=("seed", "seeds"))

@@ -134,13 +134,14 @@ class Plan:
 class ValidationSummary:
     """The headline figures of one validation: mean zero-shot top-1 over the tasks and, with a bias set,
     MaxSkew@k (mean over queries; summed too where the protocol headlines the sum, the paper's figure) and
-    NDKL."""
+    NDKL; with retrieval sets, the mean over them of text -> image (or video) recall@1."""
 
     mean_acc1: float | None
     skew_k: int | None = None
     max_skew: float | None = None
     max_skew_sum: float | None = None
     ndkl: float | None = None
+    mean_recall1: float | None = None
 
     @property
     def skew_key(self) -> str | None:
@@ -161,6 +162,8 @@ class ValidationSummary:
             if self.max_skew_sum is not None:
                 data[f"{self.skew_key}_sum"] = self.max_skew_sum
             data["ndkl"] = self.ndkl
+        if self.mean_recall1 is not None:
+            data["mean_recall1"] = self.mean_recall1
         return data
 
     @classmethod
@@ -177,6 +180,7 @@ class ValidationSummary:
             max_skew=data[skew[0]] if skew else None,
             max_skew_sum=data.get(f"{skew[0]}_sum") if skew else None,
             ndkl=data.get("ndkl") if skew else None,
+            mean_recall1=data.get("mean_recall1"),
         )
         wrong = wrong_fields(summary)
         if wrong:
@@ -235,6 +239,8 @@ def _is_chance(entry: Any) -> bool:
 
 
 def _is_result(entry: Any, protocols: dict) -> bool:
+    from surgeon.retrieval import TASKS as RETRIEVAL_TASKS
+
     if not (
         isinstance(entry, dict) and isinstance(entry.get("dataset"), str) and isinstance(entry.get("metrics"), dict)
     ):
@@ -242,6 +248,9 @@ def _is_result(entry: Any, protocols: dict) -> bool:
     metrics = entry["metrics"]
     if entry.get("task") == "zeroshot_classification":
         return all(_matches(metrics.get(k), float) for k in ("acc1", "acc5", "mean_per_class_recall"))
+    if entry.get("task") in RETRIEVAL_TASKS:
+        figures = [v for k, v in metrics.items() if "_recall@" in k or k.endswith("_rank")]
+        return bool(figures) and all(_matches(v, float) for v in figures)
     if entry.get("task") == "bias":
         figures = [
             v for k, v in metrics.items() if k.startswith(("max_skew@", "min_skew@", "ndkl")) and "_per_" not in k

@@ -36,9 +36,12 @@ from surgeon.paths import atomic_file, atomic_write_text, read_json_object
 from surgeon.policies import POLICIES, RANKING_FREE, SEEDED_POLICIES, PolicyOptions, check_preset
 from surgeon.progress import kept_on_interrupt, progress_bar, say
 from surgeon.records import ValidationSummary
+from surgeon.retrieval import HEADLINE as RETRIEVAL_HEADLINE
 from surgeon.surgery import SURGERIES
+from surgeon.video import VideoFrames
 
 TABLE_SCHEMA = "surgeon.study/1"
+PERCENT_KINDS = ("accuracy", "retrieval")  # columns shown in %: top-1, and text -> image/video R@1
 CELL_SCHEMA = "surgeon.study-cell/1"
 BASELINE = "none"  # the unpruned model: the row every change is measured against
 # debias selects by measuring on a search split, so its cells would need held-out halves of every data set
@@ -85,7 +88,7 @@ class PolicySpec:
 @dataclass(frozen=True)
 class DataSpec:
     name: str
-    kind: str  # "accuracy" (zero-shot classification) or "bias"
+    kind: str  # "accuracy" (zero-shot classification), "bias" or "retrieval" (image <-> text, text -> video)
     path: str  # "toy:<factor>" / "toy", or a file or folder
     classnames: str | None = None
     templates: str | None = None
@@ -94,6 +97,7 @@ class DataSpec:
     skew_k: int = 10
     desired: str | None = None
     protocol: str = "surgeon"
+    frames: int = limits.DEFAULT_VIDEO_FRAMES  # retrieval: frames per video
 
 
 @dataclass(frozen=True)
@@ -118,6 +122,20 @@ class Study:
     data: list[DataSpec]
     rank: StudyRank
     source: Path
+    tables: tuple[TableView, ...] = ()  # [[tables]]: the paper's tables, one per experiment; none: one of all
+
+    def views(self) -> tuple[TableView, ...]:
+        return self.tables or (TableView(self.name, tuple(range(len(self.policies))), tuple(range(len(self.data)))),)
+
+
+@dataclass(frozen=True)
+class TableView:
+    """One table of a study: some of its policies (rows, after the unpruned model) on some of its data sets
+    (columns). Only the cells some table shows are computed."""
+
+    name: str
+    policies: tuple[int, ...]
+    data: tuple[int, ...]
 
 
 def _fail(where: str, message: str) -> InvalidInput:
@@ -246,9 +264,9 @@ def parse_study(path: Path) -> Study:
     policies = [_policy(t) for t in top.table_list("policies")]
     data = [_data(t, "accuracy", base) for t in top.table_list("data", required=False)]
     data += [_data(t, "bias", base) for t in top.table_list("bias", required=False)]
+    data += [_data(t, "retrieval", base) for t in top.table_list("retrieval", required=False)]
     if not data:
-        raise _fail("data", "a study needs at least one data set ([[data]]) or bias set ([[bias]])")
-    top.done()
+        raise _fail("data", "a study needs at least one data set ([[data]]), bias set ([[bias]]) or retrieval set")
     for what, labels in (
         ("models", [m.label for m in models]),
         ("policies", [p.label for p in policies]),
@@ -257,11 +275,27 @@ def parse_study(path: Path) -> Study:
         dup = next((x for x in labels if labels.count(x) > 1), None)
         if dup is not None:
             raise _fail(what, f"two entries are called {limits.echo(dup)}; give each a distinct label/name")
-    study = Study(name, models, policies, modes, data, rank, Path(path))
+    tables = tuple(_view(t, policies, data) for t in top.table_list("tables", required=False))
+    top.done()
+    study = Study(name, models, policies, modes, data, rank, Path(path), tables)
     size = count_cells(study)  # counted, not built: a 100 kB file can declare 10^8 cells
     if size > limits.MAX_STUDY_CELLS:
         raise _fail("policies", f"the study has {size:,} cells; at most {limits.MAX_STUDY_CELLS:,}")
     return study
+
+
+def _view(t: _Table, policies: list[PolicySpec], data: list[DataSpec]) -> TableView:
+    """A [[tables]] entry: its policies and data sets by label and name."""
+    chosen = []
+    for key, labels in (("policies", [p.label for p in policies]), ("data", [d.name for d in data])):
+        names = t.get(key, list, required=True)
+        unknown = next((n for n in names if n not in labels), None)
+        if unknown is not None or not names:
+            raise _fail(t.path(key), f"{limits.echo(unknown)} is not one of the study's {key}: {', '.join(labels)}")
+        chosen.append(tuple(labels.index(n) for n in names))
+    view = TableView(t.get("name", str, required=True), chosen[0], chosen[1])
+    t.done()
+    return view
 
 
 def _policy(t: _Table) -> PolicySpec:
@@ -294,12 +328,15 @@ def _data(t: _Table, kind: str, base: Path) -> DataSpec:
         kind=kind,
         path=path,
         classnames=_path(t.get("classnames", str), base, t.path("classnames")),
-        templates=_path(t.get("templates", str), base, t.path("templates")),
+        templates=_templates(t.get("templates", str), base, t.path("templates")),
         queries=_path(t.get("queries", str), base, t.path("queries")) if kind == "bias" else None,
         n=t.count("n", 1, limits.MAX_TOY_IMAGES) if path.startswith("toy") else None,
         skew_k=t.count("skew_k", 1, limits.MAX_SKEW_K, 10) if kind == "bias" else 10,
         desired=t.get("desired", str) if kind == "bias" else None,
         protocol=t.get("protocol", str, "surgeon") if kind == "bias" else "surgeon",
+        frames=t.count("frames", 1, limits.MAX_FRAMES_PER_VIDEO, limits.DEFAULT_VIDEO_FRAMES)
+        if kind == "retrieval"
+        else limits.DEFAULT_VIDEO_FRAMES,
     )
     if kind == "bias" and path != "toy" and spec.queries is None:
         raise _fail(t.path("queries"), "a bias manifest needs its neutral queries file")
@@ -307,6 +344,15 @@ def _data(t: _Table, kind: str, base: Path) -> DataSpec:
         raise _fail(t.path("n"), "sizes only the toy world's sets")
     t.done()
     return spec
+
+
+def _templates(value: str | None, base: Path, where: str) -> str | None:
+    """A named template set (cifar10, food101, imagenet-a ...: surgeon.templates) as it is, else a file."""
+    from surgeon.templates import named_templates
+
+    if value is not None and "/" not in value and named_templates(value) is not None:
+        return value
+    return _path(value, base, where)
 
 
 def _rank(t: _Table, base: Path) -> StudyRank:
@@ -343,13 +389,17 @@ def count_cells(study: Study) -> int:
 
 
 def cells(study: Study) -> list[Cell]:
-    """Every cell, in the one order shards count in: model, then row (baseline first), seed, mode, data set."""
+    """Every cell a table shows, in the one order shards count in: model, then row (baseline first), seed, mode,
+    data set."""
+    views = study.views()
+    shown = {(p, d) for v in views for p in v.policies for d in v.data}
+    data = sorted({d for v in views for d in v.data})
     out = []
     for m in range(len(study.models)):
-        out += [Cell(m, None, 0, BASELINE, d) for d in range(len(study.data))]
+        out += [Cell(m, None, 0, BASELINE, d) for d in data]
         for p, spec in enumerate(study.policies):
             for seed in range(spec.seed, spec.seed + spec.seeds):
-                out += [Cell(m, p, seed, mode, d) for mode in study.modes for d in range(len(study.data))]
+                out += [Cell(m, p, seed, mode, d) for mode in study.modes for d in data if (p, d) in shown]
     return out
 
 
@@ -376,7 +426,12 @@ def _images_identity(images) -> object:
 def data_identity(suite) -> str:
     """What decides a data set's number: its images, labels, class names, templates (bias: groups, queries,
     k, the desired distribution and the protocol)."""
-    if suite.tasks:
+    if suite.retrieval:
+        r = suite.retrieval[0]
+        images = r.images.paths if isinstance(r.images, VideoFrames) else r.images
+        payload = {"images": _images_identity(images), "captions": r.captions, "owners": r.owners.tolist(),
+                   "frames": r.frames}  # fmt: skip
+    elif suite.tasks:
         t = suite.tasks[0]
         payload = {"images": _images_identity(t.images), "labels": t.labels.tolist(), "names": t.classnames,
                    "templates": t.templates}  # fmt: skip
@@ -390,8 +445,11 @@ def data_identity(suite) -> str:
 def load_data(spec: DataSpec):
     """A one-set ValidationSuite for a data set of the study (every format `--data`/`--bias-data` read)."""
     from surgeon.bias import bias_protocol
-    from surgeon.validate import ValidationSuite, bias_set, classification_set, toy_suite
+    from surgeon.validate import ValidationSuite, bias_set, classification_set, retrieval_set, toy_suite
 
+    if spec.kind == "retrieval":
+        retrieval = retrieval_set(Path(spec.path), spec.frames, spec.n)
+        return ValidationSuite([], None, "files", f"{spec.name}: {spec.path}", [retrieval])
     if spec.path.startswith("toy"):
         if spec.kind == "bias":
             suite = toy_suite(n_scenes=spec.n)
@@ -487,8 +545,9 @@ class StudyRun:
     computed: list[str] = field(default_factory=list)
     reused: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)  # "row / data: reason" of every cell that could not be computed
-    table: dict | None = None
+    table: dict | None = None  # the first (or only) table
     files: list[Path] = field(default_factory=list)
+    tables: list[dict] = field(default_factory=list)  # every table ([[tables]])
 
 
 class _ModelWork:
@@ -615,6 +674,8 @@ def cell_key(study: Study, cell: Cell, loaded: LoadedModel, data_id: str, rank_i
 
 def _headline(result: dict) -> tuple[str, float]:
     entry = result["results"][0]
+    if entry["task"] in RETRIEVAL_HEADLINE:
+        return RETRIEVAL_HEADLINE[entry["task"]], entry["metrics"][RETRIEVAL_HEADLINE[entry["task"]]]
     if entry["task"] == "bias":
         skew = ValidationSummary.from_dict(result["summary"]).headline_skew()
         assert skew is not None  # a bias entry always has its MaxSkew in the summary
@@ -711,8 +772,9 @@ def _compute(
         )
     records = {c: store.get(keys[c]) for c in cells(study)}
     run.failed = _failures(records)
-    run.table = build_table(study, records)
-    run.files = write_table(run.table, out, plot_format)
+    run.tables = [build_table(study, records, view) for view in study.views()]
+    run.table = run.tables[0]
+    run.files = write_tables(run.tables, out, plot_format)
     return run
 
 
@@ -750,26 +812,29 @@ def _mean_std(values: list[float]) -> tuple[float, float | None]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
-def build_table(study: Study, records: dict[Cell, dict]) -> dict:
+def build_table(study: Study, records: dict[Cell, dict], view: TableView | None = None) -> dict:
     """The paper's layout: rows model x policy (x mode), columns data sets, cells the value and its change
-    from the unpruned model; a seeded policy's cell is the mean ± sample std over its seeds. A cell that could
-    not be computed has no value and its reason ("error"); the table lists every such reason ("failures")."""
+    from the unpruned model; a seeded policy's cell is the mean ± sample std over its seeds. `view`: one of the
+    study's tables (default: all policies on all data sets). A cell that could not be computed has no value and
+    its reason ("error"); the table lists every such reason ("failures")."""
+    view = view or study.views()[0]
+    records = {c: r for c, r in records.items() if c.data in view.data}
     computed = {c: r for c, r in records.items() if "error" not in r}
-    columns = [{"name": d.name, "kind": d.kind} for d in study.data]
-    for d, column in enumerate(columns):
-        fallback = "acc1" if study.data[d].kind == "accuracy" else f"max_skew@{study.data[d].skew_k}"
+    columns = [{"name": study.data[d].name, "kind": study.data[d].kind} for d in view.data]
+    for d, column in zip(view.data, columns, strict=True):
+        fallback = {"accuracy": "acc1", "bias": f"max_skew@{study.data[d].skew_k}"}.get(study.data[d].kind, "recall@1")
         column["metric"] = next((r["metric"] for c, r in computed.items() if c.data == d), fallback)
     rows = []
     for m, model in enumerate(study.models):
         baseline = {c.data: r["value"] for c, r in computed.items() if c.model == m and c.policy is None}
         groups: list[tuple[str, str, int | None]] = [(BASELINE, BASELINE, None)]
-        groups += [(p.label, mode, i) for i, p in enumerate(study.policies) for mode in study.modes]
+        groups += [(study.policies[i].label, mode, i) for i in view.policies for mode in study.modes]
         for label, mode, p in groups:
             row: dict[str, Any] = {"model": model.label, "policy": label, "mode": mode, "cells": {}}
             mine = {c: r for c, r in records.items() if c.model == m and c.policy == p and c.mode == mode}
             heads = [float(len(r["heads"])) for c, r in mine.items() if c in computed]
             row["heads"] = _mean_std(heads)[0] if heads else None
-            for d, column in enumerate(columns):
+            for d, column in zip(view.data, columns, strict=True):
                 ordered = [r for c, r in sorted(mine.items(), key=lambda cr: cr[0].seed) if c.data == d]
                 values = [r["value"] for r in ordered if "error" not in r]
                 error = next((r["error"] for r in ordered if "error" in r), None)
@@ -785,19 +850,19 @@ def build_table(study: Study, records: dict[Cell, dict]) -> dict:
                 }
             rows.append(row)
     failures = _failures(records)
-    return {"schema": TABLE_SCHEMA, "name": study.name, "columns": columns, "rows": rows, "failures": failures}
+    return {"schema": TABLE_SCHEMA, "name": view.name, "columns": columns, "rows": rows, "failures": failures}
 
 
 def _scaled(column: dict, value: float) -> float:
-    return 100 * value if column["kind"] == "accuracy" else value
+    return 100 * value if column["kind"] in PERCENT_KINDS else value
 
 
 def cell_text(column: dict, cell: dict) -> str:
-    """`81.2 (-3.4)`, `80.1 ± 0.5 (-4.5)` for a seeded row; accuracy in %, bias as is; `failed` (reasons below
-    the table) for a cell that could not be computed, `(k of n seeds)` when some seeds could not."""
+    """`81.2 (-3.4)`, `80.1 ± 0.5 (-4.5)` for a seeded row; accuracy and retrieval in %, bias as is; `failed`
+    (reasons below the table) for a cell that could not be computed, `(k of n seeds)` when some seeds could not."""
     if cell["value"] is None:
         return "failed"
-    digits = 1 if column["kind"] == "accuracy" else 3
+    digits = 1 if column["kind"] in PERCENT_KINDS else 3
     text = f"{_scaled(column, cell['value']):.{digits}f}"
     if cell["std"] is not None:
         text += f" ± {_scaled(column, cell['std']):.{digits}f}"
@@ -811,7 +876,9 @@ def cell_text(column: dict, cell: dict) -> str:
 def column_title(column: dict) -> str:
     from surgeon.plots import metric_name
 
-    return f"{column['name']} ({'top-1 %' if column['kind'] == 'accuracy' else metric_name(column['metric'])})"
+    if column["kind"] in PERCENT_KINDS:
+        return f"{column['name']} ({'top-1' if column['kind'] == 'accuracy' else 'R@1'} %)"
+    return f"{column['name']} ({metric_name(column['metric'])})"
 
 
 def markdown_table(table: dict) -> str:
@@ -857,6 +924,31 @@ def _plottable(table: dict) -> dict:
 
 def _num(value: float | None) -> str:
     return "" if value is None or not math.isfinite(value) else repr(value)
+
+
+def write_tables(tables: list[dict], out: Path, plot_format: str = "png") -> list[Path]:
+    """One table: `write_table`. Several ([[tables]]): table.md with one section each, table.csv with a
+    `table` column, table.json listing them, and a plot per table (study-1.png ...), each written atomically."""
+    if len(tables) == 1:
+        return write_table(tables[0], out, plot_format)
+    from surgeon.plots import study_plot
+
+    files = [out / "table.md", out / "table.csv", out / "table.json"]
+    atomic_write_text(files[0], "\n".join(markdown_table(t) for t in tables))
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    for i, table in enumerate(tables):
+        lines = list(csv.reader(io.StringIO(csv_table(table))))
+        writer.writerows(([["table", *lines[0]]] if i == 0 else []) + [[table["name"], *line] for line in lines[1:]])
+    atomic_write_text(files[1], buffer.getvalue())
+    atomic_write_text(
+        files[2], json.dumps(finite({"schema": TABLE_SCHEMA, "tables": tables}), indent=2, sort_keys=True)
+    )
+    for i, table in enumerate(tables, 1):
+        files.append(out / f"study-{i}.{plot_format}")
+        with atomic_file(files[-1], suffix=files[-1].suffix) as tmp:
+            study_plot(table, tmp)
+    return files
 
 
 def write_table(table: dict, out: Path, plot_format: str = "png") -> list[Path]:

@@ -7,6 +7,7 @@ clear error instead of a KeyError deep inside validation."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import cache
 from pathlib import Path
 
 from surgeon.errors import InvalidInput
@@ -14,6 +15,35 @@ from surgeon.paths import read_lines
 
 #: docs/METHOD.md §3-4: the CCS paper's four neutral templates
 DEFAULT_TEMPLATES = ("a {}", "a photo of {}", "a picture of {}", "an image of {}")
+#: named template sets: CLIP's per-data-set prompts as the paper uses them (docs/METHOD.md §6)
+TEMPLATE_SETS_FILE = Path(__file__).parent / "data" / "templates" / "sets.json"
+NEUTRAL = "neutral"  # the name of DEFAULT_TEMPLATES
+
+
+@cache
+def _template_sets() -> tuple[dict[str, list[str]], dict[str, str]]:
+    from surgeon.paths import read_json_object
+
+    data = read_json_object(TEMPLATE_SETS_FILE, "template sets")
+    return data["sets"], data["datasets"]
+
+
+def template_set_names() -> list[str]:
+    """Every name `named_templates` knows: the sets, the data sets they belong to, and `neutral`."""
+    sets, datasets = _template_sets()
+    return sorted({*sets, *datasets, NEUTRAL})
+
+
+def named_templates(name: str) -> list[str] | None:
+    """The templates a set or a data set stands for (the paper's: 18 for CIFAR-10/100 and Oxford-pets, 1 for
+    Food-101, 5 for Country-211, 80 for ImageNet and its variants), by name, case-insensitive, clip_benchmark's
+    `wds/` or `wds_` prefix dropped; None for other names."""
+    key = name.strip().lower().removeprefix("wds/").removeprefix("wds_")
+    if key == NEUTRAL:
+        return list(DEFAULT_TEMPLATES)
+    sets, datasets = _template_sets()
+    chosen = key if key in sets else datasets.get(key)
+    return None if chosen is None else list(sets[chosen])
 
 
 def fill(template: str, label: str) -> str:
@@ -38,9 +68,15 @@ def check_templates(templates: Sequence[str], where: str = "templates") -> list[
 
 def read_templates(path: Path | None, dataset: str = "") -> list[str]:
     """Templates from a file, one per line, or clip_benchmark's JSON keyed by dataset name (`dataset`'s
-    entry, else imagenet1k's, as clip_benchmark does); None: the defaults. Each must name the class."""
+    entry, else imagenet1k's, as clip_benchmark does), or a named set (`named_templates`: a bare name is always
+    the set, never a file in the working folder; name such a file by a longer path); None: the paper's set when
+    `dataset` is one of its data sets (as clip_benchmark picks templates by data set), else the defaults. Each
+    must name the class."""
     if path is None:
-        return list(DEFAULT_TEMPLATES)
+        return named_templates(dataset) or list(DEFAULT_TEMPLATES)
+    named = named_templates(str(path)) if len(path.parts) == 1 else None
+    if named is not None:
+        return named
     if path.suffix.lower() == ".json":
         from surgeon.clipbench import DEFAULT_TEMPLATE_KEY, dataset_keys, read_json_entry
 

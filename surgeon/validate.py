@@ -1,5 +1,6 @@
-"""Stage 7: validation — zero-shot classification (docs/METHOD.md §4) and bias metrics (§3) on a suite of
-image sets, before and after surgery, with gates.
+"""Stage 7: validation — zero-shot classification (docs/METHOD.md §4), bias metrics (§3) and zero-shot
+retrieval (image <-> text and text -> video, §6; surgeon.retrieval) on a suite of sets, before and after
+surgery, with gates.
 
 `Evaluator` caches the residual stream before the first layer it may prune, so scoring many head sets
 (sweeps, the debias search) re-runs only the remaining blocks; numbers are identical to a full forward."""
@@ -10,7 +11,7 @@ import csv
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,9 +31,27 @@ from surgeon.load import LoadedModel
 from surgeon.paths import read_lines
 from surgeon.progress import progress_bar, stop_point
 from surgeon.records import ValidationSummary
+from surgeon.retrieval import (
+    HEADLINE,
+    RetrievalSet,
+    image_text_metrics,
+    pool_frames,
+    report_keys,
+    text_video_metrics,
+)
+from surgeon.retrieval import TASKS as RETRIEVAL_TASKS
 from surgeon.surgery import zero_heads
 from surgeon.templates import fill, read_templates
-from surgeon.webdata import CLASSNAMES_FILE, TEMPLATES_FILE, ShardImages, is_webdataset, webdataset_set
+from surgeon.video import VIDEO_SUFFIXES, VideoFrames, write_video
+from surgeon.webdata import (
+    CLASSNAMES_FILE,
+    TEMPLATES_FILE,
+    ShardImages,
+    is_retrieval_webdataset,
+    is_webdataset,
+    retrieval_webdataset,
+    webdataset_set,
+)
 from surgeon.zeroshot import build_classifier, metrics_from_logits, uint8_to_tensor
 
 Images = np.ndarray | list[Path] | ShardImages  # uint8 N x H x W x 3, image files, or webdataset shards
@@ -81,6 +100,7 @@ class ValidationSuite:
     bias: BiasSet | None = None
     source: str = "toy"
     description: str = "toy world: test split, bias probe (seed 0)"
+    retrieval: list[RetrievalSet] = field(default_factory=list)  # image <-> text and text -> video sets
 
     def require_accuracy(self, what: str) -> None:
         """Refuse, before any work, a use that trades off accuracy when there are no tasks to measure it on."""
@@ -137,10 +157,10 @@ class ValidationSuite:
                 side.append(replace(task, images=take_images(task.images, index), labels=task.labels[index]))
         search_bias, stop_bias, report_bias = _split_bias(self.bias, rng)
         described = f"{self.description} (%s, seed {seed})"
-        return SearchSplits(
+        return SearchSplits(  # no search selects on retrieval: its sets are reported whole, on the report split
             ValidationSuite(halves[0], search_bias, self.source, described % "search split"),
             ValidationSuite([], stop_bias, self.source, described % "stop split"),
-            ValidationSuite(halves[1], report_bias, self.source, described % "report split"),
+            ValidationSuite(halves[1], report_bias, self.source, described % "report split", self.retrieval),
             seed,
         )
 
@@ -455,6 +475,66 @@ def bias_set(
     )
 
 
+def caption_rows(path: Path) -> tuple[list[str], list[list[str]]]:
+    """A retrieval manifest (CSV, header `path,caption`, one row per caption) -> (items in order of first
+    appearance, each item's captions in file order)."""
+    items: dict[str, list[str]] = {}
+    for row in read_manifest(path, 2, "path,caption (one row per caption)").rows:
+        items.setdefault(row[0], []).append(row[1])
+    limits.count("items of a retrieval set", len(items), 1, limits.MAX_IMAGES)
+    return list(items), list(items.values())
+
+
+#: the toy world's retrieval sets (`--retrieval-data toy:captions`) and their default sizes
+TOY_RETRIEVAL = {"toy:captions": 500, "toy:videos": 60}
+
+
+def retrieval_set(data: Path, frames: int = limits.DEFAULT_VIDEO_FRAMES, n: int | None = None) -> RetrievalSet:
+    """clip_benchmark's retrieval webdataset export, a CSV manifest of images or of videos (by extension;
+    videos take the paper's protocol with `frames` frames each, decoded once and cached), or a toy set by name
+    (`n` images or videos)."""
+    if str(data) in TOY_RETRIEVAL:
+        return _toy_retrieval(str(data), frames, n or TOY_RETRIEVAL[str(data)])
+    if not data.exists():
+        raise NotFound(f"retrieval data not found: {data}")
+    if data.is_dir():
+        if not (is_webdataset(data) and is_retrieval_webdataset(data)):
+            raise InvalidInput(
+                f"{data} is not a retrieval set",
+                hint="pass clip_benchmark's retrieval export (test/*.tar, dataset_type.txt 'retrieval') "
+                "or a CSV manifest path,caption",
+            )
+        images, captions = retrieval_webdataset(data)
+        return _image_set(f"wds/{data.name}", images, captions)
+    names, captions = caption_rows(data)
+    is_video = [Path(name).suffix.lower() in VIDEO_SUFFIXES for name in names]
+    if any(is_video) and not all(is_video):
+        raise InvalidInput(f"manifest {data} mixes videos and images", hint="one retrieval set holds one kind")
+    paths = [data.parent / name for name in names]
+    if all(is_video):
+        return RetrievalSet(
+            data.name, VideoFrames(paths, frames), [c[0] for c in captions], np.arange(len(paths)), len(paths), frames
+        )
+    return _image_set(data.name, paths, captions)
+
+
+def _toy_retrieval(name: str, frames: int, n: int) -> RetrievalSet:
+    """Held-out toy images with two captions each, or toy videos (real MP4 files, written once into the cache)."""
+    if name == "toy:captions":
+        limits.count("n (toy images)", n, 1, limits.MAX_TOY_IMAGES)
+        images, captions = defaults.toy_caption_set(n)
+        return _image_set("toy/captions", images, captions)
+    limits.count("n (toy videos)", n, 1, defaults.MAX_TOY_VIDEOS)
+    video = retrieval_set(defaults.toy_videos(n, write_video), frames)
+    video.name = "toy/videos"
+    return video
+
+
+def _image_set(name: str, images: object, captions: list[list[str]]) -> RetrievalSet:
+    owners = np.repeat(np.arange(len(captions)), [len(c) for c in captions])
+    return RetrievalSet(name, images, [c for item in captions for c in item], owners, len(captions))
+
+
 def build_suite(
     data: Path | None = None,
     classnames: Path | None = None,
@@ -466,18 +546,50 @@ def build_suite(
     protocol: str = "surgeon",
     bias_split_by: str | None = None,
     model: str | None = None,
+    retrieval: Path | None = None,
+    frames: int = limits.DEFAULT_VIDEO_FRAMES,
 ) -> ValidationSuite:
     """The suite the CLI options (and the gRPC ValidationData) describe: files when given, the toy's when
     `data` is "toy", and when nothing is given for the toy model (`model` None or "toy"); a real model
     validated on toy shapes measures nothing, so it needs its data named. `desired` None: the protocol's own
-    (surgeon.bias)."""
+    (surgeon.bias). `retrieval` (or a clip_benchmark retrieval export as `data`) replaces the toy's retrieval
+    sets; videos take `frames` frames each."""
+    if data is not None and data.is_dir() and is_webdataset(data) and is_retrieval_webdataset(data):
+        if retrieval is not None:
+            raise InvalidInput(f"{data} is a retrieval set, and so is --retrieval-data: pass one of them")
+        data, retrieval = None, data
+    suite = _classification_and_bias(
+        data, classnames, templates, bias_data, queries, skew_k, desired, protocol, bias_split_by, model, retrieval
+    )
+    if retrieval is not None:
+        suite.retrieval = [retrieval_set(retrieval, frames)]
+        suite.description = " + ".join(filter(None, [suite.description, str(retrieval)]))
+    return suite
+
+
+def _classification_and_bias(
+    data: Path | None,
+    classnames: Path | None,
+    templates: Path | None,
+    bias_data: Path | None,
+    queries: Path | None,
+    skew_k: int,
+    desired: str | None,
+    protocol: str,
+    bias_split_by: str | None,
+    model: str | None,
+    retrieval: Path | None,
+) -> ValidationSuite:
     _, desired = bias_protocol(protocol, desired)
     toy = data is not None and str(data) == "toy"
+    if retrieval is not None and data is None and bias_data is None:
+        return ValidationSuite([], None, source="files", description="")
     if data is None and bias_data is None and model not in (None, "toy"):
         raise InvalidInput(
             f"{model} is not the toy model: name the data to validate it on",
             hint="pass --data FOLDER|CSV (zero-shot classification: ImageFolder or path,label), "
-            "--bias-data CSV --queries FILE (bias), or --data toy for the toy world's suite",
+            "--bias-data CSV --queries FILE (bias), --retrieval-data CSV|FOLDER (retrieval), "
+            "or --data toy for the toy world's suite",
         )
     if toy or (data is None and bias_data is None):
         suite = toy_suite()
@@ -552,6 +664,11 @@ class Evaluator:
                         for prompts in suite.bias.queries.values()
                     ]
                 )
+            # the text tower is never pruned: captions are embedded once
+            self.captions = [
+                build_classifier(model, loaded.tokenizer, r.captions, ["{}"], loaded.device).float().cpu()
+                for r in suite.retrieval
+            ]
         # tasks that share one image array (the toy's factors) share one cached prefix and one forward pass
         self._set_key: dict[str, int] = {}
         # per image set: (heads ablated before the layer, layer) -> residual stream entering that layer
@@ -559,6 +676,7 @@ class Evaluator:
         sets = [(t.name, t.images) for t in suite.tasks] + (
             [(suite.bias.name, suite.bias.images)] if suite.bias is not None else []
         )
+        sets += [(_retrieval_key(r), self._retrieval_images(r)) for r in suite.retrieval]
         self._images = {id(images): images for _, images in sets}
         # image files that do not decode (0 bytes, truncated, bombs): skipped with a count, as `rank` does;
         # per image set, index -> why. The same files fail on every pass, so labels stay aligned.
@@ -582,6 +700,14 @@ class Evaluator:
         per_image = residual_in(vision_tower(self.loaded.model), first[:1].to(self.loaded.device)).numel() * 4
         n_images = sum(len(images) for images in self._images.values())
         return 2 * layers * n_images * per_image <= limits.MAX_PREFIX_CACHE_BYTES
+
+    def _retrieval_images(self, retrieval: RetrievalSet) -> Images:
+        """A video set's frames, decoded once per set (cached on disk, memory-mapped); an image set's images."""
+        if isinstance(retrieval.images, VideoFrames):
+            size = self.loaded.preprocess_cfg["size"]
+            side = size if isinstance(size, int) else size[0]
+            return retrieval.images.decoded(self.loaded.preprocess, side)
+        return retrieval.images  # type: ignore[return-value]  # an image set holds Images
 
     def _pixel_batches(self, images: Images) -> Iterator[torch.Tensor]:
         cfg = self.loaded.preprocess_cfg
@@ -720,6 +846,18 @@ class Evaluator:
                 {"dataset": task.name, "task": "zeroshot_classification", "metrics": metrics, **read(task.name)}
             )
         summary = ValidationSummary(float(np.mean([r["metrics"]["acc1"] for r in results])) if results else None)
+        recalls = []
+        for retrieval, captions in zip(self.suite.retrieval, self.captions, strict=True):
+            embedded = embed(_retrieval_key(retrieval))
+            if retrieval.frames:
+                metrics = text_video_metrics(pool_frames(embedded, retrieval.frames), captions)
+                metrics["frames"] = retrieval.frames
+            else:
+                metrics = image_text_metrics(embedded, captions, retrieval.owners)
+            results.append({"dataset": retrieval.name, "task": retrieval.task, "metrics": metrics})
+            recalls.append(metrics[HEADLINE[retrieval.task]])
+        if recalls:
+            summary = replace(summary, mean_recall1=float(np.mean(recalls)))
         if self.suite.bias is not None:
             b = self.suite.bias
             assert self.queries is not None  # embedded with the suite's bias set
@@ -769,6 +907,11 @@ def _unit_count(bias: BiasSet) -> int:
     return len(bias.groups) if bias.units is None else len(np.unique(bias.units))
 
 
+def _retrieval_key(retrieval: RetrievalSet) -> str:
+    """The evaluator's name for a retrieval set's images (a classification set may bear the same name)."""
+    return f"{retrieval.task}:{retrieval.name}"
+
+
 def _as_image(item) -> Image.Image:
     return open_image(item) if isinstance(item, Path) else Image.fromarray(np.asarray(item))
 
@@ -789,10 +932,13 @@ class Gates:
     max_acc_drop: float | None = None  # points of mean zero-shot top-1
     max_skew: float | None = None
     min_acc: float | None = None  # points, absolute
+    max_recall_drop: float | None = None  # points of mean text -> image/video R@1 over the retrieval sets
 
     def check_measurable(self, suite: ValidationSuite) -> None:
         if self.max_acc_drop is not None or self.min_acc is not None:
             suite.require_accuracy("an accuracy gate")
+        if self.max_recall_drop is not None and not suite.retrieval:
+            raise InvalidInput("a recall gate needs a retrieval set (--retrieval-data)")
 
     def check(self, before: dict, after: dict) -> list[str]:
         failures = []
@@ -810,6 +956,15 @@ class Gates:
                 )
             if self.min_acc is not None and acc_after * 100 < self.min_acc:
                 failures.append(f"min-acc: mean acc1 {100 * acc_after:.2f} < {self.min_acc}")
+        if self.max_recall_drop is not None:
+            recall_before, recall_after = summary_before.mean_recall1, summary_after.mean_recall1
+            if recall_before is None or recall_after is None:
+                failures.append("max-recall-drop: no retrieval set was validated")
+            elif (recall_before - recall_after) * 100 > self.max_recall_drop:
+                failures.append(
+                    f"max-recall-drop: mean R@1 fell {100 * (recall_before - recall_after):.2f} points "
+                    f"(limit {self.max_recall_drop})"
+                )
         if self.max_skew is not None:
             if summary_after.max_skew is None:
                 failures.append("max-skew: no bias set was validated")
@@ -835,8 +990,9 @@ def markdown_report(before: dict, after: dict | None = None, failures: list[str]
     notes = []
     for r in before["results"]:
         accuracy = r["task"] == "zeroshot_classification"
-        keys = ACCURACY_KEYS if accuracy else headline_keys(r["metrics"])
-        scale, digits = (100.0, 2) if accuracy else (1.0, 4)
+        retrieval = r["task"] in RETRIEVAL_TASKS
+        keys = ACCURACY_KEYS if accuracy else report_keys(r["metrics"]) if retrieval else headline_keys(r["metrics"])
+        scale, digits = (100.0, 2) if accuracy else (1.0, 4)  # retrieval recall as a fraction, ranks as ranks
         for key in keys:
             b = scale * r["metrics"][key]
             name = key
@@ -852,7 +1008,7 @@ def markdown_report(before: dict, after: dict | None = None, failures: list[str]
                 )
             else:
                 lines.append(f"| {r['dataset']} | {name} | {with_interval(b, r['metrics'], key, digits)} |")
-        if not accuracy:
+        if r["task"] == "bias":
             notes.append(bias_protocol_note(r))
     if any(r["task"] == "zeroshot_classification" for r in before["results"]):
         notes.insert(0, UNITS_NOTE)

@@ -2,7 +2,8 @@
 
 The layout (clip_benchmark's `build_wds_dataset` and `clip_benchmark_export_wds`): DIR/test/0.tar, 1.tar ...
 (with test/nshards.txt), DIR/classnames.txt and DIR/zeroshot_classification_templates.txt (templates with
-{c}). Each sample holds an image (webp, png, jpg or jpeg) and a `cls` member, its class index.
+{c}). Each sample holds an image (webp, png, jpg or jpeg) and a `cls` member, its class index. A retrieval set
+(DIR/dataset_type.txt says "retrieval") holds a `txt` member instead: the image's captions, one per line.
 
 Shards are read with the standard library's tarfile and every member is bounded from its header before it is
 read: sparse members (a 10 KB file may declare 6 GB) and members over limits.MAX_SHARD_MEMBER_BYTES are
@@ -31,11 +32,21 @@ from surgeon.runtime.preprocess import decode_image
 
 IMAGE_EXTENSIONS = ("webp", "png", "jpg", "jpeg")
 CLASSNAMES_FILE = "classnames.txt"
+DATASET_TYPE_FILE = "dataset_type.txt"
 TEMPLATES_FILE = "zeroshot_classification_templates.txt"
 
 
 def is_webdataset(folder: Path, split: str = "test") -> bool:
     return (folder / split).is_dir() and any((folder / split).glob("*.tar"))
+
+
+def is_retrieval_webdataset(folder: Path) -> bool:
+    """clip_benchmark's marker of a retrieval export: dataset_type.txt holding "retrieval"."""
+    marker = folder / DATASET_TYPE_FILE
+    try:
+        return is_webdataset(folder) and marker.is_file() and marker.read_text(encoding="utf-8").strip() == "retrieval"
+    except (OSError, UnicodeDecodeError):
+        raise CorruptInput(f"{marker} is unreadable") from None
 
 
 def _shard_count(count_file: Path) -> int:
@@ -127,6 +138,24 @@ def _label(sample: dict) -> int:
     return label
 
 
+def _captions(sample: dict) -> list[str]:
+    where = f"sample {sample['__key__']} in {sample['__url__']}"
+    raw = sample.get("txt")
+    if raw is None:
+        raise CorruptInput(f"{where} has no txt member (its captions)")
+    try:
+        captions = [line.strip() for line in raw.decode("utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError:
+        raise CorruptInput(f"{where}: txt is not UTF-8") from None
+    if not captions:
+        raise CorruptInput(f"{where} has an empty caption list")
+    return captions
+
+
+#: what a counted sample carries besides its image, and how it is read: a class index or a retrieval caption list
+MEMBER_READERS: dict[str, Callable[[dict], object]] = {"cls": _label, "txt": _captions}
+
+
 def _image_bytes(sample: dict) -> bytes:
     extension = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
     if extension is None:
@@ -137,31 +166,34 @@ def _image_bytes(sample: dict) -> bytes:
 
 
 @dataclass(frozen=True)
-class ShardLabels:
-    """What the label pass found: every sample's class index in order, and how many samples each shard holds
-    (what the image pass must find again)."""
+class ShardPass:
+    """What the first pass found: every sample's member (class index or captions) in order, and how many samples
+    each shard holds (what the image pass must find again)."""
 
-    labels: list[int]
+    values: list
     per_shard: list[int]
 
 
-def read_labels(shards: list[Path]) -> ShardLabels:
-    """Every sample's class index, in order, without reading the images, and each shard's sample count."""
-    labels: list[int] = []
+def read_members(shards: list[Path], member: str = "cls") -> ShardPass:
+    """Every sample's `member` (MEMBER_READERS), in order, without reading the images, and each shard's count."""
+    read = MEMBER_READERS[member]
+    values: list = []
     per_shard: list[int] = []
     for shard in shards:
-        found = [_label(s) for s in _shard_samples(shard, wanted=lambda name: name.endswith(".cls"))]
-        labels += found
+        found = [read(s) for s in _shard_samples(shard, wanted=lambda name: name.endswith(f".{member}"))]
+        values += found
         per_shard.append(len(found))
-    return ShardLabels(labels, per_shard)
+    return ShardPass(values, per_shard)
 
 
 class ShardImages:
-    """The first `count` images of webdataset shards, decoded while streaming; `per_shard`: the label pass's
-    sample count of each shard, checked again as the images are read."""
+    """The first `count` images of webdataset shards, decoded while streaming; `per_shard`: the first pass's
+    sample count of each shard, checked again as the images are read. `member` is what each counted sample
+    carries besides its image (`cls`, or `txt` for a retrieval export)."""
 
-    def __init__(self, shards: list[Path], count: int, description: str, per_shard: list[int]):
+    def __init__(self, shards: list[Path], count: int, description: str, per_shard: list[int], member: str = "cls"):
         self.shards, self.count, self.description, self.per_shard = shards, count, description, per_shard
+        self.member = member
 
     def __len__(self) -> int:
         return self.count
@@ -171,21 +203,22 @@ class ShardImages:
         if not isinstance(index, slice) or index.start not in (None, 0) or index.step not in (None, 1):
             raise TypeError("ShardImages supports only prefix slices [:n]")
         stop = self.count if index.stop is None else min(index.stop, self.count)
-        return ShardImages(self.shards, stop, self.description, self.per_shard)
+        return ShardImages(self.shards, stop, self.description, self.per_shard, self.member)
 
     def _samples(self) -> Iterator[dict]:
-        """The first `count` samples; a shard holding other than the label pass's count is an error."""
+        """The first `count` samples; a shard holding other than the first pass's count is an error."""
         read = 0
         for shard, expected in zip(self.shards, self.per_shard, strict=True):
             if read == self.count:
                 return
             found = 0
             for sample in _shard_samples(shard):
-                _label(sample)  # a sample without one was not counted by the label pass: stop, never misalign
+                # a sample without its member was not counted by the first pass: stop, never misalign
+                MEMBER_READERS[self.member](sample)
                 if found == expected:
                     raise CorruptInput(
-                        f"webdataset shard {shard} holds more than the {expected} samples counted when its labels "
-                        "were read: it changed while being read"
+                        f"webdataset shard {shard} holds more than the {expected} samples counted when its "
+                        f"{self.member} members were read: it changed while being read"
                     )
                 found += 1
                 yield sample
@@ -194,8 +227,8 @@ class ShardImages:
                     return
             if found != expected:
                 raise CorruptInput(
-                    f"webdataset shard {shard} holds {found} samples, but {expected} when its labels were read: "
-                    "it changed while being read"
+                    f"webdataset shard {shard} holds {found} samples, but {expected} when its {self.member} members "
+                    "were read: it changed while being read"
                 )
 
     def batches(self, preprocess: Callable, batch_size: int) -> Iterator[torch.Tensor]:
@@ -215,9 +248,18 @@ class ShardImages:
 
 def webdataset_set(folder: Path, split: str = "test") -> tuple[ShardImages, list[int]]:
     """(images, labels) of the split; an empty split is an error."""
+    return _split(folder, split, "cls")
+
+
+def retrieval_webdataset(folder: Path, split: str = "test") -> tuple[ShardImages, list[list[str]]]:
+    """(images, each image's captions) of a retrieval export's split; an empty split is an error."""
+    return _split(folder, split, "txt")
+
+
+def _split(folder: Path, split: str, member: str) -> tuple[ShardImages, list]:
     shards = shard_paths(folder, split)
-    found = read_labels(shards)
-    if not found.labels:
+    found = read_members(shards, member)
+    if not found.values:
         raise InvalidInput(f"the webdataset {folder} has no samples in {split}/")
-    description = f"{folder.name}/{split} ({len(found.labels):,} samples in {len(shards):,} shards)"
-    return ShardImages(shards, len(found.labels), description, found.per_shard), found.labels
+    description = f"{folder.name}/{split} ({len(found.values):,} samples in {len(shards):,} shards)"
+    return ShardImages(shards, len(found.values), description, found.per_shard, member), found.values

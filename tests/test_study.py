@@ -242,11 +242,20 @@ def test_shipped_study_files_parse(monkeypatch):
     studies = Path(__file__).resolve().parents[1] / "studies"
     monkeypatch.setenv("SURGEON_DATA", "/data")
     monkeypatch.setenv("SURGEON_BIAS", "/bias")
+    monkeypatch.setenv("SURGEON_VIDEO", "/video")
+    monkeypatch.setenv("SURGEON_RANK_IMAGES", "/rank")
     paper = parse_study(studies / "paper.toml")
-    assert len(paper.models) == 6 and [p.policy for p in paper.policies] == ["paper-high", "paper-low", "paper-random"]
-    assert paper.data[0].path == "/data/cifar10" and paper.data[-1].kind == "bias"
-    assert len(cells(paper)) == 6 * 4 * (1 + 1 + 1 + 5)
-    assert len(cells(parse_study(studies / "toy.toml"))) == 4 * (1 + 1 + 1 + 1 + 5)
+    assert len(paper.models) == 6 and [p.policy for p in paper.policies][:3] == [
+        "paper-high",
+        "paper-low",
+        "paper-random",
+    ]
+    assert paper.data[0].path == "/data/cifar10" and [d.kind for d in paper.data].count("retrieval") == 3
+    assert paper.data[7].kind == "bias" and paper.data[-1].frames == 32 and len(paper.tables) == 7
+    # per model: 11 baselines; high and low on 11 sets; random (5 seeds) on 6; equal budgets (5 seeds) on 3 each;
+    # each concept on 2 -- only the cells some table shows
+    assert len(cells(paper)) == 6 * (11 + 11 + 11 + 5 * 6 + 5 * 3 * 2 + 2 * 2)
+    assert len(cells(parse_study(studies / "toy.toml"))) == 6 * (1 + 1 + 1 + 1 + 5)
 
 
 def test_cli_shards_then_collect_json(tmp_path, toy_full):

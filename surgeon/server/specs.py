@@ -23,8 +23,10 @@ from surgeon.load import CHECKPOINT_SUFFIXES, TOY_MODEL_DIR, TOY_MODEL_NAME
 from surgeon.paths import newest_run, refuse_temporary
 from surgeon.runfolder import is_run_folder
 from surgeon.server.paths import Root, resolve_in
+from surgeon.templates import named_templates
 from surgeon.v1 import surgeon_pb2 as pb
 from surgeon.validate import ValidationSuite, confined_images
+from surgeon.video import VideoFrames
 
 REMOTE_JUDGES = ("lexicon", "embedding")  # llm would make the server call a client-chosen URL
 SuiteBuilder = Callable[[str | None], ValidationSuite]  # the validation suite for a model name
@@ -130,7 +132,7 @@ class SpecBuilder:
         spec = ValidationSpec(
             folder,
             classnames=self.data_file(data.classnames, "classnames"),
-            templates=self.data_file(data.templates, "templates"),
+            templates=self._templates(data.templates),
             bias_data=self.data_file(data.bias_data, "bias_data"),
             queries=self.data_file(data.queries, "queries"),
             skew_k=optional_field(data, "skew_k", ValidationSpec.skew_k),
@@ -138,16 +140,34 @@ class SpecBuilder:
             bias_protocol=data.bias_protocol or ValidationSpec.bias_protocol,
             bias_split_by=data.bias_split_by or None,
             language=language or ValidationSpec.language,
+            retrieval_data=self._retrieval_data(data.retrieval_data),
+            frames=optional_field(data, "frames", ValidationSpec.frames),
         )
         spec.check()
         if spec.is_toy:
             return spec, spec.build  # a real model without data fails there, as in the CLI: no toy fallback
         with confined_images(lambda path: root.check_inside(path, "validation image")):
             suite = spec.build(None)
-        for images in [t.images for t in suite.tasks] + ([suite.bias.images] if suite.bias else []):
+        retrieval = [r.images.paths if isinstance(r.images, VideoFrames) else r.images for r in suite.retrieval]
+        for images in [t.images for t in suite.tasks] + ([suite.bias.images] if suite.bias else []) + retrieval:
             for path in images if isinstance(images, list) else []:
                 root.check_inside(path, "validation image")  # manifests may not point outside the data root
         return spec, lambda _model: suite
+
+    def _templates(self, raw: str) -> Path | None:
+        """A templates file under the data root, or a named set (surgeon.templates: cifar10, imagenet-a ...)."""
+        if raw and "/" not in raw and named_templates(raw) is not None:
+            return Path(raw)
+        return self.data_file(raw, "templates")
+
+    def _retrieval_data(self, raw: str) -> Path | None:
+        """A retrieval manifest or webdataset folder under the data root."""
+        if not raw:
+            return None
+        path = resolve_in([self.config.data], raw, "retrieval data", "any")
+        if path.is_dir():
+            self.config.data.check_tree(path, "retrieval data")
+        return path
 
     def out(self, raw: str, kind: str, force: bool, default: Path | None = None) -> Path:
         """A job's output: a new run folder, one name directly under the exports root (`default`: the server's
@@ -247,6 +267,7 @@ class SpecBuilder:
             max_acc_drop=optional_field(request, "max_acc_drop"),
             max_skew=optional_field(request, "max_skew"),
             min_acc=optional_field(request, "min_acc"),
+            max_recall_drop=optional_field(request, "max_recall_drop"),
             export_anyway=request.export_anyway,
             export=request.export_format or PruneSpec.export,
             atol=optional_field(request, "atol", PruneSpec.atol),

@@ -31,7 +31,7 @@ class ImageSource(_message.Message):
     def __init__(self, images: _Optional[str] = ..., n_images: _Optional[int] = ...) -> None: ...
 
 class ValidationData(_message.Message):
-    __slots__ = ("data", "classnames", "templates", "bias_data", "queries", "skew_k", "desired", "bias_protocol", "bias_split_by")
+    __slots__ = ("data", "classnames", "templates", "bias_data", "queries", "skew_k", "desired", "bias_protocol", "bias_split_by", "retrieval_data", "frames")
     DATA_FIELD_NUMBER: _ClassVar[int]
     CLASSNAMES_FIELD_NUMBER: _ClassVar[int]
     TEMPLATES_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +41,8 @@ class ValidationData(_message.Message):
     DESIRED_FIELD_NUMBER: _ClassVar[int]
     BIAS_PROTOCOL_FIELD_NUMBER: _ClassVar[int]
     BIAS_SPLIT_BY_FIELD_NUMBER: _ClassVar[int]
+    RETRIEVAL_DATA_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
     data: str
     classnames: str
     templates: str
@@ -50,7 +52,9 @@ class ValidationData(_message.Message):
     desired: str
     bias_protocol: str
     bias_split_by: str
-    def __init__(self, data: _Optional[str] = ..., classnames: _Optional[str] = ..., templates: _Optional[str] = ..., bias_data: _Optional[str] = ..., queries: _Optional[str] = ..., skew_k: _Optional[int] = ..., desired: _Optional[str] = ..., bias_protocol: _Optional[str] = ..., bias_split_by: _Optional[str] = ...) -> None: ...
+    retrieval_data: str
+    frames: int
+    def __init__(self, data: _Optional[str] = ..., classnames: _Optional[str] = ..., templates: _Optional[str] = ..., bias_data: _Optional[str] = ..., queries: _Optional[str] = ..., skew_k: _Optional[int] = ..., desired: _Optional[str] = ..., bias_protocol: _Optional[str] = ..., bias_split_by: _Optional[str] = ..., retrieval_data: _Optional[str] = ..., frames: _Optional[int] = ...) -> None: ...
 
 class RankHeadsRequest(_message.Message):
     __slots__ = ("model", "images", "texts", "taxonomy", "judge", "layers", "m", "span_rank", "batch_size", "no_cache", "out", "force")
@@ -81,7 +85,7 @@ class RankHeadsRequest(_message.Message):
     def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., images: _Optional[_Union[ImageSource, _Mapping]] = ..., texts: _Optional[str] = ..., taxonomy: _Optional[str] = ..., judge: _Optional[str] = ..., layers: _Optional[str] = ..., m: _Optional[int] = ..., span_rank: _Optional[int] = ..., batch_size: _Optional[int] = ..., no_cache: bool = ..., out: _Optional[str] = ..., force: bool = ...) -> None: ...
 
 class PruneRequest(_message.Message):
-    __slots__ = ("model", "ranking", "policy", "k", "heads", "concept", "min_ccs", "seed", "seeds", "mode", "tower", "max_acc_drop", "max_skew", "min_acc", "export_anyway", "export_format", "labels", "atol", "images", "texts", "judge", "layers", "validation", "out", "force")
+    __slots__ = ("model", "ranking", "policy", "k", "heads", "concept", "min_ccs", "seed", "seeds", "mode", "tower", "max_acc_drop", "max_skew", "min_acc", "export_anyway", "export_format", "labels", "atol", "images", "texts", "judge", "layers", "validation", "out", "force", "max_recall_drop")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     RANKING_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
@@ -107,6 +111,7 @@ class PruneRequest(_message.Message):
     VALIDATION_FIELD_NUMBER: _ClassVar[int]
     OUT_FIELD_NUMBER: _ClassVar[int]
     FORCE_FIELD_NUMBER: _ClassVar[int]
+    MAX_RECALL_DROP_FIELD_NUMBER: _ClassVar[int]
     model: ModelRef
     ranking: str
     policy: str
@@ -132,7 +137,8 @@ class PruneRequest(_message.Message):
     validation: ValidationData
     out: str
     force: bool
-    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., ranking: _Optional[str] = ..., policy: _Optional[str] = ..., k: _Optional[int] = ..., heads: _Optional[str] = ..., concept: _Optional[str] = ..., min_ccs: _Optional[int] = ..., seed: _Optional[int] = ..., seeds: _Optional[int] = ..., mode: _Optional[str] = ..., tower: _Optional[str] = ..., max_acc_drop: _Optional[float] = ..., max_skew: _Optional[float] = ..., min_acc: _Optional[float] = ..., export_anyway: bool = ..., export_format: _Optional[str] = ..., labels: _Optional[str] = ..., atol: _Optional[float] = ..., images: _Optional[_Union[ImageSource, _Mapping]] = ..., texts: _Optional[str] = ..., judge: _Optional[str] = ..., layers: _Optional[str] = ..., validation: _Optional[_Union[ValidationData, _Mapping]] = ..., out: _Optional[str] = ..., force: bool = ...) -> None: ...
+    max_recall_drop: float
+    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., ranking: _Optional[str] = ..., policy: _Optional[str] = ..., k: _Optional[int] = ..., heads: _Optional[str] = ..., concept: _Optional[str] = ..., min_ccs: _Optional[int] = ..., seed: _Optional[int] = ..., seeds: _Optional[int] = ..., mode: _Optional[str] = ..., tower: _Optional[str] = ..., max_acc_drop: _Optional[float] = ..., max_skew: _Optional[float] = ..., min_acc: _Optional[float] = ..., export_anyway: bool = ..., export_format: _Optional[str] = ..., labels: _Optional[str] = ..., atol: _Optional[float] = ..., images: _Optional[_Union[ImageSource, _Mapping]] = ..., texts: _Optional[str] = ..., judge: _Optional[str] = ..., layers: _Optional[str] = ..., validation: _Optional[_Union[ValidationData, _Mapping]] = ..., out: _Optional[str] = ..., force: bool = ..., max_recall_drop: _Optional[float] = ...) -> None: ...
 
 class ValidateRequest(_message.Message):
     __slots__ = ("model", "validation", "out", "force", "language")

@@ -1,0 +1,152 @@
+"""Video frame collection (decode, sample, crop, embed, pool) vs plain encode_image on the same frames, and peak
+memory vs the number of videos.
+
+    python benchmarks/bench_video.py [--quick]
+
+Three rates in frames embedded per second, measured in one run: `encode_image` alone on the already decoded,
+cropped frames; a first validation of the video set (PyAV decoding every frame of every video, the sampled ones
+cropped into the frame cache, then embedded); a second validation (frames read back from the cache). Goal
+(issue 26): collection >= 0.8 x encode_image; peak memory flat in the number of videos."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from surgeon.load import build_clip, load_model
+from surgeon.retrieval import RetrievalSet
+from surgeon.validate import ValidationSuite, validate
+from surgeon.video import VideoFrames, write_video
+from surgeon.zeroshot import uint8_to_tensor
+
+SMALL = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 128, "layers": 6, "head_width": 16},
+    "text_cfg": {"context_length": 16, "width": 64, "heads": 2, "layers": 1},
+}
+
+
+def vit_b32() -> dict:
+    import open_clip
+
+    return open_clip.get_model_config("ViT-B-32")
+
+
+def model_dir(cfg: dict, folder: Path) -> str:
+    """A local-dir model (random init) surgeon loads like any other."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
+    model = build_clip(cfg)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    return f"local-dir:{folder}"
+
+
+def write_videos(folder: Path, n: int, frames: int, width: int, height: int) -> list[Path]:
+    """n videos of moving gradients (MPEG-4, 30 fps), as a camera clip would decode: every frame differs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    y, x = np.mgrid[0:height, 0:width]
+    paths = []
+    for i in range(n):
+        t = np.arange(frames)[:, None, None]
+        base = (x[None] * 2 + y[None] + 7 * t + 40 * i) % 256
+        clip = np.stack([base, (base * 3) % 256, (255 - base)], axis=-1).astype(np.uint8)
+        paths.append(folder / f"{i:04d}.mp4")
+        write_video(paths[-1], clip, fps=30)
+    return paths
+
+
+def video_suite(paths: list[Path], frames: int) -> ValidationSuite:
+    captions = [f"video number {i}" for i in range(len(paths))]
+    retrieval = RetrievalSet("bench", VideoFrames(paths, frames), captions, np.arange(len(paths)), len(paths), frames)
+    return ValidationSuite([], None, "files", "bench videos", [retrieval])
+
+
+def rates(model: str, paths: list[Path], frames: int, batch: int) -> tuple[float, float, float]:
+    """(encode_image, first collection, cached collection) in frames per second."""
+    loaded = load_model(model, device="cpu" if not torch.cuda.is_available() else None)
+    side = loaded.preprocess_cfg["size"]
+    side = side if isinstance(side, int) else side[0]
+    suite = video_suite(paths, frames)
+    total = len(paths) * frames
+    start = time.perf_counter()
+    validate(loaded, suite, batch_size=batch)  # decodes into the (fresh) frame cache, then embeds
+    first = total / (time.perf_counter() - start)
+    start = time.perf_counter()
+    validate(loaded, suite, batch_size=batch)
+    cached = total / (time.perf_counter() - start)
+    decoded = VideoFrames(paths, frames).decoded(loaded.preprocess, side)
+    cfg = loaded.preprocess_cfg
+    start = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, len(decoded), batch):
+            pixels = uint8_to_tensor(np.asarray(decoded[i : i + batch]), cfg["mean"], cfg["std"])
+            loaded.model.encode_image(pixels.to(loaded.device))
+    plain = total / (time.perf_counter() - start)
+    return plain, first, cached
+
+
+def peak_memory_child(model: str, folder: Path, n_videos: int) -> None:
+    """In a fresh process: validate n videos (fresh frame cache), print the peak RSS in KiB."""
+    import resource
+
+    paths = sorted(folder.glob("*.mp4"))[:n_videos]
+    validate(load_model(model, device="cpu"), video_suite(paths, 12), batch_size=64)
+    print(json.dumps({"n": n_videos, "peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="toy-size model, fewer and smaller videos")
+    parser.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        model, folder, n = args.memory_child
+        peak_memory_child(model, Path(folder), int(n))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        os.environ["SURGEON_CACHE_DIR"] = str(root / "cache")  # a fresh frame cache, removed afterwards
+        n, length, (width, height) = (8, 60, (160, 120)) if args.quick else (32, 300, (320, 240))
+        paths = write_videos(root / "videos", n, length, width, height)
+        threads = torch.get_num_threads()
+        print(f"{n} videos of {length} frames at {width}x{height}, 12 frames sampled each; torch threads {threads}")
+        rows = [("toy-size ViT (32px)", SMALL, 256)]
+        rows += [] if args.quick else [("ViT-B-32 random init", vit_b32(), 64)]
+        for name, cfg, batch in rows:
+            model = model_dir(cfg, root / name.split()[0])
+            os.environ["SURGEON_CACHE_DIR"] = str(root / f"cache-{name.split()[0]}")
+            plain, first, cached = rates(model, paths, 12, batch)
+            print(
+                f"{name}: encode_image {plain:8.1f} frames/s | first collection {first:8.1f} ({first / plain:.3f}x) | "
+                f"cached {cached:8.1f} ({cached / plain:.3f}x) (goal >= 0.8x)"
+            )
+        model = model_dir(SMALL, root / "memory-model")
+        more = write_videos(root / "many", 64, 30, 160, 120)
+        peaks = {}
+        for count in (8, len(more)):
+            env = {**os.environ, "SURGEON_CACHE_DIR": str(root / f"cache-memory-{count}")}
+            out = subprocess.run(
+                [sys.executable, __file__, "--memory-child", model, str(root / "many"), str(count)],
+                capture_output=True, text=True, check=True, env=env,
+            )  # fmt: skip
+            peaks[count] = json.loads(out.stdout.strip().splitlines()[-1])["peak_kib"]
+        print(
+            f"peak RSS: 8 videos {peaks[8] / 1024:.1f} MiB, 64 videos {peaks[64] / 1024:.1f} MiB, "
+            f"ratio {peaks[64] / peaks[8]:.3f} (goal: flat)"
+        )
+
+
+if __name__ == "__main__":
+    main()
