@@ -310,8 +310,13 @@ def read_manifest(path: Path, columns: int, layout: str) -> Manifest:
         raise InvalidInput(f"manifest {path} has no rows", hint=f"write one {layout} row per image")
     manifest = Manifest(path, header, [[c.strip() for c in r] for _, r in numbered], [n for n, _ in numbered])
     for i, row in enumerate(manifest.rows):
-        if len(row) < columns or not all(row[:columns]):
+        if len(row) < columns:
             raise manifest.fail(i, f"{len(row)} column(s), {columns} needed: {echo(','.join(row))}", f"write {layout}")
+        if not all(row[:columns]):
+            empty = row[:columns].index("") + 1
+            raise manifest.fail(
+                i, f"{len(row)} column(s), column {empty} is empty: {echo(','.join(row))}", f"write {layout}"
+            )
     confine = _confine.get()
     for i, image in enumerate(manifest.images()):
         if confine is not None:

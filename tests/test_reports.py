@@ -43,7 +43,7 @@ def test_accuracy_changes_are_points_everywhere(runs, capsys):
     card = (result.run_dir / "README.md").read_text()
     for text in (report, card):
         assert row in text and UNITS_NOTE in text
-    _print_summary(result.before["summary"], result.after["summary"])
+    _print_summary(result.before, result.after)
     terminal = capsys.readouterr().out
     mean_before, mean_after = result.before["summary"]["mean_acc1"], result.after["summary"]["mean_acc1"]
     assert re.search(rf"mean_acc1 \(%\)\s*│\s*{100 * mean_before:.2f}\s*│\s*{100 * mean_after:.2f}", terminal)
@@ -79,7 +79,7 @@ def test_sets_are_named_by_more_than_their_split_folder(tmp_path):
     manifest.parent.mkdir()
     manifest.write_text("path,group\n../imagenette/val/cat/0.png,a\n../imagenette/val/dog/0.png,b\n")
     (tmp_path / "queries.txt").write_text("a person\n")
-    assert bias_set(manifest, tmp_path / "queries.txt").name == "faces/test.csv"
+    assert bias_set(manifest, tmp_path / "queries.txt", k=2).name == "faces/test.csv"
     snapshot = tmp_path / "hub" / "datasets--djghosh--wds_cifar10_test" / "snapshots" / ("0" * 40)
     snapshot.mkdir(parents=True)
     assert set_name(snapshot) == "djghosh/wds_cifar10_test"  # not the commit hash

@@ -143,11 +143,12 @@ def test_bad_retrieval_data_is_one_clear_error(tmp_path):
     manifest = caption_manifest(tmp_path / "data", n_images=3)
     with open(manifest, "a", encoding="utf-8") as handle:
         handle.write("im0.png,\n")
-    with pytest.raises(InvalidInput, match="empty caption"):
+    with pytest.raises(InvalidInput, match=r"line 8: 2 column\(s\), column 2 is empty"):
         build_suite(retrieval=manifest)
-    (tmp_path / "mixed.csv").write_text("path,caption\nim0.png,a\nclip.mp4,b\n")
+    (tmp_path / "data" / "clip.mp4").write_bytes(b"")  # named files must exist: that is checked first
+    (tmp_path / "data" / "mixed.csv").write_text("path,caption\nim0.png,a\nclip.mp4,b\n")
     with pytest.raises(InvalidInput, match="mixes videos and images"):
-        build_suite(retrieval=tmp_path / "mixed.csv")
+        build_suite(retrieval=tmp_path / "data" / "mixed.csv")
     with pytest.raises(InvalidInput, match="not a retrieval set"):
         build_suite(retrieval=tmp_path / "data")
     suite = build_suite(retrieval=retrieval_webdataset(tmp_path / "broken", n=3, uncaptioned=1))
