@@ -93,6 +93,6 @@ def test_a_run_folder_swapped_for_another_folder_while_the_job_runs_is_kept(stub
     swapped.set()
     final = wait(stub, op)
     assert meta(final).state == Meta.STATE_FAILED and final.error.code == Code.FAILED_PRECONDITION.value[0]
-    assert "not a surgeon run folder" in final.error.message or "no longer" in final.error.message
+    assert "swapped is not a surgeon run folder (it changed while the job ran)" in final.error.message
     assert [p.name for p in (exports / "swapped").iterdir()] == ["precious.txt"]
     assert not list(exports.glob(".swapped*"))

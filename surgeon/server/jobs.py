@@ -104,7 +104,8 @@ class Job:
             self._stop_point()
             if (final.exists() or final.is_symlink()) and not is_run_folder(final):
                 raise PreconditionFailed(
-                    f"{final.name} is no longer a surgeon run folder: force replaces only those",
+                    f"{final.name} is not a surgeon run folder (it changed while the job ran): "
+                    "force replaces only those",
                     hint="choose another out name",
                 )
             self._committed = True
