@@ -8,7 +8,7 @@ from pathlib import Path
 from surgeon.load import LoadedModel
 from surgeon.quantize import quantization_lines
 from surgeon.records import Plan
-from surgeon.runfolder import parity_lines, validation_note
+from surgeon.runfolder import heads_table, parity_lines, validation_note
 
 
 def _q(value: object) -> str:
@@ -143,17 +143,6 @@ def selection_sentence(plan: Plan) -> str:
     return sentence + f", reading a Concept Consistency Score (CCS) ranking (sha256 {plan.ranking_sha256[:12]}…)"
 
 
-def _heads_table(plan: Plan) -> list[str]:
-    """The pruned heads with their reasons; the label and CCS columns only when a ranking gave them."""
-    if all(h.label is None and h.ccs is None for h in plan.heads):
-        return ["| head | reason |", "|---|---|", *[f"| {h.head} | {h.reason} |" for h in plan.heads]]
-    return [
-        "| head | concept label | CCS | reason |",
-        "|---|---|---|---|",
-        *[f"| {h.head} | {h.label or '-'} | {'-' if h.ccs is None else h.ccs} | {h.reason} |" for h in plan.heads],
-    ]
-
-
 def _chance_section(plan: Plan, validation: dict) -> list[str]:
     """A selection by measurement (debias): how it stopped, and its held-out result next to random head sets of
     the same size on the same data."""
@@ -183,7 +172,7 @@ def model_card(loaded: LoadedModel, plan: Plan, validation: dict, folder: Path) 
         "",
         "## What was pruned and why",
         "",
-        *_heads_table(plan),
+        *heads_table(plan),
         "",
         "## Validation before and after",
         "",

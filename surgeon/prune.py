@@ -32,7 +32,7 @@ from surgeon.policies import (
 from surgeon.progress import progress_bar
 from surgeon.rank import Ranking
 from surgeon.records import Plan, PlannedHead
-from surgeon.runfolder import validation_note
+from surgeon.runfolder import heads_table, validation_note
 from surgeon.surgery import SurgeryRequest, apply_surgery
 from surgeon.validate import Evaluator, Gates, SearchSplits, ValidationSuite, markdown_report, validate
 
@@ -232,10 +232,8 @@ def _report(plan: Plan, before: dict, after: dict, failures: list[str], chance: 
         "",
         f"Policy `{plan.policy}`, mode `{plan.mode}`, tower `{plan.tower}`, {len(plan.heads)} head(s) pruned.",
         "",
-        "| head | label | CCS | reason |",
-        "|---|---|---|---|",
+        *heads_table(plan),
     ]
-    lines += [f"| {h.head} | {h.label or ''} | {'' if h.ccs is None else h.ccs} | {h.reason} |" for h in plan.heads]
     if "stopped" in plan.policy_details:
         lines += ["", f"Search: {plan.policy_details['stopped']}."]
     lines += ["", "## Validation", "", validation_note(plan), "", markdown_report(before, after, failures)]

@@ -10,6 +10,7 @@ there and would move every class). The record goes to onnx/quantization.json, re
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from surgeon.errors import GateFailed, InvalidInput
@@ -47,12 +48,25 @@ def onnx_mean_accuracy(onnx_dir: Path, suite) -> float:
     return float(np.mean(accuracies))
 
 
+class _DropPreprocessingAdvice(logging.Filter):
+    """onnxruntime logs advice to pre-process the graph through the root logger on every call, which reaches
+    the user's terminal as `WARNING:root:...`; the accuracy gate is what decides whether int8 is kept."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "pre-processing before quantization" not in record.getMessage()
+
+
 def _quantize_graph(path: Path) -> None:
     """Replace an ONNX file by its int8 version (weights inside the file: no external data)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     tmp = path.with_name(path.stem + ".int8.onnx")
-    quantize_dynamic(str(path), str(tmp), weight_type=QuantType.QInt8)
+    advice = _DropPreprocessingAdvice()
+    logging.getLogger().addFilter(advice)
+    try:
+        quantize_dynamic(str(path), str(tmp), weight_type=QuantType.QInt8)
+    finally:
+        logging.getLogger().removeFilter(advice)
     tmp.replace(path)
 
 

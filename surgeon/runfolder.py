@@ -44,3 +44,15 @@ def parity_lines(folder: Path) -> list[str]:
         tolerance = f"{parity['atol']:g}" if kind == "fp32" else f"none ({kind}: gated on accuracy)"
         lines.append(f"| {name} | {kind} | {diff:.2e} | {tolerance} |")
     return lines
+
+
+def heads_table(plan: Plan) -> list[str]:
+    """The pruned heads with their reasons (report.md and the card); the label and CCS columns only when a
+    ranking gave them (the `heads` policy and the paper's presets read none)."""
+    if all(h.label is None and h.ccs is None for h in plan.heads):
+        return ["| head | reason |", "|---|---|", *[f"| {h.head} | {h.reason} |" for h in plan.heads]]
+    return [
+        "| head | concept label | CCS | reason |",
+        "|---|---|---|---|",
+        *[f"| {h.head} | {h.label or '-'} | {'-' if h.ccs is None else h.ccs} | {h.reason} |" for h in plan.heads],
+    ]

@@ -63,7 +63,9 @@ def test_the_card_says_how_heads_were_chosen_and_which_bias_protocol(runs):
     assert "reading a Concept Consistency Score (CCS) ranking" in top_card and "| concept label | CCS |" in top_card
     assert "ranked by" not in heads_card and "| concept label | CCS |" not in heads_card
     assert "chosen by the `heads` policy (listed by the user: L1.H2), without a" in heads_card
-    assert "| L1.H2 | listed by the user |" in heads_card
+    heads_report = (runs[1].run_dir / "report.md").read_text()
+    for text in (heads_card, heads_report):  # no empty label and CCS columns where no ranking was read
+        assert "| L1.H2 | listed by the user |" in text and "| CCS |" not in text
     protocol = "Bias on synthetic/bias: the `surgeon` protocol — desired distribution p* uniform over the groups"
     assert protocol in top_card and "MaxSkew@10 averaged over 2 neutral queries" in top_card
 
