@@ -97,7 +97,7 @@ def against_chance(
         random_values.append(point(evaluator.bias_similarity(list(head_set))))
         advance(1)
     values = np.asarray(random_values)
-    weights = unit_weights(bias.units, len(bias.groups), BOOTSTRAP_RESAMPLES, seed)
+    weights = unit_weights(bias.units, len(bias.groups), BOOTSTRAP_RESAMPLES)  # validation's resamples: same CIs
     base_draws, policy_draws = skew(base_similarity, weights), skew(policy_similarity, weights)
     return {
         "metric": key,
