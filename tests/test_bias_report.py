@@ -35,9 +35,10 @@ REPORT = {"summary": {"mean_acc1": 0.9}, "results": []}
 def test_the_comparison_reads_as_a_table_and_a_line():
     table = "\n".join(chance_lines(CHANCE))
     assert "| change | -39.2% | [-45.9%, +10.3%] |" in table
-    assert "all sets of 1 head(s) | mean 0.4482 (+0.5%), sd 0.0525" in table and "p = 0.031" in table
+    assert "all 31 other sets of 1 head(s) | mean 0.4482 (+0.5%), sd 0.0525" in table and "p = 0.031" in table
     line = chance_line(CHANCE)
-    assert "0.446 -> 0.271 (-39.2%, 95% CI [-45.9%, +10.3%])" in line and "beats 100.0%" in line
+    assert "0.446 -> 0.271 (-39.2%, 95% CI [-45.9%, +10.3%]); all 31 other 1-head sets" in line
+    assert "beats 100.0%" in line
     no_bias = {**CHANCE, "base": 0.0, "change": None, "change_ci95": None}
     no_bias["random"] = {**CHANCE["random"], "mean_change": None}
     assert "n/a (no bias before)" in chance_line(no_bias)
