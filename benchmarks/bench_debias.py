@@ -16,7 +16,6 @@ import numpy as np
 import torch
 
 from surgeon.errors import InvalidInput
-from surgeon.heads import HeadRef
 from surgeon.load import LoadedModel, build_clip, load_model, weights_hash
 from surgeon.policies import PolicyOptions, debias_bound
 from surgeon.prune import prune
@@ -84,14 +83,15 @@ def main() -> None:
     parser.add_argument("--search-images", type=int, default=64)
     args = parser.parse_args()
     if args.model == "toy":
-        loaded, suite_of = load_model(None), toy_suite
-        ranking = ranking_of(loaded, list(range(4)), 8)
+        model_of, suite_of, layers, n_heads = (lambda: load_model(None)), toy_suite, list(range(4)), 8
     else:
-        loaded = vit_b_32()
-        ranking = ranking_of(loaded, list(range(8, 12)), 12)
+        model_of, layers, n_heads = vit_b_32, list(range(8, 12)), 12
 
         def suite_of() -> ValidationSuite:
             return synthetic_suite(args.task_images, args.bias_units)
+
+    loaded = model_of()  # prune works in place: each run gets its own copy, loaded outside the timing
+    ranking = ranking_of(loaded, layers, n_heads)
 
     def debias():
         try:
@@ -101,10 +101,9 @@ def main() -> None:
 
     result, debias_cpu, debias_wall = timed(debias)
     size = len(result.plan.heads) if not isinstance(result, InvalidInput) else 1
-    plain = [HeadRef(h.layer, h.head) for h in ranking.heads[:size]]
-    _, plain_cpu, plain_wall = timed(
-        lambda: prune(loaded, ranking, suite_of(), "heads", PolicyOptions(heads=",".join(h.name for h in plain)))
-    )
+    plain = ",".join(f"L{h.layer}.H{h.head}" for h in ranking.heads[:size])
+    loaded = model_of()
+    _, plain_cpu, plain_wall = timed(lambda: prune(loaded, ranking, suite_of(), "heads", PolicyOptions(heads=plain)))
     print(f"model {args.model}: {len(ranking.heads)} heads analysed, search images per task {args.search_images}")
     print(f"plain prune ({size} head(s)): {plain_cpu:.1f} s CPU, {plain_wall:.1f} s wall")
     print(f"debias prune: {debias_cpu:.1f} s CPU, {debias_wall:.1f} s wall")

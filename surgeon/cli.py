@@ -320,7 +320,7 @@ def prune(
     ] = None,
     concept: Annotated[str | None, typer.Option(help="concept label for the concept policy")] = None,
     min_ccs: Annotated[int | None, typer.Option(help="threshold policy: prune heads with CCS >= this")] = None,
-    seed: Annotated[int, typer.Option(help="random seed")] = PruneSpec.seed,
+    seed: Annotated[int, typer.Option(help="random seed (debias: draws its search and stop splits)")] = PruneSpec.seed,
     seeds: Annotated[
         int, typer.Option(help="random policy: repeat over this many seeds and average")
     ] = PruneSpec.seeds,

@@ -97,7 +97,7 @@ def against_chance(
         random_values.append(point(evaluator.bias_similarity(list(head_set))))
         advance(1)
     values = np.asarray(random_values)
-    weights = unit_weights(bias.units, len(bias.groups), BOOTSTRAP_RESAMPLES, seed)
+    weights = unit_weights(bias.units, len(bias.groups), BOOTSTRAP_RESAMPLES)  # validation's resamples: same CIs
     base_draws, policy_draws = skew(base_similarity, weights), skew(policy_similarity, weights)
     return {
         "metric": key,
@@ -127,7 +127,7 @@ def against_chance(
 def chance_lines(null: dict) -> list[str]:
     """The comparison with chance as markdown, for report.md and the model card."""
     rand = null["random"]
-    drawn = "all" if null["exhaustive"] else f"{null['sets']} random"
+    drawn = f"all {null['sets']} other" if null["exhaustive"] else f"{null['sets']} random other"
     return [
         f"Measured on {null['measured_on']}, which selection never touched; zero ablation, 95% bootstrap intervals.",
         "",
@@ -148,7 +148,8 @@ def chance_line(null: dict) -> str:
     rand = null["random"]
     return (
         f"held-out {null['metric']} {null['base']:.3f} -> {null['policy']:.3f} ({_change(null['change'])}, 95% CI "
-        f"{_pair(null['change_ci95'], percent=True)}); {null['sets']} random {null['size']}-head sets: mean "
+        f"{_pair(null['change_ci95'], percent=True)}); {'all' if null['exhaustive'] else 'random'} {null['sets']} "
+        f"other {null['size']}-head sets: mean "
         f"{_change(rand['mean_change'])}, sd {rand['sd']:.3f}; the policy beats {null['percentile']:.1f}% "
         f"(p = {null['p_value']:.3f})"
     )

@@ -1,0 +1,61 @@
+"""A debias result is shown next to chance (report.md, the card, the terminal), and a run folder whose
+comparison is malformed is refused on re-export instead of breaking the card."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from surgeon.debias import chance_line, chance_lines, null_sets
+from surgeon.errors import CorruptInput
+from surgeon.heads import HeadRef
+from surgeon.records import check_validation_report
+
+CHANCE = {
+    "metric": "max_skew@10",
+    "measured_on": "toy world: test split, bias probe (seed 0)",
+    "size": 1,
+    "sets": 31,
+    "exhaustive": True,
+    "base": 0.445866,
+    "base_ci95": [0.3346, 0.5813],
+    "policy": 0.270896,
+    "policy_ci95": [0.2431, 0.4823],
+    "change": -0.392428,
+    "change_ci95": [-0.4587, 0.1027],
+    "random": {"mean": 0.4482, "sd": 0.0525, "min": 0.3405, "max": 0.5195, "mean_change": 0.0053},
+    "percentile": 100.0,
+    "p_value": 0.0312,
+    "bootstrap": {"resamples": 500, "level": 0.95},
+}
+REPORT = {"summary": {"mean_acc1": 0.9}, "results": []}
+
+
+def test_the_comparison_reads_as_a_table_and_a_line():
+    table = "\n".join(chance_lines(CHANCE))
+    assert "| change | -39.2% | [-45.9%, +10.3%] |" in table
+    assert "all 31 other sets of 1 head(s) | mean 0.4482 (+0.5%), sd 0.0525" in table and "p = 0.031" in table
+    line = chance_line(CHANCE)
+    assert "0.446 -> 0.271 (-39.2%, 95% CI [-45.9%, +10.3%]); all 31 other 1-head sets" in line
+    assert "beats 100.0%" in line
+    no_bias = {**CHANCE, "base": 0.0, "change": None, "change_ci95": None}
+    no_bias["random"] = {**CHANCE["random"], "mean_change": None}
+    assert "n/a (no bias before)" in chance_line(no_bias)
+
+
+def test_a_malformed_comparison_is_refused():
+    check_validation_report({"before": REPORT, "after": REPORT, "against_chance": CHANCE}, "validation.json")
+    broken = copy.deepcopy(CHANCE)
+    broken["random"]["sd"] = "wide"
+    with pytest.raises(CorruptInput, match="against_chance"):
+        check_validation_report({"before": REPORT, "after": REPORT, "against_chance": broken}, "validation.json")
+
+
+def test_null_sets_are_every_other_set_or_distinct_draws():
+    pool = [HeadRef(layer, head) for layer in range(4) for head in range(8)]
+    sets, exhaustive = null_sets(pool, [HeadRef(1, 7)], 50, seed=0)
+    assert exhaustive and len(sets) == 31 and (HeadRef(1, 7),) not in sets
+    sets, exhaustive = null_sets(pool, [HeadRef(0, 7), HeadRef(1, 7)], 50, seed=0)
+    assert not exhaustive and len(set(sets)) == 50 and (HeadRef(0, 7), HeadRef(1, 7)) not in sets
+    assert sets == null_sets(pool, [HeadRef(0, 7), HeadRef(1, 7)], 50, seed=0)[0]
