@@ -42,7 +42,7 @@ from surgeon.retrieval import (
 from surgeon.retrieval import TASKS as RETRIEVAL_TASKS
 from surgeon.surgery import zero_heads
 from surgeon.templates import fill, read_templates
-from surgeon.video import VIDEO_SUFFIXES, VideoFrames, write_video
+from surgeon.video import VIDEO_SUFFIXES, DecodingFrames, VideoFrames, write_video
 from surgeon.webdata import (
     CLASSNAMES_FILE,
     TEMPLATES_FILE,
@@ -678,9 +678,8 @@ class Evaluator:
         self._set_key: dict[str, int] = {}
         # per image set: (heads ablated before the layer, layer) -> residual stream entering that layer
         self._prefixes: dict[int, dict[tuple[frozenset[HeadRef], int], torch.Tensor]] = {}
-        sets = [(t.name, t.images) for t in suite.tasks] + (
-            [(suite.bias.name, suite.bias.images)] if suite.bias is not None else []
-        )
+        sets: list[tuple[str, Images | DecodingFrames]] = [(t.name, t.images) for t in suite.tasks]
+        sets += [(suite.bias.name, suite.bias.images)] if suite.bias is not None else []
         sets += [(_retrieval_key(r), self._retrieval_images(r)) for r in suite.retrieval]
         self._images = {id(images): images for _, images in sets}
         # image files that do not decode (0 bytes, truncated, bombs): skipped with a count, as `rank` does;
@@ -706,7 +705,7 @@ class Evaluator:
         n_images = sum(len(images) for images in self._images.values())
         return 2 * layers * n_images * per_image <= limits.MAX_PREFIX_CACHE_BYTES
 
-    def _retrieval_images(self, retrieval: RetrievalSet) -> Images:
+    def _retrieval_images(self, retrieval: RetrievalSet) -> Images | DecodingFrames:
         """A video set's frames, decoded once per set (cached on disk, memory-mapped); an image set's images."""
         if isinstance(retrieval.images, VideoFrames):
             size = self.loaded.preprocess_cfg["size"]
@@ -714,7 +713,7 @@ class Evaluator:
             return retrieval.images.decoded(self.loaded.preprocess, side)
         return retrieval.images  # type: ignore[return-value]  # an image set holds Images
 
-    def _pixel_batches(self, images: Images) -> Iterator[torch.Tensor]:
+    def _pixel_batches(self, images: Images | DecodingFrames) -> Iterator[torch.Tensor]:
         cfg = self.loaded.preprocess_cfg
         size = tuple(cfg["size"]) if not isinstance(cfg["size"], int) else (cfg["size"], cfg["size"])
         if isinstance(images, ShardImages):

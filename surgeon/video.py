@@ -13,8 +13,10 @@ does not grow with the number of videos and a second validation skips decoding."
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import os
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -179,9 +181,10 @@ class VideoFrames:
         key = "|".join([FRAMES_VERSION, files_digest(self.paths), str(self.frames), repr(crop)])
         return cache_dir() / "frames" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.npy"
 
-    def decoded(self, preprocess, side: int, quiet: bool = True) -> np.ndarray:
-        """Every frame, cropped as `preprocess` crops (to `side` px), decoded once per set and then read from
-        the cache; a cached file that does not read back whole is decoded again."""
+    def decoded(self, preprocess, side: int, quiet: bool = True) -> np.ndarray | DecodingFrames:
+        """Every frame, cropped as `preprocess` crops (to `side` px): read from the cache, or decoded into it in
+        the background (a `DecodingFrames` whose rows arrive video by video); a cached file that does not read
+        back whole is decoded again."""
         crop = frame_crop(preprocess)
         path = self.cache_path(crop)
         shape = (len(self), side, side, 3)
@@ -200,20 +203,40 @@ class VideoFrames:
                 f"at most {limits.MAX_FRAME_CACHE_BYTES:,}",
                 hint="validate on fewer videos or frames",
             )
+        filling = DecodingFrames(shape)
+        worker = threading.Thread(
+            target=contextvars.copy_context().run,  # the caller's observer: a cancelled job stops decoding too
+            args=(self._fill, path, crop, filling, quiet),
+            name="surgeon-video-frames",
+            daemon=True,
+        )
+        worker.start()
+        return filling
+
+    def _fill(self, path: Path, crop: Crop, filling: DecodingFrames, quiet: bool) -> None:
+        """Decode every video into the cache file, handing rows to `filling` as they are written; the last
+        video's rows only once the file is published, so a reader that finished finds it in the cache."""
+        shape = filling.shape
         try:
             with atomic_file(path, suffix=".npy") as tmp:
                 out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+                filling.attach(out)
                 with progress_bar("decoding video frames", len(self.paths), quiet=quiet) as advance:
                     for i, frames in enumerate(self._decode_all(crop)):
                         if frames.shape[1:] != shape[1:]:
-                            raise InvalidInput(f"the preprocessing crops frames to {frames.shape[1:3]}, not {side} px")
+                            raise InvalidInput(
+                                f"the preprocessing crops frames to {frames.shape[1:3]}, not {shape[1]} px"
+                            )
                         out[i * self.frames : (i + 1) * self.frames] = frames
                         advance(1)
+                        if i + 1 < len(self.paths):
+                            filling.ready((i + 1) * self.frames)
                 out.flush()
-                del out
+            filling.ready(len(filling))
         except OSError as err:
-            raise StorageError(f"caching decoded frames in {path.parent} failed: {err.strerror or err}") from None
-        return np.load(path, mmap_mode="r")
+            filling.fail(StorageError(f"caching decoded frames in {path.parent} failed: {err.strerror or err}"))
+        except BaseException as err:  # handed to the reader, which raises it where it waits
+            filling.fail(err)
 
     def _decode_all(self, crop: Crop) -> Iterator[np.ndarray]:
         """Each video's frames in order; a few decode at once, at most 2 x DECODE_THREADS held."""
@@ -227,6 +250,47 @@ class VideoFrames:
                     yield pending.pop(0).result()
             for future in pending:
                 yield future.result()
+
+
+class DecodingFrames:
+    """A set's frames while a background thread decodes them into the cache: rows are handed out as soon as
+    their video is written, so embedding the first videos overlaps decoding the rest. Slices only."""
+
+    def __init__(self, shape: tuple[int, int, int, int]):
+        self.shape = shape
+        self._array: np.ndarray | None = None
+        self._rows = 0
+        self._error: BaseException | None = None
+        self._changed = threading.Condition()
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def attach(self, array: np.ndarray) -> None:
+        self._array = array
+
+    def ready(self, rows: int) -> None:
+        with self._changed:
+            self._rows = rows
+            self._changed.notify_all()
+
+    def fail(self, error: BaseException) -> None:
+        with self._changed:
+            self._error = error
+            self._changed.notify_all()
+
+    def __getitem__(self, index: slice) -> np.ndarray:
+        if not isinstance(index, slice) or index.step not in (None, 1):
+            raise TypeError("DecodingFrames supports only contiguous slices")
+        stop = len(self) if index.stop is None else min(index.stop, len(self))
+        with self._changed:
+            while self._rows < stop:
+                if self._error is not None:
+                    raise self._error
+                self._changed.wait(timeout=0.5)
+                stop_point()
+        assert self._array is not None  # attached before the first rows are ready
+        return np.asarray(self._array[index])
 
 
 def write_video(path: Path, frames: np.ndarray, fps: int = 8, lossless: bool = False) -> None:

@@ -178,3 +178,13 @@ def test_headers_are_checked_when_the_set_is_read(tmp_path):
     (tmp_path / "v.csv").write_text("path,caption\nvideos/good.mkv,fine\nvideos/text.mp4,not a video\n")
     with pytest.raises(CorruptInput, match="text.mp4' is not a readable video"):
         build_suite(retrieval=tmp_path / "v.csv")
+
+
+def test_the_cards_model_index_names_text_to_video_retrieval():
+    from surgeon.card import _retrieval_index
+
+    metrics = {"video_retrieval_recall@1": 0.25, "video_retrieval_recall@50": 1.0, "video_retrieval_median_rank": 3.0}
+    lines = _retrieval_index({"dataset": "MSRVTT", "task": "zeroshot_video_retrieval", "metrics": metrics})
+    assert lines[0] == "  - task: {type: text-to-video-retrieval}"
+    assert "    - {type: recall, name: video_retrieval_recall@1, value: 0.25}" in lines
+    assert "    - {type: rank, name: video_retrieval_median_rank, value: 3.0}" in lines
