@@ -65,7 +65,7 @@ def say(message: str, quiet: bool = False) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-_kept: list[str] = []
+_kept: ContextVar[str | None] = ContextVar("kept_on_interrupt", default=None)
 
 
 @contextmanager
@@ -74,14 +74,14 @@ def kept_on_interrupt(describe: Callable[[], str]) -> Iterator[None]:
     `describe()` instead of "nothing was written"."""
     try:
         yield
-    except BaseException:
-        _kept.append(describe())
+    except KeyboardInterrupt:  # Ctrl-C and SIGTERM (the CLI's handler raises it for both)
+        _kept.set(describe())
         raise
 
 
 def kept_after_interrupt() -> str:
-    """What an interrupted call left behind on purpose (the last `kept_on_interrupt` note), else nothing."""
-    return _kept[-1] if _kept else "nothing was written"
+    """What an interrupted call left behind on purpose (its `kept_on_interrupt` note), else nothing."""
+    return _kept.get() or "nothing was written"
 
 
 def progress_enabled(quiet: bool) -> bool:

@@ -418,6 +418,8 @@ def test_the_cli_says_the_finished_cells_are_kept_when_a_study_is_interrupted(tm
     """Through the CLI's entry point: before, "interrupted: nothing was written" (and exit 130)."""
     import os
     import signal
+    import threading
+    import warnings
 
     from surgeon import cli
 
@@ -430,6 +432,8 @@ def test_the_cli_says_the_finished_cells_are_kept_when_a_study_is_interrupted(tm
         os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C, through the CLI's handler
 
     monkeypatch.setattr(CellStore, "put", interrupted)
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # main() installs its own
+    monkeypatch.setattr(cli, "_interrupted", threading.Event())  # set by the Ctrl-C below: not for later tests
     monkeypatch.setattr(sys, "argv", ["surgeon", "study", str(write(tmp_path, TOY)), "--out", str(out), "-q"])
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM)}
     try:
