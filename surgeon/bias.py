@@ -8,6 +8,10 @@ docs/METHOD.md §3), under one of two named protocols:
   (`max_skew@k_sum`), the figure of the paper's tables. Under smoothing a value rarer than 1/k in the set
   would count as over-represented even when absent (ln((1/k) / p*) > 0): skipping it is what the paper does.
 
+Ranking within (`ranked_by`, SocialCounterfactuals as the paper uses it): each query ranks only its own images
+(an occupation's query, that occupation's counterfactual images), and p* under `desired="set"` is the
+proportions of those images.
+
 Exact score ties are shared: the positions a block of equal scores occupies hold the block's mean group
 composition (the expectation over a random tie-break), so the metrics never depend on the order of the set.
 Without ties every formula equals debias-vision-lang's (`compute_skew_metrics`, `normalized_discounted_KL`);
@@ -58,6 +62,44 @@ def desired_distribution(groups: Sequence[int] | np.ndarray, n_groups: int, desi
     raise InvalidInput(f"unknown desired distribution {desired!r}", hint="use 'uniform' or 'set'")
 
 
+#: named foldings of a manifest's group labels, applied when it is read (the paper folds FairFace's 7 races into
+#: 6: ../shared/METHOD.md §6 row 7); a label not named keeps its own value, lower-cased
+GROUP_FOLDINGS: dict[str, dict[str, str]] = {
+    "fairface-race6": {
+        "east asian": "asian",
+        "southeast asian": "asian",
+        "latino_hispanic": "latino",
+        "latino hispanic": "latino",
+        "white": "white",
+        "black": "black",
+        "indian": "indian",
+        "middle eastern": "middle eastern",
+    },
+}
+
+
+def fold_groups(labels: Sequence[str], folding: str) -> list[str]:
+    """The labels under a named folding; a label the folding does not know is refused (a typo, or the wrong
+    column), naming it."""
+    if folding not in GROUP_FOLDINGS:
+        raise InvalidInput(f"unknown group folding {folding!r}", hint=f"use one of: {', '.join(GROUP_FOLDINGS)}")
+    mapping = GROUP_FOLDINGS[folding]
+    unknown = sorted({label for label in labels if label.strip().lower() not in mapping})
+    if unknown:
+        raise InvalidInput(
+            f"group folding {folding} does not know the label(s) {', '.join(repr(u[:40]) for u in unknown[:5])}",
+            hint=f"it folds: {', '.join(sorted(mapping))}",
+        )
+    return [mapping[label.strip().lower()] for label in labels]
+
+
+def query_pools(n_queries: int, n_images: int, ranked_by: np.ndarray | None) -> list[np.ndarray]:
+    """The images each query ranks: all of them, or those `ranked_by` (one query index per image) gives it."""
+    if ranked_by is None:
+        return [np.arange(n_images)] * n_queries
+    return [np.flatnonzero(ranked_by == q) for q in range(n_queries)]
+
+
 def _composition(ranked: Sequence[int] | np.ndarray, n_groups: int) -> np.ndarray:
     """Positions x groups: one-hot rows for a list of group labels; a 2-D array is already a composition."""
     ranked = np.asarray(ranked)
@@ -103,19 +145,21 @@ def bias_metrics(
     k: int = 10,
     desired: str | None = None,
     protocol: str = "surgeon",
+    ranked_by: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Per-query, mean and summed MaxSkew@k, MinSkew@k and NDKL from a (queries x images) similarity matrix:
-    a JSON record whose keys name k, so its values are typed by the caller that reads them."""
+    a JSON record whose keys name k, so its values are typed by the caller that reads them. `ranked_by` (one
+    query index per image): each query ranks only its own images (`query_pools`)."""
     if similarity.ndim != 2 or similarity.shape[1] != len(groups):
         raise InvalidInput("similarity must be (queries, images) with one group label per image")
     if len(groups) == 0:
         raise InvalidInput("the bias set is empty")
     rules, desired = bias_protocol(protocol, desired)
-    target = desired_distribution(groups, n_groups, desired)
     max_skew, min_skew, ndkls, shares = [], [], [], []
     groups_arr = np.asarray(groups)
-    for row in similarity:
-        ranked = ranked_composition(row, groups_arr, n_groups)
+    for row, pool in zip(similarity, query_pools(len(similarity), len(groups_arr), ranked_by), strict=True):
+        target = desired_distribution(groups_arr[pool], n_groups, desired)
+        ranked = ranked_composition(row[pool], groups_arr[pool], n_groups)
         skews = skews_at_k(ranked, k, target, rules.skip_absent)
         max_skew.append(float(np.nanmax(skews)))
         min_skew.append(float(np.nanmin(skews)))
@@ -181,6 +225,7 @@ def resampled_skews(
     desired: str | None = None,
     protocol: str = "surgeon",
     with_ndkl: bool = True,
+    ranked_by: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Per-resample (resamples x queries) MaxSkew@k, MinSkew@k and NDKL of `bias_metrics` on the resampled
     sets `weights` describes (multiplicities, `unit_weights`). Copies of an item sit next to each other and
@@ -188,15 +233,16 @@ def resampled_skews(
     point estimate."""
     rules, desired = bias_protocol(protocol, desired)
     onehot = np.eye(n_groups)[np.asarray(groups)]
-    if desired == "set":
-        counts = weights @ onehot
-        target = counts / counts.sum(1, keepdims=True)
-    else:
-        target = np.broadcast_to(desired_distribution(groups, n_groups, desired), (len(weights), n_groups))
     shape = (len(weights), len(similarity))
     out = {"max": np.empty(shape), "min": np.empty(shape), "ndkl": np.full(shape, np.nan)}
-    for q, row in enumerate(similarity):
-        order = np.argsort(-row, kind="stable")
+    pools = query_pools(len(similarity), len(onehot), ranked_by)
+    for q, (row, pool) in enumerate(zip(similarity, pools, strict=True)):
+        if desired == "set":
+            counts = weights[:, pool] @ onehot[pool]
+            target = counts / counts.sum(1, keepdims=True)
+        else:
+            target = np.broadcast_to(desired_distribution(groups, n_groups, desired), (len(weights), n_groups))
+        order = pool[np.argsort(-row[pool], kind="stable")]
         copies, members = weights[:, order], onehot[order]
         ahead = np.cumsum(copies, axis=1) - copies
         share = np.clip(k - ahead, 0, copies) @ members / k
@@ -235,11 +281,12 @@ def bias_intervals(
     protocol: str = "surgeon",
     resamples: int = BOOTSTRAP_RESAMPLES,
     seed: int = 0,
+    ranked_by: np.ndarray | None = None,
 ) -> dict[str, list[float]]:
     """95% bootstrap intervals of the headline figures of `bias_metrics` (`headline_keys`), resampling units
     (scenes, identities) with replacement."""
     weights = unit_weights(units, len(groups), resamples, seed)
-    draws = resampled_skews(similarity, groups, n_groups, weights, k, desired, protocol)
+    draws = resampled_skews(similarity, groups, n_groups, weights, k, desired, protocol, ranked_by=ranked_by)
     intervals = {
         f"max_skew@{k}": interval(draws["max"].mean(1)),
         f"min_skew@{k}": interval(draws["min"].mean(1)),
