@@ -197,15 +197,35 @@ BOOTSTRAP_RESAMPLES = 500
 INTERVAL_LEVEL = 0.95
 
 
-def unit_weights(units: np.ndarray | None, n_items: int, resamples: int, seed: int = 0) -> np.ndarray:
+def unit_weights(
+    units: np.ndarray | None, n_items: int, resamples: int, seed: int = 0, strata: np.ndarray | None = None
+) -> np.ndarray:
     """(resamples x items) multiplicities of bootstrap resamples that draw whole units (a scene's renderings,
     an identity's photos) with replacement, so intervals reflect the variance of what was sampled; units None:
-    each item is its own unit."""
+    each item is its own unit. With `strata` (ranking within: each item's query) units are drawn within each
+    stratum, as many as it has, so every query keeps images to rank (a unit spanning strata is one unit per
+    stratum)."""
     units = np.arange(n_items) if units is None else np.asarray(units)
-    _, inverse = np.unique(units, return_inverse=True)
-    n_units = int(inverse.max()) + 1
     rng = np.random.default_rng(seed)
-    drawn = np.stack([np.bincount(rng.integers(0, n_units, n_units), minlength=n_units) for _ in range(resamples)])
+    if strata is None:
+        _, inverse = np.unique(units, return_inverse=True)
+        n_units = int(inverse.max()) + 1
+        drawn = np.stack([np.bincount(rng.integers(0, n_units, n_units), minlength=n_units) for _ in range(resamples)])
+        return drawn[:, inverse]
+    _, first, inverse = np.unique(
+        np.stack([np.unique(units, return_inverse=True)[1].reshape(-1), strata], axis=1),
+        axis=0,
+        return_index=True,
+        return_inverse=True,
+    )
+    inverse = inverse.reshape(-1)
+    layers = [np.flatnonzero(strata[first] == s) for s in np.unique(strata)]
+    drawn = np.stack(
+        [
+            sum(np.bincount(layer[rng.integers(0, len(layer), len(layer))], minlength=len(first)) for layer in layers)
+            for _ in range(resamples)
+        ]
+    )
     return drawn[:, inverse]
 
 
@@ -285,7 +305,7 @@ def bias_intervals(
 ) -> dict[str, list[float]]:
     """95% bootstrap intervals of the headline figures of `bias_metrics` (`headline_keys`), resampling units
     (scenes, identities) with replacement."""
-    weights = unit_weights(units, len(groups), resamples, seed)
+    weights = unit_weights(units, len(groups), resamples, seed, strata=ranked_by)
     draws = resampled_skews(similarity, groups, n_groups, weights, k, desired, protocol, ranked_by=ranked_by)
     intervals = {
         f"max_skew@{k}": interval(draws["max"].mean(1)),
