@@ -153,3 +153,23 @@ def test_queries_pick_occupations_and_drop_the_rest(social):
     assert list(read.queries) == ["nurse"] and len(read.images) == 12
     assert all(p.name.startswith("nurse") for p in read.images)  # type: ignore[union-attr]
     assert read.ranked_by is not None and set(read.ranked_by.tolist()) == {0}
+
+
+def test_a_study_reads_the_columns_and_the_toy_set(tmp_path):
+    from surgeon.study import load_data, parse_study
+
+    study = tmp_path / "social.toml"
+    study.write_text(
+        '[[models]]\nname = "toy"\n[[policies]]\npolicy = "high"\n'
+        '[[bias]]\nname = "toy counterfactuals (background)"\npath = "toy:counterfactuals"\n'
+        'attribute = "background"\nprotocol = "paper"\n'
+        '[[bias]]\nname = "no queries"\npath = "plain.csv"\n'
+    )
+    with pytest.raises(InvalidInput, match=r"bias\[1\].queries: a bias manifest needs its neutral queries file"):
+        parse_study(study)
+    study.write_text(study.read_text().replace('path = "plain.csv"\n', 'path = "plain.csv"\nwithin = "occupation"\n'))
+    parsed = parse_study(study)
+    assert [(d.attribute, d.within) for d in parsed.data] == [("background", None), (None, "occupation")]
+    bias = load_data(parsed.data[0]).bias
+    assert bias is not None and bias.group_names == ["brown", "gray", "pink", "teal"] and bias.ranked_by is not None
+    assert bias.protocol == "paper" and len(bias.queries) == 6
