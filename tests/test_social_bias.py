@@ -173,3 +173,13 @@ def test_a_study_reads_the_columns_and_the_toy_set(tmp_path):
     bias = load_data(parsed.data[0]).bias
     assert bias is not None and bias.group_names == ["brown", "gray", "pink", "teal"] and bias.ranked_by is not None
     assert bias.protocol == "paper" and len(bias.queries) == 6
+
+
+def test_column_options_need_a_manifest_and_the_debias_search_refuses_ranking_within(monkeypatch):
+    from surgeon.cli import app
+
+    result = CliRunner().invoke(app, ["validate", "--bias-within", "occupation"])
+    assert isinstance(result.exception, InvalidInput) and "read a --bias-data manifest" in str(result.exception)
+    suite = build_suite(bias_data=TOY)
+    with pytest.raises(InvalidInput, match="ranks within its --bias-within column"):
+        suite.split_for_search()
