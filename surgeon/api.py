@@ -83,6 +83,9 @@ class ValidationSpec:
     desired: str | None = None
     bias_protocol: str = "surgeon"
     bias_split_by: str | None = None
+    bias_attribute: str | None = None  # surgeon.validate.BiasColumns
+    bias_within: str | None = None
+    bias_groups: str | None = None
     language: str = "en"
     retrieval_data: Path | None = None  # image <-> text or text -> video (surgeon.retrieval)
     frames: int = limits.DEFAULT_VIDEO_FRAMES  # per video of a video retrieval set
@@ -92,7 +95,18 @@ class ValidationSpec:
 
         limits.validation_options(self.skew_k)
         limits.count("frames (per video)", self.frames, 1, limits.MAX_FRAMES_PER_VIDEO)
-        limits.texts(bias_split_by=self.bias_split_by, language=self.language)
+        limits.texts(
+            bias_split_by=self.bias_split_by,
+            bias_attribute=self.bias_attribute,
+            bias_within=self.bias_within,
+            language=self.language,
+        )
+        if self.bias_groups is not None:
+            from surgeon.bias import GROUP_FOLDINGS
+
+            _choice("bias group folding", self.bias_groups, tuple(GROUP_FOLDINGS))
+        if self.bias_data is None and any((self.bias_attribute, self.bias_within, self.bias_groups)):
+            raise InvalidInput("--bias-attribute, --bias-within and --bias-groups read a --bias-data manifest")
         _choice("desired distribution", self.desired, DESIRED)
         bias_protocol(self.bias_protocol, self.desired)  # an unknown protocol, or a desired it fixes otherwise
         if self.is_toy and any((self.classnames, self.templates, self.queries)):
@@ -121,7 +135,7 @@ class ValidationSpec:
             )
 
     def build(self, model: str | None) -> ValidationSuite:
-        from surgeon.validate import build_suite
+        from surgeon.validate import BiasColumns, build_suite
 
         return build_suite(
             self.data,
@@ -136,6 +150,7 @@ class ValidationSpec:
             model=model,
             retrieval=self.retrieval_data,
             frames=self.frames,
+            bias_columns=BiasColumns(self.bias_attribute, self.bias_within, self.bias_groups),
         )
 
 

@@ -8,6 +8,10 @@ docs/METHOD.md §3), under one of two named protocols:
   (`max_skew@k_sum`), the figure of the paper's tables. Under smoothing a value rarer than 1/k in the set
   would count as over-represented even when absent (ln((1/k) / p*) > 0): skipping it is what the paper does.
 
+Ranking within (`ranked_by`, SocialCounterfactuals as the paper uses it): each query ranks only its own images
+(an occupation's query, that occupation's counterfactual images), and p* under `desired="set"` is the
+proportions of those images.
+
 Exact score ties are shared: the positions a block of equal scores occupies hold the block's mean group
 composition (the expectation over a random tie-break), so the metrics never depend on the order of the set.
 Without ties every formula equals debias-vision-lang's (`compute_skew_metrics`, `normalized_discounted_KL`);
@@ -58,6 +62,44 @@ def desired_distribution(groups: Sequence[int] | np.ndarray, n_groups: int, desi
     raise InvalidInput(f"unknown desired distribution {desired!r}", hint="use 'uniform' or 'set'")
 
 
+#: named foldings of a manifest's group labels, applied when it is read (the paper folds FairFace's 7 races into
+#: 6: ../shared/METHOD.md §6 row 7); a label not named keeps its own value, lower-cased
+GROUP_FOLDINGS: dict[str, dict[str, str]] = {
+    "fairface-race6": {
+        "east asian": "asian",
+        "southeast asian": "asian",
+        "latino_hispanic": "latino",
+        "latino hispanic": "latino",
+        "white": "white",
+        "black": "black",
+        "indian": "indian",
+        "middle eastern": "middle eastern",
+    },
+}
+
+
+def fold_groups(labels: Sequence[str], folding: str) -> list[str]:
+    """The labels under a named folding; a label the folding does not know is refused (a typo, or the wrong
+    column), naming it."""
+    if folding not in GROUP_FOLDINGS:
+        raise InvalidInput(f"unknown group folding {folding!r}", hint=f"use one of: {', '.join(GROUP_FOLDINGS)}")
+    mapping = GROUP_FOLDINGS[folding]
+    unknown = sorted({label for label in labels if label.strip().lower() not in mapping})
+    if unknown:
+        raise InvalidInput(
+            f"group folding {folding} does not know the label(s) {', '.join(repr(u[:40]) for u in unknown[:5])}",
+            hint=f"it folds: {', '.join(sorted(mapping))}",
+        )
+    return [mapping[label.strip().lower()] for label in labels]
+
+
+def query_pools(n_queries: int, n_images: int, ranked_by: np.ndarray | None) -> list[np.ndarray]:
+    """The images each query ranks: all of them, or those `ranked_by` (one query index per image) gives it."""
+    if ranked_by is None:
+        return [np.arange(n_images)] * n_queries
+    return [np.flatnonzero(ranked_by == q) for q in range(n_queries)]
+
+
 def _composition(ranked: Sequence[int] | np.ndarray, n_groups: int) -> np.ndarray:
     """Positions x groups: one-hot rows for a list of group labels; a 2-D array is already a composition."""
     ranked = np.asarray(ranked)
@@ -103,19 +145,21 @@ def bias_metrics(
     k: int = 10,
     desired: str | None = None,
     protocol: str = "surgeon",
+    ranked_by: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Per-query, mean and summed MaxSkew@k, MinSkew@k and NDKL from a (queries x images) similarity matrix:
-    a JSON record whose keys name k, so its values are typed by the caller that reads them."""
+    a JSON record whose keys name k, so its values are typed by the caller that reads them. `ranked_by` (one
+    query index per image): each query ranks only its own images (`query_pools`)."""
     if similarity.ndim != 2 or similarity.shape[1] != len(groups):
         raise InvalidInput("similarity must be (queries, images) with one group label per image")
     if len(groups) == 0:
         raise InvalidInput("the bias set is empty")
     rules, desired = bias_protocol(protocol, desired)
-    target = desired_distribution(groups, n_groups, desired)
     max_skew, min_skew, ndkls, shares = [], [], [], []
     groups_arr = np.asarray(groups)
-    for row in similarity:
-        ranked = ranked_composition(row, groups_arr, n_groups)
+    for row, pool in zip(similarity, query_pools(len(similarity), len(groups_arr), ranked_by), strict=True):
+        target = desired_distribution(groups_arr[pool], n_groups, desired)
+        ranked = ranked_composition(row[pool], groups_arr[pool], n_groups)
         skews = skews_at_k(ranked, k, target, rules.skip_absent)
         max_skew.append(float(np.nanmax(skews)))
         min_skew.append(float(np.nanmin(skews)))
@@ -153,15 +197,35 @@ BOOTSTRAP_RESAMPLES = 500
 INTERVAL_LEVEL = 0.95
 
 
-def unit_weights(units: np.ndarray | None, n_items: int, resamples: int, seed: int = 0) -> np.ndarray:
+def unit_weights(
+    units: np.ndarray | None, n_items: int, resamples: int, seed: int = 0, strata: np.ndarray | None = None
+) -> np.ndarray:
     """(resamples x items) multiplicities of bootstrap resamples that draw whole units (a scene's renderings,
     an identity's photos) with replacement, so intervals reflect the variance of what was sampled; units None:
-    each item is its own unit."""
+    each item is its own unit. With `strata` (ranking within: each item's query) units are drawn within each
+    stratum, as many as it has, so every query keeps images to rank (a unit spanning strata is one unit per
+    stratum)."""
     units = np.arange(n_items) if units is None else np.asarray(units)
-    _, inverse = np.unique(units, return_inverse=True)
-    n_units = int(inverse.max()) + 1
     rng = np.random.default_rng(seed)
-    drawn = np.stack([np.bincount(rng.integers(0, n_units, n_units), minlength=n_units) for _ in range(resamples)])
+    if strata is None:
+        _, inverse = np.unique(units, return_inverse=True)
+        n_units = int(inverse.max()) + 1
+        drawn = np.stack([np.bincount(rng.integers(0, n_units, n_units), minlength=n_units) for _ in range(resamples)])
+        return drawn[:, inverse]
+    _, first, inverse = np.unique(
+        np.stack([np.unique(units, return_inverse=True)[1].reshape(-1), strata], axis=1),
+        axis=0,
+        return_index=True,
+        return_inverse=True,
+    )
+    inverse = inverse.reshape(-1)
+    layers = [np.flatnonzero(strata[first] == s) for s in np.unique(strata)]
+    drawn = np.stack(
+        [
+            sum(np.bincount(layer[rng.integers(0, len(layer), len(layer))], minlength=len(first)) for layer in layers)
+            for _ in range(resamples)
+        ]
+    )
     return drawn[:, inverse]
 
 
@@ -181,6 +245,7 @@ def resampled_skews(
     desired: str | None = None,
     protocol: str = "surgeon",
     with_ndkl: bool = True,
+    ranked_by: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Per-resample (resamples x queries) MaxSkew@k, MinSkew@k and NDKL of `bias_metrics` on the resampled
     sets `weights` describes (multiplicities, `unit_weights`). Copies of an item sit next to each other and
@@ -188,15 +253,16 @@ def resampled_skews(
     point estimate."""
     rules, desired = bias_protocol(protocol, desired)
     onehot = np.eye(n_groups)[np.asarray(groups)]
-    if desired == "set":
-        counts = weights @ onehot
-        target = counts / counts.sum(1, keepdims=True)
-    else:
-        target = np.broadcast_to(desired_distribution(groups, n_groups, desired), (len(weights), n_groups))
     shape = (len(weights), len(similarity))
     out = {"max": np.empty(shape), "min": np.empty(shape), "ndkl": np.full(shape, np.nan)}
-    for q, row in enumerate(similarity):
-        order = np.argsort(-row, kind="stable")
+    pools = query_pools(len(similarity), len(onehot), ranked_by)
+    for q, (row, pool) in enumerate(zip(similarity, pools, strict=True)):
+        if desired == "set":
+            counts = weights[:, pool] @ onehot[pool]
+            target = counts / counts.sum(1, keepdims=True)
+        else:
+            target = np.broadcast_to(desired_distribution(groups, n_groups, desired), (len(weights), n_groups))
+        order = pool[np.argsort(-row[pool], kind="stable")]
         copies, members = weights[:, order], onehot[order]
         ahead = np.cumsum(copies, axis=1) - copies
         share = np.clip(k - ahead, 0, copies) @ members / k
@@ -235,11 +301,12 @@ def bias_intervals(
     protocol: str = "surgeon",
     resamples: int = BOOTSTRAP_RESAMPLES,
     seed: int = 0,
+    ranked_by: np.ndarray | None = None,
 ) -> dict[str, list[float]]:
     """95% bootstrap intervals of the headline figures of `bias_metrics` (`headline_keys`), resampling units
     (scenes, identities) with replacement."""
-    weights = unit_weights(units, len(groups), resamples, seed)
-    draws = resampled_skews(similarity, groups, n_groups, weights, k, desired, protocol)
+    weights = unit_weights(units, len(groups), resamples, seed, strata=ranked_by)
+    draws = resampled_skews(similarity, groups, n_groups, weights, k, desired, protocol, ranked_by=ranked_by)
     intervals = {
         f"max_skew@{k}": interval(draws["max"].mean(1)),
         f"min_skew@{k}": interval(draws["min"].mean(1)),

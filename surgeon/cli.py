@@ -237,8 +237,24 @@ TemplatesOpt = Annotated[
         "Default: the data set's own when its name is one of these, else neutral"
     ),
 ]
-BiasDataOpt = Annotated[Path | None, typer.Option(help="bias set: CSV (path,group[,...])")]
+BiasDataOpt = Annotated[
+    Path | None,
+    typer.Option(help="bias set: CSV (path,group[,...]), or toy:counterfactuals (the toy's, ranked within shapes)"),
+]
 QueriesOpt = Annotated[Path | None, typer.Option(help="neutral queries file for --bias-data, one per line")]
+BiasAttributeOpt = Annotated[
+    str | None, typer.Option(help="bias-manifest header column holding the group (e.g. race, gender; default: 2nd)")
+]
+BiasWithinOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="bias-manifest column (e.g. occupation) whose value names the query that ranks each image: each "
+        "query ranks only its own images, as the paper ranks SocialCounterfactuals (--queries: optional, a subset)"
+    ),
+]
+BiasGroupsOpt = Annotated[
+    str | None, typer.Option(help="fold the group labels by name: fairface-race6 (the paper's 6 FairFace races)")
+]
 OnnxExporterOpt = Annotated[
     str | None,
     typer.Option(
@@ -281,6 +297,9 @@ def _validation_options(
     language: str = ValidationSpec.language,
     retrieval_data: Path | None = None,
     frames: int = ValidationSpec.frames,
+    bias_attribute: str | None = None,
+    bias_within: str | None = None,
+    bias_groups: str | None = None,
 ) -> ValidationSpec:
     """The validation options prune, validate and sweep share, mapped to their spec by name in one place."""
     return ValidationSpec(
@@ -296,6 +315,9 @@ def _validation_options(
         language=language,
         retrieval_data=retrieval_data,
         frames=frames,
+        bias_attribute=bias_attribute,
+        bias_within=bias_within,
+        bias_groups=bias_groups,
     )
 
 
@@ -351,6 +373,9 @@ def prune(
         str | None,
         typer.Option(help="debias: bias-manifest column (e.g. identity) kept on one side of the search/held-out split"),
     ] = None,
+    bias_attribute: BiasAttributeOpt = None,
+    bias_within: BiasWithinOpt = None,
+    bias_groups: BiasGroupsOpt = None,
     retrieval_data: RetrievalDataOpt = None,
     frames: FramesOpt = ValidationSpec.frames,
     max_recall_drop: Annotated[
@@ -407,6 +432,9 @@ def prune(
             language,
             retrieval_data,
             frames,
+            bias_attribute,
+            bias_within,
+            bias_groups,
         ),
         force=force,
     )
@@ -508,6 +536,9 @@ def validate(
     skew_k: SkewKOpt = ValidationSpec.skew_k,
     desired: DesiredOpt = None,
     bias_protocol: BiasProtocolOpt = ValidationSpec.bias_protocol,
+    bias_attribute: BiasAttributeOpt = None,
+    bias_within: BiasWithinOpt = None,
+    bias_groups: BiasGroupsOpt = None,
     retrieval_data: RetrievalDataOpt = None,
     frames: FramesOpt = ValidationSpec.frames,
     as_json: JsonOpt = False,
@@ -537,6 +568,9 @@ def validate(
         language=language,
         retrieval_data=retrieval_data,
         frames=frames,
+        bias_attribute=bias_attribute,
+        bias_within=bias_within,
+        bias_groups=bias_groups,
     )
     spec = ValidateSpec(ModelSpec(model, pretrained, device, activation), validation, out_dir, force)
     spec.check()

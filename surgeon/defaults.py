@@ -78,3 +78,20 @@ def toy_videos(n: int, encode: Callable[[Path, np.ndarray, int], None], seed: in
         except PreconditionFailed:  # another process wrote it meanwhile
             pass
     return manifest
+
+
+def toy_counterfactuals(seed: int = 0) -> Path:
+    """The manifest (path,outline,background,occupation,set) of the toy world's SocialCounterfactuals analog,
+    written once into the cache (`toy-counterfactuals/`) as PNG files."""
+    from surgeon.paths import cache_dir
+    from surgeon.toy import counterfactuals
+    from surgeon.toy.world import WORLD_VERSION
+
+    version = f"world{WORLD_VERSION}-v{counterfactuals.COUNTERFACTUALS_VERSION}-seed{seed}"
+    manifest = cache_dir() / "toy-counterfactuals" / version / counterfactuals.MANIFEST_FILE
+    if not manifest.is_file():
+        try:
+            counterfactuals.write_counterfactuals(manifest.parent, seed=seed)
+        except PreconditionFailed:  # another process wrote it meanwhile
+            pass
+    return manifest

@@ -98,6 +98,11 @@ class DataSpec:
     desired: str | None = None
     protocol: str = "surgeon"
     frames: int = limits.DEFAULT_VIDEO_FRAMES  # retrieval: frames per video
+    # bias: the manifest's group column, the column naming each image's query, the group folding
+    # (surgeon.validate.BiasColumns: --bias-attribute, --bias-within, --bias-groups)
+    attribute: str | None = None
+    within: str | None = None
+    groups: str | None = None
 
 
 @dataclass(frozen=True)
@@ -334,11 +339,14 @@ def _data(t: _Table, kind: str, base: Path) -> DataSpec:
         skew_k=t.count("skew_k", 1, limits.MAX_SKEW_K, 10) if kind == "bias" else 10,
         desired=t.get("desired", str) if kind == "bias" else None,
         protocol=t.get("protocol", str, "surgeon") if kind == "bias" else "surgeon",
+        attribute=t.get("attribute", str) if kind == "bias" else None,
+        within=t.get("within", str) if kind == "bias" else None,
+        groups=t.get("groups", str) if kind == "bias" else None,
         frames=t.count("frames", 1, limits.MAX_FRAMES_PER_VIDEO, limits.DEFAULT_VIDEO_FRAMES)
         if kind == "retrieval"
         else limits.DEFAULT_VIDEO_FRAMES,
     )
-    if kind == "bias" and path != "toy" and spec.queries is None:
+    if kind == "bias" and not path.startswith("toy") and spec.queries is None and spec.within is None:
         raise _fail(t.path("queries"), "a bias manifest needs its neutral queries file")
     if spec.n is not None and not path.startswith("toy"):
         raise _fail(t.path("n"), "sizes only the toy world's sets")
@@ -439,17 +447,41 @@ def data_identity(suite) -> str:
         b = suite.bias
         payload = {"images": _images_identity(b.images), "groups": b.groups.tolist(), "names": b.group_names,
                    "queries": b.queries, "k": b.k, "desired": b.desired, "protocol": b.protocol}  # fmt: skip
+        if b.ranked_by is not None:  # absent otherwise, so the identities of earlier sets stay as they were
+            payload["ranked_by"] = b.ranked_by.tolist()
     return _digest(payload)
 
 
 def load_data(spec: DataSpec):
     """A one-set ValidationSuite for a data set of the study (every format `--data`/`--bias-data` read)."""
     from surgeon.bias import bias_protocol
-    from surgeon.validate import ValidationSuite, bias_set, classification_set, retrieval_set, toy_suite
+    from surgeon.validate import (
+        TOY_COUNTERFACTUALS,
+        BiasColumns,
+        ValidationSuite,
+        bias_set,
+        build_suite,
+        classification_set,
+        retrieval_set,
+        toy_suite,
+    )
 
     if spec.kind == "retrieval":
         retrieval = retrieval_set(Path(spec.path), spec.frames, spec.n)
         return ValidationSuite([], None, "files", f"{spec.name}: {spec.path}", [retrieval])
+    columns = BiasColumns(spec.attribute, spec.within, spec.groups)
+    if spec.kind == "bias" and spec.path == TOY_COUNTERFACTUALS:
+        _, desired = bias_protocol(spec.protocol, spec.desired)
+        suite = build_suite(
+            templates=Path(spec.templates) if spec.templates else None,
+            bias_data=Path(spec.path),
+            queries=Path(spec.queries) if spec.queries else None,
+            skew_k=spec.skew_k,
+            desired=desired,
+            protocol=spec.protocol,
+            bias_columns=columns,
+        )
+        return replace(suite, description=f"toy world counterfactuals ({spec.name})")
     if spec.path.startswith("toy"):
         if spec.kind == "bias":
             suite = toy_suite(n_scenes=spec.n)
@@ -467,10 +499,10 @@ def load_data(spec: DataSpec):
     path = Path(spec.path)
     classnames, templates, queries = (Path(p) if p else None for p in (spec.classnames, spec.templates, spec.queries))
     if spec.kind == "bias":
-        if queries is None:  # refused when the study was read
+        if queries is None and spec.within is None:  # refused when the study was read
             raise InvalidInput(f"data {spec.name}: a bias manifest needs its neutral queries file")
         _, desired = bias_protocol(spec.protocol, spec.desired)
-        bias = bias_set(path, queries, templates, spec.skew_k, desired, spec.protocol)
+        bias = bias_set(path, queries, templates, spec.skew_k, desired, spec.protocol, None, *columns.as_args())
         return ValidationSuite([], bias, "files", str(path))
     return ValidationSuite([classification_set(path, classnames, templates)], None, "files", str(path))
 

@@ -20,7 +20,15 @@ import torch.nn.functional as F
 from PIL import Image
 
 from surgeon import defaults, limits
-from surgeon.bias import BOOTSTRAP_RESAMPLES, PROTOCOLS, bias_intervals, bias_metrics, bias_protocol, headline_keys
+from surgeon.bias import (
+    BOOTSTRAP_RESAMPLES,
+    PROTOCOLS,
+    bias_intervals,
+    bias_metrics,
+    bias_protocol,
+    fold_groups,
+    headline_keys,
+)
 from surgeon.clipbench import dataset_keys, read_json_entry
 from surgeon.errors import CorruptInput, InvalidInput, NotFound
 from surgeon.heads import HeadRef
@@ -87,11 +95,17 @@ class BiasSet:
     desired: str = "uniform"
     protocol: str = "surgeon"  # surgeon.bias.PROTOCOLS
     units: np.ndarray | None = None  # what must not straddle a search/held-out split (scene, identity); None: image
+    #: per image, the index of the one query that ranks it (the paper's SocialCounterfactuals protocol: an
+    #: occupation's query ranks that occupation's images; surgeon.bias.query_pools); None: every query, every image
+    ranked_by: np.ndarray | None = None
 
     def take(self, index: np.ndarray, name: str | None = None) -> BiasSet:
         images = take_images(self.images, index)
         units = None if self.units is None else self.units[index]
-        return replace(self, name=name or self.name, images=images, groups=self.groups[index], units=units)
+        ranked_by = None if self.ranked_by is None else self.ranked_by[index]
+        return replace(
+            self, name=name or self.name, images=images, groups=self.groups[index], units=units, ranked_by=ranked_by
+        )
 
 
 @dataclass
@@ -148,6 +162,11 @@ class ValidationSuite:
             return SearchSplits(search, stop, self, seed)
         if self.bias is None:
             raise InvalidInput("a selection by bias measurement needs a bias set (--bias-data)")
+        if self.bias.ranked_by is not None:
+            raise InvalidInput(
+                f"bias set {self.bias.name} ranks within its --bias-within column; the debias search ranks whole sets",
+                hint="measure it with validate, prune, sweep or study; search on a set without --bias-within",
+            )
         rng = np.random.default_rng(seed)
         halves: tuple[list[ClassificationSet], list[ClassificationSet]] = ([], [])
         for task in self.tasks:
@@ -431,53 +450,111 @@ def _manifest_labels(
 
 def bias_set(
     manifest: Path,
-    queries_file: Path,
+    queries_file: Path | None,
     templates_file: Path | None = None,
     k: int = 10,
     desired: str = "uniform",
     protocol: str = "surgeon",
     split_by: str | None = None,
+    attribute: str | None = None,
+    within: str | None = None,
+    groups: str | None = None,
 ) -> BiasSet:
-    """A CSV manifest (path,group[,...]) and neutral queries, one per line. `split_by` names a column of the
-    manifest's header (e.g. an identity or scene id): images sharing its value stay on one side of a
-    search/held-out split."""
+    """A CSV manifest (path,group[,...]) and neutral queries, one per line. Header columns it may name:
+    `split_by` (an identity or scene id: images sharing its value stay on one side of a search/held-out split),
+    `attribute` (the group column; default the second), `within` (e.g. occupation: each image is ranked only
+    by the query its value names, as the paper ranks SocialCounterfactuals; the queries default to the
+    column's values, and `queries_file` picks some of them). `groups` names a folding of the group labels
+    (surgeon.bias.GROUP_FOLDINGS, e.g. fairface-race6)."""
+    if within is None and queries_file is None:
+        raise InvalidInput(
+            "--bias-data needs --queries (neutral queries, one per line)",
+            hint="or --bias-within COLUMN: each image ranked by the query its column names",
+        )
     read = read_manifest(manifest, 2, "path,group (e.g. image,race)")
-    rows, units = read.rows, None
+    rows = read.rows
+    attribute_values = _column(read, attribute, "--bias-attribute") if attribute is not None else [r[1] for r in rows]
+    labels = fold_groups(attribute_values, groups) if groups is not None else attribute_values
+    units = None
     if split_by is not None:
-        if split_by not in read.header:
-            raise InvalidInput(
-                f"--bias-split-by {split_by[:80]!r} is not a column of {manifest.name}",
-                hint=f"its header names: {', '.join(read.header) or 'none (the first row must be a header)'}",
-            )
-        column = read.header.index(split_by)
-        short = next((i for i, r in enumerate(rows) if len(r) <= column or not r[column]), None)
-        if short is not None:
-            raise read.fail(short, f"no {split_by!r} value", f"every row fills the {split_by} column")
-        units = np.unique([r[column] for r in rows], return_inverse=True)[1]
+        units = np.unique(_column(read, split_by, "--bias-split-by"), return_inverse=True)[1]
     if len(rows) < k:
         raise InvalidInput(
             f"bias manifest {manifest} lists {len(rows)} images; MaxSkew@{k} ranks the top {k} of them",
             hint=f"list at least {k} images, or pass a smaller --skew-k",
         )
-    group_names = sorted({r[1] for r in rows})
+    group_names = sorted(set(labels))
     if len(group_names) < 2:
         raise InvalidInput(
             f"bias manifest {manifest}: every image is in group {group_names[0]!r}; MaxSkew compares two or more",
-            hint="the second column names each image's group (e.g. path,race)",
+            hint="the second column (or --bias-attribute's) names each image's group (e.g. path,race)",
         )
     templates = read_templates(templates_file, manifest.name)
-    queries = {q: [fill(t, q) for t in templates] for q in read_lines(queries_file, "queries file")}
+    group_index = np.asarray([group_names.index(label) for label in labels])
+    images = read.images()
+    ranked_by = None
+    if within is not None:
+        owners = _column(read, within, "--bias-within")
+        names = read_lines(queries_file, "queries file") if queries_file is not None else sorted(set(owners))
+        ranked_by, kept = _pools(manifest, owners, names, group_index, group_names, k)
+        images, group_index = [images[i] for i in kept], group_index[kept]
+        units = None if units is None else units[kept]
+    else:
+        assert queries_file is not None  # refused above
+        names = read_lines(queries_file, "queries file")
     return BiasSet(
         set_name(manifest),
-        read.images(),
-        np.asarray([group_names.index(r[1]) for r in rows]),
+        images,
+        group_index,
         group_names,
-        queries,
+        {q: [fill(t, q) for t in templates] for q in names},
         k,
         desired,
         units=units,
         protocol=protocol,
+        ranked_by=ranked_by,
     )
+
+
+def _column(read: Manifest, name: str, option: str) -> list[str]:
+    """Every row's value in the header column `name`; refused, naming the header, when it has none."""
+    if name not in read.header:
+        raise InvalidInput(
+            f"{option} {name[:80]!r} is not a column of {read.path.name}",
+            hint=f"its header names: {', '.join(read.header) or 'none (the first row must be a header)'}",
+        )
+    column = read.header.index(name)
+    short = next((i for i, r in enumerate(read.rows) if len(r) <= column or not r[column]), None)
+    if short is not None:
+        raise read.fail(short, f"no {name!r} value", f"every row fills the {name} column")
+    return [r[column] for r in read.rows]
+
+
+def _pools(
+    manifest: Path, owners: list[str], queries: list[str], groups: np.ndarray, group_names: list[str], k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(each kept image's query index, the kept rows): the rows whose `within` value is a query, each query
+    owning at least k images and every group (MaxSkew@k of one query ranks only its own images)."""
+    index = {q: i for i, q in enumerate(queries)}
+    missing = [q for q in queries if q not in set(owners)]
+    if missing:
+        raise InvalidInput(
+            f"bias manifest {manifest}: no image for the quer(ies) {', '.join(repr(q[:40]) for q in missing[:5])}",
+            hint="each query ranks the images whose --bias-within value it is: list the column's values",
+        )
+    kept = np.asarray([i for i, owner in enumerate(owners) if owner in index])
+    ranked_by = np.asarray([index[owners[i]] for i in kept])
+    for q, query in enumerate(queries):
+        present = groups[kept[ranked_by == q]]
+        absent = [group_names[g] for g in range(len(group_names)) if g not in set(present.tolist())]
+        if len(present) < k or absent:
+            raise InvalidInput(
+                f"bias manifest {manifest}: {query[:40]!r} has {len(present)} images"
+                + (f", none in group(s) {', '.join(absent[:5])}" if absent else "")
+                + f"; ranking within it needs >= {k} and every group",
+                hint="each query's images are one counterfactual pool: give it every group, or drop it from --queries",
+            )
+    return ranked_by, kept
 
 
 def caption_rows(path: Path) -> tuple[list[str], list[list[str]]]:
@@ -553,19 +630,39 @@ def build_suite(
     model: str | None = None,
     retrieval: Path | None = None,
     frames: int = limits.DEFAULT_VIDEO_FRAMES,
+    bias_columns: BiasColumns | None = None,
 ) -> ValidationSuite:
     """The suite the CLI options (and the gRPC ValidationData) describe: files when given, the toy's when
     `data` is "toy", and when nothing is given for the toy model (`model` None or "toy"); a real model
     validated on toy shapes measures nothing, so it needs its data named. `desired` None: the protocol's own
     (surgeon.bias). `retrieval` (or a clip_benchmark retrieval export as `data`) replaces the toy's retrieval
-    sets; videos take `frames` frames each."""
+    sets; videos take `frames` frames each. `bias_columns`: how the bias manifest's columns are read (`bias_set`);
+    `bias_data` "toy:counterfactuals" is the toy world's set in SocialCounterfactuals' layout."""
     if data is not None and data.is_dir() and is_webdataset(data) and is_retrieval_webdataset(data):
         if retrieval is not None:
             raise InvalidInput(f"{data} is a retrieval set, and so is --retrieval-data: pass one of them")
         data, retrieval = None, data
+    columns = bias_columns or BiasColumns()
+    toy_bias = bias_data is not None and str(bias_data) == TOY_COUNTERFACTUALS
+    if toy_bias:
+        bias_data, columns = _toy_counterfactuals(columns)
+        bias_split_by = bias_split_by or "set"  # a counterfactual set is a unit (bootstrap intervals)
     suite = _classification_and_bias(
-        data, classnames, templates, bias_data, queries, skew_k, desired, protocol, bias_split_by, model, retrieval
+        data,
+        classnames,
+        templates,
+        bias_data,
+        queries,
+        skew_k,
+        desired,
+        protocol,
+        bias_split_by,
+        model,
+        retrieval,
+        columns,
     )
+    if toy_bias and suite.bias is not None:
+        suite.bias.name = TOY_COUNTERFACTUALS.replace(":", "/")
     if retrieval is not None:
         suite.retrieval = [retrieval_set(retrieval, frames)]
         suite.description = " + ".join(filter(None, [suite.description, str(retrieval)]))
@@ -584,6 +681,7 @@ def _classification_and_bias(
     bias_split_by: str | None,
     model: str | None,
     retrieval: Path | None,
+    columns: BiasColumns,
 ) -> ValidationSuite:
     _, desired = bias_protocol(protocol, desired)
     toy = data is not None and str(data) == "toy"
@@ -604,16 +702,38 @@ def _classification_and_bias(
         suite.bias, data = None, None  # the toy's tasks with the user's bias set
     else:
         suite = ValidationSuite([], None, source="files")
-    if bias_data is not None and queries is None:
-        raise InvalidInput("--bias-data needs --queries (neutral queries, one per line)")
     tasks = suite.tasks + ([classification_set(data, classnames, templates)] if data is not None else [])
     bias = (
-        bias_set(bias_data, queries, templates, skew_k, desired, protocol, bias_split_by)
-        if bias_data is not None and queries is not None  # --bias-data without --queries was refused above
+        bias_set(bias_data, queries, templates, skew_k, desired, protocol, bias_split_by, *columns.as_args())
+        if bias_data is not None
         else None
     )
     described = (["toy world: test split"] if toy else []) + [str(p) for p in (data, bias_data) if p is not None]
     return ValidationSuite(tasks, bias, "toy+files" if toy else "files", " + ".join(described))
+
+
+@dataclass(frozen=True)
+class BiasColumns:
+    """How a bias manifest's columns are read (`bias_set`): the group column, the column whose value names the
+    query that ranks each image, and a named folding of the group labels."""
+
+    attribute: str | None = None
+    within: str | None = None
+    groups: str | None = None
+
+    def as_args(self) -> tuple[str | None, str | None, str | None]:
+        return self.attribute, self.within, self.groups
+
+
+#: the toy world's second bias set, in SocialCounterfactuals' layout (`--bias-data toy:counterfactuals`)
+TOY_COUNTERFACTUALS = "toy:counterfactuals"
+
+
+def _toy_counterfactuals(columns: BiasColumns) -> tuple[Path, BiasColumns]:
+    """The toy set's manifest (written once into the cache) and its columns: ranked within each shape (the
+    toy's occupation), the outline as the attribute unless another column is named."""
+    manifest = defaults.toy_counterfactuals()
+    return manifest, replace(columns, attribute=columns.attribute or "outline", within=columns.within or "occupation")
 
 
 def _stoppable(items):
@@ -867,11 +987,14 @@ class Evaluator:
             assert self.queries is not None  # embedded with the suite's bias set
             sim = (self.queries.float().cpu() @ embed(b.name).T).numpy()
             groups = b.groups[self._readable(self._set_key[b.name])]
-            metrics = bias_metrics(sim, groups, len(b.group_names), b.k, b.desired, b.protocol)
+            ranked_by = b.ranked_by[self._readable(self._set_key[b.name])] if b.ranked_by is not None else None
+            metrics = bias_metrics(sim, groups, len(b.group_names), b.k, b.desired, b.protocol, ranked_by)
             metrics["queries"] = list(b.queries)
             if intervals:
                 units = b.units[self._readable(self._set_key[b.name])] if b.units is not None else None
-                metrics["ci95"] = bias_intervals(sim, groups, len(b.group_names), units, b.k, b.desired, b.protocol)
+                metrics["ci95"] = bias_intervals(
+                    sim, groups, len(b.group_names), units, b.k, b.desired, b.protocol, ranked_by=ranked_by
+                )
                 metrics["bootstrap"] = {"resamples": BOOTSTRAP_RESAMPLES, "units": _unit_count(b), "level": 0.95}
             results.append({"dataset": b.name, "task": "bias", "metrics": metrics, **read(b.name)})
             summed = PROTOCOLS[b.protocol].headline == "sum"  # the figure of the paper's tables

@@ -252,9 +252,11 @@ def test_shipped_study_files_parse(monkeypatch):
     ]
     assert paper.data[0].path == "/data/cifar10" and [d.kind for d in paper.data].count("retrieval") == 3
     assert paper.data[7].kind == "bias" and paper.data[-1].frames == 32 and len(paper.tables) == 7
-    # per model: 11 baselines; high and low on 11 sets; random (5 seeds) on 6; equal budgets (5 seeds) on 3 each;
-    # each concept on 2 -- only the cells some table shows
-    assert len(cells(paper)) == 6 * (11 + 11 + 11 + 5 * 6 + 5 * 3 * 2 + 2 * 2)
+    # per model: 14 baselines; high and low on 14 sets (4 of them bias: FairFace and SocialCounterfactuals, race
+    # and gender); random (5 seeds) on 6; equal budgets (5 seeds) on 3 each; each concept on 2 -- only the cells
+    # some table shows
+    assert len(cells(paper)) == 6 * (14 + 14 + 14 + 5 * 6 + 5 * 3 * 2 + 2 * 2)
+    assert [d.within for d in paper.data if d.kind == "bias"] == [None, None, "occupation", "occupation"]
     assert len(cells(parse_study(studies / "toy.toml"))) == 6 * (1 + 1 + 1 + 1 + 5)
 
 
