@@ -1,6 +1,7 @@
 """`surgeon serve-model` (Open Inference Protocol) vs a direct onnxruntime session, in one run on one machine.
 
-    python benchmarks/bench_oip.py [--threads 2] [--requests 400] [--repeats 3] [--vit | --vit-only] [--files] [--memory]
+    python benchmarks/bench_oip.py [--threads 2] [--requests 400] [--repeats 3] [--vit | --vit-only] [--files]
+    python benchmarks/bench_oip.py --memory
 
 Exports the bundled toy model (with --vit also a random-init ViT-B-32 at 224 px), starts the real
 `surgeon serve-model` on loopback and sends FP32 pixel tensors with tritonclient's default calls, over gRPC and
