@@ -1,6 +1,7 @@
 """`surgeon serve-model` (Open Inference Protocol) vs a direct onnxruntime session, in one run on one machine.
 
-    python benchmarks/bench_oip.py [--threads 2] [--requests 400] [--repeats 3] [--vit] [--files] [--memory]
+    python benchmarks/bench_oip.py [--threads 2] [--requests 400] [--repeats 3] [--vit | --vit-only] [--files]
+    python benchmarks/bench_oip.py --memory
 
 Exports the bundled toy model (with --vit also a random-init ViT-B-32 at 224 px), starts the real
 `surgeon serve-model` on loopback and sends FP32 pixel tensors with tritonclient's default calls, over gRPC and
@@ -235,6 +236,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=400, help="requests per measurement (ViT-B-32: a tenth)")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each measurement (the noise)")
     parser.add_argument("--vit", action="store_true", help="also a random-init ViT-B-32 at 224 px")
+    parser.add_argument("--vit-only", action="store_true", help="only the random-init ViT-B-32")
+    parser.add_argument("--vit-requests", type=int, default=32, help="requests per ViT-B-32 measurement")
     parser.add_argument("--files", action="store_true", help="also PNG files to NAME_image (gRPC)")
     parser.add_argument("--memory", action="store_true", help="only the peak-RSS test with 8000x8000 PNGs")
     args = parser.parse_args()
@@ -247,8 +250,9 @@ def main() -> None:
     if args.memory:
         memory(toy, args.threads)
         return
-    bench("toy model", toy, args.threads, args.requests, args.repeats, args.files)
-    if args.vit:
+    if not args.vit_only:
+        bench("toy model", toy, args.threads, args.requests, args.repeats, args.files)
+    if args.vit or args.vit_only:
         import open_clip
 
         torch.manual_seed(0)
@@ -256,7 +260,7 @@ def main() -> None:
         vit.model = build_clip(open_clip.get_model_config("ViT-B-32")).eval()
         vit.model_cfg, vit.preprocess_cfg = open_clip.get_model_config("ViT-B-32"), {**vit.preprocess_cfg, "size": 224}
         vit.tokenizer = open_clip.get_tokenizer("ViT-B-32")
-        bench("random-init ViT-B-32, 224 px", vit, args.threads, max(32, args.requests // 10), args.repeats, args.files)
+        bench("random-init ViT-B-32, 224 px", vit, args.threads, args.vit_requests, args.repeats, args.files)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ their headers declare; the repository API is closed and a bearer token guards RE
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import struct
@@ -62,19 +63,32 @@ def grpc_call(url: str, request, metadata: tuple = ()):
 
 
 # ---- one request of the race: a tensor, how it is sent, what it should get -----------------------------------
+#: model -> (input, datatype, output)
+TENSORS = {
+    "visual": ("pixel_values", "FP32", "image_embeds"),
+    "text": ("text", "BYTES", "text_embeds"),
+    "image": ("image", "BYTES", "image_embeds"),
+}
+
+
 class Call:
-    """A request to NAME_visual (pixel tensors) or NAME_text (strings) over REST JSON, REST binary or gRPC raw,
-    declaring `shape` while carrying `values` (which disagree with it when the request is malformed)."""
+    """A request to NAME_visual (pixel tensors), NAME_text (strings) or NAME_image (PNG files) over REST JSON,
+    REST binary or gRPC raw, declaring `shape` while carrying `values` (which disagree with it when the request is
+    malformed)."""
 
     def __init__(self, protocol: str, model: str, shape: list[int], values: np.ndarray):
         self.protocol, self.model, self.shape, self.values = protocol, model, shape, values
-        self.input, self.datatype = ("pixel_values", "FP32") if model == "visual" else ("text", "BYTES")
-        self.output = "image_embeds" if model == "visual" else "text_embeds"
+        self.input, self.datatype, self.output = TENSORS[model]
 
     def raw(self) -> bytes:
         if self.datatype == "BYTES":
-            return packed([str(v).encode() for v in self.values.ravel()])
+            return packed([v if isinstance(v, bytes) else str(v).encode() for v in self.values.ravel()])
         return self.values.astype("<f4").tobytes()
+
+    def json_values(self) -> list:
+        if self.datatype == "FP32":
+            return self.values.ravel().tolist()
+        return [base64.b64encode(v).decode() if isinstance(v, bytes) else str(v) for v in self.values.ravel()]
 
     def send(self, http: str, grpc_url: str) -> tuple[str, object]:
         """("ok", embeddings) or ("refused", status)."""
@@ -98,8 +112,7 @@ class Call:
                 http, model, header + data, {"Inference-Header-Content-Length": str(len(header))}
             )
         else:
-            values = self.values.ravel().tolist() if self.datatype == "FP32" else [str(v) for v in self.values.ravel()]
-            entry = {"name": self.input, "datatype": self.datatype, "shape": self.shape, "data": values}
+            entry = {"name": self.input, "datatype": self.datatype, "shape": self.shape, "data": self.json_values()}
             status, body, headers = rest(http, model, json.dumps({"inputs": [entry]}).encode())
         if status != 200:
             return "refused", status
@@ -117,6 +130,17 @@ def pixels(rows: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((rows, 3, SIDE, SIDE)).astype(np.float32)
 
 
+def pngs(rows: int, seed: int) -> np.ndarray:
+    """`rows` small random PNG files (under twice the model's input: decoded whole, as `surgeon infer` does)."""
+    rng = np.random.default_rng(seed)
+    files = np.empty(rows, dtype=object)
+    for index in range(rows):
+        out = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (30 + index, 40, 3), dtype=np.uint8)).save(out, format="PNG")
+        files[index] = out.getvalue()
+    return files
+
+
 #: how a request is malformed -> (model, declared shape, values) for a request of `rows` rows
 MALFORMED = {
     "text count below shape": lambda rows, seed: ("text", [rows + 1], texts(rows, seed)),
@@ -127,13 +151,15 @@ MALFORMED = {
     "pixels shape [1] without data": lambda rows, seed: ("visual", [1, 3, SIDE, SIDE], np.zeros(0, np.float32)),
     "pixels of the wrong size": lambda rows, seed: ("visual", [rows, 3, 16, 16], pixels(rows, seed)[:, :, :16, :16]),
     "pixels not finite": lambda rows, seed: ("visual", [rows, 3, SIDE, SIDE], pixels(rows, seed) * np.inf),
+    "image count above shape": lambda rows, seed: ("image", [rows], pngs(rows + 1, seed)),
+    "image not an image": lambda rows, seed: ("image", [rows], np.array([b"GIF89a?"] * rows, dtype=object)),
 }
 PROTOCOLS = ("json", "binary", "grpc")
 REFUSED = {"json": 400, "binary": 400, "grpc": grpc.StatusCode.INVALID_ARGUMENT}
 
 requests = st.tuples(
     st.sampled_from(PROTOCOLS),
-    st.sampled_from(["visual", "text", *sorted(MALFORMED)]),
+    st.sampled_from(["visual", "text", "image", *sorted(MALFORMED)]),
     st.integers(1, 3),
     st.integers(0, 10_000),
 )
@@ -142,8 +168,9 @@ requests = st.tuples(
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(mix=st.lists(requests, min_size=4, max_size=10))
 def test_racing_malformed_requests_never_change_what_valid_ones_get(server, mix):  # noqa: F811
-    """Issue 22 #1: valid and malformed requests sent at once over REST JSON, REST binary and gRPC (batched up
-    to 8 per run): each valid request gets its own rows, each malformed one 400 / INVALID_ARGUMENT."""
+    """Issue 22 #1: valid and malformed requests to the pixel, text and image-file models, sent at once over REST
+    JSON, REST binary and gRPC (batched up to 8 per run): each valid request gets its own rows, each malformed
+    one 400 / INVALID_ARGUMENT."""
     root, http, grpc_url, _ = server
     direct = ExportedModel(root)
     calls, expected = [], []
@@ -154,6 +181,9 @@ def test_racing_malformed_requests_never_change_what_valid_ones_get(server, mix)
         elif kind == "text":
             calls.append(Call(protocol, "text", [rows], texts(rows, seed)))
             expected.append(direct.encode_texts(list(calls[-1].values)))
+        elif kind == "image":
+            calls.append(Call(protocol, "image", [rows], pngs(rows, seed)))
+            expected.append(direct.encode_images([Image.open(io.BytesIO(f)) for f in calls[-1].values]))
         else:
             calls.append(Call(protocol, *MALFORMED[kind](rows, seed)))
             expected.append(None)
