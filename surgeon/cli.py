@@ -1024,6 +1024,7 @@ def main() -> None:
     An interrupt does not always arrive as KeyboardInterrupt: one that lands in a C extension's import
     (numpy's, during torch's) surfaces later as an ImportError or AttributeError. Whatever follows a Ctrl-C
     is therefore reported as the interruption it is."""
+    _interrupted.clear()  # a run in this process (tests, notebooks) starts uninterrupted whatever ran before
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM):  # SIGTERM (docker stop) too: no leftovers
         signal.signal(sig, _on_interrupt)
     warnings.showwarning = _show_warning

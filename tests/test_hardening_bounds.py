@@ -26,7 +26,7 @@ DOCUMENTED_EXIT_CODES = {0, 2, 3, 4, 5, 6, 7, 8, 10, 130}
 
 def run_cli(*args: str, capsys) -> tuple[int, str]:
     """`surgeon ARGS` in this process (main(): the real error handling), its exit code and stderr."""
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM)}
     argv = sys.argv
     sys.argv = ["surgeon", *args]
     try:
