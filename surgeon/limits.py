@@ -15,7 +15,6 @@ from surgeon.errors import InvalidInput
 MAX_IMAGES = 10_000_000  # images of a folder used at once (n_images)
 MAX_TOY_IMAGES = 20_000  # the toy world draws images in memory (48 px: ~7 kB each)
 MAX_TOY_STEPS = 10_000_000  # toy training steps
-MAX_THREADS = 4096
 MAX_BATCH_SIZE = 4096
 MAX_TEXTS_PER_HEAD = 100  # m
 MAX_SPAN_RANK = 4096  # TextSpan projection rank
