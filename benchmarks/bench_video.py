@@ -28,17 +28,9 @@ from surgeon.validate import ValidationSuite, validate
 from surgeon.video import VideoFrames, write_video
 from surgeon.zeroshot import uint8_to_tensor
 
-SMALL = {
-    "embed_dim": 64,
-    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 128, "layers": 6, "head_width": 16},
-    "text_cfg": {"context_length": 16, "width": 64, "heads": 2, "layers": 1},
-}
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-def vit_b32() -> dict:
-    import open_clip
-
-    return open_clip.get_model_config("ViT-B-32")
+from benchmarks.bench_collect import SMALL, vit_b32  # noqa: E402  (one definition of the benchmark models)
 
 
 def model_dir(cfg: dict, folder: Path) -> str:

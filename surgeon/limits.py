@@ -7,6 +7,7 @@ instead of building a huge range or array. Echoed input is truncated so an error
 from __future__ import annotations
 
 import math
+import os
 import re
 from typing import overload
 
@@ -129,6 +130,17 @@ def text(name: str, value: str | None, limit: int = MAX_SPEC_CHARS) -> str | Non
     if "\0" in value:
         raise InvalidInput(f"{name} contains a NUL character: {echo(value)}", field=field_of(name))
     return value
+
+
+def token_from_env(token_env: str | None) -> str | None:
+    """The bearer token a server requires, read from the variable `--token-env` names; None without the option.
+    An unset or empty variable is refused: it would otherwise start a server without the auth asked for."""
+    if not token_env:
+        return None
+    token = os.environ.get(token_env, "")
+    if not token:
+        raise InvalidInput(f"--token-env {token_env}: the environment variable is unset or empty")
+    return token
 
 
 def texts(**values: str | None) -> None:

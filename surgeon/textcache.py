@@ -68,17 +68,22 @@ def text_cache_path(key: str) -> Path:
     return cache_dir() / "text" / f"{key}.safetensors"
 
 
-def _read(path: Path, size: int) -> torch.Tensor | None:
-    """The cached embeddings, or None when the entry is unreadable or not for a pool of this size."""
+def _load(path: Path) -> tuple[dict[str, str], torch.Tensor] | None:
+    """(metadata, embeddings) of a cache file, or None when it is unreadable: the cache never fails a run."""
     try:
         with safe_open(str(path), framework="pt") as handle:
-            header = handle.metadata() or {}
-        embeddings = load_file(str(path))["embeddings"]
+            meta = handle.metadata() or {}
+        return meta, load_file(str(path))["embeddings"]
     except (SafetensorError, OSError, KeyError, ValueError):
         return None
-    if header.get("format") != TEXT_FORMAT or embeddings.shape[0] != size:
+
+
+def _read(path: Path, size: int) -> torch.Tensor | None:
+    """The cached embeddings, or None when the entry is unreadable or not for a pool of this size."""
+    loaded = _load(path)
+    if loaded is None or loaded[0].get("format") != TEXT_FORMAT or loaded[1].shape[0] != size:
         return None
-    return embeddings
+    return loaded[1]
 
 
 def _save(path: Path, embeddings: torch.Tensor, meta: dict) -> None:
@@ -97,14 +102,10 @@ def _partial_path(key: str, w: World) -> Path:
 def _read_partial(path: Path, share: tuple[int, int], batch_size: int) -> torch.Tensor | None:
     """The lines of this share already encoded by an interrupted run (a whole number of batches, encoded with
     this batch size), or None when there is no usable partial entry."""
-    if not path.is_file():
+    loaded = _load(path) if path.is_file() else None
+    if loaded is None:
         return None
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            meta = handle.metadata() or {}
-        done = load_file(str(path))["embeddings"]
-    except (SafetensorError, OSError, KeyError, ValueError):
-        return None
+    meta, done = loaded
     wanted = {"format": PARTIAL_FORMAT, "share": f"{share[0]}:{share[1]}", "batch_size": str(batch_size)}
     rows = done.shape[0]
     if any(meta.get(k) != v for k, v in wanted.items()) or rows > share[1] - share[0] or rows % batch_size:

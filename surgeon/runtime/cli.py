@@ -5,7 +5,6 @@ command in the main CLI costs nothing and works where the onnx extra is not inst
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -225,11 +224,7 @@ def serve_model(
     limits.count("--max-batch-size", max_batch_size, 1, limits.MAX_BATCH_SIZE)
     limits.number("--max-batch-time-ms", max_batch_time_ms, 0.0, limits.MAX_OIP_BATCH_TIME_MS)
     limits.count("--threads", threads, 1, limits.MAX_THREADS)
-    token = None
-    if token_env:
-        token = os.environ.get(token_env, "")
-        if not token:
-            raise InvalidInput(f"--token-env {token_env}: the environment variable is unset or empty")
+    token = limits.token_from_env(token_env)
     from surgeon.runtime.triton import model_prefix
 
     prefix = model_prefix(export_dir, name)  # a missing export fails before MLServer is imported

@@ -165,11 +165,7 @@ def serve(
     """Run until SIGTERM/SIGINT, then drain within the grace period and return."""
     limits.number("--grace", grace, 0.0, limits.MAX_GRACE_S)  # before listening: nan or -1 would drain at once
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    token = None
-    if token_env:
-        token = os.environ.get(token_env, "")
-        if not token:
-            raise InvalidInput(f"--token-env {token_env}: the environment variable is unset or empty")
+    token = limits.token_from_env(token_env)
     server = SurgeonServer(
         host, port, exports_root, models_root, data_root, max_jobs, queue_size, token, tls_cert, tls_key, device
     ).start()
