@@ -19,8 +19,26 @@ if TYPE_CHECKING:
 
 DATA_RECORD = "validation_data.json"
 SCHEMA = "surgeon.validation-data/1"
-PATH_OPTIONS = ("data", "classnames", "templates", "bias_data", "queries")
-VALUE_OPTIONS = ("skew_k", "desired", "bias_protocol", "bias_split_by", "language")
+#: every api.ValidationSpec field: a run rebuilt without one of them (a bias column, a retrieval set) would be
+#: measured on other data than it was validated on
+PATH_OPTIONS = ("data", "classnames", "templates", "bias_data", "queries", "retrieval_data")
+VALUE_OPTIONS = (
+    "skew_k",
+    "desired",
+    "bias_protocol",
+    "bias_split_by",
+    "bias_attribute",
+    "bias_within",
+    "bias_groups",
+    "language",
+    "frames",
+)
+
+
+def _generated(value: object) -> bool:
+    """The toy world's sets by name ("toy", "toy:captions", "toy:counterfactuals" ...): drawn from seeds (the
+    counterfactual images written once into the cache), so there is no user file to hash."""
+    return str(value) == "toy" or str(value).startswith("toy:")
 
 
 def record_validation_data(options: dict[str, Any], suite: ValidationSuite, quiet: bool = True) -> dict[str, Any]:
@@ -31,8 +49,8 @@ def record_validation_data(options: dict[str, Any], suite: ValidationSuite, quie
         value = options.get(name)
         if value is None:
             continue
-        if str(value) == "toy":  # the toy world's suite: generated from seeds, nothing to hash
-            paths[name] = {"path": "toy"}
+        if _generated(value):
+            paths[name] = {"path": str(value)}
             continue
         path = Path(value).resolve()
         paths[name] = {"path": str(path), "sha256": _path_digest(path)}
@@ -66,10 +84,12 @@ def _files_digest(files: list[Path], advance: Advance | None = None) -> str:
 
 def images_digests(suite: ValidationSuite, quiet: bool = True) -> dict[str, str]:
     """Per set: a digest of the image files (or webdataset shards) it reads; the toy's arrays are seeded."""
+    from surgeon.video import VideoFrames
     from surgeon.webdata import ShardImages
 
-    sets = [(t.name, t.images) for t in suite.tasks]
+    sets: list[tuple[str, object]] = [(t.name, t.images) for t in suite.tasks]
     sets += [(suite.bias.name, suite.bias.images)] if suite.bias is not None else []
+    sets += [(r.name, r.images.paths if isinstance(r.images, VideoFrames) else r.images) for r in suite.retrieval]
     listed = {
         name: list(images.shards if isinstance(images, ShardImages) else images)
         for name, images in sets
@@ -82,7 +102,7 @@ def images_digests(suite: ValidationSuite, quiet: bool = True) -> dict[str, str]
 def recorded_suite(run_dir: Path, model: str | None) -> ValidationSuite:
     """The suite a run was validated on, rebuilt from its record after checking every hash."""
     from surgeon import limits
-    from surgeon.validate import build_suite
+    from surgeon.validate import BiasColumns, build_suite
 
     path = run_dir / DATA_RECORD
     if not path.is_file():
@@ -98,7 +118,7 @@ def recorded_suite(run_dir: Path, model: str | None) -> ValidationSuite:
         if name not in PATH_OPTIONS or not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
             raise CorruptInput(f"{path}: unexpected entry {name[:40]!r}")
         where = Path(entry["path"])
-        if entry["path"] != "toy":
+        if not _generated(entry["path"]):
             if not where.exists():
                 raise NotFound(
                     f"the run's validation {name} {where} is gone",
@@ -113,6 +133,13 @@ def recorded_suite(run_dir: Path, model: str | None) -> ValidationSuite:
         limits.validation_options(options["skew_k"])
         limits.texts(desired=options["desired"], bias_protocol=options["bias_protocol"])
         limits.texts(bias_split_by=options["bias_split_by"], language=options["language"])
+        limits.texts(
+            bias_attribute=options["bias_attribute"],
+            bias_within=options["bias_within"],
+            bias_groups=options["bias_groups"],
+        )
+        limits.count("frames (per video)", options["frames"], 1, limits.MAX_FRAMES_PER_VIDEO)
+        retrieval = given.pop("retrieval_data", None)
         suite = build_suite(
             **given,
             skew_k=options["skew_k"],
@@ -120,6 +147,9 @@ def recorded_suite(run_dir: Path, model: str | None) -> ValidationSuite:
             protocol=options["bias_protocol"],
             bias_split_by=options["bias_split_by"],
             model=model,
+            retrieval=retrieval,
+            frames=options["frames"],
+            bias_columns=BiasColumns(options["bias_attribute"], options["bias_within"], options["bias_groups"]),
         )
     except (TypeError, InvalidInput) as err:
         raise CorruptInput(f"{path}: {err}") from None

@@ -149,3 +149,31 @@ def test_the_cli_refuses_bad_export_options_in_one_line(recorded_run):
         )
         assert done.returncode == InvalidInput.exit_code and message in done.stderr
         assert "Traceback" not in done.stderr and not (recorded_run.dir / "export-onnx").exists()
+
+
+def test_the_record_rebuilds_every_validation_option_and_the_toy_sets_by_name(tmp_path, monkeypatch):
+    """Before: the record kept five path and five value options, so bias columns, retrieval sets and frames
+    were dropped when int8 was measured on it, and a named toy set (toy:counterfactuals) failed the prune
+    (a path that does not exist was hashed)."""
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from surgeon.datarecord import record_validation_data, recorded_suite
+
+    monkeypatch.setenv("SURGEON_CACHE_DIR", str(tmp_path / "cache"))
+    spec = ValidationSpec(
+        bias_data=Path("toy:counterfactuals"),
+        bias_attribute="background",
+        retrieval_data=Path("toy:captions"),
+        frames=4,
+        skew_k=4,
+    )
+    suite = spec.build(None)
+    (tmp_path / DATA_RECORD).write_text(json.dumps(record_validation_data(asdict(spec), suite)))
+    rebuilt = recorded_suite(tmp_path, None)
+    assert suite.bias is not None and rebuilt.bias is not None
+    assert rebuilt.bias.group_names == suite.bias.group_names == sorted(set(suite.bias.group_names))
+    default_column = replace(spec, bias_attribute=None, retrieval_data=None).build(None)
+    assert default_column.bias is not None and rebuilt.bias.group_names != default_column.bias.group_names
+    assert np.array_equal(rebuilt.bias.groups, suite.bias.groups) and rebuilt.bias.k == 4
+    assert [r.captions for r in rebuilt.retrieval] == [r.captions for r in suite.retrieval] != []
