@@ -6,6 +6,7 @@ clear error instead of a KeyError deep inside validation."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
@@ -73,7 +74,16 @@ def read_templates(path: Path | None, dataset: str = "") -> list[str]:
     `dataset` is one of its data sets (as clip_benchmark picks templates by data set), else the defaults. Each
     must name the class."""
     if path is None:
-        return named_templates(dataset) or list(DEFAULT_TEMPLATES)
+        chosen = named_templates(dataset)
+        if chosen is None:
+            return list(DEFAULT_TEMPLATES)
+        # an assumption that changes accuracy: said, as the activation is (--templates names another set)
+        warnings.warn(
+            f"{dataset}: the paper's {len(chosen)} template(s) of this data set, chosen by its name "
+            "(--templates neutral or a file to choose others)",
+            stacklevel=2,
+        )
+        return chosen
     named = named_templates(str(path)) if len(path.parts) == 1 else None
     if named is not None:
         return named

@@ -967,7 +967,13 @@ class Evaluator:
             labels = np.asarray(task.labels)[self._readable(self._set_key[task.name])]
             metrics = {**metrics_from_logits(logits, torch.as_tensor(labels)), "classes": len(task.classnames)}
             results.append(
-                {"dataset": task.name, "task": "zeroshot_classification", "metrics": metrics, **read(task.name)}
+                {
+                    "dataset": task.name,
+                    "task": "zeroshot_classification",
+                    "metrics": metrics,
+                    "templates": list(task.templates),  # they change the numbers: recorded with them
+                    **read(task.name),
+                }
             )
         summary = ValidationSummary(float(np.mean([r["metrics"]["acc1"] for r in results])) if results else None)
         recalls = []
