@@ -116,7 +116,9 @@ def test_a_card_names_its_hub_base_model(hub_cache, tmp_path):
     }
 
 
-def test_the_readme_uploads_with_the_current_hub_cli():
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    assert "huggingface-cli" not in readme  # current huggingface_hub ships `hf`, not huggingface-cli
-    assert "hf upload USER/REPO RUN_DIR" in readme and "--model hf-hub:USER/REPO" in readme
+def test_the_docs_upload_with_the_current_hub_cli():
+    for page in (REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))):
+        # current huggingface_hub ships `hf`, not huggingface-cli
+        assert "huggingface-cli" not in page.read_text(encoding="utf-8"), page
+    publishing = (REPO / "docs" / "exporting.md").read_text(encoding="utf-8")
+    assert "hf upload USER/REPO RUN_DIR" in publishing and "--model hf-hub:USER/REPO" in publishing
