@@ -303,7 +303,8 @@ class PruneSpec:
         from surgeon.surgery import SURGERIES
 
         self.model.check()
-        POLICIES.get(self.policy), SURGERIES.get(self.mode)
+        policy = POLICIES.get(self.policy)
+        SURGERIES.get(self.mode)
         _choice("tower", self.tower, TOWERS)
         _choice("export format", self.export, EXPORT_FORMATS)
         limits.prune_options(
@@ -331,12 +332,12 @@ class PruneSpec:
         JUDGES.get(self.judge)
         if self.heads:
             parse_heads(self.heads)  # malformed heads fail now
-        if self.policy == "debias":
-            self.validation.require_bias("the debias policy")
+        if policy.measures:
+            self.validation.require_bias(f"the {self.policy} policy")
         limits.text("preset", self.preset)
-        if self.preset is not None and not self.policy.startswith("paper-"):
+        if self.preset is not None and not policy.preset:
             raise InvalidInput("--preset names the heads of the paper-high, paper-low and paper-random policies")
-        if self.policy.startswith("paper-"):  # every preset reads the model's high (and low) list: one check
+        if policy.preset:  # every preset reads the model's high (and low) list: one check
             check_paper_preset("high", *self.preset_key)
         check_exporter(self.onnx_exporter)
 
@@ -355,9 +356,9 @@ class PruneSpec:
 
     @property
     def needs_ranking(self) -> bool:
-        from surgeon.policies import RANKING_FREE
+        from surgeon.policies import POLICIES
 
-        return self.ranking is None and self.policy not in RANKING_FREE  # presets and heads skip the ranking
+        return self.ranking is None and POLICIES.get(self.policy).reads_ranking  # presets and heads skip it
 
 
 def run_prune(spec: PruneSpec, suite: ValidationSuite | None = None, quiet: bool = True) -> PruneResult:

@@ -33,7 +33,7 @@ from surgeon.errors import CorruptInput, InvalidInput, NotFound, PreconditionFai
 from surgeon.heads import HeadRef
 from surgeon.load import CHECKPOINT_SUFFIXES, LoadedModel, check_activation, normalised_source
 from surgeon.paths import atomic_file, atomic_write_text, read_json_object
-from surgeon.policies import POLICIES, RANKING_FREE, SEEDED_POLICIES, PolicyOptions, check_preset
+from surgeon.policies import POLICIES, Policy, PolicyOptions, check_preset, policy_names
 from surgeon.progress import kept_on_interrupt, progress_bar, say
 from surgeon.records import ValidationSummary
 from surgeon.retrieval import HEADLINE as RETRIEVAL_HEADLINE
@@ -44,8 +44,8 @@ TABLE_SCHEMA = "surgeon.study/1"
 PERCENT_KINDS = ("accuracy", "retrieval")  # columns shown in %: top-1, and text -> image/video R@1
 CELL_SCHEMA = "surgeon.study-cell/1"
 BASELINE = "none"  # the unpruned model: the row every change is measured against
-# debias selects by measuring on a search split, so its cells would need held-out halves of every data set
-STUDY_POLICIES = tuple(name for name in POLICIES.names() if name != "debias")
+# a measuring policy (debias) selects on a search split, so its cells would need held-out halves of every data set
+STUDY_POLICIES = tuple(policy_names(lambda p: not p.measures))
 
 if TYPE_CHECKING:
     from surgeon.rank import Ranking
@@ -78,6 +78,10 @@ class PolicySpec:
     heads: str | None = None
     concept: str | None = None
     min_ccs: int | None = None
+
+    @property
+    def selector(self) -> Policy:
+        return POLICIES.get(self.policy)
 
     def options(self, seed: int) -> dict:
         """The options that decide the heads (part of a cell's key)."""
@@ -308,8 +312,9 @@ def _policy(t: _Table) -> PolicySpec:
     if policy not in STUDY_POLICIES:
         raise _fail(t.path("policy"), f"unknown policy {limits.echo(policy)} (choose {', '.join(STUDY_POLICIES)})")
     seeds = t.count("seeds", 1, limits.MAX_SEEDS, 1)
-    if seeds > 1 and policy not in SEEDED_POLICIES:
-        raise _fail(t.path("seeds"), f"{policy} is deterministic: seeds repeats {', '.join(sorted(SEEDED_POLICIES))}")
+    if seeds > 1 and not POLICIES.get(policy).seeded:
+        seeded = ", ".join(policy_names(lambda p: p.seeded))
+        raise _fail(t.path("seeds"), f"{policy} is deterministic: seeds repeats {seeded}")
     spec = PolicySpec(
         policy=policy,
         label=t.get("label", str, policy),
@@ -627,13 +632,11 @@ class _ModelWork:
     def heads(self, p: int, seed: int) -> list[HeadRef]:
         if (p, seed) not in self._selections:
             spec = self.study.policies[p]
-            ranking = None if spec.policy in RANKING_FREE else self.ranking()
+            ranking = self.ranking() if spec.selector.reads_ranking else None
             name, tag = self.model.preset_key(self.loaded)
             options = PolicyOptions(model_name=name, pretrained=tag, **spec.options(seed))
-            if spec.policy == "random" and spec.k is None:  # the paper's control: as many as the high-CCS set
-                options.k = len(POLICIES.get("high")(ranking, PolicyOptions()).heads)
             try:
-                self._selections[(p, seed)] = POLICIES.get(spec.policy)(ranking, options).heads
+                self._selections[(p, seed)] = spec.selector.select(ranking, options).heads
             except SurgeonError as err:  # say which entry of the study, on which model
                 where = f"policies[{p}] ({spec.label}) on {self.loaded.identity}"
                 raise type(err)(f"{where}: {err.args[0]}", hint=err.hint, field=f"policies[{p}]") from None
@@ -685,7 +688,7 @@ def rank_sources(study: Study, model: str) -> tuple:
 
 def reads_ranking(study: Study, cell: Cell) -> bool:
     """The cell's policy reads the ranking, or its mode (mean) averages over the ranking's images."""
-    return cell.mode == "mean" or (cell.policy is not None and study.policies[cell.policy].policy not in RANKING_FREE)
+    return cell.mode == "mean" or (cell.policy is not None and study.policies[cell.policy].selector.reads_ranking)
 
 
 def cell_key(study: Study, cell: Cell, loaded: LoadedModel, data_id: str, rank_inputs: dict | None) -> str:
@@ -693,10 +696,10 @@ def cell_key(study: Study, cell: Cell, loaded: LoadedModel, data_id: str, rank_i
     model = study.models[cell.model]
     payload = {
         "model": loaded.forward_identity,
-        "preset": list(model.preset_key(loaded)) if spec is not None and spec.policy.startswith("paper-") else None,
+        "preset": list(model.preset_key(loaded)) if spec is not None and spec.selector.preset else None,
         "policy": BASELINE if spec is None else spec.policy,
         "options": {} if spec is None else spec.options(cell.seed),
-        "random_k": "high-CCS count" if spec is not None and spec.policy == "random" and spec.k is None else None,
+        "random_k": spec.selector.default_k if spec is not None and spec.k is None else None,
         "ranking": rank_inputs,
         "mode": cell.mode,
         "data": data_id,
@@ -827,7 +830,7 @@ def _failures(records: dict[Cell, dict]) -> list[str]:
 
 def plan_line(study: Study, wanted: list[Cell]) -> str:
     """What the run is about to do, before it pays for it: models, cells, and whether a ranking is made."""
-    ranked = any(p.policy not in RANKING_FREE for p in study.policies) or "mean" in study.modes
+    ranked = any(p.selector.reads_ranking for p in study.policies) or "mean" in study.modes
     rank = study.rank
     ranking = f"; ranks each model first (TextSpan on {rank.images or 'the toy images'})" if ranked else ""
     return (
