@@ -365,10 +365,9 @@ def run_prune(spec: PruneSpec, suite: ValidationSuite | None = None, quiet: bool
     """`suite`: one the caller built from `spec.validation` already (the service checks its manifests)."""
     from surgeon.datarecord import record_validation_data
     from surgeon.images import resolve_images
-    from surgeon.policies import PolicyOptions
     from surgeon.pools import load_pool
     from surgeon.progress import say, stage
-    from surgeon.prune import prune
+    from surgeon.prune import policy_options, prune
     from surgeon.validate import Gates
 
     needs_images = spec.needs_ranking or spec.mode == "mean"
@@ -382,16 +381,15 @@ def run_prune(spec: PruneSpec, suite: ValidationSuite | None = None, quiet: bool
     ranking = _ranking_for(
         loaded, spec.ranking, image_set if spec.needs_ranking else None, pool, spec.judge, spec.layers, quiet
     )
-    options = PolicyOptions(
+    options = policy_options(
+        loaded,
+        spec.preset_key if spec.preset else None,
         k=spec.k,
         seed=spec.seed,
         heads=spec.heads,
         concept=spec.concept,
         min_ccs=spec.min_ccs,
         max_acc_drop=spec.max_acc_drop,
-        # the preset's weights name the paper-* lists (recorded in plan.json's options and each head's reason)
-        model_name=(spec.preset_key[0] or "") if spec.preset else loaded.name,
-        pretrained=spec.preset_key[1] if spec.preset else loaded.pretrained,
     )
     stage("pruning and validating")
     return prune(

@@ -40,6 +40,14 @@ class PruneResult:
     against_chance: dict | None = None  # debias: its held-out result next to random head sets of its size
 
 
+def policy_options(loaded: LoadedModel, preset: tuple[str | None, str | None] | None = None, **choice) -> PolicyOptions:
+    """The options a policy selects with on `loaded`: the caller's `choice` (k, seed, heads...) and whose paper
+    head lists the preset policies read: `preset`'s (MODEL, TAG) when given (a checkpoint file's weights), else
+    the model's own name and tag (recorded in plan.json's options and each head's reason)."""
+    name, tag = preset if preset is not None else (loaded.name, loaded.pretrained)
+    return PolicyOptions(model_name=name or "", pretrained=tag, **choice)
+
+
 def select_heads(
     ranking: Ranking | None, policy: Policy, options: PolicyOptions, measure: DebiasData | None = None
 ) -> Selection:
@@ -94,10 +102,7 @@ def prune(
     if seeds > 1 and not chosen.seeded:
         drawn = ", ".join(policy_names(lambda p: p.seeded))
         raise InvalidInput(f"--seeds repeats a random policy ({drawn}); {policy} is deterministic")
-    if mode == "mean" and reference is None:
-        raise InvalidInput("mean ablation needs reference images")
-    if mode == "mean" and tower != "vision":
-        raise InvalidInput("mean ablation is defined for the vision tower only")
+    check_operation(mode, tower, reference)
     gates = gates or Gates()
     splits: SearchSplits | None = None
     if chosen.measures:
@@ -134,9 +139,7 @@ def prune(
             heads = select_heads(ranking, chosen, seeded).heads
             summary = evaluator.evaluate(heads)["summary"]
             seed_runs.append({"seed": seeded.seed, "heads": [h.name for h in heads], **summary})
-    means = mean_ablation(loaded, reference) if mode == "mean" and reference is not None else None
-    record = apply_surgery(loaded.model, SurgeryRequest(selection.heads, mode, tower, means))
-    loaded.weights_hash = weights_hash(loaded.model)
+    record = operate(loaded, selection.heads, mode, tower, reference)
     after = validate(loaded, suite, bar="validation after", quiet=quiet)
     before.update(model=loaded.identity)
     failures = gates.check(before, after)
@@ -207,6 +210,25 @@ def cached_from(policy: Policy, ranking: Ranking | None) -> int | None:
     if policy.preset:
         return 0
     return min(ranking.layers) if ranking is not None else None
+
+
+def check_operation(mode: str, tower: str, reference: ImageSet | None) -> None:
+    if mode == "mean" and reference is None:
+        raise InvalidInput("mean ablation needs reference images")
+    if mode == "mean" and tower != "vision":
+        raise InvalidInput("mean ablation is defined for the vision tower only")
+
+
+def operate(
+    loaded: LoadedModel, heads: list[HeadRef], mode: str, tower: str = "vision", reference: ImageSet | None = None
+) -> dict:
+    """Surgery on `loaded.model` in place (mean ablation: each head's mean over `reference`), its weights hash
+    made anew; the surgery record (surgery.json's content)."""
+    check_operation(mode, tower, reference)
+    means = mean_ablation(loaded, reference) if mode == "mean" and reference is not None else None
+    record = apply_surgery(loaded.model, SurgeryRequest(heads, mode, tower, means))
+    loaded.weights_hash = weights_hash(loaded.model)
+    return record
 
 
 def mean_ablation(loaded: LoadedModel, reference: ImageSet):

@@ -33,8 +33,9 @@ from surgeon.errors import CorruptInput, InvalidInput, NotFound, PreconditionFai
 from surgeon.heads import HeadRef
 from surgeon.load import CHECKPOINT_SUFFIXES, LoadedModel, check_activation, normalised_source
 from surgeon.paths import atomic_file, atomic_write_text, read_json_object
-from surgeon.policies import POLICIES, Policy, PolicyOptions, check_preset, policy_names
+from surgeon.policies import POLICIES, Policy, check_preset, policy_names
 from surgeon.progress import kept_on_interrupt, progress_bar, say
+from surgeon.prune import operate, policy_options, select_heads
 from surgeon.records import ValidationSummary
 from surgeon.retrieval import HEADLINE as RETRIEVAL_HEADLINE
 from surgeon.surgery import SURGERIES
@@ -60,12 +61,7 @@ class ModelSpec:
     pretrained: str | None
     label: str
     activation: str | None = None  # gelu or quickgelu (load.ACTIVATIONS); None: the config's, the tag's, or assumed
-    preset: tuple[str, str] | None = (
-        None  # (model, tag) whose paper head lists paper-* policies apply (api.check_preset)
-    )
-
-    def preset_key(self, loaded: LoadedModel) -> tuple[str, str | None]:
-        return self.preset if self.preset is not None else (loaded.name, loaded.pretrained)
+    preset: tuple[str, str] | None = None  # (model, tag) whose paper head lists the preset policies read
 
 
 @dataclass(frozen=True)
@@ -633,10 +629,9 @@ class _ModelWork:
         if (p, seed) not in self._selections:
             spec = self.study.policies[p]
             ranking = self.ranking() if spec.selector.reads_ranking else None
-            name, tag = self.model.preset_key(self.loaded)
-            options = PolicyOptions(model_name=name, pretrained=tag, **spec.options(seed))
+            options = policy_options(self.loaded, self.model.preset, **spec.options(seed))
             try:
-                self._selections[(p, seed)] = spec.selector.select(ranking, options).heads
+                self._selections[(p, seed)] = select_heads(ranking, spec.selector, options).heads
             except SurgeonError as err:  # say which entry of the study, on which model
                 where = f"policies[{p}] ({spec.label}) on {self.loaded.identity}"
                 raise type(err)(f"{where}: {err.args[0]}", hint=err.hint, field=f"policies[{p}]") from None
@@ -654,10 +649,8 @@ class _ModelWork:
         return heads, Evaluator(self._pruned_model(cell.policy, cell), suite, cache=False).evaluate()
 
     def _pruned_model(self, policy: int, cell: Cell) -> LoadedModel:
-        """hard/mean surgery on a copy of the model, made once per head set and mode."""
-        from surgeon.prune import mean_ablation
-        from surgeon.surgery import SurgeryRequest, apply_surgery
-
+        """hard/mean surgery (prune's) on a copy of the model, made once per head set and mode; mean ablation
+        averages over the ranking's images."""
         key = (policy, cell.seed, cell.mode)
         if key not in self._pruned:
             pruned = replace(
@@ -667,10 +660,8 @@ class _ModelWork:
             )
             if cell.mode == "mean":
                 self.rank_inputs()
-                means = mean_ablation(pruned, self.images)
-            else:
-                means = None
-            apply_surgery(pruned.model, SurgeryRequest(self.heads(policy, cell.seed), cell.mode, "vision", means))
+            reference = self.images if cell.mode == "mean" else None
+            operate(pruned, self.heads(policy, cell.seed), cell.mode, reference=reference)
             self._pruned = {key: pruned}  # one pruned copy at a time: a ViT-L copy is ~1.7 GB
         return self._pruned[key]
 
@@ -691,12 +682,18 @@ def reads_ranking(study: Study, cell: Cell) -> bool:
     return cell.mode == "mean" or (cell.policy is not None and study.policies[cell.policy].selector.reads_ranking)
 
 
+def preset_owner(loaded: LoadedModel, preset: tuple[str, str] | None) -> list:
+    """[model, tag] whose paper head lists a preset policy reads on `loaded` (part of its cells' keys)."""
+    options = policy_options(loaded, preset)
+    return [options.model_name, options.pretrained]
+
+
 def cell_key(study: Study, cell: Cell, loaded: LoadedModel, data_id: str, rank_inputs: dict | None) -> str:
     spec = None if cell.policy is None else study.policies[cell.policy]
     model = study.models[cell.model]
     payload = {
         "model": loaded.forward_identity,
-        "preset": list(model.preset_key(loaded)) if spec is not None and spec.selector.preset else None,
+        "preset": preset_owner(loaded, model.preset) if spec is not None and spec.selector.preset else None,
         "policy": BASELINE if spec is None else spec.policy,
         "options": {} if spec is None else spec.options(cell.seed),
         "random_k": spec.selector.default_k if spec is not None and spec.k is None else None,
