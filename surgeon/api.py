@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from surgeon import limits
+from surgeon import defaults, limits
 from surgeon.errors import InvalidInput, PreconditionFailed
 from surgeon.quantize import DEFAULT_MAX_ACCURACY_DROP, check_scheme
 
@@ -66,10 +66,6 @@ def suite_cost(suite: ValidationSuite) -> str:
     return "; ".join(parts)
 
 
-def _is_toy_images(images: str | None) -> bool:
-    return images in (None, "toy")
-
-
 @dataclass(frozen=True)
 class ValidationSpec:
     """The validation suite: files when given, else the toy world's (for the toy model only)."""
@@ -119,7 +115,7 @@ class ValidationSpec:
     def require_bias(self, what: str) -> None:
         """Refuse, before any model loads, a use that measures bias on a suite that has no bias set (the toy
         suite has its probe; files need --bias-data) or accuracy on one without a classification set."""
-        toy = self.is_toy or str(self.data) == "toy"
+        toy = self.is_toy or str(self.data) == defaults.TOY
         if self.bias_data is None and not toy:
             raise InvalidInput(
                 f"{what} needs a bias set to measure bias on",
@@ -171,7 +167,7 @@ class ModelSpec:
 
     @property
     def is_toy(self) -> bool:
-        return self.model in (None, "toy")
+        return defaults.is_toy_model(self.model)
 
     def load(self) -> LoadedModel:
         from surgeon.load import load_model
@@ -208,7 +204,7 @@ class RankSpec:
         self.model.check()
         limits.rank_options(
             self.n_images,
-            _is_toy_images(self.images),
+            defaults.toy_data(self.images),
             self.m,
             self.span_rank,
             self.batch_size,
@@ -320,7 +316,7 @@ class PruneSpec:
             self.concept,
         )
         limits.number("max_recall_drop", self.max_recall_drop, -limits.MAX_POINTS, limits.MAX_POINTS)
-        limits.rank_options(self.n_images, _is_toy_images(self.images), layers=self.layers)
+        limits.rank_options(self.n_images, defaults.toy_data(self.images), layers=self.layers)
         _check_labels(self.labels)
         if self.ranking is not None and self.k is not None:  # a ranking file: k is checked before any work
             from surgeon.policies import check_k
@@ -504,7 +500,7 @@ class SweepSpec:
             limits.count("number of counts", len(self.counts), 1, limits.MAX_SWEEP_COUNTS)
             for n in self.counts:
                 limits.count("counts", n, 0, limits.MAX_K)
-        limits.rank_options(self.n_images, _is_toy_images(self.images))
+        limits.rank_options(self.n_images, defaults.toy_data(self.images))
         limits.texts(images=self.images)
         self.validation.check()
         check_plot_format(self.plot_format)

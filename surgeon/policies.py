@@ -297,6 +297,7 @@ def check_preset(preset: str, model: str | None) -> tuple[str, str]:
     the preset architecture's shape (a -quickgelu name or a local-dir folder of it included); cheap."""
     import open_clip
 
+    from surgeon.defaults import is_toy_model
     from surgeon.load import TOY_MODEL_DIR, _local_dir
     from surgeon.paths import read_json_object
 
@@ -304,7 +305,7 @@ def check_preset(preset: str, model: str | None) -> tuple[str, str]:
     if (arch, tag) not in PAPER_HEADS:
         known = ", ".join(f"{m}/{t}" for m, t in PAPER_HEADS)
         raise InvalidInput(f"no paper preset {echo(preset)}", hint=f"presets: {known}", field="preset")
-    folder = TOY_MODEL_DIR if model in (None, "toy") else _local_dir(model)
+    folder = TOY_MODEL_DIR if is_toy_model(model) else _local_dir(model)
     if folder is not None:
         config = read_json_object(folder / "open_clip_config.json", "model config").get("model_cfg", {})
     else:

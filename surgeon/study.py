@@ -29,6 +29,7 @@ import numpy as np
 
 from surgeon import limits
 from surgeon.clipbench import finite
+from surgeon.defaults import data_for, is_toy_model, toy_data
 from surgeon.errors import CorruptInput, InvalidInput, NotFound, PreconditionFailed, SurgeonError
 from surgeon.heads import HeadRef
 from surgeon.load import CHECKPOINT_SUFFIXES, LoadedModel, check_activation, normalised_source
@@ -368,7 +369,7 @@ def _rank(t: _Table, base: Path) -> StudyRank:
     images = _path(t.get("images", str), base, t.path("images"))
     spec = StudyRank(
         images=images,
-        n_images=t.count("n_images", 1, limits.MAX_TOY_IMAGES if images in (None, "toy") else limits.MAX_IMAGES),
+        n_images=t.count("n_images", 1, limits.MAX_TOY_IMAGES if toy_data(images) else limits.MAX_IMAGES),
         texts=t.get("texts", str),
         judge=t.get("judge", str, StudyRank.judge),
         layers=t.get("layers", str),
@@ -671,10 +672,12 @@ def rank_sources(study: Study, model: str) -> tuple:
     from surgeon.images import resolve_images
     from surgeon.pools import load_pool
 
-    r, toy = study.rank, model == "toy"
-    if r.images is None and not toy:
-        raise _fail("rank.images", f"{model} is not the toy model: name the images to rank it on")
-    return resolve_images(r.images, r.n_images, model), load_pool(r.texts, toy)
+    r = study.rank
+    try:
+        images = data_for(model, r.images, "images to rank it on")
+    except InvalidInput as err:  # said of the study's entry
+        raise _fail("rank.images", err.args[0]) from None
+    return resolve_images(images, r.n_images, model), load_pool(r.texts, is_toy_model(model))
 
 
 def reads_ranking(study: Study, cell: Cell) -> bool:
