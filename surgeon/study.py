@@ -455,15 +455,14 @@ def data_identity(suite) -> str:
 
 
 def load_data(spec: DataSpec):
-    """A one-set ValidationSuite for a data set of the study (every format `--data`/`--bias-data` read)."""
+    """A one-set ValidationSuite for a data set of the study: files and the toy counterfactuals through
+    `build_suite`, as `--data`/`--bias-data` are read; one toy task or the toy probe at the study's size."""
     from surgeon.bias import bias_protocol
     from surgeon.validate import (
         TOY_COUNTERFACTUALS,
         BiasColumns,
         ValidationSuite,
-        bias_set,
         build_suite,
-        classification_set,
         retrieval_set,
         toy_suite,
     )
@@ -471,20 +470,7 @@ def load_data(spec: DataSpec):
     if spec.kind == "retrieval":
         retrieval = retrieval_set(Path(spec.path), spec.frames, spec.n)
         return ValidationSuite([], None, "files", f"{spec.name}: {spec.path}", [retrieval])
-    columns = BiasColumns(spec.attribute, spec.within, spec.groups)
-    if spec.kind == "bias" and spec.path == TOY_COUNTERFACTUALS:
-        _, desired = bias_protocol(spec.protocol, spec.desired)
-        suite = build_suite(
-            templates=Path(spec.templates) if spec.templates else None,
-            bias_data=Path(spec.path),
-            queries=Path(spec.queries) if spec.queries else None,
-            skew_k=spec.skew_k,
-            desired=desired,
-            protocol=spec.protocol,
-            bias_columns=columns,
-        )
-        return replace(suite, description=f"toy world counterfactuals ({spec.name})")
-    if spec.path.startswith("toy"):
+    if spec.path.startswith("toy") and spec.path != TOY_COUNTERFACTUALS:
         if spec.kind == "bias":
             suite = toy_suite(n_scenes=spec.n)
             _, desired = bias_protocol(spec.protocol, spec.desired)
@@ -498,15 +484,23 @@ def load_data(spec: DataSpec):
                 f"data {spec.name}: no toy task {limits.echo(factor)}", hint=f"tasks: {', '.join(tasks)}"
             )
         return ValidationSuite([tasks[factor]], None, "toy", f"toy world: test split, {factor}")
-    path = Path(spec.path)
-    classnames, templates, queries = (Path(p) if p else None for p in (spec.classnames, spec.templates, spec.queries))
-    if spec.kind == "bias":
-        if queries is None and spec.within is None:  # refused when the study was read
-            raise InvalidInput(f"data {spec.name}: a bias manifest needs its neutral queries file")
-        _, desired = bias_protocol(spec.protocol, spec.desired)
-        bias = bias_set(path, queries, templates, spec.skew_k, desired, spec.protocol, None, *columns.as_args())
-        return ValidationSuite([], bias, "files", str(path))
-    return ValidationSuite([classification_set(path, classnames, templates)], None, "files", str(path))
+    path, classnames, templates, queries = (
+        Path(p) if p else None for p in (spec.path, spec.classnames, spec.templates, spec.queries)
+    )
+    suite = build_suite(
+        data=path if spec.kind == "accuracy" else None,
+        classnames=classnames,
+        templates=templates,
+        bias_data=path if spec.kind == "bias" else None,
+        queries=queries,
+        skew_k=spec.skew_k,
+        desired=spec.desired,
+        protocol=spec.protocol,
+        bias_columns=BiasColumns(spec.attribute, spec.within, spec.groups),
+    )
+    if spec.path == TOY_COUNTERFACTUALS:
+        return replace(suite, description=f"toy world counterfactuals ({spec.name})")
+    return suite
 
 
 def _is(value: object, kind: type | tuple[type, ...]) -> bool:
