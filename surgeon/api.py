@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from surgeon import limits
+from surgeon import defaults, limits
 from surgeon.errors import InvalidInput, PreconditionFailed
 from surgeon.quantize import DEFAULT_MAX_ACCURACY_DROP, check_scheme
 
@@ -66,10 +66,6 @@ def suite_cost(suite: ValidationSuite) -> str:
     return "; ".join(parts)
 
 
-def _is_toy_images(images: str | None) -> bool:
-    return images in (None, "toy")
-
-
 @dataclass(frozen=True)
 class ValidationSpec:
     """The validation suite: files when given, else the toy world's (for the toy model only)."""
@@ -119,7 +115,7 @@ class ValidationSpec:
     def require_bias(self, what: str) -> None:
         """Refuse, before any model loads, a use that measures bias on a suite that has no bias set (the toy
         suite has its probe; files need --bias-data) or accuracy on one without a classification set."""
-        toy = self.is_toy or str(self.data) == "toy"
+        toy = self.is_toy or str(self.data) == defaults.TOY
         if self.bias_data is None and not toy:
             raise InvalidInput(
                 f"{what} needs a bias set to measure bias on",
@@ -171,7 +167,7 @@ class ModelSpec:
 
     @property
     def is_toy(self) -> bool:
-        return self.model in (None, "toy")
+        return defaults.is_toy_model(self.model)
 
     def load(self) -> LoadedModel:
         from surgeon.load import load_model
@@ -208,7 +204,7 @@ class RankSpec:
         self.model.check()
         limits.rank_options(
             self.n_images,
-            _is_toy_images(self.images),
+            defaults.toy_data(self.images),
             self.m,
             self.span_rank,
             self.batch_size,
@@ -303,7 +299,8 @@ class PruneSpec:
         from surgeon.surgery import SURGERIES
 
         self.model.check()
-        POLICIES.get(self.policy), SURGERIES.get(self.mode)
+        policy = POLICIES.get(self.policy)
+        SURGERIES.get(self.mode)
         _choice("tower", self.tower, TOWERS)
         _choice("export format", self.export, EXPORT_FORMATS)
         limits.prune_options(
@@ -319,7 +316,7 @@ class PruneSpec:
             self.concept,
         )
         limits.number("max_recall_drop", self.max_recall_drop, -limits.MAX_POINTS, limits.MAX_POINTS)
-        limits.rank_options(self.n_images, _is_toy_images(self.images), layers=self.layers)
+        limits.rank_options(self.n_images, defaults.toy_data(self.images), layers=self.layers)
         _check_labels(self.labels)
         if self.ranking is not None and self.k is not None:  # a ranking file: k is checked before any work
             from surgeon.policies import check_k
@@ -331,12 +328,12 @@ class PruneSpec:
         JUDGES.get(self.judge)
         if self.heads:
             parse_heads(self.heads)  # malformed heads fail now
-        if self.policy == "debias":
-            self.validation.require_bias("the debias policy")
+        if policy.measures:
+            self.validation.require_bias(f"the {self.policy} policy")
         limits.text("preset", self.preset)
-        if self.preset is not None and not self.policy.startswith("paper-"):
+        if self.preset is not None and not policy.preset:
             raise InvalidInput("--preset names the heads of the paper-high, paper-low and paper-random policies")
-        if self.policy.startswith("paper-"):  # every preset reads the model's high (and low) list: one check
+        if policy.preset:  # every preset reads the model's high (and low) list: one check
             check_paper_preset("high", *self.preset_key)
         check_exporter(self.onnx_exporter)
 
@@ -355,19 +352,18 @@ class PruneSpec:
 
     @property
     def needs_ranking(self) -> bool:
-        from surgeon.policies import RANKING_FREE
+        from surgeon.policies import POLICIES
 
-        return self.ranking is None and self.policy not in RANKING_FREE  # presets and heads skip the ranking
+        return self.ranking is None and POLICIES.get(self.policy).reads_ranking  # presets and heads skip it
 
 
 def run_prune(spec: PruneSpec, suite: ValidationSuite | None = None, quiet: bool = True) -> PruneResult:
     """`suite`: one the caller built from `spec.validation` already (the service checks its manifests)."""
     from surgeon.datarecord import record_validation_data
     from surgeon.images import resolve_images
-    from surgeon.policies import PolicyOptions
     from surgeon.pools import load_pool
     from surgeon.progress import say, stage
-    from surgeon.prune import prune
+    from surgeon.prune import policy_options, prune
     from surgeon.validate import Gates
 
     needs_images = spec.needs_ranking or spec.mode == "mean"
@@ -381,16 +377,15 @@ def run_prune(spec: PruneSpec, suite: ValidationSuite | None = None, quiet: bool
     ranking = _ranking_for(
         loaded, spec.ranking, image_set if spec.needs_ranking else None, pool, spec.judge, spec.layers, quiet
     )
-    options = PolicyOptions(
+    options = policy_options(
+        loaded,
+        spec.preset_key if spec.preset else None,
         k=spec.k,
         seed=spec.seed,
         heads=spec.heads,
         concept=spec.concept,
         min_ccs=spec.min_ccs,
         max_acc_drop=spec.max_acc_drop,
-        # the preset's weights name the paper-* lists (recorded in plan.json's options and each head's reason)
-        model_name=(spec.preset_key[0] or "") if spec.preset else loaded.name,
-        pretrained=spec.preset_key[1] if spec.preset else loaded.pretrained,
     )
     stage("pruning and validating")
     return prune(
@@ -505,7 +500,7 @@ class SweepSpec:
             limits.count("number of counts", len(self.counts), 1, limits.MAX_SWEEP_COUNTS)
             for n in self.counts:
                 limits.count("counts", n, 0, limits.MAX_K)
-        limits.rank_options(self.n_images, _is_toy_images(self.images))
+        limits.rank_options(self.n_images, defaults.toy_data(self.images))
         limits.texts(images=self.images)
         self.validation.check()
         check_plot_format(self.plot_format)

@@ -132,9 +132,9 @@ def selection_sentence(plan: Plan) -> str:
     line), and a CCS ranking only when the policy read one (`heads` and the paper's presets read none)."""
     from surgeon.policies import POLICIES
 
-    doc = (POLICIES.get(plan.policy).__doc__ or "") if plan.policy in POLICIES else ""
-    described = doc.strip().splitlines()[0].rstrip(".") if doc.strip() else ""
-    if plan.policy == "heads":
+    policy = POLICIES.get(plan.policy) if plan.policy in POLICIES else None
+    described = policy.description.rstrip(".") if policy is not None else ""
+    if policy is not None and policy.listed:
         described = f"listed by the user: {', '.join(h.head for h in plan.heads)}"
     sentence = f"{len(plan.heads)} head(s) of the {plan.tower} tower were chosen by the `{plan.policy}` policy"
     sentence += f" ({described[0].lower() + described[1:]})" if described else ""

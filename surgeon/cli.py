@@ -33,6 +33,7 @@ from surgeon.api import (
     run_validate,
 )
 from surgeon.errors import StorageError, SurgeonError
+from surgeon.policies import POLICIES
 from surgeon.progress import kept_after_interrupt
 from surgeon.runtime.cli import infer, serve_model, triton_repo
 
@@ -327,13 +328,7 @@ def prune(
     pretrained: PretrainedOpt = None,
     activation: ActivationOpt = None,
     ranking: RankingOpt = None,
-    policy: Annotated[
-        str,
-        typer.Option(
-            help="top-k, bottom-k, high, low, random, equal-high, equal-low, heads, concept, threshold, debias, "
-            "paper-high, paper-low, paper-random, paper-equal-high, paper-equal-low"
-        ),
-    ] = PruneSpec.policy,
+    policy: Annotated[str, typer.Option(help=", ".join(POLICIES.names()))] = PruneSpec.policy,
     k: Annotated[int | None, typer.Option(help="number of heads (top-k, bottom-k, random; budget for debias)")] = None,
     heads: Annotated[str | None, typer.Option(help="explicit heads, e.g. L11.H5,L10.H8")] = None,
     preset: Annotated[

@@ -1,20 +1,52 @@
 """The embedded defaults: the one place a stage asks for the toy world's data (images, text pool, zero-shot
-tasks, bias probe) when the user names none. The world is imported only when asked, so stages that never
-fall back to it do not load it; it needs only numpy and PIL, so the torch-free runtime asks here too."""
+tasks, bias probe) when the user names none, and the one statement of when it may: no data given means the
+toy world's, for the toy model only. The world is imported only when asked, so stages that never fall back to
+it do not load it; it needs only numpy and PIL, so the torch-free runtime asks here too, and the rule itself
+is light enough for the CLI's start-up."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-import numpy as np
+from typing import TYPE_CHECKING, Literal
 
 from surgeon import limits
-from surgeon.errors import PreconditionFailed
+from surgeon.errors import InvalidInput, PreconditionFailed
 
 if TYPE_CHECKING:
+    import numpy as np
+    from typing_extensions import TypeIs  # typing's own from Python 3.13; checkers only
+
     from surgeon.toy.world import BiasProbe, ZeroShotTask
+
+#: the bundled model's name, and the name that asks for the toy world's data (images, pool, suite)
+TOY = "toy"
+
+
+def is_toy_model(model: str | None) -> TypeIs[Literal["toy"] | None]:
+    """`model` names the bundled toy model (no model named is the toy)."""
+    return model in (None, TOY)
+
+
+def toy_data(given: str | None) -> bool:
+    """The toy world's data is named, or nothing is (sizes then take the toy's bounds)."""
+    return given is None or str(given) == TOY
+
+
+def data_for(model: str | None, given: str | None, what: str, hint: str | None = None) -> str:
+    """The data a stage reads: what was given, else the toy world's (TOY) for the toy model only. A real model
+    measured on 48 px toy shapes gives numbers that look fine and mean nothing, so it must be asked for."""
+    if given is not None:
+        return given
+    if not is_toy_model(model):
+        raise InvalidInput(f"{model} is not the toy model: name the {what}", hint=hint)
+    return TOY
+
+
+def text_pool_for(toy_model: bool, given: str | None) -> str:
+    """The text pool TextSpan ranks with: the given one, else the toy world's for the toy model, else the
+    general pool (a pool describes images, so it has a default for real models too)."""
+    return given or (TOY if toy_model else "general")
 
 
 def toy_images(n: int, split: str = "val", seed: int = 0) -> np.ndarray:

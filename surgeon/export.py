@@ -561,11 +561,11 @@ def _quantization_suite(run_dir: Path, model: str, measure_on: ValidationSuite |
     """What int8 is measured on: the data named, else the data the run recorded (its hashes checked); the toy
     model's runs from before the record use the toy suite they were validated on."""
     from surgeon.datarecord import recorded_suite
-    from surgeon.load import TOY_MODEL_NAME
+    from surgeon.defaults import is_toy_model
     from surgeon.validate import build_suite
 
     if measure_on is not None:
         return measure_on
-    if model == TOY_MODEL_NAME and not (run_dir / DATA_RECORD).is_file():
+    if is_toy_model(model) and not (run_dir / DATA_RECORD).is_file():
         return build_suite(model=model)
     return recorded_suite(run_dir, model)

@@ -85,15 +85,10 @@ def toy_images(n: int, split: str = "val", seed: int = 0) -> ImageSet:
 
 
 def resolve_images(spec: str | None, n_images: int | None, model: str | None = None) -> ImageSet:
-    """`"toy"` -> the toy world's held-out images, anything else a folder. `None` means "toy" only for the toy
-    model (`model` None or "toy"): a real model ranked on 48 px toy shapes gives a ranking that looks fine and
-    means nothing, so it must be asked for."""
-    if spec is None and model not in (None, "toy"):
-        raise InvalidInput(
-            f"{model} is not the toy model: name the images to rank it on",
-            hint="pass --images FOLDER (your photos, any image files), or --images toy for the toy world",
-        )
-    limits.images(n_images, spec in (None, "toy"))  # 0 is not "the default", and a huge count must not allocate
-    if spec is None or spec == "toy":
+    """`"toy"` -> the toy world's held-out images, anything else a folder; `None`: defaults.data_for."""
+    hint = "pass --images FOLDER (your photos, any image files), or --images toy for the toy world"
+    spec = defaults.data_for(model, spec, "images to rank it on", hint)
+    limits.images(n_images, spec == defaults.TOY)  # 0 is not "the default", and a huge count must not allocate
+    if spec == defaults.TOY:
         return toy_images(n_images or 2000)
     return folder_images(Path(spec), n_images)

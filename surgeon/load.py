@@ -20,14 +20,14 @@ from typing import Any
 
 import torch
 
-from surgeon import limits
+from surgeon import defaults, limits
 from surgeon.errors import CorruptInput, InvalidInput, NotFound, PreconditionFailed
 from surgeon.hooks import embed_dim, encode_text, image_size
 from surgeon.limits import echo
 from surgeon.paths import read_json_object
 
 TOY_MODEL_DIR = Path(__file__).parent / "toy" / "model"
-TOY_MODEL_NAME = "toy"
+TOY_MODEL_NAME = defaults.TOY
 CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
@@ -83,7 +83,7 @@ class LoadedModel:
 
     @property
     def is_toy(self) -> bool:
-        return self.name == TOY_MODEL_NAME
+        return defaults.is_toy_model(self.name)
 
     def encode_text(self, texts: list[str], batch_size: int = 256, advance=None) -> torch.Tensor:
         """L2-normalised text embeddings, batched (the TextSpan pool can hold thousands of lines);
@@ -375,7 +375,7 @@ def load_model(
 
     device = parse_device(device)
     forced = check_activation(activation)
-    if pretrained and (model is None or model == TOY_MODEL_NAME):
+    if pretrained and defaults.is_toy_model(model):
         raise InvalidInput(
             "--pretrained needs --model: the bundled toy model takes no other weights",
             hint="name the architecture, e.g. --model ViT-B-32 --pretrained FILE",
@@ -386,7 +386,7 @@ def load_model(
             hint="drop --pretrained, or pass an architecture name with --model",
         )
     folder: Path | None
-    if model is None or model == TOY_MODEL_NAME:
+    if defaults.is_toy_model(model):
         if not (TOY_MODEL_DIR / "open_clip_config.json").is_file():
             raise NotFound(
                 "the bundled toy model is missing from this installation",

@@ -8,15 +8,17 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from surgeon.bias import bias_metrics, resampled_skews, unit_weights
 from surgeon.errors import InvalidInput, NotFound
 from surgeon.heads import HeadRef, parse_heads
 from surgeon.limits import echo
-from surgeon.rank import HeadRank, Ranking
 from surgeon.registry import Registry
+
+if TYPE_CHECKING:  # the registry stays light to import: the CLI's help lists it at start-up
+    import numpy as np
+
+    from surgeon.rank import HeadRank, Ranking
 
 # High-CCS and low-CCS heads found in the paper (docs/METHOD.md §5), keyed by (open_clip name, pretrained tag).
 PAPER_HEADS: dict[tuple[str, str], dict[str, str]] = {
@@ -75,9 +77,56 @@ class PolicyOptions:
             raise InvalidInput(f"k={self.k} out of range: k must be at least 1")
 
 
-POLICIES: Registry = Registry("policy")
-#: policies that never read the ranking: `prune` skips ranking for them (minutes on a real model)
-RANKING_FREE = frozenset({"heads", "paper-high", "paper-low", "paper-random", "paper-equal-high", "paper-equal-low"})
+#: a policy's selection: (ranking, options) -> heads; the ranking is None only for one that does not read it
+Choose = Callable[[Any, PolicyOptions], Selection]
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A pruning policy and what its callers need to know about it, asked instead of its name."""
+
+    name: str
+    choose: Choose
+    options: tuple[str, ...] = ()  # the request fields it reads (ListPolicies tells a client to set them)
+    reads_ranking: bool = True  # False: `prune` skips ranking for it (minutes on a real model)
+    seeded: bool = False  # draws with `seed`, so `--seeds N` can average N draws
+    preset: bool = False  # names the paper's heads for the model (any layer: no cached prefix; --preset)
+    measures: bool = False  # selects by measuring bias and accuracy on a search split of the validation data
+    default_k: str | None = None  # what k is when not given, in words (part of a study cell's key)
+    listed: bool = False  # the user lists the heads (a model card names them rather than a rule)
+
+    @property
+    def description(self) -> str:
+        """The first line of its docstring: what it selects."""
+        doc = (self.choose.__doc__ or "").strip()
+        return doc.splitlines()[0] if doc else ""
+
+    def check_ranking(self, ranking: Ranking | None) -> None:
+        if ranking is None and self.reads_ranking:
+            raise InvalidInput(f"the {self.name} policy needs a ranking", hint="rank first, or pass --ranking")
+
+    def select(self, ranking: Ranking | None, options: PolicyOptions) -> Selection:
+        """The heads to prune (a measuring policy measures on `options.measure`)."""
+        self.check_ranking(ranking)
+        return self.choose(ranking, options)
+
+
+POLICIES: Registry[Policy] = Registry("policy")
+
+
+def policy(name: str, options: tuple[str, ...] = (), **traits) -> Callable[[Choose], Choose]:
+    """Register `choose` as the policy `name` with its traits (Policy's fields)."""
+
+    def register(choose: Choose) -> Choose:
+        POLICIES.register(name, options)(Policy(name, choose, options, **traits))
+        return choose
+
+    return register
+
+
+def policy_names(trait: Callable[[Policy], bool]) -> list[str]:
+    """The registered policies that have a trait, e.g. `policy_names(lambda p: p.seeded)` (for messages)."""
+    return [name for name in POLICIES.names() if trait(POLICIES.get(name))]
 
 
 def _ref(h: HeadRank) -> HeadRef:
@@ -107,7 +156,7 @@ def _select(heads: list[HeadRank], why: Callable[[HeadRank], str], empty: str) -
     return Selection([_ref(h) for h in heads], {h.name: why(h) for h in heads})
 
 
-@POLICIES.register("top-k", options=("k",))
+@policy("top-k", options=("k",))
 def top_k(ranking: Ranking, options: PolicyOptions) -> Selection:
     """The k heads with the highest CCS."""
     order = ranking.sorted_heads()
@@ -115,7 +164,7 @@ def top_k(ranking: Ranking, options: PolicyOptions) -> Selection:
     return _select(order[:k], lambda h: f"{_describe(h)}, top {k} by CCS", "no heads")
 
 
-@POLICIES.register("bottom-k", options=("k",))
+@policy("bottom-k", options=("k",))
 def bottom_k(ranking: Ranking, options: PolicyOptions) -> Selection:
     """The k heads with the lowest CCS."""
     order = sorted(ranking.heads, key=lambda h: (h.ccs, h.variance, h.layer, h.head))
@@ -123,25 +172,27 @@ def bottom_k(ranking: Ranking, options: PolicyOptions) -> Selection:
     return _select(order[:k], lambda h: f"{_describe(h)}, bottom {k} by CCS", "no heads")
 
 
-@POLICIES.register("high")
+@policy("high")
 def high(ranking: Ranking, options: PolicyOptions) -> Selection:
     """Every head with the maximum CCS (= m)."""
     heads = [h for h in ranking.sorted_heads() if h.ccs == ranking.m]
     return _select(heads, lambda h: f"{_describe(h)}: high-CCS (= {ranking.m})", "no head has the maximum CCS")
 
 
-@POLICIES.register("low")
+@policy("low")
 def low(ranking: Ranking, options: PolicyOptions) -> Selection:
     """Every head with CCS <= 1."""
     heads = [h for h in ranking.sorted_heads() if h.ccs <= 1]
     return _select(heads, lambda h: f"{_describe(h)}: low-CCS (<= 1)", "no head has CCS <= 1")
 
 
-@POLICIES.register("random", options=("k", "seed", "seeds"))
+@policy("random", options=("k", "seed", "seeds"), seeded=True, default_k="high-CCS count")
 def random_heads(ranking: Ranking, options: PolicyOptions) -> Selection:
-    """k random heads that are not high-CCS (the paper's control), drawn with `seed`."""
+    """k random heads that are not high-CCS (the paper's control), drawn with `seed`.
+
+    Without k, as many as the high-CCS set (the paper's control)."""
     pool = [h for h in ranking.sorted_heads() if h.ccs < ranking.m]
-    k = _k(options, ranking)
+    k = _k(options, ranking) if options.k is not None else len(high(ranking, options).heads)
     if k > len(pool):
         raise InvalidInput(f"k={k} but only {len(pool)} heads are not high-CCS")
     chosen = random.Random(options.seed).sample(pool, k)
@@ -170,19 +221,19 @@ def _ranking_lists(ranking: Ranking) -> tuple[list[HeadRef], list[HeadRef]]:
     return [_ref(h) for h in heads if h.ccs == ranking.m], [_ref(h) for h in heads if h.ccs <= 1]
 
 
-@POLICIES.register("equal-high", options=("seed", "seeds"))
+@policy("equal-high", options=("seed", "seeds"), seeded=True)
 def equal_high(ranking: Ranking, options: PolicyOptions) -> Selection:
     """min(#high, #low) high-CCS heads (the paper's equal budgets; drawn with `seed` if there are more)."""
     return _equal_budget("high", *_ranking_lists(ranking), options.seed, "ranking's")
 
 
-@POLICIES.register("equal-low", options=("seed", "seeds"))
+@policy("equal-low", options=("seed", "seeds"), seeded=True)
 def equal_low(ranking: Ranking, options: PolicyOptions) -> Selection:
     """min(#high, #low) low-CCS heads (the paper's equal budgets; drawn with `seed` if there are more)."""
     return _equal_budget("low", *_ranking_lists(ranking), options.seed, "ranking's")
 
 
-@POLICIES.register("heads", options=("heads",))
+@policy("heads", options=("heads",), reads_ranking=False, listed=True)
 def explicit(ranking: Ranking | None, options: PolicyOptions) -> Selection:
     """The heads listed in `heads`."""
     if not options.heads:
@@ -195,7 +246,7 @@ def explicit(ranking: Ranking | None, options: PolicyOptions) -> Selection:
     return Selection(refs, reasons)
 
 
-@POLICIES.register("concept", options=("concept",))
+@policy("concept", options=("concept",))
 def concept(ranking: Ranking, options: PolicyOptions) -> Selection:
     """Every head labelled with `concept`."""
     if not options.concept:
@@ -209,7 +260,7 @@ def concept(ranking: Ranking, options: PolicyOptions) -> Selection:
     return _select(heads, lambda h: f"labelled {h.label} (CCS {h.ccs})", "no heads")
 
 
-@POLICIES.register("threshold", options=("min_ccs",))
+@policy("threshold", options=("min_ccs",))
 def threshold(ranking: Ranking, options: PolicyOptions) -> Selection:
     """Every head with CCS >= min_ccs."""
     if options.min_ccs is None:
@@ -218,14 +269,6 @@ def threshold(ranking: Ranking, options: PolicyOptions) -> Selection:
         raise InvalidInput(f"--min-ccs must be between 0 and {ranking.m}")
     heads = [h for h in ranking.sorted_heads() if h.ccs >= options.min_ccs]
     return _select(heads, lambda h: f"{_describe(h)} >= {options.min_ccs}", f"no head has CCS >= {options.min_ccs}")
-
-
-# Policies that draw with --seed, so `--seeds N` can average N draws.
-SEEDED_POLICIES = frozenset(
-    {"random", "paper-random", "equal-high", "equal-low", "paper-equal-high", "paper-equal-low"}
-)
-# Policies that name heads outside the ranking's layers: their validation cannot reuse a cached prefix.
-PRESET_POLICIES = frozenset({"paper-high", "paper-low", "paper-random", "paper-equal-high", "paper-equal-low"})
 
 
 def check_paper_preset(which: str, model: str | None, pretrained: str | None) -> str:
@@ -254,6 +297,7 @@ def check_preset(preset: str, model: str | None) -> tuple[str, str]:
     the preset architecture's shape (a -quickgelu name or a local-dir folder of it included); cheap."""
     import open_clip
 
+    from surgeon.defaults import is_toy_model
     from surgeon.load import TOY_MODEL_DIR, _local_dir
     from surgeon.paths import read_json_object
 
@@ -261,7 +305,7 @@ def check_preset(preset: str, model: str | None) -> tuple[str, str]:
     if (arch, tag) not in PAPER_HEADS:
         known = ", ".join(f"{m}/{t}" for m, t in PAPER_HEADS)
         raise InvalidInput(f"no paper preset {echo(preset)}", hint=f"presets: {known}", field="preset")
-    folder = TOY_MODEL_DIR if model in (None, "toy") else _local_dir(model)
+    folder = TOY_MODEL_DIR if is_toy_model(model) else _local_dir(model)
     if folder is not None:
         config = read_json_object(folder / "open_clip_config.json", "model config").get("model_cfg", {})
     else:
@@ -283,13 +327,13 @@ def _paper(which: str, options: PolicyOptions) -> Selection:
     return Selection(refs, {r.name: f"paper's {which}-CCS set for {key[0]}/{key[1]}" for r in refs})
 
 
-@POLICIES.register("paper-high")
+@policy("paper-high", reads_ranking=False, preset=True)
 def paper_high(ranking: Ranking | None, options: PolicyOptions) -> Selection:
     """The paper's high-CCS heads for this model (presets for a few open_clip models)."""
     return _paper("high", options)
 
 
-@POLICIES.register("paper-low")
+@policy("paper-low", reads_ranking=False, preset=True)
 def paper_low(ranking: Ranking | None, options: PolicyOptions) -> Selection:
     """The paper's low-CCS heads for this model."""
     return _paper("low", options)
@@ -300,19 +344,19 @@ def _paper_lists(options: PolicyOptions) -> tuple[list[HeadRef], list[HeadRef]]:
     return parse_heads(check_paper_preset("high", *key).split()), parse_heads(check_paper_preset("low", *key).split())
 
 
-@POLICIES.register("paper-equal-high", options=("seed", "seeds"))
+@policy("paper-equal-high", options=("seed", "seeds"), reads_ranking=False, seeded=True, preset=True)
 def paper_equal_high(ranking: Ranking | None, options: PolicyOptions) -> Selection:
     """min(#high, #low) of the paper's high-CCS heads for this model (its experiment 3, equal budgets)."""
     return _equal_budget("high", *_paper_lists(options), options.seed, "paper's")
 
 
-@POLICIES.register("paper-equal-low", options=("seed", "seeds"))
+@policy("paper-equal-low", options=("seed", "seeds"), reads_ranking=False, seeded=True, preset=True)
 def paper_equal_low(ranking: Ranking | None, options: PolicyOptions) -> Selection:
     """min(#high, #low) of the paper's low-CCS heads for this model (its experiment 3, equal budgets)."""
     return _equal_budget("low", *_paper_lists(options), options.seed, "paper's")
 
 
-@POLICIES.register("paper-random", options=("seed", "seeds"))
+@policy("paper-random", options=("seed", "seeds"), reads_ranking=False, seeded=True, preset=True)
 def paper_random(ranking: Ranking, options: PolicyOptions) -> Selection:
     """The paper's random control for this model: as many random heads as its high-CCS set, excluding that set.
 
@@ -353,12 +397,16 @@ class BiasMeasure:
 
     def score(self, heads: list[HeadRef], weights: np.ndarray) -> Score:
         """The objective (point estimate and one value per bootstrap resample `weights`), and MaxSkew@k."""
+        from surgeon.bias import bias_metrics, resampled_skews
+
         sim = self.similarity(heads)
         metrics = bias_metrics(sim, self.groups, self.n_groups, self.k, self.desired, self.protocol)
         draws = resampled_skews(sim, self.groups, self.n_groups, weights, self.k, self.desired, self.protocol)
         return Score(metrics[SEARCH_OBJECTIVE], draws[SEARCH_OBJECTIVE].mean(1), metrics[f"max_skew@{self.k}"])
 
     def resamples(self, n: int, seed: int) -> np.ndarray:
+        from surgeon.bias import unit_weights
+
         return unit_weights(self.units, len(self.groups), n, seed)
 
 
@@ -390,7 +438,7 @@ def debias_bound(n_heads: int, budget: int, candidates: int) -> int:
     return (1 + n_heads + greedy) + (1 + budget) + (1 + budget + pool)
 
 
-@POLICIES.register("debias", options=("k", "max_acc_drop", "seed"))
+@policy("debias", options=("k", "max_acc_drop", "seed"), measures=True, default_k="at most 4")
 def debias(ranking: Ranking, options: PolicyOptions) -> Selection:
     """Greedy, held-out-checked: heads whose removal lowers bias reliably, within an accuracy budget (needs a bias set).
 
@@ -400,6 +448,8 @@ def debias(ranking: Ranking, options: PolicyOptions) -> Selection:
     resamples of the search split (stability), and keeps it only if it lowers the stop split's NDKL by more
     than that gain's bootstrap standard error, within k heads (default 4) and a mean accuracy drop on the
     search split (default 1 point). `seed` draws the resamples (and, in `prune`, the splits)."""
+    import numpy as np
+
     data = options.measure
     if data is None:
         raise InvalidInput("the debias policy needs a validation set to measure bias and accuracy on")

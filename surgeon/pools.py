@@ -32,11 +32,11 @@ def read_taxonomy(path: Path) -> dict:
 
 
 def load_pool(spec: str | None, toy: bool, taxonomy: str | None = None) -> TextPool:
-    """`None` -> "toy" for the toy model, "general" otherwise; "general", "toy", or a file path.
+    """ "general", "toy", or a file path; `None`: defaults.text_pool_for (`toy`: the model is the toy).
     The taxonomy is the pool's own (a file pool uses the general one) unless `taxonomy` names a file."""
-    spec = spec or ("toy" if toy else "general")
+    spec = defaults.text_pool_for(toy, spec)
     general_taxonomy = DATA / "taxonomies" / "general.json"
-    if spec == "toy":
+    if spec == defaults.TOY:
         lines, own_taxonomy = defaults.toy_pool()
         name = "toy"
     elif spec == "general":

@@ -19,16 +19,7 @@ from surgeon.hooks import vision_tower
 from surgeon.images import ImageSet
 from surgeon.load import LoadedModel, weights_hash
 from surgeon.paths import atomic_dir
-from surgeon.policies import (
-    POLICIES,
-    PRESET_POLICIES,
-    RANKING_FREE,
-    SEEDED_POLICIES,
-    DebiasData,
-    PolicyOptions,
-    Selection,
-    debias_bound,
-)
+from surgeon.policies import POLICIES, DebiasData, Policy, PolicyOptions, Selection, debias_bound, policy_names
 from surgeon.progress import progress_bar
 from surgeon.rank import Ranking
 from surgeon.records import Plan, PlannedHead
@@ -49,14 +40,19 @@ class PruneResult:
     against_chance: dict | None = None  # debias: its held-out result next to random head sets of its size
 
 
+def policy_options(loaded: LoadedModel, preset: tuple[str | None, str | None] | None = None, **choice) -> PolicyOptions:
+    """The options a policy selects with on `loaded`: the caller's `choice` (k, seed, heads...) and whose paper
+    head lists the preset policies read: `preset`'s (MODEL, TAG) when given (a checkpoint file's weights), else
+    the model's own name and tag (recorded in plan.json's options and each head's reason)."""
+    name, tag = preset if preset is not None else (loaded.name, loaded.pretrained)
+    return PolicyOptions(model_name=name or "", pretrained=tag, **choice)
+
+
 def select_heads(
-    ranking: Ranking | None, policy: str, options: PolicyOptions, measure: DebiasData | None = None
+    ranking: Ranking | None, policy: Policy, options: PolicyOptions, measure: DebiasData | None = None
 ) -> Selection:
-    """`measure`: the search and stop splits the debias policy measures on (never the report split)."""
-    impl = POLICIES.get(policy)
-    if policy == "debias":
-        options.measure = measure
-    return impl(ranking, options)
+    """`measure`: the search and stop splits a measuring policy selects on (never the report split)."""
+    return policy.select(ranking, replace(options, measure=measure) if policy.measures else options)
 
 
 def prune(
@@ -86,8 +82,7 @@ def prune(
     another, and the before/after validation, the gates, every reported figure and the comparison with random
     head sets of the same size (`against_chance`) come from the third, which selection never touches. Other
     policies validate on the whole suite. `ranking` may be None for the policies that do not read one
-    (RANKING_FREE: the paper's presets, an explicit list of heads). `language` is recorded in the
-    clip_benchmark result files;
+    (the paper's presets, an explicit list of heads). `language` is recorded in the clip_benchmark result files;
     `data_record` (surgeon.datarecord) in validation_data.json, for measuring the run's exports again."""
     from surgeon.export import export_run
 
@@ -96,40 +91,35 @@ def prune(
             "this model is already hard-pruned: its layout would have to be merged with a second pruning",
             hint="prune the original checkpoint once, with every head to remove (e.g. --policy heads)",
         )
-    if ranking is None and policy not in RANKING_FREE:
-        raise InvalidInput(f"the {policy} policy needs a ranking", hint="rank first, or pass --ranking")
+    chosen = POLICIES.get(policy)
+    chosen.check_ranking(ranking)
     if ranking is not None:
         ranking.check_model(loaded)
     if seeds < 1:
         raise InvalidInput("--seeds must be at least 1")
-    if policy == "debias" or seeds > 1:
-        suite.require_accuracy("debias" if policy == "debias" else "--seeds")
-    if seeds > 1 and policy not in SEEDED_POLICIES:
-        raise InvalidInput(
-            f"--seeds repeats a random policy ({', '.join(sorted(SEEDED_POLICIES))}); {policy} is deterministic"
-        )
-    if mode == "mean" and reference is None:
-        raise InvalidInput("mean ablation needs reference images")
-    if mode == "mean" and tower != "vision":
-        raise InvalidInput("mean ablation is defined for the vision tower only")
+    if chosen.measures or seeds > 1:
+        suite.require_accuracy(policy if chosen.measures else "--seeds")
+    if seeds > 1 and not chosen.seeded:
+        drawn = ", ".join(policy_names(lambda p: p.seeded))
+        raise InvalidInput(f"--seeds repeats a random policy ({drawn}); {policy} is deterministic")
+    check_operation(mode, tower, reference)
     gates = gates or Gates()
     splits: SearchSplits | None = None
-    if policy == "debias":
+    if chosen.measures:
         splits = suite.split_for_search(seed=options.seed)
         suite = splits.report  # every figure below, the gates' too, comes from the split selection never saw
     gates.check_measurable(suite)
-    # presets may name any layer (paper-random draws anew per seed): no cached prefix for them
-    first_layer = 0 if policy in PRESET_POLICIES else min(ranking.layers) if ranking is not None else None
+    first_layer = cached_from(chosen, ranking)
     if splits is not None:
-        assert ranking is not None and first_layer is not None  # RANKING_FREE holds no debias
+        assert ranking is not None and first_layer is not None  # a measuring policy reads the ranking: checked
         budget = options.k if options.k is not None else min(4, len(ranking.heads))
         bound = debias_bound(len(ranking.heads), budget, options.candidates)
-        with progress_bar(f"debias search (at most {bound} head sets)", bound, quiet) as advance:
+        with progress_bar(f"{policy} search (at most {bound} head sets)", bound, quiet) as advance:
             selection = select_heads(
-                ranking, policy, options, search_data(loaded, splits, first_layer, search_images, advance)
+                ranking, chosen, options, search_data(loaded, splits, first_layer, search_images, advance)
             )
     else:
-        selection = select_heads(ranking, policy, options)
+        selection = select_heads(ranking, chosen, options)
     if first_layer is None:
         first_layer = min(h.layer for h in selection.heads)
     evaluator = Evaluator(loaded, suite, first_layer, cache=seeds > 1 or splits is not None, deep=splits is not None)
@@ -145,13 +135,11 @@ def prune(
     seed_runs = []
     if seeds > 1:  # the paper's control: average the random policy over seeds (zero ablation, measured)
         for offset in range(seeds):
-            seeded = replace(options, seed=options.seed + offset, measure=None)
-            heads = POLICIES.get(policy)(ranking, seeded).heads
+            seeded = replace(options, seed=options.seed + offset)
+            heads = select_heads(ranking, chosen, seeded).heads
             summary = evaluator.evaluate(heads)["summary"]
             seed_runs.append({"seed": seeded.seed, "heads": [h.name for h in heads], **summary})
-    means = mean_ablation(loaded, reference) if mode == "mean" and reference is not None else None
-    record = apply_surgery(loaded.model, SurgeryRequest(selection.heads, mode, tower, means))
-    loaded.weights_hash = weights_hash(loaded.model)
+    record = operate(loaded, selection.heads, mode, tower, reference)
     after = validate(loaded, suite, bar="validation after", quiet=quiet)
     before.update(model=loaded.identity)
     failures = gates.check(before, after)
@@ -213,6 +201,34 @@ def prune(
                     **(export_options or {}),
                 )
     return PruneResult(out_dir, plan, before, after, failures, exported and out_dir is not None, seed_runs, chance)
+
+
+def cached_from(policy: Policy, ranking: Ranking | None) -> int | None:
+    """The first layer an Evaluator may cache the residual stream up to for this policy's head sets: the
+    ranking's first layer; 0 for presets (they may name any layer, and paper-random draws anew per seed);
+    None when only the selection can tell (no ranking)."""
+    if policy.preset:
+        return 0
+    return min(ranking.layers) if ranking is not None else None
+
+
+def check_operation(mode: str, tower: str, reference: ImageSet | None) -> None:
+    if mode == "mean" and reference is None:
+        raise InvalidInput("mean ablation needs reference images")
+    if mode == "mean" and tower != "vision":
+        raise InvalidInput("mean ablation is defined for the vision tower only")
+
+
+def operate(
+    loaded: LoadedModel, heads: list[HeadRef], mode: str, tower: str = "vision", reference: ImageSet | None = None
+) -> dict:
+    """Surgery on `loaded.model` in place (mean ablation: each head's mean over `reference`), its weights hash
+    made anew; the surgery record (surgery.json's content)."""
+    check_operation(mode, tower, reference)
+    means = mean_ablation(loaded, reference) if mode == "mean" and reference is not None else None
+    record = apply_surgery(loaded.model, SurgeryRequest(heads, mode, tower, means))
+    loaded.weights_hash = weights_hash(loaded.model)
+    return record
 
 
 def mean_ablation(loaded: LoadedModel, reference: ImageSet):

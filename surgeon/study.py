@@ -29,12 +29,14 @@ import numpy as np
 
 from surgeon import limits
 from surgeon.clipbench import finite
+from surgeon.defaults import data_for, is_toy_model, toy_data
 from surgeon.errors import CorruptInput, InvalidInput, NotFound, PreconditionFailed, SurgeonError
 from surgeon.heads import HeadRef
 from surgeon.load import CHECKPOINT_SUFFIXES, LoadedModel, check_activation, normalised_source
 from surgeon.paths import atomic_file, atomic_write_text, read_json_object
-from surgeon.policies import POLICIES, RANKING_FREE, SEEDED_POLICIES, PolicyOptions, check_preset
+from surgeon.policies import POLICIES, Policy, check_preset, policy_names
 from surgeon.progress import kept_on_interrupt, progress_bar, say
+from surgeon.prune import operate, policy_options, select_heads
 from surgeon.records import ValidationSummary
 from surgeon.retrieval import HEADLINE as RETRIEVAL_HEADLINE
 from surgeon.surgery import SURGERIES
@@ -44,8 +46,8 @@ TABLE_SCHEMA = "surgeon.study/1"
 PERCENT_KINDS = ("accuracy", "retrieval")  # columns shown in %: top-1, and text -> image/video R@1
 CELL_SCHEMA = "surgeon.study-cell/1"
 BASELINE = "none"  # the unpruned model: the row every change is measured against
-# debias selects by measuring on a search split, so its cells would need held-out halves of every data set
-STUDY_POLICIES = tuple(name for name in POLICIES.names() if name != "debias")
+# a measuring policy (debias) selects on a search split, so its cells would need held-out halves of every data set
+STUDY_POLICIES = tuple(policy_names(lambda p: not p.measures))
 
 if TYPE_CHECKING:
     from surgeon.rank import Ranking
@@ -60,12 +62,7 @@ class ModelSpec:
     pretrained: str | None
     label: str
     activation: str | None = None  # gelu or quickgelu (load.ACTIVATIONS); None: the config's, the tag's, or assumed
-    preset: tuple[str, str] | None = (
-        None  # (model, tag) whose paper head lists paper-* policies apply (api.check_preset)
-    )
-
-    def preset_key(self, loaded: LoadedModel) -> tuple[str, str | None]:
-        return self.preset if self.preset is not None else (loaded.name, loaded.pretrained)
+    preset: tuple[str, str] | None = None  # (model, tag) whose paper head lists the preset policies read
 
 
 @dataclass(frozen=True)
@@ -78,6 +75,10 @@ class PolicySpec:
     heads: str | None = None
     concept: str | None = None
     min_ccs: int | None = None
+
+    @property
+    def selector(self) -> Policy:
+        return POLICIES.get(self.policy)
 
     def options(self, seed: int) -> dict:
         """The options that decide the heads (part of a cell's key)."""
@@ -308,8 +309,9 @@ def _policy(t: _Table) -> PolicySpec:
     if policy not in STUDY_POLICIES:
         raise _fail(t.path("policy"), f"unknown policy {limits.echo(policy)} (choose {', '.join(STUDY_POLICIES)})")
     seeds = t.count("seeds", 1, limits.MAX_SEEDS, 1)
-    if seeds > 1 and policy not in SEEDED_POLICIES:
-        raise _fail(t.path("seeds"), f"{policy} is deterministic: seeds repeats {', '.join(sorted(SEEDED_POLICIES))}")
+    if seeds > 1 and not POLICIES.get(policy).seeded:
+        seeded = ", ".join(policy_names(lambda p: p.seeded))
+        raise _fail(t.path("seeds"), f"{policy} is deterministic: seeds repeats {seeded}")
     spec = PolicySpec(
         policy=policy,
         label=t.get("label", str, policy),
@@ -367,7 +369,7 @@ def _rank(t: _Table, base: Path) -> StudyRank:
     images = _path(t.get("images", str), base, t.path("images"))
     spec = StudyRank(
         images=images,
-        n_images=t.count("n_images", 1, limits.MAX_TOY_IMAGES if images in (None, "toy") else limits.MAX_IMAGES),
+        n_images=t.count("n_images", 1, limits.MAX_TOY_IMAGES if toy_data(images) else limits.MAX_IMAGES),
         texts=t.get("texts", str),
         judge=t.get("judge", str, StudyRank.judge),
         layers=t.get("layers", str),
@@ -453,15 +455,14 @@ def data_identity(suite) -> str:
 
 
 def load_data(spec: DataSpec):
-    """A one-set ValidationSuite for a data set of the study (every format `--data`/`--bias-data` read)."""
+    """A one-set ValidationSuite for a data set of the study: files and the toy counterfactuals through
+    `build_suite`, as `--data`/`--bias-data` are read; one toy task or the toy probe at the study's size."""
     from surgeon.bias import bias_protocol
     from surgeon.validate import (
         TOY_COUNTERFACTUALS,
         BiasColumns,
         ValidationSuite,
-        bias_set,
         build_suite,
-        classification_set,
         retrieval_set,
         toy_suite,
     )
@@ -469,20 +470,7 @@ def load_data(spec: DataSpec):
     if spec.kind == "retrieval":
         retrieval = retrieval_set(Path(spec.path), spec.frames, spec.n)
         return ValidationSuite([], None, "files", f"{spec.name}: {spec.path}", [retrieval])
-    columns = BiasColumns(spec.attribute, spec.within, spec.groups)
-    if spec.kind == "bias" and spec.path == TOY_COUNTERFACTUALS:
-        _, desired = bias_protocol(spec.protocol, spec.desired)
-        suite = build_suite(
-            templates=Path(spec.templates) if spec.templates else None,
-            bias_data=Path(spec.path),
-            queries=Path(spec.queries) if spec.queries else None,
-            skew_k=spec.skew_k,
-            desired=desired,
-            protocol=spec.protocol,
-            bias_columns=columns,
-        )
-        return replace(suite, description=f"toy world counterfactuals ({spec.name})")
-    if spec.path.startswith("toy"):
+    if spec.path.startswith("toy") and spec.path != TOY_COUNTERFACTUALS:
         if spec.kind == "bias":
             suite = toy_suite(n_scenes=spec.n)
             _, desired = bias_protocol(spec.protocol, spec.desired)
@@ -496,15 +484,23 @@ def load_data(spec: DataSpec):
                 f"data {spec.name}: no toy task {limits.echo(factor)}", hint=f"tasks: {', '.join(tasks)}"
             )
         return ValidationSuite([tasks[factor]], None, "toy", f"toy world: test split, {factor}")
-    path = Path(spec.path)
-    classnames, templates, queries = (Path(p) if p else None for p in (spec.classnames, spec.templates, spec.queries))
-    if spec.kind == "bias":
-        if queries is None and spec.within is None:  # refused when the study was read
-            raise InvalidInput(f"data {spec.name}: a bias manifest needs its neutral queries file")
-        _, desired = bias_protocol(spec.protocol, spec.desired)
-        bias = bias_set(path, queries, templates, spec.skew_k, desired, spec.protocol, None, *columns.as_args())
-        return ValidationSuite([], bias, "files", str(path))
-    return ValidationSuite([classification_set(path, classnames, templates)], None, "files", str(path))
+    path, classnames, templates, queries = (
+        Path(p) if p else None for p in (spec.path, spec.classnames, spec.templates, spec.queries)
+    )
+    suite = build_suite(
+        data=path if spec.kind == "accuracy" else None,
+        classnames=classnames,
+        templates=templates,
+        bias_data=path if spec.kind == "bias" else None,
+        queries=queries,
+        skew_k=spec.skew_k,
+        desired=spec.desired,
+        protocol=spec.protocol,
+        bias_columns=BiasColumns(spec.attribute, spec.within, spec.groups),
+    )
+    if spec.path == TOY_COUNTERFACTUALS:
+        return replace(suite, description=f"toy world counterfactuals ({spec.name})")
+    return suite
 
 
 def _is(value: object, kind: type | tuple[type, ...]) -> bool:
@@ -627,13 +623,10 @@ class _ModelWork:
     def heads(self, p: int, seed: int) -> list[HeadRef]:
         if (p, seed) not in self._selections:
             spec = self.study.policies[p]
-            ranking = None if spec.policy in RANKING_FREE else self.ranking()
-            name, tag = self.model.preset_key(self.loaded)
-            options = PolicyOptions(model_name=name, pretrained=tag, **spec.options(seed))
-            if spec.policy == "random" and spec.k is None:  # the paper's control: as many as the high-CCS set
-                options.k = len(POLICIES.get("high")(ranking, PolicyOptions()).heads)
+            ranking = self.ranking() if spec.selector.reads_ranking else None
+            options = policy_options(self.loaded, self.model.preset, **spec.options(seed))
             try:
-                self._selections[(p, seed)] = POLICIES.get(spec.policy)(ranking, options).heads
+                self._selections[(p, seed)] = select_heads(ranking, spec.selector, options).heads
             except SurgeonError as err:  # say which entry of the study, on which model
                 where = f"policies[{p}] ({spec.label}) on {self.loaded.identity}"
                 raise type(err)(f"{where}: {err.args[0]}", hint=err.hint, field=f"policies[{p}]") from None
@@ -651,10 +644,8 @@ class _ModelWork:
         return heads, Evaluator(self._pruned_model(cell.policy, cell), suite, cache=False).evaluate()
 
     def _pruned_model(self, policy: int, cell: Cell) -> LoadedModel:
-        """hard/mean surgery on a copy of the model, made once per head set and mode."""
-        from surgeon.prune import mean_ablation
-        from surgeon.surgery import SurgeryRequest, apply_surgery
-
+        """hard/mean surgery (prune's) on a copy of the model, made once per head set and mode; mean ablation
+        averages over the ranking's images."""
         key = (policy, cell.seed, cell.mode)
         if key not in self._pruned:
             pruned = replace(
@@ -664,10 +655,8 @@ class _ModelWork:
             )
             if cell.mode == "mean":
                 self.rank_inputs()
-                means = mean_ablation(pruned, self.images)
-            else:
-                means = None
-            apply_surgery(pruned.model, SurgeryRequest(self.heads(policy, cell.seed), cell.mode, "vision", means))
+            reference = self.images if cell.mode == "mean" else None
+            operate(pruned, self.heads(policy, cell.seed), cell.mode, reference=reference)
             self._pruned = {key: pruned}  # one pruned copy at a time: a ViT-L copy is ~1.7 GB
         return self._pruned[key]
 
@@ -677,15 +666,23 @@ def rank_sources(study: Study, model: str) -> tuple:
     from surgeon.images import resolve_images
     from surgeon.pools import load_pool
 
-    r, toy = study.rank, model == "toy"
-    if r.images is None and not toy:
-        raise _fail("rank.images", f"{model} is not the toy model: name the images to rank it on")
-    return resolve_images(r.images, r.n_images, model), load_pool(r.texts, toy)
+    r = study.rank
+    try:
+        images = data_for(model, r.images, "images to rank it on")
+    except InvalidInput as err:  # said of the study's entry
+        raise _fail("rank.images", err.args[0]) from None
+    return resolve_images(images, r.n_images, model), load_pool(r.texts, is_toy_model(model))
 
 
 def reads_ranking(study: Study, cell: Cell) -> bool:
     """The cell's policy reads the ranking, or its mode (mean) averages over the ranking's images."""
-    return cell.mode == "mean" or (cell.policy is not None and study.policies[cell.policy].policy not in RANKING_FREE)
+    return cell.mode == "mean" or (cell.policy is not None and study.policies[cell.policy].selector.reads_ranking)
+
+
+def preset_owner(loaded: LoadedModel, preset: tuple[str, str] | None) -> list:
+    """[model, tag] whose paper head lists a preset policy reads on `loaded` (part of its cells' keys)."""
+    options = policy_options(loaded, preset)
+    return [options.model_name, options.pretrained]
 
 
 def cell_key(study: Study, cell: Cell, loaded: LoadedModel, data_id: str, rank_inputs: dict | None) -> str:
@@ -693,10 +690,10 @@ def cell_key(study: Study, cell: Cell, loaded: LoadedModel, data_id: str, rank_i
     model = study.models[cell.model]
     payload = {
         "model": loaded.forward_identity,
-        "preset": list(model.preset_key(loaded)) if spec is not None and spec.policy.startswith("paper-") else None,
+        "preset": preset_owner(loaded, model.preset) if spec is not None and spec.selector.preset else None,
         "policy": BASELINE if spec is None else spec.policy,
         "options": {} if spec is None else spec.options(cell.seed),
-        "random_k": "high-CCS count" if spec is not None and spec.policy == "random" and spec.k is None else None,
+        "random_k": spec.selector.default_k if spec is not None and spec.k is None else None,
         "ranking": rank_inputs,
         "mode": cell.mode,
         "data": data_id,
@@ -827,7 +824,7 @@ def _failures(records: dict[Cell, dict]) -> list[str]:
 
 def plan_line(study: Study, wanted: list[Cell]) -> str:
     """What the run is about to do, before it pays for it: models, cells, and whether a ranking is made."""
-    ranked = any(p.policy not in RANKING_FREE for p in study.policies) or "mean" in study.modes
+    ranked = any(p.selector.reads_ranking for p in study.policies) or "mean" in study.modes
     rank = study.rank
     ranking = f"; ranks each model first (TextSpan on {rank.images or 'the toy images'})" if ranked else ""
     return (

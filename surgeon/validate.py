@@ -684,17 +684,17 @@ def _classification_and_bias(
     columns: BiasColumns,
 ) -> ValidationSuite:
     _, desired = bias_protocol(protocol, desired)
-    toy = data is not None and str(data) == "toy"
     if retrieval is not None and data is None and bias_data is None:
         return ValidationSuite([], None, source="files", description="")
-    if data is None and bias_data is None and model not in (None, "toy"):
-        raise InvalidInput(
-            f"{model} is not the toy model: name the data to validate it on",
-            hint="pass --data FOLDER|CSV (zero-shot classification: ImageFolder or path,label), "
+    if data is None and bias_data is None:
+        hint = (
+            "pass --data FOLDER|CSV (zero-shot classification: ImageFolder or path,label), "
             "--bias-data CSV --queries FILE (bias), --retrieval-data CSV|FOLDER (retrieval), "
-            "or --data toy for the toy world's suite",
+            "or --data toy for the toy world's suite"
         )
-    if toy or (data is None and bias_data is None):
+        data = Path(defaults.data_for(model, None, "data to validate it on", hint))
+    toy = data is not None and str(data) == defaults.TOY
+    if toy:
         suite = toy_suite()
         if bias_data is None and suite.bias is not None:
             suite.bias.k, suite.bias.desired, suite.bias.protocol = skew_k, desired, protocol

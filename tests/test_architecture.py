@@ -5,6 +5,7 @@ model parts."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import surgeon
@@ -128,6 +129,20 @@ def test_stages_reach_the_toy_world_only_through_defaults():
         if not name.startswith(TOY) and name not in TOY_IMPORTERS and any(t.startswith(TOY) for t in targets)
     )
     assert not offenders, f"{offenders} import {TOY}; ask surgeon.defaults instead"
+
+
+def test_the_toy_by_default_rule_is_stated_once():
+    """ "No data given -> the toy world's, for the toy model only" lives in surgeon.defaults; the stages ask it
+    (it was restated in api, images, pools, validate, study, load and policies, each a chance to drift)."""
+    restated = re.compile(r'in \(None, "toy"\)|model == "toy"|not the toy model|"toy" if|None or \w+ == TOY_MODEL_NAME')
+    offenders = [
+        f"{name}:{number}"
+        for name, path in _modules().items()
+        if name != "surgeon.defaults" and not name.startswith(TOY)
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if restated.search(line)
+    ]
+    assert not offenders, f"{offenders} restate the toy default; ask surgeon.defaults"
 
 
 def part_reads(source: str) -> list[tuple[int, str]]:

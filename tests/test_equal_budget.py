@@ -7,7 +7,7 @@ import pytest
 from surgeon.api import ModelSpec, PruneSpec
 from surgeon.errors import InvalidInput, NotFound
 from surgeon.heads import parse_heads
-from surgeon.policies import PAPER_HEADS, POLICIES, SEEDED_POLICIES, PolicyOptions
+from surgeon.policies import PAPER_HEADS, POLICIES, PolicyOptions, policy_names
 from surgeon.study import STUDY_POLICIES
 from tests.test_policies import CCS, names, select
 from tests.test_policies import ranking as ranking  # noqa: F401  (the fixture)
@@ -36,10 +36,11 @@ def test_equal_budget_from_the_paper_presets():
     key = ("ViT-B-32", "openai")  # 8 high, 4 low
     high, low = (set(parse_heads(PAPER_HEADS[key][which].split())) for which in ("high", "low"))
     options = {"model_name": key[0], "pretrained": key[1]}
-    chosen = POLICIES.get("paper-equal-high")(None, PolicyOptions(seed=1, **options)).heads
+    chosen = POLICIES.get("paper-equal-high").select(None, PolicyOptions(seed=1, **options)).heads
     assert len(chosen) == 4 and set(chosen) <= high
-    assert set(POLICIES.get("paper-equal-low")(None, PolicyOptions(seed=1, **options)).heads) == low
-    assert {"equal-high", "paper-equal-low"} <= SEEDED_POLICIES and "paper-equal-high" in STUDY_POLICIES
+    assert set(POLICIES.get("paper-equal-low").select(None, PolicyOptions(seed=1, **options)).heads) == low
+    seeded = set(policy_names(lambda p: p.seeded))
+    assert {"equal-high", "paper-equal-low"} <= seeded and "paper-equal-high" in STUDY_POLICIES
 
 
 def test_every_paper_preset_is_checked_before_any_work():

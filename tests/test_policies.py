@@ -46,7 +46,7 @@ def names(selection) -> list[str]:
 
 
 def select(name: str, ranking: Ranking, **options):
-    return POLICIES.get(name)(ranking, PolicyOptions(**options))
+    return POLICIES.get(name).select(ranking, PolicyOptions(**options))
 
 
 def test_top_and_bottom_k_with_deterministic_ties(ranking):
@@ -188,10 +188,52 @@ def test_paper_random_excludes_the_papers_high_heads_and_draws_from_its_layers(
 
 
 def test_the_prune_help_names_every_registered_policy():
-    """The CLI cannot import the registry at start-up (it pulls torch), so its help lists the names: kept whole."""
+    """The CLI's help lists the registry (light to import: no torch, no numpy at start-up)."""
     import typing
 
     from surgeon import cli
 
     help_text = typing.get_type_hints(cli.prune, include_extras=True)["policy"].__metadata__[0].help
     assert sorted(name.strip() for name in help_text.split(",")) == POLICIES.names()
+
+
+def test_random_without_k_draws_as_many_as_the_high_ccs_set(ranking):
+    """The paper's control, asked of the policy itself (a study and `prune` alike; the study restated it)."""
+    high = set(names(select("high", ranking)))
+    drawn = names(select("random", ranking, seed=2))
+    assert len(drawn) == len(high) and not high & set(drawn)
+    assert POLICIES.get("random").default_k == "high-CCS count" and POLICIES.get("top-k").default_k is None
+
+
+def test_callers_ask_a_policys_traits_not_its_name():
+    """The traits a caller branches on, one per policy; none of prune, api and study compares names."""
+    from pathlib import Path
+
+    import surgeon
+
+    traits = {
+        name: (p.reads_ranking, p.seeded, p.preset, p.measures)
+        for name, p in ((n, POLICIES.get(n)) for n in POLICIES.names())
+    }
+    assert traits["heads"] == (False, False, False, False) and traits["debias"] == (True, False, False, True)
+    assert traits["paper-random"] == (False, True, True, False) and traits["equal-low"] == (True, True, False, False)
+    assert all(POLICIES.get(n).description for n in POLICIES.names())
+    package = Path(surgeon.__file__).parent
+    for module in ("prune.py", "api.py", "study.py"):
+        text = (package / module).read_text(encoding="utf-8")
+        for name in POLICIES.names():
+            assert f'== "{name}"' not in text and f'"{name}" in' not in text, (module, name)
+        assert 'startswith("paper-")' not in text, module
+
+
+def test_selection_leaves_the_options_as_they_were(ranking):
+    """prune hands a measuring policy its splits through a copy: the caller's options keep no evaluator."""
+    from surgeon.prune import select_heads
+
+    options = PolicyOptions(k=2)
+    data, search_calls, _, _ = debias_data({})
+    with pytest.raises(InvalidInput, match="pruned no head|no head lowers"):  # nothing planted: measured, refused
+        select_heads(ranking, POLICIES.get("debias"), options, data)
+    assert search_calls and options.measure is None
+    with pytest.raises(InvalidInput, match="the top-k policy needs a ranking"):
+        select_heads(None, POLICIES.get("top-k"), options)

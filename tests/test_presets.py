@@ -25,7 +25,7 @@ def test_a_checkpoint_file_of_the_architecture_takes_the_presets_heads():
         file_spec.check()
         assert file_spec.preset_key == ("ViT-B-32", "openai")
     name, tag = spec("ViT-B-32").preset_key
-    chosen = POLICIES.get("paper-high")(None, PolicyOptions(model_name=name or "", pretrained=tag))
+    chosen = POLICIES.get("paper-high").select(None, PolicyOptions(model_name=name or "", pretrained=tag))
     assert {h.name for h in chosen.heads} == set(PAPER_HEADS[("ViT-B-32", "openai")]["high"].split())
     assert all(reason == "paper's high-CCS set for ViT-B-32/openai" for reason in chosen.reasons.values())
 

@@ -94,9 +94,8 @@ def policy_choices() -> pb.ListPoliciesResponse:
     choices of a PruneRequest."""
     policies = []
     for name in POLICIES.names():
-        doc = (POLICIES.get(name).__doc__ or "").strip()
-        description = doc.splitlines()[0] if doc else ""
-        policies.append(pb.PolicyInfo(name=name, description=description, options=POLICIES.options(name)))
+        policy = POLICIES.get(name)
+        policies.append(pb.PolicyInfo(name=name, description=policy.description, options=list(policy.options)))
     return pb.ListPoliciesResponse(
         policies=policies,
         modes=SURGERIES.names(),
