@@ -130,7 +130,7 @@ def recorded_suite(run_dir: Path, model: str | None) -> ValidationSuite:
     if not isinstance(options, dict) or set(options) != set(VALUE_OPTIONS):
         raise CorruptInput(f"{path}: the validation options must be {', '.join(VALUE_OPTIONS)}")
     try:  # the bounds api.ValidationSpec.check applies to options typed in
-        limits.validation_options(options["skew_k"])
+        limits.count("skew_k", options["skew_k"], 1, limits.MAX_SKEW_K)
         limits.texts(desired=options["desired"], bias_protocol=options["bias_protocol"])
         limits.texts(bias_split_by=options["bias_split_by"], language=options["language"])
         limits.texts(

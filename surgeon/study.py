@@ -32,6 +32,7 @@ from surgeon.clipbench import finite
 from surgeon.errors import CorruptInput, InvalidInput, NotFound, PreconditionFailed, SurgeonError
 from surgeon.heads import HeadRef
 from surgeon.load import CHECKPOINT_SUFFIXES, LoadedModel, check_activation, normalised_source
+from surgeon.options import IMAGES, N_IMAGES, TEXTS, RankMethod, from_table, part
 from surgeon.paths import atomic_file, atomic_write_text, read_json_object
 from surgeon.policies import POLICIES, RANKING_FREE, SEEDED_POLICIES, PolicyOptions, check_preset
 from surgeon.progress import kept_on_interrupt, progress_bar, say
@@ -109,13 +110,10 @@ class DataSpec:
 class StudyRank:
     """The study's [rank] table: how the ranking that ranking-based policies read is made."""
 
-    images: str | None = None  # None: the toy world's images for the toy model; a real model needs them named
-    n_images: int | None = None
-    texts: str | None = None
-    judge: str = "lexicon"
-    layers: str | None = None
-    m: int = limits.DEFAULT_TEXTS_PER_HEAD
-    span_rank: int = limits.DEFAULT_SPAN_RANK
+    images: str | None = IMAGES.field()  # None: the toy world's images for the toy model; a real model names them
+    n_images: int | None = N_IMAGES.field()
+    texts: str | None = TEXTS.field()
+    method: RankMethod = part(RankMethod)  # its keys sit in the [rank] table itself
 
 
 @dataclass(frozen=True)
@@ -364,15 +362,15 @@ def _templates(value: str | None, base: Path, where: str) -> str | None:
 
 
 def _rank(t: _Table, base: Path) -> StudyRank:
+    """The [rank] table: StudyRank's options and the ranking method's, under their field names."""
     images = _path(t.get("images", str), base, t.path("images"))
-    spec = StudyRank(
+    toy = images in (None, "toy")
+    spec = from_table(
+        StudyRank,
+        t,
         images=images,
-        n_images=t.count("n_images", 1, limits.MAX_TOY_IMAGES if images in (None, "toy") else limits.MAX_IMAGES),
-        texts=t.get("texts", str),
-        judge=t.get("judge", str, StudyRank.judge),
-        layers=t.get("layers", str),
-        m=t.count("m", 1, limits.MAX_TEXTS_PER_HEAD, StudyRank.m),
-        span_rank=t.count("span_rank", 1, limits.MAX_SPAN_RANK, StudyRank.span_rank),
+        n_images=t.count("n_images", 1, limits.MAX_TOY_IMAGES if toy else limits.MAX_IMAGES),
+        method=from_table(RankMethod, t),
     )
     t.done()
     return spec
@@ -602,8 +600,7 @@ class _ModelWork:
         if self._rank_inputs is None:
             r = self.study.rank
             self.images, self.pool = self.sources or rank_sources(self.study, self.loaded.name)
-            self._rank_inputs = {"images": self.images.identity, "pool": self.pool.digest, "judge": r.judge,
-                                 "layers": r.layers, "m": r.m, "span_rank": r.span_rank}  # fmt: skip
+            self._rank_inputs = {"images": self.images.identity, "pool": self.pool.digest, **r.method.identity()}
         return self._rank_inputs
 
     def ranking(self) -> Ranking | None:
@@ -618,8 +615,7 @@ class _ModelWork:
                 self._ranking = kept
                 return kept
             r = self.study.rank
-            self._ranking = rank_heads(self.loaded, self.images, self.pool, judge=r.judge, layers=r.layers, m=r.m,
-                                       span_rank=r.span_rank, quiet=self.quiet)  # fmt: skip
+            self._ranking = rank_heads(self.loaded, self.images, self.pool, r.method, quiet=self.quiet)
             if self._ranking is not None:
                 atomic_write_text(path, json.dumps(self._ranking.to_dict(), indent=2))
         return self._ranking
