@@ -18,8 +18,10 @@ from typing import TYPE_CHECKING
 from surgeon import limits
 from surgeon.errors import InvalidInput, PreconditionFailed
 from surgeon.options import (
+    BIAS_PROTOCOL,
     IMAGES,
     N_IMAGES,
+    SKEW_K,
     TEXTS,
     LlmJudge,
     OnnxExport,
@@ -113,13 +115,9 @@ class ValidationSpec:
         help="bias set: CSV (path,group[,...]), or toy:counterfactuals (the toy's, ranked within shapes)"
     )
     queries: Path | None = option(help="neutral queries file for --bias-data, one per line")
-    skew_k: int = option(10, bound=(1, limits.MAX_SKEW_K), unit="images", help="k of MaxSkew@k / MinSkew@k")
+    skew_k: int = SKEW_K.field()
     desired: str | None = option(help="desired group distribution: uniform or set (default: the protocol's)")
-    bias_protocol: str = option(
-        "surgeon",
-        help="surgeon (uniform p*, absent groups as 1/k, mean over queries) or paper (the set's proportions, "
-        "absent groups skipped, MaxSkew summed over queries: max_skew@k_sum is the paper's figure)",
-    )
+    bias_protocol: str = BIAS_PROTOCOL.field()
     bias_split_by: str | None = option(
         help="debias: bias-manifest column (e.g. identity) kept on one side of the search/held-out split"
     )

@@ -201,6 +201,12 @@ def _accepts(hint: Any, kind: type) -> bool:
 IMAGES = Option(help="a folder of images, or 'toy' (the default for the toy model only)", path=True)
 N_IMAGES = Option(unit="images", help="use at most this many images (toy default: 2000)")  # bound: limits.images
 TEXTS = Option(help="'toy', 'general' or a file, one description per line", path=True)
+SKEW_K = Option(10, bound=(1, limits.MAX_SKEW_K), unit="images", help="k of MaxSkew@k / MinSkew@k")
+BIAS_PROTOCOL = Option(
+    "surgeon",
+    help="surgeon (uniform p*, absent groups as 1/k, mean over queries) or paper (the set's proportions, "
+    "absent groups skipped, MaxSkew summed over queries: max_skew@k_sum is the paper's figure)",
+)
 
 # ---- typed parts the stage functions take ---------------------------------------------------------------
 

@@ -32,7 +32,7 @@ from surgeon.clipbench import finite
 from surgeon.errors import CorruptInput, InvalidInput, NotFound, PreconditionFailed, SurgeonError
 from surgeon.heads import HeadRef
 from surgeon.load import CHECKPOINT_SUFFIXES, LoadedModel, check_activation, normalised_source
-from surgeon.options import IMAGES, N_IMAGES, TEXTS, RankMethod, from_table, part
+from surgeon.options import BIAS_PROTOCOL, IMAGES, N_IMAGES, SKEW_K, TEXTS, RankMethod, from_table, part
 from surgeon.paths import atomic_file, atomic_write_text, read_json_object
 from surgeon.policies import POLICIES, RANKING_FREE, SEEDED_POLICIES, PolicyOptions, check_preset
 from surgeon.progress import kept_on_interrupt, progress_bar, say
@@ -95,9 +95,9 @@ class DataSpec:
     templates: str | None = None
     queries: str | None = None
     n: int | None = None  # toy: images per task / scenes of the probe
-    skew_k: int = 10
+    skew_k: int = SKEW_K.field()
     desired: str | None = None
-    protocol: str = "surgeon"
+    protocol: str = BIAS_PROTOCOL.field()
     frames: int = limits.DEFAULT_VIDEO_FRAMES  # retrieval: frames per video
     # bias: the manifest's group column, the column naming each image's query, the group folding
     # (surgeon.validate.BiasColumns: --bias-attribute, --bias-within, --bias-groups)
@@ -334,9 +334,9 @@ def _data(t: _Table, kind: str, base: Path) -> DataSpec:
         templates=_templates(t.get("templates", str), base, t.path("templates")),
         queries=_path(t.get("queries", str), base, t.path("queries")) if kind == "bias" else None,
         n=t.count("n", 1, limits.MAX_TOY_IMAGES) if path.startswith("toy") else None,
-        skew_k=t.count("skew_k", 1, limits.MAX_SKEW_K, 10) if kind == "bias" else 10,
+        skew_k=t.count("skew_k", 1, limits.MAX_SKEW_K, SKEW_K.default) if kind == "bias" else SKEW_K.default,
         desired=t.get("desired", str) if kind == "bias" else None,
-        protocol=t.get("protocol", str, "surgeon") if kind == "bias" else "surgeon",
+        protocol=t.get("protocol", str, BIAS_PROTOCOL.default) if kind == "bias" else BIAS_PROTOCOL.default,
         attribute=t.get("attribute", str) if kind == "bias" else None,
         within=t.get("within", str) if kind == "bias" else None,
         groups=t.get("groups", str) if kind == "bias" else None,
