@@ -266,7 +266,6 @@ class RankSpec:
         self.model.check()
         check_bounds(self)
         self.method.check()
-        limits.images(self.n_images, _is_toy_images(self.images))
         limits.texts(images=self.images, texts=self.texts, taxonomy=self.taxonomy, llm_url=self.llm.llm_url)
         JUDGES.get(self.method.judge)
         check_plot_format(self.plot_format)
@@ -369,7 +368,6 @@ class PruneSpec:
         _choice("export format", self.export, EXPORT_FORMATS)
         check_bounds(self)
         limits.texts(heads=self.heads, concept=self.concept)
-        limits.images(self.n_images, _is_toy_images(self.images))
         self.method.check()
         _check_onnx(self.onnx)
         if self.ranking is not None and self.k is not None:  # a ranking file: k is checked before any work
@@ -553,7 +551,6 @@ class SweepSpec:
             limits.count("number of counts", len(self.counts), 1, limits.MAX_SWEEP_COUNTS)
             for n in self.counts:
                 limits.count("counts", n, 0, limits.MAX_K)
-        limits.images(self.n_images, _is_toy_images(self.images))
         limits.texts(images=self.images)
         self.validation.check()
         check_plot_format(self.plot_format)

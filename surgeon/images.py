@@ -93,7 +93,7 @@ def resolve_images(spec: str | None, n_images: int | None, model: str | None = N
             f"{model} is not the toy model: name the images to rank it on",
             hint="pass --images FOLDER (your photos, any image files), or --images toy for the toy world",
         )
-    limits.images(n_images, spec in (None, "toy"))  # 0 is not "the default", and a huge count must not allocate
+    limits.count("n_images", n_images, *limits.images(spec))  # 0 is not "the default"; a huge count must not allocate
     if spec is None or spec == "toy":
         return toy_images(n_images or 2000)
     return folder_images(Path(spec), n_images)

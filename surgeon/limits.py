@@ -147,8 +147,9 @@ def texts(**values: str | None) -> None:
         text(name, value)
 
 
-def images(n_images: int | None, toy: bool) -> int | None:
-    return count("n_images", n_images, 1, MAX_TOY_IMAGES if toy else MAX_IMAGES)
+def images(source: str | None) -> tuple[int, int]:
+    """How many images may be used at once from `source`: the toy world's (None or "toy") are drawn in memory."""
+    return 1, MAX_TOY_IMAGES if source in (None, "toy") else MAX_IMAGES
 
 
 #: what decompose.parse_layers accepts: all, lastN, or indices (negative from the end) and spans, comma-separated

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,19 +22,21 @@ from surgeon import limits
 from surgeon.errors import InvalidInput
 
 OPTION = "surgeon.option"  # the metadata key of an option field
+Bound = tuple[int, int] | tuple[float, float] | Callable[[Any], tuple[int, int]]
 PART = "surgeon.part"  # the metadata key of a nested spec
 
 
 @dataclass(frozen=True)
 class Option:
     """What a field is as an option. `bound`: inclusive (low, high) from limits.py, integers for a count and
-    floats for a number; `flags`: its CLI names (default --field-name; "--a/--no-a" for a switch); `path`: it
+    floats for a number, or a function of the spec giving them (its docstring says how); `flags`: its CLI names
+    (default --field-name; "--a/--no-a" for a switch); `path`: it
     names a file or folder (never mapped from a request without confining it to a root); `cli`: offered as a
     CLI option of the verbs whose spec holds it; `named`: how a bounds error names it (default: the field)."""
 
     default: Any = None
     help: str = ""
-    bound: tuple[int, int] | tuple[float, float] | None = None
+    bound: Bound | None = None
     unit: str = ""
     flags: tuple[str, ...] = ()
     path: bool = False
@@ -127,12 +129,18 @@ def check_bounds(spec: Any) -> None:
         declared: Option | None = f.metadata.get(OPTION)
         if declared is None or declared.bound is None:
             continue
-        low, high = declared.bound
+        low, high = bound_of(declared, spec)
         name = declared.named or f.name
         if isinstance(low, int) and isinstance(high, int):
             limits.count(name, getattr(spec, f.name), low, high)
         else:
             limits.number(name, getattr(spec, f.name), low, high)
+
+
+def bound_of(declared: Option, spec: Any) -> tuple[float, float]:
+    """The (low, high) of a bounded option of `spec`."""
+    assert declared.bound is not None
+    return declared.bound(spec) if callable(declared.bound) else declared.bound
 
 
 def from_message(spec: type, message: Any, **given: Any) -> Any:
@@ -176,19 +184,19 @@ def from_table(spec: type, table: Any, **given: Any) -> Any:
     hints = typing.get_type_hints(spec)
     for f in dataclasses.fields(spec):
         declared: Option | None = f.metadata.get(OPTION)
-        if f.name in given or declared is None:
-            continue
-        kinds = tuple(k for k in (int, float, str, bool) if _accepts(hints[f.name], k))
-        if declared.bound is not None:
-            low, high = declared.bound
-            value = table.get(f.name, kinds, declared.default)
-            if value is not None and not low <= value <= high:
+        if f.name not in given and declared is not None:
+            kinds = tuple(k for k in (int, float, str, bool) if _accepts(hints[f.name], k))
+            values[f.name] = table.get(f.name, kinds, declared.default)
+    read = spec(**values, **given)
+    for f in dataclasses.fields(spec):
+        bounded: Option | None = f.metadata.get(OPTION)
+        value = getattr(read, f.name)
+        if f.name in values and bounded is not None and bounded.bound is not None and value is not None:
+            low, high = bound_of(bounded, read)
+            if not low <= value <= high:
                 where = table.path(f.name)
                 raise InvalidInput(f"{where}: must be in {low:,}..{high:,}, got {value}", field=where)
-        else:
-            value = table.get(f.name, kinds, declared.default)
-        values[f.name] = value
-    return spec(**values, **given)
+    return read
 
 
 def _accepts(hint: Any, kind: type) -> bool:
@@ -199,7 +207,18 @@ def _accepts(hint: Any, kind: type) -> bool:
 # ---- options several specs share (api's jobs, the study's [rank] table): one declaration, one default ------
 
 IMAGES = Option(help="a folder of images, or 'toy' (the default for the toy model only)", path=True)
-N_IMAGES = Option(unit="images", help="use at most this many images (toy default: 2000)")  # bound: limits.images
+
+
+def _image_count(spec: Any) -> tuple[int, int]:
+    return limits.images(spec.images)
+
+
+_image_count.__doc__ = (
+    f"1 .. {limits.MAX_TOY_IMAGES:,} toy images (drawn in memory), 1 .. {limits.MAX_IMAGES:,} of a folder"
+)
+
+
+N_IMAGES = Option(bound=_image_count, unit="images", help="use at most this many images (toy default: 2000)")
 TEXTS = Option(help="'toy', 'general' or a file, one description per line", path=True)
 SKEW_K = Option(10, bound=(1, limits.MAX_SKEW_K), unit="images", help="k of MaxSkew@k / MinSkew@k")
 BIAS_PROTOCOL = Option(
@@ -295,11 +314,17 @@ def markdown(specs: dict[str, type]) -> str:
             flags = (
                 ", ".join(f"`{f}`" for f in cli_flags(o.name, o.option, o.type)) if o.option.cli else "(not on the CLI)"
             )
-            bound = f"{o.option.bound[0]:,} .. {o.option.bound[1]:,}" if o.option.bound else ""
+            bound = _shown_bound(o.option.bound)
             default = "" if o.option.default is None else f"`{o.option.default!r}`"
             help_text = o.option.help.replace("|", "\\|")
             lines.append(f"| `{o.name}` | {flags} | {default} | {bound} | {o.option.unit} | {help_text} |")
     return "\n".join(lines) + "\n"
+
+
+def _shown_bound(bound: Bound | None) -> str:
+    if bound is None:
+        return ""
+    return (bound.__doc__ or "") if callable(bound) else f"{bound[0]:,} .. {bound[1]:,}"
 
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "options.md"  # written by `python -m surgeon.api`

@@ -364,14 +364,7 @@ def _templates(value: str | None, base: Path, where: str) -> str | None:
 def _rank(t: _Table, base: Path) -> StudyRank:
     """The [rank] table: StudyRank's options and the ranking method's, under their field names."""
     images = _path(t.get("images", str), base, t.path("images"))
-    toy = images in (None, "toy")
-    spec = from_table(
-        StudyRank,
-        t,
-        images=images,
-        n_images=t.count("n_images", 1, limits.MAX_TOY_IMAGES if toy else limits.MAX_IMAGES),
-        method=from_table(RankMethod, t),
-    )
+    spec = from_table(StudyRank, t, images=images, method=from_table(RankMethod, t))
     t.done()
     return spec
 

@@ -67,10 +67,10 @@ def test_every_declared_bound_is_checked():
             option = f.metadata.get(options.OPTION)
             if option is None or option.bound is None:
                 continue
-            low, high = option.bound
+            base = api.ExportSpec(Path()) if spec is api.ExportSpec else spec()
+            low, high = options.bound_of(option, base)
             below = low - 1 if isinstance(low, int) else low - 0.5
             above = high + 1 if isinstance(high, int) else high * 2 + 1
-            base = api.ExportSpec(Path()) if spec is api.ExportSpec else spec()
             for value in (below, above):
                 with pytest.raises(InvalidInput, match=f.name):
                     options.check_bounds(dataclasses.replace(base, **{f.name: value}))

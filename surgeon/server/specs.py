@@ -21,7 +21,7 @@ from surgeon.api import ExportSpec, ModelSpec, PruneSpec, RankSpec, ValidateSpec
 from surgeon.errors import InvalidInput, NotFound, PermissionDenied, PreconditionFailed
 from surgeon.judges.base import JUDGES
 from surgeon.load import CHECKPOINT_SUFFIXES, TOY_MODEL_DIR, TOY_MODEL_NAME
-from surgeon.options import OnnxExport, RankMethod, from_message, message_values
+from surgeon.options import OnnxExport, RankMethod, check_bounds, from_message, message_values
 from surgeon.paths import newest_run, refuse_temporary
 from surgeon.runfolder import is_run_folder
 from surgeon.server.paths import Root, resolve_in
@@ -110,7 +110,7 @@ class SpecBuilder:
         """The image options of a spec (`images`, the count): the count checked, then the folder confined."""
         values = message_values(RankSpec, source)
         toy = source.images in ("", "toy")
-        limits.images(values.get("n_images"), toy)
+        check_bounds(RankSpec(**values, images=None if toy else source.images))
         if toy:
             return values
         folder = resolve_in([self.config.data], source.images, "image folder", "dir")
