@@ -18,16 +18,16 @@ from typing import TYPE_CHECKING
 from surgeon import limits
 from surgeon.errors import InvalidInput, PreconditionFailed
 from surgeon.options import (
-    BIAS_PROTOCOL,
     IMAGES,
     N_IMAGES,
-    SKEW_K,
     TEXTS,
     LlmJudge,
     OnnxExport,
     Option,
     RankMethod,
+    ValidationSpec,
     check_bounds,
+    choice,
     option,
     part,
 )
@@ -44,13 +44,6 @@ if TYPE_CHECKING:
 
 #: --export / ExportRequest.format -> the exporters that run (the checkpoint travels with every prune anyway)
 EXPORT_FORMATS = {"safetensors": ["safetensors"], "onnx": ["onnx"], "both": ["safetensors", "onnx"]}
-DESIRED = (None, "uniform", "set")
-
-
-def _choice(what: str, value: str | None, choices) -> None:
-    if value not in choices:
-        shown = ", ".join(str(c) for c in choices if c is not None)
-        raise InvalidInput(f"unknown {what} {limits.echo(value)}", hint=f"choose {shown}")
 
 
 def _check_onnx(onnx: OnnxExport) -> None:
@@ -67,7 +60,7 @@ def _check_onnx(onnx: OnnxExport) -> None:
 def check_plot_format(plot_format: str) -> None:
     from surgeon.plots import PLOT_FORMATS
 
-    _choice("plot format", plot_format, PLOT_FORMATS)
+    choice("plot format", plot_format, PLOT_FORMATS)
 
 
 def suite_cost(suite: ValidationSuite) -> str:
@@ -96,115 +89,6 @@ DEVICE = Option(help="cpu, cuda, cuda:1 ... (default: cuda when present)")
 OUT = Option(flags=("--out",), help="output folder (default: a new one in exports/)")
 FORCE = Option(False, help="replace an existing --out folder")
 PLOT_FORMAT = Option("png", help="png, pdf or svg")
-
-
-@dataclass(frozen=True)
-class ValidationSpec:
-    """The validation suite: files when given, else the toy world's (for the toy model only)."""
-
-    data: Path | None = option(
-        help="validation set: ImageFolder, CSV (path,label) or 'toy' (the default for the toy model only)"
-    )
-    classnames: Path | None = option(help="class names file, one per line (folder order)")
-    templates: Path | None = option(
-        help="prompt templates file (one per line, with {}), or a named set: cifar10, cifar100, pets (the paper's "
-        "18), food101 (1), country211 (5), imagenet1k, imagenet-a, imagenet-r (80), neutral (the CCS paper's 4). "
-        "Default: the data set's own when its name is one of these, else neutral"
-    )
-    bias_data: Path | None = option(
-        help="bias set: CSV (path,group[,...]), or toy:counterfactuals (the toy's, ranked within shapes)"
-    )
-    queries: Path | None = option(help="neutral queries file for --bias-data, one per line")
-    skew_k: int = SKEW_K.field()
-    desired: str | None = option(help="desired group distribution: uniform or set (default: the protocol's)")
-    bias_protocol: str = BIAS_PROTOCOL.field()
-    bias_split_by: str | None = option(
-        help="debias: bias-manifest column (e.g. identity) kept on one side of the search/held-out split"
-    )
-    bias_attribute: str | None = option(  # surgeon.validate.BiasColumns
-        help="bias-manifest header column holding the group (e.g. race, gender; default: 2nd)"
-    )
-    bias_within: str | None = option(
-        help="bias-manifest column (e.g. occupation) whose value names the query that ranks each image: each "
-        "query ranks only its own images, as the paper ranks SocialCounterfactuals (--queries: optional, a subset)"
-    )
-    bias_groups: str | None = option(
-        help="fold the group labels by name: fairface-race6 (the paper's 6 FairFace races)"
-    )
-    language: str = option("en", help="language of the class names and templates (clip_benchmark files)")
-    retrieval_data: Path | None = option(  # image <-> text or text -> video (surgeon.retrieval)
-        help="retrieval set: CSV (path,caption; one row per caption) of images (image<->text recall@k) or of "
-        "videos (text->video, the first caption per video), or clip_benchmark's retrieval webdataset folder"
-    )
-    frames: int = option(
-        limits.DEFAULT_VIDEO_FRAMES,
-        bound=(1, limits.MAX_FRAMES_PER_VIDEO),
-        unit="frames",
-        named="frames (per video)",
-        help="frames per video of a video retrieval set (the paper: 12; DiDeMo 32)",
-    )
-
-    def check(self) -> None:
-        from surgeon.bias import bias_protocol
-
-        check_bounds(self)
-        limits.texts(
-            bias_split_by=self.bias_split_by,
-            bias_attribute=self.bias_attribute,
-            bias_within=self.bias_within,
-            language=self.language,
-        )
-        if self.bias_groups is not None:
-            from surgeon.bias import GROUP_FOLDINGS
-
-            _choice("bias group folding", self.bias_groups, tuple(GROUP_FOLDINGS))
-        if self.bias_data is None and any((self.bias_attribute, self.bias_within, self.bias_groups)):
-            raise InvalidInput("--bias-attribute, --bias-within and --bias-groups read a --bias-data manifest")
-        _choice("desired distribution", self.desired, DESIRED)
-        bias_protocol(self.bias_protocol, self.desired)  # an unknown protocol, or a desired it fixes otherwise
-        if self.is_toy and any((self.classnames, self.templates, self.queries)):
-            raise InvalidInput("classnames, templates and queries need data or bias_data")
-
-    @property
-    def is_toy(self) -> bool:
-        return self.data is None and self.bias_data is None and self.retrieval_data is None
-
-    def require_bias(self, what: str) -> None:
-        """Refuse, before any model loads, a use that measures bias on a suite that has no bias set (the toy
-        suite has its probe; files need --bias-data) or accuracy on one without a classification set."""
-        toy = self.is_toy or str(self.data) == "toy"
-        if self.bias_data is None and not toy:
-            raise InvalidInput(
-                f"{what} needs a bias set to measure bias on",
-                hint="pass --bias-data CSV (path,group per image) --queries FILE (one neutral query per line); "
-                "gRPC: validation.bias_data and validation.queries",
-                field="bias_data",
-            )
-        if self.data is None and self.bias_data is not None:
-            raise InvalidInput(
-                f"{what} measures accuracy too: it needs a classification set (--data) besides the bias set",
-                hint="pass --data FOLDER|CSV (ImageFolder or path,label); gRPC: validation.data",
-                field="data",
-            )
-
-    def build(self, model: str | None) -> ValidationSuite:
-        from surgeon.validate import BiasColumns, build_suite
-
-        return build_suite(
-            self.data,
-            self.classnames,
-            self.templates,
-            self.bias_data,
-            self.queries,
-            self.skew_k,
-            self.desired,
-            self.bias_protocol,
-            self.bias_split_by,
-            model=model,
-            retrieval=self.retrieval_data,
-            frames=self.frames,
-            bias_columns=BiasColumns(self.bias_attribute, self.bias_within, self.bias_groups),
-        )
 
 
 @dataclass(frozen=True)
@@ -364,8 +248,8 @@ class PruneSpec:
 
         self.model.check()
         POLICIES.get(self.policy), SURGERIES.get(self.mode)
-        _choice("tower", self.tower, TOWERS)
-        _choice("export format", self.export, EXPORT_FORMATS)
+        choice("tower", self.tower, TOWERS)
+        choice("export format", self.export, EXPORT_FORMATS)
         check_bounds(self)
         limits.texts(heads=self.heads, concept=self.concept)
         self.method.check()
@@ -610,7 +494,7 @@ class ExportSpec:
     )
 
     def check(self) -> None:
-        _choice("export format", self.format, EXPORT_FORMATS)
+        choice("export format", self.format, EXPORT_FORMATS)
         if self.validation is not None:
             if self.quantize is None:
                 raise InvalidInput("the validation options are read by --quantize only (it measures int8 on them)")
