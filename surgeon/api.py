@@ -420,10 +420,7 @@ class SweepSpec:
     seeds: int = SEEDS.field(help="random ordering: average this many seeds (plot: min-max band)")
     images: str | None = IMAGES.field()
     n_images: int | None = N_IMAGES.field(help="images when ranking first")
-    validation: ValidationSpec = part(
-        ValidationSpec,
-        only=("data", "classnames", "templates", "bias_data", "queries", "skew_k", "desired", "bias_protocol"),
-    )
+    validation: ValidationSpec = part(ValidationSpec)
     out_dir: Path | None = OUT.field()
     force: bool = FORCE.field()
     plot_format: str = PLOT_FORMAT.field()
