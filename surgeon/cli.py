@@ -98,7 +98,7 @@ def spec_options(spec: type) -> Callable[[Callable[..., Any]], Callable[..., Any
     """A verb whose options are `spec`'s option fields (surgeon.options: flags, help and default from each
     field), followed by the verb's own parameters (--quiet, --json ...). The verb receives the spec, built from
     those options and from its own parameters that are spec fields too (an argument such as RUN_DIR)."""
-    declared = [o for o in options_of(spec) if o.option.cli]
+    offered = [o for o in options_of(spec) if o.option.cli]
     names = {f.name for f in fields(spec)}
 
     def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -110,12 +110,12 @@ def spec_options(spec: type) -> Callable[[Callable[..., Any]], Callable[..., Any
                 default=None if typing.get_origin(o.type) is tuple else o.option.default,
                 annotation=Annotated[_cli_type(o.type), typer.Option(*o.option.flags, help=o.option.help)],
             )
-            for o in declared
+            for o in offered
         ]
         parameters = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
 
         def run(**values: Any) -> Any:
-            options = {o.name: values.pop(o.name) for o in declared}
+            options = {o.name: values.pop(o.name) for o in offered}
             options |= {p.name: values[p.name] for p in own if p.name in names}
             return command(build(spec, options), **values)
 
