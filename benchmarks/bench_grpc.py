@@ -32,6 +32,7 @@ import numpy as np
 from google.longrunning import operations_pb2, operations_pb2_grpc
 from PIL import Image
 
+from surgeon.options import RankMethod
 from surgeon.v1 import surgeon_pb2 as pb
 from surgeon.v1 import surgeon_pb2_grpc as pb_grpc
 
@@ -143,7 +144,7 @@ def library_seconds(base: Path, out: Path) -> float:
     loaded = load_model(f"local-dir:{base / 'models' / 'medium'}")
     pool = load_pool(str(base / "data" / "pool.txt"), loaded.is_toy)
     images = resolve_images(str(base / "data" / "images"), None)
-    ranking = rank_heads(loaded, images, pool, layers="last4", quiet=True)
+    ranking = rank_heads(loaded, images, pool, RankMethod(layers="last4"), quiet=True)
     ranking.write(out)
     elapsed = time.perf_counter() - t0
     if not ranking.cached_stats:

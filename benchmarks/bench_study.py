@@ -47,6 +47,7 @@ def image_folder(root: Path, classes: list[str], seed: int) -> Path:
 def separate_prune_runs(model: str, rank_images: Path, data: dict[str, Path], out: Path) -> dict:
     from surgeon.images import resolve_images
     from surgeon.load import load_model
+    from surgeon.options import RankMethod
     from surgeon.policies import PolicyOptions
     from surgeon.pools import load_pool
     from surgeon.prune import prune
@@ -57,7 +58,9 @@ def separate_prune_runs(model: str, rank_images: Path, data: dict[str, Path], ou
     for policy, options in POLICIES.items():
         for name, folder in data.items():
             loaded = load_model(model)
-            ranking = rank_heads(loaded, resolve_images(str(rank_images), N_RANK, model), load_pool(None, False))
+            ranking = rank_heads(
+                loaded, resolve_images(str(rank_images), N_RANK, model), load_pool(None, False), RankMethod()
+            )
             suite = build_suite(folder, model=model)
             opts = PolicyOptions(model_name=loaded.name, pretrained=loaded.pretrained, **options)
             result = prune(loaded, ranking, suite, policy, opts, out_dir=out / f"{policy}-{name}")

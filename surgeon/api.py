@@ -1,6 +1,7 @@
 """One library API under both shells: a spec per job and one function that runs it.
 
-Each spec holds its defaults once (the CLI's option defaults read them) and checks itself, bounds included
+Each spec declares its options once, as fields (surgeon.options: default, bound, unit, help; the CLI options,
+the gRPC mapping, the study keys and docs/options.md derive from them) and checks itself, bounds included
 (`check()`: cheap, no model loaded, the same for every caller). `run_*` does the work. The CLI maps options
 to a spec and renders what `run_*` returns; the gRPC service maps a request to a spec, confines its paths to
 the server's roots, checks it before queueing and runs it in a job. Progress and cancellation reach the
@@ -10,12 +11,27 @@ This module stays light to import (torch only inside the functions): the CLI imp
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from surgeon import defaults, limits
 from surgeon.errors import InvalidInput, PreconditionFailed
+from surgeon.options import (
+    IMAGES,
+    N_IMAGES,
+    TEXTS,
+    LlmJudge,
+    OnnxExport,
+    Option,
+    RankMethod,
+    ValidationSpec,
+    check_bounds,
+    choice,
+    option,
+    part,
+)
+from surgeon.policies import POLICIES
 from surgeon.quantize import DEFAULT_MAX_ACCURACY_DROP, check_scheme
 
 if TYPE_CHECKING:
@@ -29,27 +45,23 @@ if TYPE_CHECKING:
 
 #: --export / ExportRequest.format -> the exporters that run (the checkpoint travels with every prune anyway)
 EXPORT_FORMATS = {"safetensors": ["safetensors"], "onnx": ["onnx"], "both": ["safetensors", "onnx"]}
-DESIRED = (None, "uniform", "set")
 
 
-def _choice(what: str, value: str | None, choices) -> None:
-    if value not in choices:
-        shown = ", ".join(str(c) for c in choices if c is not None)
-        raise InvalidInput(f"unknown {what} {limits.echo(value)}", hint=f"choose {shown}")
-
-
-def _check_labels(labels: Path | None) -> None:
-    """A classifier's labels file is read before any work: a repeated label must not cost a whole run."""
+def _check_onnx(onnx: OnnxExport) -> None:
+    """A repeated label or an unknown exporter is refused before any work, as are the bounds."""
+    from surgeon.export import check_exporter
     from surgeon.templates import read_labels
 
-    if labels is not None:
-        read_labels(labels)
+    onnx.check()
+    check_exporter(onnx.onnx_exporter)
+    if onnx.labels is not None:
+        read_labels(onnx.labels)
 
 
 def check_plot_format(plot_format: str) -> None:
     from surgeon.plots import PLOT_FORMATS
 
-    _choice("plot format", plot_format, PLOT_FORMATS)
+    choice("plot format", plot_format, PLOT_FORMATS)
 
 
 def suite_cost(suite: ValidationSuite) -> str:
@@ -66,98 +78,27 @@ def suite_cost(suite: ValidationSuite) -> str:
     return "; ".join(parts)
 
 
-@dataclass(frozen=True)
-class ValidationSpec:
-    """The validation suite: files when given, else the toy world's (for the toy model only)."""
-
-    data: Path | None = None
-    classnames: Path | None = None
-    templates: Path | None = None
-    bias_data: Path | None = None
-    queries: Path | None = None
-    skew_k: int = 10
-    desired: str | None = None
-    bias_protocol: str = "surgeon"
-    bias_split_by: str | None = None
-    bias_attribute: str | None = None  # surgeon.validate.BiasColumns
-    bias_within: str | None = None
-    bias_groups: str | None = None
-    language: str = "en"
-    retrieval_data: Path | None = None  # image <-> text or text -> video (surgeon.retrieval)
-    frames: int = limits.DEFAULT_VIDEO_FRAMES  # per video of a video retrieval set
-
-    def check(self) -> None:
-        from surgeon.bias import bias_protocol
-
-        limits.validation_options(self.skew_k)
-        limits.count("frames (per video)", self.frames, 1, limits.MAX_FRAMES_PER_VIDEO)
-        limits.texts(
-            bias_split_by=self.bias_split_by,
-            bias_attribute=self.bias_attribute,
-            bias_within=self.bias_within,
-            language=self.language,
-        )
-        if self.bias_groups is not None:
-            from surgeon.bias import GROUP_FOLDINGS
-
-            _choice("bias group folding", self.bias_groups, tuple(GROUP_FOLDINGS))
-        if self.bias_data is None and any((self.bias_attribute, self.bias_within, self.bias_groups)):
-            raise InvalidInput("--bias-attribute, --bias-within and --bias-groups read a --bias-data manifest")
-        _choice("desired distribution", self.desired, DESIRED)
-        bias_protocol(self.bias_protocol, self.desired)  # an unknown protocol, or a desired it fixes otherwise
-        if self.is_toy and any((self.classnames, self.templates, self.queries)):
-            raise InvalidInput("classnames, templates and queries need data or bias_data")
-
-    @property
-    def is_toy(self) -> bool:
-        return self.data is None and self.bias_data is None and self.retrieval_data is None
-
-    def require_bias(self, what: str) -> None:
-        """Refuse, before any model loads, a use that measures bias on a suite that has no bias set (the toy
-        suite has its probe; files need --bias-data) or accuracy on one without a classification set."""
-        toy = self.is_toy or str(self.data) == defaults.TOY
-        if self.bias_data is None and not toy:
-            raise InvalidInput(
-                f"{what} needs a bias set to measure bias on",
-                hint="pass --bias-data CSV (path,group per image) --queries FILE (one neutral query per line); "
-                "gRPC: validation.bias_data and validation.queries",
-                field="bias_data",
-            )
-        if self.data is None and self.bias_data is not None:
-            raise InvalidInput(
-                f"{what} measures accuracy too: it needs a classification set (--data) besides the bias set",
-                hint="pass --data FOLDER|CSV (ImageFolder or path,label); gRPC: validation.data",
-                field="data",
-            )
-
-    def build(self, model: str | None) -> ValidationSuite:
-        from surgeon.validate import BiasColumns, build_suite
-
-        return build_suite(
-            self.data,
-            self.classnames,
-            self.templates,
-            self.bias_data,
-            self.queries,
-            self.skew_k,
-            self.desired,
-            self.bias_protocol,
-            self.bias_split_by,
-            model=model,
-            retrieval=self.retrieval_data,
-            frames=self.frames,
-            bias_columns=BiasColumns(self.bias_attribute, self.bias_within, self.bias_groups),
-        )
+# options several jobs share: one declaration (and default) each; a job's field may say its own help
+RANKING = Option(help="ranking.json (or its folder); ranks first when omitted")
+SEED = Option(0, bound=(0, limits.MAX_SEED), help="random seed")
+SEEDS = Option(1, bound=(1, limits.MAX_SEEDS), help="random policy: repeat over this many seeds and average")
+DEVICE = Option(help="cpu, cuda, cuda:1 ... (default: cuda when present)")
+OUT = Option(flags=("--out",), help="output folder (default: a new one in exports/)")
+FORCE = Option(False, help="replace an existing --out folder")
+PLOT_FORMAT = Option("png", help="png, pdf or svg")
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     """Which model: an open_clip name (+ pretrained tag or checkpoint file), local-dir:PATH, or None: the toy."""
 
-    model: str | None = None
-    pretrained: str | None = None
-    device: str | None = None
-    activation: str | None = None  # gelu or quickgelu; None: the config's, the tag's, or GELU assumed (said)
+    model: str | None = option(flags=("--model", "-m"), help="open_clip name, local-dir:PATH, or omit for the toy")
+    pretrained: str | None = option(help="pretrained tag (from the local hub cache) or checkpoint file")
+    device: str | None = DEVICE.field()
+    activation: str | None = option(  # None: the config's, the tag's, or GELU assumed (said)
+        help="gelu or quickgelu: the MLP activation the weights were trained with (OpenAI's: quickgelu). Default: "
+        "the config's or the tag's; a checkpoint file cannot say, so GELU is assumed with a warning"
+    )
 
     def check(self) -> None:
         from surgeon.load import check_activation
@@ -179,40 +120,35 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class RankSpec:
-    model: ModelSpec = field(default_factory=ModelSpec)
-    images: str | None = None  # a folder, or "toy" (None: toy, for the toy model only)
-    n_images: int | None = None
-    texts: str | None = None  # "toy", "general" or a file
-    taxonomy: str | None = None
-    judge: str = "lexicon"
-    layers: str | None = None
-    m: int = limits.DEFAULT_TEXTS_PER_HEAD
-    span_rank: int = limits.DEFAULT_SPAN_RANK
-    batch_size: int = 64
-    use_cache: bool = True
-    checkpoint_every: int | None = None
-    llm_url: str | None = None
-    llm_models: tuple[str, ...] = ()
-    llm_key_env: str = "OPENAI_API_KEY"
-    out_dir: Path | None = None  # None: nothing written
-    force: bool = False
-    plot_format: str = "png"
+    model: ModelSpec = part(ModelSpec)
+    images: str | None = IMAGES.field()  # None: toy, for the toy model only
+    n_images: int | None = N_IMAGES.field()
+    texts: str | None = TEXTS.field()
+    taxonomy: str | None = option(help="concept taxonomy JSON for the lexicon judge", path=True)
+    method: RankMethod = part(RankMethod)
+    use_cache: bool = option(
+        True,
+        flags=("--cache/--no-cache",),
+        help="--no-cache: recompute statistics and text embeddings even when cached",
+    )
+    checkpoint_every: int | None = option(
+        bound=(1, limits.MAX_CHECKPOINT_EVERY),
+        unit="batches",
+        help="checkpoint statistics every N batches (resumable after interruption)",
+    )
+    llm: LlmJudge = part(LlmJudge)
+    out_dir: Path | None = OUT.field()  # None: nothing written
+    force: bool = FORCE.field()
+    plot_format: str = PLOT_FORMAT.field()
 
     def check(self) -> None:
         from surgeon.judges.base import JUDGES
 
         self.model.check()
-        limits.rank_options(
-            self.n_images,
-            defaults.toy_data(self.images),
-            self.m,
-            self.span_rank,
-            self.batch_size,
-            self.checkpoint_every,
-            self.layers,
-        )
-        limits.texts(images=self.images, texts=self.texts, taxonomy=self.taxonomy, llm_url=self.llm_url)
-        JUDGES.get(self.judge)
+        check_bounds(self)
+        self.method.check()
+        limits.texts(images=self.images, texts=self.texts, taxonomy=self.taxonomy, llm_url=self.llm.llm_url)
+        JUDGES.get(self.method.judge)
         check_plot_format(self.plot_format)
 
     def image_set(self) -> ImageSet:
@@ -236,19 +172,14 @@ def run_rank(spec: RankSpec, quiet: bool = True) -> RankOutcome:
     image_set = spec.image_set()  # before the (slow) load: a missing folder or a bad pool fails fast
     pool = load_pool(spec.texts, spec.model.is_toy, spec.taxonomy)
     loaded = spec.model.load()
-    llm = {"llm_url": spec.llm_url, "llm_models": spec.llm_models, "llm_key_env": spec.llm_key_env}
     ranking = rank_heads(
         loaded,
         image_set,
         pool,
-        judge=spec.judge,
-        layers=spec.layers,
-        m=spec.m,
-        span_rank=spec.span_rank,
-        batch_size=spec.batch_size,
+        spec.method,
         quiet=quiet,
         use_cache=spec.use_cache,
-        llm_options=llm if spec.judge == "llm" else None,
+        llm=spec.llm if spec.method.judge == "llm" else None,
         checkpoint_every=spec.checkpoint_every,
     )
     if ranking is None or spec.out_dir is None:
@@ -259,39 +190,49 @@ def run_rank(spec: RankSpec, quiet: bool = True) -> RankOutcome:
 
 @dataclass(frozen=True)
 class PruneSpec:
-    model: ModelSpec = field(default_factory=ModelSpec)
-    ranking: Path | None = None  # ranking.json (or its folder); ranks first when None and the policy reads one
-    policy: str = "debias"
-    k: int | None = None
-    heads: str | None = None
-    concept: str | None = None
-    min_ccs: int | None = None
-    seed: int = 0
-    seeds: int = 1
-    mode: str = "zero"
-    tower: str = "vision"
-    max_acc_drop: float | None = None
-    max_skew: float | None = None
-    min_acc: float | None = None
-    max_recall_drop: float | None = None
-    export_anyway: bool = False
-    export: str = "safetensors"
-    labels: Path | None = None
-    atol: float = 1e-4
-    onnx_exporter: str | None = None
+    model: ModelSpec = part(ModelSpec)
+    ranking: Path | None = RANKING.field()  # ranks first when None and the policy reads one
+    policy: str = option("debias", help=", ".join(POLICIES.names()))
+    k: int | None = option(
+        bound=(1, limits.MAX_K), unit="heads", help="number of heads (top-k, bottom-k, random; budget for debias)"
+    )
+    heads: str | None = option(help="explicit heads, e.g. L11.H5,L10.H8")
+    preset: str | None = option(  # whose paper head lists paper-* policies apply (a checkpoint file's)
+        help="MODEL/TAG, e.g. ViT-B-32/openai: paper-* head lists for a checkpoint file of those weights"
+    )
+    concept: str | None = option(help="concept label for the concept policy")
+    min_ccs: int | None = option(bound=(0, limits.MAX_CCS), help="threshold policy: prune heads with CCS >= this")
+    seed: int = SEED.field(help="random seed (debias: draws its search and stop splits)")
+    seeds: int = SEEDS.field()
+    mode: str = option("zero", help="zero, mean or hard")
+    tower: str = option("vision", help="vision, text or both")
+    max_acc_drop: float | None = option(  # negative: the accuracy must rise
+        bound=(-limits.MAX_POINTS, limits.MAX_POINTS),
+        unit="points",
+        help="gate: max drop of mean zero-shot top-1 (points)",
+    )
+    max_skew: float | None = option(bound=(-limits.MAX_SKEW, limits.MAX_SKEW), help="gate: max MaxSkew@k after pruning")
+    min_acc: float | None = option(
+        bound=(0.0, limits.MAX_POINTS), unit="points", help="gate: min mean zero-shot top-1 after pruning (points)"
+    )
+    max_recall_drop: float | None = option(
+        bound=(-limits.MAX_POINTS, limits.MAX_POINTS),
+        unit="points",
+        help="gate: max drop of mean text->image/video recall@1 (points)",
+    )
+    export_anyway: bool = option(False, help="export even when a gate fails")
+    export: str = option("safetensors", help="safetensors, onnx or both")
+    onnx: OnnxExport = part(OnnxExport)
     # ranking first, and the reference images of mean ablation
-    images: str | None = None
-    n_images: int | None = None
-    texts: str | None = None
-    judge: str = "lexicon"
-    layers: str | None = None
-    validation: ValidationSpec = field(default_factory=ValidationSpec)
-    out_dir: Path | None = None  # None: nothing written
-    force: bool = False
-    preset: str | None = None  # "MODEL/TAG": whose paper head lists paper-* policies apply (a checkpoint file's)
+    images: str | None = IMAGES.field()
+    n_images: int | None = N_IMAGES.field(help="images for ranking and mean ablation")
+    texts: str | None = TEXTS.field(help="text pool when ranking first")
+    method: RankMethod = part(RankMethod, only=("judge", "layers"))
+    validation: ValidationSpec = part(ValidationSpec)
+    out_dir: Path | None = OUT.field(help="run folder (default: new one in exports/)")  # None: nothing written
+    force: bool = FORCE.field()
 
     def check(self) -> None:
-        from surgeon.export import check_exporter
         from surgeon.heads import parse_heads
         from surgeon.hooks import TOWERS
         from surgeon.judges.base import JUDGES
@@ -301,23 +242,12 @@ class PruneSpec:
         self.model.check()
         policy = POLICIES.get(self.policy)
         SURGERIES.get(self.mode)
-        _choice("tower", self.tower, TOWERS)
-        _choice("export format", self.export, EXPORT_FORMATS)
-        limits.prune_options(
-            self.k,
-            self.seed,
-            self.seeds,
-            self.min_ccs,
-            self.max_acc_drop,
-            self.max_skew,
-            self.min_acc,
-            self.atol,
-            self.heads,
-            self.concept,
-        )
-        limits.number("max_recall_drop", self.max_recall_drop, -limits.MAX_POINTS, limits.MAX_POINTS)
-        limits.rank_options(self.n_images, defaults.toy_data(self.images), layers=self.layers)
-        _check_labels(self.labels)
+        choice("tower", self.tower, TOWERS)
+        choice("export format", self.export, EXPORT_FORMATS)
+        check_bounds(self)
+        limits.texts(heads=self.heads, concept=self.concept)
+        self.method.check()
+        _check_onnx(self.onnx)
         if self.ranking is not None and self.k is not None:  # a ranking file: k is checked before any work
             from surgeon.policies import check_k
             from surgeon.rank import Ranking
@@ -325,7 +255,7 @@ class PruneSpec:
             check_k(self.k, len(Ranking.read(self.ranking).heads))
         limits.texts(images=self.images, texts=self.texts)
         self.validation.check()
-        JUDGES.get(self.judge)
+        JUDGES.get(self.method.judge)
         if self.heads:
             parse_heads(self.heads)  # malformed heads fail now
         if policy.measures:
@@ -335,7 +265,6 @@ class PruneSpec:
             raise InvalidInput("--preset names the heads of the paper-high, paper-low and paper-random policies")
         if policy.preset:  # every preset reads the model's high (and low) list: one check
             check_paper_preset("high", *self.preset_key)
-        check_exporter(self.onnx_exporter)
 
     @property
     def preset_key(self) -> tuple[str | None, str | None]:
@@ -374,9 +303,7 @@ def run_prune(spec: PruneSpec, suite: ValidationSuite | None = None, quiet: bool
     say(f"prune: validates before and after on {suite_cost(suite)}", quiet)
     data_record = record_validation_data(asdict(spec.validation), suite, quiet) if spec.out_dir is not None else None
     loaded = spec.model.load()  # every input above is read and checked: a bad file costs no model load
-    ranking = _ranking_for(
-        loaded, spec.ranking, image_set if spec.needs_ranking else None, pool, spec.judge, spec.layers, quiet
-    )
+    ranking = _ranking_for(loaded, spec.ranking, image_set if spec.needs_ranking else None, pool, spec.method, quiet)
     options = policy_options(
         loaded,
         spec.preset_key if spec.preset else None,
@@ -396,19 +323,14 @@ def run_prune(spec: PruneSpec, suite: ValidationSuite | None = None, quiet: bool
         options,
         mode=spec.mode,
         tower=spec.tower,
-        gates=Gates(
-            max_acc_drop=spec.max_acc_drop,
-            max_skew=spec.max_skew,
-            min_acc=spec.min_acc,
-            max_recall_drop=spec.max_recall_drop,
-        ),
+        gates=Gates(spec.max_acc_drop, spec.max_skew, spec.min_acc, spec.max_recall_drop),
         out_dir=spec.out_dir,
         reference=image_set if spec.mode == "mean" else None,
         seeds=spec.seeds,
         export_anyway=spec.export_anyway,
         force=spec.force,
         exporters=spec.formats,
-        export_options={"labels": spec.labels, "atol": spec.atol, "exporter": spec.onnx_exporter},
+        onnx=spec.onnx,
         language=spec.validation.language,
         quiet=quiet,
         data_record=data_record,
@@ -420,8 +342,7 @@ def _ranking_for(
     path: Path | None,
     image_set: ImageSet | None,
     pool: TextPool | None,
-    judge: str,
-    layers: str | None,
+    method: RankMethod,
     quiet: bool,
 ) -> Ranking | None:
     """The ranking read from `path` (checked against the model), else made on `image_set` and `pool`; None
@@ -438,7 +359,7 @@ def _ranking_for(
     if image_set is None:
         return None
     pool = pool if pool is not None else load_pool(None, loaded.is_toy)
-    ranked = rank_heads(loaded, image_set, pool, judge=judge, layers=layers, quiet=quiet)
+    ranked = rank_heads(loaded, image_set, pool, method, quiet=quiet)
     note = ranked.clamp_note() if ranked is not None else None
     if note and not quiet:
         warnings.warn(note, stacklevel=2)
@@ -447,10 +368,12 @@ def _ranking_for(
 
 @dataclass(frozen=True)
 class ValidateSpec:
-    model: ModelSpec = field(default_factory=ModelSpec)
-    validation: ValidationSpec = field(default_factory=ValidationSpec)
-    out_dir: Path | None = None  # validation.json + clip_benchmark/ result files; None: nothing written
-    force: bool = False
+    model: ModelSpec = part(ModelSpec)
+    validation: ValidationSpec = part(ValidationSpec)
+    out_dir: Path | None = OUT.field(  # None: nothing written
+        help="folder for validation.json and clip_benchmark/ (one result file per set)"
+    )
+    force: bool = FORCE.field()
 
     def check(self) -> None:
         self.model.check()
@@ -480,27 +403,27 @@ def run_validate(spec: ValidateSpec, suite: ValidationSuite | None = None, quiet
 
 @dataclass(frozen=True)
 class SweepSpec:
-    model: ModelSpec = field(default_factory=ModelSpec)
-    ranking: Path | None = None
-    counts: tuple[int, ...] | None = None  # None: the default counts (0..8 for small models)
-    seed: int = 0
-    seeds: int = 1
-    images: str | None = None
-    n_images: int | None = None
-    validation: ValidationSpec = field(default_factory=ValidationSpec)
-    out_dir: Path | None = None
-    force: bool = False
-    plot_format: str = "png"
+    model: ModelSpec = part(ModelSpec)
+    ranking: Path | None = RANKING.field()
+    counts: tuple[int, ...] | None = option(  # None: the default counts (0..8 for small models)
+        cli=False, help="numbers of heads to prune, e.g. 0,2,4,8"
+    )
+    seed: int = SEED.field(help="seed of the random ordering")
+    seeds: int = SEEDS.field(help="random ordering: average this many seeds (plot: min-max band)")
+    images: str | None = IMAGES.field()
+    n_images: int | None = N_IMAGES.field(help="images when ranking first")
+    validation: ValidationSpec = part(ValidationSpec)
+    out_dir: Path | None = OUT.field()
+    force: bool = FORCE.field()
+    plot_format: str = PLOT_FORMAT.field()
 
     def check(self) -> None:
         self.model.check()
-        limits.count("seed", self.seed, 0, limits.MAX_SEED)
-        limits.count("seeds", self.seeds, 1, limits.MAX_SEEDS)
+        check_bounds(self)
         if self.counts is not None:
             limits.count("number of counts", len(self.counts), 1, limits.MAX_SWEEP_COUNTS)
             for n in self.counts:
                 limits.count("counts", n, 0, limits.MAX_K)
-        limits.rank_options(self.n_images, defaults.toy_data(self.images))
         limits.texts(images=self.images)
         self.validation.check()
         check_plot_format(self.plot_format)
@@ -522,7 +445,7 @@ def run_sweep(spec: SweepSpec, quiet: bool = True) -> dict:
     image_set = resolve_images(spec.images, spec.n_images, spec.model.model) if spec.ranking is None else None
     pool = load_pool(None, spec.model.is_toy) if spec.ranking is None else None
     loaded = spec.model.load()
-    ranking = _ranking_for(loaded, spec.ranking, image_set, pool, "lexicon", None, quiet)
+    ranking = _ranking_for(loaded, spec.ranking, image_set, pool, RankMethod(), quiet)
     if ranking is None:  # a non-zero torchrun rank: sweeps run on one process
         raise PreconditionFailed("sweep runs in one process, not under torchrun")
     counts = list(spec.counts) if spec.counts is not None else None
@@ -537,33 +460,38 @@ def run_sweep(spec: SweepSpec, quiet: bool = True) -> dict:
 
 @dataclass(frozen=True)
 class ExportSpec:
-    run_dir: Path  # a run folder written by prune
-    format: str = "onnx"
-    labels: Path | None = None
-    atol: float = 1e-4
-    onnx_exporter: str | None = None
-    out_dir: Path | None = None  # None: RUN_DIR/export-FORMAT
-    force: bool = False
-    verify: bool = True  # check the run's files against surgery.json's hashes first
-    device: str | None = None
-    quantize: str | None = None  # int8: quantized image graphs, gated on the accuracy they cost
-    max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP  # points of mean zero-shot top-1
-    validation: ValidationSpec | None = None  # what --quantize measures on; None: the data the run recorded
+    run_dir: Path  # a run folder written by prune (the CLI's argument)
+    format: str = option("onnx", flags=("--format",), help="safetensors, onnx or both")
+    onnx: OnnxExport = part(OnnxExport)
+    out_dir: Path | None = OUT.field(help="output folder (default: RUN_DIR/export-FORMAT)")
+    force: bool = FORCE.field(help="replace an existing output folder")
+    verify: bool = option(
+        True,
+        flags=("--verify/--no-verify",),
+        help="--no-verify: skip checking the run's files against surgery.json's sha256 hashes",
+    )
+    device: str | None = DEVICE.field()
+    quantize: str | None = option(help="int8: quantize the image graphs (onnxruntime), gated on accuracy")
+    max_accuracy_drop: float = option(
+        DEFAULT_MAX_ACCURACY_DROP,
+        bound=(0.0, limits.MAX_POINTS),
+        unit="points",
+        help="--quantize's gate: points of mean zero-shot top-1 int8 may cost",
+    )
+    validation: ValidationSpec | None = part(  # what --quantize measures on; None: the data the run recorded
+        ValidationSpec, only=("data", "classnames", "templates"), optional=True
+    )
 
     def check(self) -> None:
-        from surgeon.export import check_exporter
-
-        _choice("export format", self.format, EXPORT_FORMATS)
+        choice("export format", self.format, EXPORT_FORMATS)
         if self.validation is not None:
             if self.quantize is None:
                 raise InvalidInput("the validation options are read by --quantize only (it measures int8 on them)")
             self.validation.check()
-        limits.export_options(self.atol)
-        limits.number("max_accuracy_drop", self.max_accuracy_drop, 0.0, limits.MAX_POINTS)
+        check_bounds(self)
         limits.texts(device=self.device, quantize=self.quantize)
         check_scheme(self.quantize)
-        check_exporter(self.onnx_exporter)
-        _check_labels(self.labels)
+        _check_onnx(self.onnx)
 
     @property
     def target(self) -> Path:
@@ -585,9 +513,7 @@ def run_export(spec: ExportSpec) -> list[Path]:
         force=spec.force,
         device=spec.device,
         verify=spec.verify,
-        labels=spec.labels,
-        atol=spec.atol,
-        exporter=spec.onnx_exporter,
+        **spec.onnx.as_arguments(),
         quantize=spec.quantize,
         max_accuracy_drop=spec.max_accuracy_drop,
         measure_on=measure_on,
@@ -596,12 +522,12 @@ def run_export(spec: ExportSpec) -> list[Path]:
 
 @dataclass(frozen=True)
 class StudySpec:
-    file: Path  # the study file (TOML)
-    out_dir: Path | None = None  # None: exports/study-<file stem>
-    shard: str | None = None  # "i/n": compute only cells i, i+n, ...
-    collect: bool = False  # compute nothing: assemble the table from the stored cells
-    device: str | None = None
-    plot_format: str = "png"
+    file: Path  # the study file (TOML; the CLI's argument)
+    out_dir: Path | None = OUT.field(help="study folder: cells/ and the table (default: exports/study-NAME)")
+    shard: str | None = option(help="i/n (0-based): compute only cells i, i+n, ...; then run --collect")
+    collect: bool = option(False, help="compute nothing: assemble the table from the stored cells")
+    device: str | None = DEVICE.field()
+    plot_format: str = PLOT_FORMAT.field()
 
     def check(self) -> None:
         if limits.shard(self.shard) is not None and self.collect:
@@ -625,3 +551,21 @@ def run_study(spec: StudySpec, quiet: bool = True) -> StudyRun:
     return compute_study(
         study, spec.target, limits.shard(spec.shard), spec.collect, spec.device, quiet, spec.plot_format
     )
+
+
+#: every job's spec, by verb (docs/options.md lists their options)
+JOB_SPECS: dict[str, type] = {
+    "rank": RankSpec,
+    "prune": PruneSpec,
+    "validate": ValidateSpec,
+    "sweep": SweepSpec,
+    "export": ExportSpec,
+    "study": StudySpec,
+}
+
+
+if __name__ == "__main__":  # `python -m surgeon.api`: regenerate docs/options.md from the specs
+    from surgeon.options import DOCS, markdown
+
+    DOCS.write_text(markdown(JOB_SPECS), encoding="utf-8")
+    print(f"wrote {DOCS}")

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import inspect
 import signal
 import sys
 import threading
+import typing
 import warnings
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import fields, replace
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -24,7 +27,6 @@ from surgeon.api import (
     StudySpec,
     SweepSpec,
     ValidateSpec,
-    ValidationSpec,
     run_export,
     run_prune,
     run_rank,
@@ -33,7 +35,7 @@ from surgeon.api import (
     run_validate,
 )
 from surgeon.errors import StorageError, SurgeonError
-from surgeon.policies import POLICIES
+from surgeon.options import build, declared, options_of
 from surgeon.progress import kept_after_interrupt
 from surgeon.runtime.cli import infer, serve_model, triton_repo
 
@@ -81,92 +83,68 @@ def _main(
     """Rank, prune, validate and export CLIP attention heads."""
 
 
-ModelOpt = Annotated[
-    str | None, typer.Option("--model", "-m", help="open_clip name, local-dir:PATH, or omit for the toy")
-]
-PretrainedOpt = Annotated[str | None, typer.Option(help="pretrained tag (from the local hub cache) or checkpoint file")]
-DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda when present)")]
-ActivationOpt = Annotated[
-    str | None,
-    typer.Option(
-        help="gelu or quickgelu: the MLP activation the weights were trained with (OpenAI's: quickgelu). Default: "
-        "the config's or the tag's; a checkpoint file cannot say, so GELU is assumed with a warning"
-    ),
-]
+ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help=declared(ModelSpec, "model").help)]
+DeviceOpt = Annotated[str | None, typer.Option(help=declared(ModelSpec, "device").help)]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON document (output folder, files, summary)")]
-PlotFormatOpt = Annotated[str, typer.Option(help="png, pdf or svg")]
 
 
-ImagesOpt = Annotated[
-    str | None, typer.Option(help="a folder of images, or 'toy' (the default for the toy model only)")
-]
+def _cli_type(hint: Any) -> Any:
+    """A spec field's type as typer reads it: a tuple of strings is a repeatable option (a list, or None)."""
+    return list[str] | None if typing.get_origin(hint) is tuple else hint
+
+
+def spec_options(spec: type) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A verb whose options are `spec`'s option fields (surgeon.options: flags, help and default from each
+    field), followed by the verb's own parameters (--quiet, --json ...). The verb receives the spec, built from
+    those options and from its own parameters that are spec fields too (an argument such as RUN_DIR)."""
+    offered = [o for o in options_of(spec) if o.option.cli]
+    names = {f.name for f in fields(spec)}
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        own = list(inspect.signature(command, eval_str=True).parameters.values())[1:]  # after `spec`
+        derived = [
+            inspect.Parameter(
+                o.name,
+                inspect.Parameter.KEYWORD_ONLY,
+                default=None if typing.get_origin(o.type) is tuple else o.option.default,
+                annotation=Annotated[_cli_type(o.type), typer.Option(*o.option.flags, help=o.option.help)],
+            )
+            for o in offered
+        ]
+        parameters = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
+
+        def run(**values: Any) -> Any:
+            options = {o.name: values.pop(o.name) for o in offered}
+            options |= {p.name: values[p.name] for p in own if p.name in names}
+            return command(build(spec, options), **values)
+
+        run.__name__, run.__doc__, run.__module__ = command.__name__, command.__doc__, command.__module__
+        run.__signature__ = inspect.Signature(derived + parameters)  # type: ignore[attr-defined]
+        run.__annotations__ = {p.name: p.annotation for p in derived + parameters}
+        return run
+
+    return decorate
 
 
 @app.command()
+@spec_options(RankSpec)
 def rank(
-    model: ModelOpt = None,
-    pretrained: PretrainedOpt = None,
-    activation: ActivationOpt = None,
-    images: ImagesOpt = None,
-    n_images: Annotated[int | None, typer.Option(help="use at most this many images (toy default: 2000)")] = None,
-    texts: Annotated[str | None, typer.Option(help="'toy', 'general' or a file, one description per line")] = None,
-    taxonomy: Annotated[str | None, typer.Option(help="concept taxonomy JSON for the lexicon judge")] = None,
-    judge: Annotated[str, typer.Option(help="lexicon, embedding or llm")] = RankSpec.judge,
-    layers: Annotated[str | None, typer.Option(help="e.g. 8-11, 3,5, last4 (default) or all")] = None,
-    m: Annotated[int, typer.Option("--texts-per-head", "--m", help="texts per head (m)")] = RankSpec.m,
-    span_rank: Annotated[
-        int, typer.Option("--span-rank", "--rank", help="TextSpan projection rank")
-    ] = RankSpec.span_rank,
-    batch_size: Annotated[int, typer.Option(help="images per forward pass")] = RankSpec.batch_size,
-    llm_url: Annotated[str | None, typer.Option(help="OpenAI-compatible endpoint for --judge llm")] = None,
-    llm_model: Annotated[list[str] | None, typer.Option(help="judge model(s); several = majority vote")] = None,
-    llm_key_env: Annotated[str, typer.Option(help="environment variable holding the API key")] = RankSpec.llm_key_env,
-    out_dir: Annotated[
-        Path | None, typer.Option("--out", help="output folder (default: a new one in exports/)")
-    ] = None,
-    force: Annotated[bool, typer.Option(help="replace an existing --out folder")] = False,
-    no_cache: Annotated[
-        bool, typer.Option("--no-cache", help="recompute statistics and text embeddings even when cached")
-    ] = False,
-    checkpoint_every: Annotated[
-        int | None, typer.Option(help="checkpoint statistics every N batches (resumable after interruption)")
-    ] = None,
-    device: DeviceOpt = None,
+    spec: RankSpec,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
-    plot_format: PlotFormatOpt = RankSpec.plot_format,
 ) -> None:
     """Rank the vision heads by Concept Consistency Score; writes ranking.json/.csv and ccs_heatmap.png.
     Under `torchrun --nproc-per-node N -m surgeon rank ...` the images are sharded over the ranks."""
     from surgeon.distributed import device_for, world
     from surgeon.paths import new_run_dir
 
-    spec = RankSpec(
-        model=ModelSpec(model, pretrained, device, activation),
-        images=images,
-        n_images=n_images,
-        texts=texts,
-        taxonomy=taxonomy,
-        judge=judge,
-        layers=layers,
-        m=m,
-        span_rank=span_rank,
-        batch_size=batch_size,
-        use_cache=not no_cache,
-        checkpoint_every=checkpoint_every,
-        llm_url=llm_url,
-        llm_models=tuple(llm_model or ()),
-        llm_key_env=llm_key_env,
-        force=force,
-        plot_format=plot_format,
-    )
     spec.check()
     main_rank = world().is_main
     spec = replace(
         spec,
-        model=replace(spec.model, device=device_for(world(), device)),
-        out_dir=(out_dir or new_run_dir("rank")) if main_rank else None,
+        model=replace(spec.model, device=device_for(world(), spec.model.device)),
+        out_dir=(spec.out_dir or new_run_dir("rank")) if main_rank else None,
     )
     outcome = run_rank(spec, quiet=quiet)
     ranking, image_set, target = outcome.ranking, outcome.images, outcome.out_dir
@@ -184,7 +162,7 @@ def rank(
         emit_json(
             "rank",
             target,
-            [target / f for f in ("ranking.json", "ranking.csv", f"ccs_heatmap.{plot_format}")],
+            [target / f for f in ("ranking.json", "ranking.csv", f"ccs_heatmap.{spec.plot_format}")],
             {
                 "heads": len(ranking.heads),
                 "images": ranking.images["count"],
@@ -208,7 +186,7 @@ def rank(
     )
     if ranking.clamp_note():
         out.print(ranking.clamp_note())
-    out.print(f"wrote {target}/ranking.json, ranking.csv, ccs_heatmap.{plot_format}")
+    out.print(f"wrote {target}/ranking.json, ranking.csv, ccs_heatmap.{spec.plot_format}")
 
 
 NON_TERMINAL_ROWS = 20
@@ -224,217 +202,16 @@ def print_ranking(ranking, limit: int | None = None) -> None:
     out.print(table)
 
 
-RankingOpt = Annotated[Path | None, typer.Option(help="ranking.json (or its folder); ranks first when omitted")]
-DataOpt = Annotated[
-    Path | None,
-    typer.Option(help="validation set: ImageFolder, CSV (path,label) or 'toy' (the default for the toy model only)"),
-]
-ClassnamesOpt = Annotated[Path | None, typer.Option(help="class names file, one per line (folder order)")]
-TemplatesOpt = Annotated[
-    Path | None,
-    typer.Option(
-        help="prompt templates file (one per line, with {}), or a named set: cifar10, cifar100, pets (the paper's "
-        "18), food101 (1), country211 (5), imagenet1k, imagenet-a, imagenet-r (80), neutral (the CCS paper's 4). "
-        "Default: the data set's own when its name is one of these, else neutral"
-    ),
-]
-BiasDataOpt = Annotated[
-    Path | None,
-    typer.Option(help="bias set: CSV (path,group[,...]), or toy:counterfactuals (the toy's, ranked within shapes)"),
-]
-QueriesOpt = Annotated[Path | None, typer.Option(help="neutral queries file for --bias-data, one per line")]
-BiasAttributeOpt = Annotated[
-    str | None, typer.Option(help="bias-manifest header column holding the group (e.g. race, gender; default: 2nd)")
-]
-BiasWithinOpt = Annotated[
-    str | None,
-    typer.Option(
-        help="bias-manifest column (e.g. occupation) whose value names the query that ranks each image: each "
-        "query ranks only its own images, as the paper ranks SocialCounterfactuals (--queries: optional, a subset)"
-    ),
-]
-BiasGroupsOpt = Annotated[
-    str | None, typer.Option(help="fold the group labels by name: fairface-race6 (the paper's 6 FairFace races)")
-]
-OnnxExporterOpt = Annotated[
-    str | None,
-    typer.Option(
-        help="dynamo (torch.export; default, or $SURGEON_ONNX_EXPORTER) or torchscript (deprecated by torch); "
-        "both parity-checked"
-    ),
-]
-SkewKOpt = Annotated[int, typer.Option(help="k of MaxSkew@k / MinSkew@k")]
-DesiredOpt = Annotated[
-    str | None, typer.Option(help="desired group distribution: uniform or set (default: the protocol's)")
-]
-BiasProtocolOpt = Annotated[
-    str,
-    typer.Option(
-        help="surgeon (uniform p*, absent groups as 1/k, mean over queries) or paper (the set's proportions, "
-        "absent groups skipped, MaxSkew summed over queries: max_skew@k_sum is the paper's figure)"
-    ),
-]
-RetrievalDataOpt = Annotated[
-    Path | None,
-    typer.Option(
-        help="retrieval set: CSV (path,caption; one row per caption) of images (image<->text recall@k) or of "
-        "videos (text->video, the first caption per video), or clip_benchmark's retrieval webdataset folder"
-    ),
-]
-FramesOpt = Annotated[int, typer.Option(help="frames per video of a video retrieval set (the paper: 12; DiDeMo 32)")]
-LanguageOpt = Annotated[str, typer.Option(help="language of the class names and templates (clip_benchmark files)")]
-
-
-def _validation_options(
-    data: Path | None,
-    classnames: Path | None,
-    templates: Path | None,
-    bias_data: Path | None,
-    queries: Path | None,
-    skew_k: int,
-    desired: str | None,
-    bias_protocol: str,
-    bias_split_by: str | None = None,
-    language: str = ValidationSpec.language,
-    retrieval_data: Path | None = None,
-    frames: int = ValidationSpec.frames,
-    bias_attribute: str | None = None,
-    bias_within: str | None = None,
-    bias_groups: str | None = None,
-) -> ValidationSpec:
-    """The validation options prune, validate and sweep share, mapped to their spec by name in one place."""
-    return ValidationSpec(
-        data=data,
-        classnames=classnames,
-        templates=templates,
-        bias_data=bias_data,
-        queries=queries,
-        skew_k=skew_k,
-        desired=desired,
-        bias_protocol=bias_protocol,
-        bias_split_by=bias_split_by,
-        language=language,
-        retrieval_data=retrieval_data,
-        frames=frames,
-        bias_attribute=bias_attribute,
-        bias_within=bias_within,
-        bias_groups=bias_groups,
-    )
-
-
 @app.command()
-def prune(
-    model: ModelOpt = None,
-    pretrained: PretrainedOpt = None,
-    activation: ActivationOpt = None,
-    ranking: RankingOpt = None,
-    policy: Annotated[str, typer.Option(help=", ".join(POLICIES.names()))] = PruneSpec.policy,
-    k: Annotated[int | None, typer.Option(help="number of heads (top-k, bottom-k, random; budget for debias)")] = None,
-    heads: Annotated[str | None, typer.Option(help="explicit heads, e.g. L11.H5,L10.H8")] = None,
-    preset: Annotated[
-        str | None,
-        typer.Option(help="MODEL/TAG, e.g. ViT-B-32/openai: paper-* head lists for a checkpoint file of those weights"),
-    ] = None,
-    concept: Annotated[str | None, typer.Option(help="concept label for the concept policy")] = None,
-    min_ccs: Annotated[int | None, typer.Option(help="threshold policy: prune heads with CCS >= this")] = None,
-    seed: Annotated[int, typer.Option(help="random seed (debias: draws its search and stop splits)")] = PruneSpec.seed,
-    seeds: Annotated[
-        int, typer.Option(help="random policy: repeat over this many seeds and average")
-    ] = PruneSpec.seeds,
-    mode: Annotated[str, typer.Option(help="zero, mean or hard")] = PruneSpec.mode,
-    tower: Annotated[str, typer.Option(help="vision, text or both")] = PruneSpec.tower,
-    max_acc_drop: Annotated[float | None, typer.Option(help="gate: max drop of mean zero-shot top-1 (points)")] = None,
-    max_skew: Annotated[float | None, typer.Option(help="gate: max MaxSkew@k after pruning")] = None,
-    min_acc: Annotated[float | None, typer.Option(help="gate: min mean zero-shot top-1 after pruning (points)")] = None,
-    export_anyway: Annotated[bool, typer.Option(help="export even when a gate fails")] = False,
-    export: Annotated[str, typer.Option(help="safetensors, onnx or both")] = PruneSpec.export,
-    labels: Annotated[Path | None, typer.Option(help="class names for classifier.onnx (ONNX export)")] = None,
-    atol: Annotated[float, typer.Option(help="ONNX parity tolerance (max abs difference)")] = PruneSpec.atol,
-    onnx_exporter: OnnxExporterOpt = None,
-    images: ImagesOpt = None,
-    n_images: Annotated[int | None, typer.Option(help="images for ranking and mean ablation")] = None,
-    texts: Annotated[str | None, typer.Option(help="text pool when ranking first")] = None,
-    judge: Annotated[str, typer.Option(help="judge when ranking first")] = PruneSpec.judge,
-    layers: Annotated[str | None, typer.Option(help="layers when ranking first")] = None,
-    data: DataOpt = None,
-    classnames: ClassnamesOpt = None,
-    templates: TemplatesOpt = None,
-    bias_data: BiasDataOpt = None,
-    queries: QueriesOpt = None,
-    skew_k: SkewKOpt = ValidationSpec.skew_k,
-    desired: DesiredOpt = None,
-    bias_protocol: BiasProtocolOpt = ValidationSpec.bias_protocol,
-    bias_split_by: Annotated[
-        str | None,
-        typer.Option(help="debias: bias-manifest column (e.g. identity) kept on one side of the search/held-out split"),
-    ] = None,
-    bias_attribute: BiasAttributeOpt = None,
-    bias_within: BiasWithinOpt = None,
-    bias_groups: BiasGroupsOpt = None,
-    retrieval_data: RetrievalDataOpt = None,
-    frames: FramesOpt = ValidationSpec.frames,
-    max_recall_drop: Annotated[
-        float | None, typer.Option(help="gate: max drop of mean text->image/video recall@1 (points)")
-    ] = None,
-    out_dir: Annotated[Path | None, typer.Option("--out", help="run folder (default: new one in exports/)")] = None,
-    force: Annotated[bool, typer.Option(help="replace an existing --out folder")] = False,
-    language: LanguageOpt = ValidationSpec.language,
-    device: DeviceOpt = None,
-    quiet: QuietOpt = False,
-    as_json: JsonOpt = False,
-) -> None:
+@spec_options(PruneSpec)
+def prune(spec: PruneSpec, quiet: QuietOpt = False, as_json: JsonOpt = False) -> None:
     """Select heads with a policy, prune them (zero/mean/hard), validate before/after, export the result."""
     from surgeon.errors import GateFailed
     from surgeon.paths import new_run_dir
 
-    spec = PruneSpec(
-        model=ModelSpec(model, pretrained, device, activation),
-        ranking=ranking,
-        policy=policy,
-        k=k,
-        heads=heads,
-        preset=preset,
-        concept=concept,
-        min_ccs=min_ccs,
-        seed=seed,
-        seeds=seeds,
-        mode=mode,
-        tower=tower,
-        max_acc_drop=max_acc_drop,
-        max_skew=max_skew,
-        min_acc=min_acc,
-        max_recall_drop=max_recall_drop,
-        export_anyway=export_anyway,
-        export=export,
-        labels=labels,
-        atol=atol,
-        onnx_exporter=onnx_exporter,
-        images=images,
-        n_images=n_images,
-        texts=texts,
-        judge=judge,
-        layers=layers,
-        validation=_validation_options(
-            data,
-            classnames,
-            templates,
-            bias_data,
-            queries,
-            skew_k,
-            desired,
-            bias_protocol,
-            bias_split_by,
-            language,
-            retrieval_data,
-            frames,
-            bias_attribute,
-            bias_within,
-            bias_groups,
-        ),
-        force=force,
-    )
     spec.check()
-    result = run_prune(replace(spec, out_dir=out_dir or new_run_dir("prune")), quiet=quiet)
+    result = run_prune(replace(spec, out_dir=spec.out_dir or new_run_dir("prune")), quiet=quiet)
+    policy, mode = spec.policy, spec.mode
     assert result.run_dir is not None  # run with an out_dir
     if as_json:
         from surgeon.clioutput import emit_json
@@ -519,57 +296,16 @@ def _print_summary(before_report: dict, after_report: dict | None = None) -> Non
 
 
 @app.command()
-def validate(
-    model: ModelOpt = None,
-    pretrained: PretrainedOpt = None,
-    activation: ActivationOpt = None,
-    data: DataOpt = None,
-    classnames: ClassnamesOpt = None,
-    templates: TemplatesOpt = None,
-    bias_data: BiasDataOpt = None,
-    queries: QueriesOpt = None,
-    skew_k: SkewKOpt = ValidationSpec.skew_k,
-    desired: DesiredOpt = None,
-    bias_protocol: BiasProtocolOpt = ValidationSpec.bias_protocol,
-    bias_attribute: BiasAttributeOpt = None,
-    bias_within: BiasWithinOpt = None,
-    bias_groups: BiasGroupsOpt = None,
-    retrieval_data: RetrievalDataOpt = None,
-    frames: FramesOpt = ValidationSpec.frames,
-    as_json: JsonOpt = False,
-    out_dir: Annotated[
-        Path | None,
-        typer.Option("--out", help="folder for validation.json and clip_benchmark/ (one result file per set)"),
-    ] = None,
-    language: LanguageOpt = ValidationSpec.language,
-    force: Annotated[bool, typer.Option(help="replace an existing --out folder")] = False,
-    device: DeviceOpt = None,
-    quiet: QuietOpt = False,
-) -> None:
+@spec_options(ValidateSpec)
+def validate(spec: ValidateSpec, as_json: JsonOpt = False, quiet: QuietOpt = False) -> None:
     """Zero-shot accuracy and bias metrics of a model (toy benchmarks by default). Data: an ImageFolder, a CSV
     manifest, or clip_benchmark's webdataset layout (test/*.tar + classnames.txt + templates)."""
     from surgeon.clioutput import emit_json
     from surgeon.validate import markdown_report
 
-    validation = _validation_options(
-        data,
-        classnames,
-        templates,
-        bias_data,
-        queries,
-        skew_k,
-        desired,
-        bias_protocol,
-        language=language,
-        retrieval_data=retrieval_data,
-        frames=frames,
-        bias_attribute=bias_attribute,
-        bias_within=bias_within,
-        bias_groups=bias_groups,
-    )
-    spec = ValidateSpec(ModelSpec(model, pretrained, device, activation), validation, out_dir, force)
     spec.check()
     report, files = run_validate(spec, quiet=quiet)
+    out_dir = spec.out_dir
     if as_json:
         emit_json("validate", out_dir, files, report["summary"], model=report["model"], results=report["results"])
         return
@@ -580,52 +316,21 @@ def validate(
 
 
 @app.command()
+@spec_options(SweepSpec)
 def sweep(
-    model: ModelOpt = None,
-    pretrained: PretrainedOpt = None,
-    activation: ActivationOpt = None,
-    ranking: RankingOpt = None,
-    counts: Annotated[str | None, typer.Option(help="numbers of heads to prune, e.g. 0,2,4,8")] = None,
-    seed: Annotated[int, typer.Option(help="seed of the random ordering")] = SweepSpec.seed,
-    seeds: Annotated[
-        int, typer.Option(help="random ordering: average this many seeds (plot: min-max band)")
-    ] = SweepSpec.seeds,
-    images: ImagesOpt = None,
-    n_images: Annotated[int | None, typer.Option(help="images when ranking first")] = None,
-    data: DataOpt = None,
-    classnames: ClassnamesOpt = None,
-    templates: TemplatesOpt = None,
-    bias_data: BiasDataOpt = None,
-    queries: QueriesOpt = None,
-    skew_k: SkewKOpt = ValidationSpec.skew_k,
-    desired: DesiredOpt = None,
-    bias_protocol: BiasProtocolOpt = ValidationSpec.bias_protocol,
-    out_dir: Annotated[Path | None, typer.Option("--out", help="output folder (default: new one in exports/)")] = None,
-    force: Annotated[bool, typer.Option(help="replace an existing --out folder")] = False,
-    device: DeviceOpt = None,
+    spec: SweepSpec,
+    counts: Annotated[str | None, typer.Option(help=declared(SweepSpec, "counts").help)] = None,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
-    plot_format: PlotFormatOpt = SweepSpec.plot_format,
 ) -> None:
     """Accuracy and bias vs number of pruned heads (high-CCS, low-CCS, random); writes sweep.json + sweep.png."""
     from surgeon.paths import new_run_dir
 
     count_list = limits.sweep_counts(counts)
-    validation = _validation_options(data, classnames, templates, bias_data, queries, skew_k, desired, bias_protocol)
-    spec = SweepSpec(
-        model=ModelSpec(model, pretrained, device, activation),
-        ranking=ranking,
-        counts=tuple(count_list) if count_list is not None else None,
-        seed=seed,
-        seeds=seeds,
-        images=images,
-        n_images=n_images,
-        validation=validation,
-        force=force,
-        plot_format=plot_format,
-    )
+    spec = replace(spec, counts=tuple(count_list) if count_list is not None else None)
     spec.check()
-    target = out_dir or new_run_dir("sweep")
+    target = spec.out_dir or new_run_dir("sweep")
+    plot_format = spec.plot_format
     result = run_sweep(replace(spec, out_dir=target), quiet=quiet)
     if as_json:
         from surgeon.clioutput import emit_json
@@ -645,26 +350,18 @@ def sweep(
 
 
 @app.command()
+@spec_options(StudySpec)
 def study(
+    spec: StudySpec,
     file: Annotated[Path, typer.Argument(help="study file (TOML): models, policies, modes, data and bias sets")],
-    out_dir: Annotated[
-        Path | None, typer.Option("--out", help="study folder: cells/ and the table (default: exports/study-NAME)")
-    ] = None,
-    shard: Annotated[
-        str | None, typer.Option(help="i/n (0-based): compute only cells i, i+n, ...; then run --collect")
-    ] = None,
-    collect: Annotated[bool, typer.Option(help="compute nothing: assemble the table from the stored cells")] = False,
-    device: DeviceOpt = None,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
-    plot_format: PlotFormatOpt = RankSpec.plot_format,
 ) -> None:
     """Run a study: every model x policy x mode x data set cell (stored, so a rerun resumes), then the table
     in the paper's layout (table.md, table.csv, table.json, study.png)."""
     from surgeon.errors import PartialResult
     from surgeon.study import markdown_table
 
-    spec = StudySpec(file, out_dir, shard, collect, device, plot_format)
     run, target = run_study(spec, quiet=quiet), spec.target
     summary = {"computed": len(run.computed), "reused": len(run.reused)}
     if as_json:
@@ -685,50 +382,17 @@ def study(
 
 
 @app.command("export")
+@spec_options(ExportSpec)
 def export_command(
+    spec: ExportSpec,
     run_dir: Annotated[
         Path | None, typer.Argument(help="a run folder written by `surgeon prune` (default: the newest in exports/)")
     ] = None,
-    export_format: Annotated[str, typer.Option("--format", help="safetensors, onnx or both")] = ExportSpec.format,
-    labels: Annotated[Path | None, typer.Option(help="class names for classifier.onnx")] = None,
-    atol: Annotated[float, typer.Option(help="ONNX parity tolerance (max abs difference)")] = ExportSpec.atol,
-    onnx_exporter: OnnxExporterOpt = None,
-    out_dir: Annotated[
-        Path | None, typer.Option("--out", help="output folder (default: RUN_DIR/export-FORMAT)")
-    ] = None,
-    force: Annotated[bool, typer.Option(help="replace an existing output folder")] = False,
-    no_verify: Annotated[
-        bool, typer.Option("--no-verify", help="skip checking the run's files against surgery.json's sha256 hashes")
-    ] = False,
-    device: DeviceOpt = None,
     as_json: JsonOpt = False,
-    quantize: Annotated[
-        str | None, typer.Option(help="int8: quantize the image graphs (onnxruntime), gated on accuracy")
-    ] = None,
-    max_accuracy_drop: Annotated[
-        float, typer.Option(help="--quantize's gate: points of mean zero-shot top-1 int8 may cost")
-    ] = ExportSpec.max_accuracy_drop,
-    data: DataOpt = None,
-    classnames: ClassnamesOpt = None,
-    templates: TemplatesOpt = None,
 ) -> None:
     """Export the pruned checkpoint of a run folder again (ONNX, safetensors), validated and with a card.
     --quantize measures int8 on the data the run recorded, or on --data when given."""
-    given = any(p is not None for p in (data, classnames, templates))
-    spec = ExportSpec(
-        run_dir or Path(),
-        format=export_format,
-        labels=labels,
-        atol=atol,
-        onnx_exporter=onnx_exporter,
-        out_dir=out_dir,
-        force=force,
-        verify=not no_verify,
-        device=device,
-        quantize=quantize,
-        max_accuracy_drop=max_accuracy_drop,
-        validation=ValidationSpec(data=data, classnames=classnames, templates=templates) if given else None,
-    )
+    spec = replace(spec, run_dir=run_dir or Path())
     spec.check()
     if run_dir is None:
         from surgeon.paths import newest_run
@@ -741,7 +405,7 @@ def export_command(
     if as_json:
         from surgeon.clioutput import emit_json
 
-        emit_json("export", target, files, {"files": len(files), "format": export_format}, run_dir=str(run_dir))
+        emit_json("export", target, files, {"files": len(files), "format": spec.format}, run_dir=str(run_dir))
         return
     for path in files:
         out.print(str(path))

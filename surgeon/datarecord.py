@@ -4,6 +4,7 @@ absolute, with content hashes of the files they name and of every image the suit
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from surgeon.errors import CorruptInput, InvalidInput, NotFound, PreconditionFailed
 from surgeon.integrity import sha256_file
+from surgeon.options import ValidationSpec, is_path
 from surgeon.paths import read_json_object
 from surgeon.progress import Advance, progress_bar
 
@@ -19,20 +21,10 @@ if TYPE_CHECKING:
 
 DATA_RECORD = "validation_data.json"
 SCHEMA = "surgeon.validation-data/1"
-#: every api.ValidationSpec field: a run rebuilt without one of them (a bias column, a retrieval set) would be
-#: measured on other data than it was validated on
-PATH_OPTIONS = ("data", "classnames", "templates", "bias_data", "queries", "retrieval_data")
-VALUE_OPTIONS = (
-    "skew_k",
-    "desired",
-    "bias_protocol",
-    "bias_split_by",
-    "bias_attribute",
-    "bias_within",
-    "bias_groups",
-    "language",
-    "frames",
-)
+#: every ValidationSpec field: a run rebuilt without one of them (a bias column, a retrieval set) would be
+#: measured on other data than it was validated on. Paths are recorded with their content hashes.
+PATH_OPTIONS = tuple(f.name for f in dataclasses.fields(ValidationSpec) if is_path(ValidationSpec, f.name))
+VALUE_OPTIONS = tuple(f.name for f in dataclasses.fields(ValidationSpec) if f.name not in PATH_OPTIONS)
 
 
 def _generated(value: object) -> bool:
@@ -42,7 +34,7 @@ def _generated(value: object) -> bool:
 
 
 def record_validation_data(options: dict[str, Any], suite: ValidationSuite, quiet: bool = True) -> dict[str, Any]:
-    """The record of `suite`, built from the validation `options` (api.ValidationSpec's fields) that made it;
+    """The record of `suite`, built from the validation `options` (ValidationSpec's fields) that made it;
     hashing reads every image once more (a bar unless quiet)."""
     paths: dict[str, dict[str, str]] = {}
     for name in PATH_OPTIONS:
@@ -101,9 +93,6 @@ def images_digests(suite: ValidationSuite, quiet: bool = True) -> dict[str, str]
 
 def recorded_suite(run_dir: Path, model: str | None) -> ValidationSuite:
     """The suite a run was validated on, rebuilt from its record after checking every hash."""
-    from surgeon import limits
-    from surgeon.validate import BiasColumns, build_suite
-
     path = run_dir / DATA_RECORD
     if not path.is_file():
         raise PreconditionFailed(
@@ -126,31 +115,13 @@ def recorded_suite(run_dir: Path, model: str | None) -> ValidationSuite:
                 )
             _check_digest(f"{name} {where}", _path_digest(where), entry.get("sha256"))
         given[name] = where
-    options = record.get("options")
-    if not isinstance(options, dict) or set(options) != set(VALUE_OPTIONS):
-        raise CorruptInput(f"{path}: the validation options must be {', '.join(VALUE_OPTIONS)}")
-    try:  # the bounds api.ValidationSpec.check applies to options typed in
-        limits.validation_options(options["skew_k"])
-        limits.texts(desired=options["desired"], bias_protocol=options["bias_protocol"])
-        limits.texts(bias_split_by=options["bias_split_by"], language=options["language"])
-        limits.texts(
-            bias_attribute=options["bias_attribute"],
-            bias_within=options["bias_within"],
-            bias_groups=options["bias_groups"],
-        )
-        limits.count("frames (per video)", options["frames"], 1, limits.MAX_FRAMES_PER_VIDEO)
-        retrieval = given.pop("retrieval_data", None)
-        suite = build_suite(
-            **given,
-            skew_k=options["skew_k"],
-            desired=options["desired"],
-            protocol=options["bias_protocol"],
-            bias_split_by=options["bias_split_by"],
-            model=model,
-            retrieval=retrieval,
-            frames=options["frames"],
-            bias_columns=BiasColumns(options["bias_attribute"], options["bias_within"], options["bias_groups"]),
-        )
+    options = record.get("options")  # a record made before an option existed lacks it: the option's default
+    if not isinstance(options, dict) or not set(options) <= set(VALUE_OPTIONS):
+        raise CorruptInput(f"{path}: the validation options are {', '.join(VALUE_OPTIONS)}")
+    try:  # checked as options typed in are: the bounds, the choices
+        spec = ValidationSpec(**given, **options)
+        spec.check()
+        suite = spec.build(model)
     except (TypeError, InvalidInput) as err:
         raise CorruptInput(f"{path}: {err}") from None
     recorded = record["images_sha256"]

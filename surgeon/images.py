@@ -88,7 +88,9 @@ def resolve_images(spec: str | None, n_images: int | None, model: str | None = N
     """`"toy"` -> the toy world's held-out images, anything else a folder; `None`: defaults.data_for."""
     hint = "pass --images FOLDER (your photos, any image files), or --images toy for the toy world"
     spec = defaults.data_for(model, spec, "images to rank it on", hint)
-    limits.images(n_images, spec == defaults.TOY)  # 0 is not "the default", and a huge count must not allocate
+    limits.count(
+        "n_images", n_images, *limits.images(spec == defaults.TOY)
+    )  # 0 is not "the default"; a huge count must not allocate
     if spec == defaults.TOY:
         return toy_images(n_images or 2000)
     return folder_images(Path(spec), n_images)

@@ -20,8 +20,6 @@ MAX_BATCH_SIZE = 4096
 MAX_TEXTS_PER_HEAD = 100  # m
 MAX_SPAN_RANK = 4096  # TextSpan projection rank
 MAX_LAYER_INDEX = 999  # the largest layer index a layer spec may name (ViT-bigG has 48 blocks)
-DEFAULT_TEXTS_PER_HEAD = 5  # m: TextSpan's texts per head, the paper's
-DEFAULT_SPAN_RANK = 80  # TextSpan's projection rank, its reference code's (clamped per head to its numerical rank)
 MAX_K = 10_000  # heads to prune (ViT-bigG has 1,664)
 MAX_SEEDS = 100
 MAX_SEED = 2**63 - 1
@@ -149,26 +147,9 @@ def texts(**values: str | None) -> None:
         text(name, value)
 
 
-def images(n_images: int | None, toy: bool) -> int | None:
-    return count("n_images", n_images, 1, MAX_TOY_IMAGES if toy else MAX_IMAGES)
-
-
-def rank_options(
-    n_images: int | None = None,
-    toy_images: bool = True,
-    m: int | None = None,
-    span_rank: int | None = None,
-    batch_size: int | None = None,
-    checkpoint_every: int | None = None,
-    layers: str | None = None,
-) -> None:
-    """The numbers of `rank` (and of Prune/sweep when they rank first)."""
-    images(n_images, toy_images)
-    count("m (texts per head)", m, 1, MAX_TEXTS_PER_HEAD)
-    count("span_rank", span_rank, 1, MAX_SPAN_RANK)
-    count("batch_size", batch_size, 1, MAX_BATCH_SIZE)
-    count("checkpoint_every", checkpoint_every, 1, MAX_CHECKPOINT_EVERY)
-    layer_spec(layers)
+def images(toy: bool) -> tuple[int, int]:
+    """How many images may be used at once: the toy world's are drawn in memory, a folder's are streamed."""
+    return 1, MAX_TOY_IMAGES if toy else MAX_IMAGES
 
 
 #: what decompose.parse_layers accepts: all, lastN, or indices (negative from the end) and spans, comma-separated
@@ -190,38 +171,6 @@ def layer_spec(spec: str | None) -> str | None:
             field="layers",
         )
     return spec
-
-
-def prune_options(
-    k: int | None = None,
-    seed: int | None = None,
-    seeds: int | None = None,
-    min_ccs: int | None = None,
-    max_acc_drop: float | None = None,
-    max_skew: float | None = None,
-    min_acc: float | None = None,
-    atol: float | None = None,
-    heads: str | None = None,
-    concept: str | None = None,
-) -> None:
-    """The numbers and specs of `prune` (policy options, gates, export tolerance)."""
-    count("k", k, 1, MAX_K)
-    count("seed", seed, 0, MAX_SEED)
-    count("seeds", seeds, 1, MAX_SEEDS)
-    count("min_ccs", min_ccs, 0, MAX_CCS)
-    number("max_acc_drop", max_acc_drop, -MAX_POINTS, MAX_POINTS)  # negative: the accuracy must rise
-    number("max_skew", max_skew, -MAX_SKEW, MAX_SKEW)
-    number("min_acc", min_acc, 0.0, MAX_POINTS)
-    export_options(atol)
-    texts(heads=heads, concept=concept)
-
-
-def export_options(atol: float | None) -> None:
-    number("atol", atol, 0.0, MAX_ATOL)
-
-
-def validation_options(skew_k: int | None) -> None:
-    count("skew_k", skew_k, 1, MAX_SKEW_K)
 
 
 def sweep_counts(spec: str | None) -> list[int] | None:

@@ -18,6 +18,7 @@ from surgeon.heads import HeadRef
 from surgeon.hooks import vision_tower
 from surgeon.images import ImageSet
 from surgeon.load import LoadedModel, weights_hash
+from surgeon.options import OnnxExport
 from surgeon.paths import atomic_dir
 from surgeon.policies import POLICIES, DebiasData, Policy, PolicyOptions, Selection, debias_bound, policy_names
 from surgeon.progress import progress_bar
@@ -70,7 +71,7 @@ def prune(
     export_anyway: bool = False,
     force: bool = False,
     exporters: list[str] | None = None,
-    export_options: dict | None = None,
+    onnx: OnnxExport = OnnxExport(),
     search_images: int = 500,
     language: str = "en",
     quiet: bool = True,
@@ -198,7 +199,7 @@ def prune(
                     {k: v for k, v in validation.items() if k != "gate_failures"},
                     tmp,
                     exporters or ["safetensors"],
-                    **(export_options or {}),
+                    **onnx.as_arguments(),
                 )
     return PruneResult(out_dir, plan, before, after, failures, exported and out_dir is not None, seed_runs, chance)
 

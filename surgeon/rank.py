@@ -19,6 +19,7 @@ from surgeon.hooks import vision_tower
 from surgeon.images import ImageSet
 from surgeon.judges.base import JUDGES, JudgeContext
 from surgeon.load import LoadedModel
+from surgeon.options import LlmJudge, RankMethod
 from surgeon.paths import atomic_dir, cache_dir, read_json, refuse_temporary
 from surgeon.pools import TextPool
 from surgeon.progress import say
@@ -171,8 +172,9 @@ class Ranking:
         return out
 
 
-def make_judge(name: str, loaded: LoadedModel, pool: TextPool, **llm_options):
-    ctx = JudgeContext(taxonomy=pool.taxonomy, encode_text=loaded.encode_text, cache_dir=cache_dir(), **llm_options)
+def make_judge(name: str, loaded: LoadedModel, pool: TextPool, llm: LlmJudge | None = None):
+    endpoint = asdict(llm) if llm is not None else {}
+    ctx = JudgeContext(taxonomy=pool.taxonomy, encode_text=loaded.encode_text, cache_dir=cache_dir(), **endpoint)
     return JUDGES.get(name)(ctx)
 
 
@@ -180,24 +182,22 @@ def rank_heads(
     loaded: LoadedModel,
     images: ImageSet,
     pool: TextPool,
-    judge: str = "lexicon",
-    layers: str | None = None,
-    m: int = limits.DEFAULT_TEXTS_PER_HEAD,
-    span_rank: int = limits.DEFAULT_SPAN_RANK,
-    batch_size: int = 64,
+    method: RankMethod,
     quiet: bool = False,
     use_cache: bool = True,
-    llm_options: dict | None = None,
+    llm: LlmJudge | None = None,
     checkpoint_every: int | None = None,
 ) -> Ranking | None:
     """The library function behind `surgeon rank` and the RankHeads RPC. Under torchrun every rank collects
     its shard of the statistics; rank 0 runs TextSpan and the judge and returns the ranking, the others None."""
-    limits.rank_options(m=m, span_rank=span_rank, batch_size=batch_size, checkpoint_every=checkpoint_every)
+    method.check()
+    limits.count("checkpoint_every", checkpoint_every, 1, limits.MAX_CHECKPOINT_EVERY)
+    m, span_rank = method.m, method.span_rank
     if m > len(pool.lines):
         raise InvalidInput(f"m={m} is larger than the text pool ({len(pool.lines)} lines)")
-    judge_impl = make_judge(judge, loaded, pool, **(llm_options or {}))  # fail fast on a bad judge
+    judge_impl = make_judge(method.judge, loaded, pool, llm)  # fail fast on a bad judge
     n_layers, heads_per_layer = vision_layout(vision_tower(loaded.model))
-    chosen = parse_layers(layers, n_layers)
+    chosen = parse_layers(method.layers, n_layers)
     say(
         f"rank: {sum(heads_per_layer[i] for i in chosen)} heads (layers {chosen[0]}-{chosen[-1]}) of "
         f"{loaded.identity} on {images.count:,} images and {len(pool.lines):,} texts of the {pool.name} pool "
@@ -208,7 +208,7 @@ def rank_heads(
         loaded,
         images,
         chosen,
-        batch_size=batch_size,
+        batch_size=method.batch_size,
         quiet=quiet,
         use_cache=use_cache,
         checkpoint_every=checkpoint_every,
@@ -247,7 +247,7 @@ def rank_heads(
         m=m,
         span_rank=span_rank,
         pool={"name": pool.name, "sha256": pool.digest, "size": len(pool.lines)},
-        judge=judge,
+        judge=method.judge,
         heads=heads,
         cached_stats=cached,
     )

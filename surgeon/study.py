@@ -29,10 +29,11 @@ import numpy as np
 
 from surgeon import limits
 from surgeon.clipbench import finite
-from surgeon.defaults import data_for, is_toy_model, toy_data
+from surgeon.defaults import data_for, is_toy_model
 from surgeon.errors import CorruptInput, InvalidInput, NotFound, PreconditionFailed, SurgeonError
 from surgeon.heads import HeadRef
 from surgeon.load import CHECKPOINT_SUFFIXES, LoadedModel, check_activation, normalised_source
+from surgeon.options import BIAS_PROTOCOL, IMAGES, N_IMAGES, SKEW_K, TEXTS, RankMethod, from_table, part
 from surgeon.paths import atomic_file, atomic_write_text, read_json_object
 from surgeon.policies import POLICIES, Policy, check_preset, policy_names
 from surgeon.progress import kept_on_interrupt, progress_bar, say
@@ -95,9 +96,9 @@ class DataSpec:
     templates: str | None = None
     queries: str | None = None
     n: int | None = None  # toy: images per task / scenes of the probe
-    skew_k: int = 10
+    skew_k: int = SKEW_K.field()
     desired: str | None = None
-    protocol: str = "surgeon"
+    protocol: str = BIAS_PROTOCOL.field()
     frames: int = limits.DEFAULT_VIDEO_FRAMES  # retrieval: frames per video
     # bias: the manifest's group column, the column naming each image's query, the group folding
     # (surgeon.validate.BiasColumns: --bias-attribute, --bias-within, --bias-groups)
@@ -110,13 +111,10 @@ class DataSpec:
 class StudyRank:
     """The study's [rank] table: how the ranking that ranking-based policies read is made."""
 
-    images: str | None = None  # None: the toy world's images for the toy model; a real model needs them named
-    n_images: int | None = None
-    texts: str | None = None
-    judge: str = "lexicon"
-    layers: str | None = None
-    m: int = limits.DEFAULT_TEXTS_PER_HEAD
-    span_rank: int = limits.DEFAULT_SPAN_RANK
+    images: str | None = IMAGES.field()  # None: the toy world's images for the toy model; a real model names them
+    n_images: int | None = N_IMAGES.field()
+    texts: str | None = TEXTS.field()
+    method: RankMethod = part(RankMethod)  # its keys sit in the [rank] table itself
 
 
 @dataclass(frozen=True)
@@ -338,9 +336,9 @@ def _data(t: _Table, kind: str, base: Path) -> DataSpec:
         templates=_templates(t.get("templates", str), base, t.path("templates")),
         queries=_path(t.get("queries", str), base, t.path("queries")) if kind == "bias" else None,
         n=t.count("n", 1, limits.MAX_TOY_IMAGES) if path.startswith("toy") else None,
-        skew_k=t.count("skew_k", 1, limits.MAX_SKEW_K, 10) if kind == "bias" else 10,
+        skew_k=t.count("skew_k", 1, limits.MAX_SKEW_K, SKEW_K.default) if kind == "bias" else SKEW_K.default,
         desired=t.get("desired", str) if kind == "bias" else None,
-        protocol=t.get("protocol", str, "surgeon") if kind == "bias" else "surgeon",
+        protocol=t.get("protocol", str, BIAS_PROTOCOL.default) if kind == "bias" else BIAS_PROTOCOL.default,
         attribute=t.get("attribute", str) if kind == "bias" else None,
         within=t.get("within", str) if kind == "bias" else None,
         groups=t.get("groups", str) if kind == "bias" else None,
@@ -366,16 +364,9 @@ def _templates(value: str | None, base: Path, where: str) -> str | None:
 
 
 def _rank(t: _Table, base: Path) -> StudyRank:
+    """The [rank] table: StudyRank's options and the ranking method's, under their field names."""
     images = _path(t.get("images", str), base, t.path("images"))
-    spec = StudyRank(
-        images=images,
-        n_images=t.count("n_images", 1, limits.MAX_TOY_IMAGES if toy_data(images) else limits.MAX_IMAGES),
-        texts=t.get("texts", str),
-        judge=t.get("judge", str, StudyRank.judge),
-        layers=t.get("layers", str),
-        m=t.count("m", 1, limits.MAX_TEXTS_PER_HEAD, StudyRank.m),
-        span_rank=t.count("span_rank", 1, limits.MAX_SPAN_RANK, StudyRank.span_rank),
-    )
+    spec = from_table(StudyRank, t, images=images, method=from_table(RankMethod, t))
     t.done()
     return spec
 
@@ -598,8 +589,7 @@ class _ModelWork:
         if self._rank_inputs is None:
             r = self.study.rank
             self.images, self.pool = self.sources or rank_sources(self.study, self.loaded.name)
-            self._rank_inputs = {"images": self.images.identity, "pool": self.pool.digest, "judge": r.judge,
-                                 "layers": r.layers, "m": r.m, "span_rank": r.span_rank}  # fmt: skip
+            self._rank_inputs = {"images": self.images.identity, "pool": self.pool.digest, **r.method.identity()}
         return self._rank_inputs
 
     def ranking(self) -> Ranking | None:
@@ -614,8 +604,7 @@ class _ModelWork:
                 self._ranking = kept
                 return kept
             r = self.study.rank
-            self._ranking = rank_heads(self.loaded, self.images, self.pool, judge=r.judge, layers=r.layers, m=r.m,
-                                       span_rank=r.span_rank, quiet=self.quiet)  # fmt: skip
+            self._ranking = rank_heads(self.loaded, self.images, self.pool, r.method, quiet=self.quiet)
             if self._ranking is not None:
                 atomic_write_text(path, json.dumps(self._ranking.to_dict(), indent=2))
         return self._ranking

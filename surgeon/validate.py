@@ -647,20 +647,14 @@ def build_suite(
     if toy_bias:
         bias_data, columns = _toy_counterfactuals(columns)
         bias_split_by = bias_split_by or "set"  # a counterfactual set is a unit (bootstrap intervals)
-    suite = _classification_and_bias(
-        data,
-        classnames,
-        templates,
-        bias_data,
-        queries,
-        skew_k,
-        desired,
-        protocol,
-        bias_split_by,
-        model,
-        retrieval,
-        columns,
-    )
+    _, desired = bias_protocol(protocol, desired)
+
+    def bias_of(path: Path):
+        return bias_set(path, queries, templates, skew_k, desired, protocol, bias_split_by, *columns.as_args())
+
+    suite = _classification_and_bias(data, classnames, templates, bias_data, model, retrieval, bias_of)
+    if suite.bias is not None and bias_data is None:  # the toy suite's own probe, measured as asked
+        suite.bias.k, suite.bias.desired, suite.bias.protocol = skew_k, desired, protocol
     if toy_bias and suite.bias is not None:
         suite.bias.name = TOY_COUNTERFACTUALS.replace(":", "/")
     if retrieval is not None:
@@ -674,16 +668,12 @@ def _classification_and_bias(
     classnames: Path | None,
     templates: Path | None,
     bias_data: Path | None,
-    queries: Path | None,
-    skew_k: int,
-    desired: str | None,
-    protocol: str,
-    bias_split_by: str | None,
     model: str | None,
     retrieval: Path | None,
-    columns: BiasColumns,
+    bias_of: Callable[[Path], BiasSet],
 ) -> ValidationSuite:
-    _, desired = bias_protocol(protocol, desired)
+    """The classification sets and the bias set (`bias_of`, with build_suite's bias options) the files name,
+    or the toy suite's."""
     if retrieval is not None and data is None and bias_data is None:
         return ValidationSuite([], None, source="files", description="")
     if data is None and bias_data is None:
@@ -697,17 +687,12 @@ def _classification_and_bias(
     if toy:
         suite = toy_suite()
         if bias_data is None and suite.bias is not None:
-            suite.bias.k, suite.bias.desired, suite.bias.protocol = skew_k, desired, protocol
             return suite
         suite.bias, data = None, None  # the toy's tasks with the user's bias set
     else:
         suite = ValidationSuite([], None, source="files")
     tasks = suite.tasks + ([classification_set(data, classnames, templates)] if data is not None else [])
-    bias = (
-        bias_set(bias_data, queries, templates, skew_k, desired, protocol, bias_split_by, *columns.as_args())
-        if bias_data is not None
-        else None
-    )
+    bias = bias_of(bias_data) if bias_data is not None else None
     described = (["toy world: test split"] if toy else []) + [str(p) for p in (data, bias_data) if p is not None]
     return ValidationSuite(tasks, bias, "toy+files" if toy else "files", " + ".join(described))
 

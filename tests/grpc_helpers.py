@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
 from surgeon.images import folder_images  # noqa: E402
 from surgeon.load import load_model  # noqa: E402
+from surgeon.options import RankMethod  # noqa: E402
 from surgeon.pools import load_pool  # noqa: E402
 from surgeon.rank import Ranking, rank_heads  # noqa: E402
 from surgeon.v1 import surgeon_pb2 as pb  # noqa: E402
@@ -170,7 +171,7 @@ def watch_until(stub, op, predicate, timeout=RPC_TIMEOUT) -> pb.Operation:
 def library_ranking(world) -> Ranking:
     loaded = load_model(f"local-dir:{world['models'] / 'tiny'}", device="cpu")
     pool = load_pool(str(world["data"] / "pool.txt"), False, str(world["data"] / "taxonomy.json"))
-    return rank_heads(loaded, folder_images(world["data"] / "images"), pool, layers="1-2", m=3, quiet=True)
+    return rank_heads(loaded, folder_images(world["data"] / "images"), pool, RankMethod(layers="1-2", m=3), quiet=True)
 
 
 def health_status(channel, service: str = "") -> int:

@@ -24,6 +24,7 @@ from PIL import Image
 from surgeon.card import base_model_facts
 from surgeon.errors import PreconditionFailed
 from surgeon.load import load_model
+from surgeon.options import OnnxExport, RankMethod
 from surgeon.policies import PolicyOptions
 from surgeon.prune import prune
 from surgeon.runtime.session import ExportedModel
@@ -55,7 +56,7 @@ def _run(tmp_path_factory, mode: str, exporter: str) -> tuple[object, Path]:
     run = base / "run"
     with pytest.MonkeyPatch.context() as patch:  # a module fixture: conftest's per-test cache folder is not set yet
         patch.setenv("SURGEON_CACHE_DIR", str(base / "cache"))
-        ranking = rank_heads(loaded, folder_images(images), pool, layers="1-2", m=3, quiet=True)
+        ranking = rank_heads(loaded, folder_images(images), pool, RankMethod(layers="1-2", m=3), quiet=True)
         prune(
             loaded,
             ranking,
@@ -65,7 +66,7 @@ def _run(tmp_path_factory, mode: str, exporter: str) -> tuple[object, Path]:
             mode=mode,
             out_dir=run,
             exporters=["safetensors", "onnx"],
-            export_options={"labels": labels, "atol": 1e-4, "exporter": exporter},
+            onnx=OnnxExport(labels, 1e-4, exporter),
         )
     return loaded, run
 

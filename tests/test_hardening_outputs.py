@@ -20,6 +20,7 @@ from surgeon.errors import CorruptInput, PreconditionFailed
 from surgeon.export import export_existing_run
 from surgeon.images import folder_images
 from surgeon.integrity import MANIFEST, write_manifest
+from surgeon.options import RankMethod
 from surgeon.paths import atomic_dir, is_temporary, publish_check, remove_stale_temporaries
 from surgeon.policies import PolicyOptions
 from surgeon.prune import prune
@@ -218,7 +219,9 @@ def test_a_truncated_statistics_cache_entry_is_recomputed(tiny_default_dir, imag
     pool = TextPool("t", ("a red dog", "a blue cat", "green bird", "a red cat", "a dog", "blue"), TAXONOMY)
 
     def ranked(**kwargs):
-        return rank_heads(loaded, folder_images(image_folder), pool, layers="1-2", m=3, quiet=True, **kwargs)
+        return rank_heads(
+            loaded, folder_images(image_folder), pool, RankMethod(layers="1-2", m=3), quiet=True, **kwargs
+        )
 
     first = ranked()
     (entry,) = (cache_dir() / "stats").glob("*.safetensors")

@@ -13,6 +13,7 @@ import torch
 from surgeon.errors import ExportFailed, InvalidInput, PreconditionFailed
 from surgeon.images import folder_images
 from surgeon.load import load_model
+from surgeon.options import OnnxExport, RankMethod
 from surgeon.policies import PolicyOptions
 from surgeon.pools import TextPool
 from surgeon.prune import prune
@@ -49,7 +50,7 @@ def synthetic_suite(seed: int = 0) -> ValidationSuite:
 def setup(tiny_default_dir, image_folder):
     loaded = load_model(f"local-dir:{tiny_default_dir}", device="cpu")
     pool = TextPool("t", ("a red dog", "a blue cat", "green bird", "a red cat", "a dog", "blue", "a bird"), TAXONOMY)
-    ranking = rank_heads(loaded, folder_images(image_folder), pool, layers="1-2", m=3, quiet=True)
+    ranking = rank_heads(loaded, folder_images(image_folder), pool, RankMethod(layers="1-2", m=3), quiet=True)
     return loaded, ranking
 
 
@@ -65,7 +66,7 @@ def test_prune_writes_run_folder_and_onnx_matches(setup, tmp_path, tiny_default_
         mode="hard",
         out_dir=out,
         exporters=["safetensors", "onnx"],
-        export_options={"labels": None, "atol": 1e-4},
+        onnx=OnnxExport(None, 1e-4),
     )
     assert result.exported and not result.gate_failures
     plan = json.loads((out / "plan.json").read_text())
@@ -136,7 +137,7 @@ def test_failed_onnx_check_leaves_nothing(setup, tmp_path):
             PolicyOptions(k=1),
             out_dir=tmp_path / "strict",
             exporters=["safetensors", "onnx"],
-            export_options={"atol": 0.0},
+            onnx=OnnxExport(atol=0.0),
         )
     assert not (tmp_path / "strict").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".strict")]
@@ -159,7 +160,7 @@ def test_ranking_of_another_model_and_bad_labels(setup, tmp_path, tiny_model_dir
             PolicyOptions(k=1),
             out_dir=tmp_path / "y",
             exporters=["safetensors", "onnx"],
-            export_options={"labels": labels},
+            onnx=OnnxExport(labels),
         )
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 

@@ -9,6 +9,7 @@ import pytest
 
 from surgeon.images import ImageSet, toy_images
 from surgeon.load import load_model
+from surgeon.options import RankMethod
 from surgeon.pools import load_pool
 from surgeon.rank import rank_heads
 from tests.conftest import save_local_dir, tiny_config
@@ -20,7 +21,9 @@ def permuted(images: ImageSet, seed: int) -> ImageSet:
 
 
 def picks(loaded, images: ImageSet, batch_size: int) -> list[tuple[str, list[str], int, int]]:
-    ranking = rank_heads(loaded, images, load_pool("toy", True), batch_size=batch_size, quiet=True, use_cache=False)
+    ranking = rank_heads(
+        loaded, images, load_pool("toy", True), RankMethod(batch_size=batch_size), quiet=True, use_cache=False
+    )
     return [(h.name, h.texts, h.ccs, h.effective_rank) for h in ranking.heads]
 
 
@@ -59,7 +62,7 @@ def test_gelu_and_quickgelu_of_the_same_weights_never_share_statistics_or_rankin
     assert gelu.weights_hash == quick.weights_hash  # the same tensors ...
     images = toy_images(40)
     assert stats_key(gelu, images, (1, 2)) != stats_key(quick, images, (1, 2))  # ... computing different things
-    ranking = rank_heads(gelu, images, load_pool("toy", True), layers="1-2", quiet=True)
+    ranking = rank_heads(gelu, images, load_pool("toy", True), RankMethod(layers="1-2"), quiet=True)
     ranking.check_model(gelu)
     with pytest.raises(PreconditionFailed, match="another architecture config"):
         ranking.check_model(quick)

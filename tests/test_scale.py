@@ -20,6 +20,7 @@ from surgeon import collect, textspan
 from surgeon.errors import InvalidInput, NotFound
 from surgeon.images import folder_images, resolve_images
 from surgeon.load import load_model
+from surgeon.options import OnnxExport
 from surgeon.policies import PolicyOptions, check_paper_preset, debias_bound
 from surgeon.pools import TextPool
 from surgeon.prune import prune
@@ -186,7 +187,7 @@ def test_ranking_free_policies_skip_ranking_and_infer_finds_the_exports_labels(t
         PolicyOptions(heads="L2.H1,L1.H0"),
         out_dir=out,
         exporters=["safetensors", "onnx"],
-        export_options={"labels": labels, "atol": 1e-4},
+        onnx=OnnxExport(labels, 1e-4),
     )
     assert [h.head for h in result.plan.heads] == ["L1.H0", "L2.H1"] and result.plan.ranking_sha256 is None
     assert not (out / "ranking.json").exists() and not (cache_dir() / "stats").exists()  # no ranking happened

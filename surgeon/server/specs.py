@@ -1,7 +1,8 @@
 """Requests -> surgeon.api specs: every check that needs no model happens here, before a job is queued.
 
-Each request field left unset takes the spec's default; every path a request names is confined to one of the
-server's roots (server/paths.py)."""
+Request fields map to the spec fields of the same names (surgeon.options.from_message): each one left unset
+takes the spec's default. Paths are never mapped by name: every path a request names is confined here to one
+of the server's roots (server/paths.py)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from surgeon.api import ExportSpec, ModelSpec, PruneSpec, RankSpec, ValidateSpec
 from surgeon.errors import InvalidInput, NotFound, PermissionDenied, PreconditionFailed
 from surgeon.judges.base import JUDGES
 from surgeon.load import CHECKPOINT_SUFFIXES, TOY_MODEL_DIR, TOY_MODEL_NAME
+from surgeon.options import OnnxExport, RankMethod, check_bounds, from_message, message_values
 from surgeon.paths import newest_run, refuse_temporary
 from surgeon.runfolder import is_run_folder
 from surgeon.server.paths import Root, resolve_in
@@ -38,11 +40,6 @@ class ServerConfig:
     models: Root
     data: Root
     device: str | None = None
-
-
-def optional_field(message: Message, field: str, default: Any = None) -> Any:
-    """The value of a proto3 `optional` field, or `default` when the client left it unset."""
-    return getattr(message, field) if message.HasField(field) else default
 
 
 def check_string_lengths(message: Message) -> None:
@@ -104,18 +101,21 @@ class SpecBuilder:
         return name, pretrained
 
     def model_spec(self, ref: pb.ModelRef, model: str | None, pretrained: str | None) -> ModelSpec:
-        return ModelSpec(model, pretrained, self.config.device, ref.activation or None)
+        return from_message(ModelSpec, ref, model=model, pretrained=pretrained, device=self.config.device)
 
     def data_file(self, raw: str, what: str) -> Path | None:
         return resolve_in([self.config.data], raw, what, "file") if raw else None
 
-    def images(self, source: pb.ImageSource) -> tuple[str | None, int | None]:
-        n_images = limits.images(optional_field(source, "n_images"), source.images in ("", "toy"))
-        if source.images in ("", "toy"):
-            return None, n_images
+    def images(self, source: pb.ImageSource) -> dict[str, Any]:
+        """The image options of a spec (`images`, the count): the count checked, then the folder confined."""
+        values = message_values(RankSpec, source)
+        toy = source.images in ("", "toy")
+        check_bounds(RankSpec(**values, images=None if toy else source.images))
+        if toy:
+            return values
         folder = resolve_in([self.config.data], source.images, "image folder", "dir")
         self.config.data.check_tree(folder, "image folder")
-        return str(folder), n_images
+        return {**values, "images": str(folder)}
 
     def texts(self, spec: str) -> str | None:
         if spec in ("", "toy", "general"):
@@ -129,19 +129,16 @@ class SpecBuilder:
         folder = resolve_in([root], data.data, "validation data", "any") if data.data else None
         if folder is not None and folder.is_dir():
             root.check_tree(folder, "validation data")
-        spec = ValidationSpec(
-            folder,
+        spec = from_message(
+            ValidationSpec,
+            data,
+            data=folder,
             classnames=self.data_file(data.classnames, "classnames"),
             templates=self._templates(data.templates),
             bias_data=self.data_file(data.bias_data, "bias_data"),
             queries=self.data_file(data.queries, "queries"),
-            skew_k=optional_field(data, "skew_k", ValidationSpec.skew_k),
-            desired=data.desired or None,
-            bias_protocol=data.bias_protocol or ValidationSpec.bias_protocol,
-            bias_split_by=data.bias_split_by or None,
-            language=language or ValidationSpec.language,
             retrieval_data=self._retrieval_data(data.retrieval_data),
-            frames=optional_field(data, "frames", ValidationSpec.frames),
+            **({"language": language} if language else {}),  # ValidateRequest's, not ValidationData's
         )
         spec.check()
         if spec.is_toy:
@@ -217,7 +214,7 @@ class SpecBuilder:
 
     @staticmethod
     def judge(name: str) -> str:
-        name = name or RankSpec.judge
+        name = name or RankMethod().judge
         JUDGES.get(name)
         if name not in REMOTE_JUDGES:
             raise InvalidInput(
@@ -230,21 +227,17 @@ class SpecBuilder:
     def rank_spec(self, request: pb.RankHeadsRequest) -> tuple[RankSpec, Path]:
         """The spec and its output folder."""
         model, pretrained = self.model(request.model)
-        images, n_images = self.images(request.images)
+        images = self.images(request.images)
         taxonomy = self.data_file(request.taxonomy, "taxonomy")
-        spec = RankSpec(
+        spec = from_message(
+            RankSpec,
+            request,
             model=self.model_spec(request.model, model, pretrained),
-            images=images,
-            n_images=n_images,
+            **images,
             texts=self.texts(request.texts),
             taxonomy=str(taxonomy) if taxonomy else None,
-            judge=self.judge(request.judge),
-            layers=request.layers or None,
-            m=optional_field(request, "m", RankSpec.m),
-            span_rank=optional_field(request, "span_rank", RankSpec.span_rank),
-            batch_size=optional_field(request, "batch_size", RankSpec.batch_size),
+            method=from_message(RankMethod, request, judge=self.judge(request.judge)),
             use_cache=not request.no_cache,
-            force=request.force,
         )
         spec.check()
         out = self.out(request.out, "rank", request.force)
@@ -253,29 +246,16 @@ class SpecBuilder:
     def prune_spec(self, request: pb.PruneRequest) -> tuple[PruneSpec, SuiteBuilder, Path]:
         """The spec, the builder of its validation suite and its output folder."""
         data = request.validation
-        spec = PruneSpec(  # the options first: a bad number is INVALID_ARGUMENT whatever the paths say
+        spec = from_message(  # the options first: a bad number is INVALID_ARGUMENT whatever the paths say
+            PruneSpec,
+            request,
             model=self.model_spec(request.model, request.model.model or None, request.model.pretrained or None),
-            policy=request.policy or PruneSpec.policy,
-            k=optional_field(request, "k"),
-            heads=request.heads or None,
-            concept=request.concept or None,
-            min_ccs=optional_field(request, "min_ccs"),
-            seed=request.seed,
-            seeds=optional_field(request, "seeds", PruneSpec.seeds),
-            mode=request.mode or PruneSpec.mode,
-            tower=request.tower or PruneSpec.tower,
-            max_acc_drop=optional_field(request, "max_acc_drop"),
-            max_skew=optional_field(request, "max_skew"),
-            min_acc=optional_field(request, "min_acc"),
-            max_recall_drop=optional_field(request, "max_recall_drop"),
-            export_anyway=request.export_anyway,
-            export=request.export_format or PruneSpec.export,
-            atol=optional_field(request, "atol", PruneSpec.atol),
+            **({"export": request.export_format} if request.export_format else {}),  # the proto's name
+            onnx=from_message(OnnxExport, request),
             images=request.images.images or None,
-            n_images=optional_field(request.images, "n_images"),
-            layers=request.layers or None,
-            validation=ValidationSpec(skew_k=optional_field(data, "skew_k", ValidationSpec.skew_k)),
-            force=request.force,
+            **message_values(PruneSpec, request.images),
+            method=from_message(RankMethod, request, judge=RankMethod().judge),
+            validation=from_message(ValidationSpec, data),
         )
         spec.check()
         model, pretrained = self.model(request.model)
@@ -285,17 +265,16 @@ class SpecBuilder:
             ranking = resolve_in(roots, request.ranking, "ranking")
             if ranking.is_dir():  # resolve the file actually read, so a symlink in the folder cannot lead out
                 ranking = resolve_in(roots, f"{request.ranking.rstrip('/')}/ranking.json", "ranking", "file")
-        images, n_images = self.images(request.images)
+        images = self.images(request.images)
         validation, suite_for = self.suite(data)
         spec = replace(
             spec,
             model=self.model_spec(request.model, model, pretrained),
             ranking=ranking,
-            labels=self.data_file(request.labels, "labels file"),
-            images=images,
-            n_images=n_images,
+            onnx=replace(spec.onnx, labels=self.data_file(request.labels, "labels file")),
+            **images,
             texts=self.texts(request.texts),
-            judge=PruneSpec.judge if request.ranking else self.judge(request.judge),
+            method=replace(spec.method, judge=RankMethod().judge if request.ranking else self.judge(request.judge)),
             validation=validation,
         )
         spec.check()
@@ -314,12 +293,8 @@ class SpecBuilder:
     def export_spec(self, request: pb.ExportRequest) -> tuple[ExportSpec, Path]:
         """The spec and its output folder; no run_dir means the newest run folder, as in the CLI."""
         exports = self.config.exports
-        spec = ExportSpec(
-            Path(),
-            format=request.format or ExportSpec.format,
-            atol=optional_field(request, "atol", ExportSpec.atol),
-            force=request.force,
-            device=self.config.device,
+        spec = from_message(
+            ExportSpec, request, run_dir=Path(), onnx=from_message(OnnxExport, request), device=self.config.device
         )
         spec.check()  # the options first, then the run folder
         raw = request.run_dir
@@ -329,6 +304,7 @@ class SpecBuilder:
         run_dir = resolve_in([exports], raw, "run folder", "dir")
         refuse_temporary(run_dir, "run folder")  # a killed job's hidden folder is no run
         exports.check_tree(run_dir, "run folder")
-        spec = replace(spec, run_dir=run_dir, labels=self.data_file(request.labels, "labels file"))
+        onnx = replace(spec.onnx, labels=self.data_file(request.labels, "labels file"))
+        spec = replace(spec, run_dir=run_dir, onnx=onnx)
         out = self.out(request.out, "export", request.force, default=spec.target)
         return replace(spec, out_dir=out), out

@@ -28,6 +28,7 @@ from surgeon.hooks import vision_tower
 from surgeon.images import ImageSet, toy_images
 from surgeon.judges.base import TIE, Judge
 from surgeon.load import LoadedModel, build_clip, weights_hash
+from surgeon.options import RankMethod
 from surgeon.pools import TextPool, load_pool
 from surgeon.rank import Ranking, make_judge, rank_heads
 from surgeon.validate import toy_suite, validate
@@ -107,7 +108,7 @@ def _dominant(shares: dict[str, float]) -> str:
 
 
 def _rank(loaded: LoadedModel, images: ImageSet, pool: TextPool, quiet: bool) -> Ranking:
-    ranking = rank_heads(loaded, images, pool, quiet=quiet)
+    ranking = rank_heads(loaded, images, pool, RankMethod(), quiet=quiet)
     if ranking is None:  # only the non-zero ranks of a torchrun job get None
         raise PreconditionFailed("the toy report runs in one process; start it without torchrun")
     return ranking
