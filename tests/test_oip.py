@@ -223,6 +223,21 @@ def test_bad_payloads_are_protocol_errors(server, model, name, array, datatype, 
     assert http_error.value.status() == "400" and message in http_error.value.message()
 
 
+def test_served_sessions_sleep_between_runs(exported, tmp_path):  # noqa: F811
+    """The server's onnxruntime threads do not spin between runs: spinning ones took the cores its event loop and
+    the clients need (bench_oip, toy, 16 clients x 1 image: server CPU 3.2 -> 1.6 ms per image)."""
+    _, root, _ = exported
+    probe = (  # in a subprocess: MLServer's protos and tritonclient's cannot share one process
+        "import sys; from surgeon.runtime.oip import open_export; "
+        "options = open_export(sys.argv[1], True, 1).session('visual').get_session_options(); "
+        "print(options.get_session_config_entry('session.intra_op.allow_spinning'))"
+    )
+    found = subprocess.run(
+        [sys.executable, "-c", probe, str(root)], capture_output=True, text=True, env=no_torch_env(tmp_path)
+    )
+    assert found.returncode == 0 and found.stdout.strip() == "0", found.stderr[-2000:]
+
+
 def test_unknown_model_is_not_found(server):
     _, _, grpc, _ = server
     with pytest.raises(InferenceServerException) as error:
