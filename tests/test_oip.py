@@ -167,6 +167,38 @@ def test_round_trip_equals_a_direct_onnxruntime_session(server, protocol, tmp_pa
     assert [x.decode() if isinstance(x, bytes) else x for x in labels] == [LABELS[i] for i in expected.argmax(1)]
 
 
+@pytest.mark.parametrize("module", [grpcclient, httpclient], ids=["grpc", "http"])
+def test_tritonclient_default_call_with_no_outputs_named_gets_every_output(server, module, tmp_path):
+    """`client.infer(model, [tensor])` and nothing else, on every served model: each output of the model comes
+    back, binary (REST) or raw contents (gRPC), and reads with as_numpy."""
+    root, http, grpc, _ = server
+    client = module.InferenceServerClient(grpc if module is grpcclient else http)
+    direct = ExportedModel(root)
+    pixels = _pixels(2, seed=5)
+    files = [_write_image(tmp_path / f"{i}.png", 33 + i, 41, i).read_bytes() for i in range(2)]
+    texts = ["a photo of a cat", "blue"]
+    cases = {
+        "visual": ("pixel_values", pixels, "FP32", {"image_embeds": direct.encode_pixels(pixels)}),
+        "image": ("image", np.array(files, dtype=object), "BYTES", {"image_embeds": None}),
+        "text": ("text", np.array(texts, dtype=object), "BYTES", {"text_embeds": direct.encode_texts(texts)}),
+        "classifier": (
+            "pixel_values",
+            pixels,
+            "FP32",
+            {"logits": direct.classifier_logits(pixels), "probabilities": None, "label": None},
+        ),
+    }
+    for graph, (name, array, datatype, expected) in cases.items():
+        tensor = module.InferInput(name, list(array.shape), datatype)
+        tensor.set_data_from_numpy(array)
+        result = client.infer(f"{NAME}_{graph}", [tensor])
+        for output, values in expected.items():
+            got = result.as_numpy(output)
+            assert got is not None and len(got) == 2, (graph, output)
+            if values is not None:
+                np.testing.assert_allclose(got, values, atol=1e-4, rtol=0)
+
+
 def test_concurrent_requests_are_batched_and_answered_in_order(server):
     root, _, grpc, metrics = server
     direct = ExportedModel(root)
