@@ -122,13 +122,16 @@ def start_server(folder: Path, threads: int, code: Path = REPO, label: str = "se
 
 
 def kserve_usable(python: str) -> bool:
-    found = subprocess.run([python, "-c", "import kserve, onnxruntime"], capture_output=True)
-    if found.returncode != 0:
+    try:
+        usable = subprocess.run([python, "-c", "import kserve, onnxruntime"], capture_output=True).returncode == 0
+    except OSError:  # no such interpreter
+        usable = False
+    if not usable:
         print(
             f"KServe rows skipped: {python} cannot import kserve and onnxruntime (install them into a separate "
             "venv: python -m venv /tmp/kserve-venv && /tmp/kserve-venv/bin/pip install kserve onnxruntime)"
         )
-    return found.returncode == 0
+    return usable
 
 
 def start_kserve(python: str, folder: Path, threads: int) -> Server:
