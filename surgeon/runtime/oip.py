@@ -71,8 +71,10 @@ DECODING = PixelBudget(limits.MAX_OIP_DECODING_PIXELS)
 
 @functools.lru_cache(maxsize=4)
 def open_export(export_dir: str, verify: bool, threads: int | None) -> ExportedModel:
-    """One verified ExportedModel per process, shared by the graphs' OIP models (hashed once, not per graph)."""
-    return ExportedModel(export_dir, verify=verify, threads=threads)
+    """One verified ExportedModel per process, shared by the graphs' OIP models (hashed once, not per graph).
+    Its intra-op threads sleep between runs instead of spinning: the server's event loop and the batcher share
+    the cores with them (spinning doubled the server's CPU time per request, NOTES.md "Serving")."""
+    return ExportedModel(export_dir, verify=verify, threads=threads, spinning=False)
 
 
 def payload_tensors(payload: InferenceRequest) -> list[Tensor]:

@@ -39,6 +39,7 @@ from mlserver.registry import MultiModelRegistry
 from mlserver.rest.server import RESTServer
 from mlserver.settings import ModelSettings, Settings
 from mlserver.types import InferenceRequest, InferenceResponse, RequestInput
+from mlserver.utils import install_uvloop_event_loop
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -363,4 +364,5 @@ def serve(
     async def main() -> None:
         await SurgeonServer(settings, models, token, repository_api).serve()
 
+    install_uvloop_event_loop()  # as `mlserver start` does: uvloop's event loop, when installed
     asyncio.run(main())

@@ -105,11 +105,14 @@ class ExportedModel:
         threads: int | None = None,
         verify: bool = True,
         writing: bool = False,
+        spinning: bool = True,
     ):
         """`verify`: check the files against the export's recorded sha256 hashes first (integrity.verify_export:
         its manifest.json, or the run's surgery.json); a folder with neither is refused unless `verify` is
         False (--no-verify). `writing`: the writer measuring its own unfinished output (surgeon.quantize),
-        which everyone else is refused."""
+        which everyone else is refused. `spinning`: onnxruntime's intra-op threads busy-wait between runs (its
+        default, lowest latency for one caller); a server turns it off, since spinning threads take the cores its
+        own request handling needs."""
         self.root = Path(export_dir)
         if not writing:
             refuse_temporary(self.root, "export")
@@ -118,6 +121,7 @@ class ExportedModel:
             verify_export(self.dir, sorted(p for p in self.dir.iterdir() if p.is_file()))
         self.providers = list(providers) if providers else default_providers()
         self.threads = threads
+        self.spinning = spinning
         self._sessions: dict[str, ort.InferenceSession] = {}
         self._preprocess: PreprocessConfig | None = None
         self._tokenizer: ClipTokenizer | None = None
@@ -164,6 +168,8 @@ class ExportedModel:
         if self.threads:
             options.intra_op_num_threads = self.threads
             options.inter_op_num_threads = 1
+        if not self.spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             session = ort.InferenceSession(str(path), sess_options=options, providers=self.providers)
         except Exception as err:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
