@@ -126,16 +126,6 @@ class RankSpec:
     texts: str | None = TEXTS.field()
     taxonomy: str | None = option(help="concept taxonomy JSON for the lexicon judge", path=True)
     method: RankMethod = part(RankMethod)
-    use_cache: bool = option(
-        True,
-        flags=("--cache/--no-cache",),
-        help="--no-cache: recompute statistics and text embeddings even when cached",
-    )
-    checkpoint_every: int | None = option(
-        bound=(1, limits.MAX_CHECKPOINT_EVERY),
-        unit="batches",
-        help="checkpoint statistics every N batches (resumable after interruption)",
-    )
     llm: LlmJudge = part(LlmJudge)
     out_dir: Path | None = OUT.field()  # None: nothing written
     force: bool = FORCE.field()
@@ -178,9 +168,7 @@ def run_rank(spec: RankSpec, quiet: bool = True) -> RankOutcome:
         pool,
         spec.method,
         quiet=quiet,
-        use_cache=spec.use_cache,
         llm=spec.llm if spec.method.judge == "llm" else None,
-        checkpoint_every=spec.checkpoint_every,
     )
     if ranking is None or spec.out_dir is None:
         return RankOutcome(ranking, image_set)

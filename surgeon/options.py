@@ -361,7 +361,7 @@ LAYERS = Option(None, help="e.g. 8-11, 3,5, last4 (default) or all (prune, sweep
 
 @dataclass(frozen=True)
 class RankMethod:
-    """How heads are ranked (rank.rank_heads): what a ranking records, and batch_size, which does not change it."""
+    """How heads are ranked (rank.rank_heads): what a ranking records (`identity`), and how it is computed."""
 
     judge: str = JUDGE.field()
     layers: str | None = LAYERS.field()
@@ -380,14 +380,24 @@ class RankMethod:
         help="TextSpan projection rank",
     )
     batch_size: int = option(64, bound=(1, limits.MAX_BATCH_SIZE), unit="images", help="images per forward pass")
+    use_cache: bool = option(
+        True,
+        flags=("--cache/--no-cache",),
+        help="--no-cache: recompute statistics and text embeddings even when cached",
+    )
+    checkpoint_every: int | None = option(
+        bound=(1, limits.MAX_CHECKPOINT_EVERY),
+        unit="batches",
+        help="checkpoint statistics every N batches (resumable after interruption)",
+    )
 
     def check(self) -> None:
         check_bounds(self)
         limits.layer_spec(self.layers)
 
     def identity(self) -> dict[str, Any]:
-        """What decides the ranking (a study's cell key): every field but batch_size."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "batch_size"}
+        """What decides the ranking (a study's cell key)."""
+        return {k: getattr(self, k) for k in ("judge", "layers", "m", "span_rank")}
 
 
 @dataclass(frozen=True)

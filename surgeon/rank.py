@@ -10,7 +10,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from surgeon import __version__, limits
+from surgeon import __version__
 from surgeon.collect import collect_stats
 from surgeon.decompose import parse_layers, vision_layout
 from surgeon.distributed import world
@@ -184,14 +184,11 @@ def rank_heads(
     pool: TextPool,
     method: RankMethod,
     quiet: bool = False,
-    use_cache: bool = True,
     llm: LlmJudge | None = None,
-    checkpoint_every: int | None = None,
 ) -> Ranking | None:
     """The library function behind `surgeon rank` and the RankHeads RPC. Under torchrun every rank collects
     its shard of the statistics; rank 0 runs TextSpan and the judge and returns the ranking, the others None."""
     method.check()
-    limits.count("checkpoint_every", checkpoint_every, 1, limits.MAX_CHECKPOINT_EVERY)
     m, span_rank = method.m, method.span_rank
     if m > len(pool.lines):
         raise InvalidInput(f"m={m} is larger than the text pool ({len(pool.lines)} lines)")
@@ -210,10 +207,10 @@ def rank_heads(
         chosen,
         batch_size=method.batch_size,
         quiet=quiet,
-        use_cache=use_cache,
-        checkpoint_every=checkpoint_every,
+        use_cache=method.use_cache,
+        checkpoint_every=method.checkpoint_every,
     )
-    texts, _ = pool_embeddings(loaded, pool, quiet=quiet, use_cache=use_cache)
+    texts, _ = pool_embeddings(loaded, pool, quiet=quiet, use_cache=method.use_cache)
     if not world().is_main:
         return None
     spans = textspan_all(stats, texts.double(), m=m, span_rank=span_rank, quiet=quiet)

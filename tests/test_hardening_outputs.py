@@ -218,9 +218,9 @@ def test_a_truncated_statistics_cache_entry_is_recomputed(tiny_default_dir, imag
     loaded = load_model(f"local-dir:{tiny_default_dir}", device="cpu")
     pool = TextPool("t", ("a red dog", "a blue cat", "green bird", "a red cat", "a dog", "blue"), TAXONOMY)
 
-    def ranked(**kwargs):
+    def ranked(**method):
         return rank_heads(
-            loaded, folder_images(image_folder), pool, RankMethod(layers="1-2", m=3), quiet=True, **kwargs
+            loaded, folder_images(image_folder), pool, RankMethod(layers="1-2", m=3, **method), quiet=True
         )
 
     first = ranked()

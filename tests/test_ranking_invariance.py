@@ -22,7 +22,7 @@ def permuted(images: ImageSet, seed: int) -> ImageSet:
 
 def picks(loaded, images: ImageSet, batch_size: int) -> list[tuple[str, list[str], int, int]]:
     ranking = rank_heads(
-        loaded, images, load_pool("toy", True), RankMethod(batch_size=batch_size), quiet=True, use_cache=False
+        loaded, images, load_pool("toy", True), RankMethod(batch_size=batch_size, use_cache=False), quiet=True
     )
     return [(h.name, h.texts, h.ccs, h.effective_rank) for h in ranking.heads]
 

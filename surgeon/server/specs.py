@@ -236,8 +236,7 @@ class SpecBuilder:
             **images,
             texts=self.texts(request.texts),
             taxonomy=str(taxonomy) if taxonomy else None,
-            method=from_message(RankMethod, request, judge=self.judge(request.judge)),
-            use_cache=not request.no_cache,
+            method=from_message(RankMethod, request, judge=self.judge(request.judge), use_cache=not request.no_cache),
         )
         spec.check()
         out = self.out(request.out, "rank", request.force)
