@@ -43,6 +43,7 @@ def measure(seeds: list[int], out: Path, pair_heads: list[str]) -> None:
         sets: list[tuple[HeadRef, ...]] = [(), *((h,) for h in HEADS), *pairs]
         sims = np.stack([evaluator.bias_similarity(list(s)) for s in sets]).astype(np.float32)
         names = np.asarray(["+".join(h.name for h in s) or "none" for s in sets])
+        assert probe.units is not None  # a toy probe's scenes are its units
         np.savez(out / f"probe{seed}.npz", sims=sims, names=names, groups=probe.groups, units=probe.units)
         print(f"probe {seed}: {len(sets)} head sets", flush=True)
 
