@@ -414,7 +414,8 @@ def debias(ranking: Ranking, options: PolicyOptions) -> Selection:
     than a bootstrap standard error (at most `candidates`, 8) are candidates. Each step takes the candidate
     that is best in most bootstrap resamples of the search split (stability), and keeps it only if it lowers
     the stop split's MaxSkew@k by more than that gain's bootstrap standard error, within k heads (default 4)
-    and a mean accuracy drop on the search split (default 1 point). `seed` draws the resamples (and, in `prune`, the splits)."""
+    and a mean accuracy drop on the search split (default 1 point). `seed` draws the resamples (and, in
+    `prune`, the splits)."""
     data = options.measure
     if data is None:
         raise InvalidInput("the debias policy needs a validation set to measure bias and accuracy on")
