@@ -495,8 +495,7 @@ def toy_report_command(
     )
     agree = report["ground_truth_agreement"]
     for key in ("ccs>=4", "ccs<4"):
-        ties = f", {agree['ties_' + key]} ties ({agree['ties_with_truth_' + key]} include it)"
-        value = "n/a" if agree[key] is None else f"{100 * agree[key]:.0f}% of {agree['n_' + key]}{ties}"
+        value = "n/a" if agree[key] is None else f"{100 * agree[key]:.0f}% of {agree['n_' + key]}"
         table.add_row(f"label = ground-truth factor ({key})", value, ">= 80%" if key == "ccs>=4" else "")
     out.print(table)
     out.print("targets met: " + ", ".join(f"{k}={'yes' if v else 'NO'}" for k, v in report["met"].items()))

@@ -34,6 +34,7 @@ def bias_measure(evaluator: Evaluator) -> BiasMeasure:
         bias.k,
         bias.desired,
         bias.protocol,
+        bias.probes,
     )
 
 

@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from surgeon.bias import bias_metrics
 from surgeon.errors import InvalidInput
 from surgeon.heads import HeadRef
-from surgeon.validate import bias_set, toy_suite
+from surgeon.policies import BiasMeasure
+from surgeon.validate import PROBES_PER_SPLIT, bias_set, search_probe_seeds, toy_suite
 from tests.test_prune_export import setup  # noqa: F401
 
 
@@ -26,13 +28,38 @@ def test_toy_search_and_stop_suites_share_no_image_with_the_reported_one():
     splits = suite.split_for_search()
     search, stop, report = splits.search, splits.stop, splits.report
     assert report is suite and "test split" in report.description and "val split" in search.description
-    assert len(search.tasks[0].labels) == 64 and len(np.unique(search.bias.units)) == 24 and not stop.tasks
+    assert len(search.tasks[0].labels) == 64 and not stop.tasks
+    for side in (search, stop):  # several probes of the report probe's size, each image marked with its probe
+        assert len(np.unique(side.bias.units)) == 24 * PROBES_PER_SPLIT
+        assert np.bincount(side.bias.probes).tolist() == [48] * PROBES_PER_SPLIT
     assert not digests(search.tasks[0].images) & digests(report.tasks[0].images)
     probes = [digests(side.bias.images) for side in (search, stop, report)]
     assert not probes[0] & probes[1] and not probes[0] & probes[2] and not probes[1] & probes[2]
     assert search.bias.queries == stop.bias.queries == report.bias.queries
     other = suite.split_for_search(seed=1)  # another split seed draws other search and stop probes
     assert not digests(other.search.bias.images) & probes[0] and other.report is suite
+
+
+def test_toy_search_probes_avoid_the_reported_and_the_design_probes():
+    used = [seed for split in range(4) for seeds in search_probe_seeds(split) for seed in seeds]
+    assert len(used) == len(set(used)) == 4 * 2 * PROBES_PER_SPLIT  # no probe in two splits or two split seeds
+    assert not set(used) & set(range(20))  # 0: reported; 1-19: the probes the search was designed on
+
+
+def test_search_objective_is_the_mean_over_probes_ranked_apart():
+    """A split of two probes scores each probe's own ranking and averages; one ranking over both differs."""
+    rng = np.random.default_rng(0)
+    groups, units = np.tile([0, 1], 40), np.repeat(np.arange(40), 2)
+    probes = np.repeat([0, 1], 40)
+    sim = rng.normal(size=(3, 80)) + np.where(groups == 0, 0.3, 0.0) * (probes == 0)  # probe 0 biased only
+    measure = BiasMeasure("two", lambda heads: sim, groups, 2, units, 10, probes=probes)
+    weights = measure.resamples(20, 0)
+    assert (weights[:, probes == 0].sum(1) == 40).all() and (weights[:, probes == 1].sum(1) == 40).all()
+    score = measure.score([], weights)
+    each = [bias_metrics(sim[:, probes == p], groups[probes == p], 2, 10) for p in (0, 1)]
+    assert score.value == pytest.approx(np.mean([m["max_skew@10"] for m in each]))
+    assert score.value != pytest.approx(bias_metrics(sim, groups, 2, 10)["max_skew@10"])
+    assert score.draws.shape == (20,) and abs(score.draws.mean() - score.value) < 0.2
 
 
 @pytest.fixture

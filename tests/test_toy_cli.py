@@ -53,7 +53,9 @@ def test_rank_and_prune_debias_onnx_with_no_arguments(tmp_path):
     ranking = json.loads((exports / "rank" / "ranking.json").read_text())
     assert ranking["pool"]["name"] == "toy" and ranking["judge"] == "lexicon"
     factors = {"colors", "shapes", "sizes", "positions", "backgrounds", "textures", "none"}
-    assert {c for h in ranking["heads"] for c in h["label"].split("|")} <= factors  # "a|b": a tie, reported
+    assert {h["label"] for h in ranking["heads"]} <= factors and all(
+        h["ccs"] == sum(h["verdicts"]) for h in ranking["heads"]
+    )
     pruned = surgeon("prune", "--policy", "debias", "--export", "onnx", "--quiet", "--out", str(exports / "run"))
     assert pruned.returncode in (0, 10), pruned.stderr  # 10: a gate failed (none are set by default)
     run = exports / "run"

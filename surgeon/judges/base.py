@@ -12,22 +12,18 @@ import torch
 
 from surgeon.registry import Registry
 
-TIE = "|"  # joins the concepts of a tied label: "colors|textures"
-
 
 @dataclass(frozen=True)
 class HeadJudgement:
-    """`label` may be a tie of concepts joined by TIE (a judge that can tell reports it rather than pick one by
-    some arbitrary order); then `verdicts` mark the texts about any of them and `tie_count` is the CCS: the
-    number of texts about each one of them (equal: that is what makes them tied)."""
+    """One concept per head (a judge breaks ties of its own rule: surgeon.judges.lexicon) and one verdict per
+    text, whether it is about that concept; CCS counts those verdicts, so label and CCS always agree."""
 
     label: str
     verdicts: tuple[bool, ...]
-    tie_count: int | None = None
 
     @property
     def ccs(self) -> int:
-        return sum(self.verdicts) if self.tie_count is None else self.tie_count
+        return sum(self.verdicts)
 
 
 class Judge(Protocol):

@@ -5,12 +5,15 @@ The rule, meant to answer as the paper's LLM judge would ("is this text associat
   simple plural folding (the term "car" matches "cars", "box" matches "boxes", "berry" matches "berries"; not
   the reverse, so terms are best written in the singular). "a red square on a green background" is about
   colors, shapes and backgrounds alike: no concept hides another;
-- a head's label is the concept the most of its texts are about. When several concepts share that count the
-  label is the tie, their names joined by "|" in sorted order ("colors|textures"): which one the head carries
-  is not knowable from its texts, so none is chosen (not by spelling, not by a priority);
-- a text is consistent with the label when it is about it; CCS is the number of such texts. For a tie, CCS
-  is the count every tied concept shares (2 for 2 texture + 2 color texts, not 4), and the verdicts mark the
-  texts about any tied concept;
+- a head's label is the concept the most of its texts are about, and a text is consistent when it is about
+  the label: CCS is the number of consistent texts, so label, verdicts and CCS always agree. Ties of that
+  count break, in order, toward (1) the concept of the earliest text about one tied concept but not another
+  (TextSpan orders a head's texts by the variance they explain: the first is the strongest evidence); (2)
+  when no text tells them apart (every text about one is about the other: each toy background line names a
+  colour), the more specific concept, the one fewer of the distinct texts judged together (a ranking: every
+  head's) are about; (3) the name, only for concepts no text of the call tells apart. The tie is not kept as
+  a label ("colors|textures" with CCS 2 but 4 texts marked consistent, issue 24): a label must say which
+  texts it counts. A tie moves no head in a ranking (CCS is the tied count either way);
 - a head none of whose texts match anything is labelled "none", with CCS 0 (docs/METHOD.md §1.3-1.5).
 A taxonomy's `priority` key (older files) is accepted and has no effect.
 """
@@ -23,7 +26,7 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 
 from surgeon.errors import InvalidInput
-from surgeon.judges.base import JUDGES, TIE, HeadJudgement, Judge, JudgeContext
+from surgeon.judges.base import JUDGES, HeadJudgement, Judge, JudgeContext
 
 NONE_LABEL = "none"
 
@@ -73,8 +76,6 @@ class LexiconJudge:
     def _add_concept(self, concept: str, spec: object) -> None:
         if concept == NONE_LABEL:
             raise InvalidInput(f"taxonomy concept name {NONE_LABEL!r} is reserved for heads with no match")
-        if TIE in concept:
-            raise InvalidInput(f"taxonomy concept name {concept!r} contains {TIE!r}, which spells ties of labels")
         terms = spec.get("terms") if isinstance(spec, dict) else None
         if not isinstance(terms, list) or not all(isinstance(t, str) for t in terms):
             raise InvalidInput(f"taxonomy concept {concept!r} needs a 'terms' list of strings")
@@ -101,17 +102,20 @@ class LexiconJudge:
         return result
 
     def judge(self, heads: Sequence[Sequence[str]]) -> list[HeadJudgement]:
-        return [self._judge_head(texts) for texts in heads]
+        # how many distinct texts of the call each concept is about: the specificity that breaks nested ties
+        frequency = Counter(c for text in {t for texts in heads for t in texts} for c in self.concepts_of(text))
+        return [self._judge_head(texts, frequency) for texts in heads]
 
-    def _judge_head(self, texts: Sequence[str]) -> HeadJudgement:
+    def _judge_head(self, texts: Sequence[str], frequency: Counter[str]) -> HeadJudgement:
         sets = [self.concepts_of(text) for text in texts]
         counts = Counter(concept for s in sets for concept in s)
         if not counts:
             return HeadJudgement(NONE_LABEL, tuple(False for _ in texts))
         top = max(counts.values())
-        tied = sorted(c for c, n in counts.items() if n == top)  # sorted only to spell a tie one way
-        verdicts = tuple(any(c in s for c in tied) for s in sets)
-        return HeadJudgement(TIE.join(tied), verdicts, top if len(tied) > 1 else None)
+        tied = [c for c, n in counts.items() if n == top]
+        # earliest separating text (False sorts first), then the rarer concept, then the name (module docstring)
+        label = min(tied, key=lambda c: (tuple(c not in s for s in sets), frequency[c], c))
+        return HeadJudgement(label, tuple(label in s for s in sets))
 
 
 def _matches_at(words: list[frozenset[str]], start: int, term: tuple[str, ...]) -> bool:

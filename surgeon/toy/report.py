@@ -11,8 +11,7 @@
   whose TextSpan picks carried no concept would score;
 - ground truth: for every analysed head, the factor whose labels explain the largest share of the variance of
   the head's direct contributions (eta squared); agreement of the CCS label with it, for heads with CCS >= 4
-  (target >= 80%) and CCS < 4. A tied label ("colors|textures") is not an agreement; ties are counted apart,
-  with how many include the ground truth."""
+  (target >= 80%) and CCS < 4 (a label is one concept: the judge breaks ties, surgeon.judges.lexicon)."""
 
 from __future__ import annotations
 
@@ -26,7 +25,7 @@ from surgeon.decompose import decompose
 from surgeon.errors import PreconditionFailed
 from surgeon.hooks import vision_tower
 from surgeon.images import ImageSet, toy_images
-from surgeon.judges.base import TIE, Judge
+from surgeon.judges.base import Judge
 from surgeon.load import LoadedModel, build_clip, weights_hash
 from surgeon.options import RankMethod
 from surgeon.pools import TextPool, load_pool
@@ -115,19 +114,15 @@ def _rank(loaded: LoadedModel, images: ImageSet, pool: TextPool, quiet: bool) ->
 
 
 def agreement(ranking: Ranking, truth: dict[str, dict[str, float]], factors: tuple[str, ...]) -> dict:
-    """Share of heads whose label is their ground-truth factor, for CCS >= 4 and CCS < 4; a tie never agrees."""
+    """Share of heads whose label is their ground-truth factor, for CCS >= 4 and CCS < 4."""
     out = {}
     for key, heads in (
         ("ccs>=4", [h for h in ranking.heads if h.ccs >= 4]),
         ("ccs<4", [h for h in ranking.heads if h.ccs < 4]),
     ):
-        named = [[factor_of_concept(c, factors) for c in h.label.split(TIE)] for h in heads]
-        best = [_dominant(truth[h.name]) for h in heads]
-        hits = [labels == [b] for labels, b in zip(named, best, strict=True)]
+        hits = [factor_of_concept(h.label, factors) == _dominant(truth[h.name]) for h in heads]
         out[key] = round(float(np.mean(hits)), 4) if hits else None
         out[f"n_{key}"] = len(heads)
-        out[f"ties_{key}"] = sum(len(labels) > 1 for labels in named)
-        out[f"ties_with_truth_{key}"] = sum(len(n) > 1 and b in n for n, b in zip(named, best, strict=True))
     return out
 
 
