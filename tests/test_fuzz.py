@@ -18,7 +18,7 @@ from surgeon import limits  # noqa: E402
 from surgeon.decompose import parse_layers  # noqa: E402
 from surgeon.errors import InvalidInput  # noqa: E402
 from surgeon.heads import parse_heads  # noqa: E402
-from tests.test_hardening_bounds import NO_MODEL, run_cli  # noqa: E402
+from tests.conftest import NO_MODEL, run_cli  # noqa: E402
 
 FUZZ = settings(
     max_examples=60,
@@ -65,7 +65,7 @@ def _rss_mb() -> float:
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
-def test_cli_numeric_and_range_options(command, capsys, tmp_path, monkeypatch):
+def test_cli_numeric_and_range_options(command, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     start = _rss_mb()
 
@@ -78,7 +78,8 @@ def test_cli_numeric_and_range_options(command, capsys, tmp_path, monkeypatch):
             args += [f"{name}={value}"]  # '=': a value starting with '-' stays a value
         if not positional:
             args += TARGET[command]
-        code, err = run_cli(*args, capsys=capsys)
+        done = run_cli(*args)
+        code, err = done.returncode, done.stderr
         assert code in (2, 3), (args[:6], code, err[-500:])
         assert "Traceback" not in err and len(err) < 2000, err[-500:]
 

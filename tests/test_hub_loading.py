@@ -17,8 +17,7 @@ from surgeon.errors import InvalidInput, NotFound, PreconditionFailed
 from surgeon.load import load_model
 from surgeon.policies import PolicyOptions
 from surgeon.prune import prune
-from tests.test_deploy import offline_hub_cache
-from tests.test_prune_export import synthetic_suite
+from tests.conftest import offline_hub_cache, synthetic_suite
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from PIL import Image
 
 from surgeon.errors import CorruptInput, InvalidInput, NotFound, PartialResult, PreconditionFailed
 from surgeon.study import CellStore, cells, compute_study, parse_study
+from tests.conftest import run_cli
 
 TOY = """
 name = "toy test"
@@ -216,12 +216,7 @@ def test_a_bad_study_file_names_the_field(tmp_path, text, message):
 
 def test_cli_bad_study_file_is_one_line_and_exit_2(tmp_path):
     path = write(tmp_path, '[[models]]\nname = "toy"\nflavour = 1\n')
-    result = subprocess.run(
-        [sys.executable, "-m", "surgeon", "study", str(path), "--out", str(tmp_path / "o")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_cli("study", str(path), "--out", str(tmp_path / "o"))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "models[0].flavour: unknown key" in result.stderr and not (tmp_path / "o").exists()
 
