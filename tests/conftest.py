@@ -240,13 +240,18 @@ def synthetic_suite(seed: int = 0) -> ValidationSuite:
     return ValidationSuite([task], bias, "test")
 
 
+def ranked_tiny_model(model_dir: Path, images: Path) -> tuple:
+    """(the tiny model loaded from `model_dir`, its ranking over `images`, layers 1-2, m=3)."""
+    loaded = load_model(f"local-dir:{model_dir}", device="cpu")
+    pool = TextPool("t", ("a red dog", "a blue cat", "green bird", "a red cat", "a dog", "blue", "a bird"), TAXONOMY)
+    ranking = rank_heads(loaded, folder_images(images), pool, layers="1-2", m=3, quiet=True)
+    return loaded, ranking
+
+
 @pytest.fixture
 def setup(tiny_default_dir, image_folder):
-    """(the tiny default model, its ranking over `image_folder`): per test, as prune may change the model."""
-    loaded = load_model(f"local-dir:{tiny_default_dir}", device="cpu")
-    pool = TextPool("t", ("a red dog", "a blue cat", "green bird", "a red cat", "a dog", "blue", "a bird"), TAXONOMY)
-    ranking = rank_heads(loaded, folder_images(image_folder), pool, layers="1-2", m=3, quiet=True)
-    return loaded, ranking
+    """(the tiny default model, its ranking over `image_folder`): per test, as prune changes the model in place."""
+    return ranked_tiny_model(tiny_default_dir, image_folder)
 
 
 @pytest.fixture
@@ -279,13 +284,24 @@ def offline_hub_cache(root: Path, repo_id: str, folder: Path) -> Path:
     return root
 
 
-@pytest.fixture
-def onnx_run(setup, tmp_path) -> Path:
-    loaded, ranking = setup
-    out = tmp_path / "run"
-    formats = ["safetensors", "onnx"]
-    prune(loaded, ranking, synthetic_suite(), "top-k", PolicyOptions(k=1), out_dir=out, exporters=formats)
+@pytest.fixture(scope="session")
+def onnx_run_original(tiny_default_dir, image_folder, tmp_path_factory) -> Path:
+    """A run folder pruned (top-1) and exported to safetensors and ONNX, built once: tests take copies."""
+    base = tmp_path_factory.mktemp("onnx-run")
+    with pytest.MonkeyPatch.context() as patch:  # a session fixture: isolated_dirs is not set for it
+        patch.setenv("SURGEON_CACHE_DIR", str(base / "cache"))
+        patch.setenv("SURGEON_ONNX_EXPORTER", "torchscript")
+        loaded, ranking = ranked_tiny_model(tiny_default_dir, image_folder)
+        out = base / "run"
+        formats = ["safetensors", "onnx"]
+        prune(loaded, ranking, synthetic_suite(), "top-k", PolicyOptions(k=1), out_dir=out, exporters=formats)
     return out
+
+
+@pytest.fixture
+def onnx_run(onnx_run_original, tmp_path) -> Path:
+    """A test's own copy of the pruned run (tests tamper with it): what `setup` + prune built per test before."""
+    return Path(shutil.copytree(onnx_run_original, tmp_path / "run", symlinks=True))
 
 
 # ---- gRPC: one server per test module, over that module's own world (tests/grpc_helpers.py) ----
