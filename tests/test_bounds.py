@@ -59,6 +59,7 @@ def test_bad_numbers_exit_2_before_any_work(args, message, tmp_path, monkeypatch
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow  # a child process under a memory limit
 def test_layer_spans_are_checked_before_a_range_is_built():
     """'0-999999999999' (14 bytes) must not build set(range(10**12)) (an OOM-killed server). A subprocess
     with a 4 GiB address-space limit keeps a regression from taking the machine down with it."""
@@ -129,6 +130,7 @@ def test_a_one_pixel_wide_strip_is_refused_before_resizing(tmp_path):
     assert sum(len(b) for b in batches) == 2 and "elongated" in images.skipped[0]
 
 
+@pytest.mark.slow  # a child process per value: a server that accepted one would listen
 @pytest.mark.parametrize(
     "args, message",
     [

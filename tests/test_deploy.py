@@ -79,6 +79,7 @@ def hard_run(tmp_path_factory):
     return _run(tmp_path_factory, "hard", "torchscript")  # the deprecated exporter, still parity-checked
 
 
+@pytest.mark.slow  # a child process: the hub reads its cache folder at import
 def test_run_folder_loads_through_open_clip_hf_hub(zero_run, tmp_path):
     loaded, run = zero_run
     assert (run / "README.md").is_file() and (run / "open_clip_config.json").is_file()

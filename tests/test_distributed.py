@@ -34,6 +34,7 @@ def test_shards_cover_everything_once_at_batch_boundaries(count, size, batch):
     assert max(batches) - min(batches) <= 1
 
 
+@pytest.mark.slow  # two torchrun processes
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed")
 def test_two_gloo_processes_equal_one(tiny_default_dir, image_folder, pool_file, tmp_path):
     """2 processes x batch 5 (shards [0, 15) and [15, 24)) vs 1 process x batch 7: the shard boundary falls

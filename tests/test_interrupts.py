@@ -23,6 +23,8 @@ from surgeon.stats import HeadStats
 from tests.conftest import synthetic_suite
 from tests.test_rank_cli import TAXONOMY
 
+pytestmark = pytest.mark.slow  # real child processes, signalled or racing
+
 
 @pytest.fixture
 def run_dir(setup, tmp_path) -> Path:

@@ -250,6 +250,7 @@ def test_rank_without_a_terminal_prints_the_top_of_the_table(
     assert sum(line.startswith("│ L") for line in shown.output.splitlines()) == 3
 
 
+@pytest.mark.slow  # a child process: the hub reads its cache folder at import
 def test_missing_weights_hint_names_hf_download_and_the_real_hub_cache(tmp_path):
     code = (
         "import sys\nfrom surgeon.load import load_model\n"

@@ -34,6 +34,7 @@ def test_bundled_model_was_trained_on_this_world_with_the_default_recipe():
     assert meta["train_config"] == json.loads(json.dumps(TrainConfig().to_json()))
 
 
+@pytest.mark.slow  # every verb on the bundled toy model
 def test_rank_and_prune_debias_onnx_with_no_arguments(tmp_path):
     exports = tmp_path / "exports"
     ranked = run_cli("rank", "--quiet", "--out", str(exports / "rank"))
@@ -67,6 +68,7 @@ def test_rank_and_prune_debias_onnx_with_no_arguments(tmp_path):
     assert sum(right) >= 6, result  # the debiased model still classifies shapes (96% before pruning)
 
 
+@pytest.mark.slow  # every verb on the bundled toy model
 def test_validate_and_toy_report():
     validated = run_cli("validate", "--json")
     assert validated.returncode == 0, validated.stderr
