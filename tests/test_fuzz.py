@@ -64,6 +64,7 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+@pytest.mark.slow  # 60 hypothesis examples per verb through the CLI
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_cli_numeric_and_range_options(command, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -189,6 +190,7 @@ def messages(descriptor: _d.Descriptor, depth: int = 0):
     return st.fixed_dictionaries({}, optional=fields).map(lambda kwargs: cls(**kwargs))
 
 
+@pytest.mark.slow  # hypothesis examples for every RPC over a real server
 @pytest.mark.parametrize("service, rpc", METHODS, ids=[rpc.name for _, rpc in METHODS])
 def test_grpc_requests(service, rpc, channel, tmp_path):  # noqa: F811
     call = (channel.unary_stream if rpc.server_streaming else channel.unary_unary)(

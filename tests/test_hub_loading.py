@@ -83,6 +83,7 @@ def test_what_the_cache_cannot_give_is_one_clear_error(hub_cache, tmp_path):
     assert "surgeon infer" in str(graphs.value.hint)
 
 
+@pytest.mark.slow  # a child process: the hub reads its cache folder at import
 def test_the_cli_reads_the_hub_cache_of_its_environment(pruned_run, tmp_path):
     """The real user path: HF_HUB_OFFLINE and HF_HUB_CACHE in the environment, the CLI in its own process."""
     _, run = pruned_run
