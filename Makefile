@@ -6,7 +6,11 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 # surgery: torch, open_clip... (the plain install only serves ONNX exports); serve: gRPC; test: pytest, ruff
 EXTRAS ?= surgery,serve,oip,test
 
-.PHONY: setup demo test lint typecheck clean
+# Tests run on every core (pytest-xdist), one test file per worker at a time so module fixtures (gRPC servers,
+# pruned runs) are built once; one torch thread per worker, as many workers as cores.
+PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -n auto --dist loadfile
+
+.PHONY: setup demo test test-fast lint typecheck clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -20,10 +24,15 @@ setup: $(VENV)/.installed
 demo: setup
 	$(VENV)/bin/surgeon prune --policy debias --export onnx
 
+# everything: lint, types and every test, slow ones included
 test: setup
 	$(VENV)/bin/ruff check surgeon tests benchmarks
 	$(PY) -m mypy
-	$(PY) -m pytest
+	$(PYTEST)
+
+# the edit loop: every test not marked slow (about a minute on 2 cores)
+test-fast: setup
+	$(PYTEST) -m "not slow"
 
 lint: setup typecheck
 	$(VENV)/bin/ruff check surgeon tests benchmarks

@@ -398,7 +398,7 @@ def export_command(
         from surgeon.paths import newest_run
 
         run_dir = newest_run(hint="run `surgeon prune` first, or pass RUN_DIR")
-        err.print(f"exporting the newest run: {run_dir}")
+        err.print(f"exporting the newest run: {run_dir}", soft_wrap=True)  # a long path stays whole
         spec = replace(spec, run_dir=run_dir)
     target = spec.target
     files = run_export(spec)

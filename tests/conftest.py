@@ -1,8 +1,23 @@
-"""Shared fixtures: tiny real open_clip models (both block types) saved as local-dir folders."""
+"""Shared fixtures and the one in-process CLI runner.
+
+Fixtures: tiny real open_clip models (both block types) saved as local-dir folders, image folders, text pools,
+the synthetic suite's pruned run, and one gRPC server per test module. `run_cli` runs `surgeon ARGS` in this
+process through surgeon.cli.main (each `python -m surgeon` launch paid the torch import, ~3 s); tests keep
+subprocesses only where the process itself is under test (signals, torch-free imports, servers, torchrun,
+packaging)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import warnings
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +26,83 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from surgeon.load import build_clip
+from surgeon.images import folder_images
+from surgeon.load import build_clip, load_model
+from surgeon.options import RankMethod
+from surgeon.policies import PolicyOptions
+from surgeon.pools import TextPool
+from surgeon.prune import prune
+from surgeon.rank import rank_heads
+from surgeon.validate import BiasSet, ClassificationSet, ValidationSuite
+
+
+@contextlib.contextmanager
+def _process_state_restored() -> Iterator[None]:
+    """What surgeon.cli.main changes for the rest of a process (signal handlers, the warning printer, torch's
+    thread count), put back, so one in-process run cannot leak into the next test."""
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM)}
+    show_warning = warnings.showwarning
+    torch_threads = sys.modules["torch"].get_num_threads() if "torch" in sys.modules else None
+    try:
+        with warnings.catch_warnings():
+            yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)  # an interrupt's deferred timer (cli._on_interrupt) never fires later
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        warnings.showwarning = show_warning
+        if torch_threads is not None:
+            sys.modules["torch"].set_num_threads(torch_threads)
+
+
+@contextlib.contextmanager
+def _environment(env: Mapping[str, str] | None, cwd: Path | str | None) -> Iterator[None]:
+    """A subprocess's `env=` (the whole environment, not additions) and `cwd=`, for the length of one run."""
+    saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    try:
+        if env is not None:
+            os.environ.clear()
+            os.environ.update(env)
+        if cwd is not None:
+            os.chdir(cwd)
+        yield
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+
+
+NO_MODEL = ["--model", "local-dir:/nonexistent/surgeon-model"]  # a valid request would fail here with exit 3
+
+
+def run_cli(
+    *args: str, env: Mapping[str, str] | None = None, cwd: Path | str | None = None
+) -> subprocess.CompletedProcess:
+    """`surgeon ARGS` in this process: surgeon.cli.main itself (the interrupt flag cleared, every error mapped to
+    its one line and exit code), stdout and stderr captured as text, the result shaped like subprocess.run's."""
+    from surgeon.cli import main
+
+    stdout = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", newline="", write_through=True)
+    stderr = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", newline="", write_through=True)
+    argv = sys.argv
+    sys.argv = ["surgeon", *args]
+    code: int | str | None = 0
+    try:
+        with _environment(env, cwd), _process_state_restored():
+            with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+                try:
+                    main()
+                except SystemExit as exit_:
+                    code = exit_.code
+    finally:
+        sys.argv = argv
+    if not isinstance(code, int):  # sys.exit("message") prints it and exits 1, as the interpreter does
+        if code is not None:
+            stderr.write(f"{code}\n")
+        code = 0 if code is None else 1
+    return subprocess.CompletedProcess(
+        ["surgeon", *args], code, stdout.buffer.getvalue().decode(), stderr.buffer.getvalue().decode()
+    )
 
 
 def tiny_config(block_type: str = "default", layers: int = 3, heads: int = 4, image_size: int = 32) -> dict:
@@ -120,6 +211,98 @@ def pool_file(tmp_path) -> Path:
     path = tmp_path / "pool.txt"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+# ---- the synthetic suite and a ranked tiny model: the prune pipeline's inputs ----
+
+TAXONOMY = {
+    "version": 1,
+    "concepts": {
+        "colors": {"description": "", "terms": ["red", "blue", "green"], "priority": 0},
+        "animals": {"description": "", "terms": ["dog", "cat", "bird"], "priority": 0},
+    },
+}
+
+
+def synthetic_suite(seed: int = 0) -> ValidationSuite:
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 255, (40, 32, 32, 3), dtype=np.uint8)
+    task = ClassificationSet(
+        "synthetic/colors", ["red", "blue", "green", "dog"], ["a {}", "a photo of a {}"], images, rng.integers(0, 4, 40)
+    )
+    bias = BiasSet(
+        "synthetic/bias",
+        images[:30],
+        np.arange(30) % 2,
+        ["a", "b"],
+        {"star": ["a star"], "dog": ["a dog", "a photo of a dog"]},
+        k=10,
+    )
+    return ValidationSuite([task], bias, "test")
+
+
+def ranked_tiny_model(model_dir: Path, images: Path) -> tuple:
+    """(the tiny model loaded from `model_dir`, its ranking over `images`, layers 1-2, m=3)."""
+    loaded = load_model(f"local-dir:{model_dir}", device="cpu")
+    pool = TextPool("t", ("a red dog", "a blue cat", "green bird", "a red cat", "a dog", "blue", "a bird"), TAXONOMY)
+    ranking = rank_heads(loaded, folder_images(images), pool, RankMethod(layers="1-2", m=3), quiet=True)
+    return loaded, ranking
+
+
+@pytest.fixture
+def setup(tiny_default_dir, image_folder):
+    """(the tiny default model, its ranking over `image_folder`): per test, as prune changes the model in place."""
+    return ranked_tiny_model(tiny_default_dir, image_folder)
+
+
+@pytest.fixture
+def user_data(tmp_path):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "imagefolder"
+    rows = ["path,group"]
+    for cls in ("red_thing", "blue_thing", "dog"):
+        (folder / cls).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / cls / f"{i}.png")
+            rows.append(f"imagefolder/{cls}/{i}.png,{'ab'[i % 2]}")
+    (tmp_path / "bias.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "queries.txt").write_text("doctor\nnurse\n")
+    (tmp_path / "manifest.csv").write_text(
+        "path,label\n"
+        + "\n".join(f"imagefolder/{c}/{i}.png,{c}" for c in ("dog", "red_thing") for i in range(4))
+        + "\n"
+    )
+    return tmp_path
+
+
+def offline_hub_cache(root: Path, repo_id: str, folder: Path) -> Path:
+    """A Hugging Face hub cache holding `folder` as the main revision of `repo_id` (what a download leaves)."""
+    repo = root / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / ("0" * 40)
+    shutil.copytree(folder, snapshot)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    return root
+
+
+@pytest.fixture(scope="session")
+def onnx_run_original(tiny_default_dir, image_folder, tmp_path_factory) -> Path:
+    """A run folder pruned (top-1) and exported to safetensors and ONNX, built once: tests take copies."""
+    base = tmp_path_factory.mktemp("onnx-run")
+    with pytest.MonkeyPatch.context() as patch:  # a session fixture: isolated_dirs is not set for it
+        patch.setenv("SURGEON_CACHE_DIR", str(base / "cache"))
+        patch.setenv("SURGEON_ONNX_EXPORTER", "torchscript")
+        loaded, ranking = ranked_tiny_model(tiny_default_dir, image_folder)
+        out = base / "run"
+        formats = ["safetensors", "onnx"]
+        prune(loaded, ranking, synthetic_suite(), "top-k", PolicyOptions(k=1), out_dir=out, exporters=formats)
+    return out
+
+
+@pytest.fixture
+def onnx_run(onnx_run_original, tmp_path) -> Path:
+    """A test's own copy of the pruned run (tests tamper with it): what `setup` + prune built per test before."""
+    return Path(shutil.copytree(onnx_run_original, tmp_path / "run", symlinks=True))
 
 
 # ---- gRPC: one server per test module, over that module's own world (tests/grpc_helpers.py) ----

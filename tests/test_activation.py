@@ -3,8 +3,6 @@ recorded (ranking.json, plan.json, the card). OpenAI's weights under GELU give w
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,10 +10,7 @@ import pytest
 from PIL import Image
 
 from surgeon.errors import InvalidInput
-
-
-def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "surgeon", *args], capture_output=True, text=True, timeout=300)
+from tests.conftest import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -32,13 +27,13 @@ def two_classes(tmp_path_factory) -> Path:
 def test_the_gelu_assumption_reaches_the_screen_and_quickgelu_can_be_named(vit_file, two_classes):
     """Before: cli.py's filter (`.*QuickGELU.*`) swallowed load.py's warning, so the assumption was silent."""
     common = ["validate", "--model", "ViT-S-32", "--pretrained", str(vit_file), "--data", str(two_classes), "-q"]
-    assumed = run(*common)
+    assumed = run_cli(*common)
     assert assumed.returncode == 0, assumed.stderr
     assert "GELU assumed" in assumed.stderr and "--activation quickgelu" in assumed.stderr
-    named = run(*common, "--activation", "quickgelu")
+    named = run_cli(*common, "--activation", "quickgelu")
     assert named.returncode == 0, named.stderr
     assert "GELU assumed" not in named.stderr
-    refused = run(*common, "--activation", "relu")
+    refused = run_cli(*common, "--activation", "relu")
     assert refused.returncode == 2 and "unknown activation 'relu'" in refused.stderr
     assert "Traceback" not in refused.stderr
 

@@ -4,8 +4,6 @@ on a tiny real open_clip model and real image files (the formulas themselves are
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,6 +13,7 @@ from surgeon.errors import InvalidInput
 from surgeon.load import load_model
 from surgeon.records import Plan
 from surgeon.validate import build_suite, markdown_report, validate
+from tests.conftest import run_cli
 from tests.grpc_helpers import (
     RPC_TIMEOUT,
     Code,
@@ -25,14 +24,13 @@ from tests.grpc_helpers import (
     pb,
     wait,
 )
-from tests.test_validate_sweep import user_data  # noqa: F401  (fixture)
 
 
 def _bias(report: dict) -> dict:
     return next(r["metrics"] for r in report["results"] if r["task"] == "bias")
 
 
-def test_paper_protocol_headlines_the_sum(tiny_default_dir, user_data):  # noqa: F811
+def test_paper_protocol_headlines_the_sum(tiny_default_dir, user_data):
     loaded = load_model(f"local-dir:{tiny_default_dir}", device="cpu")
     files = {"bias_data": user_data / "bias.csv", "queries": user_data / "queries.txt", "skew_k": 4}
     default = validate(loaded, build_suite(**files))
@@ -56,19 +54,17 @@ def test_paper_protocol_headlines_the_sum(tiny_default_dir, user_data):  # noqa:
         build_suite(protocol="CCS")  # refused before the toy suite is built
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "surgeon", *args], capture_output=True, text=True, timeout=300)
-
-
-def test_cli_bias_protocol(tiny_default_dir, user_data):  # noqa: F811
+def test_cli_bias_protocol(tiny_default_dir, user_data):
     common = ["validate", "--model", f"local-dir:{tiny_default_dir}", "--skew-k", "4"]
     common += ["--bias-data", str(user_data / "bias.csv"), "--queries", str(user_data / "queries.txt")]
-    result = _cli(*common, "--bias-protocol", "paper", "--json")
+    result = run_cli(*common, "--bias-protocol", "paper", "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert _bias(report)["protocol"] == "paper" and "max_skew@4_sum" in report["summary"]
     for bad, message in ((["--bias-protocol", "nope"], "unknown bias protocol"), (["--desired", "uniform"], "contra")):
-        refused = _cli(*common, "--bias-protocol", "paper", *bad) if bad[0] == "--desired" else _cli(*common, *bad)
+        refused = (
+            run_cli(*common, "--bias-protocol", "paper", *bad) if bad[0] == "--desired" else run_cli(*common, *bad)
+        )
         assert refused.returncode == 2 and message in refused.stderr and "Traceback" not in refused.stderr
         assert len(refused.stderr.strip().splitlines()) <= 2, refused.stderr  # the error and, at most, a hint
 

@@ -9,7 +9,7 @@ from surgeon.heads import HeadRef
 from surgeon.hooks import vision_blocks, vision_tower
 from surgeon.load import load_model
 from surgeon.validate import Evaluator
-from tests.test_prune_export import synthetic_suite
+from tests.conftest import synthetic_suite
 
 
 def test_deep_cache_and_pinned_set_match_a_full_forward(tiny_default_dir):

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +10,7 @@ from typer.testing import CliRunner
 
 from surgeon import __version__
 from surgeon.cli import app
+from tests.conftest import run_cli
 
 runner = CliRunner()
 
@@ -29,17 +28,12 @@ def run_json(*args: str) -> dict:
 
 @pytest.mark.parametrize("flag", ["--version", "-V"])
 def test_version(flag):
-    result = subprocess.run([sys.executable, "-m", "surgeon", flag], capture_output=True, text=True, timeout=60)
+    result = run_cli(flag)
     assert result.returncode == 0 and result.stdout.strip() == f"surgeon {__version__}"
 
 
 def test_unknown_plot_format_exits_2_before_any_work(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "surgeon", "rank", "--plot-format", "gif", "--out", str(tmp_path / "r")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_cli("rank", "--plot-format", "gif", "--out", str(tmp_path / "r"))
     assert result.returncode == 2 and "unknown plot format 'gif'" in result.stderr and not (tmp_path / "r").exists()
 
 

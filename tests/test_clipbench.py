@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +15,7 @@ from PIL import Image
 from surgeon.errors import CorruptInput, InvalidInput, NotFound
 from surgeon.load import load_model
 from surgeon.validate import ValidationSuite, classification_set, validate
+from tests.conftest import run_cli
 
 N_IMAGES = 60
 
@@ -123,8 +122,7 @@ def test_clip_benchmark_build_reads_the_result_files(toy_shapes, tmp_path):
 
     _, shards, _, _ = toy_shapes
     out = tmp_path / "results"
-    cli = [sys.executable, "-m", "surgeon", "validate", "--data", str(shards), "--out", str(out), "--json"]
-    result = subprocess.run(cli, capture_output=True, text=True, timeout=300)
+    result = run_cli("validate", "--data", str(shards), "--out", str(out), "--json")
     assert result.returncode == 0, result.stderr
     document = json.loads(result.stdout)
     assert document["out"] == str(out)
@@ -150,12 +148,7 @@ def test_clip_benchmark_build_reads_the_result_files(toy_shapes, tmp_path):
 
 
 def test_validate_missing_data_exits_3(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "surgeon", "validate", "--data", str(tmp_path / "nonexistent")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_cli("validate", "--data", str(tmp_path / "nonexistent"))
     assert result.returncode == 3, result.stderr
     assert "validation data not found" in result.stderr and "Traceback" not in result.stderr
 

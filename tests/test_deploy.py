@@ -28,8 +28,7 @@ from surgeon.options import OnnxExport, RankMethod
 from surgeon.policies import PolicyOptions
 from surgeon.prune import prune
 from surgeon.runtime.session import ExportedModel
-from tests.conftest import tiny_config
-from tests.test_prune_export import TAXONOMY, synthetic_suite
+from tests.conftest import TAXONOMY, offline_hub_cache, synthetic_suite, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 LABELS = ["red", "blue", "green", "dog"]
@@ -81,16 +80,7 @@ def hard_run(tmp_path_factory):
     return _run(tmp_path_factory, "hard", "torchscript")  # the deprecated exporter, still parity-checked
 
 
-def offline_hub_cache(root: Path, repo_id: str, folder: Path) -> Path:
-    """A Hugging Face hub cache holding `folder` as the main revision of `repo_id` (what a download leaves)."""
-    repo = root / ("models--" + repo_id.replace("/", "--"))
-    snapshot = repo / "snapshots" / ("0" * 40)
-    shutil.copytree(folder, snapshot)
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text("0" * 40)
-    return root
-
-
+@pytest.mark.slow  # a child process: the hub reads its cache folder at import
 def test_run_folder_loads_through_open_clip_hf_hub(zero_run, tmp_path):
     loaded, run = zero_run
     assert (run / "README.md").is_file() and (run / "open_clip_config.json").is_file()

@@ -18,6 +18,7 @@ from surgeon.distributed import World, shard
 from surgeon.images import ImageSet, folder_images
 from surgeon.load import load_model
 from surgeon.stats import HeadStats
+from tests.conftest import run_cli
 from tests.test_rank_cli import TAXONOMY
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -33,6 +34,7 @@ def test_shards_cover_everything_once_at_batch_boundaries(count, size, batch):
     assert max(batches) - min(batches) <= 1
 
 
+@pytest.mark.slow  # two torchrun processes
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed")
 def test_two_gloo_processes_equal_one(tiny_default_dir, image_folder, pool_file, tmp_path):
     """2 processes x batch 5 (shards [0, 15) and [15, 24)) vs 1 process x batch 7: the shard boundary falls
@@ -80,13 +82,7 @@ def test_two_gloo_processes_equal_one(tiny_default_dir, image_folder, pool_file,
     assert dist.returncode == 0, dist.stderr[-2000:]
     env["SURGEON_CACHE_DIR"] = str(tmp_path / "cache-single")
     single_args = [*args[:-1], "7"]  # --batch-size 7
-    single = subprocess.run(
-        [sys.executable, "-m", "surgeon", *single_args, "--out", str(tmp_path / "single")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    single = run_cli(*single_args, "--out", str(tmp_path / "single"), env=env)
     assert single.returncode == 0, single.stderr[-2000:]
     a = json.loads((tmp_path / "dist" / "ranking.json").read_text())
     b = json.loads((tmp_path / "single" / "ranking.json").read_text())

@@ -134,19 +134,13 @@ def test_an_export_says_what_it_writes_before_writing(recorded_run, tmp_path, mo
 
 
 def test_the_cli_refuses_bad_export_options_in_one_line(recorded_run):
-    import subprocess
-    import sys
+    from tests.conftest import run_cli
 
     for options, message in (
         (["--quantize", "int4"], "unknown quantization 'int4'"),
         (["--data", str(recorded_run.data)], "the validation options are read by --quantize only"),
     ):
-        done = subprocess.run(
-            [sys.executable, "-m", "surgeon", "export", str(recorded_run.dir), *options],
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        done = run_cli("export", str(recorded_run.dir), *options)
         assert done.returncode == InvalidInput.exit_code and message in done.stderr
         assert "Traceback" not in done.stderr and not (recorded_run.dir / "export-onnx").exists()
 

@@ -18,7 +18,7 @@ from surgeon import limits  # noqa: E402
 from surgeon.decompose import parse_layers  # noqa: E402
 from surgeon.errors import InvalidInput  # noqa: E402
 from surgeon.heads import parse_heads  # noqa: E402
-from tests.test_hardening_bounds import NO_MODEL, run_cli  # noqa: E402
+from tests.conftest import NO_MODEL, run_cli  # noqa: E402
 
 FUZZ = settings(
     max_examples=60,
@@ -64,8 +64,9 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+@pytest.mark.slow  # 60 hypothesis examples per verb through the CLI
 @pytest.mark.parametrize("command", sorted(COMMANDS))
-def test_cli_numeric_and_range_options(command, capsys, tmp_path, monkeypatch):
+def test_cli_numeric_and_range_options(command, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     start = _rss_mb()
 
@@ -78,7 +79,8 @@ def test_cli_numeric_and_range_options(command, capsys, tmp_path, monkeypatch):
             args += [f"{name}={value}"]  # '=': a value starting with '-' stays a value
         if not positional:
             args += TARGET[command]
-        code, err = run_cli(*args, capsys=capsys)
+        done = run_cli(*args)
+        code, err = done.returncode, done.stderr
         assert code in (2, 3), (args[:6], code, err[-500:])
         assert "Traceback" not in err and len(err) < 2000, err[-500:]
 
@@ -188,6 +190,7 @@ def messages(descriptor: _d.Descriptor, depth: int = 0):
     return st.fixed_dictionaries({}, optional=fields).map(lambda kwargs: cls(**kwargs))
 
 
+@pytest.mark.slow  # hypothesis examples for every RPC over a real server
 @pytest.mark.parametrize("service, rpc", METHODS, ids=[rpc.name for _, rpc in METHODS])
 def test_grpc_requests(service, rpc, channel, tmp_path):  # noqa: F811
     call = (channel.unary_stream if rpc.server_streaming else channel.unary_unary)(

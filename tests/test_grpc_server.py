@@ -105,6 +105,7 @@ def test_tls(world, tmp_path):
         srv.stop(grace=1)
 
 
+@pytest.mark.slow  # a real server process and its signal
 def test_surgeon_serve_command_drains_on_sigterm(world, tmp_path):
     env = {**os.environ, "SURGEON_CACHE_DIR": str(tmp_path / "cache")}
     args = ["serve", "--port", "0", "--exports-root", str(world["exports"]), "--models-root", str(world["models"])]

@@ -17,8 +17,7 @@ from surgeon.errors import InvalidInput, NotFound, PreconditionFailed
 from surgeon.load import load_model
 from surgeon.policies import PolicyOptions
 from surgeon.prune import prune
-from tests.test_deploy import offline_hub_cache
-from tests.test_prune_export import synthetic_suite
+from tests.conftest import offline_hub_cache, synthetic_suite
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -84,6 +83,7 @@ def test_what_the_cache_cannot_give_is_one_clear_error(hub_cache, tmp_path):
     assert "surgeon infer" in str(graphs.value.hint)
 
 
+@pytest.mark.slow  # a child process: the hub reads its cache folder at import
 def test_the_cli_reads_the_hub_cache_of_its_environment(pruned_run, tmp_path):
     """The real user path: HF_HUB_OFFLINE and HF_HUB_CACHE in the environment, the CLI in its own process."""
     _, run = pruned_run

@@ -3,8 +3,6 @@ naming the file, the line and what to write (issue 23.4), never after a minute o
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,6 +12,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from surgeon.errors import InvalidInput, NotFound
+from tests.conftest import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -136,14 +135,14 @@ def test_a_rank_text_pool_is_read_before_the_model_loads(files, tmp_path, no_mod
 
 def test_the_real_cli_reads_a_headed_manifest_and_refuses_a_broken_one_in_one_line(files, vit_file):
     """End to end with a real checkpoint file: the header row works; a missing image is exit 2 in seconds."""
-    base = [sys.executable, "-m", "surgeon", "validate", "--model", "ViT-S-32", "--pretrained", str(vit_file), "-q"]
+    base = ["validate", "--model", "ViT-S-32", "--pretrained", str(vit_file), "-q"]
     base += ["--skew-k", "4"]
     base += ["--data", str(files / "classes"), "--queries", str(files / "queries.txt"), "--bias-data"]
-    good = subprocess.run([*base, str(bias_csv(files, "image,race\n" + GROUPS))], capture_output=True, text=True)
+    good = run_cli(*base, str(bias_csv(files, "image,race\n" + GROUPS)))
     assert good.returncode == 0, good.stderr
     broken = bias_csv(files, "image,race\nface0.png,a\nface9.png,b\n", "broken.csv")
     started = time.monotonic()
-    bad = subprocess.run([*base, str(broken)], capture_output=True, text=True)
+    bad = run_cli(*base, str(broken))
     # ~5 s on an idle machine (the torch import); the bound leaves room for a loaded CI machine
     assert bad.returncode == 2 and time.monotonic() - started < 30
     lines = [line for line in bad.stderr.splitlines() if line.strip()]

@@ -27,6 +27,7 @@ from tests.test_runtime import LABELS, _write_image, exported  # noqa: F401 - th
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "tiny"
+pytestmark = pytest.mark.slow  # a real MLServer process per module and per refused command
 STARTUP_S = 90
 
 

@@ -32,6 +32,7 @@ from tests.test_oip import NAME, free_ports, no_torch_env, running_server, serve
 from tests.test_runtime import exported  # noqa: F401 - the session fixture: a tiny real export
 
 SIDE = 32  # the tiny export's input size
+pytestmark = pytest.mark.slow  # a real MLServer process (tests/test_oip.py's server)
 
 
 # ---- raw requests: what tritonclient refuses to send ---------------------------------------------------------

@@ -9,12 +9,12 @@ import pytest
 from surgeon.errors import InvalidInput
 from surgeon.plots import ccs_heatmap, ccs_heatmap_figure, metric_name, study_figure, sweep_figure, sweep_plot
 from surgeon.sweep import run_sweep
-from tests.test_prune_export import setup, synthetic_suite  # noqa: F401  (fixture)
+from tests.conftest import synthetic_suite
 
 MAGIC = {"png": b"\x89PNG", "pdf": b"%PDF", "svg": b"<?xml"}
 
 
-def test_sweep_over_seeds_has_a_band_and_whole_number_axes(setup, tmp_path):  # noqa: F811
+def test_sweep_over_seeds_has_a_band_and_whole_number_axes(setup, tmp_path):
     loaded, ranking = setup
     result = run_sweep(loaded, ranking, synthetic_suite(), counts=[0, 1, 3], seeds=3, quiet=True)
     assert set(result["curves"]) == {"high-CCS first", "low-CCS first", "random (mean of 3 seeds)"}
@@ -41,7 +41,7 @@ def test_sweep_over_seeds_has_a_band_and_whole_number_axes(setup, tmp_path):  # 
         run_sweep(loaded, ranking, synthetic_suite(), counts=[0], seeds=0)
 
 
-def test_heatmap_has_one_colour_per_score(setup, tmp_path):  # noqa: F811
+def test_heatmap_has_one_colour_per_score(setup, tmp_path):
     _, ranking = setup
     fig = ccs_heatmap_figure(ranking)
     heat, bar = fig.axes

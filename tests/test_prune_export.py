@@ -11,47 +11,12 @@ import pytest
 import torch
 
 from surgeon.errors import ExportFailed, InvalidInput, PreconditionFailed
-from surgeon.images import folder_images
 from surgeon.load import load_model
-from surgeon.options import OnnxExport, RankMethod
+from surgeon.options import OnnxExport
 from surgeon.policies import PolicyOptions
-from surgeon.pools import TextPool
 from surgeon.prune import prune
-from surgeon.rank import rank_heads
-from surgeon.validate import BiasSet, ClassificationSet, Gates, ValidationSuite
-
-TAXONOMY = {
-    "version": 1,
-    "concepts": {
-        "colors": {"description": "", "terms": ["red", "blue", "green"], "priority": 0},
-        "animals": {"description": "", "terms": ["dog", "cat", "bird"], "priority": 0},
-    },
-}
-
-
-def synthetic_suite(seed: int = 0) -> ValidationSuite:
-    rng = np.random.default_rng(seed)
-    images = rng.integers(0, 255, (40, 32, 32, 3), dtype=np.uint8)
-    task = ClassificationSet(
-        "synthetic/colors", ["red", "blue", "green", "dog"], ["a {}", "a photo of a {}"], images, rng.integers(0, 4, 40)
-    )
-    bias = BiasSet(
-        "synthetic/bias",
-        images[:30],
-        np.arange(30) % 2,
-        ["a", "b"],
-        {"star": ["a star"], "dog": ["a dog", "a photo of a dog"]},
-        k=10,
-    )
-    return ValidationSuite([task], bias, "test")
-
-
-@pytest.fixture
-def setup(tiny_default_dir, image_folder):
-    loaded = load_model(f"local-dir:{tiny_default_dir}", device="cpu")
-    pool = TextPool("t", ("a red dog", "a blue cat", "green bird", "a red cat", "a dog", "blue", "a bird"), TAXONOMY)
-    ranking = rank_heads(loaded, folder_images(image_folder), pool, RankMethod(layers="1-2", m=3), quiet=True)
-    return loaded, ranking
+from surgeon.validate import Gates
+from tests.conftest import synthetic_suite
 
 
 def test_prune_writes_run_folder_and_onnx_matches(setup, tmp_path, tiny_default_dir):
@@ -167,11 +132,11 @@ def test_ranking_of_another_model_and_bad_labels(setup, tmp_path, tiny_model_dir
 
 def test_export_with_no_run_folder_says_what_to_do(tmp_path):
     import os
-    import subprocess
-    import sys
+
+    from tests.conftest import run_cli
 
     env = {**os.environ, "SURGEON_EXPORTS_DIR": str(tmp_path / "exports")}
-    done = subprocess.run([sys.executable, "-m", "surgeon", "export"], capture_output=True, text=True, env=env)
+    done = run_cli("export", env=env)
     assert done.returncode == 3 and "surgeon prune" in done.stderr, done.stderr
     assert not (tmp_path / "exports").exists()
 

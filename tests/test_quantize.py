@@ -62,6 +62,7 @@ def test_int8_over_the_gate_is_refused(export_copy):
         quantize_export(export_copy, suite, "int4")
 
 
+@pytest.mark.slow  # builds a pruned run with the dynamo ONNX exporter (tests/test_deploy.py's zero_run)
 def test_refused_export_keeps_the_previous_output(zero_run, tmp_path, monkeypatch):  # noqa: F811
     import surgeon.export
     from surgeon.export import export_existing_run

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image
+
+from tests.conftest import run_cli
 
 TAXONOMY = {
     "version": 1,
@@ -19,12 +19,6 @@ TAXONOMY = {
         "counting": {"description": "numbers", "terms": ["three", "five"], "priority": 0},
     },
 }
-
-
-def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "surgeon", *args], capture_output=True, text=True, cwd=cwd, timeout=300
-    )
 
 
 @pytest.fixture
@@ -59,7 +53,7 @@ def test_rank_writes_files_and_reuses_cached_statistics(
     tiny_default_dir, image_folder, pool_file, taxonomy_file, tmp_path
 ):
     out = tmp_path / "run"
-    result = run(*rank_args(tiny_default_dir, image_folder, pool_file, taxonomy_file, out))
+    result = run_cli(*rank_args(tiny_default_dir, image_folder, pool_file, taxonomy_file, out))
     assert result.returncode == 0, result.stderr
     assert "fresh statistics over 24 images" in result.stdout
     data = json.loads((out / "ranking.json").read_text())
@@ -77,7 +71,7 @@ def test_rank_writes_files_and_reuses_cached_statistics(
     # another pool: same statistics from the cache, no forward pass
     other_pool = tmp_path / "other.txt"
     other_pool.write_text("a red dog\na blue cat\nthree birds\nParis at night\n")
-    again = run(*rank_args(tiny_default_dir, image_folder, other_pool, taxonomy_file, tmp_path / "run2"))
+    again = run_cli(*rank_args(tiny_default_dir, image_folder, other_pool, taxonomy_file, tmp_path / "run2"))
     assert again.returncode == 0, again.stderr
     assert "cached statistics over 24 images" in again.stdout
 
@@ -89,7 +83,7 @@ def test_unreadable_images_are_skipped_with_a_count(tiny_default_dir, image_fold
         (folder / p.name).write_bytes(p.read_bytes())
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     (folder / "notes.jpg").write_text("not an image")
-    result = run(*rank_args(tiny_default_dir, folder, pool_file, taxonomy_file, tmp_path / "out"))
+    result = run_cli(*rank_args(tiny_default_dir, folder, pool_file, taxonomy_file, tmp_path / "out"))
     assert result.returncode == 0, result.stderr
     assert "skipped 2 unreadable image(s)" in result.stderr
     assert "over 4 images" in result.stdout
@@ -120,7 +114,7 @@ def test_bad_input_gives_one_clear_error_and_no_output(
     out = tmp_path / "out"
     args = rank_args(tiny_default_dir, image_folder, pool_file, taxonomy_file, out)
     change(args, tmp_path)
-    result = run(*args)
+    result = run_cli(*args)
     assert result.returncode == code, result.stderr
     assert message in result.stderr
     assert "Traceback" not in result.stderr

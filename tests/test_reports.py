@@ -16,11 +16,11 @@ from surgeon.policies import PolicyOptions
 from surgeon.prune import prune
 from surgeon.rank import HeadRank, Ranking
 from surgeon.validate import UNITS_NOTE, bias_set, classification_set, set_name
-from tests.test_prune_export import setup, synthetic_suite  # noqa: F401  (fixture)
+from tests.conftest import synthetic_suite
 
 
 @pytest.fixture
-def runs(setup, tmp_path, tiny_default_dir):  # noqa: F811
+def runs(setup, tmp_path, tiny_default_dir):
     """(a top-k run that read a ranking, a heads run that read none), each on the synthetic suite."""
     loaded, ranking = setup
     top = prune(loaded, ranking, synthetic_suite(), "top-k", PolicyOptions(k=2), out_dir=tmp_path / "top")

@@ -26,7 +26,7 @@ from surgeon.pools import TextPool
 from surgeon.prune import prune
 from surgeon.textcache import pool_embeddings, text_cache_path, text_key
 from surgeon.validate import build_suite
-from tests.test_prune_export import setup  # noqa: F401  (fixture)
+from tests.conftest import run_cli
 
 POOL = TextPool("t", ("a red dog", "a blue cat", "three birds", "Paris at night", "a green car"), {"concepts": {}})
 
@@ -101,10 +101,10 @@ def test_bars_advance_per_batch(tiny, image_folder, monkeypatch):
     assert calls["TextSpan"] == {"total": 8, "steps": [1] * 8}
 
 
-def test_validation_and_debias_search_bars(setup, monkeypatch):  # noqa: F811
+def test_validation_and_debias_search_bars(setup, monkeypatch):
     from surgeon import prune as prune_module
     from surgeon import validate as validate_module
-    from tests.test_prune_export import synthetic_suite
+    from tests.conftest import synthetic_suite
 
     loaded, ranking = setup
     calls: dict = {}
@@ -125,12 +125,6 @@ def test_validation_and_debias_search_bars(setup, monkeypatch):  # noqa: F811
     if result is not None:  # before/after run on the report split only: 20 task images + 10 bias images
         assert calls["validation before"]["total"] == calls["validation after"]["total"] == 30
         assert sum(calls["validation after"]["steps"]) == 30 and result.plan.heads
-
-
-def run_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "surgeon", *args], capture_output=True, text=True, timeout=300, cwd=cwd
-    )
 
 
 def test_real_models_need_their_data_named(tiny_default_dir, tmp_path):
@@ -174,7 +168,7 @@ def test_unknown_preset_for_a_checkpoint_file_says_what_to_pass(tmp_path):
 def test_ranking_free_policies_skip_ranking_and_infer_finds_the_exports_labels(tiny, tmp_path, monkeypatch):
     from surgeon.cli import app
     from surgeon.paths import cache_dir
-    from tests.test_prune_export import synthetic_suite
+    from tests.conftest import synthetic_suite
 
     labels = tmp_path / "classes.txt"
     labels.write_text("red\nblue\ndog\n")
@@ -257,6 +251,7 @@ def test_rank_without_a_terminal_prints_the_top_of_the_table(
     assert sum(line.startswith("│ L") for line in shown.output.splitlines()) == 3
 
 
+@pytest.mark.slow  # a child process: the hub reads its cache folder at import
 def test_missing_weights_hint_names_hf_download_and_the_real_hub_cache(tmp_path):
     code = (
         "import sys\nfrom surgeon.load import load_model\n"

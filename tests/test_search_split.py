@@ -16,7 +16,6 @@ from surgeon.errors import InvalidInput
 from surgeon.heads import HeadRef
 from surgeon.policies import BiasMeasure
 from surgeon.validate import PROBES_PER_SPLIT, bias_set, search_probe_seeds, toy_suite
-from tests.test_prune_export import setup  # noqa: F401
 
 
 def digests(images) -> set[str]:
@@ -101,14 +100,16 @@ def test_bad_or_too_small_splits_are_refused(manifest):
         ValidationSuite([], bias, "files", "bias.csv").split_for_search()
 
 
-def test_a_huge_split_column_is_refused_before_any_work(capsys):
-    from tests.test_hardening_bounds import run_cli
+def test_a_huge_split_column_is_refused_before_any_work():
+    from tests.conftest import run_cli
 
-    code, err = run_cli("prune", "--bias-split-by", "x" * 100_000, capsys=capsys)
+    done = run_cli("prune", "--bias-split-by", "x" * 100_000)
+
+    code, err = done.returncode, done.stderr
     assert code == 2 and "bias_split_by is 100,000 characters long" in err and len(err) < 2_000
 
 
-def test_selection_never_reads_the_report_split(setup, tmp_path, monkeypatch):  # noqa: F811
+def test_selection_never_reads_the_report_split(setup, tmp_path, monkeypatch):
     """Every image file opened while the debias policy selects belongs to the search or stop split; the report
     split's files are read only afterwards (validation, the comparison with random head sets)."""
     from surgeon import prune as prune_module

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from PIL import Image
 
 from surgeon.errors import CorruptInput, InvalidInput, NotFound, PartialResult, PreconditionFailed
 from surgeon.study import CellStore, cells, compute_study, parse_study
+from tests.conftest import run_cli
 
 TOY = """
 name = "toy test"
@@ -57,6 +57,7 @@ def toy_full(tmp_path_factory):
         return study, compute_study(study, tmp / "out")
 
 
+@pytest.mark.slow  # runs a study on the toy world
 def test_one_run_computes_every_cell_and_writes_the_table(toy_full):
     study, run = toy_full
     assert len(run.computed) == TOY_CELLS == len(cells(study)) and not run.reused
@@ -72,6 +73,7 @@ def test_one_run_computes_every_cell_and_writes_the_table(toy_full):
     assert "| toy | random | 2 |" in (run.out / "table.md").read_text() and " ± " in (run.out / "table.md").read_text()
 
 
+@pytest.mark.slow  # runs a study on the toy world
 def test_resume_after_an_interrupt_recomputes_no_finished_cell(tmp_path, toy_full, monkeypatch):
     study = parse_study(write(tmp_path, TOY))
     put = CellStore.put
@@ -95,6 +97,7 @@ def test_resume_after_an_interrupt_recomputes_no_finished_cell(tmp_path, toy_ful
     assert (run.out / "table.json").read_bytes() == (toy_full[1].out / "table.json").read_bytes()
 
 
+@pytest.mark.slow  # runs a study on the toy world
 def test_two_shards_and_collect_equal_one_run(tmp_path, toy_full):
     study = parse_study(write(tmp_path, TOY))
     out = tmp_path / "out"
@@ -109,6 +112,7 @@ def test_two_shards_and_collect_equal_one_run(tmp_path, toy_full):
     assert (out / "table.csv").read_bytes() == (toy_full[1].out / "table.csv").read_bytes()
 
 
+@pytest.mark.slow  # runs a study on the toy world
 def test_an_added_column_computes_only_that_column(tmp_path, toy_full):
     out = tmp_path / "out"
     shutil.copytree(toy_full[1].out / "cells", out / "cells")
@@ -216,12 +220,7 @@ def test_a_bad_study_file_names_the_field(tmp_path, text, message):
 
 def test_cli_bad_study_file_is_one_line_and_exit_2(tmp_path):
     path = write(tmp_path, '[[models]]\nname = "toy"\nflavour = 1\n')
-    result = subprocess.run(
-        [sys.executable, "-m", "surgeon", "study", str(path), "--out", str(tmp_path / "o")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_cli("study", str(path), "--out", str(tmp_path / "o"))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "models[0].flavour: unknown key" in result.stderr and not (tmp_path / "o").exists()
 
@@ -260,6 +259,7 @@ def test_shipped_study_files_parse(monkeypatch):
     assert len(cells(parse_study(studies / "toy.toml"))) == 6 * (1 + 1 + 1 + 1 + 5)
 
 
+@pytest.mark.slow  # runs a study on the toy world
 def test_cli_shards_then_collect_json(tmp_path, toy_full):
     from typer.testing import CliRunner
 
@@ -317,6 +317,7 @@ def test_count_cells_equals_the_cells_built(tmp_path):
     assert count_cells(study) == len(cells(study)) == 2 * TOY_CELLS
 
 
+@pytest.mark.slow  # runs a study on the toy world
 def test_collect_refuses_a_cell_file_that_is_not_a_cell_in_one_line(tmp_path, toy_full):
     """Before: a cell file holding {"x": 1} gave a KeyError traceback, exit 1."""
     from typer.testing import CliRunner
@@ -357,6 +358,7 @@ def test_an_interrupted_study_says_its_finished_cells_are_kept(tmp_path, monkeyp
     )
 
 
+@pytest.mark.slow  # runs a study on the toy world
 def test_a_resumed_study_reads_its_kept_ranking_instead_of_ranking_again(tmp_path, toy_full, monkeypatch):
     """Before: the ranking lived in memory only, so a resume re-ran TextSpan for the cells left."""
     import surgeon.rank as rank_module
@@ -376,6 +378,7 @@ def test_a_resumed_study_reads_its_kept_ranking_instead_of_ranking_again(tmp_pat
     assert (out / "table.json").read_bytes() == (toy_full[1].out / "table.json").read_bytes()
 
 
+@pytest.mark.slow  # runs a study on the toy world
 def test_a_cell_that_cannot_be_computed_is_recorded_and_the_others_go_on(tmp_path, toy_full):
     """Before: one policy that could not select (here: a concept no head carries) stopped the whole study."""
     from typer.testing import CliRunner
@@ -404,6 +407,7 @@ def test_a_cell_that_cannot_be_computed_is_recorded_and_the_others_go_on(tmp_pat
     assert len(rerun.computed) == 2 and len(rerun.failed) == 2 and len(rerun.reused) == TOY_CELLS
 
 
+@pytest.mark.slow  # runs a study on the toy world
 def test_collect_lists_every_file_it_wrote_the_plot_included(tmp_path, toy_full):
     from typer.testing import CliRunner
 
@@ -416,6 +420,7 @@ def test_collect_lists_every_file_it_wrote_the_plot_included(tmp_path, toy_full)
     assert "table.md, table.csv, table.json, study.png" in result.stdout.replace("\n", "")
 
 
+@pytest.mark.slow  # runs a study on the toy world
 def test_the_cli_says_the_finished_cells_are_kept_when_a_study_is_interrupted(tmp_path, toy_full, monkeypatch, capfd):
     """Through the CLI's entry point: before, "interrupted: nothing was written" (and exit 130)."""
     import os

@@ -4,28 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import onnxruntime as ort
 import pytest
 
 from surgeon.load import TOY_MODEL_DIR
+from tests.conftest import run_cli
 
 pytestmark = pytest.mark.skipif(
     not (TOY_MODEL_DIR / "open_clip_config.json").is_file(), reason="the bundled toy model is not built"
 )
-
-
-def surgeon(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "surgeon", *args],
-        capture_output=True,
-        text=True,
-        timeout=1500,
-        cwd=cwd,
-        env=os.environ.copy(),
-    )
 
 
 def test_bundled_model_loads_in_plain_open_clip():
@@ -46,9 +34,10 @@ def test_bundled_model_was_trained_on_this_world_with_the_default_recipe():
     assert meta["train_config"] == json.loads(json.dumps(TrainConfig().to_json()))
 
 
+@pytest.mark.slow  # every verb on the bundled toy model
 def test_rank_and_prune_debias_onnx_with_no_arguments(tmp_path):
     exports = tmp_path / "exports"
-    ranked = surgeon("rank", "--quiet", "--out", str(exports / "rank"))
+    ranked = run_cli("rank", "--quiet", "--out", str(exports / "rank"))
     assert ranked.returncode == 0, ranked.stderr
     ranking = json.loads((exports / "rank" / "ranking.json").read_text())
     assert ranking["pool"]["name"] == "toy" and ranking["judge"] == "lexicon"
@@ -56,7 +45,7 @@ def test_rank_and_prune_debias_onnx_with_no_arguments(tmp_path):
     assert {h["label"] for h in ranking["heads"]} <= factors and all(
         h["ccs"] == sum(h["verdicts"]) for h in ranking["heads"]
     )
-    pruned = surgeon("prune", "--policy", "debias", "--export", "onnx", "--quiet", "--out", str(exports / "run"))
+    pruned = run_cli("prune", "--policy", "debias", "--export", "onnx", "--quiet", "--out", str(exports / "run"))
     assert pruned.returncode in (0, 10), pruned.stderr  # 10: a gate failed (none are set by default)
     run = exports / "run"
     plan = json.loads((run / "plan.json").read_text())
@@ -70,10 +59,10 @@ def test_rank_and_prune_debias_onnx_with_no_arguments(tmp_path):
     card = (run / "README.md").read_text()
     assert "library_name: open_clip" in card and "debias" in card
     # export and infer with no arguments take the newest run of ./exports and, for infer, held-out toy images
-    exported = surgeon("export", cwd=tmp_path)
+    exported = run_cli("export", cwd=tmp_path)
     assert exported.returncode == 0 and f"newest run: {run}" in " ".join(exported.stderr.split()), exported.stderr
     assert (run / "export-onnx" / "onnx" / "visual.onnx").is_file()
-    inferred = surgeon("infer", "--json", "-k", "1", cwd=tmp_path)
+    inferred = run_cli("infer", "--json", "-k", "1", cwd=tmp_path)
     assert inferred.returncode == 0, inferred.stderr
     result = json.loads(inferred.stdout)
     assert result["export"] == str(run / "export-onnx" / "onnx") and len(result["predictions"]) == 8
@@ -81,12 +70,13 @@ def test_rank_and_prune_debias_onnx_with_no_arguments(tmp_path):
     assert sum(right) >= 6, result  # the debiased model still classifies shapes (96% before pruning)
 
 
+@pytest.mark.slow  # every verb on the bundled toy model
 def test_validate_and_toy_report():
-    validated = surgeon("validate", "--json")
+    validated = run_cli("validate", "--json")
     assert validated.returncode == 0, validated.stderr
     report = json.loads(validated.stdout)
     assert {r["dataset"] for r in report["results"]} >= {"toy/color", "toy/shape", "toy/bias-probe"}
-    toy = surgeon("toy", "report", "--json", "--quiet")
+    toy = run_cli("toy", "report", "--json", "--quiet")
     assert toy.returncode == 0, toy.stderr
     figures = json.loads(toy.stdout)
     assert set(figures["zero_shot_acc1"]) == {"color", "shape", "size", "position", "background", "texture"}
@@ -114,7 +104,7 @@ def test_validate_and_toy_report():
     ],
 )
 def test_toy_train_refuses_bad_input(tmp_path, args, message, code):
-    result = surgeon("toy", "train", "--out", str(tmp_path / "model"), *args)
+    result = run_cli("toy", "train", "--out", str(tmp_path / "model"), *args)
     assert result.returncode == code and message in result.stderr
     assert not (tmp_path / "model").exists()
 
@@ -123,18 +113,18 @@ def test_toy_train_refuses_existing_and_unwritable_folders(tmp_path):
     existing = tmp_path / "existing"
     existing.mkdir()
     (existing / "keep.txt").write_text("mine")
-    result = surgeon("toy", "train", "--out", str(existing), "--steps", "1")
+    result = run_cli("toy", "train", "--out", str(existing), "--steps", "1")
     assert result.returncode != 0 and "--force" in result.stderr
     assert (existing / "keep.txt").read_text() == "mine"
     if os.geteuid() != 0:  # root writes anywhere
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
-        result = surgeon("toy", "train", "--out", str(locked / "model"), "--steps", "1")
+        result = run_cli("toy", "train", "--out", str(locked / "model"), "--steps", "1")
         assert result.returncode != 0 and "write" in result.stderr.lower()
 
 
 def test_toy_images_writes_pngs_and_labels(tmp_path):
-    result = surgeon("toy", "images", "--out", str(tmp_path / "world"), "--n", "12")
+    result = run_cli("toy", "images", "--out", str(tmp_path / "world"), "--n", "12")
     assert result.returncode == 0, result.stderr
     assert len(list((tmp_path / "world").glob("**/*.png"))) == 12
     header = (tmp_path / "world" / "labels.csv").read_text().splitlines()[0]

@@ -3,39 +3,16 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from surgeon.errors import InvalidInput, NotFound
 from surgeon.heads import HeadRef
 from surgeon.load import load_model
 from surgeon.sweep import run_sweep
 from surgeon.validate import Evaluator, Gates, build_suite, validate
-from tests.test_prune_export import setup, synthetic_suite  # noqa: F401  (fixture)
-
-
-@pytest.fixture
-def user_data(tmp_path):
-    rng = np.random.default_rng(0)
-    folder = tmp_path / "imagefolder"
-    rows = ["path,group"]
-    for cls in ("red_thing", "blue_thing", "dog"):
-        (folder / cls).mkdir(parents=True)
-        for i in range(4):
-            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / cls / f"{i}.png")
-            rows.append(f"imagefolder/{cls}/{i}.png,{'ab'[i % 2]}")
-    (tmp_path / "bias.csv").write_text("\n".join(rows) + "\n")
-    (tmp_path / "queries.txt").write_text("doctor\nnurse\n")
-    (tmp_path / "manifest.csv").write_text(
-        "path,label\n"
-        + "\n".join(f"imagefolder/{c}/{i}.png,{c}" for c in ("dog", "red_thing") for i in range(4))
-        + "\n"
-    )
-    return tmp_path
+from tests.conftest import run_cli, synthetic_suite
 
 
 def test_imagefolder_csv_and_bias_manifest(tiny_default_dir, user_data):
@@ -70,7 +47,7 @@ def test_bad_validation_data(user_data, kwargs, message, error):
         build_suite(**{k: user_data / v for k, v in kwargs.items()})
 
 
-def test_layer_cache_gives_identical_numbers_and_restores_weights(setup):  # noqa: F811
+def test_layer_cache_gives_identical_numbers_and_restores_weights(setup):
     loaded, ranking = setup
     state = {k: v.clone() for k, v in loaded.model.state_dict().items()}
     heads = [HeadRef(2, 0), HeadRef(2, 3), HeadRef(1, 1)]
@@ -85,7 +62,7 @@ def test_layer_cache_gives_identical_numbers_and_restores_weights(setup):  # noq
         cached.evaluate([HeadRef(0, 0)])
 
 
-def test_sweep_curves(setup):  # noqa: F811
+def test_sweep_curves(setup):
     loaded, ranking = setup
     result = run_sweep(loaded, ranking, synthetic_suite(), counts=[0, 2, 4])
     assert set(result["curves"]) == {"high-CCS first", "low-CCS first", "random (seed 0)"}
@@ -107,7 +84,6 @@ def test_gates():
 def test_validate_and_sweep_cli(tiny_default_dir, user_data, image_folder, pool_file, tmp_path):
     taxonomy = tmp_path / "tax.json"
     taxonomy.write_text(json.dumps({"concepts": {"animals": {"terms": ["dog", "cat"]}}}))
-    base = [sys.executable, "-m", "surgeon"]
     model = ["--model", f"local-dir:{tiny_default_dir}"]
     data = [
         "--data",
@@ -119,54 +95,42 @@ def test_validate_and_sweep_cli(tiny_default_dir, user_data, image_folder, pool_
         "--skew-k",
         "4",
     ]
-    result = subprocess.run([*base, "validate", *model, *data, "--json"], capture_output=True, text=True, timeout=300)
+    result = run_cli("validate", *model, *data, "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["summary"]["mean_acc1"] >= 0
-    bad = subprocess.run(
-        [
-            *base,
-            "prune",
-            *model,
-            *data,
-            "--policy",
-            "top-k",
-            "--k",
-            "0",
-            "--images",
-            str(image_folder),
-            "--texts",
-            str(pool_file),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    bad = run_cli(
+        "prune",
+        *model,
+        *data,
+        "--policy",
+        "top-k",
+        "--k",
+        "0",
+        "--images",
+        str(image_folder),
+        "--texts",
+        str(pool_file),
     )
     assert bad.returncode == 2 and "k must be an integer in 1.." in bad.stderr
-    gated = subprocess.run(
-        [
-            *base,
-            "prune",
-            *model,
-            *data,
-            "--policy",
-            "top-k",
-            "--k",
-            "2",
-            "--images",
-            str(image_folder),
-            "--texts",
-            str(pool_file),
-            "--layers",
-            "1-2",
-            "--max-skew",
-            "-1",
-            "--out",
-            str(tmp_path / "run"),
-            "--quiet",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    gated = run_cli(
+        "prune",
+        *model,
+        *data,
+        "--policy",
+        "top-k",
+        "--k",
+        "2",
+        "--images",
+        str(image_folder),
+        "--texts",
+        str(pool_file),
+        "--layers",
+        "1-2",
+        "--max-skew",
+        "-1",
+        "--out",
+        str(tmp_path / "run"),
+        "--quiet",
     )
     assert gated.returncode == 10 and "max-skew" in gated.stderr
     assert (tmp_path / "run" / "report.md").exists() and not (tmp_path / "run" / "open_clip_model.safetensors").exists()

@@ -14,7 +14,7 @@ from PIL import Image
 from surgeon.errors import CorruptInput
 from surgeon.load import load_model
 from surgeon.validate import Evaluator, ValidationSuite, bias_set, classification_set, markdown_report, validate
-from tests.test_hardening_bounds import run_cli
+from tests.conftest import run_cli
 
 N_IMAGES = 16
 
@@ -64,9 +64,10 @@ def test_unreadable_images_are_skipped_with_a_count(shapes):
     assert "skipped_images" not in expected
 
 
-def test_the_cli_says_how_many_were_skipped(shapes, capsys, tmp_path):
+def test_the_cli_says_how_many_were_skipped(shapes, tmp_path):
     _, dirty = shapes
-    code, _ = run_cli("validate", "--data", str(dirty), "--out", str(tmp_path / "v"), capsys=capsys)
+    done = run_cli("validate", "--data", str(dirty), "--out", str(tmp_path / "v"))
+    code, _ = done.returncode, done.stderr
     report = json.loads((tmp_path / "v" / "validation.json").read_text())
     assert code == 0 and report["results"][0]["skipped_images"] == 3
     lines = markdown_report(report).splitlines()
@@ -95,12 +96,13 @@ def test_a_bias_manifest_keeps_its_groups_aligned(shapes, tmp_path):
     assert got["metrics"]["group_share@4_per_query"] == expected["metrics"]["group_share@4_per_query"]
 
 
-def test_a_set_with_no_readable_image_is_an_error(tmp_path, capsys):
+def test_a_set_with_no_readable_image_is_an_error(tmp_path):
     for name in ("a", "b"):
         (tmp_path / "data" / name).mkdir(parents=True)
         (tmp_path / "data" / name / "x.png").write_bytes(b"")
     loaded = load_model(None, device="cpu")
     with pytest.raises(CorruptInput, match=r"none of the 2 images of (\S+/)?data is readable"):
         validate(loaded, ValidationSuite([classification_set(tmp_path / "data")], source="files"))
-    code, err = run_cli("validate", "--data", str(tmp_path / "data"), capsys=capsys)
+    done = run_cli("validate", "--data", str(tmp_path / "data"))
+    code, err = done.returncode, done.stderr
     assert code == 4 and "none of the 2 images" in err and "Traceback" not in err

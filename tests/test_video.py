@@ -4,8 +4,6 @@ the numbers against plain open_clip on the same frames."""
 from __future__ import annotations
 
 import csv
-import subprocess
-import sys
 from pathlib import Path
 
 import av
@@ -20,6 +18,7 @@ from surgeon.load import load_model
 from surgeon.retrieval import pool_frames
 from surgeon.toy.videos import write_videos
 from surgeon.validate import Evaluator, build_suite, validate
+from tests.conftest import run_cli
 
 
 def numbered_frames(n: int, side: int = 32) -> np.ndarray:
@@ -161,12 +160,7 @@ def test_header_bounds_refuse_before_decoding(tmp_path, monkeypatch):
 def test_a_bad_video_from_the_cli_is_one_line(tmp_path):
     bad_videos(tmp_path / "videos")
     (tmp_path / "v.csv").write_text("path,caption\nvideos/good.mkv,fine\nvideos/truncated.mkv,cut\n")
-    run = subprocess.run(
-        [sys.executable, "-m", "surgeon", "validate", "--retrieval-data", str(tmp_path / "v.csv"), "--quiet"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    run = run_cli("validate", "--retrieval-data", str(tmp_path / "v.csv"), "--quiet")
     assert run.returncode == CorruptInput.exit_code
     lines = run.stderr.strip().splitlines()
     assert "truncated.mkv' is truncated" in lines[0] and "Traceback" not in run.stderr

@@ -18,7 +18,7 @@ from PIL import Image
 import surgeon.webdata as webdata
 from surgeon.errors import CorruptInput
 from surgeon.validate import classification_set
-from tests.test_hardening_bounds import run_cli
+from tests.conftest import run_cli
 
 
 def _png(seed: int) -> bytes:
@@ -56,12 +56,13 @@ def test_a_whole_dataset_reads_every_sample(tmp_path):
 
 
 @pytest.mark.parametrize("count", ["2000000000", "0", "-5", "2.5", "9" * 100])
-def test_the_shard_count_is_bounded_before_any_path_is_built(tmp_path, count, capsys):
+def test_the_shard_count_is_bounded_before_any_path_is_built(tmp_path, count):
     data = _dataset(tmp_path / "wds")
     (data / "test" / "nshards.txt").write_text(count + "\n")
     with pytest.raises(CorruptInput, match="nshards.txt"):
         classification_set(data)
-    code, err = run_cli("validate", "--data", str(data), capsys=capsys)
+    done = run_cli("validate", "--data", str(data))
+    code, err = done.returncode, done.stderr
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 4 and "nshards.txt" in lines[0] and "Traceback" not in err
 

@@ -1,9 +1,10 @@
-"""Outputs are verified before use (surgery.json hashes), temporary folders of killed
-writers are never inputs and get cleaned up, a truncated statistics cache entry is recomputed, and a
-cancel right before publishing leaves the previous output as it was."""
+"""Outputs: verified before use (surgery.json hashes, the ONNX manifest), written atomically (disk full, racing
+writers, failed replaces, umask modes), temporary folders of killed writers never inputs and cleaned up, a
+truncated statistics cache entry recomputed, a cancel right before publishing keeping the previous output."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -16,27 +17,104 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from surgeon.errors import CorruptInput, PreconditionFailed
+from surgeon.errors import CorruptInput, PreconditionFailed, StorageError
 from surgeon.export import export_existing_run
 from surgeon.images import folder_images
 from surgeon.integrity import MANIFEST, write_manifest
+from surgeon.load import load_model
 from surgeon.options import RankMethod
 from surgeon.paths import atomic_dir, is_temporary, publish_check, remove_stale_temporaries
 from surgeon.policies import PolicyOptions
 from surgeon.prune import prune
 from surgeon.rank import Ranking, rank_heads
 from surgeon.runtime.session import ExportedModel
-from tests.test_hardening_bounds import run_cli
-from tests.test_prune_export import TAXONOMY, setup, synthetic_suite  # noqa: F401  (fixture)
+from tests.conftest import TAXONOMY, run_cli, synthetic_suite
 
 
-@pytest.fixture
-def onnx_run(setup, tmp_path) -> Path:  # noqa: F811
+def test_disk_full_while_writing_safetensors_is_a_storage_error(tmp_path, monkeypatch, tiny_default_dir):
+    """safetensors reports ENOSPC as its own SafetensorError (message from a real 1 MB tmpfs), not an OSError."""
+    from safetensors import SafetensorError
+
+    from surgeon.checkpoint import write_local_dir
+    from surgeon.paths import atomic_dir
+
+    def full(*_args, **_kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr("surgeon.checkpoint.save_file", full)
+    loaded = load_model(f"local-dir:{tiny_default_dir}", device="cpu")
+    with pytest.raises(StorageError, match="No space left on device"):
+        with atomic_dir(tmp_path / "out") as tmp:
+            write_local_dir(loaded, tmp)
+    assert list(tmp_path.iterdir()) == []
+    assert StorageError.exit_code == 8
+
+
+def test_validate_out_needs_force_to_replace_a_file(tmp_path):
+    existing = tmp_path / "results.json"
+    existing.write_text("{}")
+    done = run_cli("validate", "--out", str(existing))
+    code, err = done.returncode, done.stderr
+    assert code == 5 and "already exists" in err and existing.read_text() == "{}"
+
+
+def test_disk_full_while_exporting_leaves_nothing(setup, tmp_path, monkeypatch):
     loaded, ranking = setup
-    out = tmp_path / "run"
-    formats = ["safetensors", "onnx"]
-    prune(loaded, ranking, synthetic_suite(), "top-k", PolicyOptions(k=1), out_dir=out, exporters=formats)
-    return out
+
+    def full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("surgeon.checkpoint.save_file", full)
+    out = tmp_path / "runs" / "run"
+    with pytest.raises(StorageError, match="No space left on device"):
+        prune(loaded, ranking, synthetic_suite(), "top-k", PolicyOptions(k=1), out_dir=out)
+    assert list((tmp_path / "runs").iterdir()) == []
+
+
+def test_racing_writers_never_mix_outputs(tmp_path):
+    final = tmp_path / "out"
+    with pytest.raises(PreconditionFailed, match="created by another process meanwhile"):
+        with atomic_dir(final) as first:
+            (first / "a.txt").write_text("first")
+            with atomic_dir(final) as second:  # started before the first finished, published first
+                (second / "b.txt").write_text("second")
+    assert sorted(p.name for p in final.iterdir()) == ["b.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary leftovers
+
+
+def test_published_outputs_get_the_umask_modes_not_owner_only(tmp_path, monkeypatch):
+    """Temporary folders and files are created 0700/0600; what is published must be readable like a plain write."""
+    from surgeon.paths import atomic_write_text
+
+    monkeypatch.setattr("surgeon.paths._UMASK", 0o022)
+    with atomic_dir(tmp_path / "run") as tmp:
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "weights.bin").write_bytes(b"x")
+        (tmp / "sub" / "weights.bin").chmod(0o600)
+    atomic_write_text(tmp_path / "card.md", "hello")
+    mode = lambda p: p.stat().st_mode & 0o777  # noqa: E731
+    assert mode(tmp_path / "run") == 0o755 and mode(tmp_path / "run" / "sub") == 0o755
+    assert mode(tmp_path / "run" / "sub" / "weights.bin") == 0o644 and mode(tmp_path / "card.md") == 0o644
+
+
+def test_a_failed_replace_keeps_the_previous_output(tmp_path, monkeypatch):
+    import os
+
+    final = tmp_path / "out"
+    final.mkdir()
+    (final / "old.txt").write_text("previous")
+    real_rename = os.rename
+
+    def failing(src, dst):
+        if ".tmp-" in str(src):
+            raise OSError(18, "Invalid cross-device link")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr("surgeon.paths.os.rename", failing)
+    with pytest.raises(PreconditionFailed, match="could not move"):
+        with atomic_dir(final, force=True) as tmp:
+            (tmp / "new.txt").write_text("new")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and (final / "old.txt").read_text() == "previous"
 
 
 def _halve_a_weight(path: Path) -> None:
@@ -50,17 +128,20 @@ def _halve_a_weight(path: Path) -> None:
     onnx.save(model, str(path))
 
 
-def test_a_tampered_onnx_is_refused_by_infer(onnx_run, capsys):
+def test_a_tampered_onnx_is_refused_by_infer(onnx_run):
 
     images = ["--labels", str(onnx_run / "labels.txt")]
     (onnx_run / "labels.txt").write_text("red\nblue\n")  # outside onnx/: not part of the export
-    code, _ = run_cli("infer", str(onnx_run), *images, capsys=capsys)
+    done = run_cli("infer", str(onnx_run), *images)
+    code, _ = done.returncode, done.stderr
     assert code == 0
     _halve_a_weight(onnx_run / "onnx" / "visual.onnx")
-    code, err = run_cli("infer", str(onnx_run), *images, capsys=capsys)
+    done = run_cli("infer", str(onnx_run), *images)
+    code, err = done.returncode, done.stderr
     assert code == 4 and "visual.onnx does not match the sha256 recorded in manifest.json" in err
     assert "--no-verify" in err
-    code, _ = run_cli("infer", str(onnx_run), *images, "--no-verify", capsys=capsys)
+    done = run_cli("infer", str(onnx_run), *images, "--no-verify")
+    code, _ = done.returncode, done.stderr
     assert code == 0
     with pytest.raises(CorruptInput):
         ExportedModel(onnx_run / "onnx")  # the onnx/ folder itself: surgery.json is in its parent
@@ -85,41 +166,47 @@ def _copy(run: Path, to: Path) -> Path:
     return to
 
 
-def test_a_run_without_surgery_json_is_still_checked_by_its_onnx_manifest(onnx_run, tmp_path, capsys):
+def test_a_run_without_surgery_json_is_still_checked_by_its_onnx_manifest(onnx_run, tmp_path):
     """The issue's case: a copied run, weights halved, surgery.json deleted: infer and serve-model refuse it."""
     run = _copy(onnx_run, tmp_path / "copy")
     (run / "surgery.json").unlink()
-    code, _ = run_cli("infer", str(run), capsys=capsys)
+    done = run_cli("infer", str(run))
+    code, _ = done.returncode, done.stderr
     assert code == 0  # untouched: its onnx/manifest.json vouches for every file
     _halve_a_weight(run / "onnx" / "visual.onnx")
-    code, err = run_cli("infer", str(run), capsys=capsys)
+    done = run_cli("infer", str(run))
+    code, err = done.returncode, done.stderr
     assert code == 4 and "visual.onnx does not match the sha256 recorded in manifest.json" in err
     code, err = _serve_model(run)
     assert code == 4 and "visual.onnx does not match" in err and "Traceback" not in err
-    code, _ = run_cli("infer", str(run), "--no-verify", capsys=capsys)
+    done = run_cli("infer", str(run), "--no-verify")
+    code, _ = done.returncode, done.stderr
     assert code == 0
 
 
-def test_an_onnx_folder_travels_alone_and_is_still_checked(onnx_run, tmp_path, capsys):
+def test_an_onnx_folder_travels_alone_and_is_still_checked(onnx_run, tmp_path):
     alone = _copy(onnx_run / "onnx", tmp_path / "onnx-alone")
     assert (alone / MANIFEST).is_file() and not (alone.parent / "surgery.json").exists()
     ExportedModel(alone)  # verified against its own manifest
     _halve_a_weight(alone / "visual.onnx")
     with pytest.raises(CorruptInput, match="visual.onnx does not match the sha256 recorded in manifest.json"):
         ExportedModel(alone)
-    code, err = run_cli("infer", str(alone), capsys=capsys)
+    done = run_cli("infer", str(alone))
+    code, err = done.returncode, done.stderr
     assert code == 4 and "--no-verify" in err
 
 
-def test_a_folder_with_no_record_at_all_needs_the_opt_out(onnx_run, tmp_path, capsys):
+def test_a_folder_with_no_record_at_all_needs_the_opt_out(onnx_run, tmp_path):
     run = _copy(onnx_run, tmp_path / "copy")
     (run / "surgery.json").unlink()
     (run / "onnx" / MANIFEST).unlink()
-    code, err = run_cli("infer", str(run), capsys=capsys)
+    done = run_cli("infer", str(run))
+    code, err = done.returncode, done.stderr
     assert code == 5 and "cannot be verified" in err and "--no-verify" in err
     code, err = _serve_model(run / "onnx")
     assert code == 5 and "cannot be verified" in err
-    code, _ = run_cli("infer", str(run), "--no-verify", capsys=capsys)
+    done = run_cli("infer", str(run), "--no-verify")
+    code, _ = done.returncode, done.stderr
     assert code == 0
 
 
@@ -165,9 +252,6 @@ def test_a_run_without_surgery_json_needs_the_opt_out(onnx_run, tmp_path):
         export_existing_run(onnx_run, ["safetensors"], tmp_path / "re")
 
 
-# ---- temporary folders of killed writers ----
-
-
 def _dead_pid() -> int:
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()
@@ -207,9 +291,6 @@ def test_stale_temporaries_are_removed_by_the_next_writer(tmp_path):
     assert remove_stale_temporaries(tmp_path, older_than=0) == [entries["fresh"]]
 
 
-# ---- a truncated statistics cache entry ----
-
-
 def test_a_truncated_statistics_cache_entry_is_recomputed(tiny_default_dir, image_folder, tmp_path):
     from surgeon.load import load_model
     from surgeon.paths import cache_dir
@@ -235,9 +316,6 @@ def test_a_truncated_statistics_cache_entry_is_recomputed(tiny_default_dir, imag
     assert ranked().cached_stats
 
 
-# ---- publishing is the point of no return ----
-
-
 def test_a_check_before_publishing_keeps_the_previous_output(tmp_path):
     final = tmp_path / "run"
     final.mkdir()
@@ -256,25 +334,7 @@ def test_a_check_before_publishing_keeps_the_previous_output(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
-def test_sigterm_unwinds_like_ctrl_c(onnx_run, tmp_path):
-    """SIGTERM (docker stop, kill) unwinds the CLI like Ctrl-C: no temporary folder is left behind."""
-    import signal
-
-    from tests.test_hardening_cli import surgeon
-
-    target = tmp_path / "exp" / "onnx"
-    proc = surgeon("export", str(onnx_run), "--format", "onnx", "--out", str(target))
-    deadline = time.monotonic() + 300
-    while not list(target.parent.glob(".onnx.tmp-*")):  # inside the export: its temporary folder exists
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else ""
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 130 and "interrupted" in stderr, (stdout, stderr)
-    assert list(target.parent.iterdir()) == []
-
-
-def test_infer_skips_unreadable_images_with_a_count(onnx_run, tmp_path, capsys):
+def test_infer_skips_unreadable_images_with_a_count(onnx_run, tmp_path):
     from PIL import Image
 
     folder = tmp_path / "imgs"
@@ -282,8 +342,10 @@ def test_infer_skips_unreadable_images_with_a_count(onnx_run, tmp_path, capsys):
     Image.new("RGB", (40, 30), (200, 10, 10)).save(folder / "a.png")
     (folder / "b.png").write_bytes(b"not a png")
     (onnx_run / "labels.txt").write_text("red\nblue\n")
-    code, err = run_cli("infer", str(onnx_run), str(folder), "--labels", str(onnx_run / "labels.txt"), capsys=capsys)
+    done = run_cli("infer", str(onnx_run), str(folder), "--labels", str(onnx_run / "labels.txt"))
+    code, err = done.returncode, done.stderr
     assert code == 0 and "skipped 1 unreadable image(s)" in err
     (folder / "a.png").write_bytes(b"")
-    code, err = run_cli("infer", str(onnx_run), str(folder), "--labels", str(onnx_run / "labels.txt"), capsys=capsys)
+    done = run_cli("infer", str(onnx_run), str(folder), "--labels", str(onnx_run / "labels.txt"))
+    code, err = done.returncode, done.stderr
     assert code == 4 and "none of the 2 image(s) is readable" in err

@@ -1,4 +1,5 @@
-"""What the CLI promises under interruption and races: no partial outputs, caches stay loadable."""
+"""What the CLI promises under interruption and races: no partial outputs, caches stay loadable (SIGINT, SIGTERM,
+two processes exporting into one folder). Each run is a real child process: the signal is what is tested."""
 
 from __future__ import annotations
 
@@ -19,12 +20,14 @@ from surgeon.export import sha256_file
 from surgeon.policies import PolicyOptions
 from surgeon.prune import prune
 from surgeon.stats import HeadStats
-from tests.test_prune_export import setup, synthetic_suite  # noqa: F401  (fixture)
+from tests.conftest import synthetic_suite
 from tests.test_rank_cli import TAXONOMY
+
+pytestmark = pytest.mark.slow  # real child processes, signalled or racing
 
 
 @pytest.fixture
-def run_dir(setup, tmp_path) -> Path:  # noqa: F811
+def run_dir(setup, tmp_path) -> Path:
     loaded, ranking = setup
     out = tmp_path / "run"
     prune(loaded, ranking, synthetic_suite(), "top-k", PolicyOptions(k=2), out_dir=out)
@@ -113,3 +116,19 @@ def test_sigint_during_export_leaves_no_partial_output(run_dir, tmp_path):
     code = proc.wait(timeout=300)
     assert code in (0, 130, -signal.SIGINT), proc.stderr.read()  # -SIGINT: interrupted while starting up
     assert_complete_or_absent(target, ["surgery.json", "README.md", "onnx/visual.onnx"])
+
+
+def test_sigterm_unwinds_like_ctrl_c(onnx_run, tmp_path):
+    """SIGTERM (docker stop, kill) unwinds the CLI like Ctrl-C: no temporary folder is left behind."""
+    import signal
+
+    target = tmp_path / "exp" / "onnx"
+    proc = surgeon("export", str(onnx_run), "--format", "onnx", "--out", str(target))
+    deadline = time.monotonic() + 300
+    while not list(target.parent.glob(".onnx.tmp-*")):  # inside the export: its temporary folder exists
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else ""
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130 and "interrupted" in stderr, (stdout, stderr)
+    assert list(target.parent.iterdir()) == []

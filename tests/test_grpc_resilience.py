@@ -190,6 +190,7 @@ SLOW_SERVER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # a real server process and its signal
 def test_sigterm_with_a_job_that_cannot_stop_exits_cleanly(world, tmp_path):
     """The drain cancels the job and the process exits 0, though a thread is still inside torch."""
     code = os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])  # this checkout
