@@ -15,10 +15,10 @@ import time
 
 import torch
 
-from surgeon.decompose import decompose
-from surgeon.hooks import attention, embed_dim, image_size, vision_blocks, vision_tower
-from surgeon.load import build_clip, default_device
-from surgeon.stats import HeadStats
+from surgeon.core.stats import HeadStats
+from surgeon.model.decompose import decompose
+from surgeon.model.hooks import attention, embed_dim, image_size, vision_blocks, vision_tower
+from surgeon.model.load import build_clip, default_device
 
 SMALL = {
     "embed_dim": 64,

@@ -18,14 +18,14 @@ import time
 import numpy as np
 import torch
 
-from surgeon import prune as prune_module
-from surgeon.errors import InvalidInput
-from surgeon.heads import HeadRef
-from surgeon.load import LoadedModel, build_clip, load_model, weights_hash
-from surgeon.policies import PolicyOptions, Selection, debias_bound
-from surgeon.prune import prune, select_heads
-from surgeon.rank import HeadRank, Ranking
-from surgeon.validate import BiasSet, ClassificationSet, ValidationSuite, toy_suite
+from surgeon.core.errors import InvalidInput
+from surgeon.model.heads import HeadRef
+from surgeon.model.load import LoadedModel, build_clip, load_model, weights_hash
+from surgeon.pruning import prune as prune_module
+from surgeon.pruning.prune import prune, select_heads
+from surgeon.ranking.rank import HeadRank, Ranking
+from surgeon.selection.policies import PolicyOptions, Selection, debias_bound
+from surgeon.validation.validate import BiasSet, ClassificationSet, ValidationSuite, toy_suite
 
 VIT_B_32 = {
     "embed_dim": 512,

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_distributed.py [--images 512]
 
-Each process takes a batch-aligned shard (surgeon.distributed.shard), accumulates with the library's
+Each process takes a batch-aligned shard (surgeon.core.distributed.shard), accumulates with the library's
 `accumulate`, then one all-reduce merges; timings are taken inside the workers."""
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from PIL import Image
 
-from surgeon.collect import accumulate
-from surgeon.distributed import World, all_reduce, shard
-from surgeon.images import ImageSet
-from surgeon.load import LoadedModel, build_clip, weights_hash
+from surgeon.core.distributed import World, all_reduce, shard
+from surgeon.inputs.images import ImageSet
+from surgeon.model.load import LoadedModel, build_clip, weights_hash
+from surgeon.ranking.collect import accumulate
 
 CFG = {
     "embed_dim": 128,

@@ -32,7 +32,7 @@ import numpy as np
 from google.longrunning import operations_pb2, operations_pb2_grpc
 from PIL import Image
 
-from surgeon.options import RankMethod
+from surgeon.core.options import RankMethod
 from surgeon.v1 import surgeon_pb2 as pb
 from surgeon.v1 import surgeon_pb2_grpc as pb_grpc
 
@@ -48,7 +48,7 @@ def make_world(base: Path, n_images: int) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from surgeon.load import build_clip
+    from surgeon.model.load import build_clip
 
     torch.manual_seed(0)
     folder = base / "models" / "medium"
@@ -135,10 +135,10 @@ def job_seconds(stub, operations, out: str, cached: bool = True) -> tuple[float,
 
 def library_seconds(base: Path, out: Path) -> float:
     """What the RankHeads job runs, called directly (as `surgeon rank` does)."""
-    from surgeon.images import resolve_images
-    from surgeon.load import load_model
-    from surgeon.pools import load_pool
-    from surgeon.rank import rank_heads
+    from surgeon.inputs.images import resolve_images
+    from surgeon.inputs.pools import load_pool
+    from surgeon.model.load import load_model
+    from surgeon.ranking.rank import rank_heads
 
     t0 = time.perf_counter()
     loaded = load_model(f"local-dir:{base / 'models' / 'medium'}")

@@ -28,7 +28,7 @@ CLASSES = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
 def make_inputs(work: Path, per_class: int) -> tuple[Path, Path]:
     import open_clip
 
-    from surgeon.load import build_clip
+    from surgeon.model.load import build_clip
 
     checkpoint = work / "vit-b-32-random.safetensors"
     if not checkpoint.is_file():

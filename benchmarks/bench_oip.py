@@ -48,8 +48,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.bench_serving import export as export_graphs  # noqa: E402
-from surgeon.integrity import write_manifest  # noqa: E402
-from surgeon.runtime.preprocess import decode_image  # noqa: E402
+from surgeon.core.integrity import write_manifest  # noqa: E402
+from surgeon.inputs.preprocess import decode_image  # noqa: E402
 from surgeon.runtime.session import ExportedModel  # noqa: E402
 
 CLIENTS = (1, 16)
@@ -357,7 +357,7 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    from surgeon.load import build_clip, load_model
+    from surgeon.model.load import build_clip, load_model
 
     torch.set_num_threads(args.threads)
     toy = load_model(device="cpu")

@@ -18,16 +18,16 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from surgeon.export import _Visual
-from surgeon.heads import HeadRef
-from surgeon.hooks import attention, image_size, vision_blocks, vision_tower
-from surgeon.load import TOY_MODEL_DIR, build_clip, load_model
-from surgeon.surgery import SurgeryRequest, apply_surgery
+from surgeon.exporting.export import _Visual
+from surgeon.model.heads import HeadRef
+from surgeon.model.hooks import attention, image_size, vision_blocks, vision_tower
+from surgeon.model.load import TOY_MODEL_DIR, build_clip, load_model
+from surgeon.model.surgery import SurgeryRequest, apply_surgery
 
 
 def encoder_flops(visual: torch.nn.Module) -> tuple[float, float]:
     """(attention FLOPs, whole-encoder FLOPs) per image, multiply-adds x 2, from the module shapes."""
-    from surgeon.decompose import AttentionParams
+    from surgeon.model.decompose import AttentionParams
 
     tokens = visual.positional_embedding.shape[0]
     width = visual.conv1.out_channels

@@ -32,7 +32,7 @@ from PIL import Image
 RSS_PROBE = r"""
 import resource, sys, time
 import torch, open_clip, safetensors.torch
-from surgeon.load import build_clip, load_model
+from surgeon.model.load import build_clip, load_model
 
 def rss_kb():
     with open("/proc/self/statm") as f:
@@ -84,10 +84,10 @@ def text_throughput(checkpoint: Path, lines: list[str], rounds: int) -> dict:
     """Interleaved, so both sides share the machine's noise; each surgeon round starts from an empty cache."""
     import torch
 
-    from surgeon.load import load_model
-    from surgeon.paths import cache_dir
-    from surgeon.pools import TextPool
-    from surgeon.textcache import pool_embeddings
+    from surgeon.core.paths import cache_dir
+    from surgeon.inputs.pools import TextPool
+    from surgeon.inputs.textcache import pool_embeddings
+    from surgeon.model.load import load_model
 
     loaded = load_model("ViT-B-32", str(checkpoint), "cpu")
     pool = TextPool("bench", tuple(lines), {})
@@ -119,9 +119,9 @@ def main() -> None:
     import torch
     from safetensors.torch import save_file
 
-    from surgeon.load import build_clip
-    from surgeon.paths import read_lines
-    from surgeon.pools import DATA
+    from surgeon.core.paths import read_lines
+    from surgeon.inputs.pools import DATA
+    from surgeon.model.load import build_clip
 
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-scale-"))
     env = {**os.environ, "SURGEON_CACHE_DIR": str(work / "cache"), "SURGEON_EXPORTS_DIR": str(work / "exports")}

@@ -23,8 +23,8 @@ import onnxruntime as ort
 import torch
 from PIL import Image
 
-from surgeon.export import _export_graph, _graphs, _tokenizer_files, check_exporter
-from surgeon.load import build_clip, load_model
+from surgeon.exporting.export import _export_graph, _graphs, _tokenizer_files, check_exporter
+from surgeon.model.load import build_clip, load_model
 from surgeon.runtime.session import ExportedModel
 
 
@@ -120,7 +120,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from surgeon.toy.world import get_world
+    from surgeon.inputs.toy.world import get_world
 
     bench("toy model", load_model(device="cpu"), 32, args.threads, args.rounds, get_world().zeroshot_tasks(500))
     if not args.quick:

@@ -45,14 +45,14 @@ def image_folder(root: Path, classes: list[str], seed: int) -> Path:
 
 
 def separate_prune_runs(model: str, rank_images: Path, data: dict[str, Path], out: Path) -> dict:
-    from surgeon.images import resolve_images
-    from surgeon.load import load_model
-    from surgeon.options import RankMethod
-    from surgeon.policies import PolicyOptions
-    from surgeon.pools import load_pool
-    from surgeon.prune import prune
-    from surgeon.rank import rank_heads
-    from surgeon.validate import build_suite
+    from surgeon.core.options import RankMethod
+    from surgeon.inputs.images import resolve_images
+    from surgeon.inputs.pools import load_pool
+    from surgeon.model.load import load_model
+    from surgeon.pruning.prune import prune
+    from surgeon.ranking.rank import rank_heads
+    from surgeon.selection.policies import PolicyOptions
+    from surgeon.validation.validate import build_suite
 
     accuracies = {}
     for policy, options in POLICIES.items():
@@ -69,7 +69,7 @@ def separate_prune_runs(model: str, rank_images: Path, data: dict[str, Path], ou
 
 
 def main() -> None:
-    from surgeon.study import compute_study, parse_study
+    from surgeon.studies.study import compute_study, parse_study
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

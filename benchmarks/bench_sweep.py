@@ -13,9 +13,9 @@ import time
 import numpy as np
 import torch
 
-from surgeon.heads import HeadRef
-from surgeon.load import LoadedModel, build_clip, weights_hash
-from surgeon.validate import BiasSet, ClassificationSet, Evaluator, ValidationSuite
+from surgeon.model.heads import HeadRef
+from surgeon.model.load import LoadedModel, build_clip, weights_hash
+from surgeon.validation.validate import BiasSet, ClassificationSet, Evaluator, ValidationSuite
 
 CFG = {
     "embed_dim": 128,

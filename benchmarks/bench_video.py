@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from surgeon.load import build_clip, load_model
-from surgeon.retrieval import RetrievalSet
-from surgeon.validate import ValidationSuite, validate
-from surgeon.video import VideoFrames, write_video
-from surgeon.zeroshot import uint8_to_tensor
+from surgeon.inputs.video import VideoFrames, write_video
+from surgeon.model.load import build_clip, load_model
+from surgeon.results.retrieval import RetrievalSet
+from surgeon.validation.validate import ValidationSuite, validate
+from surgeon.validation.zeroshot import uint8_to_tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from surgeon.bias import bias_metrics, resampled_skews, unit_weights
-from surgeon.heads import HeadRef
-from surgeon.load import load_model
-from surgeon.validate import Evaluator, ValidationSuite, toy_probe
+from surgeon.model.heads import HeadRef
+from surgeon.model.load import load_model
+from surgeon.results.bias import bias_metrics, resampled_skews, unit_weights
+from surgeon.validation.validate import Evaluator, ValidationSuite, toy_probe
 
 HEADS = [HeadRef(layer, head) for layer in range(4) for head in range(8)]
 #: the heads whose pairs are measured: those lowering NDKL most, alone, on average over probes 10-15
@@ -106,7 +106,7 @@ def analyse(out: Path) -> None:
 def search(
     data: list, search_probes: list[int], stop_probes: list[int], objective: str, resamples: int = 50
 ) -> list[str]:
-    """The debias policy's rule (surgeon.policies.debias), two steps at most (pairs are measured among PAIRS
+    """The debias policy's rule (surgeon.selection.policies.debias), two steps at most (pairs are measured among PAIRS
     only), with `objective` averaged over the probes (each probe ranked apart, like the report probe):
     candidates lower it alone by more than its bootstrap SE; a step takes the candidate best in most
     resamples and keeps it if the stop probes' objective falls by more than that gain's SE."""

@@ -1,11 +1,11 @@
 """One library API under both shells: a spec per job and one function that runs it.
 
-Each spec declares its options once, as fields (surgeon.options: default, bound, unit, help; the CLI options,
+Each spec declares its options once, as fields (surgeon.core.options: default, bound, unit, help; the CLI options,
 the gRPC mapping, the study keys and docs/options.md derive from them) and checks itself, bounds included
 (`check()`: cheap, no model loaded, the same for every caller). `run_*` does the work. The CLI maps options
 to a spec and renders what `run_*` returns; the gRPC service maps a request to a spec, confines its paths to
 the server's roots, checks it before queueing and runs it in a job. Progress and cancellation reach the
-shells through surgeon.progress (terminal bars, or an Observer the service installs), never through here.
+shells through surgeon.core.progress (terminal bars, or an Observer the service installs), never through here.
 
 This module stays light to import (torch only inside the functions): the CLI imports it at start-up."""
 
@@ -15,9 +15,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from surgeon import defaults, limits
-from surgeon.errors import InvalidInput, PreconditionFailed
-from surgeon.options import (
+from surgeon.core import fallback, limits
+from surgeon.core.errors import InvalidInput, PreconditionFailed
+from surgeon.core.options import (
     IMAGES,
     N_IMAGES,
     TEXTS,
@@ -25,23 +25,23 @@ from surgeon.options import (
     OnnxExport,
     Option,
     RankMethod,
-    ValidationSpec,
     check_bounds,
     choice,
     option,
     part,
 )
-from surgeon.policies import POLICIES
-from surgeon.quantize import DEFAULT_MAX_ACCURACY_DROP, check_scheme
+from surgeon.exporting.quantize import DEFAULT_MAX_ACCURACY_DROP, check_scheme
+from surgeon.selection.policies import POLICIES
+from surgeon.validation.spec import ValidationSpec
 
 if TYPE_CHECKING:
-    from surgeon.images import ImageSet
-    from surgeon.load import LoadedModel
-    from surgeon.pools import TextPool
-    from surgeon.prune import PruneResult
-    from surgeon.rank import Ranking
-    from surgeon.study import StudyRun
-    from surgeon.validate import ValidationSuite
+    from surgeon.inputs.images import ImageSet
+    from surgeon.inputs.pools import TextPool
+    from surgeon.model.load import LoadedModel
+    from surgeon.pruning.prune import PruneResult
+    from surgeon.ranking.rank import Ranking
+    from surgeon.studies.study import StudyRun
+    from surgeon.validation.validate import ValidationSuite
 
 #: --export / ExportRequest.format -> the exporters that run (the checkpoint travels with every prune anyway)
 EXPORT_FORMATS = {"safetensors": ["safetensors"], "onnx": ["onnx"], "both": ["safetensors", "onnx"]}
@@ -49,8 +49,8 @@ EXPORT_FORMATS = {"safetensors": ["safetensors"], "onnx": ["onnx"], "both": ["sa
 
 def _check_onnx(onnx: OnnxExport) -> None:
     """A repeated label or an unknown exporter is refused before any work, as are the bounds."""
-    from surgeon.export import check_exporter
-    from surgeon.templates import read_labels
+    from surgeon.exporting.export import check_exporter
+    from surgeon.inputs.templates import read_labels
 
     onnx.check()
     check_exporter(onnx.onnx_exporter)
@@ -59,7 +59,7 @@ def _check_onnx(onnx: OnnxExport) -> None:
 
 
 def check_plot_format(plot_format: str) -> None:
-    from surgeon.plots import PLOT_FORMATS
+    from surgeon.results.plots import PLOT_FORMATS
 
     choice("plot format", plot_format, PLOT_FORMATS)
 
@@ -101,18 +101,18 @@ class ModelSpec:
     )
 
     def check(self) -> None:
-        from surgeon.load import check_activation
+        from surgeon.model.load import check_activation
 
         limits.texts(model=self.model, pretrained=self.pretrained, device=self.device)
         check_activation(self.activation)
 
     @property
     def is_toy(self) -> bool:
-        return defaults.is_toy_model(self.model)
+        return fallback.is_toy_model(self.model)
 
     def load(self) -> LoadedModel:
-        from surgeon.load import load_model
-        from surgeon.progress import stage
+        from surgeon.core.progress import stage
+        from surgeon.model.load import load_model
 
         stage("loading model")
         return load_model(self.model, self.pretrained, self.device, self.activation)
@@ -132,7 +132,7 @@ class RankSpec:
     plot_format: str = PLOT_FORMAT.field()
 
     def check(self) -> None:
-        from surgeon.judges.base import JUDGES
+        from surgeon.ranking.judges.base import JUDGES
 
         self.model.check()
         check_bounds(self)
@@ -142,7 +142,7 @@ class RankSpec:
         check_plot_format(self.plot_format)
 
     def image_set(self) -> ImageSet:
-        from surgeon.images import resolve_images
+        from surgeon.inputs.images import resolve_images
 
         return resolve_images(self.images, self.n_images, self.model.model)
 
@@ -155,9 +155,9 @@ class RankOutcome:
 
 
 def run_rank(spec: RankSpec, quiet: bool = True) -> RankOutcome:
-    from surgeon.pools import load_pool
-    from surgeon.progress import stage
-    from surgeon.rank import rank_heads
+    from surgeon.core.progress import stage
+    from surgeon.inputs.pools import load_pool
+    from surgeon.ranking.rank import rank_heads
 
     image_set = spec.image_set()  # before the (slow) load: a missing folder or a bad pool fails fast
     pool = load_pool(spec.texts, spec.model.is_toy, spec.taxonomy)
@@ -221,11 +221,11 @@ class PruneSpec:
     force: bool = FORCE.field()
 
     def check(self) -> None:
-        from surgeon.heads import parse_heads
-        from surgeon.hooks import TOWERS
-        from surgeon.judges.base import JUDGES
-        from surgeon.policies import POLICIES, check_paper_preset
-        from surgeon.surgery import SURGERIES
+        from surgeon.model.heads import parse_heads
+        from surgeon.model.hooks import TOWERS
+        from surgeon.model.surgery import SURGERIES
+        from surgeon.ranking.judges.base import JUDGES
+        from surgeon.selection.policies import POLICIES, check_paper_preset
 
         self.model.check()
         policy = POLICIES.get(self.policy)
@@ -237,8 +237,8 @@ class PruneSpec:
         self.method.check()
         _check_onnx(self.onnx)
         if self.ranking is not None and self.k is not None:  # a ranking file: k is checked before any work
-            from surgeon.policies import check_k
-            from surgeon.rank import Ranking
+            from surgeon.ranking.rank import Ranking
+            from surgeon.selection.policies import check_k
 
             check_k(self.k, len(Ranking.read(self.ranking).heads))
         limits.texts(images=self.images, texts=self.texts)
@@ -258,7 +258,7 @@ class PruneSpec:
     def preset_key(self) -> tuple[str | None, str | None]:
         """Whose paper head lists the paper-* policies read: --preset's, else the model's own name and tag."""
         if self.preset is not None:
-            from surgeon.policies import check_preset
+            from surgeon.selection.policies import check_preset
 
             return check_preset(self.preset, self.model.model)
         return self.model.model, self.model.pretrained
@@ -269,19 +269,19 @@ class PruneSpec:
 
     @property
     def needs_ranking(self) -> bool:
-        from surgeon.policies import POLICIES
+        from surgeon.selection.policies import POLICIES
 
         return self.ranking is None and POLICIES.get(self.policy).reads_ranking  # presets and heads skip it
 
 
 def run_prune(spec: PruneSpec, suite: ValidationSuite | None = None, quiet: bool = True) -> PruneResult:
     """`suite`: one the caller built from `spec.validation` already (the service checks its manifests)."""
-    from surgeon.datarecord import record_validation_data
-    from surgeon.images import resolve_images
-    from surgeon.pools import load_pool
-    from surgeon.progress import say, stage
-    from surgeon.prune import policy_options, prune
-    from surgeon.validate import Gates
+    from surgeon.core.progress import say, stage
+    from surgeon.inputs.images import resolve_images
+    from surgeon.inputs.pools import load_pool
+    from surgeon.pruning.prune import policy_options, prune
+    from surgeon.validation.datarecord import record_validation_data
+    from surgeon.validation.validate import Gates
 
     needs_images = spec.needs_ranking or spec.mode == "mean"
     image_set = resolve_images(spec.images, spec.n_images, spec.model.model) if needs_images else None
@@ -337,8 +337,8 @@ def _ranking_for(
     when neither is given (policies that do not read a ranking)."""
     import warnings
 
-    from surgeon.pools import load_pool
-    from surgeon.rank import Ranking, rank_heads
+    from surgeon.inputs.pools import load_pool
+    from surgeon.ranking.rank import Ranking, rank_heads
 
     if path is not None:
         ranking = Ranking.read(path)
@@ -372,9 +372,9 @@ class ValidateSpec:
 
 def run_validate(spec: ValidateSpec, suite: ValidationSuite | None = None, quiet: bool = True) -> tuple[dict, list]:
     """(clip_benchmark-shaped report, files written)."""
-    from surgeon.clipbench import write_validation
-    from surgeon.progress import say, stage
-    from surgeon.validate import validate
+    from surgeon.core.progress import say, stage
+    from surgeon.inputs.clipbench import write_validation
+    from surgeon.validation.validate import validate
 
     stage("loading validation data")
     suite = suite if suite is not None else spec.validation.build(spec.model.model)
@@ -421,12 +421,12 @@ def run_sweep(spec: SweepSpec, quiet: bool = True) -> dict:
     """The sweep result (sweep.json's content); writes sweep.json and the plot into `spec.out_dir` when set."""
     import json
 
-    from surgeon.images import resolve_images
-    from surgeon.paths import atomic_dir
-    from surgeon.plots import sweep_plot
-    from surgeon.pools import load_pool
-    from surgeon.progress import stage
-    from surgeon.sweep import run_sweep as sweep
+    from surgeon.core.paths import atomic_dir
+    from surgeon.core.progress import stage
+    from surgeon.inputs.images import resolve_images
+    from surgeon.inputs.pools import load_pool
+    from surgeon.results.plots import sweep_plot
+    from surgeon.validation.sweep import run_sweep as sweep
 
     stage("loading validation data")
     suite = spec.validation.build(spec.model.model)
@@ -488,8 +488,8 @@ class ExportSpec:
 
 def run_export(spec: ExportSpec) -> list[Path]:
     """The files written into `spec.target`."""
-    from surgeon.export import export_existing_run
-    from surgeon.progress import stage
+    from surgeon.core.progress import stage
+    from surgeon.exporting.export import export_existing_run
 
     stage("loading validation data" if spec.validation is not None else "exporting")
     measure_on = spec.validation.build(None) if spec.validation is not None else None  # before the model loads
@@ -525,14 +525,14 @@ class StudySpec:
 
     @property
     def target(self) -> Path:
-        from surgeon.paths import exports_dir
+        from surgeon.core.paths import exports_dir
 
         return self.out_dir or exports_dir() / f"study-{self.file.stem}"
 
 
 def run_study(spec: StudySpec, quiet: bool = True) -> StudyRun:
     """The study's cells (stored under `spec.target`, so a rerun resumes) and, unless sharded, its table."""
-    from surgeon.study import compute_study, parse_study
+    from surgeon.studies.study import compute_study, parse_study
 
     spec.check()
     study = parse_study(spec.file)
@@ -553,7 +553,7 @@ JOB_SPECS: dict[str, type] = {
 
 
 if __name__ == "__main__":  # `python -m surgeon.api`: regenerate docs/options.md from the specs
-    from surgeon.options import DOCS, markdown
+    from surgeon.core.options import DOCS, markdown
 
     DOCS.write_text(markdown(JOB_SPECS), encoding="utf-8")
     print(f"wrote {DOCS}")

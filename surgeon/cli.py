@@ -18,7 +18,6 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from surgeon import limits
 from surgeon.api import (
     ExportSpec,
     ModelSpec,
@@ -34,9 +33,10 @@ from surgeon.api import (
     run_sweep,
     run_validate,
 )
-from surgeon.errors import StorageError, SurgeonError
-from surgeon.options import build, declared, options_of
-from surgeon.progress import kept_after_interrupt
+from surgeon.core import limits
+from surgeon.core.errors import StorageError, SurgeonError
+from surgeon.core.options import build, declared, options_of
+from surgeon.core.progress import kept_after_interrupt
 from surgeon.runtime.cli import infer, serve_model, triton_repo
 
 EXIT_CODES = (
@@ -95,7 +95,7 @@ def _cli_type(hint: Any) -> Any:
 
 
 def spec_options(spec: type) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """A verb whose options are `spec`'s option fields (surgeon.options: flags, help and default from each
+    """A verb whose options are `spec`'s option fields (surgeon.core.options: flags, help and default from each
     field), followed by the verb's own parameters (--quiet, --json ...). The verb receives the spec, built from
     those options and from its own parameters that are spec fields too (an argument such as RUN_DIR)."""
     offered = [o for o in options_of(spec) if o.option.cli]
@@ -136,8 +136,8 @@ def rank(
 ) -> None:
     """Rank the vision heads by Concept Consistency Score; writes ranking.json/.csv and ccs_heatmap.png.
     Under `torchrun --nproc-per-node N -m surgeon rank ...` the images are sharded over the ranks."""
-    from surgeon.distributed import device_for, world
-    from surgeon.paths import new_run_dir
+    from surgeon.core.distributed import device_for, world
+    from surgeon.core.paths import new_run_dir
 
     spec.check()
     main_rank = world().is_main
@@ -157,7 +157,7 @@ def rank(
             soft_wrap=True,
         )
     if as_json:
-        from surgeon.clioutput import emit_json
+        from surgeon.core.clioutput import emit_json
 
         emit_json(
             "rank",
@@ -206,15 +206,15 @@ def print_ranking(ranking, limit: int | None = None) -> None:
 @spec_options(PruneSpec)
 def prune(spec: PruneSpec, quiet: QuietOpt = False, as_json: JsonOpt = False) -> None:
     """Select heads with a policy, prune them (zero/mean/hard), validate before/after, export the result."""
-    from surgeon.errors import GateFailed
-    from surgeon.paths import new_run_dir
+    from surgeon.core.errors import GateFailed
+    from surgeon.core.paths import new_run_dir
 
     spec.check()
     result = run_prune(replace(spec, out_dir=spec.out_dir or new_run_dir("prune")), quiet=quiet)
     policy, mode = spec.policy, spec.mode
     assert result.run_dir is not None  # run with an out_dir
     if as_json:
-        from surgeon.clioutput import emit_json
+        from surgeon.core.clioutput import emit_json
 
         emit_json(
             "prune",
@@ -247,7 +247,7 @@ def _print_prune(result, policy: str, mode: str) -> None:
         out.print(f"debias search: {result.plan.policy_details['stopped']}", highlight=False)
     _print_summary(result.before, result.after)
     if result.against_chance:
-        from surgeon.debias import chance_line
+        from surgeon.selection.debias import chance_line
 
         out.print(chance_line(result.against_chance), highlight=False, soft_wrap=True)
     if result.seeds:
@@ -257,7 +257,7 @@ def _print_prune(result, policy: str, mode: str) -> None:
 
 
 def _print_parity(folder: Path | None) -> None:
-    from surgeon.runfolder import parity_lines
+    from surgeon.results.runfolder import parity_lines
 
     for line in parity_lines(folder) if folder is not None else []:
         out.print(line, highlight=False, soft_wrap=True)
@@ -266,7 +266,7 @@ def _print_parity(folder: Path | None) -> None:
 def _print_summary(before_report: dict, after_report: dict | None = None) -> None:
     """The summaries of validation reports: accuracy in % and its change in points, as report.md and the card
     show them (validate.UNITS_NOTE); a bias figure with its 95% bootstrap interval where measured."""
-    from surgeon.validate import UNITS_NOTE
+    from surgeon.validation.validate import UNITS_NOTE
 
     before, after = before_report["summary"], after_report["summary"] if after_report else None
     table = Table(title="validation", caption=UNITS_NOTE if "mean_acc1" in before else None)
@@ -300,8 +300,8 @@ def _print_summary(before_report: dict, after_report: dict | None = None) -> Non
 def validate(spec: ValidateSpec, as_json: JsonOpt = False, quiet: QuietOpt = False) -> None:
     """Zero-shot accuracy and bias metrics of a model (toy benchmarks by default). Data: an ImageFolder, a CSV
     manifest, or clip_benchmark's webdataset layout (test/*.tar + classnames.txt + templates)."""
-    from surgeon.clioutput import emit_json
-    from surgeon.validate import markdown_report
+    from surgeon.core.clioutput import emit_json
+    from surgeon.validation.validate import markdown_report
 
     spec.check()
     report, files = run_validate(spec, quiet=quiet)
@@ -324,7 +324,7 @@ def sweep(
     as_json: JsonOpt = False,
 ) -> None:
     """Accuracy and bias vs number of pruned heads (high-CCS, low-CCS, random); writes sweep.json + sweep.png."""
-    from surgeon.paths import new_run_dir
+    from surgeon.core.paths import new_run_dir
 
     count_list = limits.sweep_counts(counts)
     spec = replace(spec, counts=tuple(count_list) if count_list is not None else None)
@@ -333,7 +333,7 @@ def sweep(
     plot_format = spec.plot_format
     result = run_sweep(replace(spec, out_dir=target), quiet=quiet)
     if as_json:
-        from surgeon.clioutput import emit_json
+        from surgeon.core.clioutput import emit_json
 
         summary = {name: [p["mean_acc1"] for p in points] for name, points in result["curves"].items()}
         files = [target / "sweep.json", target / f"sweep.{plot_format}"]
@@ -359,13 +359,13 @@ def study(
 ) -> None:
     """Run a study: every model x policy x mode x data set cell (stored, so a rerun resumes), then the table
     in the paper's layout (table.md, table.csv, table.json, study.png)."""
-    from surgeon.errors import PartialResult
-    from surgeon.study import markdown_table
+    from surgeon.core.errors import PartialResult
+    from surgeon.studies.study import markdown_table
 
     run, target = run_study(spec, quiet=quiet), spec.target
     summary = {"computed": len(run.computed), "reused": len(run.reused)}
     if as_json:
-        from surgeon.clioutput import emit_json
+        from surgeon.core.clioutput import emit_json
 
         emit_json("study", target, run.files, summary, table=run.table, failures=run.failed)
     else:
@@ -395,7 +395,7 @@ def export_command(
     spec = replace(spec, run_dir=run_dir or Path())
     spec.check()
     if run_dir is None:
-        from surgeon.paths import newest_run
+        from surgeon.core.paths import newest_run
 
         run_dir = newest_run(hint="run `surgeon prune` first, or pass RUN_DIR")
         err.print(f"exporting the newest run: {run_dir}", soft_wrap=True)  # a long path stays whole
@@ -403,7 +403,7 @@ def export_command(
     target = spec.target
     files = run_export(spec)
     if as_json:
-        from surgeon.clioutput import emit_json
+        from surgeon.core.clioutput import emit_json
 
         emit_json("export", target, files, {"files": len(files), "format": spec.format}, run_dir=str(run_dir))
         return
@@ -430,9 +430,9 @@ def toy_train(
 
     import torch
 
-    from surgeon.load import TOY_MODEL_DIR
-    from surgeon.progress import progress_enabled
-    from surgeon.toy.train import TrainConfig, train
+    from surgeon.core.progress import progress_enabled
+    from surgeon.model.load import TOY_MODEL_DIR
+    from surgeon.studies.toy_train import TrainConfig, train
 
     limits.count("--threads", threads, 1, limits.MAX_THREADS)
     if threads:
@@ -444,7 +444,7 @@ def toy_train(
     result = train(cfg, target, force=force, progress=progress_enabled(quiet) and not as_json)
     summary = {k: v for k, v in result.items() if k != "history"}
     if as_json:
-        from surgeon.clioutput import emit_json
+        from surgeon.core.clioutput import emit_json
 
         emit_json("toy train", target, sorted(p for p in Path(target).iterdir() if p.is_file()), summary)
         return
@@ -461,12 +461,12 @@ def toy_report_command(
     """Per-factor accuracy, MaxSkew@10, specialised heads (trained vs a re-initialised vision tower, and chance),
     ground-truth agreement."""
 
-    from surgeon.load import load_model
-    from surgeon.toy.report import toy_report
+    from surgeon.model.load import load_model
+    from surgeon.studies.toy_report import toy_report
 
     report = toy_report(load_model(model, device=device), quiet=quiet)
     if as_json:
-        from surgeon.clioutput import emit_json
+        from surgeon.core.clioutput import emit_json
 
         emit_json("toy report", None, [], report["met"], **report)
         return
@@ -511,11 +511,11 @@ def toy_images_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Write toy-world images as PNGs with a labels.csv, to look at the world."""
-    from surgeon.toy import world
+    from surgeon.inputs.toy import world
 
     folder = world.write_png_folder(out_dir, n, split=split, seed=seed, force=force)
     if as_json:
-        from surgeon.clioutput import emit_json
+        from surgeon.core.clioutput import emit_json
 
         emit_json("toy images", folder, sorted(folder.iterdir()), {"images": n, "split": split, "seed": seed})
         return
@@ -529,8 +529,8 @@ def cache_list(
     """What the cache holds, per kind (stats, text, partial, llm), least recently used first with --files."""
     from datetime import datetime
 
-    from surgeon.cache import entries, human
-    from surgeon.paths import cache_dir
+    from surgeon.core.cache import entries, human
+    from surgeon.core.paths import cache_dir
 
     found = entries()
     table = Table(title=f"cache: {cache_dir()}")
@@ -553,7 +553,7 @@ def cache_list(
 @cache_app.command("size")
 def cache_size() -> None:
     """Total size of the cache, in bytes and readable."""
-    from surgeon.cache import entries, human
+    from surgeon.core.cache import entries, human
 
     total = sum(e.size for e in entries())
     out.print(f"{total} bytes ({human(total)})")
@@ -566,7 +566,7 @@ def cache_clear(
     ] = None,
 ) -> None:
     """Delete cache entries; each is recomputed when next needed."""
-    from surgeon.cache import clear, human
+    from surgeon.core.cache import clear, human
 
     gone = clear(kinds)
     out.print(f"deleted {len(gone)} file(s), {human(sum(e.size for e in gone))}")
@@ -577,7 +577,7 @@ def cache_evict(
     max_size: Annotated[str, typer.Option(help="keep at most this much, e.g. 5GB, 500MB, 2GiB")],
 ) -> None:
     """Delete least recently used entries until the cache fits in --max-size."""
-    from surgeon.cache import entries, evict, human, parse_size
+    from surgeon.core.cache import entries, evict, human, parse_size
 
     gone = evict(parse_size(max_size))
     left = sum(e.size for e in entries())
@@ -589,11 +589,11 @@ def models(as_json: JsonOpt = False) -> None:
     """List the open_clip architectures surgeon can load (weights come from local files or the hub cache)."""
     import open_clip
 
-    from surgeon.load import TOY_MODEL_DIR, supported_architectures
+    from surgeon.model.load import TOY_MODEL_DIR, supported_architectures
 
     names = supported_architectures()
     if as_json:
-        from surgeon.clioutput import emit_json
+        from surgeon.core.clioutput import emit_json
 
         entries = [{"name": "toy", "pretrained_tags": [], "path": str(TOY_MODEL_DIR)}]
         entries += [{"name": n, "pretrained_tags": open_clip.list_pretrained_tags_by_model(n)} for n in names]
@@ -698,7 +698,7 @@ def main() -> None:
             err.print(f"interrupted: {kept_after_interrupt()}", highlight=False, soft_wrap=True)
             sys.exit(130)
         if isinstance(error, ImportError):  # a surgery or serve verb on the plain (serving-only) install
-            from surgeon.extras import missing_extra
+            from surgeon.core.extras import missing_extra
 
             error = missing_extra(error, next((a for a in sys.argv[1:] if not a.startswith("-")), None)) or error
         if isinstance(error, SurgeonError):

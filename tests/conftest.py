@@ -26,14 +26,14 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from surgeon.images import folder_images
-from surgeon.load import build_clip, load_model
-from surgeon.options import RankMethod
-from surgeon.policies import PolicyOptions
-from surgeon.pools import TextPool
-from surgeon.prune import prune
-from surgeon.rank import rank_heads
-from surgeon.validate import BiasSet, ClassificationSet, ValidationSuite
+from surgeon.core.options import RankMethod
+from surgeon.inputs.images import folder_images
+from surgeon.inputs.pools import TextPool
+from surgeon.model.load import build_clip, load_model
+from surgeon.pruning.prune import prune
+from surgeon.ranking.rank import rank_heads
+from surgeon.selection.policies import PolicyOptions
+from surgeon.validation.validate import BiasSet, ClassificationSet, ValidationSuite
 
 
 @contextlib.contextmanager
@@ -125,7 +125,7 @@ def tiny_config(block_type: str = "default", layers: int = 3, heads: int = 4, im
 
 def tiny_toy_model_cfg() -> dict:
     """The smallest toy CLIP (32 px, one block per tower) for training and zero-shot tests."""
-    from surgeon.toy.train import toy_model_cfg
+    from surgeon.studies.toy_train import toy_model_cfg
 
     return toy_model_cfg(
         image_size=32,
@@ -174,7 +174,7 @@ def vit_file(tmp_path_factory) -> Path:
     a file that cannot say its activation, loaded as `--model ViT-S-32 --pretrained FILE`."""
     import warnings
 
-    from surgeon.load import load_model
+    from surgeon.model.load import load_model
 
     path = tmp_path_factory.mktemp("ckpt") / "vit-s-32.safetensors"
     with warnings.catch_warnings():

@@ -18,11 +18,11 @@ pytest.importorskip("grpc_reflection")
 from google.longrunning import operations_pb2, operations_pb2_grpc  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
-from surgeon.images import folder_images  # noqa: E402
-from surgeon.load import load_model  # noqa: E402
-from surgeon.options import RankMethod  # noqa: E402
-from surgeon.pools import load_pool  # noqa: E402
-from surgeon.rank import Ranking, rank_heads  # noqa: E402
+from surgeon.core.options import RankMethod  # noqa: E402
+from surgeon.inputs.images import folder_images  # noqa: E402
+from surgeon.inputs.pools import load_pool  # noqa: E402
+from surgeon.model.load import load_model  # noqa: E402
+from surgeon.ranking.rank import Ranking, rank_heads  # noqa: E402
 from surgeon.v1 import surgeon_pb2 as pb  # noqa: E402
 from surgeon.v1 import surgeon_pb2_grpc as pb_grpc  # noqa: E402
 from tests.conftest import save_local_dir, tiny_config  # noqa: E402

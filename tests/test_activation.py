@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from surgeon.errors import InvalidInput
+from surgeon.core.errors import InvalidInput
 from tests.conftest import run_cli
 
 
@@ -41,7 +41,7 @@ def test_the_gelu_assumption_reaches_the_screen_and_quickgelu_can_be_named(vit_f
 def test_the_activation_and_how_it_was_decided_are_recorded(vit_file):
     from open_clip.model import QuickGELU
 
-    from surgeon.load import load_model
+    from surgeon.model.load import load_model
 
     with pytest.warns(UserWarning, match="GELU assumed"):
         assumed = load_model("ViT-S-32", str(vit_file), device="cpu")
@@ -56,7 +56,7 @@ def test_the_activation_and_how_it_was_decided_are_recorded(vit_file):
 
 
 def test_a_study_names_the_activation_per_model(tmp_path):
-    from surgeon.study import parse_study
+    from surgeon.studies.study import parse_study
 
     study = tmp_path / "s.toml"
     body = '[[policies]]\npolicy = "top-k"\nk = 1\n[[data]]\nname = "shape"\npath = "toy:shape"\n'

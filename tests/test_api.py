@@ -1,5 +1,5 @@
 """The CLI and the gRPC service share one library API (surgeon/api.py) whose options are declared once, as spec
-fields (surgeon/options.py): the CLI options, the request mapping, the study keys and docs/options.md derive
+fields (surgeon/core/options.py): the CLI options, the request mapping, the study keys and docs/options.md derive
 from them."""
 
 import dataclasses
@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import typer
 
-from surgeon import api, options
+from surgeon import api
 from surgeon.cli import app
-from surgeon.errors import InvalidInput
-from surgeon.options import OnnxExport, RankMethod, declared, from_message, markdown, options_of
+from surgeon.core import options
+from surgeon.core.errors import InvalidInput
+from surgeon.core.options import OnnxExport, RankMethod, declared, from_message, markdown, options_of
 from surgeon.v1 import surgeon_pb2 as pb
 
 #: CLI parameters of a verb that are not spec options (its own switches, an argument, a parsed list)

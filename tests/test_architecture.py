@@ -1,6 +1,7 @@
-"""The package's structure, read with ast: no import cycles among surgeon's modules, the stages reach the toy
-world only through surgeon.defaults (the CLI's `toy` verbs aside), and only surgeon.hooks names open_clip's
-model parts."""
+"""The package's structure, read with ast: packages by job on floors, every import pointing down (or within
+its own package); no import cycles among surgeon's modules; the stages reach the toy world only through
+surgeon.inputs.defaults (the toy's own apps and the CLI's `toy` verbs aside); the toy-by-default rule is stated
+once (surgeon.core.fallback); only surgeon.model.hooks names open_clip's model parts."""
 
 from __future__ import annotations
 
@@ -12,10 +13,29 @@ import surgeon
 
 PACKAGE = Path(surgeon.__file__).parent
 GENERATED = "surgeon.v1"  # gRPC stubs written by surgeon.server.codegen
-TOY = "surgeon.toy"
-#: what may import the toy world: the defaults place, and the shell whose `toy` verbs train and draw it
-TOY_IMPORTERS = {"surgeon.defaults", "surgeon.cli"}
-ADAPTER = "surgeon.hooks"
+TOY = "surgeon.inputs.toy"
+#: what may import the toy world: the defaults place, the toy's own apps, and the shell whose `toy` verbs run them
+TOY_IMPORTERS = {"surgeon.inputs.defaults", "surgeon.studies.toy_train", "surgeon.studies.toy_report", "surgeon.cli"}
+TOY_RULE = "surgeon.core.fallback"
+#: surgeon's packages (and top-level modules) from the floor up: each may import only what stands below it
+FLOORS = [
+    ["core"],
+    ["results", "model"],
+    ["inputs"],
+    ["runtime", "ranking"],
+    ["validation"],
+    ["selection"],
+    ["exporting"],
+    ["pruning"],
+    ["studies"],
+    ["api"],
+    ["server"],
+    ["cli"],
+]
+#: the package itself (its version) and its launcher stand outside the floors
+OUTSIDE = {"surgeon", "surgeon.__main__", GENERATED}
+MAX_TOP_LEVEL_MODULES = 4
+ADAPTER = "surgeon.model.hooks"
 #: open_clip's names for model parts, which no surgeon class reuses (num_heads, out_proj, ln_q... are also
 #: PrunedAttention's own, image_size the toy world's, encode_text a LoadedModel method: those are left out)
 ARCHITECTURE_PARTS = {
@@ -116,9 +136,49 @@ def test_the_cycle_finder_finds_a_cycle():
 
 def test_no_import_cycles():
     graph = import_graph()
-    assert "surgeon.cli" in graph and "surgeon.surgery" in graph["surgeon.prune"]
+    assert "surgeon.cli" in graph and "surgeon.model.surgery" in graph["surgeon.pruning.prune"]
     found = cycles(graph)
     assert not found, "import cycles: " + "; ".join(" <-> ".join(c) for c in found)
+
+
+def unit(module: str) -> str:
+    """The package (or top-level module) a module belongs to: surgeon.ranking.judges.base -> ranking."""
+    return module.split(".")[1]
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    floor = {name: level for level, names in enumerate(FLOORS) for name in names}
+    found = []
+    for name, targets in sorted(graph.items()):
+        if name in OUTSIDE:
+            continue
+        for target in sorted(targets):
+            if target in OUTSIDE or unit(target) == unit(name):
+                continue
+            if floor[unit(target)] >= floor[unit(name)]:
+                found.append(f"{name} -> {target}")
+    return found
+
+
+def test_the_floor_check_finds_an_import_running_upward():
+    graph = {"surgeon.core.paths": {"surgeon.model.load"}, "surgeon.model.load": {"surgeon.core.errors"}}
+    assert upward_imports(graph) == ["surgeon.core.paths -> surgeon.model.load"]
+    assert upward_imports({"surgeon.results.bias": {"surgeon.model.hooks"}}) == [
+        "surgeon.results.bias -> surgeon.model.hooks"
+    ]  # the same floor is not below
+
+
+def test_every_import_points_down_the_floors():
+    graph = import_graph()
+    units = {unit(name) for name in graph if name not in OUTSIDE}
+    assert units == {name for names in FLOORS for name in names}, "a package is missing from FLOORS"
+    found = upward_imports(graph)
+    assert not found, "imports running up (or sideways on one floor):\n" + "\n".join(found)
+
+
+def test_at_most_four_modules_stand_directly_under_surgeon():
+    modules = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem not in ("__init__", "__main__"))
+    assert len(modules) <= MAX_TOP_LEVEL_MODULES, modules
 
 
 def test_stages_reach_the_toy_world_only_through_defaults():
@@ -128,21 +188,21 @@ def test_stages_reach_the_toy_world_only_through_defaults():
         for name, targets in graph.items()
         if not name.startswith(TOY) and name not in TOY_IMPORTERS and any(t.startswith(TOY) for t in targets)
     )
-    assert not offenders, f"{offenders} import {TOY}; ask surgeon.defaults instead"
+    assert not offenders, f"{offenders} import {TOY}; ask surgeon.inputs.defaults instead"
 
 
 def test_the_toy_by_default_rule_is_stated_once():
-    """ "No data given -> the toy world's, for the toy model only" lives in surgeon.defaults; the stages ask it
+    """ "No data given -> the toy world's, for the toy model only" lives in surgeon.core.fallback; the stages ask it
     (it was restated in api, images, pools, validate, study, load and policies, each a chance to drift)."""
     restated = re.compile(r'in \(None, "toy"\)|model == "toy"|not the toy model|"toy" if|None or \w+ == TOY_MODEL_NAME')
     offenders = [
         f"{name}:{number}"
         for name, path in _modules().items()
-        if name != "surgeon.defaults" and not name.startswith(TOY)
+        if name != TOY_RULE and not name.startswith(TOY)
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
         if restated.search(line)
     ]
-    assert not offenders, f"{offenders} restate the toy default; ask surgeon.defaults"
+    assert not offenders, f"{offenders} restate the toy default; ask surgeon.core.fallback"
 
 
 def part_reads(source: str) -> list[tuple[int, str]]:
@@ -169,4 +229,4 @@ def test_only_hooks_reaches_into_the_architecture():
         if name != ADAPTER
         for line, expr in part_reads(path.read_text(encoding="utf-8"))
     ]
-    assert not found, "use surgeon.hooks' accessors instead of:\n" + "\n".join(found)
+    assert not found, "use surgeon.model.hooks' accessors instead of:\n" + "\n".join(found)

@@ -8,7 +8,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from surgeon.bias import (
+from surgeon.core.errors import InvalidInput
+from surgeon.results.bias import (
     PROTOCOLS,
     bias_intervals,
     bias_metrics,
@@ -21,7 +22,6 @@ from surgeon.bias import (
     skews_at_k,
     unit_weights,
 )
-from surgeon.errors import InvalidInput
 
 
 def test_skew_values_by_hand():

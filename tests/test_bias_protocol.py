@@ -8,11 +8,11 @@ import json
 import numpy as np
 import pytest
 
-from surgeon.card import _front_matter
-from surgeon.errors import InvalidInput
-from surgeon.load import load_model
-from surgeon.records import Plan
-from surgeon.validate import build_suite, markdown_report, validate
+from surgeon.core.errors import InvalidInput
+from surgeon.exporting.card import _front_matter
+from surgeon.model.load import load_model
+from surgeon.results.records import Plan
+from surgeon.validation.validate import build_suite, markdown_report, validate
 from tests.conftest import run_cli
 from tests.grpc_helpers import (
     RPC_TIMEOUT,

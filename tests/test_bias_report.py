@@ -7,10 +7,10 @@ import copy
 
 import pytest
 
-from surgeon.debias import chance_line, chance_lines, null_sets
-from surgeon.errors import CorruptInput
-from surgeon.heads import HeadRef
-from surgeon.records import check_validation_report
+from surgeon.core.errors import CorruptInput
+from surgeon.model.heads import HeadRef
+from surgeon.results.records import check_validation_report
+from surgeon.selection.debias import chance_line, chance_lines, null_sets
 
 CHANCE = {
     "metric": "max_skew@10",

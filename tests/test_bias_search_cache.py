@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from surgeon.heads import HeadRef
-from surgeon.hooks import vision_blocks, vision_tower
-from surgeon.load import load_model
-from surgeon.validate import Evaluator
+from surgeon.model.heads import HeadRef
+from surgeon.model.hooks import vision_blocks, vision_tower
+from surgeon.model.load import load_model
+from surgeon.validation.validate import Evaluator
 from tests.conftest import synthetic_suite
 
 

@@ -1,4 +1,4 @@
-"""Every count, range and size is bounded before anything is allocated (surgeon/limits.py): bad numbers are
+"""Every count, range and size is bounded before anything is allocated (surgeon/core/limits.py): bad numbers are
 input errors (exit 2) before any work, image bombs are refused before decoding or resizing, and `serve` refuses
 ports and grace periods out of range."""
 
@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from surgeon import limits
-from surgeon.decompose import parse_layers
-from surgeon.errors import CorruptInput, InvalidInput
-from surgeon.images import open_image
-from surgeon.load import load_model
-from surgeon.runtime.preprocess import PreprocessConfig, load_image
+from surgeon.core import limits
+from surgeon.core.errors import CorruptInput, InvalidInput
+from surgeon.inputs.images import open_image
+from surgeon.inputs.preprocess import PreprocessConfig, load_image
+from surgeon.model.decompose import parse_layers
+from surgeon.model.load import load_model
 from tests.conftest import NO_MODEL, run_cli
 
 DOCUMENTED_EXIT_CODES = {0, 2, 3, 4, 5, 6, 7, 8, 10, 130}
@@ -66,8 +66,8 @@ def test_layer_spans_are_checked_before_a_range_is_built():
     script = textwrap.dedent(
         """
         import resource, sys
-        from surgeon.decompose import parse_layers
-        from surgeon.errors import InvalidInput
+        from surgeon.model.decompose import parse_layers
+        from surgeon.core.errors import InvalidInput
         resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
         try:
             parse_layers("0-999999999999", 12)
@@ -90,7 +90,7 @@ def test_layer_specs_out_of_range_or_malformed(spec):
 
 
 def test_echoed_input_is_truncated():
-    from surgeon.heads import parse_heads
+    from surgeon.model.heads import parse_heads
 
     with pytest.raises(InvalidInput) as info:
         parse_heads("L1.H1," + "x" * 4_000_000)
@@ -120,7 +120,7 @@ def test_a_one_pixel_wide_strip_is_refused_before_resizing(tmp_path):
     with pytest.raises(CorruptInput, match="resized beyond"):  # in-memory images skip load_image
         PreprocessConfig(size=(48, 48))(Image.new("RGB", (1, 200_000)))
     # the torch path skips it with a count, like any unreadable image
-    from surgeon.images import folder_images
+    from surgeon.inputs.images import folder_images
 
     for i in range(2):
         Image.fromarray(np.full((40, 60, 3), 60 * i, np.uint8)).save(strip.parent / f"ok{i}.png")

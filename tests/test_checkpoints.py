@@ -8,8 +8,8 @@ import pickle
 
 import pytest
 
-from surgeon.errors import CorruptInput, InvalidInput, NotFound
-from surgeon.load import load_model, parse_device, read_state_dict
+from surgeon.core.errors import CorruptInput, InvalidInput, NotFound
+from surgeon.model.load import load_model, parse_device, read_state_dict
 from tests.conftest import run_cli
 
 

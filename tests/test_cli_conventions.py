@@ -53,7 +53,7 @@ def shapes(tmp_path) -> Path:
     """A small ImageFolder of toy shapes, to keep validation quick."""
     from PIL import Image
 
-    from surgeon.toy import world
+    from surgeon.inputs.toy import world
 
     task = next(t for t in world.zeroshot_tasks(n=24) if t.name == "shape")
     for i, (image, label) in enumerate(zip(task.images, task.labels, strict=True)):

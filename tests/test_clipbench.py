@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from surgeon.errors import CorruptInput, InvalidInput, NotFound
-from surgeon.load import load_model
-from surgeon.validate import ValidationSuite, classification_set, validate
+from surgeon.core.errors import CorruptInput, InvalidInput, NotFound
+from surgeon.model.load import load_model
+from surgeon.validation.validate import ValidationSuite, classification_set, validate
 from tests.conftest import run_cli
 
 N_IMAGES = 60
@@ -25,7 +25,7 @@ def toy_shapes(tmp_path_factory) -> tuple[Path, Path, list[str], list[str]]:
     """The toy world's shape task as an ImageFolder and, converted by clip_benchmark, as a webdataset."""
     from clip_benchmark.webdataset_builder import convert_dataset, path_to_bytes
 
-    from surgeon.toy import world
+    from surgeon.inputs.toy import world
 
     task = next(t for t in world.zeroshot_tasks(n=N_IMAGES) if t.name == "shape")
     root = tmp_path_factory.mktemp("shapes")

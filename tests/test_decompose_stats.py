@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from surgeon.decompose import decompose, parse_layers
-from surgeon.errors import InvalidInput
-from surgeon.load import load_model
-from surgeon.stats import HeadStats
-from surgeon.textspan import numerical_rank, textspan
+from surgeon.core.errors import InvalidInput
+from surgeon.core.stats import HeadStats
+from surgeon.model.decompose import decompose, parse_layers
+from surgeon.model.load import load_model
+from surgeon.ranking.textspan import numerical_rank, textspan
 
 
 @pytest.fixture(scope="module")

@@ -21,13 +21,13 @@ import torch
 from huggingface_hub import ModelCard
 from PIL import Image
 
-from surgeon.card import base_model_facts
-from surgeon.errors import PreconditionFailed
-from surgeon.load import load_model
-from surgeon.options import OnnxExport, RankMethod
-from surgeon.policies import PolicyOptions
-from surgeon.prune import prune
+from surgeon.core.errors import PreconditionFailed
+from surgeon.core.options import OnnxExport, RankMethod
+from surgeon.exporting.card import base_model_facts
+from surgeon.model.load import load_model
+from surgeon.pruning.prune import prune
 from surgeon.runtime.session import ExportedModel
+from surgeon.selection.policies import PolicyOptions
 from tests.conftest import TAXONOMY, offline_hub_cache, synthetic_suite, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,9 +36,9 @@ LABELS = ["red", "blue", "green", "dog"]
 
 def _run(tmp_path_factory, mode: str, exporter: str) -> tuple[object, Path]:
     """(the pruned LoadedModel, its run folder) for the tiny default model, ONNX with a baked classifier."""
-    from surgeon.images import folder_images
-    from surgeon.pools import TextPool
-    from surgeon.rank import rank_heads
+    from surgeon.inputs.images import folder_images
+    from surgeon.inputs.pools import TextPool
+    from surgeon.ranking.rank import rank_heads
     from tests.conftest import save_local_dir
 
     base = tmp_path_factory.mktemp(f"deploy-{mode}")
@@ -117,8 +117,8 @@ def test_hard_pruned_run_reloads_with_surgeon_from_its_root(hard_run):
 
 
 def test_runs_written_before_the_hub_layout_still_export(zero_run, tmp_path):
-    from surgeon.export import export_existing_run
-    from surgeon.paths import newest_run
+    from surgeon.core.paths import newest_run
+    from surgeon.exporting.export import export_existing_run
 
     _, run = zero_run
     old = tmp_path / "exports" / "old-run"
@@ -148,7 +148,7 @@ def test_card_metadata_is_honest(zero_run, hard_run):
     zero, _ = _card(zero_run[1])
     hard, hard_text = _card(hard_run[1])
     assert zero["library_name"] == "open_clip" and hard["library_name"] == "onnx"
-    assert "hf-hub:USER/REPO" in _card(zero_run[1])[1] and "surgeon.load.load_model('local-dir:.')" in hard_text
+    assert "hf-hub:USER/REPO" in _card(zero_run[1])[1] and "surgeon.model.load.load_model('local-dir:.')" in hard_text
     for meta in (zero, hard):
         assert meta["license"] == "unknown" and "base_model" not in meta  # a local folder: nothing to inherit
         tasks = {r["task"]["type"] for entry in meta["model-index"] for r in entry["results"]}
@@ -197,8 +197,8 @@ def test_onnx_files_name_their_dims_and_say_what_they_are(which, request):
 
 
 def test_unknown_exporter_fails_before_any_work(tmp_path):
-    from surgeon.errors import InvalidInput
-    from surgeon.export import export_existing_run
+    from surgeon.core.errors import InvalidInput
+    from surgeon.exporting.export import export_existing_run
 
     with pytest.raises(InvalidInput, match="unknown ONNX exporter"):
         export_existing_run(REPO, ["onnx"], tmp_path / "x", exporter="jit")

@@ -13,11 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
-from surgeon.collect import collect_stats, stats_key
-from surgeon.distributed import World, shard
-from surgeon.images import ImageSet, folder_images
-from surgeon.load import load_model
-from surgeon.stats import HeadStats
+from surgeon.core.distributed import World, shard
+from surgeon.core.stats import HeadStats
+from surgeon.inputs.images import ImageSet, folder_images
+from surgeon.model.load import load_model
+from surgeon.ranking.collect import collect_stats, stats_key
 from tests.conftest import run_cli
 from tests.test_rank_cli import TAXONOMY
 

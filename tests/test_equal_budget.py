@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from surgeon.api import ModelSpec, PruneSpec
-from surgeon.errors import InvalidInput, NotFound
-from surgeon.heads import parse_heads
-from surgeon.policies import PAPER_HEADS, POLICIES, PolicyOptions, policy_names
-from surgeon.study import STUDY_POLICIES
+from surgeon.core.errors import InvalidInput, NotFound
+from surgeon.model.heads import parse_heads
+from surgeon.selection.policies import PAPER_HEADS, POLICIES, PolicyOptions, policy_names
+from surgeon.studies.study import STUDY_POLICIES
 from tests.test_policies import CCS, names, select
 from tests.test_policies import ranking as ranking  # noqa: F401  (the fixture)
 

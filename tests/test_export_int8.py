@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 from surgeon.api import ExportSpec, ModelSpec, PruneSpec, ValidationSpec, run_export, run_prune
-from surgeon.datarecord import DATA_RECORD
-from surgeon.errors import InvalidInput, PreconditionFailed, StorageError
+from surgeon.core.errors import InvalidInput, PreconditionFailed, StorageError
+from surgeon.validation.datarecord import DATA_RECORD
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
 
@@ -99,12 +99,12 @@ def test_changed_or_named_data(recorded_run, tmp_path):
 
 
 def test_unknown_quantization_is_refused_before_anything_loads(recorded_run, monkeypatch):
-    import surgeon.load
+    import surgeon.model.load
 
     def no_loading(*_args, **_kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(surgeon.load, "load_model", no_loading)
+    monkeypatch.setattr(surgeon.model.load, "load_model", no_loading)
     with pytest.raises(InvalidInput, match="unknown quantization 'int4'"):
         ExportSpec(recorded_run.dir, quantize="int4").check()
     with pytest.raises(InvalidInput, match="unknown quantization 'int4'"):
@@ -112,9 +112,9 @@ def test_unknown_quantization_is_refused_before_anything_loads(recorded_run, mon
 
 
 def test_an_export_says_what_it_writes_before_writing(recorded_run, tmp_path, monkeypatch):
-    import surgeon.export
-    from surgeon.export import size_estimate
-    from surgeon.load import load_model
+    import surgeon.exporting.export
+    from surgeon.exporting.export import size_estimate
+    from surgeon.model.load import load_model
 
     out = tmp_path / "both"
     with pytest.warns(UserWarning, match=r"the export writes about .*; `--format onnx` alone writes"):
@@ -127,7 +127,7 @@ def test_an_export_says_what_it_writes_before_writing(recorded_run, tmp_path, mo
     for name, size in estimate.items():  # graph structure adds a few hundred KB per graph: large on tiny models
         assert 0.75 * written[name] <= size <= 1.1 * written[name], (name, size, written[name])
     assert 0.9 * sum(written.values()) <= sum(estimate.values()) <= 1.1 * sum(written.values())
-    monkeypatch.setattr(surgeon.export.shutil, "disk_usage", lambda _: namedtuple("Usage", "free")(999))
+    monkeypatch.setattr(surgeon.exporting.export.shutil, "disk_usage", lambda _: namedtuple("Usage", "free")(999))
     with pytest.raises(StorageError, match="needs about .* but .* has 999 B free") as full:
         run_export(ExportSpec(recorded_run.dir, format="both", out_dir=tmp_path / "full"))
     assert "`--format onnx` alone" in str(full.value.hint) and not (tmp_path / "full").exists()
@@ -152,7 +152,7 @@ def test_the_record_rebuilds_every_validation_option_and_the_toy_sets_by_name(tm
     from dataclasses import asdict
     from pathlib import Path
 
-    from surgeon.datarecord import record_validation_data, recorded_suite
+    from surgeon.validation.datarecord import record_validation_data, recorded_suite
 
     monkeypatch.setenv("SURGEON_CACHE_DIR", str(tmp_path / "cache"))
     spec = ValidationSpec(

@@ -14,10 +14,10 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from surgeon import limits  # noqa: E402
-from surgeon.decompose import parse_layers  # noqa: E402
-from surgeon.errors import InvalidInput  # noqa: E402
-from surgeon.heads import parse_heads  # noqa: E402
+from surgeon.core import limits  # noqa: E402
+from surgeon.core.errors import InvalidInput  # noqa: E402
+from surgeon.model.decompose import parse_layers  # noqa: E402
+from surgeon.model.heads import parse_heads  # noqa: E402
 from tests.conftest import NO_MODEL, run_cli  # noqa: E402
 
 FUZZ = settings(

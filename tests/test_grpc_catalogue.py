@@ -6,7 +6,7 @@ import pytest
 
 grpc = pytest.importorskip("grpc")
 
-from surgeon.load import TOY_MODEL_DIR  # noqa: E402
+from surgeon.model.load import TOY_MODEL_DIR  # noqa: E402
 from surgeon.v1 import surgeon_pb2 as pb  # noqa: E402
 from tests.grpc_helpers import (  # noqa: E402
     RPC_TIMEOUT,
@@ -50,7 +50,7 @@ def test_cached_pretrained_tags_come_from_the_hub_cache(monkeypatch, tmp_path):
     import huggingface_hub.constants
     import open_clip
 
-    from surgeon.load import cached_pretrained_tags
+    from surgeon.model.load import cached_pretrained_tags
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setenv("HOME", str(tmp_path))  # ~/.cache/clip, open_clip's other cache

@@ -60,15 +60,15 @@ def test_twenty_concurrent_requests_finish_or_are_refused(stub, world, server, g
 
 
 def test_cancel_stops_at_the_next_step_and_leaves_nothing(stub, world, monkeypatch):
-    import surgeon.images
+    import surgeon.inputs.images
 
-    real_open = surgeon.images.open_image
+    real_open = surgeon.inputs.images.open_image
 
     def slow_open(path):
         time.sleep(0.1)
         return real_open(path)
 
-    monkeypatch.setattr(surgeon.images, "open_image", slow_open)
+    monkeypatch.setattr(surgeon.inputs.images, "open_image", slow_open)
     op = stub.RankHeads(rank_request(out="cancelled", no_cache=True, batch_size=1), timeout=RPC_TIMEOUT)
     seen = watch_until(stub, op, lambda e: meta(e).stage == "head statistics" and meta(e).message.startswith("3/"))
     assert not seen.done
@@ -132,7 +132,7 @@ def test_cancel_a_waiting_job(stub, gate):
 
 def test_nested_outputs_clash_like_equal_ones(tmp_path):
     """A Prune replacing run1 would delete what an Export writes into run1/export-onnx."""
-    from surgeon.errors import PreconditionFailed
+    from surgeon.core.errors import PreconditionFailed
     from surgeon.server.jobs import JobManager
 
     jobs = JobManager(max_jobs=1)

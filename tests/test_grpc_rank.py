@@ -10,8 +10,8 @@ grpc = pytest.importorskip("grpc")
 
 from google.longrunning import operations_pb2, operations_pb2_grpc  # noqa: E402
 
-from surgeon.load import TOY_MODEL_DIR  # noqa: E402
-from surgeon.rank import Ranking  # noqa: E402
+from surgeon.model.load import TOY_MODEL_DIR  # noqa: E402
+from surgeon.ranking.rank import Ranking  # noqa: E402
 from surgeon.v1 import surgeon_pb2 as pb  # noqa: E402
 from tests.grpc_helpers import (  # noqa: E402
     RPC_TIMEOUT,

@@ -177,12 +177,12 @@ def test_a_new_server_removes_the_temporaries_of_a_killed_one(world, tmp_path):
 SLOW_SERVER = textwrap.dedent(
     """
     import sys, torch
-    import surgeon.images
+    import surgeon.inputs.images
     def busy(path):  # a job that cannot stop: inside torch for a minute, never reaching its next step
         x = torch.randn(512, 512)
         for _ in range(100000):
             x = torch.tanh(x @ x)
-    surgeon.images.open_image = busy
+    surgeon.inputs.images.open_image = busy
     from surgeon.cli import main
     sys.argv = ["surgeon", *sys.argv[1:]]
     main()
@@ -284,17 +284,17 @@ def test_operations_survive_a_restart(world, tmp_path, monkeypatch):
 def test_a_cancel_takes_effect_inside_a_long_step(stub, world, monkeypatch):
     """A Prune cancel stops validation at the next image instead of waiting for prune() to return. Each
     validation image here takes 0.5 s: the whole prune would take over 12 s."""
-    import surgeon.validate
+    import surgeon.validation.validate
 
     ranked = outcome(wait(stub, stub.RankHeads(rank_request(), timeout=RPC_TIMEOUT)), pb.RankHeadsResult)
-    real, started = surgeon.validate._as_image, threading.Event()
+    real, started = surgeon.validation.validate._as_image, threading.Event()
 
     def slow(x):
         started.set()
         time.sleep(0.5)
         return real(x)
 
-    monkeypatch.setattr(surgeon.validate, "_as_image", slow)
+    monkeypatch.setattr(surgeon.validation.validate, "_as_image", slow)
     op = stub.Prune(_prune(ranked.run_dir, "long", "L1.H0"), timeout=RPC_TIMEOUT)
     assert started.wait(RPC_TIMEOUT)
     cancelled_at = time.monotonic()
@@ -305,7 +305,7 @@ def test_a_cancel_takes_effect_inside_a_long_step(stub, world, monkeypatch):
 
 
 def test_serve_checks_its_device_at_start(world, tmp_path):
-    from surgeon.errors import InvalidInput
+    from surgeon.core.errors import InvalidInput
 
     with pytest.raises(InvalidInput, match="unknown device 'tpu'"):
         SurgeonServer(port=0, exports_root=tmp_path / "exports", device="tpu")

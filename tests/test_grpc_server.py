@@ -31,10 +31,10 @@ from tests.grpc_helpers import (  # noqa: E402
 
 
 def test_health_and_drain_on_shutdown(world, monkeypatch):
-    import surgeon.images
+    import surgeon.inputs.images
 
-    real_open = surgeon.images.open_image
-    monkeypatch.setattr(surgeon.images, "open_image", lambda p: (time.sleep(0.2), real_open(p))[1])
+    real_open = surgeon.inputs.images.open_image
+    monkeypatch.setattr(surgeon.inputs.images, "open_image", lambda p: (time.sleep(0.2), real_open(p))[1])
     srv = SurgeonServer(
         port=0, exports_root=world["exports"], models_root=world["models"], data_root=world["data"], max_jobs=1
     ).start()
@@ -78,7 +78,7 @@ def test_token_auth(world, monkeypatch):
             assert health_status(ch) == health_pb2.HealthCheckResponse.SERVING  # probes need no token
     finally:
         srv.stop(grace=1)
-    from surgeon.errors import InvalidInput
+    from surgeon.core.errors import InvalidInput
     from surgeon.server.main import serve
 
     monkeypatch.delenv("SURGEON_TEST_TOKEN", raising=False)

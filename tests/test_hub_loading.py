@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from surgeon.card import base_model_facts
-from surgeon.errors import InvalidInput, NotFound, PreconditionFailed
-from surgeon.load import load_model
-from surgeon.policies import PolicyOptions
-from surgeon.prune import prune
+from surgeon.core.errors import InvalidInput, NotFound, PreconditionFailed
+from surgeon.exporting.card import base_model_facts
+from surgeon.model.load import load_model
+from surgeon.pruning.prune import prune
+from surgeon.selection.policies import PolicyOptions
 from tests.conftest import offline_hub_cache, synthetic_suite
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from surgeon.errors import InvalidInput, NotFound
+from surgeon.core.errors import InvalidInput, NotFound
 from tests.conftest import run_cli
 
 
@@ -43,12 +43,12 @@ GROUPS = "".join(f"face{i}.png,{'a' if i % 2 else 'b'}\n" for i in range(8))
 @pytest.fixture
 def no_model_load(monkeypatch):
     """Fails the test if anything loads a model: the checks must all come first."""
-    import surgeon.load
+    import surgeon.model.load
 
     def refused(*args, **kwargs):
         raise AssertionError("a model was loaded before the inputs were checked")
 
-    monkeypatch.setattr(surgeon.load, "load_model", refused)
+    monkeypatch.setattr(surgeon.model.load, "load_model", refused)
 
 
 def refused_before_loading(args: list[str], error: type, *fragments: str) -> str:
@@ -67,7 +67,7 @@ CHECKPOINT = ["--model", "ViT-S-32", "--pretrained", "vit.safetensors"]
 
 def test_a_bias_manifest_with_a_header_row_is_read_as_its_header(files):
     """Before: `image,race` was read as a row and failed "image not found: bias/image" after a minute."""
-    from surgeon.validate import bias_set
+    from surgeon.validation.validate import bias_set
 
     with_header = bias_set(bias_csv(files, "image,race\n" + GROUPS), files / "queries.txt", k=4)
     without = bias_set(bias_csv(files, GROUPS, "plain.csv"), files / "queries.txt", k=4)

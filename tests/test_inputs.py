@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from surgeon.errors import CorruptInput, InvalidInput
-from surgeon.images import open_image
-from surgeon.validate import classification_set
+from surgeon.core.errors import CorruptInput, InvalidInput
+from surgeon.inputs.images import open_image
+from surgeon.validation.validate import classification_set
 from tests.conftest import run_cli
 
 
@@ -25,7 +25,7 @@ def _manifest(tmp_path: Path, labels: list[str]) -> Path:
 
 
 def test_integer_csv_labels_index_classnames(tmp_path):
-    from surgeon.validate import classification_set
+    from surgeon.validation.validate import classification_set
 
     names = [f"class{i}" for i in range(12)]
     (tmp_path / "names.txt").write_text("\n".join(names) + "\n")
@@ -44,7 +44,7 @@ def test_integer_csv_labels_index_classnames(tmp_path):
     ],
 )
 def test_csv_label_mismatches_are_errors(tmp_path, labels, names, message):
-    from surgeon.validate import classification_set
+    from surgeon.validation.validate import classification_set
 
     names_file = None
     if names is not None:
@@ -55,7 +55,7 @@ def test_csv_label_mismatches_are_errors(tmp_path, labels, names, message):
 
 
 def test_name_labels_follow_the_classnames_order(tmp_path):
-    from surgeon.validate import classification_set
+    from surgeon.validation.validate import classification_set
 
     (tmp_path / "names.txt").write_text("dog\ncat\n")
     task = classification_set(_manifest(tmp_path, ["cat", "dog", "cat"]), tmp_path / "names.txt")
@@ -137,8 +137,8 @@ def test_json_files_are_read_with_one_clear_error_whatever_they_hold(tmp_path):
     json refuses are corrupt input, not a RecursionError or ValueError traceback."""
     import os
 
-    from surgeon.errors import NotFound
-    from surgeon.paths import read_json, read_json_object
+    from surgeon.core.errors import NotFound
+    from surgeon.core.paths import read_json, read_json_object
 
     os.mkfifo(tmp_path / "fifo.json")
     (tmp_path / "deep.json").write_text("[" * 100_000)

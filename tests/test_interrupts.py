@@ -16,10 +16,10 @@ import pytest
 from PIL import Image
 from safetensors.torch import load_file
 
-from surgeon.export import sha256_file
-from surgeon.policies import PolicyOptions
-from surgeon.prune import prune
-from surgeon.stats import HeadStats
+from surgeon.core.stats import HeadStats
+from surgeon.exporting.export import sha256_file
+from surgeon.pruning.prune import prune
+from surgeon.selection.policies import PolicyOptions
 from tests.conftest import synthetic_suite
 from tests.test_rank_cli import TAXONOMY
 

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 import surgeon
-import surgeon.judges  # noqa: F401  (registers the judges)
-from surgeon.errors import InvalidInput
-from surgeon.judges.base import JUDGES, JudgeContext
-from surgeon.judges.embedding import EmbeddingJudge
-from surgeon.judges.lexicon import LexiconJudge, tokenize
+import surgeon.ranking.judges  # noqa: F401  (registers the judges)
+from surgeon.core.errors import InvalidInput
+from surgeon.ranking.judges.base import JUDGES, JudgeContext
+from surgeon.ranking.judges.embedding import EmbeddingJudge
+from surgeon.ranking.judges.lexicon import LexiconJudge, tokenize
 
 DATA = Path(surgeon.__file__).parent / "data"
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-import surgeon.judges  # noqa: F401  (registers the judges)
-from surgeon.errors import CorruptInput, InvalidInput, PreconditionFailed, SurgeonError
-from surgeon.judges.base import JUDGES, JudgeContext
-from surgeon.judges.llm import make_llm_judge, parse_label, parse_verdict
+import surgeon.ranking.judges  # noqa: F401  (registers the judges)
+from surgeon.core.errors import CorruptInput, InvalidInput, PreconditionFailed, SurgeonError
+from surgeon.ranking.judges.base import JUDGES, JudgeContext
+from surgeon.ranking.judges.llm import make_llm_judge, parse_label, parse_verdict
 
 KEYWORDS = {
     "locations": {"paris", "tokyo", "cairo", "city", "village"},

@@ -8,8 +8,8 @@ import pickle
 import pytest
 import torch
 
-from surgeon.errors import CorruptInput, InvalidInput, NotFound, PreconditionFailed
-from surgeon.load import load_model, read_state_dict
+from surgeon.core.errors import CorruptInput, InvalidInput, NotFound, PreconditionFailed
+from surgeon.model.load import load_model, read_state_dict
 
 
 def test_local_dir_loads_strictly_and_hashes(tiny_default_dir):
@@ -100,7 +100,7 @@ def test_a_quick_gelu_tag_builds_quick_gelu(monkeypatch, tmp_path):
     from open_clip.model import QuickGELU
     from safetensors.torch import save_file
 
-    import surgeon.load as load
+    import surgeon.model.load as load
 
     tiny = load_model("ViT-S-32", device="cpu")
     save_file({k: v.contiguous() for k, v in tiny.model.state_dict().items()}, str(tmp_path / "w.safetensors"))
@@ -111,7 +111,7 @@ def test_a_quick_gelu_tag_builds_quick_gelu(monkeypatch, tmp_path):
 
 
 def test_towers_surgeon_cannot_decompose_are_refused_before_they_are_built():
-    from surgeon.load import supported_architectures
+    from surgeon.model.load import supported_architectures
 
     names = supported_architectures()
     assert "ViT-B-32" in names and "coca_ViT-B-32" not in names and "ViT-L-14-CLIPA" not in names
@@ -160,7 +160,7 @@ def test_a_model_config_too_large_for_any_machine_is_refused_before_it_is_built(
 
 
 def test_a_model_config_number_that_is_not_a_number_is_named():
-    from surgeon.load import build_clip
+    from surgeon.model.load import build_clip
     from tests.conftest import tiny_config
 
     config = tiny_config()
@@ -172,7 +172,7 @@ def test_a_model_config_number_that_is_not_a_number_is_named():
 def test_the_size_estimate_matches_real_models():
     import open_clip
 
-    from surgeon.load import build_clip, model_size
+    from surgeon.model.load import build_clip, model_size
 
     for name in ("ViT-S-32", "ViT-B-32"):
         config = open_clip.get_model_config(name)

@@ -26,7 +26,7 @@ from PIL import Image
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from surgeon import limits
+from surgeon.core import limits
 from surgeon.runtime.session import ExportedModel
 from tests.test_oip import NAME, free_ports, no_torch_env, running_server, serve_command, server  # noqa: F401
 from tests.test_runtime import exported  # noqa: F401 - the session fixture: a tiny real export

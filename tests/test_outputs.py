@@ -17,17 +17,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from surgeon.errors import CorruptInput, PreconditionFailed, StorageError
-from surgeon.export import export_existing_run
-from surgeon.images import folder_images
-from surgeon.integrity import MANIFEST, write_manifest
-from surgeon.load import load_model
-from surgeon.options import RankMethod
-from surgeon.paths import atomic_dir, is_temporary, publish_check, remove_stale_temporaries
-from surgeon.policies import PolicyOptions
-from surgeon.prune import prune
-from surgeon.rank import Ranking, rank_heads
+from surgeon.core.errors import CorruptInput, PreconditionFailed, StorageError
+from surgeon.core.integrity import MANIFEST, write_manifest
+from surgeon.core.options import RankMethod
+from surgeon.core.paths import atomic_dir, is_temporary, publish_check, remove_stale_temporaries
+from surgeon.exporting.export import export_existing_run
+from surgeon.inputs.images import folder_images
+from surgeon.model.load import load_model
+from surgeon.pruning.prune import prune
+from surgeon.ranking.rank import Ranking, rank_heads
 from surgeon.runtime.session import ExportedModel
+from surgeon.selection.policies import PolicyOptions
 from tests.conftest import TAXONOMY, run_cli, synthetic_suite
 
 
@@ -35,13 +35,13 @@ def test_disk_full_while_writing_safetensors_is_a_storage_error(tmp_path, monkey
     """safetensors reports ENOSPC as its own SafetensorError (message from a real 1 MB tmpfs), not an OSError."""
     from safetensors import SafetensorError
 
-    from surgeon.checkpoint import write_local_dir
-    from surgeon.paths import atomic_dir
+    from surgeon.core.paths import atomic_dir
+    from surgeon.model.checkpoint import write_local_dir
 
     def full(*_args, **_kwargs):
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
-    monkeypatch.setattr("surgeon.checkpoint.save_file", full)
+    monkeypatch.setattr("surgeon.model.checkpoint.save_file", full)
     loaded = load_model(f"local-dir:{tiny_default_dir}", device="cpu")
     with pytest.raises(StorageError, match="No space left on device"):
         with atomic_dir(tmp_path / "out") as tmp:
@@ -64,7 +64,7 @@ def test_disk_full_while_exporting_leaves_nothing(setup, tmp_path, monkeypatch):
     def full(*_args, **_kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("surgeon.checkpoint.save_file", full)
+    monkeypatch.setattr("surgeon.model.checkpoint.save_file", full)
     out = tmp_path / "runs" / "run"
     with pytest.raises(StorageError, match="No space left on device"):
         prune(loaded, ranking, synthetic_suite(), "top-k", PolicyOptions(k=1), out_dir=out)
@@ -84,9 +84,9 @@ def test_racing_writers_never_mix_outputs(tmp_path):
 
 def test_published_outputs_get_the_umask_modes_not_owner_only(tmp_path, monkeypatch):
     """Temporary folders and files are created 0700/0600; what is published must be readable like a plain write."""
-    from surgeon.paths import atomic_write_text
+    from surgeon.core.paths import atomic_write_text
 
-    monkeypatch.setattr("surgeon.paths._UMASK", 0o022)
+    monkeypatch.setattr("surgeon.core.paths._UMASK", 0o022)
     with atomic_dir(tmp_path / "run") as tmp:
         (tmp / "sub").mkdir()
         (tmp / "sub" / "weights.bin").write_bytes(b"x")
@@ -110,7 +110,7 @@ def test_a_failed_replace_keeps_the_previous_output(tmp_path, monkeypatch):
             raise OSError(18, "Invalid cross-device link")
         return real_rename(src, dst)
 
-    monkeypatch.setattr("surgeon.paths.os.rename", failing)
+    monkeypatch.setattr("surgeon.core.paths.os.rename", failing)
     with pytest.raises(PreconditionFailed, match="could not move"):
         with atomic_dir(final, force=True) as tmp:
             (tmp / "new.txt").write_text("new")
@@ -292,9 +292,9 @@ def test_stale_temporaries_are_removed_by_the_next_writer(tmp_path):
 
 
 def test_a_truncated_statistics_cache_entry_is_recomputed(tiny_default_dir, image_folder, tmp_path):
-    from surgeon.load import load_model
-    from surgeon.paths import cache_dir
-    from surgeon.pools import TextPool
+    from surgeon.core.paths import cache_dir
+    from surgeon.inputs.pools import TextPool
+    from surgeon.model.load import load_model
 
     loaded = load_model(f"local-dir:{tiny_default_dir}", device="cpu")
     pool = TextPool("t", ("a red dog", "a blue cat", "green bird", "a red cat", "a dog", "blue"), TAXONOMY)

@@ -46,5 +46,5 @@ def test_the_wheel_carries_data_stubs_and_the_toy_model(wheel):
     names = set(wheel.namelist())
     assert "surgeon/v1/surgeon_pb2.py" in names and "surgeon/v1/surgeon_pb2_grpc.py" in names
     assert "surgeon/data/pools/toy.json" in names and "surgeon/data/taxonomies/toy.json" in names
-    assert any(n.startswith("surgeon/toy/model/") and n.endswith(".safetensors") for n in names)
+    assert any(n.startswith("surgeon/data/toy_model/") and n.endswith(".safetensors") for n in names)
     assert not any(n.startswith(("tests/", "benchmarks/")) for n in names)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import pytest
 
-from surgeon.errors import InvalidInput
-from surgeon.plots import ccs_heatmap, ccs_heatmap_figure, metric_name, study_figure, sweep_figure, sweep_plot
-from surgeon.sweep import run_sweep
+from surgeon.core.errors import InvalidInput
+from surgeon.results.plots import ccs_heatmap, ccs_heatmap_figure, metric_name, study_figure, sweep_figure, sweep_plot
+from surgeon.validation.sweep import run_sweep
 from tests.conftest import synthetic_suite
 
 MAGIC = {"png": b"\x89PNG", "pdf": b"%PDF", "svg": b"<?xml"}

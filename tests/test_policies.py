@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from surgeon.errors import InvalidInput, NotFound
-from surgeon.heads import HeadRef
-from surgeon.policies import POLICIES, BiasMeasure, DebiasData, PolicyOptions, debias_bound
-from surgeon.rank import HeadRank, Ranking
+from surgeon.core.errors import InvalidInput, NotFound
+from surgeon.model.heads import HeadRef
+from surgeon.ranking.rank import HeadRank, Ranking
+from surgeon.selection.policies import POLICIES, BiasMeasure, DebiasData, PolicyOptions, debias_bound
 
 CCS = {  # (layer, head): (ccs, label, variance)
     (2, 0): (5, "colors", 0.9),
@@ -220,7 +220,7 @@ def test_callers_ask_a_policys_traits_not_its_name():
     assert traits["paper-random"] == (False, True, True, False) and traits["equal-low"] == (True, True, False, False)
     assert all(POLICIES.get(n).description for n in POLICIES.names())
     package = Path(surgeon.__file__).parent
-    for module in ("prune.py", "api.py", "study.py"):
+    for module in ("pruning/prune.py", "api.py", "studies/study.py"):
         text = (package / module).read_text(encoding="utf-8")
         for name in POLICIES.names():
             assert f'== "{name}"' not in text and f'"{name}" in' not in text, (module, name)
@@ -229,7 +229,7 @@ def test_callers_ask_a_policys_traits_not_its_name():
 
 def test_selection_leaves_the_options_as_they_were(ranking):
     """prune hands a measuring policy its splits through a copy: the caller's options keep no evaluator."""
-    from surgeon.prune import select_heads
+    from surgeon.pruning.prune import select_heads
 
     options = PolicyOptions(k=2)
     data, search_calls, _, _ = debias_data({})

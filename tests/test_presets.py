@@ -10,8 +10,8 @@ import open_clip
 import pytest
 
 from surgeon.api import ModelSpec, PruneSpec
-from surgeon.errors import InvalidInput
-from surgeon.policies import PAPER_HEADS, POLICIES, PolicyOptions
+from surgeon.core.errors import InvalidInput
+from surgeon.selection.policies import PAPER_HEADS, POLICIES, PolicyOptions
 
 
 def spec(model: str | None, policy: str = "paper-high", preset: str | None = "ViT-B-32/openai") -> PruneSpec:
@@ -56,7 +56,7 @@ def test_a_preset_that_does_not_fit_is_refused_before_any_work(model, policy, pr
 
 
 def test_a_study_model_entry_names_its_preset(tmp_path):
-    from surgeon.study import cell_key, cells, parse_study
+    from surgeon.studies.study import cell_key, cells, parse_study
 
     body = '[[policies]]\npolicy = "paper-high"\n[[data]]\nname = "shape"\npath = "toy:shape"\n'
     path = tmp_path / "s.toml"

@@ -10,12 +10,12 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from surgeon.errors import ExportFailed, InvalidInput, PreconditionFailed
-from surgeon.load import load_model
-from surgeon.options import OnnxExport
-from surgeon.policies import PolicyOptions
-from surgeon.prune import prune
-from surgeon.validate import Gates
+from surgeon.core.errors import ExportFailed, InvalidInput, PreconditionFailed
+from surgeon.core.options import OnnxExport
+from surgeon.model.load import load_model
+from surgeon.pruning.prune import prune
+from surgeon.selection.policies import PolicyOptions
+from surgeon.validation.validate import Gates
 from tests.conftest import synthetic_suite
 
 
@@ -145,7 +145,7 @@ def test_accuracy_needs_a_classification_set(setup, tmp_path):
     """A bias set alone measures no accuracy: debias, --seeds, accuracy gates and sweeps refuse at once."""
     from dataclasses import replace
 
-    from surgeon.sweep import run_sweep
+    from surgeon.validation.sweep import run_sweep
 
     loaded, ranking = setup
     bias_only = replace(synthetic_suite(), tasks=[])
@@ -173,8 +173,8 @@ def test_a_hard_pruned_model_is_not_pruned_twice(setup, tmp_path):
 
 
 def test_ranking_file_that_is_not_an_object(tmp_path):
-    from surgeon.errors import CorruptInput
-    from surgeon.rank import Ranking
+    from surgeon.core.errors import CorruptInput
+    from surgeon.ranking.rank import Ranking
 
     (tmp_path / "ranking.json").write_text("[1, 2]")
     with pytest.raises(CorruptInput):
@@ -183,7 +183,7 @@ def test_ranking_file_that_is_not_an_object(tmp_path):
 
 def test_onnx_weights_in_external_data_files_are_kept_and_listed(setup, tmp_path, monkeypatch):
     """Models over 2 GB come out of torch.onnx with external-data files; simulated here on the tiny model."""
-    import surgeon.export as export_module
+    import surgeon.exporting.export as export_module
 
     real_export = export_module._export_graph
 

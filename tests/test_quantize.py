@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from surgeon.errors import GateFailed, InvalidInput, PreconditionFailed
-from surgeon.quantize import RECORD, onnx_mean_accuracy, quantize_export
+from surgeon.core.errors import GateFailed, InvalidInput, PreconditionFailed
+from surgeon.exporting.quantize import RECORD, onnx_mean_accuracy, quantize_export
 from surgeon.runtime.session import ExportedModel
-from surgeon.validate import ClassificationSet, ValidationSuite
+from surgeon.validation.validate import ClassificationSet, ValidationSuite
 from tests.test_deploy import zero_run  # noqa: F401 - a real pruned run folder with ONNX + classifier
 from tests.test_runtime import exported  # noqa: F401 - a tiny real export
 
@@ -64,14 +64,14 @@ def test_int8_over_the_gate_is_refused(export_copy):
 
 @pytest.mark.slow  # builds a pruned run with the dynamo ONNX exporter (tests/test_deploy.py's zero_run)
 def test_refused_export_keeps_the_previous_output(zero_run, tmp_path, monkeypatch):  # noqa: F811
-    import surgeon.export
-    from surgeon.export import export_existing_run
+    import surgeon.exporting.export
+    from surgeon.exporting.export import export_existing_run
 
     _, run = zero_run
     out = tmp_path / "out"
     with pytest.raises(PreconditionFailed, match="does not record which data validated it"):  # nor named: refused
         export_existing_run(run, ["onnx"], out, quantize="int8")
-    monkeypatch.setattr(surgeon.export, "_quantization_suite", lambda *_: near_tie_suite(run / "onnx"))
+    monkeypatch.setattr(surgeon.exporting.export, "_quantization_suite", lambda *_: near_tie_suite(run / "onnx"))
     files = export_existing_run(run, ["onnx"], out, quantize="int8", max_accuracy_drop=100.0)
     assert out / "onnx" / RECORD in files and "int8" in (out / "README.md").read_text()
     assert json.loads((out / "surgery.json").read_text())["sha256"]["onnx/quantization.json"]

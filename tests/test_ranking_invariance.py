@@ -7,11 +7,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from surgeon.images import ImageSet, toy_images
-from surgeon.load import load_model
-from surgeon.options import RankMethod
-from surgeon.pools import load_pool
-from surgeon.rank import rank_heads
+from surgeon.core.options import RankMethod
+from surgeon.inputs.images import ImageSet, toy_images
+from surgeon.inputs.pools import load_pool
+from surgeon.model.load import load_model
+from surgeon.ranking.rank import rank_heads
 from tests.conftest import save_local_dir, tiny_config
 
 
@@ -51,8 +51,8 @@ def test_random_init_head_width_64_ranking_ignores_batch_size_and_image_order(tm
 
 
 def test_gelu_and_quickgelu_of_the_same_weights_never_share_statistics_or_rankings(tmp_path):
-    from surgeon.collect import stats_key
-    from surgeon.errors import PreconditionFailed
+    from surgeon.core.errors import PreconditionFailed
+    from surgeon.ranking.collect import stats_key
 
     config = tiny_config()
     gelu_dir = save_local_dir(tmp_path / "gelu", config)

@@ -8,10 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from surgeon.errors import CorruptInput, PreconditionFailed
-from surgeon.rank import RANKING_SCHEMA, Ranking
-from surgeon.records import Plan, PlannedHead, ValidationSummary, check_validation_report
-from surgeon.validate import markdown_report
+from surgeon.core.errors import CorruptInput, PreconditionFailed
+from surgeon.ranking.rank import RANKING_SCHEMA, Ranking
+from surgeon.results.records import Plan, PlannedHead, ValidationSummary, check_validation_report
+from surgeon.validation.validate import markdown_report
 
 
 def _plan(**changes) -> Plan:

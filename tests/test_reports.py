@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from surgeon.load import load_model, normalised_source
-from surgeon.policies import PolicyOptions
-from surgeon.prune import prune
-from surgeon.rank import HeadRank, Ranking
-from surgeon.validate import UNITS_NOTE, bias_set, classification_set, set_name
+from surgeon.model.load import load_model, normalised_source
+from surgeon.pruning.prune import prune
+from surgeon.ranking.rank import HeadRank, Ranking
+from surgeon.selection.policies import PolicyOptions
+from surgeon.validation.validate import UNITS_NOTE, bias_set, classification_set, set_name
 from tests.conftest import synthetic_suite
 
 
@@ -89,7 +89,7 @@ def test_sets_are_named_by_more_than_their_split_folder(tmp_path):
 
 
 def test_model_labels_are_normalised(tiny_default_dir, tmp_path):
-    from surgeon.study import parse_study
+    from surgeon.studies.study import parse_study
 
     crooked = f"{tiny_default_dir.parent}//{tiny_default_dir.name}/../{tiny_default_dir.name}"
     loaded = load_model(f"local-dir:{crooked}", device="cpu")

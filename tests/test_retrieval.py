@@ -1,4 +1,4 @@
-"""Image <-> text retrieval as a validation family (surgeon.retrieval): clip_benchmark's layouts and metrics,
+"""Image <-> text retrieval as a validation family (surgeon.results.retrieval): clip_benchmark's layouts and metrics,
 checked against an independent numpy computation from the exported ONNX graphs."""
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ import pytest
 from PIL import Image
 
 from surgeon.api import ModelSpec, PruneSpec, ValidateSpec, ValidationSpec, run_prune, run_validate
-from surgeon.errors import CorruptInput, InvalidInput
-from surgeon.heads import parse_heads
-from surgeon.hooks import vision_blocks, vision_tower
-from surgeon.load import load_model
-from surgeon.records import check_validation_report
-from surgeon.validate import Gates, ValidationSuite, build_suite, heads_zeroed, retrieval_set, validate
+from surgeon.core.errors import CorruptInput, InvalidInput
+from surgeon.model.heads import parse_heads
+from surgeon.model.hooks import vision_blocks, vision_tower
+from surgeon.model.load import load_model
+from surgeon.results.records import check_validation_report
+from surgeon.validation.validate import Gates, ValidationSuite, build_suite, heads_zeroed, retrieval_set, validate
 
 WORDS = ["red", "blue", "green", "dog", "cat", "bird", "tree", "car", "boat", "house", "sun", "moon"]
 
@@ -171,7 +171,7 @@ def test_recall_gate(tmp_path):
 def test_a_study_with_retrieval_columns(tmp_path):
     """[[retrieval]] tables: one column each (text -> image / video R@1 in %), the change from the unpruned
     model per policy, the same number a direct validation of the pruned model gives."""
-    from surgeon.study import compute_study, parse_study
+    from surgeon.studies.study import compute_study, parse_study
 
     study_file = tmp_path / "study.toml"
     study_file.write_text(
@@ -196,7 +196,7 @@ def test_a_study_with_retrieval_columns(tmp_path):
 def test_grpc_validation_data_names_retrieval_sets_inside_the_data_root(tmp_path):
     """ValidationData.retrieval_data / frames / templates map to the spec; a manifest may not reach outside
     the data root (its images are checked as the classification manifests' are)."""
-    from surgeon.errors import PermissionDenied
+    from surgeon.core.errors import PermissionDenied
     from surgeon.server.paths import Root
     from surgeon.server.specs import ServerConfig, SpecBuilder
     from surgeon.v1 import surgeon_pb2 as pb

@@ -23,11 +23,11 @@ from open_clip.transform import image_transform
 from PIL import Image
 from typer.testing import CliRunner
 
-from surgeon.errors import CorruptInput, InvalidInput, NotFound, PreconditionFailed
-from surgeon.integrity import write_manifest
-from surgeon.runtime import preprocess as pre
+from surgeon.core.errors import CorruptInput, InvalidInput, NotFound, PreconditionFailed
+from surgeon.core.integrity import write_manifest
+from surgeon.inputs import preprocess as pre
+from surgeon.inputs.preprocess import PreprocessConfig, load_image
 from surgeon.runtime.cli import infer
-from surgeon.runtime.preprocess import PreprocessConfig, load_image
 from surgeon.runtime.session import DEFAULT_TEMPLATES, ExportedModel, default_providers
 from surgeon.runtime.tokenizer import ClipTokenizer
 

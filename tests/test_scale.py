@@ -16,16 +16,16 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from surgeon import collect, textspan
-from surgeon.errors import InvalidInput, NotFound
-from surgeon.images import folder_images, resolve_images
-from surgeon.load import load_model
-from surgeon.options import OnnxExport
-from surgeon.policies import PolicyOptions, check_paper_preset, debias_bound
-from surgeon.pools import TextPool
-from surgeon.prune import prune
-from surgeon.textcache import pool_embeddings, text_cache_path, text_key
-from surgeon.validate import build_suite
+from surgeon.core.errors import InvalidInput, NotFound
+from surgeon.core.options import OnnxExport
+from surgeon.inputs.images import folder_images, resolve_images
+from surgeon.inputs.pools import TextPool
+from surgeon.inputs.textcache import pool_embeddings, text_cache_path, text_key
+from surgeon.model.load import load_model
+from surgeon.pruning.prune import prune
+from surgeon.ranking import collect, textspan
+from surgeon.selection.policies import PolicyOptions, check_paper_preset, debias_bound
+from surgeon.validation.validate import build_suite
 from tests.conftest import run_cli
 
 POOL = TextPool("t", ("a red dog", "a blue cat", "three birds", "Paris at night", "a green car"), {"concepts": {}})
@@ -87,7 +87,7 @@ def test_bars_advance_per_batch(tiny, image_folder, monkeypatch):
     calls: dict = {}
     monkeypatch.setattr(collect, "progress_bar", recording_bar(calls))
     monkeypatch.setattr(textspan, "progress_bar", recording_bar(calls))
-    import surgeon.textcache as textcache
+    import surgeon.inputs.textcache as textcache
 
     monkeypatch.setattr(textcache, "progress_bar", recording_bar(calls))
     images = folder_images(image_folder)  # 24 images
@@ -102,8 +102,8 @@ def test_bars_advance_per_batch(tiny, image_folder, monkeypatch):
 
 
 def test_validation_and_debias_search_bars(setup, monkeypatch):
-    from surgeon import prune as prune_module
-    from surgeon import validate as validate_module
+    from surgeon.pruning import prune as prune_module
+    from surgeon.validation import validate as validate_module
     from tests.conftest import synthetic_suite
 
     loaded, ranking = setup
@@ -167,7 +167,7 @@ def test_unknown_preset_for_a_checkpoint_file_says_what_to_pass(tmp_path):
 
 def test_ranking_free_policies_skip_ranking_and_infer_finds_the_exports_labels(tiny, tmp_path, monkeypatch):
     from surgeon.cli import app
-    from surgeon.paths import cache_dir
+    from surgeon.core.paths import cache_dir
     from tests.conftest import synthetic_suite
 
     labels = tmp_path / "classes.txt"
@@ -254,7 +254,7 @@ def test_rank_without_a_terminal_prints_the_top_of_the_table(
 @pytest.mark.slow  # a child process: the hub reads its cache folder at import
 def test_missing_weights_hint_names_hf_download_and_the_real_hub_cache(tmp_path):
     code = (
-        "import sys\nfrom surgeon.load import load_model\n"
+        "import sys\nfrom surgeon.model.load import load_model\n"
         "try:\n    load_model('ViT-B-32', 'laion2b_s34b_b79k')\nexcept Exception as e:\n    print(e)\n"
     )
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HOME": str(tmp_path)}
@@ -267,8 +267,8 @@ def test_missing_weights_hint_names_hf_download_and_the_real_hub_cache(tmp_path)
 @pytest.mark.parametrize("quick_gelu", [False, True])
 def test_torchscript_archives_load_without_running_their_code(tmp_path, quick_gelu):
     """A traced open_clip model saved with torch.jit.save: the layout of OpenAI's own CLIP files."""
-    from surgeon.load import build_clip, read_state_dict
-    from surgeon.torchscript import is_torchscript, script_activation
+    from surgeon.model.load import build_clip, read_state_dict
+    from surgeon.model.torchscript import is_torchscript, script_activation
     from tests.conftest import tiny_config
 
     config = {**tiny_config(), "quick_gelu": quick_gelu}
@@ -300,8 +300,8 @@ def test_a_pickle_disguised_as_torchscript_is_refused(tmp_path):
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr("evil/code/__torch__/m.py", "class M: pass")
         archive.writestr("evil/data.pkl", pickle.dumps(Exploit(f"touch {marker}")))
-    from surgeon.errors import CorruptInput
-    from surgeon.load import read_state_dict
+    from surgeon.core.errors import CorruptInput
+    from surgeon.model.load import read_state_dict
 
     with pytest.raises(CorruptInput, match="posix.system is not allowed|os.system is not allowed"):
         read_state_dict(path)
@@ -317,9 +317,9 @@ class Exploit:
 
 
 def test_cache_command_lists_sizes_clears_and_evicts_least_recently_used(tiny):
-    from surgeon.cache import parse_size
     from surgeon.cli import app
-    from surgeon.paths import cache_dir
+    from surgeon.core.cache import parse_size
+    from surgeon.core.paths import cache_dir
 
     pool_embeddings(tiny, POOL, quiet=True)  # a real entry: text/<key>.safetensors
     root = cache_dir()
@@ -351,7 +351,7 @@ def test_cache_command_lists_sizes_clears_and_evicts_least_recently_used(tiny):
 def test_a_rank_with_an_empty_shard_says_so(tiny, image_folder, monkeypatch):
     """24 images in batches of 16 are 2 batches: a third rank would get none (the all-reduce is not needed
     to see it, so this rank's view is simulated without a process group)."""
-    from surgeon.distributed import World
+    from surgeon.core.distributed import World
 
     monkeypatch.setattr(collect, "world", lambda: World(2, 3))
     monkeypatch.setattr(collect, "agree", lambda flag, w: flag)
@@ -364,7 +364,7 @@ def test_a_rank_with_an_empty_shard_says_so(tiny, image_folder, monkeypatch):
 def test_empty_parameters_is_per_thread_and_loading_assigns_every_tensor(tiny_default_dir):
     import threading
 
-    from surgeon.load import empty_parameters
+    from surgeon.model.load import empty_parameters
 
     other: list = []
     with empty_parameters():

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from surgeon.bias import bias_metrics
-from surgeon.errors import InvalidInput
-from surgeon.heads import HeadRef
-from surgeon.policies import BiasMeasure
-from surgeon.validate import PROBES_PER_SPLIT, bias_set, search_probe_seeds, toy_suite
+from surgeon.core.errors import InvalidInput
+from surgeon.model.heads import HeadRef
+from surgeon.results.bias import bias_metrics
+from surgeon.selection.policies import BiasMeasure
+from surgeon.validation.validate import PROBES_PER_SPLIT, bias_set, search_probe_seeds, toy_suite
 
 
 def digests(images) -> set[str]:
@@ -75,7 +75,7 @@ def manifest(tmp_path):
 
 
 def test_files_split_keeps_each_identity_in_one_split_reproducibly(manifest):
-    from surgeon.validate import ValidationSuite
+    from surgeon.validation.validate import ValidationSuite
 
     bias = bias_set(manifest / "bias.csv", manifest / "queries.txt", k=5, split_by="identity")
     suite = ValidationSuite([], bias, "files", "bias.csv")
@@ -91,7 +91,7 @@ def test_files_split_keeps_each_identity_in_one_split_reproducibly(manifest):
 
 
 def test_bad_or_too_small_splits_are_refused(manifest):
-    from surgeon.validate import ValidationSuite
+    from surgeon.validation.validate import ValidationSuite
 
     with pytest.raises(InvalidInput, match="not a column of bias.csv"):
         bias_set(manifest / "bias.csv", manifest / "queries.txt", split_by="face")
@@ -112,10 +112,10 @@ def test_a_huge_split_column_is_refused_before_any_work():
 def test_selection_never_reads_the_report_split(setup, tmp_path, monkeypatch):
     """Every image file opened while the debias policy selects belongs to the search or stop split; the report
     split's files are read only afterwards (validation, the comparison with random head sets)."""
-    from surgeon import prune as prune_module
-    from surgeon import validate as validate_module
-    from surgeon.policies import PolicyOptions, Selection
-    from surgeon.validate import ValidationSuite, classification_set
+    from surgeon.pruning import prune as prune_module
+    from surgeon.selection.policies import PolicyOptions, Selection
+    from surgeon.validation import validate as validate_module
+    from surgeon.validation.validate import ValidationSuite, classification_set
 
     loaded, ranking = setup
     rng = np.random.default_rng(0)

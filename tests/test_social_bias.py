@@ -12,10 +12,10 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from surgeon.bias import fold_groups
-from surgeon.errors import InvalidInput
-from surgeon.load import load_model
-from surgeon.validate import BiasColumns, Evaluator, bias_set, build_suite, validate
+from surgeon.core.errors import InvalidInput
+from surgeon.model.load import load_model
+from surgeon.results.bias import fold_groups
+from surgeon.validation.validate import BiasColumns, Evaluator, bias_set, build_suite, validate
 
 TOY = Path("toy:counterfactuals")
 FAIRFACE_RACES = ["White", "Black", "Indian", "East Asian", "Southeast Asian", "Middle Eastern", "Latino_Hispanic"]
@@ -130,13 +130,13 @@ def social(tmp_path) -> Path:
     ],
 )
 def test_bad_manifests_are_one_line_before_any_model_loads(social, options, fragments, monkeypatch):
-    import surgeon.load
+    import surgeon.model.load
     from surgeon.cli import app
 
     def refused(*args, **kwargs):
         raise AssertionError("a model was loaded before the inputs were checked")
 
-    monkeypatch.setattr(surgeon.load, "load_model", refused)
+    monkeypatch.setattr(surgeon.model.load, "load_model", refused)
     if "@lawyer" in options:
         (social.parent / "jobs.txt").write_text("doctor\nlawyer\n")
         options = [o if o != "@lawyer" else str(social.parent / "jobs.txt") for o in options]
@@ -156,7 +156,7 @@ def test_queries_pick_occupations_and_drop_the_rest(social):
 
 
 def test_a_study_reads_the_columns_and_the_toy_set(tmp_path):
-    from surgeon.study import load_data, parse_study
+    from surgeon.studies.study import load_data, parse_study
 
     study = tmp_path / "social.toml"
     study.write_text(

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from surgeon.errors import CorruptInput, InvalidInput, NotFound, PartialResult, PreconditionFailed
-from surgeon.study import CellStore, cells, compute_study, parse_study
+from surgeon.core.errors import CorruptInput, InvalidInput, NotFound, PartialResult, PreconditionFailed
+from surgeon.studies.study import CellStore, cells, compute_study, parse_study
 from tests.conftest import run_cli
 
 TOY = """
@@ -226,7 +226,7 @@ def test_cli_bad_study_file_is_one_line_and_exit_2(tmp_path):
 
 
 def test_missing_study_file_and_bad_shard(tmp_path):
-    from surgeon import limits
+    from surgeon.core import limits
 
     with pytest.raises(NotFound):
         parse_study(tmp_path / "nope.toml")
@@ -287,7 +287,7 @@ def test_a_grid_bomb_is_counted_and_refused_before_any_cell_is_built(tmp_path, m
     built the list (twice) before the bound, a MemoryError traceback after 84 s."""
     import time
 
-    import surgeon.study as study_module
+    import surgeon.studies.study as study_module
 
     policies = "".join(f'[[policies]]\npolicy = "random"\nlabel = "r{i}"\nk = 1\nseeds = 100\n' for i in range(1000))
     data = "".join(f'[[data]]\nname = "d{i}"\npath = "toy:shape"\n' for i in range(1000))
@@ -304,7 +304,7 @@ def test_a_grid_bomb_is_counted_and_refused_before_any_cell_is_built(tmp_path, m
 
 
 def test_count_cells_equals_the_cells_built(tmp_path):
-    from surgeon.study import count_cells
+    from surgeon.studies.study import count_cells
 
     study = parse_study(
         write(
@@ -331,7 +331,7 @@ def test_collect_refuses_a_cell_file_that_is_not_a_cell_in_one_line(tmp_path, to
     foreign.write_text('{"x": 1}')
     result = CliRunner().invoke(app, ["study", str(path), "--out", str(out), "--collect"])
     assert isinstance(result.exception, CorruptInput) and result.exception.exit_code == 4  # main(): one line, exit 4
-    assert f"{foreign} is not a surgeon.study-cell/1 cell" in str(result.exception)
+    assert f"{foreign} is not a surgeon.studies.study-cell/1 cell" in str(result.exception)
     # a run without --collect computes that cell again: nothing else
     run = compute_study(parse_study(path), out)
     assert len(run.computed) == 1 and len(run.reused) == TOY_CELLS - 1
@@ -339,7 +339,7 @@ def test_collect_refuses_a_cell_file_that_is_not_a_cell_in_one_line(tmp_path, to
 
 def test_an_interrupted_study_says_its_finished_cells_are_kept(tmp_path, monkeypatch):
     """Before: "interrupted: nothing was written" although the finished cells were kept and reused."""
-    from surgeon.progress import kept_after_interrupt
+    from surgeon.core.progress import kept_after_interrupt
 
     study = parse_study(write(tmp_path, TOY))
     put, written = CellStore.put, []
@@ -361,7 +361,7 @@ def test_an_interrupted_study_says_its_finished_cells_are_kept(tmp_path, monkeyp
 @pytest.mark.slow  # runs a study on the toy world
 def test_a_resumed_study_reads_its_kept_ranking_instead_of_ranking_again(tmp_path, toy_full, monkeypatch):
     """Before: the ranking lived in memory only, so a resume re-ran TextSpan for the cells left."""
-    import surgeon.rank as rank_module
+    import surgeon.ranking.rank as rank_module
 
     out = tmp_path / "out"
     shutil.copytree(toy_full[1].out, out)
@@ -456,12 +456,12 @@ def test_the_cli_says_the_finished_cells_are_kept_when_a_study_is_interrupted(tm
 
 
 def test_a_studys_data_sets_are_read_before_any_model_loads(tmp_path, monkeypatch):
-    import surgeon.load
+    import surgeon.model.load
 
     def refused(*args, **kwargs):
         raise AssertionError("a model was loaded before the data sets were read")
 
-    monkeypatch.setattr(surgeon.load, "load_model", refused)
+    monkeypatch.setattr(surgeon.model.load, "load_model", refused)
     study = parse_study(write(tmp_path, TOY.replace('path = "toy"\nn = 20', 'path = "missing.csv"\nqueries = "q.txt"')))
     with pytest.raises(NotFound, match="manifest not found"):
         compute_study(study, tmp_path / "out")

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from surgeon.errors import InvalidInput
-from surgeon.study import cells, compute_study, parse_study
+from surgeon.core.errors import InvalidInput
+from surgeon.studies.study import cells, compute_study, parse_study
 
 STUDY = """
 name = "tables"

@@ -7,14 +7,14 @@ import copy
 import pytest
 import torch
 
-from surgeon.checkpoint import write_local_dir
-from surgeon.decompose import head_means
-from surgeon.errors import InvalidInput
-from surgeon.heads import HeadRef, parse_heads
-from surgeon.hooks import record
-from surgeon.load import load_model
-from surgeon.pruned import PrunedAttention
-from surgeon.surgery import SurgeryRequest, apply_surgery
+from surgeon.core.errors import InvalidInput
+from surgeon.model.checkpoint import write_local_dir
+from surgeon.model.decompose import head_means
+from surgeon.model.heads import HeadRef, parse_heads
+from surgeon.model.hooks import record
+from surgeon.model.load import load_model
+from surgeon.model.pruned import PrunedAttention
+from surgeon.model.surgery import SurgeryRequest, apply_surgery
 
 HEADS = [HeadRef(1, 0), HeadRef(2, 1), HeadRef(2, 3)]
 

@@ -11,10 +11,10 @@ import pytest
 from PIL import Image
 
 from surgeon.api import ValidationSpec
-from surgeon.errors import InvalidInput
-from surgeon.study import load_data, parse_study
-from surgeon.templates import DEFAULT_TEMPLATES, named_templates, read_templates, template_set_names
-from surgeon.validate import build_suite
+from surgeon.core.errors import InvalidInput
+from surgeon.inputs.templates import DEFAULT_TEMPLATES, named_templates, read_templates, template_set_names
+from surgeon.studies.study import load_data, parse_study
+from surgeon.validation.validate import build_suite
 
 
 def test_the_paper_sets_and_their_sizes():

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from surgeon.load import load_model
-from surgeon.pools import TextPool
-from surgeon.textcache import pool_embeddings, text_cache_path, text_key
+from surgeon.inputs.pools import TextPool
+from surgeon.inputs.textcache import pool_embeddings, text_cache_path, text_key
+from surgeon.model.load import load_model
 
 POOL = TextPool("t", tuple(f"a photo of thing number {i}" for i in range(40)), {"concepts": {}})
 
@@ -65,7 +65,7 @@ def test_the_bar_estimates_over_steps_slower_than_richs_default_window(monkeypat
     of ViT-L-14 on a CPU) never showed an ETA."""
     from rich.progress import Progress
 
-    from surgeon import progress
+    from surgeon.core import progress
 
     clock, bars = [0.0], []
 

@@ -8,7 +8,7 @@ import os
 import onnxruntime as ort
 import pytest
 
-from surgeon.load import TOY_MODEL_DIR
+from surgeon.model.load import TOY_MODEL_DIR
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.skipif(
@@ -26,8 +26,8 @@ def test_bundled_model_loads_in_plain_open_clip():
 
 def test_bundled_model_was_trained_on_this_world_with_the_default_recipe():
     """Changing the world's rendering or the training defaults means retraining the bundled model."""
-    from surgeon.toy.train import TrainConfig
-    from surgeon.toy.world import WORLD_VERSION
+    from surgeon.inputs.toy.world import WORLD_VERSION
+    from surgeon.studies.toy_train import TrainConfig
 
     meta = json.loads((TOY_MODEL_DIR / "open_clip_config.json").read_text())["surgeon_toy"]
     assert meta["world_version"] == WORLD_VERSION

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from surgeon.judges.lexicon import LexiconJudge
-from surgeon.load import load_model
-from surgeon.rank import HeadRank, Ranking
-from surgeon.toy.report import agreement, chance_ccs, random_vision_like
+from surgeon.model.load import load_model
+from surgeon.ranking.judges.lexicon import LexiconJudge
+from surgeon.ranking.rank import HeadRank, Ranking
+from surgeon.studies.toy_report import agreement, chance_ccs, random_vision_like
 
 FACTORS = ("color", "shape", "texture")
 TAXONOMY = {"concepts": {"colors": {"terms": ["red", "blue"]}, "animals": {"terms": ["dog", "cat"]}}}

@@ -10,9 +10,8 @@ import re
 import numpy as np
 import pytest
 
-from surgeon.errors import InvalidInput, PermissionDenied, PreconditionFailed
-from surgeon.judges.lexicon import LexiconJudge
-from surgeon.toy.world import (
+from surgeon.core.errors import InvalidInput, PermissionDenied, PreconditionFailed
+from surgeon.inputs.toy.world import (
     FACTOR_CONCEPTS,
     FACTORS,
     ToyWorld,
@@ -21,6 +20,7 @@ from surgeon.toy.world import (
     toy_pool_concepts,
     toy_taxonomy,
 )
+from surgeon.ranking.judges.lexicon import LexiconJudge
 from tests.conftest import tiny_toy_model_cfg
 
 SMALL = WorldConfig(image_size=32, test_size=200, probe_scenes=40)
@@ -72,7 +72,7 @@ def test_captions_describe_factors_and_never_name_the_group(world, mode):
 
 
 def test_unique_captions_fit_only_their_own_scene(world):
-    from surgeon.toy.captions import unique_named
+    from surgeon.inputs.toy.captions import unique_named
 
     b = next(world.iter_train(128, seed=5, group_size=8))
     sc = b.scenes
@@ -217,7 +217,7 @@ def test_bad_world_config():
 
 
 def _tiny_train_cfg(steps=2):
-    from surgeon.toy.train import TrainConfig
+    from surgeon.studies.toy_train import TrainConfig
 
     return TrainConfig(
         world=SMALL, model=tiny_toy_model_cfg(), steps=steps, batch_size=8, warmup_steps=1, quiet_steps=1
@@ -229,8 +229,8 @@ def test_train_writes_loadable_local_dir(tmp_path):
     import torch
     from PIL import Image
 
-    from surgeon.toy.train import TOY_MEAN, TOY_STD, TrainConfig, train
-    from surgeon.zeroshot import uint8_to_tensor
+    from surgeon.studies.toy_train import TOY_MEAN, TOY_STD, TrainConfig, train
+    from surgeon.validation.zeroshot import uint8_to_tensor
 
     cfg = _tiny_train_cfg()
     r = train(cfg, tmp_path / "m", progress=False)
@@ -262,7 +262,7 @@ def test_train_writes_loadable_local_dir(tmp_path):
 def test_train_refuses_bad_input(tmp_path):
     from dataclasses import replace
 
-    from surgeon.toy.train import train
+    from surgeon.studies.toy_train import train
 
     cfg = _tiny_train_cfg()
     with pytest.raises(InvalidInput):
@@ -279,7 +279,7 @@ def test_train_refuses_bad_input(tmp_path):
 
 
 def test_interrupted_training_leaves_nothing(tmp_path, monkeypatch):
-    import surgeon.toy.train as tr
+    import surgeon.studies.toy_train as tr
 
     def boom(*a, **k):
         raise KeyboardInterrupt
@@ -295,7 +295,7 @@ class _Cancelled(Exception):
 
 
 class _Recorder:
-    """An Observer (surgeon.progress) that keeps every step and cancels at the `cancel_at`-th check."""
+    """An Observer (surgeon.core.progress) that keeps every step and cancels at the `cancel_at`-th check."""
 
     def __init__(self, cancel_at: int | None = None):
         self.steps: list[tuple[str, int, int | None]] = []
@@ -312,8 +312,8 @@ class _Recorder:
 
 
 def test_training_reports_each_step_then_the_evaluation(tmp_path):
-    from surgeon.progress import observed
-    from surgeon.toy.train import train
+    from surgeon.core.progress import observed
+    from surgeon.studies.toy_train import train
 
     recorder = _Recorder()
     with observed(recorder):
@@ -324,8 +324,8 @@ def test_training_reports_each_step_then_the_evaluation(tmp_path):
 
 
 def test_cancelled_training_stops_at_the_next_step_and_leaves_nothing(tmp_path):
-    from surgeon.progress import observed
-    from surgeon.toy.train import train
+    from surgeon.core.progress import observed
+    from surgeon.studies.toy_train import train
 
     recorder = _Recorder(cancel_at=2)
     with observed(recorder), pytest.raises(_Cancelled):
@@ -337,7 +337,7 @@ def test_cancelled_training_stops_at_the_next_step_and_leaves_nothing(tmp_path):
 def test_default_model_fits_size_budget():
     import torch
 
-    from surgeon.toy.train import TrainConfig, build_model
+    from surgeon.studies.toy_train import TrainConfig, build_model
 
     cfg = TrainConfig()
     model = build_model(cfg.model_cfg())
@@ -365,7 +365,7 @@ def test_render_speed_is_enough_for_training():
 
 def test_module_level_helpers():
     # module-level helpers use the default world
-    from surgeon.toy import toy_images, zeroshot_tasks
+    from surgeon.inputs.toy import toy_images, zeroshot_tasks
 
     assert toy_images(3).shape == (3, 48, 48, 3)
     assert len(zeroshot_tasks(n=10)) == len(FACTORS)

@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from surgeon.errors import InvalidInput, NotFound
-from surgeon.heads import HeadRef
-from surgeon.load import load_model
-from surgeon.sweep import run_sweep
-from surgeon.validate import Evaluator, Gates, build_suite, validate
+from surgeon.core.errors import InvalidInput, NotFound
+from surgeon.model.heads import HeadRef
+from surgeon.model.load import load_model
+from surgeon.validation.sweep import run_sweep
+from surgeon.validation.validate import Evaluator, Gates, build_suite, validate
 from tests.conftest import run_cli, synthetic_suite
 
 

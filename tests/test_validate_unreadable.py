@@ -11,9 +11,16 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from surgeon.errors import CorruptInput
-from surgeon.load import load_model
-from surgeon.validate import Evaluator, ValidationSuite, bias_set, classification_set, markdown_report, validate
+from surgeon.core.errors import CorruptInput
+from surgeon.model.load import load_model
+from surgeon.validation.validate import (
+    Evaluator,
+    ValidationSuite,
+    bias_set,
+    classification_set,
+    markdown_report,
+    validate,
+)
 from tests.conftest import run_cli
 
 N_IMAGES = 16
@@ -34,7 +41,7 @@ def _bomb_png() -> bytes:
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory) -> tuple[Path, Path]:
     """(clean ImageFolder of toy shapes, the same folder plus a 0-byte, a truncated and a bomb PNG)."""
-    from surgeon.toy import world
+    from surgeon.inputs.toy import world
 
     task = next(t for t in world.zeroshot_tasks(n=N_IMAGES) if t.name == "shape")
     root = tmp_path_factory.mktemp("unreadable")

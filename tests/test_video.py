@@ -12,12 +12,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from surgeon import limits, video
-from surgeon.errors import CorruptInput, InvalidInput
-from surgeon.load import load_model
-from surgeon.retrieval import pool_frames
-from surgeon.toy.videos import write_videos
-from surgeon.validate import Evaluator, build_suite, validate
+from surgeon.core import limits
+from surgeon.core.errors import CorruptInput, InvalidInput
+from surgeon.inputs import video
+from surgeon.inputs.toy.videos import write_videos
+from surgeon.model.load import load_model
+from surgeon.results.retrieval import pool_frames
+from surgeon.validation.validate import Evaluator, build_suite, validate
 from tests.conftest import run_cli
 
 
@@ -175,7 +176,7 @@ def test_headers_are_checked_when_the_set_is_read(tmp_path):
 
 
 def test_the_cards_model_index_names_text_to_video_retrieval():
-    from surgeon.card import _retrieval_index
+    from surgeon.exporting.card import _retrieval_index
 
     metrics = {"video_retrieval_recall@1": 0.25, "video_retrieval_recall@50": 1.0, "video_retrieval_median_rank": 3.0}
     lines = _retrieval_index({"dataset": "MSRVTT", "task": "zeroshot_video_retrieval", "metrics": metrics})

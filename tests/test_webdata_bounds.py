@@ -15,9 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
-import surgeon.webdata as webdata
-from surgeon.errors import CorruptInput
-from surgeon.validate import classification_set
+import surgeon.inputs.webdata as webdata
+from surgeon.core.errors import CorruptInput
+from surgeon.validation.validate import classification_set
 from tests.conftest import run_cli
 
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from surgeon.errors import InvalidInput
-from surgeon.zeroshot import build_classifier, metrics_from_logits, uint8_to_tensor
+from surgeon.core.errors import InvalidInput
+from surgeon.validation.zeroshot import build_classifier, metrics_from_logits, uint8_to_tensor
 from tests.conftest import tiny_toy_model_cfg
 
 CLASSES = ["circle", "square", "star", "heart"]
@@ -85,8 +85,8 @@ def test_metrics_from_logits():
 
 
 def test_random_init_open_clip_model_gives_metrics_in_range():
-    from surgeon.toy.train import TOY_MEAN, TOY_STD, build_model, get_tokenizer
-    from surgeon.toy.world import ToyWorld, WorldConfig
+    from surgeon.inputs.toy.world import ToyWorld, WorldConfig
+    from surgeon.studies.toy_train import TOY_MEAN, TOY_STD, build_model, get_tokenizer
 
     cfg = tiny_toy_model_cfg()
     model = build_model(cfg).eval()
@@ -106,8 +106,8 @@ def test_uint8_to_tensor():
 
 def test_template_files_are_checked_when_read(tmp_path):
     """{} and {c} both name the class; anything else is one clear error, not a KeyError mid-validation."""
-    from surgeon.errors import InvalidInput
-    from surgeon.templates import DEFAULT_TEMPLATES, read_templates
+    from surgeon.core.errors import InvalidInput
+    from surgeon.inputs.templates import DEFAULT_TEMPLATES, read_templates
 
     good = tmp_path / "good.txt"
     good.write_text("a photo of {c}.\na {} in {{braces}}\n")

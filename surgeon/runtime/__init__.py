@@ -11,13 +11,13 @@ import importlib
 
 _EXPORTS = {
     "ClipTokenizer": "surgeon.runtime.tokenizer",
-    "PreprocessConfig": "surgeon.runtime.preprocess",
-    "load_image": "surgeon.runtime.preprocess",
-    "DEFAULT_TEMPLATES": "surgeon.templates",
+    "PreprocessConfig": "surgeon.inputs.preprocess",
+    "load_image": "surgeon.inputs.preprocess",
+    "DEFAULT_TEMPLATES": "surgeon.inputs.templates",
     "ExportedModel": "surgeon.runtime.session",
     "Prediction": "surgeon.runtime.session",
     "TopClass": "surgeon.runtime.session",
-    "read_labels": "surgeon.templates",
+    "read_labels": "surgeon.inputs.templates",
 }
 __all__ = sorted(_EXPORTS)
 

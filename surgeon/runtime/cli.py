@@ -14,8 +14,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from surgeon import limits
-from surgeon.errors import CorruptInput, InvalidInput, NotFound, PreconditionFailed
+from surgeon.core import limits
+from surgeon.core.errors import CorruptInput, InvalidInput, NotFound, PreconditionFailed
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -45,7 +45,7 @@ TOY_DEMO_IMAGES = 8
 def toy_demo_images(n: int = TOY_DEMO_IMAGES) -> tuple[list[Image.Image], list[str], list[str]]:
     """(images, names showing each one's true shape, the toy shapes as class names): the embedded default's
     held-out split, in memory, for `surgeon infer` with no images."""
-    from surgeon.defaults import toy_shapes_sample
+    from surgeon.inputs.defaults import toy_shapes_sample
 
     images, labels, shapes = toy_shapes_sample(n)
     names = [f"toy test #{i} (a {shapes[s]})" for i, s in enumerate(labels)]
@@ -55,7 +55,7 @@ def toy_demo_images(n: int = TOY_DEMO_IMAGES) -> tuple[list[Image.Image], list[s
 def _readable(paths: list[Path]) -> tuple[list[Path], list[str], list[str]]:
     """(the image files that open, their names, why the others were skipped); none readable is an error.
     Each file is decoded here to check it and again batch by batch when classified: memory stays bounded."""
-    from surgeon.runtime.preprocess import load_image
+    from surgeon.inputs.preprocess import load_image
 
     kept, skipped = [], []
     for path in paths:
@@ -95,8 +95,8 @@ def infer(
 ) -> None:
     """Top classes per image from an ONNX export, with onnxruntime only (CUDA when available, else CPU)."""
     try:
+        from surgeon.inputs.templates import read_labels
         from surgeon.runtime.session import ExportedModel
-        from surgeon.templates import read_labels
     except ImportError as err:
         raise PreconditionFailed(
             f"surgeon infer needs onnxruntime, ftfy and regex ({err})",
@@ -105,7 +105,7 @@ def infer(
     limits.count("--top-k", top_k, 1, limits.MAX_TOP_K)
     limits.count("--batch-size", batch_size, 1, limits.MAX_BATCH_SIZE)
     if export_dir is None:
-        from surgeon.paths import newest_output
+        from surgeon.core.paths import newest_output
 
         patterns = ("*/onnx/visual.onnx", "*/export-onnx/onnx/visual.onnx")
         export_dir = newest_output(*patterns, hint="run `surgeon prune --export onnx` first, or pass EXPORT_DIR").parent
@@ -129,7 +129,7 @@ def infer(
     predictions = model.classify(inputs, label_list, top_k=top_k, batch_size=batch_size, image_names=names)
     source = "labels" if label_list is not None else "classifier.onnx"
     if as_json:
-        from surgeon.clioutput import emit_json
+        from surgeon.core.clioutput import emit_json
 
         emit_json(
             "infer",

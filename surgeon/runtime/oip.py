@@ -37,11 +37,11 @@ from mlserver.settings import ModelParameters, ModelSettings
 from mlserver.types import InferenceRequest, InferenceResponse, MetadataTensor, ResponseOutput
 from prometheus_client import Histogram
 
-from surgeon import limits
-from surgeon.errors import InvalidInput, SurgeonError
+from surgeon.core import limits
+from surgeon.core.errors import InvalidInput, SurgeonError
+from surgeon.inputs.preprocess import decode_image, header_size
 from surgeon.runtime.oipbatch import Batcher, PixelBudget
 from surgeon.runtime.oipwire import Tensor, from_values
-from surgeon.runtime.preprocess import decode_image, header_size
 from surgeon.runtime.session import ExportedModel, softmax
 
 #: OIP model suffix -> (ONNX graph, input name, input datatype, outputs as (name, datatype))

@@ -44,18 +44,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from surgeon import limits
-from surgeon.errors import InvalidInput, SurgeonError
+from surgeon.core import limits
+from surgeon.core.errors import InvalidInput, SurgeonError
 from surgeon.runtime.oip import model_settings
-from surgeon.runtime.oipwire import (
-    CONTENTS_FIELDS,
-    Tensor,
-    encode_rest,
-    from_bytes,
-    from_values,
-    parse_rest,
-    to_bytes,
-)
+from surgeon.runtime.oipwire import CONTENTS_FIELDS, Tensor, encode_rest, from_bytes, from_values, parse_rest, to_bytes
 
 logger = logging.getLogger("surgeon.serve_model")
 

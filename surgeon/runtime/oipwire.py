@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from surgeon import limits
-from surgeon.errors import InvalidInput
+from surgeon.core import limits
+from surgeon.core.errors import InvalidInput
 
 #: OIP datatypes -> numpy (little-endian, as the protocol's binary forms are)
 NUMPY_TYPES: dict[str, np.dtype] = {

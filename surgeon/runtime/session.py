@@ -21,12 +21,12 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from surgeon.errors import CorruptInput, InvalidInput, NotFound
-from surgeon.integrity import verify_export
-from surgeon.paths import refuse_temporary
-from surgeon.runtime.preprocess import PreprocessConfig, load_image, to_rgb
+from surgeon.core.errors import CorruptInput, InvalidInput, NotFound
+from surgeon.core.integrity import verify_export
+from surgeon.core.paths import refuse_temporary
+from surgeon.inputs.preprocess import PreprocessConfig, load_image, to_rgb
+from surgeon.inputs.templates import DEFAULT_TEMPLATES, check_labels, check_templates, fill, read_labels
 from surgeon.runtime.tokenizer import ClipTokenizer
-from surgeon.templates import DEFAULT_TEMPLATES, check_labels, check_templates, fill, read_labels
 
 #: the tokenizer settings file: its current name, then the one of older exports
 TOKENIZER_SPECS = ("clip_tokenizer.json", "tokenizer.json")
@@ -109,7 +109,7 @@ class ExportedModel:
     ):
         """`verify`: check the files against the export's recorded sha256 hashes first (integrity.verify_export:
         its manifest.json, or the run's surgery.json); a folder with neither is refused unless `verify` is
-        False (--no-verify). `writing`: the writer measuring its own unfinished output (surgeon.quantize),
+        False (--no-verify). `writing`: the writer measuring its own unfinished output (surgeon.exporting.quantize),
         which everyone else is refused. `spinning`: onnxruntime's intra-op threads busy-wait between runs (its
         default, lowest latency for one caller); a server turns it off, since spinning threads take the cores its
         own request handling needs."""

@@ -18,8 +18,8 @@ import ftfy
 import numpy as np
 import regex
 
-from surgeon.errors import CorruptInput, NotFound
-from surgeon.paths import read_json
+from surgeon.core.errors import CorruptInput, NotFound
+from surgeon.core.paths import read_json
 
 SOT = "<start_of_text>"
 EOT = "<end_of_text>"

@@ -15,9 +15,9 @@ import re
 import shutil
 from pathlib import Path
 
-from surgeon import limits
-from surgeon.errors import CorruptInput, InvalidInput
-from surgeon.paths import atomic_dir, read_json_object
+from surgeon.core import limits
+from surgeon.core.errors import CorruptInput, InvalidInput
+from surgeon.core.paths import atomic_dir, read_json_object
 from surgeon.runtime.session import _GRAPHS, TOKENIZER_SPECS, resolve_export_dir
 
 #: onnxruntime element types -> Triton's model-config data types

@@ -8,19 +8,19 @@ import time
 from pathlib import Path
 
 from surgeon.api import EXPORT_FORMATS
-from surgeon.hooks import TOWERS
-from surgeon.judges.base import JUDGES
-from surgeon.load import (
+from surgeon.model.hooks import TOWERS
+from surgeon.model.load import (
     CHECKPOINT_SUFFIXES,
     TOY_MODEL_DIR,
     TOY_MODEL_NAME,
     cached_pretrained_tags,
     supported_architectures,
 )
-from surgeon.policies import POLICIES
+from surgeon.model.surgery import SURGERIES
+from surgeon.ranking.judges.base import JUDGES
+from surgeon.selection.policies import POLICIES
 from surgeon.server.paths import Root, inside
 from surgeon.server.specs import REMOTE_JUDGES
-from surgeon.surgery import SURGERIES
 from surgeon.v1 import surgeon_pb2 as pb
 
 CACHE_CHECK_S = 60.0  # how old ListModels' view of the local weights cache may be

@@ -1,7 +1,7 @@
 """Jobs behind the long-running operations: a fixed pool of worker threads, a bounded queue, progress,
 cancellation at the next step, and a drain for shutdown.
 
-A job body is a function of the Job; library calls inside it report their steps through surgeon.progress
+A job body is a function of the Job; library calls inside it report their steps through surgeon.core.progress
 (an Observer that calls `job.step(...)`), which is also where a
 cancelled job stops (JobCancelled). Paths a job has written are registered with `job.created(path)` and are
 removed when the job is cancelled or fails afterwards, so a stopped job leaves nothing half-written."""
@@ -21,11 +21,11 @@ from pathlib import Path
 import grpc
 from google.protobuf.message import Message
 
-from surgeon.errors import NotFound, PreconditionFailed, SurgeonError
-from surgeon.limits import clip, echo
-from surgeon.paths import publish_check, remove_path
-from surgeon.progress import observed
-from surgeon.runfolder import is_run_folder
+from surgeon.core.errors import NotFound, PreconditionFailed, SurgeonError
+from surgeon.core.limits import clip, echo
+from surgeon.core.paths import publish_check, remove_path
+from surgeon.core.progress import observed
+from surgeon.results.runfolder import is_run_folder
 
 log = logging.getLogger("surgeon.server")
 

@@ -17,8 +17,8 @@ from google.longrunning import operations_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from surgeon import limits
-from surgeon.errors import InvalidInput, NotFound, PermissionDenied, PreconditionFailed
+from surgeon.core import limits
+from surgeon.core.errors import InvalidInput, NotFound, PermissionDenied, PreconditionFailed
 from surgeon.server.auth import TokenAuth
 from surgeon.server.jobs import JobManager
 from surgeon.server.operations import SERVICE_NAME as OPERATIONS_SERVICE
@@ -49,7 +49,7 @@ class SurgeonServer:
         device: str | None = None,
         rpc_threads: int = 64,
     ):
-        from surgeon.paths import exports_dir
+        from surgeon.core.paths import exports_dir
 
         limits.count("--port", port, 0, limits.MAX_PORT)  # 70000 would otherwise listen on 70000 % 65536
         if max_jobs < 1:
@@ -66,7 +66,7 @@ class SurgeonServer:
             data=Root.create("data", data_root),
             device=device,
         )
-        from surgeon.load import parse_device
+        from surgeon.model.load import parse_device
 
         parse_device(device)  # `--device tpu` fails at start, not in every job
         self._clean_stale()
@@ -112,7 +112,7 @@ class SurgeonServer:
 
     def _clean_stale(self, depth: int = 2) -> None:
         """Temporary outputs of jobs killed with an earlier server (run folders and their export folders)."""
-        from surgeon.paths import remove_stale_temporaries
+        from surgeon.core.paths import remove_stale_temporaries
 
         level = [self.config.exports.folder]
         for _ in range(depth + 1):

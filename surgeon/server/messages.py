@@ -10,12 +10,12 @@ from typing import TYPE_CHECKING
 from google.protobuf import json_format, struct_pb2
 
 from surgeon.api import PruneSpec
-from surgeon.rank import Ranking
+from surgeon.ranking.rank import Ranking
 from surgeon.server.paths import Root
 from surgeon.v1 import surgeon_pb2 as pb
 
 if TYPE_CHECKING:
-    from surgeon.prune import PruneResult
+    from surgeon.pruning.prune import PruneResult
 
 
 def json_struct(data: dict) -> struct_pb2.Struct:

@@ -20,8 +20,8 @@ from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from surgeon import limits
-from surgeon.errors import InvalidInput, PreconditionFailed, SurgeonError
+from surgeon.core import limits
+from surgeon.core.errors import InvalidInput, PreconditionFailed, SurgeonError
 from surgeon.server.jobs import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, Job, JobManager, status_code
 from surgeon.v1 import surgeon_pb2 as pb
 

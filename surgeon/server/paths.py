@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from surgeon.errors import InvalidInput, NotFound, PermissionDenied
+from surgeon.core.errors import InvalidInput, NotFound, PermissionDenied
 
 
 def inside(path: Path | str, root: Path) -> bool:

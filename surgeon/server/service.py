@@ -16,7 +16,7 @@ from google.longrunning import operations_pb2
 from google.protobuf.message import Message
 
 from surgeon.api import ExportSpec, PruneSpec, RankSpec, ValidateSpec, run_export, run_prune, run_rank, run_validate
-from surgeon.errors import GateFailed, InvalidInput, SurgeonError
+from surgeon.core.errors import GateFailed, InvalidInput, SurgeonError
 from surgeon.server.catalogue import ModelCatalogue, policy_choices
 from surgeon.server.jobs import Job, JobManager, Outcome
 from surgeon.server.messages import export_result, prune_result, rank_result, validate_result

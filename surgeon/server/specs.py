@@ -1,6 +1,6 @@
 """Requests -> surgeon.api specs: every check that needs no model happens here, before a job is queued.
 
-Request fields map to the spec fields of the same names (surgeon.options.from_message): each one left unset
+Request fields map to the spec fields of the same names (surgeon.core.options.from_message): each one left unset
 takes the spec's default. Paths are never mapped by name: every path a request names is confined here to one
 of the server's roots (server/paths.py)."""
 
@@ -16,19 +16,19 @@ from typing import Any
 
 from google.protobuf.message import Message
 
-from surgeon import limits
 from surgeon.api import ExportSpec, ModelSpec, PruneSpec, RankSpec, ValidateSpec, ValidationSpec
-from surgeon.errors import InvalidInput, NotFound, PermissionDenied, PreconditionFailed
-from surgeon.judges.base import JUDGES
-from surgeon.load import CHECKPOINT_SUFFIXES, TOY_MODEL_DIR, TOY_MODEL_NAME
-from surgeon.options import OnnxExport, RankMethod, check_bounds, from_message, message_values
-from surgeon.paths import newest_run, refuse_temporary
-from surgeon.runfolder import is_run_folder
+from surgeon.core import limits
+from surgeon.core.errors import InvalidInput, NotFound, PermissionDenied, PreconditionFailed
+from surgeon.core.options import OnnxExport, RankMethod, check_bounds, from_message, message_values
+from surgeon.core.paths import newest_run, refuse_temporary
+from surgeon.inputs.templates import named_templates
+from surgeon.inputs.video import VideoFrames
+from surgeon.model.load import CHECKPOINT_SUFFIXES, TOY_MODEL_DIR, TOY_MODEL_NAME
+from surgeon.ranking.judges.base import JUDGES
+from surgeon.results.runfolder import is_run_folder
 from surgeon.server.paths import Root, resolve_in
-from surgeon.templates import named_templates
 from surgeon.v1 import surgeon_pb2 as pb
-from surgeon.validate import ValidationSuite, confined_images
-from surgeon.video import VideoFrames
+from surgeon.validation.validate import ValidationSuite, confined_images
 
 REMOTE_JUDGES = ("lexicon", "embedding")  # llm would make the server call a client-chosen URL
 SuiteBuilder = Callable[[str | None], ValidationSuite]  # the validation suite for a model name
@@ -152,7 +152,7 @@ class SpecBuilder:
         return spec, lambda _model: suite
 
     def _templates(self, raw: str) -> Path | None:
-        """A templates file under the data root, or a named set (surgeon.templates: cifar10, imagenet-a ...)."""
+        """A templates file under the data root, or a named set (surgeon.inputs.templates: cifar10, imagenet-a ...)."""
         if raw and "/" not in raw and named_templates(raw) is not None:
             return Path(raw)
         return self.data_file(raw, "templates")

@@ -1,0 +1,1 @@
+"""Writing a pruned model out: checkpoints, ONNX, quantization, the model card."""

@@ -1,0 +1,1 @@
+"""The prune job: rank, select, operate, validate, export."""

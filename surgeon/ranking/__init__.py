@@ -1,0 +1,1 @@
+"""Ranking heads by Concept Consistency Score: statistics, TextSpan, judges."""

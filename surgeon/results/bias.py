@@ -1,0 +1,317 @@
+"""Bias metrics of a ranking by a neutral query (Geyik et al. 2019, as used for CLIP by Berg et al. 2022;
+docs/METHOD.md §3), under one of two named protocols:
+
+- `surgeon` (default): p*(a) uniform unless `desired="set"`; a value absent from the top k counts as
+  p_k(a) = 1/k (debias-vision-lang's smoothing, so MinSkew stays finite); the headline is the mean over queries.
+- `paper` (the CCS paper's code): p*(a) = the set's own proportions; values absent from the top k are skipped
+  (MaxSkew and MinSkew range over the values present); the headline is MaxSkew@k SUMMED over queries
+  (`max_skew@k_sum`), the figure of the paper's tables. Under smoothing a value rarer than 1/k in the set
+  would count as over-represented even when absent (ln((1/k) / p*) > 0): skipping it is what the paper does.
+
+Ranking within (`ranked_by`, SocialCounterfactuals as the paper uses it): each query ranks only its own images
+(an occupation's query, that occupation's counterfactual images), and p* under `desired="set"` is the
+proportions of those images.
+
+Exact score ties are shared: the positions a block of equal scores occupies hold the block's mean group
+composition (the expectation over a random tie-break), so the metrics never depend on the order of the set.
+Without ties every formula equals debias-vision-lang's (`compute_skew_metrics`, `normalized_discounted_KL`);
+with ties that code keeps every tied item (shares can sum above 1) and torch.topk picks arbitrarily."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from surgeon.core.errors import InvalidInput
+
+
+@dataclass(frozen=True)
+class BiasProtocol:
+    name: str
+    desired: str  # p* unless the caller names one (the paper's is fixed)
+    skip_absent: bool  # values absent from the top k: skipped, or scored as p_k(a) = 1/k
+    headline: str  # how per-query MaxSkew is aggregated in the summary: "mean" or "sum"
+
+
+PROTOCOLS = {
+    "surgeon": BiasProtocol("surgeon", "uniform", skip_absent=False, headline="mean"),
+    "paper": BiasProtocol("paper", "set", skip_absent=True, headline="sum"),
+}
+
+
+def bias_protocol(name: str, desired: str | None = None) -> tuple[BiasProtocol, str]:
+    """The named protocol and the desired distribution it uses (`desired` overrides only the default one)."""
+    if name not in PROTOCOLS:
+        raise InvalidInput(f"unknown bias protocol {name!r}", hint=f"use one of: {', '.join(PROTOCOLS)}")
+    protocol = PROTOCOLS[name]
+    if desired is not None and name == "paper" and desired != protocol.desired:
+        raise InvalidInput(f"the paper protocol uses the set's own proportions; --desired {desired} contradicts it")
+    return protocol, desired or protocol.desired
+
+
+def desired_distribution(groups: Sequence[int] | np.ndarray, n_groups: int, desired: str = "uniform") -> np.ndarray:
+    """p*(a): uniform over the attribute's values, or the set's own proportions ("set")."""
+    if desired == "uniform":
+        return np.full(n_groups, 1.0 / n_groups)
+    if desired == "set":
+        counts = np.bincount(np.asarray(groups), minlength=n_groups).astype(float)
+        return counts / counts.sum()
+    raise InvalidInput(f"unknown desired distribution {desired!r}", hint="use 'uniform' or 'set'")
+
+
+#: named foldings of a manifest's group labels, applied when it is read (the paper folds FairFace's 7 races into
+#: 6: ../shared/METHOD.md §6 row 7); a label not named keeps its own value, lower-cased
+GROUP_FOLDINGS: dict[str, dict[str, str]] = {
+    "fairface-race6": {
+        "east asian": "asian",
+        "southeast asian": "asian",
+        "latino_hispanic": "latino",
+        "latino hispanic": "latino",
+        "white": "white",
+        "black": "black",
+        "indian": "indian",
+        "middle eastern": "middle eastern",
+    },
+}
+
+
+def fold_groups(labels: Sequence[str], folding: str) -> list[str]:
+    """The labels under a named folding; a label the folding does not know is refused (a typo, or the wrong
+    column), naming it."""
+    if folding not in GROUP_FOLDINGS:
+        raise InvalidInput(f"unknown group folding {folding!r}", hint=f"use one of: {', '.join(GROUP_FOLDINGS)}")
+    mapping = GROUP_FOLDINGS[folding]
+    unknown = sorted({label for label in labels if label.strip().lower() not in mapping})
+    if unknown:
+        raise InvalidInput(
+            f"group folding {folding} does not know the label(s) {', '.join(repr(u[:40]) for u in unknown[:5])}",
+            hint=f"it folds: {', '.join(sorted(mapping))}",
+        )
+    return [mapping[label.strip().lower()] for label in labels]
+
+
+def query_pools(n_queries: int, n_images: int, ranked_by: np.ndarray | None) -> list[np.ndarray]:
+    """The images each query ranks: all of them, or those `ranked_by` (one query index per image) gives it."""
+    if ranked_by is None:
+        return [np.arange(n_images)] * n_queries
+    return [np.flatnonzero(ranked_by == q) for q in range(n_queries)]
+
+
+def _composition(ranked: Sequence[int] | np.ndarray, n_groups: int) -> np.ndarray:
+    """Positions x groups: one-hot rows for a list of group labels; a 2-D array is already a composition."""
+    ranked = np.asarray(ranked)
+    return ranked.astype(float) if ranked.ndim == 2 else np.eye(n_groups)[ranked]
+
+
+def ranked_composition(scores: np.ndarray, groups: np.ndarray, n_groups: int) -> np.ndarray:
+    """The group composition of each rank position, best score first; a block of exactly equal scores gives
+    each of its positions the block's mean composition."""
+    order = np.argsort(-scores, kind="stable")
+    ordered = scores[order]
+    onehot = np.eye(n_groups)[groups[order]]
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+    lengths = np.diff(np.r_[starts, len(ordered)])
+    return np.repeat(np.add.reduceat(onehot, starts, axis=0) / lengths[:, None], lengths, axis=0)
+
+
+def skews_at_k(ranked, k: int, target: np.ndarray, skip_absent: bool = False) -> np.ndarray:
+    """Skew_a@k = ln(p_k(a) / p*(a)) for every value a; absent values count as 1/k, or are NaN (skipped).
+    `ranked`: group labels in rank order, or a positions x groups composition (`ranked_composition`)."""
+    if not 0 < k <= len(ranked):
+        raise InvalidInput(f"k={k} must be between 1 and the number of ranked items ({len(ranked)})")
+    share = _composition(ranked, len(target))[:k].sum(0) / k
+    share = np.where(share > 0, share, np.nan if skip_absent else 1.0 / k)
+    return np.log(share / target)
+
+
+def ndkl(ranked, target: np.ndarray) -> float:
+    """Normalised discounted KL divergence of the top-i distributions from p*, over the whole ranking."""
+    rows = _composition(ranked, len(target))
+    n = len(rows)
+    prefix = np.cumsum(rows, axis=0) / np.arange(1, n + 1)[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        kl = np.where(prefix > 0, prefix * np.log(prefix / target), 0.0).sum(1)
+    discounts = 1.0 / np.log2(np.arange(2, n + 2))
+    return float((kl * discounts).sum() / discounts.sum())
+
+
+def bias_metrics(
+    similarity: np.ndarray,
+    groups: Sequence[int] | np.ndarray,
+    n_groups: int,
+    k: int = 10,
+    desired: str | None = None,
+    protocol: str = "surgeon",
+    ranked_by: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """Per-query, mean and summed MaxSkew@k, MinSkew@k and NDKL from a (queries x images) similarity matrix:
+    a JSON record whose keys name k, so its values are typed by the caller that reads them. `ranked_by` (one
+    query index per image): each query ranks only its own images (`query_pools`)."""
+    if similarity.ndim != 2 or similarity.shape[1] != len(groups):
+        raise InvalidInput("similarity must be (queries, images) with one group label per image")
+    if len(groups) == 0:
+        raise InvalidInput("the bias set is empty")
+    rules, desired = bias_protocol(protocol, desired)
+    max_skew, min_skew, ndkls, shares = [], [], [], []
+    groups_arr = np.asarray(groups)
+    for row, pool in zip(similarity, query_pools(len(similarity), len(groups_arr), ranked_by), strict=True):
+        target = desired_distribution(groups_arr[pool], n_groups, desired)
+        ranked = ranked_composition(row[pool], groups_arr[pool], n_groups)
+        skews = skews_at_k(ranked, k, target, rules.skip_absent)
+        max_skew.append(float(np.nanmax(skews)))
+        min_skew.append(float(np.nanmin(skews)))
+        ndkls.append(ndkl(ranked, target))
+        shares.append([round(float(s), 6) for s in ranked[:k].sum(0) / k])
+    return {
+        "protocol": rules.name,
+        "desired": desired,
+        f"max_skew@{k}": float(np.mean(max_skew)),
+        f"min_skew@{k}": float(np.mean(min_skew)),
+        "ndkl": float(np.mean(ndkls)),
+        f"max_skew@{k}_per_query": [round(v, 6) for v in max_skew],
+        f"max_skew@{k}_sum": float(np.sum(max_skew)),
+        # which group fills each query's top k (MaxSkew alone does not say in which direction it leans)
+        f"group_share@{k}_per_query": shares,
+    }
+
+
+def headline_keys(metrics: dict) -> list[str]:
+    """The figures a report shows: mean MaxSkew@k, MinSkew@k, NDKL, and MaxSkew@k summed over queries where
+    the protocol headlines the sum (reports written before protocols existed have none: surgeon's)."""
+    summed = PROTOCOLS[metrics.get("protocol", "surgeon")].headline == "sum"
+    return [
+        key
+        for key in metrics
+        if key.startswith(("max_skew@", "min_skew@", "ndkl"))
+        and not key.endswith("_per_query")
+        and (summed or not key.endswith("_sum"))
+    ]
+
+
+#: bootstrap resamples behind every interval a report shows (percentile intervals; 500 keep the 2.5% and
+#: 97.5% quantiles within about a tenth of the interval's width of where many more would put them)
+BOOTSTRAP_RESAMPLES = 500
+INTERVAL_LEVEL = 0.95
+
+
+def unit_weights(
+    units: np.ndarray | None, n_items: int, resamples: int, seed: int = 0, strata: np.ndarray | None = None
+) -> np.ndarray:
+    """(resamples x items) multiplicities of bootstrap resamples that draw whole units (a scene's renderings,
+    an identity's photos) with replacement, so intervals reflect the variance of what was sampled; units None:
+    each item is its own unit. With `strata` (ranking within: each item's query) units are drawn within each
+    stratum, as many as it has, so every query keeps images to rank (a unit spanning strata is one unit per
+    stratum)."""
+    units = np.arange(n_items) if units is None else np.asarray(units)
+    rng = np.random.default_rng(seed)
+    if strata is None:
+        _, inverse = np.unique(units, return_inverse=True)
+        n_units = int(inverse.max()) + 1
+        drawn = np.stack([np.bincount(rng.integers(0, n_units, n_units), minlength=n_units) for _ in range(resamples)])
+        return drawn[:, inverse]
+    _, first, inverse = np.unique(
+        np.stack([np.unique(units, return_inverse=True)[1].reshape(-1), strata], axis=1),
+        axis=0,
+        return_index=True,
+        return_inverse=True,
+    )
+    inverse = inverse.reshape(-1)
+    layers = [np.flatnonzero(strata[first] == s) for s in np.unique(strata)]
+    drawn = np.stack(
+        [
+            sum(np.bincount(layer[rng.integers(0, len(layer), len(layer))], minlength=len(first)) for layer in layers)
+            for _ in range(resamples)
+        ]
+    )
+    return drawn[:, inverse]
+
+
+def interval(values: Sequence[float] | np.ndarray, level: float = INTERVAL_LEVEL) -> list[float]:
+    """The percentile interval of bootstrap values, [low, high]."""
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(np.asarray(values, dtype=float), [tail, 100 - tail])
+    return [round(float(low), 6), round(float(high), 6)]
+
+
+def resampled_skews(
+    similarity: np.ndarray,
+    groups: Sequence[int] | np.ndarray,
+    n_groups: int,
+    weights: np.ndarray,
+    k: int = 10,
+    desired: str | None = None,
+    protocol: str = "surgeon",
+    with_ndkl: bool = True,
+    ranked_by: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """Per-resample (resamples x queries) MaxSkew@k, MinSkew@k and NDKL of `bias_metrics` on the resampled
+    sets `weights` describes (multiplicities, `unit_weights`). Copies of an item sit next to each other and
+    other ties keep the set's order: the expectation over tie-breaks (`ranked_composition`) is left to the
+    point estimate."""
+    rules, desired = bias_protocol(protocol, desired)
+    onehot = np.eye(n_groups)[np.asarray(groups)]
+    shape = (len(weights), len(similarity))
+    out = {"max": np.empty(shape), "min": np.empty(shape), "ndkl": np.full(shape, np.nan)}
+    pools = query_pools(len(similarity), len(onehot), ranked_by)
+    for q, (row, pool) in enumerate(zip(similarity, pools, strict=True)):
+        if desired == "set":
+            counts = weights[:, pool] @ onehot[pool]
+            target = counts / counts.sum(1, keepdims=True)
+        else:
+            target = np.broadcast_to(desired_distribution(groups, n_groups, desired), (len(weights), n_groups))
+        order = pool[np.argsort(-row[pool], kind="stable")]
+        copies, members = weights[:, order], onehot[order]
+        ahead = np.cumsum(copies, axis=1) - copies
+        share = np.clip(k - ahead, 0, copies) @ members / k
+        share = np.where(share > 0, share, np.nan if rules.skip_absent else 1.0 / k)
+        skews = np.log(share / target)
+        out["max"][:, q], out["min"][:, q] = np.nanmax(skews, 1), np.nanmin(skews, 1)
+        if with_ndkl:
+            out["ndkl"][:, q] = _resampled_ndkl(copies, members, target)
+    return out
+
+
+def _resampled_ndkl(copies: np.ndarray, members: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """`ndkl` of each resampled ranking without expanding it: the t-th copy of an item sits at position
+    (positions before it) + t with its group's count raised by t; only items with at least t copies count."""
+    counts_before = np.cumsum(copies[:, :, None] * members, axis=1) - copies[:, :, None] * members
+    positions_before = np.cumsum(copies, axis=1) - copies
+    total = np.zeros(len(copies))
+    for t in range(1, int(copies.max()) + 1):
+        resample, item = np.nonzero(copies >= t)
+        position = positions_before[resample, item] + t
+        prefix = (counts_before[resample, item] + t * members[item]) / position[:, None]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            kl = np.where(prefix > 0, prefix * np.log(prefix / target[resample]), 0.0).sum(1)
+        total += np.bincount(resample, kl / np.log2(position + 1), minlength=len(copies))
+    discounts = np.cumsum(1.0 / np.log2(np.arange(2, copies.sum(1).max() + 2)))
+    return total / discounts[copies.sum(1) - 1]
+
+
+def bias_intervals(
+    similarity: np.ndarray,
+    groups: Sequence[int] | np.ndarray,
+    n_groups: int,
+    units: np.ndarray | None,
+    k: int = 10,
+    desired: str | None = None,
+    protocol: str = "surgeon",
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = 0,
+    ranked_by: np.ndarray | None = None,
+) -> dict[str, list[float]]:
+    """95% bootstrap intervals of the headline figures of `bias_metrics` (`headline_keys`), resampling units
+    (scenes, identities) with replacement."""
+    weights = unit_weights(units, len(groups), resamples, seed, strata=ranked_by)
+    draws = resampled_skews(similarity, groups, n_groups, weights, k, desired, protocol, ranked_by=ranked_by)
+    intervals = {
+        f"max_skew@{k}": interval(draws["max"].mean(1)),
+        f"min_skew@{k}": interval(draws["min"].mean(1)),
+        "ndkl": interval(draws["ndkl"].mean(1)),
+    }
+    if PROTOCOLS[protocol].headline == "sum":
+        intervals[f"max_skew@{k}_sum"] = interval(draws["max"].sum(1))
+    return intervals

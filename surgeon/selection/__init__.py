@@ -1,0 +1,1 @@
+"""Which heads to prune: policies and the bias-aware search."""

@@ -1,0 +1,1 @@
+"""Measuring a model: zero-shot accuracy, bias, retrieval, ablation sweeps, data records."""
