@@ -1,7 +1,7 @@
 """Every count, range and size a CLI option or a gRPC request may carry, in one table.
 
 The CLI and the service call the same checks before anything is loaded or allocated, so a request such as
-`layers="0-999999999999"` or `n_images=2147483647` is refused in microseconds (exit 2 / INVALID_ARGUMENT)
+`layers="0-999999999999"` or 2,147,483,647 images is refused in microseconds (exit 2 / INVALID_ARGUMENT)
 instead of building a huge range or array. Echoed input is truncated so an error stays one short line."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import overload
 
 from surgeon.core.errors import InvalidInput
 
-MAX_IMAGES = 10_000_000  # images of a folder used at once (n_images)
+MAX_IMAGES = 10_000_000  # images of a folder used at once
 MAX_TOY_IMAGES = 20_000  # the toy world draws images in memory (48 px: ~7 kB each)
 MAX_TOY_STEPS = 10_000_000  # toy training steps
 MAX_BATCH_SIZE = 4096

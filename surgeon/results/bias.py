@@ -93,10 +93,10 @@ def fold_groups(labels: Sequence[str], folding: str) -> list[str]:
     return [mapping[label.strip().lower()] for label in labels]
 
 
-def query_pools(n_queries: int, n_images: int, ranked_by: np.ndarray | None) -> list[np.ndarray]:
+def query_pools(n_queries: int, n_ranked: int, ranked_by: np.ndarray | None) -> list[np.ndarray]:
     """The images each query ranks: all of them, or those `ranked_by` (one query index per image) gives it."""
     if ranked_by is None:
-        return [np.arange(n_images)] * n_queries
+        return [np.arange(n_ranked)] * n_queries
     return [np.flatnonzero(ranked_by == q) for q in range(n_queries)]
 
 

@@ -126,7 +126,7 @@ def agreement(ranking: Ranking, truth: dict[str, dict[str, float]], factors: tup
     return out
 
 
-def toy_report(loaded: LoadedModel, n_images: int = 2000, quiet: bool = True) -> dict:
+def toy_report(loaded: LoadedModel, n_scored: int = 2000, quiet: bool = True) -> dict:
     """Every figure of the toy model's targets, measured now."""
     from surgeon.inputs.toy import world
 
@@ -144,7 +144,7 @@ def toy_report(loaded: LoadedModel, n_images: int = 2000, quiet: bool = True) ->
         np.mean([s[majority(q)] for q, s in zip(bias["queries"], bias["group_share@10_per_query"], strict=True)])
     )
     pool = load_pool("toy", toy=True)
-    images = toy_images(n_images)
+    images = toy_images(n_scored)
     trained = _rank(loaded, images, pool, quiet)
     controls = [_rank(random_vision_like(loaded, seed), images, pool, quiet) for seed in CONTROL_SEEDS]
     control_counts = [sum(h.ccs >= 4 for h in c.heads) for c in controls]

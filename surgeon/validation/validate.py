@@ -133,16 +133,16 @@ class ValidationSuite:
         if not self.tasks:
             raise InvalidInput(f"{what} measures accuracy: it needs a classification set (--data) besides the bias set")
 
-    def subset(self, n_images: int, n_bias: int | None = None, seed: int = 0) -> ValidationSuite:
+    def subset(self, n_task_images: int, n_bias: int | None = None, seed: int = 0) -> ValidationSuite:
         """A smaller suite for searches (the debias policy): the first n images of each task (tasks sharing an
         image array still share it) and a seeded random n of the bias set (keeps its group mix)."""
         sliced: dict[int, tuple] = {}
         tasks = []
         for t in self.tasks:
             if id(t.images) not in sliced:
-                sliced[id(t.images)] = (t.images[:n_images],)
+                sliced[id(t.images)] = (t.images[:n_task_images],)
             tasks.append(
-                ClassificationSet(t.name, t.classnames, t.templates, sliced[id(t.images)][0], t.labels[:n_images])
+                ClassificationSet(t.name, t.classnames, t.templates, sliced[id(t.images)][0], t.labels[:n_task_images])
             )
         bias = self.bias
         if bias is not None and n_bias is not None and n_bias < len(bias.groups):
@@ -861,8 +861,8 @@ class Evaluator:
         if first is None:
             return True
         per_image = residual_in(vision_tower(self.loaded.model), first[:1].to(self.loaded.device)).numel() * 4
-        n_images = sum(len(images) for images in self._images.values())
-        return 2 * layers * n_images * per_image <= limits.MAX_PREFIX_CACHE_BYTES
+        cached = sum(len(images) for images in self._images.values())
+        return 2 * layers * cached * per_image <= limits.MAX_PREFIX_CACHE_BYTES
 
     def _retrieval_images(self, retrieval: RetrievalSet) -> Images | DecodingFrames:
         """A video set's frames, decoded once per set (cached on disk, memory-mapped); an image set's images."""
