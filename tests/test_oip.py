@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -98,7 +99,7 @@ def server(exported, tmp_path_factory):  # noqa: F811
     """(export folder, http url, grpc url, metrics url) of a running `surgeon serve-model`, batching 8 requests."""
     _, root, _ = exported
     folder = tmp_path_factory.mktemp("oip")
-    with running_server(root, folder, "--max-batch-size", "8", "--max-batch-time-ms", "20") as (_, http, grpc, metrics):
+    with running_server(root, folder, "--max-batch-size", "8", "--max-batch-time-ms", "50") as (_, http, grpc, metrics):
         yield root, http, grpc, metrics
 
 
@@ -204,8 +205,10 @@ def test_concurrent_requests_are_batched_and_answered_in_order(server):
     root, _, grpc, metrics = server
     direct = ExportedModel(root)
     inputs = [_pixels(1 + i % 3, seed=i) for i in range(16)]
+    start = threading.Barrier(len(inputs))  # all at once, so the batch window sees them together on busy cores
 
     def one(array: np.ndarray) -> np.ndarray:
+        start.wait()
         return _grpc_infer(grpc, f"{NAME}_visual", "pixel_values", array, "FP32", ["image_embeds"])[0]
 
     before = scrape(metrics)
