@@ -26,8 +26,7 @@ def toy_data(given: str | None) -> bool:
 
 
 def data_for(model: str | None, given: str | None, what: str, hint: str | None = None) -> str:
-    """The data a stage reads: what was given, else the toy world's (TOY) for the toy model only. A real model
-    measured on 48 px toy shapes gives numbers that look fine and mean nothing, so it must be asked for."""
+    """The data a stage reads: what was given, else the toy world's (TOY) for the toy model only."""
     if given is not None:
         return given
     if not is_toy_model(model):

@@ -20,6 +20,7 @@ from typing import Any
 
 from surgeon.core import limits
 from surgeon.core.errors import InvalidInput
+from surgeon.core.fallback import toy_data
 
 OPTION = "surgeon.option"  # the metadata key of an option field
 Bound = tuple[int, int] | tuple[float, float] | Callable[[Any], tuple[int, int]]
@@ -211,8 +212,6 @@ IMAGES = Option(help="a folder of images, or 'toy' (the default for the toy mode
 
 
 def _image_count(spec: Any) -> tuple[int, int]:
-    from surgeon.core.fallback import toy_data
-
     return limits.images(toy_data(spec.images))
 
 
@@ -230,14 +229,14 @@ BIAS_PROTOCOL = Option(
     "absent groups skipped, MaxSkew summed over queries: max_skew@k_sum is the paper's figure)",
 )
 
-# ---- typed parts the stage functions take ---------------------------------------------------------------
-
 
 def choice(what: str, value: str | None, choices: Any) -> None:
     if value not in choices:
         shown = ", ".join(str(c) for c in choices if c is not None)
         raise InvalidInput(f"unknown {what} {limits.echo(value)}", hint=f"choose {shown}")
 
+
+# ---- typed parts the stage functions take ---------------------------------------------------------------
 
 JUDGE = Option("lexicon", help="lexicon, embedding or llm (prune, sweep: the judge when ranking first)")
 LAYERS = Option(None, help="e.g. 8-11, 3,5, last4 (default) or all (prune, sweep: when ranking first)")

@@ -1,8 +1,7 @@
 """The embedded defaults: the one place a stage asks for the toy world's data (images, text pool, zero-shot
-tasks, bias probe) when the user names none, and the one statement of when it may: no data given means the
-toy world's, for the toy model only. The world is imported only when asked, so stages that never fall back to
-it do not load it; it needs only numpy and PIL, so the torch-free runtime asks here too, and the rule itself
-is light enough for the CLI's start-up."""
+tasks, bias probe) when the user names none; when it may is surgeon.core.fallback's rule. The world is imported
+only when asked, so stages that never fall back to it do not load it; it needs only numpy and PIL, so the
+torch-free runtime asks here too."""
 
 from __future__ import annotations
 

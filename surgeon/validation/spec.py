@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from surgeon.core import limits
 from surgeon.core.errors import InvalidInput
+from surgeon.core.fallback import TOY
 from surgeon.core.options import BIAS_PROTOCOL, SKEW_K, check_bounds, choice, option
 
 if TYPE_CHECKING:
@@ -90,8 +91,6 @@ class ValidationSpec:
     def require_bias(self, what: str) -> None:
         """Refuse, before any model loads, a use that measures bias on a suite that has no bias set (the toy
         suite has its probe; files need --bias-data) or accuracy on one without a classification set."""
-        from surgeon.core.fallback import TOY
-
         toy = self.is_toy or str(self.data) == TOY
         if self.bias_data is None and not toy:
             raise InvalidInput(
