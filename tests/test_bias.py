@@ -234,3 +234,33 @@ def test_intervals_cover_every_headline_figure_and_shrink_with_more_units():
     assert narrow["ndkl"][1] - narrow["ndkl"][0] < wide["ndkl"][1] - wide["ndkl"][0]
     summed = bias_intervals(small, groups_small, 2, None, protocol="paper", resamples=50)
     assert "max_skew@10_sum" in summed and summed["max_skew@10_sum"][0] <= summed["max_skew@10_sum"][1]
+
+
+def test_probes_are_ranked_apart_and_every_figure_is_their_mean():
+    """A set of several probes: each probe is its own ranking; every figure (and its per-query and share lists)
+    is the mean over probes, and the bootstrap resamples units within each probe, scored the same way."""
+    rng = np.random.default_rng(0)
+    groups, units, probes = np.tile([0, 1], 90), np.repeat(np.arange(90), 2), np.repeat([0, 1, 2], 60)
+    similarity = rng.normal(size=(2, 180)) + 0.6 * (groups == 0) * (probes == 1)  # probe 1 leans, 0 and 2 do not
+    merged = bias_metrics(similarity, groups, 2, k=10, probes=probes)
+    each = [bias_metrics(similarity[:, probes == p], groups[probes == p], 2, k=10) for p in range(3)]
+    assert merged["probes"] == 3
+    for key in ("max_skew@10", "min_skew@10", "ndkl", "max_skew@10_sum"):
+        assert merged[key] == pytest.approx(np.mean([m[key] for m in each]))
+    per_query = np.mean([m["max_skew@10_per_query"] for m in each], 0)
+    assert merged["max_skew@10_per_query"] == pytest.approx(per_query.tolist(), abs=1e-6)
+    shares = np.mean([m["group_share@10_per_query"] for m in each], 0)
+    np.testing.assert_allclose(merged["group_share@10_per_query"], shares, atol=1e-6)
+    assert merged["max_skew@10"] != pytest.approx(bias_metrics(similarity, groups, 2, k=10)["max_skew@10"])
+    weights = unit_weights(units, 180, 10, seed=3, strata=probes)
+    assert all((weights[:, probes == p].sum(1) == 60).all() for p in range(3))  # each probe keeps its size
+    draws = resampled_skews(similarity, groups, 2, weights, k=10, probes=probes)
+    for b, copies in enumerate(weights):
+        index = [np.repeat(np.flatnonzero(probes == p), copies[probes == p]) for p in range(3)]
+        written = [bias_metrics(similarity[:, i], groups[i], 2, k=10) for i in index]
+        assert draws["max"][b].mean() == pytest.approx(np.mean([m["max_skew@10"] for m in written]))
+        assert draws["ndkl"][b].mean() == pytest.approx(np.mean([m["ndkl"] for m in written]))
+    low, high = bias_intervals(similarity, groups, 2, units, probes=probes, resamples=200)["max_skew@10"]
+    assert low <= merged["max_skew@10"] <= high
+    with pytest.raises(InvalidInput, match="not both"):
+        bias_metrics(similarity, groups, 2, ranked_by=np.zeros(180, int), probes=probes)

@@ -15,7 +15,7 @@ from surgeon.core.errors import InvalidInput
 from surgeon.model.heads import HeadRef
 from surgeon.results.bias import bias_metrics
 from surgeon.selection.policies import BiasMeasure
-from surgeon.validation.validate import PROBES_PER_SPLIT, bias_set, search_probe_seeds, toy_suite
+from surgeon.validation.validate import PROBES_PER_SPLIT, REPORT_PROBES, bias_set, search_probe_seeds, toy_suite
 
 
 def digests(images) -> set[str]:
@@ -28,6 +28,7 @@ def test_toy_search_and_stop_suites_share_no_image_with_the_reported_one():
     search, stop, report = splits.search, splits.stop, splits.report
     assert report is suite and "test split" in report.description and "val split" in search.description
     assert len(search.tasks[0].labels) == 64 and not stop.tasks
+    assert np.bincount(report.bias.probes).tolist() == [48] * len(REPORT_PROBES)  # the reported probes, 24 scenes each
     for side in (search, stop):  # several probes of the report probe's size, each image marked with its probe
         assert len(np.unique(side.bias.units)) == 24 * PROBES_PER_SPLIT
         assert np.bincount(side.bias.probes).tolist() == [48] * PROBES_PER_SPLIT
@@ -42,7 +43,8 @@ def test_toy_search_and_stop_suites_share_no_image_with_the_reported_one():
 def test_toy_search_probes_avoid_the_reported_and_the_design_probes():
     used = [seed for split in range(4) for seeds in search_probe_seeds(split) for seed in seeds]
     assert len(used) == len(set(used)) == 4 * 2 * PROBES_PER_SPLIT  # no probe in two splits or two split seeds
-    assert not set(used) & set(range(20))  # 0: reported; 1-19: the probes the search was designed on
+    assert not set(used) & set(range(20))  # below 20: the reported probes and those the search was designed on
+    assert not set(REPORT_PROBES) & set(range(10, 20))  # the design probes (NOTES.md) are never reported on
 
 
 def test_search_objective_is_the_mean_over_probes_ranked_apart():

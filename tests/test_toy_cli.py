@@ -50,7 +50,7 @@ def test_rank_and_prune_debias_onnx_with_no_arguments(tmp_path):
     run = exports / "run"
     plan = json.loads((run / "plan.json").read_text())
     assert plan["policy"] == "debias" and plan["heads"] and all("lowered bias" in h["reason"] for h in plan["heads"])
-    assert "val split" in plan["selected_on"] and "test split, bias probe (seed 0)" in plan["validated_on"]
+    assert "val split" in plan["selected_on"] and "test split, bias probes (seeds 0, 7, 8, 9)" in plan["validated_on"]
     validation = json.loads((run / "validation.json").read_text())
     before, after = validation["before"]["summary"], validation["after"]["summary"]
     assert after["max_skew@10"] < before["max_skew@10"]  # selected on the search probe, holds on the held-out one

@@ -146,14 +146,26 @@ def bias_metrics(
     desired: str | None = None,
     protocol: str = "surgeon",
     ranked_by: np.ndarray | None = None,
+    probes: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Per-query, mean and summed MaxSkew@k, MinSkew@k and NDKL from a (queries x images) similarity matrix:
     a JSON record whose keys name k, so its values are typed by the caller that reads them. `ranked_by` (one
-    query index per image): each query ranks only its own images (`query_pools`)."""
+    query index per image): each query ranks only its own images (`query_pools`). `probes` (one probe index
+    per image): each probe is ranked apart and every figure is the mean over probes, so the statistic stays
+    that of one probe's size while its noise falls with their number."""
     if similarity.ndim != 2 or similarity.shape[1] != len(groups):
         raise InvalidInput("similarity must be (queries, images) with one group label per image")
     if len(groups) == 0:
         raise InvalidInput("the bias set is empty")
+    if probes is not None:
+        if ranked_by is not None:
+            raise InvalidInput("a bias set is ranked within probes or within queries, not both")
+        groups_arr = np.asarray(groups)
+        parts = [
+            bias_metrics(similarity[:, part], groups_arr[part], n_groups, k, desired, protocol)
+            for part in probe_parts(probes)
+        ]
+        return {**_mean_records(parts), "probes": len(parts)}
     rules, desired = bias_protocol(protocol, desired)
     max_skew, min_skew, ndkls, shares = [], [], [], []
     groups_arr = np.asarray(groups)
@@ -176,6 +188,32 @@ def bias_metrics(
         # which group fills each query's top k (MaxSkew alone does not say in which direction it leans)
         f"group_share@{k}_per_query": shares,
     }
+
+
+def probe_parts(probes: np.ndarray) -> list[np.ndarray]:
+    """The image indices of each probe, in probe order."""
+    probes = np.asarray(probes)
+    return [np.flatnonzero(probes == p) for p in np.unique(probes)]
+
+
+def _mean_records(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The element-wise mean of `bias_metrics` records of equal shape (numbers and nested lists of numbers)."""
+
+    def mean(values: list[Any]) -> Any:
+        first = values[0]
+        if isinstance(first, str):
+            return first
+        if isinstance(first, list):
+            return [mean([v[i] for v in values]) for i in range(len(first))]
+        return float(np.mean(values))
+
+    rounded = {key for key, value in records[0].items() if isinstance(value, list)}  # per-query lists: 6 digits
+    out = {key: mean([r[key] for r in records]) for key in records[0]}
+    return {key: _rounded(value) if key in rounded else value for key, value in out.items()}
+
+
+def _rounded(value: Any) -> Any:
+    return [_rounded(v) for v in value] if isinstance(value, list) else round(float(value), 6)
 
 
 def headline_keys(metrics: dict) -> list[str]:
@@ -246,11 +284,21 @@ def resampled_skews(
     protocol: str = "surgeon",
     with_ndkl: bool = True,
     ranked_by: np.ndarray | None = None,
+    probes: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Per-resample (resamples x queries) MaxSkew@k, MinSkew@k and NDKL of `bias_metrics` on the resampled
-    sets `weights` describes (multiplicities, `unit_weights`). Copies of an item sit next to each other and
-    other ties keep the set's order: the expectation over tie-breaks (`ranked_composition`) is left to the
-    point estimate."""
+    sets `weights` describes (multiplicities, `unit_weights`; `probes`: the mean over probes ranked apart).
+    Copies of an item sit next to each other and other ties keep the set's order: the expectation over
+    tie-breaks (`ranked_composition`) is left to the point estimate."""
+    if probes is not None:
+        groups_arr = np.asarray(groups)
+        parts = [
+            resampled_skews(
+                similarity[:, part], groups_arr[part], n_groups, weights[:, part], k, desired, protocol, with_ndkl
+            )
+            for part in probe_parts(probes)
+        ]
+        return {key: np.mean([p[key] for p in parts], axis=0) for key in parts[0]}
     rules, desired = bias_protocol(protocol, desired)
     onehot = np.eye(n_groups)[np.asarray(groups)]
     shape = (len(weights), len(similarity))
@@ -302,11 +350,14 @@ def bias_intervals(
     resamples: int = BOOTSTRAP_RESAMPLES,
     seed: int = 0,
     ranked_by: np.ndarray | None = None,
+    probes: np.ndarray | None = None,
 ) -> dict[str, list[float]]:
     """95% bootstrap intervals of the headline figures of `bias_metrics` (`headline_keys`), resampling units
-    (scenes, identities) with replacement."""
-    weights = unit_weights(units, len(groups), resamples, seed, strata=ranked_by)
-    draws = resampled_skews(similarity, groups, n_groups, weights, k, desired, protocol, ranked_by=ranked_by)
+    (scenes, identities) with replacement (within each query's pool, or each probe)."""
+    weights = unit_weights(units, len(groups), resamples, seed, strata=ranked_by if probes is None else probes)
+    draws = resampled_skews(
+        similarity, groups, n_groups, weights, k, desired, protocol, ranked_by=ranked_by, probes=probes
+    )
     intervals = {
         f"max_skew@{k}": interval(draws["max"].mean(1)),
         f"min_skew@{k}": interval(draws["min"].mean(1)),

@@ -13,7 +13,7 @@ import numpy as np
 
 from surgeon.model.heads import HeadRef
 from surgeon.model.load import LoadedModel
-from surgeon.results.bias import BOOTSTRAP_RESAMPLES, bias_metrics, interval, resampled_skews, unit_weights
+from surgeon.results.bias import BOOTSTRAP_RESAMPLES, interval
 from surgeon.selection.policies import BiasMeasure, DebiasData
 from surgeon.validation.validate import Evaluator, SearchSplits
 
@@ -77,29 +77,18 @@ def against_chance(
     mean, sd and range, the share of them the policy beats (percentile) and the permutation p-value
     (1 + sets at least as good) / (1 + sets), exact when every set was measured; with bootstrap intervals
     (units) of the base, the policy's figure and its relative change (paired)."""
-    bias = evaluator.suite.bias
-    assert bias is not None  # the report split of a bias search has its bias set
-    key = f"max_skew@{bias.k}"
-
-    def skew(similarity: np.ndarray, weights: np.ndarray) -> np.ndarray:
-        draws = resampled_skews(
-            similarity, bias.groups, len(bias.group_names), weights, bias.k, bias.desired, bias.protocol, False
-        )
-        return draws["max"].mean(1)
-
-    def point(similarity: np.ndarray) -> float:
-        return bias_metrics(similarity, bias.groups, len(bias.group_names), bias.k, bias.desired, bias.protocol)[key]
-
+    measure = bias_measure(evaluator)
+    key = f"max_skew@{measure.k}"
     sets, exhaustive = null_sets(pool, heads, n_sets, seed)
-    base_similarity, policy_similarity = evaluator.bias_similarity([]), evaluator.bias_similarity(heads)
-    base, policy = point(base_similarity), point(policy_similarity)
+    weights = measure.resamples(BOOTSTRAP_RESAMPLES, 0)  # validation's resamples: the same intervals
+    base_score, policy_score = measure.score([], weights), measure.score(heads, weights)
+    base, policy = base_score.value, policy_score.value
+    base_draws, policy_draws = base_score.draws, policy_score.draws
     random_values = []
     for head_set in sets:
-        random_values.append(point(evaluator.bias_similarity(list(head_set))))
+        random_values.append(measure.value(list(head_set)))
         advance(1)
     values = np.asarray(random_values)
-    weights = unit_weights(bias.units, len(bias.groups), BOOTSTRAP_RESAMPLES)  # validation's resamples: same CIs
-    base_draws, policy_draws = skew(base_similarity, weights), skew(policy_similarity, weights)
     return {
         "metric": key,
         "measured_on": evaluator.suite.description,

@@ -400,26 +400,23 @@ class BiasMeasure:
     def score(self, heads: list[HeadRef], weights: np.ndarray) -> Score:
         """MaxSkew@k, the mean over the split's probes: its point estimate and one value per bootstrap
         resample `weights`."""
-        import numpy as np
-
-        from surgeon.results.bias import bias_metrics, resampled_skews
+        from surgeon.results.bias import resampled_skews
 
         sim = self.similarity(heads)
-        parts = (
-            [np.arange(len(self.groups))]
-            if self.probes is None
-            else [np.flatnonzero(self.probes == p) for p in np.unique(self.probes)]
-        )
-        values, draws = [], []
-        for part in parts:
-            sim_part, groups = sim[:, part], self.groups[part]
-            metrics = bias_metrics(sim_part, groups, self.n_groups, self.k, self.desired, self.protocol)
-            resampled = resampled_skews(
-                sim_part, groups, self.n_groups, weights[:, part], self.k, self.desired, self.protocol, False
-            )
-            values.append(metrics[f"max_skew@{self.k}"])
-            draws.append(resampled["max"].mean(1))
-        return Score(float(np.mean(values)), np.mean(draws, axis=0))
+        draws = resampled_skews(sim, self.groups, self.n_groups, weights, with_ndkl=False, **self._rule())
+        return Score(self._value(sim), draws["max"].mean(1))
+
+    def value(self, heads: list[HeadRef]) -> float:
+        """MaxSkew@k, the mean over the split's probes (the point estimate alone)."""
+        return self._value(self.similarity(heads))
+
+    def _value(self, similarity: np.ndarray) -> float:
+        from surgeon.results.bias import bias_metrics
+
+        return float(bias_metrics(similarity, self.groups, self.n_groups, **self._rule())[f"max_skew@{self.k}"])
+
+    def _rule(self) -> dict:
+        return {"k": self.k, "desired": self.desired, "protocol": self.protocol, "probes": self.probes}
 
     def resamples(self, n: int, seed: int) -> np.ndarray:
         """Bootstrap multiplicities drawing units within each probe (each keeps its size)."""

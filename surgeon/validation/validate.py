@@ -125,7 +125,7 @@ class ValidationSuite:
     tasks: list[ClassificationSet]
     bias: BiasSet | None = None
     source: str = "toy"
-    description: str = "toy world: test split, bias probe (seed 0)"
+    description: str = "toy world: test split, bias probes (seeds 0, 7, 8, 9)"
     retrieval: list[RetrievalSet] = field(default_factory=list)  # image <-> text and text -> video sets
 
     def require_accuracy(self, what: str) -> None:
@@ -159,7 +159,7 @@ class ValidationSuite:
         never one unit in two splits."""
         if self.source == "toy":
             n_per_task = len(self.tasks[0].labels) if self.tasks else None
-            n_scenes = None if self.bias is None or self.bias.units is None else len(np.unique(self.bias.units))
+            n_scenes = None if self.bias is None else _scenes_per_probe(self.bias)
             search_seeds, stop_seeds = search_probe_seeds(seed)
             search = ValidationSuite(
                 toy_tasks(n_per_task, "val"),
@@ -218,34 +218,45 @@ class SearchSplits:
     seed: int
 
 
-#: toy probes (600 scenes each, the report probe's size) in each of the search and stop splits: averaging
-#: MaxSkew@10 over two probes picked the head best on average in 10 of 10 design rotations (NOTES.md)
-PROBES_PER_SPLIT = 2
-#: the first probe seed of the search and stop splits: 0 is the reported probe, 1-19 the design probes
+#: the toy's standard bias set: MaxSkew@10 averaged over four probes of 600 scenes, each ranked apart. One
+#: probe's figure has a bootstrap sd of 12% and a head's effect on it varies by 11 points from probe to probe
+#: (ten design probes, NOTES.md): one probe cannot tell a 25% change from none. Seed 0 is the probe reported
+#: before; 7-9 are the seeds below the design probes (10-19) that no search has read (1-6 were the first
+#: debias search's own)
+REPORT_PROBES = (0, 7, 8, 9)
+#: toy probes in each of the search and stop splits: averaging MaxSkew@10 over three probes picked the head
+#: best on average in 9 of 10 design rotations and never refused (two: refused once), NOTES.md
+PROBES_PER_SPLIT = 3
+#: the first probe seed of the search and stop splits: below it lie the reported and the design probes
 FIRST_SEARCH_PROBE = 20
 
 
 def search_probe_seeds(split_seed: int) -> tuple[list[int], list[int]]:
     """The toy's search and stop probe seeds for a split seed: disjoint from each other, from every other split
-    seed's, from the reported probe (seed 0) and from the probes the search was designed on (1-19)."""
+    seed's, from the reported probes and from the probes the search was designed on (10-19)."""
     first = FIRST_SEARCH_PROBE + 2 * PROBES_PER_SPLIT * split_seed
     return list(range(first, first + PROBES_PER_SPLIT)), list(
         range(first + PROBES_PER_SPLIT, first + 2 * PROBES_PER_SPLIT)
     )
 
 
-def _seeds(seeds: list[int]) -> str:
+def _seeds(seeds: Sequence[int]) -> str:
     return ", ".join(map(str, seeds))
 
 
-def toy_suite(
-    n_per_task: int | None = None, n_scenes: int | None = None, split: str = "test", probe_seed: int = 0
-) -> ValidationSuite:
+def _scenes_per_probe(bias: BiasSet) -> int | None:
+    if bias.units is None:
+        return None
+    return len(np.unique(bias.units)) // (1 if bias.probes is None else len(np.unique(bias.probes)))
+
+
+def toy_suite(n_per_task: int | None = None, n_scenes: int | None = None, split: str = "test") -> ValidationSuite:
+    """The toy world's standard suite: its zero-shot tasks and the reported bias probes (`n_scenes` each)."""
     return ValidationSuite(
         toy_tasks(n_per_task, split),
-        toy_probe(n_scenes, probe_seed),
+        toy_probes(n_scenes, list(REPORT_PROBES)),
         "toy",
-        f"toy world: {split} split, bias probe (seed {probe_seed})",
+        f"toy world: {split} split, bias probes (seeds {_seeds(REPORT_PROBES)})",
     )
 
 
@@ -1032,13 +1043,23 @@ class Evaluator:
             assert self.queries is not None  # embedded with the suite's bias set
             sim = (self.queries.float().cpu() @ embed(b.name).T).numpy()
             groups = b.groups[self._readable(self._set_key[b.name])]
-            ranked_by = b.ranked_by[self._readable(self._set_key[b.name])] if b.ranked_by is not None else None
-            metrics = bias_metrics(sim, groups, len(b.group_names), b.k, b.desired, b.protocol, ranked_by)
+            readable = self._readable(self._set_key[b.name])
+            ranked_by = b.ranked_by[readable] if b.ranked_by is not None else None
+            probes = b.probes[readable] if b.probes is not None else None
+            metrics = bias_metrics(sim, groups, len(b.group_names), b.k, b.desired, b.protocol, ranked_by, probes)
             metrics["queries"] = list(b.queries)
             if intervals:
-                units = b.units[self._readable(self._set_key[b.name])] if b.units is not None else None
+                units = b.units[readable] if b.units is not None else None
                 metrics["ci95"] = bias_intervals(
-                    sim, groups, len(b.group_names), units, b.k, b.desired, b.protocol, ranked_by=ranked_by
+                    sim,
+                    groups,
+                    len(b.group_names),
+                    units,
+                    b.k,
+                    b.desired,
+                    b.protocol,
+                    ranked_by=ranked_by,
+                    probes=probes,
                 )
                 metrics["bootstrap"] = {"resamples": BOOTSTRAP_RESAMPLES, "units": _unit_count(b), "level": 0.95}
             results.append({"dataset": b.name, "task": "bias", "metrics": metrics, **read(b.name)})
