@@ -16,6 +16,7 @@ from surgeon.results.bias import (
     bias_protocol,
     desired_distribution,
     headline_keys,
+    interval,
     ndkl,
     ranked_composition,
     resampled_skews,
@@ -264,3 +265,15 @@ def test_probes_are_ranked_apart_and_every_figure_is_their_mean():
     assert low <= merged["max_skew@10"] <= high
     with pytest.raises(InvalidInput, match="not both"):
         bias_metrics(similarity, groups, 2, ranked_by=np.zeros(180, int), probes=probes)
+
+
+def test_bias_corrected_interval_follows_the_point_when_the_bootstrap_is_shifted():
+    """Resampled rankings lift MaxSkew and NDKL (duplicated images sit together): with draws one sd above the
+    point, plain percentiles would put the point at their edge; the corrected interval moves down to hold it,
+    and with draws centred on the point it is the plain percentile interval."""
+    draws = np.random.default_rng(0).normal(1.0, 0.1, 2000)
+    low, high = interval(draws, 0.9)
+    plain = np.percentile(draws, [2.5, 97.5])
+    assert low < plain[0] and high < plain[1] and low < 0.9 < high
+    centred = interval(draws, float(np.median(draws)))
+    assert centred == pytest.approx(plain.tolist(), abs=0.01)

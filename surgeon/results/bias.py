@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -267,11 +268,21 @@ def unit_weights(
     return drawn[:, inverse]
 
 
-def interval(values: Sequence[float] | np.ndarray, level: float = INTERVAL_LEVEL) -> list[float]:
-    """The percentile interval of bootstrap values, [low, high]."""
-    tail = (1 - level) / 2 * 100
-    low, high = np.percentile(np.asarray(values, dtype=float), [tail, 100 - tail])
-    return [round(float(low), 6), round(float(high), 6)]
+def interval(values: Sequence[float] | np.ndarray, point: float, level: float = INTERVAL_LEVEL) -> list[float]:
+    """The bias-corrected percentile interval of bootstrap values around `point`, [low, high] (Efron 1987):
+    resampled rankings hold duplicated images next to each other, which lifts MaxSkew and NDKL in every
+    resample, so plain percentiles could exclude the point estimate itself; the correction shifts both
+    percentiles by the share of resamples below the point."""
+    values = np.asarray(values, dtype=float)
+    below = (np.sum(values < point) + 0.5 * np.sum(values == point)) / len(values)
+    z0 = _NORMAL.inv_cdf(min(max(below, 0.5 / len(values)), 1 - 0.5 / len(values)))
+    tail = _NORMAL.inv_cdf((1 - level) / 2)
+    low, high = (100 * _NORMAL.cdf(2 * z0 + z) for z in (tail, -tail))
+    lower, upper = np.percentile(values, [low, high])
+    return [round(float(lower), 6), round(float(upper), 6)]
+
+
+_NORMAL = NormalDist()
 
 
 def resampled_skews(
@@ -358,11 +369,12 @@ def bias_intervals(
     draws = resampled_skews(
         similarity, groups, n_groups, weights, k, desired, protocol, ranked_by=ranked_by, probes=probes
     )
+    point = bias_metrics(similarity, groups, n_groups, k, desired, protocol, ranked_by, probes)
     intervals = {
-        f"max_skew@{k}": interval(draws["max"].mean(1)),
-        f"min_skew@{k}": interval(draws["min"].mean(1)),
-        "ndkl": interval(draws["ndkl"].mean(1)),
+        f"max_skew@{k}": interval(draws["max"].mean(1), point[f"max_skew@{k}"]),
+        f"min_skew@{k}": interval(draws["min"].mean(1), point[f"min_skew@{k}"]),
+        "ndkl": interval(draws["ndkl"].mean(1), point["ndkl"]),
     }
     if PROTOCOLS[protocol].headline == "sum":
-        intervals[f"max_skew@{k}_sum"] = interval(draws["max"].sum(1))
+        intervals[f"max_skew@{k}_sum"] = interval(draws["max"].sum(1), point[f"max_skew@{k}_sum"])
     return intervals

@@ -96,11 +96,13 @@ def against_chance(
         "sets": len(sets),
         "exhaustive": exhaustive,
         "base": round(base, 6),
-        "base_ci95": interval(base_draws),
+        "base_ci95": interval(base_draws, base),
         "policy": round(policy, 6),
-        "policy_ci95": interval(policy_draws),
+        "policy_ci95": interval(policy_draws, policy),
         "change": round(policy / base - 1, 6) if base > 0 else None,  # relative to no bias: undefined
-        "change_ci95": interval(policy_draws[base_draws > 0] / base_draws[base_draws > 0] - 1) if base > 0 else None,
+        "change_ci95": interval(policy_draws[base_draws > 0] / base_draws[base_draws > 0] - 1, policy / base - 1)
+        if base > 0
+        else None,
         "random": {
             "mean": round(float(values.mean()), 6),
             "sd": round(float(values.std(ddof=1)) if len(values) > 1 else 0.0, 6),
