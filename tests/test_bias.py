@@ -267,13 +267,12 @@ def test_probes_are_ranked_apart_and_every_figure_is_their_mean():
         bias_metrics(similarity, groups, 2, ranked_by=np.zeros(180, int), probes=probes)
 
 
-def test_bias_corrected_interval_follows_the_point_when_the_bootstrap_is_shifted():
-    """Resampled rankings lift MaxSkew and NDKL (duplicated images sit together): with draws one sd above the
-    point, plain percentiles would put the point at their edge; the corrected interval moves down to hold it,
+def test_interval_keeps_the_bootstraps_spread_around_the_point():
+    """Resampled rankings lift MaxSkew and NDKL (duplicated images sit together): with every draw above the
+    point, plain percentiles would exclude it; the interval keeps their spread, centred (median) on the point,
     and with draws centred on the point it is the plain percentile interval."""
     draws = np.random.default_rng(0).normal(1.0, 0.1, 2000)
-    low, high = interval(draws, 0.9)
+    low, high = interval(draws + 1.0, 1.0)
     plain = np.percentile(draws, [2.5, 97.5])
-    assert low < plain[0] and high < plain[1] and low < 0.9 < high
-    centred = interval(draws, float(np.median(draws)))
-    assert centred == pytest.approx(plain.tolist(), abs=0.01)
+    assert [low, high] == pytest.approx(plain.tolist(), abs=0.01) and low < 1.0 < high
+    assert interval(draws, float(np.median(draws))) == pytest.approx(plain.tolist(), abs=1e-6)

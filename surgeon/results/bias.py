@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -269,20 +268,15 @@ def unit_weights(
 
 
 def interval(values: Sequence[float] | np.ndarray, point: float, level: float = INTERVAL_LEVEL) -> list[float]:
-    """The bias-corrected percentile interval of bootstrap values around `point`, [low, high] (Efron 1987):
-    resampled rankings hold duplicated images next to each other, which lifts MaxSkew and NDKL in every
-    resample, so plain percentiles could exclude the point estimate itself; the correction shifts both
-    percentiles by the share of resamples below the point."""
+    """The percentile interval of bootstrap values, moved so that their median sits on `point`, [low, high]:
+    a resampled ranking holds each duplicated image next to its copies, which lifts MaxSkew and NDKL in
+    resamples (on the toy's four probes NDKL lay above the point in over 97.5% of 500, so plain percentiles
+    left the point outside its own interval); the draws measure how far a figure varies, the point where."""
     values = np.asarray(values, dtype=float)
-    below = (np.sum(values < point) + 0.5 * np.sum(values == point)) / len(values)
-    z0 = _NORMAL.inv_cdf(min(max(below, 0.5 / len(values)), 1 - 0.5 / len(values)))
-    tail = _NORMAL.inv_cdf((1 - level) / 2)
-    low, high = (100 * _NORMAL.cdf(2 * z0 + z) for z in (tail, -tail))
-    lower, upper = np.percentile(values, [low, high])
-    return [round(float(lower), 6), round(float(upper), 6)]
-
-
-_NORMAL = NormalDist()
+    tail = (1 - level) / 2 * 100
+    low, middle, high = np.percentile(values, [tail, 50, 100 - tail])
+    shift = point - middle
+    return [round(float(low + shift), 6), round(float(high + shift), 6)]
 
 
 def resampled_skews(
