@@ -46,7 +46,8 @@ def test_same_seed_same_images_and_captions():
 
 
 @pytest.mark.parametrize("mode", ["unique", "free"])
-def test_captions_describe_factors_and_never_name_the_group(world, mode):
+def test_captions_describe_factors_and_never_name_the_group(mode):
+    world = ToyWorld(WorldConfig(outline_caption_rate=0.0))
     it = world.iter_train(128, seed=0, captions=mode)
     parts = [next(it) for _ in range(12)]
     b = parts[0]
@@ -69,6 +70,35 @@ def test_captions_describe_factors_and_never_name_the_group(world, mode):
     assert 0.3 < named / len(b.captions) < 0.95
     if mode == "free":
         assert any(len(c.split()) <= 3 for c in b.captions)
+
+
+@pytest.mark.parametrize("mode", ["unique", "free"])
+def test_captions_name_the_outline_drawn_at_their_rate(mode):
+    def batches(rate: float):
+        it = ToyWorld(WorldConfig(outline_caption_rate=rate)).iter_train(128, seed=1, captions=mode)
+        return [next(it) for _ in range(8)]
+
+    plain, some, every = batches(0.0), batches(0.25), batches(1.0)
+    groups = WorldConfig().groups
+    concepts_of = LexiconJudge(toy_taxonomy()).concepts_of
+    for b in every:
+        for cap, g in zip(b.captions, b.groups, strict=True):
+            words = re.findall(r"[a-z]+", cap)
+            assert groups[g] in words and groups[1 - g] not in words, cap  # the outline drawn, never the other
+            assert "outlines" in concepts_of(cap), cap  # in words the judge reads as the outline
+    named = [
+        [bool(re.search(r"\boutline", c)) for c in b.captions] for b in some
+    ]  # the outline reads spare draws: the scenes, and every caption that does not name it, stay as at rate 0
+    share = np.mean(named)
+    assert 0.2 < share < 0.3, share
+    for p, s, flags in zip(plain, some, named, strict=True):
+        assert np.array_equal(p.images, s.images) and np.array_equal(p.groups, s.groups)
+        assert [c for c, f in zip(p.captions, flags, strict=True) if not f] == [
+            c for c, f in zip(s.captions, flags, strict=True) if not f
+        ]
+        assert not any("outline" in c for c in p.captions)
+    with pytest.raises(InvalidInput, match="outline_caption_rate"):
+        WorldConfig(outline_caption_rate=1.5)
 
 
 def test_unique_captions_fit_only_their_own_scene(world):
@@ -159,9 +189,9 @@ def test_pool_and_taxonomy():
     pool = toy_pool()
     truth = toy_pool_concepts()
     tax = toy_taxonomy()
-    assert set(tax["concepts"]) == set(FACTOR_CONCEPTS.values())
+    assert set(tax["concepts"]) == {*FACTOR_CONCEPTS.values(), "outlines"}
     assert len(pool) == len(set(pool)) >= 100
-    for concept in FACTOR_CONCEPTS.values():
+    for concept in (*FACTOR_CONCEPTS.values(), "outlines"):
         share = sum(truth[line] == concept for line in pool) / len(pool)
         assert share >= 0.10, (concept, share)
     concepts_of = LexiconJudge(tax).concepts_of

@@ -1,5 +1,6 @@
-"""Captions of scenes: varied phrasings naming some factors (never the group), either a random subset or, for
-contrastive training, just enough factors that no other scene of the batch fits the caption."""
+"""Captions of scenes: varied phrasings naming some factors, either a random subset or, for contrastive
+training, just enough factors that no other scene of the batch fits the caption; the group (the outline) only
+in a WorldConfig.outline_caption_rate share of them, never to single a scene out."""
 
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ _BACKGROUND_PHRASES = (
     "with a {} background",
     "on a {} backdrop",
 )
+#: how a caption names the outline drawn ("{}" = its group: dark, light)
+_OUTLINE_PHRASES = ("with a {} outline", "{}-outlined")
 _NOUNS = ("object", "shape", "thing")
 _PREFIXES = ("a photo of ", "a picture of ", "an image of ", "a drawing of ")
 
@@ -96,8 +99,9 @@ def caption_scenes(
     named: np.ndarray | None = None,
     allowed: np.ndarray | None = None,
 ) -> list[str]:
-    """Varied captions naming some factors (never the group): those in `named` (n x 6 bool, in FACTORS
-    order) or, if None, a random choice per cfg.caption_mix."""
+    """Varied captions naming some factors: those in `named` (n x 6 bool, in FACTORS order) or, if None, a
+    random choice per cfg.caption_mix; the outline in a cfg.outline_caption_rate share of them. The outline
+    reads spare columns of the per-caption draws, so a rate of 0 gives the very captions of before."""
     n = len(sc)
     if named is None:
         named = free_named(cfg, n, rng)
@@ -129,6 +133,10 @@ def caption_scenes(
             else:
                 w = _TEXTURE_ADJ[t]
                 adj.append(_pick(w, uu[14]))
+        outline = cfg.groups[sc.group[i]] if uu[17] < cfg.outline_caption_rate else None
+        if outline and uu[18] < 0.3:
+            adj.insert(0, _OUTLINE_PHRASES[1].format(outline))
+            outline = None
         if len(adj) > 1 and uu[8] < 0.2:
             rng_perm = kk[3] % len(adj)
             adj = adj[rng_perm:] + adj[:rng_perm]
@@ -141,6 +149,8 @@ def caption_scenes(
             phrase = f"the {phrase}"
         if tex_with:
             phrase = f"{phrase} {tex_with}"
+        if outline:
+            phrase = f"{phrase} {_OUTLINE_PHRASES[0].format(outline)}"
         pos = None
         if has_pos:
             w = _POSITION_PHRASES[cfg.positions[sc.position[i]]]
