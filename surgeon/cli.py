@@ -499,6 +499,9 @@ def toy_report_command(
         table.add_row(f"label = ground-truth factor ({key})", value, ">= 80%" if key == "ccs>=4" else "")
     claim = report["paper_claim"]
     outline = claim["outline_heads"]
+    table.add_row(
+        "zero-shot top-1: dark vs light outline (the word learned)", f"{100 * claim['outline_zero_shot_acc1']:.1f}%", ""
+    )
     table.add_row("heads labelled outlines (trained)", ", ".join(outline["trained"]) or "none", "")
     table.add_row(
         "heads labelled outlines (vision tower re-initialised)",

@@ -89,6 +89,7 @@ def test_paper_claim_ablates_each_rules_heads_against_random_sets(tmp_path):
     ]
     claim = paper_claim(loaded, trained, controls, draws=6)
     sets = claim["sets"]
+    assert 0 <= claim["outline_zero_shot_acc1"] <= 1
     assert claim["m"] == 5 and claim["outline_heads"] == {"trained": ["L1.H1"], "random_init_per_seed": [1, 0]}
     assert sets["high (ccs = m)"]["heads"] == ["L0.H0", "L1.H1"] and sets["low (ccs <= 1)"]["heads"] == [
         "L0.H2",

@@ -15,7 +15,8 @@
   the outline counts as a factor here, so a head labelled `outlines` agrees when the outline explains it most;
 - the paper's claim (docs/METHOD.md: high-CCS heads carry the spurious correlations that amplify bias), testable
   because some training captions name the outline (WorldConfig.outline_caption_rate): the heads labelled
-  `outlines` (trained and random-vision-tower), the heads its high rule (CCS = m) and low rule (CCS <= 1)
+  `outlines` (trained and random-vision-tower), whether the text tower tells a dark outline from a light one
+  (zero-shot on the test split, OUTLINE_TEMPLATES), the heads its high rule (CCS = m) and low rule (CCS <= 1)
   select, and how MaxSkew@10 and the direction on the probe change when each set is zero-ablated, against
   RANDOM_SETS random head sets of the same size (seeded). Heads are chosen on the val split's images and the
   text pool, the change is measured on the probe: selection and measurement share no data."""
@@ -38,7 +39,14 @@ from surgeon.model.hooks import vision_tower
 from surgeon.model.load import LoadedModel, build_clip, weights_hash
 from surgeon.ranking.judges.base import Judge
 from surgeon.ranking.rank import Ranking, make_judge, rank_heads
-from surgeon.validation.validate import Evaluator, ValidationSuite, toy_probe, toy_suite, validate
+from surgeon.validation.validate import (
+    ClassificationSet,
+    Evaluator,
+    ValidationSuite,
+    toy_probe,
+    toy_suite,
+    validate,
+)
 from surgeon.validation.zeroshot import uint8_to_tensor
 
 TARGETS = {"min_factor_acc1": 0.85, "min_max_skew@10": 0.3, "min_specialised_heads": 6, "min_agreement": 0.8}
@@ -47,6 +55,7 @@ CHANCE_DRAWS = 20_000
 RANDOM_SETS = 50
 #: the concept of the toy pool's outline lines, and the name the outline has as a ground-truth factor
 OUTLINE_CONCEPT, OUTLINE_FACTOR = "outlines", "outline"
+OUTLINE_TEMPLATES = ["an object with a {} outline", "a shape with a {} outline", "a {}-outlined object"]
 
 
 def random_vision_like(loaded: LoadedModel, seed: int = 0) -> LoadedModel:
@@ -193,8 +202,13 @@ def paper_claim(
                 },
             }
         sets[rule] = entry
+    test = world.get_world().test_split()
+    named = ClassificationSet(
+        "toy/outline", list(world.get_world().cfg.groups), OUTLINE_TEMPLATES, test.images, test.groups
+    )
     return {
         "m": trained.m,
+        "outline_zero_shot_acc1": validate(loaded, ValidationSuite([named]))["summary"]["mean_acc1"],
         "probe": {key: round(v, 4) for key, v in base.items()},
         "outline_heads": {
             "trained": sets[OUTLINE_CONCEPT]["heads"],

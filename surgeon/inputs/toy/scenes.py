@@ -75,9 +75,10 @@ class WorldConfig:
     #: object centre jitter (± fraction of the image side) and object side jitter (± pixels)
     position_jitter: float = 0.0
     size_jitter: int = 0
-    #: share of captions that name the outline drawn ("... with a dark outline"), so the text tower learns
-    #: the word and TextSpan can label a head `outlines` (issue 24 item 4); the shape-outline correlation
-    #: itself stays in the images only. 0 keeps every caption as it was
+    #: captions naming the outline drawn ("... with a dark outline"), so the text tower learns the word and
+    #: TextSpan can label a head `outlines` (issue 24 item 4): free captions name it in this share; unique
+    #: (training) captions take it as a candidate in this share (captions.unique_named). The shape-outline
+    #: correlation itself stays in the images only. 0 keeps every caption as it was
     outline_caption_rate: float = 0.0
 
     def __post_init__(self):
