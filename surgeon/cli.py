@@ -497,6 +497,33 @@ def toy_report_command(
     for key in ("ccs>=4", "ccs<4"):
         value = "n/a" if agree[key] is None else f"{100 * agree[key]:.0f}% of {agree['n_' + key]}"
         table.add_row(f"label = ground-truth factor ({key})", value, ">= 80%" if key == "ccs>=4" else "")
+    claim = report["paper_claim"]
+    outline = claim["outline_heads"]
+    table.add_row(
+        "zero-shot top-1: dark vs light outline (the word learned)", f"{100 * claim['outline_zero_shot_acc1']:.1f}%", ""
+    )
+    table.add_row("heads labelled outlines (trained)", ", ".join(outline["trained"]) or "none", "")
+    table.add_row(
+        "heads labelled outlines (vision tower re-initialised)",
+        ", ".join(map(str, outline["random_init_per_seed"])),
+        "none",
+    )
+    table.add_row(
+        "probe MaxSkew@10 / direction, no head removed",
+        "{max_skew@10:.3f} / {majority_share@10:.2f}".format(**claim["probe"]),
+        "",
+    )
+    for rule, entry in claim["sets"].items():
+        if not entry["n"]:
+            table.add_row(f"remove the {rule} heads", "no heads", "")
+            continue
+        rand = entry["random_sets"]
+        table.add_row(
+            f"remove the {rule} heads ({entry['n']}): change of MaxSkew@10 / direction",
+            f"{entry['change_max_skew@10']:+.3f} / {entry['change_majority_share@10']:+.2f}",
+            f"random sets: {rand['mean_change_max_skew@10']:+.3f} / "
+            f"{rand['mean_change_majority_share@10']:+.2f}, p {rand['p_as_low']:.2f}",
+        )
     out.print(table)
     out.print("targets met: " + ", ".join(f"{k}={'yes' if v else 'NO'}" for k, v in report["met"].items()))
 

@@ -1,14 +1,22 @@
-"""The toy report's control (vision tower re-initialised, text tower kept), chance baseline and ground-truth
-agreement; on a tiny real open_clip model and the real lexicon judge."""
+"""The toy report's control (vision tower re-initialised, text tower kept), chance baseline, ground-truth
+agreement and the paper's claim (head sets zero-ablated on the probe); on a tiny real open_clip model and the
+real lexicon judge."""
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
+from surgeon.model.heads import HeadRef
+from surgeon.model.hooks import vision_blocks, vision_tower
 from surgeon.model.load import load_model
+from surgeon.model.surgery import zero_heads
 from surgeon.ranking.judges.lexicon import LexiconJudge
 from surgeon.ranking.rank import HeadRank, Ranking
-from surgeon.studies.toy_report import agreement, chance_ccs, random_vision_like
+from surgeon.studies.toy_report import agreement, chance_ccs, paper_claim, random_vision_like
+from surgeon.validation.validate import ValidationSuite, toy_probe, validate
+from tests.conftest import save_local_dir, tiny_config
 
 FACTORS = ("color", "shape", "texture")
 TAXONOMY = {"concepts": {"colors": {"terms": ["red", "blue"]}, "animals": {"terms": ["dog", "cat"]}}}
@@ -66,3 +74,39 @@ def test_agreement_by_hand():
     }
     got = agreement(ranking, truth, FACTORS)
     assert got == {"ccs>=4": 0.5, "n_ccs>=4": 2, "ccs<4": round(2 / 3, 4), "n_ccs<4": 3}
+
+
+def test_paper_claim_ablates_each_rules_heads_against_random_sets(tmp_path):
+    loaded = load_model(
+        f"local-dir:{save_local_dir(tmp_path / 'm', tiny_config(layers=2, image_size=48))}", device="cpu"
+    )
+    labels = {(0, 0): ("shapes", 5), (1, 1): ("outlines", 5), (0, 2): ("colors", 1), (1, 3): ("none", 0)}
+    heads = [_head(layer, h, *labels.get((layer, h), ("sizes", 3))) for layer in (0, 1) for h in range(4)]
+    trained = Ranking({}, {}, [0, 1], 4, 5, 80, {}, "lexicon", heads)
+    controls = [
+        Ranking({}, {}, [0, 1], 4, 5, 80, {}, "lexicon", [_head(0, 0, "outlines", 2)]),
+        Ranking({}, {}, [0, 1], 4, 5, 80, {}, "lexicon", [_head(0, 0, "colors", 2)]),
+    ]
+    claim = paper_claim(loaded, trained, controls, draws=6)
+    sets = claim["sets"]
+    assert 0 <= claim["outline_zero_shot_acc1"] <= 1
+    assert claim["m"] == 5 and claim["outline_heads"] == {"trained": ["L1.H1"], "random_init_per_seed": [1, 0]}
+    assert sets["high (ccs = m)"]["heads"] == ["L0.H0", "L1.H1"] and sets["low (ccs <= 1)"]["heads"] == [
+        "L0.H2",
+        "L1.H3",
+    ]
+    assert sets["ccs >= 4"]["heads"] == sets["high (ccs = m)"]["heads"]
+    # the removed figures are those of a copy whose heads are zeroed in its weights, validated on the same probe
+    suite = ValidationSuite([], toy_probe())
+    base = validate(loaded, suite)["summary"]["max_skew@10"]
+    assert abs(claim["probe"]["max_skew@10"] - base) < 1e-4
+    for rule in ("high (ccs = m)", "outlines"):
+        ablated = copy.deepcopy(loaded)
+        zero_heads(vision_blocks(vision_tower(ablated.model)), [HeadRef.parse(h) for h in sets[rule]["heads"]])
+        skew = validate(ablated, suite)["summary"]["max_skew@10"]
+        assert abs(sets[rule]["removed"]["max_skew@10"] - skew) < 1e-4, rule
+        assert abs(sets[rule]["change_max_skew@10"] - (skew - base)) < 2e-4, rule
+    # random sets are drawn once per size: two rules of two heads share theirs
+    high, low = sets["high (ccs = m)"]["random_sets"], sets["low (ccs <= 1)"]["random_sets"]
+    assert high == {**low, "p_as_low": high["p_as_low"]} and high["draws"] == 6
+    assert all(0 <= s["random_sets"]["p_as_low"] <= 1 for s in sets.values())

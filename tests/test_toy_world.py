@@ -46,7 +46,8 @@ def test_same_seed_same_images_and_captions():
 
 
 @pytest.mark.parametrize("mode", ["unique", "free"])
-def test_captions_describe_factors_and_never_name_the_group(world, mode):
+def test_captions_describe_factors_and_never_name_the_group(mode):
+    world = ToyWorld(WorldConfig(outline_caption_rate=0.0))
     it = world.iter_train(128, seed=0, captions=mode)
     parts = [next(it) for _ in range(12)]
     b = parts[0]
@@ -71,18 +72,54 @@ def test_captions_describe_factors_and_never_name_the_group(world, mode):
         assert any(len(c.split()) <= 3 for c in b.captions)
 
 
+@pytest.mark.parametrize("mode", ["unique", "free"])
+def test_captions_name_the_outline_drawn_at_their_rate(mode):
+    def batches(rate: float):
+        it = ToyWorld(WorldConfig(outline_caption_rate=rate)).iter_train(128, seed=1, captions=mode)
+        return [next(it) for _ in range(8)]
+
+    plain, some, every = batches(0.0), batches(0.25), batches(1.0)
+    groups = WorldConfig().groups
+    concepts_of = LexiconJudge(toy_taxonomy()).concepts_of
+    said = [c for b in every for c in b.captions if "outline" in c]
+    # free captions name it at the rate; a unique caption names it when it rules out another scene at its turn
+    assert len(said) == 8 * 128 if mode == "free" else 0.3 * 8 * 128 < len(said) < 8 * 128
+    for b in every:
+        for cap, g in zip(b.captions, b.groups, strict=True):
+            words = re.findall(r"[a-z]+", cap)
+            assert groups[1 - g] not in words, cap  # the outline drawn, never the other
+            if "outline" in cap:
+                assert groups[g] in words and "outlines" in concepts_of(cap), cap  # in words the judge reads
+    named = [
+        [bool(re.search(r"\boutline", c)) for c in b.captions] for b in some
+    ]  # the outline reads spare draws: the scenes, and every caption that does not name it, stay as at rate 0
+    share = np.mean(named)
+    assert 0.2 < share < 0.3 if mode == "free" else 0.05 < share < 0.25, share
+    for p, s, flags in zip(plain, some, named, strict=True):
+        assert np.array_equal(p.images, s.images) and np.array_equal(p.groups, s.groups)
+        assert [c for c, f in zip(p.captions, flags, strict=True) if not f] == [
+            c for c, f in zip(s.captions, flags, strict=True) if not f
+        ]
+        assert not any("outline" in c for c in p.captions)
+    with pytest.raises(InvalidInput, match="outline_caption_rate"):
+        WorldConfig(outline_caption_rate=1.5)
+
+
 def test_unique_captions_fit_only_their_own_scene(world):
     from surgeon.inputs.toy.captions import unique_named
 
     b = next(world.iter_train(128, seed=5, group_size=8))
     sc = b.scenes
-    named = unique_named(sc, np.random.default_rng(0), extra=0.0)
-    F = np.stack([b.labels[f] for f in FACTORS], axis=1)
+    named = unique_named(sc, np.random.default_rng(0), extra=0.0, outline_rate=0.5)
+    F = np.stack([b.labels[f] for f in FACTORS] + [b.groups], axis=1)  # the outline last, as named's column
     for i in range(len(b)):
         fits = np.all((F == F[i])[:, named[i]], axis=1)
-        twins = np.all(F == F[i], axis=1)  # scenes identical in every factor cannot be told apart
-        assert np.array_equal(fits, twins), i
+        twins = np.all(F[:, :-1] == F[i, :-1], axis=1)  # scenes identical in every factor (the outline aside)
+        same = twins & (F[:, -1] == F[i, -1])  # ... and in the outline: these can never be told apart
+        assert np.array_equal(fits, same if named[i, -1] else twins), i
     assert named.any(axis=1).all() and not named.all(axis=1).all()
+    assert 0 < named[:, -1].mean() < 0.5  # a candidate in half the captions, named where it rules scenes out
+    assert not unique_named(sc, np.random.default_rng(0), extra=0.0)[:, -1].any()
     # a restricted caption vocabulary (the training curriculum) names only the allowed factors
     quiet = ("shape", "size", "position", "texture")
     caps = next(world.iter_train(256, seed=2, group_size=4, caption_factors=quiet)).captions
@@ -159,9 +196,9 @@ def test_pool_and_taxonomy():
     pool = toy_pool()
     truth = toy_pool_concepts()
     tax = toy_taxonomy()
-    assert set(tax["concepts"]) == set(FACTOR_CONCEPTS.values())
+    assert set(tax["concepts"]) == {*FACTOR_CONCEPTS.values(), "outlines"}
     assert len(pool) == len(set(pool)) >= 100
-    for concept in FACTOR_CONCEPTS.values():
+    for concept in (*FACTOR_CONCEPTS.values(), "outlines"):
         share = sum(truth[line] == concept for line in pool) / len(pool)
         assert share >= 0.10, (concept, share)
     concepts_of = LexiconJudge(tax).concepts_of

@@ -11,7 +11,15 @@
   whose TextSpan picks carried no concept would score;
 - ground truth: for every analysed head, the factor whose labels explain the largest share of the variance of
   the head's direct contributions (eta squared); agreement of the CCS label with it, for heads with CCS >= 4
-  (target >= 80%) and CCS < 4 (a label is one concept: the judge breaks ties, surgeon.ranking.judges.lexicon)."""
+  (target >= 80%) and CCS < 4 (a label is one concept: the judge breaks ties, surgeon.ranking.judges.lexicon);
+  the outline counts as a factor here, so a head labelled `outlines` agrees when the outline explains it most;
+- the paper's claim (docs/METHOD.md: high-CCS heads carry the spurious correlations that amplify bias), testable
+  because some training captions name the outline (WorldConfig.outline_caption_rate): the heads labelled
+  `outlines` (trained and random-vision-tower), whether the text tower tells a dark outline from a light one
+  (zero-shot on the test split, OUTLINE_TEMPLATES), the heads its high rule (CCS = m) and low rule (CCS <= 1)
+  select, and how MaxSkew@10 and the direction on the probe change when each set is zero-ablated, against
+  RANDOM_SETS random head sets of the same size (seeded). Heads are chosen on the val split's images and the
+  text pool, the change is measured on the probe: selection and measurement share no data."""
 
 from __future__ import annotations
 
@@ -26,16 +34,28 @@ from surgeon.core.options import RankMethod
 from surgeon.inputs.images import ImageSet, toy_images
 from surgeon.inputs.pools import TextPool, load_pool
 from surgeon.model.decompose import decompose
+from surgeon.model.heads import HeadRef
 from surgeon.model.hooks import vision_tower
 from surgeon.model.load import LoadedModel, build_clip, weights_hash
 from surgeon.ranking.judges.base import Judge
 from surgeon.ranking.rank import Ranking, make_judge, rank_heads
-from surgeon.validation.validate import toy_suite, validate
+from surgeon.validation.validate import (
+    ClassificationSet,
+    Evaluator,
+    ValidationSuite,
+    toy_probe,
+    toy_suite,
+    validate,
+)
 from surgeon.validation.zeroshot import uint8_to_tensor
 
 TARGETS = {"min_factor_acc1": 0.85, "min_max_skew@10": 0.3, "min_specialised_heads": 6, "min_agreement": 0.8}
 CONTROL_SEEDS = (0, 1, 2)
 CHANCE_DRAWS = 20_000
+RANDOM_SETS = 50
+#: the concept of the toy pool's outline lines, and the name the outline has as a ground-truth factor
+OUTLINE_CONCEPT, OUTLINE_FACTOR = "outlines", "outline"
+OUTLINE_TEMPLATES = ["an object with a {} outline", "a shape with a {} outline", "a {}-outlined object"]
 
 
 def random_vision_like(loaded: LoadedModel, seed: int = 0) -> LoadedModel:
@@ -70,7 +90,8 @@ def factor_of_concept(concept: str, factors: tuple[str, ...]) -> str | None:
 
 
 def ground_truth(loaded: LoadedModel, layers: list[int], n: int = 1000) -> dict[str, dict[str, float]]:
-    """head name -> {factor: eta^2}: share of the head's contribution variance explained by each factor."""
+    """head name -> {factor: eta^2}: share of the head's contribution variance explained by each factor and by
+    the outline (OUTLINE_FACTOR; independent of every factor on the test split)."""
     from surgeon.inputs.toy import world
 
     sample = world.get_world().sample(n, "test", seed=7)
@@ -89,7 +110,7 @@ def ground_truth(loaded: LoadedModel, layers: list[int], n: int = 1000) -> dict[
     centred = heads - heads.mean(0)
     total = centred.pow(2).sum((0, 3))  # (layers, heads)
     shares: dict[str, dict[str, float]] = {}
-    for factor, labels in sample.labels.items():
+    for factor, labels in {**sample.labels, OUTLINE_FACTOR: sample.groups}.items():
         between = torch.zeros_like(total)
         for value in np.unique(labels):
             members = centred[torch.as_tensor(labels == value)]
@@ -126,6 +147,77 @@ def agreement(ranking: Ranking, truth: dict[str, dict[str, float]], factors: tup
     return out
 
 
+def _probe_bias(evaluator: Evaluator, heads: Sequence[HeadRef], majority) -> dict:
+    """MaxSkew@10 on the probe with `heads` zero-ablated, and the share of each query's top 10 wearing the
+    outline its shape leans to in training (the direction)."""
+    result = evaluator.evaluate(list(heads), intervals=False)
+    bias = next(r["metrics"] for r in result["results"] if r["task"] == "bias")
+    shares = [s[majority(q)] for q, s in zip(bias["queries"], bias["group_share@10_per_query"], strict=True)]
+    return {"max_skew@10": result["summary"]["max_skew@10"], "majority_share@10": float(np.mean(shares))}
+
+
+def paper_claim(
+    loaded: LoadedModel, trained: Ranking, controls: Sequence[Ranking], draws: int = RANDOM_SETS, seed: int = 0
+) -> dict:
+    """Do the paper's high-CCS heads carry the planted bias? Each rule's heads zero-ablated on the probe, the
+    change of MaxSkew@10 and of the direction, against `draws` random head sets of the same size: the
+    share of random sets whose removal lowers MaxSkew@10 at least as much (a one-sided permutation p-value)."""
+    from surgeon.inputs.toy import world
+
+    majority = world.get_world().cfg.majority_group
+    evaluator = Evaluator(loaded, ValidationSuite([], toy_probe()))  # one probe (seed 0): 50 sets per size
+    base = _probe_bias(evaluator, (), majority)
+    every = [HeadRef(h.layer, h.head) for h in trained.heads]
+    rng = np.random.default_rng(seed)
+    rules = {
+        "high (ccs = m)": [h for h in trained.heads if h.ccs == trained.m],
+        "low (ccs <= 1)": [h for h in trained.heads if h.ccs <= 1],
+        "ccs >= 4": [h for h in trained.heads if h.ccs >= 4],
+        OUTLINE_CONCEPT: [h for h in trained.heads if h.label == OUTLINE_CONCEPT],
+    }
+    random_of: dict[int, list[dict]] = {}
+    sets = {}
+    for rule, heads in rules.items():
+        refs = [HeadRef(h.layer, h.head) for h in heads]
+        entry: dict = {"heads": [h.name for h in heads], "n": len(heads)}
+        if refs:
+            removed = _probe_bias(evaluator, refs, majority)
+            k = len(refs)
+            if k not in random_of:  # drawn once per size, in the order the sizes first occur (seeded)
+                picks = [[every[i] for i in rng.choice(len(every), k, replace=False)] for _ in range(draws)]
+                random_of[k] = [_probe_bias(evaluator, d, majority) for d in picks]
+            drops = np.array([r["max_skew@10"] - base["max_skew@10"] for r in random_of[k]])
+            shifts = np.array([r["majority_share@10"] - base["majority_share@10"] for r in random_of[k]])
+            change = removed["max_skew@10"] - base["max_skew@10"]
+            entry |= {
+                "removed": {key: round(v, 4) for key, v in removed.items()},
+                "change_max_skew@10": round(change, 4),
+                "change_majority_share@10": round(removed["majority_share@10"] - base["majority_share@10"], 4),
+                "random_sets": {
+                    "draws": draws,
+                    "mean_change_max_skew@10": round(float(drops.mean()), 4),
+                    "sd_change_max_skew@10": round(float(drops.std()), 4),
+                    "mean_change_majority_share@10": round(float(shifts.mean()), 4),
+                    "p_as_low": round(float((drops <= change).mean()), 4),
+                },
+            }
+        sets[rule] = entry
+    test = world.get_world().test_split()
+    named = ClassificationSet(
+        "toy/outline", list(world.get_world().cfg.groups), OUTLINE_TEMPLATES, test.images, test.groups
+    )
+    return {
+        "m": trained.m,
+        "outline_zero_shot_acc1": validate(loaded, ValidationSuite([named]))["summary"]["mean_acc1"],
+        "probe": {key: round(v, 4) for key, v in base.items()},
+        "outline_heads": {
+            "trained": sets[OUTLINE_CONCEPT]["heads"],
+            "random_init_per_seed": [sum(h.label == OUTLINE_CONCEPT for h in c.heads) for c in controls],
+        },
+        "sets": sets,
+    }
+
+
 def toy_report(loaded: LoadedModel, n_scored: int = 2000, quiet: bool = True) -> dict:
     """Every figure of the toy model's targets, measured now."""
     from surgeon.inputs.toy import world
@@ -148,7 +240,7 @@ def toy_report(loaded: LoadedModel, n_scored: int = 2000, quiet: bool = True) ->
     trained = _rank(loaded, images, pool, quiet)
     controls = [_rank(random_vision_like(loaded, seed), images, pool, quiet) for seed in CONTROL_SEEDS]
     control_counts = [sum(h.ccs >= 4 for h in c.heads) for c in controls]
-    factors = tuple(world.FACTORS)
+    factors = (*world.FACTORS, OUTLINE_FACTOR)
     truth = ground_truth(loaded, trained.layers)
     agree = agreement(trained, truth, factors)
     return {
@@ -179,6 +271,7 @@ def toy_report(loaded: LoadedModel, n_scored: int = 2000, quiet: bool = True) ->
             }
             for h in trained.sorted_heads()
         ],
+        "paper_claim": paper_claim(loaded, trained, controls),
         "targets": TARGETS,
         "met": {
             "accuracy": all(a >= TARGETS["min_factor_acc1"] for a in accuracy.values()),

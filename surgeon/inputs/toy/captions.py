@@ -1,5 +1,6 @@
-"""Captions of scenes: varied phrasings naming some factors (never the group), either a random subset or, for
-contrastive training, just enough factors that no other scene of the batch fits the caption."""
+"""Captions of scenes: varied phrasings naming some factors, either a random subset or, for contrastive
+training, just enough factors that no other scene of the batch fits the caption; the group (the outline) only
+in a WorldConfig.outline_caption_rate share of them, never to single a scene out."""
 
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ _BACKGROUND_PHRASES = (
     "with a {} background",
     "on a {} backdrop",
 )
+#: how a caption names the outline drawn ("{}" = its group: dark, light)
+_OUTLINE_PHRASES = ("with a {} outline", "{}-outlined")
 _NOUNS = ("object", "shape", "thing")
 _PREFIXES = ("a photo of ", "a picture of ", "an image of ", "a drawing of ")
 
@@ -59,7 +62,11 @@ def free_named(cfg: WorldConfig, n: int, rng: np.random.Generator) -> np.ndarray
 
 
 def unique_named(
-    sc: Scenes, rng: np.random.Generator, extra: float = 0.1, allowed: np.ndarray | None = None
+    sc: Scenes,
+    rng: np.random.Generator,
+    extra: float = 0.1,
+    allowed: np.ndarray | None = None,
+    outline_rate: float = 0.0,
 ) -> np.ndarray:
     """Which factors each caption names so that it describes its own scene and no other scene of the
     batch (a referring expression): factors are added in random order among those that still rule out
@@ -67,25 +74,35 @@ def unique_named(
     the contrastive targets are exact (no false negatives), and every factor is needed whenever the
     batch holds a scene differing from another only in that factor. Scenes identical in every factor
     stay indistinguishable (so do scenes differing only in factors outside `allowed`, a bool mask
-    over FACTORS of the factors that may be named)."""
-    F = np.stack([getattr(sc, f) for f in FACTORS], axis=1)
-    n, k = F.shape
+    over FACTORS of the factors that may be named).
+
+    The result has a column more than FACTORS: the outline, a candidate like the factors in an
+    `outline_rate` share of the captions. A caption naming it gets no extra factors, so the outline is what
+    rules out the batch's scenes wearing the other outline and the contrastive loss needs the word (named
+    redundantly among extras, at 10%, the text tower never told dark from light: NOTES.md e34). Its place in
+    the random order comes from the spare draw, so a rate of 0 leaves every caption's choice as it was."""
+    F = np.stack([getattr(sc, f) for f in FACTORS] + [sc.group], axis=1)
+    n, k = F.shape[0], len(FACTORS)
     u = rng.random((n, k + 1))
-    named = np.zeros((n, k), bool)
+    named = np.zeros((n, k + 1), bool)
     ok = np.ones(k, bool) if allowed is None else np.asarray(allowed, bool)
     for i in range(n):
         eq = F == F[i]
         left = np.ones(n, bool)
         left[i] = False
-        order = np.argsort(u[i, :k])
+        # u[i, k] < outline_rate: the outline is a candidate, its key u[i, k] / outline_rate uniform like the others'
+        outline = u[i, k] < outline_rate
+        keys = np.append(u[i, :k], u[i, k] / outline_rate if outline else np.inf)
+        candidate = np.append(ok, outline)
+        order = np.argsort(keys)
         while left.any():
-            useful = [f for f in order if ok[f] and not named[i, f] and (left & ~eq[:, f]).any()]
+            useful = [f for f in order if candidate[f] and not named[i, f] and (left & ~eq[:, f]).any()]
             if not useful:
                 break
             f = useful[0]
             named[i, f] = True
             left &= eq[:, f]
-    named |= (rng.random((n, k)) < extra) & ok
+    named[:, :k] |= (rng.random((n, k)) < extra) & ok & ~named[:, k:]
     return named
 
 
@@ -96,11 +113,15 @@ def caption_scenes(
     named: np.ndarray | None = None,
     allowed: np.ndarray | None = None,
 ) -> list[str]:
-    """Varied captions naming some factors (never the group): those in `named` (n x 6 bool, in FACTORS
-    order) or, if None, a random choice per cfg.caption_mix."""
-    n = len(sc)
+    """Varied captions naming some factors: those in `named` (n x 6 bool, in FACTORS order) or, if None, a
+    random choice per cfg.caption_mix. The outline: as a 7th column of `named` says (unique_named's), else in a
+    cfg.outline_caption_rate share of the captions, read from spare columns of the per-caption draws, so a
+    rate of 0 gives the very captions of before."""
+    n, k_factors = len(sc), len(FACTORS)
     if named is None:
         named = free_named(cfg, n, rng)
+    outline_named = named[:, k_factors] if named.shape[1] > k_factors else None
+    named = named[:, :k_factors]
     if allowed is not None:
         named = named & allowed
     u = rng.random((n, 24))
@@ -129,6 +150,11 @@ def caption_scenes(
             else:
                 w = _TEXTURE_ADJ[t]
                 adj.append(_pick(w, uu[14]))
+        says = outline_named[i] if outline_named is not None else uu[17] < cfg.outline_caption_rate
+        outline = cfg.groups[sc.group[i]] if says else None
+        if outline and uu[18] < 0.3:
+            adj.insert(0, _OUTLINE_PHRASES[1].format(outline))
+            outline = None
         if len(adj) > 1 and uu[8] < 0.2:
             rng_perm = kk[3] % len(adj)
             adj = adj[rng_perm:] + adj[:rng_perm]
@@ -141,6 +167,8 @@ def caption_scenes(
             phrase = f"the {phrase}"
         if tex_with:
             phrase = f"{phrase} {tex_with}"
+        if outline:
+            phrase = f"{phrase} {_OUTLINE_PHRASES[0].format(outline)}"
         pos = None
         if has_pos:
             w = _POSITION_PHRASES[cfg.positions[sc.position[i]]]

@@ -75,6 +75,11 @@ class WorldConfig:
     #: object centre jitter (± fraction of the image side) and object side jitter (± pixels)
     position_jitter: float = 0.0
     size_jitter: int = 0
+    #: captions naming the outline drawn ("... with a dark outline"), so the text tower learns the word and
+    #: TextSpan can label a head `outlines` (issue 24 item 4): free captions name it in this share; unique
+    #: (training) captions take it as a candidate in this share (captions.unique_named). The shape-outline
+    #: correlation itself stays in the images only. 0 keeps every caption as it was
+    outline_caption_rate: float = 0.0
 
     def __post_init__(self):
         if not 24 <= self.image_size <= 128:
@@ -95,6 +100,8 @@ class WorldConfig:
             raise InvalidInput("size_fractions needs one fraction per size")
         if len(self.caption_mix) != 2 or min(self.caption_mix) < 0 or sum(self.caption_mix) > 1:
             raise InvalidInput(f"caption_mix must be two probabilities summing to ≤ 1, got {self.caption_mix}")
+        if not 0.0 <= self.outline_caption_rate <= 1.0:
+            raise InvalidInput(f"outline_caption_rate must be in [0, 1], got {self.outline_caption_rate}")
         if not 0.0 <= self.bias_strength <= 1.0:
             raise InvalidInput(f"bias_strength must be in [0, 1], got {self.bias_strength}")
         if self.test_size < 1 or self.probe_scenes < 1:

@@ -182,7 +182,8 @@ class ToyWorld:
                 sc = draw_scenes(self.cfg, batch_size, rng, biased=True)
             else:
                 sc = draw_grouped(self.cfg, batch_size, rng, group_size, changes, change_weights)
-            named = unique_named(sc, rng, extra, allowed) if captions == "unique" else None
+            rate = self.cfg.outline_caption_rate
+            named = unique_named(sc, rng, extra, allowed, rate) if captions == "unique" else None
             yield self._batch(sc, caption_scenes(self.cfg, sc, rng, named, allowed))
             i += 1
 
