@@ -2,12 +2,16 @@
 
     python benchmarks/design_debias.py measure --seeds 10-19 --out /tmp/design   # similarities (slow part)
     python benchmarks/design_debias.py analyse --out /tmp/design                 # tables for NOTES.md
+    python benchmarks/design_debias.py measure --seeds 0,7,8,9 --pairs '' --out /tmp/report
+    python benchmarks/design_debias.py ceiling --out /tmp/report                 # after the fact: no selection
 
 `measure` writes, per probe seed, the (queries x images) similarity of the bundled toy model's bias probe
 (600 scenes) with nothing removed, every head removed alone, and every pair of the `--pairs` heads removed.
 `analyse` compares objectives (how stable a head's effect is from probe to probe, how well it predicts
 MaxSkew@10 on another probe) and selection rules, each judged by the held-out MaxSkew@10 change it gets on
-probes it did not select on. Probe seeds 0 to 9 are the runs' own (report 0, search/stop 1 + 2s, 2 + 2s)."""
+probes it did not select on. The standard suite reports on probes 0, 7, 8, 9 (validate.REPORT_PROBES); searches
+read 20 and up. `ceiling` reads measured report probes after the policy has run: how much each head removed
+alone lowers the reported figure there (the mean over the probes), the most any one-head selection could get."""
 
 from __future__ import annotations
 
@@ -28,6 +32,9 @@ PAIRS = ["L0.H7", "L1.H7", "L2.H7", "L2.H0", "L0.H2", "L3.H1"]
 
 
 def seeds_of(text: str) -> list[int]:
+    """'10-19' or '0,7,8,9'."""
+    if "," in text:
+        return [int(x) for x in text.split(",")]
     low, _, high = text.partition("-")
     return list(range(int(low), int(high or low) + 1))
 
@@ -36,7 +43,7 @@ def measure(seeds: list[int], out: Path, pair_heads: list[str]) -> None:
     loaded = load_model(None)
     out.mkdir(parents=True, exist_ok=True)
     by_name = {h.name: h for h in HEADS}
-    pairs = [(by_name[a], by_name[b]) for a, b in itertools.combinations(pair_heads, 2)]
+    pairs = [(by_name[a], by_name[b]) for a, b in itertools.combinations([h for h in pair_heads if h], 2)]
     for seed in seeds:
         probe = toy_probe(None, seed)
         evaluator = Evaluator(loaded, ValidationSuite([], probe, "toy", f"probe {seed}"), 0, deep=True)
@@ -181,9 +188,23 @@ def simulate(out: Path, objectives: list[str], sizes: list[int]) -> None:
             )
 
 
+def ceiling(out: Path) -> None:
+    """Each head removed alone: the change of MaxSkew@10 averaged over the measured probes (as the standard
+    suite reports it), best first, with its change on each probe."""
+    files = sorted(out.glob("probe*.npz"), key=lambda f: int(f.stem[5:]))
+    data = [np.load(f) for f in files]
+    names = list(data[0]["names"])
+    skew = np.array([[bias_metrics(s, d["groups"], 2, 10)["max_skew@10"] for s in d["sims"]] for d in data])
+    mean = skew.mean(0)
+    print(f"probes {[int(f.stem[5:]) for f in files]}: unpruned MaxSkew@10 {mean[0]:.4f}")
+    for i in sorted(range(1, len(names)), key=lambda i: mean[i])[:5]:
+        each = ", ".join(f"{v:+.1%}" for v in skew[:, i] / skew[:, 0] - 1)
+        print(f"{names[i]}: {mean[i] / mean[0] - 1:+.1%} (per probe {each})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("step", choices=("measure", "analyse", "simulate"))
+    parser.add_argument("step", choices=("measure", "analyse", "simulate", "ceiling"))
     parser.add_argument("--seeds", default="10-19")
     parser.add_argument("--out", type=Path, default=Path("design-debias"))
     parser.add_argument("--pairs", default=",".join(PAIRS))
@@ -194,6 +215,8 @@ def main() -> None:
         measure(seeds_of(args.seeds), args.out, args.pairs.split(","))
     elif args.step == "analyse":
         analyse(args.out)
+    elif args.step == "ceiling":
+        ceiling(args.out)
     else:
         simulate(args.out, args.objectives.split(","), [int(x) for x in args.sizes.split(",")])
 
