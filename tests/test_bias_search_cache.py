@@ -18,8 +18,8 @@ def test_deep_cache_and_pinned_set_match_a_full_forward(tiny_default_dir):
     full = Evaluator(loaded, suite, first_layer=0, batch_size=8, cache=False)
     deep = Evaluator(loaded, suite, first_layer=0, batch_size=8, deep=True)
     blocks_run: list[int] = []
-    hooks = [
-        block.register_forward_hook(lambda module, args, out, i=i: blocks_run.append(i))
+    hooks = [  # on ln_1: the last block runs at the CLS token through its parts, not its own forward
+        block.ln_1.register_forward_hook(lambda module, args, out, i=i: blocks_run.append(i))
         for i, block in enumerate(vision_blocks(vision_tower(loaded.model)))
     ]
     try:

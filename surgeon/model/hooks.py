@@ -217,8 +217,42 @@ def residual_in(visual: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
     return _method(visual, "_embeds")(pixels)
 
 
+def plain_block(block: nn.Module) -> bool:
+    """Whether `block` is one of open_clip's self-attention residual blocks, x + ls_1(attn(ln_1(x))) then
+    + ls_2(mlp(ln_2(.))) (and ln_attn, which norms_across_heads reports): the form after_attention finishes."""
+    from open_clip.transformer import CustomResidualAttentionBlock, ResidualAttentionBlock
+
+    if type(block) is ResidualAttentionBlock:
+        return not hasattr(block, "ln_1_kv")  # cross-attention reads its keys from another input
+    return type(block) is CustomResidualAttentionBlock
+
+
+def packed_attention(attn: nn.Module) -> bool:
+    """Whether `attn` is open_clip's self-attention in the packed q/k/v form decompose.head_z reads:
+    nn.MultiheadAttention batch-first with one width and no added key/value biases or zero attention, or
+    open_clip's Attention."""
+    from open_clip.transformer import Attention
+
+    if type(attn) is nn.MultiheadAttention:
+        return attn.batch_first and attn._qkv_same_embed_dim and attn.bias_k is None and not attn.add_zero_attn
+    return type(attn) is Attention
+
+
+def attention_input(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """ln_1 of the residual stream: what a block's attention reads."""
+    return _part(block, "ln_1", nn.Module)(x)
+
+
+def after_attention(block: nn.Module, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+    """The rest of a plain block, token by token: LayerScale and the residual add of the attention output
+    (out_proj applied), then the MLP's."""
+    x = x + _part(block, "ls_1", nn.Module)(attn_out)
+    return x + _part(block, "ls_2", nn.Module)(_part(block, "mlp", nn.Module)(_part(block, "ln_2", nn.Module)(x)))
+
+
 def image_embeds(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The (unnormalised) image embedding from the residual stream after the last block: ln_post, pooling, proj."""
+    """The (unnormalised) image embedding from the residual stream after the last block: ln_post, pooling, proj.
+    The stream may hold the CLS token alone (cls_token.block_at_cls): check_supported's towers pool it."""
     pooled, _ = _method(visual, "_pool")(x)
     return pooled @ projection(visual)
 

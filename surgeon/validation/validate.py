@@ -38,6 +38,7 @@ from surgeon.inputs.webdata import (
     retrieval_webdataset,
     webdataset_set,
 )
+from surgeon.model.cls_token import block_at_cls
 from surgeon.model.heads import HeadRef
 from surgeon.model.hooks import attention, image_embeds, residual_in, vision_blocks, vision_tower
 from surgeon.model.load import LoadedModel
@@ -814,7 +815,8 @@ class Evaluator:
     tokens x width x 4 bytes per image (about 1 MB for ViT-L-14), so one-off evaluations stream instead.
     With `deep` as well, the stream entering every later layer is kept too (within limits.MAX_PREFIX_CACHE_BYTES),
     so a head set re-runs only the blocks from its first head's layer, and `pin(heads)` keeps one head set's
-    streams so that sets adding heads to it in later layers start there (the debias search's next step)."""
+    streams so that sets adding heads to it in later layers start there (the debias search's next step).
+    The last block runs at the CLS token only (cls_token.block_at_cls): the pooled embedding reads nothing else."""
 
     def __init__(
         self,
@@ -981,8 +983,9 @@ class Evaluator:
         with heads_zeroed(blocks, list(heads)):
             for batch in _stoppable(batches):
                 x = batch.to(self.loaded.device)
-                for block in blocks[layer:]:
+                for block in blocks[layer:-1]:
                     x = block(x)
+                x = block_at_cls(blocks[-1], x)  # the pooled CLS token is all image_embeds reads
                 out.append(F.normalize(image_embeds(visual, x).float(), dim=-1).cpu())
                 if advance is not None:
                     advance(len(x))
