@@ -165,7 +165,8 @@ def paper_claim(
     from surgeon.inputs.toy import world
 
     majority = world.get_world().cfg.majority_group
-    evaluator = Evaluator(loaded, ValidationSuite([], toy_probe()))  # one probe (seed 0): 50 sets per size
+    # one probe (seed 0), keeping the stream entering every layer: a head set re-runs from its first layer
+    evaluator = Evaluator(loaded, ValidationSuite([], toy_probe()), deep=True)
     base = _probe_bias(evaluator, (), majority)
     every = [HeadRef(h.layer, h.head) for h in trained.heads]
     rng = np.random.default_rng(seed)
