@@ -24,7 +24,7 @@ import numpy as np
 from surgeon.model.heads import HeadRef
 from surgeon.model.load import load_model
 from surgeon.results.bias import bias_metrics, resampled_skews, unit_weights
-from surgeon.validation.validate import Evaluator, ValidationSuite, toy_probe
+from surgeon.validation.validate import Evaluator, ValidationSuite, toy_probe, toy_suite
 
 HEADS = [HeadRef(layer, head) for layer in range(4) for head in range(8)]
 #: the heads whose pairs are measured: those lowering NDKL most, alone, on average over probes 10-15
@@ -188,18 +188,32 @@ def simulate(out: Path, objectives: list[str], sizes: list[int]) -> None:
             )
 
 
-def ceiling(out: Path) -> None:
+def ceiling(out: Path, pairs_of: int) -> None:
     """Each head removed alone: the change of MaxSkew@10 averaged over the measured probes (as the standard
-    suite reports it), best first, with its change on each probe."""
+    suite reports it), best first, with its change on each probe; then every pair of the `pairs_of` best
+    heads removed on the standard suite, with its mean accuracy change (the debias budget is 1 point)."""
     files = sorted(out.glob("probe*.npz"), key=lambda f: int(f.stem[5:]))
     data = [np.load(f) for f in files]
     names = list(data[0]["names"])
     skew = np.array([[bias_metrics(s, d["groups"], 2, 10)["max_skew@10"] for s in d["sims"]] for d in data])
     mean = skew.mean(0)
     print(f"probes {[int(f.stem[5:]) for f in files]}: unpruned MaxSkew@10 {mean[0]:.4f}")
-    for i in sorted(range(1, len(names)), key=lambda i: mean[i])[:5]:
+    best = sorted(range(1, len(names)), key=lambda i: mean[i])
+    for i in best[:5]:
         each = ", ".join(f"{v:+.1%}" for v in skew[:, i] / skew[:, 0] - 1)
         print(f"{names[i]}: {mean[i] / mean[0] - 1:+.1%} (per probe {each})")
+    if pairs_of < 2:
+        return
+    by_name = {h.name: h for h in HEADS}
+    evaluator = Evaluator(load_model(None), toy_suite(), 0, deep=True)
+    base = evaluator.evaluate([], intervals=False)["summary"]
+    rows = []
+    for pair in itertools.combinations([names[i] for i in best[:pairs_of]], 2):
+        got = evaluator.evaluate([by_name[n] for n in pair], intervals=False)["summary"]
+        drop = (base["mean_acc1"] - got["mean_acc1"]) * 100
+        rows.append((got["max_skew@10"] / base["max_skew@10"] - 1, drop, "+".join(pair)))
+    for change, drop, name in sorted(rows)[:10]:
+        print(f"{name}: {change:+.1%}, mean accuracy {-drop:+.2f} points{' (over the budget)' if drop > 1 else ''}")
 
 
 def main() -> None:
@@ -210,13 +224,14 @@ def main() -> None:
     parser.add_argument("--pairs", default=",".join(PAIRS))
     parser.add_argument("--objectives", default="ndkl,max_skew@10,max_skew@25")
     parser.add_argument("--sizes", default="1,2,3")
+    parser.add_argument("--pairs-of", type=int, default=8, help="ceiling: pairs of the best N single heads")
     args = parser.parse_args()
     if args.step == "measure":
         measure(seeds_of(args.seeds), args.out, args.pairs.split(","))
     elif args.step == "analyse":
         analyse(args.out)
     elif args.step == "ceiling":
-        ceiling(args.out)
+        ceiling(args.out, args.pairs_of)
     else:
         simulate(args.out, args.objectives.split(","), [int(x) for x in args.sizes.split(",")])
 
