@@ -147,13 +147,18 @@ def agreement(ranking: Ranking, truth: dict[str, dict[str, float]], factors: tup
     return out
 
 
-def _probe_bias(evaluator: Evaluator, heads: Sequence[HeadRef], majority) -> dict:
-    """MaxSkew@10 on the probe with `heads` zero-ablated, and the share of each query's top 10 wearing the
-    outline its shape leans to in training (the direction)."""
-    result = evaluator.evaluate(list(heads), intervals=False)
+def majority_share(result: dict, majority) -> float:
+    """The bias's direction in a validation result: the share of each shape query's top 10 wearing the outline
+    that shape leans to in training (`majority`: query -> group), averaged over the queries."""
     bias = next(r["metrics"] for r in result["results"] if r["task"] == "bias")
     shares = [s[majority(q)] for q, s in zip(bias["queries"], bias["group_share@10_per_query"], strict=True)]
-    return {"max_skew@10": result["summary"]["max_skew@10"], "majority_share@10": float(np.mean(shares))}
+    return float(np.mean(shares))
+
+
+def _probe_bias(evaluator: Evaluator, heads: Sequence[HeadRef], majority) -> dict:
+    """MaxSkew@10 on the probe with `heads` zero-ablated, and the direction (majority_share)."""
+    result = evaluator.evaluate(list(heads), intervals=False)
+    return {"max_skew@10": result["summary"]["max_skew@10"], "majority_share@10": majority_share(result, majority)}
 
 
 def paper_claim(
@@ -231,11 +236,7 @@ def toy_report(loaded: LoadedModel, n_scored: int = 2000, quiet: bool = True) ->
         if r["task"] == "zeroshot_classification"
     }
     skew = validation["summary"]["max_skew@10"]
-    bias = next(r["metrics"] for r in validation["results"] if r["task"] == "bias")
-    majority = world.get_world().cfg.majority_group
-    direction = float(
-        np.mean([s[majority(q)] for q, s in zip(bias["queries"], bias["group_share@10_per_query"], strict=True)])
-    )
+    direction = majority_share(validation, world.get_world().cfg.majority_group)
     pool = load_pool("toy", toy=True)
     images = toy_images(n_scored)
     trained = _rank(loaded, images, pool, quiet)

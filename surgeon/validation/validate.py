@@ -1045,8 +1045,8 @@ class Evaluator:
             b = self.suite.bias
             assert self.queries is not None  # embedded with the suite's bias set
             sim = (self.queries.float().cpu() @ embed(b.name).T).numpy()
-            groups = b.groups[self._readable(self._set_key[b.name])]
             readable = self._readable(self._set_key[b.name])
+            groups = b.groups[readable]
             ranked_by = b.ranked_by[readable] if b.ranked_by is not None else None
             probes = b.probes[readable] if b.probes is not None else None
             metrics = bias_metrics(sim, groups, len(b.group_names), b.k, b.desired, b.protocol, ranked_by, probes)
