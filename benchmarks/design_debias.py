@@ -4,6 +4,7 @@
     python benchmarks/design_debias.py analyse --out /tmp/design                 # tables for NOTES.md
     python benchmarks/design_debias.py measure --seeds 0,7,8,9 --pairs '' --out /tmp/report
     python benchmarks/design_debias.py ceiling --out /tmp/report                 # after the fact: no selection
+    python benchmarks/design_debias.py judge --seeds 200-215 --heads L0.H7,L1.H7  # the policy's sets, fresh probes
 
 `measure` writes, per probe seed, the (queries x images) similarity of the bundled toy model's bias probe
 (600 scenes) with nothing removed, every head removed alone, and every pair of the `--pairs` heads removed.
@@ -24,7 +25,8 @@ import numpy as np
 from surgeon.model.heads import HeadRef
 from surgeon.model.load import load_model
 from surgeon.results.bias import bias_metrics, resampled_skews, unit_weights
-from surgeon.validation.validate import Evaluator, ValidationSuite, toy_probe, toy_suite
+from surgeon.selection.debias import against_chance, chance_line
+from surgeon.validation.validate import Evaluator, ValidationSuite, toy_probe, toy_probes, toy_suite, toy_tasks
 
 HEADS = [HeadRef(layer, head) for layer in range(4) for head in range(8)]
 #: the heads whose pairs are measured: those lowering NDKL most, alone, on average over probes 10-15
@@ -216,15 +218,35 @@ def ceiling(out: Path, pairs_of: int) -> None:
         print(f"{name}: {change:+.1%}, mean accuracy {-drop:+.2f} points{' (over the budget)' if drop > 1 else ''}")
 
 
+def judge(seeds: list[int], head_sets: list[str]) -> None:
+    """The policy's selections judged on fresh probes (`--seeds`) that no search, stop or design read: each set
+    next to every other set of its size (50 drawn above 31), with 95% intervals and the figure's floor, as
+    `prune` reports it on the standard probes; the mean accuracy change on the standard test tasks."""
+    by_name = {h.name: h for h in HEADS}
+    suite = ValidationSuite(toy_tasks(), toy_probes(None, seeds), "toy", f"toy world: fresh probes {seeds_text(seeds)}")
+    evaluator = Evaluator(load_model(None), suite, 0, deep=True)
+    base = evaluator.evaluate([], intervals=False)["summary"]["mean_acc1"]
+    for text in head_sets:
+        heads = [by_name[n] for n in text.split("+")]
+        null = against_chance(evaluator, heads, HEADS)
+        acc = evaluator.evaluate(heads, intervals=False)["summary"]["mean_acc1"]
+        print(f"{text}: {chance_line(null)}; mean acc1 {base * 100:.2f} -> {acc * 100:.2f}", flush=True)
+
+
+def seeds_text(seeds: list[int]) -> str:
+    return f"{seeds[0]}-{seeds[-1]}" if seeds == list(range(seeds[0], seeds[-1] + 1)) else ",".join(map(str, seeds))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("step", choices=("measure", "analyse", "simulate", "ceiling"))
+    parser.add_argument("step", choices=("measure", "analyse", "simulate", "ceiling", "judge"))
     parser.add_argument("--seeds", default="10-19")
     parser.add_argument("--out", type=Path, default=Path("design-debias"))
     parser.add_argument("--pairs", default=",".join(PAIRS))
     parser.add_argument("--objectives", default="ndkl,max_skew@10,max_skew@25")
     parser.add_argument("--sizes", default="1,2,3")
     parser.add_argument("--pairs-of", type=int, default=8, help="ceiling: pairs of the best N single heads")
+    parser.add_argument("--heads", default="L0.H7", help="judge: head sets, e.g. L0.H7,L1.H7+L0.H4")
     args = parser.parse_args()
     if args.step == "measure":
         measure(seeds_of(args.seeds), args.out, args.pairs.split(","))
@@ -232,6 +254,8 @@ def main() -> None:
         analyse(args.out)
     elif args.step == "ceiling":
         ceiling(args.out, args.pairs_of)
+    elif args.step == "judge":
+        judge(seeds_of(args.seeds), args.heads.split(","))
     else:
         simulate(args.out, args.objectives.split(","), [int(x) for x in args.sizes.split(",")])
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import Counter
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from surgeon.core.errors import InvalidInput
 from surgeon.results.bias import (
@@ -14,6 +17,7 @@ from surgeon.results.bias import (
     bias_intervals,
     bias_metrics,
     bias_protocol,
+    chance_skews,
     desired_distribution,
     headline_keys,
     interval,
@@ -276,3 +280,55 @@ def test_interval_keeps_the_bootstraps_spread_around_the_point():
     plain = np.percentile(draws, [2.5, 97.5])
     assert [low, high] == pytest.approx(plain.tolist(), abs=0.01) and low < 1.0 < high
     assert interval(draws, float(np.median(draws))) == pytest.approx(plain.tolist(), abs=1e-6)
+
+
+def _every_top_k(groups: np.ndarray, n_groups: int, k: int, protocol: str) -> tuple[float, float]:
+    """MaxSkew@k and MinSkew@k averaged over every possible top k (each equally likely under a random ranking)."""
+    rules, desired = bias_protocol(protocol)
+    target = desired_distribution(groups, n_groups, desired)
+    skews = [
+        skews_at_k(list(groups[list(top)]), k, target, rules.skip_absent)
+        for top in itertools.combinations(range(len(groups)), k)
+    ]
+    return float(np.mean([np.nanmax(s) for s in skews])), float(np.mean([np.nanmin(s) for s in skews]))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    groups=st.lists(st.integers(0, 2), min_size=4, max_size=9),
+    k=st.integers(1, 4),
+    protocol=st.sampled_from(["surgeon", "paper"]),
+)
+def test_chance_level_is_the_mean_over_every_top_k(groups, k, protocol):
+    groups = np.asarray(groups)
+    k = min(k, len(groups))
+    chance = chance_skews(groups, 3, k, protocol=protocol, n_queries=2)
+    expected_max, expected_min = _every_top_k(groups, 3, k, protocol)
+    assert chance["method"] == "exact"
+    assert chance[f"max_skew@{k}"] == pytest.approx(expected_max, abs=1e-6)
+    assert chance[f"min_skew@{k}"] == pytest.approx(expected_min, abs=1e-6)
+    assert chance[f"max_skew@{k}_sum"] == pytest.approx(2 * expected_max, abs=1e-5)
+
+
+def test_chance_level_of_a_random_ranking_and_its_sampled_form(monkeypatch):
+    """The floor is what random rankings score: 0.207 for a top 10 of two equal groups, not 0. A space too large
+    to sum is sampled (seeded) and lands on the same value."""
+    groups = np.repeat([0, 1], 600)
+    exact = chance_skews(groups, 2, 10, n_queries=6)
+    rng = np.random.default_rng(3)
+    observed = np.mean([bias_metrics(rng.random((60, 1200)), groups, 2, 10)["max_skew@10"] for _ in range(20)])
+    assert exact["max_skew@10"] == pytest.approx(0.207, abs=0.001)
+    assert observed == pytest.approx(exact["max_skew@10"], abs=0.01)
+    monkeypatch.setattr("surgeon.results.bias.CHANCE_EXACT_COMPOSITIONS", 1)
+    sampled = chance_skews(groups, 2, 10, n_queries=6)
+    assert sampled["method"] == "sampled"
+    assert sampled["max_skew@10"] == pytest.approx(exact["max_skew@10"], abs=0.005)
+
+
+def test_chance_level_averages_probes_and_query_pools():
+    balanced, skewed = np.repeat([0, 1], 10), np.r_[np.zeros(16, int), np.ones(4, int)]
+    one, other = chance_skews(balanced, 2, 5), chance_skews(skewed, 2, 5)
+    both = chance_skews(np.r_[balanced, skewed], 2, 5, probes=np.repeat([0, 1], 20))
+    assert both["max_skew@5"] == pytest.approx((one["max_skew@5"] + other["max_skew@5"]) / 2, abs=1e-6)
+    within = chance_skews(np.r_[balanced, skewed], 2, 5, n_queries=2, ranked_by=np.repeat([0, 1], 20))
+    assert within["max_skew@5"] == pytest.approx(both["max_skew@5"], abs=1e-6)

@@ -19,7 +19,8 @@ with ties that code keeps every tied item (shares can sum above 1) and torch.top
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -188,6 +189,86 @@ def bias_metrics(
         # which group fills each query's top k (MaxSkew alone does not say in which direction it leans)
         f"group_share@{k}_per_query": shares,
     }
+
+
+#: most top-k group compositions `chance_skews` sums exactly; a larger space is sampled (seeded) instead
+CHANCE_EXACT_COMPOSITIONS = 100_000
+CHANCE_DRAWS = 20_000
+
+
+def chance_skews(
+    groups: Sequence[int] | np.ndarray,
+    n_groups: int,
+    k: int = 10,
+    desired: str | None = None,
+    protocol: str = "surgeon",
+    n_queries: int = 1,
+    ranked_by: np.ndarray | None = None,
+    probes: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """What a ranking that ignores the images scores on this set, in expectation: each query's top k a
+    uniformly random draw from its pool. MaxSkew@k's floor is this, not 0 (a top 10 of two equal groups is
+    rarely split 5/5), so a change reads against it. Exact over the multivariate hypergeometric top-k
+    compositions when they are few, else the mean of seeded draws; aggregated like `bias_metrics`."""
+    rules, desired = bias_protocol(protocol, desired)
+    groups_arr = np.asarray(groups)
+    parts = probe_parts(probes) if probes is not None else [np.arange(len(groups_arr))]
+    per_part, method = [], "exact"
+    for part in parts:
+        pools = query_pools(n_queries, len(part), None if ranked_by is None else np.asarray(ranked_by)[part])
+        values = []
+        for pool in pools:
+            counts = np.bincount(groups_arr[part][pool], minlength=n_groups)
+            target = desired_distribution(groups_arr[part][pool], n_groups, desired)
+            expected, exact = _expected_skews(tuple(counts.tolist()), k, tuple(target.tolist()), rules.skip_absent)
+            method = method if exact else "sampled"
+            values.append(expected)
+        table = np.asarray(values)
+        per_part.append(
+            {
+                f"max_skew@{k}": table[:, 0].mean(),
+                f"min_skew@{k}": table[:, 1].mean(),
+                f"max_skew@{k}_sum": table[:, 0].sum(),
+            }
+        )
+    record = {key: round(float(np.mean([p[key] for p in per_part])), 6) for key in per_part[0]}
+    return {**record, "method": method}
+
+
+def _expected_skews(
+    counts: tuple[int, ...], k: int, target: tuple[float, ...], skip_absent: bool
+) -> tuple[tuple[float, float], bool]:
+    """(E[MaxSkew@k], E[MinSkew@k]) of a random top k from a pool with these group counts; whether exact."""
+    n_groups, total = len(counts), sum(counts)
+    if not 0 < k <= total:
+        raise InvalidInput(f"k={k} must be between 1 and the number of ranked items ({total})")
+    if math.comb(k + n_groups - 1, n_groups - 1) <= CHANCE_EXACT_COMPOSITIONS:
+        tops = np.asarray(list(_compositions(k, counts)), dtype=float)
+        weights = np.asarray(
+            [math.prod(math.comb(n, c) for n, c in zip(counts, top, strict=True)) for top in tops.astype(int).tolist()],
+            dtype=float,
+        ) / math.comb(total, k)
+        exact = True
+    else:
+        rng = np.random.default_rng(0)
+        tops = rng.multivariate_hypergeometric(list(counts), k, size=CHANCE_DRAWS).astype(float)
+        weights, exact = np.full(len(tops), 1.0 / len(tops)), False
+    share = tops / k
+    share = np.where(share > 0, share, np.nan if skip_absent else 1.0 / k)
+    skews = np.log(share / np.asarray(target))
+    with np.errstate(invalid="ignore"):
+        return (float(weights @ np.nanmax(skews, 1)), float(weights @ np.nanmin(skews, 1))), exact
+
+
+def _compositions(k: int, caps: tuple[int, ...]) -> Iterator[tuple[int, ...]]:
+    """Every way to split k items among groups holding at most `caps` each."""
+    if len(caps) == 1:
+        if k <= caps[0]:
+            yield (k,)
+        return
+    for first in range(min(k, caps[0]) + 1):
+        for rest in _compositions(k - first, caps[1:]):
+            yield (first, *rest)
 
 
 def probe_parts(probes: np.ndarray) -> list[np.ndarray]:

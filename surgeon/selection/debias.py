@@ -13,7 +13,7 @@ import numpy as np
 
 from surgeon.model.heads import HeadRef
 from surgeon.model.load import LoadedModel
-from surgeon.results.bias import BOOTSTRAP_RESAMPLES, interval
+from surgeon.results.bias import BOOTSTRAP_RESAMPLES, chance_skews, interval
 from surgeon.selection.policies import BiasMeasure, DebiasData
 from surgeon.validation.validate import Evaluator, SearchSplits
 
@@ -89,6 +89,18 @@ def against_chance(
         random_values.append(measure.value(list(head_set)))
         advance(1)
     values = np.asarray(random_values)
+    bias = evaluator.suite.bias
+    assert bias is not None  # bias_measure checked it
+    chance = chance_skews(
+        bias.groups,
+        measure.n_groups,
+        measure.k,
+        measure.desired,
+        measure.protocol,
+        len(bias.queries),
+        None,
+        bias.probes,
+    )[key]
     return {
         "metric": key,
         "measured_on": evaluator.suite.description,
@@ -103,6 +115,8 @@ def against_chance(
         "change_ci95": interval(policy_draws[base_draws > 0] / base_draws[base_draws > 0] - 1, policy / base - 1)
         if base > 0
         else None,
+        "chance": chance,  # what a ranking ignoring the images scores: the figure's floor (results.bias.chance_skews)
+        "excess_removed": round((base - policy) / (base - chance), 6) if base > chance else None,
         "random": {
             "mean": round(float(values.mean()), 6),
             "sd": round(float(values.std(ddof=1)) if len(values) > 1 else 0.0, 6),
@@ -132,6 +146,19 @@ def chance_lines(null: dict) -> list[str]:
         f"sd {rand['sd']:.4f} | range {rand['min']:.4f} to {rand['max']:.4f} |",
         "",
         f"The policy's set beats {null['percentile']:.1f}% of them (permutation p = {null['p_value']:.3f}).",
+        *_floor_lines(null),
+    ]
+
+
+def _floor_lines(null: dict) -> list[str]:
+    if null.get("chance") is None:  # results written before the floor was recorded
+        return []
+    removed = null.get("excess_removed")
+    share = "" if removed is None else f"; the policy removed {removed:.0%} of the excess over it"
+    return [
+        "",
+        f"A ranking that ignores the images scores {null['metric']} {null['chance']:.4f} on this set in expectation "
+        f"(its floor, not 0){share}.",
     ]
 
 
@@ -144,6 +171,7 @@ def chance_line(null: dict) -> str:
         f"other {null['size']}-head sets: mean "
         f"{_change(rand['mean_change'])}, sd {rand['sd']:.3f}; the policy beats {null['percentile']:.1f}% "
         f"(p = {null['p_value']:.3f})"
+        + (f"; floor (random ranking) {null['chance']:.3f}" if null.get("chance") is not None else "")
     )
 
 

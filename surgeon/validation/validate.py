@@ -49,6 +49,7 @@ from surgeon.results.bias import (
     bias_intervals,
     bias_metrics,
     bias_protocol,
+    chance_skews,
     fold_groups,
     headline_keys,
 )
@@ -1051,6 +1052,9 @@ class Evaluator:
             probes = b.probes[readable] if b.probes is not None else None
             metrics = bias_metrics(sim, groups, len(b.group_names), b.k, b.desired, b.protocol, ranked_by, probes)
             metrics["queries"] = list(b.queries)
+            metrics["chance"] = chance_skews(
+                groups, len(b.group_names), b.k, b.desired, b.protocol, len(sim), ranked_by, probes
+            )
             if intervals:
                 units = b.units[readable] if b.units is not None else None
                 metrics["ci95"] = bias_intervals(
@@ -1236,9 +1240,15 @@ def bias_protocol_note(result: dict) -> str:
     absent = "are skipped" if protocol.skip_absent else "count as 1/k"
     combined = "summed" if protocol.headline == "sum" else "averaged"
     queries = len(metrics.get("queries", [])) or "its"
+    chance = metrics.get("chance", {}).get(f"max_skew@{k}{'_sum' if protocol.headline == 'sum' else ''}")
+    floor = (
+        f" A ranking that ignores the images scores MaxSkew@{k} {chance:.4f} here in expectation: the figure's floor."
+        if chance is not None
+        else ""
+    )
     return (
         f"Bias on {result['dataset']}: the `{protocol.name}` protocol — desired distribution p* {target}, groups "
-        f"absent from the top {k} {absent}, MaxSkew@{k} {combined} over {queries} neutral queries."
+        f"absent from the top {k} {absent}, MaxSkew@{k} {combined} over {queries} neutral queries.{floor}"
     )
 
 
