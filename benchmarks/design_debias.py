@@ -218,17 +218,18 @@ def ceiling(out: Path, pairs_of: int) -> None:
         print(f"{name}: {change:+.1%}, mean accuracy {-drop:+.2f} points{' (over the budget)' if drop > 1 else ''}")
 
 
-def judge(seeds: list[int], head_sets: list[str]) -> None:
+def judge(seeds: list[int], head_sets: list[str], null_sets: int) -> None:
     """The policy's selections judged on fresh probes (`--seeds`) that no search, stop or design read: each set
-    next to every other set of its size (50 drawn above 31), with 95% intervals and the figure's floor, as
-    `prune` reports it on the standard probes; the mean accuracy change on the standard test tasks."""
+    next to every other set of its size (`--null-sets` drawn when there are more), with 95% intervals and the
+    figure's floor, as `prune` reports it on the standard probes; the mean accuracy change on the standard test
+    tasks."""
     by_name = {h.name: h for h in HEADS}
     suite = ValidationSuite(toy_tasks(), toy_probes(None, seeds), "toy", f"toy world: fresh probes {seeds_text(seeds)}")
     evaluator = Evaluator(load_model(None), suite, 0, deep=True)
     base = evaluator.evaluate([], intervals=False)["summary"]["mean_acc1"]
     for text in head_sets:
         heads = [by_name[n] for n in text.split("+")]
-        null = against_chance(evaluator, heads, HEADS)
+        null = against_chance(evaluator, heads, HEADS, null_sets)
         acc = evaluator.evaluate(heads, intervals=False)["summary"]["mean_acc1"]
         print(f"{text}: {chance_line(null)}; mean acc1 {base * 100:.2f} -> {acc * 100:.2f}", flush=True)
 
@@ -247,6 +248,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="1,2,3")
     parser.add_argument("--pairs-of", type=int, default=8, help="ceiling: pairs of the best N single heads")
     parser.add_argument("--heads", default="L0.H7", help="judge: head sets, e.g. L0.H7,L1.H7+L0.H4")
+    parser.add_argument("--null-sets", type=int, default=50, help="judge: random sets of each size (prune: 50)")
     args = parser.parse_args()
     if args.step == "measure":
         measure(seeds_of(args.seeds), args.out, args.pairs.split(","))
@@ -255,7 +257,7 @@ def main() -> None:
     elif args.step == "ceiling":
         ceiling(args.out, args.pairs_of)
     elif args.step == "judge":
-        judge(seeds_of(args.seeds), args.heads.split(","))
+        judge(seeds_of(args.seeds), args.heads.split(","), args.null_sets)
     else:
         simulate(args.out, args.objectives.split(","), [int(x) for x in args.sizes.split(",")])
 
