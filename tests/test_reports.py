@@ -68,6 +68,9 @@ def test_the_card_says_how_heads_were_chosen_and_which_bias_protocol(runs):
         assert "| L1.H2 | listed by the user |" in text and "| CCS |" not in text
     protocol = "Bias on synthetic/bias: the `surgeon` protocol — desired distribution p* uniform over the groups"
     assert protocol in top_card and "MaxSkew@10 averaged over 2 neutral queries" in top_card
+    floor = top_card.split("A ranking that ignores the images scores MaxSkew@10 ")[1].split(" ")[0]
+    chance = next(r for r in runs[0].before["results"] if r["task"] == "bias")["metrics"]["chance"]
+    assert float(floor) == pytest.approx(chance["max_skew@10"], abs=1e-4) and chance["method"] == "exact"
 
 
 def test_sets_are_named_by_more_than_their_split_folder(tmp_path):

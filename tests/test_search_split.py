@@ -168,3 +168,8 @@ def test_selection_never_reads_the_report_split(setup, tmp_path, monkeypatch):
     size, n = len(result.plan.heads), len(ranking.heads)
     assert chance["size"] == size and chance["sets"] == min(50, math.comb(n, size) - 1)
     assert chance["measured_on"] == splits.report.description and 0 < chance["p_value"] <= 1
+    floor = result.after["results"][-1]["metrics"]["chance"][chance["metric"]]  # the report split's bias set
+    assert chance["chance"] == pytest.approx(floor) and 0 < floor < 1
+    if chance["base"] > floor:
+        removed = (chance["base"] - chance["policy"]) / (chance["base"] - floor)
+        assert chance["excess_removed"] == pytest.approx(removed, abs=1e-5)
