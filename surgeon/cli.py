@@ -457,14 +457,18 @@ def toy_report_command(
     as_json: JsonOpt = False,
     device: DeviceOpt = None,
     quiet: QuietOpt = False,
+    claim_draws: Annotated[
+        int | None,
+        typer.Option(min=2, max=10_000, help="random head sets per size behind the paper-claim p-values (default 50)"),
+    ] = None,
 ) -> None:
     """Per-factor accuracy, MaxSkew@10, specialised heads (trained vs a re-initialised vision tower, and chance),
-    ground-truth agreement."""
+    ground-truth agreement, and whether the paper's high-CCS heads carry the planted bias."""
 
     from surgeon.model.load import load_model
-    from surgeon.studies.toy_report import toy_report
+    from surgeon.studies.toy_report import RANDOM_SETS, toy_report
 
-    report = toy_report(load_model(model, device=device), quiet=quiet)
+    report = toy_report(load_model(model, device=device), quiet=quiet, claim_draws=claim_draws or RANDOM_SETS)
     if as_json:
         from surgeon.core.clioutput import emit_json
 

@@ -22,7 +22,7 @@ def test_validate_and_toy_report():
     assert validated.returncode == 0, validated.stderr
     report = json.loads(validated.stdout)
     assert {r["dataset"] for r in report["results"]} >= {"toy/color", "toy/shape", "toy/bias-probe"}
-    toy = run_cli("toy", "report", "--json", "--quiet")
+    toy = run_cli("toy", "report", "--json", "--quiet", "--claim-draws", "4")  # fewer p-value draws: faster
     assert toy.returncode == 0, toy.stderr
     figures = json.loads(toy.stdout)
     assert set(figures["zero_shot_acc1"]) == {"color", "shape", "size", "position", "background", "texture"}
@@ -40,3 +40,4 @@ def test_validate_and_toy_report():
     # counts "on a gray background" as colors too; README); it stays well above 1 in 6 factors
     agree = figures["ground_truth_agreement"]
     assert agree["n_ccs>=4"] + agree["n_ccs<4"] == heads["analysed"] and agree["ccs>=4"] > 1 / 3
+    assert all(s.get("random_sets", {"draws": 4})["draws"] == 4 for s in figures["paper_claim"]["sets"].values())
