@@ -15,7 +15,14 @@ from surgeon.core.errors import InvalidInput
 from surgeon.model.heads import HeadRef
 from surgeon.results.bias import bias_metrics
 from surgeon.selection.policies import BiasMeasure
-from surgeon.validation.validate import PROBES_PER_SPLIT, REPORT_PROBES, bias_set, search_probe_seeds, toy_suite
+from surgeon.validation.validate import (
+    DESIGN_PROBES,
+    PROBES_PER_SPLIT,
+    REPORT_PROBES,
+    bias_set,
+    search_probe_seeds,
+    toy_suite,
+)
 
 
 def digests(images) -> set[str]:
@@ -41,9 +48,10 @@ def test_toy_search_and_stop_suites_share_no_image_with_the_reported_one():
 
 
 def test_toy_search_probes_avoid_the_reported_and_the_design_probes():
-    used = [seed for split in range(4) for seeds in search_probe_seeds(split) for seed in seeds]
-    assert len(used) == len(set(used)) == 4 * 2 * PROBES_PER_SPLIT  # no probe in two splits or two split seeds
+    used = [seed for split in range(6) for seeds in search_probe_seeds(split) for seed in seeds]
+    assert len(used) == len(set(used)) == 6 * 2 * PROBES_PER_SPLIT  # no probe in two splits or two split seeds
     assert not set(used) & set(range(20))  # below 20: the reported probes and those the search was designed on
+    assert not set(used) & set(DESIGN_PROBES)  # later design probes and the fresh probes results are judged on
     assert not set(REPORT_PROBES) & set(range(10, 20))  # the design probes (NOTES.md) are never reported on
 
 

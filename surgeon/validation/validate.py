@@ -226,16 +226,18 @@ class SearchSplits:
 #: before; 7-9 are the seeds below the design probes (10-19) that no search has read (1-6 were the first
 #: debias search's own)
 REPORT_PROBES = (0, 7, 8, 9)
-#: toy probes in each of the search and stop splits: averaging MaxSkew@10 over three probes picked the head
-#: best on average in 9 of 10 design rotations and never refused (two: refused once), NOTES.md
-PROBES_PER_SPLIT = 3
-#: the first probe seed of the search and stop splits: below it lie the reported and the design probes
+#: toy probes in each of the search and stop splits: with six, the search picked the head best on average in 5
+#: of 5 design rotations and kept no second head that raised held-out bias; with three, 7 of 10 (NOTES.md)
+PROBES_PER_SPLIT = 6
+#: the first probe seed of the search and stop splits: below it lie the reported and the first design probes
 FIRST_SEARCH_PROBE = 20
+#: probe seeds that no split seed below 6 reads: later design probes (100-159) and fresh judge probes (NOTES.md)
+DESIGN_PROBES = range(100, 400)
 
 
 def search_probe_seeds(split_seed: int) -> tuple[list[int], list[int]]:
     """The toy's search and stop probe seeds for a split seed: disjoint from each other, from every other split
-    seed's, from the reported probes and from the probes the search was designed on (10-19)."""
+    seed's, from the reported probes and (split seeds 0-5) from the probes the search was designed and judged on."""
     first = FIRST_SEARCH_PROBE + 2 * PROBES_PER_SPLIT * split_seed
     return list(range(first, first + PROBES_PER_SPLIT)), list(
         range(first + PROBES_PER_SPLIT, first + 2 * PROBES_PER_SPLIT)
