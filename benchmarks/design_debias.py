@@ -5,6 +5,7 @@
     python benchmarks/design_debias.py measure --seeds 0,7,8,9 --pairs '' --out /tmp/report
     python benchmarks/design_debias.py ceiling --out /tmp/report                 # after the fact: no selection
     python benchmarks/design_debias.py judge --seeds 200-215 --heads L0.H7,L1.H7  # the policy's sets, fresh probes
+    python benchmarks/design_debias.py rotate --per-split 6 --rotations 0-4      # the policy on design probes
 
 `measure` writes, per probe seed, the (queries x images) similarity of the bundled toy model's bias probe
 (600 scenes) with nothing removed, every head removed alone, and every pair of the `--pairs` heads removed.
@@ -22,10 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
+from surgeon.core.errors import InvalidInput
 from surgeon.model.heads import HeadRef
 from surgeon.model.load import load_model
+from surgeon.ranking.rank import HeadRank, Ranking
 from surgeon.results.bias import bias_metrics, resampled_skews, unit_weights
-from surgeon.selection.debias import against_chance, chance_line
+from surgeon.selection.debias import against_chance, bias_measure, chance_line
+from surgeon.selection.policies import POLICIES, DebiasData, PolicyOptions
 from surgeon.validation.validate import Evaluator, ValidationSuite, toy_probe, toy_probes, toy_suite, toy_tasks
 
 HEADS = [HeadRef(layer, head) for layer in range(4) for head in range(8)]
@@ -234,13 +238,49 @@ def judge(seeds: list[int], head_sets: list[str], null_sets: int) -> None:
         print(f"{text}: {chance_line(null)}; mean acc1 {base * 100:.2f} -> {acc * 100:.2f}", flush=True)
 
 
+def rotate(per_split: int, rotations: list[int], first: int, judged_on: list[int]) -> None:
+    """The real debias policy on design probes: rotation r searches on `per_split` probes from
+    `first` + 2 * per_split * r and stops on the next `per_split`, with the val split's accuracy as `prune`
+    gives it; its pick is judged on `judged_on` (MaxSkew@10 change, the mean over those probes)."""
+    loaded = load_model(None)
+    ranking = Ranking({}, {}, list(range(4)), 8, 5, 80, {}, "lexicon", [_stand_in(h) for h in HEADS])
+    tasks = toy_tasks(None, "val")
+    judge_measure = bias_measure(Evaluator(loaded, ValidationSuite([], toy_probes(None, judged_on)), 0, deep=True))
+    base = judge_measure.value([])
+    for r in rotations:
+        start = first + 2 * per_split * r
+        search, stop = list(range(start, start + per_split)), list(range(start + per_split, start + 2 * per_split))
+        searched = Evaluator(loaded, ValidationSuite(tasks, toy_probes(None, search)).subset(500), 0, deep=True)
+        stopped = Evaluator(loaded, ValidationSuite([], toy_probes(None, stop)), 0, deep=True)
+        data = DebiasData(bias_measure(searched), bias_measure(stopped), searched.mean_accuracy, searched.pin)
+        try:
+            selection = POLICIES.get("debias").select(ranking, PolicyOptions(seed=r, measure=data))
+        except InvalidInput as refused:
+            print(f"rotation {r} (search {seeds_text(search)}, stop {seeds_text(stop)}): refused: {refused}")
+            continue
+        change = judge_measure.value(selection.heads) / base - 1
+        print(
+            f"rotation {r} (search {seeds_text(search)}, stop {seeds_text(stop)}): "
+            f"{'+'.join(h.name for h in selection.heads)}, {change:+.1%} on {seeds_text(judged_on)}; "
+            f"{selection.details['stopped']}",
+            flush=True,
+        )
+
+
+def _stand_in(head: HeadRef) -> HeadRank:
+    """A ranking entry that says nothing: debias reads only which heads were analysed."""
+    return HeadRank(head.layer, head.head, [], [], "none", [], 0, 0.0, 0)
+
+
 def seeds_text(seeds: list[int]) -> str:
-    return f"{seeds[0]}-{seeds[-1]}" if seeds == list(range(seeds[0], seeds[-1] + 1)) else ",".join(map(str, seeds))
+    if len(seeds) > 1 and seeds == list(range(seeds[0], seeds[-1] + 1)):
+        return f"{seeds[0]}-{seeds[-1]}"
+    return ",".join(map(str, seeds))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("step", choices=("measure", "analyse", "simulate", "ceiling", "judge"))
+    parser.add_argument("step", choices=("measure", "analyse", "simulate", "ceiling", "judge", "rotate"))
     parser.add_argument("--seeds", default="10-19")
     parser.add_argument("--out", type=Path, default=Path("design-debias"))
     parser.add_argument("--pairs", default=",".join(PAIRS))
@@ -249,6 +289,10 @@ def main() -> None:
     parser.add_argument("--pairs-of", type=int, default=8, help="ceiling: pairs of the best N single heads")
     parser.add_argument("--heads", default="L0.H7", help="judge: head sets, e.g. L0.H7,L1.H7+L0.H4")
     parser.add_argument("--null-sets", type=int, default=50, help="judge: random sets of each size (prune: 50)")
+    parser.add_argument("--per-split", type=int, default=6, help="rotate: probes per search and per stop split")
+    parser.add_argument("--rotations", default="0-4")
+    parser.add_argument("--first", type=int, default=100, help="rotate: the first design probe")
+    parser.add_argument("--judged-on", default="10-19", help="rotate: the probes each pick is judged on")
     args = parser.parse_args()
     if args.step == "measure":
         measure(seeds_of(args.seeds), args.out, args.pairs.split(","))
@@ -256,6 +300,8 @@ def main() -> None:
         analyse(args.out)
     elif args.step == "ceiling":
         ceiling(args.out, args.pairs_of)
+    elif args.step == "rotate":
+        rotate(args.per_split, seeds_of(args.rotations), args.first, seeds_of(args.judged_on))
     elif args.step == "judge":
         judge(seeds_of(args.seeds), args.heads.split(","), args.null_sets)
     else:
