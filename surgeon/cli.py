@@ -265,7 +265,8 @@ def _print_parity(folder: Path | None) -> None:
 
 def _print_summary(before_report: dict, after_report: dict | None = None) -> None:
     """The summaries of validation reports: accuracy in % and its change in points, as report.md and the card
-    show them (validate.UNITS_NOTE); a bias figure with its 95% bootstrap interval where measured."""
+    show them (validate.UNITS_NOTE); a bias figure with its 95% bootstrap interval where measured, and the
+    MaxSkew@k of a random ranking of the same images."""
     from surgeon.validation.validate import UNITS_NOTE
 
     before, after = before_report["summary"], after_report["summary"] if after_report else None
@@ -293,6 +294,10 @@ def _print_summary(before_report: dict, after_report: dict | None = None) -> Non
     out.print(table)
     if any("summary_ci95" in r for r in (before_report, after_report) if r):
         out.print("bias figures: value [95% bootstrap interval over the bias set's units]", highlight=False)
+    bias = next((r["metrics"] for r in before_report["results"] if r["task"] == "bias"), {})
+    k = before.get("skew_k")
+    if k and "chance" in bias:  # the floor the figure falls towards, not 0 (results.bias.chance_skews)
+        out.print(f"max_skew@{k} of a ranking that ignores the images: {bias['chance'][f'max_skew@{k}']:.4f}")
 
 
 @app.command()

@@ -48,6 +48,8 @@ def test_accuracy_changes_are_points_everywhere(runs, capsys):
     mean_before, mean_after = result.before["summary"]["mean_acc1"], result.after["summary"]["mean_acc1"]
     assert re.search(rf"mean_acc1 \(%\)\s*│\s*{100 * mean_before:.2f}\s*│\s*{100 * mean_after:.2f}", terminal)
     assert f"{100 * (mean_after - mean_before):+.2f}" in terminal and UNITS_NOTE in terminal
+    floor = next(r for r in result.before["results"] if r["task"] == "bias")["metrics"]["chance"]["max_skew@10"]
+    assert f"max_skew@10 of a ranking that ignores the images: {floor:.4f}" in terminal
 
 
 def test_acc5_of_few_classes_is_flagged(runs):
