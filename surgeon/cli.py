@@ -294,10 +294,10 @@ def _print_summary(before_report: dict, after_report: dict | None = None) -> Non
     out.print(table)
     if any("summary_ci95" in r for r in (before_report, after_report) if r):
         out.print("bias figures: value [95% bootstrap interval over the bias set's units]", highlight=False)
-    bias = next((r["metrics"] for r in before_report["results"] if r["task"] == "bias"), {})
-    k = before.get("skew_k")
-    if k and "chance" in bias:  # the floor the figure falls towards, not 0 (results.bias.chance_skews)
-        out.print(f"max_skew@{k} of a ranking that ignores the images: {bias['chance'][f'max_skew@{k}']:.4f}")
+    bias: dict = next((r["metrics"] for r in before_report["results"] if r["task"] == "bias"), {})
+    for key, floor in bias.get("chance", {}).items():  # the floor, not 0 (results.bias.chance_skews)
+        if key in before and key.startswith("max_skew@"):
+            out.print(f"{key} of a ranking that ignores the images: {floor:.4f}", highlight=False)
 
 
 @app.command()
