@@ -19,6 +19,7 @@ with ties that code keeps every tied item (shares can sum above 1) and torch.top
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -220,7 +221,8 @@ def chance_skews(
         for pool in pools:
             counts = np.bincount(groups_arr[part][pool], minlength=n_groups)
             target = desired_distribution(groups_arr[part][pool], n_groups, desired)
-            expected, exact = _expected_skews(tuple(counts.tolist()), k, tuple(target.tolist()), rules.skip_absent)
+            exact = math.comb(k + n_groups - 1, n_groups - 1) <= CHANCE_EXACT_COMPOSITIONS
+            expected = _expected_skews(tuple(counts.tolist()), k, tuple(target.tolist()), rules.skip_absent, exact)
             method = method if exact else "sampled"
             values.append(expected)
         table = np.asarray(values)
@@ -235,29 +237,33 @@ def chance_skews(
     return {**record, "method": method}
 
 
+@functools.lru_cache(maxsize=1024)  # every query of a set, and every probe of a kind, share their pool's counts
 def _expected_skews(
-    counts: tuple[int, ...], k: int, target: tuple[float, ...], skip_absent: bool
-) -> tuple[tuple[float, float], bool]:
-    """(E[MaxSkew@k], E[MinSkew@k]) of a random top k from a pool with these group counts; whether exact."""
+    counts: tuple[int, ...], k: int, target: tuple[float, ...], skip_absent: bool, exact: bool
+) -> tuple[float, float]:
+    """(E[MaxSkew@k], E[MinSkew@k]) of a random top k from a pool with these group counts: summed over every
+    composition of the top k (`exact`), else averaged over seeded draws."""
     n_groups, total = len(counts), sum(counts)
     if not 0 < k <= total:
         raise InvalidInput(f"k={k} must be between 1 and the number of ranked items ({total})")
-    if math.comb(k + n_groups - 1, n_groups - 1) <= CHANCE_EXACT_COMPOSITIONS:
-        tops = np.asarray(list(_compositions(k, counts)), dtype=float)
-        weights = np.asarray(
-            [math.prod(math.comb(n, c) for n, c in zip(counts, top, strict=True)) for top in tops.astype(int).tolist()],
-            dtype=float,
-        ) / math.comb(total, k)
-        exact = True
+    if exact:
+        tops = np.asarray(list(_compositions(k, counts)), dtype=int)
+        # ln C(n_g, c) for every group and c = 0..k (0 where c > n_g: such tops are never enumerated)
+        ln_comb = np.asarray([[_ln_comb(n, c) if c <= n else 0.0 for c in range(k + 1)] for n in counts])
+        weights = np.exp(ln_comb[np.arange(n_groups), tops].sum(1) - _ln_comb(total, k))
     else:
         rng = np.random.default_rng(0)
-        tops = rng.multivariate_hypergeometric(list(counts), k, size=CHANCE_DRAWS).astype(float)
-        weights, exact = np.full(len(tops), 1.0 / len(tops)), False
+        tops = rng.multivariate_hypergeometric(list(counts), k, size=CHANCE_DRAWS)
+        weights = np.full(len(tops), 1.0 / len(tops))
     share = tops / k
     share = np.where(share > 0, share, np.nan if skip_absent else 1.0 / k)
     skews = np.log(share / np.asarray(target))
     with np.errstate(invalid="ignore"):
-        return (float(weights @ np.nanmax(skews, 1)), float(weights @ np.nanmin(skews, 1))), exact
+        return float(weights @ np.nanmax(skews, 1)), float(weights @ np.nanmin(skews, 1))
+
+
+def _ln_comb(n: int, c: int) -> float:
+    return math.lgamma(n + 1) - math.lgamma(c + 1) - math.lgamma(n - c + 1)
 
 
 def _compositions(k: int, caps: tuple[int, ...]) -> Iterator[tuple[int, ...]]:
