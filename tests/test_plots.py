@@ -33,6 +33,9 @@ def test_sweep_over_seeds_has_a_band_and_whole_number_axes(setup, tmp_path):
     ticks = [t for t in accuracy.get_xticks() if accuracy.get_xlim()[0] <= t <= accuracy.get_xlim()[1]]
     assert ticks and all(float(t).is_integer() for t in ticks)
     assert len(accuracy.collections) == 1 and len(bias.collections) == 1  # one band: the random ordering's
+    floor = [line for line in bias.get_lines() if line.get_label() == "a ranking that ignores the images"]
+    assert len(floor) == 1 and floor[0].get_ydata()[0] == pytest.approx(result["chance"]["max_skew@10"])
+    assert not [line for line in accuracy.get_lines() if line.get_label().startswith("a ranking")]
     plt.close(fig)
     for fmt in MAGIC:
         sweep_plot(result, tmp_path / f"sweep.{fmt}")
