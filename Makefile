@@ -30,7 +30,7 @@ test: setup
 	$(PY) -m mypy
 	$(PYTEST)
 
-# the edit loop: every test not marked slow (100 s on 2 idle cores; `make test`: 6 min 2 s of pytest from a clean clone)
+# the edit loop: every test not marked slow (76 s on 2 idle cores; `make test`: 5 min 55 s of pytest from a clean clone)
 test-fast: setup
 	$(PYTEST) -m "not slow"
 
