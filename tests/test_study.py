@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from surgeon.core.errors import CorruptInput, InvalidInput, NotFound, PartialResult, PreconditionFailed
+from surgeon.results.bias import chance_skews
 from surgeon.studies.study import CellStore, cells, compute_study, parse_study
 from tests.conftest import run_cli
 
@@ -71,6 +72,11 @@ def test_one_run_computes_every_cell_and_writes_the_table(toy_full):
     base = rows["none"]["cells"]["shape"]["value"]
     assert rows["top-k"]["cells"]["shape"]["change"] == pytest.approx(rows["top-k"]["cells"]["shape"]["value"] - base)
     assert "| toy | random | 2 |" in (run.out / "table.md").read_text() and " ± " in (run.out / "table.md").read_text()
+    # the bias column's floor: a random ranking of 20 scenes in each outline (results.bias.chance_skews)
+    shape, probe = table["columns"]
+    floor = chance_skews(np.repeat([0, 1], 20), 2, 10, n_queries=6)["max_skew@10"]
+    assert "floor" not in shape and probe["metric"] == "max_skew@10" and probe["floor"] == pytest.approx(floor)
+    assert f"scores max_skew@10 {floor:.3f} on probe: that column's floor" in (run.out / "table.md").read_text()
 
 
 @pytest.mark.slow  # runs a study on the toy world

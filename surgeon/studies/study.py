@@ -837,10 +837,14 @@ def build_table(study: Study, records: dict[Cell, dict], view: TableView | None 
     view = view or study.views()[0]
     records = {c: r for c, r in records.items() if c.data in view.data}
     computed = {c: r for c, r in records.items() if "error" not in r}
-    columns = [{"name": study.data[d].name, "kind": study.data[d].kind} for d in view.data]
+    columns: list[dict[str, Any]] = [{"name": study.data[d].name, "kind": study.data[d].kind} for d in view.data]
     for d, column in zip(view.data, columns, strict=True):
         fallback = {"accuracy": "acc1", "bias": f"max_skew@{study.data[d].skew_k}"}.get(study.data[d].kind, "recall@1")
         column["metric"] = next((r["metric"] for c, r in computed.items() if c.data == d), fallback)
+        floors = (_floor(r, column["metric"]) for c, r in computed.items() if c.data == d)
+        floor = next((f for f in floors if f is not None), None)
+        if floor is not None:  # a property of the data set: the same in every row
+            column["floor"] = floor
     rows = []
     for m, model in enumerate(study.models):
         baseline = {c.data: r["value"] for c, r in computed.items() if c.model == m and c.policy is None}
@@ -868,6 +872,13 @@ def build_table(study: Study, records: dict[Cell, dict], view: TableView | None 
             rows.append(row)
     failures = _failures(records)
     return {"schema": TABLE_SCHEMA, "name": view.name, "columns": columns, "rows": rows, "failures": failures}
+
+
+def _floor(record: dict, metric: str) -> float | None:
+    """The bias figure a ranking that ignores the images scores on the cell's set (results.bias.chance_skews);
+    None for other kinds and for cells stored before it was recorded."""
+    entry = record.get("result", {}).get("results", [{}])[0]
+    return entry.get("metrics", {}).get("chance", {}).get(metric) if entry.get("task") == "bias" else None
 
 
 def _scaled(column: dict, value: float) -> float:
@@ -908,6 +919,12 @@ def markdown_table(table: dict) -> str:
         values = [cell_text(c, r["cells"][c["name"]]) for c in table["columns"]]
         lines.append("| " + " | ".join([r["model"], r["policy"], *mode, heads, *values]) + " |")
     note = "Cells: value (change from the unpruned model); seeded policies: mean ± sample std over seeds."
+    for column in table["columns"]:
+        if "floor" in column:
+            note += (
+                f"\n\nA ranking that ignores the images scores {column['metric']} {column['floor']:.3f} on "
+                f"{column['name']}: that column's floor, not 0."
+            )
     failures = table.get("failures") or []
     if failures:
         note += "\n\nCells that could not be computed (model / policy / mode / data: why):\n\n"
