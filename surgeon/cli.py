@@ -267,6 +267,7 @@ def _print_summary(before_report: dict, after_report: dict | None = None) -> Non
     """The summaries of validation reports: accuracy in % and its change in points, as report.md and the card
     show them (validate.UNITS_NOTE); a bias figure with its 95% bootstrap interval where measured, and the
     MaxSkew@k of a random ranking of the same images."""
+    from surgeon.results.records import bias_floor
     from surgeon.validation.validate import UNITS_NOTE
 
     before, after = before_report["summary"], after_report["summary"] if after_report else None
@@ -294,8 +295,7 @@ def _print_summary(before_report: dict, after_report: dict | None = None) -> Non
     out.print(table)
     if any("summary_ci95" in r for r in (before_report, after_report) if r):
         out.print("bias figures: value [95% bootstrap interval over the bias set's units]", highlight=False)
-    bias: dict = next((r["metrics"] for r in before_report["results"] if r["task"] == "bias"), {})
-    for key, floor in bias.get("chance", {}).items():  # the floor, not 0 (results.bias.chance_skews)
+    for key, floor in bias_floor(before_report).items():  # the floor, not 0
         if key in before and key.startswith("max_skew@"):
             out.print(f"{key} of a ranking that ignores the images: {floor:.4f}", highlight=False)
 

@@ -214,17 +214,15 @@ def chance_skews(
     rules, desired = bias_protocol(protocol, desired)
     groups_arr = np.asarray(groups)
     parts = probe_parts(probes) if probes is not None else [np.arange(len(groups_arr))]
-    per_part, method = [], "exact"
+    exact = math.comb(k + n_groups - 1, n_groups - 1) <= CHANCE_EXACT_COMPOSITIONS
+    per_part = []
     for part in parts:
         pools = query_pools(n_queries, len(part), None if ranked_by is None else np.asarray(ranked_by)[part])
         values = []
         for pool in pools:
             counts = np.bincount(groups_arr[part][pool], minlength=n_groups)
             target = desired_distribution(groups_arr[part][pool], n_groups, desired)
-            exact = math.comb(k + n_groups - 1, n_groups - 1) <= CHANCE_EXACT_COMPOSITIONS
-            expected = _expected_skews(tuple(counts.tolist()), k, tuple(target.tolist()), rules.skip_absent, exact)
-            method = method if exact else "sampled"
-            values.append(expected)
+            values.append(_expected_skews(tuple(counts.tolist()), k, tuple(target.tolist()), rules.skip_absent, exact))
         table = np.asarray(values)
         per_part.append(
             {
@@ -234,7 +232,7 @@ def chance_skews(
             }
         )
     record = {key: round(float(np.mean([p[key] for p in per_part])), 6) for key in per_part[0]}
-    return {**record, "method": method}
+    return {**record, "method": "exact" if exact else "sampled"}
 
 
 @functools.lru_cache(maxsize=1024)  # every query of a set, and every probe of a kind, share their pool's counts

@@ -130,6 +130,12 @@ class Plan:
         return plan
 
 
+def bias_floor(report: dict) -> dict[str, Any]:
+    """The `chance` record of a validation report's bias set (results.bias.chance_skews): what a ranking that
+    ignores the images scores, keyed like its figures; empty without a bias set or in reports written before it."""
+    return next((r["metrics"].get("chance", {}) for r in report.get("results", []) if r["task"] == "bias"), {})
+
+
 @dataclass(frozen=True)
 class ValidationSummary:
     """The headline figures of one validation: mean zero-shot top-1 over the tasks and, with a bias set,

@@ -38,7 +38,7 @@ from surgeon.model.heads import HeadRef
 from surgeon.model.load import CHECKPOINT_SUFFIXES, LoadedModel, check_activation, normalised_source
 from surgeon.model.surgery import SURGERIES
 from surgeon.pruning.prune import operate, policy_options, select_heads
-from surgeon.results.records import ValidationSummary
+from surgeon.results.records import ValidationSummary, bias_floor
 from surgeon.results.retrieval import HEADLINE as RETRIEVAL_HEADLINE
 from surgeon.selection.policies import POLICIES, Policy, check_preset, policy_names
 
@@ -841,7 +841,7 @@ def build_table(study: Study, records: dict[Cell, dict], view: TableView | None 
     for d, column in zip(view.data, columns, strict=True):
         fallback = {"accuracy": "acc1", "bias": f"max_skew@{study.data[d].skew_k}"}.get(study.data[d].kind, "recall@1")
         column["metric"] = next((r["metric"] for c, r in computed.items() if c.data == d), fallback)
-        floors = (_floor(r, column["metric"]) for c, r in computed.items() if c.data == d)
+        floors = (bias_floor(r.get("result", {})).get(column["metric"]) for c, r in computed.items() if c.data == d)
         floor = next((f for f in floors if f is not None), None)
         if floor is not None:  # a property of the data set: the same in every row
             column["floor"] = floor
@@ -872,13 +872,6 @@ def build_table(study: Study, records: dict[Cell, dict], view: TableView | None 
             rows.append(row)
     failures = _failures(records)
     return {"schema": TABLE_SCHEMA, "name": view.name, "columns": columns, "rows": rows, "failures": failures}
-
-
-def _floor(record: dict, metric: str) -> float | None:
-    """The bias figure a ranking that ignores the images scores on the cell's set (results.bias.chance_skews);
-    None for other kinds and for cells stored before it was recorded."""
-    entry = record.get("result", {}).get("results", [{}])[0]
-    return entry.get("metrics", {}).get("chance", {}).get(metric) if entry.get("task") == "bias" else None
 
 
 def _scaled(column: dict, value: float) -> float:

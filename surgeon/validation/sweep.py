@@ -11,6 +11,7 @@ from surgeon.core.progress import progress_bar
 from surgeon.model.heads import HeadRef
 from surgeon.model.load import LoadedModel
 from surgeon.ranking.rank import Ranking
+from surgeon.results.records import bias_floor
 from surgeon.validation.validate import Evaluator, ValidationSuite
 
 
@@ -67,18 +68,17 @@ def run_sweep(
     orders = orderings(ranking, seed)
     orders.update({f"random (seed {s})": random_order(ranking, s) for s in range(seed + 1, seed + seeds)})
     curves: dict[str, list[dict]] = {}
-    chance = None  # the bias figures of a ranking that ignores the images: the same at every point
+    chance: dict = {}  # the bias figures of a ranking that ignores the images: the same at every point
     with progress_bar("sweep", len(orders) * len(counts), quiet) as advance:
         for name, order in orders.items():
             curves[name] = []
             for count in counts:
                 report = evaluator.evaluate(order[:count], intervals=False)
-                bias = [r["metrics"]["chance"] for r in report["results"] if r["task"] == "bias"]
-                chance = chance or (bias[0] if bias else None)
+                chance = chance or bias_floor(report)
                 curves[name].append({"n": count, **report["summary"]})
                 advance(1)
     result = {"model": loaded.identity, "counts": counts, "curves": curves}
-    if chance is not None:
+    if chance:
         result["chance"] = chance
     if seeds > 1:
         per_seed = {s: curves.pop(f"random (seed {s})") for s in range(seed, seed + seeds)}
