@@ -130,3 +130,14 @@ def test_the_clamp_note_names_the_image_count_when_it_is_the_limit():
 def test_validation_json_keeps_the_class_count(runs):
     validation = json.loads((runs[0].run_dir / "validation.json").read_text())
     assert validation["after"]["results"][0]["metrics"]["classes"] == 4
+
+
+def test_the_floor_note_names_the_sum_under_the_paper_protocol():
+    from surgeon.validation.validate import bias_protocol_note
+
+    chance = {"max_skew@10": 0.2, "max_skew@10_sum": 0.4}
+    metrics = {"protocol": "paper", "max_skew@10": 0.5, "max_skew@10_sum": 1.0, "queries": ["a", "b"]}
+    paper = bias_protocol_note({"dataset": "set", "metrics": {**metrics, "chance": chance}})
+    assert "scores MaxSkew@10 summed over the queries 0.4000 here in expectation" in paper
+    surgeon = bias_protocol_note({"dataset": "set", "metrics": {**metrics, "protocol": "surgeon", "chance": chance}})
+    assert "scores MaxSkew@10 0.2000 here in expectation" in surgeon

@@ -1242,9 +1242,11 @@ def bias_protocol_note(result: dict) -> str:
     absent = "are skipped" if protocol.skip_absent else "count as 1/k"
     combined = "summed" if protocol.headline == "sum" else "averaged"
     queries = len(metrics.get("queries", [])) or "its"
-    chance = metrics.get("chance", {}).get(f"max_skew@{k}{'_sum' if protocol.headline == 'sum' else ''}")
+    summed = protocol.headline == "sum"
+    chance = metrics.get("chance", {}).get(f"max_skew@{k}{'_sum' if summed else ''}")
     floor = (
-        f" A ranking that ignores the images scores MaxSkew@{k} {chance:.4f} here in expectation: the figure's floor."
+        f" A ranking that ignores the images scores MaxSkew@{k}{' summed over the queries' if summed else ''} "
+        f"{chance:.4f} here in expectation: the figure's floor."
         if chance is not None
         else ""
     )
