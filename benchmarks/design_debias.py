@@ -33,6 +33,7 @@ from surgeon.selection.policies import POLICIES, DebiasData, PolicyOptions
 from surgeon.validation.validate import Evaluator, ValidationSuite, toy_probe, toy_probes, toy_suite, toy_tasks
 
 HEADS = [HeadRef(layer, head) for layer in range(4) for head in range(8)]
+BY_NAME = {h.name: h for h in HEADS}
 #: the heads whose pairs are measured: those lowering NDKL most, alone, on average over probes 10-15
 PAIRS = ["L0.H7", "L1.H7", "L2.H7", "L2.H0", "L0.H2", "L3.H1"]
 
@@ -48,8 +49,7 @@ def seeds_of(text: str) -> list[int]:
 def measure(seeds: list[int], out: Path, pair_heads: list[str]) -> None:
     loaded = load_model(None)
     out.mkdir(parents=True, exist_ok=True)
-    by_name = {h.name: h for h in HEADS}
-    pairs = [(by_name[a], by_name[b]) for a, b in itertools.combinations([h for h in pair_heads if h], 2)]
+    pairs = [(BY_NAME[a], BY_NAME[b]) for a, b in itertools.combinations([h for h in pair_heads if h], 2)]
     for seed in seeds:
         probe = toy_probe(None, seed)
         evaluator = Evaluator(loaded, ValidationSuite([], probe, "toy", f"probe {seed}"), 0, deep=True)
@@ -210,12 +210,11 @@ def ceiling(out: Path, pairs_of: int) -> None:
         print(f"{names[i]}: {mean[i] / mean[0] - 1:+.1%} (per probe {each})")
     if pairs_of < 2:
         return
-    by_name = {h.name: h for h in HEADS}
     evaluator = Evaluator(load_model(None), toy_suite(), 0, deep=True)
     base = evaluator.evaluate([], intervals=False)["summary"]
     rows = []
     for pair in itertools.combinations([names[i] for i in best[:pairs_of]], 2):
-        got = evaluator.evaluate([by_name[n] for n in pair], intervals=False)["summary"]
+        got = evaluator.evaluate([BY_NAME[n] for n in pair], intervals=False)["summary"]
         drop = (base["mean_acc1"] - got["mean_acc1"]) * 100
         rows.append((got["max_skew@10"] / base["max_skew@10"] - 1, drop, "+".join(pair)))
     for change, drop, name in sorted(rows)[:10]:
@@ -227,12 +226,11 @@ def judge(seeds: list[int], head_sets: list[str], null_sets: int) -> None:
     next to every other set of its size (`--null-sets` drawn when there are more), with 95% intervals and the
     figure's floor, as `prune` reports it on the standard probes; the mean accuracy change on the standard test
     tasks."""
-    by_name = {h.name: h for h in HEADS}
     suite = ValidationSuite(toy_tasks(), toy_probes(None, seeds), "toy", f"toy world: fresh probes {seeds_text(seeds)}")
     evaluator = Evaluator(load_model(None), suite, 0, deep=True)
     base = evaluator.evaluate([], intervals=False)["summary"]["mean_acc1"]
     for text in head_sets:
-        heads = [by_name[n] for n in text.split("+")]
+        heads = [BY_NAME[n] for n in text.split("+")]
         null = against_chance(evaluator, heads, HEADS, null_sets)
         acc = evaluator.evaluate(heads, intervals=False)["summary"]["mean_acc1"]
         print(f"{text}: {chance_line(null)}; mean acc1 {base * 100:.2f} -> {acc * 100:.2f}", flush=True)
