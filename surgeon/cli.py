@@ -463,8 +463,7 @@ def toy_report_command(
     device: DeviceOpt = None,
     quiet: QuietOpt = False,
     claim_draws: Annotated[
-        int | None,
-        typer.Option(min=2, max=10_000, help="random head sets per size behind the paper-claim p-values (default 50)"),
+        int | None, typer.Option(help="random head sets per size behind the paper-claim p-values (default 50)")
     ] = None,
 ) -> None:
     """Per-factor accuracy, MaxSkew@10, specialised heads (trained vs a re-initialised vision tower, and chance),
@@ -473,6 +472,7 @@ def toy_report_command(
     from surgeon.model.load import load_model
     from surgeon.studies.toy_report import RANDOM_SETS, toy_report
 
+    limits.count("--claim-draws", claim_draws, 2, limits.MAX_CLAIM_DRAWS)  # before the model loads
     report = toy_report(load_model(model, device=device), quiet=quiet, claim_draws=claim_draws or RANDOM_SETS)
     if as_json:
         from surgeon.core.clioutput import emit_json

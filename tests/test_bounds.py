@@ -161,3 +161,10 @@ def test_decompression_bomb_is_refused_before_decoding(tmp_path):
     assert path.stat().st_size < 100_000
     with pytest.raises(CorruptInput, match="decompression bomb"):
         open_image(path)
+
+
+@pytest.mark.parametrize("value", ["1", "-5", "10001", str(2**70)])
+def test_toy_report_refuses_claim_draws_out_of_range_before_the_model_loads(value):
+    done = run_cli("toy", "report", f"--claim-draws={value}", *NO_MODEL)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"--claim-draws must be an integer in 2..10,000, got {value}" in done.stderr

@@ -24,6 +24,7 @@ MAX_K = 10_000  # heads to prune (ViT-bigG has 1,664)
 MAX_SEEDS = 100
 MAX_SEED = 2**63 - 1
 MAX_SWEEP_COUNTS = 64
+MAX_CLAIM_DRAWS = 10_000  # `surgeon toy report --claim-draws`: random head sets per size (each one validation)
 MAX_MODEL_PARAMETERS = 10_000_000_000  # estimated from a model config before it is built (ViT-bigG-14: 2.5 B)
 MAX_SEQUENCE_TOKENS = 16_384  # image patches + 1, or the text context (ViT-B-16 at 1,024 px: 4,097)
 MAX_ACTIVATION_ELEMENTS = 1 << 26  # tokens x width of one sample in one block (ViT-bigG-14: 0.43 M)
