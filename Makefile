@@ -8,7 +8,7 @@ EXTRAS ?= surgery,serve,oip,test
 
 # Tests run on every core (pytest-xdist), one test file per worker at a time so module fixtures (gRPC servers,
 # pruned runs) are built once; one torch thread per worker, as many workers as cores.
-PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -n auto --dist loadfile
+PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -n auto --dist loadfile --no-loadscope-reorder
 
 .PHONY: setup demo test test-fast lint typecheck clean
 

@@ -35,6 +35,24 @@ from surgeon.ranking.rank import rank_heads
 from surgeon.selection.policies import PolicyOptions
 from surgeon.validation.validate import BiasSet, ClassificationSet, ValidationSuite
 
+#: files with a test of half a minute or more (a whole default pipeline, a pip install, sharded runs), longest
+#: first. pytest-xdist hands whole files to its workers in collection order (Makefile: --no-loadscope-reorder),
+#: so these start first and no worker is left alone with one of them at the end of the run.
+LONGEST_FIRST = (
+    "test_toy_cli.py",
+    "test_deploy_manifests.py",
+    "test_deploy.py",
+    "test_interrupts.py",
+    "test_hub_loading.py",
+    "test_toy_targets.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The LONGEST_FIRST files first, the rest in their collected order (a stable sort)."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
 
 @contextlib.contextmanager
 def _process_state_restored() -> Iterator[None]:

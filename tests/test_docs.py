@@ -50,3 +50,12 @@ def test_the_readme_names_the_command_ci_runs():
     commands = [line for line in (REPO / ".ci" / "run").read_text().splitlines() if line and line[0] != "#"]
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     assert re.search(rf"^{re.escape(commands[-1])} +# ", readme, re.MULTILINE), commands[-1]  # a line of "Two commands"
+
+
+def test_the_longest_test_files_are_handed_out_first():
+    """conftest's LONGEST_FIRST names real files, and the Makefile keeps xdist from reordering them by test count."""
+    from tests.conftest import LONGEST_FIRST
+
+    assert all((REPO / "tests" / name).is_file() for name in LONGEST_FIRST)
+    pytest_line = next(line for line in (REPO / "Makefile").read_text().splitlines() if line.startswith("PYTEST :="))
+    assert "--dist loadfile --no-loadscope-reorder" in pytest_line
