@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from surgeon.core.errors import InvalidInput
 from surgeon.validation.zeroshot import build_classifier, metrics_from_logits, uint8_to_tensor
@@ -118,3 +120,34 @@ def test_template_files_are_checked_when_read(tmp_path):
         bad.write_text(text)
         with pytest.raises(InvalidInput, match=message.replace("{", r"\{").replace("}", r"\}")):
             read_templates(bad)
+
+
+@pytest.mark.parametrize(
+    "template",
+    ["a photo of {c.__class__.__name__}", "a {c.upper}", "a {c[0]}", "a {c:>300000000}", "a {!r}", "{0}", "{} {c}"],
+)
+def test_templates_name_the_class_only_through_bare_fields(tmp_path, template):
+    """str.format runs attribute and index lookups and format specs: a template could drop the class name
+    ({c[0]}, {c.upper}: a method's repr, another each run) or allocate at will ({c:>300000000})."""
+    from surgeon.inputs.templates import read_templates
+
+    bad = tmp_path / "bad.txt"
+    bad.write_text(template + "\n")
+    with pytest.raises(InvalidInput, match="is not|mixes"):
+        read_templates(bad)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=30), st.text(min_size=1, max_size=12))
+def test_an_accepted_template_holds_the_label_and_little_else(template, label):
+    """Whatever line a user's file holds, an accepted template fills to the label plus the template's text."""
+    from surgeon.inputs.templates import check_templates, fill
+
+    try:
+        check_templates([template])
+    except InvalidInput:
+        return
+    filled = fill(template, label)
+    assert len(filled) <= len(template) + template.count("{") * len(label)
+    if "{}" in template or "{c}" in template:
+        assert label in filled

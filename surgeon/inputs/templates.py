@@ -10,6 +10,7 @@ import warnings
 from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
+from string import Formatter
 
 from surgeon.core.errors import InvalidInput
 from surgeon.core.paths import PACKAGE_DATA, read_lines
@@ -51,6 +52,22 @@ def fill(template: str, label: str) -> str:
     return template.format(label) if "{}" in template else template.format(c=label)
 
 
+def _check_fields(template: str) -> None:
+    """ValueError unless every replacement field of `template` is a bare {} or a bare {c}: str.format would
+    also run attribute and index lookups ({c.upper}, {c[0]}) and format specs ({c:>300000000}), which drop the
+    class name or allocate at will, from a line of a user's file."""
+    names = set()
+    for _, name, spec, conversion in Formatter().parse(template):
+        if name is None:
+            continue
+        if name not in ("", "c") or spec or conversion:
+            field = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+            raise ValueError(f"{field} is not {{}} or {{c}}")
+        names.add(name)
+    if len(names) > 1:
+        raise ValueError("it mixes {} and {c}")
+
+
 def check_templates(templates: Sequence[str], where: str = "templates") -> list[str]:
     """The templates as a list; InvalidInput naming the first one that cannot be filled."""
     templates = list(templates)
@@ -58,10 +75,11 @@ def check_templates(templates: Sequence[str], where: str = "templates") -> list[
         raise InvalidInput(f"{where}: no prompt templates")
     for template in templates:
         try:
+            _check_fields(template)
             fill(template, "x")
         except (KeyError, IndexError, ValueError) as err:
             raise InvalidInput(
-                f"{where}: template {template!r} cannot be filled ({type(err).__name__}: {err})",
+                f"{where}: template {template!r} cannot be filled ({err})",
                 hint="use {} or {c} for the class name and double other braces ({{ }})",
             ) from None
     return templates
