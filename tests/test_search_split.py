@@ -181,3 +181,19 @@ def test_selection_never_reads_the_report_split(setup, tmp_path, monkeypatch):
     if chance["base"] > floor:
         removed = (chance["base"] - chance["policy"]) / (chance["base"] - floor)
         assert chance["excess_removed"] == pytest.approx(removed, abs=1e-5)
+
+
+def test_tasks_sharing_one_image_array_split_it_once(manifest):
+    """The toy's six factor tasks hold one image array: with a bias file they go through the files split, and
+    each task drew its own halves, so a task's report images had been searched under another task's labels."""
+    from surgeon.validation.validate import ValidationSuite, toy_tasks
+
+    tasks = toy_tasks(40, "test")
+    assert all(task.images is tasks[0].images for task in tasks)
+    bias = bias_set(manifest / "bias.csv", manifest / "queries.txt", k=5, split_by="identity")
+    splits = ValidationSuite(tasks, bias, "toy+files", "toy + bias.csv").split_for_search(seed=0)
+    searched = set().union(*(digests(task.images) for task in splits.search.tasks))
+    reported = set().union(*(digests(task.images) for task in splits.report.tasks))
+    assert not searched & reported and len(searched) + len(reported) == len(digests(tasks[0].images))
+    # and the halves stay one array each, so the evaluator still runs one forward pass for all six tasks
+    assert all(task.images is splits.report.tasks[0].images for task in splits.report.tasks)

@@ -188,11 +188,17 @@ class ValidationSuite:
             )
         rng = np.random.default_rng(seed)
         halves: tuple[list[ClassificationSet], list[ClassificationSet]] = ([], [])
+        # tasks that share one image array (the toy's factors next to a bias file) share its halves, so no image
+        # of one task's report half is searched under another task's labels, and they keep one forward pass
+        shared: dict[int, list[tuple[np.ndarray, Images]]] = {}
         for task in self.tasks:
-            order = rng.permutation(len(task.labels))
-            for side, index in zip(halves, np.array_split(order, 2), strict=True):
-                index = np.sort(index)
-                side.append(replace(task, images=take_images(task.images, index), labels=task.labels[index]))
+            if id(task.images) not in shared:
+                order = rng.permutation(len(task.labels))
+                shared[id(task.images)] = [
+                    (index, take_images(task.images, index)) for index in map(np.sort, np.array_split(order, 2))
+                ]
+            for side, (index, images) in zip(halves, shared[id(task.images)], strict=True):
+                side.append(replace(task, images=images, labels=task.labels[index]))
         search_bias, stop_bias, report_bias = _split_bias(self.bias, rng)
         described = f"{self.description} (%s, seed {seed})"
         return SearchSplits(  # no search selects on retrieval: its sets are reported whole, on the report split
