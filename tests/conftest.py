@@ -9,6 +9,7 @@ packaging)."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -294,10 +295,17 @@ def user_data(tmp_path):
 
 
 def offline_hub_cache(root: Path, repo_id: str, folder: Path) -> Path:
-    """A Hugging Face hub cache holding `folder` as the main revision of `repo_id` (what a download leaves)."""
+    """A Hugging Face hub cache holding `folder` as the main revision of `repo_id`, laid out as a download leaves
+    it: each file's bytes in blobs/, and in the snapshot a relative link to them."""
     repo = root / ("models--" + repo_id.replace("/", "--"))
     snapshot = repo / "snapshots" / ("0" * 40)
-    shutil.copytree(folder, snapshot)
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    for source in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        blob = repo / "blobs" / hashlib.sha256(source.read_bytes()).hexdigest()
+        shutil.copyfile(source, blob)
+        link = snapshot / source.relative_to(folder)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text("0" * 40)
     return root

@@ -28,7 +28,7 @@ from surgeon.pruning.prune import prune
 from surgeon.ranking.rank import Ranking, rank_heads
 from surgeon.runtime.session import ExportedModel
 from surgeon.selection.policies import PolicyOptions
-from tests.conftest import TAXONOMY, run_cli, synthetic_suite
+from tests.conftest import TAXONOMY, offline_hub_cache, run_cli, synthetic_suite
 
 
 def test_disk_full_while_writing_safetensors_is_a_storage_error(tmp_path, monkeypatch, tiny_default_dir):
@@ -229,6 +229,33 @@ def test_an_unlisted_file_in_the_export_is_refused(onnx_run):
     (onnx_run / "onnx" / "extra.onnx").write_bytes(b"x")
     with pytest.raises(CorruptInput, match="not listed"):
         ExportedModel(onnx_run)
+
+
+def test_a_link_out_of_the_export_is_one_error_line(onnx_run, tmp_path):
+    """An extra file that links outside the folder was a traceback (relative_to raised ValueError)."""
+    outside = tmp_path / "elsewhere.txt"
+    outside.write_text("not part of the export")
+    (onnx_run / "onnx" / "notes.txt").symlink_to(outside)
+    with pytest.raises(CorruptInput, match="notes.txt is not listed"):
+        ExportedModel(onnx_run)
+    result = run_cli("infer", str(onnx_run))
+    assert result.returncode == CorruptInput.exit_code and "Traceback" not in result.stderr
+
+
+def test_a_hub_snapshot_of_an_export_is_verified_through_its_blobs(onnx_run, tmp_path):
+    """What `surgeon validate --model hf-hub:...` tells the owner of an ONNX-only repository to run: the snapshot's
+    files are links into the repository's blobs/, checked against the recorded hashes like any others."""
+    hub = offline_hub_cache(tmp_path / "hub", "someone/onnx-only", onnx_run)
+    snapshot = next((hub / "models--someone--onnx-only" / "snapshots").iterdir())
+    assert (snapshot / "surgery.json").is_symlink()
+    ExportedModel(snapshot)  # verified: no error
+    blob = (snapshot / "onnx" / "visual.onnx").resolve()
+    blob.chmod(0o644)
+    with blob.open("r+b") as handle:  # a changed blob is still caught
+        handle.seek(-1, os.SEEK_END)
+        handle.write(b"\x00" if handle.read(1) != b"\x00" else b"\x01")
+    with pytest.raises(CorruptInput, match="does not match the sha256"):
+        ExportedModel(snapshot)
 
 
 def test_export_refuses_tampered_weights(onnx_run, tmp_path):

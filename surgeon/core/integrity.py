@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -60,16 +61,37 @@ def verify(root: Path, required: Iterable[Path] = (), record: str = RECORD) -> i
     hashes = recorded_hashes(root, record)
     for name, expected in sorted(hashes.items()):
         _check(root, name, expected, record)
-    base = root.resolve()
     for path in required:
-        if path.resolve().relative_to(base).as_posix() not in hashes:
+        if _listed_name(root, path) not in hashes:  # None: a file (or a link) outside the folder
             raise CorruptInput(f"{path} is not listed in {root / record}, so it cannot be verified", hint=OPT_OUT)
     return len(hashes)
 
 
+def _listed_name(root: Path, path: Path) -> str | None:
+    """`path`'s name relative to `root` as a record lists it: as written (a link keeps its own name), else with
+    links followed; None when it is outside `root` either way."""
+    for base, resolved in (
+        (Path(os.path.abspath(root)), Path(os.path.abspath(path))),
+        (root.resolve(), path.resolve()),
+    ):
+        if resolved.is_relative_to(base):
+            return resolved.relative_to(base).as_posix()
+    return None
+
+
+def _homes(root: Path) -> list[Path]:
+    """Where the files of `root` may lie once links are followed: the folder, and in a Hugging Face hub snapshot
+    (HUB/models--ORG--NAME/snapshots/REV/..., whose files are links into that repository's blobs/) those blobs.
+    Their contents are checked against the recorded hashes all the same."""
+    base = root.resolve()
+    snapshot = next((folder for folder in (base, *base.parents) if folder.parent.name == "snapshots"), None)
+    blobs = None if snapshot is None else snapshot.parent.parent / "blobs"
+    return [base, blobs] if blobs is not None and blobs.is_dir() else [base]
+
+
 def _check(root: Path, name: str, expected: str, record: str) -> None:
     path = (root / name).resolve()
-    if not path.is_relative_to(root.resolve()):
+    if not any(path.is_relative_to(home) for home in _homes(root)):
         raise CorruptInput(f"{root / record} lists {name!r}, outside the folder", hint=OPT_OUT)
     if not path.is_file():
         raise CorruptInput(f"{root / name} is listed in {record} but missing", hint=OPT_OUT)
