@@ -79,6 +79,9 @@ def make_world(base: Path) -> dict:
     (data / "ranking-link" / "ranking.json").symlink_to(outside / "ranking.json")  # a folder whose file leads out
     (data / "evil.csv").write_text("path,group\nval/red/0.png,a\n../outside/secret.png,b\n")
     (data / "evil_abs.csv").write_text(f"path,group\nval/red/0.png,a\n{outside / 'secret.png'},b\n")
+    # a first row without an image suffix, outside the root: the answer must not say whether it exists there
+    (data / "first_row_out_exists.csv").write_text("../outside/ranking.json,a\nval/red/0.png,a\nval/red/1.png,b\n")
+    (data / "first_row_out_missing.csv").write_text("../outside/nothing,a\nval/red/0.png,a\nval/red/1.png,b\n")
     exports.mkdir()
     return {"models": models, "data": data, "exports": exports, "outside": outside}
 

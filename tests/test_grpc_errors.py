@@ -95,6 +95,16 @@ def test_error_details_in_the_status_trailer(stub):
             Code.PERMISSION_DENIED,
         ),
         ("Prune", lambda w: prune_request(ranking="ranking", labels="escape/secret.png"), Code.PERMISSION_DENIED),
+        *[  # a first row naming no image is looked at as a header: only once it is known to be inside the root
+            (
+                "Prune",
+                lambda w, name=name: prune_request(
+                    ranking="ranking", validation=pb.ValidationData(bias_data=name, queries="queries.txt")
+                ),
+                Code.PERMISSION_DENIED,
+            )
+            for name in ("first_row_out_exists.csv", "first_row_out_missing.csv")
+        ],
         ("Validate", lambda w: pb.ValidateRequest(model=pb.ModelRef(model="RN50x64-nope")), Code.NOT_FOUND),
         (
             "Validate",
@@ -148,6 +158,8 @@ def test_error_details_in_the_status_trailer(stub):
         "manifest-row-dotdot",
         "manifest-row-absolute",
         "labels-via-symlink",
+        "manifest-first-row-out-exists",
+        "manifest-first-row-out-missing",
         "validate-unknown-model",
         "validate-data-dotdot",
         "export-dotdot",

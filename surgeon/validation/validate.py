@@ -369,7 +369,12 @@ def _is_header(row: list[str], base: Path) -> bool:
     first = row[0].strip()
     if first.lower() in HEADER_NAMES:
         return True
-    return Path(first).suffix.lower() not in IMAGE_SUFFIXES and not (base / first).is_file()
+    if Path(first).suffix.lower() in IMAGE_SUFFIXES:
+        return False
+    confine = _confine.get()
+    if confine is not None:  # confined before it is looked at, like every image path (_confine below)
+        confine(base / first)
+    return not (base / first).is_file()
 
 
 #: a server's check that a path a manifest names is inside its data root, run before the file is looked at: an
