@@ -376,3 +376,16 @@ def test_infer_skips_unreadable_images_with_a_count(onnx_run, tmp_path):
     done = run_cli("infer", str(onnx_run), str(folder), "--labels", str(onnx_run / "labels.txt"))
     code, err = done.returncode, done.stderr
     assert code == 4 and "none of the 2 image(s) is readable" in err
+
+
+@pytest.mark.parametrize("out", [".", "..", "./"])
+def test_the_working_folder_is_never_an_output(onnx_run, tmp_path, out):
+    """`--out .` was a traceback (Path('.').with_name); with --force it would have replaced the folder the
+    shell is in. Refused before any work, the folder untouched."""
+    here = tmp_path / "work" / "here"
+    here.mkdir(parents=True)
+    (here / "keep.txt").write_text("mine")
+    for args in (["triton-repo", str(onnx_run), "--out", out, "--force"], ["validate", "--out", out, "--force"]):
+        result = run_cli(*args, cwd=here)
+        assert result.returncode == 2 and "is the working folder or holds it" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr and (here / "keep.txt").read_text() == "mine"
