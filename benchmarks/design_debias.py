@@ -223,9 +223,9 @@ def ceiling(out: Path, pairs_of: int) -> None:
 
 def judge(seeds: list[int], head_sets: list[str], null_sets: int) -> None:
     """The policy's selections judged on fresh probes (`--seeds`) that no search, stop or design read: each set
-    next to every other set of its size (`--null-sets` drawn when there are more), with 95% intervals and the
-    figure's floor, as `prune` reports it on the standard probes; the mean accuracy change on the standard test
-    tasks."""
+    next to every other set of its size (`--null-sets` drawn when there are more), with 95% intervals and what
+    a random ranking scores, as `prune` reports it on the standard probes; the mean accuracy change on the
+    standard test tasks."""
     suite = ValidationSuite(toy_tasks(), toy_probes(None, seeds), "toy", f"toy world: fresh probes {seeds_text(seeds)}")
     evaluator = Evaluator(load_model(None), suite, 0, deep=True)
     base = evaluator.evaluate([], intervals=False)["summary"]["mean_acc1"]

@@ -295,9 +295,9 @@ def _print_summary(before_report: dict, after_report: dict | None = None) -> Non
     out.print(table)
     if any("summary_ci95" in r for r in (before_report, after_report) if r):
         out.print("bias figures: value [95% bootstrap interval over the bias set's units]", highlight=False)
-    for key, floor in bias_floor(before_report).items():  # the floor, not 0
+    for key, chance in bias_floor(before_report).items():  # what an unbiased model scores, not 0
         if key in before and key.startswith("max_skew@"):
-            out.print(f"{key} of a ranking that ignores the images: {floor:.4f}", highlight=False)
+            out.print(f"{key} of a ranking that ignores the images: {chance:.4f}", highlight=False)
 
 
 @app.command()

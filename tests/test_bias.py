@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,8 +18,10 @@ from surgeon.results.bias import (
     bias_intervals,
     bias_metrics,
     bias_protocol,
+    canonical_units,
     chance_skews,
     desired_distribution,
+    figure_ranges,
     headline_keys,
     interval,
     ndkl,
@@ -27,6 +30,7 @@ from surgeon.results.bias import (
     skews_at_k,
     unit_weights,
 )
+from surgeon.validation.validate import bias_set
 
 
 def test_skew_values_by_hand():
@@ -280,6 +284,97 @@ def test_interval_keeps_the_bootstraps_spread_around_the_point():
     plain = np.percentile(draws, [2.5, 97.5])
     assert [low, high] == pytest.approx(plain.tolist(), abs=0.01) and low < 1.0 < high
     assert interval(draws, float(np.median(draws))) == pytest.approx(plain.tolist(), abs=1e-6)
+
+
+def test_an_interval_stays_within_what_its_figure_can_take():
+    """Each image twice, once per group, tied: every top k is split evenly, so MaxSkew, MinSkew and NDKL are 0.
+    The bootstrap's spread moved onto that point crossed 0 both ways (MaxSkew [-0.11, 0.15] on such a set);
+    MaxSkew and NDKL cannot fall below 0, nor surgeon's MinSkew rise above it here."""
+    rng = np.random.default_rng(0)
+    similarity = np.repeat(rng.normal(size=(3, 60)), 2, axis=1)
+    groups, units = np.tile([0, 1], 60), np.arange(120)
+    for protocol in ("surgeon", "paper"):
+        point = bias_metrics(similarity, groups, 2, protocol=protocol)
+        intervals = bias_intervals(similarity, groups, 2, units, protocol=protocol, resamples=200)
+        assert point["max_skew@10"] == point["ndkl"] == 0
+        assert intervals["max_skew@10"][0] == intervals["ndkl"][0] == 0 < intervals["max_skew@10"][1]
+        if protocol == "surgeon":  # under paper's a skipped group lets MinSkew exceed 0 (below)
+            assert intervals["min_skew@10"][1] == 0 > intervals["min_skew@10"][0]
+        assert intervals.get("max_skew@10_sum", [0])[0] == 0
+    low, high = interval(np.linspace(-1, 1, 101), 0.0, bounds=(0.0, math.inf))
+    assert (low, high) == (0.0, pytest.approx(0.95))
+
+
+def test_minskew_is_bounded_by_0_only_where_no_value_can_be_skipped_or_smoothed_above_its_share():
+    """A top k of one of two groups: MinSkew ln(0.1/0.5) smoothed, but ln 2 when the absent group is skipped
+    (paper), and ln((1/k) / p*) > 0 for a value rarer than 1/k: the range says so rather than clipping at 0."""
+    groups, similarity = np.repeat([0, 1], 10), np.r_[np.ones(10), np.zeros(10)][None, :]
+    paper = bias_metrics(similarity, groups, 2, k=10, protocol="paper")["min_skew@10"]
+    assert paper == pytest.approx(math.log(2))
+    assert figure_ranges(groups, 2, 10, protocol="paper")["min_skew@10"][1] >= paper
+    assert figure_ranges(groups, 2, 10)["min_skew@10"] == (-math.inf, 0.0)
+    rare = np.r_[np.zeros(19, int), 1]
+    assert figure_ranges(rare, 2, 10, desired="set")["min_skew@10"][1] > 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    groups=st.lists(st.integers(0, 2), min_size=6, max_size=14),
+    scores=st.lists(st.integers(0, 3), min_size=28, max_size=28),
+    k=st.integers(1, 6),
+    protocol=st.sampled_from(["surgeon", "paper"]),
+)
+def test_every_figure_and_interval_lies_within_its_range(groups, scores, k, protocol):
+    """Whatever the ranking (ties included), each headline figure lies in `figure_ranges`, and so does its
+    interval, which holds the point (p* uniform under surgeon's protocol, the set's under the paper's)."""
+    groups = np.asarray(groups)
+    similarity = np.asarray(scores[: 2 * len(groups)], float).reshape(2, -1)  # small integers: many ties
+    k = min(k, len(groups))
+    point = bias_metrics(similarity, groups, 3, k, protocol=protocol)
+    ranges = figure_ranges(groups, 3, k, protocol=protocol, n_queries=2)
+    intervals = bias_intervals(similarity, groups, 3, None, k, protocol=protocol, resamples=30)
+    for key, (low, high) in intervals.items():
+        floor, ceiling = ranges[key]
+        assert floor - 1e-9 <= point[key] <= ceiling + 1e-9
+        assert floor - 1e-6 <= low <= point[key] + 1e-6 and point[key] - 1e-6 <= high <= ceiling + 1e-6
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data(), sizes=st.lists(st.integers(1, 4), min_size=1, max_size=8))
+def test_unit_ids_follow_the_members_not_the_row_order_or_the_labels(data, sizes):
+    """The same items in another order, their units named otherwise, get the same ids item by item."""
+    identities = [(f"{u:02d}-{i}.png",) for u, size in enumerate(sizes) for i in range(size)]
+    units = [u for u, size in enumerate(sizes) for _ in range(size)]
+    order = data.draw(st.permutations(range(len(identities))))
+    names = data.draw(st.permutations([f"id{u}" for u in range(len(sizes))]))
+    ids = canonical_units(identities, units)
+    moved = canonical_units([identities[i] for i in order], [names[units[i]] for i in order])
+    assert moved.tolist() == ids[order].tolist() and ids.tolist() == units  # here sorted by path already
+    assert canonical_units(identities).tolist() == list(range(len(identities)))
+
+
+@pytest.mark.parametrize("split_by", [None, "scene"])
+def test_a_manifest_s_intervals_do_not_depend_on_its_row_order_or_unit_names(tmp_path, split_by):
+    """The bias set's content fixes its intervals: the manifest shuffled and its scenes renamed read the same
+    (each image its own unit, in row order, moved MaxSkew@10's interval by 0.007 on a 240-image set)."""
+    rng = np.random.default_rng(0)
+    rows = [(f"{s:03d}-{g}.png", ("a", "b")[g], f"scene{s}") for s in range(40) for g in (0, 1)]
+    for row in rows:
+        (tmp_path / row[0]).touch()
+    (tmp_path / "queries.txt").write_text("x\ny\n")
+    leaning = rng.normal(size=(len(rows), 2)) + 0.3 * (np.arange(len(rows)) % 2)[:, None]  # group b a little
+    score = {row[0]: value for row, value in zip(rows, leaning, strict=True)}
+
+    def read(rows: list[tuple[str, str, str]], name: str) -> list[list[float]]:
+        manifest = tmp_path / name
+        manifest.write_text("path,group,scene\n" + "".join(",".join(r) + "\n" for r in rows))
+        bias = bias_set(manifest, tmp_path / "queries.txt", split_by=split_by)
+        similarity = np.stack([score[Path(p).name] for p in bias.images], axis=1)
+        return list(bias_intervals(similarity, bias.groups, 2, bias.units, resamples=100).values())
+
+    order = rng.permutation(len(rows))
+    renamed = [(p, g, f"s{(7 * int(s[5:])) % 40}") for p, g, s in (rows[i] for i in order)]
+    assert read(rows, "a.csv") == read(renamed, "b.csv")
 
 
 def _every_top_k(groups: np.ndarray, n_groups: int, k: int, protocol: str) -> tuple[float, float]:

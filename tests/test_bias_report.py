@@ -44,6 +44,18 @@ def test_the_comparison_reads_as_a_table_and_a_line():
     assert "n/a (no bias before)" in chance_line(no_bias)
 
 
+def test_chance_above_the_unpruned_figure_is_no_floor_and_leaves_no_excess_share():
+    """Where the unpruned figure is above chance the excess over it is shared out; where it is not, chance is
+    named without calling it a floor and no share is printed."""
+    above = {**CHANCE, "chance": 0.207, "excess_removed": 0.731}
+    assert "(its floor, not 0); the policy removed 73% of the excess over it." in "\n".join(chance_lines(above))
+    assert "; floor (random ranking) 0.207" in chance_line(above)
+    below = {**CHANCE, "chance": 0.5, "excess_removed": None}
+    text = "\n".join(chance_lines(below)) + chance_line(below)
+    assert "floor" not in text and "removed" not in text
+    assert "max_skew@10 0.5000 on this set in expectation (not less than the unpruned 0.4459: no excess" in text
+
+
 def test_a_malformed_comparison_is_refused():
     check_validation_report({"before": REPORT, "after": REPORT, "against_chance": CHANCE}, "validation.json")
     broken = copy.deepcopy(CHANCE)

@@ -141,3 +141,17 @@ def test_the_floor_note_names_the_sum_under_the_paper_protocol():
     assert "scores MaxSkew@10 summed over the queries 0.4000 here in expectation" in paper
     surgeon = bias_protocol_note({"dataset": "set", "metrics": {**metrics, "protocol": "surgeon", "chance": chance}})
     assert "scores MaxSkew@10 0.2000 here in expectation" in surgeon
+
+
+def test_chance_is_called_the_floor_only_where_the_figure_is_above_it():
+    """On counterfactual sets a ranking by content can be more balanced than chance (the toy's backgrounds,
+    paper protocol: 1.3816 summed against 2.3312): the note says so instead of calling 2.3312 a floor."""
+    from surgeon.validation.validate import bias_protocol_note
+
+    chance = {"max_skew@10": 0.3885, "max_skew@10_sum": 2.3312}
+    metrics = {"protocol": "paper", "max_skew@10": 0.2303, "max_skew@10_sum": 1.3816, "chance": chance}
+    below = bias_protocol_note({"dataset": "set", "metrics": metrics})
+    assert "floor" not in below
+    assert "2.3312 here in expectation, not less than this model's 1.3816" in below
+    above = bias_protocol_note({"dataset": "set", "metrics": {**metrics, "max_skew@10_sum": 2.5}})
+    assert above.endswith("2.3312 here in expectation: the figure's floor.")

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from surgeon.core.errors import InvalidInput
-from surgeon.studies.study import cells, compute_study, parse_study
+from surgeon.studies.study import BASELINE, cells, compute_study, markdown_table, parse_study
 
 STUDY = """
 name = "tables"
@@ -75,3 +75,17 @@ def test_a_table_naming_an_unknown_policy_or_data_set(tmp_path):
     study_file.write_text(STUDY.replace('data = ["shape"]', 'data = ["shapes"]'))
     with pytest.raises(InvalidInput, match=r"tables\[0\].data: 'shapes' is not one of the study's data"):
         parse_study(study_file)
+
+
+@pytest.mark.parametrize(("values", "floor"), [((0.42, 0.34), True), ((0.42, 0.15), False)])
+def test_a_bias_column_calls_chance_its_floor_only_when_no_row_is_below_it(values, floor):
+    def row(policy: str, value: float) -> dict:
+        cell = {"value": value, "std": None, "seeds": 1, "change": None, "values": [value], "error": None}
+        return {"model": "toy", "policy": policy, "mode": BASELINE, "heads": None, "cells": {"probe": cell}}
+
+    column = {"name": "probe", "kind": "bias", "metric": "max_skew@10", "floor": 0.207}
+    rows = [row(BASELINE, values[0]), row("debias", values[1])]
+    text = markdown_table({"name": "t", "columns": [column], "rows": rows, "failures": []})
+    assert "A ranking that ignores the images scores max_skew@10 0.207 on probe: " in text
+    assert ("that column's floor, not 0." in text) is floor
+    assert ("rows below it rank more evenly than chance." in text) is not floor

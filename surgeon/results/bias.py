@@ -208,9 +208,11 @@ def chance_skews(
     probes: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """What a ranking that ignores the images scores on this set, in expectation: each query's top k a
-    uniformly random draw from its pool. MaxSkew@k's floor is this, not 0 (a top 10 of two equal groups is
-    rarely split 5/5), so a change reads against it. Exact over the multivariate hypergeometric top-k
-    compositions when they are few, else the mean of seeded draws; aggregated like `bias_metrics`."""
+    uniformly random draw from its pool. A model blind to the groups scores MaxSkew@k about this, not 0 (a top
+    10 of two equal groups is rarely split 5/5), so a change reads against it; a ranking by content can score
+    below it (counterfactual sets, where every scene is in every group). Exact over the multivariate
+    hypergeometric top-k compositions when they are few, else the mean of seeded draws; aggregated like
+    `bias_metrics`."""
     rules, desired = bias_protocol(protocol, desired)
     groups_arr = np.asarray(groups)
     parts = probe_parts(probes) if probes is not None else [np.arange(len(groups_arr))]
@@ -320,6 +322,19 @@ BOOTSTRAP_RESAMPLES = 500
 INTERVAL_LEVEL = 0.95
 
 
+def canonical_units(identities: Sequence[Any], units: Sequence[Any] | None = None) -> np.ndarray:
+    """Unit ids (0, 1, ...) numbered in the order of each unit's least member identity (a manifest row: its
+    path as given, then its other cells); `units` None: each item its own unit. `unit_weights` draws units
+    in id order, so with these the draws follow what the set holds, not the order of its rows or the names
+    of its units (row ids read in list order moved a shuffled manifest's intervals by 0.007)."""
+    units = range(len(identities)) if units is None else units
+    least: dict[Any, Any] = {}
+    for identity, unit in zip(identities, units, strict=True):
+        least[unit] = min(least.get(unit, identity), identity)
+    rank = {unit: i for i, unit in enumerate(sorted(least, key=least.__getitem__))}
+    return np.asarray([rank[unit] for unit in units], dtype=int)
+
+
 def unit_weights(
     units: np.ndarray | None, n_items: int, resamples: int, seed: int = 0, strata: np.ndarray | None = None
 ) -> np.ndarray:
@@ -352,16 +367,65 @@ def unit_weights(
     return drawn[:, inverse]
 
 
-def interval(values: Sequence[float] | np.ndarray, point: float, level: float = INTERVAL_LEVEL) -> list[float]:
-    """The percentile interval of bootstrap values, moved so that their median sits on `point`, [low, high]:
-    a resampled ranking holds each duplicated image next to its copies, which lifts MaxSkew and NDKL in
-    resamples (on the toy's four probes NDKL lay above the point in over 97.5% of 500, so plain percentiles
-    left the point outside its own interval); the draws measure how far a figure varies, the point where."""
+def interval(
+    values: Sequence[float] | np.ndarray,
+    point: float,
+    level: float = INTERVAL_LEVEL,
+    bounds: tuple[float, float] = (-math.inf, math.inf),
+) -> list[float]:
+    """The percentile interval of bootstrap values, moved so that their median sits on `point`, [low, high],
+    within the `bounds` the statistic can take (`figure_ranges`): a resampled ranking holds each duplicated
+    image next to its copies, which lifts MaxSkew and NDKL in resamples (on the toy's four probes NDKL lay
+    above the point in over 97.5% of 500, so plain percentiles left the point outside its own interval); the
+    draws measure how far a figure varies, the point where. Moved, the spread can cross a bound (MaxSkew 0
+    on a perfectly balanced set read [-0.11, 0.15]), so it is clipped there."""
     values = np.asarray(values, dtype=float)
     tail = (1 - level) / 2 * 100
     low, middle, high = np.percentile(values, [tail, 50, 100 - tail])
     shift = point - middle
-    return [round(float(low + shift), 6), round(float(high + shift), 6)]
+    floor, ceiling = bounds
+    return [round(float(np.clip(end + shift, floor, ceiling)), 6) for end in (low, high)]
+
+
+def figure_ranges(
+    groups: Sequence[int] | np.ndarray,
+    n_groups: int,
+    k: int = 10,
+    desired: str | None = None,
+    protocol: str = "surgeon",
+    n_queries: int = 1,
+    ranked_by: np.ndarray | None = None,
+    probes: np.ndarray | None = None,
+) -> dict[str, tuple[float, float]]:
+    """The range each headline figure of `bias_metrics` can take on this set, whatever the ranking, aggregated
+    like the figure. A share counted is at most 1 (smoothed: 1/k), so no skew exceeds -ln(min p*), nor does
+    NDKL's KL; a tied block's share can be any fraction, so skews have no floor. MaxSkew >= 0: the shares of
+    the values present sum to 1, at least their p*, so one holds at least its p*. MinSkew <= 0 only where no
+    value can be skipped or smoothed above its p* (surgeon's protocol with every p* >= 1/k): else every skew
+    counted can be positive (a top k of one of two groups has paper MinSkew ln 2)."""
+    rules, desired = bias_protocol(protocol, desired)
+    groups_arr = np.asarray(groups)
+    parts = probe_parts(probes) if probes is not None else [np.arange(len(groups_arr))]
+    per_part = []
+    for part in parts:
+        rows = []
+        for pool in query_pools(n_queries, len(part), None if ranked_by is None else np.asarray(ranked_by)[part]):
+            target = desired_distribution(groups_arr[part][pool], n_groups, desired)
+            target = target[target > 0]  # a value the pool lacks is never ranked (bias_set refuses such pools)
+            top = -math.log(target.min())
+            below = not rules.skip_absent and k * target.min() >= 1
+            rows.append([(0.0, top), (-math.inf, 0.0 if below else top), (0.0, top)])
+        table = np.asarray(rows)  # queries x (MaxSkew, MinSkew, NDKL) x (low, high)
+        per_part.append(
+            {
+                f"max_skew@{k}": table[:, 0].mean(0),
+                f"min_skew@{k}": table[:, 1].mean(0),
+                "ndkl": table[:, 2].mean(0),
+                f"max_skew@{k}_sum": table[:, 0].sum(0),
+            }
+        )
+    ranges = {key: np.mean([p[key] for p in per_part], axis=0) for key in per_part[0]}
+    return {key: (float(low), float(high)) for key, (low, high) in ranges.items()}
 
 
 def resampled_skews(
@@ -452,11 +516,13 @@ def bias_intervals(
         similarity, groups, n_groups, weights, k, desired, protocol, ranked_by=ranked_by, probes=probes
     )
     point = bias_metrics(similarity, groups, n_groups, k, desired, protocol, ranked_by, probes)
-    intervals = {
-        f"max_skew@{k}": interval(draws["max"].mean(1), point[f"max_skew@{k}"]),
-        f"min_skew@{k}": interval(draws["min"].mean(1), point[f"min_skew@{k}"]),
-        "ndkl": interval(draws["ndkl"].mean(1), point["ndkl"]),
+    ranges = figure_ranges(groups, n_groups, k, desired, protocol, len(similarity), ranked_by, probes)
+    figures = {
+        f"max_skew@{k}": draws["max"].mean(1),
+        f"min_skew@{k}": draws["min"].mean(1),
+        "ndkl": draws["ndkl"].mean(1),
+        f"max_skew@{k}_sum": draws["max"].sum(1),
     }
-    if PROTOCOLS[protocol].headline == "sum":
-        intervals[f"max_skew@{k}_sum"] = interval(draws["max"].sum(1), point[f"max_skew@{k}_sum"])
-    return intervals
+    if PROTOCOLS[protocol].headline != "sum":
+        del figures[f"max_skew@{k}_sum"]
+    return {key: interval(values, point[key], bounds=ranges[key]) for key, values in figures.items()}

@@ -114,7 +114,7 @@ def sweep_plot(result: dict, path: Path) -> None:
 
 
 def sweep_figure(result: dict):
-    """Mean zero-shot accuracy (and MaxSkew when measured, with the floor a random ranking scores) against the
+    """Mean zero-shot accuracy (and MaxSkew when measured, with what a random ranking scores) against the
     number of pruned heads; an ordering averaged over seeds is drawn with its min-max band."""
     curves = result["curves"]
     skew_key = ValidationSummary.from_dict(next(iter(curves.values()))[0]).skew_key
@@ -129,7 +129,7 @@ def sweep_figure(result: dict):
                 low, high = zip(*(p["spread"][key] for p in points), strict=True)
                 ax.fill_between(ns, scale * np.array(low), scale * np.array(high), color=line.get_color(), alpha=0.2)
         floor = result.get("chance", {}).get(key)
-        if floor is not None:  # what MaxSkew falls towards, not 0 (results.bias.chance_skews)
+        if floor is not None:  # a model blind to the groups scores about this, not 0 (results.bias.chance_skews)
             ax.axhline(floor, color="gray", linestyle="--", label="a ranking that ignores the images")
         ax.set(xlabel="heads pruned", ylabel=metric_name(key), title=title)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -13,7 +13,7 @@ import numpy as np
 
 from surgeon.model.heads import HeadRef
 from surgeon.model.load import LoadedModel
-from surgeon.results.bias import BOOTSTRAP_RESAMPLES, chance_skews, interval
+from surgeon.results.bias import BOOTSTRAP_RESAMPLES, chance_skews, figure_ranges, interval
 from surgeon.selection.policies import BiasMeasure, DebiasData
 from surgeon.validation.validate import Evaluator, SearchSplits
 
@@ -91,16 +91,9 @@ def against_chance(
     values = np.asarray(random_values)
     bias = evaluator.suite.bias
     assert bias is not None  # bias_measure checked it
-    chance = chance_skews(
-        bias.groups,
-        measure.n_groups,
-        measure.k,
-        measure.desired,
-        measure.protocol,
-        len(bias.queries),
-        None,
-        bias.probes,
-    )[key]
+    rules = (measure.n_groups, measure.k, measure.desired, measure.protocol, len(bias.queries), None, bias.probes)
+    chance = chance_skews(bias.groups, *rules)[key]
+    bounds = figure_ranges(bias.groups, *rules)[key]  # the figure's intervals stay within its range
     return {
         "metric": key,
         "measured_on": evaluator.suite.description,
@@ -108,14 +101,15 @@ def against_chance(
         "sets": len(sets),
         "exhaustive": exhaustive,
         "base": round(base, 6),
-        "base_ci95": interval(base_draws, base),
+        "base_ci95": interval(base_draws, base, bounds=bounds),
         "policy": round(policy, 6),
-        "policy_ci95": interval(policy_draws, policy),
+        "policy_ci95": interval(policy_draws, policy, bounds=bounds),
         "change": round(policy / base - 1, 6) if base > 0 else None,  # relative to no bias: undefined
         "change_ci95": interval(policy_draws[base_draws > 0] / base_draws[base_draws > 0] - 1, policy / base - 1)
         if base > 0
         else None,
-        "chance": chance,  # what a ranking ignoring the images scores: the figure's floor (results.bias.chance_skews)
+        "chance": chance,  # what a ranking ignoring the images scores in expectation (results.bias.chance_skews)
+        # the share of the excess over chance the pruning took away: nothing to share where there is no excess
         "excess_removed": round((base - policy) / (base - chance), 6) if base > chance else None,
         "random": {
             "mean": round(float(values.mean()), 6),
@@ -151,14 +145,17 @@ def chance_lines(null: dict) -> list[str]:
 
 
 def _floor_lines(null: dict) -> list[str]:
-    if null.get("chance") is None:  # results written before the floor was recorded
+    """Chance, called the figure's floor only where the unpruned model scores above it."""
+    if null.get("chance") is None:  # results written before chance was recorded
         return []
     removed = null.get("excess_removed")
     share = "" if removed is None else f"; the policy removed {removed:.0%} of the excess over it"
+    base, chance = null["base"], null["chance"]
+    reading = "its floor, not 0" if base > chance else f"not less than the unpruned {base:.4f}: no excess over it"
     return [
         "",
         f"A ranking that ignores the images scores {null['metric']} {null['chance']:.4f} on this set in expectation "
-        f"(its floor, not 0){share}.",
+        f"({reading}){share}.",
     ]
 
 
@@ -171,8 +168,13 @@ def chance_line(null: dict) -> str:
         f"other {null['size']}-head sets: mean "
         f"{_change(rand['mean_change'])}, sd {rand['sd']:.3f}; the policy beats {null['percentile']:.1f}% "
         f"(p = {null['p_value']:.3f})"
-        + (f"; floor (random ranking) {null['chance']:.3f}" if null.get("chance") is not None else "")
+        + (f"; {_chance_name(null)} {null['chance']:.3f}" if null.get("chance") is not None else "")
     )
+
+
+def _chance_name(null: dict) -> str:
+    """A floor only under an unpruned figure above it (a ranking by content can be more balanced than chance)."""
+    return "floor (random ranking)" if null["base"] > null["chance"] else "random ranking (not below the unpruned)"
 
 
 def _change(value: float | None) -> str:

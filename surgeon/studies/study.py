@@ -913,10 +913,13 @@ def markdown_table(table: dict) -> str:
         lines.append("| " + " | ".join([r["model"], r["policy"], *mode, heads, *values]) + " |")
     note = "Cells: value (change from the unpruned model); seeded policies: mean ± sample std over seeds."
     for column in table["columns"]:
-        if "floor" in column:
+        if "floor" in column:  # chance: the column's floor only where no row scores below it
+            values = [r["cells"][column["name"]]["value"] for r in table["rows"]]
+            above = all(v is None or v > column["floor"] for v in values)
             note += (
                 f"\n\nA ranking that ignores the images scores {column['metric']} {column['floor']:.3f} on "
-                f"{column['name']}: that column's floor, not 0."
+                f"{column['name']}: "
+                + ("that column's floor, not 0." if above else "rows below it rank more evenly than chance.")
             )
     failures = table.get("failures") or []
     if failures:
