@@ -30,6 +30,7 @@ from surgeon.core.options import (
     option,
     part,
 )
+from surgeon.core.paths import check_output
 from surgeon.exporting.quantize import DEFAULT_MAX_ACCURACY_DROP, check_scheme
 from surgeon.selection.policies import POLICIES
 from surgeon.validation.spec import ValidationSpec
@@ -366,8 +367,8 @@ class ValidateSpec:
     def check(self) -> None:
         self.model.check()
         self.validation.check()
-        if self.out_dir is not None and self.out_dir.exists() and not self.force:
-            raise PreconditionFailed(f"{self.out_dir} already exists", hint="pass --force to replace it")
+        if self.out_dir is not None:
+            check_output(self.out_dir, self.force)
 
 
 def run_validate(spec: ValidateSpec, suite: ValidationSuite | None = None, quiet: bool = True) -> tuple[dict, list]:

@@ -144,6 +144,18 @@ def newest_run(hint: str, root: Path | None = None) -> Path:
     )
 
 
+def check_output(final: Path, force: bool) -> Path:
+    """`final` as an absolute path, refused when it exists (unless `force`) or when it is the working folder or
+    holds it (`--out .`): replacing it would pull the folder from under the shell that asked."""
+    absolute = Path(os.path.abspath(final))
+    here = Path(os.getcwd())
+    if absolute == here or absolute in here.parents:
+        raise InvalidInput(f"output folder {final} is the working folder or holds it", hint="choose another --out")
+    if absolute.exists() and not force:
+        raise PreconditionFailed(f"output folder {final} already exists", hint="pass --force to replace it")
+    return absolute
+
+
 @contextmanager
 def atomic_dir(final: Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling folder; rename it to `final` only when the block succeeds.
@@ -151,8 +163,7 @@ def atomic_dir(final: Path, force: bool = False) -> Iterator[Path]:
     Readers never see a half-written folder: on any error (disk full, Ctrl-C, a failed check) the temporary
     folder is removed. When two writers race for the same `final`, the second gets a clear error (or, with
     `force`, replaces the first's folder in one rename)."""
-    if final.exists() and not force:
-        raise PreconditionFailed(f"output folder {final} already exists", hint="pass --force to replace it")
+    final = check_output(final, force)
     parent = final.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
