@@ -19,7 +19,8 @@ clients elsewhere); they move far less with other load on the machine than wall-
 --before CODE_DIR adds rows of the same server run from another copy of the code (`git archive COMMIT surgeon`
 unpacked there), --kserve PYTHON rows of a minimal KServe ModelServer (benchmarks/kserve_onnx.py, run by an
 interpreter that has kserve) serving the same visual.onnx. --files adds PNG files to NAME_image. --memory sends
-all-black 8000x8000 PNGs and reports the server's peak RSS (VmHWM) before and after."""
+all-black 8000x8000 images (8-bit and 16-bit PNGs, float and 32-bit TIFFs) and reports the server's peak RSS (VmHWM)
+before and after (--before: also from that copy of the code)."""
 
 from __future__ import annotations
 
@@ -312,34 +313,56 @@ def peak_rss_mb(pid: int) -> float:
     raise SystemExit("no VmHWM in /proc (Linux only)")
 
 
-def memory(loaded, threads: int) -> None:
-    """Peak RSS of the server answering requests of all-black 8000x8000 PNGs (64 M pixels each, ~190 KB)."""
-    buffer = io.BytesIO()
-    Image.new("L", (8000, 8000)).save(buffer, format="PNG")
-    png = buffer.getvalue()
+#: --memory's files: (label, PIL mode, format, save options): each 8000x8000 (64 M pixels, the per-image limit)
+MEMORY_FILES = (
+    ("8-bit grey PNG", "L", "PNG", {}),
+    ("16-bit grey PNG", "I;16", "PNG", {}),
+    ("float TIFF", "F", "TIFF", {"compression": "tiff_deflate"}),
+    ("32-bit int TIFF", "I", "TIFF", {"compression": "tiff_deflate"}),
+)
+
+
+def memory(loaded, threads: int, before: str | None = None) -> None:
+    """Peak RSS of the server answering requests of all-black 8000x8000 images (64 M pixels each, 0.1-0.4 MB): one
+    8-bit PNG in requests of 1, 4, 8 and 100, then one file of each wider mode (16-bit, float, 32-bit), each mode on a
+    fresh server; with `before`, the same from that copy of the code."""
+    files = {}
+    for label, mode, form, options in MEMORY_FILES:
+        buffer = io.BytesIO()
+        Image.new(mode, (8000, 8000)).save(buffer, format=form, **options)
+        files[label] = buffer.getvalue()
+    codes = [("serve-model", REPO)] + ([("before", Path(before))] if before else [])
     with tempfile.TemporaryDirectory() as tmp:
-        server = start_server(export(loaded, Path(tmp) / "onnx"), threads)
-        process = server.process
-        try:
-            client = grpcclient.InferenceServerClient(server.urls["grpc"])
-            for count in (1, 4, 8, 100):
-                before = peak_rss_mb(process.pid)
-                tensor = grpcclient.InferInput("image", [count], "BYTES")
-                tensor.set_data_from_numpy(np.array([png] * count, dtype=object))
-                start = time.perf_counter()
+        folder = export(loaded, Path(tmp) / "onnx")
+        for code_label, code in codes:
+            runs = [[(files["8-bit grey PNG"], "8-bit grey PNG", count) for count in (1, 4, 8, 100)]]
+            runs += [[(files[label], label, 1)] for label, *_ in MEMORY_FILES[1:]]
+            for run in runs:
+                server = start_server(folder, threads, code, code_label)
                 try:
-                    client.infer("m_image", [tensor])
-                    outcome = "200"
-                except InferenceServerException as err:
-                    outcome = f"{err.status()} {err.message()[:90]}"
-                print(
-                    f"{count:3d} x 8000x8000 PNG ({count * len(png) / 1e6:5.1f} MB request): {outcome}; "
-                    f"{time.perf_counter() - start:5.1f} s; server peak RSS {before:6.0f} -> "
-                    f"{peak_rss_mb(process.pid):6.0f} MB",
-                    flush=True,
-                )
-        finally:
-            server.stop()
+                    client = grpcclient.InferenceServerClient(server.urls["grpc"])
+                    for data, label, count in run:
+                        _memory_request(server, client, data, label, count)
+                finally:
+                    server.stop()
+
+
+def _memory_request(server: Server, client, data: bytes, label: str, count: int) -> None:
+    before = peak_rss_mb(server.process.pid)
+    tensor = grpcclient.InferInput("image", [count], "BYTES")
+    tensor.set_data_from_numpy(np.array([data] * count, dtype=object))
+    start = time.perf_counter()
+    try:
+        client.infer("m_image", [tensor])
+        outcome = "200"
+    except InferenceServerException as err:
+        outcome = f"{err.status()} {err.message()[:90]}"
+    after = peak_rss_mb(server.process.pid)
+    print(
+        f"{server.label}: {count:3d} x 8000x8000 {label} ({count * len(data) / 1e6:5.1f} MB request): {outcome}; "
+        f"{time.perf_counter() - start:5.1f} s; server peak RSS {before:6.0f} -> {after:6.0f} MB",
+        flush=True,
+    )
 
 
 def main() -> None:
@@ -362,7 +385,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     toy = load_model(device="cpu")
     if args.memory:
-        memory(toy, args.threads)
+        memory(toy, args.threads, args.before)
         return
     if not args.vit_only:
         bench("toy", toy, args.requests, args)

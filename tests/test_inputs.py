@@ -151,3 +151,69 @@ def test_json_files_are_read_with_one_clear_error_whatever_they_hold(tmp_path):
         read_json_object(tmp_path / "list.json", "plan")
     with pytest.raises(NotFound):
         read_json(tmp_path / "missing.json", "plan")
+
+
+def _wide_grey(mode: str, size: tuple[int, int], seed: int) -> Image.Image:
+    """A 16-bit, 32-bit or float greyscale image with values past both ends of 0..65535 (clipped when converted)."""
+    rng = np.random.default_rng(seed)
+    if mode == "I;16":
+        return Image.fromarray(rng.integers(0, 65536, size[::-1], dtype=np.uint16))
+    if mode == "I":
+        return Image.fromarray(rng.integers(-70_000, 140_000, size[::-1], dtype=np.int32))
+    values = rng.normal(30_000, 40_000, size[::-1]).astype(np.float32)
+    values.flat[:4] = [np.inf, -np.inf, 3e38, 255.99 * 256]
+    return Image.fromarray(values)
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F"])
+@pytest.mark.parametrize("reduce_for", [None, (16, 16), (20, 12)])
+def test_wide_grey_images_are_converted_in_strips_to_the_same_pixels(monkeypatch, tmp_path, mode, reduce_for):
+    """16-bit, 32-bit and float greys are converted a strip of rows at a time (STRIP_PIXELS; the whole image in
+    float64 took 8 bytes per pixel three times over), and reduced while grey: the pixels are those of the whole image
+    scaled in float64 (v / 256, clipped to 0..255, truncated), then made RGB, then reduced, as before."""
+    from surgeon.inputs import preprocess
+
+    monkeypatch.setattr(preprocess, "STRIP_PIXELS", 1000)  # strips of 7 rows, the last one shorter
+    image = _wide_grey(mode, (143, 101), 3)
+    path = tmp_path / "wide.tif"
+    image.save(path)
+    expected = Image.fromarray(np.clip(np.asarray(image, dtype=np.float64) / 256.0, 0, 255).astype(np.uint8))
+    expected = expected.convert("RGB")
+    if reduce_for is not None:
+        factor = min(143 // (2 * reduce_for[1]), 101 // (2 * reduce_for[0]))
+        expected = expected.reduce(factor) if factor >= 2 else expected
+    with path.open("rb") as stream:
+        got = preprocess.decode_image(stream, "wide.tif", reduce_for=reduce_for)
+    assert got.mode == "RGB" and np.array_equal(np.asarray(got), np.asarray(expected))
+
+
+PEAK_RSS_SCRIPT = """
+import sys
+from pathlib import Path
+from surgeon.inputs.preprocess import decode_image
+def peak():
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
+before = peak()
+with open(sys.argv[1], "rb") as stream:
+    decode_image(stream, "huge", reduce_for=(224, 224))
+print(peak() - before)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="peak RSS from /proc (Linux)")
+@pytest.mark.parametrize(("mode", "form"), [("I;16", "PNG"), ("F", "TIFF")])
+def test_decoding_a_wide_grey_image_stays_within_the_servers_budget(tmp_path, mode, form):
+    """An 8000x8000 16-bit PNG (124 KB) or float TIFF (372 KB), decoded for a 224 px model as the OIP server does,
+    adds at most the 450 MB docs/serving-oip.md promises for 64 M pixels (measured: 1.1-1.3 GB in float64 before,
+    210 and 330 MB in strips)."""
+    import subprocess
+    import sys
+
+    path = tmp_path / f"huge.{form.lower()}"
+    Image.new(mode, (8000, 8000)).save(path, format=form, **({"compression": "tiff_deflate"} if form == "TIFF" else {}))
+    done = subprocess.run(
+        [sys.executable, "-c", PEAK_RSS_SCRIPT, str(path)], capture_output=True, text=True, timeout=300, check=True
+    )
+    grown = float(done.stdout.strip())
+    assert grown < 450, f"decoding a {mode} 8000x8000 image grew the peak RSS by {grown:.0f} MB"

@@ -359,3 +359,144 @@ def test_token_env_must_name_a_set_variable(exported, tmp_path):  # noqa: F811
     command = serve_command(root, free_ports(3), "--token-env", "SURGEON_NO_SUCH_VARIABLE")
     done = subprocess.run(command, capture_output=True, text=True, env=no_torch_env(tmp_path), timeout=60)
     assert done.returncode == 2 and "SURGEON_NO_SUCH_VARIABLE" in done.stderr and "Traceback" not in done.stderr
+
+
+# ---- issue 25: malformed wire forms, huge but finite pixels --------------------------------------------------
+HUGE_DIMS = [0, 10**30]  # no element, but dimensions numpy cannot index: it refused them in reshape (a 500)
+#: a malformed REST request -> (header length sent, body)
+UNREADABLE_REST = {
+    "nested 100,000 deep": (None, b'{"inputs":' + b"[" * 100_000),
+    "header length a superscript two": ("\u00b2", b'{"inputs": []}'),
+    "header length of 5,000 digits": ("1" * 5000, b'{"inputs": []}'),
+    "header length in Arabic-Indic digits": ("\u0661\u0664", b'{"inputs": []}'),
+}
+
+
+def _binary(entry: dict, data: bytes = b"") -> tuple[str, bytes]:
+    header = json.dumps({"inputs": [{**entry, "parameters": {"binary_data_size": len(data)}}]}).encode()
+    return str(len(header)), header + data
+
+
+@given(
+    shape=st.lists(st.one_of(st.just(0), st.integers(0, 2**70)), max_size=limits.MAX_OIP_DIMS + 1),
+    datatype=st.sampled_from(["FP32", "BYTES", "UINT8"]),
+    form=st.sampled_from(["bytes", "values", "rest"]),
+)
+@settings(max_examples=300, deadline=None)
+def test_any_declared_shape_is_a_tensor_or_one_invalid_input_line(shape, datatype, form):
+    """Every dimension is bounded before anything is reshaped: a shape holding 0 with huge other dimensions was a
+    numpy ValueError (a 500 / INTERNAL) in reshape, since only the element count (0) was bounded."""
+    from surgeon.core.errors import InvalidInput
+    from surgeon.runtime.oipwire import from_bytes, from_values, parse_rest
+
+    empty = 0 in shape
+    try:
+        if form == "bytes":
+            tensor = from_bytes("x", datatype, shape, b"")
+        elif form == "values":
+            tensor = from_values("x", datatype, shape, [])
+        else:
+            header_length, body = _binary({"name": "x", "datatype": datatype, "shape": shape})
+            (tensor,) = parse_rest(body, header_length).inputs
+    except InvalidInput as err:
+        assert "\n" not in str(err) and len(str(err)) <= limits.MAX_MESSAGE_CHARS
+        return
+    assert empty and tensor.array.size == 0 and tensor.shape == shape
+
+
+@pytest.mark.parametrize("case", sorted(UNREADABLE_REST))
+def test_unreadable_rest_bodies_are_invalid_input(case):
+    """A body nested past the JSON parser's recursion (RecursionError), and an Inference-Header-Content-Length that
+    str.isdigit() takes but int() refuses ("²") or that has more digits than int() reads, were 500s."""
+    from surgeon.core.errors import InvalidInput
+    from surgeon.runtime.oipwire import parse_rest
+
+    header_length, body = UNREADABLE_REST[case]
+    with pytest.raises(InvalidInput):
+        parse_rest(body, header_length)
+
+
+def test_answers_are_never_written_with_nan():
+    """NaN and Infinity are no JSON (RFC 8259): the encoder refuses them rather than write an invalid body."""
+    from surgeon.runtime.oipwire import RestRequest, Tensor, encode_rest
+
+    request = RestRequest(id=None, inputs=[], binary_outputs={}, binary_by_default=False)
+    for value in (np.nan, np.inf):
+        with pytest.raises(ValueError, match="JSON"):
+            encode_rest("m", None, [Tensor("x", "FP32", np.array([[value]], dtype=np.float32))], request)
+
+
+@pytest.mark.parametrize(
+    ("protocol", "datatype"), [("rest", "FP32"), ("rest", "BYTES"), ("grpc", "FP32"), ("grpc", "BYTES")]
+)
+def test_shapes_numpy_cannot_index_are_refused_by_the_server(server, protocol, datatype):  # noqa: F811
+    _, http, grpc_url, _ = server
+    name, model = ("pixel_values", "visual") if datatype == "FP32" else ("text", "text")
+    if protocol == "rest":
+        header_length, body = _binary({"name": name, "datatype": datatype, "shape": HUGE_DIMS})
+        status, answer, _ = rest(http, f"{NAME}_{model}", body, {"Inference-Header-Content-Length": header_length})
+        assert status == 400 and "multiplying to more than" in json.loads(answer)["error"], answer
+        return
+    tensor = service_pb2.ModelInferRequest.InferInputTensor(name=name, datatype=datatype, shape=[0, 2**62])
+    request = service_pb2.ModelInferRequest(model_name=f"{NAME}_{model}", inputs=[tensor], raw_input_contents=[b""])
+    code, details, _ = grpc_call(grpc_url, request)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "multiplying to more than" in details, details
+
+
+#: what HTTP can carry (header values are Latin-1)
+SENDABLE = [case for case, (length, _) in sorted(UNREADABLE_REST.items()) if all(ord(c) < 256 for c in length or "")]
+
+
+@pytest.mark.parametrize("case", SENDABLE)
+def test_unreadable_bodies_get_400_from_the_server(server, case):  # noqa: F811
+    _, http, _, _ = server
+    header_length, body = UNREADABLE_REST[case]
+    headers = {} if header_length is None else {"Inference-Header-Content-Length": header_length}
+    status, answer, _ = rest(http, f"{NAME}_text", body, headers)
+    assert status == 400 and "\n" not in json.loads(answer)["error"], answer
+
+
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    mix=st.lists(
+        st.tuples(st.sampled_from(PROTOCOLS), st.sampled_from(["visual", "classifier"]), st.booleans()),
+        min_size=3,
+        max_size=8,
+    ).filter(lambda mix: any(huge for *_, huge in mix))
+)
+def test_finite_pixels_the_model_overflows_on_are_refused_alone(server, mix):  # noqa: F811
+    """Pixels all 3e38 (finite, so past the NaN check) made the graphs' outputs NaN: 200 with a bare NaN token in
+    the JSON answer and a label from argmax over NaN. Such a request is refused alone (each request's own rows are
+    checked), while the valid requests batched with it get exactly their answers."""
+    root, http, grpc_url, _ = server
+    direct = ExportedModel(root)
+    calls = []
+    for index, (protocol, model, huge) in enumerate(mix):
+        values = np.full((2, 3, SIDE, SIDE), 3e38, np.float32) if huge else pixels(2, index)
+        call = Call(protocol, "visual", [2, 3, SIDE, SIDE], values)
+        if model == "classifier":
+            call.model, call.output = "classifier", "logits"
+        calls.append(call)
+    start = threading.Barrier(len(calls))
+
+    def send(call: Call) -> tuple[str, object]:
+        start.wait()
+        return call.send(http, grpc_url)
+
+    with ThreadPoolExecutor(len(calls)) as pool:
+        answers = list(pool.map(send, calls))
+    for (protocol, model, huge), call, (outcome, got) in zip(mix, calls, answers, strict=True):
+        if huge:
+            assert (outcome, got) == ("refused", REFUSED[protocol]), (model, protocol, got)
+            continue
+        assert outcome == "ok", (model, protocol, got)
+        want = direct.encode_pixels(call.values) if model == "visual" else direct.classifier_logits(call.values)
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+def test_an_overflowing_request_says_which_input_is_out_of_range(server):  # noqa: F811
+    _, http, grpc_url, _ = server
+    entry = {"name": "pixel_values", "datatype": "FP32", "shape": [1, 3, SIDE, SIDE], "data": [3e38] * 3 * SIDE * SIDE}
+    for model in ("visual", "classifier"):
+        status, body, _ = rest(http, f"{NAME}_{model}", json.dumps({"inputs": [entry]}).encode())
+        assert status == 400 and "pixel_values is out of range" in json.loads(body)["error"], body

@@ -61,6 +61,7 @@ MAX_OIP_TEXT_CHARS = 10_000  # one text (the tokenizer keeps its first 77 tokens
 MAX_OIP_MESSAGE_BYTES = 64 << 20  # one gRPC message: 1024 RGB 224 px FP32 images are 616 MB, so ~100 per request
 MAX_OIP_BATCH_TIME_MS = 1000.0  # how long adaptive batching may hold a request
 MAX_OIP_DIMS = 8  # dimensions of one tensor
+MAX_OIP_ELEMENTS = MAX_OIP_MESSAGE_BYTES  # each dimension of a tensor, and the product of its non-zero ones
 MAX_OIP_REQUEST_PIXELS = 256_000_000  # decoded pixels (from the headers) of one request's image files
 MAX_OIP_DECODING_PIXELS = 64_000_000  # decoded pixels held at once across every request being decoded
 MAX_THREADS = 1024  # onnxruntime intra-op threads
@@ -129,6 +130,14 @@ def text(name: str, value: str | None, limit: int = MAX_SPEC_CHARS) -> str | Non
     if "\0" in value:
         raise InvalidInput(f"{name} contains a NUL character: {echo(value)}", field=field_of(name))
     return value
+
+
+def header_count(name: str, value: str, high: int) -> int:
+    """An HTTP header's non-negative integer in 0..high: ASCII digits only, at most as many as `high` has (str.isdigit
+    takes "²" and int() refuses 5,000 digits with a ValueError: both would be a 500, not a 400)."""
+    if not re.fullmatch(r"[0-9]+", value, re.ASCII) or len(value) > len(str(high)) or int(value) > high:
+        raise InvalidInput(f"{name} {echo(value)} is not a number of bytes in 0..{high:,}")
+    return int(value)
 
 
 def token_from_env(token_env: str | None) -> str | None:

@@ -20,7 +20,8 @@ A model is ready once its export was verified against surgery.json and its onnxr
 Every request is checked whole before it may join a batch (one input of the model's name and datatype, its
 element count the product of its shape, 1 to MAX_OIP_ROWS rows, finite pixels, texts within MAX_OIP_TEXT_CHARS,
 image files within the pixel budgets read from their headers), then converted to the graph's input; a request
-that fails gets 400 / INVALID_ARGUMENT and never reaches a batch."""
+that fails gets 400 / INVALID_ARGUMENT and never reaches a batch. After the run, a request whose own output rows are
+not finite (pixels finite but huge) gets 400 too, alone: rows never mix in the graphs."""
 
 from __future__ import annotations
 
@@ -193,6 +194,15 @@ class ExportGraphModel(MLModel):
         probabilities = softmax(logits.astype(np.float64)).astype(np.float32)
         return [logits, probabilities, self.labels[np.argmax(logits, axis=1)]]
 
+    def _finite(self, name: str, outputs: list[np.ndarray]) -> list[np.ndarray]:
+        """This request's own rows of a (merged) run, refused when any float output is NaN or infinite: finite
+        pixels as large as 3e38 overflow the graph, and NaN would be a bare token in a JSON answer and argmax a
+        meaningless label. Rows never mix in the graph, so the requests batched with this one keep their answers."""
+        if all(np.isfinite(o).all() for o in outputs if o.dtype.kind == "f"):
+            return outputs
+        fix = "; send pixels preprocessed as onnx/preprocess.json says (about -3..3)" if name == "pixel_values" else ""
+        raise InvalidInput(f"{name} is out of range: the model's outputs for it are not finite (NaN or infinite){fix}")
+
     async def predict(self, payload: InferenceRequest) -> InferenceResponse:
         try:
             with self.batcher.preparing():
@@ -201,7 +211,7 @@ class ExportGraphModel(MLModel):
                     rows = self._rows(tensor)
                 else:
                     rows = await asyncio.to_thread(self._rows, tensor)
-            outputs = await self.batcher.submit(rows)
+            outputs = self._finite(tensor.name, await self.batcher.submit(rows))
         except SurgeonError as err:
             raise InferenceError(limits.clip(str(err))) from None
         described = GRAPHS[self.graph][3]

@@ -7,7 +7,8 @@ Python object per value by their nature: the client chose them). BYTES tensors a
 element a 4-byte little-endian length, then its bytes) in binary, strings in JSON.
 
 Every tensor is checked whole here: the shape is a list of at most MAX_OIP_DIMS non-negative integers, the
-element count is the product of the shape, the datatype is one the protocol names; what fails raises
+element count is the product of the shape, its non-zero dimensions multiply to at most MAX_OIP_ELEMENTS, the
+datatype is one the protocol names; what fails raises
 InvalidInput (400 / INVALID_ARGUMENT) before any model sees the request."""
 
 from __future__ import annotations
@@ -83,8 +84,13 @@ def _shape(name: str, shape: Any) -> tuple[int, ...]:
         )
     if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise InvalidInput(f"{name}: shape must hold non-negative integers, got {limits.echo(shape)}")
-    if math.prod(shape) > limits.MAX_OIP_MESSAGE_BYTES:
-        raise InvalidInput(f"{name}: shape {list(shape)} holds more than {limits.MAX_OIP_MESSAGE_BYTES:,} elements")
+    # numpy refuses (ValueError) shapes whose non-zero dimensions multiply past its index range even when a 0 makes
+    # the element count 0: [0, 10**30] passed a bound on the count alone and failed in reshape, a 500
+    if math.prod(max(d, 1) for d in shape) > limits.MAX_OIP_ELEMENTS:
+        raise InvalidInput(
+            f"{name}: shape {limits.echo(list(shape))} has dimensions multiplying to more than "
+            f"{limits.MAX_OIP_ELEMENTS:,} (zeros aside)"
+        )
     return tuple(shape)
 
 
@@ -234,12 +240,11 @@ def parse_rest(body: bytes, header_length: str | None, content_encoding: str | N
     if header_length is None:
         header, binary = body, memoryview(b"")
     else:
-        if not header_length.isdigit() or int(header_length) > len(body):
-            raise InvalidInput(f"{HEADER_LENGTH} {limits.echo(header_length)} does not fit a {len(body):,}-byte body")
-        header, binary = body[: int(header_length)], memoryview(body)[int(header_length) :]
+        length = limits.header_count(HEADER_LENGTH, header_length, len(body))
+        header, binary = body[:length], memoryview(body)[length:]
     try:
         request = json.loads(header)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: "[" nested 100,000 deep
         raise InvalidInput(f"the request is not JSON; {FIX_REST}") from None
     if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
         raise InvalidInput('the request must be a JSON object with an "inputs" list')
@@ -301,7 +306,7 @@ def encode_rest(model: str, request_id: str | None, outputs: list[Tensor], reque
     answer: dict[str, Any] = {"model_name": model, "outputs": described}
     if request_id is not None:
         answer["id"] = request_id
-    header = json.dumps(answer, separators=(",", ":")).encode()
+    header = json.dumps(answer, separators=(",", ":"), allow_nan=False).encode()  # NaN is no JSON: an error, not a body
     if not chunks:
         return header, {"content-type": "application/json"}
     headers = {"content-type": "application/octet-stream", HEADER_LENGTH.lower(): str(len(header))}
