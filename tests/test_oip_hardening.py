@@ -500,3 +500,26 @@ def test_an_overflowing_request_says_which_input_is_out_of_range(server):  # noq
     for model in ("visual", "classifier"):
         status, body, _ = rest(http, f"{NAME}_{model}", json.dumps({"inputs": [entry]}).encode())
         assert status == 400 and "pixel_values is out of range" in json.loads(body)["error"], body
+
+
+def test_an_output_the_model_does_not_have_is_refused(server):  # noqa: F811
+    """Asking for an output by a wrong name answered 200 with no outputs at all; Triton refuses it."""
+    _, http, grpc_url, _ = server
+    entry = {"name": "pixel_values", "datatype": "FP32", "shape": [1, 3, SIDE, SIDE], "data": [0.0] * 3 * SIDE * SIDE}
+    body = json.dumps({"inputs": [entry], "outputs": [{"name": "nope"}]}).encode()
+    status, answer, _ = rest(http, f"{NAME}_visual", body)
+    assert status == 400 and "no output 'nope'" in json.loads(answer)["error"] and "image_embeds" in answer.decode()
+    tensor = service_pb2.ModelInferRequest.InferInputTensor(
+        name="pixel_values", datatype="FP32", shape=[1, 3, SIDE, SIDE]
+    )
+    request = service_pb2.ModelInferRequest(
+        model_name=f"{NAME}_visual",
+        inputs=[tensor],
+        raw_input_contents=[np.zeros((1, 3, SIDE, SIDE), np.float32).tobytes()],
+        outputs=[service_pb2.ModelInferRequest.InferRequestedOutputTensor(name="nope")],
+    )
+    code, details, _ = grpc_call(grpc_url, request)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "no output 'nope'" in details
+    named = json.dumps({"inputs": [entry], "outputs": [{"name": "image_embeds"}]}).encode()
+    status, answer, _ = rest(http, f"{NAME}_visual", named)
+    assert status == 200 and [o["name"] for o in json.loads(answer)["outputs"]] == ["image_embeds"]

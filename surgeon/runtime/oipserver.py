@@ -47,7 +47,16 @@ from starlette.routing import Route
 from surgeon.core import limits
 from surgeon.core.errors import InvalidInput, SurgeonError
 from surgeon.runtime.oip import model_settings
-from surgeon.runtime.oipwire import CONTENTS_FIELDS, Tensor, encode_rest, from_bytes, from_values, parse_rest, to_bytes
+from surgeon.runtime.oipwire import (
+    CONTENTS_FIELDS,
+    Tensor,
+    chosen_outputs,
+    encode_rest,
+    from_bytes,
+    from_values,
+    parse_rest,
+    to_bytes,
+)
 
 logger = logging.getLogger("surgeon.serve_model")
 
@@ -209,8 +218,7 @@ def grpc_tensors(request: pb.ModelInferRequest) -> list[Tensor]:
 
 def grpc_answer(result: InferenceResponse, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
     """The answer with every output as raw contents (as Triton answers; tritonclient reads nothing else)."""
-    asked = {o.name for o in request.outputs}
-    outputs = [t for t in answer_tensors(result) if not asked or t.name in asked]
+    outputs = chosen_outputs(answer_tensors(result), (o.name for o in request.outputs))
     return pb.ModelInferResponse(
         model_name=result.model_name,
         id=result.id or "",

@@ -17,6 +17,7 @@ import json
 import math
 import struct
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -289,10 +290,22 @@ def _parameters(item: dict) -> dict | None:
     return parameters
 
 
+def chosen_outputs(outputs: list[Tensor], asked: Iterable[str]) -> list[Tensor]:
+    """The outputs a request asked for, all when it named none; a name the model does not have is refused
+    (Triton's answer too): an empty 200 would read as "no result" rather than "wrong name"."""
+    names = set(asked)
+    unknown = sorted(names - {o.name for o in outputs})
+    if unknown:
+        raise InvalidInput(
+            f"no output {limits.echo(unknown[0])}: this model answers {', '.join(o.name for o in outputs)}"
+        )
+    return [o for o in outputs if not names or o.name in names]
+
+
 def encode_rest(model: str, request_id: str | None, outputs: list[Tensor], request: RestRequest) -> tuple[bytes, dict]:
     """(body, headers) of a REST answer: each output binary where the request asked (Triton's extension), else
     JSON `data`; only the outputs asked for, or all when none were named."""
-    chosen = [o for o in outputs if not request.binary_outputs or o.name in request.binary_outputs]
+    chosen = chosen_outputs(outputs, request.binary_outputs)
     described, chunks = [], []
     for tensor in chosen:
         entry: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype, "shape": tensor.shape}
