@@ -3,6 +3,7 @@ negative, with a byte order mark), class-names files, text pools that are FIFOs,
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,16 @@ def test_integer_csv_labels_index_classnames(tmp_path):
     task = classification_set(_manifest(tmp_path, ["2", "10", "0"]), tmp_path / "names.txt")
     assert task.labels.tolist() == [2, 10, 0]
     assert task.classnames == names
+
+
+def test_a_manifest_takes_clip_benchmark_json_classnames_by_its_stem(tmp_path):
+    """A manifest with a JSON --classnames read the JSON's text lines as class names (18 "classes", 3% top-1)."""
+    from surgeon.validation.validate import classification_set
+
+    names = [f"class{i}" for i in range(12)]
+    (tmp_path / "names.json").write_text(json.dumps({"m": names, "other": ["a", "b"]}, indent=2))
+    task = classification_set(_manifest(tmp_path, ["2", "10", "0"]), tmp_path / "names.json")
+    assert task.classnames == names and task.labels.tolist() == [2, 10, 0]
 
 
 @pytest.mark.parametrize(

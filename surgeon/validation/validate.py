@@ -476,7 +476,8 @@ def classification_set(
     else:
         manifest = read_manifest(data, 2, "path,label (a class name, or an index into --classnames)")
         paths = manifest.images()
-        names = read_lines(classnames_file, "class names file") if classnames_file else None
+        # a manifest's JSON entry is keyed by the file's stem (cifar10.csv -> "cifar10"), as a folder's by its name
+        names = read_classnames(classnames_file, data.stem) if classnames_file else None
         classes, label_array = _manifest_labels(data, [r[1] for r in manifest.rows], names, classnames_file)
         return ClassificationSet(set_name(data), [n.replace("_", " ") for n in classes], templates, paths, label_array)
     if not paths:
