@@ -114,6 +114,14 @@ def test_any_ranking_json_is_a_ranking_or_one_clear_error(field, value, in_head)
     ranking.sorted_heads(), ranking.clamp_note(), ranking.ccs_distribution(), ranking.digest()
 
 
+def test_a_ranking_listing_a_head_twice_is_corrupt():
+    """bottom-k 3 of such a ranking 'pruned 3 heads' in plan, report and card while removing one."""
+    data = _ranking_dict()
+    data["heads"] = [data["heads"][0], {**data["heads"][0], "ccs": 0}]
+    with pytest.raises(CorruptInput, match="L1.H0 is listed more than once"):
+        Ranking.from_dict(data)
+
+
 def _report(acc: float = 0.5) -> dict:
     zeroshot = {"dataset": "toy/shape", "task": "zeroshot_classification",
                 "metrics": {"acc1": acc, "acc5": 1.0, "mean_per_class_recall": acc, "n": 4}}  # fmt: skip

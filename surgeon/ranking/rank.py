@@ -128,6 +128,11 @@ class Ranking:
             raise CorruptInput("corrupt ranking: a head outside its layers or its n_heads")
         if any(not 0 <= h.ccs <= ranking.m for h in ranking.heads):
             raise CorruptInput(f"corrupt ranking: a CCS outside 0..m={ranking.m}")
+        seen: set[tuple[int, int]] = set()
+        for h in ranking.heads:  # a head listed twice would be "pruned" twice: counted, reported, one head removed
+            if (h.layer, h.head) in seen:
+                raise CorruptInput(f"corrupt ranking: L{h.layer}.H{h.head} is listed more than once")
+            seen.add((h.layer, h.head))
         return ranking
 
     @classmethod
