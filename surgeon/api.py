@@ -249,6 +249,14 @@ class PruneSpec:
             parse_heads(self.heads)  # malformed heads fail now
         if policy.measures:
             self.validation.require_bias(f"the {self.policy} policy")
+        for name in ("k", "heads", "concept", "min_ccs"):  # a selection option the policy does not read
+            if getattr(self, name) is not None and name not in policy.options:
+                readers = ", ".join(n for n in POLICIES.names() if name in POLICIES.get(n).options)
+                flag = "--" + name.replace("_", "-")
+                raise InvalidInput(
+                    f"{flag} is not read by the {self.policy} policy (it is by: {readers})",
+                    hint=f"pass --policy with one of them, or drop {flag}",
+                )
         limits.text("preset", self.preset)
         if self.preset is not None and not policy.preset:
             raise InvalidInput("--preset names the heads of the paper-high, paper-low and paper-random policies")

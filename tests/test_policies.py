@@ -238,3 +238,19 @@ def test_selection_leaves_the_options_as_they_were(ranking):
     assert search_calls and options.measure is None
     with pytest.raises(InvalidInput, match="the top-k policy needs a ranking"):
         select_heads(None, POLICIES.get("top-k"), options)
+
+
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (["--heads", "L0.H5"], "--heads"),  # was: ignored, and the default debias pruned L0.H7
+        (["--policy", "high", "--k", "2"], "--k"),
+        (["--policy", "top-k", "--k", "2", "--concept", "colors"], "--concept"),
+        (["--policy", "heads", "--heads", "L0.H1", "--min-ccs", "3"], "--min-ccs"),
+    ],
+)
+def test_a_selection_option_the_policy_does_not_read_is_refused(args, flag):
+    from tests.conftest import run_cli
+
+    result = run_cli("prune", *args, "--out", "/nonexistent/never-written")
+    assert result.returncode == 2 and f"{flag} is not read by the" in result.stderr, result.stderr
