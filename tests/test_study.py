@@ -345,6 +345,24 @@ def test_collect_refuses_a_cell_file_that_is_not_a_cell_in_one_line(tmp_path, to
     assert len(run.computed) == 1 and len(run.reused) == TOY_CELLS - 1
 
 
+def test_a_cell_copied_under_another_cells_name_is_not_taken_for_it(tmp_path, toy_full):
+    """Before: --collect put the copied cell's numbers in the other cell's place (100.0 (+7.0) for 92.7 (-0.3)),
+    and a plain rerun reused it."""
+    from typer.testing import CliRunner
+
+    from surgeon.cli import app
+
+    path, out = write(tmp_path, TOY), tmp_path / "out"
+    shutil.copytree(toy_full[1].out / "cells", out / "cells")
+    shutil.copytree(toy_full[1].out / "rankings", out / "rankings")
+    first, second = sorted((out / "cells").iterdir())[:2]
+    shutil.copyfile(second, first)
+    result = CliRunner().invoke(app, ["study", str(path), "--out", str(out), "--collect"])
+    assert isinstance(result.exception, CorruptInput) and f"{first} holds another cell" in str(result.exception)
+    run = compute_study(parse_study(path), out)
+    assert len(run.computed) == 1 and len(run.reused) == TOY_CELLS - 1
+
+
 def test_an_interrupted_study_says_its_finished_cells_are_kept(tmp_path, monkeypatch):
     """Before: "interrupted: nothing was written" although the finished cells were kept and reused."""
     from surgeon.core.progress import kept_after_interrupt

@@ -511,6 +511,17 @@ CELL_FIELDS: dict[str, type | tuple[type, ...]] = {
 RESULT_FIELDS: dict[str, type | tuple[type, ...]] = {"metric": str, "value": (int, float)}
 
 
+def identity(study: Study, cell: Cell) -> dict:
+    """What a stored cell says it is: its model's label, row, seed, mode and data set."""
+    return {
+        "model_label": study.models[cell.model].label,
+        "row": BASELINE if cell.policy is None else study.policies[cell.policy].label,
+        "seed": cell.seed,
+        "mode": cell.mode,
+        "data": study.data[cell.data].name,
+    }
+
+
 class CellStore:
     """One JSON file per cell under `folder`, written atomically: a cell is either whole or absent. A cell that
     could not be computed is stored with its reason ("error"): the table shows it, a rerun tries it again."""
@@ -525,16 +536,18 @@ class CellStore:
         """A cell is stored (computed or failed)."""
         return self.path(key).is_file()
 
-    def finished(self, key: str) -> bool:
+    def finished(self, key: str, identity: dict) -> bool:
         """A computed cell is stored: a failed, corrupt or foreign one is computed again."""
         if not self.has(key):
             return False
         try:
-            return "error" not in self.get(key)
+            return "error" not in self.get(key, identity)
         except SurgeonError:
             return False
 
-    def get(self, key: str) -> dict:
+    def get(self, key: str, identity: dict) -> dict:
+        """The cell stored under `key`, which must be the cell `identity` names (its row, seed, mode, data and
+        model label): a file copied under another cell's name would put that cell's numbers in this one's place."""
         record = read_json_object(self.path(key), "study cell")
         wanted = {**CELL_FIELDS, **({} if isinstance(record.get("error"), str) else RESULT_FIELDS)}
         wrong = [
@@ -543,6 +556,13 @@ class CellStore:
         if wrong or record["schema"] != CELL_SCHEMA:
             raise CorruptInput(
                 f"{self.path(key)} is not a {CELL_SCHEMA} cell (missing or wrong: {', '.join(wrong) or 'schema'})",
+                hint="delete it: the next `surgeon study` run (without --collect) computes that cell again",
+            )
+        other = {k: record[k] for k, v in identity.items() if record[k] != v}
+        if other:
+            raise CorruptInput(
+                f"{self.path(key)} holds another cell ({', '.join(f'{k} {v!r}' for k, v in other.items())}), "
+                f"not {identity['row']} / {identity['data']}",
                 hint="delete it: the next `surgeon study` run (without --collect) computes that cell again",
             )
         return record
@@ -754,7 +774,7 @@ def _compute(
                 # the ranking's inputs key cells that read a ranking; mean ablation averages over the same images
                 inputs = work.rank_inputs() if reads_ranking(study, cell) else None
                 keys[cell] = cell_key(study, cell, work.loaded, data_ids[cell.data], inputs)
-                if store.has(keys[cell]) if collect else store.finished(keys[cell]):
+                if store.has(keys[cell]) if collect else store.finished(keys[cell], identity(study, cell)):
                     run.reused.append(keys[cell])
                     advance(1)
                 else:
@@ -763,11 +783,7 @@ def _compute(
                 continue
             first_layer = min((h.layer for c in pending for h in _selected(work, c)), default=0)
             for cell in pending:
-                record = {
-                    "schema": CELL_SCHEMA, "model": work.loaded.record(), "model_label": spec.label,
-                    "row": BASELINE if cell.policy is None else study.policies[cell.policy].label,
-                    "seed": cell.seed, "mode": cell.mode, "data": study.data[cell.data].name, "heads": [],
-                }  # fmt: skip
+                record = {"schema": CELL_SCHEMA, "model": work.loaded.record(), **identity(study, cell), "heads": []}
                 try:
                     heads, result = work.evaluate(cell, suites[cell.data], first_layer)
                 except SurgeonError as err:  # this cell cannot be computed; the others can
@@ -779,7 +795,7 @@ def _compute(
                 run.computed.append(keys[cell])
                 advance(1)
     if shard is not None and not collect:
-        run.failed = _failures({c: store.get(keys[c]) for c in wanted})
+        run.failed = _failures({c: store.get(keys[c], identity(study, c)) for c in wanted})
         return run
     missing = [c for c in cells(study) if not store.has(keys[c])]
     if missing:
@@ -787,7 +803,7 @@ def _compute(
             f"{len(missing)} of {len(keys)} cells are not computed yet",
             hint=f"run every shard first (surgeon study {study.source} --shard i/n)",
         )
-    records = {c: store.get(keys[c]) for c in cells(study)}
+    records = {c: store.get(keys[c], identity(study, c)) for c in cells(study)}
     run.failed = _failures(records)
     run.tables = [build_table(study, records, view) for view in study.views()]
     run.table = run.tables[0]
