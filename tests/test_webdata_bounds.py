@@ -167,3 +167,24 @@ def test_a_fifo_shard_is_refused_without_blocking(tmp_path):
         os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
         pytest.fail("reading a FIFO shard blocked")
     assert isinstance(errors[0], CorruptInput) and "0.tar is not a regular file" in str(errors[0])
+
+
+@pytest.mark.parametrize(
+    ("header", "layout"), [(tarfile.XHDTYPE, tarfile.USTAR_FORMAT), (tarfile.GNUTYPE_LONGNAME, tarfile.GNU_FORMAT)]
+)
+def test_a_pax_or_long_name_header_is_bounded_before_tarfile_reads_it(tmp_path, header, layout):
+    """tarfile reads these headers whole at their declared size: a 10 KB shard declaring 8 GB allocated 8 GB
+    (a MemoryError traceback under a memory limit)."""
+    root = _dataset(tmp_path / "wds", shards=1)
+    shard = root / "test" / "0.tar"
+    with tarfile.open(shard) as tar:
+        tar.getmembers()
+        end = tar.offset  # where the end-of-archive blocks start
+    huge = tarfile.TarInfo("././@LongLink" if header == tarfile.GNUTYPE_LONGNAME else "pax")
+    huge.type, huge.size = header, 8 * 10**9
+    with shard.open("r+b") as handle:
+        handle.truncate(end)
+        handle.seek(end)
+        handle.write(huge.tobuf(layout) + bytes(2 * tarfile.BLOCKSIZE))
+    with pytest.raises(CorruptInput, match="an extended header declares 8,000,000,000 bytes"):
+        _all_images(classification_set(root))  # the samples are counted when the set is read

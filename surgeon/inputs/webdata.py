@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from surgeon.core.errors import CorruptInput, InvalidInput, NotFound
-from surgeon.core.limits import MAX_SHARD_MEMBER_BYTES, MAX_WEBDATASET_SHARDS
+from surgeon.core.limits import MAX_SHARD_HEADER_BYTES, MAX_SHARD_MEMBER_BYTES, MAX_WEBDATASET_SHARDS
 from surgeon.core.progress import progress_bar
 from surgeon.inputs.preprocess import decode_image
 
@@ -84,12 +84,33 @@ def shard_paths(folder: Path, split: str = "test") -> list[Path]:
     return shards
 
 
+_EXTENDED_HEADERS = (
+    tarfile.XHDTYPE,
+    tarfile.XGLTYPE,
+    tarfile.SOLARIS_XHDTYPE,
+    tarfile.GNUTYPE_LONGNAME,
+    tarfile.GNUTYPE_LONGLINK,
+)
+
+
+class _BoundedHeaders(tarfile.TarInfo):
+    """tarfile reads a pax or GNU long-name header whole, at the size its block declares (a 10 KB shard can
+    declare 8 GB there): bounded before that read. (_proc_member is where TarInfo.fromtarfile dispatches.)"""
+
+    def _proc_member(self, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type in _EXTENDED_HEADERS and self.size > MAX_SHARD_HEADER_BYTES:
+            raise tarfile.SubsequentHeaderError(  # type: ignore[attr-defined]  # a ReadError wherever it stands
+                f"an extended header declares {self.size:,} bytes, more than {MAX_SHARD_HEADER_BYTES >> 10} KiB"
+            )
+        return super()._proc_member(tar)  # type: ignore[misc]  # not in typeshed
+
+
 def _shard_members(shard: Path, wanted: Callable[[str], bool] | None) -> Iterator[dict]:
     """The regular members of one shard as webdataset's {fname, data, __url__} records, each bounded from its
     header before it is read; the shard must end with the end-of-archive marker (else it was truncated)."""
     if not shard.is_file():  # opening a FIFO would block
         raise CorruptInput(f"webdataset shard {shard} is not a regular file")
-    with open(shard, "rb") as handle, tarfile.open(fileobj=handle, mode="r:") as tar:
+    with open(shard, "rb") as handle, tarfile.open(fileobj=handle, mode="r:", tarinfo=_BoundedHeaders) as tar:
         while (info := tar.next()) is not None:
             # a stream: keep no member list (webdataset's reader does the same); the attribute is not in typeshed
             tar.members.clear()  # type: ignore[attr-defined]
