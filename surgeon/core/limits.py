@@ -33,6 +33,7 @@ MAX_SHARDS = 10_000  # `surgeon study --shard i/n`
 MAX_WEBDATASET_SHARDS = 100_000  # .tar shards of one webdataset split (nshards.txt; ImageNet's val set has 50)
 MAX_SHARD_MEMBER_BYTES = 64 << 20  # one member of a webdataset shard (an image, a label), read into memory
 MAX_SHARD_HEADER_BYTES = 1 << 20  # a shard's pax or GNU long-name header (a long path: a few KB), read whole
+MAX_ZIP_INFLATION = 100  # a checkpoint's zip record may inflate at most this much (torch stores records)
 MAX_CHECKPOINT_EVERY = 1_000_000
 MAX_SKEW_K = 10_000
 MAX_TOP_K = 1000

@@ -8,6 +8,7 @@ import copy
 import difflib
 import hashlib
 import json
+import math
 import os
 import pickle
 import threading
@@ -212,8 +213,24 @@ def load_weights_strict(model: torch.nn.Module, state_dict: dict[str, torch.Tens
             f"checkpoint {source} does not match the model architecture: {'; '.join(parts)}",
             hint="pass the --model name the checkpoint was trained with",
         )
+    check_tensor_values(state_dict, own, source)
     state_dict = {k: v.to(own[k].dtype) if v.dtype != own[k].dtype else v for k, v in state_dict.items()}
     model.load_state_dict(state_dict, strict=True, assign=True)
+
+
+def check_tensor_values(state_dict: dict[str, torch.Tensor], own: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse what a cast would hide: integer or bool tensors where the model holds floats (cast, they load as
+    plausible weights) and NaN or infinite weights (a model that validates at chance with exit 0)."""
+    for name, tensor in state_dict.items():
+        if not own[name].is_floating_point():
+            continue
+        if not tensor.is_floating_point():
+            raise CorruptInput(
+                f"checkpoint {source}: {name} holds {str(tensor.dtype).removeprefix('torch.')} values where "
+                f"the model has {str(own[name].dtype).removeprefix('torch.')} weights"
+            )
+        if not bool(torch.isfinite(tensor).all()):
+            raise CorruptInput(f"checkpoint {source}: {name} holds NaN or infinite values")
 
 
 def supported_architectures() -> list[str]:
@@ -398,7 +415,8 @@ def load_model(
 
     if folder is not None:
         config = _read_local_dir_config(folder)
-        model_cfg, preprocess_cfg = config["model_cfg"], config.get("preprocess_cfg", {})
+        model_cfg = config["model_cfg"]
+        preprocess_cfg = check_preprocess_cfg(config.get("preprocess_cfg", {}), model_cfg, folder)
         source = "open_clip_config.json"
         model_cfg, source = _forced_activation(model_cfg, forced, source)
         weights = next((folder / f for f in ("open_clip_model.safetensors",) if (folder / f).is_file()), None)
@@ -408,7 +426,9 @@ def load_model(
                 raise NotFound(f"no weights file in {folder}")
             weights = found[0]
         with empty_parameters():
-            clip = rebuild_pruned(build_clip(model_cfg), config.get("surgeon", {}))
+            clip = rebuild_pruned(
+                build_clip(model_cfg), config.get("surgeon", {}), str(folder / "open_clip_config.json")
+            )
         load_weights_strict(clip, read_state_dict(weights), str(weights))
         if name != TOY_MODEL_NAME and not name.startswith(HF_HUB_PREFIX):
             name = normalised_source(f"local-dir:{folder}")
@@ -638,6 +658,47 @@ def build_clip(model_cfg: dict) -> torch.nn.Module:
     except (TypeError, ValueError, KeyError, AttributeError, RuntimeError, ZeroDivisionError) as err:
         detail = (str(err).splitlines() or [type(err).__name__])[0]
         raise CorruptInput(f"invalid model configuration: {detail[:200]}") from None
+
+
+INTERPOLATIONS = ("bicubic", "bilinear", "random")  # what open_clip's image_transform asserts
+RESIZE_MODES = ("shortest", "longest", "squash")
+
+
+def check_preprocess_cfg(pcfg: object, model_cfg: object, folder: Path) -> dict:
+    """A local-dir config's preprocess_cfg, checked when read: its size must be the model's (any other is a
+    shape mismatch in the first block, or 60,000 px images that fill memory), mean and std three finite numbers
+    (std > 0: it divides), interpolation and resize_mode names open_clip knows (else its assert fires)."""
+    where = f"{folder / 'open_clip_config.json'}: preprocess_cfg"
+    if not isinstance(pcfg, dict):
+        raise CorruptInput(f"{where} must be a JSON object, got {echo(pcfg)}")
+    vision = model_cfg.get("vision_cfg", {}) if isinstance(model_cfg, dict) else {}
+    expected = _pair(vision.get("image_size", 224) if isinstance(vision, dict) else None)
+    if "size" in pcfg and expected is not None and _pair(pcfg["size"]) != expected:  # a bad model size: build_clip
+        shown = "x".join(map(str, expected))
+        raise CorruptInput(f"{where}.size is {echo(pcfg['size'])}; the model takes {shown} px images")
+    for key in ("mean", "std"):
+        value = pcfg.get(key)
+        if key in pcfg and not (
+            isinstance(value, list | tuple)
+            and len(value) == 3
+            and all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+            and (key == "mean" or all(v > 0 for v in value))
+        ):
+            rule = "three finite numbers" + (" above 0" if key == "std" else "")
+            raise CorruptInput(f"{where}.{key} must be {rule}, got {echo(value)}")
+    for key, names in (("interpolation", INTERPOLATIONS), ("resize_mode", RESIZE_MODES)):
+        if pcfg.get(key) is not None and pcfg[key] not in names:
+            raise CorruptInput(f"{where}.{key} must be one of {', '.join(names)}, got {echo(pcfg[key])}")
+    return pcfg
+
+
+def _pair(size: object) -> tuple[int, int] | None:
+    """(height, width) of an image size given as one int or two (None when it is neither)."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        return size, size
+    if isinstance(size, list | tuple) and len(size) == 2 and all(type(v) is int for v in size):
+        return size[0], size[1]
+    return None
 
 
 def _pcfg_fields(cfg: dict) -> dict:

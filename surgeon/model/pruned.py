@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from surgeon.core.errors import InvalidInput
+from surgeon.core.errors import CorruptInput, InvalidInput
+from surgeon.core.limits import echo
 from surgeon.model.decompose import AttentionParams
 from surgeon.model.hooks import cosine_scale, head_scale, qk_norms, set_attention, tower_blocks
 
@@ -60,12 +61,45 @@ def pruned_like(attn: nn.Module, n_kept: int, p: AttentionParams) -> PrunedAtten
     return PrunedAttention(width, n_kept, p.head_dim, isinstance(attn, nn.MultiheadAttention), qk_norms(attn))
 
 
-def rebuild_pruned(model: nn.Module, record: dict) -> nn.Module:
-    """Give a freshly built model the narrower attention recorded by hard pruning, before a strict load."""
-    for tower, layers in (record.get("heads_kept") or {}).items():
+def rebuild_pruned(model: nn.Module, record: object, config: str) -> nn.Module:
+    """Give a freshly built model the narrower attention recorded by hard pruning, before a strict load. The
+    layout comes from a config file: it is checked against the architecture first, so a bad one is one line."""
+    for block, kept, p in pruned_layout(model, record, config):
+        set_attention(block, pruned_like(p.module, len(kept), p))
+    return model
+
+
+def pruned_layout(model: nn.Module, record: object, config: str) -> list[tuple[nn.Module, list[int], AttentionParams]]:
+    """(block, kept heads, its attention) for each layer of a "surgeon" config entry, or CorruptInput when a
+    tower or layer is not the model's, or the kept heads are not distinct head indices of that layer (a 5 M
+    character string as a layer's heads would otherwise size a 69 GB projection)."""
+    where = f"{config}: surgeon"
+    if not isinstance(record, dict):
+        raise CorruptInput(f"{where} must be a JSON object, got {echo(record)}")
+    heads_kept = record.get("heads_kept") or {}
+    if not isinstance(heads_kept, dict):
+        raise CorruptInput(f"{where}.heads_kept must map towers to layers, got {echo(heads_kept)}")
+    out = []
+    for tower, layers in heads_kept.items():
+        if tower not in ("vision", "text") or not isinstance(layers, dict):
+            raise CorruptInput(f"{where}.heads_kept: {echo(tower)} is not a tower (vision, text) mapping layers")
         blocks = tower_blocks(model, tower)[0][1]
         for layer, kept in layers.items():
+            if not (isinstance(layer, str) and layer.isdecimal() and len(layer) <= 6 and int(layer) < len(blocks)):
+                raise CorruptInput(
+                    f"{where}.heads_kept.{tower}: the model has layers 0..{len(blocks) - 1}, not {echo(layer)}"
+                )
             block = blocks[int(layer)]
             p = AttentionParams.of_block(block)
-            set_attention(block, pruned_like(p.module, len(kept), p))
-    return model
+            if not (
+                isinstance(kept, list)
+                and len(kept) <= p.n_heads
+                and all(type(h) is int and 0 <= h < p.n_heads for h in kept)
+                and len(set(kept)) == len(kept)
+            ):
+                raise CorruptInput(
+                    f"{where}.heads_kept.{tower}.{layer} must list distinct heads of 0..{p.n_heads - 1}, "
+                    f"got {echo(kept)}"
+                )
+            out.append((block, kept, p))
+    return out

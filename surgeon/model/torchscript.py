@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from surgeon.core import limits
 from surgeon.core.errors import CorruptInput
 
 _DTYPES = {
@@ -65,7 +66,19 @@ class _ScriptObject:
 
 
 def _rebuild_tensor(storage: torch.Tensor, offset: int, size, stride, *_rest) -> torch.Tensor:
-    return torch.as_strided(storage, tuple(size), tuple(stride), offset)
+    """A view of a storage, refused unless it lies inside it (as_strided reads past the end unchecked)."""
+    shape, strides = tuple(size), tuple(stride)
+    numbers = (offset, *shape, *strides)
+    if len(shape) != len(strides) or not all(type(n) is int and n >= 0 for n in numbers):
+        raise pickle.UnpicklingError(
+            f"a tensor view with a negative or non-integer offset {offset!r}, size {shape!r} or stride {strides!r}"
+        )
+    if 0 not in shape and offset + sum((n - 1) * s for n, s in zip(shape, strides, strict=True)) >= storage.numel():
+        raise pickle.UnpicklingError(
+            f"a tensor view (offset {offset}, size {shape}, stride {strides}) reaches past its storage of "
+            f"{storage.numel():,} elements"
+        )
+    return torch.as_strided(storage, shape, strides, offset)
 
 
 class _Unpickler(pickle.Unpickler):
@@ -86,21 +99,49 @@ class _Unpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a weights archive")
 
     def persistent_load(self, pid):
-        kind, storage_type, key, _location, _numel = pid
+        kind, storage_type, key, _location, numel = pid
         if kind != "storage" or storage_type not in _DTYPES:
             raise pickle.UnpicklingError(f"unexpected record {kind!r} / {storage_type!r}")
         if key not in self.storages:
-            raw = bytearray(self.archive.read(f"{self.root}/data/{key}"))
+            member = self.archive.getinfo(f"{self.root}/data/{key}")
+            check_storage_member(member, numel * _DTYPES[storage_type].itemsize if type(numel) is int else None)
+            raw = bytearray(self.archive.read(member))
             self.storages[key] = torch.frombuffer(raw, dtype=_DTYPES[storage_type]) if raw else torch.empty(0)
         return self.storages[key]
 
 
-def _walk(obj: _ScriptObject, prefix: str, out: dict[str, torch.Tensor]) -> None:
-    for name, value in obj.attributes.items():
-        if isinstance(value, torch.Tensor):
-            out[prefix + name] = value
-        elif isinstance(value, _ScriptObject):
-            _walk(value, f"{prefix}{name}.", out)
+def check_storage_member(member: zipfile.ZipInfo, nbytes: int | None) -> None:
+    """A storage record is read whole into memory: refuse one whose size is not what its tensor declares, or
+    that inflates more than limits.MAX_ZIP_INFLATION times (torch writes records stored; a 1.5 MB deflate
+    bomb would otherwise become 1.5 GB)."""
+    if nbytes is None or member.file_size != nbytes:
+        raise pickle.UnpicklingError(
+            f"record {member.filename} holds {member.file_size:,} bytes; its storage declares {nbytes!r}"
+        )
+    if member.file_size > max(member.compress_size, 1) * limits.MAX_ZIP_INFLATION:
+        raise pickle.UnpicklingError(
+            f"record {member.filename} inflates {member.compress_size:,} bytes to {member.file_size:,} "
+            f"(more than {limits.MAX_ZIP_INFLATION}x: a compression bomb)"
+        )
+
+
+def _walk(top: _ScriptObject) -> dict[str, torch.Tensor]:
+    """Every tensor of the module tree by dotted name; iterative, and a module met twice (an archive whose
+    module contains itself) is refused instead of recursing forever."""
+    out: dict[str, torch.Tensor] = {}
+    seen = {id(top)}
+    stack = [(top, "")]
+    while stack:
+        obj, prefix = stack.pop()
+        for name, value in obj.attributes.items():
+            if isinstance(value, torch.Tensor):
+                out[prefix + name] = value
+            elif isinstance(value, _ScriptObject):
+                if id(value) in seen:
+                    raise CorruptInput(f"the TorchScript archive's module {prefix}{name} contains itself")
+                seen.add(id(value))
+                stack.append((value, f"{prefix}{name}."))
+    return out
 
 
 def read_torchscript_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -122,6 +163,7 @@ def read_torchscript_state_dict(path: Path) -> dict[str, torch.Tensor]:
         ) from None
     if not isinstance(top, _ScriptObject):
         raise CorruptInput(f"{path}: the TorchScript archive does not hold a module")
-    out: dict[str, torch.Tensor] = {}
-    _walk(top, "", out)
-    return out
+    try:
+        return _walk(top)
+    except CorruptInput as err:
+        raise CorruptInput(f"{path}: {err}") from None
