@@ -63,6 +63,18 @@ def grpc_call(url: str, request, metadata: tuple = ()):
             return err.code(), err.details(), None
 
 
+def race(calls: list, http: str, grpc_url: str) -> list[tuple[str, object]]:
+    """Every call sent at once (a barrier), so the server batches them together; their (outcome, answer)."""
+    start = threading.Barrier(len(calls))
+
+    def send(call) -> tuple[str, object]:
+        start.wait()
+        return call.send(http, grpc_url)
+
+    with ThreadPoolExecutor(len(calls)) as pool:
+        return list(pool.map(send, calls))
+
+
 # ---- one request of the race: a tensor, how it is sent, what it should get -----------------------------------
 #: model -> (input, datatype, output)
 TENSORS = {
@@ -188,14 +200,7 @@ def test_racing_malformed_requests_never_change_what_valid_ones_get(server, mix)
         else:
             calls.append(Call(protocol, *MALFORMED[kind](rows, seed)))
             expected.append(None)
-    start = threading.Barrier(len(calls))
-
-    def send(call: Call) -> tuple[str, object]:
-        start.wait()
-        return call.send(http, grpc_url)
-
-    with ThreadPoolExecutor(len(calls)) as pool:
-        answers = list(pool.map(send, calls))
+    answers = race(calls, http, grpc_url)
     for (protocol, kind, _, _), want, (outcome, got) in zip(mix, expected, answers, strict=True):
         if want is None:
             assert (outcome, got) == ("refused", REFUSED[protocol]), (kind, protocol)
@@ -477,14 +482,7 @@ def test_finite_pixels_the_model_overflows_on_are_refused_alone(server, mix):  #
         if model == "classifier":
             call.model, call.output = "classifier", "logits"
         calls.append(call)
-    start = threading.Barrier(len(calls))
-
-    def send(call: Call) -> tuple[str, object]:
-        start.wait()
-        return call.send(http, grpc_url)
-
-    with ThreadPoolExecutor(len(calls)) as pool:
-        answers = list(pool.map(send, calls))
+    answers = race(calls, http, grpc_url)
     for (protocol, model, huge), call, (outcome, got) in zip(mix, calls, answers, strict=True):
         if huge:
             assert (outcome, got) == ("refused", REFUSED[protocol]), (model, protocol, got)
