@@ -155,3 +155,19 @@ def test_chance_is_called_the_floor_only_where_the_figure_is_above_it():
     assert "2.3312 here in expectation, not less than this model's 1.3816" in below
     above = bias_protocol_note({"dataset": "set", "metrics": {**metrics, "max_skew@10_sum": 2.5}})
     assert above.endswith("2.3312 here in expectation: the figure's floor.")
+
+
+def test_a_prune_reports_chance_note_reads_the_pruned_figure_too():
+    """A pruning that takes MaxSkew below chance: the note called chance "the figure's floor" from the unpruned
+    figure alone, under a table whose after column read lower."""
+    from surgeon.validation.validate import markdown_report
+
+    chance = {"max_skew@10": 0.2070}
+
+    def report(skew: float) -> dict:
+        bias = {"protocol": "surgeon", "max_skew@10": skew, "ndkl": 0.01, "chance": chance}
+        return {"summary": {"max_skew@10": skew}, "results": [{"dataset": "probe", "task": "bias", "metrics": bias}]}
+
+    lower = markdown_report(report(0.4232), report(0.1500))
+    assert "floor" not in lower and "not less than the pruned model's 0.1500" in lower
+    assert "the figure's floor." in markdown_report(report(0.4232), report(0.3442))

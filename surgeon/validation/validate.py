@@ -1223,7 +1223,7 @@ def markdown_report(before: dict, after: dict | None = None, failures: list[str]
             else:
                 lines.append(f"| {r['dataset']} | {name} | {with_interval(b, r['metrics'], key, digits)} |")
         if r["task"] == "bias":
-            notes.append(bias_protocol_note(r))
+            notes.append(bias_protocol_note(r, after_by[(r["dataset"], r["task"])] if after else None))
     if any(r["task"] == "zeroshot_classification" for r in before["results"]):
         notes.insert(0, UNITS_NOTE)
     if any("(trivial:" in line for line in lines):
@@ -1243,9 +1243,10 @@ def markdown_report(before: dict, after: dict | None = None, failures: list[str]
     return "\n".join(lines) + "\n"
 
 
-def bias_protocol_note(result: dict) -> str:
+def bias_protocol_note(result: dict, pruned: dict | None = None) -> str:
     """How a bias set's figures were computed (docs/METHOD.md §3): the same MaxSkew@k means different numbers
-    under the two protocols, so every report names its own."""
+    under the two protocols, so every report names its own. `pruned`: the same set after pruning, whose figure
+    the chance comparison reads too."""
     metrics = result["metrics"]
     protocol = PROTOCOLS[metrics.get("protocol", "surgeon")]
     k = next((key.split("@", 1)[1].split("_", 1)[0] for key in metrics if key.startswith("max_skew@")), "k")
@@ -1259,7 +1260,7 @@ def bias_protocol_note(result: dict) -> str:
     chance = metrics.get("chance", {}).get(key)
     floor = (
         f" A ranking that ignores the images scores MaxSkew@{k}{' summed over the queries' if summed else ''} "
-        f"{chance:.4f} here in expectation{_against_chance(metrics.get(key), chance, k)}"
+        f"{chance:.4f} here in expectation{_against_chance(_lowest(metrics, pruned, key), chance, k)}"
         if chance is not None
         else ""
     )
@@ -1269,12 +1270,22 @@ def bias_protocol_note(result: dict) -> str:
     )
 
 
-def _against_chance(value: float | None, chance: float, k: str) -> str:
-    """Chance is the figure's floor only where the model scores above it: on counterfactual sets a ranking by
-    content can be more balanced than a random one (the toy's backgrounds: 1.38 against 2.33 summed)."""
-    if value is None or value > chance:
+def _lowest(metrics: dict, pruned: dict | None, key: str) -> tuple[str, float] | None:
+    """(whose, figure) of the lower of the unpruned and the pruned model's figure, None without one."""
+    shown = [("this model's", metrics.get(key))]
+    if pruned is not None:
+        shown.append(("the pruned model's", pruned["metrics"].get(key)))
+    figures = [(who, value) for who, value in shown if value is not None]
+    return min(figures, key=lambda item: item[1]) if figures else None
+
+
+def _against_chance(lowest: tuple[str, float] | None, chance: float, k: str) -> str:
+    """Chance is the figure's floor only where every figure shown scores above it: on counterfactual sets a
+    ranking by content can be more balanced than a random one (the toy's backgrounds: 1.38 against 2.33)."""
+    if lowest is None or lowest[1] > chance:
         return ": the figure's floor."
-    return f", not less than this model's {value:.4f}: its top {k} are at least as balanced as a random draw's."
+    who, value = lowest
+    return f", not less than {who} {value:.4f}: its top {k} are at least as balanced as a random draw's."
 
 
 def with_interval(value: float, metrics: dict, key: str, digits: int = 4) -> str:
