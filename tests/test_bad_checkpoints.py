@@ -75,6 +75,9 @@ def test_integer_or_bool_weights_are_refused_not_cast(tiny_default_dir, tmp_path
         ({"std": [0, 0, 0]}, ["std", "above 0"]),
         ({"interpolation": "nope"}, ["interpolation", "bicubic"]),
         ({"resize_mode": "fill"}, ["resize_mode", "squash"]),
+        ({"mode": "CMYK"}, ["mode", "RGB"]),
+        ({"fill_color": 10**12}, ["fill_color", "0..255"]),
+        ({"fill_color": [0, 0, 0]}, ["fill_color"]),
     ],
 )
 def test_a_bad_preprocess_cfg_is_refused_when_read(tiny_default_dir, tmp_path, pcfg, words):

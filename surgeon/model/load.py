@@ -667,7 +667,8 @@ RESIZE_MODES = ("shortest", "longest", "squash")
 def check_preprocess_cfg(pcfg: object, model_cfg: object, folder: Path) -> dict:
     """A local-dir config's preprocess_cfg, checked when read: its size must be the model's (any other is a
     shape mismatch in the first block, or 60,000 px images that fill memory), mean and std three finite numbers
-    (std > 0: it divides), interpolation and resize_mode names open_clip knows (else its assert fires)."""
+    (std > 0: it divides), interpolation and resize_mode names open_clip knows (else its assert fires), the
+    colour mode RGB (the tower takes three channels) and fill_color a grey level."""
     where = f"{folder / 'open_clip_config.json'}: preprocess_cfg"
     if not isinstance(pcfg, dict):
         raise CorruptInput(f"{where} must be a JSON object, got {echo(pcfg)}")
@@ -686,9 +687,12 @@ def check_preprocess_cfg(pcfg: object, model_cfg: object, folder: Path) -> dict:
         ):
             rule = "three finite numbers" + (" above 0" if key == "std" else "")
             raise CorruptInput(f"{where}.{key} must be {rule}, got {echo(value)}")
-    for key, names in (("interpolation", INTERPOLATIONS), ("resize_mode", RESIZE_MODES)):
+    for key, names in (("interpolation", INTERPOLATIONS), ("resize_mode", RESIZE_MODES), ("mode", ("RGB",))):
         if pcfg.get(key) is not None and pcfg[key] not in names:
             raise CorruptInput(f"{where}.{key} must be one of {', '.join(names)}, got {echo(pcfg[key])}")
+    fill = pcfg.get("fill_color", 0)  # the "longest" mode's padding: one grey level
+    if isinstance(fill, bool) or not isinstance(fill, int) or not 0 <= fill <= 255:
+        raise CorruptInput(f"{where}.fill_color must be an integer in 0..255, got {echo(fill)}")
     return pcfg
 
 
