@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -214,27 +214,45 @@ def chance_skews(
     hypergeometric top-k compositions when they are few, else the mean of seeded draws; aggregated like
     `bias_metrics`."""
     rules, desired = bias_protocol(protocol, desired)
-    groups_arr = np.asarray(groups)
-    parts = probe_parts(probes) if probes is not None else [np.arange(len(groups_arr))]
     exact = math.comb(k + n_groups - 1, n_groups - 1) <= CHANCE_EXACT_COMPOSITIONS
-    per_part = []
-    for part in parts:
-        pools = query_pools(n_queries, len(part), None if ranked_by is None else np.asarray(ranked_by)[part])
-        values = []
-        for pool in pools:
-            counts = np.bincount(groups_arr[part][pool], minlength=n_groups)
-            target = desired_distribution(groups_arr[part][pool], n_groups, desired)
-            values.append(_expected_skews(tuple(counts.tolist()), k, tuple(target.tolist()), rules.skip_absent, exact))
-        table = np.asarray(values)
-        per_part.append(
-            {
-                f"max_skew@{k}": table[:, 0].mean(),
-                f"min_skew@{k}": table[:, 1].mean(),
-                f"max_skew@{k}_sum": table[:, 0].sum(),
-            }
-        )
-    record = {key: round(float(np.mean([p[key] for p in per_part])), 6) for key in per_part[0]}
+
+    def expected(pool_groups: np.ndarray, target: np.ndarray) -> tuple[float, float]:
+        counts = tuple(np.bincount(pool_groups, minlength=n_groups).tolist())
+        return _expected_skews(counts, k, tuple(target.tolist()), rules.skip_absent, exact)
+
+    figures = _over_pools(expected, groups, n_groups, k, desired, n_queries, ranked_by, probes)
+    record = {key: round(float(value), 6) for key, value in figures.items()}
     return {**record, "method": "exact" if exact else "sampled"}
+
+
+def _over_pools(
+    per_pool: Callable[[np.ndarray, np.ndarray], Any],
+    groups: Sequence[int] | np.ndarray,
+    n_groups: int,
+    k: int,
+    desired: str,
+    n_queries: int,
+    ranked_by: np.ndarray | None,
+    probes: np.ndarray | None,
+) -> dict[str, np.ndarray]:
+    """What `per_pool(pool's groups, its p*)` gives for each query's pool (MaxSkew@k, MinSkew@k, optionally NDKL),
+    aggregated like `bias_metrics`' figures: the mean over a probe's queries (MaxSkew also their sum), then the
+    mean over probes."""
+    groups_arr = np.asarray(groups)
+    per_part = []
+    for part in probe_parts(probes) if probes is not None else [np.arange(len(groups_arr))]:
+        pools = query_pools(n_queries, len(part), None if ranked_by is None else np.asarray(ranked_by)[part])
+        table = np.asarray(
+            [
+                per_pool(groups_arr[part][pool], desired_distribution(groups_arr[part][pool], n_groups, desired))
+                for pool in pools
+            ]
+        )
+        figures = {f"max_skew@{k}": table[:, 0].mean(0), f"min_skew@{k}": table[:, 1].mean(0)}
+        if table.shape[1] > 2:
+            figures["ndkl"] = table[:, 2].mean(0)
+        per_part.append({**figures, f"max_skew@{k}_sum": table[:, 0].sum(0)})
+    return {key: np.mean([p[key] for p in per_part], axis=0) for key in per_part[0]}
 
 
 @functools.lru_cache(maxsize=1024)  # every query of a set, and every probe of a kind, share their pool's counts
@@ -404,28 +422,15 @@ def figure_ranges(
     value can be skipped or smoothed above its p* (surgeon's protocol with every p* >= 1/k): else every skew
     counted can be positive (a top k of one of two groups has paper MinSkew ln 2)."""
     rules, desired = bias_protocol(protocol, desired)
-    groups_arr = np.asarray(groups)
-    parts = probe_parts(probes) if probes is not None else [np.arange(len(groups_arr))]
-    per_part = []
-    for part in parts:
-        rows = []
-        for pool in query_pools(n_queries, len(part), None if ranked_by is None else np.asarray(ranked_by)[part]):
-            target = desired_distribution(groups_arr[part][pool], n_groups, desired)
-            target = target[target > 0]  # a value the pool lacks is never ranked (bias_set refuses such pools)
-            top = -math.log(target.min())
-            below = not rules.skip_absent and k * target.min() >= 1
-            rows.append([(0.0, top), (-math.inf, 0.0 if below else top), (0.0, top)])
-        table = np.asarray(rows)  # queries x (MaxSkew, MinSkew, NDKL) x (low, high)
-        per_part.append(
-            {
-                f"max_skew@{k}": table[:, 0].mean(0),
-                f"min_skew@{k}": table[:, 1].mean(0),
-                "ndkl": table[:, 2].mean(0),
-                f"max_skew@{k}_sum": table[:, 0].sum(0),
-            }
-        )
-    ranges = {key: np.mean([p[key] for p in per_part], axis=0) for key in per_part[0]}
-    return {key: (float(low), float(high)) for key, (low, high) in ranges.items()}
+
+    def ranges(_: np.ndarray, target: np.ndarray) -> list[tuple[float, float]]:  # (MaxSkew, MinSkew, NDKL)
+        least = target[target > 0].min()  # a value the pool lacks is never ranked (bias_set refuses such pools)
+        top = -math.log(least)
+        below = not rules.skip_absent and k * least >= 1
+        return [(0.0, top), (-math.inf, 0.0 if below else top), (0.0, top)]
+
+    figures = _over_pools(ranges, groups, n_groups, k, desired, n_queries, ranked_by, probes)
+    return {key: (float(low), float(high)) for key, (low, high) in figures.items()}
 
 
 def resampled_skews(
