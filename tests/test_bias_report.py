@@ -56,6 +56,15 @@ def test_chance_above_the_unpruned_figure_is_no_floor_and_leaves_no_excess_share
     assert "max_skew@10 0.5000 on this set in expectation (not less than the unpruned 0.4459: no excess" in text
 
 
+def test_chance_is_no_floor_under_a_pruned_figure_below_it():
+    """The unpruned figure above chance, the pruned one below: chance was still called "its floor", as report.md
+    did before its note read the pruned figure too (results.bias.below_chance now decides both)."""
+    crossed = {**CHANCE, "chance": 0.3, "excess_removed": 1.201}
+    text = "\n".join(chance_lines(crossed)) + chance_line(crossed)
+    assert "floor" not in text and "(not less than the pruned 0.2709)" in text
+    assert "random ranking (not below the pruned) 0.300" in chance_line(crossed)
+
+
 def test_a_malformed_comparison_is_refused():
     check_validation_report({"before": REPORT, "after": REPORT, "against_chance": CHANCE}, "validation.json")
     broken = copy.deepcopy(CHANCE)

@@ -255,6 +255,14 @@ def _over_pools(
     return {key: np.mean([p[key] for p in per_part], axis=0) for key in per_part[0]}
 
 
+def below_chance(chance: float, figures: dict[Any, float | None]) -> dict[Any, float]:
+    """The `figures` (name -> value, in the order a report shows them) that do not score above `chance`. Chance is
+    their floor only when there are none: a ranking by content can be more balanced than a random one
+    (counterfactual sets), and a pruning can take a figure below it, so no report calls it a floor on the word
+    of one figure alone."""
+    return {name: value for name, value in figures.items() if value is not None and value <= chance}
+
+
 @functools.lru_cache(maxsize=1024)  # every query of a set, and every probe of a kind, share their pool's counts
 def _expected_skews(
     counts: tuple[int, ...], k: int, target: tuple[float, ...], skip_absent: bool, exact: bool

@@ -13,7 +13,7 @@ import numpy as np
 
 from surgeon.model.heads import HeadRef
 from surgeon.model.load import LoadedModel
-from surgeon.results.bias import BOOTSTRAP_RESAMPLES, chance_skews, figure_ranges, interval
+from surgeon.results.bias import BOOTSTRAP_RESAMPLES, below_chance, chance_skews, figure_ranges, interval
 from surgeon.selection.policies import BiasMeasure, DebiasData
 from surgeon.validation.validate import Evaluator, SearchSplits
 
@@ -144,14 +144,24 @@ def chance_lines(null: dict) -> list[str]:
     ]
 
 
+def _below(null: dict) -> dict[str, float]:
+    """The unpruned and the pruned figure where they do not score above chance (results.bias.below_chance)."""
+    return below_chance(null["chance"], {"the unpruned": null["base"], "the pruned": null["policy"]})
+
+
 def _floor_lines(null: dict) -> list[str]:
-    """Chance, called the figure's floor only where the unpruned model scores above it."""
+    """Chance, called the figure's floor only where the unpruned and the pruned model both score above it."""
     if null.get("chance") is None:  # results written before chance was recorded
         return []
     removed = null.get("excess_removed")
     share = "" if removed is None else f"; the policy removed {removed:.0%} of the excess over it"
-    base, chance = null["base"], null["chance"]
-    reading = "its floor, not 0" if base > chance else f"not less than the unpruned {base:.4f}: no excess over it"
+    below = _below(null)
+    who = next(iter(below), None)
+    reading = (
+        "its floor, not 0"
+        if who is None
+        else f"not less than {who} {below[who]:.4f}" + (": no excess over it" if who == "the unpruned" else "")
+    )
     return [
         "",
         f"A ranking that ignores the images scores {null['metric']} {null['chance']:.4f} on this set in expectation "
@@ -173,8 +183,9 @@ def chance_line(null: dict) -> str:
 
 
 def _chance_name(null: dict) -> str:
-    """A floor only under an unpruned figure above it (a ranking by content can be more balanced than chance)."""
-    return "floor (random ranking)" if null["base"] > null["chance"] else "random ranking (not below the unpruned)"
+    """A floor only under figures above it (a ranking by content can be more balanced than chance)."""
+    who = next(iter(_below(null)), None)
+    return "floor (random ranking)" if who is None else f"random ranking (not below {who})"
 
 
 def _change(value: float | None) -> str:

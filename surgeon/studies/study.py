@@ -38,6 +38,7 @@ from surgeon.model.heads import HeadRef
 from surgeon.model.load import CHECKPOINT_SUFFIXES, LoadedModel, check_activation, normalised_source
 from surgeon.model.surgery import SURGERIES
 from surgeon.pruning.prune import operate, policy_options, select_heads
+from surgeon.results.bias import below_chance
 from surgeon.results.records import ValidationSummary, bias_floor
 from surgeon.results.retrieval import HEADLINE as RETRIEVAL_HEADLINE
 from surgeon.selection.policies import POLICIES, Policy, check_preset, policy_names
@@ -930,8 +931,8 @@ def markdown_table(table: dict) -> str:
     note = "Cells: value (change from the unpruned model); seeded policies: mean ± sample std over seeds."
     for column in table["columns"]:
         if "floor" in column:  # chance: the column's floor only where no row scores below it
-            values = [r["cells"][column["name"]]["value"] for r in table["rows"]]
-            above = all(v is None or v > column["floor"] for v in values)
+            figures = {i: r["cells"][column["name"]]["value"] for i, r in enumerate(table["rows"])}
+            above = not below_chance(column["floor"], figures)
             note += (
                 f"\n\nA ranking that ignores the images scores {column['metric']} {column['floor']:.3f} on "
                 f"{column['name']}: "

@@ -46,6 +46,7 @@ from surgeon.model.surgery import zero_heads
 from surgeon.results.bias import (
     BOOTSTRAP_RESAMPLES,
     PROTOCOLS,
+    below_chance,
     bias_intervals,
     bias_metrics,
     bias_protocol,
@@ -1260,7 +1261,7 @@ def bias_protocol_note(result: dict, pruned: dict | None = None) -> str:
     chance = metrics.get("chance", {}).get(key)
     floor = (
         f" A ranking that ignores the images scores MaxSkew@{k}{' summed over the queries' if summed else ''} "
-        f"{chance:.4f} here in expectation{_against_chance(_lowest(metrics, pruned, key), chance, k)}"
+        f"{chance:.4f} here in expectation{_against_chance(chance, metrics, pruned, key, k)}"
         if chance is not None
         else ""
     )
@@ -1270,22 +1271,17 @@ def bias_protocol_note(result: dict, pruned: dict | None = None) -> str:
     )
 
 
-def _lowest(metrics: dict, pruned: dict | None, key: str) -> tuple[str, float] | None:
-    """(whose, figure) of the lower of the unpruned and the pruned model's figure, None without one."""
-    shown = [("this model's", metrics.get(key))]
+def _against_chance(chance: float, metrics: dict, pruned: dict | None, key: str, k: str) -> str:
+    """Chance is the figure's floor only where every figure shown scores above it (results.bias.below_chance);
+    else the note names the lowest that does not (the toy's backgrounds: 1.38 against 2.33)."""
+    shown = {"this model's": metrics.get(key)}
     if pruned is not None:
-        shown.append(("the pruned model's", pruned["metrics"].get(key)))
-    figures = [(who, value) for who, value in shown if value is not None]
-    return min(figures, key=lambda item: item[1]) if figures else None
-
-
-def _against_chance(lowest: tuple[str, float] | None, chance: float, k: str) -> str:
-    """Chance is the figure's floor only where every figure shown scores above it: on counterfactual sets a
-    ranking by content can be more balanced than a random one (the toy's backgrounds: 1.38 against 2.33)."""
-    if lowest is None or lowest[1] > chance:
+        shown["the pruned model's"] = pruned["metrics"].get(key)
+    below = below_chance(chance, shown)
+    if not below:
         return ": the figure's floor."
-    who, value = lowest
-    return f", not less than {who} {value:.4f}: its top {k} are at least as balanced as a random draw's."
+    who = min(below, key=below.__getitem__)
+    return f", not less than {who} {below[who]:.4f}: its top {k} are at least as balanced as a random draw's."
 
 
 def with_interval(value: float, metrics: dict, key: str, digits: int = 4) -> str:
